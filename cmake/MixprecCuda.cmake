@@ -1,0 +1,69 @@
+# SPDX-License-Identifier: Apache-2.0
+# Finding CUDA for mixprec, used by the build and by the installed package
+# config alike: nvcc (for building), the toolkit's libraries, cuDNN, and the
+# nvcc flags that Eigen needs.
+
+# Adds to `target` the nvcc options Eigen 3.4 needs: its constexpr functions
+# are called from device code (--expt-relaxed-constexpr), and its host-only
+# functions called from __host__ __device__ ones warn by the thousand
+# (diagnostics 20012, 20013, 20015), harmlessly: those paths never run on the
+# device.
+function(mixprec_add_nvcc_flags target)
+  target_compile_options(${target} INTERFACE
+    "$<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr;--diag-suppress=20012,20013,20015>")
+endfunction()
+
+# Finds cuDNN in the CUDA toolkit (or CUDNN_ROOT) and defines mixprec::cudnn.
+function(mixprec_find_cudnn)
+  if(TARGET mixprec::cudnn)
+    return()
+  endif()
+  find_path(MIXPREC_CUDNN_INCLUDE_DIR cudnn.h
+    HINTS ${CUDNN_ROOT} ${CUDAToolkit_INCLUDE_DIRS} PATH_SUFFIXES include)
+  find_library(MIXPREC_CUDNN_LIBRARY cudnn
+    HINTS ${CUDNN_ROOT} ${CUDAToolkit_LIBRARY_DIR} PATH_SUFFIXES lib64 lib)
+  if(NOT MIXPREC_CUDNN_INCLUDE_DIR OR NOT MIXPREC_CUDNN_LIBRARY)
+    set(MIXPREC_CUDNN_FOUND FALSE PARENT_SCOPE)
+    return()
+  endif()
+  add_library(mixprec::cudnn UNKNOWN IMPORTED GLOBAL)
+  set_target_properties(mixprec::cudnn PROPERTIES
+    IMPORTED_LOCATION "${MIXPREC_CUDNN_LIBRARY}"
+    INTERFACE_INCLUDE_DIRECTORIES "${MIXPREC_CUDNN_INCLUDE_DIR}")
+  set(MIXPREC_CUDNN_FOUND TRUE PARENT_SCOPE)
+endfunction()
+
+# For the mixprec build: honours MIXPREC_ENABLE_CUDA (AUTO, ON, OFF), enables
+# the CUDA language and sets MIXPREC_HAS_CUDA in the caller's scope.
+macro(mixprec_enable_cuda)
+  set(MIXPREC_HAS_CUDA OFF)
+  string(TOUPPER "${MIXPREC_ENABLE_CUDA}" _mixprec_cuda_mode)
+  if(NOT _mixprec_cuda_mode MATCHES "^(AUTO|ON|OFF)$")
+    message(FATAL_ERROR "MIXPREC_ENABLE_CUDA = '${MIXPREC_ENABLE_CUDA}', must be AUTO, ON or OFF")
+  endif()
+  if(NOT _mixprec_cuda_mode STREQUAL "OFF")
+    include(CheckLanguage)
+    check_language(CUDA)
+    if(CMAKE_CUDA_COMPILER)
+      # sm_90 machine code for the H100 plus compute_90 PTX for newer GPUs.
+      if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
+        set(CMAKE_CUDA_ARCHITECTURES 90)
+      endif()
+      enable_language(CUDA)
+      set(CMAKE_CUDA_STANDARD 17)
+      set(CMAKE_CUDA_STANDARD_REQUIRED ON)
+      find_package(CUDAToolkit REQUIRED)
+      mixprec_find_cudnn()
+      if(MIXPREC_CUDNN_FOUND)
+        set(MIXPREC_HAS_CUDA ON)
+      elseif(_mixprec_cuda_mode STREQUAL "ON")
+        message(FATAL_ERROR "MIXPREC_ENABLE_CUDA=ON but cuDNN (cudnn.h, libcudnn) was not found; set CUDNN_ROOT")
+      else()
+        message(STATUS "mixprec: nvcc found but cuDNN not; building without CUDA")
+      endif()
+    elseif(_mixprec_cuda_mode STREQUAL "ON")
+      message(FATAL_ERROR "MIXPREC_ENABLE_CUDA=ON but no CUDA compiler was found; set CUDACXX")
+    endif()
+  endif()
+  message(STATUS "mixprec: CUDA ${MIXPREC_HAS_CUDA} (MIXPREC_ENABLE_CUDA=${_mixprec_cuda_mode})")
+endmacro()

@@ -1,0 +1,34 @@
+// SPDX-License-Identifier: Apache-2.0
+// Build configuration shared by every mixprec header: version, host/device
+// annotations and whether the host API may call the CUDA runtime.
+#pragma once
+
+#define MIXPREC_VERSION_MAJOR 0
+#define MIXPREC_VERSION_MINOR 1
+#define MIXPREC_VERSION_PATCH 0
+#define MIXPREC_VERSION_STRING "0.1.0"
+
+// Functions that must compile for both the host and the device (numeric
+// formulas, conversions) carry MIXPREC_HOST_DEVICE. Under g++ it expands to
+// nothing, so the same header serves the CPU path.
+#if defined(__CUDACC__)
+#define MIXPREC_HOST_DEVICE __host__ __device__
+#else
+#define MIXPREC_HOST_DEVICE
+#endif
+
+// MIXPREC_WITH_CUDA = 1 lets the host API (plain C++, g++ is enough) allocate
+// device memory and copy through the CUDA runtime. The CMake target
+// mixprec::cuda defines it; every translation unit of one program must agree
+// on it, so link that target rather than defining the macro by hand.
+#if !defined(MIXPREC_WITH_CUDA)
+#define MIXPREC_WITH_CUDA 0
+#endif
+
+// A stream handle that exists in every build: cudaStream_t is
+// `CUstream_st*`, and a forward declaration is compatible with the CUDA
+// headers whether or not they are included. nullptr is the default stream.
+struct CUstream_st;
+namespace mixprec {
+using stream_t = ::CUstream_st*;
+}  // namespace mixprec
