@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
+# Shared by scripts/example.sh and scripts/test.sh: install what is missing,
+# find nvcc, configure and build. Idempotent: a second run installs nothing
+# and rebuilds only what changed.
+set -euo pipefail
+
+MIXPREC_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BUILD_DIR="${MIXPREC_BUILD_DIR:-$MIXPREC_ROOT/build}"
+JOBS="${MIXPREC_JOBS:-$(nproc)}"
+
+# Debian packages the build, the tests and the examples need.
+PACKAGES=(cmake ninja-build g++ ccache libeigen3-dev libgtest-dev libbenchmark-dev
+          dataset-fashion-mnist)
+
+log() { printf '\n== %s\n' "$*"; }
+
+install_missing() {
+  local missing=() pkg
+  for pkg in "${PACKAGES[@]}" "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' ||
+      missing+=("$pkg")
+  done
+  if ((${#missing[@]} == 0)); then
+    log "dependencies: all present"
+    return
+  fi
+  log "installing: ${missing[*]}"
+  local sudo=()
+  [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+  "${sudo[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}"
+}
+
+# CUDA is built when nvcc is on PATH or in /usr/local/cuda; the CUDA code is
+# compiled (and its GPU tests skip) on machines without a GPU.
+cuda_mode() {
+  if [[ -n "${MIXPREC_ENABLE_CUDA:-}" ]]; then
+    echo "$MIXPREC_ENABLE_CUDA"
+  elif command -v nvcc >/dev/null 2>&1; then
+    echo ON
+  elif [[ -x /usr/local/cuda/bin/nvcc ]]; then
+    export CUDACXX=/usr/local/cuda/bin/nvcc
+    echo ON
+  else
+    echo OFF
+  fi
+}
+
+configure_and_build() {
+  local mode
+  mode="$(cuda_mode)"
+  log "configure (CUDA: $mode) in $BUILD_DIR"
+  local launcher=()
+  if command -v ccache >/dev/null 2>&1; then
+    launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache)
+  fi
+  cmake -S "$MIXPREC_ROOT" -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DMIXPREC_ENABLE_CUDA="$mode" "${launcher[@]}" "$@" >"$BUILD_DIR.configure.log" 2>&1 ||
+    { cat "$BUILD_DIR.configure.log"; return 1; }
+  grep -E '^-- mixprec' "$BUILD_DIR.configure.log" || true
+  log "build (-j$JOBS)"
+  cmake --build "$BUILD_DIR" -j "$JOBS" "${BUILD_TARGETS[@]/#/--target=}"
+}
