@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
+# Run on a machine with a GPU (the device tool's H100): build, run every test
+# (GPU tests included), compute-sanitizer memcheck/racecheck on the GPU test
+# binaries, and the benchmarks. Installs nothing. Logs go to $OUT (or ./out).
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+OUT="${OUT:-$MIXPREC_ROOT/out}"
+mkdir -p "$OUT"
+BUILD_DIR="${MIXPREC_BUILD_DIR:-$MIXPREC_ROOT/build-gpu}"
+BUILD_TARGETS=(all)
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+configure_and_build -DMIXPREC_BUILD_TESTS=ON -DMIXPREC_BUILD_BENCHMARKS=ON 2>&1 | tail -n 3
+cd "$BUILD_DIR"
+log "ctest (all)"
+ctest --output-on-failure -j 4 --no-label-summary -V -L gpu 2>&1 | tee "$OUT/ctest-gpu.log" |
+  grep -E '2\^32|tests passed|Failed|OK \]|FAILED' | grep -v '^\s*$' | tail -n 40
+ctest --output-on-failure -j 8 --no-label-summary 2>&1 | tee "$OUT/ctest-all.log" | tail -n 6
+SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+for tool in memcheck racecheck; do
+  log "compute-sanitizer --tool $tool"
+  # CudaErrorsNameTheCallAndStatus fails a cudaMalloc on purpose, which the
+  # sanitizer rightly reports as an API error; it is left out here.
+  rc=0
+  "$SANITIZER" --tool "$tool" --error-exitcode 3 tests/tensor_gpu_test \
+    --gtest_filter='-*CudaErrorsNameTheCallAndStatus*' >"$OUT/$tool-tensor.log" 2>&1 || rc=$?
+  echo "tensor_gpu_test $tool rc=$rc  $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$tool-tensor.log" | tail -n 1)"
+  rc=0
+  "$SANITIZER" --tool "$tool" --error-exitcode 3 tests/convert_gpu_test \
+    --gtest_filter='-*EveryFloatPattern*' >"$OUT/$tool-convert.log" 2>&1 || rc=$?
+  echo "convert_gpu_test $tool rc=$rc  $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$tool-convert.log" | tail -n 1)"
+done
+log "host conversion benchmark"
+benchmarks/bench_convert --benchmark_min_time=0.5 2>&1 | tee "$OUT/bench_convert.txt" | grep -E '^BM_'
