@@ -3,11 +3,32 @@
 // CI, no GPU needed).
 #include <gtest/gtest.h>
 
+#include <string>
+
 #include "mixprec/cuda/convert.cuh"
 #include "mixprec/mixprec.hpp"
 
+// The snippet of docs/getting-started.md ("one .cu file of its own"), kept
+// here so that it keeps compiling.
+void to_half(mixprec::TensorView<const float> src, mixprec::TensorView<mixprec::half> dst,
+             cudaStream_t stream) {
+  mixprec::cuda::launch_convert(src, dst, stream);
+}
+
 namespace mixprec {
 namespace {
+
+TEST(LaunchArguments, DocsSnippetRejectsHostViews) {
+  float x[2] = {1.0f, 2.0f};
+  half y[2];
+  try {
+    to_half(TensorView<const float>(x, {2}), TensorView<half>(y, {2}), nullptr);
+    ADD_FAILURE() << "host views were accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("both must be on one CUDA device"), std::string::npos)
+        << e.what();
+  }
+}
 
 TEST(LaunchArguments, ConvertRejectsBadArguments) {
   EXPECT_THROW((cuda::launch_convert<float, half>(nullptr, nullptr, -1)), Error);
