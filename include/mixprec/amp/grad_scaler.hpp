@@ -1,0 +1,249 @@
+// SPDX-License-Identifier: Apache-2.0
+// GradScaler: dynamic loss scaling with torch.amp.GradScaler's API and
+// semantics, driving the optimizers' fused check and update passes.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "mixprec/amp/scale_update.hpp"
+#include "mixprec/core/dtype.hpp"
+#include "mixprec/core/error.hpp"
+#include "mixprec/optim/optimizer.hpp"
+
+namespace mixprec::amp {
+
+enum class ScalingMode {
+  /// The scale grows and backs off (torch.amp.GradScaler).
+  dynamic,
+  /// The scale stays at init_scale; non-finite steps are still skipped.
+  static_scale,
+  /// Scale 1, no unscaling; non-finite steps are still skipped (unlike a
+  /// disabled torch GradScaler, which steps regardless).
+  disabled,
+};
+
+/// torch.amp.GradScaler's options and defaults, plus hysteresis, min_scale,
+/// max_scale and error_at_min_scale.
+struct GradScalerOptions {
+  ScalingMode mode = ScalingMode::dynamic;
+  double init_scale = 65536.0;
+  double growth_factor = 2.0;
+  double backoff_factor = 0.5;
+  std::int64_t growth_interval = 2000;
+  /// Back off only after this many consecutive non-finite steps (1 = torch).
+  std::int64_t hysteresis = 1;
+  /// Backoff never goes below this; the default, FLT_MIN, only keeps the scale
+  /// from becoming subnormal or 0.
+  double min_scale = std::numeric_limits<float>::min();
+  /// Growth never goes above this (and never to inf whatever it is).
+  double max_scale = std::numeric_limits<double>::infinity();
+  /// update() throws once when a backoff is clamped at min_scale.
+  bool error_at_min_scale = false;
+
+  /// The defaults for a model whose gradients have this dtype: dynamic
+  /// scaling for float16, scaling disabled for bfloat16 and float32 (their
+  /// range needs none); non-finite steps are skipped in every mode.
+  static GradScalerOptions for_dtype(DType grad_dtype) {
+    GradScalerOptions o;
+    if (grad_dtype != DType::float16) o.mode = ScalingMode::disabled;
+    return o;
+  }
+};
+
+/// Dynamic loss scaling. A training step, in PyTorch's words:
+///
+///     loss_grad_seed = scaler.scale(1.0f);   // or scaler.scale(loss)
+///     ... backward writes scaled gradients ...
+///     scaler.step(optimizer);                // check, unscale, (clip,) update or skip
+///     scaler.update();
+///
+/// Unlike PyTorch, gradients are never rewritten: unscale() reads them once
+/// to find non-finite values and the norm, and the inverse scale and the
+/// clip coefficient are applied inside the optimizer's update, which reads
+/// them a second time. Several optimizers can share one scaler; update()
+/// backs off if any of them saw a non-finite gradient.
+class GradScaler {
+ public:
+  explicit GradScaler(const GradScalerOptions& options = {}) : options_(options) {
+    validate(options);
+    state_.scale = options.mode == ScalingMode::disabled ? 1.0f : static_cast<float>(options.init_scale);
+    policy_.growth_factor = options.growth_factor;
+    policy_.backoff_factor = options.backoff_factor;
+    policy_.growth_interval = static_cast<std::int32_t>(options.growth_interval);
+    policy_.hysteresis = static_cast<std::int32_t>(options.hysteresis);
+    policy_.min_scale = static_cast<float>(options.min_scale);
+    policy_.max_scale = static_cast<float>(options.max_scale);
+  }
+
+  static void validate(const GradScalerOptions& o) {
+    MIXPREC_CHECK(std::isfinite(o.init_scale) && o.init_scale > 0.0, "GradScaler: init_scale = ",
+                  o.init_scale, ", must be finite and > 0");
+    MIXPREC_CHECK(std::isfinite(o.growth_factor) && o.growth_factor > 1.0,
+                  "GradScaler: growth_factor = ", o.growth_factor, ", must be finite and > 1");
+    MIXPREC_CHECK(o.backoff_factor > 0.0 && o.backoff_factor < 1.0, "GradScaler: backoff_factor = ",
+                  o.backoff_factor, ", must be in (0, 1)");
+    MIXPREC_CHECK(o.growth_interval > 0 && o.growth_interval <= std::numeric_limits<std::int32_t>::max(),
+                  "GradScaler: growth_interval = ", o.growth_interval, ", must be in [1, 2^31)");
+    MIXPREC_CHECK(o.hysteresis > 0 && o.hysteresis <= std::numeric_limits<std::int32_t>::max(),
+                  "GradScaler: hysteresis = ", o.hysteresis, ", must be in [1, 2^31)");
+    MIXPREC_CHECK(o.min_scale >= std::numeric_limits<float>::min() &&
+                      o.min_scale <= std::numeric_limits<float>::max(),
+                  "GradScaler: min_scale = ", o.min_scale,
+                  ", must be a normal float (>= 1.17549e-38, finite)");
+    MIXPREC_CHECK(o.max_scale >= o.min_scale, "GradScaler: max_scale = ", o.max_scale,
+                  ", must be >= min_scale = ", o.min_scale);
+    if (o.mode != ScalingMode::disabled) {
+      MIXPREC_CHECK(o.init_scale >= o.min_scale && o.init_scale <= o.max_scale,
+                    "GradScaler: init_scale = ", o.init_scale, ", must be in [min_scale, max_scale] = [",
+                    o.min_scale, ", ", o.max_scale, "]");
+    }
+  }
+
+  const GradScalerOptions& options() const { return options_; }
+  bool is_enabled() const { return options_.mode != ScalingMode::disabled; }
+
+  /// The current loss scale (1 when disabled). No side effects.
+  float scale() const { return state_.scale; }
+  /// loss * scale(): what the backward pass starts from.
+  float scale(float loss) const { return loss * state_.scale; }
+
+  /// Pass 1 for `opt`: finds non-finite gradients and measures the gradient
+  /// norm, reading each gradient once. For users who clip (clip_grad_norm)
+  /// or inspect (grad_norm, found_inf) before step(). A second call before
+  /// update() is an error, as in PyTorch.
+  void unscale(optim::Optimizer& opt) {
+    Record& r = record(opt);
+    MIXPREC_CHECK(r.stage != Stage::unscaled, "GradScaler::unscale: already called on this ",
+                  opt.name(), " since the last update()");
+    MIXPREC_CHECK(r.stage != Stage::stepped, "GradScaler::unscale: called after step() on this ",
+                  opt.name(), "; call update() first");
+    // PyTorch takes the reciprocal in double and rounds it to float.
+    r.inv_scale = static_cast<float>(1.0 / static_cast<double>(state_.scale));
+    r.stats = opt.check_grads();
+    r.found_inf = r.stats.any_nonfinite();
+    r.stage = Stage::unscaled;
+  }
+
+  /// The unscaled global L2 norm of opt's gradients, from the last
+  /// unscale(); inf or NaN when a gradient is not finite.
+  float grad_norm(const optim::Optimizer& opt) const {
+    const Record& r = checked_record(opt, "grad_norm");
+    return static_cast<float>(std::sqrt(r.stats.total_sum_squares()) * r.inv_scale);
+  }
+
+  /// torch.nn.utils.clip_grad_norm_ on the unscaled gradients, after
+  /// unscale(): the update will multiply them by
+  /// min(1, max_norm / (total_norm + 1e-6)). Returns total_norm.
+  float clip_grad_norm(optim::Optimizer& opt, double max_norm) {
+    MIXPREC_CHECK(std::isfinite(max_norm) && max_norm > 0.0, "GradScaler::clip_grad_norm: max_norm = ",
+                  max_norm, ", must be finite and > 0");
+    checked_record(opt, "clip_grad_norm");
+    Record& r = record(opt);
+    MIXPREC_CHECK(r.stage == Stage::unscaled, "GradScaler::clip_grad_norm: step() already ran on this ",
+                  opt.name(), " since the last update()");
+    const float total = grad_norm(opt);
+    const float coef = static_cast<float>(max_norm) / (total + 1e-6f);  // float32 tensor math in torch
+    r.clip_coef = coef < 1.0f ? coef : 1.0f;
+    return total;
+  }
+
+  /// Unscales (unless unscale() already ran), then applies opt's update if
+  /// every gradient is finite, or skips it whole: masters, state and step
+  /// counts untouched. Returns whether the step was applied.
+  bool step(optim::Optimizer& opt) {
+    Record& r = record(opt);
+    MIXPREC_CHECK(r.stage != Stage::stepped, "GradScaler::step: already called on this ", opt.name(),
+                  " since the last update()");
+    if (r.stage == Stage::ready) unscale(opt);
+    Record& rr = record(opt);
+    rr.stage = Stage::stepped;
+    if (rr.found_inf) return false;
+    opt.apply({rr.inv_scale, rr.clip_coef});
+    return true;
+  }
+
+  /// unscale + clip_grad_norm(max_norm) + step, for the common case.
+  bool step(optim::Optimizer& opt, double max_norm) {
+    if (record(opt).stage == Stage::ready) unscale(opt);
+    clip_grad_norm(opt, max_norm);
+    return step(opt);
+  }
+
+  /// Ends the iteration: counts it as applied or skipped (skipped if any
+  /// optimizer saw a non-finite gradient) and, in dynamic mode, updates the
+  /// scale (scale_update.hpp). With error_at_min_scale, throws once, after
+  /// the update is complete, when the scale is clamped at min_scale for the
+  /// first time.
+  void update() {
+    MIXPREC_CHECK(!records_.empty(), "GradScaler::update: no unscale() or step() since the last update()");
+    bool found_inf = false;
+    for (const Record& r : records_) found_inf = found_inf || r.found_inf;
+    records_.clear();
+    (found_inf ? skipped_ : applied_) += 1;
+    if (options_.mode != ScalingMode::dynamic) return;
+    const std::int32_t hits = state_.min_scale_hits;
+    update_scale(state_, found_inf, policy_);
+    if (options_.error_at_min_scale && hits == 0 && state_.min_scale_hits > 0) {
+      detail::throw_error("GradScaler::update: the scale would fall below min_scale = ",
+                          options_.min_scale, " after ", skipped_,
+                          " skipped steps; gradients keep overflowing (check the loss and the model)");
+    }
+  }
+
+  /// Whether opt saw a non-finite gradient since the last update().
+  bool found_inf(const optim::Optimizer& opt) const { return checked_record(opt, "found_inf").found_inf; }
+  /// Names of opt's parameters whose gradient held inf or NaN, from the last unscale().
+  std::vector<std::string> nonfinite_params(const optim::Optimizer& opt) const {
+    const Record& r = checked_record(opt, "nonfinite_params");
+    std::vector<std::string> names;
+    for (std::size_t i = 0; i < r.stats.nonfinite.size(); ++i) {
+      if (r.stats.nonfinite[i]) names.push_back(opt.param(i).name);
+    }
+    return names;
+  }
+
+  std::int64_t applied_steps() const { return applied_; }
+  std::int64_t skipped_steps() const { return skipped_; }
+  const ScalerState& state() const { return state_; }
+
+ private:
+  enum class Stage { ready, unscaled, stepped };
+  struct Record {
+    const optim::Optimizer* opt = nullptr;
+    Stage stage = Stage::ready;
+    optim::GradStats stats;
+    float inv_scale = 1.0f;
+    float clip_coef = 1.0f;
+    bool found_inf = false;
+  };
+
+  Record& record(const optim::Optimizer& opt) {
+    for (Record& r : records_) {
+      if (r.opt == &opt) return r;
+    }
+    records_.emplace_back();
+    records_.back().opt = &opt;
+    return records_.back();
+  }
+  const Record& checked_record(const optim::Optimizer& opt, const char* what) const {
+    for (const Record& r : records_) {
+      if (r.opt == &opt && r.stage != Stage::ready) return r;
+    }
+    detail::throw_error("GradScaler::", what, ": no unscale() on this ", opt.name(),
+                        " since the last update()");
+  }
+
+  GradScalerOptions options_;
+  ScalePolicy policy_;
+  ScalerState state_;
+  std::vector<Record> records_;
+  std::int64_t applied_ = 0;
+  std::int64_t skipped_ = 0;
+};
+
+}  // namespace mixprec::amp

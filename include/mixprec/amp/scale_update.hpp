@@ -1,0 +1,69 @@
+// SPDX-License-Identifier: Apache-2.0
+// The loss-scale update rule, once, for the host and for the one-thread
+// device kernel: torch.amp.GradScaler's growth and backoff, plus hysteresis,
+// min_scale and max_scale.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "mixprec/core/config.hpp"
+
+namespace mixprec::amp {
+
+/// The scaler's mutable state, plain data so it can live in device memory.
+struct ScalerState {
+  float scale = 65536.0f;
+  std::int32_t growth_tracker = 0;      // consecutive finite steps since the last change
+  std::int32_t hysteresis_tracker = 0;  // consecutive non-finite steps not yet acted on
+  std::int32_t min_scale_hits = 0;      // times a backoff was clamped at min_scale
+};
+
+/// The dynamic policy. Factors are double: PyTorch multiplies the float scale
+/// by a double factor and rounds the product to float.
+struct ScalePolicy {
+  double growth_factor = 2.0;
+  double backoff_factor = 0.5;
+  std::int32_t growth_interval = 2000;
+  std::int32_t hysteresis = 1;
+  float min_scale = 1.17549435e-38f;  // FLT_MIN: the scale never reaches 0 or a subnormal
+  float max_scale = INFINITY;
+};
+
+/// One update after a step whose gradients were (found_inf) or were not all
+/// finite. With hysteresis = 1, min_scale not reached and max_scale = inf this
+/// is exactly torch's _amp_update_scale_:
+///  * non-finite: growth_tracker = 0; after `hysteresis` consecutive
+///    non-finite steps, scale = max(scale * backoff_factor, min_scale).
+///  * finite: the hysteresis count restarts; after growth_interval
+///    consecutive finite steps, scale = min(scale * growth_factor, max_scale)
+///    unless that is not finite (the scale never becomes inf), and
+///    growth_tracker = 0.
+MIXPREC_HOST_DEVICE inline void update_scale(ScalerState& s, bool found_inf, const ScalePolicy& p) {
+  if (found_inf) {
+    s.growth_tracker = 0;
+    s.hysteresis_tracker += 1;
+    if (s.hysteresis_tracker >= p.hysteresis) {
+      s.hysteresis_tracker = 0;
+      float next = static_cast<float>(static_cast<double>(s.scale) * p.backoff_factor);
+      if (next < p.min_scale) {
+        next = p.min_scale;
+        s.min_scale_hits += 1;
+      }
+      s.scale = next;
+    }
+    return;
+  }
+  s.hysteresis_tracker = 0;
+  const std::int32_t successful = s.growth_tracker + 1;
+  if (successful == p.growth_interval) {
+    float next = static_cast<float>(static_cast<double>(s.scale) * p.growth_factor);
+    if (next > p.max_scale) next = p.max_scale;
+    if (next <= 3.40282347e+38f) s.scale = next;  // finite (next > 0 is never NaN)
+    s.growth_tracker = 0;
+  } else {
+    s.growth_tracker = successful;
+  }
+}
+
+}  // namespace mixprec::amp

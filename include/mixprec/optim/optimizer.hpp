@@ -1,0 +1,327 @@
+// SPDX-License-Identifier: Apache-2.0
+// Optimizer: the interface every mixprec optimizer implements, and the
+// parameter bookkeeping they share (model weight and gradient views, fp32
+// masters, fp32 state, step counts, parameter groups, the lr schedule).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "mixprec/core/convert.hpp"
+#include "mixprec/core/simd.hpp"
+#include "mixprec/core/error.hpp"
+#include "mixprec/optim/schedule.hpp"
+#include "mixprec/tensor/ops.hpp"
+#include "mixprec/tensor/tensor.hpp"
+#include "mixprec/tensor/tensor_ref.hpp"
+
+namespace mixprec::optim {
+
+/// One trainable parameter as the user hands it over: the weight the forward
+/// pass reads and the gradient the backward pass writes, both views of the
+/// user's own buffers (fp16, bf16 or fp32, independently), never copied.
+struct Param {
+  std::string name;
+  TensorRef weight;
+  TensorRef grad;
+};
+
+/// What pass 1 over the gradients found, per parameter: whether any element
+/// is not finite, and the sum of squares of the gradient as stored (that is,
+/// still multiplied by the loss scale), accumulated in double.
+struct GradStats {
+  std::vector<char> nonfinite;
+  std::vector<double> sum_squares;
+  bool any_nonfinite() const {
+    return std::any_of(nonfinite.begin(), nonfinite.end(), [](char c) { return c != 0; });
+  }
+  double total_sum_squares() const {
+    double s = 0;
+    for (double x : sum_squares) s += x;
+    return s;
+  }
+};
+
+/// How the stored gradients become the gradients the update uses:
+/// g = (float(stored) * inv_scale) * clip_coef, the two roundings in
+/// PyTorch's order (unscale, then clip_grad_norm_'s multiply).
+struct GradTransform {
+  float inv_scale = 1.0f;
+  float clip_coef = 1.0f;
+};
+
+/// The interface the GradScaler drives, and the shared bookkeeping.
+///
+/// Each parameter gets an fp32 master weight, initialised from its model
+/// weight, and the optimizer's fp32 state (zeros, made on first use). An
+/// applied step updates master and state and then rewrites the model weight
+/// from the master, rounding to nearest even. A parameter's step count counts
+/// applied steps only. The CPU path reads each gradient once in check_grads()
+/// and once in apply(), and never writes it.
+class Optimizer {
+ public:
+  virtual ~Optimizer() = default;
+  Optimizer(const Optimizer&) = delete;
+  Optimizer& operator=(const Optimizer&) = delete;
+
+  /// The optimizer's name as in torch.optim ("SGD", "Adam", ...).
+  virtual const char* name() const = 0;
+
+  std::size_t num_params() const { return slots_.size(); }
+  std::size_t num_groups() const { return group_lrs_.size(); }
+  const Param& param(std::size_t i) const { return slot(i).param; }
+  /// Index of the parameter called `name`; throws if there is none.
+  std::size_t find(const std::string& name) const {
+    for (std::size_t i = 0; i < slots_.size(); ++i) {
+      if (slots_[i].param.name == name) return i;
+    }
+    detail::throw_error(this->name(), ": no parameter named \"", name, "\"");
+  }
+  std::size_t group_of(std::size_t i) const { return slot(i).group; }
+  const Tensor<float>& master(std::size_t i) const { return slot(i).master; }
+  /// Applied steps of parameter i (torch's state['step']).
+  std::int64_t step_count(std::size_t i) const { return slot(i).step; }
+  /// Applied steps of the optimizer; this is what schedules advance on.
+  std::int64_t applied_steps() const { return applied_steps_; }
+
+  /// The group's lr before the schedule.
+  double base_lr(std::size_t group) const { return group_lrs_.at(check_group(group)); }
+  /// The lr the next applied step will use: base_lr * schedule.factor(applied_steps()).
+  double lr(std::size_t group) const { return base_lr(group) * schedule_.factor(applied_steps_); }
+  void set_lr(std::size_t group, double lr) {
+    check_lr(lr);
+    group_lrs_.at(check_group(group)) = lr;
+    on_lr_changed(group, lr);
+  }
+  const LRSchedule& schedule() const { return schedule_; }
+  void set_schedule(const LRSchedule& schedule) { schedule_ = schedule; }
+
+  /// Pass 1: reads every gradient once; writes nothing.
+  GradStats check_grads() const {
+    GradStats stats;
+    stats.nonfinite.resize(slots_.size());
+    stats.sum_squares.resize(slots_.size());
+    float g[kChunk];
+    for (std::size_t i = 0; i < slots_.size(); ++i) {
+      const Slot& s = slots_[i];
+      const std::int64_t n = s.param.grad.numel();
+      double sum = 0;
+      float nonfinite = 0;
+      for (std::int64_t off = 0; off < n; off += kChunk) {
+        const std::int64_t m = std::min<std::int64_t>(kChunk, n - off);
+        load_float(s.param.grad, off, m, g);
+        const auto [chunk_sum, chunk_flag] = sum_squares_and_flag(g, m);
+        sum += chunk_sum;
+        nonfinite += chunk_flag;
+      }
+      stats.nonfinite[i] = !(nonfinite == 0.0f);  // NaN compares unequal
+      stats.sum_squares[i] = sum;
+    }
+    return stats;
+  }
+
+  /// Pass 2: one applied step with gradients transformed by `t`. The caller
+  /// (GradScaler::step) has decided that the gradients are finite.
+  void apply(const GradTransform& t = {}) {
+    for (std::size_t i = 0; i < slots_.size(); ++i) {
+      Slot& s = slots_[i];
+      s.step += 1;
+      update_param(i, t);
+    }
+    applied_steps_ += 1;
+  }
+
+  /// A plain step with the gradients as they are (no scaler): torch's
+  /// optimizer.step(). Does not check for non-finite values.
+  void step() { apply(GradTransform{}); }
+
+ protected:
+  static constexpr std::int64_t kChunk = 1024;  // floats: a few KiB, stays in L1
+
+  struct Slot {
+    Param param;
+    std::size_t group = 0;
+    Tensor<float> master;
+    std::vector<Tensor<float>> state;
+    std::int64_t step = 0;
+  };
+
+  Optimizer() = default;
+
+  const Slot& slot(std::size_t i) const {
+    MIXPREC_CHECK(i < slots_.size(), name(), ": parameter index ", i, ", there are ", slots_.size());
+    return slots_[i];
+  }
+  Slot& slot(std::size_t i) { return const_cast<Slot&>(std::as_const(*this).slot(i)); }
+
+  std::size_t check_group(std::size_t group) const {
+    MIXPREC_CHECK(group < group_lrs_.size(), name(), ": group = ", group, ", there are ",
+                  group_lrs_.size());
+    return group;
+  }
+
+  void check_lr(double lr) const {
+    MIXPREC_CHECK(std::isfinite(lr) && lr >= 0.0, name(), ": lr = ", lr,
+                  ", must be finite and >= 0");
+  }
+
+  /// Validates a whole group before anything is added (nothing half-added).
+  void add_group(std::vector<Param> params, double lr) {
+    check_lr(lr);
+    MIXPREC_CHECK(!params.empty(), name(), ": the parameter list is empty");
+    std::set<std::string> names;
+    for (const Slot& s : slots_) names.insert(s.param.name);
+    for (std::size_t k = 0; k < params.size(); ++k) {
+      const Param& p = params[k];
+      const std::string label = p.name.empty() ? "#" + std::to_string(k) : "\"" + p.name + "\"";
+      MIXPREC_CHECK(!p.name.empty(), name(), ": parameter ", label, " has an empty name");
+      MIXPREC_CHECK(names.insert(p.name).second, name(), ": parameter name ", label,
+                    " is used twice");
+      MIXPREC_CHECK(p.weight.shape() == p.grad.shape(), name(), ": parameter ", label,
+                    ": weight shape ", p.weight.shape(), " != grad shape ", p.grad.shape());
+      MIXPREC_CHECK(p.weight.numel() == 0 || (p.weight.data() && p.grad.data()), name(),
+                    ": parameter ", label, " has a null weight or grad");
+      MIXPREC_CHECK(p.weight.device().is_cpu() && p.grad.device().is_cpu(), name(),
+                    ": parameter ", label, " is on ", p.weight.device(), " / ", p.grad.device(),
+                    "; this optimizer runs on cpu (the CUDA optimizer kernels are not built yet)");
+    }
+    const std::size_t group = group_lrs_.size();
+    for (Param& p : params) {
+      Slot s;
+      s.master = Tensor<float>(p.weight.shape());
+      p.weight.visit([&](auto w) { convert(w, s.master); });
+      s.param = std::move(p);
+      s.group = group;
+      slots_.push_back(std::move(s));
+    }
+    group_lrs_.push_back(lr);
+  }
+
+  /// Called when set_lr changes a group's base lr, so options stay in sync.
+  virtual void on_lr_changed(std::size_t group, double lr) = 0;
+  /// Updates master and state of parameter i (its step count already
+  /// incremented). Implementations call update_chunks.
+  virtual void update_param(std::size_t i, const GradTransform& t) = 0;
+
+  /// True once state tensor k of parameter i exists.
+  bool has_state(std::size_t i, std::size_t k) const {
+    const Slot& s = slots_[i];
+    return s.state.size() > k && s.state[k].shape() == s.master.shape();
+  }
+
+  /// State tensor k of parameter i, created as zeros on first use.
+  float* state(std::size_t i, std::size_t k) {
+    Slot& s = slots_[i];
+    if (s.state.size() <= k) s.state.resize(k + 1);
+    if (!has_state(i, k)) {
+      s.state[k] = Tensor<float>(s.master.shape());
+      fill(s.state[k], 0.0f);
+    }
+    return s.state[k].data();
+  }
+
+  /// Runs fn(offset, count, grad) over parameter i in L1-sized chunks, with
+  /// grad the transformed fp32 gradient of those elements; fn updates the
+  /// master (and state) of those elements, and the chunk's master values are
+  /// then rounded into the model weight while still in cache.
+  template <class Fn>
+  void update_chunks(std::size_t i, const GradTransform& t, Fn&& fn) {
+    Slot& s = slots_[i];
+    const std::int64_t n = s.master.numel();
+    float g[kChunk];
+    for (std::int64_t off = 0; off < n; off += kChunk) {
+      const std::int64_t m = std::min<std::int64_t>(kChunk, n - off);
+      load_float(s.param.grad, off, m, g);
+      if (t.inv_scale != 1.0f) {
+        for (std::int64_t k = 0; k < m; ++k) g[k] *= t.inv_scale;
+      }
+      if (t.clip_coef != 1.0f) {
+        for (std::int64_t k = 0; k < m; ++k) g[k] *= t.clip_coef;
+      }
+      fn(off, m, g);
+      s.param.weight.visit([&](auto w) {
+        convert_n(s.master.data() + off, static_cast<std::size_t>(m), w.data() + off);
+      });
+    }
+  }
+
+  /// Applies a per-element formula over count elements: f32x4 lanes, then
+  /// scalar float for the tail. `arrays` are the fp32 arrays the formula
+  /// updates in place (master, state...), `grad` is read only.
+  template <std::size_t N, class Formula>
+  static void apply_formula(std::int64_t count, float* const (&arrays)[N], const float* grad,
+                            Formula&& formula) {
+    std::int64_t k = 0;
+#if MIXPREC_HAS_VECTOR_EXT
+    for (; k + simd::lanes <= count; k += simd::lanes) {
+      simd::f32x4 v[N];
+      for (std::size_t a = 0; a < N; ++a) v[a] = simd::load(arrays[a] + k);
+      call_formula(formula, v, simd::load(grad + k), std::make_index_sequence<N>{});
+      for (std::size_t a = 0; a < N; ++a) simd::store(arrays[a] + k, v[a]);
+    }
+#endif
+    for (; k < count; ++k) {
+      float v[N];
+      for (std::size_t a = 0; a < N; ++a) v[a] = arrays[a][k];
+      call_formula(formula, v, grad[k], std::make_index_sequence<N>{});
+      for (std::size_t a = 0; a < N; ++a) arrays[a][k] = v[a];
+    }
+  }
+
+  std::vector<Slot> slots_;
+
+ private:
+  template <class Formula, class V, std::size_t... I>
+  static void call_formula(Formula& formula, V (&v)[sizeof...(I)], V grad,
+                           std::index_sequence<I...>) {
+    formula(v[I]..., grad);
+  }
+
+  static void load_float(const TensorRef& src, std::int64_t offset, std::int64_t count, float* out) {
+    src.visit([&](auto view) {
+      convert_n(view.data() + offset, static_cast<std::size_t>(count), out);
+    });
+  }
+
+  // Sum of squares and a NaN-propagating flag over one chunk. x - x is 0 for
+  // finite x and NaN for inf and NaN, so one sum flags the chunk without a
+  // branch per element. Four vector accumulators (16 partial sums) hide the
+  // add latency; float reductions would not vectorise on their own.
+  static std::pair<float, float> sum_squares_and_flag(const float* g, std::int64_t m) {
+    float sum = 0, flag = 0;
+    std::int64_t k = 0;
+#if MIXPREC_HAS_VECTOR_EXT
+    simd::f32x4 s0 = {0, 0, 0, 0}, s1 = s0, s2 = s0, s3 = s0, f0 = s0, f1 = s0;
+    for (; k + 4 * simd::lanes <= m; k += 4 * simd::lanes) {
+      const simd::f32x4 a = simd::load(g + k), b = simd::load(g + k + 4), c = simd::load(g + k + 8),
+                        d = simd::load(g + k + 12);
+      s0 += a * a;
+      s1 += b * b;
+      s2 += c * c;
+      s3 += d * d;
+      f0 += (a - a) + (b - b);
+      f1 += (c - c) + (d - d);
+    }
+    const simd::f32x4 st = (s0 + s1) + (s2 + s3), ft = f0 + f1;
+    sum = (st[0] + st[1]) + (st[2] + st[3]);
+    flag = (ft[0] + ft[1]) + (ft[2] + ft[3]);
+#endif
+    for (; k < m; ++k) {
+      sum += g[k] * g[k];
+      flag += g[k] - g[k];
+    }
+    return {sum, flag};
+  }
+
+  std::vector<double> group_lrs_;
+  LRSchedule schedule_;
+  std::int64_t applied_steps_ = 0;
+};
+
+}  // namespace mixprec::optim

@@ -1,0 +1,58 @@
+// SPDX-License-Identifier: Apache-2.0
+// OptimizerBase: parameter groups with per-group options of one optimizer's
+// option type, validated on every way in (construction, new groups, setters).
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <utility>
+#include <vector>
+
+#include "mixprec/core/error.hpp"
+#include "mixprec/optim/optimizer.hpp"
+
+namespace mixprec::optim {
+
+/// Derived provides `static void validate(const Options&)` (throwing with the
+/// option's name and value) and `update_param`.
+template <class Derived, class Options>
+class OptimizerBase : public Optimizer {
+ public:
+  using options_type = Options;
+
+  /// Adds a group of parameters with their own options (torch's
+  /// add_param_group). Everything is validated before anything is added.
+  void add_param_group(std::vector<Param> params, const Options& options) {
+    Derived::validate(options);
+    add_group(std::move(params), options.lr);
+    options_.push_back(options);
+  }
+
+  const Options& options(std::size_t group) const { return options_.at(check_group(group)); }
+  /// Replaces a group's options; validated first, so a bad value changes nothing.
+  void set_options(std::size_t group, const Options& options) {
+    check_group(group);
+    Derived::validate(options);
+    options_[group] = options;
+    Optimizer::set_lr(group, options.lr);
+  }
+
+ protected:
+  void on_lr_changed(std::size_t group, double lr) override { options_[group].lr = lr; }
+
+  std::vector<Options> options_;
+};
+
+namespace detail {
+
+inline void check_nonnegative(const char* opt, const char* what, double v) {
+  MIXPREC_CHECK(std::isfinite(v) && v >= 0.0, opt, ": ", what, " = ", v,
+                ", must be finite and >= 0");
+}
+
+inline void check_unit_interval(const char* opt, const char* what, double v) {
+  MIXPREC_CHECK(v >= 0.0 && v < 1.0, opt, ": ", what, " = ", v, ", must be in [0, 1)");
+}
+
+}  // namespace detail
+}  // namespace mixprec::optim

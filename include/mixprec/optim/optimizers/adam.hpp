@@ -1,0 +1,101 @@
+// SPDX-License-Identifier: Apache-2.0
+// Adam and AdamW (L2 or decoupled weight decay, amsgrad, maximize), as
+// torch.optim.Adam and torch.optim.AdamW, on fp32 masters.
+#pragma once
+
+#include <array>
+#include <cmath>
+#include <utility>
+#include <vector>
+
+#include "mixprec/optim/formulas.hpp"
+#include "mixprec/optim/optimizer_base.hpp"
+
+namespace mixprec::optim {
+
+/// torch.optim.Adam's options and defaults.
+struct AdamOptions {
+  double lr = 1e-3;
+  std::array<double, 2> betas = {0.9, 0.999};
+  double eps = 1e-8;
+  double weight_decay = 0.0;
+  bool amsgrad = false;
+  bool maximize = false;
+};
+
+/// torch.optim.AdamW's options: Adam's, with weight_decay defaulting to 1e-2.
+struct AdamWOptions : AdamOptions {
+  AdamWOptions() { weight_decay = 1e-2; }
+};
+
+namespace detail {
+
+/// Adam (Decoupled = false: weight decay added to the gradient) and AdamW
+/// (Decoupled = true: param *= 1 - lr * weight_decay). Formula: adam_update.
+/// State per parameter: exp_avg, exp_avg_sq, and max_exp_avg_sq with amsgrad.
+template <bool Decoupled, class Options>
+class AdamImpl : public OptimizerBase<AdamImpl<Decoupled, Options>, Options> {
+  using Base = OptimizerBase<AdamImpl<Decoupled, Options>, Options>;
+
+ public:
+  explicit AdamImpl(std::vector<Param> params, const Options& options = {}) {
+    this->add_param_group(std::move(params), options);
+  }
+  const char* name() const override { return Decoupled ? "AdamW" : "Adam"; }
+
+  static void validate(const Options& o) {
+    const char* n = Decoupled ? "AdamW" : "Adam";
+    check_nonnegative(n, "lr", o.lr);
+    check_unit_interval(n, "betas[0]", o.betas[0]);
+    check_unit_interval(n, "betas[1]", o.betas[1]);
+    check_nonnegative(n, "eps", o.eps);
+    check_nonnegative(n, "weight_decay", o.weight_decay);
+  }
+
+ protected:
+  void update_param(std::size_t i, const GradTransform& t) override {
+    const Options& o = this->options_[this->group_of(i)];
+    const double lr = this->lr(this->group_of(i));
+    const double step = static_cast<double>(this->step_count(i));
+    AdamCoeffs c;
+    c.decoupled = Decoupled;
+    c.weight_decay = static_cast<float>(o.weight_decay);
+    c.decay = static_cast<float>(1.0 - lr * o.weight_decay);
+    c.one_minus_beta1 = static_cast<float>(1.0 - o.betas[0]);
+    c.beta2 = static_cast<float>(o.betas[1]);
+    c.one_minus_beta2 = static_cast<float>(1.0 - o.betas[1]);
+    c.bias_correction2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(o.betas[1], step)));
+    c.eps = static_cast<float>(o.eps);
+    c.neg_step_size = static_cast<float>(-(lr / (1.0 - std::pow(o.betas[0], step))));
+    c.maximize = o.maximize;
+    c.amsgrad = o.amsgrad;
+    float* master = this->slots_[i].master.data();
+    float* exp_avg = this->state(i, 0);
+    float* exp_avg_sq = this->state(i, 1);
+    if (!c.amsgrad) {
+      this->update_chunks(i, t, [&](std::int64_t off, std::int64_t m, const float* g) {
+        Base::template apply_formula<3>(m, {master + off, exp_avg + off, exp_avg_sq + off}, g,
+                                        [&](auto& p, auto& m1, auto& m2, auto grad) {
+                                          auto unused = m2;
+                                          adam_update(p, m1, m2, unused, grad, c);
+                                        });
+      });
+      return;
+    }
+    float* max_exp_avg_sq = this->state(i, 2);
+    this->update_chunks(i, t, [&](std::int64_t off, std::int64_t m, const float* g) {
+      Base::template apply_formula<4>(
+          m, {master + off, exp_avg + off, exp_avg_sq + off, max_exp_avg_sq + off}, g,
+          [&](auto& p, auto& m1, auto& m2, auto& mx, auto grad) { adam_update(p, m1, m2, mx, grad, c); });
+    });
+  }
+};
+
+}  // namespace detail
+
+/// torch.optim.Adam on fp32 masters.
+using Adam = detail::AdamImpl<false, AdamOptions>;
+/// torch.optim.AdamW on fp32 masters.
+using AdamW = detail::AdamImpl<true, AdamWOptions>;
+
+}  // namespace mixprec::optim

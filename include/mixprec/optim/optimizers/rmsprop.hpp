@@ -1,0 +1,90 @@
+// SPDX-License-Identifier: Apache-2.0
+// RMSprop (alpha, centered, momentum, weight decay, maximize), as
+// torch.optim.RMSprop, on fp32 masters.
+#pragma once
+
+#include <utility>
+#include <vector>
+
+#include "mixprec/optim/formulas.hpp"
+#include "mixprec/optim/optimizer_base.hpp"
+
+namespace mixprec::optim {
+
+/// torch.optim.RMSprop's options and defaults.
+struct RMSpropOptions {
+  double lr = 1e-2;
+  double alpha = 0.99;
+  double eps = 1e-8;
+  double weight_decay = 0.0;
+  double momentum = 0.0;
+  bool centered = false;
+  bool maximize = false;
+};
+
+/// RMSprop (formula: rmsprop_update). State per parameter: square_avg, plus
+/// grad_avg when centered and the momentum buffer when momentum > 0.
+class RMSprop : public OptimizerBase<RMSprop, RMSpropOptions> {
+ public:
+  explicit RMSprop(std::vector<Param> params, const RMSpropOptions& options = {}) {
+    add_param_group(std::move(params), options);
+  }
+  const char* name() const override { return "RMSprop"; }
+
+  static void validate(const RMSpropOptions& o) {
+    detail::check_nonnegative("RMSprop", "lr", o.lr);
+    MIXPREC_CHECK(o.alpha >= 0.0 && o.alpha <= 1.0, "RMSprop: alpha = ", o.alpha,
+                  ", must be in [0, 1]");
+    detail::check_nonnegative("RMSprop", "eps", o.eps);
+    detail::check_nonnegative("RMSprop", "weight_decay", o.weight_decay);
+    detail::check_nonnegative("RMSprop", "momentum", o.momentum);
+  }
+
+ protected:
+  void update_param(std::size_t i, const GradTransform& t) override {
+    const RMSpropOptions& o = options_[group_of(i)];
+    RmspropCoeffs c;
+    c.weight_decay = static_cast<float>(o.weight_decay);
+    c.alpha = static_cast<float>(o.alpha);
+    c.one_minus_alpha = static_cast<float>(1.0 - o.alpha);
+    c.eps = static_cast<float>(o.eps);
+    c.momentum = static_cast<float>(o.momentum);
+    c.neg_lr = static_cast<float>(-lr(group_of(i)));
+    c.maximize = o.maximize;
+    c.centered = o.centered;
+    float* master = slots_[i].master.data();
+    float* square_avg = state(i, 0);
+    // Unused state stays unallocated: formula arguments it would feed are
+    // never read when the option is off.
+    float* grad_avg = c.centered ? state(i, 1) : nullptr;
+    float* buf = c.momentum > 0.0f ? state(i, 2) : nullptr;
+    update_chunks(i, t, [&](std::int64_t off, std::int64_t m, const float* g) {
+      if (grad_avg && buf) {
+        apply_formula<4>(m, {master + off, square_avg + off, grad_avg + off, buf + off}, g,
+                         [&](auto& p, auto& sq, auto& ga, auto& b, auto grad) {
+                           rmsprop_update(p, sq, ga, b, grad, c);
+                         });
+      } else if (grad_avg) {
+        apply_formula<3>(m, {master + off, square_avg + off, grad_avg + off}, g,
+                         [&](auto& p, auto& sq, auto& ga, auto grad) {
+                           auto unused = p;
+                           rmsprop_update(p, sq, ga, unused, grad, c);
+                         });
+      } else if (buf) {
+        apply_formula<3>(m, {master + off, square_avg + off, buf + off}, g,
+                         [&](auto& p, auto& sq, auto& b, auto grad) {
+                           auto unused = p;
+                           rmsprop_update(p, sq, unused, b, grad, c);
+                         });
+      } else {
+        apply_formula<2>(m, {master + off, square_avg + off}, g, [&](auto& p, auto& sq, auto grad) {
+          auto unused = p;
+          auto unused2 = p;
+          rmsprop_update(p, sq, unused, unused2, grad, c);
+        });
+      }
+    });
+  }
+};
+
+}  // namespace mixprec::optim

@@ -1,0 +1,73 @@
+// SPDX-License-Identifier: Apache-2.0
+// SGD with momentum, dampening, Nesterov momentum, weight decay and maximize,
+// as torch.optim.SGD, on fp32 masters.
+#pragma once
+
+#include <utility>
+#include <vector>
+
+#include "mixprec/optim/formulas.hpp"
+#include "mixprec/optim/optimizer_base.hpp"
+
+namespace mixprec::optim {
+
+/// torch.optim.SGD's options and defaults.
+struct SGDOptions {
+  double lr = 1e-3;
+  double momentum = 0.0;
+  double dampening = 0.0;
+  double weight_decay = 0.0;
+  bool nesterov = false;
+  bool maximize = false;
+};
+
+/// Stochastic gradient descent (formula: sgd_update in formulas.hpp). State:
+/// the momentum buffer when momentum != 0, started as a copy of the first
+/// gradient, as in PyTorch.
+class SGD : public OptimizerBase<SGD, SGDOptions> {
+ public:
+  explicit SGD(std::vector<Param> params, const SGDOptions& options = {}) {
+    add_param_group(std::move(params), options);
+  }
+  const char* name() const override { return "SGD"; }
+
+  static void validate(const SGDOptions& o) {
+    detail::check_nonnegative("SGD", "lr", o.lr);
+    detail::check_nonnegative("SGD", "momentum", o.momentum);
+    MIXPREC_CHECK(std::isfinite(o.dampening), "SGD: dampening = ", o.dampening, ", must be finite");
+    detail::check_nonnegative("SGD", "weight_decay", o.weight_decay);
+    MIXPREC_CHECK(!o.nesterov || (o.momentum > 0.0 && o.dampening == 0.0),
+                  "SGD: nesterov = true needs momentum > 0 and dampening = 0 (momentum = ",
+                  o.momentum, ", dampening = ", o.dampening, ")");
+  }
+
+ protected:
+  void update_param(std::size_t i, const GradTransform& t) override {
+    const SGDOptions& o = options_[group_of(i)];
+    SgdCoeffs c;
+    c.weight_decay = static_cast<float>(o.weight_decay);
+    c.momentum = static_cast<float>(o.momentum);
+    c.one_minus_dampening = static_cast<float>(1.0 - o.dampening);
+    c.neg_lr = static_cast<float>(-lr(group_of(i)));
+    c.maximize = o.maximize;
+    c.nesterov = o.nesterov;
+    float* master = slots_[i].master.data();
+    if (c.momentum == 0.0f) {
+      update_chunks(i, t, [&](std::int64_t off, std::int64_t m, const float* g) {
+        apply_formula<1>(m, {master + off}, g, [&](auto& p, auto grad) {
+          auto unused = p;
+          sgd_update(p, unused, grad, c);
+        });
+      });
+      return;
+    }
+    c.first_step = !has_state(i, 0);
+    float* buf = state(i, 0);
+    update_chunks(i, t, [&](std::int64_t off, std::int64_t m, const float* g) {
+      apply_formula<2>(m, {master + off, buf + off}, g,
+                       [&](auto& p, auto& b, auto grad) { sgd_update(p, b, grad, c); });
+    });
+  }
+};
+
+}  // namespace mixprec::optim
