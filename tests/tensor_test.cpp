@@ -9,24 +9,12 @@
 #include <vector>
 
 #include "mixprec/mixprec.hpp"
+#include "test_util.hpp"
 
 namespace mixprec {
 namespace {
 
-// Runs `f`, expects a mixprec::Error whose message contains every fragment.
-template <class F>
-void expect_error(F&& f, std::initializer_list<const char*> fragments) {
-  try {
-    f();
-    ADD_FAILURE() << "no mixprec::Error thrown";
-  } catch (const Error& e) {
-    const std::string message = e.what();
-    for (const char* fragment : fragments) {
-      EXPECT_NE(message.find(fragment), std::string::npos)
-          << "message \"" << message << "\" lacks \"" << fragment << "\"";
-    }
-  }
-}
+using test::expect_error;
 
 template <class T>
 class TensorTyped : public ::testing::Test {};

@@ -1,0 +1,308 @@
+// SPDX-License-Identifier: Apache-2.0
+// GradScaler: the scale/skip sequences of the real torch.amp.GradScaler
+// (fixture from PyTorch 2.11), skipped steps that leave everything
+// untouched, the call-order errors, option checks, the modes, and property
+// tests of the policy extensions (hysteresis, min/max, never 0/NaN/inf).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <fstream>
+#include <limits>
+#include <memory>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "mixprec/mixprec.hpp"
+#include "test_util.hpp"
+
+#ifndef MIXPREC_FIXTURE_DIR
+#error "MIXPREC_FIXTURE_DIR must name tests/oracle/fixtures"
+#endif
+
+namespace mixprec {
+namespace {
+
+using test::expect_error;
+
+// One parameter whose gradient is finite or holds an inf at index 1, like the
+// fixture's driver.
+struct OneParam {
+  Tensor<float> w{Shape{4}}, g{Shape{4}};
+  optim::SGD opt{{{"w", w, g}}, optim::SGDOptions{}};
+  void set_grad(bool inf, float scale) {
+    fill(g, scale);
+    if (inf) g.at(1) = INFINITY;
+  }
+};
+
+TEST(GradScalerFixture, MatchesTorchGradScalerStepByStep) {
+  std::ifstream in(std::string(MIXPREC_FIXTURE_DIR) + "/grad_scaler_sequences.txt");
+  ASSERT_TRUE(in.good()) << "missing fixture " << MIXPREC_FIXTURE_DIR;
+  std::unique_ptr<amp::GradScaler> scaler;
+  std::unique_ptr<OneParam> model;
+  std::string config;
+  int rows = 0, configs = 0;
+  bool left_normal_range = false;
+  for (std::string line; std::getline(in, line);) {
+    if (line.empty() || line[0] == '#') continue;
+    std::istringstream words(line);
+    if (line.rfind("config", 0) == 0) {
+      left_normal_range = false;
+      std::string tag;
+      amp::GradScalerOptions o;
+      words >> tag >> config >> o.init_scale >> o.growth_factor >> o.backoff_factor >> o.growth_interval;
+      scaler = std::make_unique<amp::GradScaler>(o);
+      model = std::make_unique<OneParam>();
+      ++configs;
+      continue;
+    }
+    int step = 0, inf = 0, applied = 0, tracker = 0;
+    std::string before_hex, after_hex;
+    words >> step >> inf >> before_hex >> applied >> after_hex >> tracker;
+    const float before = std::strtof(before_hex.c_str(), nullptr);
+    const float after = std::strtof(after_hex.c_str(), nullptr);
+    if (left_normal_range) continue;
+    ASSERT_EQ(scaler->scale(), before) << config << " step " << step;
+    model->set_grad(inf != 0, 1.0f);
+    ASSERT_EQ(scaler->step(model->opt), applied != 0) << config << " step " << step;
+    scaler->update();
+    if (after < std::numeric_limits<float>::min()) {
+      // torch backs off into subnormal scales (and would reach 0, where
+      // 1/scale is inf); mixprec stops at min_scale, FLT_MIN by default. The
+      // rest of this sequence differs by design.
+      ASSERT_EQ(scaler->scale(), std::numeric_limits<float>::min()) << config << " step " << step;
+      left_normal_range = true;
+      continue;
+    }
+    ASSERT_EQ(scaler->scale(), after) << config << " step " << step;
+    ASSERT_EQ(scaler->state().growth_tracker, tracker) << config << " step " << step;
+    ++rows;
+  }
+  EXPECT_GE(configs, 5);
+  EXPECT_GE(rows, 900);
+}
+
+TEST(GradScaler, SkippedStepLeavesEverythingUntouched) {
+  Tensor<half> w({64}), g({64});
+  Tensor<bfloat16> b({3}), gb({3});
+  fill_normal(w, 0, 1, 1);
+  fill_normal(b, 0, 1, 2);
+  optim::AdamOptions o;
+  o.amsgrad = true;
+  optim::Adam opt({{"w", w, g}, {"b", b, gb}}, o);
+  amp::GradScaler scaler;
+  for (int step = 0; step < 3; ++step) {  // build up state first
+    fill_normal(g, 0, 100, 10 + step);
+    fill_normal(gb, 0, 100, 20 + step);
+    ASSERT_TRUE(scaler.step(opt));
+    scaler.update();
+  }
+  auto snapshot = [&] {
+    std::vector<float> s;
+    for (std::size_t i = 0; i < opt.num_params(); ++i) {
+      s.insert(s.end(), opt.master(i).data(), opt.master(i).data() + opt.master(i).numel());
+      s.push_back(static_cast<float>(opt.step_count(i)));
+    }
+    for (std::int64_t e = 0; e < w.numel(); ++e) s.push_back(to_float(w.at(e)));
+    for (std::int64_t e = 0; e < b.numel(); ++e) s.push_back(to_float(b.at(e)));
+    return s;
+  };
+  const auto before = snapshot();
+  const float scale = scaler.scale();
+  for (const float bad : {INFINITY, -INFINITY, NAN}) {
+    fill_normal(g, 0, 100, 99);
+    gb.at(2) = from_float<bfloat16>(bad);
+    EXPECT_FALSE(scaler.step(opt));
+    EXPECT_TRUE(scaler.found_inf(opt));
+    EXPECT_EQ(scaler.nonfinite_params(opt), std::vector<std::string>{"b"});
+    scaler.update();
+    const auto after = snapshot();
+    ASSERT_EQ(std::memcmp(before.data(), after.data(), before.size() * sizeof(float)), 0);
+  }
+  EXPECT_EQ(scaler.scale(), scale / 8);
+  EXPECT_EQ(scaler.skipped_steps(), 3);
+  EXPECT_EQ(scaler.applied_steps(), 3);
+  EXPECT_EQ(opt.applied_steps(), 3);
+}
+
+TEST(GradScaler, CallOrderErrors) {
+  OneParam m;
+  m.set_grad(false, 1.0f);
+  amp::GradScaler scaler;
+  expect_error([&] { scaler.update(); }, {"update", "no unscale() or step()"});
+  expect_error([&] { scaler.clip_grad_norm(m.opt, 1.0); }, {"clip_grad_norm", "no unscale()"});
+  scaler.unscale(m.opt);
+  expect_error([&] { scaler.unscale(m.opt); }, {"unscale", "already called", "SGD"});
+  expect_error([&] { scaler.clip_grad_norm(m.opt, -1.0); }, {"max_norm = -1"});
+  EXPECT_TRUE(scaler.step(m.opt));
+  expect_error([&] { scaler.step(m.opt); }, {"step", "already called"});
+  expect_error([&] { scaler.unscale(m.opt); }, {"unscale", "after step()"});
+  scaler.update();
+  EXPECT_TRUE(scaler.step(m.opt));  // a new iteration starts clean
+  scaler.update();
+}
+
+TEST(GradScaler, UnscaleThenClipUsesTorchsFormula) {
+  Tensor<half> w({100}), g({100});
+  fill(w, 0.0f);
+  fill_normal(g, 0, 1000, 4);
+  optim::SGDOptions o;
+  o.lr = 1.0;
+  optim::SGD opt({{"w", w, g}}, o);
+  amp::GradScalerOptions so;
+  so.init_scale = 1024;
+  amp::GradScaler scaler(so);
+  scaler.unscale(opt);
+  double norm = 0;
+  for (std::int64_t e = 0; e < g.numel(); ++e) norm += std::pow(to_float(g.at(e)) / 1024.0, 2);
+  norm = std::sqrt(norm);
+  EXPECT_NEAR(scaler.grad_norm(opt), norm, 1e-6 * norm);
+  EXPECT_NEAR(scaler.clip_grad_norm(opt, 0.25), norm, 1e-6 * norm);
+  ASSERT_TRUE(scaler.step(opt));
+  // With lr 1 from zero weights, -master is the clipped gradient: its norm is
+  // max_norm (up to the 1e-6 in torch's denominator).
+  double clipped = 0;
+  for (std::int64_t e = 0; e < 100; ++e) clipped += std::pow(opt.master(0).at(e), 2);
+  EXPECT_NEAR(std::sqrt(clipped), 0.25, 1e-6);
+}
+
+TEST(GradScaler, OptionsRejected) {
+  auto make = [](auto tweak) {
+    amp::GradScalerOptions o;
+    tweak(o);
+    amp::GradScaler s(o);
+  };
+  expect_error([&] { make([](auto& o) { o.growth_factor = 1.0; }); }, {"growth_factor = 1", "> 1"});
+  expect_error([&] { make([](auto& o) { o.backoff_factor = 1.0; }); }, {"backoff_factor = 1", "(0, 1)"});
+  expect_error([&] { make([](auto& o) { o.backoff_factor = 0.0; }); }, {"backoff_factor = 0"});
+  expect_error([&] { make([](auto& o) { o.init_scale = 0.0; }); }, {"init_scale = 0"});
+  expect_error([&] { make([](auto& o) { o.init_scale = INFINITY; }); }, {"init_scale = inf"});
+  expect_error([&] { make([](auto& o) { o.init_scale = NAN; }); }, {"init_scale = nan"});
+  expect_error([&] { make([](auto& o) { o.growth_interval = 0; }); }, {"growth_interval = 0"});
+  expect_error([&] { make([](auto& o) { o.hysteresis = 0; }); }, {"hysteresis = 0"});
+  expect_error([&] { make([](auto& o) { o.min_scale = 0.0; }); }, {"min_scale = 0"});
+  expect_error([&] {
+    make([](auto& o) {
+      o.min_scale = 8;
+      o.max_scale = 4;
+    });
+  }, {"max_scale = 4", "min_scale = 8"});
+  expect_error([&] { make([](auto& o) { o.max_scale = 1024; }); }, {"init_scale = 65536", "[min_scale, max_scale]"});
+}
+
+TEST(GradScaler, ModesAndDtypeDefaults) {
+  EXPECT_EQ(amp::GradScalerOptions::for_dtype(DType::float16).mode, amp::ScalingMode::dynamic);
+  EXPECT_EQ(amp::GradScalerOptions::for_dtype(DType::bfloat16).mode, amp::ScalingMode::disabled);
+  EXPECT_EQ(amp::GradScalerOptions::for_dtype(DType::float32).mode, amp::ScalingMode::disabled);
+  for (const auto mode : {amp::ScalingMode::static_scale, amp::ScalingMode::disabled}) {
+    amp::GradScalerOptions o;
+    o.mode = mode;
+    o.growth_interval = 1;
+    amp::GradScaler scaler(o);
+    const float s0 = mode == amp::ScalingMode::disabled ? 1.0f : 65536.0f;
+    OneParam m;
+    for (int step = 0; step < 6; ++step) {
+      EXPECT_EQ(scaler.scale(), s0);
+      m.set_grad(step % 3 == 2, 1.0f);
+      EXPECT_EQ(scaler.step(m.opt), step % 3 != 2);  // non-finite steps are still skipped
+      scaler.update();
+    }
+    EXPECT_EQ(scaler.skipped_steps(), 2);
+    EXPECT_EQ(scaler.applied_steps(), 4);
+  }
+}
+
+TEST(GradScaler, ErrorAtMinScaleRaisedOnce) {
+  amp::GradScalerOptions o;
+  o.init_scale = 16;
+  o.min_scale = 2;
+  o.error_at_min_scale = true;
+  amp::GradScaler scaler(o);
+  OneParam m;
+  int errors = 0;
+  for (int step = 0; step < 10; ++step) {
+    m.set_grad(true, 1.0f);
+    scaler.step(m.opt);
+    try {
+      scaler.update();
+    } catch (const Error& e) {
+      ++errors;
+      EXPECT_NE(std::string(e.what()).find("min_scale = 2"), std::string::npos) << e.what();
+    }
+    EXPECT_GE(scaler.scale(), 2.0f);
+  }
+  EXPECT_EQ(errors, 1);
+  EXPECT_EQ(scaler.scale(), 2.0f);
+  EXPECT_EQ(scaler.skipped_steps(), 10);
+}
+
+// The policy, restated from its documentation, as an independent model.
+struct PolicyModel {
+  double growth, backoff, min_scale, max_scale;
+  int interval, hysteresis;
+  float scale;
+  int tracker = 0, bad_run = 0;
+  void update(bool inf) {
+    if (inf) {
+      tracker = 0;
+      if (++bad_run == hysteresis) {
+        bad_run = 0;
+        scale = std::max(static_cast<float>(scale * backoff), static_cast<float>(min_scale));
+      }
+    } else {
+      bad_run = 0;
+      if (++tracker == interval) {
+        tracker = 0;
+        const float grown = std::min(static_cast<float>(scale * growth), static_cast<float>(max_scale));
+        if (std::isfinite(grown)) scale = grown;
+      }
+    }
+  }
+};
+
+TEST(GradScalerProperty, RandomPoliciesStayInRangeAndFollowTheModel) {
+  std::mt19937 rng(2026);
+  for (int trial = 0; trial < 200; ++trial) {
+    amp::GradScalerOptions o;
+    o.growth_factor = std::uniform_real_distribution<double>(1.01, 1e6)(rng);
+    o.backoff_factor = std::uniform_real_distribution<double>(1e-4, 0.999)(rng);
+    o.growth_interval = std::uniform_int_distribution<int>(1, 5)(rng);
+    o.hysteresis = std::uniform_int_distribution<int>(1, 4)(rng);
+    o.min_scale = trial % 2 ? std::ldexp(1.0, std::uniform_int_distribution<int>(-126, 0)(rng))
+                            : std::numeric_limits<float>::min();
+    o.max_scale = trial % 3 ? std::ldexp(1.0, std::uniform_int_distribution<int>(16, 127)(rng)) : INFINITY;
+    o.init_scale = std::min(std::max(65536.0, o.min_scale), o.max_scale);
+    amp::GradScaler scaler(o);
+    PolicyModel model{o.growth_factor, o.backoff_factor, o.min_scale, o.max_scale,
+                      static_cast<int>(o.growth_interval), static_cast<int>(o.hysteresis),
+                      static_cast<float>(o.init_scale)};
+    OneParam m;
+    const double p_inf = std::uniform_real_distribution<double>(0.0, 1.0)(rng);
+    int consecutive = 0, backoffs = 0, expected_backoffs = 0;
+    for (int step = 0; step < 400; ++step) {
+      const bool inf = std::bernoulli_distribution(p_inf)(rng);
+      const float before = scaler.scale();
+      m.set_grad(inf, 1.0f);
+      EXPECT_EQ(scaler.step(m.opt), !inf);
+      scaler.update();
+      model.update(inf);
+      const float s = scaler.scale();
+      ASSERT_EQ(s, model.scale) << "trial " << trial << " step " << step;
+      ASSERT_TRUE(std::isfinite(s) && s > 0) << s;
+      ASSERT_GE(s, static_cast<float>(o.min_scale));
+      ASSERT_LE(s, static_cast<float>(o.max_scale));
+      // Hysteresis: the scale drops only on every hysteresis-th consecutive inf.
+      consecutive = inf ? consecutive + 1 : 0;
+      if (inf && consecutive % o.hysteresis == 0) ++expected_backoffs;
+      backoffs += s < before;
+      ASSERT_LE(backoffs, expected_backoffs);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace mixprec
