@@ -14,6 +14,7 @@
 #include "mixprec/core/config.hpp"
 #include "mixprec/core/simd.hpp"
 
+MIXPREC_PSABI_PUSH
 namespace mixprec::optim {
 
 /// torch.lerp with a scalar weight: PyTorch switches form at 0.5 to keep the
@@ -112,3 +113,4 @@ MIXPREC_HOST_DEVICE inline void rmsprop_update(V& param, V& square_avg, V& grad_
 }
 
 }  // namespace mixprec::optim
+MIXPREC_PSABI_POP

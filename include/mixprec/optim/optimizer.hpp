@@ -113,7 +113,13 @@ class Optimizer {
       const std::int64_t n = s.param.grad.numel();
       double sum = 0;
       float nonfinite = 0;
-      for (std::int64_t off = 0; off < n; off += kChunk) {
+      std::int64_t done = 0;
+#if MIXPREC_HOST_SIMD
+      if (detail::cpu_has_avx2_f16c()) {
+        s.param.grad.visit([&](auto grad) { done = check_avx2(grad.data(), n, sum, nonfinite); });
+      }
+#endif
+      for (std::int64_t off = done; off < n; off += kChunk) {
         const std::int64_t m = std::min<std::int64_t>(kChunk, n - off);
         load_float(s.param.grad, off, m, g);
         const auto [chunk_sum, chunk_flag] = sum_squares_and_flag(g, m);
@@ -206,7 +212,7 @@ class Optimizer {
   /// Called when set_lr changes a group's base lr, so options stay in sync.
   virtual void on_lr_changed(std::size_t group, double lr) = 0;
   /// Updates master and state of parameter i (its step count already
-  /// incremented). Implementations call update_chunks.
+  /// incremented). Implementations call update_elements.
   virtual void update_param(std::size_t i, const GradTransform& t) = 0;
 
   /// True once state tensor k of parameter i exists.
@@ -226,16 +232,34 @@ class Optimizer {
     return s.state[k].data();
   }
 
-  /// Runs fn(offset, count, grad) over parameter i in L1-sized chunks, with
-  /// grad the transformed fp32 gradient of those elements; fn updates the
-  /// master (and state) of those elements, and the chunk's master values are
-  /// then rounded into the model weight while still in cache.
-  template <class Fn>
-  void update_chunks(std::size_t i, const GradTransform& t, Fn&& fn) {
+  /// One applied step of parameter i: for every element, the stored
+  /// gradient is widened to fp32 and transformed by t, `formula` updates the
+  /// fp32 arrays (arrays[0] is the master, the rest optimizer state) in
+  /// place, and the new master is rounded into the model weight.
+  ///
+  /// Two paths with identical bits (the same IEEE operations in the same
+  /// order, no FMA): on x86-64 CPUs with AVX2 and F16C, one fused pass over
+  /// 8 elements at a time, compiled for AVX2 through a target attribute and
+  /// chosen at run time; elsewhere (and for the tail), L1-sized chunks:
+  /// widen the gradients, transform, apply the formula on 4-lane vectors and
+  /// scalars, round the chunk's masters into the weight.
+  template <std::size_t N, class Formula>
+  void update_elements(std::size_t i, const GradTransform& t, float* const (&arrays)[N],
+                       Formula&& formula) {
     Slot& s = slots_[i];
     const std::int64_t n = s.master.numel();
+    std::int64_t done = 0;
+#if MIXPREC_HOST_SIMD
+    if (detail::cpu_has_avx2_f16c()) {
+      s.param.grad.visit([&](auto grad) {
+        s.param.weight.visit([&](auto weight) {
+          done = fused_avx2<N>(n, grad.data(), weight.data(), arrays, t, formula);
+        });
+      });
+    }
+#endif
     float g[kChunk];
-    for (std::int64_t off = 0; off < n; off += kChunk) {
+    for (std::int64_t off = done; off < n; off += kChunk) {
       const std::int64_t m = std::min<std::int64_t>(kChunk, n - off);
       load_float(s.param.grad, off, m, g);
       if (t.inv_scale != 1.0f) {
@@ -244,39 +268,145 @@ class Optimizer {
       if (t.clip_coef != 1.0f) {
         for (std::int64_t k = 0; k < m; ++k) g[k] *= t.clip_coef;
       }
-      fn(off, m, g);
+      float* chunk[N];
+      for (std::size_t a = 0; a < N; ++a) chunk[a] = arrays[a] + off;
+      std::int64_t k = 0;
+#if MIXPREC_HAS_VECTOR_EXT
+      k = formula_lanes<simd::f32x4, N>(m, chunk, g, formula);
+#endif
+      for (; k < m; ++k) {
+        float v[N];
+        for (std::size_t a = 0; a < N; ++a) v[a] = chunk[a][k];
+        call_formula(formula, v, g[k], std::make_index_sequence<N>{});
+        for (std::size_t a = 0; a < N; ++a) chunk[a][k] = v[a];
+      }
       s.param.weight.visit([&](auto w) {
         convert_n(s.master.data() + off, static_cast<std::size_t>(m), w.data() + off);
       });
     }
   }
 
-  /// Applies a per-element formula over count elements: f32x4 lanes, then
-  /// scalar float for the tail. `arrays` are the fp32 arrays the formula
-  /// updates in place (master, state...), `grad` is read only.
-  template <std::size_t N, class Formula>
-  static void apply_formula(std::int64_t count, float* const (&arrays)[N], const float* grad,
-                            Formula&& formula) {
-    std::int64_t k = 0;
-#if MIXPREC_HAS_VECTOR_EXT
-    for (; k + simd::lanes <= count; k += simd::lanes) {
-      simd::f32x4 v[N];
-      for (std::size_t a = 0; a < N; ++a) v[a] = simd::load(arrays[a] + k);
-      call_formula(formula, v, simd::load(grad + k), std::make_index_sequence<N>{});
-      for (std::size_t a = 0; a < N; ++a) simd::store(arrays[a] + k, v[a]);
-    }
-#endif
-    for (; k < count; ++k) {
-      float v[N];
-      for (std::size_t a = 0; a < N; ++a) v[a] = arrays[a][k];
-      call_formula(formula, v, grad[k], std::make_index_sequence<N>{});
-      for (std::size_t a = 0; a < N; ++a) arrays[a][k] = v[a];
-    }
-  }
-
   std::vector<Slot> slots_;
 
  private:
+#if MIXPREC_HAS_VECTOR_EXT
+  MIXPREC_PSABI_PUSH
+  // The 4-lane loop of the chunked path; returns how many elements it did.
+  template <class V, std::size_t N, class Formula>
+  static std::int64_t formula_lanes(std::int64_t count, float* const (&arrays)[N], const float* grad,
+                                    Formula& formula) {
+    constexpr std::int64_t lanes = sizeof(V) / sizeof(float);
+    Formula f = formula;  // a local copy stays in registers (see fused_avx2)
+    float* out[N];
+    for (std::size_t a = 0; a < N; ++a) out[a] = arrays[a];
+    std::int64_t k = 0;
+    for (; k + lanes <= count; k += lanes) {
+      V v[N];
+      for (std::size_t a = 0; a < N; ++a) v[a] = simd::load<V>(out[a] + k);
+      call_formula(f, v, simd::load<V>(grad + k), std::make_index_sequence<N>{});
+      for (std::size_t a = 0; a < N; ++a) simd::store(out[a] + k, v[a]);
+    }
+    return k;
+  }
+#if MIXPREC_HOST_SIMD
+#define MIXPREC_TARGET_AVX2 __attribute__((target("avx2,f16c")))
+  // 8 stored gradients widened to fp32, with the bits of convert_n.
+  MIXPREC_TARGET_AVX2 static simd::f32x8 load8(const float* p) { return simd::load<simd::f32x8>(p); }
+  MIXPREC_TARGET_AVX2 static simd::f32x8 load8(const half* p) {
+    const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    // A half NaN widens to the canonical float NaN, as everywhere in mixprec.
+    const __m256 r = _mm256_blendv_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)),
+                                      _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    simd::f32x8 v;
+    std::memcpy(&v, &r, sizeof v);
+    return v;
+  }
+  MIXPREC_TARGET_AVX2 static simd::f32x8 load8(const bfloat16* p) {
+    const __m256i b = _mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+    simd::f32x8 v;
+    std::memcpy(&v, &b, sizeof v);
+    return v;
+  }
+  // 8 masters rounded into the model weight (convert_n's bits).
+  MIXPREC_TARGET_AVX2 static void store8(float* p, simd::f32x8 v) { simd::store(p, v); }
+  MIXPREC_TARGET_AVX2 static void store8(half* p, simd::f32x8 v) {
+    float tmp[8];
+    simd::store(tmp, v);
+    detail::simd_convert(tmp, 8, p);
+  }
+  MIXPREC_TARGET_AVX2 static void store8(bfloat16* p, simd::f32x8 v) {
+    float tmp[16];
+    simd::store(tmp, v);
+    simd::store(tmp + 8, v);
+    bfloat16 out[16];
+    detail::simd_convert(tmp, 16, out);
+    std::memcpy(p, out, 8 * sizeof(bfloat16));
+  }
+
+  // The fused pass: every call inside is inlined (flatten) and compiled for
+  // AVX2 + F16C, without FMA, so nothing is contracted. Returns how many
+  // elements it did (a multiple of 8).
+  template <std::size_t N, class G, class W, class Formula>
+  MIXPREC_TARGET_AVX2 __attribute__((flatten)) static std::int64_t fused_avx2(
+      std::int64_t n, const G* grad, W* weight, float* const (&arrays)[N], const GradTransform& t,
+      Formula& formula) {
+    // Local copies: the compiler cannot tell that stores through the float
+    // arrays leave the caller's coefficients, pointers and factors alone, and
+    // would reload them (and re-test the options) on every iteration.
+    Formula f = formula;
+    float* out[N];
+    for (std::size_t a = 0; a < N; ++a) out[a] = arrays[a];
+    const float inv_scale = t.inv_scale, clip_coef = t.clip_coef;
+    const bool unscale = inv_scale != 1.0f, clip = clip_coef != 1.0f;
+    std::int64_t k = 0;
+    for (; k + 8 <= n; k += 8) {
+      simd::f32x8 g = load8(grad + k);
+      if (unscale) g = g * inv_scale;
+      if (clip) g = g * clip_coef;
+      simd::f32x8 v[N];
+      for (std::size_t a = 0; a < N; ++a) v[a] = simd::load<simd::f32x8>(out[a] + k);
+      call_formula(f, v, g, std::make_index_sequence<N>{});
+      for (std::size_t a = 0; a < N; ++a) simd::store(out[a] + k, v[a]);
+      store8(weight + k, v[0]);
+    }
+    return k;
+  }
+
+  // Pass 1 over one gradient: sum of squares (float within 1024-element
+  // blocks, double across them) and the NaN-propagating flag.
+  template <class G>
+  MIXPREC_TARGET_AVX2 __attribute__((flatten)) static std::int64_t check_avx2(
+      const G* grad, std::int64_t n, double& sum, float& flag) {
+    std::int64_t k = 0;
+    const simd::f32x8 zero = {0, 0, 0, 0, 0, 0, 0, 0};
+    simd::f32x8 f0 = zero, f1 = zero;
+    for (; k + kChunk <= n; k += kChunk) {
+      simd::f32x8 s0 = zero, s1 = zero, s2 = zero, s3 = zero;
+      for (std::int64_t e = k; e < k + kChunk; e += 32) {
+        const simd::f32x8 a = load8(grad + e), b = load8(grad + e + 8), c = load8(grad + e + 16),
+                          d = load8(grad + e + 24);
+        s0 += a * a;
+        s1 += b * b;
+        s2 += c * c;
+        s3 += d * d;
+        f0 += (a - a) + (b - b);
+        f1 += (c - c) + (d - d);
+      }
+      const simd::f32x8 st = (s0 + s1) + (s2 + s3);
+      float part = 0;
+      for (int l = 0; l < 8; ++l) part += st[l];
+      sum += part;
+    }
+    const simd::f32x8 ft = f0 + f1;
+    for (int l = 0; l < 8; ++l) flag += ft[l];
+    return k;
+  }
+#undef MIXPREC_TARGET_AVX2
+#endif
+  MIXPREC_PSABI_POP
+#endif
+
   template <class Formula, class V, std::size_t... I>
   static void call_formula(Formula& formula, V (&v)[sizeof...(I)], V grad,
                            std::index_sequence<I...>) {

@@ -35,8 +35,6 @@ namespace detail {
 /// State per parameter: exp_avg, exp_avg_sq, and max_exp_avg_sq with amsgrad.
 template <bool Decoupled, class Options>
 class AdamImpl : public OptimizerBase<AdamImpl<Decoupled, Options>, Options> {
-  using Base = OptimizerBase<AdamImpl<Decoupled, Options>, Options>;
-
  public:
   explicit AdamImpl(std::vector<Param> params, const Options& options = {}) {
     this->add_param_group(std::move(params), options);
@@ -73,21 +71,17 @@ class AdamImpl : public OptimizerBase<AdamImpl<Decoupled, Options>, Options> {
     float* exp_avg = this->state(i, 0);
     float* exp_avg_sq = this->state(i, 1);
     if (!c.amsgrad) {
-      this->update_chunks(i, t, [&](std::int64_t off, std::int64_t m, const float* g) {
-        Base::template apply_formula<3>(m, {master + off, exp_avg + off, exp_avg_sq + off}, g,
-                                        [&](auto& p, auto& m1, auto& m2, auto grad) {
+      this->template update_elements<3>(i, t, {master, exp_avg, exp_avg_sq},
+                                        [c](auto& p, auto& m1, auto& m2, auto grad) {
                                           auto unused = m2;
                                           adam_update(p, m1, m2, unused, grad, c);
                                         });
-      });
       return;
     }
     float* max_exp_avg_sq = this->state(i, 2);
-    this->update_chunks(i, t, [&](std::int64_t off, std::int64_t m, const float* g) {
-      Base::template apply_formula<4>(
-          m, {master + off, exp_avg + off, exp_avg_sq + off, max_exp_avg_sq + off}, g,
-          [&](auto& p, auto& m1, auto& m2, auto& mx, auto grad) { adam_update(p, m1, m2, mx, grad, c); });
-    });
+    this->template update_elements<4>(
+        i, t, {master, exp_avg, exp_avg_sq, max_exp_avg_sq},
+        [c](auto& p, auto& m1, auto& m2, auto& mx, auto grad) { adam_update(p, m1, m2, mx, grad, c); });
   }
 };
 

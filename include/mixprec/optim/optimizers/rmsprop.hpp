@@ -58,32 +58,30 @@ class RMSprop : public OptimizerBase<RMSprop, RMSpropOptions> {
     // never read when the option is off.
     float* grad_avg = c.centered ? state(i, 1) : nullptr;
     float* buf = c.momentum > 0.0f ? state(i, 2) : nullptr;
-    update_chunks(i, t, [&](std::int64_t off, std::int64_t m, const float* g) {
-      if (grad_avg && buf) {
-        apply_formula<4>(m, {master + off, square_avg + off, grad_avg + off, buf + off}, g,
-                         [&](auto& p, auto& sq, auto& ga, auto& b, auto grad) {
+    if (grad_avg && buf) {
+      update_elements<4>(i, t, {master, square_avg, grad_avg, buf},
+                         [c](auto& p, auto& sq, auto& ga, auto& b, auto grad) {
                            rmsprop_update(p, sq, ga, b, grad, c);
                          });
-      } else if (grad_avg) {
-        apply_formula<3>(m, {master + off, square_avg + off, grad_avg + off}, g,
-                         [&](auto& p, auto& sq, auto& ga, auto grad) {
+    } else if (grad_avg) {
+      update_elements<3>(i, t, {master, square_avg, grad_avg},
+                         [c](auto& p, auto& sq, auto& ga, auto grad) {
                            auto unused = p;
                            rmsprop_update(p, sq, ga, unused, grad, c);
                          });
-      } else if (buf) {
-        apply_formula<3>(m, {master + off, square_avg + off, buf + off}, g,
-                         [&](auto& p, auto& sq, auto& b, auto grad) {
+    } else if (buf) {
+      update_elements<3>(i, t, {master, square_avg, buf},
+                         [c](auto& p, auto& sq, auto& b, auto grad) {
                            auto unused = p;
                            rmsprop_update(p, sq, unused, b, grad, c);
                          });
-      } else {
-        apply_formula<2>(m, {master + off, square_avg + off}, g, [&](auto& p, auto& sq, auto grad) {
-          auto unused = p;
-          auto unused2 = p;
-          rmsprop_update(p, sq, unused, unused2, grad, c);
-        });
-      }
-    });
+    } else {
+      update_elements<2>(i, t, {master, square_avg}, [c](auto& p, auto& sq, auto grad) {
+        auto unused = p;
+        auto unused2 = p;
+        rmsprop_update(p, sq, unused, unused2, grad, c);
+      });
+    }
   }
 };
 

@@ -53,20 +53,16 @@ class SGD : public OptimizerBase<SGD, SGDOptions> {
     c.nesterov = o.nesterov;
     float* master = slots_[i].master.data();
     if (c.momentum == 0.0f) {
-      update_chunks(i, t, [&](std::int64_t off, std::int64_t m, const float* g) {
-        apply_formula<1>(m, {master + off}, g, [&](auto& p, auto grad) {
-          auto unused = p;
-          sgd_update(p, unused, grad, c);
-        });
+      update_elements<1>(i, t, {master}, [c](auto& p, auto grad) {
+        auto unused = p;
+        sgd_update(p, unused, grad, c);
       });
       return;
     }
     c.first_step = !has_state(i, 0);
     float* buf = state(i, 0);
-    update_chunks(i, t, [&](std::int64_t off, std::int64_t m, const float* g) {
-      apply_formula<2>(m, {master + off, buf + off}, g,
-                       [&](auto& p, auto& b, auto grad) { sgd_update(p, b, grad, c); });
-    });
+    update_elements<2>(i, t, {master, buf},
+                       [c](auto& p, auto& b, auto grad) { sgd_update(p, b, grad, c); });
   }
 };
 
