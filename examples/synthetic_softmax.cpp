@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 // The default example until the Fashion-MNIST trainers land: softmax
-// regression on synthetic Gaussian clusters, with the model weights in fp16,
-// fp32 master weights, and a static loss scale, written out by hand so every
-// step of mixed-precision training is visible.
+// regression on synthetic Gaussian clusters, trained the way a user with
+// their own forward and backward code trains with mixprec: fp16 weights and
+// gradients in the user's buffers, an AdamW with fp32 masters, and a dynamic
+// GradScaler.
 //
 //   synthetic_softmax [--epochs N] [--seed S]
 #include <mixprec/mixprec.hpp>
@@ -74,21 +75,20 @@ int main(int argc, char** argv) {
   make_data(kTrain, seed + 1, centres, x_train, y_train);
   make_data(kTest, seed + 2, centres, x_test, y_test);
 
-  // The model's weights live in fp16 (what a GPU forward pass would read);
-  // the optimizer updates an fp32 master copy and rounds it back each step.
+  // The user's buffers: fp16 weights the forward pass reads and the fp16
+  // gradient the backward pass writes. mixprec views them, never copies.
   mixprec::Tensor<half> weights({kClasses, kFeatures});
   mixprec::fill_normal(weights, 0.0f, 0.01f, seed + 3);
-  mixprec::Tensor<float> master({kClasses, kFeatures});
-  mixprec::convert(weights, master);
-  mixprec::Tensor<half> grad({kClasses, kFeatures});  // fp16 gradient, as a backward pass writes it
-  mixprec::Tensor<float> grad32({kClasses, kFeatures});
+  mixprec::Tensor<half> grad({kClasses, kFeatures});
   mixprec::Tensor<float> model32({kClasses, kFeatures});  // fp16 weights widened for the matmul
 
-  const float lr = 0.5f;
-  const float loss_scale = 1024.0f;  // static: the GradScaler issue makes this dynamic
+  mixprec::optim::AdamWOptions options;
+  options.lr = 0.02;
+  mixprec::optim::AdamW optimizer({{"weight", weights, grad}}, options);  // fp32 master + moments
+  mixprec::amp::GradScaler scaler;  // dynamic: starts at 2^16, halves on overflow, grows
 
-  std::printf("softmax regression, %d classes x %d features, fp16 weights + fp32 master, "
-              "loss scale %.0f\n", kClasses, kFeatures, loss_scale);
+  std::printf("softmax regression, %d classes x %d features, fp16 weights, AdamW with fp32 "
+              "masters, dynamic loss scale\n", kClasses, kFeatures);
   double first_loss = 0, last_loss = 0, accuracy = 0;
   Matrix w32;
   for (int epoch = 0; epoch <= epochs; ++epoch) {
@@ -96,8 +96,9 @@ int main(int argc, char** argv) {
     w32 = model32.matrix();
     const auto [train_loss, train_acc] = evaluate(x_train * w32.transpose(), y_train);
     const auto [test_loss, test_acc] = evaluate(x_test * w32.transpose(), y_test);
-    std::printf("epoch %2d  train loss %.4f  train acc %.3f  test acc %.3f\n", epoch, train_loss,
-                train_acc, test_acc);
+    std::printf("epoch %2d  train loss %.4f  train acc %.3f  test acc %.3f  scale %g  skipped %lld\n",
+                epoch, train_loss, train_acc, test_acc, static_cast<double>(scaler.scale()),
+                static_cast<long long>(scaler.skipped_steps()));
     if (epoch == 0) first_loss = train_loss;
     last_loss = train_loss;
     accuracy = test_acc;
@@ -115,17 +116,16 @@ int main(int argc, char** argv) {
         probs.row(i) /= probs.row(i).sum();
         probs(i, y_train[begin + i]) -= 1.0f;  // d(loss)/d(logits) for cross-entropy
       }
-      // Backward: the scaled gradient is rounded to fp16, as a GPU kernel
-      // would store it; small entries that fp16 would flush survive because
-      // of the scale.
-      const Matrix g = (loss_scale / kBatch) * probs.transpose() * xb;
+      // Backward from the scaled loss: the gradient is stored in fp16, as a
+      // GPU kernel would store it. Small entries that fp16 would flush to
+      // zero survive because of the scale; if entries overflow, the scaler
+      // skips the step and backs off.
+      const Matrix g = (scaler.scale() / kBatch) * probs.transpose() * xb;
       mixprec::convert(mixprec::TensorView<const float>(g.data(), {kClasses, kFeatures}), grad);
-      // Optimizer: unscale in fp32, skip the step if anything overflowed,
-      // update the fp32 master, round it into the fp16 model weights.
-      mixprec::convert(grad, grad32);
-      if (!grad32.flat().isFinite().all()) continue;
-      master.flat() -= (lr / loss_scale) * grad32.flat();
-      mixprec::convert(master, weights);
+      // Check for inf/NaN, unscale inside the update, update the fp32 master
+      // and moments, round the master into the fp16 weights; or skip it all.
+      scaler.step(optimizer);
+      scaler.update();
     }
   }
   std::printf("train loss %.4f -> %.4f, test accuracy %.3f\n", first_loss, last_loss, accuracy);
