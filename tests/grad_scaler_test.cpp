@@ -146,6 +146,38 @@ TEST(GradScaler, CallOrderErrors) {
   scaler.update();
 }
 
+TEST(GradScaler, BadCallsChangeNothing) {
+  OneParam m;
+  m.set_grad(false, 1.0f);
+  amp::GradScaler scaler;
+  expect_error([&] { scaler.step(m.opt, -1.0); }, {"max_norm = -1"});
+  EXPECT_NO_THROW(scaler.unscale(m.opt));  // the failed step did not unscale
+  // Parameters added after unscale() were never checked: step refuses them.
+  Tensor<float> x({3}), gx({3});
+  fill(gx, NAN);
+  m.opt.add_param_group({{"x", x, gx}}, {});
+  expect_error([&] { scaler.step(m.opt); }, {"step", "2 parameters, 1 when unscale()"});
+  scaler.update();
+  EXPECT_FALSE(scaler.step(m.opt));  // the next iteration checks both
+  scaler.update();
+  amp::GradScalerOptions o;
+  o.init_scale = 1e39;
+  expect_error([&] { amp::GradScaler s(o); }, {"init_scale = 1e+39"});
+}
+
+TEST(GradScaler, RecordsFollowTheOptimizerNotItsAddress) {
+  amp::GradScaler scaler;
+  Tensor<float> w({4}), g({4});
+  fill(g, 1.0f);
+  auto a = std::make_unique<optim::SGD>(std::vector<optim::Param>{{"w", w, g}});
+  scaler.unscale(*a);
+  a.reset();
+  auto b = std::make_unique<optim::SGD>(std::vector<optim::Param>{{"w", w, g}});  // maybe the same address
+  EXPECT_NO_THROW(scaler.unscale(*b));
+  EXPECT_TRUE(scaler.step(*b));
+  scaler.update();
+}
+
 TEST(GradScaler, UnscaleThenClipUsesTorchsFormula) {
   Tensor<half> w({100}), g({100});
   fill(w, 0.0f);

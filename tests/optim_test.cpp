@@ -242,6 +242,65 @@ void check_paths_agree() {
   }
 }
 
+// The check pass sums squares in one documented order on every path (see
+// Optimizer::sum_block); restated here independently, for 2 full blocks of
+// 1024 and a tail. Run in this binary (AVX2 where the CPU has it) and in
+// optim_portable_test (SIMD compiled out): both must give these bits.
+TEST(Optimizer, CheckPassSumsInTheDocumentedOrder) {
+  Tensor<float> w({2 * 1024 + 77}), g({2 * 1024 + 77});
+  fill(w, 0.0f);
+  fill_normal(g, 0, 3, 21);
+  optim::SGD opt({{"w", w, g}});
+  double want = 0;
+  for (int block = 0; block < 2; ++block) {
+    float p[32] = {};
+    for (int j = 0; j < 1024; ++j) {
+      const float x = g.at(block * 1024 + j);
+      p[j % 32] += x * x;
+    }
+    float part = 0;
+    for (int l = 0; l < 8; ++l) part += (p[l] + p[8 + l]) + (p[16 + l] + p[24 + l]);
+    want += part;
+  }
+  float tail = 0;
+  for (int j = 2048; j < 2048 + 77; ++j) tail += g.at(j) * g.at(j);
+  want += tail;
+  const optim::GradStats stats = opt.check_grads();
+  EXPECT_EQ(stats.sum_squares[0], want);
+  EXPECT_FALSE(stats.nonfinite[0]);
+  g.at(1500) = INFINITY;
+  EXPECT_TRUE(opt.check_grads().nonfinite[0]);
+}
+
+TEST(OptimizerArguments, ReadOnlyAndOverlappingBuffersRejected) {
+  Tensor<float> a({8}), ga({8}), b({8}), gb({8});
+  expect_error([&] { optim::SGD opt({{"a", TensorView<const float>(a.view()), ga}}); },
+               {"SGD", "\"a\"", "read-only"});
+  expect_error([&] {
+    optim::SGD opt({{"a", a, ga}, {"b", TensorView<float>(a.data() + 4, {4}), TensorView<float>(gb.data(), {4})}});
+  }, {"\"a\"", "\"b\"", "share memory"});
+  expect_error([&] { optim::SGD opt({{"a", a, TensorView<float>(a.data(), {8})}}); },
+               {"weight of \"a\"", "gradient of \"a\""});
+  optim::SGD opt({{"a", a, ga}});
+  // A new gradient that is an existing weight's memory is refused whole.
+  expect_error([&] { opt.add_param_group({{"b", b, TensorView<float>(a.data(), {8})}}, {}); },
+               {"weight of \"a\"", "gradient of \"b\""});
+  EXPECT_EQ(opt.num_params(), 1u);
+  EXPECT_NO_THROW(opt.add_param_group({{"b", b, gb}}, {}));
+}
+
+TEST(Schedule, FieldByFieldSchedulesAreValidated) {
+  Tensor<float> w({4}), g({4});
+  optim::SGD opt({{"w", w, g}});
+  optim::LRSchedule s = optim::LRSchedule::cosine(10);
+  s.steps = 0;
+  expect_error([&] { opt.set_schedule(s); }, {"steps = 0"});
+  s = optim::LRSchedule::step_decay(3);
+  s.gamma = -1;
+  expect_error([&] { opt.set_schedule(s); }, {"gamma = -1"});
+  EXPECT_EQ(opt.schedule().kind, optim::LRSchedule::Kind::constant);
+}
+
 TEST(Optimizer, VectorAndScalarPathsGiveTheSameBits) {
   check_paths_agree<half>();
   check_paths_agree<bfloat16>();

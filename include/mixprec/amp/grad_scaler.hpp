@@ -81,8 +81,9 @@ class GradScaler {
   }
 
   static void validate(const GradScalerOptions& o) {
-    MIXPREC_CHECK(std::isfinite(o.init_scale) && o.init_scale > 0.0, "GradScaler: init_scale = ",
-                  o.init_scale, ", must be finite and > 0");
+    MIXPREC_CHECK(std::isfinite(o.init_scale) && o.init_scale > 0.0 &&
+                      o.init_scale <= std::numeric_limits<float>::max(),
+                  "GradScaler: init_scale = ", o.init_scale, ", must be finite in float and > 0");
     MIXPREC_CHECK(std::isfinite(o.growth_factor) && o.growth_factor > 1.0,
                   "GradScaler: growth_factor = ", o.growth_factor, ", must be finite and > 1");
     MIXPREC_CHECK(o.backoff_factor > 0.0 && o.backoff_factor < 1.0, "GradScaler: backoff_factor = ",
@@ -126,6 +127,7 @@ class GradScaler {
     r.inv_scale = static_cast<float>(1.0 / static_cast<double>(state_.scale));
     r.stats = opt.check_grads();
     r.found_inf = r.stats.any_nonfinite();
+    r.num_params = opt.num_params();
     r.stage = Stage::unscaled;
   }
 
@@ -140,14 +142,16 @@ class GradScaler {
   /// unscale(): the update will multiply them by
   /// min(1, max_norm / (total_norm + 1e-6)). Returns total_norm.
   float clip_grad_norm(optim::Optimizer& opt, double max_norm) {
-    MIXPREC_CHECK(std::isfinite(max_norm) && max_norm > 0.0, "GradScaler::clip_grad_norm: max_norm = ",
-                  max_norm, ", must be finite and > 0");
+    check_max_norm(max_norm);
     checked_record(opt, "clip_grad_norm");
     Record& r = record(opt);
     MIXPREC_CHECK(r.stage == Stage::unscaled, "GradScaler::clip_grad_norm: step() already ran on this ",
                   opt.name(), " since the last update()");
+    require_same_params(opt, r, "clip_grad_norm");
     const float total = grad_norm(opt);
-    const float coef = static_cast<float>(max_norm) / (total + 1e-6f);  // float32 tensor math in torch
+    // torch: max_norm / (total_norm + 1e-6) on a float32 tensor, which
+    // Tensor.__rtruediv__ evaluates as reciprocal() * max_norm: two roundings.
+    const float coef = (1.0f / (total + 1e-6f)) * static_cast<float>(max_norm);
     r.clip_coef = coef < 1.0f ? coef : 1.0f;
     return total;
   }
@@ -161,6 +165,7 @@ class GradScaler {
                   " since the last update()");
     if (r.stage == Stage::ready) unscale(opt);
     Record& rr = record(opt);
+    require_same_params(opt, rr, "step");
     rr.stage = Stage::stepped;
     if (rr.found_inf) return false;
     opt.apply({rr.inv_scale, rr.clip_coef});
@@ -169,6 +174,7 @@ class GradScaler {
 
   /// unscale + clip_grad_norm(max_norm) + step, for the common case.
   bool step(optim::Optimizer& opt, double max_norm) {
+    check_max_norm(max_norm);  // before unscale() changes anything
     if (record(opt).stage == Stage::ready) unscale(opt);
     clip_grad_norm(opt, max_norm);
     return step(opt);
@@ -214,7 +220,8 @@ class GradScaler {
  private:
   enum class Stage { ready, unscaled, stepped };
   struct Record {
-    const optim::Optimizer* opt = nullptr;
+    std::uint64_t opt = 0;  // Optimizer::id(): never reused, unlike an address
+    std::size_t num_params = 0;
     Stage stage = Stage::ready;
     optim::GradStats stats;
     float inv_scale = 1.0f;
@@ -222,17 +229,27 @@ class GradScaler {
     bool found_inf = false;
   };
 
+  static void check_max_norm(double max_norm) {
+    MIXPREC_CHECK(std::isfinite(max_norm) && max_norm > 0.0, "GradScaler: max_norm = ", max_norm,
+                  ", must be finite and > 0");
+  }
+  // Parameters added after unscale() were never checked: refuse to step them.
+  static void require_same_params(const optim::Optimizer& opt, const Record& r, const char* what) {
+    MIXPREC_CHECK(opt.num_params() == r.num_params, "GradScaler::", what, ": ", opt.name(), " has ",
+                  opt.num_params(), " parameters, ", r.num_params,
+                  " when unscale() checked them; call update() before adding parameters");
+  }
   Record& record(const optim::Optimizer& opt) {
     for (Record& r : records_) {
-      if (r.opt == &opt) return r;
+      if (r.opt == opt.id()) return r;
     }
     records_.emplace_back();
-    records_.back().opt = &opt;
+    records_.back().opt = opt.id();
     return records_.back();
   }
   const Record& checked_record(const optim::Optimizer& opt, const char* what) const {
     for (const Record& r : records_) {
-      if (r.opt == &opt && r.stage != Stage::ready) return r;
+      if (r.opt == opt.id() && r.stage != Stage::ready) return r;
     }
     detail::throw_error("GradScaler::", what, ": no unscale() on this ", opt.name(),
                         " since the last update()");

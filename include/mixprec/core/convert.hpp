@@ -37,6 +37,7 @@
 #endif
 #endif
 #if MIXPREC_HOST_SIMD
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -250,8 +251,22 @@ MIXPREC_TARGET_AVX2 inline std::size_t simd_convert(const bfloat16* src, std::si
   return i;
 }
 
+// AVX2 and F16C usable: the CPU has them (CPUID) and the OS saves the YMM
+// registers (XGETBV). Read directly rather than through
+// __builtin_cpu_supports, which clang does not accept for "f16c".
 inline bool cpu_has_avx2_f16c() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  static const bool has = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+    const bool osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, f16c = (c >> 29) & 1;
+    if (!(osxsave && avx && f16c)) return false;
+    unsigned xcr0_lo = 0, xcr0_hi = 0;
+    __asm__("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+    if ((xcr0_lo & 0x6) != 0x6) return false;  // XMM and YMM state enabled
+    if (__get_cpuid_max(0, nullptr) < 7) return false;
+    __cpuid_count(7, 0, a, b, c, d);
+    return ((b >> 5) & 1) != 0;  // AVX2
+  }();
   return has;
 }
 #undef MIXPREC_TARGET_AVX2

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -20,6 +21,16 @@
 #include "mixprec/tensor/ops.hpp"
 #include "mixprec/tensor/tensor.hpp"
 #include "mixprec/tensor/tensor_ref.hpp"
+
+// The fused 8-lane pass relies on GCC's `flatten` to inline formulas written
+// for any lane type into AVX2 code; Clang refuses 8-float vectors crossing
+// into functions not compiled for AVX, so Clang builds take the portable
+// path (the same bits, slower).
+#if MIXPREC_HOST_SIMD && defined(__GNUC__) && !defined(__clang__)
+#define MIXPREC_OPTIM_AVX2 1
+#else
+#define MIXPREC_OPTIM_AVX2 0
+#endif
 
 namespace mixprec::optim {
 
@@ -72,6 +83,10 @@ class Optimizer {
 
   /// The optimizer's name as in torch.optim ("SGD", "Adam", ...).
   virtual const char* name() const = 0;
+  /// A number no other optimizer in this process has had; the GradScaler
+  /// keys its per-iteration records on it. (Optimizers can be neither copied
+  /// nor moved; hold them by value or in a unique_ptr.)
+  std::uint64_t id() const { return id_; }
 
   std::size_t num_params() const { return slots_.size(); }
   std::size_t num_groups() const { return group_lrs_.size(); }
@@ -100,7 +115,10 @@ class Optimizer {
     on_lr_changed(group, lr);
   }
   const LRSchedule& schedule() const { return schedule_; }
-  void set_schedule(const LRSchedule& schedule) { schedule_ = schedule; }
+  void set_schedule(const LRSchedule& schedule) {
+    schedule.validate();
+    schedule_ = schedule;
+  }
 
   /// Pass 1: reads every gradient once; writes nothing.
   GradStats check_grads() const {
@@ -114,7 +132,7 @@ class Optimizer {
       double sum = 0;
       float nonfinite = 0;
       std::int64_t done = 0;
-#if MIXPREC_HOST_SIMD
+#if MIXPREC_OPTIM_AVX2
       if (detail::cpu_has_avx2_f16c()) {
         s.param.grad.visit([&](auto grad) { done = check_avx2(grad.data(), n, sum, nonfinite); });
       }
@@ -122,9 +140,11 @@ class Optimizer {
       for (std::int64_t off = done; off < n; off += kChunk) {
         const std::int64_t m = std::min<std::int64_t>(kChunk, n - off);
         load_float(s.param.grad, off, m, g);
-        const auto [chunk_sum, chunk_flag] = sum_squares_and_flag(g, m);
-        sum += chunk_sum;
-        nonfinite += chunk_flag;
+        if (m == kChunk) {
+          sum_block(g, sum, nonfinite);
+        } else {
+          sum_tail(g, m, sum, nonfinite);
+        }
       }
       stats.nonfinite[i] = !(nonfinite == 0.0f);  // NaN compares unequal
       stats.sum_squares[i] = sum;
@@ -135,10 +155,14 @@ class Optimizer {
   /// Pass 2: one applied step with gradients transformed by `t`. The caller
   /// (GradScaler::step) has decided that the gradients are finite.
   void apply(const GradTransform& t = {}) {
+    // Every state buffer the step needs exists before anything changes, so a
+    // failed allocation leaves the optimizer as it was.
+    for (std::size_t i = 0; i < slots_.size(); ++i) allocate_state(i);
     for (std::size_t i = 0; i < slots_.size(); ++i) {
       Slot& s = slots_[i];
       s.step += 1;
       update_param(i, t);
+      s.fresh_state = 0;
     }
     applied_steps_ += 1;
   }
@@ -156,9 +180,10 @@ class Optimizer {
     Tensor<float> master;
     std::vector<Tensor<float>> state;
     std::int64_t step = 0;
+    std::uint32_t fresh_state = 0;  // bit k: state k was created for the step under way
   };
 
-  Optimizer() = default;
+  Optimizer() : id_(next_id()) {}
 
   const Slot& slot(std::size_t i) const {
     MIXPREC_CHECK(i < slots_.size(), name(), ": parameter index ", i, ", there are ", slots_.size());
@@ -197,18 +222,42 @@ class Optimizer {
                     ": parameter ", label, " is on ", p.weight.device(), " / ", p.grad.device(),
                     "; this optimizer runs on cpu (the CUDA optimizer kernels are not built yet)");
     }
+    // Weights are written every step: none may be read-only, and none may
+    // share memory with another weight or with any gradient.
+    std::vector<const Param*> all;
+    for (const Slot& s : slots_) all.push_back(&s.param);
+    for (const Param& p : params) all.push_back(&p);
+    for (const Param* p : all) {
+      MIXPREC_CHECK(!p->weight.read_only(), name(), ": parameter \"", p->name,
+                    "\": the weight is a read-only view (TensorView<const T>); the optimizer writes it");
+      for (const Param* q : all) {
+        MIXPREC_CHECK(p == q || !p->weight.overlaps(q->weight), name(), ": the weights of \"", p->name,
+                      "\" and \"", q->name, "\" share memory; tie parameters by passing them once");
+        MIXPREC_CHECK(!p->weight.overlaps(q->grad), name(), ": the weight of \"", p->name,
+                      "\" shares memory with the gradient of \"", q->name, "\"");
+      }
+    }
+    // Build the new slots aside (this allocates and may throw), then append
+    // them with operations that cannot throw.
     const std::size_t group = group_lrs_.size();
+    std::vector<Slot> added;
+    added.reserve(params.size());
     for (Param& p : params) {
       Slot s;
       s.master = Tensor<float>(p.weight.shape());
       p.weight.visit([&](auto w) { convert(w, s.master); });
       s.param = std::move(p);
       s.group = group;
-      slots_.push_back(std::move(s));
+      added.push_back(std::move(s));
     }
+    slots_.reserve(slots_.size() + added.size());
+    group_lrs_.reserve(group_lrs_.size() + 1);
+    for (Slot& s : added) slots_.push_back(std::move(s));
     group_lrs_.push_back(lr);
   }
 
+  /// Creates the state buffers parameter i will need at its next step.
+  virtual void allocate_state(std::size_t i) = 0;
   /// Called when set_lr changes a group's base lr, so options stay in sync.
   virtual void on_lr_changed(std::size_t group, double lr) = 0;
   /// Updates master and state of parameter i (its step count already
@@ -221,16 +270,21 @@ class Optimizer {
     return s.state.size() > k && s.state[k].shape() == s.master.shape();
   }
 
-  /// State tensor k of parameter i, created as zeros on first use.
+  /// State tensor k of parameter i, created as zeros on first use (from
+  /// allocate_state, before the step changes anything).
   float* state(std::size_t i, std::size_t k) {
     Slot& s = slots_[i];
     if (s.state.size() <= k) s.state.resize(k + 1);
     if (!has_state(i, k)) {
-      s.state[k] = Tensor<float>(s.master.shape());
-      fill(s.state[k], 0.0f);
+      Tensor<float> t(s.master.shape());
+      fill(t, 0.0f);
+      s.state[k] = std::move(t);
+      s.fresh_state |= 1u << k;
     }
     return s.state[k].data();
   }
+  /// True when state k of parameter i was created for the step under way.
+  bool fresh_state(std::size_t i, std::size_t k) const { return (slots_[i].fresh_state >> k) & 1u; }
 
   /// One applied step of parameter i: for every element, the stored
   /// gradient is widened to fp32 and transformed by t, `formula` updates the
@@ -249,7 +303,7 @@ class Optimizer {
     Slot& s = slots_[i];
     const std::int64_t n = s.master.numel();
     std::int64_t done = 0;
-#if MIXPREC_HOST_SIMD
+#if MIXPREC_OPTIM_AVX2
     if (detail::cpu_has_avx2_f16c()) {
       s.param.grad.visit([&](auto grad) {
         s.param.weight.visit([&](auto weight) {
@@ -289,8 +343,8 @@ class Optimizer {
   std::vector<Slot> slots_;
 
  private:
-#if MIXPREC_HAS_VECTOR_EXT
   MIXPREC_PSABI_PUSH
+#if MIXPREC_HAS_VECTOR_EXT
   // The 4-lane loop of the chunked path; returns how many elements it did.
   template <class V, std::size_t N, class Formula>
   static std::int64_t formula_lanes(std::int64_t count, float* const (&arrays)[N], const float* grad,
@@ -308,7 +362,7 @@ class Optimizer {
     }
     return k;
   }
-#if MIXPREC_HOST_SIMD
+#if MIXPREC_OPTIM_AVX2
 #define MIXPREC_TARGET_AVX2 __attribute__((target("avx2,f16c")))
   // 8 stored gradients widened to fp32, with the bits of convert_n.
   MIXPREC_TARGET_AVX2 static simd::f32x8 load8(const float* p) { return simd::load<simd::f32x8>(p); }
@@ -393,6 +447,7 @@ class Optimizer {
         f0 += (a - a) + (b - b);
         f1 += (c - c) + (d - d);
       }
+      // The reduction of sum_block: st[l] = (p[l] + p[8+l]) + (p[16+l] + p[24+l]).
       const simd::f32x8 st = (s0 + s1) + (s2 + s3);
       float part = 0;
       for (int l = 0; l < 8; ++l) part += st[l];
@@ -404,7 +459,6 @@ class Optimizer {
   }
 #undef MIXPREC_TARGET_AVX2
 #endif
-  MIXPREC_PSABI_POP
 #endif
 
   template <class Formula, class V, std::size_t... I>
@@ -412,6 +466,7 @@ class Optimizer {
                            std::index_sequence<I...>) {
     formula(v[I]..., grad);
   }
+  MIXPREC_PSABI_POP
 
   static void load_float(const TensorRef& src, std::int64_t offset, std::int64_t count, float* out) {
     src.visit([&](auto view) {
@@ -419,36 +474,40 @@ class Optimizer {
     });
   }
 
-  // Sum of squares and a NaN-propagating flag over one chunk. x - x is 0 for
-  // finite x and NaN for inf and NaN, so one sum flags the chunk without a
-  // branch per element. Four vector accumulators (16 partial sums) hide the
-  // add latency; float reductions would not vectorise on their own.
-  static std::pair<float, float> sum_squares_and_flag(const float* g, std::int64_t m) {
-    float sum = 0, flag = 0;
-    std::int64_t k = 0;
-#if MIXPREC_HAS_VECTOR_EXT
-    simd::f32x4 s0 = {0, 0, 0, 0}, s1 = s0, s2 = s0, s3 = s0, f0 = s0, f1 = s0;
-    for (; k + 4 * simd::lanes <= m; k += 4 * simd::lanes) {
-      const simd::f32x4 a = simd::load(g + k), b = simd::load(g + k + 4), c = simd::load(g + k + 8),
-                        d = simd::load(g + k + 12);
-      s0 += a * a;
-      s1 += b * b;
-      s2 += c * c;
-      s3 += d * d;
-      f0 += (a - a) + (b - b);
-      f1 += (c - c) + (d - d);
+  // The check pass's summation order, the same on every path so that the
+  // norm (and the clip coefficient) has the same bits everywhere: within a
+  // block of kChunk elements, element j goes to partial sum j % 32 (squares
+  // rounded, then added: no FMA); the 32 partials reduce as
+  // st[l] = (p[l] + p[8 + l]) + (p[16 + l] + p[24 + l]), then
+  // ((st[0] + st[1]) + st[2]) + ... in float; blocks add up in double. A
+  // tail shorter than a block is summed in order. The flag is x - x summed:
+  // 0 for finite values, NaN once any value is inf or NaN.
+  static void sum_block(const float* g, double& sum, float& flag) {
+    float p[32] = {};
+    for (std::int64_t j = 0; j < kChunk; ++j) {
+      const float sq = g[j] * g[j];
+      p[j % 32] += sq;
+      flag += g[j] - g[j];
     }
-    const simd::f32x4 st = (s0 + s1) + (s2 + s3), ft = f0 + f1;
-    sum = (st[0] + st[1]) + (st[2] + st[3]);
-    flag = (ft[0] + ft[1]) + (ft[2] + ft[3]);
-#endif
-    for (; k < m; ++k) {
-      sum += g[k] * g[k];
-      flag += g[k] - g[k];
+    float part = 0;
+    for (int l = 0; l < 8; ++l) part += (p[l] + p[8 + l]) + (p[16 + l] + p[24 + l]);
+    sum += part;
+  }
+  static void sum_tail(const float* g, std::int64_t m, double& sum, float& flag) {
+    float part = 0;
+    for (std::int64_t j = 0; j < m; ++j) {
+      part += g[j] * g[j];
+      flag += g[j] - g[j];
     }
-    return {sum, flag};
+    sum += part;
   }
 
+  static std::uint64_t next_id() {
+    static std::atomic<std::uint64_t> counter{0};
+    return ++counter;
+  }
+
+  std::uint64_t id_;
   std::vector<double> group_lrs_;
   LRSchedule schedule_;
   std::int64_t applied_steps_ = 0;

@@ -24,6 +24,7 @@ class OptimizerBase : public Optimizer {
   /// add_param_group). Everything is validated before anything is added.
   void add_param_group(std::vector<Param> params, const Options& options) {
     Derived::validate(options);
+    options_.reserve(options_.size() + 1);  // so the push_back below cannot throw
     add_group(std::move(params), options.lr);
     options_.push_back(options);
   }

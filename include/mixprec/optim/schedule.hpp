@@ -53,6 +53,28 @@ struct LRSchedule {
     return {Kind::step_decay, step_size, 1.0, 0.0, gamma};
   }
 
+  /// Throws unless the fields describe a valid schedule (the factories only
+  /// make valid ones; this guards schedules assembled field by field).
+  void validate() const {
+    MIXPREC_CHECK(steps > 0, "LRSchedule: steps = ", steps, ", must be > 0");
+    switch (kind) {
+      case Kind::linear_warmup:
+        MIXPREC_CHECK(start_factor > 0.0 && start_factor <= 1.0, "LRSchedule: start_factor = ",
+                      start_factor, ", must be in (0, 1]");
+        break;
+      case Kind::cosine:
+        MIXPREC_CHECK(min_factor >= 0.0 && min_factor <= 1.0, "LRSchedule: min_factor = ",
+                      min_factor, ", must be in [0, 1]");
+        break;
+      case Kind::step_decay:
+        MIXPREC_CHECK(std::isfinite(gamma) && gamma > 0.0, "LRSchedule: gamma = ", gamma,
+                      ", must be finite and > 0");
+        break;
+      case Kind::constant:
+        break;
+    }
+  }
+
   /// The factor at applied step k (k >= 0), in double as torch computes it.
   MIXPREC_HOST_DEVICE double factor(std::int64_t k) const {
     switch (kind) {

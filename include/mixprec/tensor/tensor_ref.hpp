@@ -27,7 +27,8 @@ class TensorRef {
       : data_(const_cast<std::remove_const_t<T>*>(v.data())),
         dtype_(dtype_of<std::remove_const_t<T>>),
         shape_(v.shape()),
-        device_(v.device()) {}
+        device_(v.device()),
+        read_only_(std::is_const_v<T>) {}
   template <class T>
   TensorRef(Tensor<T>& t) : TensorRef(t.view()) {}  // NOLINT(google-explicit-constructor)
 
@@ -37,6 +38,15 @@ class TensorRef {
   Device device() const { return device_; }
   std::int64_t numel() const { return shape_.numel(); }
   std::size_t bytes() const { return static_cast<std::size_t>(numel()) * dtype_size(dtype_); }
+  /// True when built from a TensorView<const T>: nothing may write through it.
+  bool read_only() const { return read_only_; }
+  /// True when the two byte ranges share a byte (never for an empty one).
+  bool overlaps(const TensorRef& other) const {
+    if (bytes() == 0 || other.bytes() == 0 || device_ != other.device_) return false;
+    const auto* a = static_cast<const char*>(data_);
+    const auto* b = static_cast<const char*>(other.data_);
+    return a < b + other.bytes() && b < a + bytes();
+  }
 
   /// The typed view; throws, naming `what`, unless the dtype is T.
   template <class T>
@@ -65,6 +75,7 @@ class TensorRef {
   DType dtype_ = DType::float32;
   Shape shape_{0};
   Device device_ = Device::cpu();
+  bool read_only_ = false;
 };
 
 }  // namespace mixprec

@@ -51,6 +51,12 @@ class AdamImpl : public OptimizerBase<AdamImpl<Decoupled, Options>, Options> {
   }
 
  protected:
+  void allocate_state(std::size_t i) override {
+    this->state(i, 0);
+    this->state(i, 1);
+    if (this->options_[this->group_of(i)].amsgrad) this->state(i, 2);
+  }
+
   void update_param(std::size_t i, const GradTransform& t) override {
     const Options& o = this->options_[this->group_of(i)];
     const double lr = this->lr(this->group_of(i));

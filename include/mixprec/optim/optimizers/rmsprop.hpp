@@ -41,6 +41,13 @@ class RMSprop : public OptimizerBase<RMSprop, RMSpropOptions> {
   }
 
  protected:
+  void allocate_state(std::size_t i) override {
+    const RMSpropOptions& o = options_[group_of(i)];
+    state(i, 0);
+    if (o.centered) state(i, 1);
+    if (o.momentum > 0.0) state(i, 2);
+  }
+
   void update_param(std::size_t i, const GradTransform& t) override {
     const RMSpropOptions& o = options_[group_of(i)];
     RmspropCoeffs c;

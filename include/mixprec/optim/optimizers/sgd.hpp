@@ -42,6 +42,10 @@ class SGD : public OptimizerBase<SGD, SGDOptions> {
   }
 
  protected:
+  void allocate_state(std::size_t i) override {
+    if (options_[group_of(i)].momentum != 0.0) state(i, 0);
+  }
+
   void update_param(std::size_t i, const GradTransform& t) override {
     const SGDOptions& o = options_[group_of(i)];
     SgdCoeffs c;
@@ -59,7 +63,7 @@ class SGD : public OptimizerBase<SGD, SGDOptions> {
       });
       return;
     }
-    c.first_step = !has_state(i, 0);
+    c.first_step = fresh_state(i, 0);  // torch: the buffer starts as a copy of the gradient
     float* buf = state(i, 0);
     update_elements<2>(i, t, {master, buf},
                        [c](auto& p, auto& b, auto grad) { sgd_update(p, b, grad, c); });
