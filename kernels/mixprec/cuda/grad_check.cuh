@@ -1,0 +1,203 @@
+// SPDX-License-Identifier: Apache-2.0
+// Pass 1 of a mixed-precision step on the GPU: one launch reads every
+// gradient of a TensorList once, finds inf/NaN per tensor, and sums squares
+// per tensor and overall. Writes nothing but its results.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "mixprec/core/convert.hpp"
+#include "mixprec/core/cuda_check.hpp"
+#include "mixprec/cuda/launch.cuh"
+#include "mixprec/cuda/multi_tensor.cuh"
+#include "mixprec/tensor/memory.hpp"
+
+namespace mixprec::cuda {
+
+namespace detail {
+
+inline constexpr int check_threads = 256;
+
+// 16 bytes of T widened to float, one element at a time into `f`.
+template <class T>
+__device__ inline void accumulate_one(T value, float& sum, int& bad) {
+  const float x = mixprec::to_float(value);
+  sum += x * x;
+  bad |= !isfinite(x);
+}
+
+// Elements [begin, end) of one tensor, strided over the block's threads;
+// 16-byte loads when the tensor is 16-byte aligned (chunks start at
+// multiples of chunk_elements, so then every chunk is), scalar otherwise.
+template <class T>
+__device__ inline void accumulate_range(const T* data, std::int64_t begin, std::int64_t end, float& sum,
+                                        int& bad) {
+  constexpr int per_vector = 16 / sizeof(T);
+  std::int64_t i = begin;
+  if (reinterpret_cast<std::uintptr_t>(data) % 16 == 0) {
+    const std::int64_t vectors = (end - begin) / per_vector;
+    const uint4* v = reinterpret_cast<const uint4*>(data + begin);
+    for (std::int64_t k = threadIdx.x; k < vectors; k += blockDim.x) {
+      const uint4 raw = v[k];
+      T items[per_vector];
+      memcpy(items, &raw, 16);
+#pragma unroll
+      for (int e = 0; e < per_vector; ++e) accumulate_one(items[e], sum, bad);
+    }
+    i = begin + vectors * per_vector;
+  }
+  for (std::int64_t k = i + threadIdx.x; k < end; k += blockDim.x) accumulate_one(data[k], sum, bad);
+}
+
+__device__ inline float block_sum(float x) {
+  __shared__ float warp_sums[check_threads / 32];
+  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_down_sync(0xffffffffu, x, offset);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = x;
+  __syncthreads();
+  float total = 0;
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < check_threads / 32; ++w) total += warp_sums[w];
+  }
+  __syncthreads();
+  return total;  // valid in thread 0
+}
+
+// Chunk partials first; the last block to finish then reduces them per
+// tensor and overall in a fixed order, so the results do not depend on the
+// order blocks ran in (and a replayed graph gives the eager bits).
+__global__ void __launch_bounds__(check_threads)
+    check_grads_kernel(const TensorEntry* tensors, const Chunk* chunks, std::int64_t num_chunks,
+                       int num_tensors, float* chunk_sums, int* chunk_bad, double* sum_squares,
+                       int* nonfinite, double* total, int* found_inf, unsigned int* blocks_done) {
+  for (std::int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+    const Chunk ch = chunks[c];
+    const TensorEntry t = tensors[ch.tensor];
+    float sum = 0;
+    int bad = 0;
+    switch (t.dtype) {
+      case DType::float16:
+        accumulate_range(static_cast<const half*>(t.data), ch.begin, ch.end, sum, bad);
+        break;
+      case DType::bfloat16:
+        accumulate_range(static_cast<const bfloat16*>(t.data), ch.begin, ch.end, sum, bad);
+        break;
+      case DType::float32:
+        accumulate_range(static_cast<const float*>(t.data), ch.begin, ch.end, sum, bad);
+        break;
+    }
+    sum = block_sum(sum);
+    bad = __syncthreads_or(bad);
+    if (threadIdx.x == 0) {
+      chunk_sums[c] = sum;
+      chunk_bad[c] = bad;
+    }
+  }
+  __shared__ bool is_last;
+  __threadfence();  // this block's partials are visible before it counts itself done
+  if (threadIdx.x == 0) is_last = atomicAdd(blocks_done, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  for (int i = threadIdx.x; i < num_tensors; i += blockDim.x) {
+    const TensorEntry t = tensors[i];
+    const std::int64_t n = (t.numel + chunk_elements - 1) / chunk_elements;
+    double s = 0;
+    int b = 0;
+    for (std::int64_t c = t.first_chunk; c < t.first_chunk + n; ++c) {
+      s += __ldcg(chunk_sums + c);
+      b |= __ldcg(chunk_bad + c);
+    }
+    sum_squares[i] = s;
+    nonfinite[i] = b;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double s = 0;
+    int b = 0;
+    for (int i = 0; i < num_tensors; ++i) {
+      s += sum_squares[i];
+      b |= nonfinite[i];
+    }
+    *total = s;
+    *found_inf = b;
+    *blocks_done = 0;  // ready for the next launch (or graph replay)
+  }
+}
+
+}  // namespace detail
+
+/// Results and workspace of pass 1 for one TensorList, in device memory.
+class GradCheck {
+ public:
+  struct Host {
+    std::vector<double> sum_squares;
+    std::vector<int> nonfinite;
+    double total_sum_squares = 0;
+    bool found_inf = false;
+  };
+
+  explicit GradCheck(const TensorList& list)
+      : chunk_sums_(static_cast<std::size_t>(list.num_chunks()) * sizeof(float), list.device()),
+        chunk_bad_(static_cast<std::size_t>(list.num_chunks()) * sizeof(int), list.device()),
+        sum_squares_(static_cast<std::size_t>(list.num_tensors()) * sizeof(double), list.device()),
+        nonfinite_(static_cast<std::size_t>(list.num_tensors()) * sizeof(int), list.device()),
+        scalars_(sizeof(double) + 2 * sizeof(int), list.device()),
+        num_tensors_(list.num_tensors()),
+        num_chunks_(list.num_chunks()) {
+    mixprec::detail::DeviceGuard guard(list.device());
+    MIXPREC_CUDA_CHECK(cudaMemset(scalars_.data(), 0, scalars_.bytes()));
+  }
+
+  /// One launch over every gradient of `list` (the list this was made for).
+  /// Asynchronous on `stream`; never synchronises.
+  void launch(const TensorList& list, cudaStream_t stream = nullptr) {
+    MIXPREC_CHECK(list.num_chunks() == num_chunks_ && list.num_tensors() == num_tensors_,
+                  "GradCheck::launch: the list has ", list.num_tensors(), " tensors / ",
+                  list.num_chunks(), " chunks, this check was made for ", num_tensors_, " / ", num_chunks_);
+    mixprec::detail::DeviceGuard guard(list.device());
+    const unsigned grid = num_chunks_ == 0 ? 1u : grid_for(num_chunks_ * detail::check_threads,
+                                                           detail::check_threads, 4);
+    detail::check_grads_kernel<<<grid, detail::check_threads, 0, stream>>>(
+        list.entries(), list.chunks(), num_chunks_, num_tensors_, static_cast<float*>(chunk_sums_.data()),
+        static_cast<int*>(chunk_bad_.data()), sum_squares(), nonfinite(), total_sum_squares(), found_inf(),
+        blocks_done());
+    MIXPREC_CUDA_CHECK_LAUNCH("check_grads_kernel");
+  }
+
+  double* sum_squares() const { return static_cast<double*>(sum_squares_.data()); }
+  int* nonfinite() const { return static_cast<int*>(nonfinite_.data()); }
+  double* total_sum_squares() const { return static_cast<double*>(scalars_.data()); }
+  int* found_inf() const { return reinterpret_cast<int*>(static_cast<char*>(scalars_.data()) + sizeof(double)); }
+
+  /// Copies the results to the host; synchronises `stream`.
+  Host read(cudaStream_t stream = nullptr) const {
+    Host h;
+    h.sum_squares.resize(static_cast<std::size_t>(num_tensors_));
+    h.nonfinite.resize(static_cast<std::size_t>(num_tensors_));
+    int flag = 0;
+    if (num_tensors_ > 0) {
+      MIXPREC_CUDA_CHECK(cudaMemcpyAsync(h.sum_squares.data(), sum_squares(), sum_squares_.bytes(),
+                                         cudaMemcpyDeviceToHost, stream));
+      MIXPREC_CUDA_CHECK(cudaMemcpyAsync(h.nonfinite.data(), nonfinite(), nonfinite_.bytes(),
+                                         cudaMemcpyDeviceToHost, stream));
+    }
+    MIXPREC_CUDA_CHECK(cudaMemcpyAsync(&h.total_sum_squares, total_sum_squares(), sizeof(double),
+                                       cudaMemcpyDeviceToHost, stream));
+    MIXPREC_CUDA_CHECK(cudaMemcpyAsync(&flag, found_inf(), sizeof(int), cudaMemcpyDeviceToHost, stream));
+    MIXPREC_CUDA_CHECK(cudaStreamSynchronize(stream));
+    h.found_inf = flag != 0;
+    return h;
+  }
+
+ private:
+  unsigned int* blocks_done() const {
+    return reinterpret_cast<unsigned int*>(static_cast<char*>(scalars_.data()) + sizeof(double) + sizeof(int));
+  }
+
+  Buffer chunk_sums_, chunk_bad_, sum_squares_, nonfinite_, scalars_;
+  int num_tensors_ = 0;
+  std::int64_t num_chunks_ = 0;
+};
+
+}  // namespace mixprec::cuda
