@@ -28,7 +28,7 @@ SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-san
 # the two that sweep billions of elements (correct, but hours under a sanitizer).
 for tool in memcheck racecheck; do
   log "compute-sanitizer --tool $tool"
-  for test in tensor_gpu_test convert_gpu_test grad_check_gpu_test; do
+  for test in tensor_gpu_test convert_gpu_test grad_check_gpu_test optimizer_step_gpu_test; do
     rc=0
     "$SANITIZER" --tool "$tool" --error-exitcode 3 "tests/$test" \
       --gtest_filter='-*CudaErrorsNameTheCallAndStatus*:*EveryFloatPattern*:*Beyond2Pow31*' \
@@ -38,5 +38,7 @@ for tool in memcheck racecheck; do
 done
 log "GPU pass-1 benchmark"
 benchmarks/bench_grad_check 2>&1 | tee "$OUT/bench_grad_check.txt" | grep -E '^BM_'
+log "GPU optimizer step benchmark"
+benchmarks/bench_optimizer_step 2>&1 | tee "$OUT/bench_optimizer_step.txt" | grep -E '^BM_'
 log "host conversion benchmark"
 benchmarks/bench_convert --benchmark_min_time=0.5 2>&1 | tee "$OUT/bench_convert.txt" | grep -E '^BM_'

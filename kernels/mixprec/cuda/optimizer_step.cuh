@@ -1,0 +1,249 @@
+// SPDX-License-Identifier: Apache-2.0
+// Pass 2 of a mixed-precision step on the GPU, and the step's finish: one
+// launch per optimizer applies the same update formulas as the CPU path
+// (optim/formulas.hpp) to every parameter, reading found-inf, the loss scale
+// and the clip input from device memory; one single-block launch then counts
+// the step and updates the loss scale (amp/scale_update.hpp). Nothing here
+// synchronises the host, so a whole step can be captured in a CUDA graph.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "mixprec/amp/scale_update.hpp"
+#include "mixprec/core/convert.hpp"
+#include "mixprec/core/cuda_check.hpp"
+#include "mixprec/cuda/launch.cuh"
+#include "mixprec/cuda/multi_tensor.cuh"
+#include "mixprec/optim/formulas.hpp"
+#include "mixprec/optim/schedule.hpp"
+#include "mixprec/tensor/memory.hpp"
+
+namespace mixprec::cuda {
+
+/// What pass 2 writes for one parameter: its model weight, fp32 master,
+/// fp32 state (up to three tensors; unused ones null) and step count, all in
+/// device memory. Index i matches tensor i of the gradients' TensorList.
+struct ParamEntry {
+  void* weight;
+  DType weight_dtype;
+  float* master;
+  float* state[3];
+  std::int64_t* step;
+};
+
+/// Hyperparameters of one optimizer (one group), as torch.optim names them.
+struct AdamHyper {
+  double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0;
+  bool amsgrad = false, maximize = false, decoupled = false;
+};
+struct SgdHyper {
+  double lr = 1e-3, momentum = 0, dampening = 0, weight_decay = 0;
+  bool nesterov = false, maximize = false;
+};
+struct RmspropHyper {
+  double lr = 1e-2, alpha = 0.99, eps = 1e-8, weight_decay = 0, momentum = 0;
+  bool centered = false, maximize = false;
+};
+
+/// Device inputs of pass 2: all read from device memory at run time.
+struct StepInputs {
+  const int* found_inf;            // from GradCheck: nonzero skips the whole step
+  const float* scale;              // the loss scale; gradients are multiplied by float(1 / scale)
+  const double* total_sum_squares;  // from GradCheck, for clipping (null: no clipping)
+  double max_norm = 0;             // clip_grad_norm's max_norm (used when total_sum_squares is set)
+  const std::int64_t* applied_steps;  // the optimizer's applied steps, for the lr schedule
+};
+
+namespace detail {
+
+inline constexpr int step_threads = 256;
+
+// The coefficients of one parameter's update, from the hyperparameters, its
+// step count after this step and the scheduled lr: the host code of the CPU
+// optimizers (optim/optimizers/*.hpp), in double, then rounded to float.
+__device__ inline optim::AdamCoeffs coeffs(const AdamHyper& h, double lr, double step) {
+  optim::AdamCoeffs c;
+  c.decoupled = h.decoupled;
+  c.weight_decay = static_cast<float>(h.weight_decay);
+  c.decay = static_cast<float>(1.0 - lr * h.weight_decay);
+  c.one_minus_beta1 = static_cast<float>(1.0 - h.beta1);
+  c.beta2 = static_cast<float>(h.beta2);
+  c.one_minus_beta2 = static_cast<float>(1.0 - h.beta2);
+  c.bias_correction2_sqrt = static_cast<float>(::sqrt(1.0 - ::pow(h.beta2, step)));
+  c.eps = static_cast<float>(h.eps);
+  c.neg_step_size = static_cast<float>(-(lr / (1.0 - ::pow(h.beta1, step))));
+  c.maximize = h.maximize;
+  c.amsgrad = h.amsgrad;
+  return c;
+}
+__device__ inline optim::SgdCoeffs coeffs(const SgdHyper& h, double lr, double step) {
+  optim::SgdCoeffs c;
+  c.weight_decay = static_cast<float>(h.weight_decay);
+  c.momentum = static_cast<float>(h.momentum);
+  c.one_minus_dampening = static_cast<float>(1.0 - h.dampening);
+  c.neg_lr = static_cast<float>(-lr);
+  c.maximize = h.maximize;
+  c.nesterov = h.nesterov;
+  c.first_step = step == 1.0;  // the momentum buffer starts as a copy of the gradient
+  return c;
+}
+__device__ inline optim::RmspropCoeffs coeffs(const RmspropHyper& h, double lr, double) {
+  optim::RmspropCoeffs c;
+  c.weight_decay = static_cast<float>(h.weight_decay);
+  c.alpha = static_cast<float>(h.alpha);
+  c.one_minus_alpha = static_cast<float>(1.0 - h.alpha);
+  c.eps = static_cast<float>(h.eps);
+  c.momentum = static_cast<float>(h.momentum);
+  c.neg_lr = static_cast<float>(-lr);
+  c.maximize = h.maximize;
+  c.centered = h.centered;
+  return c;
+}
+
+__device__ inline void update(float& p, float* s0, float* s1, float* s2, std::int64_t i, float g,
+                              const optim::AdamCoeffs& c) {
+  float unused = 0;
+  optim::adam_update(p, s0[i], s1[i], c.amsgrad ? s2[i] : unused, g, c);
+}
+__device__ inline void update(float& p, float* s0, float*, float*, std::int64_t i, float g,
+                              const optim::SgdCoeffs& c) {
+  float unused = 0;
+  optim::sgd_update(p, c.momentum != 0.0f ? s0[i] : unused, g, c);
+}
+__device__ inline void update(float& p, float* s0, float* s1, float* s2, std::int64_t i, float g,
+                              const optim::RmspropCoeffs& c) {
+  float unused1 = 0, unused2 = 0;
+  optim::rmsprop_update(p, s0[i], c.centered ? s1[i] : unused1, c.momentum > 0.0f ? s2[i] : unused2, g, c);
+}
+
+template <class G, class W, class C>
+__device__ inline void update_range(const G* grad, W* weight, const ParamEntry& p, std::int64_t begin,
+                                    std::int64_t end, float inv_scale, float clip, const C& c) {
+  for (std::int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    float g = mixprec::to_float(grad[i]);
+    if (inv_scale != 1.0f) g *= inv_scale;
+    if (clip != 1.0f) g *= clip;
+    float m = p.master[i];
+    update(m, p.state[0], p.state[1], p.state[2], i, g, c);
+    p.master[i] = m;
+    weight[i] = mixprec::from_float<W>(m);
+  }
+}
+
+template <class G, class C>
+__device__ inline void dispatch_weight(const G* grad, const ParamEntry& p, std::int64_t begin,
+                                       std::int64_t end, float inv_scale, float clip, const C& c) {
+  switch (p.weight_dtype) {
+    case DType::float16:
+      update_range(grad, static_cast<half*>(p.weight), p, begin, end, inv_scale, clip, c);
+      break;
+    case DType::bfloat16:
+      update_range(grad, static_cast<bfloat16*>(p.weight), p, begin, end, inv_scale, clip, c);
+      break;
+    case DType::float32:
+      update_range(grad, static_cast<float*>(p.weight), p, begin, end, inv_scale, clip, c);
+      break;
+  }
+}
+
+template <class Hyper>
+__global__ void __launch_bounds__(step_threads)
+    step_kernel(const TensorEntry* grads, const Chunk* chunks, std::int64_t num_chunks,
+                const ParamEntry* params, Hyper hyper, optim::LRSchedule schedule, StepInputs in) {
+  if (*in.found_inf) return;  // a skipped step changes nothing
+  const float inv_scale = static_cast<float>(1.0 / static_cast<double>(*in.scale));
+  float clip = 1.0f;
+  if (in.total_sum_squares) {
+    // GradScaler::clip_grad_norm: norm of the unscaled gradients, then
+    // torch's min(1, (1 / (norm + 1e-6)) * max_norm) in float.
+    const float norm = static_cast<float>(::sqrt(*in.total_sum_squares) * inv_scale);
+    const float coef = (1.0f / (norm + 1e-6f)) * static_cast<float>(in.max_norm);
+    clip = coef < 1.0f ? coef : 1.0f;
+  }
+  const double lr = hyper.lr * schedule.factor(*in.applied_steps);
+  for (std::int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+    const Chunk ch = chunks[c];
+    const TensorEntry g = grads[ch.tensor];
+    const ParamEntry p = params[ch.tensor];
+    const auto co = coeffs(hyper, lr, static_cast<double>(*p.step + 1));
+    switch (g.dtype) {
+      case DType::float16:
+        dispatch_weight(static_cast<const half*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co);
+        break;
+      case DType::bfloat16:
+        dispatch_weight(static_cast<const bfloat16*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co);
+        break;
+      case DType::float32:
+        dispatch_weight(static_cast<const float*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co);
+        break;
+    }
+  }
+}
+
+// After pass 2: count the step (or not) and update the loss scale, in one
+// block. Step counts are bumped here rather than in pass 2, whose blocks all
+// read them.
+__global__ void finish_step_kernel(const int* found_inf, const ParamEntry* params, int num_params,
+                                   std::int64_t* applied_steps, amp::ScalerState* scaler,
+                                   amp::ScalePolicy policy, int dynamic, std::int64_t* counters) {
+  const bool skip = *found_inf != 0;
+  if (!skip) {
+    for (int i = threadIdx.x; i < num_params; i += blockDim.x) *params[i].step += 1;
+  }
+  if (threadIdx.x == 0) {
+    if (!skip) *applied_steps += 1;
+    if (counters) counters[skip ? 1 : 0] += 1;  // applied, skipped
+    if (scaler && dynamic) amp::update_scale(*scaler, skip, policy);
+  }
+}
+
+}  // namespace detail
+
+/// Parameters of one optimizer in device memory (weights, fp32 masters and
+/// state, step counts), matched index by index to the gradients' TensorList.
+class ParamList {
+ public:
+  explicit ParamList(const std::vector<ParamEntry>& params) : count_(static_cast<int>(params.size())) {
+    if (params.empty()) return;
+    MIXPREC_CUDA_CHECK(cudaGetDevice(&device_));
+    buffer_ = Buffer(params.size() * sizeof(ParamEntry), Device::cuda(device_));
+    MIXPREC_CUDA_CHECK(cudaMemcpy(buffer_.data(), params.data(), buffer_.bytes(), cudaMemcpyHostToDevice));
+  }
+  const ParamEntry* entries() const { return static_cast<const ParamEntry*>(buffer_.data()); }
+  int size() const { return count_; }
+
+ private:
+  int count_ = 0;
+  int device_ = 0;
+  Buffer buffer_;
+};
+
+/// Pass 2: one launch over every parameter. Asynchronous on `stream`.
+template <class Hyper>
+void launch_step(const TensorList& grads, const ParamList& params, const Hyper& hyper,
+                 const optim::LRSchedule& schedule, const StepInputs& in, cudaStream_t stream = nullptr) {
+  MIXPREC_CHECK(grads.num_tensors() == params.size(), "launch_step: ", grads.num_tensors(),
+                " gradients but ", params.size(), " parameters");
+  MIXPREC_CHECK(in.found_inf && in.scale && in.applied_steps, "launch_step: found_inf, scale and "
+                "applied_steps must point to device memory");
+  schedule.validate();
+  if (grads.num_chunks() == 0) return;
+  const unsigned grid = grid_for(grads.num_chunks() * detail::step_threads, detail::step_threads, 4);
+  detail::step_kernel<Hyper><<<grid, detail::step_threads, 0, stream>>>(
+      grads.entries(), grads.chunks(), grads.num_chunks(), params.entries(), hyper, schedule, in);
+  MIXPREC_CUDA_CHECK_LAUNCH("step_kernel");
+}
+
+/// The step's finish: step counts and applied steps (unless found_inf), the
+/// applied/skipped counters (optional) and, when `dynamic`, the scale update.
+inline void launch_finish_step(const int* found_inf, const ParamList& params, std::int64_t* applied_steps,
+                               amp::ScalerState* scaler, const amp::ScalePolicy& policy, bool dynamic,
+                               std::int64_t* counters, cudaStream_t stream = nullptr) {
+  detail::finish_step_kernel<<<1, 256, 0, stream>>>(found_inf, params.entries(), params.size(),
+                                                    applied_steps, scaler, policy, dynamic ? 1 : 0, counters);
+  MIXPREC_CUDA_CHECK_LAUNCH("finish_step_kernel");
+}
+
+}  // namespace mixprec::cuda

@@ -1,0 +1,208 @@
+// SPDX-License-Identifier: Apache-2.0
+// GPU pass 1 + pass 2 + finish against the CPU optimizers and GradScaler
+// (themselves checked against PyTorch): same weights, same gradients, same
+// injected overflows. Skip decisions, scales and step counts must be equal;
+// masters within 2 ulp after the first step and within torch's fp32
+// tolerance after 50 (the GPU contracts a * b + c into FMAs, the CPU path
+// does not: a rounding apart per operation).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gpu_skip.hpp"
+#include "mixprec/cuda/grad_check.cuh"
+#include "mixprec/cuda/optimizer_step.cuh"
+#include "mixprec/mixprec.hpp"
+
+namespace mixprec {
+namespace {
+
+std::int64_t ulp_distance(float a, float b) {
+  std::int32_t ia, ib;
+  std::memcpy(&ia, &a, 4);
+  std::memcpy(&ib, &b, 4);
+  if (ia < 0) ia = INT32_MIN - ia;
+  if (ib < 0) ib = INT32_MIN - ib;
+  return std::llabs(static_cast<long long>(ia) - ib);
+}
+
+template <class T>
+struct Case {
+  std::vector<std::int64_t> sizes = {7, 65536 + 3, 0, 1000};
+  std::vector<Tensor<T>> weights, grads;  // host: the CPU optimizer's
+  std::vector<Tensor<T>> dweights, dgrads;  // device
+  std::vector<Tensor<float>> masters;
+  std::vector<std::vector<Tensor<float>>> states;
+  Buffer steps, scalars;  // int64 step counts; applied, applied counter, skipped counter, ScalerState
+  std::unique_ptr<cuda::TensorList> list;
+  std::unique_ptr<cuda::ParamList> params;
+  std::unique_ptr<cuda::GradCheck> check;
+
+  Case() {
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+      weights.emplace_back(Shape{sizes[i]});
+      grads.emplace_back(Shape{sizes[i]});
+      fill_normal(weights.back(), 0, 1, 10 + i);
+      dweights.push_back(weights.back().to(Device::cuda(0)));
+      dgrads.emplace_back(Shape{sizes[i]}, Device::cuda(0));
+      Tensor<float> m(Shape{sizes[i]});
+      convert(weights.back(), m);
+      masters.push_back(m.to(Device::cuda(0)));
+      states.emplace_back();
+      for (int k = 0; k < 3; ++k) {
+        states.back().emplace_back(Shape{sizes[i]}, Device::cuda(0));
+        fill(states.back().back(), 0.0f);
+      }
+    }
+    steps = Buffer(sizes.size() * 8, Device::cuda(0));
+    MIXPREC_CUDA_CHECK(cudaMemset(steps.data(), 0, steps.bytes()));
+    scalars = Buffer(3 * 8 + sizeof(amp::ScalerState), Device::cuda(0));
+    MIXPREC_CUDA_CHECK(cudaMemset(scalars.data(), 0, scalars.bytes()));
+    std::vector<TensorRef> refs;
+    std::vector<cuda::ParamEntry> entries;
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+      refs.push_back(dgrads[i]);
+      entries.push_back({dweights[i].data(), dtype_of<T>, masters[i].data(),
+                         {states[i][0].data(), states[i][1].data(), states[i][2].data()},
+                         static_cast<std::int64_t*>(steps.data()) + i});
+    }
+    list = std::make_unique<cuda::TensorList>(refs);
+    params = std::make_unique<cuda::ParamList>(entries);
+    check = std::make_unique<cuda::GradCheck>(*list);
+  }
+  std::int64_t* applied() { return static_cast<std::int64_t*>(scalars.data()); }
+  std::int64_t* counters() { return applied() + 1; }
+  amp::ScalerState* scaler() { return reinterpret_cast<amp::ScalerState*>(applied() + 3); }
+};
+
+template <class T, class Opt, class Hyper>
+void run(const typename Opt::options_type& options, const Hyper& hyper, double max_norm, const std::string& what) {
+  SCOPED_TRACE(what + " " + dtype_traits<T>::name);
+  Case<T> c;
+  std::vector<optim::Param> ps;
+  for (std::size_t i = 0; i < c.sizes.size(); ++i) ps.push_back({"p" + std::to_string(i), c.weights[i], c.grads[i]});
+  Opt cpu(ps, options);
+  amp::GradScalerOptions so = amp::GradScalerOptions::for_dtype(dtype_of<T>);
+  so.init_scale = 1024;
+  so.growth_interval = 3;
+  amp::GradScaler scaler(so);
+  amp::ScalerState init;
+  init.scale = scaler.scale();
+  MIXPREC_CUDA_CHECK(cudaMemcpy(c.scaler(), &init, sizeof init, cudaMemcpyHostToDevice));
+  amp::ScalePolicy policy;
+  policy.growth_interval = 3;
+
+  std::int64_t worst_first = 0;
+  for (int step = 0; step < 50; ++step) {
+    for (std::size_t i = 0; i < c.sizes.size(); ++i) {
+      fill_normal(c.grads[i], 0, 0.05f * scaler.scale(), 1000 * step + i);
+      if ((step == 4 || step == 17) && i == 1) c.grads[i].at(65536) = from_float<T>(step == 4 ? INFINITY : NAN);
+      copy(c.grads[i], c.dgrads[i]);
+    }
+    // GPU: pass 1, pass 2, finish; no host synchronisation in between.
+    c.check->launch(*c.list);
+    cuda::StepInputs in;
+    in.found_inf = c.check->found_inf();
+    in.scale = &c.scaler()->scale;
+    in.total_sum_squares = max_norm > 0 ? c.check->total_sum_squares() : nullptr;
+    in.max_norm = max_norm;
+    in.applied_steps = c.applied();
+    cuda::launch_step(*c.list, *c.params, hyper, optim::LRSchedule::constant(), in);
+    cuda::launch_finish_step(c.check->found_inf(), *c.params, c.applied(), c.scaler(), policy,
+                             so.mode == amp::ScalingMode::dynamic, c.counters());
+    // CPU
+    const bool applied = max_norm > 0 ? scaler.step(cpu, max_norm) : scaler.step(cpu);
+    scaler.update();
+    // Compare.
+    amp::ScalerState gpu_state;
+    std::int64_t gpu_counts[3];
+    MIXPREC_CUDA_CHECK(cudaMemcpy(&gpu_state, c.scaler(), sizeof gpu_state, cudaMemcpyDeviceToHost));
+    MIXPREC_CUDA_CHECK(cudaMemcpy(gpu_counts, c.applied(), sizeof gpu_counts, cudaMemcpyDeviceToHost));
+    ASSERT_EQ(gpu_state.scale, scaler.scale()) << "step " << step;
+    ASSERT_EQ(gpu_counts[0], cpu.applied_steps()) << "step " << step;
+    ASSERT_EQ(gpu_counts[1], scaler.applied_steps());
+    ASSERT_EQ(gpu_counts[2], scaler.skipped_steps());
+    ASSERT_EQ(applied, step != 4 && step != 17);
+    for (std::size_t i = 0; i < c.sizes.size(); ++i) {
+      const Tensor<float> m = c.masters[i].to(Device::cpu());
+      const Tensor<T> w = c.dweights[i].to(Device::cpu());
+      for (std::int64_t e = 0; e < m.numel(); ++e) {
+        const float want = cpu.master(i).at(e), have = m.at(e);
+        if (step == 0) {
+          worst_first = std::max(worst_first, ulp_distance(have, want));
+        } else {
+          ASSERT_LE(std::fabs(have - want), 1e-5 + 1.3e-6 * std::fabs(want))
+              << "step " << step << " p" << i << "[" << e << "]";
+        }
+        ASSERT_EQ(to_bits(w.at(e)), to_bits(from_float<T>(have)));  // the weight is the master rounded
+      }
+    }
+  }
+  std::printf("%-28s %-9s first step: worst %lld ulp\n", what.c_str(), dtype_traits<T>::name,
+              static_cast<long long>(worst_first));
+  EXPECT_LE(worst_first, 2);
+}
+
+template <class T>
+void all_optimizers() {
+  {
+    optim::AdamOptions o;
+    cuda::AdamHyper h;
+    run<T, optim::Adam>(o, h, 0, "Adam");
+    o.amsgrad = h.amsgrad = true;
+    o.weight_decay = h.weight_decay = 0.1;
+    run<T, optim::Adam>(o, h, 0, "Adam amsgrad wd");
+  }
+  {
+    optim::AdamWOptions o;
+    cuda::AdamHyper h;
+    h.decoupled = true;
+    h.weight_decay = 0.01;
+    run<T, optim::AdamW>(o, h, 0, "AdamW");
+    run<T, optim::AdamW>(o, h, 0.5, "AdamW clip 0.5");
+    o.maximize = h.maximize = true;
+    run<T, optim::AdamW>(o, h, 0, "AdamW maximize");
+  }
+  {
+    optim::SGDOptions o;
+    cuda::SgdHyper h;
+    run<T, optim::SGD>(o, h, 0, "SGD");
+    o.momentum = h.momentum = 0.9;
+    o.nesterov = h.nesterov = true;
+    o.weight_decay = h.weight_decay = 0.01;
+    run<T, optim::SGD>(o, h, 0, "SGD nesterov wd");
+    o.nesterov = h.nesterov = false;
+    o.dampening = h.dampening = 0.3;
+    run<T, optim::SGD>(o, h, 1.0, "SGD dampening clip 1");
+  }
+  {
+    optim::RMSpropOptions o;
+    cuda::RmspropHyper h;
+    run<T, optim::RMSprop>(o, h, 0, "RMSprop");
+    o.centered = h.centered = true;
+    o.momentum = h.momentum = 0.5;
+    o.maximize = h.maximize = true;
+    run<T, optim::RMSprop>(o, h, 0, "RMSprop centered momentum");
+  }
+}
+
+TEST(OptimizerStepGpu, MatchesTheCpuPathHalf) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  all_optimizers<half>();
+}
+TEST(OptimizerStepGpu, MatchesTheCpuPathBfloat16) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  all_optimizers<bfloat16>();
+}
+TEST(OptimizerStepGpu, MatchesTheCpuPathFloat) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  all_optimizers<float>();
+}
+
+}  // namespace
+}  // namespace mixprec
