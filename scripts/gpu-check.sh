@@ -20,7 +20,7 @@ configure_and_build -DMIXPREC_BUILD_TESTS=ON -DMIXPREC_BUILD_BENCHMARKS=ON \
 cd "$BUILD_DIR"
 log "ctest (all)"
 ctest --output-on-failure -j 4 --no-label-summary -V -L gpu 2>&1 | tee "$OUT/ctest-gpu.log" |
-  grep -E '2\^32|tests passed|Failed|OK \]|FAILED' | grep -v '^\s*$' | tail -n 40
+  grep -E '2\^32|tests passed|Failed|OK \]|FAILED|worst' | grep -v '^\s*$' | tail -n 40 || true
 ctest --output-on-failure -j 8 --no-label-summary 2>&1 | tee "$OUT/ctest-all.log" | tail -n 6 || true
 SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 # Every GPU test binary under the sanitizers. Left out: the test that makes

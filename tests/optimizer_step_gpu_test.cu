@@ -2,9 +2,14 @@
 // GPU pass 1 + pass 2 + finish against the CPU optimizers and GradScaler
 // (themselves checked against PyTorch): same weights, same gradients, same
 // injected overflows. Skip decisions, scales and step counts must be equal;
-// masters within 2 ulp after the first step and within torch's fp32
-// tolerance after 50 (the GPU contracts a * b + c into FMAs, the CPU path
-// does not: a rounding apart per operation).
+// masters within 2 ulp after the first step (the kernels run the formulas in
+// exact_float, so without clipping they give the CPU's bits: 0 ulp seen on
+// the H100) and within torch's fp32 tolerance after 50. With clipping the GPU
+// sums the norm in another order than the CPU: the norms agree within 2 ulp,
+// the clip coefficients within about 1, and where an update nearly cancels a
+// weight that becomes many ulps of a tiny result (absolute error ~1e-10), so
+// clipped cases are held to torch's tolerance from the first step and their
+// worst ulp is printed.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -116,8 +121,18 @@ void run(const typename Opt::options_type& options, const Hyper& hyper, double m
     cuda::launch_finish_step(c.check->found_inf(), *c.params, c.applied(), c.scaler(), policy,
                              so.mode == amp::ScalingMode::dynamic, c.counters());
     // CPU
+    const float scale_before = scaler.scale();
+    scaler.unscale(cpu);
+    const float cpu_norm = scaler.grad_norm(cpu);
     const bool applied = max_norm > 0 ? scaler.step(cpu, max_norm) : scaler.step(cpu);
     scaler.update();
+    if (max_norm > 0 && std::isfinite(cpu_norm)) {
+      double total = 0;
+      MIXPREC_CUDA_CHECK(cudaMemcpy(&total, c.check->total_sum_squares(), sizeof total, cudaMemcpyDeviceToHost));
+      const float inv = static_cast<float>(1.0 / static_cast<double>(scale_before));
+      const float gpu_norm = static_cast<float>(std::sqrt(total) * inv);
+      ASSERT_LE(ulp_distance(gpu_norm, cpu_norm), 2) << "step " << step << ": " << gpu_norm << " vs " << cpu_norm;
+    }
     // Compare.
     amp::ScalerState gpu_state;
     std::int64_t gpu_counts[3];
@@ -127,14 +142,15 @@ void run(const typename Opt::options_type& options, const Hyper& hyper, double m
     ASSERT_EQ(gpu_counts[0], cpu.applied_steps()) << "step " << step;
     ASSERT_EQ(gpu_counts[1], scaler.applied_steps());
     ASSERT_EQ(gpu_counts[2], scaler.skipped_steps());
-    ASSERT_EQ(applied, step != 4 && step != 17);
+    if (step == 4 || step == 17) ASSERT_FALSE(applied);  // injected; fp16 also overflows on its own
     for (std::size_t i = 0; i < c.sizes.size(); ++i) {
       const Tensor<float> m = c.masters[i].to(Device::cpu());
       const Tensor<T> w = c.dweights[i].to(Device::cpu());
       for (std::int64_t e = 0; e < m.numel(); ++e) {
         const float want = cpu.master(i).at(e), have = m.at(e);
-        if (step == 0) {
-          worst_first = std::max(worst_first, ulp_distance(have, want));
+        if (step == 0) worst_first = std::max(worst_first, ulp_distance(have, want));
+        if (step == 0 && max_norm == 0) {
+          ASSERT_LE(ulp_distance(have, want), 2) << "p" << i << "[" << e << "]";
         } else {
           ASSERT_LE(std::fabs(have - want), 1e-5 + 1.3e-6 * std::fabs(want))
               << "step " << step << " p" << i << "[" << e << "]";
@@ -145,7 +161,6 @@ void run(const typename Opt::options_type& options, const Hyper& hyper, double m
   }
   std::printf("%-28s %-9s first step: worst %lld ulp\n", what.c_str(), dtype_traits<T>::name,
               static_cast<long long>(worst_first));
-  EXPECT_LE(worst_first, 2);
 }
 
 template <class T>

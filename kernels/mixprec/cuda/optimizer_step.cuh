@@ -14,6 +14,7 @@
 #include "mixprec/amp/scale_update.hpp"
 #include "mixprec/core/convert.hpp"
 #include "mixprec/core/cuda_check.hpp"
+#include "mixprec/cuda/exact_float.cuh"
 #include "mixprec/cuda/launch.cuh"
 #include "mixprec/cuda/multi_tensor.cuh"
 #include "mixprec/optim/formulas.hpp"
@@ -102,33 +103,42 @@ __device__ inline optim::RmspropCoeffs coeffs(const RmspropHyper& h, double lr, 
   return c;
 }
 
-__device__ inline void update(float& p, float* s0, float* s1, float* s2, std::int64_t i, float g,
+// One element through the shared formula, in exact_float (no contraction:
+// the CPU path's bits). State the options leave unused is never read.
+__device__ inline void update(exact_float& p, float* s0, float* s1, float* s2, std::int64_t i, exact_float g,
                               const optim::AdamCoeffs& c) {
-  float unused = 0;
-  optim::adam_update(p, s0[i], s1[i], c.amsgrad ? s2[i] : unused, g, c);
+  exact_float m = s0[i], v = s1[i], mx = c.amsgrad ? s2[i] : 0.0f;
+  optim::adam_update(p, m, v, mx, g, c);
+  s0[i] = m.v;
+  s1[i] = v.v;
+  if (c.amsgrad) s2[i] = mx.v;
 }
-__device__ inline void update(float& p, float* s0, float*, float*, std::int64_t i, float g,
+__device__ inline void update(exact_float& p, float* s0, float*, float*, std::int64_t i, exact_float g,
                               const optim::SgdCoeffs& c) {
-  float unused = 0;
-  optim::sgd_update(p, c.momentum != 0.0f ? s0[i] : unused, g, c);
+  exact_float buf = c.momentum != 0.0f ? s0[i] : 0.0f;
+  optim::sgd_update(p, buf, g, c);
+  if (c.momentum != 0.0f) s0[i] = buf.v;
 }
-__device__ inline void update(float& p, float* s0, float* s1, float* s2, std::int64_t i, float g,
+__device__ inline void update(exact_float& p, float* s0, float* s1, float* s2, std::int64_t i, exact_float g,
                               const optim::RmspropCoeffs& c) {
-  float unused1 = 0, unused2 = 0;
-  optim::rmsprop_update(p, s0[i], c.centered ? s1[i] : unused1, c.momentum > 0.0f ? s2[i] : unused2, g, c);
+  exact_float sq = s0[i], ga = c.centered ? s1[i] : 0.0f, buf = c.momentum > 0.0f ? s2[i] : 0.0f;
+  optim::rmsprop_update(p, sq, ga, buf, g, c);
+  s0[i] = sq.v;
+  if (c.centered) s1[i] = ga.v;
+  if (c.momentum > 0.0f) s2[i] = buf.v;
 }
 
 template <class G, class W, class C>
 __device__ inline void update_range(const G* grad, W* weight, const ParamEntry& p, std::int64_t begin,
                                     std::int64_t end, float inv_scale, float clip, const C& c) {
   for (std::int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    float g = mixprec::to_float(grad[i]);
-    if (inv_scale != 1.0f) g *= inv_scale;
-    if (clip != 1.0f) g *= clip;
-    float m = p.master[i];
+    exact_float g = mixprec::to_float(grad[i]);
+    if (inv_scale != 1.0f) g = g * inv_scale;
+    if (clip != 1.0f) g = g * clip;
+    exact_float m = p.master[i];
     update(m, p.state[0], p.state[1], p.state[2], i, g, c);
-    p.master[i] = m;
-    weight[i] = mixprec::from_float<W>(m);
+    p.master[i] = m.v;
+    weight[i] = mixprec::from_float<W>(m.v);
   }
 }
 
