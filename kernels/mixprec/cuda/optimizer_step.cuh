@@ -104,42 +104,102 @@ __device__ inline optim::RmspropCoeffs coeffs(const RmspropHyper& h, double lr, 
 }
 
 // One element through the shared formula, in exact_float (no contraction:
-// the CPU path's bits). State the options leave unused is never read.
-__device__ inline void update(exact_float& p, float* s0, float* s1, float* s2, std::int64_t i, exact_float g,
+// the CPU path's bits). s0..s2 are the element's state values; `uses` says
+// which ones the options read and write, so only those are loaded and
+// stored.
+__device__ inline void update(exact_float& p, exact_float& s0, exact_float& s1, exact_float& s2, exact_float g,
                               const optim::AdamCoeffs& c) {
-  exact_float m = s0[i], v = s1[i], mx = c.amsgrad ? s2[i] : 0.0f;
-  optim::adam_update(p, m, v, mx, g, c);
-  s0[i] = m.v;
-  s1[i] = v.v;
-  if (c.amsgrad) s2[i] = mx.v;
+  optim::adam_update(p, s0, s1, s2, g, c);
 }
-__device__ inline void update(exact_float& p, float* s0, float*, float*, std::int64_t i, exact_float g,
+__device__ inline void update(exact_float& p, exact_float& s0, exact_float&, exact_float&, exact_float g,
                               const optim::SgdCoeffs& c) {
-  exact_float buf = c.momentum != 0.0f ? s0[i] : 0.0f;
-  optim::sgd_update(p, buf, g, c);
-  if (c.momentum != 0.0f) s0[i] = buf.v;
+  optim::sgd_update(p, s0, g, c);
 }
-__device__ inline void update(exact_float& p, float* s0, float* s1, float* s2, std::int64_t i, exact_float g,
+__device__ inline void update(exact_float& p, exact_float& s0, exact_float& s1, exact_float& s2, exact_float g,
                               const optim::RmspropCoeffs& c) {
-  exact_float sq = s0[i], ga = c.centered ? s1[i] : 0.0f, buf = c.momentum > 0.0f ? s2[i] : 0.0f;
-  optim::rmsprop_update(p, sq, ga, buf, g, c);
-  s0[i] = sq.v;
-  if (c.centered) s1[i] = ga.v;
-  if (c.momentum > 0.0f) s2[i] = buf.v;
+  optim::rmsprop_update(p, s0, s1, s2, g, c);
+}
+__device__ inline bool uses(const optim::AdamCoeffs& c, int k) { return k < 2 || c.amsgrad; }
+__device__ inline bool uses(const optim::SgdCoeffs& c, int k) { return k == 0 && c.momentum != 0.0f; }
+__device__ inline bool uses(const optim::RmspropCoeffs& c, int k) {
+  return k == 0 || (k == 1 && c.centered) || (k == 2 && c.momentum > 0.0f);
 }
 
+// Four consecutive elements of T, loaded or stored as one 8- or 16-byte access.
+template <class T>
+struct alignas(4 * sizeof(T)) Quad {
+  T v[4];
+};
+
+template <class G, class W, class C>
+__device__ inline void update_one(const G* grad, W* weight, const ParamEntry& p, std::int64_t i, float inv_scale,
+                                  float clip, const C& c) {
+  exact_float g = mixprec::to_float(grad[i]);
+  if (inv_scale != 1.0f) g = g * inv_scale;
+  if (clip != 1.0f) g = g * clip;
+  exact_float m = p.master[i], s[3] = {0.0f, 0.0f, 0.0f};
+  for (int k = 0; k < 3; ++k) {
+    if (uses(c, k)) s[k] = p.state[k][i];
+  }
+  update(m, s[0], s[1], s[2], g, c);
+  p.master[i] = m.v;
+  for (int k = 0; k < 3; ++k) {
+    if (uses(c, k)) p.state[k][i] = s[k].v;
+  }
+  weight[i] = mixprec::from_float<W>(m.v);
+}
+
+template <class T>
+__device__ inline bool quad_aligned(const T* ptr) {
+  return reinterpret_cast<std::uintptr_t>(ptr) % (4 * sizeof(T)) == 0;
+}
+
+// Elements [begin, end) of one parameter. Where the gradient, weight,
+// master and used state are all aligned for 4-element accesses (chunks start
+// at multiples of 2^16 elements, so this holds for whole tensors allocated
+// by cudaMalloc), each thread moves 4 elements per access; otherwise, and
+// for the tail, one at a time. Same arithmetic either way.
 template <class G, class W, class C>
 __device__ inline void update_range(const G* grad, W* weight, const ParamEntry& p, std::int64_t begin,
                                     std::int64_t end, float inv_scale, float clip, const C& c) {
-  for (std::int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    exact_float g = mixprec::to_float(grad[i]);
-    if (inv_scale != 1.0f) g = g * inv_scale;
-    if (clip != 1.0f) g = g * clip;
-    exact_float m = p.master[i];
-    update(m, p.state[0], p.state[1], p.state[2], i, g, c);
-    p.master[i] = m.v;
-    weight[i] = mixprec::from_float<W>(m.v);
+  bool aligned = quad_aligned(grad + begin) && quad_aligned(weight + begin) && quad_aligned(p.master + begin);
+  for (int k = 0; k < 3; ++k) aligned = aligned && (!uses(c, k) || quad_aligned(p.state[k] + begin));
+  std::int64_t i = begin;
+  if (aligned) {
+    const std::int64_t quads = (end - begin) / 4;
+    for (std::int64_t q = threadIdx.x; q < quads; q += blockDim.x) {
+      const std::int64_t e = begin + 4 * q;
+      const Quad<G> gq = *reinterpret_cast<const Quad<G>*>(grad + e);
+      Quad<float> mq = *reinterpret_cast<const Quad<float>*>(p.master + e);
+      Quad<float> sq[3];
+      for (int k = 0; k < 3; ++k) {
+        if (uses(c, k)) sq[k] = *reinterpret_cast<const Quad<float>*>(p.state[k] + e);
+      }
+      Quad<W> wq;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        exact_float g = mixprec::to_float(gq.v[j]);
+        if (inv_scale != 1.0f) g = g * inv_scale;
+        if (clip != 1.0f) g = g * clip;
+        exact_float m = mq.v[j];
+        exact_float s0 = uses(c, 0) ? sq[0].v[j] : 0.0f, s1 = uses(c, 1) ? sq[1].v[j] : 0.0f,
+                    s2 = uses(c, 2) ? sq[2].v[j] : 0.0f;
+        update(m, s0, s1, s2, g, c);
+        mq.v[j] = m.v;
+        sq[0].v[j] = s0.v;
+        sq[1].v[j] = s1.v;
+        sq[2].v[j] = s2.v;
+        wq.v[j] = mixprec::from_float<W>(m.v);
+      }
+      *reinterpret_cast<Quad<float>*>(p.master + e) = mq;
+      for (int k = 0; k < 3; ++k) {
+        if (uses(c, k)) *reinterpret_cast<Quad<float>*>(p.state[k] + e) = sq[k];
+      }
+      *reinterpret_cast<Quad<W>*>(weight + e) = wq;
+    }
+    i = begin + 4 * quads;
   }
+  for (std::int64_t k = i + threadIdx.x; k < end; k += blockDim.x) update_one(grad, weight, p, k, inv_scale, clip, c);
 }
 
 template <class G, class C>
