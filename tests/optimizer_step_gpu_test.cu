@@ -40,7 +40,8 @@ template <class T>
 struct Case {
   std::vector<std::int64_t> sizes = {7, 65536 + 3, 0, 1000};
   std::vector<Tensor<T>> weights, grads;  // host: the CPU optimizer's
-  std::vector<Tensor<T>> dweights, dgrads;  // device
+  std::vector<Tensor<T>> dweight_store, dgrad_store;  // device, one element more than needed
+  std::vector<TensorView<T>> dweights, dgrads;  // device views, offset by `offset` elements
   std::vector<Tensor<float>> masters;
   std::vector<std::vector<Tensor<float>>> states;
   Buffer steps, scalars;  // int64 step counts; applied, applied counter, skipped counter, ScalerState
@@ -48,13 +49,18 @@ struct Case {
   std::unique_ptr<cuda::ParamList> params;
   std::unique_ptr<cuda::GradCheck> check;
 
-  Case() {
+  explicit Case(int offset = 0) {
     for (std::size_t i = 0; i < sizes.size(); ++i) {
       weights.emplace_back(Shape{sizes[i]});
       grads.emplace_back(Shape{sizes[i]});
       fill_normal(weights.back(), 0, 1, 10 + i);
-      dweights.push_back(weights.back().to(Device::cuda(0)));
-      dgrads.emplace_back(Shape{sizes[i]}, Device::cuda(0));
+      // An offset of one element leaves the gradient and weight misaligned
+      // for 4-element accesses: the kernel's scalar fallback.
+      dweight_store.emplace_back(Shape{sizes[i] + 1}, Device::cuda(0));
+      dgrad_store.emplace_back(Shape{sizes[i] + 1}, Device::cuda(0));
+      dweights.emplace_back(dweight_store.back().data() + offset, Shape{sizes[i]}, Device::cuda(0));
+      dgrads.emplace_back(dgrad_store.back().data() + offset, Shape{sizes[i]}, Device::cuda(0));
+      copy(weights.back(), dweights.back());
       Tensor<float> m(Shape{sizes[i]});
       convert(weights.back(), m);
       masters.push_back(m.to(Device::cuda(0)));
@@ -86,9 +92,10 @@ struct Case {
 };
 
 template <class T, class Opt, class Hyper>
-void run(const typename Opt::options_type& options, const Hyper& hyper, double max_norm, const std::string& what) {
+void run(const typename Opt::options_type& options, const Hyper& hyper, double max_norm, const std::string& what,
+         int offset = 0) {
   SCOPED_TRACE(what + " " + dtype_traits<T>::name);
-  Case<T> c;
+  Case<T> c(offset);
   std::vector<optim::Param> ps;
   for (std::size_t i = 0; i < c.sizes.size(); ++i) ps.push_back({"p" + std::to_string(i), c.weights[i], c.grads[i]});
   Opt cpu(ps, options);
@@ -148,7 +155,8 @@ void run(const typename Opt::options_type& options, const Hyper& hyper, double m
     if (step == 4 || step == 17) ASSERT_FALSE(applied);  // injected; fp16 also overflows on its own
     for (std::size_t i = 0; i < c.sizes.size(); ++i) {
       const Tensor<float> m = c.masters[i].to(Device::cpu());
-      const Tensor<T> w = c.dweights[i].to(Device::cpu());
+      Tensor<T> w(Shape{c.sizes[i]});
+      copy(c.dweights[i], w);
       for (std::int64_t e = 0; e < m.numel(); ++e) {
         const float want = cpu.master(i).at(e), have = m.at(e);
         if (step == 0) worst_first = std::max(worst_first, ulp_distance(have, want));
@@ -183,6 +191,7 @@ void all_optimizers() {
     h.weight_decay = 0.01;
     run<T, optim::AdamW>(o, h, 0, "AdamW");
     run<T, optim::AdamW>(o, h, 0.5, "AdamW clip 0.5");
+    run<T, optim::AdamW>(o, h, 0, "AdamW unaligned", /*offset=*/1);
     o.maximize = h.maximize = true;
     run<T, optim::AdamW>(o, h, 0, "AdamW maximize");
   }
@@ -220,6 +229,73 @@ TEST(OptimizerStepGpu, MatchesTheCpuPathBfloat16) {
 TEST(OptimizerStepGpu, MatchesTheCpuPathFloat) {
   MIXPREC_SKIP_WITHOUT_GPU();
   all_optimizers<float>();
+}
+
+// A whole step (pass 1, pass 2, finish) captured once in a CUDA graph and
+// replayed 100 times with fresh gradients gives the eager run's bits.
+TEST(OptimizerStepGpu, GraphReplayMatchesEager) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  Case<half> eager, graphed;
+  amp::ScalerState init;
+  init.scale = 4096;
+  for (Case<half>* c : {&eager, &graphed}) {
+    MIXPREC_CUDA_CHECK(cudaMemcpy(c->scaler(), &init, sizeof init, cudaMemcpyHostToDevice));
+  }
+  amp::ScalePolicy policy;
+  policy.growth_interval = 5;
+  cuda::AdamHyper hyper;
+  hyper.decoupled = true;
+  hyper.weight_decay = 0.01;
+  cudaStream_t stream;
+  MIXPREC_CUDA_CHECK(cudaStreamCreate(&stream));
+  auto step = [&](Case<half>& c) {
+    c.check->launch(*c.list, stream);
+    cuda::StepInputs in;
+    in.found_inf = c.check->found_inf();
+    in.scale = &c.scaler()->scale;
+    in.total_sum_squares = c.check->total_sum_squares();
+    in.max_norm = 1.0;
+    in.applied_steps = c.applied();
+    cuda::launch_step(*c.list, *c.params, hyper, optim::LRSchedule::cosine(60, 0.1), in, stream);
+    cuda::launch_finish_step(c.check->found_inf(), *c.params, c.applied(), c.scaler(), policy, true, c.counters(),
+                             stream);
+  };
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  MIXPREC_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  step(graphed);
+  MIXPREC_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  MIXPREC_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  for (int it = 0; it < 100; ++it) {
+    for (std::size_t i = 0; i < eager.sizes.size(); ++i) {
+      Tensor<half> g(Shape{eager.sizes[i]});
+      fill_normal(g, 0, 400, 77 * it + i);  // overflows now and then as the scale grows
+      if (it % 23 == 7 && g.numel() > 0) g.at(0) = from_float<half>(INFINITY);
+      copy(g, eager.dgrads[i], stream);
+      copy(g, graphed.dgrads[i], stream);
+    }
+    step(eager);
+    MIXPREC_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+  }
+  MIXPREC_CUDA_CHECK(cudaStreamSynchronize(stream));
+  std::int64_t counts_e[3], counts_g[3];
+  amp::ScalerState se, sg;
+  MIXPREC_CUDA_CHECK(cudaMemcpy(counts_e, eager.applied(), sizeof counts_e, cudaMemcpyDeviceToHost));
+  MIXPREC_CUDA_CHECK(cudaMemcpy(counts_g, graphed.applied(), sizeof counts_g, cudaMemcpyDeviceToHost));
+  MIXPREC_CUDA_CHECK(cudaMemcpy(&se, eager.scaler(), sizeof se, cudaMemcpyDeviceToHost));
+  MIXPREC_CUDA_CHECK(cudaMemcpy(&sg, graphed.scaler(), sizeof sg, cudaMemcpyDeviceToHost));
+  EXPECT_EQ(counts_e[1] + counts_e[2], 100);
+  EXPECT_GT(counts_e[2], 0);  // some steps were skipped
+  EXPECT_EQ(std::memcmp(counts_e, counts_g, sizeof counts_e), 0);
+  EXPECT_EQ(se.scale, sg.scale);
+  EXPECT_EQ(se.growth_tracker, sg.growth_tracker);
+  for (std::size_t i = 0; i < eager.sizes.size(); ++i) {
+    const Tensor<float> a = eager.masters[i].to(Device::cpu()), b = graphed.masters[i].to(Device::cpu());
+    ASSERT_EQ(std::memcmp(a.data(), b.data(), a.bytes()), 0) << "tensor " << i;
+  }
+  MIXPREC_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  MIXPREC_CUDA_CHECK(cudaGraphDestroy(graph));
+  MIXPREC_CUDA_CHECK(cudaStreamDestroy(stream));
 }
 
 }  // namespace
