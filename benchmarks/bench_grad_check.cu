@@ -9,44 +9,15 @@
 #include <memory>
 #include <vector>
 
+#include "gpu_bench.cuh"
 #include "mixprec/cuda/grad_check.cuh"
+#include "model_list.hpp"
 #include "mixprec/mixprec.hpp"
 
 namespace {
 
-struct Events {
-  cudaEvent_t start, stop;
-  Events() {
-    MIXPREC_CUDA_CHECK(cudaEventCreate(&start));
-    MIXPREC_CUDA_CHECK(cudaEventCreate(&stop));
-  }
-  ~Events() {
-    cudaEventDestroy(start);
-    cudaEventDestroy(stop);
-  }
-  double ms() {
-    MIXPREC_CUDA_CHECK(cudaEventSynchronize(stop));
-    float t = 0;
-    MIXPREC_CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
-    return t;
-  }
-};
-
-// Device copy of 1 GiB: bytes read + written per second.
-void BM_device_copy(benchmark::State& state) {
-  const std::size_t bytes = std::size_t{1} << 30;
-  mixprec::Buffer a(bytes, mixprec::Device::cuda(0)), b(bytes, mixprec::Device::cuda(0));
-  MIXPREC_CUDA_CHECK(cudaMemset(a.data(), 1, bytes));
-  Events e;
-  for (auto _ : state) {
-    MIXPREC_CUDA_CHECK(cudaEventRecord(e.start));
-    MIXPREC_CUDA_CHECK(cudaMemcpyAsync(b.data(), a.data(), bytes, cudaMemcpyDeviceToDevice));
-    MIXPREC_CUDA_CHECK(cudaEventRecord(e.stop));
-    state.SetIterationTime(e.ms() / 1e3);
-  }
-  state.SetBytesProcessed(state.iterations() * static_cast<std::int64_t>(2 * bytes));
-  state.counters["GBps"] = benchmark::Counter(2.0 * bytes / 1e9, benchmark::Counter::kIsIterationInvariantRate);
-}
+using mixprec::bench::BM_device_copy;
+using mixprec::bench::Events;
 
 void BM_grad_check(benchmark::State& state) {
   if (mixprec::cuda_device_count() == 0) {
@@ -56,12 +27,10 @@ void BM_grad_check(benchmark::State& state) {
   const std::int64_t n = state.range(0);
   std::vector<std::unique_ptr<mixprec::Tensor<mixprec::half>>> grads;
   std::vector<mixprec::TensorRef> refs;
-  for (std::int64_t left = n, k = 0; left > 0; ++k) {
-    const std::int64_t size = std::min<std::int64_t>(left, k % 2 ? 1024 : (1 << 20) - 1024);
+  for (const std::int64_t size : mixprec::bench::model_tensor_sizes(n)) {
     grads.push_back(std::make_unique<mixprec::Tensor<mixprec::half>>(mixprec::Shape{size}, mixprec::Device::cuda(0)));
     mixprec::fill(*grads.back(), 0.5f);  // finite, non-zero
     refs.push_back(*grads.back());
-    left -= size;
   }
   mixprec::cuda::TensorList list(refs);
   mixprec::cuda::GradCheck check(list);
@@ -71,7 +40,7 @@ void BM_grad_check(benchmark::State& state) {
     MIXPREC_CUDA_CHECK(cudaEventRecord(e.start));
     check.launch(list);
     MIXPREC_CUDA_CHECK(cudaEventRecord(e.stop));
-    state.SetIterationTime(e.ms() / 1e3);
+    state.SetIterationTime(e.seconds());
   }
   const double bytes = 2.0 * static_cast<double>(n);
   state.counters["GBps"] = benchmark::Counter(bytes / 1e9, benchmark::Counter::kIsIterationInvariantRate);

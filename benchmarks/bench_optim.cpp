@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "mixprec/mixprec.hpp"
+#include "model_list.hpp"
 
 namespace {
 
@@ -40,18 +41,14 @@ struct Model {
   std::vector<std::unique_ptr<mixprec::Tensor<half>>> weights, grads;
   std::vector<mixprec::optim::Param> params;
   explicit Model(std::int64_t n) {
-    std::int64_t left = n;
     int k = 0;
-    while (left > 0) {
-      // Alternate a large weight with a bias of 1024 elements.
-      const std::int64_t size = std::min<std::int64_t>(left, k % 2 ? 1024 : (1 << 20) - 1024);
+    for (const std::int64_t size : mixprec::bench::model_tensor_sizes(n)) {
       weights.push_back(std::make_unique<mixprec::Tensor<half>>(mixprec::Shape{size}));
       grads.push_back(std::make_unique<mixprec::Tensor<half>>(mixprec::Shape{size}));
       mixprec::fill_normal(*weights.back(), 0, 1, 2 * k);
       mixprec::fill_normal(*grads.back(), 0, 100, 2 * k + 1);
       params.push_back({"p" + std::to_string(k), *weights.back(), *grads.back()});
       ++k;
-      left -= size;
     }
   }
 };

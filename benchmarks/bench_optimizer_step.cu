@@ -11,7 +11,9 @@
 #include <memory>
 #include <vector>
 
+#include "gpu_bench.cuh"
 #include "mixprec/cuda/grad_check.cuh"
+#include "model_list.hpp"
 #include "mixprec/cuda/optimizer_step.cuh"
 #include "mixprec/mixprec.hpp"
 
@@ -19,37 +21,8 @@ namespace {
 
 using mixprec::half;
 
-struct Events {
-  cudaEvent_t start, stop;
-  Events() {
-    MIXPREC_CUDA_CHECK(cudaEventCreate(&start));
-    MIXPREC_CUDA_CHECK(cudaEventCreate(&stop));
-  }
-  ~Events() {
-    cudaEventDestroy(start);
-    cudaEventDestroy(stop);
-  }
-  double seconds() {
-    MIXPREC_CUDA_CHECK(cudaEventSynchronize(stop));
-    float t = 0;
-    MIXPREC_CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
-    return t / 1e3;
-  }
-};
-
-void BM_device_copy(benchmark::State& state) {
-  const std::size_t bytes = std::size_t{1} << 30;
-  mixprec::Buffer a(bytes, mixprec::Device::cuda(0)), b(bytes, mixprec::Device::cuda(0));
-  MIXPREC_CUDA_CHECK(cudaMemset(a.data(), 1, bytes));
-  Events e;
-  for (auto _ : state) {
-    MIXPREC_CUDA_CHECK(cudaEventRecord(e.start));
-    MIXPREC_CUDA_CHECK(cudaMemcpyAsync(b.data(), a.data(), bytes, cudaMemcpyDeviceToDevice));
-    MIXPREC_CUDA_CHECK(cudaEventRecord(e.stop));
-    state.SetIterationTime(e.seconds());
-  }
-  state.counters["GBps"] = benchmark::Counter(2.0 * bytes / 1e9, benchmark::Counter::kIsIterationInvariantRate);
-}
+using mixprec::bench::BM_device_copy;
+using mixprec::bench::Events;
 
 template <class Hyper>
 void BM_step(benchmark::State& state, Hyper hyper, int state_tensors, double max_norm) {
@@ -59,9 +32,8 @@ void BM_step(benchmark::State& state, Hyper hyper, int state_tensors, double max
   std::vector<mixprec::TensorRef> refs;
   std::vector<mixprec::cuda::ParamEntry> entries;
   mixprec::Buffer steps, scalars(4 * 8 + sizeof(mixprec::amp::ScalerState), mixprec::Device::cuda(0));
-  std::int64_t count = 0;
-  for (std::int64_t left = n, k = 0; left > 0; ++k) left -= std::min<std::int64_t>(left, k % 2 ? 1024 : (1 << 20) - 1024), ++count;
-  steps = mixprec::Buffer(static_cast<std::size_t>(count) * 8, mixprec::Device::cuda(0));
+  const std::vector<std::int64_t> sizes = mixprec::bench::model_tensor_sizes(n);
+  steps = mixprec::Buffer(sizes.size() * 8, mixprec::Device::cuda(0));
   MIXPREC_CUDA_CHECK(cudaMemset(steps.data(), 0, steps.bytes()));
   MIXPREC_CUDA_CHECK(cudaMemset(scalars.data(), 0, scalars.bytes()));
   auto device_floats = [&](std::int64_t size, float value) {
@@ -69,8 +41,8 @@ void BM_step(benchmark::State& state, Hyper hyper, int state_tensors, double max
     mixprec::fill(*floats.back(), value);
     return floats.back()->data();
   };
-  for (std::int64_t left = n, k = 0; left > 0; ++k) {
-    const std::int64_t size = std::min<std::int64_t>(left, k % 2 ? 1024 : (1 << 20) - 1024);
+  for (std::size_t k = 0; k < sizes.size(); ++k) {
+    const std::int64_t size = sizes[k];
     weights.push_back(std::make_unique<mixprec::Tensor<half>>(mixprec::Shape{size}, mixprec::Device::cuda(0)));
     grads.push_back(std::make_unique<mixprec::Tensor<half>>(mixprec::Shape{size}, mixprec::Device::cuda(0)));
     mixprec::fill(*weights.back(), 0.25f);
@@ -80,7 +52,6 @@ void BM_step(benchmark::State& state, Hyper hyper, int state_tensors, double max
     entries.push_back({weights.back()->data(), mixprec::DType::float16, device_floats(size, 0.25f),
                        {s[0], s[1], s[2]}, static_cast<std::int64_t*>(steps.data()) + k});
     refs.push_back(*grads.back());
-    left -= size;
   }
   mixprec::cuda::TensorList list(refs);
   mixprec::cuda::ParamList params(entries);

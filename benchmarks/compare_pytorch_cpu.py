@@ -19,15 +19,8 @@ import time
 
 import torch
 
+from model_list import tensor_list
 
-def tensor_list(n):
-    sizes, left, k = [], n, 0
-    while left > 0:
-        size = min(left, 1024 if k % 2 else (1 << 20) - 1024)
-        sizes.append(size)
-        left -= size
-        k += 1
-    return sizes
 
 
 def torch_step_ms(make_opt, n, repeats, one_tensor=False):
