@@ -216,27 +216,26 @@ MIXPREC_TARGET_AVX2 inline std::size_t simd_convert(const half* src, std::size_t
   return i;
 }
 
+// float_bits_to_bfloat16_bits on 8 lanes: round the 16 dropped bits to
+// nearest even, canonical NaN 0x7fff; results in the low 16 bits of each lane.
+MIXPREC_TARGET_AVX2 inline __m256i round_to_bfloat16_bits8(__m256i u) {
+  const __m256i bias = _mm256_set1_epi32(0x7fff);  // also the canonical NaN
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, bias), lsb), 16);
+  const __m256i is_nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                            _mm256_set1_epi32(0x7f800000));
+  return _mm256_blendv_epi8(r, bias, is_nan);
+}
+
 MIXPREC_TARGET_AVX2 inline std::size_t simd_convert(const float* src, std::size_t n,
                                                     bfloat16* dst) {
-  // The integer round-to-nearest-even of float_bits_to_bfloat16_bits, 8 lanes
-  // at a time; the two 8-lane halves are packed into one 16-lane store.
-  const __m256i bias = _mm256_set1_epi32(0x7fff);
-  const __m256i one = _mm256_set1_epi32(1);
-  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
-  const __m256i inf = _mm256_set1_epi32(0x7f800000);
-  auto round8 = [&](const float* p) MIXPREC_TARGET_AVX2 {
-    const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
-    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, bias), lsb), 16);
-    const __m256i is_nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs_mask), inf);
-    return _mm256_blendv_epi8(r, bias, is_nan);  // bias == 0x7fff, the canonical NaN
-  };
   std::size_t i = 0;
   for (; i + 16 <= n; i += 16) {
+    const __m256i lo = round_to_bfloat16_bits8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+    const __m256i hi = round_to_bfloat16_bits8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i + 8)));
     // packus works per 128-bit lane: fix the order with a 64-bit permute.
-    const __m256i packed = _mm256_packus_epi32(round8(src + i), round8(src + i + 8));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
-                        _mm256_permute4x64_epi64(packed, 0xd8));
+                        _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xd8));
   }
   return i;
 }

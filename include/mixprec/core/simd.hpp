@@ -64,7 +64,6 @@ template <class V>
 inline void store(float* p, V v) {
   std::memcpy(p, &v, sizeof v);
 }
-inline f32x4 load(const float* p) { return load<f32x4>(p); }
 
 }  // namespace simd
 

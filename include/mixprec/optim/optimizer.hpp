@@ -390,12 +390,12 @@ class Optimizer {
     detail::simd_convert(tmp, 8, p);
   }
   MIXPREC_TARGET_AVX2 static void store8(bfloat16* p, simd::f32x8 v) {
-    float tmp[16];
-    simd::store(tmp, v);
-    simd::store(tmp + 8, v);
-    bfloat16 out[16];
-    detail::simd_convert(tmp, 16, out);
-    std::memcpy(p, out, 8 * sizeof(bfloat16));
+    __m256i u;
+    std::memcpy(&u, &v, sizeof u);
+    const __m256i r = detail::round_to_bfloat16_bits8(u);
+    // Pack the 8 low halves into 128 bits (packus works per 128-bit lane).
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
   }
 
   // The fused pass: every call inside is inlined (flatten) and compiled for

@@ -114,8 +114,9 @@ void convert(const Src& src_in, Dst&& dst_in) {
 
 namespace detail {
 
-// Writes `count` elements produced by make(i) into dst: directly on the host,
-// through a pinned-free host staging buffer on a device (synchronous).
+// Writes the elements make(i) produces into dst: directly on the host; on a
+// device through a pageable host staging buffer of at most 2^20 elements,
+// copied chunk by chunk (synchronous).
 template <class T, class Make>
 void generate(TensorView<T> dst, stream_t stream, Make make) {
   detail::require_usable(dst.device(), "fill");

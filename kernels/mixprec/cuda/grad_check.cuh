@@ -19,7 +19,7 @@ namespace detail {
 
 inline constexpr int check_threads = 256;
 
-// 16 bytes of T widened to float, one element at a time into `f`.
+// One element widened to float: its square into `sum`, non-finite into `bad`.
 template <class T>
 __device__ inline void accumulate_one(T value, float& sum, int& bad) {
   const float x = mixprec::to_float(value);
