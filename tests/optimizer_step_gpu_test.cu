@@ -86,6 +86,20 @@ struct Case {
     params = std::make_unique<cuda::ParamList>(entries);
     check = std::make_unique<cuda::GradCheck>(*list);
   }
+  // One whole GPU step: pass 1, pass 2, finish; no host synchronisation.
+  template <class Hyper>
+  void step(const Hyper& hyper, const optim::LRSchedule& schedule, double max_norm, const amp::ScalePolicy& policy,
+            bool dynamic, cudaStream_t stream = nullptr) {
+    check->launch(*list, stream);
+    cuda::StepInputs in;
+    in.found_inf = check->found_inf();
+    in.scale = &scaler()->scale;
+    in.total_sum_squares = max_norm > 0 ? check->total_sum_squares() : nullptr;
+    in.max_norm = max_norm;
+    in.applied_steps = applied();
+    cuda::launch_step(*list, *params, hyper, schedule, in, stream);
+    cuda::launch_finish_step(check->found_inf(), *params, applied(), scaler(), policy, dynamic, counters(), stream);
+  }
   std::int64_t* applied() { return static_cast<std::int64_t*>(scalars.data()); }
   std::int64_t* counters() { return applied() + 1; }
   amp::ScalerState* scaler() { return reinterpret_cast<amp::ScalerState*>(applied() + 3); }
@@ -116,17 +130,7 @@ void run(const typename Opt::options_type& options, const Hyper& hyper, double m
       if ((step == 4 || step == 17) && i == 1) c.grads[i].at(65536) = from_float<T>(step == 4 ? INFINITY : NAN);
       copy(c.grads[i], c.dgrads[i]);
     }
-    // GPU: pass 1, pass 2, finish; no host synchronisation in between.
-    c.check->launch(*c.list);
-    cuda::StepInputs in;
-    in.found_inf = c.check->found_inf();
-    in.scale = &c.scaler()->scale;
-    in.total_sum_squares = max_norm > 0 ? c.check->total_sum_squares() : nullptr;
-    in.max_norm = max_norm;
-    in.applied_steps = c.applied();
-    cuda::launch_step(*c.list, *c.params, hyper, optim::LRSchedule::constant(), in);
-    cuda::launch_finish_step(c.check->found_inf(), *c.params, c.applied(), c.scaler(), policy,
-                             so.mode == amp::ScalingMode::dynamic, c.counters());
+    c.step(hyper, optim::LRSchedule::constant(), max_norm, policy, so.mode == amp::ScalingMode::dynamic);
     // CPU
     const float scale_before = scaler.scale();
     scaler.unscale(cpu);
@@ -248,18 +252,7 @@ TEST(OptimizerStepGpu, GraphReplayMatchesEager) {
   hyper.weight_decay = 0.01;
   cudaStream_t stream;
   MIXPREC_CUDA_CHECK(cudaStreamCreate(&stream));
-  auto step = [&](Case<half>& c) {
-    c.check->launch(*c.list, stream);
-    cuda::StepInputs in;
-    in.found_inf = c.check->found_inf();
-    in.scale = &c.scaler()->scale;
-    in.total_sum_squares = c.check->total_sum_squares();
-    in.max_norm = 1.0;
-    in.applied_steps = c.applied();
-    cuda::launch_step(*c.list, *c.params, hyper, optim::LRSchedule::cosine(60, 0.1), in, stream);
-    cuda::launch_finish_step(c.check->found_inf(), *c.params, c.applied(), c.scaler(), policy, true, c.counters(),
-                             stream);
-  };
+  auto step = [&](Case<half>& c) { c.step(hyper, optim::LRSchedule::cosine(60, 0.1), 1.0, policy, true, stream); };
   cudaGraph_t graph;
   cudaGraphExec_t exec;
   MIXPREC_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));

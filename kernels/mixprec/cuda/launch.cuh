@@ -3,6 +3,7 @@
 // the device's multiprocessor count.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 #include "mixprec/core/cuda_check.hpp"
@@ -12,13 +13,22 @@ namespace mixprec::cuda {
 /// Threads per block for mixprec's elementwise kernels.
 inline constexpr int block_threads = 256;
 
-/// Multiprocessor count of the current device (an attribute query: cheap,
-/// never synchronises).
+/// Multiprocessor count of the current device, asked of the driver once per
+/// device and cached: launchers call this on every launch.
 inline int multiprocessor_count() {
   int device = 0;
   MIXPREC_CUDA_CHECK(cudaGetDevice(&device));
-  int count = 0;
-  MIXPREC_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  static std::atomic<int> cache[64] = {};
+  if (device < 0 || device >= 64) {
+    int count = 0;
+    MIXPREC_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    return count;
+  }
+  int count = cache[device].load(std::memory_order_relaxed);
+  if (count == 0) {
+    MIXPREC_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    cache[device].store(count, std::memory_order_relaxed);  // every thread stores the same value
+  }
   return count;
 }
 
