@@ -31,7 +31,7 @@ void BM_step(benchmark::State& state, Hyper hyper, int state_tensors, double max
   std::vector<std::unique_ptr<mixprec::Tensor<float>>> floats;
   std::vector<mixprec::TensorRef> refs;
   std::vector<mixprec::cuda::ParamEntry> entries;
-  mixprec::Buffer steps, scalars(4 * 8 + sizeof(mixprec::amp::ScalerState), mixprec::Device::cuda(0));
+  mixprec::Buffer steps, scalars(8 + sizeof(mixprec::amp::DeviceScalerState), mixprec::Device::cuda(0));
   const std::vector<std::int64_t> sizes = mixprec::bench::model_tensor_sizes(n);
   steps = mixprec::Buffer(sizes.size() * 8, mixprec::Device::cuda(0));
   MIXPREC_CUDA_CHECK(cudaMemset(steps.data(), 0, steps.bytes()));
@@ -57,12 +57,12 @@ void BM_step(benchmark::State& state, Hyper hyper, int state_tensors, double max
   mixprec::cuda::ParamList params(entries);
   mixprec::cuda::GradCheck check(list);
   auto* applied = static_cast<std::int64_t*>(scalars.data());
-  auto* scaler = reinterpret_cast<mixprec::amp::ScalerState*>(applied + 4);
-  mixprec::amp::ScalerState init;
+  auto* scaler = reinterpret_cast<mixprec::amp::DeviceScalerState*>(applied + 1);
+  mixprec::amp::DeviceScalerState init;
   MIXPREC_CUDA_CHECK(cudaMemcpy(scaler, &init, sizeof init, cudaMemcpyHostToDevice));
   mixprec::cuda::StepInputs in;
   in.found_inf = check.found_inf();
-  in.scale = &scaler->scale;
+  in.scale = &scaler->state.scale;
   in.total_sum_squares = max_norm > 0 ? check.total_sum_squares() : nullptr;
   in.max_norm = max_norm;
   in.applied_steps = applied;
@@ -70,7 +70,8 @@ void BM_step(benchmark::State& state, Hyper hyper, int state_tensors, double max
   auto step = [&] {
     check.launch(list);
     mixprec::cuda::launch_step(list, params, hyper, mixprec::optim::LRSchedule::constant(), in);
-    mixprec::cuda::launch_finish_step(check.found_inf(), params, applied, scaler, policy, true, applied + 1);
+    mixprec::cuda::launch_finish_step(check.found_inf(), params, applied, &scaler->any_inf);
+    mixprec::cuda::launch_update_scale(scaler, policy, true);
   };
   for (int i = 0; i < 3; ++i) step();
   Events e;

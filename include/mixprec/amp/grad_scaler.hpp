@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "mixprec/amp/scale_update.hpp"
@@ -55,6 +56,87 @@ struct GradScalerOptions {
   }
 };
 
+namespace detail {
+
+/// Where an optimizer is in the current iteration.
+enum class Stage { ready, unscaled, stepped };
+
+/// What both scalers remember per optimizer between update() calls.
+struct RecordBase {
+  std::uint64_t opt = 0;  // Optimizer::id(): never reused, unlike an address
+  std::size_t num_params = 0;
+  Stage stage = Stage::ready;
+  double max_norm = 0;  // > 0 once clip_grad_norm ran
+};
+
+/// The per-optimizer records of one iteration and PyTorch's call-order
+/// rules, for the scaler called `who` ("GradScaler", "DeviceGradScaler").
+template <class Record>
+class Records {
+ public:
+  explicit Records(const char* who) : who_(who) {}
+
+  Record& get(const optim::Optimizer& opt) {
+    for (Record& r : items_) {
+      if (r.opt == opt.id()) return r;
+    }
+    items_.emplace_back();
+    items_.back().opt = opt.id();
+    return items_.back();
+  }
+  /// The record of an optimizer unscaled since the last update(), or an
+  /// error naming `what`.
+  const Record& checked(const optim::Optimizer& opt, const char* what) const {
+    for (const Record& r : items_) {
+      if (r.opt == opt.id() && r.stage != Stage::ready) return r;
+    }
+    mixprec::detail::throw_error(who_, "::", what, ": no unscale() on this ", opt.name(),
+                                 " since the last update()");
+  }
+  Record& checked(const optim::Optimizer& opt, const char* what) {
+    return const_cast<Record&>(std::as_const(*this).checked(opt, what));
+  }
+
+  void require_can_unscale(const optim::Optimizer& opt) {
+    const Record& r = get(opt);
+    MIXPREC_CHECK(r.stage != Stage::unscaled, who_, "::unscale: already called on this ", opt.name(),
+                  " since the last update()");
+    MIXPREC_CHECK(r.stage != Stage::stepped, who_, "::unscale: called after step() on this ", opt.name(),
+                  "; call update() first");
+  }
+  void require_can_clip(const optim::Optimizer& opt) {
+    const Record& r = checked(opt, "clip_grad_norm");
+    MIXPREC_CHECK(r.stage == Stage::unscaled, who_, "::clip_grad_norm: step() already ran on this ", opt.name(),
+                  " since the last update()");
+    require_same_params(opt, r, "clip_grad_norm");
+  }
+  void require_can_step(const optim::Optimizer& opt) {
+    MIXPREC_CHECK(get(opt).stage != Stage::stepped, who_, "::step: already called on this ", opt.name(),
+                  " since the last update()");
+  }
+  // Parameters added after unscale() were never checked: refuse to step them.
+  void require_same_params(const optim::Optimizer& opt, const Record& r, const char* what) const {
+    MIXPREC_CHECK(opt.num_params() == r.num_params, who_, "::", what, ": ", opt.name(), " has ", opt.num_params(),
+                  " parameters, ", r.num_params, " when unscale() checked them; call update() before adding parameters");
+  }
+  void require_some(const char* what) const {
+    MIXPREC_CHECK(!items_.empty(), who_, "::", what, ": no unscale() or step() since the last update()");
+  }
+  void check_max_norm(double max_norm) const {
+    MIXPREC_CHECK(std::isfinite(max_norm) && max_norm > 0.0, who_, ": max_norm = ", max_norm,
+                  ", must be finite and > 0");
+  }
+
+  const std::vector<Record>& all() const { return items_; }
+  void clear() { items_.clear(); }
+
+ private:
+  const char* who_;
+  std::vector<Record> items_;
+};
+
+}  // namespace detail
+
 /// Dynamic loss scaling. A training step, in PyTorch's words:
 ///
 ///     loss_grad_seed = scaler.scale(1.0f);   // or scaler.scale(loss)
@@ -71,13 +153,31 @@ class GradScaler {
  public:
   explicit GradScaler(const GradScalerOptions& options = {}) : options_(options) {
     validate(options);
-    state_.scale = options.mode == ScalingMode::disabled ? 1.0f : static_cast<float>(options.init_scale);
-    policy_.growth_factor = options.growth_factor;
-    policy_.backoff_factor = options.backoff_factor;
-    policy_.growth_interval = static_cast<std::int32_t>(options.growth_interval);
-    policy_.hysteresis = static_cast<std::int32_t>(options.hysteresis);
-    policy_.min_scale = static_cast<float>(options.min_scale);
-    policy_.max_scale = static_cast<float>(options.max_scale);
+    state_ = initial_state(options);
+    policy_ = policy(options);
+  }
+
+  /// The state a scaler with these options starts from.
+  static ScalerState initial_state(const GradScalerOptions& o) {
+    ScalerState s;
+    s.scale = o.mode == ScalingMode::disabled ? 1.0f : static_cast<float>(o.init_scale);
+    return s;
+  }
+  /// The options as the update rule takes them.
+  static ScalePolicy policy(const GradScalerOptions& o) {
+    ScalePolicy p;
+    p.growth_factor = o.growth_factor;
+    p.backoff_factor = o.backoff_factor;
+    p.growth_interval = static_cast<std::int32_t>(o.growth_interval);
+    p.hysteresis = static_cast<std::int32_t>(o.hysteresis);
+    p.min_scale = static_cast<float>(o.min_scale);
+    p.max_scale = static_cast<float>(o.max_scale);
+    return p;
+  }
+  /// The error update() raises once when a backoff is clamped at min_scale.
+  [[noreturn]] static void throw_min_scale(const char* who, double min_scale, std::int64_t skipped) {
+    mixprec::detail::throw_error(who, "::update: the scale would fall below min_scale = ", min_scale, " after ",
+                                 skipped, " skipped steps; gradients keep overflowing (check the loss and the model)");
   }
 
   static void validate(const GradScalerOptions& o) {
@@ -118,11 +218,10 @@ class GradScaler {
   /// or inspect (grad_norm, found_inf) before step(). A second call before
   /// update() is an error, as in PyTorch.
   void unscale(optim::Optimizer& opt) {
-    Record& r = record(opt);
-    MIXPREC_CHECK(r.stage != Stage::unscaled, "GradScaler::unscale: already called on this ",
-                  opt.name(), " since the last update()");
-    MIXPREC_CHECK(r.stage != Stage::stepped, "GradScaler::unscale: called after step() on this ",
-                  opt.name(), "; call update() first");
+    MIXPREC_CHECK(!opt.on_device(), "GradScaler: the parameters of this ", opt.name(), " are on ", opt.device(),
+                  "; GradScaler keeps its state on the host, use amp::DeviceGradScaler");
+    records_.require_can_unscale(opt);
+    Record& r = records_.get(opt);
     // PyTorch takes the reciprocal in double and rounds it to float.
     r.inv_scale = static_cast<float>(1.0 / static_cast<double>(state_.scale));
     r.stats = opt.check_grads();
@@ -134,7 +233,7 @@ class GradScaler {
   /// The unscaled global L2 norm of opt's gradients, from the last
   /// unscale(); inf or NaN when a gradient is not finite.
   float grad_norm(const optim::Optimizer& opt) const {
-    const Record& r = checked_record(opt, "grad_norm");
+    const Record& r = records_.checked(opt, "grad_norm");
     return static_cast<float>(std::sqrt(r.stats.total_sum_squares()) * r.inv_scale);
   }
 
@@ -142,12 +241,10 @@ class GradScaler {
   /// unscale(): the update will multiply them by
   /// min(1, max_norm / (total_norm + 1e-6)). Returns total_norm.
   float clip_grad_norm(optim::Optimizer& opt, double max_norm) {
-    check_max_norm(max_norm);
-    checked_record(opt, "clip_grad_norm");
-    Record& r = record(opt);
-    MIXPREC_CHECK(r.stage == Stage::unscaled, "GradScaler::clip_grad_norm: step() already ran on this ",
-                  opt.name(), " since the last update()");
-    require_same_params(opt, r, "clip_grad_norm");
+    records_.check_max_norm(max_norm);
+    records_.require_can_clip(opt);
+    Record& r = records_.checked(opt, "clip_grad_norm");
+    r.max_norm = max_norm;
     const float total = grad_norm(opt);
     // torch: max_norm / (total_norm + 1e-6) on a float32 tensor, which
     // Tensor.__rtruediv__ evaluates as reciprocal() * max_norm: two roundings.
@@ -160,12 +257,10 @@ class GradScaler {
   /// every gradient is finite, or skips it whole: masters, state and step
   /// counts untouched. Returns whether the step was applied.
   bool step(optim::Optimizer& opt) {
-    Record& r = record(opt);
-    MIXPREC_CHECK(r.stage != Stage::stepped, "GradScaler::step: already called on this ", opt.name(),
-                  " since the last update()");
-    if (r.stage == Stage::ready) unscale(opt);
-    Record& rr = record(opt);
-    require_same_params(opt, rr, "step");
+    records_.require_can_step(opt);
+    if (records_.get(opt).stage == Stage::ready) unscale(opt);
+    Record& rr = records_.get(opt);
+    records_.require_same_params(opt, rr, "step");
     rr.stage = Stage::stepped;
     if (rr.found_inf) return false;
     opt.apply({rr.inv_scale, rr.clip_coef});
@@ -174,8 +269,8 @@ class GradScaler {
 
   /// unscale + clip_grad_norm(max_norm) + step, for the common case.
   bool step(optim::Optimizer& opt, double max_norm) {
-    check_max_norm(max_norm);  // before unscale() changes anything
-    if (record(opt).stage == Stage::ready) unscale(opt);
+    records_.check_max_norm(max_norm);  // before unscale() changes anything
+    if (records_.get(opt).stage == Stage::ready) unscale(opt);
     clip_grad_norm(opt, max_norm);
     return step(opt);
   }
@@ -186,26 +281,24 @@ class GradScaler {
   /// the update is complete, when the scale is clamped at min_scale for the
   /// first time.
   void update() {
-    MIXPREC_CHECK(!records_.empty(), "GradScaler::update: no unscale() or step() since the last update()");
+    records_.require_some("update");
     bool found_inf = false;
-    for (const Record& r : records_) found_inf = found_inf || r.found_inf;
+    for (const Record& r : records_.all()) found_inf = found_inf || r.found_inf;
     records_.clear();
     (found_inf ? skipped_ : applied_) += 1;
     if (options_.mode != ScalingMode::dynamic) return;
     const std::int32_t hits = state_.min_scale_hits;
     update_scale(state_, found_inf, policy_);
     if (options_.error_at_min_scale && hits == 0 && state_.min_scale_hits > 0) {
-      detail::throw_error("GradScaler::update: the scale would fall below min_scale = ",
-                          options_.min_scale, " after ", skipped_,
-                          " skipped steps; gradients keep overflowing (check the loss and the model)");
+      throw_min_scale("GradScaler", options_.min_scale, skipped_);
     }
   }
 
   /// Whether opt saw a non-finite gradient since the last update().
-  bool found_inf(const optim::Optimizer& opt) const { return checked_record(opt, "found_inf").found_inf; }
+  bool found_inf(const optim::Optimizer& opt) const { return records_.checked(opt, "found_inf").found_inf; }
   /// Names of opt's parameters whose gradient held inf or NaN, from the last unscale().
   std::vector<std::string> nonfinite_params(const optim::Optimizer& opt) const {
-    const Record& r = checked_record(opt, "nonfinite_params");
+    const Record& r = records_.checked(opt, "nonfinite_params");
     std::vector<std::string> names;
     for (std::size_t i = 0; i < r.stats.nonfinite.size(); ++i) {
       if (r.stats.nonfinite[i]) names.push_back(opt.param(i).name);
@@ -218,47 +311,18 @@ class GradScaler {
   const ScalerState& state() const { return state_; }
 
  private:
-  enum class Stage { ready, unscaled, stepped };
-  struct Record {
-    std::uint64_t opt = 0;  // Optimizer::id(): never reused, unlike an address
-    std::size_t num_params = 0;
-    Stage stage = Stage::ready;
+  using Stage = detail::Stage;
+  struct Record : detail::RecordBase {
     optim::GradStats stats;
     float inv_scale = 1.0f;
     float clip_coef = 1.0f;
     bool found_inf = false;
   };
 
-  static void check_max_norm(double max_norm) {
-    MIXPREC_CHECK(std::isfinite(max_norm) && max_norm > 0.0, "GradScaler: max_norm = ", max_norm,
-                  ", must be finite and > 0");
-  }
-  // Parameters added after unscale() were never checked: refuse to step them.
-  static void require_same_params(const optim::Optimizer& opt, const Record& r, const char* what) {
-    MIXPREC_CHECK(opt.num_params() == r.num_params, "GradScaler::", what, ": ", opt.name(), " has ",
-                  opt.num_params(), " parameters, ", r.num_params,
-                  " when unscale() checked them; call update() before adding parameters");
-  }
-  Record& record(const optim::Optimizer& opt) {
-    for (Record& r : records_) {
-      if (r.opt == opt.id()) return r;
-    }
-    records_.emplace_back();
-    records_.back().opt = opt.id();
-    return records_.back();
-  }
-  const Record& checked_record(const optim::Optimizer& opt, const char* what) const {
-    for (const Record& r : records_) {
-      if (r.opt == opt.id() && r.stage != Stage::ready) return r;
-    }
-    detail::throw_error("GradScaler::", what, ": no unscale() on this ", opt.name(),
-                        " since the last update()");
-  }
-
   GradScalerOptions options_;
   ScalePolicy policy_;
   ScalerState state_;
-  std::vector<Record> records_;
+  detail::Records<Record> records_{"GradScaler"};
   std::int64_t applied_ = 0;
   std::int64_t skipped_ = 0;
 };

@@ -19,6 +19,15 @@ struct ScalerState {
   std::int32_t min_scale_hits = 0;      // times a backoff was clamped at min_scale
 };
 
+/// A scaler's state when it lives in device memory (amp::DeviceGradScaler):
+/// the scale and trackers, the iteration's found-inf flag and the counters.
+struct DeviceScalerState {
+  ScalerState state;
+  int any_inf = 0;           // or of the iteration's optimizers' found-inf; the update resets it
+  std::int64_t applied = 0;  // iterations without a non-finite gradient
+  std::int64_t skipped = 0;  // iterations with one
+};
+
 /// The dynamic policy. Factors are double: PyTorch multiplies the float scale
 /// by a double factor and rounds the product to float.
 struct ScalePolicy {

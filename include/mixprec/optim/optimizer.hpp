@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
+#include <memory>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -17,6 +19,7 @@
 #include "mixprec/core/convert.hpp"
 #include "mixprec/core/simd.hpp"
 #include "mixprec/core/error.hpp"
+#include "mixprec/optim/device_backend.hpp"
 #include "mixprec/optim/schedule.hpp"
 #include "mixprec/tensor/ops.hpp"
 #include "mixprec/tensor/tensor.hpp"
@@ -75,6 +78,14 @@ struct GradTransform {
 /// from the master, rounding to nearest even. A parameter's step count counts
 /// applied steps only. The CPU path reads each gradient once in check_grads()
 /// and once in apply(), and never writes it.
+///
+/// All parameters of an optimizer live on one device. On a CUDA device the
+/// masters, state, step counts and applied-step count live there too, made
+/// when a group is added (so the first step can be captured in a CUDA graph),
+/// and steps run as kernel launches through the installed DeviceBackend
+/// (device_backend.hpp): step() and the launch_* functions queue work on a
+/// stream and return; reading a count (step_count, applied_steps, lr) copies
+/// it to the host and so synchronises.
 class Optimizer {
  public:
   virtual ~Optimizer() = default;
@@ -99,16 +110,31 @@ class Optimizer {
     detail::throw_error(this->name(), ": no parameter named \"", name, "\"");
   }
   std::size_t group_of(std::size_t i) const { return slot(i).group; }
+  /// Parameter i's fp32 master weight, on the parameters' device.
   const Tensor<float>& master(std::size_t i) const { return slot(i).master; }
-  /// Applied steps of parameter i (torch's state['step']).
-  std::int64_t step_count(std::size_t i) const { return slot(i).step; }
+  /// Applied steps of parameter i (torch's state['step']). Device
+  /// parameters: a synchronising read.
+  std::int64_t step_count(std::size_t i) const {
+    const Slot& s = slot(i);
+    return on_device() ? read_count(s.device_step) : s.step;
+  }
   /// Applied steps of the optimizer; this is what schedules advance on.
-  std::int64_t applied_steps() const { return applied_steps_; }
+  /// Device parameters: a synchronising read.
+  std::int64_t applied_steps() const { return on_device() ? read_count(applied_device()) : applied_steps_; }
+
+  /// Where the parameters, masters, state and step counts live (the first
+  /// group's device; cpu before any group).
+  Device device() const { return device_; }
+  bool on_device() const { return device_.is_cuda(); }
+  /// The stream step() launches on when the parameters are on a device
+  /// (default: the default stream). amp::DeviceGradScaler uses its own.
+  stream_t stream() const { return stream_; }
+  void set_stream(stream_t stream) { stream_ = stream; }
 
   /// The group's lr before the schedule.
   double base_lr(std::size_t group) const { return group_lrs_.at(check_group(group)); }
   /// The lr the next applied step will use: base_lr * schedule.factor(applied_steps()).
-  double lr(std::size_t group) const { return base_lr(group) * schedule_.factor(applied_steps_); }
+  double lr(std::size_t group) const { return base_lr(group) * schedule_.factor(applied_steps()); }
   void set_lr(std::size_t group, double lr) {
     check_lr(lr);
     group_lrs_.at(check_group(group)) = lr;
@@ -120,9 +146,18 @@ class Optimizer {
     schedule_ = schedule;
   }
 
-  /// Pass 1: reads every gradient once; writes nothing.
+  /// Pass 1: reads every gradient once; writes nothing. Device parameters:
+  /// one launch on stream(), then a synchronising read of its results.
   GradStats check_grads() const {
     GradStats stats;
+    if (on_device()) {
+      Optimizer& self = const_cast<Optimizer&>(*this);  // the plan is a cache
+      self.launch_check(stream_);
+      std::vector<int> nonfinite;
+      plan_->read_check(stats.sum_squares, nonfinite, stream_);
+      stats.nonfinite.assign(nonfinite.begin(), nonfinite.end());
+      return stats;
+    }
     stats.nonfinite.resize(slots_.size());
     stats.sum_squares.resize(slots_.size());
     float g[kChunk];
@@ -152,9 +187,12 @@ class Optimizer {
     return stats;
   }
 
-  /// Pass 2: one applied step with gradients transformed by `t`. The caller
-  /// (GradScaler::step) has decided that the gradients are finite.
+  /// Pass 2 on the host: one applied step with gradients transformed by
+  /// `t`. The caller (GradScaler::step) has decided that the gradients are
+  /// finite. Device parameters take launch_step() instead.
   void apply(const GradTransform& t = {}) {
+    MIXPREC_CHECK(!on_device(), name(), "::apply: the parameters are on ", device_,
+                  "; use step(), or amp::DeviceGradScaler, which launch the device step");
     // Every state buffer the step needs exists before anything changes, so a
     // failed allocation leaves the optimizer as it was.
     for (std::size_t i = 0; i < slots_.size(); ++i) allocate_state(i);
@@ -168,8 +206,64 @@ class Optimizer {
   }
 
   /// A plain step with the gradients as they are (no scaler): torch's
-  /// optimizer.step(). Does not check for non-finite values.
-  void step() { apply(GradTransform{}); }
+  /// optimizer.step(). Does not check for non-finite values. Device
+  /// parameters: launched on stream(), no synchronisation.
+  void step() {
+    if (!on_device()) {
+      apply(GradTransform{});
+      return;
+    }
+    DeviceStepInputs in;
+    in.found_inf = reinterpret_cast<const int*>(constants_.data());  // 0
+    in.scale = reinterpret_cast<const float*>(static_cast<const char*>(constants_.data()) + sizeof(int));  // 1
+    launch_step(in, nullptr, stream_);
+  }
+
+  // --- the device path, as amp::DeviceGradScaler drives it -----------------
+
+  /// Pass 1 over every gradient, one launch on `stream`; results at
+  /// device_found_inf() and device_total_sum_squares().
+  void launch_check(stream_t stream) {
+    require_device("launch_check");
+    ensure_plan();
+    plan_->check(stream);
+  }
+  /// Pass 1's results in device memory (valid once launch_check ran).
+  const int* device_found_inf() const { return require_plan("device_found_inf").found_inf(); }
+  const double* device_total_sum_squares() const {
+    return require_plan("device_total_sum_squares").total_sum_squares();
+  }
+  /// Pass 1's per-parameter results on the host (synchronises `stream`).
+  GradStats read_check(stream_t stream) const {
+    GradStats stats;
+    std::vector<int> nonfinite;
+    require_plan("read_check").read_check(stats.sum_squares, nonfinite, stream);
+    stats.nonfinite.assign(nonfinite.begin(), nonfinite.end());
+    return stats;
+  }
+
+  /// Pass 2 on the device: one launch per parameter group, then one that
+  /// counts the step, all on `stream`. Reads in.found_inf, in.scale and (for
+  /// clipping) in.total_sum_squares when the kernels run; with *found_inf
+  /// nonzero nothing changes. `any_inf` (optional, device) is or-ed with
+  /// *found_inf. State that the options need and that does not exist yet
+  /// (an option switched on later) is made first, which synchronises.
+  void launch_step(DeviceStepInputs in, int* any_inf, stream_t stream) {
+    require_device("launch_step");
+    MIXPREC_CHECK(in.found_inf && in.scale, name(), "::launch_step: found_inf and scale must point to device memory");
+    for (std::size_t i = 0; i < slots_.size(); ++i) allocate_state(i);
+    ensure_plan();
+    in.applied_steps = applied_device();
+    std::size_t first = 0;
+    for (std::size_t g = 0; g < group_lrs_.size(); ++g) {
+      std::size_t last = first;
+      while (last < slots_.size() && slots_[last].group == g) ++last;
+      launch_group(*plan_, g, first, last, in, stream);
+      first = last;
+    }
+    plan_->finish(in.found_inf, applied_device(), any_inf, stream);
+    for (Slot& s : slots_) s.fresh_state = 0;
+  }
 
  protected:
   static constexpr std::int64_t kChunk = 1024;  // floats: a few KiB, stays in L1
@@ -179,7 +273,8 @@ class Optimizer {
     std::size_t group = 0;
     Tensor<float> master;
     std::vector<Tensor<float>> state;
-    std::int64_t step = 0;
+    std::int64_t step = 0;                  // host parameters
+    std::int64_t* device_step = nullptr;    // device parameters: in the group's step buffer
     std::uint32_t fresh_state = 0;  // bit k: state k was created for the step under way
   };
 
@@ -206,6 +301,7 @@ class Optimizer {
   void add_group(std::vector<Param> params, double lr) {
     check_lr(lr);
     MIXPREC_CHECK(!params.empty(), name(), ": the parameter list is empty");
+    const Device device = slots_.empty() ? params[0].weight.device() : device_;
     std::set<std::string> names;
     for (const Slot& s : slots_) names.insert(s.param.name);
     for (std::size_t k = 0; k < params.size(); ++k) {
@@ -218,9 +314,15 @@ class Optimizer {
                     ": weight shape ", p.weight.shape(), " != grad shape ", p.grad.shape());
       MIXPREC_CHECK(p.weight.numel() == 0 || (p.weight.data() && p.grad.data()), name(),
                     ": parameter ", label, " has a null weight or grad");
-      MIXPREC_CHECK(p.weight.device().is_cpu() && p.grad.device().is_cpu(), name(),
-                    ": parameter ", label, " is on ", p.weight.device(), " / ", p.grad.device(),
-                    "; this optimizer runs on cpu (the CUDA optimizer kernels are not built yet)");
+      MIXPREC_CHECK(p.weight.device() == device && p.grad.device() == device, name(), ": parameter ", label,
+                    ": weight on ", p.weight.device(), ", grad on ", p.grad.device(), "; every parameter of an "
+                    "optimizer must be on one device (", device, ")");
+    }
+    if (device.is_cuda()) {
+      // A missing backend is the likelier mistake in a CUDA build, and the
+      // more useful message (also where no device is present).
+      if (built_with_cuda()) detail::require_device_backend(name(), device);
+      detail::require_usable(device, name());
     }
     // Weights are written every step: none may be read-only, and none may
     // share memory with another weight or with any gradient.
@@ -242,19 +344,67 @@ class Optimizer {
     const std::size_t group = group_lrs_.size();
     std::vector<Slot> added;
     added.reserve(params.size());
-    for (Param& p : params) {
+    Buffer steps, applied, constants;
+    if (device.is_cuda()) {
+      // The group's step counts, zeros; the optimizer's applied-step count
+      // and the constants {int 0, float 1} for plain steps, once.
+      steps = make_device_counts(params.size(), device);
+      if (slots_.empty()) {
+        applied = make_device_counts(1, device);
+        constants = Buffer(sizeof(int) + sizeof(float), device);
+        const int zero = 0;
+        const float one = 1.0f;
+        char bytes[sizeof zero + sizeof one];
+        std::memcpy(bytes, &zero, sizeof zero);
+        std::memcpy(bytes + sizeof zero, &one, sizeof one);
+        detail::copy_raw(constants.data(), device, bytes, Device::cpu(), sizeof bytes);
+      }
+    }
+    for (std::size_t k = 0; k < params.size(); ++k) {
+      Param& p = params[k];
       Slot s;
-      s.master = Tensor<float>(p.weight.shape());
-      p.weight.visit([&](auto w) { convert(w, s.master); });
+      s.master = Tensor<float>(p.weight.shape(), device);
+      if (device.is_cuda()) {
+        if (p.weight.numel() > 0) device_backend()->to_float(p.weight, s.master.data(), nullptr);
+        s.device_step = static_cast<std::int64_t*>(steps.data()) + k;
+      } else {
+        p.weight.visit([&](auto w) { convert(w, s.master); });
+      }
       s.param = std::move(p);
       s.group = group;
       added.push_back(std::move(s));
     }
+    if (device.is_cuda()) device_backend()->synchronize(nullptr);  // masters written before any use
     slots_.reserve(slots_.size() + added.size());
     group_lrs_.reserve(group_lrs_.size() + 1);
+    group_steps_.reserve(group_steps_.size() + 1);
     for (Slot& s : added) slots_.push_back(std::move(s));
     group_lrs_.push_back(lr);
+    group_steps_.push_back(std::move(steps));
+    if (slots_.size() == added.size()) {
+      device_ = device;
+      applied_device_ = std::move(applied);
+      constants_ = std::move(constants);
+    }
+    plan_.reset();
   }
+
+  /// Device parameters: makes the state the options need now for every
+  /// parameter, and the device lists, so that the first step launches
+  /// without synchronising (it can be captured in a CUDA graph). State made
+  /// here starts as zeros like any other; SGD's momentum buffers still start
+  /// as a copy of the first gradient because step counts of 1 say so.
+  void prepare_device() {
+    if (!on_device()) return;
+    for (std::size_t i = 0; i < slots_.size(); ++i) allocate_state(i);
+    for (Slot& s : slots_) s.fresh_state = 0;
+    ensure_plan();
+  }
+
+  /// Launches pass 2 for the parameters [first, last) of `group`
+  /// (DevicePlan::step with this optimizer's hyperparameters).
+  virtual void launch_group(DevicePlan& plan, std::size_t group, std::size_t first, std::size_t last,
+                            const DeviceStepInputs& in, stream_t stream) = 0;
 
   /// Creates the state buffers parameter i will need at its next step.
   virtual void allocate_state(std::size_t i) = 0;
@@ -276,10 +426,11 @@ class Optimizer {
     Slot& s = slots_[i];
     if (s.state.size() <= k) s.state.resize(k + 1);
     if (!has_state(i, k)) {
-      Tensor<float> t(s.master.shape());
+      Tensor<float> t(s.master.shape(), device_);
       fill(t, 0.0f);
       s.state[k] = std::move(t);
       s.fresh_state |= 1u << k;
+      params_changed_ = true;  // the device lists hold the state pointers
     }
     return s.state[k].data();
   }
@@ -502,6 +653,48 @@ class Optimizer {
     sum += part;
   }
 
+  void require_device(const char* what) const {
+    MIXPREC_CHECK(on_device(), name(), "::", what, ": the parameters are on ", device_,
+                  "; this is the device path");
+  }
+  const DevicePlan& require_plan(const char* what) const {
+    require_device(what);
+    MIXPREC_CHECK(plan_ != nullptr, name(), "::", what, ": no launch_check() since the parameters changed");
+    return *plan_;
+  }
+  // The device lists of every parameter, made again after a change (this
+  // uploads them, which synchronises).
+  void ensure_plan() {
+    if (plan_ && !params_changed_) return;
+    std::vector<DeviceParam> params(slots_.size());
+    for (std::size_t i = 0; i < slots_.size(); ++i) {
+      Slot& s = slots_[i];
+      params[i].weight = s.param.weight;
+      params[i].grad = s.param.grad;
+      params[i].master = s.master.data();
+      for (std::size_t k = 0; k < 3; ++k) params[i].state[k] = has_state(i, k) ? s.state[k].data() : nullptr;
+      params[i].step = s.device_step;
+    }
+    if (plan_) {
+      plan_->set_params(params);  // pass 1's results stay where they are
+    } else {
+      plan_ = device_backend()->make_plan(params);
+    }
+    params_changed_ = false;
+  }
+  static Buffer make_device_counts(std::size_t count, Device device) {
+    Buffer b(count * sizeof(std::int64_t), device);
+    const std::vector<std::int64_t> zeros(count, 0);
+    detail::copy_raw(b.data(), device, zeros.data(), Device::cpu(), b.bytes());
+    return b;
+  }
+  std::int64_t* applied_device() const { return static_cast<std::int64_t*>(applied_device_.data()); }
+  std::int64_t read_count(const std::int64_t* p) const {
+    std::int64_t v = 0;
+    detail::copy_raw(&v, Device::cpu(), p, device_, sizeof v, stream_);
+    return v;
+  }
+
   static std::uint64_t next_id() {
     static std::atomic<std::uint64_t> counter{0};
     return ++counter;
@@ -511,6 +704,14 @@ class Optimizer {
   std::vector<double> group_lrs_;
   LRSchedule schedule_;
   std::int64_t applied_steps_ = 0;
+  // The device path.
+  Device device_ = Device::cpu();
+  stream_t stream_ = nullptr;
+  std::vector<Buffer> group_steps_;  // per group: its parameters' step counts (device)
+  Buffer applied_device_;            // int64 applied steps
+  Buffer constants_;                 // {int 0, float 1}: found_inf and scale of a plain step()
+  std::unique_ptr<DevicePlan> plan_;  // null after a group is added
+  bool params_changed_ = false;       // state was made since the plan's upload
 };
 
 }  // namespace mixprec::optim

@@ -69,6 +69,23 @@ inline void copy_bytes(void* dst, Device dst_device, const void* src, Device src
 }
 #endif
 
+/// Copies raw bytes between any two devices (copy_bytes' synchronisation);
+/// without CUDA only host-to-host.
+inline void copy_raw(void* dst, Device dst_device, const void* src, Device src_device, std::size_t bytes,
+                     stream_t stream = nullptr) {
+  if (bytes == 0) return;
+  if (dst_device.is_cpu() && src_device.is_cpu()) {
+    std::memmove(dst, src, bytes);
+    return;
+  }
+  require_usable(dst_device.is_cuda() ? dst_device : src_device, "copy_raw");
+#if MIXPREC_WITH_CUDA
+  copy_bytes(dst, dst_device, src, src_device, bytes, stream);
+#else
+  (void)stream;  // unreachable: require_usable rejected the device
+#endif
+}
+
 }  // namespace detail
 
 /// Copies src into dst (same shape and element type), between any two

@@ -50,10 +50,12 @@ class TensorList {
       MIXPREC_CHECK(t.device().is_cuda() && t.device() == tensors[0].device(), "TensorList: tensor ",
                     i, " is on ", t.device(), ", expected one CUDA device (", tensors[0].device(), ")");
       entries.push_back({t.data(), t.numel(), static_cast<std::int64_t>(chunks.size()), t.dtype()});
+      first_chunk_.push_back(static_cast<std::int64_t>(chunks.size()));
       for (std::int64_t b = 0; b < t.numel(); b += chunk_elements) {
         chunks.push_back({static_cast<std::int32_t>(i), b, std::min(b + chunk_elements, t.numel())});
       }
     }
+    first_chunk_.push_back(static_cast<std::int64_t>(chunks.size()));
     num_tensors_ = static_cast<int>(entries.size());
     num_chunks_ = static_cast<std::int64_t>(chunks.size());
     if (!entries.empty()) device_ = tensors[0].device();
@@ -64,6 +66,13 @@ class TensorList {
   int num_tensors() const { return num_tensors_; }
   std::int64_t num_chunks() const { return num_chunks_; }
   Device device() const { return device_; }
+  /// Index of tensor i's first chunk (i = num_tensors(): num_chunks()); the
+  /// chunks of tensors [a, b) are [first_chunk(a), first_chunk(b)).
+  std::int64_t first_chunk(int i) const {
+    MIXPREC_CHECK(0 <= i && i <= num_tensors_, "TensorList::first_chunk: i = ", i, ", there are ", num_tensors_,
+                  " tensors");
+    return first_chunk_.empty() ? 0 : first_chunk_[static_cast<std::size_t>(i)];
+  }
   const TensorEntry* entries() const { return static_cast<const TensorEntry*>(entries_.data()); }
   const Chunk* chunks() const { return static_cast<const Chunk*>(chunks_.data()); }
 
@@ -82,6 +91,7 @@ class TensorList {
   std::int64_t num_chunks_ = 0;
   Device device_ = Device::cuda(0);
   Buffer entries_, chunks_;
+  std::vector<std::int64_t> first_chunk_;  // host copy, num_tensors + 1 entries
 };
 
 }  // namespace mixprec::cuda

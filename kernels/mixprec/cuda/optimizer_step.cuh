@@ -17,6 +17,7 @@
 #include "mixprec/cuda/exact_float.cuh"
 #include "mixprec/cuda/launch.cuh"
 #include "mixprec/cuda/multi_tensor.cuh"
+#include "mixprec/optim/device_backend.hpp"
 #include "mixprec/optim/formulas.hpp"
 #include "mixprec/optim/schedule.hpp"
 #include "mixprec/tensor/memory.hpp"
@@ -34,19 +35,10 @@ struct ParamEntry {
   std::int64_t* step;
 };
 
-/// Hyperparameters of one optimizer (one group), as torch.optim names them.
-struct AdamHyper {
-  double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0;
-  bool amsgrad = false, maximize = false, decoupled = false;
-};
-struct SgdHyper {
-  double lr = 1e-3, momentum = 0, dampening = 0, weight_decay = 0;
-  bool nesterov = false, maximize = false;
-};
-struct RmspropHyper {
-  double lr = 1e-2, alpha = 0.99, eps = 1e-8, weight_decay = 0, momentum = 0;
-  bool centered = false, maximize = false;
-};
+/// Hyperparameters of one optimizer group (optim/device_backend.hpp).
+using optim::AdamHyper;
+using optim::RmspropHyper;
+using optim::SgdHyper;
 
 /// Device inputs of pass 2: all read from device memory at run time.
 struct StepInputs {
@@ -87,7 +79,8 @@ __device__ inline optim::SgdCoeffs coeffs(const SgdHyper& h, double lr, double s
   c.neg_lr = static_cast<float>(-lr);
   c.maximize = h.maximize;
   c.nesterov = h.nesterov;
-  c.first_step = step == 1.0;  // the momentum buffer starts as a copy of the gradient
+  // The momentum buffer starts as a copy of the gradient.
+  c.first_step = step == 1.0 || h.fresh_buffers;
   return c;
 }
 __device__ inline optim::RmspropCoeffs coeffs(const RmspropHyper& h, double lr, double) {
@@ -222,6 +215,7 @@ template <class Hyper>
 __global__ void __launch_bounds__(step_threads)
     step_kernel(const TensorEntry* grads, const Chunk* chunks, std::int64_t num_chunks,
                 const ParamEntry* params, Hyper hyper, optim::LRSchedule schedule, StepInputs in) {
+  // `chunks` and `num_chunks` cover one parameter group.
   if (*in.found_inf) return;  // a skipped step changes nothing
   const float inv_scale = static_cast<float>(1.0 / static_cast<double>(*in.scale));
   float clip = 1.0f;
@@ -252,21 +246,26 @@ __global__ void __launch_bounds__(step_threads)
   }
 }
 
-// After pass 2: count the step (or not) and update the loss scale, in one
-// block. Step counts are bumped here rather than in pass 2, whose blocks all
-// read them.
+// After pass 2: count the step (or not), in one block. Step counts are
+// bumped here rather than in pass 2, whose blocks all read them.
 __global__ void finish_step_kernel(const int* found_inf, const ParamEntry* params, int num_params,
-                                   std::int64_t* applied_steps, amp::ScalerState* scaler,
-                                   amp::ScalePolicy policy, int dynamic, std::int64_t* counters) {
+                                   std::int64_t* applied_steps, int* any_inf) {
   const bool skip = *found_inf != 0;
   if (!skip) {
     for (int i = threadIdx.x; i < num_params; i += blockDim.x) *params[i].step += 1;
   }
   if (threadIdx.x == 0) {
     if (!skip) *applied_steps += 1;
-    if (counters) counters[skip ? 1 : 0] += 1;  // applied, skipped
-    if (scaler && dynamic) amp::update_scale(*scaler, skip, policy);
+    if (any_inf && skip) *any_inf = 1;
   }
+}
+
+// The end of an iteration: count it, update the scale, reset the flag.
+__global__ void update_scale_kernel(amp::DeviceScalerState* s, amp::ScalePolicy policy, int dynamic) {
+  const bool skip = s->any_inf != 0;
+  (skip ? s->skipped : s->applied) += 1;
+  if (dynamic) amp::update_scale(s->state, skip, policy);
+  s->any_inf = 0;
 }
 
 }  // namespace detail
@@ -290,30 +289,43 @@ class ParamList {
   Buffer buffer_;
 };
 
-/// Pass 2: one launch over every parameter. Asynchronous on `stream`.
+/// Pass 2: one launch over the parameters [first, last) (default: all; a
+/// parameter group when the optimizer has several). Asynchronous on `stream`.
 template <class Hyper>
 void launch_step(const TensorList& grads, const ParamList& params, const Hyper& hyper,
-                 const optim::LRSchedule& schedule, const StepInputs& in, cudaStream_t stream = nullptr) {
+                 const optim::LRSchedule& schedule, const StepInputs& in, cudaStream_t stream = nullptr,
+                 int first = 0, int last = -1) {
   MIXPREC_CHECK(grads.num_tensors() == params.size(), "launch_step: ", grads.num_tensors(),
                 " gradients but ", params.size(), " parameters");
   MIXPREC_CHECK(in.found_inf && in.scale && in.applied_steps, "launch_step: found_inf, scale and "
                 "applied_steps must point to device memory");
+  if (last < 0) last = grads.num_tensors();
+  MIXPREC_CHECK(0 <= first && first <= last && last <= grads.num_tensors(), "launch_step: parameters [", first,
+                ", ", last, ") of ", grads.num_tensors());
   schedule.validate();
-  if (grads.num_chunks() == 0) return;
-  const unsigned grid = grid_for(grads.num_chunks() * detail::step_threads, detail::step_threads, 4);
+  const std::int64_t begin = grads.first_chunk(first), count = grads.first_chunk(last) - begin;
+  if (count == 0) return;
+  const unsigned grid = grid_for(count * detail::step_threads, detail::step_threads, 4);
   detail::step_kernel<Hyper><<<grid, detail::step_threads, 0, stream>>>(
-      grads.entries(), grads.chunks(), grads.num_chunks(), params.entries(), hyper, schedule, in);
+      grads.entries(), grads.chunks() + begin, count, params.entries(), hyper, schedule, in);
   MIXPREC_CUDA_CHECK_LAUNCH("step_kernel");
 }
 
-/// The step's finish: step counts and applied steps (unless found_inf), the
-/// applied/skipped counters (optional) and, when `dynamic`, the scale update.
+/// The step's finish: unless *found_inf, every step count and
+/// *applied_steps go up by one; *any_inf (optional) is set when *found_inf.
 inline void launch_finish_step(const int* found_inf, const ParamList& params, std::int64_t* applied_steps,
-                               amp::ScalerState* scaler, const amp::ScalePolicy& policy, bool dynamic,
-                               std::int64_t* counters, cudaStream_t stream = nullptr) {
+                               int* any_inf, cudaStream_t stream = nullptr) {
   detail::finish_step_kernel<<<1, 256, 0, stream>>>(found_inf, params.entries(), params.size(),
-                                                    applied_steps, scaler, policy, dynamic ? 1 : 0, counters);
+                                                    applied_steps, any_inf);
   MIXPREC_CUDA_CHECK_LAUNCH("finish_step_kernel");
+}
+
+/// The end of an iteration (DeviceGradScaler::update): counts it as applied
+/// or skipped by s->any_inf, updates the scale when `dynamic`, resets any_inf.
+inline void launch_update_scale(amp::DeviceScalerState* s, const amp::ScalePolicy& policy, bool dynamic,
+                                cudaStream_t stream = nullptr) {
+  detail::update_scale_kernel<<<1, 1, 0, stream>>>(s, policy, dynamic ? 1 : 0);
+  MIXPREC_CUDA_CHECK_LAUNCH("update_scale_kernel");
 }
 
 }  // namespace mixprec::cuda

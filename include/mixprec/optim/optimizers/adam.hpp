@@ -57,6 +57,21 @@ class AdamImpl : public OptimizerBase<AdamImpl<Decoupled, Options>, Options> {
     if (this->options_[this->group_of(i)].amsgrad) this->state(i, 2);
   }
 
+  void launch_group(DevicePlan& plan, std::size_t group, std::size_t first, std::size_t last,
+                    const DeviceStepInputs& in, stream_t stream) override {
+    const Options& o = this->options_[group];
+    AdamHyper h;
+    h.lr = this->base_lr(group);  // the kernel applies the schedule on the device
+    h.beta1 = o.betas[0];
+    h.beta2 = o.betas[1];
+    h.eps = o.eps;
+    h.weight_decay = o.weight_decay;
+    h.amsgrad = o.amsgrad;
+    h.maximize = o.maximize;
+    h.decoupled = Decoupled;
+    plan.step(first, last, h, this->schedule(), in, stream);
+  }
+
   void update_param(std::size_t i, const GradTransform& t) override {
     const Options& o = this->options_[this->group_of(i)];
     const double lr = this->lr(this->group_of(i));

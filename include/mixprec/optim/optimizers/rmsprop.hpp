@@ -48,6 +48,20 @@ class RMSprop : public OptimizerBase<RMSprop, RMSpropOptions> {
     if (o.momentum > 0.0) state(i, 2);
   }
 
+  void launch_group(DevicePlan& plan, std::size_t group, std::size_t first, std::size_t last,
+                    const DeviceStepInputs& in, stream_t stream) override {
+    const RMSpropOptions& o = options_[group];
+    RmspropHyper h;
+    h.lr = base_lr(group);  // the kernel applies the schedule on the device
+    h.alpha = o.alpha;
+    h.eps = o.eps;
+    h.weight_decay = o.weight_decay;
+    h.momentum = o.momentum;
+    h.centered = o.centered;
+    h.maximize = o.maximize;
+    plan.step(first, last, h, schedule(), in, stream);
+  }
+
   void update_param(std::size_t i, const GradTransform& t) override {
     const RMSpropOptions& o = options_[group_of(i)];
     RmspropCoeffs c;

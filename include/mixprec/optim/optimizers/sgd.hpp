@@ -46,6 +46,20 @@ class SGD : public OptimizerBase<SGD, SGDOptions> {
     if (options_[group_of(i)].momentum != 0.0) state(i, 0);
   }
 
+  void launch_group(DevicePlan& plan, std::size_t group, std::size_t first, std::size_t last,
+                    const DeviceStepInputs& in, stream_t stream) override {
+    const SGDOptions& o = options_[group];
+    SgdHyper h;
+    h.lr = base_lr(group);  // the kernel applies the schedule on the device
+    h.momentum = o.momentum;
+    h.dampening = o.dampening;
+    h.weight_decay = o.weight_decay;
+    h.nesterov = o.nesterov;
+    h.maximize = o.maximize;
+    h.fresh_buffers = o.momentum != 0.0 && fresh_state(first, 0);  // momentum switched on since the last step
+    plan.step(first, last, h, schedule(), in, stream);
+  }
+
   void update_param(std::size_t i, const GradTransform& t) override {
     const SGDOptions& o = options_[group_of(i)];
     SgdCoeffs c;

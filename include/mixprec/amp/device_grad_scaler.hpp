@@ -1,0 +1,222 @@
+// SPDX-License-Identifier: Apache-2.0
+// DeviceGradScaler: GradScaler with its state in device memory, for
+// optimizers whose parameters are on a CUDA device. Nothing in a training
+// step synchronises the host, so a whole step can be captured in a CUDA graph.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "mixprec/amp/grad_scaler.hpp"
+#include "mixprec/amp/scale_update.hpp"
+#include "mixprec/core/device.hpp"
+#include "mixprec/core/error.hpp"
+#include "mixprec/optim/device_backend.hpp"
+#include "mixprec/optim/optimizer.hpp"
+#include "mixprec/tensor/memory.hpp"
+#include "mixprec/tensor/ops.hpp"
+
+namespace mixprec::amp {
+
+/// torch.amp.GradScaler on a CUDA device, with GradScaler's options and
+/// rules (grad_scaler.hpp). The scale, growth and hysteresis trackers, the
+/// iteration's found-inf flag and the applied/skipped counters live on the
+/// device; every launch goes to stream().
+///
+///     my_loss_backward<<<...>>>(..., scaler.scale_data());  // or scaler.scale(seed)
+///     scaler.step(optimizer);   // pass 1, pass 2, step counts: launches only
+///     scaler.update();          // one single-thread launch
+///
+/// These, unscale() and clip_grad_norm() never synchronise: they return
+/// nothing that would need the device's answer. The functions that do
+/// answer (scale(), grad_norm(), found_inf(), nonfinite_params(), state(),
+/// applied_steps(), skipped_steps()) copy from the device and synchronise
+/// stream(): use them for logging, not inside a captured step. The
+/// error_at_min_scale error is read lazily: each update() queues a copy of
+/// the state into pinned host memory, and update() and check_errors() raise
+/// the error once that copy shows a clamped backoff, a step or more later
+/// than the host GradScaler would (never in a graph replay: call
+/// check_errors() between replays).
+class DeviceGradScaler {
+ public:
+  explicit DeviceGradScaler(const GradScalerOptions& options = {}, Device device = Device::cuda(0),
+                            stream_t stream = nullptr)
+      : options_((GradScaler::validate(options), options)),
+        policy_(GradScaler::policy(options)),
+        device_(device),
+        stream_(stream) {
+    MIXPREC_CHECK(device.is_cuda(), "DeviceGradScaler: device = ", device,
+                  ", must be a CUDA device (amp::GradScaler keeps its state on the host)");
+    if (built_with_cuda()) backend_ = &mixprec::detail::require_device_backend("DeviceGradScaler", device);
+    mixprec::detail::require_usable(device, "DeviceGradScaler");
+    DeviceScalerState init;
+    init.state = GradScaler::initial_state(options);
+    state_ = Buffer(sizeof(DeviceScalerState), device);
+    mixprec::detail::copy_raw(state_.data(), device, &init, Device::cpu(), sizeof init);
+    mirror_ = static_cast<DeviceScalerState*>(backend_->alloc_pinned(sizeof(DeviceScalerState)));
+    *mirror_ = init;
+  }
+  ~DeviceGradScaler() {
+    if (mirror_ == nullptr) return;
+    try {
+      backend_->synchronize(stream_);  // no copy into the mirror is still in flight
+    } catch (...) {
+    }
+    backend_->free_pinned(mirror_);
+  }
+  DeviceGradScaler(const DeviceGradScaler&) = delete;
+  DeviceGradScaler& operator=(const DeviceGradScaler&) = delete;
+
+  const GradScalerOptions& options() const { return options_; }
+  bool is_enabled() const { return options_.mode != ScalingMode::disabled; }
+  Device device() const { return device_; }
+  stream_t stream() const { return stream_; }
+
+  /// The loss scale in device memory, for a loss kernel that seeds the
+  /// backward pass with S * dL (read it when the kernel runs).
+  const float* scale_data() const { return &device_state()->state.scale; }
+  /// Multiplies a device tensor (a loss, or the seed of the backward pass)
+  /// by the scale in place, in its own precision. Asynchronous.
+  void scale(const TensorRef& t) {
+    MIXPREC_CHECK(t.device() == device_, "DeviceGradScaler::scale: the tensor is on ", t.device(),
+                  ", the scaler on ", device_);
+    MIXPREC_CHECK(!t.read_only(), "DeviceGradScaler::scale: the tensor is a read-only view");
+    if (is_enabled()) backend_->scale(t, scale_data(), stream_);
+  }
+  /// The current loss scale: a synchronising read.
+  float scale() const { return state().scale; }
+
+  /// Pass 1 for `opt`, one launch: non-finite check and sums of squares of
+  /// its gradients. For users who clip or inspect before step(). A second
+  /// call before update() is an error, as in PyTorch.
+  void unscale(optim::Optimizer& opt) {
+    require_here(opt);
+    records_.require_can_unscale(opt);
+    opt.launch_check(stream_);
+    Record& r = records_.get(opt);
+    r.num_params = opt.num_params();
+    r.stage = Stage::unscaled;
+  }
+
+  /// torch.nn.utils.clip_grad_norm_ on the unscaled gradients, after
+  /// unscale(): the update multiplies them by min(1, max_norm / (norm +
+  /// 1e-6)), the coefficient computed on the device. The norm is
+  /// grad_norm(opt) (a synchronising read; this returns nothing).
+  void clip_grad_norm(optim::Optimizer& opt, double max_norm) {
+    records_.check_max_norm(max_norm);
+    records_.require_can_clip(opt);
+    records_.checked(opt, "clip_grad_norm").max_norm = max_norm;
+  }
+
+  /// Unscales (unless unscale() already ran), then launches opt's update,
+  /// which changes nothing if a gradient is not finite: masters, state and
+  /// step counts untouched.
+  void step(optim::Optimizer& opt) {
+    require_here(opt);
+    records_.require_can_step(opt);
+    if (records_.get(opt).stage == Stage::ready) unscale(opt);
+    Record& r = records_.get(opt);
+    records_.require_same_params(opt, r, "step");
+    optim::DeviceStepInputs in;
+    in.found_inf = opt.device_found_inf();
+    in.scale = scale_data();
+    if (r.max_norm > 0) {
+      in.total_sum_squares = opt.device_total_sum_squares();
+      in.max_norm = r.max_norm;
+    }
+    opt.launch_step(in, &device_state()->any_inf, stream_);
+    r.stage = Stage::stepped;
+  }
+
+  /// unscale + clip_grad_norm(max_norm) + step.
+  void step(optim::Optimizer& opt, double max_norm) {
+    records_.check_max_norm(max_norm);  // before unscale() launches anything
+    require_here(opt);
+    if (records_.get(opt).stage == Stage::ready) unscale(opt);
+    clip_grad_norm(opt, max_norm);
+    step(opt);
+  }
+
+  /// Ends the iteration with one launch: counts it as applied or skipped
+  /// (skipped if any optimizer saw a non-finite gradient) and, in dynamic
+  /// mode, updates the scale. Then raises the min_scale error if the copy
+  /// of an earlier update shows it (see the class comment).
+  void update() {
+    records_.require_some("update");
+    records_.clear();
+    backend_->update_scale(device_state(), policy_, options_.mode == ScalingMode::dynamic, stream_);
+    backend_->copy_to_host_async(mirror_, device_state(), sizeof(DeviceScalerState), stream_);
+    check_errors();
+  }
+
+  /// Raises, once, the error_at_min_scale error if an update that has
+  /// completed clamped the scale at min_scale. Never synchronises.
+  void check_errors() {
+    if (!options_.error_at_min_scale || raised_) return;
+    const volatile DeviceScalerState* m = mirror_;
+    if (m->state.min_scale_hits > 0) {
+      raised_ = true;
+      GradScaler::throw_min_scale("DeviceGradScaler", options_.min_scale, m->skipped);
+    }
+  }
+
+  // --- synchronising reads -------------------------------------------------
+
+  /// The unscaled global L2 norm of opt's gradients from the last unscale().
+  float grad_norm(const optim::Optimizer& opt) const {
+    records_.checked(opt, "grad_norm");
+    const optim::GradStats stats = opt.read_check(stream_);
+    // The scale of this iteration: update() has not run since unscale().
+    const float inv_scale = static_cast<float>(1.0 / static_cast<double>(scale()));
+    return static_cast<float>(std::sqrt(stats.total_sum_squares()) * inv_scale);
+  }
+  /// Whether opt saw a non-finite gradient since the last update().
+  bool found_inf(const optim::Optimizer& opt) const {
+    records_.checked(opt, "found_inf");
+    return opt.read_check(stream_).any_nonfinite();
+  }
+  /// Names of opt's parameters whose gradient held inf or NaN, from the last unscale().
+  std::vector<std::string> nonfinite_params(const optim::Optimizer& opt) const {
+    records_.checked(opt, "nonfinite_params");
+    const optim::GradStats stats = opt.read_check(stream_);
+    std::vector<std::string> names;
+    for (std::size_t i = 0; i < stats.nonfinite.size(); ++i) {
+      if (stats.nonfinite[i]) names.push_back(opt.param(i).name);
+    }
+    return names;
+  }
+  std::int64_t applied_steps() const { return read().applied; }
+  std::int64_t skipped_steps() const { return read().skipped; }
+  ScalerState state() const { return read().state; }
+
+ private:
+  using Stage = detail::Stage;
+  struct Record : detail::RecordBase {};
+
+  void require_here(const optim::Optimizer& opt) const {
+    MIXPREC_CHECK(opt.on_device() && opt.device() == device_, "DeviceGradScaler: the parameters of this ",
+                  opt.name(), " are on ", opt.device(), ", the scaler on ", device_,
+                  opt.on_device() ? "" : " (for parameters on the host use amp::GradScaler)");
+  }
+  DeviceScalerState* device_state() const { return static_cast<DeviceScalerState*>(state_.data()); }
+  DeviceScalerState read() const {
+    DeviceScalerState s;
+    mixprec::detail::copy_raw(&s, Device::cpu(), state_.data(), device_, sizeof s, stream_);
+    return s;
+  }
+
+  GradScalerOptions options_;
+  ScalePolicy policy_;
+  Device device_;
+  stream_t stream_;
+  optim::DeviceBackend* backend_ = nullptr;
+  Buffer state_;                         // one DeviceScalerState
+  DeviceScalerState* mirror_ = nullptr;  // pinned: the state as of the last completed update()
+  bool raised_ = false;
+  detail::Records<Record> records_{"DeviceGradScaler"};
+};
+
+}  // namespace mixprec::amp

@@ -1,0 +1,153 @@
+// SPDX-License-Identifier: Apache-2.0
+// The seam between the host API (plain C++, compiled by g++) and the CUDA
+// kernels (compiled by nvcc). Optimizers and DeviceGradScaler hold their
+// state in device memory and call the kernels through DeviceBackend, an
+// interface whose one implementation lives in kernels/mixprec/cuda/backend.cuh.
+// A program gets it by compiling one .cu file that includes that header (it
+// installs itself); see docs/getting-started.md, "GPU training from .cpp
+// files".
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "mixprec/amp/scale_update.hpp"
+#include "mixprec/core/config.hpp"
+#include "mixprec/core/device.hpp"
+#include "mixprec/core/error.hpp"
+#include "mixprec/optim/schedule.hpp"
+#include "mixprec/tensor/tensor_ref.hpp"
+
+namespace mixprec::optim {
+
+/// Hyperparameters of one parameter group, as torch.optim names them: what a
+/// device step launch bakes in (a captured CUDA graph keeps these values;
+/// the lr schedule is evaluated on the device from the applied-step count).
+struct AdamHyper {
+  double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0;
+  bool amsgrad = false, maximize = false, decoupled = false;
+};
+struct SgdHyper {
+  double lr = 1e-3, momentum = 0, dampening = 0, weight_decay = 0;
+  bool nesterov = false, maximize = false;
+  /// The momentum buffers were created for this step although the step
+  /// counts are past 1 (momentum switched on later): they start as a copy
+  /// of the gradient, as in torch. Steps 1 do that by themselves.
+  bool fresh_buffers = false;
+};
+struct RmspropHyper {
+  double lr = 1e-2, alpha = 0.99, eps = 1e-8, weight_decay = 0, momentum = 0;
+  bool centered = false, maximize = false;
+};
+
+/// One parameter as the device step sees it: the user's weight and gradient
+/// views and mixprec's fp32 master, state (unused entries null) and step
+/// count, all in device memory.
+struct DeviceParam {
+  TensorRef weight;
+  TensorRef grad;
+  float* master = nullptr;
+  float* state[3] = {nullptr, nullptr, nullptr};
+  std::int64_t* step = nullptr;
+};
+
+/// Device inputs of a step launch, read when the kernel runs.
+struct DeviceStepInputs {
+  const int* found_inf = nullptr;              // nonzero: the launch changes nothing
+  const float* scale = nullptr;                // gradients are multiplied by float(1 / *scale)
+  const double* total_sum_squares = nullptr;   // of the stored gradients; null: no clipping
+  double max_norm = 0;                         // clip_grad_norm's max_norm
+  const std::int64_t* applied_steps = nullptr;  // the optimizer's, for the lr schedule
+};
+
+/// The device lists of one optimizer (made once, reused by every launch)
+/// and the results of its check pass. All launches are asynchronous on the
+/// given stream; only the read_* functions synchronise.
+class DevicePlan {
+ public:
+  virtual ~DevicePlan() = default;
+
+  /// Uploads new master/state pointers for the same parameters (state made
+  /// later); synchronises. Pass 1's result buffers stay valid.
+  virtual void set_params(const std::vector<DeviceParam>& params) = 0;
+
+  /// Pass 1 over every gradient: non-finite per parameter, sums of squares
+  /// per parameter and overall. One launch.
+  virtual void check(stream_t stream) = 0;
+  virtual const int* found_inf() const = 0;
+  virtual const double* total_sum_squares() const = 0;
+  /// Copies pass 1's per-parameter results to the host (synchronises).
+  virtual void read_check(std::vector<double>& sum_squares, std::vector<int>& nonfinite,
+                          stream_t stream) const = 0;
+
+  /// Pass 2 over the parameters [first, last) of one group. One launch.
+  virtual void step(std::size_t first, std::size_t last, const AdamHyper& h, const LRSchedule& schedule,
+                    const DeviceStepInputs& in, stream_t stream) = 0;
+  virtual void step(std::size_t first, std::size_t last, const SgdHyper& h, const LRSchedule& schedule,
+                    const DeviceStepInputs& in, stream_t stream) = 0;
+  virtual void step(std::size_t first, std::size_t last, const RmspropHyper& h, const LRSchedule& schedule,
+                    const DeviceStepInputs& in, stream_t stream) = 0;
+
+  /// After pass 2: unless *found_inf, every step count and *applied_steps
+  /// go up by one; *any_inf (when not null) is or-ed with *found_inf.
+  virtual void finish(const int* found_inf, std::int64_t* applied_steps, int* any_inf, stream_t stream) = 0;
+};
+
+/// What the kernels do for the host API.
+class DeviceBackend {
+ public:
+  virtual ~DeviceBackend() = default;
+
+  /// Device lists for these parameters (uploads them: synchronises).
+  virtual std::unique_ptr<DevicePlan> make_plan(const std::vector<DeviceParam>& params) = 0;
+  /// dst[i] = float(src[i]) for a device tensor of any element type.
+  virtual void to_float(const TensorRef& src, float* dst, stream_t stream) = 0;
+  /// The scaler's update at the end of an iteration: counts it as applied
+  /// or skipped (by any_inf), updates the scale when `dynamic`, resets
+  /// any_inf. One single-thread launch.
+  virtual void update_scale(amp::DeviceScalerState* s, const amp::ScalePolicy& policy, bool dynamic,
+                            stream_t stream) = 0;
+  /// t[i] *= *scale, in t's element type (rounded to nearest even).
+  virtual void scale(const TensorRef& t, const float* scale, stream_t stream) = 0;
+  /// Asynchronous copy of `bytes` from device memory to pinned host memory.
+  virtual void copy_to_host_async(void* host, const void* device, std::size_t bytes, stream_t stream) = 0;
+  /// Pinned host memory that a copy_to_host_async can target; freed with free_pinned.
+  virtual void* alloc_pinned(std::size_t bytes) = 0;
+  virtual void free_pinned(void* p) noexcept = 0;
+  /// Waits for the work queued on `stream`.
+  virtual void synchronize(stream_t stream) = 0;
+};
+
+}  // namespace mixprec::optim
+
+namespace mixprec::detail {
+inline std::atomic<optim::DeviceBackend*>& device_backend_slot() {
+  static std::atomic<optim::DeviceBackend*> slot{nullptr};
+  return slot;
+}
+}  // namespace mixprec::detail
+
+namespace mixprec::optim {
+
+/// Installs the kernels' implementation (backend.cuh does this for you).
+inline void install_device_backend(DeviceBackend* backend) { mixprec::detail::device_backend_slot().store(backend); }
+
+/// The installed implementation, or null when no .cu file of this program
+/// included <mixprec/cuda/backend.cuh>.
+inline DeviceBackend* device_backend() { return mixprec::detail::device_backend_slot().load(); }
+
+}  // namespace mixprec::optim
+
+namespace mixprec::detail {
+/// The backend, or an error naming `what`, the device and the fix.
+inline optim::DeviceBackend& require_device_backend(const char* what, Device device) {
+  optim::DeviceBackend* b = optim::device_backend();
+  MIXPREC_CHECK(b != nullptr, what, ": the tensors are on ", device,
+                " but no CUDA kernels are linked into this program; compile one .cu file that includes "
+                "<mixprec/cuda/backend.cuh> (see docs/getting-started.md, \"GPU training from .cpp files\")");
+  return *b;
+}
+}  // namespace mixprec::detail

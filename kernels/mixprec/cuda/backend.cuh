@@ -1,0 +1,179 @@
+// SPDX-License-Identifier: Apache-2.0
+// The kernels behind the host API. Include this header in one .cu file of
+// a program (any one; more do no harm) and the optimizers and
+// amp::DeviceGradScaler of every translation unit, .cpp files compiled by
+// g++ included, run their device work through it: including it installs the
+// backend before main() starts. A program that constructs device optimizers
+// during static initialisation, or that links this .cu file from a static
+// library whose objects the linker may drop, calls
+// mixprec::cuda::install_backend() first.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "mixprec/amp/scale_update.hpp"
+#include "mixprec/core/convert.hpp"
+#include "mixprec/core/cuda_check.hpp"
+#include "mixprec/cuda/convert.cuh"
+#include "mixprec/cuda/grad_check.cuh"
+#include "mixprec/cuda/launch.cuh"
+#include "mixprec/cuda/multi_tensor.cuh"
+#include "mixprec/cuda/optimizer_step.cuh"
+#include "mixprec/optim/device_backend.hpp"
+
+namespace mixprec::cuda {
+
+namespace detail {
+
+template <class T>
+__global__ void scale_kernel(T* data, std::int64_t n, const float* scale) {
+  const float s = *scale;
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    data[i] = mixprec::from_float<T>(mixprec::to_float(data[i]) * s);
+  }
+}
+
+inline std::vector<TensorRef> grads_of(const std::vector<optim::DeviceParam>& params) {
+  std::vector<TensorRef> grads;
+  grads.reserve(params.size());
+  for (const optim::DeviceParam& p : params) grads.push_back(p.grad);
+  return grads;
+}
+
+inline std::vector<ParamEntry> entries_of(const std::vector<optim::DeviceParam>& params) {
+  std::vector<ParamEntry> entries;
+  entries.reserve(params.size());
+  for (const optim::DeviceParam& p : params) {
+    entries.push_back({p.weight.data(), p.weight.dtype(), p.master, {p.state[0], p.state[1], p.state[2]}, p.step});
+  }
+  return entries;
+}
+
+/// One optimizer's device lists (gradients; weights, masters, state, step
+/// counts) and its pass 1 results. Made with the parameters' device current
+/// (make_plan), which is where ParamList uploads.
+class Plan final : public optim::DevicePlan {
+ public:
+  explicit Plan(const std::vector<optim::DeviceParam>& params)
+      : device_(params.at(0).grad.device()),
+        grads_(grads_of(params)),
+        params_(entries_of(params)),
+        check_(grads_) {}
+
+  void set_params(const std::vector<optim::DeviceParam>& params) override {
+    MIXPREC_CHECK(static_cast<int>(params.size()) == params_.size(), "DevicePlan::set_params: ", params.size(),
+                  " parameters, the plan has ", params_.size());
+    mixprec::detail::DeviceGuard guard(device_);
+    params_ = ParamList(entries_of(params));
+  }
+
+  void check(stream_t stream) override { check_.launch(grads_, stream); }
+  const int* found_inf() const override { return check_.found_inf(); }
+  const double* total_sum_squares() const override { return check_.total_sum_squares(); }
+  void read_check(std::vector<double>& sum_squares, std::vector<int>& nonfinite, stream_t stream) const override {
+    mixprec::detail::DeviceGuard guard(device_);
+    GradCheck::Host h = check_.read(stream);
+    sum_squares = std::move(h.sum_squares);
+    nonfinite = std::move(h.nonfinite);
+  }
+
+  void step(std::size_t first, std::size_t last, const optim::AdamHyper& h, const optim::LRSchedule& schedule,
+            const optim::DeviceStepInputs& in, stream_t stream) override {
+    launch(first, last, h, schedule, in, stream);
+  }
+  void step(std::size_t first, std::size_t last, const optim::SgdHyper& h, const optim::LRSchedule& schedule,
+            const optim::DeviceStepInputs& in, stream_t stream) override {
+    launch(first, last, h, schedule, in, stream);
+  }
+  void step(std::size_t first, std::size_t last, const optim::RmspropHyper& h, const optim::LRSchedule& schedule,
+            const optim::DeviceStepInputs& in, stream_t stream) override {
+    launch(first, last, h, schedule, in, stream);
+  }
+
+  void finish(const int* found_inf, std::int64_t* applied_steps, int* any_inf, stream_t stream) override {
+    mixprec::detail::DeviceGuard guard(device_);
+    launch_finish_step(found_inf, params_, applied_steps, any_inf, stream);
+  }
+
+ private:
+  template <class Hyper>
+  void launch(std::size_t first, std::size_t last, const Hyper& h, const optim::LRSchedule& schedule,
+              const optim::DeviceStepInputs& in, stream_t stream) {
+    mixprec::detail::DeviceGuard guard(device_);
+    StepInputs s;
+    s.found_inf = in.found_inf;
+    s.scale = in.scale;
+    s.total_sum_squares = in.total_sum_squares;
+    s.max_norm = in.max_norm;
+    s.applied_steps = in.applied_steps;
+    launch_step(grads_, params_, h, schedule, s, stream, static_cast<int>(first), static_cast<int>(last));
+  }
+
+  Device device_;
+  TensorList grads_;
+  ParamList params_;
+  GradCheck check_;
+};
+
+class Backend final : public optim::DeviceBackend {
+ public:
+  std::unique_ptr<optim::DevicePlan> make_plan(const std::vector<optim::DeviceParam>& params) override {
+    MIXPREC_CHECK(!params.empty(), "DeviceBackend::make_plan: no parameters");
+    mixprec::detail::DeviceGuard guard(params[0].grad.device());
+    return std::make_unique<Plan>(params);
+  }
+
+  void to_float(const TensorRef& src, float* dst, stream_t stream) override {
+    mixprec::detail::DeviceGuard guard(src.device());
+    src.visit([&](auto view) { launch_convert(view.data(), dst, view.numel(), stream); });
+  }
+
+  void update_scale(amp::DeviceScalerState* s, const amp::ScalePolicy& policy, bool dynamic,
+                    stream_t stream) override {
+    launch_update_scale(s, policy, dynamic, stream);
+  }
+
+  void scale(const TensorRef& t, const float* scale, stream_t stream) override {
+    MIXPREC_CHECK(!t.read_only(), "DeviceGradScaler::scale: the tensor is a read-only view");
+    if (t.numel() == 0) return;
+    mixprec::detail::DeviceGuard guard(t.device());
+    t.visit([&](auto view) {
+      using T = std::remove_const_t<typename decltype(view)::value_type>;
+      detail::scale_kernel<T><<<grid_for(view.numel()), block_threads, 0, stream>>>(
+          const_cast<T*>(view.data()), view.numel(), scale);
+    });
+    MIXPREC_CUDA_CHECK_LAUNCH("scale_kernel");
+  }
+
+  void copy_to_host_async(void* host, const void* device, std::size_t bytes, stream_t stream) override {
+    MIXPREC_CUDA_CHECK(cudaMemcpyAsync(host, device, bytes, cudaMemcpyDeviceToHost, stream));
+  }
+  void* alloc_pinned(std::size_t bytes) override {
+    void* p = nullptr;
+    MIXPREC_CUDA_CHECK(cudaMallocHost(&p, bytes));
+    return p;
+  }
+  void free_pinned(void* p) noexcept override { (void)cudaFreeHost(p); }
+  void synchronize(stream_t stream) override { MIXPREC_CUDA_CHECK(cudaStreamSynchronize(stream)); }
+};
+
+}  // namespace detail
+
+/// The process's backend object.
+inline optim::DeviceBackend& backend() {
+  static detail::Backend instance;
+  return instance;
+}
+
+/// Installs the kernels behind the host API (done for you when this header
+/// is included; see the top of the file for when to call it yourself).
+inline void install_backend() { optim::install_device_backend(&backend()); }
+
+namespace detail {
+inline const bool backend_installed = (install_backend(), true);
+}  // namespace detail
+
+}  // namespace mixprec::cuda
