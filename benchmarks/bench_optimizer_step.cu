@@ -9,11 +9,13 @@
 #include <benchmark/benchmark.h>
 
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "gpu_bench.cuh"
 #include "mixprec/cuda/grad_check.cuh"
 #include "model_list.hpp"
+#include "mixprec/cuda/backend.cuh"
 #include "mixprec/cuda/optimizer_step.cuh"
 #include "mixprec/mixprec.hpp"
 
@@ -103,6 +105,57 @@ void BM_Adam(benchmark::State& s) { BM_step(s, mixprec::cuda::AdamHyper{}, 2, 0)
 void BM_SGD_momentum(benchmark::State& s) { BM_step(s, sgd_momentum(), 1, 0); }
 void BM_RMSprop(benchmark::State& s) { BM_step(s, mixprec::cuda::RmspropHyper{}, 1, 0); }
 
+// The same step through the host API a user calls: an optimizer over
+// device parameters and DeviceGradScaler (step + update), which launch the
+// kernels above through the DeviceBackend. The difference to BM_step is the
+// host API's own cost.
+template <class Opt>
+void BM_api(benchmark::State& state, const typename Opt::options_type& options, int state_tensors,
+            double max_norm) {
+  const std::int64_t n = state.range(0);
+  std::vector<mixprec::Tensor<half>> weights, grads;
+  std::vector<mixprec::optim::Param> params;
+  const std::vector<std::int64_t> sizes = mixprec::bench::model_tensor_sizes(n);
+  weights.reserve(sizes.size());
+  grads.reserve(sizes.size());
+  for (std::size_t k = 0; k < sizes.size(); ++k) {
+    weights.emplace_back(mixprec::Shape{sizes[k]}, mixprec::Device::cuda(0));
+    grads.emplace_back(mixprec::Shape{sizes[k]}, mixprec::Device::cuda(0));
+    mixprec::fill(weights.back(), 0.25f);
+    mixprec::fill(grads.back(), 0.5f);
+    params.push_back({"p" + std::to_string(k), weights.back(), grads.back()});
+  }
+  Opt opt(params, options);
+  mixprec::amp::DeviceGradScaler scaler;
+  auto step = [&] {
+    if (max_norm > 0) {
+      scaler.step(opt, max_norm);
+    } else {
+      scaler.step(opt);
+    }
+    scaler.update();
+  };
+  for (int i = 0; i < 3; ++i) step();
+  Events e;
+  for (auto _ : state) {
+    MIXPREC_CUDA_CHECK(cudaEventRecord(e.start));
+    step();
+    MIXPREC_CUDA_CHECK(cudaEventRecord(e.stop));
+    state.SetIterationTime(e.seconds());
+  }
+  const double bytes = (2 + 2 + 8 + 8.0 * state_tensors + 2) * static_cast<double>(n);
+  state.counters["GBps"] = benchmark::Counter(bytes / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void BM_api_AdamW(benchmark::State& s) { BM_api<mixprec::optim::AdamW>(s, {}, 2, 0); }
+void BM_api_AdamW_clip(benchmark::State& s) { BM_api<mixprec::optim::AdamW>(s, {}, 2, 1.0); }
+void BM_api_SGD_momentum(benchmark::State& s) {
+  mixprec::optim::SGDOptions o;
+  o.momentum = 0.9;
+  BM_api<mixprec::optim::SGD>(s, o, 1, 0);
+}
+void BM_api_RMSprop(benchmark::State& s) { BM_api<mixprec::optim::RMSprop>(s, {}, 1, 0); }
+
 #define MIXPREC_GPU_SIZES ->Arg(1 << 24)->Arg(1 << 27)->Arg(1 << 30)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20)
 BENCHMARK(BM_device_copy)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(50);
 BENCHMARK(BM_AdamW) MIXPREC_GPU_SIZES;
@@ -110,5 +163,9 @@ BENCHMARK(BM_AdamW_clip) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_Adam) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_SGD_momentum) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_RMSprop) MIXPREC_GPU_SIZES;
+BENCHMARK(BM_api_AdamW) MIXPREC_GPU_SIZES;
+BENCHMARK(BM_api_AdamW_clip) MIXPREC_GPU_SIZES;
+BENCHMARK(BM_api_SGD_momentum) MIXPREC_GPU_SIZES;
+BENCHMARK(BM_api_RMSprop) MIXPREC_GPU_SIZES;
 
 }  // namespace

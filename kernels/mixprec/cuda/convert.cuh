@@ -42,7 +42,7 @@ void launch_convert(TensorView<const From> src, TensorView<To> dst, cudaStream_t
                 " != dst shape ", dst.shape());
   MIXPREC_CHECK(src.device().is_cuda() && src.device() == dst.device(), "launch_convert: src on ",
                 src.device(), ", dst on ", dst.device(), "; both must be on one CUDA device");
-  detail::DeviceGuard guard(src.device());
+  mixprec::detail::DeviceGuard guard(src.device());
   launch_convert(src.data(), dst.data(), src.numel(), stream);
 }
 

@@ -81,7 +81,7 @@ class TensorList {
   Buffer upload(const std::vector<T>& items) {
     Buffer b(items.size() * sizeof(T), device_);
     if (!items.empty()) {
-      detail::DeviceGuard guard(device_);
+      mixprec::detail::DeviceGuard guard(device_);
       MIXPREC_CUDA_CHECK(cudaMemcpy(b.data(), items.data(), items.size() * sizeof(T), cudaMemcpyHostToDevice));
     }
     return b;
