@@ -239,8 +239,13 @@ TEST(DeviceOptim, PlainStepMatchesHost) {
 // synchronise fails the capture) and replayed.
 TEST(DeviceOptim, GraphReplayMatchesEager) {
   MIXPREC_SKIP_WITHOUT_GPU();
-  cudaStream_t stream;
-  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  // Declared first, destroyed last: the stream outlives the scalers.
+  struct Stream {
+    cudaStream_t s = nullptr;
+    Stream() { EXPECT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess); }
+    ~Stream() { EXPECT_EQ(cudaStreamDestroy(s), cudaSuccess); }
+  } owner;
+  cudaStream_t stream = owner.s;
   Model<half> eager_model, graph_model;
   optim::AdamWOptions o;
   optim::AdamW eager(eager_model.params(true), o), graphed(graph_model.params(true), o);
@@ -283,7 +288,6 @@ TEST(DeviceOptim, GraphReplayMatchesEager) {
   }
   EXPECT_EQ(cudaGraphExecDestroy(exec), cudaSuccess);
   EXPECT_EQ(cudaGraphDestroy(graph), cudaSuccess);
-  EXPECT_EQ(cudaStreamDestroy(stream), cudaSuccess);
 }
 
 TEST(DeviceOptim, NamesTheParametersThatOverflowedAndSkipsWhole) {
@@ -420,7 +424,8 @@ TEST(DeviceOptim, MisuseIsAClearError) {
   test::expect_error([&] { device.apply(); }, {"AdamW::apply", "cuda:0"});
   // Parameters of one optimizer on two devices.
   test::expect_error([&] { optim::AdamW mixed({{"w", m.hw[0], m.dg[0]}}); }, {"AdamW", "\"w\"", "cpu", "cuda:0"});
-  test::expect_error([&] { device.add_param_group(m.params(false), {}); }, {"AdamW", "one device", "cuda:0"});
+  test::expect_error([&] { device.add_param_group({{"host", m.hw[0], m.hg[0]}}, {}); },
+                     {"AdamW", "\"host\"", "one device", "cuda:0"});
   test::expect_error([&] { device_scaler.clip_grad_norm(device, 1.0); }, {"DeviceGradScaler::clip_grad_norm",
                                                                          "no unscale()"});
   test::expect_error([&] { device_scaler.step(device, -1.0); }, {"DeviceGradScaler", "max_norm = -1"});

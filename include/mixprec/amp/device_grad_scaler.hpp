@@ -59,13 +59,10 @@ class DeviceGradScaler {
     mirror_ = static_cast<DeviceScalerState*>(backend_->alloc_pinned(sizeof(DeviceScalerState)));
     *mirror_ = init;
   }
+  // Does not touch stream(), which may be gone by now; free_pinned waits
+  // for the device, so no copy into the mirror is still in flight.
   ~DeviceGradScaler() {
-    if (mirror_ == nullptr) return;
-    try {
-      backend_->synchronize(stream_);  // no copy into the mirror is still in flight
-    } catch (...) {
-    }
-    backend_->free_pinned(mirror_);
+    if (mirror_ != nullptr) backend_->free_pinned(mirror_);
   }
   DeviceGradScaler(const DeviceGradScaler&) = delete;
   DeviceGradScaler& operator=(const DeviceGradScaler&) = delete;

@@ -114,7 +114,9 @@ class DeviceBackend {
   virtual void scale(const TensorRef& t, const float* scale, stream_t stream) = 0;
   /// Asynchronous copy of `bytes` from device memory to pinned host memory.
   virtual void copy_to_host_async(void* host, const void* device, std::size_t bytes, stream_t stream) = 0;
-  /// Pinned host memory that a copy_to_host_async can target; freed with free_pinned.
+  /// Pinned host memory that a copy_to_host_async can target; freed with
+  /// free_pinned, which first waits for the device (no copy into it can
+  /// still be in flight).
   virtual void* alloc_pinned(std::size_t bytes) = 0;
   virtual void free_pinned(void* p) noexcept = 0;
   /// Waits for the work queued on `stream`.

@@ -156,7 +156,10 @@ class Backend final : public optim::DeviceBackend {
     MIXPREC_CUDA_CHECK(cudaMallocHost(&p, bytes));
     return p;
   }
-  void free_pinned(void* p) noexcept override { (void)cudaFreeHost(p); }
+  void free_pinned(void* p) noexcept override {
+    (void)cudaDeviceSynchronize();
+    (void)cudaFreeHost(p);
+  }
   void synchronize(stream_t stream) override { MIXPREC_CUDA_CHECK(cudaStreamSynchronize(stream)); }
 };
 
