@@ -1,0 +1,75 @@
+// SPDX-License-Identifier: Apache-2.0
+// The layers' seam to their CUDA kernels, as optim/device_backend.hpp is the
+// optimizers': an interface that kernels/mixprec/cuda/backend.cuh implements
+// and installs, so layers on a device run from .cpp files compiled by g++.
+// Pointers are device pointers to elements of `dtype` unless said otherwise.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+
+#include "mixprec/core/config.hpp"
+#include "mixprec/core/device.hpp"
+#include "mixprec/core/dtype.hpp"
+#include "mixprec/core/error.hpp"
+#include "mixprec/nn/functional.hpp"
+
+namespace mixprec::nn {
+
+class DeviceOps {
+ public:
+  virtual ~DeviceOps() = default;
+
+  /// y[b, o] = act(sum_i x[b, i] w[o, i] + bias[o]) (bias may be null);
+  /// aux (GELU only) receives the pre-activation. fp32 accumulation.
+  virtual void linear_forward(DType dtype, const void* x, const void* w, const void* bias, void* y, void* aux,
+                              std::int64_t batch, std::int64_t in, std::int64_t out, Activation act,
+                              stream_t stream) = 0;
+  /// From dy: dz = dy * act'(z) (z from aux for GELU, from y for ReLU);
+  /// grad_w = dz^T x, grad_bias = sum over the batch of dz (may be null),
+  /// dx = dz w (may be null). Gradients are overwritten.
+  virtual void linear_backward(DType dtype, const void* x, const void* w, const void* y, const void* aux,
+                               const void* dy, void* dx, void* grad_w, void* grad_bias, std::int64_t batch,
+                               std::int64_t in, std::int64_t out, Activation act, stream_t stream) = 0;
+  /// y = act(x), n elements.
+  virtual void activation_forward(DType dtype, Activation act, const void* x, void* y, std::int64_t n,
+                                  stream_t stream) = 0;
+  /// dx = dy * act'(x), n elements.
+  virtual void activation_backward(DType dtype, Activation act, const void* x, const void* dy, void* dx,
+                                   std::int64_t n, stream_t stream) = 0;
+  /// Mean softmax cross-entropy of logits [batch, classes] against int32
+  /// labels: *loss (device float) = the mean, dlogits = scale * dLoss/dlogits
+  /// in the logits' dtype; *scale is read on the device. Labels out of range
+  /// set *bad_label (device int) and contribute nothing.
+  virtual void softmax_cross_entropy(DType dtype, const void* logits, const std::int32_t* labels,
+                                     std::int64_t batch, std::int64_t classes, const float* scale, void* dlogits,
+                                     float* loss, int* bad_label, stream_t stream) = 0;
+  /// Mean squared error over n elements: *loss = mean((y - t)^2),
+  /// dy = scale * 2 (y - t) / n.
+  virtual void mse(DType dtype, const void* y, const void* target, std::int64_t n, const float* scale, void* dy,
+                   float* loss, stream_t stream) = 0;
+};
+
+}  // namespace mixprec::nn
+
+namespace mixprec::detail {
+inline std::atomic<nn::DeviceOps*>& nn_device_ops_slot() {
+  static std::atomic<nn::DeviceOps*> slot{nullptr};
+  return slot;
+}
+/// The installed ops, or an error naming `what`, the device and the fix.
+inline nn::DeviceOps& require_nn_device_ops(const char* what, Device device) {
+  nn::DeviceOps* ops = nn_device_ops_slot().load();
+  MIXPREC_CHECK(ops != nullptr, what, ": the layer is on ", device,
+                " but no CUDA kernels are linked into this program; compile one .cu file that includes "
+                "<mixprec/cuda/backend.cuh> (see docs/getting-started.md, \"GPU training from .cpp files\")");
+  return *ops;
+}
+}  // namespace mixprec::detail
+
+namespace mixprec::nn {
+/// Installs the kernels' implementation (backend.cuh does this for you).
+inline void install_device_ops(DeviceOps* ops) { mixprec::detail::nn_device_ops_slot().store(ops); }
+/// The installed ops (checked where a layer is made on a device).
+inline DeviceOps& nn_device_ops() { return *mixprec::detail::nn_device_ops_slot().load(); }
+}  // namespace mixprec::nn

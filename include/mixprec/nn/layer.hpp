@@ -1,0 +1,48 @@
+// SPDX-License-Identifier: Apache-2.0
+// Layer<T>: what Sequential runs. Activations are row-major tensors of T
+// whose first dimension is the batch; a layer reads views of buffers that
+// Sequential owns and writes its parameters' gradients into buffers it owns.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "mixprec/core/config.hpp"
+#include "mixprec/core/device.hpp"
+#include "mixprec/optim/optimizer.hpp"
+#include "mixprec/tensor/shape.hpp"
+#include "mixprec/tensor/tensor_view.hpp"
+
+namespace mixprec::nn {
+
+/// Where and how a pass runs: the stream of every launch on a device.
+struct Context {
+  stream_t stream = nullptr;
+};
+
+template <class T>
+class Layer {
+ public:
+  virtual ~Layer() = default;
+  Layer() = default;
+  Layer(const Layer&) = delete;
+  Layer& operator=(const Layer&) = delete;
+
+  /// "Linear(784, 1024, relu)" and the like, for errors and summaries.
+  virtual std::string name() const = 0;
+  virtual Device device() const = 0;
+  /// The output shape for input shape `in` ([batch, ...]); throws, naming
+  /// the layer and the shape, when the layer cannot take it.
+  virtual Shape output_shape(const Shape& in) const = 0;
+  /// y = layer(x), shapes as output_shape says.
+  virtual void forward(TensorView<const T> x, TensorView<T> y, const Context& ctx) = 0;
+  /// From dy = dLoss/dy (loss-scaled): writes the parameters' gradients
+  /// (overwriting them) and, unless dx is empty, dx = dLoss/dx. x and y are
+  /// the forward's input and output.
+  virtual void backward(TensorView<const T> x, TensorView<const T> y, TensorView<const T> dy, TensorView<T> dx,
+                        const Context& ctx) = 0;
+  /// The trainable parameters (weight and gradient views), named prefix + name.
+  virtual std::vector<optim::Param> parameters(const std::string& prefix) { (void)prefix; return {}; }
+};
+
+}  // namespace mixprec::nn

@@ -1,0 +1,106 @@
+// SPDX-License-Identifier: Apache-2.0
+// Sequential: owns its layers and every activation and activation-gradient
+// buffer, made once for a fixed input shape (batch included), and runs the
+// forward and the backward pass; its parameters go to an optimizer.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "mixprec/core/error.hpp"
+#include "mixprec/nn/layer.hpp"
+#include "mixprec/tensor/tensor.hpp"
+
+namespace mixprec::nn {
+
+template <class T>
+class Sequential {
+ public:
+  /// For inputs of exactly `input_shape` ([batch, ...]) on `device`.
+  explicit Sequential(Shape input_shape, Device device = Device::cpu())
+      : input_shape_(std::move(input_shape)), device_(device) {
+    MIXPREC_CHECK(input_shape_.rank() >= 2 && input_shape_.numel() > 0, "Sequential: input shape ", input_shape_,
+                  ", expected [batch, features...] with no zero dimension");
+  }
+
+  /// Appends a layer: checks its device and that it takes the current
+  /// output shape, then allocates its output and output-gradient buffers.
+  /// On error nothing is added.
+  template <class L>
+  L& add(std::unique_ptr<L> layer) {
+    MIXPREC_CHECK(layer != nullptr, "Sequential::add: null layer");
+    MIXPREC_CHECK(layer->device() == device_, "Sequential::add: ", layer->name(), " is on ", layer->device(),
+                  ", the Sequential on ", device_);
+    const Shape out = layer->output_shape(output_shape());
+    Tensor<T> y(out, device_), dy(out, device_);
+    L& ref = *layer;
+    layers_.reserve(layers_.size() + 1);
+    outputs_.reserve(outputs_.size() + 1);
+    grads_.reserve(grads_.size() + 1);
+    layers_.push_back(std::move(layer));
+    outputs_.push_back(std::move(y));
+    grads_.push_back(std::move(dy));
+    return ref;
+  }
+  template <class L, class... Args>
+  L& emplace(Args&&... args) {
+    return add(std::make_unique<L>(std::forward<Args>(args)...));
+  }
+
+  std::size_t size() const { return layers_.size(); }
+  Layer<T>& layer(std::size_t i) { return *layers_.at(i); }
+  const Shape& input_shape() const { return input_shape_; }
+  const Shape& output_shape() const { return layers_.empty() ? input_shape_ : outputs_.back().shape(); }
+  Device device() const { return device_; }
+
+  /// Runs every layer on x (which must have the input shape: the batch is
+  /// fixed) and returns the last output. x must stay valid until backward().
+  TensorView<const T> forward(TensorView<const T> x, const Context& ctx = {}) {
+    MIXPREC_CHECK(!layers_.empty(), "Sequential::forward: no layers");
+    MIXPREC_CHECK(x.shape() == input_shape_, "Sequential::forward: input shape ", x.shape(), ", this Sequential ",
+                  "was built for ", input_shape_, " (the batch size is fixed when it is made)");
+    MIXPREC_CHECK(x.device() == device_, "Sequential::forward: input on ", x.device(), ", layers on ", device_);
+    input_ = x;
+    for (std::size_t i = 0; i < layers_.size(); ++i) {
+      layers_[i]->forward(i == 0 ? x : TensorView<const T>(outputs_[i - 1].view()), outputs_[i].view(), ctx);
+    }
+    return outputs_.back().view();
+  }
+
+  /// Where the loss writes dLoss/doutput (loss-scaled) before backward().
+  TensorView<T> output_grad() {
+    MIXPREC_CHECK(!layers_.empty(), "Sequential::output_grad: no layers");
+    return grads_.back().view();
+  }
+
+  /// Backward from output_grad() through every layer; the parameters'
+  /// gradients are overwritten. The input's gradient is not computed.
+  void backward(const Context& ctx = {}) {
+    MIXPREC_CHECK(input_.data() != nullptr, "Sequential::backward: no forward() yet");
+    for (std::size_t i = layers_.size(); i-- > 0;) {
+      const TensorView<const T> x = i == 0 ? input_ : TensorView<const T>(outputs_[i - 1].view());
+      layers_[i]->backward(x, outputs_[i].view(), grads_[i].view(), i == 0 ? TensorView<T>() : grads_[i - 1].view(),
+                           ctx);
+    }
+  }
+
+  /// Every layer's parameters, named "<index>.weight", "<index>.bias" as torch does.
+  std::vector<optim::Param> parameters() {
+    std::vector<optim::Param> all;
+    for (std::size_t i = 0; i < layers_.size(); ++i) {
+      for (optim::Param& p : layers_[i]->parameters(std::to_string(i) + ".")) all.push_back(std::move(p));
+    }
+    return all;
+  }
+
+ private:
+  Shape input_shape_;
+  Device device_;
+  std::vector<std::unique_ptr<Layer<T>>> layers_;
+  std::vector<Tensor<T>> outputs_, grads_;  // outputs_[i]: layer i's output; grads_[i]: its gradient
+  TensorView<const T> input_;
+};
+
+}  // namespace mixprec::nn
