@@ -95,6 +95,7 @@ class DeviceGradScaler {
     opt.launch_check(stream_);
     Record& r = records_.get(opt);
     r.num_params = opt.num_params();
+    r.found_inf = opt.device_found_inf();
     r.stage = Stage::unscaled;
   }
 
@@ -114,7 +115,7 @@ class DeviceGradScaler {
   void step(optim::Optimizer& opt) {
     require_here(opt);
     records_.require_can_step(opt);
-    if (records_.get(opt).stage == Stage::ready) unscale(opt);
+    if (records_.stage(opt) == Stage::ready) unscale(opt);
     Record& r = records_.get(opt);
     records_.require_same_params(opt, r, "step");
     optim::DeviceStepInputs in;
@@ -132,7 +133,7 @@ class DeviceGradScaler {
   void step(optim::Optimizer& opt, double max_norm) {
     records_.check_max_norm(max_norm);  // before unscale() launches anything
     require_here(opt);
-    if (records_.get(opt).stage == Stage::ready) unscale(opt);
+    if (records_.stage(opt) == Stage::ready) unscale(opt);
     clip_grad_norm(opt, max_norm);
     step(opt);
   }
@@ -143,6 +144,11 @@ class DeviceGradScaler {
   /// of an earlier update shows it (see the class comment).
   void update() {
     records_.require_some("update");
+    // An optimizer unscaled but never stepped still counts: its found-inf
+    // goes into the iteration's flag (step()'s finish does that otherwise).
+    for (const Record& r : records_.all()) {
+      if (r.stage == Stage::unscaled) backend_->or_flag(r.found_inf, &device_state()->any_inf, stream_);
+    }
     records_.clear();
     backend_->update_scale(device_state(), policy_, options_.mode == ScalingMode::dynamic, stream_);
     backend_->copy_to_host_async(mirror_, device_state(), sizeof(DeviceScalerState), stream_);
@@ -191,7 +197,9 @@ class DeviceGradScaler {
 
  private:
   using Stage = detail::Stage;
-  struct Record : detail::RecordBase {};
+  struct Record : detail::RecordBase {
+    const int* found_inf = nullptr;  // the optimizer's pass 1 flag (device)
+  };
 
   void require_here(const optim::Optimizer& opt) const {
     MIXPREC_CHECK(opt.on_device() && opt.device() == device_, "DeviceGradScaler: the parameters of this ",

@@ -76,13 +76,18 @@ class Records {
  public:
   explicit Records(const char* who) : who_(who) {}
 
+  /// The optimizer's record, made on first use: call it once the work it
+  /// records has been done, so a refused call leaves no record behind.
   Record& get(const optim::Optimizer& opt) {
-    for (Record& r : items_) {
-      if (r.opt == opt.id()) return r;
-    }
+    if (Record* r = find(opt)) return *r;
     items_.emplace_back();
     items_.back().opt = opt.id();
     return items_.back();
+  }
+  /// The optimizer's stage (ready when it has no record).
+  Stage stage(const optim::Optimizer& opt) const {
+    const Record* r = const_cast<Records&>(*this).find(opt);
+    return r ? r->stage : Stage::ready;
   }
   /// The record of an optimizer unscaled since the last update(), or an
   /// error naming `what`.
@@ -97,11 +102,11 @@ class Records {
     return const_cast<Record&>(std::as_const(*this).checked(opt, what));
   }
 
-  void require_can_unscale(const optim::Optimizer& opt) {
-    const Record& r = get(opt);
-    MIXPREC_CHECK(r.stage != Stage::unscaled, who_, "::unscale: already called on this ", opt.name(),
+  void require_can_unscale(const optim::Optimizer& opt) const {
+    const Stage s = stage(opt);
+    MIXPREC_CHECK(s != Stage::unscaled, who_, "::unscale: already called on this ", opt.name(),
                   " since the last update()");
-    MIXPREC_CHECK(r.stage != Stage::stepped, who_, "::unscale: called after step() on this ", opt.name(),
+    MIXPREC_CHECK(s != Stage::stepped, who_, "::unscale: called after step() on this ", opt.name(),
                   "; call update() first");
   }
   void require_can_clip(const optim::Optimizer& opt) {
@@ -110,8 +115,8 @@ class Records {
                   " since the last update()");
     require_same_params(opt, r, "clip_grad_norm");
   }
-  void require_can_step(const optim::Optimizer& opt) {
-    MIXPREC_CHECK(get(opt).stage != Stage::stepped, who_, "::step: already called on this ", opt.name(),
+  void require_can_step(const optim::Optimizer& opt) const {
+    MIXPREC_CHECK(stage(opt) != Stage::stepped, who_, "::step: already called on this ", opt.name(),
                   " since the last update()");
   }
   // Parameters added after unscale() were never checked: refuse to step them.
@@ -128,9 +133,17 @@ class Records {
   }
 
   const std::vector<Record>& all() const { return items_; }
+  std::vector<Record>& all() { return items_; }
   void clear() { items_.clear(); }
 
  private:
+  Record* find(const optim::Optimizer& opt) {
+    for (Record& r : items_) {
+      if (r.opt == opt.id()) return &r;
+    }
+    return nullptr;
+  }
+
   const char* who_;
   std::vector<Record> items_;
 };
@@ -221,10 +234,11 @@ class GradScaler {
     MIXPREC_CHECK(!opt.on_device(), "GradScaler: the parameters of this ", opt.name(), " are on ", opt.device(),
                   "; GradScaler keeps its state on the host, use amp::DeviceGradScaler");
     records_.require_can_unscale(opt);
+    optim::GradStats stats = opt.check_grads();
     Record& r = records_.get(opt);
     // PyTorch takes the reciprocal in double and rounds it to float.
     r.inv_scale = static_cast<float>(1.0 / static_cast<double>(state_.scale));
-    r.stats = opt.check_grads();
+    r.stats = std::move(stats);
     r.found_inf = r.stats.any_nonfinite();
     r.num_params = opt.num_params();
     r.stage = Stage::unscaled;
@@ -258,7 +272,7 @@ class GradScaler {
   /// counts untouched. Returns whether the step was applied.
   bool step(optim::Optimizer& opt) {
     records_.require_can_step(opt);
-    if (records_.get(opt).stage == Stage::ready) unscale(opt);
+    if (records_.stage(opt) == Stage::ready) unscale(opt);
     Record& rr = records_.get(opt);
     records_.require_same_params(opt, rr, "step");
     rr.stage = Stage::stepped;
@@ -270,7 +284,7 @@ class GradScaler {
   /// unscale + clip_grad_norm(max_norm) + step, for the common case.
   bool step(optim::Optimizer& opt, double max_norm) {
     records_.check_max_norm(max_norm);  // before unscale() changes anything
-    if (records_.get(opt).stage == Stage::ready) unscale(opt);
+    if (records_.stage(opt) == Stage::ready) unscale(opt);
     clip_grad_norm(opt, max_norm);
     return step(opt);
   }

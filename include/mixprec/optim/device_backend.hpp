@@ -110,6 +110,8 @@ class DeviceBackend {
   /// any_inf. One single-thread launch.
   virtual void update_scale(amp::DeviceScalerState* s, const amp::ScalePolicy& policy, bool dynamic,
                             stream_t stream) = 0;
+  /// *dst |= *src (device ints), one single-thread launch.
+  virtual void or_flag(const int* src, int* dst, stream_t stream) = 0;
   /// t[i] *= *scale, in t's element type (rounded to nearest even).
   virtual void scale(const TensorRef& t, const float* scale, stream_t stream) = 0;
   /// Asynchronous copy of `bytes` from device memory to pinned host memory.

@@ -251,6 +251,8 @@ class Optimizer {
   void launch_step(DeviceStepInputs in, int* any_inf, stream_t stream) {
     require_device("launch_step");
     MIXPREC_CHECK(in.found_inf && in.scale, name(), "::launch_step: found_inf and scale must point to device memory");
+    MIXPREC_CHECK(!in.total_sum_squares || (std::isfinite(in.max_norm) && in.max_norm > 0), name(),
+                  "::launch_step: max_norm = ", in.max_norm, ", must be finite and > 0 when clipping");
     for (std::size_t i = 0; i < slots_.size(); ++i) allocate_state(i);
     ensure_plan();
     in.applied_steps = applied_device();
@@ -399,6 +401,21 @@ class Optimizer {
     for (std::size_t i = 0; i < slots_.size(); ++i) allocate_state(i);
     for (Slot& s : slots_) s.fresh_state = 0;
     ensure_plan();
+  }
+
+  /// Undoes the last add_group (when what follows it fails). Never throws.
+  void drop_last_group() noexcept {
+    const std::size_t group = group_lrs_.size() - 1;
+    while (!slots_.empty() && slots_.back().group == group) slots_.pop_back();
+    group_lrs_.pop_back();
+    group_steps_.pop_back();
+    if (slots_.empty()) {
+      device_ = Device::cpu();
+      applied_device_ = Buffer();
+      constants_ = Buffer();
+    }
+    plan_.reset();
+    params_changed_ = false;
   }
 
   /// Launches pass 2 for the parameters [first, last) of `group`
@@ -681,6 +698,9 @@ class Optimizer {
       plan_ = device_backend()->make_plan(params);
     }
     params_changed_ = false;
+    // The uploads, the zeroed state and the check's buffers are ready
+    // before any stream (a non-blocking one included) runs a step on them.
+    device_backend()->synchronize(nullptr);
   }
   static Buffer make_device_counts(std::size_t count, Device device) {
     Buffer b(count * sizeof(std::int64_t), device);

@@ -27,7 +27,13 @@ class OptimizerBase : public Optimizer {
     options_.reserve(options_.size() + 1);  // so the push_back below cannot throw
     add_group(std::move(params), options.lr);
     options_.push_back(options);
-    prepare_device();
+    try {
+      prepare_device();  // device state and lists; may fail to allocate
+    } catch (...) {
+      options_.pop_back();
+      drop_last_group();
+      throw;
+    }
   }
 
   const Options& options(std::size_t group) const { return options_.at(check_group(group)); }

@@ -27,6 +27,10 @@ namespace mixprec::cuda {
 
 namespace detail {
 
+__global__ inline void or_flag_kernel(const int* src, int* dst) {
+  if (*src) *dst = 1;
+}
+
 template <class T>
 __global__ void scale_kernel(T* data, std::int64_t n, const float* scale) {
   const float s = *scale;
@@ -134,6 +138,10 @@ class Backend final : public optim::DeviceBackend {
   void update_scale(amp::DeviceScalerState* s, const amp::ScalePolicy& policy, bool dynamic,
                     stream_t stream) override {
     launch_update_scale(s, policy, dynamic, stream);
+  }
+  void or_flag(const int* src, int* dst, stream_t stream) override {
+    detail::or_flag_kernel<<<1, 1, 0, stream>>>(src, dst);
+    MIXPREC_CUDA_CHECK_LAUNCH("or_flag_kernel");
   }
 
   void scale(const TensorRef& t, const float* scale, stream_t stream) override {
