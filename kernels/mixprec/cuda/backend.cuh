@@ -20,6 +20,7 @@
 #include "mixprec/cuda/grad_check.cuh"
 #include "mixprec/cuda/launch.cuh"
 #include "mixprec/cuda/multi_tensor.cuh"
+#include "mixprec/cuda/nn_ops.cuh"
 #include "mixprec/cuda/optimizer_step.cuh"
 #include "mixprec/optim/device_backend.hpp"
 
@@ -179,9 +180,20 @@ inline optim::DeviceBackend& backend() {
   return instance;
 }
 
-/// Installs the kernels behind the host API (done for you when this header
-/// is included; see the top of the file for when to call it yourself).
-inline void install_backend() { optim::install_device_backend(&backend()); }
+/// The layers' kernels (cuBLASLt handle, workspace, GEMM plans). Never
+/// destroyed: tearing down cuBLASLt after the CUDA runtime at exit is unsafe.
+inline nn::DeviceOps& nn_ops() {
+  static NnOps* instance = new NnOps;
+  return *instance;
+}
+
+/// Installs the kernels behind the host API, optimizers and layers (done
+/// for you when this header is included; see the top of the file for when
+/// to call it yourself).
+inline void install_backend() {
+  optim::install_device_backend(&backend());
+  nn::install_device_ops(&nn_ops());
+}
 
 namespace detail {
 inline const bool backend_installed = (install_backend(), true);

@@ -1,0 +1,82 @@
+// SPDX-License-Identifier: Apache-2.0
+// Forward + backward of the MLP 784-4096-4096-10 (ReLU fused into the
+// hidden Linear layers, softmax cross-entropy writing the scaled gradient),
+// batch 1024, fp16 and bf16, through nn::Sequential on the GPU; and one
+// square GEMM through the same cuBLASLt path as the ceiling measured in the
+// same run. FLOPs: 2 * batch * (sum of in * out) for the forward, twice that
+// for the backward (weight and input gradients) less the first layer's
+// input gradient, which is not computed. CUDA events, manual time.
+#include <benchmark/benchmark.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "gpu_bench.cuh"
+#include "mixprec/cuda/backend.cuh"
+#include "mixprec/mixprec.hpp"
+
+namespace {
+
+using mixprec::bench::Events;
+
+template <class T>
+void BM_mlp_step(benchmark::State& state) {
+  const std::int64_t batch = 1024, hidden = 4096;
+  const mixprec::Device gpu = mixprec::Device::cuda(0);
+  mixprec::nn::Sequential<T> net({batch, 784}, gpu);
+  net.template emplace<mixprec::nn::Linear<T>>(784, hidden, mixprec::nn::Activation::relu, true, gpu, 1);
+  net.template emplace<mixprec::nn::Linear<T>>(hidden, hidden, mixprec::nn::Activation::relu, true, gpu, 2);
+  net.template emplace<mixprec::nn::Linear<T>>(hidden, 10, mixprec::nn::Activation::none, true, gpu, 3);
+  mixprec::Tensor<T> x({batch, 784}, gpu);
+  mixprec::fill_normal(x, 0, 1, 4);
+  std::vector<std::int32_t> labels(batch);
+  for (std::int64_t b = 0; b < batch; ++b) labels[b] = static_cast<std::int32_t>(b % 10);
+  mixprec::Buffer glabels(batch * sizeof(std::int32_t), gpu), scalars(3 * sizeof(float), gpu);
+  MIXPREC_CUDA_CHECK(cudaMemcpy(glabels.data(), labels.data(), glabels.bytes(), cudaMemcpyHostToDevice));
+  const float init[3] = {1024.0f, 0.0f, 0.0f};
+  MIXPREC_CUDA_CHECK(cudaMemcpy(scalars.data(), init, sizeof init, cudaMemcpyHostToDevice));
+  float* s = static_cast<float*>(scalars.data());
+  auto step = [&] {
+    mixprec::nn::softmax_cross_entropy<T>(net.forward(x.view()), static_cast<const std::int32_t*>(glabels.data()),
+                                          s, net.output_grad(), s + 1, reinterpret_cast<int*>(s + 2));
+    net.backward();
+  };
+  for (int i = 0; i < 3; ++i) step();
+  Events e;
+  for (auto _ : state) {
+    MIXPREC_CUDA_CHECK(cudaEventRecord(e.start));
+    step();
+    MIXPREC_CUDA_CHECK(cudaEventRecord(e.stop));
+    state.SetIterationTime(e.seconds());
+  }
+  const double fwd = 2.0 * batch * (784.0 * hidden + double(hidden) * hidden + hidden * 10.0);
+  const double flops = 3 * fwd - 2.0 * batch * 784.0 * hidden;
+  state.counters["TFLOPs"] = benchmark::Counter(flops / 1e12, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// y = x W^T for x [8192, 8192], W [8192, 8192]: the plain GEMM rate.
+template <class T>
+void BM_gemm(benchmark::State& state) {
+  const std::int64_t n = 8192;
+  const mixprec::Device gpu = mixprec::Device::cuda(0);
+  mixprec::nn::Linear<T> layer(n, n, mixprec::nn::Activation::none, false, gpu, 1);
+  mixprec::Tensor<T> x({n, n}, gpu), y({n, n}, gpu);
+  mixprec::fill_normal(x, 0, 1, 2);
+  for (int i = 0; i < 3; ++i) layer.forward(x.view(), y.view(), {});
+  Events e;
+  for (auto _ : state) {
+    MIXPREC_CUDA_CHECK(cudaEventRecord(e.start));
+    layer.forward(x.view(), y.view(), {});
+    MIXPREC_CUDA_CHECK(cudaEventRecord(e.stop));
+    state.SetIterationTime(e.seconds());
+  }
+  state.counters["TFLOPs"] =
+      benchmark::Counter(2.0 * n * n * n / 1e12, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+BENCHMARK_TEMPLATE(BM_gemm, mixprec::bfloat16)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(50);
+BENCHMARK_TEMPLATE(BM_gemm, mixprec::half)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(50);
+BENCHMARK_TEMPLATE(BM_mlp_step, mixprec::half)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(100);
+BENCHMARK_TEMPLATE(BM_mlp_step, mixprec::bfloat16)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(100);
+
+}  // namespace

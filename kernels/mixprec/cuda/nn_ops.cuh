@@ -1,0 +1,364 @@
+// SPDX-License-Identifier: Apache-2.0
+// The layers' device work (nn::DeviceOps): Linear through cuBLASLt with
+// fused epilogues (bias + ReLU/GELU in the forward, the bias gradient in
+// the weight-gradient GEMM), and mixprec's own kernels for activations,
+// their derivatives and the losses. Installed by backend.cuh.
+#pragma once
+
+#include <cublasLt.h>
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "mixprec/core/convert.hpp"
+#include "mixprec/core/cublas_check.hpp"
+#include "mixprec/core/cuda_check.hpp"
+#include "mixprec/cuda/launch.cuh"
+#include "mixprec/nn/device_ops.hpp"
+#include "mixprec/nn/functional.hpp"
+#include "mixprec/tensor/memory.hpp"
+
+namespace mixprec::cuda {
+
+namespace nn_detail {
+
+template <class T>
+__global__ void activation_forward_kernel(nn::Activation act, const T* x, T* y, std::int64_t n) {
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    y[i] = mixprec::from_float<T>(nn::fn::activate(act, mixprec::to_float(x[i])));
+  }
+}
+
+// dx = dy * act'(z), z the pre-activation (or, for ReLU, anything with its sign).
+template <class T>
+__global__ void activation_backward_kernel(nn::Activation act, const T* z, const T* dy, T* dx, std::int64_t n) {
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const float g = nn::fn::activation_grad(act, mixprec::to_float(z[i]));
+    dx[i] = mixprec::from_float<T>(mixprec::to_float(dy[i]) * g);
+  }
+}
+
+// One warp per row: max, sum of exp, loss and the scaled gradient.
+template <class T>
+__global__ void softmax_xent_kernel(const T* logits, const std::int32_t* labels, std::int64_t batch,
+                                    std::int64_t classes, const float* scale, T* dlogits, float* row_loss,
+                                    int* bad_label) {
+  const std::int64_t row = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= batch) return;
+  const T* z = logits + row * classes;
+  T* dz = dlogits + row * classes;
+  float m = -INFINITY;
+  for (std::int64_t c = lane; c < classes; c += 32) m = fmaxf(m, mixprec::to_float(z[c]));
+  for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  float s = 0;
+  for (std::int64_t c = lane; c < classes; c += 32) s += expf(mixprec::to_float(z[c]) - m);
+  for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
+  const float lse = m + logf(s);
+  const std::int32_t label = labels[row];
+  const bool ok = label >= 0 && label < classes;
+  const float g = *scale / static_cast<float>(batch);
+  for (std::int64_t c = lane; c < classes; c += 32) {
+    const float p = expf(mixprec::to_float(z[c]) - lse);
+    dz[c] = mixprec::from_float<T>(ok ? (p - (c == label ? 1.0f : 0.0f)) * g : 0.0f);
+  }
+  if (lane == 0) {
+    row_loss[row] = ok ? lse - mixprec::to_float(z[label]) : 0.0f;
+    if (!ok) *bad_label = 1;
+  }
+}
+
+// dy = scale * 2 (y - t) / n; squared differences summed per block.
+template <class T>
+__global__ void mse_kernel(const T* y, const T* t, std::int64_t n, const float* scale, T* dy, float* block_sums) {
+  __shared__ float warp_sums[block_threads / 32];
+  const float g = 2.0f * *scale / static_cast<float>(n);
+  float s = 0;
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const float d = mixprec::to_float(y[i]) - mixprec::to_float(t[i]);
+    s += d * d;
+    dy[i] = mixprec::from_float<T>(d * g);
+  }
+  for (int o = 16; o > 0; o /= 2) s += __shfl_down_sync(0xffffffffu, s, o);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0;
+    for (int w = 0; w < block_threads / 32; ++w) total += warp_sums[w];
+    block_sums[blockIdx.x] = total;
+  }
+}
+
+// *out = (sum of values, in order, in double) / divisor: one thread, so the
+// bits do not depend on scheduling.
+__global__ inline void mean_kernel(const float* values, std::int64_t n, double divisor, float* out) {
+  double s = 0;
+  for (std::int64_t i = 0; i < n; ++i) s += values[i];
+  *out = static_cast<float>(s / divisor);
+}
+
+inline cudaDataType_t cuda_type(DType d) {
+  switch (d) {
+    case DType::float16:
+      return CUDA_R_16F;
+    case DType::bfloat16:
+      return CUDA_R_16BF;
+    case DType::float32:
+      break;
+  }
+  return CUDA_R_32F;
+}
+
+// Calls f(T*) with the pointer cast to the element type of `d`.
+template <class F>
+void with_type(DType d, F&& f) {
+  switch (d) {
+    case DType::float16:
+      f(static_cast<half*>(nullptr));
+      return;
+    case DType::bfloat16:
+      f(static_cast<bfloat16*>(nullptr));
+      return;
+    case DType::float32:
+      f(static_cast<float*>(nullptr));
+      return;
+  }
+}
+
+}  // namespace nn_detail
+
+/// nn::DeviceOps on the current device, with one cuBLASLt handle and a
+/// 32 MiB workspace (NVIDIA's recommendation for Hopper) made on first use,
+/// and scratch memory that grows to the largest request. Set-up work
+/// (handle, workspace, scratch growth, heuristic queries) happens on the
+/// first call with a given shape: run one step before capturing a graph.
+class NnOps final : public nn::DeviceOps {
+ public:
+  ~NnOps() override {
+    for (auto& [key, plan] : plans_) {
+      (void)key;
+      destroy(plan);
+    }
+    if (handle_) (void)cublasLtDestroy(handle_);
+  }
+
+  void linear_forward(DType dtype, const void* x, const void* w, const void* bias, void* y, void* aux,
+                      std::int64_t batch, std::int64_t in, std::int64_t out, nn::Activation act,
+                      stream_t stream) override {
+    // Column-major: Y^T [out, batch] = W^T^T (A = W, transposed) * X^T (B = X).
+    cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_DEFAULT;
+    const bool gelu_fused = act == nn::Activation::gelu && out % 8 == 0;  // aux ld: a multiple of 8
+    if (act == nn::Activation::relu) epi = bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU;
+    if (gelu_fused) epi = bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
+    if (act == nn::Activation::none && bias) epi = CUBLASLT_EPILOGUE_BIAS;
+    void* d = y;
+    if (act == nn::Activation::gelu && !gelu_fused) {
+      // No fused GELU: z (with bias) into aux, then the activation kernel.
+      epi = bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+      d = aux;
+    }
+    matmul(dtype, Key{dtype, epi, CUBLAS_OP_T, CUBLAS_OP_N, out, batch, in, in, in, out}, w, x, d, bias,
+           gelu_fused ? aux : nullptr, out, stream);
+    if (act == nn::Activation::gelu && !gelu_fused) activation_forward(dtype, act, aux, y, batch * out, stream);
+  }
+
+  void linear_backward(DType dtype, const void* x, const void* w, const void* y, const void* aux, const void* dy,
+                       void* dx, void* grad_w, void* grad_bias, std::int64_t batch, std::int64_t in,
+                       std::int64_t out, nn::Activation act, stream_t stream) override {
+    const void* dz = dy;
+    if (act != nn::Activation::none) {
+      // dz = dy * act'(z): ReLU's sign from y, GELU's z from the aux.
+      void* buf = scratch(static_cast<std::size_t>(batch * out) * dtype_size(dtype));
+      activation_backward(dtype, act, act == nn::Activation::relu ? y : aux, dy, buf, batch * out, stream);
+      dz = buf;
+    }
+    // dW^T [in, out] = X^T [in, batch] * dZ [batch, out]: A = X (N), B = dZ (T);
+    // the bias gradient (sum over the batch of dZ) from B in the epilogue.
+    const cublasLtEpilogue_t epi = grad_bias ? CUBLASLT_EPILOGUE_BGRADB : CUBLASLT_EPILOGUE_DEFAULT;
+    matmul(dtype, Key{dtype, epi, CUBLAS_OP_N, CUBLAS_OP_T, in, out, batch, in, out, in}, x, dz, grad_w, grad_bias,
+           nullptr, 0, stream);
+    if (dx) {
+      // dX^T [in, batch] = W^T [in, out] * dZ^T [out, batch]: A = W (N), B = dZ (N).
+      matmul(dtype, Key{dtype, CUBLASLT_EPILOGUE_DEFAULT, CUBLAS_OP_N, CUBLAS_OP_N, in, batch, out, in, out, in}, w,
+             dz, dx, nullptr, nullptr, 0, stream);
+    }
+  }
+
+  void activation_forward(DType dtype, nn::Activation act, const void* x, void* y, std::int64_t n,
+                          stream_t stream) override {
+    if (n == 0) return;
+    nn_detail::with_type(dtype, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      nn_detail::activation_forward_kernel<T><<<grid_for(n), block_threads, 0, stream>>>(
+          act, static_cast<const T*>(x), static_cast<T*>(y), n);
+    });
+    MIXPREC_CUDA_CHECK_LAUNCH("activation_forward_kernel");
+  }
+
+  void activation_backward(DType dtype, nn::Activation act, const void* x, const void* dy, void* dx,
+                           std::int64_t n, stream_t stream) override {
+    if (n == 0) return;
+    nn_detail::with_type(dtype, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      nn_detail::activation_backward_kernel<T><<<grid_for(n), block_threads, 0, stream>>>(
+          act, static_cast<const T*>(x), static_cast<const T*>(dy), static_cast<T*>(dx), n);
+    });
+    MIXPREC_CUDA_CHECK_LAUNCH("activation_backward_kernel");
+  }
+
+  void softmax_cross_entropy(DType dtype, const void* logits, const std::int32_t* labels, std::int64_t batch,
+                             std::int64_t classes, const float* scale, void* dlogits, float* loss, int* bad_label,
+                             stream_t stream) override {
+    float* rows = static_cast<float*>(scratch(static_cast<std::size_t>(batch) * sizeof(float), 1));
+    const unsigned blocks = static_cast<unsigned>((batch * 32 + block_threads - 1) / block_threads);
+    nn_detail::with_type(dtype, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      nn_detail::softmax_xent_kernel<T><<<blocks, block_threads, 0, stream>>>(
+          static_cast<const T*>(logits), labels, batch, classes, scale, static_cast<T*>(dlogits), rows, bad_label);
+    });
+    MIXPREC_CUDA_CHECK_LAUNCH("softmax_xent_kernel");
+    nn_detail::mean_kernel<<<1, 1, 0, stream>>>(rows, batch, static_cast<double>(batch), loss);
+    MIXPREC_CUDA_CHECK_LAUNCH("mean_kernel");
+  }
+
+  void mse(DType dtype, const void* y, const void* target, std::int64_t n, const float* scale, void* dy,
+           float* loss, stream_t stream) override {
+    const unsigned blocks = grid_for(n);
+    float* sums = static_cast<float*>(scratch(blocks * sizeof(float), 1));
+    nn_detail::with_type(dtype, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      nn_detail::mse_kernel<T><<<blocks, block_threads, 0, stream>>>(
+          static_cast<const T*>(y), static_cast<const T*>(target), n, scale, static_cast<T*>(dy), sums);
+    });
+    MIXPREC_CUDA_CHECK_LAUNCH("mse_kernel");
+    nn_detail::mean_kernel<<<1, 1, 0, stream>>>(sums, blocks, static_cast<double>(n), loss);
+    MIXPREC_CUDA_CHECK_LAUNCH("mean_kernel");
+  }
+
+ private:
+  // One GEMM's shape and epilogue: D[m, n] (column-major, ld ldd) =
+  // op(A)[m, k] * op(B)[k, n].
+  struct Key {
+    DType dtype;
+    cublasLtEpilogue_t epilogue;
+    cublasOperation_t transa, transb;
+    std::int64_t m, n, k, lda, ldb, ldd;
+    bool operator<(const Key& o) const {
+      return std::tie(dtype, epilogue, transa, transb, m, n, k, lda, ldb, ldd) <
+             std::tie(o.dtype, o.epilogue, o.transa, o.transb, o.m, o.n, o.k, o.lda, o.ldb, o.ldd);
+    }
+  };
+  struct Plan {
+    cublasLtMatmulDesc_t desc = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+    cublasLtMatmulAlgo_t algo{};
+  };
+
+  static void destroy(Plan& p) {
+    if (p.desc) (void)cublasLtMatmulDescDestroy(p.desc);
+    if (p.a) (void)cublasLtMatrixLayoutDestroy(p.a);
+    if (p.b) (void)cublasLtMatrixLayoutDestroy(p.b);
+    if (p.d) (void)cublasLtMatrixLayoutDestroy(p.d);
+  }
+
+  void ensure_handle() {
+    if (handle_) return;
+    MIXPREC_CUBLAS_CHECK(cublasLtCreate(&handle_));
+    int device = 0;
+    MIXPREC_CUDA_CHECK(cudaGetDevice(&device));
+    workspace_ = Buffer(kWorkspace, Device::cuda(device));
+  }
+
+  // Device scratch of at least `bytes` (slot 0: activation gradients, slot
+  // 1: loss partials). Grows by reallocating, which synchronises: the first
+  // call of a shape does it, later ones (and graph replays) reuse it.
+  void* scratch(std::size_t bytes, int slot = 0) {
+    Buffer& b = scratch_[slot];
+    if (b.bytes() < bytes) {
+      int device = 0;
+      MIXPREC_CUDA_CHECK(cudaGetDevice(&device));
+      MIXPREC_CUDA_CHECK(cudaDeviceSynchronize());  // the old buffer may still be in use
+      b = Buffer(bytes, Device::cuda(device));
+    }
+    return b.data();
+  }
+
+  Plan& plan_for(const Key& key, const void* bias, const void* aux, std::int64_t aux_ld) {
+    auto it = plans_.find(key);
+    if (it != plans_.end()) return it->second;
+    ensure_handle();
+    Plan p;
+    const cudaDataType_t t = nn_detail::cuda_type(key.dtype);
+    MIXPREC_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    MIXPREC_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &key.transa, sizeof key.transa));
+    MIXPREC_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &key.transb, sizeof key.transb));
+    MIXPREC_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &key.epilogue, sizeof key.epilogue));
+    // The heuristic looks at the real pointers' alignment.
+    set_pointers(p, bias, aux, aux_ld);
+    const auto rows = [](cublasOperation_t op, std::int64_t r, std::int64_t c) { return op == CUBLAS_OP_N ? r : c; };
+    const auto cols = [](cublasOperation_t op, std::int64_t r, std::int64_t c) { return op == CUBLAS_OP_N ? c : r; };
+    MIXPREC_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.a, t, rows(key.transa, key.m, key.k),
+                                                    cols(key.transa, key.m, key.k), key.lda));
+    MIXPREC_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.b, t, rows(key.transb, key.k, key.n),
+                                                    cols(key.transb, key.k, key.n), key.ldb));
+    MIXPREC_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.d, t, key.m, key.n, key.ldd));
+    cublasLtMatmulPreference_t pref = nullptr;
+    MIXPREC_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    const std::uint64_t ws = kWorkspace;
+    MIXPREC_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
+                                                              sizeof ws));
+    cublasLtMatmulHeuristicResult_t result{};
+    int found = 0;
+    const cublasStatus_t st =
+        cublasLtMatmulAlgoGetHeuristic(handle_, p.desc, p.a, p.b, p.d, p.d, pref, 1, &result, &found);
+    (void)cublasLtMatmulPreferenceDestroy(pref);
+    if (st != CUBLAS_STATUS_SUCCESS || found == 0) {
+      destroy(p);
+      MIXPREC_CHECK(false, "cuBLASLt has no algorithm for a ", dtype_name(key.dtype), " GEMM m = ", key.m,
+                    ", n = ", key.n, ", k = ", key.k, " with epilogue ", static_cast<int>(key.epilogue), " (",
+                    cublasGetStatusName(st), ")");
+    }
+    p.algo = result.algo;
+    return plans_.emplace(key, p).first->second;
+  }
+
+  static void set_pointers(Plan& p, const void* bias, const void* aux, std::int64_t aux_ld) {
+    if (bias) {
+      MIXPREC_CUBLAS_CHECK(
+          cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
+    }
+    if (aux) {
+      MIXPREC_CUBLAS_CHECK(
+          cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof aux));
+      MIXPREC_CUBLAS_CHECK(
+          cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld, sizeof aux_ld));
+    }
+  }
+
+  void matmul(DType, const Key& key, const void* a, const void* b, void* d, const void* bias, const void* aux,
+              std::int64_t aux_ld, stream_t stream) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    Plan& p = plan_for(key, bias, aux, aux_ld);
+    set_pointers(p, bias, aux, aux_ld);  // this call's buffers (the plan may be shared by layers)
+    const float alpha = 1.0f, beta = 0.0f;
+    MIXPREC_CUBLAS_CHECK(cublasLtMatmul(handle_, p.desc, &alpha, a, p.a, b, p.b, &beta, d, p.d, d, p.d, &p.algo,
+                                        workspace_.data(), workspace_.bytes(), stream));
+  }
+
+  static constexpr std::size_t kWorkspace = std::size_t{32} << 20;
+  cublasLtHandle_t handle_ = nullptr;
+  Buffer workspace_;
+  Buffer scratch_[2];
+  std::map<Key, Plan> plans_;
+  std::mutex mutex_;
+};
+
+}  // namespace mixprec::cuda

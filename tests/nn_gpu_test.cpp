@@ -1,0 +1,250 @@
+// SPDX-License-Identifier: Apache-2.0
+// The layers on the GPU (cuBLASLt epilogues, mixprec's kernels) against the
+// same layers on the CPU (themselves checked against float64 finite
+// differences in nn_test), compiled by g++ with device_backend.cu. Same
+// seeds give the same weights on both. Tolerances, as a fraction of the
+// largest reference value of each tensor: fp32 1e-5, fp16 4e-3, bf16 3e-2
+// (outputs are rounded to T once on both sides, but the GPU sums the
+// products in another order and may round bias + activation in its own
+// order, so 16-bit results may differ by a few ulp).
+#include <gtest/gtest.h>
+
+#include <cuda_runtime_api.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "gpu_skip.hpp"
+#include "mixprec/mixprec.hpp"
+
+namespace mixprec {
+namespace {
+
+using nn::Activation;
+
+template <class T>
+double tolerance() {
+  return std::is_same_v<T, float> ? 1e-5 : std::is_same_v<T, half> ? 4e-3 : 3e-2;
+}
+
+template <class T>
+void expect_close(const TensorView<const T>& gpu, const TensorView<const T>& cpu, const std::string& what) {
+  ASSERT_EQ(gpu.shape(), cpu.shape()) << what;
+  Tensor<T> g(gpu.shape());
+  copy(gpu, g);
+  double scale = 0, worst = 0;
+  for (std::int64_t i = 0; i < cpu.numel(); ++i) scale = std::max(scale, std::fabs(double(to_float(cpu.data()[i]))));
+  for (std::int64_t i = 0; i < cpu.numel(); ++i) {
+    const double a = to_float(g.at(i)), b = to_float(cpu.data()[i]);
+    ASSERT_TRUE(std::isfinite(a)) << what << "[" << i << "]";
+    worst = std::max(worst, std::fabs(a - b));
+  }
+  EXPECT_LE(worst, tolerance<T>() * scale + 1e-30) << what << " (" << dtype_traits<T>::name << ")";
+}
+
+template <class T>
+Tensor<T> on_gpu(const Tensor<T>& t) {
+  return t.to(Device::cuda(0));
+}
+
+template <class T>
+void linear_case(std::int64_t batch, std::int64_t in, std::int64_t out, Activation act, bool bias) {
+  SCOPED_TRACE(std::string(dtype_traits<T>::name) + " " + nn::activation_name(act) + " " + std::to_string(batch) +
+               "x" + std::to_string(in) + "->" + std::to_string(out) + (bias ? "" : " no bias"));
+  nn::Linear<T> cpu(in, out, act, bias, Device::cpu(), 5), gpu(in, out, act, bias, Device::cuda(0), 5);
+  Tensor<T> x({batch, in}), dy({batch, out}), y({batch, out}), dx({batch, in});
+  fill_normal(x, 0, 1, 1);
+  fill_normal(dy, 0, 1, 2);
+  Tensor<T> gx = on_gpu(x), gdy = on_gpu(dy), gy({batch, out}, Device::cuda(0)), gdx({batch, in}, Device::cuda(0));
+  cpu.forward(x.view(), y.view(), {});
+  gpu.forward(gx.view(), gy.view(), {});
+  expect_close<T>(gy.view(), y.view(), "y");
+  cpu.backward(x.view(), y.view(), dy.view(), dx.view(), {});
+  gpu.backward(gx.view(), gy.view(), gdy.view(), gdx.view(), {});
+  expect_close<T>(gpu.grad_weight().view(), cpu.grad_weight().view(), "grad_weight");
+  if (bias) expect_close<T>(gpu.grad_bias().view(), cpu.grad_bias().view(), "grad_bias");
+  expect_close<T>(gdx.view(), dx.view(), "dx");
+}
+
+template <class T>
+void all_linear() {
+  for (Activation act : {Activation::none, Activation::relu, Activation::gelu}) {
+    linear_case<T>(64, 96, 128, act, true);
+    linear_case<T>(33, 40, 10, act, true);  // odd batch, out not a multiple of 8 (no fused GELU)
+    linear_case<T>(16, 24, 32, act, false);
+  }
+}
+
+TEST(NnGpu, LinearHalf) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  all_linear<half>();
+}
+TEST(NnGpu, LinearBfloat16) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  all_linear<bfloat16>();
+}
+TEST(NnGpu, LinearFloat) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  all_linear<float>();
+}
+
+template <class T>
+void activation_case(Activation act) {
+  SCOPED_TRACE(std::string(dtype_traits<T>::name) + " " + nn::activation_name(act));
+  nn::ActivationLayer<T> cpu(act), gpu(act, Device::cuda(0));
+  Tensor<T> x({8, 100}), dy({8, 100}), y({8, 100}), dx({8, 100});
+  fill_normal(x, 0, 2, 3);
+  fill_normal(dy, 0, 1, 4);
+  Tensor<T> gx = on_gpu(x), gdy = on_gpu(dy), gy({8, 100}, Device::cuda(0)), gdx({8, 100}, Device::cuda(0));
+  cpu.forward(x.view(), y.view(), {});
+  gpu.forward(gx.view(), gy.view(), {});
+  expect_close<T>(gy.view(), y.view(), "y");
+  cpu.backward(x.view(), y.view(), dy.view(), dx.view(), {});
+  gpu.backward(gx.view(), gy.view(), gdy.view(), gdx.view(), {});
+  expect_close<T>(gdx.view(), dx.view(), "dx");
+}
+
+TEST(NnGpu, Activations) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  for (Activation act : {Activation::relu, Activation::gelu}) {
+    activation_case<half>(act);
+    activation_case<bfloat16>(act);
+    activation_case<float>(act);
+  }
+}
+
+// Device scalars: the scale in, the loss and the bad-label flag out.
+struct Scalars {
+  Buffer buf{3 * sizeof(float), Device::cuda(0)};
+  explicit Scalars(float scale) {
+    const float init[3] = {scale, 0.0f, 0.0f};
+    EXPECT_EQ(cudaMemcpy(buf.data(), init, sizeof init, cudaMemcpyHostToDevice), cudaSuccess);
+  }
+  const float* scale() { return static_cast<float*>(buf.data()); }
+  float* loss() { return static_cast<float*>(buf.data()) + 1; }
+  int* bad() { return reinterpret_cast<int*>(static_cast<float*>(buf.data()) + 2); }
+  float read(const void* p) {
+    float v = 0;
+    EXPECT_EQ(cudaMemcpy(&v, p, sizeof v, cudaMemcpyDeviceToHost), cudaSuccess);
+    return v;
+  }
+};
+
+template <class T>
+void xent_case(float scale) {
+  SCOPED_TRACE(std::string(dtype_traits<T>::name) + " scale " + std::to_string(scale));
+  const std::int64_t batch = 37, classes = 10;
+  Tensor<T> z({batch, classes}), dz({batch, classes});
+  fill_normal(z, 0, 3, 6);
+  std::vector<std::int32_t> labels(batch);
+  for (std::int64_t b = 0; b < batch; ++b) labels[b] = static_cast<std::int32_t>((b * 7) % classes);
+  const float want = nn::softmax_cross_entropy<T>(z.view(), labels.data(), scale, dz.view());
+  Tensor<T> gz = on_gpu(z), gdz({batch, classes}, Device::cuda(0));
+  Buffer glabels(batch * sizeof(std::int32_t), Device::cuda(0));
+  ASSERT_EQ(cudaMemcpy(glabels.data(), labels.data(), glabels.bytes(), cudaMemcpyHostToDevice), cudaSuccess);
+  Scalars s(scale);
+  nn::softmax_cross_entropy<T>(gz.view(), static_cast<const std::int32_t*>(glabels.data()), s.scale(), gdz.view(),
+                               s.loss(), s.bad());
+  EXPECT_NEAR(s.read(s.loss()), want, 1e-5 * std::fabs(want));
+  EXPECT_EQ(s.read(s.bad()), 0.0f);
+  expect_close<T>(gdz.view(), dz.view(), "dlogits");
+}
+
+TEST(NnGpu, SoftmaxCrossEntropyAndMse) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  for (float scale : {1.0f, 1024.0f, 65536.0f}) {
+    xent_case<half>(scale);
+    xent_case<bfloat16>(scale);
+    xent_case<float>(scale);
+  }
+  // An out-of-range label sets the flag.
+  Tensor<float> z({2, 3}, Device::cuda(0)), dz({2, 3}, Device::cuda(0));
+  fill(z, 0.0f);
+  const std::int32_t bad[2] = {0, 3};
+  Buffer glabels(sizeof bad, Device::cuda(0));
+  ASSERT_EQ(cudaMemcpy(glabels.data(), bad, sizeof bad, cudaMemcpyHostToDevice), cudaSuccess);
+  Scalars s(1.0f);
+  nn::softmax_cross_entropy<float>(z.view(), static_cast<const std::int32_t*>(glabels.data()), s.scale(), dz.view(),
+                                   s.loss(), s.bad());
+  int flag = 0;
+  ASSERT_EQ(cudaMemcpy(&flag, s.bad(), sizeof flag, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(flag, 1);
+  // MSE.
+  Tensor<half> y({300, 7}), t({300, 7}), dy({300, 7});
+  fill_normal(y, 0, 1, 8);
+  fill_normal(t, 0, 1, 9);
+  const float want = nn::mse<half>(y.view(), t.view(), 512.0f, dy.view());
+  Tensor<half> gy = on_gpu(y), gt = on_gpu(t), gdy({300, 7}, Device::cuda(0));
+  Scalars m(512.0f);
+  nn::mse<half>(gy.view(), gt.view(), m.scale(), gdy.view(), m.loss());
+  EXPECT_NEAR(m.read(m.loss()), want, 1e-5 * want);
+  expect_close<half>(gdy.view(), dy.view(), "mse dy");
+}
+
+// A whole MLP with the loss scale read from a DeviceGradScaler: forward,
+// loss, backward and AdamW steps on the GPU against the CPU.
+TEST(NnGpu, MlpTrainingStepsMatchTheCpu) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  const std::int64_t batch = 64, in = 32, hidden = 64, classes = 10;
+  auto build = [&](Device d) {
+    auto net = std::make_unique<nn::Sequential<float>>(Shape{batch, in}, d);
+    net->emplace<nn::Linear<float>>(in, hidden, Activation::relu, true, d, 1);
+    net->emplace<nn::Linear<float>>(hidden, hidden, Activation::gelu, true, d, 2);
+    net->emplace<nn::Linear<float>>(hidden, classes, Activation::none, true, d, 3);
+    return net;
+  };
+  auto cpu = build(Device::cpu()), gpu = build(Device::cuda(0));
+  optim::AdamW cpu_opt(cpu->parameters()), gpu_opt(gpu->parameters());
+  amp::GradScaler cpu_scaler;
+  amp::DeviceGradScaler gpu_scaler;
+  Tensor<float> x({batch, in});
+  std::vector<std::int32_t> labels(batch);
+  Buffer glabels(batch * sizeof(std::int32_t), Device::cuda(0)), scalars(2 * sizeof(float), Device::cuda(0));
+  ASSERT_EQ(cudaMemset(scalars.data(), 0, scalars.bytes()), cudaSuccess);
+  for (int step = 0; step < 5; ++step) {
+    fill_normal(x, 0, 1, 100 + step);
+    for (std::int64_t b = 0; b < batch; ++b) labels[b] = static_cast<std::int32_t>((b + step) % classes);
+    Tensor<float> gx = on_gpu(x);
+    ASSERT_EQ(cudaMemcpy(glabels.data(), labels.data(), glabels.bytes(), cudaMemcpyHostToDevice), cudaSuccess);
+    const float loss = nn::softmax_cross_entropy<float>(cpu->forward(x.view()), labels.data(), cpu_scaler.scale(),
+                                                         cpu->output_grad());
+    cpu->backward();
+    cpu_scaler.step(cpu_opt);
+    cpu_scaler.update();
+    float* gloss = static_cast<float*>(scalars.data());
+    nn::softmax_cross_entropy<float>(gpu->forward(gx.view()), static_cast<const std::int32_t*>(glabels.data()),
+                                     gpu_scaler.scale_data(), gpu->output_grad(), gloss,
+                                     reinterpret_cast<int*>(gloss + 1));
+    gpu->backward();
+    gpu_scaler.step(gpu_opt);
+    gpu_scaler.update();
+    float have = 0;
+    ASSERT_EQ(cudaMemcpy(&have, gloss, sizeof have, cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_NEAR(have, loss, 1e-4 * loss) << "step " << step;
+  }
+  for (std::size_t i = 0; i < cpu_opt.num_params(); ++i) {
+    const Tensor<float> g = gpu_opt.master(i).to(Device::cpu());
+    double worst = 0, scale = 0;
+    for (std::int64_t e = 0; e < g.numel(); ++e) {
+      worst = std::max(worst, std::fabs(double(g.at(e)) - cpu_opt.master(i).at(e)));
+      scale = std::max(scale, std::fabs(double(cpu_opt.master(i).at(e))));
+    }
+    EXPECT_LE(worst, 1e-4 * scale) << cpu_opt.param(i).name;
+  }
+}
+
+TEST(NnGpu, DeviceMismatchIsAClearError) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  nn::Sequential<half> net({4, 8}, Device::cuda(0));
+  try {
+    net.emplace<nn::Linear<half>>(8, 4);  // a CPU layer into a GPU Sequential
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("is on cpu, the Sequential on cuda:0"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace mixprec
