@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gpu_skip.hpp"
@@ -113,6 +114,56 @@ TEST(NnGpu, Activations) {
     activation_case<bfloat16>(act);
     activation_case<float>(act);
   }
+}
+
+template <class T>
+void conv_case(std::int64_t stride, std::int64_t pad) {
+  SCOPED_TRACE(std::string(dtype_traits<T>::name) + " stride " + std::to_string(stride) + " pad " + std::to_string(pad));
+  const std::int64_t n = 4, c = 3, h = 12, w = 10, k = 8, r = 3;
+  nn::Conv2d<T> cpu(c, k, r, stride, pad, true, Device::cpu(), 4), gpu(c, k, r, stride, pad, true, Device::cuda(0), 4);
+  const Shape out = cpu.output_shape({n, c, h, w});
+  Tensor<T> x({n, c, h, w}), dy(out), y(out), dx({n, c, h, w});
+  fill_normal(x, 0, 1, 5);
+  fill_normal(dy, 0, 1, 6);
+  Tensor<T> gx = on_gpu(x), gdy = on_gpu(dy), gy(out, Device::cuda(0)), gdx({n, c, h, w}, Device::cuda(0));
+  cpu.forward(x.view(), y.view(), {});
+  gpu.forward(gx.view(), gy.view(), {});
+  expect_close<T>(gy.view(), y.view(), "y");
+  cpu.backward(x.view(), y.view(), dy.view(), dx.view(), {});
+  gpu.backward(gx.view(), gy.view(), gdy.view(), gdx.view(), {});
+  expect_close<T>(gpu.grad_weight().view(), cpu.grad_weight().view(), "grad_weight");
+  expect_close<T>(gpu.grad_bias().view(), cpu.grad_bias().view(), "grad_bias");
+  expect_close<T>(gdx.view(), dx.view(), "dx");
+}
+
+template <class T>
+void pool_case() {
+  SCOPED_TRACE(dtype_traits<T>::name);
+  const std::int64_t n = 2, c = 4, h = 8, w = 6;
+  nn::MaxPool2d<T> cpu(2), gpu(2, 0, Device::cuda(0));
+  // Distinct values (k / 512 for a shuffled k < 384, exact in every T): one maximum per window.
+  Tensor<T> x({n, c, h, w}), dy({n, c, 4, 3}), y({n, c, 4, 3}), dx({n, c, h, w});
+  for (std::int64_t i = 0; i < x.numel(); ++i) x.at(i) = from_float<T>(static_cast<float>((i * 97) % 384) / 512.0f);
+  fill_normal(dy, 0, 1, 7);
+  Tensor<T> gx = on_gpu(x), gdy = on_gpu(dy), gy({n, c, 4, 3}, Device::cuda(0)), gdx({n, c, h, w}, Device::cuda(0));
+  cpu.forward(x.view(), y.view(), {});
+  gpu.forward(gx.view(), gy.view(), {});
+  expect_close<T>(gy.view(), y.view(), "y");
+  cpu.backward(x.view(), y.view(), dy.view(), dx.view(), {});
+  gpu.backward(gx.view(), gy.view(), gdy.view(), gdx.view(), {});
+  expect_close<T>(gdx.view(), dx.view(), "dx");
+}
+
+TEST(NnGpu, Conv2dAndMaxPool2d) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  for (auto [stride, pad] : {std::pair<std::int64_t, std::int64_t>{1, 1}, {2, 0}}) {
+    conv_case<half>(stride, pad);
+    conv_case<bfloat16>(stride, pad);
+    conv_case<float>(stride, pad);
+  }
+  pool_case<half>();
+  pool_case<bfloat16>();
+  pool_case<float>();
 }
 
 // Device scalars: the scale in, the loss and the bad-label flag out.

@@ -13,6 +13,8 @@
 #include <functional>
 #include <memory>
 #include <random>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "mixprec/mixprec.hpp"
@@ -203,6 +205,78 @@ TEST(LossGradcheck, MeanSquaredError) {
   expect_close(unscaled, finite_differences(f, y), 1e-4, 1e-6, "dy / scale");
 }
 
+// conv2d in float64: x [n, c, h, w], w [k, c, r, r], zero padding.
+Vec conv_ref(const Vec& x, const Vec& w, const Vec& b, int n, int c, int h, int wd, int k, int r, int stride,
+             int pad) {
+  const int p = (h + 2 * pad - r) / stride + 1, q = (wd + 2 * pad - r) / stride + 1;
+  Vec y(static_cast<std::size_t>(n * k * p * q));
+  for (int i = 0; i < n; ++i)
+    for (int o = 0; o < k; ++o)
+      for (int a = 0; a < p; ++a)
+        for (int e = 0; e < q; ++e) {
+          double acc = b.empty() ? 0 : b[o];
+          for (int ch = 0; ch < c; ++ch)
+            for (int u = 0; u < r; ++u)
+              for (int v = 0; v < r; ++v) {
+                const int hh = a * stride - pad + u, ww = e * stride - pad + v;
+                if (hh >= 0 && hh < h && ww >= 0 && ww < wd) {
+                  acc += x[((i * c + ch) * h + hh) * wd + ww] * w[((o * c + ch) * r + u) * r + v];
+                }
+              }
+          y[((i * k + o) * p + a) * q + e] = acc;
+        }
+  return y;
+}
+
+TEST(ConvGradcheck, MatchesFiniteDifferences) {
+  for (auto [stride, pad] : {std::pair{1, 0}, std::pair{1, 1}, std::pair{2, 1}}) {
+    SCOPED_TRACE("stride " + std::to_string(stride) + " pad " + std::to_string(pad));
+    const int n = 2, c = 3, h = 6, wd = 5, k = 4, r = 3;
+    nn::Conv2d<float> conv(c, k, r, stride, pad, true, Device::cpu(), 9);
+    const Shape out = conv.output_shape({n, c, h, wd});
+    const Vec x = rounded(random_vec(n * c * h * wd, 10)), dy = rounded(random_vec(out.numel(), 11));
+    const Vec w = vec_of(conv.weight()), b = vec_of(conv.bias());
+    Tensor<float> xt = tensor_of<float>(x, {n, c, h, wd}), yt(out), dyt = tensor_of<float>(dy, out),
+                  dxt({n, c, h, wd});
+    conv.forward(xt.view(), yt.view(), {});
+    expect_close(vec_of(yt), conv_ref(x, w, b, n, c, h, wd, k, r, stride, pad), 1e-5, 1e-6, "y");
+    conv.backward(xt.view(), yt.view(), dyt.view(), dxt.view(), {});
+    const auto lw = [&](const Vec& v) { return dot(dy, conv_ref(x, v, b, n, c, h, wd, k, r, stride, pad)); };
+    const auto lb = [&](const Vec& v) { return dot(dy, conv_ref(x, w, v, n, c, h, wd, k, r, stride, pad)); };
+    const auto lx = [&](const Vec& v) { return dot(dy, conv_ref(v, w, b, n, c, h, wd, k, r, stride, pad)); };
+    expect_close(vec_of(conv.grad_weight()), finite_differences(lw, w), 1e-4, 1e-5, "grad_weight");
+    expect_close(vec_of(conv.grad_bias()), finite_differences(lb, b), 1e-4, 1e-5, "grad_bias");
+    expect_close(vec_of(dxt), finite_differences(lx, x), 1e-4, 1e-5, "dx");
+  }
+}
+
+TEST(PoolGradcheck, MatchesFiniteDifferences) {
+  const int n = 2, c = 3, h = 6, wd = 4;
+  nn::MaxPool2d<float> pool(2);
+  // Distinct values, so every window has one maximum and the gradient is defined.
+  Vec x = random_vec(n * c * h * wd, 12);
+  x = rounded(x);
+  const Vec dy = rounded(random_vec(n * c * 3 * 2, 13));
+  const auto ref = [&](const Vec& v) {
+    Vec y;
+    for (int i = 0; i < n * c; ++i)
+      for (int a = 0; a < 3; ++a)
+        for (int e = 0; e < 2; ++e) {
+          double m = -INFINITY;
+          for (int u = 0; u < 2; ++u)
+            for (int t = 0; t < 2; ++t) m = std::max(m, v[(i * h + 2 * a + u) * wd + 2 * e + t]);
+          y.push_back(m);
+        }
+    return y;
+  };
+  Tensor<float> xt = tensor_of<float>(x, {n, c, h, wd}), yt({n, c, 3, 2}), dyt = tensor_of<float>(dy, {n, c, 3, 2}),
+                dxt({n, c, h, wd});
+  pool.forward(xt.view(), yt.view(), {});
+  expect_close(vec_of(yt), ref(x), 0, 0, "y");
+  pool.backward(xt.view(), yt.view(), dyt.view(), dxt.view(), {});
+  expect_close(vec_of(dxt), finite_differences([&](const Vec& v) { return dot(dy, ref(v)); }, x), 1e-6, 1e-6, "dx");
+}
+
 // A whole network: Linear(relu) -> Linear(gelu) -> Linear -> cross-entropy,
 // every parameter's gradient against finite differences of the reference.
 TEST(SequentialGradcheck, WholeNetwork) {
@@ -357,6 +431,11 @@ TEST(NnErrors, ShapesBatchAndLabels) {
   test::expect_error([&] { nn::mse<float>(z.view(), wrong.view(), 1.0f, dz.view()); },
                      {"mse", "target shape [3, 2]"});
   test::expect_error([] { nn::ActivationLayer<float>(Activation::none); }, {"activation = none"});
+  test::expect_error([] { nn::Conv2d<float>(3, 8, 0); }, {"Conv2d", "kernel = 0"});
+  nn::Conv2d<float> conv(3, 8, 5);
+  test::expect_error([&] { (void)conv.output_shape({2, 4, 28, 28}); }, {"Conv2d(3, 8", "[2, 4, 28, 28]", "[batch, 3"});
+  test::expect_error([&] { (void)conv.output_shape({2, 3, 4, 4}); }, {"smaller than the kernel"});
+  test::expect_error([] { nn::MaxPool2d<float>(0); }, {"MaxPool2d", "window = 0"});
 }
 
 TEST(NnErrors, DeviceLayerWithoutKernelsOrDevice) {

@@ -22,6 +22,7 @@
 #include "mixprec/optim/optimizers/sgd.hpp"
 #include "mixprec/optim/schedule.hpp"
 #include "mixprec/nn/activation.hpp"
+#include "mixprec/nn/conv.hpp"
 #include "mixprec/nn/device_ops.hpp"
 #include "mixprec/nn/functional.hpp"
 #include "mixprec/nn/layer.hpp"

@@ -16,9 +16,28 @@
 
 namespace mixprec::nn {
 
+/// A 2-D convolution, NCHW: x [n, c, h, w], weight [k, c, r, s], y [n, k, p, q].
+struct ConvShape {
+  std::int64_t n, c, h, w, k, r, s, stride, pad, p, q;
+};
+/// A 2-D max pooling, NCHW: x [n, c, h, w] -> y [n, c, p, q], square window.
+struct PoolShape {
+  std::int64_t n, c, h, w, window, stride, p, q;
+};
+
 class DeviceOps {
  public:
   virtual ~DeviceOps() = default;
+
+  /// y = conv(x, w) + bias (bias may be null). fp32 accumulation.
+  virtual void conv2d_forward(DType dtype, const ConvShape& shape, const void* x, const void* w, const void* bias,
+                              void* y, stream_t stream) = 0;
+  /// grad_w, grad_bias (may be null) overwritten; dx (may be null).
+  virtual void conv2d_backward(DType dtype, const ConvShape& shape, const void* x, const void* w, const void* dy,
+                               void* dx, void* grad_w, void* grad_bias, stream_t stream) = 0;
+  virtual void maxpool2d_forward(DType dtype, const PoolShape& shape, const void* x, void* y, stream_t stream) = 0;
+  virtual void maxpool2d_backward(DType dtype, const PoolShape& shape, const void* x, const void* y, const void* dy,
+                                  void* dx, stream_t stream) = 0;
 
   /// y[b, o] = act(sum_i x[b, i] w[o, i] + bias[o]) (bias may be null);
   /// aux (GELU only) receives the pre-activation. fp32 accumulation.

@@ -6,14 +6,17 @@
 #pragma once
 
 #include <cublasLt.h>
+#include <cudnn.h>
 
 #include <cstdint>
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <tuple>
 
 #include "mixprec/core/convert.hpp"
 #include "mixprec/core/cublas_check.hpp"
+#include "mixprec/core/cudnn_check.hpp"
 #include "mixprec/core/cuda_check.hpp"
 #include "mixprec/cuda/launch.cuh"
 #include "mixprec/nn/device_ops.hpp"
@@ -145,6 +148,52 @@ class NnOps final : public nn::DeviceOps {
       destroy(plan);
     }
     if (handle_) (void)cublasLtDestroy(handle_);
+    if (cudnn_) (void)cudnnDestroy(cudnn_);
+  }
+
+  // --- convolution and pooling: cuDNN --------------------------------------
+
+  void conv2d_forward(DType dtype, const nn::ConvShape& s, const void* x, const void* w, const void* bias, void* y,
+                      stream_t stream) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    ConvPlan& p = conv_plan(dtype, s);
+    MIXPREC_CUDNN_CHECK(cudnnSetStream(cudnn_, stream));
+    const float one = 1.0f, zero = 0.0f;
+    MIXPREC_CUDNN_CHECK(cudnnConvolutionForward(cudnn_, &one, p.x, x, p.w, w, p.conv, p.fwd, workspace(p.ws),
+                                                p.ws, &zero, p.y, y));
+    if (bias) MIXPREC_CUDNN_CHECK(cudnnAddTensor(cudnn_, &one, p.b, bias, &one, p.y, y));
+  }
+
+  void conv2d_backward(DType dtype, const nn::ConvShape& s, const void* x, const void* w, const void* dy, void* dx,
+                       void* grad_w, void* grad_bias, stream_t stream) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    ConvPlan& p = conv_plan(dtype, s);
+    MIXPREC_CUDNN_CHECK(cudnnSetStream(cudnn_, stream));
+    const float one = 1.0f, zero = 0.0f;
+    MIXPREC_CUDNN_CHECK(cudnnConvolutionBackwardFilter(cudnn_, &one, p.x, x, p.y, dy, p.conv, p.bwd_filter,
+                                                       workspace(p.ws), p.ws, &zero, p.w, grad_w));
+    if (grad_bias) MIXPREC_CUDNN_CHECK(cudnnConvolutionBackwardBias(cudnn_, &one, p.y, dy, &zero, p.b, grad_bias));
+    if (dx) {
+      MIXPREC_CUDNN_CHECK(cudnnConvolutionBackwardData(cudnn_, &one, p.w, w, p.y, dy, p.conv, p.bwd_data,
+                                                       workspace(p.ws), p.ws, &zero, p.x, dx));
+    }
+  }
+
+  void maxpool2d_forward(DType dtype, const nn::PoolShape& s, const void* x, void* y, stream_t stream) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    PoolPlan& p = pool_plan(dtype, s);
+    MIXPREC_CUDNN_CHECK(cudnnSetStream(cudnn_, stream));
+    const float one = 1.0f, zero = 0.0f;
+    MIXPREC_CUDNN_CHECK(cudnnPoolingForward(cudnn_, p.pool, &one, p.x, x, &zero, p.y, y));
+  }
+
+  void maxpool2d_backward(DType dtype, const nn::PoolShape& s, const void* x, const void* y, const void* dy,
+                          void* dx, stream_t stream) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    PoolPlan& p = pool_plan(dtype, s);
+    MIXPREC_CUDNN_CHECK(cudnnSetStream(cudnn_, stream));
+    const float one = 1.0f, zero = 0.0f;
+    MIXPREC_CUDNN_CHECK(cudnnPoolingBackward(cudnn_, p.pool, &one, p.y, y, p.y, dy, p.x, x, &zero, p.x, dx));
   }
 
   void linear_forward(DType dtype, const void* x, const void* w, const void* bias, void* y, void* aux,
@@ -353,10 +402,118 @@ class NnOps final : public nn::DeviceOps {
                                         workspace_.data(), workspace_.bytes(), stream));
   }
 
+  // One convolution's descriptors and algorithms: the fastest that cuDNN's
+  // heuristics rank first among the deterministic ones (so a replayed step
+  // gives the eager bits) with at most kWorkspace of workspace.
+  struct ConvPlan {
+    cudnnTensorDescriptor_t x = nullptr, y = nullptr, b = nullptr;
+    cudnnFilterDescriptor_t w = nullptr;
+    cudnnConvolutionDescriptor_t conv = nullptr;
+    cudnnConvolutionFwdAlgo_t fwd{};
+    cudnnConvolutionBwdDataAlgo_t bwd_data{};
+    cudnnConvolutionBwdFilterAlgo_t bwd_filter{};
+    std::size_t ws = 0;
+  };
+  struct PoolPlan {
+    cudnnTensorDescriptor_t x = nullptr, y = nullptr;
+    cudnnPoolingDescriptor_t pool = nullptr;
+  };
+
+  static cudnnDataType_t cudnn_type(DType d) {
+    return d == DType::float16 ? CUDNN_DATA_HALF : d == DType::bfloat16 ? CUDNN_DATA_BFLOAT16 : CUDNN_DATA_FLOAT;
+  }
+  void ensure_cudnn() {
+    if (!cudnn_) MIXPREC_CUDNN_CHECK(cudnnCreate(&cudnn_));
+  }
+  static cudnnTensorDescriptor_t tensor4d(cudnnDataType_t t, std::int64_t n, std::int64_t c, std::int64_t h,
+                                          std::int64_t w) {
+    cudnnTensorDescriptor_t d = nullptr;
+    MIXPREC_CUDNN_CHECK(cudnnCreateTensorDescriptor(&d));
+    MIXPREC_CUDNN_CHECK(cudnnSetTensor4dDescriptor(d, CUDNN_TENSOR_NCHW, t, static_cast<int>(n), static_cast<int>(c),
+                                                   static_cast<int>(h), static_cast<int>(w)));
+    return d;
+  }
+  template <class Perf>
+  static const Perf* pick(const Perf* perf, int count, const char* what, const nn::ConvShape& s) {
+    for (int i = 0; i < count; ++i) {
+      if (perf[i].status == CUDNN_STATUS_SUCCESS && perf[i].determinism == CUDNN_DETERMINISTIC &&
+          perf[i].memory <= kWorkspace) {
+        return &perf[i];
+      }
+    }
+    mixprec::detail::throw_error("cuDNN has no deterministic ", what, " algorithm for a convolution of [", s.n, ", ",
+                                 s.c, ", ", s.h, ", ", s.w, "] with ", s.k, " filters of ", s.r, "x", s.s);
+  }
+
+  ConvPlan& conv_plan(DType dtype, const nn::ConvShape& s) {
+    const auto key = std::make_tuple(dtype, s.n, s.c, s.h, s.w, s.k, s.r, s.stride, s.pad);
+    auto it = conv_plans_.find(key);
+    if (it != conv_plans_.end()) return it->second;
+    ensure_cudnn();
+    ConvPlan p;
+    const cudnnDataType_t t = cudnn_type(dtype);
+    p.x = tensor4d(t, s.n, s.c, s.h, s.w);
+    p.y = tensor4d(t, s.n, s.k, s.p, s.q);
+    p.b = tensor4d(t, 1, s.k, 1, 1);
+    MIXPREC_CUDNN_CHECK(cudnnCreateFilterDescriptor(&p.w));
+    MIXPREC_CUDNN_CHECK(cudnnSetFilter4dDescriptor(p.w, t, CUDNN_TENSOR_NCHW, static_cast<int>(s.k),
+                                                   static_cast<int>(s.c), static_cast<int>(s.r), static_cast<int>(s.s)));
+    MIXPREC_CUDNN_CHECK(cudnnCreateConvolutionDescriptor(&p.conv));
+    MIXPREC_CUDNN_CHECK(cudnnSetConvolution2dDescriptor(p.conv, static_cast<int>(s.pad), static_cast<int>(s.pad),
+                                                        static_cast<int>(s.stride), static_cast<int>(s.stride), 1, 1,
+                                                        CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT));
+    // fp32 data: plain FMA math (no TF32), so fp32 means fp32; 16-bit
+    // data: tensor cores.
+    MIXPREC_CUDNN_CHECK(cudnnSetConvolutionMathType(
+        p.conv, dtype == DType::float32 ? CUDNN_FMA_MATH : CUDNN_TENSOR_OP_MATH));
+    constexpr int kAlgos = 16;
+    int count = 0;
+    cudnnConvolutionFwdAlgoPerf_t fwd[kAlgos];
+    MIXPREC_CUDNN_CHECK(cudnnGetConvolutionForwardAlgorithm_v7(cudnn_, p.x, p.w, p.conv, p.y, kAlgos, &count, fwd));
+    const auto* f = pick(fwd, count, "forward", s);
+    cudnnConvolutionBwdDataAlgoPerf_t data[kAlgos];
+    MIXPREC_CUDNN_CHECK(
+        cudnnGetConvolutionBackwardDataAlgorithm_v7(cudnn_, p.w, p.y, p.conv, p.x, kAlgos, &count, data));
+    const auto* d = pick(data, count, "backward-data", s);
+    cudnnConvolutionBwdFilterAlgoPerf_t filter[kAlgos];
+    MIXPREC_CUDNN_CHECK(
+        cudnnGetConvolutionBackwardFilterAlgorithm_v7(cudnn_, p.x, p.y, p.conv, p.w, kAlgos, &count, filter));
+    const auto* g = pick(filter, count, "backward-filter", s);
+    p.fwd = f->algo;
+    p.bwd_data = d->algo;
+    p.bwd_filter = g->algo;
+    p.ws = std::max({f->memory, d->memory, g->memory});
+    return conv_plans_.emplace(key, p).first->second;
+  }
+
+  PoolPlan& pool_plan(DType dtype, const nn::PoolShape& s) {
+    const auto key = std::make_tuple(dtype, s.n, s.c, s.h, s.w, s.window, s.stride, std::int64_t{0}, std::int64_t{0});
+    auto it = pool_plans_.find(key);
+    if (it != pool_plans_.end()) return it->second;
+    ensure_cudnn();
+    PoolPlan p;
+    const cudnnDataType_t t = cudnn_type(dtype);
+    p.x = tensor4d(t, s.n, s.c, s.h, s.w);
+    p.y = tensor4d(t, s.n, s.c, s.p, s.q);
+    MIXPREC_CUDNN_CHECK(cudnnCreatePoolingDescriptor(&p.pool));
+    MIXPREC_CUDNN_CHECK(cudnnSetPooling2dDescriptor(p.pool, CUDNN_POOLING_MAX, CUDNN_PROPAGATE_NAN,
+                                                    static_cast<int>(s.window), static_cast<int>(s.window), 0, 0,
+                                                    static_cast<int>(s.stride), static_cast<int>(s.stride)));
+    return pool_plans_.emplace(key, p).first->second;
+  }
+
+  // cuDNN's workspace: scratch slot 2, grown as needed.
+  void* workspace(std::size_t bytes) { return bytes == 0 ? nullptr : scratch(bytes, 2); }
+
   static constexpr std::size_t kWorkspace = std::size_t{32} << 20;
   cublasLtHandle_t handle_ = nullptr;
   Buffer workspace_;
-  Buffer scratch_[2];
+  Buffer scratch_[3];
+  cudnnHandle_t cudnn_ = nullptr;
+  using ShapeKey = std::tuple<DType, std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t,
+                              std::int64_t, std::int64_t, std::int64_t>;
+  std::map<ShapeKey, ConvPlan> conv_plans_;
+  std::map<ShapeKey, PoolPlan> pool_plans_;
   std::map<Key, Plan> plans_;
   std::mutex mutex_;
 };
