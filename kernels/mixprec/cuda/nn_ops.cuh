@@ -97,6 +97,28 @@ __global__ void mse_kernel(const T* y, const T* t, std::int64_t n, const float* 
   }
 }
 
+// The bias gradient of an NCHW convolution: db[k] = sum over n, p, q of
+// dy[n, k, p, q], one block per channel, in float, a fixed reduction order.
+// (cuDNN 9's cudnnConvolutionBackwardBias reports NOT_SUPPORTED here.)
+template <class T>
+__global__ void conv_bias_grad_kernel(const T* dy, std::int64_t n, std::int64_t k, std::int64_t pq, T* db) {
+  __shared__ float warp_sums[block_threads / 32];
+  const std::int64_t channel = blockIdx.x;
+  float s = 0;
+  for (std::int64_t i = threadIdx.x; i < n * pq; i += blockDim.x) {
+    const std::int64_t image = i / pq, pixel = i % pq;
+    s += mixprec::to_float(dy[(image * k + channel) * pq + pixel]);
+  }
+  for (int o = 16; o > 0; o /= 2) s += __shfl_down_sync(0xffffffffu, s, o);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0;
+    for (int w = 0; w < block_threads / 32; ++w) total += warp_sums[w];
+    db[channel] = mixprec::from_float<T>(total);
+  }
+}
+
 // *out = (sum of values, in order, in double) / divisor: one thread, so the
 // bits do not depend on scheduling.
 __global__ inline void mean_kernel(const float* values, std::int64_t n, double divisor, float* out) {
@@ -172,7 +194,14 @@ class NnOps final : public nn::DeviceOps {
     const float one = 1.0f, zero = 0.0f;
     MIXPREC_CUDNN_CHECK(cudnnConvolutionBackwardFilter(cudnn_, &one, p.x, x, p.y, dy, p.conv, p.bwd_filter,
                                                        workspace(p.ws), p.ws, &zero, p.w, grad_w));
-    if (grad_bias) MIXPREC_CUDNN_CHECK(cudnnConvolutionBackwardBias(cudnn_, &one, p.y, dy, &zero, p.b, grad_bias));
+    if (grad_bias) {
+      nn_detail::with_type(dtype, [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        nn_detail::conv_bias_grad_kernel<T><<<static_cast<unsigned>(s.k), block_threads, 0, stream>>>(
+            static_cast<const T*>(dy), s.n, s.k, s.p * s.q, static_cast<T*>(grad_bias));
+      });
+      MIXPREC_CUDA_CHECK_LAUNCH("conv_bias_grad_kernel");
+    }
     if (dx) {
       MIXPREC_CUDNN_CHECK(cudnnConvolutionBackwardData(cudnn_, &one, p.w, w, p.y, dy, p.conv, p.bwd_data,
                                                        workspace(p.ws), p.ws, &zero, p.x, dx));
