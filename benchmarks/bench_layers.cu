@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// Forward + backward of the MLP 784-4096-4096-10 (ReLU fused into the
+// Forward + backward of the example CNN (below) and of the MLP 784-4096-4096-10 (ReLU fused into the
 // hidden Linear layers, softmax cross-entropy writing the scaled gradient),
 // batch 1024, fp16 and bf16, through nn::Sequential on the GPU; and one
 // square GEMM through the same cuBLASLt path as the ceiling measured in the
@@ -54,6 +54,54 @@ void BM_mlp_step(benchmark::State& state) {
   state.counters["TFLOPs"] = benchmark::Counter(flops / 1e12, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// The example CNN (examples/, issue 6): [batch, 1, 28, 28] -> Conv2d(1, 32,
+// 3, pad 1) -> ReLU -> MaxPool2d(2) -> Conv2d(32, 64, 3, pad 1) -> ReLU ->
+// MaxPool2d(2) -> Flatten -> Linear(3136, 128, relu) -> Linear(128, 10),
+// batch 256, forward + backward from the loss.
+template <class T>
+void BM_cnn_step(benchmark::State& state) {
+  namespace nn = mixprec::nn;
+  const std::int64_t batch = 256;
+  const mixprec::Device gpu = mixprec::Device::cuda(0);
+  nn::Sequential<T> net({batch, 1, 28, 28}, gpu);
+  net.template emplace<nn::Conv2d<T>>(1, 32, 3, 1, 1, true, gpu, 1);
+  net.template emplace<nn::ActivationLayer<T>>(nn::Activation::relu, gpu);
+  net.template emplace<nn::MaxPool2d<T>>(2, 0, gpu);
+  net.template emplace<nn::Conv2d<T>>(32, 64, 3, 1, 1, true, gpu, 2);
+  net.template emplace<nn::ActivationLayer<T>>(nn::Activation::relu, gpu);
+  net.template emplace<nn::MaxPool2d<T>>(2, 0, gpu);
+  net.template emplace<nn::Flatten<T>>(gpu);
+  net.template emplace<nn::Linear<T>>(3136, 128, nn::Activation::relu, true, gpu, 3);
+  net.template emplace<nn::Linear<T>>(128, 10, nn::Activation::none, true, gpu, 4);
+  mixprec::Tensor<T> x({batch, 1, 28, 28}, gpu);
+  mixprec::fill_normal(x, 0, 1, 5);
+  std::vector<std::int32_t> labels(batch);
+  for (std::int64_t b = 0; b < batch; ++b) labels[b] = static_cast<std::int32_t>(b % 10);
+  mixprec::Buffer glabels(batch * sizeof(std::int32_t), gpu), scalars(3 * sizeof(float), gpu);
+  MIXPREC_CUDA_CHECK(cudaMemcpy(glabels.data(), labels.data(), glabels.bytes(), cudaMemcpyHostToDevice));
+  const float init[3] = {1024.0f, 0.0f, 0.0f};
+  MIXPREC_CUDA_CHECK(cudaMemcpy(scalars.data(), init, sizeof init, cudaMemcpyHostToDevice));
+  float* s = static_cast<float*>(scalars.data());
+  auto step = [&] {
+    nn::softmax_cross_entropy<T>(net.forward(x.view()), static_cast<const std::int32_t*>(glabels.data()), s,
+                                 net.output_grad(), s + 1, reinterpret_cast<int*>(s + 2));
+    net.backward();
+  };
+  for (int i = 0; i < 3; ++i) step();
+  Events e;
+  for (auto _ : state) {
+    MIXPREC_CUDA_CHECK(cudaEventRecord(e.start));
+    step();
+    MIXPREC_CUDA_CHECK(cudaEventRecord(e.stop));
+    state.SetIterationTime(e.seconds());
+  }
+  const double conv1 = 2.0 * batch * 32 * 28 * 28 * 9, conv2 = 2.0 * batch * 64 * 14 * 14 * 32 * 9;
+  const double fc = 2.0 * batch * (3136.0 * 128 + 128.0 * 10);
+  const double flops = 3 * (conv1 + conv2 + fc) - conv1;  // no input gradient for the first layer
+  state.counters["TFLOPs"] = benchmark::Counter(flops / 1e12, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["images_per_s"] = benchmark::Counter(batch, benchmark::Counter::kIsIterationInvariantRate);
+}
+
 // y = x W^T for x [8192, 8192], W [8192, 8192]: the plain GEMM rate.
 template <class T>
 void BM_gemm(benchmark::State& state) {
@@ -78,5 +126,7 @@ BENCHMARK_TEMPLATE(BM_gemm, mixprec::bfloat16)->UseManualTime()->Unit(benchmark:
 BENCHMARK_TEMPLATE(BM_gemm, mixprec::half)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(50);
 BENCHMARK_TEMPLATE(BM_mlp_step, mixprec::half)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(100);
 BENCHMARK_TEMPLATE(BM_mlp_step, mixprec::bfloat16)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(100);
+BENCHMARK_TEMPLATE(BM_cnn_step, mixprec::half)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(100);
+BENCHMARK_TEMPLATE(BM_cnn_step, mixprec::bfloat16)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(100);
 
 }  // namespace
