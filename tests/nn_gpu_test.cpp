@@ -12,6 +12,8 @@
 #include <cuda_runtime_api.h>
 
 #include <cmath>
+#include <cstring>
+#include <memory>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -284,6 +286,87 @@ TEST(NnGpu, MlpTrainingStepsMatchTheCpu) {
     }
     EXPECT_LE(worst, 1e-4 * scale) << cpu_opt.param(i).name;
   }
+}
+
+// Forward, loss, backward, DeviceGradScaler step and update captured in one
+// CUDA graph (after one eager step, which makes the cuBLASLt plans) and
+// replayed with fresh inputs: the same bits as the eager run.
+TEST(NnGpu, WholeTrainingStepInACudaGraph) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  struct Stream {
+    cudaStream_t s = nullptr;
+    Stream() { EXPECT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess); }
+    ~Stream() { EXPECT_EQ(cudaStreamDestroy(s), cudaSuccess); }
+  } owner;
+  const Device gpu = Device::cuda(0);
+  const std::int64_t batch = 128, in = 64, hidden = 256, classes = 10;
+  struct Model {
+    nn::Sequential<half> net;
+    std::unique_ptr<optim::AdamW> opt;
+    std::unique_ptr<amp::DeviceGradScaler> scaler;
+    Tensor<half> x;
+    Buffer labels, scalars;
+    Model(Device d, cudaStream_t stream, std::int64_t batch, std::int64_t in, std::int64_t hidden, std::int64_t classes)
+        : net({batch, in}, d), x({batch, in}, d), labels(batch * 4, d), scalars(8, d) {
+      net.emplace<nn::Linear<half>>(in, hidden, Activation::relu, true, d, 1);
+      net.emplace<nn::Linear<half>>(hidden, hidden, Activation::gelu, true, d, 2);
+      net.emplace<nn::Linear<half>>(hidden, classes, Activation::none, true, d, 3);
+      opt = std::make_unique<optim::AdamW>(net.parameters());
+      amp::GradScalerOptions so;
+      so.growth_interval = 4;
+      scaler = std::make_unique<amp::DeviceGradScaler>(so, d, stream);
+      EXPECT_EQ(cudaMemset(scalars.data(), 0, scalars.bytes()), cudaSuccess);
+    }
+    void step(cudaStream_t stream) {
+      float* s = static_cast<float*>(scalars.data());
+      const nn::Context ctx{stream};
+      nn::softmax_cross_entropy<half>(net.forward(x.view(), ctx), static_cast<const std::int32_t*>(labels.data()),
+                                      scaler->scale_data(), net.output_grad(), s, reinterpret_cast<int*>(s + 1), ctx);
+      net.backward(ctx);
+      scaler->step(*opt, 1.0);
+      scaler->update();
+    }
+    void data(int it, cudaStream_t stream) {
+      Tensor<half> hx({x.shape()[0], x.shape()[1]});
+      fill_normal(hx, 0, 1, 500 + it);
+      copy(hx, x, stream);
+      std::vector<std::int32_t> l(static_cast<std::size_t>(x.shape()[0]));
+      for (std::size_t b = 0; b < l.size(); ++b) l[b] = static_cast<std::int32_t>((b * 3 + it) % 10);
+      EXPECT_EQ(cudaMemcpyAsync(labels.data(), l.data(), labels.bytes(), cudaMemcpyHostToDevice, stream), cudaSuccess);
+      EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    }
+  };
+  Model eager(gpu, owner.s, batch, in, hidden, classes), graphed(gpu, owner.s, batch, in, hidden, classes);
+  for (Model* m : {&eager, &graphed}) {  // the warm-up step
+    m->data(0, owner.s);
+    m->step(owner.s);
+  }
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  ASSERT_EQ(cudaStreamBeginCapture(owner.s, cudaStreamCaptureModeGlobal), cudaSuccess);
+  graphed.step(owner.s);
+  ASSERT_EQ(cudaStreamEndCapture(owner.s, &graph), cudaSuccess);
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  for (int it = 1; it <= 30; ++it) {
+    eager.data(it, owner.s);
+    graphed.data(it, owner.s);
+    eager.step(owner.s);
+    ASSERT_EQ(cudaGraphLaunch(exec, owner.s), cudaSuccess);
+  }
+  ASSERT_EQ(cudaStreamSynchronize(owner.s), cudaSuccess);
+  EXPECT_EQ(graphed.opt->applied_steps(), eager.opt->applied_steps());
+  EXPECT_EQ(graphed.scaler->scale(), eager.scaler->scale());
+  EXPECT_GT(eager.scaler->scale(), 65536.0f);  // the scale grew: growth_interval 4
+  for (std::size_t i = 0; i < eager.opt->num_params(); ++i) {
+    const Tensor<float> a = eager.opt->master(i).to(Device::cpu()), b = graphed.opt->master(i).to(Device::cpu());
+    ASSERT_EQ(std::memcmp(a.data(), b.data(), a.bytes()), 0) << eager.opt->param(i).name;
+  }
+  float la = 0, lb = 0;
+  ASSERT_EQ(cudaMemcpy(&la, eager.scalars.data(), 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(&lb, graphed.scalars.data(), 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(la, lb);
+  EXPECT_EQ(cudaGraphExecDestroy(exec), cudaSuccess);
+  EXPECT_EQ(cudaGraphDestroy(graph), cudaSuccess);
 }
 
 TEST(NnGpu, DeviceMismatchIsAClearError) {
