@@ -19,11 +19,11 @@ namespace {
 
 using mixprec::bench::Events;
 
-template <class T>
+template <class T, bool Fused>
 void BM_mlp_step(benchmark::State& state) {
   const std::int64_t batch = 1024, hidden = 4096;
   const mixprec::Device gpu = mixprec::Device::cuda(0);
-  mixprec::nn::Sequential<T> net({batch, 784}, gpu);
+  mixprec::nn::Sequential<T> net({batch, 784}, gpu, Fused);
   net.template emplace<mixprec::nn::Linear<T>>(784, hidden, mixprec::nn::Activation::relu, true, gpu, 1);
   net.template emplace<mixprec::nn::Linear<T>>(hidden, hidden, mixprec::nn::Activation::relu, true, gpu, 2);
   net.template emplace<mixprec::nn::Linear<T>>(hidden, 10, mixprec::nn::Activation::none, true, gpu, 3);
@@ -124,8 +124,12 @@ void BM_gemm(benchmark::State& state) {
 
 BENCHMARK_TEMPLATE(BM_gemm, mixprec::bfloat16)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(50);
 BENCHMARK_TEMPLATE(BM_gemm, mixprec::half)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(50);
-BENCHMARK_TEMPLATE(BM_mlp_step, mixprec::half)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(100);
-BENCHMARK_TEMPLATE(BM_mlp_step, mixprec::bfloat16)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(100);
+BENCHMARK_TEMPLATE(BM_mlp_step, mixprec::half, false)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(100);
+BENCHMARK_TEMPLATE(BM_mlp_step, mixprec::bfloat16, false)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(100);
+// The same with the activation derivative and bias gradient fused into the
+// next layer's input-gradient GEMM (Sequential's fuse_linear_backward).
+BENCHMARK_TEMPLATE(BM_mlp_step, mixprec::half, true)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(100);
+BENCHMARK_TEMPLATE(BM_mlp_step, mixprec::bfloat16, true)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(100);
 BENCHMARK_TEMPLATE(BM_cnn_step, mixprec::half)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(100);
 BENCHMARK_TEMPLATE(BM_cnn_step, mixprec::bfloat16)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(100);
 

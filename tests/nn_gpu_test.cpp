@@ -168,6 +168,49 @@ TEST(NnGpu, Conv2dAndMaxPool2d) {
   pool_case<float>();
 }
 
+// Consecutive Linear layers in a Sequential fuse on the GPU: the second's
+// input-gradient GEMM applies the first's ReLU or GELU derivative (DRELU /
+// DGELU epilogues, ReLU through a bit mask whose leading dimension is
+// rounded up to 128 bits) and writes its bias gradient. Against the CPU.
+template <class T>
+void fused_case(Activation first, Activation second, std::int64_t h1, std::int64_t h2) {
+  SCOPED_TRACE(std::string(dtype_traits<T>::name) + " " + nn::activation_name(first) + "(" + std::to_string(h1) +
+               ") " + nn::activation_name(second) + "(" + std::to_string(h2) + ")");
+  const std::int64_t batch = 48, in = 40, out = 16;
+  auto build = [&](Device d) {
+    auto net = std::make_unique<nn::Sequential<T>>(Shape{batch, in}, d, /*fuse_linear_backward=*/true);
+    net->template emplace<nn::Linear<T>>(in, h1, first, true, d, 1);
+    net->template emplace<nn::Linear<T>>(h1, h2, second, true, d, 2);
+    net->template emplace<nn::Linear<T>>(h2, out, Activation::none, true, d, 3);
+    return net;
+  };
+  auto cpu = build(Device::cpu()), gpu = build(Device::cuda(0));
+  Tensor<T> x({batch, in}), dy({batch, out});
+  fill_normal(x, 0, 1, 11);
+  fill_normal(dy, 0, 1, 12);
+  Tensor<T> gx = on_gpu(x);
+  cpu->forward(x.view());
+  gpu->forward(gx.view());
+  copy(dy, cpu->output_grad());
+  copy(dy, gpu->output_grad());
+  cpu->backward();
+  gpu->backward();
+  const std::vector<optim::Param> pc = cpu->parameters(), pg = gpu->parameters();
+  for (std::size_t i = 0; i < pc.size(); ++i) {
+    expect_close<T>(pg[i].grad.as<const T>("g"), pc[i].grad.as<const T>("g"), pc[i].name);
+  }
+}
+
+TEST(NnGpu, FusedBackwardOfConsecutiveLinearLayers) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  for (auto [a, b] : {std::pair{Activation::relu, Activation::gelu}, std::pair{Activation::gelu, Activation::relu}}) {
+    fused_case<half>(a, b, 200, 96);   // 200: the mask's ld is rounded up to 256 bits
+    fused_case<bfloat16>(a, b, 128, 64);
+    fused_case<float>(a, b, 72, 40);
+  }
+  fused_case<half>(Activation::gelu, Activation::none, 36, 24);  // GELU with out % 8 != 0: not fused
+}
+
 // Device scalars: the scale in, the loss and the bad-label flag out.
 struct Scalars {
   Buffer buf{3 * sizeof(float), Device::cuda(0)};
@@ -307,7 +350,7 @@ TEST(NnGpu, WholeTrainingStepInACudaGraph) {
     Tensor<half> x;
     Buffer labels, scalars;
     Model(Device d, cudaStream_t stream, std::int64_t batch, std::int64_t in, std::int64_t hidden, std::int64_t classes)
-        : net({batch, in}, d), x({batch, in}, d), labels(batch * 4, d), scalars(8, d) {
+        : net({batch, in}, d, /*fuse_linear_backward=*/true), x({batch, in}, d), labels(batch * 4, d), scalars(8, d) {
       net.emplace<nn::Linear<half>>(in, hidden, Activation::relu, true, d, 1);
       net.emplace<nn::Linear<half>>(hidden, hidden, Activation::gelu, true, d, 2);
       net.emplace<nn::Linear<half>>(hidden, classes, Activation::none, true, d, 3);

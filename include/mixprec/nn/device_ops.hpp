@@ -25,6 +25,26 @@ struct PoolShape {
   std::int64_t n, c, h, w, window, stride, p, q;
 };
 
+/// How a Linear layer's GEMMs fuse with its neighbours' (device path).
+struct LinearFusion {
+  /// Forward, the activation's aux output. GELU: the pre-activation, T,
+  /// [batch, out] (ld = out, a multiple of 8). ReLU: null, or a bit mask
+  /// (ld in bits, a multiple of 128) for the next layer's backward.
+  void* aux = nullptr;
+  std::int64_t aux_ld = 0;
+  /// Backward: dy already holds dLoss/dz and the bias gradient is written
+  /// (the next layer's input-gradient GEMM did both).
+  bool dy_is_dz = false;
+  /// Backward: the previous layer's activation, aux and bias gradient. The
+  /// input-gradient GEMM then applies that activation's derivative and
+  /// writes that bias gradient in its epilogue (cuBLASLt DRELU_BGRAD /
+  /// DGELU_BGRAD), so dx is the previous layer's dLoss/dz.
+  Activation prev_act = Activation::none;
+  const void* prev_aux = nullptr;
+  std::int64_t prev_aux_ld = 0;
+  void* prev_grad_bias = nullptr;
+};
+
 class DeviceOps {
  public:
   virtual ~DeviceOps() = default;
@@ -39,17 +59,18 @@ class DeviceOps {
   virtual void maxpool2d_backward(DType dtype, const PoolShape& shape, const void* x, const void* y, const void* dy,
                                   void* dx, stream_t stream) = 0;
 
-  /// y[b, o] = act(sum_i x[b, i] w[o, i] + bias[o]) (bias may be null);
-  /// aux (GELU only) receives the pre-activation. fp32 accumulation.
-  virtual void linear_forward(DType dtype, const void* x, const void* w, const void* bias, void* y, void* aux,
+  /// y[b, o] = act(sum_i x[b, i] w[o, i] + bias[o]) (bias may be null),
+  /// with the aux output of `f`. fp32 accumulation.
+  virtual void linear_forward(DType dtype, const void* x, const void* w, const void* bias, void* y,
                               std::int64_t batch, std::int64_t in, std::int64_t out, Activation act,
-                              stream_t stream) = 0;
-  /// From dy: dz = dy * act'(z) (z from aux for GELU, from y for ReLU);
-  /// grad_w = dz^T x, grad_bias = sum over the batch of dz (may be null),
-  /// dx = dz w (may be null). Gradients are overwritten.
-  virtual void linear_backward(DType dtype, const void* x, const void* w, const void* y, const void* aux,
-                               const void* dy, void* dx, void* grad_w, void* grad_bias, std::int64_t batch,
-                               std::int64_t in, std::int64_t out, Activation act, stream_t stream) = 0;
+                              const LinearFusion& f, stream_t stream) = 0;
+  /// From dy: dz = dy * act'(z) (GELU's z from f.aux, ReLU's sign from y)
+  /// unless f.dy_is_dz; grad_w = dz^T x, grad_bias = sum over the batch of
+  /// dz (may be null); dx = dz w (may be null), times the previous layer's
+  /// activation derivative when f says so. Gradients are overwritten.
+  virtual void linear_backward(DType dtype, const void* x, const void* w, const void* y, const void* dy, void* dx,
+                               void* grad_w, void* grad_bias, std::int64_t batch, std::int64_t in,
+                               std::int64_t out, Activation act, const LinearFusion& f, stream_t stream) = 0;
   /// y = act(x), n elements.
   virtual void activation_forward(DType dtype, Activation act, const void* x, void* y, std::int64_t n,
                                   stream_t stream) = 0;

@@ -64,8 +64,11 @@ class Linear final : public Layer<T> {
     const std::int64_t batch = x.shape()[0];
     ensure_aux(batch);
     if (device_.is_cuda()) {
+      LinearFusion f;
+      f.aux = aux_pointer();
+      f.aux_ld = aux_ld();
       nn_device_ops().linear_forward(dtype_of<T>, x.data(), weight_.data(), has_bias_ ? bias_.data() : nullptr,
-                                     y.data(), aux_data(), batch, in_, out_, activation_, ctx.stream);
+                                     y.data(), batch, in_, out_, activation_, f, ctx.stream);
       return;
     }
     const detail::MatrixF X = detail::to_matrix(x, batch);
@@ -87,9 +90,20 @@ class Linear final : public Layer<T> {
                   x.shape());
     const std::int64_t batch = x.shape()[0];
     if (device_.is_cuda()) {
-      nn_device_ops().linear_backward(dtype_of<T>, x.data(), weight_.data(), y.data(), aux_data(), dy.data(),
+      LinearFusion f;
+      f.aux = aux_pointer();
+      f.aux_ld = aux_ld();
+      f.dy_is_dz = dy_is_dz_;
+      if (prev_ != nullptr) {
+        MIXPREC_CHECK(!dx.empty(), name(), "::backward: fused with the previous layer, dx is required");
+        f.prev_act = prev_->activation_;
+        f.prev_aux = prev_->aux_pointer();
+        f.prev_aux_ld = prev_->aux_ld();
+        f.prev_grad_bias = prev_->has_bias_ ? prev_->grad_bias_.data() : nullptr;
+      }
+      nn_device_ops().linear_backward(dtype_of<T>, x.data(), weight_.data(), y.data(), dy.data(),
                                       dx.empty() ? nullptr : dx.data(), grad_weight_.data(),
-                                      has_bias_ ? grad_bias_.data() : nullptr, batch, in_, out_, activation_,
+                                      has_bias_ ? grad_bias_.data() : nullptr, batch, in_, out_, activation_, f,
                                       ctx.stream);
       return;
     }
@@ -105,6 +119,22 @@ class Linear final : public Layer<T> {
       const detail::MatrixF W = detail::to_matrix(TensorView<const T>(weight_.view()), out_);
       detail::store(G * W, dx);
     }
+  }
+
+  /// Device path: lets this layer's input-gradient GEMM apply `prev`'s
+  /// activation derivative and write its bias gradient (cuBLASLt
+  /// DRELU_BGRAD / DGELU_BGRAD), so `prev`'s backward starts from dz and
+  /// runs no element-wise kernel. Sequential calls it for consecutive
+  /// Linear layers; afterwards the two must run backward in that order,
+  /// this one with dx = prev's dy. Returns whether the fusion applies (both
+  /// on one CUDA device, prev has an activation, GELU with out % 8 == 0).
+  bool fuse_previous(Linear& prev) {
+    if (!device_.is_cuda() || prev.device_ != device_ || prev.activation_ == Activation::none) return false;
+    if (prev.activation_ == Activation::gelu && prev.out_ % 8 != 0) return false;
+    prev.dy_is_dz_ = true;
+    prev.emit_mask_ = prev.activation_ == Activation::relu;
+    prev_ = &prev;
+    return true;
   }
 
   std::vector<optim::Param> parameters(const std::string& prefix) override {
@@ -136,12 +166,24 @@ class Linear final : public Layer<T> {
     MIXPREC_CHECK(x.device() == device_ && y.device() == device_, name(), "::", what, ": tensors on ", x.device(),
                   " / ", y.device(), ", the layer on ", device_);
   }
-  // The GELU pre-activation on a device (GELU_AUX epilogue), [batch, out] in T.
+  // Device aux outputs: GELU's pre-activation ([batch, out] in T, ld out),
+  // or, when the next layer fuses ReLU's derivative, ReLU's bit mask (ld
+  // out rounded up to 128 bits, per column of the batch).
   void ensure_aux(std::int64_t batch) {
-    if (!device_.is_cuda() || activation_ != Activation::gelu) return;
-    if (aux_.shape() != Shape{batch, out_}) aux_ = Tensor<T>(Shape{batch, out_}, device_);
+    if (!device_.is_cuda()) return;
+    if (activation_ == Activation::gelu && aux_.shape() != Shape{batch, out_}) {
+      aux_ = Tensor<T>(Shape{batch, out_}, device_);
+    }
+    if (emit_mask_ && mask_batch_ != batch) {
+      mask_ = Buffer(static_cast<std::size_t>(aux_ld() / 8 * batch), device_);
+      mask_batch_ = batch;
+    }
   }
-  T* aux_data() { return aux_.numel() > 0 ? aux_.data() : nullptr; }
+  void* aux_pointer() {
+    if (activation_ == Activation::gelu) return aux_.numel() > 0 ? aux_.data() : nullptr;
+    return emit_mask_ ? mask_.data() : nullptr;
+  }
+  std::int64_t aux_ld() const { return activation_ == Activation::gelu ? out_ : (out_ + 127) / 128 * 128; }
 
   std::int64_t in_, out_;
   Activation activation_;
@@ -149,6 +191,11 @@ class Linear final : public Layer<T> {
   Device device_;
   Tensor<T> weight_, grad_weight_, bias_, grad_bias_;
   Tensor<T> aux_;             // device: GELU pre-activation
+  Buffer mask_;               // device: ReLU bit mask for the next layer's fused backward
+  std::int64_t mask_batch_ = -1;
+  bool emit_mask_ = false;    // the next layer fuses this ReLU's derivative
+  bool dy_is_dz_ = false;     // the next layer's backward hands over dz and the bias gradient
+  Linear* prev_ = nullptr;    // this layer's backward applies prev's activation derivative
   detail::MatrixF cpu_aux_;   // host: the pre-activation in float
 };
 

@@ -225,13 +225,18 @@ class NnOps final : public nn::DeviceOps {
     MIXPREC_CUDNN_CHECK(cudnnPoolingBackward(cudnn_, p.pool, &one, p.y, y, p.y, dy, p.x, x, &zero, p.x, dx));
   }
 
-  void linear_forward(DType dtype, const void* x, const void* w, const void* bias, void* y, void* aux,
-                      std::int64_t batch, std::int64_t in, std::int64_t out, nn::Activation act,
+  void linear_forward(DType dtype, const void* x, const void* w, const void* bias, void* y, std::int64_t batch,
+                      std::int64_t in, std::int64_t out, nn::Activation act, const nn::LinearFusion& f,
                       stream_t stream) override {
     // Column-major: Y^T [out, batch] = W^T^T (A = W, transposed) * X^T (B = X).
     cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_DEFAULT;
+    void* aux = f.aux;
     const bool gelu_fused = act == nn::Activation::gelu && out % 8 == 0;  // aux ld: a multiple of 8
-    if (act == nn::Activation::relu) epi = bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU;
+    const bool relu_mask = act == nn::Activation::relu && aux != nullptr;
+    if (act == nn::Activation::relu) {
+      epi = relu_mask ? (bias ? CUBLASLT_EPILOGUE_RELU_AUX_BIAS : CUBLASLT_EPILOGUE_RELU_AUX)
+                      : (bias ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU);
+    }
     if (gelu_fused) epi = bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
     if (act == nn::Activation::none && bias) epi = CUBLASLT_EPILOGUE_BIAS;
     void* d = y;
@@ -241,15 +246,17 @@ class NnOps final : public nn::DeviceOps {
       d = aux;
     }
     matmul(dtype, Key{dtype, epi, CUBLAS_OP_T, CUBLAS_OP_N, out, batch, in, in, in, out}, w, x, d, bias,
-           gelu_fused ? aux : nullptr, out, stream);
+           gelu_fused || relu_mask ? aux : nullptr, gelu_fused ? out : f.aux_ld, stream);
     if (act == nn::Activation::gelu && !gelu_fused) activation_forward(dtype, act, aux, y, batch * out, stream);
   }
 
-  void linear_backward(DType dtype, const void* x, const void* w, const void* y, const void* aux, const void* dy,
-                       void* dx, void* grad_w, void* grad_bias, std::int64_t batch, std::int64_t in,
-                       std::int64_t out, nn::Activation act, stream_t stream) override {
+  void linear_backward(DType dtype, const void* x, const void* w, const void* y, const void* dy, void* dx,
+                       void* grad_w, void* grad_bias, std::int64_t batch, std::int64_t in, std::int64_t out,
+                       nn::Activation act, const nn::LinearFusion& f, stream_t stream) override {
     const void* dz = dy;
-    if (act != nn::Activation::none) {
+    const void* aux = f.aux;
+    if (f.dy_is_dz) grad_bias = nullptr;  // written by the next layer's epilogue
+    if (act != nn::Activation::none && !f.dy_is_dz) {
       // dz = dy * act'(z): ReLU's sign from y, GELU's z from the aux.
       void* buf = scratch(static_cast<std::size_t>(batch * out) * dtype_size(dtype));
       activation_backward(dtype, act, act == nn::Activation::relu ? y : aux, dy, buf, batch * out, stream);
@@ -261,9 +268,14 @@ class NnOps final : public nn::DeviceOps {
     matmul(dtype, Key{dtype, epi, CUBLAS_OP_N, CUBLAS_OP_T, in, out, batch, in, out, in}, x, dz, grad_w, grad_bias,
            nullptr, 0, stream);
     if (dx) {
-      // dX^T [in, batch] = W^T [in, out] * dZ^T [out, batch]: A = W (N), B = dZ (N).
-      matmul(dtype, Key{dtype, CUBLASLT_EPILOGUE_DEFAULT, CUBLAS_OP_N, CUBLAS_OP_N, in, batch, out, in, out, in}, w,
-             dz, dx, nullptr, nullptr, 0, stream);
+      // dX^T [in, batch] = W^T [in, out] * dZ^T [out, batch]: A = W (N), B = dZ (N);
+      // with the previous layer's activation derivative (and bias gradient,
+      // the row sums of the result) in the epilogue.
+      cublasLtEpilogue_t e = CUBLASLT_EPILOGUE_DEFAULT;
+      if (f.prev_act == nn::Activation::relu) e = f.prev_grad_bias ? CUBLASLT_EPILOGUE_DRELU_BGRAD : CUBLASLT_EPILOGUE_DRELU;
+      if (f.prev_act == nn::Activation::gelu) e = f.prev_grad_bias ? CUBLASLT_EPILOGUE_DGELU_BGRAD : CUBLASLT_EPILOGUE_DGELU;
+      matmul(dtype, Key{dtype, e, CUBLAS_OP_N, CUBLAS_OP_N, in, batch, out, in, out, in}, w, dz, dx,
+             f.prev_grad_bias, f.prev_act == nn::Activation::none ? nullptr : f.prev_aux, f.prev_aux_ld, stream);
     }
   }
 
