@@ -28,7 +28,8 @@ SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-san
 # the two that sweep billions of elements (correct, but hours under a sanitizer).
 for tool in memcheck racecheck; do
   log "compute-sanitizer --tool $tool"
-  for test in tensor_gpu_test convert_gpu_test grad_check_gpu_test optimizer_step_gpu_test device_optim_gpu_test; do
+  for test in tensor_gpu_test convert_gpu_test grad_check_gpu_test optimizer_step_gpu_test device_optim_gpu_test \
+              nn_gpu_test; do
     rc=0
     # device_optim_gpu_test: the fp16 sweep and every other test (the bf16
     # and fp32 sweeps run the same kernels).
@@ -42,5 +43,8 @@ log "GPU pass-1 benchmark"
 benchmarks/bench_grad_check 2>&1 | tee "$OUT/bench_grad_check.txt" | grep -E '^BM_'
 log "GPU optimizer step benchmark"
 benchmarks/bench_optimizer_step 2>&1 | tee "$OUT/bench_optimizer_step.txt" | grep -E '^BM_'
+log "GPU layers benchmark"
+benchmarks/bench_layers --benchmark_repetitions=3 --benchmark_report_aggregates_only=true 2>&1 |
+  tee "$OUT/bench_layers.txt" | grep -E '_median'
 log "host conversion benchmark"
 benchmarks/bench_convert --benchmark_min_time=0.5 2>&1 | tee "$OUT/bench_convert.txt" | grep -E '^BM_'
