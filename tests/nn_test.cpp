@@ -229,7 +229,8 @@ Vec conv_ref(const Vec& x, const Vec& w, const Vec& b, int n, int c, int h, int 
 }
 
 TEST(ConvGradcheck, MatchesFiniteDifferences) {
-  for (auto [stride, pad] : {std::pair{1, 0}, std::pair{1, 1}, std::pair{2, 1}}) {
+  for (const auto& setting : {std::pair{1, 0}, std::pair{1, 1}, std::pair{2, 1}}) {
+    const int stride = setting.first, pad = setting.second;  // lambdas below capture them (no bindings: C++17)
     SCOPED_TRACE("stride " + std::to_string(stride) + " pad " + std::to_string(pad));
     const int n = 2, c = 3, h = 6, wd = 5, k = 4, r = 3;
     nn::Conv2d<float> conv(c, k, r, stride, pad, true, Device::cpu(), 9);
@@ -430,7 +431,7 @@ TEST(NnErrors, ShapesBatchAndLabels) {
   Tensor<float> wrong({3, 2});
   test::expect_error([&] { nn::mse<float>(z.view(), wrong.view(), 1.0f, dz.view()); },
                      {"mse", "target shape [3, 2]"});
-  test::expect_error([] { nn::ActivationLayer<float>(Activation::none); }, {"activation = none"});
+  test::expect_error([] { nn::ActivationLayer<float> layer(Activation::none); }, {"activation = none"});
   test::expect_error([] { nn::Conv2d<float>(3, 8, 0); }, {"Conv2d", "kernel = 0"});
   nn::Conv2d<float> conv(3, 8, 5);
   test::expect_error([&] { (void)conv.output_shape({2, 4, 28, 28}); }, {"Conv2d(3, 8", "[2, 4, 28, 28]", "[batch, 3"});
