@@ -22,10 +22,7 @@ class ActivationLayer final : public Layer<T> {
   explicit ActivationLayer(Activation activation, Device device = Device::cpu())
       : activation_(activation), device_(device) {
     MIXPREC_CHECK(activation != Activation::none, "ActivationLayer: activation = none does nothing; leave it out");
-    if (device.is_cuda()) {
-      if (built_with_cuda()) mixprec::detail::require_nn_device_ops(name().c_str(), device);
-      mixprec::detail::require_usable(device, name().c_str());
-    }
+    detail::check_layer_device(name(), device);
   }
   std::string name() const override { return activation_ == Activation::relu ? "ReLU" : "GELU(tanh)"; }
   Device device() const override { return device_; }

@@ -20,11 +20,6 @@
 namespace mixprec::nn {
 
 namespace detail {
-inline void check_layer_device(const std::string& what, Device device) {
-  if (!device.is_cuda()) return;
-  if (built_with_cuda()) mixprec::detail::require_nn_device_ops(what.c_str(), device);
-  mixprec::detail::require_usable(device, what.c_str());
-}
 inline std::int64_t out_size(std::int64_t in, std::int64_t window, std::int64_t stride, std::int64_t pad) {
   return (in + 2 * pad - window) / stride + 1;
 }

@@ -9,11 +9,22 @@
 
 #include "mixprec/core/config.hpp"
 #include "mixprec/core/device.hpp"
+#include "mixprec/nn/device_ops.hpp"
 #include "mixprec/optim/optimizer.hpp"
 #include "mixprec/tensor/shape.hpp"
 #include "mixprec/tensor/tensor_view.hpp"
 
 namespace mixprec::nn {
+
+namespace detail {
+/// Before a layer allocates anything on `device`: a CUDA build with the
+/// kernels linked, and a usable device; the error names `what`.
+inline void check_layer_device(const std::string& what, Device device) {
+  if (!device.is_cuda()) return;
+  if (built_with_cuda()) mixprec::detail::require_nn_device_ops(what.c_str(), device);
+  mixprec::detail::require_usable(device, what.c_str());
+}
+}  // namespace detail
 
 /// Where and how a pass runs: the stream of every launch on a device.
 struct Context {

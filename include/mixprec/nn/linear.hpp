@@ -26,7 +26,7 @@ class Linear final : public Layer<T> {
   /// initialisation) with `seed`; gradients start as zeros.
   Linear(std::int64_t in_features, std::int64_t out_features, Activation activation = Activation::none,
          bool bias = true, Device device = Device::cpu(), std::uint64_t seed = 0)
-      : in_((check_device(describe(in_features, out_features, activation, bias), device),
+      : in_((detail::check_layer_device(describe(in_features, out_features, activation, bias), device),
              check_features("in_features", in_features))),
         out_(check_features("out_features", out_features)),
         activation_(activation),
@@ -149,12 +149,6 @@ class Linear final : public Layer<T> {
     if (a != Activation::none) s += std::string(", ") + activation_name(a);
     if (!bias) s += ", bias=false";
     return s + ")";
-  }
-  // Before any allocation: a device needs the kernels (and a CUDA build).
-  static void check_device(const std::string& what, Device device) {
-    if (!device.is_cuda()) return;
-    if (built_with_cuda()) mixprec::detail::require_nn_device_ops(what.c_str(), device);
-    mixprec::detail::require_usable(device, what.c_str());
   }
   static std::int64_t check_features(const char* what, std::int64_t n) {
     MIXPREC_CHECK(n > 0, "Linear: ", what, " = ", n, ", must be > 0");
