@@ -10,7 +10,7 @@ BUILD_DIR="${MIXPREC_BUILD_DIR:-$MIXPREC_ROOT/build}"
 JOBS="${MIXPREC_JOBS:-$(nproc)}"
 
 # Debian packages the build, the tests and the examples need.
-PACKAGES=(cmake ninja-build g++ ccache libeigen3-dev libgtest-dev libbenchmark-dev
+PACKAGES=(cmake ninja-build g++ ccache libeigen3-dev libgtest-dev libbenchmark-dev zlib1g-dev
           dataset-fashion-mnist)
 
 log() { printf '\n== %s\n' "$*"; }
