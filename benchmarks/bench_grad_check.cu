@@ -17,7 +17,7 @@
 namespace {
 
 using mixprec::bench::BM_device_copy;
-using mixprec::bench::Events;
+using mixprec::bench::time_steps;
 
 void BM_grad_check(benchmark::State& state) {
   if (mixprec::cuda_device_count() == 0) {
@@ -35,13 +35,7 @@ void BM_grad_check(benchmark::State& state) {
   mixprec::cuda::TensorList list(refs);
   mixprec::cuda::GradCheck check(list);
   for (int i = 0; i < 3; ++i) check.launch(list);
-  Events e;
-  for (auto _ : state) {
-    MIXPREC_CUDA_CHECK(cudaEventRecord(e.start));
-    check.launch(list);
-    MIXPREC_CUDA_CHECK(cudaEventRecord(e.stop));
-    state.SetIterationTime(e.seconds());
-  }
+  time_steps(state, [&] { check.launch(list); });
   const double bytes = 2.0 * static_cast<double>(n);
   state.counters["GBps"] = benchmark::Counter(bytes / 1e9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["tensors"] = static_cast<double>(refs.size());

@@ -17,7 +17,32 @@
 
 namespace {
 
-using mixprec::bench::Events;
+using mixprec::bench::time_steps;
+
+// Random inputs, labels b % 10 and a fixed loss scale of 1024 on the
+// device; three warm-up steps (cuBLASLt plans, cuDNN algorithms, scratch),
+// then forward + loss + backward timed per iteration.
+template <class T>
+void time_forward_backward(benchmark::State& state, mixprec::nn::Sequential<T>& net) {
+  const mixprec::Device gpu = net.device();
+  const std::int64_t batch = net.input_shape()[0];
+  mixprec::Tensor<T> x(net.input_shape(), gpu);
+  mixprec::fill_normal(x, 0, 1, 4);
+  std::vector<std::int32_t> labels(static_cast<std::size_t>(batch));
+  for (std::int64_t b = 0; b < batch; ++b) labels[static_cast<std::size_t>(b)] = static_cast<std::int32_t>(b % 10);
+  mixprec::Buffer glabels(labels.size() * sizeof(std::int32_t), gpu), scalars(3 * sizeof(float), gpu);
+  MIXPREC_CUDA_CHECK(cudaMemcpy(glabels.data(), labels.data(), glabels.bytes(), cudaMemcpyHostToDevice));
+  const float init[3] = {1024.0f, 0.0f, 0.0f};  // scale, loss, bad-label flag
+  MIXPREC_CUDA_CHECK(cudaMemcpy(scalars.data(), init, sizeof init, cudaMemcpyHostToDevice));
+  float* s = static_cast<float*>(scalars.data());
+  auto step = [&] {
+    mixprec::nn::softmax_cross_entropy<T>(net.forward(x.view()), static_cast<const std::int32_t*>(glabels.data()),
+                                          s, net.output_grad(), s + 1, reinterpret_cast<int*>(s + 2));
+    net.backward();
+  };
+  for (int i = 0; i < 3; ++i) step();
+  time_steps(state, step);
+}
 
 template <class T, bool Fused>
 void BM_mlp_step(benchmark::State& state) {
@@ -27,28 +52,7 @@ void BM_mlp_step(benchmark::State& state) {
   net.template emplace<mixprec::nn::Linear<T>>(784, hidden, mixprec::nn::Activation::relu, true, gpu, 1);
   net.template emplace<mixprec::nn::Linear<T>>(hidden, hidden, mixprec::nn::Activation::relu, true, gpu, 2);
   net.template emplace<mixprec::nn::Linear<T>>(hidden, 10, mixprec::nn::Activation::none, true, gpu, 3);
-  mixprec::Tensor<T> x({batch, 784}, gpu);
-  mixprec::fill_normal(x, 0, 1, 4);
-  std::vector<std::int32_t> labels(batch);
-  for (std::int64_t b = 0; b < batch; ++b) labels[b] = static_cast<std::int32_t>(b % 10);
-  mixprec::Buffer glabels(batch * sizeof(std::int32_t), gpu), scalars(3 * sizeof(float), gpu);
-  MIXPREC_CUDA_CHECK(cudaMemcpy(glabels.data(), labels.data(), glabels.bytes(), cudaMemcpyHostToDevice));
-  const float init[3] = {1024.0f, 0.0f, 0.0f};
-  MIXPREC_CUDA_CHECK(cudaMemcpy(scalars.data(), init, sizeof init, cudaMemcpyHostToDevice));
-  float* s = static_cast<float*>(scalars.data());
-  auto step = [&] {
-    mixprec::nn::softmax_cross_entropy<T>(net.forward(x.view()), static_cast<const std::int32_t*>(glabels.data()),
-                                          s, net.output_grad(), s + 1, reinterpret_cast<int*>(s + 2));
-    net.backward();
-  };
-  for (int i = 0; i < 3; ++i) step();
-  Events e;
-  for (auto _ : state) {
-    MIXPREC_CUDA_CHECK(cudaEventRecord(e.start));
-    step();
-    MIXPREC_CUDA_CHECK(cudaEventRecord(e.stop));
-    state.SetIterationTime(e.seconds());
-  }
+  time_forward_backward(state, net);
   const double fwd = 2.0 * batch * (784.0 * hidden + double(hidden) * hidden + hidden * 10.0);
   const double flops = 3 * fwd - 2.0 * batch * 784.0 * hidden;
   state.counters["TFLOPs"] = benchmark::Counter(flops / 1e12, benchmark::Counter::kIsIterationInvariantRate);
@@ -73,28 +77,7 @@ void BM_cnn_step(benchmark::State& state) {
   net.template emplace<nn::Flatten<T>>(gpu);
   net.template emplace<nn::Linear<T>>(3136, 128, nn::Activation::relu, true, gpu, 3);
   net.template emplace<nn::Linear<T>>(128, 10, nn::Activation::none, true, gpu, 4);
-  mixprec::Tensor<T> x({batch, 1, 28, 28}, gpu);
-  mixprec::fill_normal(x, 0, 1, 5);
-  std::vector<std::int32_t> labels(batch);
-  for (std::int64_t b = 0; b < batch; ++b) labels[b] = static_cast<std::int32_t>(b % 10);
-  mixprec::Buffer glabels(batch * sizeof(std::int32_t), gpu), scalars(3 * sizeof(float), gpu);
-  MIXPREC_CUDA_CHECK(cudaMemcpy(glabels.data(), labels.data(), glabels.bytes(), cudaMemcpyHostToDevice));
-  const float init[3] = {1024.0f, 0.0f, 0.0f};
-  MIXPREC_CUDA_CHECK(cudaMemcpy(scalars.data(), init, sizeof init, cudaMemcpyHostToDevice));
-  float* s = static_cast<float*>(scalars.data());
-  auto step = [&] {
-    nn::softmax_cross_entropy<T>(net.forward(x.view()), static_cast<const std::int32_t*>(glabels.data()), s,
-                                 net.output_grad(), s + 1, reinterpret_cast<int*>(s + 2));
-    net.backward();
-  };
-  for (int i = 0; i < 3; ++i) step();
-  Events e;
-  for (auto _ : state) {
-    MIXPREC_CUDA_CHECK(cudaEventRecord(e.start));
-    step();
-    MIXPREC_CUDA_CHECK(cudaEventRecord(e.stop));
-    state.SetIterationTime(e.seconds());
-  }
+  time_forward_backward(state, net);
   const double conv1 = 2.0 * batch * 32 * 28 * 28 * 9, conv2 = 2.0 * batch * 64 * 14 * 14 * 32 * 9;
   const double fc = 2.0 * batch * (3136.0 * 128 + 128.0 * 10);
   const double flops = 3 * (conv1 + conv2 + fc) - conv1;  // no input gradient for the first layer
@@ -111,13 +94,7 @@ void BM_gemm(benchmark::State& state) {
   mixprec::Tensor<T> x({n, n}, gpu), y({n, n}, gpu);
   mixprec::fill_normal(x, 0, 1, 2);
   for (int i = 0; i < 3; ++i) layer.forward(x.view(), y.view(), {});
-  Events e;
-  for (auto _ : state) {
-    MIXPREC_CUDA_CHECK(cudaEventRecord(e.start));
-    layer.forward(x.view(), y.view(), {});
-    MIXPREC_CUDA_CHECK(cudaEventRecord(e.stop));
-    state.SetIterationTime(e.seconds());
-  }
+  time_steps(state, [&] { layer.forward(x.view(), y.view(), {}); });
   state.counters["TFLOPs"] =
       benchmark::Counter(2.0 * n * n * n / 1e12, benchmark::Counter::kIsIterationInvariantRate);
 }

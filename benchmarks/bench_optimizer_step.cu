@@ -24,7 +24,7 @@ namespace {
 using mixprec::half;
 
 using mixprec::bench::BM_device_copy;
-using mixprec::bench::Events;
+using mixprec::bench::time_steps;
 
 template <class Hyper>
 void BM_step(benchmark::State& state, Hyper hyper, int state_tensors, double max_norm) {
@@ -76,13 +76,7 @@ void BM_step(benchmark::State& state, Hyper hyper, int state_tensors, double max
     mixprec::cuda::launch_update_scale(scaler, policy, true);
   };
   for (int i = 0; i < 3; ++i) step();
-  Events e;
-  for (auto _ : state) {
-    MIXPREC_CUDA_CHECK(cudaEventRecord(e.start));
-    step();
-    MIXPREC_CUDA_CHECK(cudaEventRecord(e.stop));
-    state.SetIterationTime(e.seconds());
-  }
+  time_steps(state, step);
   const double bytes = (2 + 2 + 8 + 8.0 * state_tensors + 2) * static_cast<double>(n);
   state.counters["GBps"] = benchmark::Counter(bytes / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
@@ -136,13 +130,7 @@ void BM_api(benchmark::State& state, const typename Opt::options_type& options, 
     scaler.update();
   };
   for (int i = 0; i < 3; ++i) step();
-  Events e;
-  for (auto _ : state) {
-    MIXPREC_CUDA_CHECK(cudaEventRecord(e.start));
-    step();
-    MIXPREC_CUDA_CHECK(cudaEventRecord(e.stop));
-    state.SetIterationTime(e.seconds());
-  }
+  time_steps(state, step);
   const double bytes = (2 + 2 + 8 + 8.0 * state_tensors + 2) * static_cast<double>(n);
   state.counters["GBps"] = benchmark::Counter(bytes / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }

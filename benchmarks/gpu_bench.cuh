@@ -34,18 +34,25 @@ struct Events {
   }
 };
 
+/// Times `step` (work queued on the default stream) with CUDA events in
+/// every benchmark iteration: manual time, the events' elapsed time.
+template <class Step>
+void time_steps(benchmark::State& state, Step&& step) {
+  Events e;
+  for (auto _ : state) {
+    MIXPREC_CUDA_CHECK(cudaEventRecord(e.start));
+    step();
+    MIXPREC_CUDA_CHECK(cudaEventRecord(e.stop));
+    state.SetIterationTime(e.seconds());
+  }
+}
+
 /// Device-to-device copy of 1 GiB: bytes read + written per second (GBps).
 inline void BM_device_copy(benchmark::State& state) {
   const std::size_t bytes = std::size_t{1} << 30;
   Buffer a(bytes, Device::cuda(0)), b(bytes, Device::cuda(0));
   MIXPREC_CUDA_CHECK(cudaMemset(a.data(), 1, bytes));
-  Events e;
-  for (auto _ : state) {
-    MIXPREC_CUDA_CHECK(cudaEventRecord(e.start));
-    MIXPREC_CUDA_CHECK(cudaMemcpyAsync(b.data(), a.data(), bytes, cudaMemcpyDeviceToDevice));
-    MIXPREC_CUDA_CHECK(cudaEventRecord(e.stop));
-    state.SetIterationTime(e.seconds());
-  }
+  time_steps(state, [&] { MIXPREC_CUDA_CHECK(cudaMemcpyAsync(b.data(), a.data(), bytes, cudaMemcpyDeviceToDevice)); });
   state.counters["GBps"] = benchmark::Counter(2.0 * bytes / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
 

@@ -31,14 +31,7 @@
 namespace mixprec {
 namespace {
 
-std::int64_t ulp_distance(float a, float b) {
-  std::int32_t ia, ib;
-  std::memcpy(&ia, &a, 4);
-  std::memcpy(&ib, &b, 4);
-  if (ia < 0) ia = INT32_MIN - ia;
-  if (ib < 0) ib = INT32_MIN - ib;
-  return std::llabs(static_cast<long long>(ia) - ib);
-}
+using test::ulp_distance;
 
 /// The same model twice: host tensors for the CPU optimizer, device tensors
 /// for the GPU one, equal initial weights.
@@ -241,11 +234,7 @@ TEST(DeviceOptim, PlainStepMatchesHost) {
 TEST(DeviceOptim, GraphReplayMatchesEager) {
   MIXPREC_SKIP_WITHOUT_GPU();
   // Declared first, destroyed last: the stream outlives the scalers.
-  struct Stream {
-    cudaStream_t s = nullptr;
-    Stream() { EXPECT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess); }
-    ~Stream() { EXPECT_EQ(cudaStreamDestroy(s), cudaSuccess); }
-  } owner;
+  test::OwnedStream owner;
   cudaStream_t stream = owner.s;
   Model<half> eager_model, graph_model;
   optim::AdamWOptions o;

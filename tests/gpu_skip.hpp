@@ -17,3 +17,17 @@
                                                       : "0 devices");                   \
     }                                                                                   \
   } while (false)
+
+namespace mixprec::test {
+
+/// A non-blocking stream for one test, destroyed at the end of its scope
+/// (declare it before anything that launches on it).
+struct OwnedStream {
+  cudaStream_t s = nullptr;
+  OwnedStream() { EXPECT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess); }
+  ~OwnedStream() { EXPECT_EQ(cudaStreamDestroy(s), cudaSuccess); }
+  OwnedStream(const OwnedStream&) = delete;
+  OwnedStream& operator=(const OwnedStream&) = delete;
+};
+
+}  // namespace mixprec::test

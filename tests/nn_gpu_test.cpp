@@ -52,23 +52,35 @@ Tensor<T> on_gpu(const Tensor<T>& t) {
   return t.to(Device::cuda(0));
 }
 
+// The same layer on the CPU and the GPU, same weights: forward on x,
+// backward from a random dy; compares y, dx and every parameter gradient.
 template <class T>
-void linear_case(std::int64_t batch, std::int64_t in, std::int64_t out, Activation act, bool bias) {
-  SCOPED_TRACE(std::string(dtype_traits<T>::name) + " " + nn::activation_name(act) + " " + std::to_string(batch) +
-               "x" + std::to_string(in) + "->" + std::to_string(out) + (bias ? "" : " no bias"));
-  nn::Linear<T> cpu(in, out, act, bias, Device::cpu(), 5), gpu(in, out, act, bias, Device::cuda(0), 5);
-  Tensor<T> x({batch, in}), dy({batch, out}), y({batch, out}), dx({batch, in});
-  fill_normal(x, 0, 1, 1);
-  fill_normal(dy, 0, 1, 2);
-  Tensor<T> gx = on_gpu(x), gdy = on_gpu(dy), gy({batch, out}, Device::cuda(0)), gdx({batch, in}, Device::cuda(0));
+void compare_layer(nn::Layer<T>& cpu, nn::Layer<T>& gpu, const Tensor<T>& x, std::uint64_t seed) {
+  const Shape out = cpu.output_shape(x.shape());
+  Tensor<T> dy(out), y(out), dx(x.shape());
+  fill_normal(dy, 0, 1, seed);
+  Tensor<T> gx = on_gpu(x), gdy = on_gpu(dy), gy(out, Device::cuda(0)), gdx(x.shape(), Device::cuda(0));
   cpu.forward(x.view(), y.view(), {});
   gpu.forward(gx.view(), gy.view(), {});
   expect_close<T>(gy.view(), y.view(), "y");
   cpu.backward(x.view(), y.view(), dy.view(), dx.view(), {});
   gpu.backward(gx.view(), gy.view(), gdy.view(), gdx.view(), {});
-  expect_close<T>(gpu.grad_weight().view(), cpu.grad_weight().view(), "grad_weight");
-  if (bias) expect_close<T>(gpu.grad_bias().view(), cpu.grad_bias().view(), "grad_bias");
   expect_close<T>(gdx.view(), dx.view(), "dx");
+  const std::vector<optim::Param> pc = cpu.parameters(""), pg = gpu.parameters("");
+  ASSERT_EQ(pc.size(), pg.size());
+  for (std::size_t i = 0; i < pc.size(); ++i) {
+    expect_close<T>(pg[i].grad.as<const T>("g"), pc[i].grad.as<const T>("g"), "grad of " + pc[i].name);
+  }
+}
+
+template <class T>
+void linear_case(std::int64_t batch, std::int64_t in, std::int64_t out, Activation act, bool bias) {
+  SCOPED_TRACE(std::string(dtype_traits<T>::name) + " " + nn::activation_name(act) + " " + std::to_string(batch) +
+               "x" + std::to_string(in) + "->" + std::to_string(out) + (bias ? "" : " no bias"));
+  nn::Linear<T> cpu(in, out, act, bias, Device::cpu(), 5), gpu(in, out, act, bias, Device::cuda(0), 5);
+  Tensor<T> x({batch, in});
+  fill_normal(x, 0, 1, 1);
+  compare_layer<T>(cpu, gpu, x, 2);
 }
 
 template <class T>
@@ -97,16 +109,9 @@ template <class T>
 void activation_case(Activation act) {
   SCOPED_TRACE(std::string(dtype_traits<T>::name) + " " + nn::activation_name(act));
   nn::ActivationLayer<T> cpu(act), gpu(act, Device::cuda(0));
-  Tensor<T> x({8, 100}), dy({8, 100}), y({8, 100}), dx({8, 100});
+  Tensor<T> x({8, 100});
   fill_normal(x, 0, 2, 3);
-  fill_normal(dy, 0, 1, 4);
-  Tensor<T> gx = on_gpu(x), gdy = on_gpu(dy), gy({8, 100}, Device::cuda(0)), gdx({8, 100}, Device::cuda(0));
-  cpu.forward(x.view(), y.view(), {});
-  gpu.forward(gx.view(), gy.view(), {});
-  expect_close<T>(gy.view(), y.view(), "y");
-  cpu.backward(x.view(), y.view(), dy.view(), dx.view(), {});
-  gpu.backward(gx.view(), gy.view(), gdy.view(), gdx.view(), {});
-  expect_close<T>(gdx.view(), dx.view(), "dx");
+  compare_layer<T>(cpu, gpu, x, 4);
 }
 
 TEST(NnGpu, Activations) {
@@ -123,19 +128,9 @@ void conv_case(std::int64_t stride, std::int64_t pad) {
   SCOPED_TRACE(std::string(dtype_traits<T>::name) + " stride " + std::to_string(stride) + " pad " + std::to_string(pad));
   const std::int64_t n = 4, c = 3, h = 12, w = 10, k = 8, r = 3;
   nn::Conv2d<T> cpu(c, k, r, stride, pad, true, Device::cpu(), 4), gpu(c, k, r, stride, pad, true, Device::cuda(0), 4);
-  const Shape out = cpu.output_shape({n, c, h, w});
-  Tensor<T> x({n, c, h, w}), dy(out), y(out), dx({n, c, h, w});
+  Tensor<T> x({n, c, h, w});
   fill_normal(x, 0, 1, 5);
-  fill_normal(dy, 0, 1, 6);
-  Tensor<T> gx = on_gpu(x), gdy = on_gpu(dy), gy(out, Device::cuda(0)), gdx({n, c, h, w}, Device::cuda(0));
-  cpu.forward(x.view(), y.view(), {});
-  gpu.forward(gx.view(), gy.view(), {});
-  expect_close<T>(gy.view(), y.view(), "y");
-  cpu.backward(x.view(), y.view(), dy.view(), dx.view(), {});
-  gpu.backward(gx.view(), gy.view(), gdy.view(), gdx.view(), {});
-  expect_close<T>(gpu.grad_weight().view(), cpu.grad_weight().view(), "grad_weight");
-  expect_close<T>(gpu.grad_bias().view(), cpu.grad_bias().view(), "grad_bias");
-  expect_close<T>(gdx.view(), dx.view(), "dx");
+  compare_layer<T>(cpu, gpu, x, 6);
 }
 
 template <class T>
@@ -144,16 +139,9 @@ void pool_case() {
   const std::int64_t n = 2, c = 4, h = 8, w = 6;
   nn::MaxPool2d<T> cpu(2), gpu(2, 0, Device::cuda(0));
   // Distinct values (k / 512 for a shuffled k < 384, exact in every T): one maximum per window.
-  Tensor<T> x({n, c, h, w}), dy({n, c, 4, 3}), y({n, c, 4, 3}), dx({n, c, h, w});
+  Tensor<T> x({n, c, h, w});
   for (std::int64_t i = 0; i < x.numel(); ++i) x.at(i) = from_float<T>(static_cast<float>((i * 97) % 384) / 512.0f);
-  fill_normal(dy, 0, 1, 7);
-  Tensor<T> gx = on_gpu(x), gdy = on_gpu(dy), gy({n, c, 4, 3}, Device::cuda(0)), gdx({n, c, h, w}, Device::cuda(0));
-  cpu.forward(x.view(), y.view(), {});
-  gpu.forward(gx.view(), gy.view(), {});
-  expect_close<T>(gy.view(), y.view(), "y");
-  cpu.backward(x.view(), y.view(), dy.view(), dx.view(), {});
-  gpu.backward(gx.view(), gy.view(), gdy.view(), gdx.view(), {});
-  expect_close<T>(gdx.view(), dx.view(), "dx");
+  compare_layer<T>(cpu, gpu, x, 7);
 }
 
 TEST(NnGpu, Conv2dAndMaxPool2d) {
@@ -336,11 +324,7 @@ TEST(NnGpu, MlpTrainingStepsMatchTheCpu) {
 // replayed with fresh inputs: the same bits as the eager run.
 TEST(NnGpu, WholeTrainingStepInACudaGraph) {
   MIXPREC_SKIP_WITHOUT_GPU();
-  struct Stream {
-    cudaStream_t s = nullptr;
-    Stream() { EXPECT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess); }
-    ~Stream() { EXPECT_EQ(cudaStreamDestroy(s), cudaSuccess); }
-  } owner;
+  test::OwnedStream owner;
   const Device gpu = Device::cuda(0);
   const std::int64_t batch = 128, in = 64, hidden = 256, classes = 10;
   struct Model {

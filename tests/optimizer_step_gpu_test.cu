@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "gpu_skip.hpp"
+#include "test_util.hpp"
 #include "mixprec/cuda/grad_check.cuh"
 #include "mixprec/cuda/optimizer_step.cuh"
 #include "mixprec/mixprec.hpp"
@@ -28,14 +29,7 @@
 namespace mixprec {
 namespace {
 
-std::int64_t ulp_distance(float a, float b) {
-  std::int32_t ia, ib;
-  std::memcpy(&ia, &a, 4);
-  std::memcpy(&ib, &b, 4);
-  if (ia < 0) ia = INT32_MIN - ia;
-  if (ib < 0) ib = INT32_MIN - ib;
-  return std::llabs(static_cast<long long>(ia) - ib);
-}
+using test::ulp_distance;
 
 template <class T>
 struct Case {

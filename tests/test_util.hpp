@@ -1,15 +1,29 @@
 // SPDX-License-Identifier: Apache-2.0
-// Helpers shared by the CPU tests.
+// Helpers shared by the tests.
 #pragma once
 
 #include <gtest/gtest.h>
 
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <initializer_list>
 #include <string>
 
 #include "mixprec/core/error.hpp"
 
 namespace mixprec::test {
+
+/// Distance in units in the last place between two floats (0: same bits,
+/// or +0 and -0).
+inline std::int64_t ulp_distance(float a, float b) {
+  std::int32_t ia, ib;
+  std::memcpy(&ia, &a, 4);
+  std::memcpy(&ib, &b, 4);
+  if (ia < 0) ia = INT32_MIN - ia;
+  if (ib < 0) ib = INT32_MIN - ib;
+  return std::llabs(static_cast<long long>(ia) - ib);
+}
 
 /// Runs f and expects a mixprec::Error whose message contains every fragment.
 template <class F>

@@ -169,6 +169,20 @@ class NnOps final : public nn::DeviceOps {
       (void)key;
       destroy(plan);
     }
+    for (auto& [key, p] : conv_plans_) {
+      (void)key;
+      (void)cudnnDestroyTensorDescriptor(p.x);
+      (void)cudnnDestroyTensorDescriptor(p.y);
+      (void)cudnnDestroyTensorDescriptor(p.b);
+      (void)cudnnDestroyFilterDescriptor(p.w);
+      (void)cudnnDestroyConvolutionDescriptor(p.conv);
+    }
+    for (auto& [key, p] : pool_plans_) {
+      (void)key;
+      (void)cudnnDestroyTensorDescriptor(p.x);
+      (void)cudnnDestroyTensorDescriptor(p.y);
+      (void)cudnnDestroyPoolingDescriptor(p.pool);
+    }
     if (handle_) (void)cublasLtDestroy(handle_);
     if (cudnn_) (void)cudnnDestroy(cudnn_);
   }
