@@ -15,6 +15,7 @@
 #include <cstring>
 #include <memory>
 #include <cstdint>
+#include <random>
 #include <string>
 #include <utility>
 #include <vector>
@@ -394,6 +395,86 @@ TEST(NnGpu, WholeTrainingStepInACudaGraph) {
   EXPECT_EQ(la, lb);
   EXPECT_EQ(cudaGraphExecDestroy(exec), cudaSuccess);
   EXPECT_EQ(cudaGraphDestroy(graph), cudaSuccess);
+}
+
+// Batches on the device serve the same rows and labels as on the host, for
+// rows of 16-byte words (vector copies) and of 6 bytes (byte copies); a graph
+// that captured next(), count_correct and accumulate serves a new batch per
+// replay; the tallies come back through pinned memory behind an Event.
+template <class T>
+void check_device_batches(std::int64_t width) {
+  const std::int64_t n = 37, batch = 8;
+  Tensor<T> rows({n, width});
+  fill_normal(rows, 0, 1, 77);
+  std::vector<std::int32_t> labels(static_cast<std::size_t>(n));
+  for (std::int64_t r = 0; r < n; ++r) labels[static_cast<std::size_t>(r)] = static_cast<std::int32_t>((r * 5) % width);
+  data::Batches<T> host(rows.view(), labels, batch), dev(rows.view(), labels, batch, Device::cuda(0));
+  std::mt19937_64 rng_a(3), rng_b(3);
+  host.shuffle(rng_a);
+  dev.shuffle(rng_b);
+  Stream stream;
+  const nn::Context ctx{stream.get()};
+  Buffer tallies(16, Device::cuda(0));  // float loss-like sum, then int64 correct count
+  ASSERT_EQ(cudaMemset(tallies.data(), 0, 16), cudaSuccess);
+  auto* sum = static_cast<float*>(tallies.data());
+  auto* correct = reinterpret_cast<std::int64_t*>(static_cast<char*>(tallies.data()) + 8);
+  Buffer one(sizeof(float), Device::cuda(0));
+  const float one_host = 1.0f;
+  detail::copy_raw(one.data(), Device::cuda(0), &one_host, Device::cpu(), sizeof one_host);
+  auto device_step = [&] {
+    dev.next(ctx);
+    nn::count_correct<T>(dev.x(), dev.labels(), batch, correct, ctx);  // the rows as logits
+    nn::accumulate(Device::cuda(0), sum, static_cast<const float*>(one.data()), ctx);
+  };
+  device_step();  // eager first call
+  Graph graph;
+  graph.capture(stream.get(), device_step);
+  std::int64_t expected_correct = 0;
+  PinnedBuffer snapshot(16);
+  Event done;
+  for (int k = 0; k < 7; ++k) {  // 7 * 8 = 56 > 37 rows: the order wraps
+    if (k > 0) graph.replay(stream.get());
+    host.next();
+    expected_correct += nn::count_correct<T>(host.x(), host.labels(), batch);
+    Tensor<T> got({batch, width});
+    stream.synchronize();
+    copy(dev.x(), got);
+    ASSERT_EQ(std::memcmp(got.data(), host.x().data(), got.bytes()), 0) << "batch " << k;
+    std::vector<std::int32_t> got_labels(static_cast<std::size_t>(batch));
+    detail::copy_raw(got_labels.data(), Device::cpu(), dev.labels(), Device::cuda(0), got_labels.size() * 4);
+    for (std::int64_t b = 0; b < batch; ++b) EXPECT_EQ(got_labels[static_cast<std::size_t>(b)], host.labels()[b]);
+  }
+  copy_to_host_async(snapshot, 0, tallies.data(), 16, stream.get());
+  done.record(stream.get());
+  done.synchronize();
+  EXPECT_TRUE(done.ready());
+  float got_sum = 0;
+  std::int64_t got_correct = 0;
+  std::memcpy(&got_sum, snapshot.data(), 4);
+  std::memcpy(&got_correct, static_cast<const char*>(snapshot.data()) + 8, 8);
+  EXPECT_EQ(got_sum, 7.0f);
+  EXPECT_EQ(got_correct, expected_correct);
+  EXPECT_GT(expected_correct, 0);
+  EXPECT_THROW(copy_to_host_async(snapshot, 8, tallies.data(), 16, stream.get()), Error);
+}
+
+TEST(NnGpu, DeviceBatchesGraphsAndPinnedSnapshots) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  check_device_batches<half>(8);   // 16-byte rows
+  check_device_batches<float>(3);  // 12-byte rows
+  check_device_batches<bfloat16>(3);
+  Graph empty;
+  EXPECT_THROW(empty.replay(nullptr), Error);
+  EXPECT_THROW(empty.capture(nullptr, [] {}), Error);
+  // A capture whose body synchronises fails with CUDA's reason, and the
+  // stream stays usable.
+  Stream stream;
+  Buffer b(4, Device::cuda(0));
+  int host = 0;
+  EXPECT_THROW(empty.capture(stream.get(), [&] { detail::copy_raw(&host, Device::cpu(), b.data(), Device::cuda(0), 4, stream.get()); }),
+               Error);
+  EXPECT_TRUE(empty.empty());
+  detail::copy_raw(&host, Device::cpu(), b.data(), Device::cuda(0), 4, stream.get());
 }
 
 TEST(NnGpu, DeviceMismatchIsAClearError) {

@@ -75,6 +75,10 @@ class DeviceGradScaler {
   /// The loss scale in device memory, for a loss kernel that seeds the
   /// backward pass with S * dL (read it when the kernel runs).
   const float* scale_data() const { return &device_state()->state.scale; }
+  /// The whole scaler state in device memory (scale, trackers, applied and
+  /// skipped counts), for an asynchronous copy that a loop reads later
+  /// (mixprec::copy_to_host_async) instead of a synchronising read.
+  const DeviceScalerState* state_data() const { return device_state(); }
   /// Multiplies a device tensor (a loss, or the seed of the backward pass)
   /// by the scale in place, in its own precision. Asynchronous.
   void scale(const TensorRef& t) {

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <atomic>
+#include <cstddef>
 #include <cstdint>
 
 #include "mixprec/core/config.hpp"
@@ -88,6 +89,21 @@ class DeviceOps {
   /// dy = scale * 2 (y - t) / n.
   virtual void mse(DType dtype, const void* y, const void* target, std::int64_t n, const float* scale, void* dy,
                    float* loss, stream_t stream) = 0;
+
+  /// One batch of a device-resident data set: for b < batch, row r =
+  /// order[(*cursor * batch + b) % n]; copies `row_bytes` bytes from
+  /// rows + r * row_bytes to x + b * row_bytes and labels[b] =
+  /// row_labels[r] (both label pointers may be null); then *cursor += 1.
+  virtual void gather_batch(const void* rows, std::size_t row_bytes, const std::int32_t* row_labels,
+                            const std::int32_t* order, std::int64_t n, std::int64_t* cursor, std::int64_t batch,
+                            void* x, std::int32_t* labels, stream_t stream) = 0;
+  /// *sum += *value (device floats).
+  virtual void accumulate(float* sum, const float* value, stream_t stream) = 0;
+  /// *correct += the number of rows of logits [batch, classes] whose largest
+  /// entry (the first one on ties; NaN and -inf never count as largest) is
+  /// at the row's label.
+  virtual void count_correct(DType dtype, const void* logits, const std::int32_t* labels, std::int64_t batch,
+                             std::int64_t classes, std::int64_t* correct, stream_t stream) = 0;
 };
 
 }  // namespace mixprec::nn

@@ -127,6 +127,58 @@ __global__ inline void mean_kernel(const float* values, std::int64_t n, double d
   *out = static_cast<float>(s / divisor);
 }
 
+// Block b copies batch row b: order[(*cursor * batch + b) % n] of rows, in
+// 16-byte words when every address allows, else byte by byte.
+__global__ inline void gather_batch_kernel(const unsigned char* rows, std::size_t row_bytes,
+                                           const std::int32_t* row_labels, const std::int32_t* order, std::int64_t n,
+                                           const std::int64_t* cursor, std::int64_t batch, unsigned char* x,
+                                           std::int32_t* labels, bool vector) {
+  const std::int64_t b = blockIdx.x;
+  const std::int64_t r = order[(*cursor * batch + b) % n];
+  const unsigned char* src = rows + static_cast<std::size_t>(r) * row_bytes;
+  unsigned char* dst = x + static_cast<std::size_t>(b) * row_bytes;
+  if (vector) {
+    const uint4* s4 = reinterpret_cast<const uint4*>(src);
+    uint4* d4 = reinterpret_cast<uint4*>(dst);
+    for (std::size_t i = threadIdx.x; i < row_bytes / 16; i += blockDim.x) d4[i] = s4[i];
+  } else {
+    for (std::size_t i = threadIdx.x; i < row_bytes; i += blockDim.x) dst[i] = src[i];
+  }
+  if (threadIdx.x == 0 && labels != nullptr) labels[b] = row_labels[r];
+}
+
+__global__ inline void advance_kernel(std::int64_t* cursor) { *cursor += 1; }
+__global__ inline void accumulate_kernel(float* sum, const float* value) { *sum += *value; }
+
+// One warp per row: the first index of the largest logit against the label
+// (a row whose entries are all NaN or -inf has no prediction).
+template <class T>
+__global__ void count_correct_kernel(const T* logits, const std::int32_t* labels, std::int64_t batch,
+                                     std::int64_t classes, unsigned long long* correct) {
+  const std::int64_t row = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= batch) return;
+  const T* z = logits + row * classes;
+  float best = -INFINITY;
+  std::int64_t at = classes;
+  for (std::int64_t c = lane; c < classes; c += 32) {
+    const float v = mixprec::to_float(z[c]);
+    if (v > best) {  // NaN and -inf never win
+      best = v;
+      at = c;
+    }
+  }
+  for (int o = 16; o > 0; o /= 2) {
+    const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+    const std::int64_t oa = __shfl_xor_sync(0xffffffffu, at, o);
+    if (ob > best || (ob == best && oa < at)) {
+      best = ob;
+      at = oa;
+    }
+  }
+  if (lane == 0 && at == labels[row]) atomicAdd(correct, 1ull);
+}
+
 inline cudaDataType_t cuda_type(DType d) {
   switch (d) {
     case DType::float16:
@@ -342,6 +394,41 @@ class NnOps final : public nn::DeviceOps {
     MIXPREC_CUDA_CHECK_LAUNCH("mse_kernel");
     nn_detail::mean_kernel<<<1, 1, 0, stream>>>(sums, blocks, static_cast<double>(n), loss);
     MIXPREC_CUDA_CHECK_LAUNCH("mean_kernel");
+  }
+
+  // --- data: batches, running sums, accuracy ------------------------------
+
+  void gather_batch(const void* rows, std::size_t row_bytes, const std::int32_t* row_labels,
+                    const std::int32_t* order, std::int64_t n, std::int64_t* cursor, std::int64_t batch, void* x,
+                    std::int32_t* labels, stream_t stream) override {
+    if (batch > 0) {
+      const bool vector = row_bytes % 16 == 0 && reinterpret_cast<std::uintptr_t>(rows) % 16 == 0 &&
+                          reinterpret_cast<std::uintptr_t>(x) % 16 == 0;
+      nn_detail::gather_batch_kernel<<<static_cast<unsigned>(batch), 128, 0, stream>>>(
+          static_cast<const unsigned char*>(rows), row_bytes, row_labels, order, n, cursor, batch,
+          static_cast<unsigned char*>(x), labels, vector);
+      MIXPREC_CUDA_CHECK_LAUNCH("gather_batch_kernel");
+    }
+    nn_detail::advance_kernel<<<1, 1, 0, stream>>>(cursor);
+    MIXPREC_CUDA_CHECK_LAUNCH("advance_kernel");
+  }
+
+  void accumulate(float* sum, const float* value, stream_t stream) override {
+    nn_detail::accumulate_kernel<<<1, 1, 0, stream>>>(sum, value);
+    MIXPREC_CUDA_CHECK_LAUNCH("accumulate_kernel");
+  }
+
+  void count_correct(DType dtype, const void* logits, const std::int32_t* labels, std::int64_t batch,
+                     std::int64_t classes, std::int64_t* correct, stream_t stream) override {
+    if (batch == 0) return;
+    static_assert(sizeof(unsigned long long) == sizeof(std::int64_t));
+    const unsigned blocks = static_cast<unsigned>((batch * 32 + block_threads - 1) / block_threads);
+    nn_detail::with_type(dtype, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      nn_detail::count_correct_kernel<T><<<blocks, block_threads, 0, stream>>>(
+          static_cast<const T*>(logits), labels, batch, classes, reinterpret_cast<unsigned long long*>(correct));
+    });
+    MIXPREC_CUDA_CHECK_LAUNCH("count_correct_kernel");
   }
 
  private:

@@ -1,0 +1,284 @@
+// SPDX-License-Identifier: Apache-2.0
+// Owners of the CUDA objects a training loop needs from plain C++: a
+// stream, an event, a captured graph and pinned host memory, with an
+// asynchronous copy into it. With them a loop can run whole steps as one
+// graph launch and read progress back without ever stalling the device.
+// In a build without CUDA every constructor throws, naming the fix.
+#pragma once
+
+#include <cstddef>
+#include <cstring>
+#include <utility>
+
+#include "mixprec/core/config.hpp"
+#include "mixprec/core/cuda_check.hpp"
+#include "mixprec/core/device.hpp"
+#include "mixprec/core/error.hpp"
+
+namespace mixprec {
+
+namespace detail {
+inline void require_cuda_build(const char* what) {
+  MIXPREC_CHECK(built_with_cuda(), what, ": mixprec was built without CUDA (link the mixprec::cuda target)");
+}
+}  // namespace detail
+
+/// An owned, non-blocking CUDA stream on `device` (it does not wait for the
+/// legacy default stream). Move-only.
+class Stream {
+ public:
+  explicit Stream(Device device = Device::cuda(0)) : device_(device) {
+    detail::require_cuda_build("Stream");
+    MIXPREC_CHECK(device.is_cuda(), "Stream: device = ", device, ", must be a CUDA device");
+    detail::require_usable(device, "Stream");
+#if MIXPREC_WITH_CUDA
+    detail::DeviceGuard guard(device);
+    cudaStream_t s = nullptr;
+    MIXPREC_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    stream_ = s;
+#endif
+  }
+  ~Stream() { reset(); }
+  Stream(Stream&& o) noexcept : device_(o.device_), stream_(std::exchange(o.stream_, nullptr)) {}
+  Stream& operator=(Stream&& o) noexcept {
+    if (this != &o) {
+      reset();
+      device_ = o.device_;
+      stream_ = std::exchange(o.stream_, nullptr);
+    }
+    return *this;
+  }
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+
+  stream_t get() const { return stream_; }
+  Device device() const { return device_; }
+  /// Waits for everything queued on the stream.
+  void synchronize() const {
+#if MIXPREC_WITH_CUDA
+    MIXPREC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+#endif
+  }
+
+ private:
+  void reset() noexcept {
+#if MIXPREC_WITH_CUDA
+    if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
+#endif
+    stream_ = nullptr;
+  }
+  Device device_;
+  stream_t stream_ = nullptr;
+};
+
+/// An owned CUDA event with timing. Move-only.
+class Event {
+ public:
+  explicit Event(Device device = Device::cuda(0)) {
+    detail::require_cuda_build("Event");
+    MIXPREC_CHECK(device.is_cuda(), "Event: device = ", device, ", must be a CUDA device");
+    detail::require_usable(device, "Event");
+#if MIXPREC_WITH_CUDA
+    detail::DeviceGuard guard(device);
+    MIXPREC_CUDA_CHECK(cudaEventCreate(&event_));
+#endif
+  }
+  ~Event() { reset(); }
+  Event(Event&& o) noexcept : event_(std::exchange(o.event_, nullptr)) {}
+  Event& operator=(Event&& o) noexcept {
+    if (this != &o) {
+      reset();
+      event_ = std::exchange(o.event_, nullptr);
+    }
+    return *this;
+  }
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+
+  /// Marks the point reached by the work queued on `stream` so far.
+  void record(stream_t stream) {
+#if MIXPREC_WITH_CUDA
+    MIXPREC_CUDA_CHECK(cudaEventRecord(event_, stream));
+#else
+    (void)stream;
+#endif
+  }
+  /// Whether the device has passed the recorded point (never blocks).
+  bool ready() const {
+#if MIXPREC_WITH_CUDA
+    const cudaError_t s = cudaEventQuery(event_);
+    if (s == cudaErrorNotReady) return false;
+    MIXPREC_CUDA_CHECK(s);
+#endif
+    return true;
+  }
+  /// Blocks the host until the device has passed the recorded point.
+  void synchronize() const {
+#if MIXPREC_WITH_CUDA
+    MIXPREC_CUDA_CHECK(cudaEventSynchronize(event_));
+#endif
+  }
+  /// Milliseconds from `start` to this event (both recorded and reached).
+  float elapsed_ms(const Event& start) const {
+    float ms = 0;
+#if MIXPREC_WITH_CUDA
+    MIXPREC_CUDA_CHECK(cudaEventElapsedTime(&ms, start.event_, event_));
+#else
+    (void)start;
+#endif
+    return ms;
+  }
+
+ private:
+#if MIXPREC_WITH_CUDA
+  void reset() noexcept {
+    if (event_ != nullptr) (void)cudaEventDestroy(event_);
+    event_ = nullptr;
+  }
+  cudaEvent_t event_ = nullptr;
+#else
+  void reset() noexcept {}
+  void* event_ = nullptr;
+#endif
+};
+
+/// A CUDA graph: the work some code queues on a stream, captured once and
+/// replayed with one launch. Replays reuse every device address the capture
+/// saw, so the buffers, optimizers and scalers it used must stay alive and
+/// in place. Capture is in global mode: a call that would synchronise the
+/// device (a host read, a cudaMalloc) fails the capture, and capture()
+/// throws with CUDA's reason. Make everything (buffers, optimizer state,
+/// cuBLASLt plans) by running the code once before capturing it.
+class Graph {
+ public:
+  Graph() = default;
+  ~Graph() { reset(); }
+  Graph(Graph&& o) noexcept : exec_(std::exchange(o.exec_, nullptr)) {}
+  Graph& operator=(Graph&& o) noexcept {
+    if (this != &o) {
+      reset();
+      exec_ = std::exchange(o.exec_, nullptr);
+    }
+    return *this;
+  }
+  Graph(const Graph&) = delete;
+  Graph& operator=(const Graph&) = delete;
+
+  /// Captures what `body()` queues on `stream` (which must not be the
+  /// legacy default stream) and replaces any earlier capture. If body or
+  /// the capture fails, the error propagates and the graph stays empty.
+  template <class F>
+  void capture(stream_t stream, F&& body) {
+    detail::require_cuda_build("Graph::capture");
+    MIXPREC_CHECK(stream != nullptr, "Graph::capture: stream = null (the legacy default stream cannot be captured; "
+                                     "use a mixprec::Stream)");
+    reset();
+#if MIXPREC_WITH_CUDA
+    MIXPREC_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    cudaGraph_t graph = nullptr;
+    try {
+      body();
+    } catch (...) {
+      (void)cudaStreamEndCapture(stream, &graph);  // leaves the stream usable
+      if (graph != nullptr) (void)cudaGraphDestroy(graph);
+      (void)cudaGetLastError();
+      throw;
+    }
+    MIXPREC_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+    const cudaError_t s = cudaGraphInstantiate(&exec_, graph, 0);
+    (void)cudaGraphDestroy(graph);
+    if (s != cudaSuccess) exec_ = nullptr;
+    MIXPREC_CUDA_CHECK(s);
+#else
+    (void)body;
+#endif
+  }
+  bool empty() const { return exec_ == nullptr; }
+  /// Queues one replay on `stream`.
+  void replay(stream_t stream) const {
+    MIXPREC_CHECK(!empty(), "Graph::replay: nothing captured");
+#if MIXPREC_WITH_CUDA
+    MIXPREC_CUDA_CHECK(cudaGraphLaunch(exec_, stream));
+#else
+    (void)stream;
+#endif
+  }
+
+ private:
+#if MIXPREC_WITH_CUDA
+  void reset() noexcept {
+    if (exec_ != nullptr) (void)cudaGraphExecDestroy(exec_);
+    exec_ = nullptr;
+  }
+  cudaGraphExec_t exec_ = nullptr;
+#else
+  void reset() noexcept {}
+  void* exec_ = nullptr;
+#endif
+};
+
+/// Page-locked host memory: the target of copy_to_host_async, so the copy
+/// overlaps the device's work. Zero-initialised. Move-only.
+class PinnedBuffer {
+ public:
+  PinnedBuffer() = default;
+  explicit PinnedBuffer(std::size_t bytes) : bytes_(bytes) {
+    detail::require_cuda_build("PinnedBuffer");
+#if MIXPREC_WITH_CUDA
+    if (bytes == 0) return;
+    MIXPREC_CUDA_CHECK(cudaMallocHost(&data_, bytes));
+    std::memset(data_, 0, bytes);
+#endif
+  }
+  ~PinnedBuffer() { reset(); }
+  PinnedBuffer(PinnedBuffer&& o) noexcept
+      : data_(std::exchange(o.data_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
+  PinnedBuffer& operator=(PinnedBuffer&& o) noexcept {
+    if (this != &o) {
+      reset();
+      data_ = std::exchange(o.data_, nullptr);
+      bytes_ = std::exchange(o.bytes_, 0);
+    }
+    return *this;
+  }
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+
+  void* data() { return data_; }
+  const void* data() const { return data_; }
+  std::size_t bytes() const { return bytes_; }
+
+ private:
+  void reset() noexcept {
+#if MIXPREC_WITH_CUDA
+    // Frees only after the device is idle: no copy into it is in flight.
+    if (data_ != nullptr) {
+      (void)cudaDeviceSynchronize();
+      (void)cudaFreeHost(data_);
+    }
+#endif
+    data_ = nullptr;
+    bytes_ = 0;
+  }
+  void* data_ = nullptr;
+  std::size_t bytes_ = 0;
+};
+
+/// Queues a copy of `bytes` from device memory into `dst` at `offset` and
+/// returns at once; read dst after an Event recorded behind it is ready.
+inline void copy_to_host_async(PinnedBuffer& dst, std::size_t offset, const void* src, std::size_t bytes,
+                               stream_t stream) {
+  MIXPREC_CHECK(offset <= dst.bytes() && bytes <= dst.bytes() - offset, "copy_to_host_async: bytes = ", bytes,
+                " at offset = ", offset, " overrun the pinned buffer of ", dst.bytes(), " bytes");
+#if MIXPREC_WITH_CUDA
+  if (bytes != 0) {
+    MIXPREC_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(dst.data()) + offset, src, bytes,
+                                       cudaMemcpyDeviceToHost, stream));
+  }
+#else
+  (void)src;
+  (void)stream;
+#endif
+}
+
+}  // namespace mixprec
