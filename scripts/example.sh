@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
-# Set-up + build + the default example.
-#   scripts/example.sh [example arguments]
+# Set-up + build + the default example: the Fashion-MNIST MLP in fp16 with
+# dynamic loss scaling, on the GPU when one is usable, else on the CPU.
+#   scripts/example.sh [more fashion_mnist_mlp flags, e.g. --epochs 3 --device cpu]
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 install_missing
-BUILD_TARGETS=(synthetic_softmax)
+BUILD_TARGETS=(fashion_mnist_mlp)
 configure_and_build -DMIXPREC_BUILD_EXAMPLES=ON
-log "run: synthetic_softmax $*"
-"$BUILD_DIR/examples/synthetic_softmax" "$@"
+log "run: fashion_mnist_mlp --precision fp16 $*"
+"$BUILD_DIR/examples/fashion_mnist_mlp" --precision fp16 "$@"

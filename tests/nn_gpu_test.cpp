@@ -408,12 +408,12 @@ void check_device_batches(std::int64_t width) {
   fill_normal(rows, 0, 1, 77);
   std::vector<std::int32_t> labels(static_cast<std::size_t>(n));
   for (std::int64_t r = 0; r < n; ++r) labels[static_cast<std::size_t>(r)] = static_cast<std::int32_t>((r * 5) % width);
-  data::Batches<T> host(rows.view(), labels, batch), dev(rows.view(), labels, batch, Device::cuda(0));
+  Stream stream;
+  const nn::Context ctx{stream.get()};
+  data::Batches<T> host(rows.view(), labels, batch), dev(rows.view(), labels, batch, Device::cuda(0), stream.get());
   std::mt19937_64 rng_a(3), rng_b(3);
   host.shuffle(rng_a);
   dev.shuffle(rng_b);
-  Stream stream;
-  const nn::Context ctx{stream.get()};
   Buffer tallies(16, Device::cuda(0));  // float loss-like sum, then int64 correct count
   ASSERT_EQ(cudaMemset(tallies.data(), 0, 16), cudaSuccess);
   auto* sum = static_cast<float*>(tallies.data());
@@ -422,7 +422,7 @@ void check_device_batches(std::int64_t width) {
   const float one_host = 1.0f;
   detail::copy_raw(one.data(), Device::cuda(0), &one_host, Device::cpu(), sizeof one_host);
   auto device_step = [&] {
-    dev.next(ctx);
+    dev.next();
     nn::count_correct<T>(dev.x(), dev.labels(), batch, correct, ctx);  // the rows as logits
     nn::accumulate(Device::cuda(0), sum, static_cast<const float*>(one.data()), ctx);
   };

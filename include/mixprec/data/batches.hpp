@@ -16,7 +16,6 @@
 #include "mixprec/core/device.hpp"
 #include "mixprec/core/error.hpp"
 #include "mixprec/nn/device_ops.hpp"
-#include "mixprec/nn/layer.hpp"
 #include "mixprec/tensor/memory.hpp"
 #include "mixprec/tensor/ops.hpp"
 #include "mixprec/tensor/tensor.hpp"
@@ -27,10 +26,12 @@ template <class T>
 class Batches {
  public:
   /// Copies `rows` ([n, ...], on any device) and their `labels` (host,
-  /// n int32) to `device`. The order starts as 0, 1, ..., n - 1.
+  /// n int32) to `device`. The order starts as 0, 1, ..., n - 1. On a
+  /// device, every copy and next() runs on `stream`, which must outlive
+  /// this object.
   Batches(TensorView<const T> rows, const std::vector<std::int32_t>& labels, std::int64_t batch,
-          Device device = Device::cpu())
-      : device_(device), batch_(batch) {
+          Device device = Device::cpu(), stream_t stream = nullptr)
+      : device_(device), stream_(stream), batch_(batch) {
     const std::int64_t n = rows.shape().rank() >= 1 ? rows.shape()[0] : 0;
     MIXPREC_CHECK(rows.shape().rank() >= 2 && n > 0, "Batches: rows shape ", rows.shape(),
                   ", expected [n, features...] with n > 0");
@@ -42,11 +43,11 @@ class Batches {
     std::vector<std::int64_t> batch_dims = rows.shape().dims();
     batch_dims[0] = batch;
     rows_ = Tensor<T>(rows.shape(), device);
-    copy(rows, rows_);
+    copy(rows, rows_, stream);
     x_ = Tensor<T>(Shape(batch_dims), device);
     const std::size_t nb = static_cast<std::size_t>(n) * sizeof(std::int32_t);
     row_labels_ = Buffer(nb, device);
-    mixprec::detail::copy_raw(row_labels_.data(), device, labels.data(), Device::cpu(), nb);
+    mixprec::detail::copy_raw(row_labels_.data(), device, labels.data(), Device::cpu(), nb, stream);
     labels_ = Buffer(static_cast<std::size_t>(batch) * sizeof(std::int32_t), device);
     order_ = Buffer(nb, device);
     cursor_ = Buffer(sizeof(std::int64_t), device);
@@ -56,6 +57,7 @@ class Batches {
   }
 
   Device device() const { return device_; }
+  stream_t stream() const { return stream_; }
   /// Rows in the data set.
   std::int64_t size() const { return rows_.shape()[0]; }
   std::int64_t batch() const { return batch_; }
@@ -65,8 +67,9 @@ class Batches {
 
   /// Sets the order rows are served in (size() indices, each in [0,
   /// size()); a permutation for an epoch) and rewinds to its start. On a
-  /// device this uploads it and waits: call it between epochs, not inside
-  /// a captured step. A bad order changes nothing.
+  /// device this uploads it behind the work queued on stream() and waits
+  /// for it: call it between epochs, not inside a captured step. A bad
+  /// order changes nothing.
   void set_order(const std::vector<std::int32_t>& order) {
     MIXPREC_CHECK(static_cast<std::int64_t>(order.size()) == size(), "Batches::set_order: order.size() = ",
                   order.size(), ", the data set has ", size(), " rows");
@@ -74,9 +77,9 @@ class Batches {
       MIXPREC_CHECK(order[i] >= 0 && order[i] < size(), "Batches::set_order: order[", i, "] = ", order[i],
                     ", must be in [0, ", size(), ")");
     }
-    mixprec::detail::copy_raw(order_.data(), device_, order.data(), Device::cpu(), order_.bytes());
+    mixprec::detail::copy_raw(order_.data(), device_, order.data(), Device::cpu(), order_.bytes(), stream_);
     const std::int64_t zero = 0;
-    mixprec::detail::copy_raw(cursor_.data(), device_, &zero, Device::cpu(), sizeof zero);
+    mixprec::detail::copy_raw(cursor_.data(), device_, &zero, Device::cpu(), sizeof zero, stream_);
   }
   /// A uniformly random permutation from `rng` (std::shuffle), then set_order.
   void shuffle(std::mt19937_64& rng) {
@@ -89,9 +92,9 @@ class Batches {
   /// Fills x() and labels() with the next batch: row order[(k * batch + b)
   /// % size()] at batch row b, for the k-th call since set_order (past
   /// the end the order wraps around). On a device: asynchronous on
-  /// ctx.stream, and the position lives in device memory, so a graph
-  /// that captured next() serves a new batch on every replay.
-  void next(const nn::Context& ctx = {}) {
+  /// stream(), and the position lives in device memory, so a graph that
+  /// captured next() serves a new batch on every replay.
+  void next() {
     const std::size_t row_bytes = static_cast<std::size_t>(rows_.numel() / size()) * sizeof(T);
     auto* cursor = static_cast<std::int64_t*>(cursor_.data());
     const auto* order = static_cast<const std::int32_t*>(order_.data());
@@ -100,7 +103,7 @@ class Batches {
     if (device_.is_cuda()) {
       mixprec::detail::require_nn_device_ops("Batches::next", device_)
           .gather_batch(rows_.data(), row_bytes, row_labels, order, size(), cursor, batch_, x_.data(), labels,
-                        ctx.stream);
+                        stream_);
       return;
     }
     const auto* src = reinterpret_cast<const unsigned char*>(rows_.data());
@@ -121,6 +124,7 @@ class Batches {
 
  private:
   Device device_;
+  stream_t stream_ = nullptr;
   std::int64_t batch_;
   Tensor<T> rows_, x_;
   Buffer row_labels_, labels_, order_, cursor_;
