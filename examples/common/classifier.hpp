@@ -1,0 +1,381 @@
+// SPDX-License-Identifier: Apache-2.0
+// The training loop both Fashion-MNIST examples share, read top to bottom:
+// flags, optimizer, data on the training device (data::Batches), then one
+// loop for the CPU (plain calls, amp::GradScaler) and one for the GPU. On
+// the GPU a whole training step (batch, forward, loss, backward, unscale +
+// inf check, optimizer, scale update) is captured in a CUDA graph after the
+// first step and replayed (--graph off: every step launched eagerly), and
+// nothing inside an epoch waits for the device: the loss is summed on the
+// device and the progress line reads pinned snapshots queued a tenth of an
+// epoch earlier. A progress line per epoch (redrawn on a terminal) shows the
+// mean train loss, the loss scale, skipped steps and images/s, then the
+// test accuracy.
+#pragma once
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstddef>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <mixprec/mixprec.hpp>
+
+#include "fashion_mnist.hpp"
+
+namespace mixprec::examples {
+
+/// The flags both examples take (see the top of each example).
+struct Args {
+  std::string program, precision = "fp16", device, optimizer = "adamw", schedule = "constant",
+                       data = kFashionMnistDir;
+  int epochs = 10;
+  std::int64_t batch = 256, hidden = 1024;
+  double lr = 1e-3, min_accuracy = 0;
+  std::uint64_t seed = 0;
+  bool graph = true;
+};
+
+[[noreturn]] inline void usage_error(const Args& a, const std::string& what) {
+  std::fprintf(stderr, "%s: %s\n(see the top of examples/%s.cpp)\n", a.program.c_str(), what.c_str(),
+               a.program.c_str());
+  std::exit(2);
+}
+
+/// Parses argv over the defaults in `a` (a.program names the example);
+/// --hidden only where `takes_hidden`. Exits 2 with a message on bad flags.
+inline Args parse(int argc, char** argv, Args a, bool takes_hidden) {
+  auto usage_error = [&](const std::string& what) { examples::usage_error(a, what); };
+  for (int i = 1; i < argc; ++i) {
+    const std::string flag = argv[i];
+    if (i + 1 >= argc) usage_error(flag + " needs a value");
+    const std::string v = argv[++i];
+    auto number = [&](double low) {
+      char* end = nullptr;
+      const double x = std::strtod(v.c_str(), &end);
+      if (end == v.c_str() || *end != '\0' || !(x >= low)) usage_error(flag + " = " + v + ", must be a number >= " + std::to_string(low));
+      return x;
+    };
+    if (flag == "--precision") {
+      if (v != "fp16" && v != "bf16" && v != "fp32") usage_error("--precision = " + v + ", must be fp16, bf16 or fp32");
+      a.precision = v;
+    } else if (flag == "--device") {
+      if (v != "cpu" && v != "cuda") usage_error("--device = " + v + ", must be cpu or cuda");
+      a.device = v;
+    } else if (flag == "--optimizer") {
+      if (v != "sgd" && v != "adam" && v != "adamw" && v != "rmsprop") {
+        usage_error("--optimizer = " + v + ", must be sgd, adam, adamw or rmsprop");
+      }
+      a.optimizer = v;
+    } else if (flag == "--epochs") {
+      a.epochs = static_cast<int>(number(1));
+    } else if (flag == "--batch") {
+      a.batch = static_cast<std::int64_t>(number(1));
+    } else if (flag == "--hidden" && takes_hidden) {
+      a.hidden = static_cast<std::int64_t>(number(1));
+    } else if (flag == "--lr") {
+      a.lr = number(0);
+    } else if (flag == "--seed") {
+      a.seed = static_cast<std::uint64_t>(number(0));
+    } else if (flag == "--schedule") {
+      if (v != "constant" && v != "cosine") usage_error("--schedule = " + v + ", must be constant or cosine");
+      a.schedule = v;
+    } else if (flag == "--graph") {
+      if (v != "on" && v != "off") usage_error("--graph = " + v + ", must be on or off");
+      a.graph = v == "on";
+    } else if (flag == "--data") {
+      a.data = v;
+    } else if (flag == "--min-accuracy") {
+      a.min_accuracy = number(0);
+    } else {
+      usage_error("unknown flag " + flag);
+    }
+  }
+  if (a.device.empty()) a.device = cuda_available() && optim::device_backend() != nullptr ? "cuda" : "cpu";
+  return a;
+}
+
+inline std::unique_ptr<optim::Optimizer> make_optimizer(const Args& a, std::vector<optim::Param> params) {
+  if (a.optimizer == "sgd") {
+    optim::SGDOptions o;
+    o.lr = a.lr;
+    o.momentum = 0.9;
+    return std::make_unique<optim::SGD>(std::move(params), o);
+  }
+  if (a.optimizer == "adam") {
+    optim::AdamOptions o;
+    o.lr = a.lr;
+    return std::make_unique<optim::Adam>(std::move(params), o);
+  }
+  if (a.optimizer == "rmsprop") {
+    optim::RMSpropOptions o;
+    o.lr = a.lr;
+    return std::make_unique<optim::RMSprop>(std::move(params), o);
+  }
+  optim::AdamWOptions o;
+  o.lr = a.lr;
+  return std::make_unique<optim::AdamW>(std::move(params), o);
+}
+
+inline std::vector<std::int32_t> identity(std::int64_t n) {
+  std::vector<std::int32_t> order(static_cast<std::size_t>(n));
+  std::iota(order.begin(), order.end(), 0);
+  return order;
+}
+
+// Pixels scaled to [0, 1] and standardised with the training set's mean and
+// standard deviation (0.2860, 0.3530), as rows of T of the given shape
+// ([count, 784] or [count, 1, 28, 28]): done once, up front.
+template <class T>
+Tensor<T> to_rows(const ImageSet& s, const Shape& shape) {
+  Tensor<T> rows(shape);
+  MIXPREC_CHECK(rows.numel() == static_cast<std::int64_t>(s.pixels.size()), "to_rows: shape ", shape, " for ",
+                s.count, " images");
+  for (std::size_t i = 0; i < s.pixels.size(); ++i) {
+    rows.data()[i] = from_float<T>((s.pixels[i] / 255.0f - 0.2860f) / 0.3530f);
+  }
+  return rows;
+}
+
+// One line per epoch, redrawn in place on a terminal while the epoch runs
+// (elsewhere only the finished line is printed).
+struct Progress {
+  bool tty = isatty(fileno(stdout)) != 0;
+  void draw(int epoch, std::int64_t done, std::int64_t steps, double loss, float scale, std::int64_t skipped,
+            double images_per_s) const {
+    if (!tty) return;
+    const int width = 20, filled = static_cast<int>(width * done / steps);
+    std::printf("\repoch %2d [%s%s] %3d%%  loss %.4f  scale %-8g  skipped %3lld  %8.0f images/s", epoch,
+                std::string(static_cast<std::size_t>(filled), '#').c_str(),
+                std::string(static_cast<std::size_t>(width - filled), '.').c_str(),
+                static_cast<int>(100 * done / steps), loss, scale, static_cast<long long>(skipped), images_per_s);
+    std::fflush(stdout);
+  }
+  void finish(int epoch, double loss, float scale, std::int64_t skipped, double images_per_s,
+              double accuracy) const {
+    std::printf("%sepoch %2d  loss %.4f  scale %-8g  skipped %3lld  %8.0f images/s  test accuracy %.4f%s\n",
+                tty ? "\r" : "", epoch, loss, scale, static_cast<long long>(skipped), images_per_s, accuracy,
+                tty ? "          " : "");
+    std::fflush(stdout);
+  }
+};
+
+/// What an example defines: the image shape one sample has (without the
+/// batch) and the layers, added to a Sequential<T> on a device.
+template <class T>
+using AddLayers = void (*)(nn::Sequential<T>& net, const Args& a, Device device);
+
+inline Shape with_batch(std::int64_t batch, const std::vector<std::int64_t>& sample) {
+  std::vector<std::int64_t> dims{batch};
+  dims.insert(dims.end(), sample.begin(), sample.end());
+  return Shape(dims);
+}
+
+// The network, its optimizer and the data: the same on either device.
+template <class T>
+struct Model {
+  Model(const Args& a, Device dev, stream_t stream, const ImageSet& train_set, const ImageSet& test_set,
+        const std::vector<std::int64_t>& sample, AddLayers<T> add_layers)
+      : net(with_batch(a.batch, sample), dev),
+        train(to_rows<T>(train_set, with_batch(train_set.count, sample)).view(), train_set.labels, a.batch, dev,
+              stream),
+        test(to_rows<T>(test_set, with_batch(test_set.count, sample)).view(), test_set.labels, a.batch, dev,
+             stream) {
+    add_layers(net, a, dev);
+    opt = make_optimizer(a, net.parameters());
+    if (a.schedule == "cosine") opt->set_schedule(optim::LRSchedule::cosine(a.epochs * train.full_batches()));
+  }
+  nn::Sequential<T> net;
+  data::Batches<T> train, test;
+  std::unique_ptr<optim::Optimizer> opt;
+};
+
+// The CPU: plain calls, the host GradScaler.
+template <class T>
+double run_cpu(const Args& a, const ImageSet& train_set, const ImageSet& test_set,
+               const std::vector<std::int64_t>& sample, AddLayers<T> add_layers) {
+  Model<T> m(a, Device::cpu(), nullptr, train_set, test_set, sample, add_layers);
+  amp::GradScaler scaler(amp::GradScalerOptions::for_dtype(dtype_of<T>));
+  const Progress progress;
+  std::mt19937_64 rng(a.seed);
+  const std::int64_t steps = m.train.full_batches();  // the last partial batch is dropped
+  double accuracy = 0;
+  for (int epoch = 1; epoch <= a.epochs; ++epoch) {
+    m.train.shuffle(rng);
+    const std::int64_t skipped_before = scaler.skipped_steps();
+    const auto start = std::chrono::steady_clock::now();
+    double loss_sum = 0;
+    auto seconds = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
+    for (std::int64_t s = 1; s <= steps; ++s) {
+      m.train.next();
+      loss_sum += nn::softmax_cross_entropy<T>(m.net.forward(m.train.x()), m.train.labels(), scaler.scale(),
+                                               m.net.output_grad());
+      m.net.backward();
+      scaler.step(*m.opt);
+      scaler.update();
+      if (s % 10 == 0) {
+        progress.draw(epoch, s, steps, loss_sum / s, scaler.scale(), scaler.skipped_steps() - skipped_before,
+                      s * a.batch / seconds());
+      }
+    }
+    const double images_per_s = steps * a.batch / seconds();
+    // Test accuracy: the last batch wraps around to the first images, which
+    // are not counted twice.
+    std::int64_t correct = 0;
+    m.test.set_order(identity(m.test.size()));
+    for (std::int64_t b0 = 0; b0 < m.test.size(); b0 += a.batch) {
+      m.test.next();
+      correct += nn::count_correct<T>(m.net.forward(m.test.x()), m.test.labels(),
+                                      std::min(a.batch, m.test.size() - b0));
+    }
+    accuracy = static_cast<double>(correct) / static_cast<double>(m.test.size());
+    progress.finish(epoch, loss_sum / steps, scaler.scale(), scaler.skipped_steps() - skipped_before,
+                    images_per_s, accuracy);
+  }
+  return accuracy;
+}
+
+// The GPU: the data lives on the device and one training step (batch,
+// forward, loss, backward, unscale + inf check, AdamW, scale update) is
+// captured once in a CUDA graph and replayed for every step. Nothing inside
+// an epoch waits for the device: the loss is summed on the device, and the
+// progress line reads a pinned copy queued a tenth of an epoch earlier.
+template <class T>
+double run_gpu(const Args& a, const ImageSet& train_set, const ImageSet& test_set,
+               const std::vector<std::int64_t>& sample, AddLayers<T> add_layers) {
+  const Device dev = Device::cuda(0);
+  Stream stream(dev);
+  const nn::Context ctx{stream.get()};
+  Model<T> m(a, dev, stream.get(), train_set, test_set, sample, add_layers);
+  amp::DeviceGradScaler scaler(amp::GradScalerOptions::for_dtype(dtype_of<T>), dev, stream.get());
+  // Device scalars: [0] the step's loss, [1] a bad-label flag, [2] the
+  // epoch's loss sum, then the test set's correct count (int64).
+  Buffer scalars(4 * sizeof(float) + sizeof(std::int64_t), dev);
+  float* loss = static_cast<float*>(scalars.data());
+  auto* correct = reinterpret_cast<std::int64_t*>(loss + 4);
+  struct Snapshot {
+    float loss_sum;
+    amp::DeviceScalerState scaler;
+  };
+  PinnedBuffer snapshots(2 * sizeof(Snapshot));
+  Event ticks[2] = {Event(dev), Event(dev)}, epoch_start(dev), epoch_end(dev);
+
+  auto step = [&] {
+    m.train.next();
+    nn::softmax_cross_entropy<T>(m.net.forward(m.train.x(), ctx), m.train.labels(), scaler.scale_data(),
+                                 m.net.output_grad(), loss, reinterpret_cast<int*>(loss + 1), ctx);
+    nn::accumulate(dev, loss + 2, loss, ctx);
+    m.net.backward(ctx);
+    scaler.step(*m.opt);
+    scaler.update();
+  };
+  auto snapshot = [&](int slot) {  // queues the copy; read after ticks[slot]
+    auto* s = static_cast<Snapshot*>(snapshots.data()) + slot;
+    copy_to_host_async(snapshots, slot * sizeof(Snapshot), loss + 2, sizeof(float), stream.get());
+    copy_to_host_async(snapshots, slot * sizeof(Snapshot) + offsetof(Snapshot, scaler), scaler.state_data(),
+                       sizeof(s->scaler), stream.get());
+    ticks[slot].record(stream.get());
+    return s;
+  };
+  auto zero = [&](void* p, std::size_t bytes) {
+    const std::int64_t z = 0;
+    mixprec::detail::copy_raw(p, dev, &z, Device::cpu(), bytes, stream.get());
+  };
+
+  const Progress progress;
+  std::mt19937_64 rng(a.seed);
+  const std::int64_t steps = m.train.full_batches();  // the last partial batch is dropped
+  const std::int64_t tick = std::max<std::int64_t>(1, steps / 10);
+  Graph graph;
+  double accuracy = 0;
+  std::int64_t skipped_total = 0;
+  for (int epoch = 1; epoch <= a.epochs; ++epoch) {
+    m.train.shuffle(rng);
+    zero(loss + 2, sizeof(float));
+    epoch_start.record(stream.get());
+    for (std::int64_t s = 1; s <= steps; ++s) {
+      if (!a.graph || graph.empty()) {
+        step();  // eager; the first step also makes every plan and buffer
+        if (a.graph) graph.capture(stream.get(), step);
+      } else {
+        graph.replay(stream.get());
+      }
+      if (s % tick == 0 && s < steps) {  // progress, a tick behind
+        snapshot(static_cast<int>(s / tick % 2));
+        if (s >= 2 * tick) {
+          const int prev = static_cast<int>((s / tick + 1) % 2);  // the snapshot of step s - tick
+          ticks[prev].synchronize();  // recorded a tick ago; the device still has a tick queued
+          const Snapshot* p = static_cast<const Snapshot*>(snapshots.data()) + prev;
+          const std::int64_t done = s - tick;
+          progress.draw(epoch, done, steps, p->loss_sum / done, p->scaler.state.scale,
+                        p->scaler.skipped - skipped_total, done * a.batch / (1e-3 * ticks[prev].elapsed_ms(epoch_start)));
+          scaler.check_errors();
+        }
+      }
+    }
+    epoch_end.record(stream.get());
+    const Snapshot* end = snapshot(0);
+    ticks[0].synchronize();
+    const double images_per_s = steps * a.batch / (1e-3 * epoch_end.elapsed_ms(epoch_start));
+    const std::int64_t skipped = end->scaler.skipped - skipped_total;
+    skipped_total = end->scaler.skipped;
+    scaler.check_errors();
+    // Test accuracy, counted on the device, read once.
+    zero(correct, sizeof(std::int64_t));
+    m.test.set_order(identity(m.test.size()));
+    for (std::int64_t b0 = 0; b0 < m.test.size(); b0 += a.batch) {
+      m.test.next();
+      nn::count_correct<T>(m.net.forward(m.test.x(), ctx), m.test.labels(), std::min(a.batch, m.test.size() - b0),
+                           correct, ctx);
+    }
+    std::int64_t right = 0;
+    mixprec::detail::copy_raw(&right, Device::cpu(), correct, dev, sizeof right, stream.get());
+    accuracy = static_cast<double>(right) / static_cast<double>(m.test.size());
+    progress.finish(epoch, end->loss_sum / steps, end->scaler.state.scale, skipped, images_per_s, accuracy);
+  }
+  return accuracy;
+}
+
+/// Loads Fashion-MNIST, prints a header line, trains with the precision
+/// and device of `a` (the layers from add_layers<T>) and returns the exit
+/// code: 0, or 1 on an error or an accuracy below --min-accuracy.
+template <template <class> class AddLayersFor>
+int train_classifier(const Args& a, const std::vector<std::int64_t>& sample, const std::string& description) {
+  try {
+    const ImageSet train = load_fashion_mnist(a.data, "train");
+    const ImageSet test = load_fashion_mnist(a.data, "t10k");
+    std::printf("%s: %s on %s, %s, batch %lld, %s lr %g%s, %d epochs%s\n", a.program.c_str(), a.precision.c_str(),
+                a.device.c_str(), description.c_str(), static_cast<long long>(a.batch), a.optimizer.c_str(), a.lr,
+                a.schedule == "cosine" ? " cosine" : "", a.epochs,
+                a.device == "cuda" ? (a.graph ? ", CUDA graph" : ", eager") : "");
+    const bool gpu = a.device == "cuda";
+    double accuracy = 0;
+    if (a.precision == "fp16") {
+      accuracy = gpu ? run_gpu<half>(a, train, test, sample, AddLayersFor<half>::add)
+                     : run_cpu<half>(a, train, test, sample, AddLayersFor<half>::add);
+    } else if (a.precision == "bf16") {
+      accuracy = gpu ? run_gpu<bfloat16>(a, train, test, sample, AddLayersFor<bfloat16>::add)
+                     : run_cpu<bfloat16>(a, train, test, sample, AddLayersFor<bfloat16>::add);
+    } else {
+      accuracy = gpu ? run_gpu<float>(a, train, test, sample, AddLayersFor<float>::add)
+                     : run_cpu<float>(a, train, test, sample, AddLayersFor<float>::add);
+    }
+    if (accuracy < a.min_accuracy) {
+      std::fprintf(stderr, "%s: test accuracy %.4f < --min-accuracy %.4f\n", a.program.c_str(), accuracy,
+                   a.min_accuracy);
+      return 1;
+    }
+    return 0;
+  } catch (const Error& e) {
+    std::fprintf(stderr, "%s: %s\n", a.program.c_str(), e.what());
+    return 1;
+  }
+}
+
+}  // namespace mixprec::examples

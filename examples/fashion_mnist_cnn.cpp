@@ -1,0 +1,47 @@
+// SPDX-License-Identifier: Apache-2.0
+// Fashion-MNIST with a small CNN through cuDNN on the GPU (direct loops on
+// the CPU): two blocks of 3x3 convolution (padding 1) + ReLU + 2x2 max
+// pooling, then two fully connected layers:
+//   [1, 28, 28] -> Conv 32 -> ReLU -> Pool -> [32, 14, 14] -> Conv 64 -> ReLU -> Pool
+//   -> [64, 7, 7] -> Flatten -> Linear 3136-128 + ReLU -> Linear 128-10.
+// fp16, bf16 or fp32 with fp32 master weights and dynamic loss scaling; the
+// training loop is common/classifier.hpp (shared with fashion_mnist_mlp).
+//
+//   fashion_mnist_cnn [--precision fp16|bf16|fp32] [--device cpu|cuda] [--epochs N]
+//                     [--batch N] [--optimizer sgd|adam|adamw|rmsprop] [--lr X]
+//                     [--schedule constant|cosine] [--seed N] [--data DIR]
+//                     [--graph on|off] [--min-accuracy X]
+//
+// Defaults: fp16, cuda when a device is usable (else cpu), 10 epochs, batch
+// 256, AdamW lr 1e-3 with a cosine decay over the run, seed 0, graph on.
+#include "classifier.hpp"
+
+namespace {
+
+using namespace mixprec;
+
+template <class T>
+struct Cnn {
+  static void add(nn::Sequential<T>& net, const examples::Args& a, Device dev) {
+    const std::uint64_t s = a.seed * 4;
+    net.template emplace<nn::Conv2d<T>>(1, 32, 3, 1, 1, true, dev, s + 1);
+    net.template emplace<nn::ActivationLayer<T>>(nn::Activation::relu, dev);
+    net.template emplace<nn::MaxPool2d<T>>(2, 0, dev);
+    net.template emplace<nn::Conv2d<T>>(32, 64, 3, 1, 1, true, dev, s + 2);
+    net.template emplace<nn::ActivationLayer<T>>(nn::Activation::relu, dev);
+    net.template emplace<nn::MaxPool2d<T>>(2, 0, dev);
+    net.template emplace<nn::Flatten<T>>(dev);
+    net.template emplace<nn::Linear<T>>(3136, 128, nn::Activation::relu, true, dev, s + 3);
+    net.template emplace<nn::Linear<T>>(128, 10, nn::Activation::none, true, dev, s + 4);
+  }
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  examples::Args defaults;
+  defaults.program = "fashion_mnist_cnn";
+  defaults.schedule = "cosine";
+  const examples::Args a = examples::parse(argc, argv, defaults, /*takes_hidden=*/false);
+  return examples::train_classifier<Cnn>(a, {1, 28, 28}, "conv32-pool-conv64-pool-128-10");
+}
