@@ -18,12 +18,12 @@ if [[ "${MIXPREC_CLANG:-1}" != 0 ]] && command -v clang++ >/dev/null 2>&1; then
     BUILD_DIR="$CLANG_DIR"
     BUILD_TARGETS=(convert_test convert_portable_test dtype_test tensor_test optim_test
                    optim_portable_test optim_oracle_test optim_oracle_portable_test grad_scaler_test
-                   nn_test data_test header_selftest synthetic_softmax)
+                   nn_test data_test header_selftest fashion_mnist_mlp)
     MIXPREC_ENABLE_CUDA=OFF configure_and_build -DCMAKE_CXX_COMPILER=clang++ \
       -DMIXPREC_BUILD_TESTS=ON -DMIXPREC_BUILD_EXAMPLES=ON -DMIXPREC_INSTALL=OFF
     cd "$CLANG_DIR"
     ctest --output-on-failure -j "$JOBS" --no-label-summary -R \
-      '^(convert|convert_portable|dtype|tensor|optim|optim_portable|optim_oracle_generate|optim_oracle|optim_oracle_portable|grad_scaler|nn|data|example_synthetic_softmax)_?(test)?$' \
+      '^(convert|convert_portable|dtype|tensor|optim|optim_portable|optim_oracle_generate|optim_oracle|optim_oracle_portable|grad_scaler|nn|data|example_fashion_mnist_mlp)_?(test)?$' \
       | tail -n 3
   )
 fi

@@ -33,8 +33,8 @@ namespace mixprec::examples {
 
 /// The flags both examples take (see the top of each example).
 struct Args {
-  std::string program, precision = "fp16", device, optimizer = "adamw", schedule = "constant",
-                       data = kFashionMnistDir;
+  std::string program, precision = "fp16", device, optimizer = "adamw", schedule = "cosine",
+                       data = default_fashion_mnist_dir();
   int epochs = 10;
   std::int64_t batch = 256, hidden = 1024;
   double lr = 1e-3, min_accuracy = 0;
@@ -97,7 +97,12 @@ inline Args parse(int argc, char** argv, Args a, bool takes_hidden) {
       usage_error("unknown flag " + flag);
     }
   }
-  if (a.device.empty()) a.device = cuda_available() && optim::device_backend() != nullptr ? "cuda" : "cpu";
+  const bool usable = cuda_available() && optim::device_backend() != nullptr;
+  if (a.device.empty()) a.device = usable ? "cuda" : "cpu";
+  if (a.device == "cuda" && !usable) {
+    usage_error(std::string("no CUDA device: --device cuda, but ") +
+                (cuda_available() ? "no CUDA kernels are linked into this build" : "no CUDA device is usable"));
+  }
   return a;
 }
 

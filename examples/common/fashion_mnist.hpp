@@ -10,6 +10,7 @@
 
 #include <cerrno>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -19,6 +20,14 @@
 namespace mixprec::examples {
 
 inline const char* kFashionMnistDir = "/usr/share/datasets/fashion-mnist";
+
+/// Where the examples look by default: $MIXPREC_FASHION_MNIST when set (a
+/// copy elsewhere, e.g. on a machine without the package), else the
+/// package's folder.
+inline std::string default_fashion_mnist_dir() {
+  const char* env = std::getenv("MIXPREC_FASHION_MNIST");
+  return env != nullptr && *env != '\0' ? std::string(env) : std::string(kFashionMnistDir);
+}
 
 /// One split: `count` images of rows x cols bytes (0..255, row-major, one
 /// after another) and their labels.
