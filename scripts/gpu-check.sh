@@ -44,8 +44,12 @@ for tool in memcheck racecheck; do
     echo "$test $tool rc=$rc  $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$tool-$test.log" | tail -n 1)"
   done
 done
-log "the MLP example under the sanitizers (1 epoch, hidden 128: the captured step replayed 233 times)"
-for tool in memcheck racecheck; do
+# memcheck only: under racecheck the example's process ends abnormally
+# (exit 9, no message, 0 hazards reported) in eager and graph mode alike,
+# while nn_gpu_test, which runs the same kernels, graphs and batches, is
+# racecheck-clean; see docs/training-loop.md.
+log "the MLP example under memcheck (1 epoch, hidden 128: the captured step replayed 233 times)"
+for tool in memcheck; do
   rc=0
   "$SANITIZER" --tool "$tool" --error-exitcode 3 examples/fashion_mnist_mlp --epochs 1 --hidden 128 \
     >"$OUT/$tool-fashion_mnist_mlp.log" 2>&1 || rc=$?
