@@ -7,10 +7,13 @@ per step by default, as the example; --schedule constant), batch B, the
 same number of epochs, the same normalisation; each side shuffles with its
 own generator.
 
-PyTorch, eager AMP as people write it, at its fastest: the data sets on the
-device, a shuffled permutation per epoch, fp32 parameters, AdamW(fused=True),
+PyTorch, eager AMP as people write it, without input-pipeline overhead: the
+data sets on the device, a shuffled permutation per epoch, fp32 parameters,
+AdamW(fused=True),
 and either fp16 autocast + torch.amp.GradScaler or bf16 autocast; the loss
-is summed on the device (no .item() inside an epoch). mixprec:
+is summed on the device (no .item() inside an epoch). Not compared: PyTorch
+with CUDA graphs or torch.compile; mixprec with --graph off is the eager
+counterpart (docs/performance.md). mixprec:
 examples/fashion_mnist_mlp (data on the device, the step in a CUDA graph).
 Throughput: images/s of the training steps only (evaluation excluded), the
 median over epochs 2..N (epoch 1 holds warm-up and graph capture); accuracy:

@@ -87,7 +87,8 @@ void gradient_host(const float* x, const float* r, float scale, fp16* gw, fp16* 
 int main(int argc, char** argv) {
   namespace mp = mixprec;
   bool gpu = mp::cuda_available();
-  if (argc == 3 && std::string(argv[1]) == "--device") {
+  if (argc == 3 && std::string(argv[1]) == "--device" &&
+      (std::string(argv[2]) == "cuda" || std::string(argv[2]) == "cpu")) {
     gpu = std::string(argv[2]) == "cuda";
   } else if (argc != 1) {
     std::fprintf(stderr, "usage: own_trainer [--device cpu|cuda]\n");

@@ -465,26 +465,45 @@ TEST(NnGpu, DeviceBatchesGraphsAndPinnedSnapshots) {
   check_device_batches<bfloat16>(3);
 }
 
-// A capture whose body synchronises fails with CUDA's reason, the graph
-// stays empty and the stream usable. (CUDA reports the refused call as an
-// API error: gpu-check.sh leaves this test out of the sanitizer runs.)
+// A capture whose body synchronises fails with CUDA's reason, whether the
+// body throws or ignores the refusal; the graph captured before stays and
+// replays, the stream is usable, and the next launch is not blamed for the
+// failure. (CUDA reports the refused calls as API errors: gpu-check.sh
+// leaves this test out of the sanitizer runs.)
 TEST(NnGpu, GraphCaptureThatSynchronisesFailsClearly) {
   MIXPREC_SKIP_WITHOUT_GPU();
-  Graph empty;
-  EXPECT_THROW(empty.replay(nullptr), Error);
-  EXPECT_THROW(empty.capture(nullptr, [] {}), Error);
+  Graph graph;
+  EXPECT_THROW(graph.replay(nullptr), Error);
+  EXPECT_THROW(graph.capture(nullptr, [] {}), Error);
   Stream stream;
-  Buffer b(4, Device::cuda(0));
+  Buffer b(8, Device::cuda(0));
+  ASSERT_EQ(cudaMemset(b.data(), 0, 8), cudaSuccess);
+  float* sum = static_cast<float*>(b.data());
+  const float one = 1.0f;
+  detail::copy_raw(sum + 1, Device::cuda(0), &one, Device::cpu(), sizeof one);
+  const nn::Context ctx{stream.get()};
+  graph.capture(stream.get(), [&] { nn::accumulate(Device::cuda(0), sum, sum + 1, ctx); });
   int host = 0;
   try {
-    empty.capture(stream.get(),
+    graph.capture(stream.get(),
                   [&] { detail::copy_raw(&host, Device::cpu(), b.data(), Device::cuda(0), 4, stream.get()); });
     FAIL() << "a synchronising capture succeeded";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("cudaErrorStreamCapture"), std::string::npos) << e.what();
   }
-  EXPECT_TRUE(empty.empty());
-  detail::copy_raw(&host, Device::cpu(), b.data(), Device::cuda(0), 4, stream.get());
+  try {
+    graph.capture(stream.get(), [&] { (void)cudaStreamSynchronize(stream.get()); });  // refusal ignored
+    FAIL() << "an invalidated capture succeeded";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("cudaStreamEndCapture"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+  ASSERT_FALSE(graph.empty());
+  graph.replay(stream.get());  // the first capture: sum += 1, twice
+  nn::accumulate(Device::cuda(0), sum, sum + 1, ctx);  // an eager launch, checked
+  float got = 0;
+  detail::copy_raw(&got, Device::cpu(), sum, Device::cuda(0), sizeof got, stream.get());
+  EXPECT_EQ(got, 2.0f);
 }
 
 TEST(NnGpu, DeviceMismatchIsAClearError) {

@@ -8,14 +8,17 @@
 // nothing inside an epoch waits for the device: the loss is summed on the
 // device and the progress line reads pinned snapshots queued a tenth of an
 // epoch earlier. A progress line per epoch (redrawn on a terminal) shows the
-// mean train loss, the loss scale, skipped steps and images/s, then the
-// test accuracy.
+// mean train loss, the loss scale, skipped steps and images/s (epoch 1's
+// includes making the plans and capturing the graph), then the test
+// accuracy.
 #pragma once
 
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <cmath>
 #include <cstddef>
 #include <cstdio>
 #include <cstdlib>
@@ -56,10 +59,22 @@ inline Args parse(int argc, char** argv, Args a, bool takes_hidden) {
     const std::string flag = argv[i];
     if (i + 1 >= argc) usage_error(flag + " needs a value");
     const std::string v = argv[++i];
-    auto number = [&](double low) {
+    auto real = [&](double low) {  // a finite number >= low
       char* end = nullptr;
       const double x = std::strtod(v.c_str(), &end);
-      if (end == v.c_str() || *end != '\0' || !(x >= low)) usage_error(flag + " = " + v + ", must be a number >= " + std::to_string(low));
+      if (end == v.c_str() || *end != '\0' || !std::isfinite(x) || x < low) {
+        usage_error(flag + " = " + v + ", must be a finite number >= " + std::to_string(low));
+      }
+      return x;
+    };
+    auto whole = [&](long long low, long long high) {  // an integer in [low, high]
+      char* end = nullptr;
+      errno = 0;
+      const long long x = std::strtoll(v.c_str(), &end, 10);
+      if (end == v.c_str() || *end != '\0' || errno != 0 || x < low || x > high) {
+        usage_error(flag + " = " + v + ", must be a whole number in [" + std::to_string(low) + ", " +
+                    std::to_string(high) + "]");
+      }
       return x;
     };
     if (flag == "--precision") {
@@ -74,15 +89,15 @@ inline Args parse(int argc, char** argv, Args a, bool takes_hidden) {
       }
       a.optimizer = v;
     } else if (flag == "--epochs") {
-      a.epochs = static_cast<int>(number(1));
+      a.epochs = static_cast<int>(whole(1, 100000));
     } else if (flag == "--batch") {
-      a.batch = static_cast<std::int64_t>(number(1));
+      a.batch = whole(1, 1 << 20);  // and at most the training set: checked on loading
     } else if (flag == "--hidden" && takes_hidden) {
-      a.hidden = static_cast<std::int64_t>(number(1));
+      a.hidden = whole(1, 1 << 16);
     } else if (flag == "--lr") {
-      a.lr = number(0);
+      a.lr = real(0);
     } else if (flag == "--seed") {
-      a.seed = static_cast<std::uint64_t>(number(0));
+      a.seed = static_cast<std::uint64_t>(whole(0, 1LL << 40));
     } else if (flag == "--schedule") {
       if (v != "constant" && v != "cosine") usage_error("--schedule = " + v + ", must be constant or cosine");
       a.schedule = v;
@@ -92,7 +107,7 @@ inline Args parse(int argc, char** argv, Args a, bool takes_hidden) {
     } else if (flag == "--data") {
       a.data = v;
     } else if (flag == "--min-accuracy") {
-      a.min_accuracy = number(0);
+      a.min_accuracy = real(0);
     } else {
       usage_error("unknown flag " + flag);
     }
@@ -258,6 +273,7 @@ double run_gpu(const Args& a, const ImageSet& train_set, const ImageSet& test_se
   Stream stream(dev);
   const nn::Context ctx{stream.get()};
   Model<T> m(a, dev, stream.get(), train_set, test_set, sample, add_layers);
+  m.opt->set_stream(stream.get());  // its reads (lr, step counts) wait for this stream
   amp::DeviceGradScaler scaler(amp::GradScalerOptions::for_dtype(dtype_of<T>), dev, stream.get());
   // Device scalars: [0] the step's loss, [1] a bad-label flag, [2] the
   // epoch's loss sum, then the test set's correct count (int64).
@@ -265,9 +281,11 @@ double run_gpu(const Args& a, const ImageSet& train_set, const ImageSet& test_se
   float* loss = static_cast<float*>(scalars.data());
   auto* correct = reinterpret_cast<std::int64_t*>(loss + 4);
   struct Snapshot {
-    float loss_sum;
+    int bad_label;   // scalars [1]
+    float loss_sum;  // scalars [2]
     amp::DeviceScalerState scaler;
   };
+  static_assert(offsetof(Snapshot, loss_sum) == sizeof(int), "one copy reads scalars [1] and [2]");
   PinnedBuffer snapshots(2 * sizeof(Snapshot));
   Event ticks[2] = {Event(dev), Event(dev)}, epoch_start(dev), epoch_end(dev);
 
@@ -282,7 +300,7 @@ double run_gpu(const Args& a, const ImageSet& train_set, const ImageSet& test_se
   };
   auto snapshot = [&](int slot) {  // queues the copy; read after ticks[slot]
     auto* s = static_cast<Snapshot*>(snapshots.data()) + slot;
-    copy_to_host_async(snapshots, slot * sizeof(Snapshot), loss + 2, sizeof(float), stream.get());
+    copy_to_host_async(snapshots, slot * sizeof(Snapshot), loss + 1, 2 * sizeof(float), stream.get());
     copy_to_host_async(snapshots, slot * sizeof(Snapshot) + offsetof(Snapshot, scaler), scaler.state_data(),
                        sizeof(s->scaler), stream.get());
     ticks[slot].record(stream.get());
@@ -302,7 +320,7 @@ double run_gpu(const Args& a, const ImageSet& train_set, const ImageSet& test_se
   std::int64_t skipped_total = 0;
   for (int epoch = 1; epoch <= a.epochs; ++epoch) {
     m.train.shuffle(rng);
-    zero(loss + 2, sizeof(float));
+    zero(loss + 1, 2 * sizeof(float));  // the bad-label flag and the loss sum
     epoch_start.record(stream.get());
     for (std::int64_t s = 1; s <= steps; ++s) {
       if (!a.graph || graph.empty()) {
@@ -328,6 +346,7 @@ double run_gpu(const Args& a, const ImageSet& train_set, const ImageSet& test_se
     const Snapshot* end = snapshot(0);
     ticks[0].synchronize();
     const double images_per_s = steps * a.batch / (1e-3 * epoch_end.elapsed_ms(epoch_start));
+    MIXPREC_CHECK(end->bad_label == 0, "a training label is outside [0, 10)");
     const std::int64_t skipped = end->scaler.skipped - skipped_total;
     skipped_total = end->scaler.skipped;
     scaler.check_errors();
@@ -355,6 +374,8 @@ int train_classifier(const Args& a, const std::vector<std::int64_t>& sample, con
   try {
     const ImageSet train = load_fashion_mnist(a.data, "train");
     const ImageSet test = load_fashion_mnist(a.data, "t10k");
+    MIXPREC_CHECK(a.batch <= train.count, "--batch = ", a.batch, ", larger than the ", train.count,
+                  " training images");
     std::printf("%s: %s on %s, %s, batch %lld, %s lr %g%s, %d epochs%s\n", a.program.c_str(), a.precision.c_str(),
                 a.device.c_str(), description.c_str(), static_cast<long long>(a.batch), a.optimizer.c_str(), a.lr,
                 a.schedule == "cosine" ? " cosine" : "", a.epochs,

@@ -165,14 +165,16 @@ class Graph {
   Graph& operator=(const Graph&) = delete;
 
   /// Captures what `body()` queues on `stream` (which must not be the
-  /// legacy default stream) and replaces any earlier capture. If body or
-  /// the capture fails, the error propagates and the graph stays empty.
+  /// legacy default stream) and, on success, replaces any earlier capture.
+  /// If body or the capture fails, the error propagates, the earlier graph
+  /// is kept, the stream is usable and CUDA's last-error state is clear.
+  /// Host-side effects of body() (a scaler's record that a step was made,
+  /// say) are not undone: after a failed capture, start the iteration anew.
   template <class F>
   void capture(stream_t stream, F&& body) {
     detail::require_cuda_build("Graph::capture");
     MIXPREC_CHECK(stream != nullptr, "Graph::capture: stream = null (the legacy default stream cannot be captured; "
                                      "use a mixprec::Stream)");
-    reset();
 #if MIXPREC_WITH_CUDA
     MIXPREC_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
     cudaGraph_t graph = nullptr;
@@ -184,11 +186,17 @@ class Graph {
       (void)cudaGetLastError();
       throw;
     }
-    MIXPREC_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-    const cudaError_t s = cudaGraphInstantiate(&exec_, graph, 0);
-    (void)cudaGraphDestroy(graph);
-    if (s != cudaSuccess) exec_ = nullptr;
-    MIXPREC_CUDA_CHECK(s);
+    const cudaError_t ended = cudaStreamEndCapture(stream, &graph);
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t made = ended == cudaSuccess ? cudaGraphInstantiate(&exec, graph, 0) : ended;
+    if (graph != nullptr) (void)cudaGraphDestroy(graph);
+    if (made != cudaSuccess) {
+      (void)cudaGetLastError();  // a failed capture would otherwise be blamed on the next launch
+      detail::throw_cuda_error(made, ended != cudaSuccess ? "cudaStreamEndCapture" : "cudaGraphInstantiate",
+                               __FILE__, __LINE__);
+    }
+    reset();
+    exec_ = exec;
 #else
     (void)body;
 #endif
@@ -251,7 +259,8 @@ class PinnedBuffer {
  private:
   void reset() noexcept {
 #if MIXPREC_WITH_CUDA
-    // Frees only after the device is idle: no copy into it is in flight.
+    // Frees only after the current device is idle: no copy into it is in
+    // flight. (So do not destroy one while another thread captures.)
     if (data_ != nullptr) {
       (void)cudaDeviceSynchronize();
       (void)cudaFreeHost(data_);

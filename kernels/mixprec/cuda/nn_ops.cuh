@@ -13,6 +13,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <vector>
 
 #include "mixprec/core/convert.hpp"
 #include "mixprec/core/cublas_check.hpp"
@@ -466,15 +467,19 @@ class NnOps final : public nn::DeviceOps {
   }
 
   // Device scratch of at least `bytes` (slot 0: activation gradients, slot
-  // 1: loss partials). Grows by reallocating, which synchronises: the first
-  // call of a shape does it, later ones (and graph replays) reuse it.
+  // 1: loss partials). Grows by allocating a bigger buffer (cudaMalloc: not
+  // inside a capture, so the first call of a shape runs eagerly); later
+  // calls and graph replays reuse it, and an outgrown one is kept alive.
   void* scratch(std::size_t bytes, int slot = 0) {
     Buffer& b = scratch_[slot];
     if (b.bytes() < bytes) {
       int device = 0;
       MIXPREC_CUDA_CHECK(cudaGetDevice(&device));
-      MIXPREC_CUDA_CHECK(cudaDeviceSynchronize());  // the old buffer may still be in use
-      b = Buffer(bytes, Device::cuda(device));
+      Buffer bigger(bytes, Device::cuda(device));
+      // The old buffer stays allocated until this object goes: queued work
+      // and captured CUDA graphs may still point into it.
+      if (b.data() != nullptr) retired_.push_back(std::move(b));
+      b = std::move(bigger);
     }
     return b.data();
   }
@@ -651,6 +656,7 @@ class NnOps final : public nn::DeviceOps {
   cublasLtHandle_t handle_ = nullptr;
   Buffer workspace_;
   Buffer scratch_[3];
+  std::vector<Buffer> retired_;  // outgrown scratch, kept for graphs that captured it
   cudnnHandle_t cudnn_ = nullptr;
   using ShapeKey = std::tuple<DType, std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t,
                               std::int64_t, std::int64_t, std::int64_t>;
