@@ -15,12 +15,56 @@
 #include "mixprec/core/device.hpp"
 #include "mixprec/core/error.hpp"
 
+// The CUDA handle types, declared as the CUDA headers declare them, so the
+// classes below have one layout with or without those headers.
+struct CUevent_st;
+struct CUgraphExec_st;
+
 namespace mixprec {
 
 namespace detail {
 inline void require_cuda_build(const char* what) {
   MIXPREC_CHECK(built_with_cuda(), what, ": mixprec was built without CUDA (link the mixprec::cuda target)");
 }
+
+/// Owns one CUDA handle: destroys it once, moves, never copies. Without
+/// CUDA no handle is ever made, so nothing is destroyed.
+template <class H, void (*Destroy)(H)>
+class Owned {
+ public:
+  Owned() = default;
+  ~Owned() { reset(); }
+  Owned(Owned&& o) noexcept : h_(std::exchange(o.h_, nullptr)) {}
+  Owned& operator=(Owned&& o) noexcept {
+    if (this != &o) {
+      reset();
+      h_ = std::exchange(o.h_, nullptr);
+    }
+    return *this;
+  }
+  Owned(const Owned&) = delete;
+  Owned& operator=(const Owned&) = delete;
+
+  H get() const { return h_; }
+  /// Destroys the current handle (if any) and takes `h`.
+  void reset(H h = nullptr) noexcept {
+    if (h_ != nullptr) Destroy(h_);
+    h_ = h;
+  }
+
+ private:
+  H h_ = nullptr;
+};
+
+#if MIXPREC_WITH_CUDA
+inline void destroy_stream(stream_t s) { (void)cudaStreamDestroy(s); }
+inline void destroy_event(::CUevent_st* e) { (void)cudaEventDestroy(e); }
+inline void destroy_exec(::CUgraphExec_st* g) { (void)cudaGraphExecDestroy(g); }
+#else
+inline void destroy_stream(stream_t) {}
+inline void destroy_event(::CUevent_st*) {}
+inline void destroy_exec(::CUgraphExec_st*) {}
+#endif
 }  // namespace detail
 
 /// An owned, non-blocking CUDA stream on `device` (it does not wait for the
@@ -35,40 +79,22 @@ class Stream {
     detail::DeviceGuard guard(device);
     cudaStream_t s = nullptr;
     MIXPREC_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-    stream_ = s;
+    stream_.reset(s);
 #endif
   }
-  ~Stream() { reset(); }
-  Stream(Stream&& o) noexcept : device_(o.device_), stream_(std::exchange(o.stream_, nullptr)) {}
-  Stream& operator=(Stream&& o) noexcept {
-    if (this != &o) {
-      reset();
-      device_ = o.device_;
-      stream_ = std::exchange(o.stream_, nullptr);
-    }
-    return *this;
-  }
-  Stream(const Stream&) = delete;
-  Stream& operator=(const Stream&) = delete;
 
-  stream_t get() const { return stream_; }
+  stream_t get() const { return stream_.get(); }
   Device device() const { return device_; }
   /// Waits for everything queued on the stream.
   void synchronize() const {
 #if MIXPREC_WITH_CUDA
-    MIXPREC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    MIXPREC_CUDA_CHECK(cudaStreamSynchronize(stream_.get()));
 #endif
   }
 
  private:
-  void reset() noexcept {
-#if MIXPREC_WITH_CUDA
-    if (stream_ != nullptr) (void)cudaStreamDestroy(stream_);
-#endif
-    stream_ = nullptr;
-  }
   Device device_;
-  stream_t stream_ = nullptr;
+  detail::Owned<stream_t, detail::destroy_stream> stream_;
 };
 
 /// An owned CUDA event with timing. Move-only.
@@ -80,25 +106,16 @@ class Event {
     detail::require_usable(device, "Event");
 #if MIXPREC_WITH_CUDA
     detail::DeviceGuard guard(device);
-    MIXPREC_CUDA_CHECK(cudaEventCreate(&event_));
+    cudaEvent_t e = nullptr;
+    MIXPREC_CUDA_CHECK(cudaEventCreate(&e));
+    event_.reset(e);
 #endif
   }
-  ~Event() { reset(); }
-  Event(Event&& o) noexcept : event_(std::exchange(o.event_, nullptr)) {}
-  Event& operator=(Event&& o) noexcept {
-    if (this != &o) {
-      reset();
-      event_ = std::exchange(o.event_, nullptr);
-    }
-    return *this;
-  }
-  Event(const Event&) = delete;
-  Event& operator=(const Event&) = delete;
 
   /// Marks the point reached by the work queued on `stream` so far.
   void record(stream_t stream) {
 #if MIXPREC_WITH_CUDA
-    MIXPREC_CUDA_CHECK(cudaEventRecord(event_, stream));
+    MIXPREC_CUDA_CHECK(cudaEventRecord(event_.get(), stream));
 #else
     (void)stream;
 #endif
@@ -106,7 +123,7 @@ class Event {
   /// Whether the device has passed the recorded point (never blocks).
   bool ready() const {
 #if MIXPREC_WITH_CUDA
-    const cudaError_t s = cudaEventQuery(event_);
+    const cudaError_t s = cudaEventQuery(event_.get());
     if (s == cudaErrorNotReady) return false;
     MIXPREC_CUDA_CHECK(s);
 #endif
@@ -115,14 +132,14 @@ class Event {
   /// Blocks the host until the device has passed the recorded point.
   void synchronize() const {
 #if MIXPREC_WITH_CUDA
-    MIXPREC_CUDA_CHECK(cudaEventSynchronize(event_));
+    MIXPREC_CUDA_CHECK(cudaEventSynchronize(event_.get()));
 #endif
   }
   /// Milliseconds from `start` to this event (both recorded and reached).
   float elapsed_ms(const Event& start) const {
     float ms = 0;
 #if MIXPREC_WITH_CUDA
-    MIXPREC_CUDA_CHECK(cudaEventElapsedTime(&ms, start.event_, event_));
+    MIXPREC_CUDA_CHECK(cudaEventElapsedTime(&ms, start.event_.get(), event_.get()));
 #else
     (void)start;
 #endif
@@ -130,16 +147,7 @@ class Event {
   }
 
  private:
-#if MIXPREC_WITH_CUDA
-  void reset() noexcept {
-    if (event_ != nullptr) (void)cudaEventDestroy(event_);
-    event_ = nullptr;
-  }
-  cudaEvent_t event_ = nullptr;
-#else
-  void reset() noexcept {}
-  void* event_ = nullptr;
-#endif
+  detail::Owned<::CUevent_st*, detail::destroy_event> event_;
 };
 
 /// A CUDA graph: the work some code queues on a stream, captured once and
@@ -148,22 +156,9 @@ class Event {
 /// in place. Capture is in global mode: a call that would synchronise the
 /// device (a host read, a cudaMalloc) fails the capture, and capture()
 /// throws with CUDA's reason. Make everything (buffers, optimizer state,
-/// cuBLASLt plans) by running the code once before capturing it.
+/// cuBLASLt plans) by running the code once before capturing it. Move-only.
 class Graph {
  public:
-  Graph() = default;
-  ~Graph() { reset(); }
-  Graph(Graph&& o) noexcept : exec_(std::exchange(o.exec_, nullptr)) {}
-  Graph& operator=(Graph&& o) noexcept {
-    if (this != &o) {
-      reset();
-      exec_ = std::exchange(o.exec_, nullptr);
-    }
-    return *this;
-  }
-  Graph(const Graph&) = delete;
-  Graph& operator=(const Graph&) = delete;
-
   /// Captures what `body()` queues on `stream` (which must not be the
   /// legacy default stream) and, on success, replaces any earlier capture.
   /// If body or the capture fails, the error propagates, the earlier graph
@@ -195,34 +190,24 @@ class Graph {
       detail::throw_cuda_error(made, ended != cudaSuccess ? "cudaStreamEndCapture" : "cudaGraphInstantiate",
                                __FILE__, __LINE__);
     }
-    reset();
-    exec_ = exec;
+    exec_.reset(exec);
 #else
     (void)body;
 #endif
   }
-  bool empty() const { return exec_ == nullptr; }
+  bool empty() const { return exec_.get() == nullptr; }
   /// Queues one replay on `stream`.
   void replay(stream_t stream) const {
     MIXPREC_CHECK(!empty(), "Graph::replay: nothing captured");
 #if MIXPREC_WITH_CUDA
-    MIXPREC_CUDA_CHECK(cudaGraphLaunch(exec_, stream));
+    MIXPREC_CUDA_CHECK(cudaGraphLaunch(exec_.get(), stream));
 #else
     (void)stream;
 #endif
   }
 
  private:
-#if MIXPREC_WITH_CUDA
-  void reset() noexcept {
-    if (exec_ != nullptr) (void)cudaGraphExecDestroy(exec_);
-    exec_ = nullptr;
-  }
-  cudaGraphExec_t exec_ = nullptr;
-#else
-  void reset() noexcept {}
-  void* exec_ = nullptr;
-#endif
+  detail::Owned<::CUgraphExec_st*, detail::destroy_exec> exec_;
 };
 
 /// Page-locked host memory: the target of copy_to_host_async, so the copy
