@@ -11,10 +11,11 @@
 //                     [--batch N] [--optimizer sgd|adam|adamw|rmsprop] [--lr X]
 //                     [--schedule constant|cosine] [--seed N] [--data DIR]
 //                     [--graph on|off] [--min-accuracy X]
+//                     [--monitor on|off] [--monitor-every K] [--monitor-log FILE.jsonl]
 //
 // Defaults: fp16, cuda when a device is usable (else cpu), 10 epochs, batch
 // 256, AdamW lr 2e-3 with a cosine decay over the run, seed 0, data as
-// fashion_mnist_mlp, graph on.
+// fashion_mnist_mlp, graph on, the monitor on (a logged step every 10 steps).
 // With --device cpu the convolutions are direct loops: correct, and slow
 // (a reference, not a CPU backend).
 #include "classifier.hpp"

@@ -9,12 +9,14 @@
 //                     [--batch N] [--optimizer sgd|adam|adamw|rmsprop] [--lr X]
 //                     [--schedule constant|cosine] [--hidden N] [--seed N] [--data DIR]
 //                     [--graph on|off] [--min-accuracy X]
+//                     [--monitor on|off] [--monitor-every K] [--monitor-log FILE.jsonl]
 //
 // Defaults: fp16, cuda when a device is usable (else cpu), 10 epochs, batch
 // 256, AdamW lr 1e-3 with a cosine decay over the run (torch's
 // CosineAnnealingLR to 0, per step), hidden 1024, seed 0, data from
 // $MIXPREC_FASHION_MNIST or else the Debian package's
-// /usr/share/datasets/fashion-mnist, graph on. With --min-accuracy the
+// /usr/share/datasets/fashion-mnist, graph on, the instability monitor on
+// (docs/monitor.md) with a logged step every 10 steps and no log file. With --min-accuracy the
 // program exits 1 when the final test accuracy is below it.
 #include <string>
 

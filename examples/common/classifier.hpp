@@ -28,6 +28,8 @@
 #include <string>
 #include <vector>
 
+#include <optional>
+
 #include <mixprec/mixprec.hpp>
 
 #include "fashion_mnist.hpp"
@@ -43,6 +45,11 @@ struct Args {
   double lr = 1e-3, min_accuracy = 0;
   std::uint64_t seed = 0;
   bool graph = true;
+  // The instability monitor (docs/monitor.md): on by default, a logged
+  // step every monitor_every steps, a JSONL log when monitor_log is set.
+  bool monitor = true;
+  int monitor_every = 10;
+  std::string monitor_log;
 };
 
 [[noreturn]] inline void usage_error(const Args& a, const std::string& what) {
@@ -104,6 +111,13 @@ inline Args parse(int argc, char** argv, Args a, bool takes_hidden) {
     } else if (flag == "--graph") {
       if (v != "on" && v != "off") usage_error("--graph = " + v + ", must be on or off");
       a.graph = v == "on";
+    } else if (flag == "--monitor") {
+      if (v != "on" && v != "off") usage_error("--monitor = " + v + ", must be on or off");
+      a.monitor = v == "on";
+    } else if (flag == "--monitor-every") {
+      a.monitor_every = static_cast<int>(whole(1, 1000000));
+    } else if (flag == "--monitor-log") {
+      a.monitor_log = v;
     } else if (flag == "--data") {
       a.data = v;
     } else if (flag == "--min-accuracy") {
@@ -167,21 +181,23 @@ Tensor<T> to_rows(const ImageSet& s, const Shape& shape) {
 // (elsewhere only the finished line is printed).
 struct Progress {
   bool tty = isatty(fileno(stdout)) != 0;
+  // `status`: the monitor's line (empty without one).
   void draw(int epoch, std::int64_t done, std::int64_t steps, double loss, float scale, std::int64_t skipped,
-            double images_per_s) const {
+            double images_per_s, const std::string& status) const {
     if (!tty) return;
     const int width = 20, filled = static_cast<int>(width * done / steps);
-    std::printf("\repoch %2d [%s%s] %3d%%  loss %.4f  scale %-8g  skipped %3lld  %8.0f images/s", epoch,
+    std::printf("\repoch %2d [%s%s] %3d%%  loss %.4f  scale %-8g  skipped %3lld  %8.0f images/s%s%s\033[K", epoch,
                 std::string(static_cast<std::size_t>(filled), '#').c_str(),
                 std::string(static_cast<std::size_t>(width - filled), '.').c_str(),
-                static_cast<int>(100 * done / steps), loss, scale, static_cast<long long>(skipped), images_per_s);
+                static_cast<int>(100 * done / steps), loss, scale, static_cast<long long>(skipped), images_per_s,
+                status.empty() ? "" : "  ", status.c_str());
     std::fflush(stdout);
   }
-  void finish(int epoch, double loss, float scale, std::int64_t skipped, double images_per_s,
-              double accuracy) const {
-    std::printf("%sepoch %2d  loss %.4f  scale %-8g  skipped %3lld  %8.0f images/s  test accuracy %.4f%s\n",
+  void finish(int epoch, double loss, float scale, std::int64_t skipped, double images_per_s, double accuracy,
+              const std::string& status) const {
+    std::printf("%sepoch %2d  loss %.4f  scale %-8g  skipped %3lld  %8.0f images/s  test accuracy %.4f%s%s%s\n",
                 tty ? "\r" : "", epoch, loss, scale, static_cast<long long>(skipped), images_per_s, accuracy,
-                tty ? "          " : "");
+                status.empty() ? "" : "  ", status.c_str(), tty ? "\033[K" : "");
     std::fflush(stdout);
   }
 };
@@ -216,12 +232,24 @@ struct Model {
   std::unique_ptr<optim::Optimizer> opt;
 };
 
+inline monitor::MonitorOptions monitor_options(const Args& a) {
+  monitor::MonitorOptions o;
+  o.every = a.monitor_every;
+  o.log_path = a.monitor_log;
+  return o;
+}
+inline std::string monitor_status(const std::optional<monitor::Monitor>& mon) {
+  return mon ? mon->status_line() : std::string();
+}
+
 // The CPU: plain calls, the host GradScaler.
 template <class T>
 double run_cpu(const Args& a, const ImageSet& train_set, const ImageSet& test_set,
                const std::vector<std::int64_t>& sample, AddLayers<T> add_layers) {
   Model<T> m(a, Device::cpu(), nullptr, train_set, test_set, sample, add_layers);
   amp::GradScaler scaler(amp::GradScalerOptions::for_dtype(dtype_of<T>));
+  std::optional<monitor::Monitor> mon;
+  if (a.monitor) mon.emplace(*m.opt, scaler, monitor_options(a));
   const Progress progress;
   std::mt19937_64 rng(a.seed);
   const std::int64_t steps = m.train.full_batches();  // the last partial batch is dropped
@@ -234,14 +262,19 @@ double run_cpu(const Args& a, const ImageSet& train_set, const ImageSet& test_se
     auto seconds = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
     for (std::int64_t s = 1; s <= steps; ++s) {
       m.train.next();
-      loss_sum += nn::softmax_cross_entropy<T>(m.net.forward(m.train.x()), m.train.labels(), scaler.scale(),
-                                               m.net.output_grad());
+      const float loss = nn::softmax_cross_entropy<T>(m.net.forward(m.train.x()), m.train.labels(), scaler.scale(),
+                                                      m.net.output_grad());
+      loss_sum += loss;
       m.net.backward();
-      scaler.step(*m.opt);
-      scaler.update();
+      if (mon) {
+        mon->step(loss);  // scaler.step + scaler.update, watched
+      } else {
+        scaler.step(*m.opt);
+        scaler.update();
+      }
       if (s % 10 == 0) {
         progress.draw(epoch, s, steps, loss_sum / s, scaler.scale(), scaler.skipped_steps() - skipped_before,
-                      s * a.batch / seconds());
+                      s * a.batch / seconds(), monitor_status(mon));
       }
     }
     const double images_per_s = steps * a.batch / seconds();
@@ -256,7 +289,7 @@ double run_cpu(const Args& a, const ImageSet& train_set, const ImageSet& test_se
     }
     accuracy = static_cast<double>(correct) / static_cast<double>(m.test.size());
     progress.finish(epoch, loss_sum / steps, scaler.scale(), scaler.skipped_steps() - skipped_before,
-                    images_per_s, accuracy);
+                    images_per_s, accuracy, monitor_status(mon));
   }
   return accuracy;
 }
@@ -275,6 +308,8 @@ double run_gpu(const Args& a, const ImageSet& train_set, const ImageSet& test_se
   Model<T> m(a, dev, stream.get(), train_set, test_set, sample, add_layers);
   m.opt->set_stream(stream.get());  // its reads (lr, step counts) wait for this stream
   amp::DeviceGradScaler scaler(amp::GradScalerOptions::for_dtype(dtype_of<T>), dev, stream.get());
+  std::optional<monitor::Monitor> mon;
+  if (a.monitor) mon.emplace(*m.opt, scaler, monitor_options(a));
   // Device scalars: [0] the step's loss, [1] a bad-label flag, [2] the
   // epoch's loss sum, then the test set's correct count (int64).
   Buffer scalars(4 * sizeof(float) + sizeof(std::int64_t), dev);
@@ -295,8 +330,12 @@ double run_gpu(const Args& a, const ImageSet& train_set, const ImageSet& test_se
                                  m.net.output_grad(), loss, reinterpret_cast<int*>(loss + 1), ctx);
     nn::accumulate(dev, loss + 2, loss, ctx);
     m.net.backward(ctx);
-    scaler.step(*m.opt);
-    scaler.update();
+    if (mon) {
+      mon->step(loss);  // scaler.step + scaler.update, watched
+    } else {
+      scaler.step(*m.opt);
+      scaler.update();
+    }
   };
   auto snapshot = [&](int slot) {  // queues the copy; read after ticks[slot]
     auto* s = static_cast<Snapshot*>(snapshots.data()) + slot;
@@ -315,7 +354,9 @@ double run_gpu(const Args& a, const ImageSet& train_set, const ImageSet& test_se
   std::mt19937_64 rng(a.seed);
   const std::int64_t steps = m.train.full_batches();  // the last partial batch is dropped
   const std::int64_t tick = std::max<std::int64_t>(1, steps / 10);
-  Graph graph;
+  // A plain and a logged step (the monitor's logged steps do more work).
+  Graph graphs[2];
+  bool first = true;
   double accuracy = 0;
   std::int64_t skipped_total = 0;
   for (int epoch = 1; epoch <= a.epochs; ++epoch) {
@@ -323,11 +364,14 @@ double run_gpu(const Args& a, const ImageSet& train_set, const ImageSet& test_se
     zero(loss + 1, 2 * sizeof(float));  // the bad-label flag and the loss sum
     epoch_start.record(stream.get());
     for (std::int64_t s = 1; s <= steps; ++s) {
-      if (!a.graph || graph.empty()) {
+      if (!a.graph || first) {
         step();  // eager; the first step also makes every plan and buffer
-        if (a.graph) graph.capture(stream.get(), step);
+        first = false;
       } else {
+        Graph& graph = graphs[mon && mon->logs_next() ? 1 : 0];
+        if (graph.empty()) graph.capture(stream.get(), step);
         graph.replay(stream.get());
+        if (mon) mon->replayed();
       }
       if (s % tick == 0 && s < steps) {  // progress, a tick behind
         snapshot(static_cast<int>(s / tick % 2));
@@ -337,7 +381,8 @@ double run_gpu(const Args& a, const ImageSet& train_set, const ImageSet& test_se
           const Snapshot* p = static_cast<const Snapshot*>(snapshots.data()) + prev;
           const std::int64_t done = s - tick;
           progress.draw(epoch, done, steps, p->loss_sum / done, p->scaler.state.scale,
-                        p->scaler.skipped - skipped_total, done * a.batch / (1e-3 * ticks[prev].elapsed_ms(epoch_start)));
+                        p->scaler.skipped - skipped_total, done * a.batch / (1e-3 * ticks[prev].elapsed_ms(epoch_start)),
+                        monitor_status(mon));
           scaler.check_errors();
         }
       }
@@ -345,6 +390,7 @@ double run_gpu(const Args& a, const ImageSet& train_set, const ImageSet& test_se
     epoch_end.record(stream.get());
     const Snapshot* end = snapshot(0);
     ticks[0].synchronize();
+    if (mon) mon->flush();  // the device is idle: nothing waits
     const double images_per_s = steps * a.batch / (1e-3 * epoch_end.elapsed_ms(epoch_start));
     MIXPREC_CHECK(end->bad_label == 0, "a training label is outside [0, 10)");
     const std::int64_t skipped = end->scaler.skipped - skipped_total;
@@ -361,7 +407,8 @@ double run_gpu(const Args& a, const ImageSet& train_set, const ImageSet& test_se
     std::int64_t right = 0;
     mixprec::detail::copy_raw(&right, Device::cpu(), correct, dev, sizeof right, stream.get());
     accuracy = static_cast<double>(right) / static_cast<double>(m.test.size());
-    progress.finish(epoch, end->loss_sum / steps, end->scaler.state.scale, skipped, images_per_s, accuracy);
+    progress.finish(epoch, end->loss_sum / steps, end->scaler.state.scale, skipped, images_per_s, accuracy,
+                    monitor_status(mon));
   }
   return accuracy;
 }
@@ -380,6 +427,10 @@ int train_classifier(const Args& a, const std::vector<std::int64_t>& sample, con
                 a.device.c_str(), description.c_str(), static_cast<long long>(a.batch), a.optimizer.c_str(), a.lr,
                 a.schedule == "cosine" ? " cosine" : "", a.epochs,
                 a.device == "cuda" ? (a.graph ? ", CUDA graph" : ", eager") : "");
+    if (a.monitor) {
+      std::printf("monitor: a logged step every %d steps%s%s\n", a.monitor_every,
+                  a.monitor_log.empty() ? "" : ", log ", a.monitor_log.c_str());
+    }
     const bool gpu = a.device == "cuda";
     double accuracy = 0;
     if (a.precision == "fp16") {

@@ -310,6 +310,13 @@ class GradScaler {
 
   /// Whether opt saw a non-finite gradient since the last update().
   bool found_inf(const optim::Optimizer& opt) const { return records_.checked(opt, "found_inf").found_inf; }
+  /// Pass 1's per-parameter results for opt (scaled sums of squares,
+  /// non-finite flags), from the last unscale().
+  const optim::GradStats& grad_stats(const optim::Optimizer& opt) const {
+    return records_.checked(opt, "grad_stats").stats;
+  }
+  /// The inverse scale opt's gradients are unscaled with this iteration.
+  float inv_scale(const optim::Optimizer& opt) const { return records_.checked(opt, "inv_scale").inv_scale; }
   /// Names of opt's parameters whose gradient held inf or NaN, from the last unscale().
   std::vector<std::string> nonfinite_params(const optim::Optimizer& opt) const {
     const Record& r = records_.checked(opt, "nonfinite_params");

@@ -75,10 +75,15 @@ class DevicePlan {
   virtual void set_params(const std::vector<DeviceParam>& params) = 0;
 
   /// Pass 1 over every gradient: non-finite per parameter, sums of squares
-  /// per parameter and overall. One launch.
-  virtual void check(stream_t stream) = 0;
+  /// per parameter and overall. One launch. With `histogram` (device,
+  /// [parameter][64]) it also adds each gradient's log2 exponent histogram
+  /// (Optimizer::set_grad_histogram).
+  virtual void check(stream_t stream, std::uint64_t* histogram = nullptr) = 0;
   virtual const int* found_inf() const = 0;
   virtual const double* total_sum_squares() const = 0;
+  /// Per parameter, in device memory: sums of squares, non-finite flags.
+  virtual const double* sum_squares() const = 0;
+  virtual const int* nonfinite() const = 0;
   /// Copies pass 1's per-parameter results to the host (synchronises).
   virtual void read_check(std::vector<double>& sum_squares, std::vector<int>& nonfinite,
                           stream_t stream) const = 0;

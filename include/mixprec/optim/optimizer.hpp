@@ -70,6 +70,16 @@ struct GradTransform {
   float clip_coef = 1.0f;
 };
 
+/// Where an optimizer keeps the second moment that divides its update, for
+/// monitors: the update's denominator is sqrt(v / (1 - beta2^t)) + eps with t
+/// the parameter's step count (beta2 = 0: no bias correction, as RMSprop).
+/// v is null for optimizers without one (SGD) and before the first step.
+struct SecondMoment {
+  const float* v = nullptr;
+  float eps = 0;
+  float beta2 = 0;
+};
+
 /// The interface the GradScaler drives, and the shared bookkeeping.
 ///
 /// Each parameter gets an fp32 master weight, initialised from its model
@@ -167,14 +177,16 @@ class Optimizer {
       double sum = 0;
       float nonfinite = 0;
       std::int64_t done = 0;
+      std::uint64_t* bins = grad_histogram_ ? grad_histogram_ + i * kHistogramBins : nullptr;
 #if MIXPREC_OPTIM_AVX2
-      if (detail::cpu_has_avx2_f16c()) {
+      if (detail::cpu_has_avx2_f16c() && bins == nullptr) {
         s.param.grad.visit([&](auto grad) { done = check_avx2(grad.data(), n, sum, nonfinite); });
       }
 #endif
       for (std::int64_t off = done; off < n; off += kChunk) {
         const std::int64_t m = std::min<std::int64_t>(kChunk, n - off);
         load_float(s.param.grad, off, m, g);
+        if (bins != nullptr) count_exponents(g, m, bins);  // the chunk is in L1: no second read
         if (m == kChunk) {
           sum_block(g, sum, nonfinite);
         } else {
@@ -219,6 +231,28 @@ class Optimizer {
     launch_step(in, nullptr, stream_);
   }
 
+  // --- for monitors (mixprec::monitor) --------------------------------------
+
+  /// Bins of the log2 histogram that the check pass can count (the layout of
+  /// monitor::Bins: 0 zeros, 63 inf/NaN, e = floor(log2|x|) in bin
+  /// clamp(e, -45, 16) + 46).
+  static constexpr std::size_t kHistogramBins = 64;
+  /// While set, every check pass (check_grads, launch_check) also adds the
+  /// exponent histogram of each stored gradient to bins[i * 64 + b], on the
+  /// parameters' device (the caller zeroes them): the elements it already
+  /// reads, no second pass. Null (the default) stops it. A CUDA graph keeps
+  /// the setting its capture saw.
+  void set_grad_histogram(std::uint64_t* bins) { grad_histogram_ = bins; }
+  std::uint64_t* grad_histogram() const { return grad_histogram_; }
+  /// Parameter i's second moment (see SecondMoment); {} when it has none.
+  virtual SecondMoment second_moment(std::size_t i) const {
+    (void)slot(i);
+    return {};
+  }
+  /// Device parameters: where parameter i's step count lives on the device
+  /// (kernels read it for bias corrections); null on the host.
+  const std::int64_t* device_step_count(std::size_t i) const { return slot(i).device_step; }
+
   // --- the device path, as amp::DeviceGradScaler drives it -----------------
 
   /// Pass 1 over every gradient, one launch on `stream`; results at
@@ -226,13 +260,17 @@ class Optimizer {
   void launch_check(stream_t stream) {
     require_device("launch_check");
     ensure_plan();
-    plan_->check(stream);
+    plan_->check(stream, grad_histogram_);
   }
   /// Pass 1's results in device memory (valid once launch_check ran).
   const int* device_found_inf() const { return require_plan("device_found_inf").found_inf(); }
   const double* device_total_sum_squares() const {
     return require_plan("device_total_sum_squares").total_sum_squares();
   }
+  /// Pass 1's per-parameter sums of squares (double) and non-finite flags
+  /// (int), in device memory.
+  const double* device_sum_squares() const { return require_plan("device_sum_squares").sum_squares(); }
+  const int* device_nonfinite() const { return require_plan("device_nonfinite").nonfinite(); }
   /// Pass 1's per-parameter results on the host (synchronises `stream`).
   GradStats read_check(stream_t stream) const {
     GradStats stats;
@@ -451,6 +489,10 @@ class Optimizer {
     }
     return s.state[k].data();
   }
+  /// State tensor k of parameter i if it exists, else null (never creates it).
+  const float* existing_state(std::size_t i, std::size_t k) const {
+    return has_state(i, k) ? slots_[i].state[k].data() : nullptr;
+  }
   /// True when state k of parameter i was created for the step under way.
   bool fresh_state(std::size_t i, std::size_t k) const { return (slots_[i].fresh_state >> k) & 1u; }
 
@@ -661,6 +703,22 @@ class Optimizer {
     for (int l = 0; l < 8; ++l) part += (p[l] + p[8 + l]) + (p[16 + l] + p[24 + l]);
     sum += part;
   }
+  // The histogram of set_grad_histogram for m values.
+  static void count_exponents(const float* g, std::int64_t m, std::uint64_t* bins) {
+    for (std::int64_t j = 0; j < m; ++j) {
+      const float x = g[j];
+      std::size_t b;
+      if (x == 0.0f) {
+        b = 0;
+      } else if (!std::isfinite(x)) {
+        b = kHistogramBins - 1;
+      } else {
+        const int e = std::ilogb(x);
+        b = static_cast<std::size_t>(std::min(std::max(e, -45), 16) + 46);
+      }
+      bins[b] += 1;
+    }
+  }
   static void sum_tail(const float* g, std::int64_t m, double& sum, float& flag) {
     float part = 0;
     for (std::int64_t j = 0; j < m; ++j) {
@@ -731,6 +789,7 @@ class Optimizer {
   Buffer applied_device_;            // int64 applied steps
   Buffer constants_;                 // {int 0, float 1}: found_inf and scale of a plain step()
   std::unique_ptr<DevicePlan> plan_;  // null after a group is added
+  std::uint64_t* grad_histogram_ = nullptr;  // set_grad_histogram
   bool params_changed_ = false;       // state was made since the plan's upload
 };
 

@@ -19,6 +19,7 @@
 #include "mixprec/cuda/convert.cuh"
 #include "mixprec/cuda/grad_check.cuh"
 #include "mixprec/cuda/launch.cuh"
+#include "mixprec/cuda/monitor.cuh"
 #include "mixprec/cuda/multi_tensor.cuh"
 #include "mixprec/cuda/nn_ops.cuh"
 #include "mixprec/cuda/optimizer_step.cuh"
@@ -75,9 +76,11 @@ class Plan final : public optim::DevicePlan {
     params_ = ParamList(entries_of(params));
   }
 
-  void check(stream_t stream) override { check_.launch(grads_, stream); }
+  void check(stream_t stream, std::uint64_t* histogram) override { check_.launch(grads_, stream, histogram); }
   const int* found_inf() const override { return check_.found_inf(); }
   const double* total_sum_squares() const override { return check_.total_sum_squares(); }
+  const double* sum_squares() const override { return check_.sum_squares(); }
+  const int* nonfinite() const override { return check_.nonfinite(); }
   void read_check(std::vector<double>& sum_squares, std::vector<int>& nonfinite, stream_t stream) const override {
     mixprec::detail::DeviceGuard guard(device_);
     GradCheck::Host h = check_.read(stream);
@@ -193,6 +196,8 @@ inline nn::DeviceOps& nn_ops() {
 inline void install_backend() {
   optim::install_device_backend(&backend());
   nn::install_device_ops(&nn_ops());
+  static MonitorKernels monitor_kernels;
+  monitor::install_device_kernels(&monitor_kernels);
 }
 
 namespace detail {

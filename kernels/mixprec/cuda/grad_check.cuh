@@ -19,20 +19,34 @@ namespace detail {
 
 inline constexpr int check_threads = 256;
 
-// One element widened to float: its square into `sum`, non-finite into `bad`.
-template <class T>
-__device__ inline void accumulate_one(T value, float& sum, int& bad) {
+inline constexpr int histogram_bins = 64;  // monitor::Bins
+
+// The bin of x in monitor::Bins: 0 zero, 63 inf/NaN, else
+// clamp(floor(log2|x|), -45, 16) + 46 (float subnormals are all below 2^-45).
+__device__ inline int exponent_bin(float x) {
+  const unsigned bits = __float_as_uint(x) & 0x7fffffffu;
+  if (bits == 0) return 0;
+  const int biased = static_cast<int>(bits >> 23);
+  if (biased == 0xff) return histogram_bins - 1;
+  return min(max(biased - 127, -45), 16) + 46;
+}
+
+// One element widened to float: its square into `sum`, non-finite into
+// `bad`, and with a histogram (per warp, shared memory) its exponent bin.
+template <bool Hist, class T>
+__device__ inline void accumulate_one(T value, float& sum, int& bad, unsigned* hist) {
   const float x = mixprec::to_float(value);
   sum += x * x;
   bad |= !isfinite(x);
+  if constexpr (Hist) atomicAdd(hist + exponent_bin(x), 1u);
 }
 
 // Elements [begin, end) of one tensor, strided over the block's threads;
 // 16-byte loads when the tensor is 16-byte aligned (chunks start at
 // multiples of chunk_elements, so then every chunk is), scalar otherwise.
-template <class T>
+template <bool Hist, class T>
 __device__ inline void accumulate_range(const T* data, std::int64_t begin, std::int64_t end, float& sum,
-                                        int& bad) {
+                                        int& bad, unsigned* hist) {
   constexpr int per_vector = 16 / sizeof(T);
   std::int64_t i = begin;
   if (reinterpret_cast<std::uintptr_t>(data) % 16 == 0) {
@@ -43,11 +57,11 @@ __device__ inline void accumulate_range(const T* data, std::int64_t begin, std::
       T items[per_vector];
       memcpy(items, &raw, 16);
 #pragma unroll
-      for (int e = 0; e < per_vector; ++e) accumulate_one(items[e], sum, bad);
+      for (int e = 0; e < per_vector; ++e) accumulate_one<Hist>(items[e], sum, bad, hist);
     }
     i = begin + vectors * per_vector;
   }
-  for (std::int64_t k = i + threadIdx.x; k < end; k += blockDim.x) accumulate_one(data[k], sum, bad);
+  for (std::int64_t k = i + threadIdx.x; k < end; k += blockDim.x) accumulate_one<Hist>(data[k], sum, bad, hist);
 }
 
 __device__ inline float block_sum(float x) {
@@ -65,32 +79,51 @@ __device__ inline float block_sum(float x) {
 
 // Chunk partials first; the last block to finish then reduces them per
 // tensor and overall in a fixed order, so the results do not depend on the
-// order blocks ran in (and a replayed graph gives the eager bits).
+// order blocks ran in (and a replayed graph gives the eager bits). With
+// Hist, each warp also counts exponent bins in shared memory, and the
+// block adds a chunk's counts to its tensor's row of `histogram`.
+template <bool Hist>
 __global__ void __launch_bounds__(check_threads)
     check_grads_kernel(const TensorEntry* tensors, const Chunk* chunks, std::int64_t num_chunks,
                        int num_tensors, float* chunk_sums, int* chunk_bad, double* sum_squares,
-                       int* nonfinite, double* total, int* found_inf, unsigned int* blocks_done) {
+                       int* nonfinite, double* total, int* found_inf, unsigned int* blocks_done,
+                       unsigned long long* histogram) {
+  constexpr int warps = check_threads / 32;
+  __shared__ unsigned hist[Hist ? warps * histogram_bins : 1];
+  unsigned* my_hist = hist + (Hist ? threadIdx.x / 32 * histogram_bins : 0);
   for (std::int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
     const Chunk ch = chunks[c];
     const TensorEntry t = tensors[ch.tensor];
+    if constexpr (Hist) {
+      for (int b = threadIdx.x; b < warps * histogram_bins; b += blockDim.x) hist[b] = 0;
+      __syncthreads();
+    }
     float sum = 0;
     int bad = 0;
     switch (t.dtype) {
       case DType::float16:
-        accumulate_range(static_cast<const half*>(t.data), ch.begin, ch.end, sum, bad);
+        accumulate_range<Hist>(static_cast<const half*>(t.data), ch.begin, ch.end, sum, bad, my_hist);
         break;
       case DType::bfloat16:
-        accumulate_range(static_cast<const bfloat16*>(t.data), ch.begin, ch.end, sum, bad);
+        accumulate_range<Hist>(static_cast<const bfloat16*>(t.data), ch.begin, ch.end, sum, bad, my_hist);
         break;
       case DType::float32:
-        accumulate_range(static_cast<const float*>(t.data), ch.begin, ch.end, sum, bad);
+        accumulate_range<Hist>(static_cast<const float*>(t.data), ch.begin, ch.end, sum, bad, my_hist);
         break;
     }
-    sum = block_sum(sum);
+    sum = block_sum(sum);  // synchronises: the shared counts are complete
     bad = __syncthreads_or(bad);
     if (threadIdx.x == 0) {
       chunk_sums[c] = sum;
       chunk_bad[c] = bad;
+    }
+    if constexpr (Hist) {
+      for (int b = threadIdx.x; b < histogram_bins; b += blockDim.x) {
+        unsigned n = 0;
+        for (int w = 0; w < warps; ++w) n += hist[w * histogram_bins + b];
+        if (n != 0) atomicAdd(histogram + static_cast<std::int64_t>(ch.tensor) * histogram_bins + b, n);
+      }
+      __syncthreads();  // read before the next chunk zeroes them
     }
   }
   __shared__ bool is_last;
@@ -150,18 +183,29 @@ class GradCheck {
   }
 
   /// One launch over every gradient of `list` (the list this was made for).
-  /// Asynchronous on `stream`; never synchronises.
-  void launch(const TensorList& list, cudaStream_t stream = nullptr) {
+  /// Asynchronous on `stream`; never synchronises. With `histogram`
+  /// (device, [tensor][64], zeroed by the caller) it also adds each
+  /// tensor's exponent histogram (monitor::Bins) from the same reads.
+  void launch(const TensorList& list, cudaStream_t stream = nullptr, std::uint64_t* histogram = nullptr) {
     MIXPREC_CHECK(list.num_chunks() == num_chunks_ && list.num_tensors() == num_tensors_,
                   "GradCheck::launch: the list has ", list.num_tensors(), " tensors / ",
                   list.num_chunks(), " chunks, this check was made for ", num_tensors_, " / ", num_chunks_);
     mixprec::detail::DeviceGuard guard(list.device());
     const unsigned grid = num_chunks_ == 0 ? 1u : grid_for(num_chunks_ * detail::check_threads,
                                                            detail::check_threads, 4);
-    detail::check_grads_kernel<<<grid, detail::check_threads, 0, stream>>>(
-        list.entries(), list.chunks(), num_chunks_, num_tensors_, static_cast<float*>(chunk_sums_.data()),
-        static_cast<int*>(chunk_bad_.data()), sum_squares(), nonfinite(), total_sum_squares(), found_inf(),
-        blocks_done());
+    auto* hist = reinterpret_cast<unsigned long long*>(histogram);
+    static_assert(sizeof(unsigned long long) == sizeof(std::uint64_t), "64-bit counts");
+    if (histogram == nullptr) {
+      detail::check_grads_kernel<false><<<grid, detail::check_threads, 0, stream>>>(
+          list.entries(), list.chunks(), num_chunks_, num_tensors_, static_cast<float*>(chunk_sums_.data()),
+          static_cast<int*>(chunk_bad_.data()), sum_squares(), nonfinite(), total_sum_squares(), found_inf(),
+          blocks_done(), hist);
+    } else {
+      detail::check_grads_kernel<true><<<grid, detail::check_threads, 0, stream>>>(
+          list.entries(), list.chunks(), num_chunks_, num_tensors_, static_cast<float*>(chunk_sums_.data()),
+          static_cast<int*>(chunk_bad_.data()), sum_squares(), nonfinite(), total_sum_squares(), found_inf(),
+          blocks_done(), hist);
+    }
     MIXPREC_CUDA_CHECK_LAUNCH("check_grads_kernel");
   }
 

@@ -40,6 +40,11 @@ class AdamImpl : public OptimizerBase<AdamImpl<Decoupled, Options>, Options> {
     this->add_param_group(std::move(params), options);
   }
   const char* name() const override { return Decoupled ? "AdamW" : "Adam"; }
+  /// exp_avg_sq (max_exp_avg_sq with amsgrad), bias-corrected with betas[1].
+  SecondMoment second_moment(std::size_t i) const override {
+    const Options& o = this->options(this->group_of(i));
+    return {this->existing_state(i, o.amsgrad ? 2 : 1), static_cast<float>(o.eps), static_cast<float>(o.betas[1])};
+  }
 
   static void validate(const Options& o) {
     const char* n = Decoupled ? "AdamW" : "Adam";

@@ -31,6 +31,13 @@ class RMSprop : public OptimizerBase<RMSprop, RMSpropOptions> {
   }
   const char* name() const override { return "RMSprop"; }
 
+  /// square_avg, without bias correction (centered RMSprop subtracts
+  /// grad_avg^2 first: square_avg is then an upper bound of what eps meets).
+  SecondMoment second_moment(std::size_t i) const override {
+    const RMSpropOptions& o = options(group_of(i));
+    return {existing_state(i, 0), static_cast<float>(o.eps), 0.0f};
+  }
+
   static void validate(const RMSpropOptions& o) {
     detail::check_nonnegative("RMSprop", "lr", o.lr);
     MIXPREC_CHECK(o.alpha >= 0.0 && o.alpha <= 1.0, "RMSprop: alpha = ", o.alpha,

@@ -1,0 +1,597 @@
+// SPDX-License-Identifier: Apache-2.0
+// The instability monitor's detectors and forecasts: plain host logic that
+// turns the log records of a run into events (each with a suggestion) and a
+// look ahead at the loss scale, the fp16 underflow share and the loss.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <limits>
+#include <locale>
+#include <map>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "mixprec/core/error.hpp"
+#include "mixprec/monitor/record.hpp"
+
+namespace mixprec::monitor {
+
+/// The detectors' thresholds and windows. A window counts steps unless it
+/// says otherwise. A statistic over a window needs `min_samples` values
+/// before it may fire, so the first steps of a run raise no false alarms.
+struct DetectorOptions {
+  /// loss_spike: the loss lies more than `loss_z` standard deviations above
+  /// the mean of the last `loss_window` finite losses of applied steps. The
+  /// deviation is floored at 1e-3 |mean| + 1e-12, so a flat loss does not
+  /// fire on rounding noise (at z = 6 a spike must be 0.6% above the mean).
+  std::int64_t loss_window = 100;
+  double loss_z = 6.0;
+  /// grad_norm_explosion: the gradient norm exceeds `grad_norm_factor` times
+  /// the median of the last `grad_norm_window` finite norms.
+  double grad_norm_factor = 10.0;
+  std::int64_t grad_norm_window = 100;
+  /// What the loss spike, the gradient-norm explosion and the divergence
+  /// forecast need in their windows before they say anything.
+  std::int64_t min_samples = 20;
+  /// scale_collapse: the scale is under `collapse_scale` (the gradients
+  /// overflow fp16 even unscaled), or it backed off (fell below the previous
+  /// step's scale) `backoff_count` times within `backoff_window` steps.
+  double collapse_scale = 1.0;
+  std::int64_t backoff_count = 5;
+  std::int64_t backoff_window = 200;
+  /// underflow: at a logged step, at least this share of the float16
+  /// gradients' elements is lost in fp16 (zero or under 2^-24), over all
+  /// float16 parameters or in one of at least `underflow_min_numel` elements
+  /// (a small bias, mostly zeros, would otherwise dominate the events).
+  double underflow_share = 0.25;
+  std::int64_t underflow_min_numel = 1024;
+  /// stalled_updates: a parameter's update ratio is under `stall_ratio` on
+  /// an applied logged step, once the first `stall_warmup_records` logging
+  /// intervals (stall_warmup_records * every steps) are past.
+  double stall_ratio = 1e-7;
+  std::int64_t stall_warmup_records = 10;
+  /// repeated_overflow: one parameter's gradient was not finite on
+  /// `overflow_repeats` of the last `overflow_window` steps.
+  std::int64_t overflow_repeats = 3;
+  std::int64_t overflow_window = 200;
+  /// Forecasts: the scale and loss trends are fitted over the last
+  /// `trend_window` steps, the underflow trend over the last
+  /// `underflow_trend_records` logged records.
+  std::int64_t trend_window = 200;
+  std::int64_t underflow_trend_records = 10;
+  /// The loss is diverging when its fitted rise over the trend window is
+  /// more than `diverge_sigmas` residual deviations and more than
+  /// `diverge_rise` times its mean magnitude (see Detectors::forecast()).
+  double diverge_sigmas = 3.0;
+  double diverge_rise = 0.1;
+  /// At most one event per (kind, parameter) in this many steps; one fires
+  /// again after that while its condition holds.
+  std::int64_t repeat_interval = 1000;
+
+  /// Throws mixprec::Error naming the first bad field and its value.
+  void validate() const {
+    const auto positive_finite = [](double x) { return std::isfinite(x) && x > 0.0; };
+    MIXPREC_CHECK(min_samples >= 3, "DetectorOptions: min_samples = ", min_samples, ", must be >= 3");
+    MIXPREC_CHECK(loss_window >= min_samples, "DetectorOptions: loss_window = ", loss_window,
+                  ", must be >= min_samples = ", min_samples);
+    MIXPREC_CHECK(positive_finite(loss_z), "DetectorOptions: loss_z = ", loss_z, ", must be finite and > 0");
+    MIXPREC_CHECK(std::isfinite(grad_norm_factor) && grad_norm_factor > 1.0, "DetectorOptions: grad_norm_factor = ",
+                  grad_norm_factor, ", must be finite and > 1");
+    MIXPREC_CHECK(grad_norm_window >= min_samples, "DetectorOptions: grad_norm_window = ", grad_norm_window,
+                  ", must be >= min_samples = ", min_samples);
+    MIXPREC_CHECK(std::isfinite(collapse_scale) && collapse_scale >= 0.0, "DetectorOptions: collapse_scale = ",
+                  collapse_scale, ", must be finite and >= 0");
+    MIXPREC_CHECK(backoff_count >= 1, "DetectorOptions: backoff_count = ", backoff_count, ", must be >= 1");
+    MIXPREC_CHECK(backoff_window >= 1, "DetectorOptions: backoff_window = ", backoff_window, ", must be >= 1");
+    MIXPREC_CHECK(underflow_share > 0.0 && underflow_share <= 1.0, "DetectorOptions: underflow_share = ",
+                  underflow_share, ", must be in (0, 1]");
+    MIXPREC_CHECK(underflow_min_numel >= 0, "DetectorOptions: underflow_min_numel = ", underflow_min_numel,
+                  ", must be >= 0");
+    MIXPREC_CHECK(std::isfinite(stall_ratio) && stall_ratio >= 0.0, "DetectorOptions: stall_ratio = ", stall_ratio,
+                  ", must be finite and >= 0 (0 turns the detector off)");
+    MIXPREC_CHECK(stall_warmup_records >= 0, "DetectorOptions: stall_warmup_records = ", stall_warmup_records,
+                  ", must be >= 0");
+    MIXPREC_CHECK(overflow_repeats >= 1, "DetectorOptions: overflow_repeats = ", overflow_repeats, ", must be >= 1");
+    MIXPREC_CHECK(overflow_window >= 1, "DetectorOptions: overflow_window = ", overflow_window, ", must be >= 1");
+    MIXPREC_CHECK(trend_window >= min_samples, "DetectorOptions: trend_window = ", trend_window,
+                  ", must be >= min_samples = ", min_samples);
+    MIXPREC_CHECK(underflow_trend_records >= 2, "DetectorOptions: underflow_trend_records = ",
+                  underflow_trend_records, ", must be >= 2");
+    MIXPREC_CHECK(std::isfinite(diverge_sigmas) && diverge_sigmas >= 0.0, "DetectorOptions: diverge_sigmas = ",
+                  diverge_sigmas, ", must be finite and >= 0");
+    MIXPREC_CHECK(std::isfinite(diverge_rise) && diverge_rise >= 0.0, "DetectorOptions: diverge_rise = ",
+                  diverge_rise, ", must be finite and >= 0");
+    MIXPREC_CHECK(repeat_interval >= 1, "DetectorOptions: repeat_interval = ", repeat_interval, ", must be >= 1");
+  }
+};
+
+namespace detail {
+
+/// A least-squares line y = mean_y + slope * (x - mean_x). slope is NaN with
+/// fewer than two distinct x; residual_std (SSR / (n - 2)) is 0 below three
+/// points.
+struct LineFit {
+  std::size_t n = 0;
+  double slope = std::numeric_limits<double>::quiet_NaN();
+  double mean_x = 0, mean_y = 0;
+  double residual_std = 0;
+};
+
+/// Fits x and y (same length) in double. x (step numbers, up to ~1e9) and y
+/// are centred first, so the sums do not cancel.
+inline LineFit fit_line(const std::vector<double>& x, const std::vector<double>& y) {
+  LineFit f;
+  f.n = x.size();
+  if (f.n == 0) return f;
+  for (std::size_t i = 0; i < f.n; ++i) {
+    f.mean_x += x[i];
+    f.mean_y += y[i];
+  }
+  f.mean_x /= static_cast<double>(f.n);
+  f.mean_y /= static_cast<double>(f.n);
+  double sxx = 0, sxy = 0;
+  for (std::size_t i = 0; i < f.n; ++i) {
+    sxx += (x[i] - f.mean_x) * (x[i] - f.mean_x);
+    sxy += (x[i] - f.mean_x) * (y[i] - f.mean_y);
+  }
+  if (!(sxx > 0)) return f;
+  f.slope = sxy / sxx;
+  if (f.n > 2) {
+    double ssr = 0;
+    for (std::size_t i = 0; i < f.n; ++i) {
+      const double r = (y[i] - f.mean_y) - f.slope * (x[i] - f.mean_x);
+      ssr += r * r;
+    }
+    f.residual_std = std::sqrt(ssr / static_cast<double>(f.n - 2));
+  }
+  return f;
+}
+
+/// x with three significant digits, for messages ("0.312", "6.55e+04",
+/// "nan"); the classic locale, whatever the program's global one is.
+inline std::string short_number(double x) {
+  std::ostringstream out;
+  out.imbue(std::locale::classic());
+  out.precision(3);
+  out << x;
+  return out.str();
+}
+
+}  // namespace detail
+
+/// The instability detectors of one run. observe() takes each log record
+/// in order and returns the events it raised; forecast() is the look ahead
+/// made at the last record. The history kept is bounded by the windows (plus
+/// one deque of step numbers per parameter, bounded by overflow_window); only
+/// events() grows, by at most one event per (kind, parameter) per
+/// repeat_interval steps.
+///
+/// Underflow concerns float16 gradients only: the underflow detector and
+/// forecast read the parameters whose dtype is "float16" (bfloat16 and
+/// float32 have fp32's range), and are silent when there are none.
+class Detectors {
+ public:
+  /// Throws mixprec::Error on bad options, or on a RunInfo whose `every` is
+  /// under 1, whose min_scale is negative or not finite, whose scaling is
+  /// not "dynamic", "static" or "disabled", or whose parameters lack a name
+  /// or have a dtype other than "float16", "bfloat16" or "float32".
+  explicit Detectors(RunInfo info, DetectorOptions options = {}) : info_(std::move(info)), opt_(options) {
+    opt_.validate();
+    MIXPREC_CHECK(info_.every >= 1, "Detectors: info.every = ", info_.every, ", must be >= 1");
+    MIXPREC_CHECK(std::isfinite(info_.min_scale) && info_.min_scale >= 0.0, "Detectors: info.min_scale = ",
+                  info_.min_scale, ", must be finite and >= 0");
+    MIXPREC_CHECK(info_.scaling == "dynamic" || info_.scaling == "static" || info_.scaling == "disabled",
+                  "Detectors: info.scaling = \"", info_.scaling, "\", must be \"dynamic\", \"static\" or \"disabled\"");
+    for (std::size_t i = 0; i < info_.params.size(); ++i) {
+      const ParamInfo& p = info_.params[i];
+      MIXPREC_CHECK(!p.name.empty(), "Detectors: info.params[", i, "].name is empty (an event without a name ",
+                    "means the whole model)");
+      MIXPREC_CHECK(p.dtype == "float16" || p.dtype == "bfloat16" || p.dtype == "float32", "Detectors: info.params[",
+                    i, "].dtype = \"", p.dtype, "\" (", p.name, "), must be \"float16\", \"bfloat16\" or \"float32\"");
+      MIXPREC_CHECK(p.numel >= 0, "Detectors: info.params[", i, "].numel = ", p.numel, " (", p.name,
+                    "), must be >= 0");
+      if (p.dtype == "float16") fp16_params_.push_back(i);
+    }
+    overflow_steps_.resize(info_.params.size());
+    forecast_.step = 0;
+  }
+
+  /// Runs every detector over the record's steps, then the logged-step
+  /// detectors (underflow, stalled updates) over its parameters, and updates
+  /// the forecast. Returns the events raised (also appended to events()).
+  /// Throws mixprec::Error, before any state changes, when the record has no
+  /// steps, its step numbers do not increase (within it and across records),
+  /// it does not hold one ParamSample per parameter, or it names a parameter
+  /// index out of range.
+  std::vector<Event> observe(const LogRecord& r) {
+    check_record(r);
+    std::vector<Event> found;
+    for (const StepSample& s : r.steps) observe_step(s, found);
+    observe_logged(r, found);
+    update_forecast(r);
+    return found;
+  }
+
+  /// The look ahead made at the last observed record (all absent before
+  /// the first):
+  /// - steps_to_min_scale (dynamic scaling only): the least-squares slope b
+  ///   of log2(scale) over the last trend_window steps; when b < 0,
+  ///   (log2(scale now) - log2(min_scale)) / -b, 0 once the scale is at
+  ///   min_scale. A backoff staircase fits a shallower slope than the mean
+  ///   rate while the window holds few stairs, so this errs late.
+  /// - steps_to_underflow: 0 when the float16 underflow share has reached
+  ///   the threshold; else the least-squares slope (per step) over the last
+  ///   underflow_trend_records records extrapolated to the threshold when it
+  ///   is rising.
+  /// - loss_slope: the least-squares slope of the finite losses of the last
+  ///   trend_window steps, skipped steps included (their loss is a genuine
+  ///   measurement at unchanged weights).
+  /// - diverging: the last loss is not finite; or, with min_samples finite
+  ///   losses in the window, the fitted rise slope * (last step - first
+  ///   step) is positive, above diverge_sigmas residual standard deviations
+  ///   (the rise stands out of the batch-to-batch scatter: a line through
+  ///   noise does not qualify) and above diverge_rise * |mean loss| (it is
+  ///   large enough to matter: a plateau creeping up by 1% does not). Both
+  ///   tests are deliberately stricter than a t-test on the slope, whose
+  ///   independence assumption minibatch losses do not meet.
+  Forecast forecast() const { return forecast_; }
+
+  /// Every event raised so far, oldest first.
+  const std::vector<Event>& events() const { return events_; }
+
+  /// A short status for a progress bar (under 60 characters): "monitor ok",
+  /// or the count of events and the latest, e.g.
+  /// "monitor: 2 events (underflow fc1.weight)".
+  std::string status_line() const {
+    if (events_.empty()) return "monitor ok";
+    const std::size_t n = events_.size();
+    const std::string head = "monitor: " + std::to_string(n) + (n == 1 ? " event (" : " events (");
+    const Event& e = events_.back();
+    std::string what = to_string(e.kind);
+    if (!e.param.empty()) what += " " + e.param;
+    constexpr std::size_t limit = 59;  // characters, ")" included
+    if (head.size() + what.size() + 1 > limit) {
+      std::size_t keep = limit > head.size() + 4 ? limit - head.size() - 4 : 0;
+      // Cut before a UTF-8 continuation byte, never inside a character.
+      while (keep > 0 && (static_cast<unsigned char>(what[keep]) & 0xC0) == 0x80) --keep;
+      what = what.substr(0, keep) + "...";
+    }
+    return head + what + ")";
+  }
+
+  const RunInfo& info() const { return info_; }
+  const DetectorOptions& options() const { return opt_; }
+  /// The last step observed (0 before the first record).
+  std::int64_t last_step() const { return last_step_; }
+
+ private:
+  struct TrendPoint {
+    std::int64_t step;
+    double scale, loss;
+  };
+  struct SharePoint {
+    std::int64_t step;
+    double share;
+  };
+
+  void check_record(const LogRecord& r) const {
+    MIXPREC_CHECK(!r.steps.empty(), "Detectors::observe: the record has no steps");
+    MIXPREC_CHECK(r.params.size() == info_.params.size(), "Detectors::observe: the record has ", r.params.size(),
+                  " parameter samples, the run has ", info_.params.size(), " parameters");
+    std::int64_t previous = last_step_;
+    for (std::size_t k = 0; k < r.steps.size(); ++k) {
+      const StepSample& s = r.steps[k];
+      MIXPREC_CHECK(s.step > previous, "Detectors::observe: steps[", k, "].step = ", s.step, ", must be > ", previous,
+                    " (step numbers increase, within a record and across records)");
+      previous = s.step;
+      for (int idx : s.nonfinite_params) {
+        MIXPREC_CHECK(idx >= 0 && static_cast<std::size_t>(idx) < info_.params.size(), "Detectors::observe: steps[",
+                      k, "].nonfinite_params holds ", idx, ", must be in [0, ", info_.params.size(), ")");
+      }
+    }
+  }
+
+  // Marks (kind, param) as fired at `step` unless it fired within the last
+  // repeat_interval steps.
+  bool may_fire(EventKind kind, const std::string& param, std::int64_t step) {
+    const auto key = std::make_pair(static_cast<int>(kind), param);
+    const auto it = last_fired_.find(key);
+    if (it != last_fired_.end() && step - it->second < opt_.repeat_interval) return false;
+    last_fired_[key] = step;
+    return true;
+  }
+
+  void add(std::vector<Event>& found, EventKind kind, std::int64_t step, std::string param, double value,
+           double threshold, std::string message, std::string suggestion) {
+    Event e;
+    e.kind = kind;
+    e.step = step;
+    e.param = std::move(param);
+    e.value = value;
+    e.threshold = threshold;
+    e.message = std::move(message);
+    e.suggestion = std::move(suggestion);
+    found.push_back(e);
+    events_.push_back(std::move(e));
+  }
+
+  double median_norm() {
+    scratch_.assign(norms_.begin(), norms_.end());
+    const std::size_t mid = scratch_.size() / 2;
+    std::nth_element(scratch_.begin(), scratch_.begin() + static_cast<std::ptrdiff_t>(mid), scratch_.end());
+    const double upper = scratch_[mid];
+    if (scratch_.size() % 2 == 1) return upper;
+    const double lower = *std::max_element(scratch_.begin(), scratch_.begin() + static_cast<std::ptrdiff_t>(mid));
+    return 0.5 * (lower + upper);
+  }
+
+  void observe_step(const StepSample& s, std::vector<Event>& found) {
+    using detail::short_number;
+    last_step_ = s.step;
+
+    // The loss: not finite, or a spike over the previous applied steps.
+    if (!std::isfinite(s.loss)) {
+      if (may_fire(EventKind::nonfinite_loss, "", s.step)) {
+        add(found, EventKind::nonfinite_loss, s.step, "", s.loss, std::numeric_limits<double>::quiet_NaN(),
+            "the loss is " + short_number(s.loss) + " at step " + std::to_string(s.step),
+            "compute the loss (softmax, log, exp) in fp32, check the batch's inputs and labels for inf/NaN, "
+            "and lower the lr if the weights are diverging");
+      }
+    } else {
+      if (static_cast<std::int64_t>(losses_.size()) >= opt_.min_samples) {
+        double mean = 0;
+        for (double l : losses_) mean += l;
+        mean /= static_cast<double>(losses_.size());
+        double ss = 0;
+        for (double l : losses_) ss += (l - mean) * (l - mean);
+        const double sd = std::max(std::sqrt(ss / static_cast<double>(losses_.size() - 1)),
+                                   1e-3 * std::fabs(mean) + 1e-12);
+        const double limit = mean + opt_.loss_z * sd;
+        if (s.loss > limit && may_fire(EventKind::loss_spike, "", s.step)) {
+          add(found, EventKind::loss_spike, s.step, "", s.loss, limit,
+              "the loss " + short_number(s.loss) + " is " + short_number((s.loss - mean) / sd) +
+                  " standard deviations above its mean " + short_number(mean) + " over the last " +
+                  std::to_string(losses_.size()) + " applied steps",
+              "lower the lr (or lengthen its warmup), clip the gradient norm (scaler.step(opt, max_norm)), "
+              "and check this step's batch for bad data");
+        }
+      }
+      if (!s.skipped) {
+        losses_.push_back(s.loss);
+        if (static_cast<std::int64_t>(losses_.size()) > opt_.loss_window) losses_.pop_front();
+      }
+    }
+
+    // The gradient norm against the median of the recent finite norms (a
+    // median, so that one earlier explosion does not mask the next).
+    if (std::isfinite(s.grad_norm)) {
+      if (static_cast<std::int64_t>(norms_.size()) >= opt_.min_samples) {
+        const double median = median_norm();
+        const double limit = opt_.grad_norm_factor * median;
+        if (median > 0 && s.grad_norm > limit && may_fire(EventKind::grad_norm_explosion, "", s.step)) {
+          add(found, EventKind::grad_norm_explosion, s.step, "", s.grad_norm, limit,
+              "the gradient norm " + short_number(s.grad_norm) + " is " + short_number(s.grad_norm / median) +
+                  "x its median " + short_number(median) + " over the last " + std::to_string(norms_.size()) +
+                  " steps",
+              "clip the gradient norm (scaler.step(opt, max_norm)) or lower the lr");
+        }
+      }
+      norms_.push_back(s.grad_norm);
+      if (static_cast<std::int64_t>(norms_.size()) > opt_.grad_norm_window) norms_.pop_front();
+    }
+
+    // The scale: under the floor, or backing off often.
+    if (s.scale < prev_scale_) backoffs_.push_back(s.step);  // false while prev_scale_ is NaN
+    prev_scale_ = s.scale;
+    while (!backoffs_.empty() && backoffs_.front() <= s.step - opt_.backoff_window) backoffs_.pop_front();
+    const char* collapse_hint =
+        "look for a layer that overflows in fp16 (the repeated_overflow events and the per-parameter overflow "
+        "shares name it; often the loss, a softmax or an unnormalised activation): compute it and the loss in "
+        "fp32, or train in bf16";
+    if (s.scale < opt_.collapse_scale) {
+      if (may_fire(EventKind::scale_collapse, "", s.step)) {
+        add(found, EventKind::scale_collapse, s.step, "", s.scale, opt_.collapse_scale,
+            "the loss scale fell to " + short_number(s.scale) + ", under " + short_number(opt_.collapse_scale) +
+                ": the gradients were not finite even unscaled (an fp16 overflow, or a NaN)",
+            collapse_hint);
+      }
+    } else if (static_cast<std::int64_t>(backoffs_.size()) >= opt_.backoff_count &&
+               may_fire(EventKind::scale_collapse, "", s.step)) {
+      add(found, EventKind::scale_collapse, s.step, "", static_cast<double>(backoffs_.size()),
+          static_cast<double>(opt_.backoff_count),
+          "the loss scale backed off " + std::to_string(backoffs_.size()) + " times in the last " +
+              std::to_string(opt_.backoff_window) + " steps, to " + short_number(s.scale),
+          collapse_hint);
+    }
+
+    // Parameters whose gradient keeps overflowing. The condition can only
+    // become true when a step is added, so only those are checked.
+    for (int idx : s.nonfinite_params) {
+      const auto i = static_cast<std::size_t>(idx);
+      std::deque<std::int64_t>& d = overflow_steps_[i];
+      if (!d.empty() && d.back() == s.step) continue;  // listed twice in one step
+      d.push_back(s.step);
+      while (d.front() <= s.step - opt_.overflow_window) d.pop_front();
+      const std::string& name = info_.params[i].name;
+      if (static_cast<std::int64_t>(d.size()) >= opt_.overflow_repeats &&
+          may_fire(EventKind::repeated_overflow, name, s.step)) {
+        add(found, EventKind::repeated_overflow, s.step, name, static_cast<double>(d.size()),
+            static_cast<double>(opt_.overflow_repeats),
+            name + "'s gradient was not finite on " + std::to_string(d.size()) + " of the last " +
+                std::to_string(opt_.overflow_window) + " steps",
+            "the layer that owns " + name +
+                " overflows fp16: compute it in fp32 or normalise its input, check its init and inputs for "
+                "inf/NaN, or train in bf16");
+      }
+    }
+
+    trend_.push_back({s.step, s.scale, s.loss});
+    while (trend_.front().step <= s.step - opt_.trend_window) trend_.pop_front();
+  }
+
+  std::string underflow_hint() const {
+    if (info_.scaling == "dynamic") {
+      return "raise the loss scale (a larger init_scale or a shorter growth_interval; if the scale keeps "
+             "backing off, find the parameter that overflows) or train in bf16";
+    }
+    if (info_.scaling == "static") {
+      return "raise the loss scale (init_scale, or enable dynamic scaling) or train in bf16";
+    }
+    return "enable loss scaling (dynamic, with init_scale 65536) or train in bf16";
+  }
+
+  void observe_logged(const LogRecord& r, std::vector<Event>& found) {
+    using detail::short_number;
+    const StepSample& last = r.last();
+
+    // Underflow over the float16 parameters, naming the worst large one.
+    Histogram all{};
+    for (std::size_t i : fp16_params_) {
+      for (std::size_t b = 0; b < all.size(); ++b) all[b] += r.params[i].hist[b];
+    }
+    std::uint64_t total = 0;
+    for (std::uint64_t n : all) total += n;
+    if (total > 0) {
+      const double share = fp16_shares(all).underflow;
+      std::size_t worst = info_.params.size();
+      double worst_share = -1;
+      for (std::size_t i : fp16_params_) {
+        if (info_.params[i].numel < opt_.underflow_min_numel) continue;
+        const Histogram& h = r.params[i].hist;
+        std::uint64_t n = 0;
+        for (std::uint64_t c : h) n += c;
+        if (n == 0) continue;
+        const double s = fp16_shares(h).underflow;
+        if (s >= opt_.underflow_share && s > worst_share) {
+          worst = i;
+          worst_share = s;
+        }
+      }
+      const std::string percent_all = short_number(100 * share) + "%";
+      if (worst < info_.params.size()) {
+        const std::string& name = info_.params[worst].name;
+        if (may_fire(EventKind::underflow, name, last.step)) {
+          add(found, EventKind::underflow, last.step, name, worst_share, opt_.underflow_share,
+              short_number(100 * worst_share) + "% of " + name +
+                  "'s scaled gradient is lost in fp16 (zero or under 2^-24; " + percent_all +
+                  " over all fp16 parameters)",
+              underflow_hint());
+        }
+      } else if (share >= opt_.underflow_share && may_fire(EventKind::underflow, "", last.step)) {
+        add(found, EventKind::underflow, last.step, "", share, opt_.underflow_share,
+            percent_all + " of the scaled fp16 gradients is lost in fp16 (zero or under 2^-24)", underflow_hint());
+      }
+      underflow_trend_.push_back({last.step, share});
+      if (static_cast<std::int64_t>(underflow_trend_.size()) > opt_.underflow_trend_records) {
+        underflow_trend_.pop_front();
+      }
+    }
+
+    // Stalled updates: only applied steps move the weights, and Adam's
+    // first steps are not representative.
+    if (!last.skipped && last.step > opt_.stall_warmup_records * info_.every) {
+      for (std::size_t i = 0; i < r.params.size(); ++i) {
+        const double ratio = r.params[i].update_ratio;  // NaN (zero weights) compares false
+        const ParamInfo& p = info_.params[i];
+        if (!(ratio < opt_.stall_ratio) || !may_fire(EventKind::stalled_updates, p.name, last.step)) continue;
+        std::string why = "the lr is too small for this parameter, or its weights are too large: at this ratio ";
+        if (p.dtype == "float16") {
+          why += "its fp16 weights no longer change (one fp16 ulp is 2^-11 relative) and even the fp32 master ";
+        } else if (p.dtype == "bfloat16") {
+          why += "its bf16 weights no longer change (one bf16 ulp is 2^-8 relative) and even the fp32 master ";
+        } else {
+          why += "its fp32 weights ";
+        }
+        why += "rounds updates away (one fp32 ulp is 2^-24 relative)";
+        add(found, EventKind::stalled_updates, last.step, p.name, ratio, opt_.stall_ratio,
+            p.name + "'s update ratio " + short_number(ratio) + " is under " + short_number(opt_.stall_ratio), why);
+      }
+    }
+  }
+
+  void update_forecast(const LogRecord& r) {
+    Forecast f;
+    f.step = r.last().step;
+    std::vector<double> x, y;
+
+    if (info_.scaling == "dynamic" && info_.min_scale > 0) {
+      for (const TrendPoint& p : trend_) {
+        if (std::isfinite(p.scale) && p.scale > 0) {
+          x.push_back(static_cast<double>(p.step));
+          y.push_back(std::log2(p.scale));
+        }
+      }
+      const double now = r.last().scale;
+      if (std::isfinite(now) && now > 0) {
+        const double gap = std::log2(now) - std::log2(info_.min_scale);
+        const detail::LineFit fit = detail::fit_line(x, y);
+        if (gap <= 0) {
+          f.steps_to_min_scale = 0;
+        } else if (fit.slope < 0) {
+          f.steps_to_min_scale = gap / -fit.slope;
+        }
+      }
+    }
+
+    // Only when this record measured a share (it has float16 gradients).
+    if (!underflow_trend_.empty() && underflow_trend_.back().step == f.step) {
+      const double now = underflow_trend_.back().share;
+      x.clear();
+      y.clear();
+      for (const SharePoint& p : underflow_trend_) {
+        x.push_back(static_cast<double>(p.step));
+        y.push_back(p.share);
+      }
+      const detail::LineFit fit = detail::fit_line(x, y);
+      if (now >= opt_.underflow_share) {
+        f.steps_to_underflow = 0;
+      } else if (fit.slope > 0) {
+        f.steps_to_underflow = (opt_.underflow_share - now) / fit.slope;
+      }
+    }
+
+    x.clear();
+    y.clear();
+    for (const TrendPoint& p : trend_) {
+      if (std::isfinite(p.loss)) {
+        x.push_back(static_cast<double>(p.step));
+        y.push_back(p.loss);
+      }
+    }
+    const detail::LineFit fit = detail::fit_line(x, y);
+    f.loss_slope = fit.slope;
+    if (!std::isfinite(r.last().loss)) {
+      f.diverging = true;
+    } else if (static_cast<std::int64_t>(fit.n) >= opt_.min_samples && fit.slope > 0) {
+      const double rise = fit.slope * (x.back() - x.front());
+      f.diverging = rise > opt_.diverge_sigmas * fit.residual_std && rise > opt_.diverge_rise * std::fabs(fit.mean_y);
+    }
+    forecast_ = f;
+  }
+
+  RunInfo info_;
+  DetectorOptions opt_;
+  std::vector<std::size_t> fp16_params_;  // indices of the float16 parameters
+
+  std::int64_t last_step_ = 0;
+  std::deque<double> losses_;  // the last loss_window finite losses of applied steps
+  std::deque<double> norms_;   // the last grad_norm_window finite gradient norms
+  std::vector<double> scratch_;
+  double prev_scale_ = std::numeric_limits<double>::quiet_NaN();
+  std::deque<std::int64_t> backoffs_;                     // steps that backed off, within backoff_window
+  std::vector<std::deque<std::int64_t>> overflow_steps_;  // per parameter, within overflow_window
+  std::deque<TrendPoint> trend_;                          // the last trend_window steps
+  std::deque<SharePoint> underflow_trend_;                // the last underflow_trend_records records
+
+  std::map<std::pair<int, std::string>, std::int64_t> last_fired_;  // (kind, param) -> step
+  std::vector<Event> events_;
+  Forecast forecast_;
+};
+
+}  // namespace mixprec::monitor

@@ -1,0 +1,119 @@
+// SPDX-License-Identifier: Apache-2.0
+// The seam between the monitor (host C++) and its CUDA kernels
+// (kernels/mixprec/cuda/monitor.cuh, installed with the other kernels by
+// <mixprec/cuda/backend.cuh>). The layout of a read-back is shared: the
+// kernels write it into pinned host memory, the monitor reads it there.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "mixprec/core/config.hpp"
+#include "mixprec/core/device.hpp"
+
+namespace mixprec::monitor {
+
+/// One monitored parameter as the kernels see it (device pointers).
+struct DeviceParamInfo {
+  const float* master = nullptr;        // the fp32 master weight
+  std::int64_t numel = 0;
+  std::int64_t snapshot_offset = 0;     // where its copy starts in the snapshot (floats)
+  const float* v = nullptr;             // second moment (null: none)
+  const std::int64_t* step = nullptr;   // its step count (for bias correction)
+  float eps = 0, beta2 = 0;             // SecondMoment
+};
+
+/// What a step's record reads, all device pointers, read when the kernel runs.
+struct DeviceStepInputs {
+  const float* loss = nullptr;          // null: the loss is not recorded (NaN)
+  const float* scale = nullptr;         // the scale this step's gradients carry
+  const int* found_inf = nullptr;       // the optimizer's pass 1 flag
+  const double* total_sum_squares = nullptr;
+  const double* sum_squares = nullptr;  // per parameter
+  const int* nonfinite = nullptr;       // per parameter
+};
+
+/// One step as recorded on the device.
+struct DeviceStep {
+  float loss;
+  float scale;
+  std::int32_t found_inf;
+  std::int32_t pad;
+  double sum_squares;  // of the stored (scaled) gradients
+};
+
+/// One parameter's sums at a logged step.
+struct DeviceParamSums {
+  double grad_sum_squares;   // of the stored gradient
+  double update_sum_squares; // of master after - master before
+  double weight_sum_squares; // of master before
+  double eps_count;          // elements where eps dominates
+  std::int32_t nonfinite;
+  std::int32_t has_v;
+};
+
+/// A published read-back: header, then `every` DeviceSteps (the ring, in
+/// slot order), every step's per-parameter non-finite flags (int32
+/// [every][params]), the parameters' sums, their histograms (uint64
+/// [params][64]). The header's `seq` is written last: a slot is complete
+/// when seq equals the number of the read-back it should hold, plus one.
+struct ReadbackHeader {
+  std::int64_t seq;    // 1-based number of this read-back
+  std::int64_t steps;  // steps recorded on the device so far
+};
+
+struct ReadbackLayout {
+  std::size_t steps = 0, nonfinite = 0, sums = 0, hist = 0, bytes = 0;  // offsets and size
+
+  static constexpr std::size_t align(std::size_t n) { return (n + 15) / 16 * 16; }
+  static ReadbackLayout of(int every, int params) {
+    ReadbackLayout l;
+    const auto k = static_cast<std::size_t>(every), p = static_cast<std::size_t>(params);
+    l.steps = align(sizeof(ReadbackHeader));
+    l.nonfinite = l.steps + align(k * sizeof(DeviceStep));
+    l.sums = l.nonfinite + align(k * p * sizeof(std::int32_t));
+    l.hist = l.sums + align(p * sizeof(DeviceParamSums));
+    l.bytes = l.hist + align(p * 64 * sizeof(std::uint64_t));
+    return l;
+  }
+};
+
+/// The device side of one Monitor: its buffers and launches. Every launch is
+/// asynchronous on the given stream and can be captured in a CUDA graph.
+class DeviceMonitorPlan {
+ public:
+  virtual ~DeviceMonitorPlan() = default;
+  /// Before a logged step's check pass: copies every master into the
+  /// snapshot and zeroes the histograms and sums. One launch.
+  virtual void snapshot(stream_t stream) = 0;
+  /// The histograms the check pass adds to (device, uint64 [params][64]).
+  virtual std::uint64_t* histogram() = 0;
+  /// After the optimizer's step, before the scaler's update: stores the
+  /// step's figures in ring slot (steps recorded) % every. One launch.
+  virtual void record(const DeviceStepInputs& in, stream_t stream) = 0;
+  /// After record() on a logged step: the parameters' sums (update, weight,
+  /// eps share), then the last block writes the read-back into pinned slot
+  /// (read-backs published) % slots of `pinned` and its seq last. One launch.
+  virtual void publish(const DeviceStepInputs& in, void* pinned, int slots, stream_t stream) = 0;
+  /// Whether `stream` is capturing a CUDA graph now.
+  virtual bool capturing(stream_t stream) = 0;
+};
+
+class DeviceMonitorKernels {
+ public:
+  virtual ~DeviceMonitorKernels() = default;
+  virtual std::unique_ptr<DeviceMonitorPlan> make_plan(const std::vector<DeviceParamInfo>& params, int every,
+                                                       Device device) = 0;
+};
+
+inline std::atomic<DeviceMonitorKernels*>& device_kernels_slot() {
+  static std::atomic<DeviceMonitorKernels*> slot{nullptr};
+  return slot;
+}
+inline void install_device_kernels(DeviceMonitorKernels* k) { device_kernels_slot().store(k); }
+inline DeviceMonitorKernels* device_kernels() { return device_kernels_slot().load(); }
+
+}  // namespace mixprec::monitor

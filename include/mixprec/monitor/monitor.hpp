@@ -1,0 +1,453 @@
+// SPDX-License-Identifier: Apache-2.0
+// Monitor: watches one optimizer and its GradScaler while training, on the
+// host or on a CUDA device, and says when and why mixed-precision training
+// goes unstable (docs/monitor.md).
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "mixprec/amp/device_grad_scaler.hpp"
+#include "mixprec/amp/grad_scaler.hpp"
+#include "mixprec/core/error.hpp"
+#include "mixprec/monitor/detectors.hpp"
+#include "mixprec/monitor/device_ops.hpp"
+#include "mixprec/monitor/jsonl.hpp"
+#include "mixprec/monitor/record.hpp"
+#include "mixprec/optim/device_backend.hpp"
+#include "mixprec/optim/optimizer.hpp"
+
+namespace mixprec::monitor {
+
+struct MonitorOptions {
+  /// A logged step every `every` steps: its details (per-parameter norms,
+  /// update ratios, eps share, exponent histograms) are measured, and
+  /// everything since the previous one is read back in one copy.
+  int every = 10;
+  /// The JSONL log (docs/monitor.md); empty: no log.
+  std::string log_path;
+  /// Print events to warning_stream (stderr when null). The detectors
+  /// rate-limit them (DetectorOptions::repeat_interval).
+  bool warnings = true;
+  std::FILE* warning_stream = nullptr;
+  /// Device: read-backs in flight in pinned memory before the host waits
+  /// for the oldest (the host then runs at most slots * every steps ahead).
+  int readback_slots = 8;
+  DetectorOptions detectors;
+};
+
+/// Watches one optimizer and the scaler that steps it. A training step calls
+/// monitor.step(loss) where it would call scaler.step(opt); scaler.update():
+///
+///     amp::DeviceGradScaler scaler;            // or amp::GradScaler on the host
+///     monitor::Monitor monitor(opt, scaler, {.every = 10, .log_path = "run.jsonl"});
+///     for (...) {
+///       ... forward, loss (device float* on the GPU), backward ...
+///       monitor.step(loss);                    // scaler.step(opt) + scaler.update() + the figures
+///     }
+///     monitor.flush();                         // the last read-backs (synchronises)
+///
+/// Every step records its loss, loss scale, whether it was skipped, the
+/// global gradient norm and which parameters had non-finite gradients. Every
+/// `every`-th step is logged: the check pass also counts the exponent
+/// histogram of every gradient (the same reads), the masters are copied
+/// before the update and compared after it (update ratio), and the second
+/// moment is read for the eps share. On a device all of this stays in device
+/// memory and one kernel writes a logged step's read-back into pinned host
+/// memory; the host reads it a step or more later, never synchronising
+/// (unless `readback_slots` read-backs are outstanding). Each read-back goes
+/// through the detectors, into the log and, as warnings, to stderr.
+///
+/// CUDA graphs: a captured step bakes in whether it is logged. Capture two
+/// graphs, one with logs_next() false and one with it true, replay the one
+/// logs_next() names, and call replayed() after each replay:
+///
+///     Graph& g = graphs[monitor.logs_next()];
+///     if (g.empty()) g.capture(stream, step);  // step() calls monitor.step(loss)
+///     g.replay(stream);
+///     monitor.replayed();
+///
+/// The monitor holds references to the optimizer and scaler: they must
+/// outlive it. Memory: one fp32 copy of the masters (the snapshot), a few
+/// KiB per parameter.
+class Monitor {
+ public:
+  Monitor(optim::Optimizer& opt, amp::GradScaler& scaler, const MonitorOptions& options = {})
+      : Monitor(opt, options, &scaler, nullptr) {}
+  Monitor(optim::Optimizer& opt, amp::DeviceGradScaler& scaler, const MonitorOptions& options = {})
+      : Monitor(opt, options, nullptr, &scaler) {}
+  ~Monitor() {
+    if (opt_.grad_histogram() == histogram_target()) opt_.set_grad_histogram(nullptr);
+    if (pinned_ != nullptr) optim::device_backend()->free_pinned(pinned_);
+  }
+  Monitor(const Monitor&) = delete;
+  Monitor& operator=(const Monitor&) = delete;
+
+  /// Host: scaler.step(opt) (with clip_grad_norm(max_norm) when max_norm >
+  /// 0) and scaler.update(), with the step's figures. Returns whether the
+  /// step was applied.
+  bool step(float loss, double max_norm = 0) {
+    MIXPREC_CHECK(host_ != nullptr, "Monitor::step(float loss): the parameters are on ", opt_.device(),
+                  "; pass the loss as a device pointer (const float*)");
+    const bool logged = logs_next();
+    if (logged) {
+      const std::vector<ParamInfo>& ps = info_.params;
+      std::size_t off = 0;
+      for (std::size_t i = 0; i < ps.size(); ++i) {
+        const Tensor<float>& m = opt_.master(i);
+        std::memcpy(snapshot_.data() + off, m.data(), static_cast<std::size_t>(m.numel()) * sizeof(float));
+        off += static_cast<std::size_t>(m.numel());
+      }
+      std::fill(host_hist_.begin(), host_hist_.end(), 0);
+      opt_.set_grad_histogram(host_hist_.data());
+    }
+    bool applied = false;
+    try {
+      applied = max_norm > 0 ? host_->step(opt_, max_norm) : host_->step(opt_);
+    } catch (...) {
+      opt_.set_grad_histogram(nullptr);
+      throw;
+    }
+    opt_.set_grad_histogram(nullptr);
+    const optim::GradStats& stats = host_->grad_stats(opt_);
+    StepSample s;
+    s.step = steps_ + 1;
+    s.loss = loss;
+    s.scale = host_->scale();
+    s.skipped = host_->found_inf(opt_);
+    s.grad_norm = std::sqrt(stats.total_sum_squares()) / s.scale;
+    for (std::size_t i = 0; i < stats.nonfinite.size(); ++i) {
+      if (stats.nonfinite[i]) s.nonfinite_params.push_back(static_cast<int>(i));
+    }
+    pending_.steps.push_back(s);
+    if (logged) pending_.params = host_params(stats, s.scale);
+    host_->update();
+    steps_ += 1;
+    if (logged) {
+      process(std::move(pending_));
+      pending_ = LogRecord{};
+    }
+    return applied;
+  }
+
+  /// Device: the same with the loss in device memory (null: not recorded),
+  /// launches only. The figures come back with the next logged step.
+  void step(const float* loss, double max_norm = 0) {
+    MIXPREC_CHECK(device_scaler_ != nullptr, "Monitor::step(const float* loss): the parameters are on ",
+                  opt_.device(), "; pass the loss as a float");
+    amp::DeviceGradScaler& scaler = *device_scaler_;
+    const stream_t stream = scaler.stream();
+    ensure_plan();
+    const bool capturing = plan_->capturing(stream);
+    const bool logged = logs_next();
+    if (logged) {
+      plan_->snapshot(stream);
+      opt_.set_grad_histogram(plan_->histogram());
+    }
+    try {
+      if (max_norm > 0) {
+        scaler.step(opt_, max_norm);
+      } else {
+        scaler.step(opt_);
+      }
+    } catch (...) {
+      opt_.set_grad_histogram(nullptr);
+      throw;
+    }
+    opt_.set_grad_histogram(nullptr);
+    DeviceStepInputs in;
+    in.loss = loss;
+    in.scale = scaler.scale_data();
+    in.found_inf = opt_.device_found_inf();
+    in.total_sum_squares = opt_.device_total_sum_squares();
+    in.sum_squares = opt_.device_sum_squares();
+    in.nonfinite = opt_.device_nonfinite();
+    plan_->record(in, stream);
+    if (logged) plan_->publish(in, pinned_, options_.readback_slots, stream);
+    scaler.update();
+    if (!capturing) advance(logged);
+  }
+
+  /// Whether the next step is a logged one.
+  bool logs_next() const { return (steps_ + 1) % options_.every == 0; }
+  /// A replayed CUDA graph ran one monitored step (see the class comment).
+  void replayed() {
+    MIXPREC_CHECK(device_scaler_ != nullptr, "Monitor::replayed: this monitor watches a host optimizer");
+    MIXPREC_CHECK(plan_ != nullptr, "Monitor::replayed: no step has been captured or run yet");
+    advance(logs_next());
+  }
+  /// Device: waits for the read-backs in flight and processes them
+  /// (synchronises the scaler's stream). Host: nothing to wait for.
+  void flush() {
+    if (device_scaler_ == nullptr || plan_ == nullptr) return;
+    optim::device_backend()->synchronize(device_scaler_->stream());
+    poll();
+    MIXPREC_CHECK(consumed_ == submitted_, "Monitor::flush: ", submitted_ - consumed_,
+                  " read-backs did not arrive; was every replay followed by replayed()?");
+  }
+
+  const MonitorOptions& options() const { return options_; }
+  const RunInfo& info() const { return info_; }
+  /// Steps monitored (replayed ones included) and records processed.
+  std::int64_t steps() const { return steps_; }
+  std::int64_t records() const { return records_; }
+  /// Every event so far, the latest forecast, the latest record (null
+  /// before the first), a short line for a progress bar.
+  const std::vector<Event>& events() const { return detectors_.events(); }
+  Forecast forecast() const { return detectors_.forecast(); }
+  const LogRecord* last_record() const { return records_ > 0 ? &last_ : nullptr; }
+  std::string status_line() const { return detectors_.status_line(); }
+
+ private:
+  Monitor(optim::Optimizer& opt, const MonitorOptions& options, amp::GradScaler* host,
+          amp::DeviceGradScaler* device)
+      : opt_(opt), options_(validated(options)), host_(host), device_scaler_(device),
+        info_(run_info(opt, host != nullptr ? host->options() : device->options(), options.every)),
+        detectors_(info_, options.detectors) {
+    MIXPREC_CHECK(opt.num_params() > 0, "Monitor: the ", opt.name(), " has no parameters");
+    if (host != nullptr) {
+      MIXPREC_CHECK(!opt.on_device(), "Monitor: the parameters of this ", opt.name(), " are on ", opt.device(),
+                    "; monitor them with their amp::DeviceGradScaler");
+      std::size_t total = 0;
+      for (const ParamInfo& p : info_.params) total += static_cast<std::size_t>(p.numel);
+      snapshot_.resize(total);
+      host_hist_.resize(info_.params.size() * Bins::count);
+    } else {
+      MIXPREC_CHECK(opt.on_device() && opt.device() == device->device(), "Monitor: the parameters of this ",
+                    opt.name(), " are on ", opt.device(), ", the DeviceGradScaler on ", device->device());
+      MIXPREC_CHECK(device_kernels() != nullptr, "Monitor: the parameters are on ", opt.device(),
+                    " but no CUDA kernels are linked into this program; compile one .cu file that includes "
+                    "<mixprec/cuda/backend.cuh>");
+      layout_ = ReadbackLayout::of(options_.every, static_cast<int>(info_.params.size()));
+      pinned_ = optim::device_backend()->alloc_pinned(layout_.bytes * static_cast<std::size_t>(options_.readback_slots));
+      std::memset(pinned_, 0, layout_.bytes * static_cast<std::size_t>(options_.readback_slots));
+    }
+    if (!options_.log_path.empty()) {
+      writer_ = std::make_unique<JsonlWriter>(options_.log_path);
+      writer_->write(header_json(info_));
+    }
+  }
+
+  static MonitorOptions validated(const MonitorOptions& o) {
+    MIXPREC_CHECK(o.every >= 1 && o.every <= 1000000, "Monitor: every = ", o.every, ", must be in [1, 1000000]");
+    MIXPREC_CHECK(o.readback_slots >= 2 && o.readback_slots <= 1024, "Monitor: readback_slots = ",
+                  o.readback_slots, ", must be in [2, 1024]");
+    return o;
+  }
+
+  static RunInfo run_info(const optim::Optimizer& opt, const amp::GradScalerOptions& s, int every) {
+    RunInfo info;
+    info.optimizer = opt.name();
+    info.device = opt.device().str();
+    info.scaling = s.mode == amp::ScalingMode::dynamic ? "dynamic"
+                   : s.mode == amp::ScalingMode::static_scale ? "static" : "disabled";
+    info.init_scale = s.mode == amp::ScalingMode::disabled ? 1.0 : s.init_scale;
+    info.min_scale = s.min_scale;
+    info.max_scale = s.max_scale;
+    info.every = every;
+    for (std::size_t i = 0; i < opt.num_params(); ++i) {
+      const optim::Param& p = opt.param(i);
+      info.params.push_back({p.name, p.grad.numel(), dtype_name(p.grad.dtype())});
+    }
+    return info;
+  }
+
+  std::uint64_t* histogram_target() const {
+    return plan_ != nullptr ? plan_->histogram() : (host_hist_.empty() ? nullptr : const_cast<std::uint64_t*>(host_hist_.data()));
+  }
+
+  // The logged step's per-parameter figures on the host.
+  std::vector<ParamSample> host_params(const optim::GradStats& stats, double scale) const {
+    std::vector<ParamSample> out(info_.params.size());
+    std::size_t off = 0;
+    for (std::size_t i = 0; i < out.size(); ++i) {
+      ParamSample& p = out[i];
+      const Tensor<float>& m = opt_.master(i);
+      const auto n = static_cast<std::size_t>(m.numel());
+      const float* before = snapshot_.data() + off;
+      double upd = 0, wt = 0;
+      for (std::size_t k = 0; k < n; ++k) {
+        const float d = m.data()[k] - before[k];
+        upd += static_cast<double>(d) * d;
+        wt += static_cast<double>(before[k]) * before[k];
+      }
+      off += n;
+      p.grad_norm = std::sqrt(stats.sum_squares[i]) / scale;
+      p.update_ratio = wt > 0 ? std::sqrt(upd / wt) : std::nan("");
+      p.nonfinite = stats.nonfinite[i] != 0;
+      const optim::SecondMoment sm = opt_.second_moment(i);
+      if (sm.v != nullptr && n > 0) {
+        float v_scale = 1.0f;
+        if (sm.beta2 > 0.0f) {
+          const double bc = 1.0 - std::pow(static_cast<double>(sm.beta2), static_cast<double>(opt_.step_count(i)));
+          if (bc > 0) v_scale = static_cast<float>(1.0 / bc);
+        }
+        const float eps2 = sm.eps * sm.eps;
+        std::size_t count = 0;
+        for (std::size_t k = 0; k < n; ++k) count += sm.v[k] * v_scale < eps2 ? 1 : 0;
+        p.eps_share = static_cast<double>(count) / static_cast<double>(n);
+      }
+      for (std::size_t b = 0; b < p.hist.size(); ++b) p.hist[b] = host_hist_[i * Bins::count + b];
+    }
+    return out;
+  }
+
+  // Device: the kernels' view of the parameters, made at the first step
+  // (when the optimizer's state exists) and again if its second-moment
+  // buffers were made since (an option switched on later).
+  void ensure_plan() {
+    std::vector<const float*> v(info_.params.size());
+    for (std::size_t i = 0; i < v.size(); ++i) v[i] = opt_.second_moment(i).v;
+    if (plan_ != nullptr && v == plan_v_) return;
+    MIXPREC_CHECK(plan_ == nullptr || !submitted_pending(), "Monitor: the optimizer's state buffers changed "
+                  "while read-backs are in flight; call flush() first");
+    std::vector<DeviceParamInfo> params(v.size());
+    std::int64_t off = 0;
+    for (std::size_t i = 0; i < v.size(); ++i) {
+      const optim::SecondMoment sm = opt_.second_moment(i);
+      params[i].master = opt_.master(i).data();
+      params[i].numel = opt_.master(i).numel();
+      params[i].snapshot_offset = off;
+      params[i].v = sm.v;
+      params[i].step = opt_.device_step_count(i);
+      params[i].eps = sm.eps;
+      params[i].beta2 = sm.beta2;
+      off += (params[i].numel + 3) / 4 * 4;
+    }
+    plan_ = device_kernels()->make_plan(params, options_.every, opt_.device());
+    plan_v_ = std::move(v);
+  }
+  bool submitted_pending() const { return consumed_ != submitted_; }
+
+  // The host's count moves on; a logged step's read-back is now in flight.
+  // Keeps a slot free for the next one, waiting for the oldest if need be.
+  void advance(bool logged) {
+    steps_ += 1;
+    if (logged) submitted_ += 1;
+    poll();
+    if (submitted_ - consumed_ >= options_.readback_slots - 1) {
+      optim::device_backend()->synchronize(device_scaler_->stream());
+      poll();
+    }
+  }
+
+  // Processes every read-back that has arrived, in order.
+  void poll() {
+    while (consumed_ < submitted_) {
+      const char* slot = static_cast<const char*>(pinned_) +
+                         static_cast<std::size_t>(consumed_ % options_.readback_slots) * layout_.bytes;
+      const volatile ReadbackHeader* h = reinterpret_cast<const volatile ReadbackHeader*>(slot);
+      if (h->seq != consumed_ + 1) return;
+      std::atomic_thread_fence(std::memory_order_acquire);
+      process(read_back(slot));
+      consumed_ += 1;
+    }
+  }
+
+  LogRecord read_back(const char* slot) const {
+    const auto* header = reinterpret_cast<const ReadbackHeader*>(slot);
+    const int k = options_.every;
+    const std::size_t np = info_.params.size();
+    const std::int64_t last = (consumed_ + 1) * k;
+    MIXPREC_CHECK(header->steps == last, "Monitor: read-back ", consumed_ + 1, " holds steps up to ", header->steps,
+                  ", expected ", last, "; was every replay followed by replayed()?");
+    const auto* steps = reinterpret_cast<const DeviceStep*>(slot + layout_.steps);
+    const auto* flags = reinterpret_cast<const std::int32_t*>(slot + layout_.nonfinite);
+    const auto* sums = reinterpret_cast<const DeviceParamSums*>(slot + layout_.sums);
+    const auto* hist = reinterpret_cast<const std::uint64_t*>(slot + layout_.hist);
+    LogRecord r;
+    for (int j = 0; j < k; ++j) {
+      StepSample s;
+      s.step = last - k + 1 + j;
+      s.loss = steps[j].loss;
+      s.scale = steps[j].scale;
+      s.skipped = steps[j].found_inf != 0;
+      s.grad_norm = std::sqrt(steps[j].sum_squares) / s.scale;
+      for (std::size_t i = 0; i < np; ++i) {
+        if (flags[static_cast<std::size_t>(j) * np + i] != 0) s.nonfinite_params.push_back(static_cast<int>(i));
+      }
+      r.steps.push_back(std::move(s));
+    }
+    const double scale = r.steps.back().scale;
+    r.params.resize(np);
+    for (std::size_t i = 0; i < np; ++i) {
+      ParamSample& p = r.params[i];
+      const DeviceParamSums& s = sums[i];
+      p.grad_norm = std::sqrt(s.grad_sum_squares) / scale;
+      p.update_ratio = s.weight_sum_squares > 0 ? std::sqrt(s.update_sum_squares / s.weight_sum_squares)
+                                                : std::nan("");
+      if (s.has_v != 0 && info_.params[i].numel > 0) {
+        p.eps_share = s.eps_count / static_cast<double>(info_.params[i].numel);
+      }
+      p.nonfinite = s.nonfinite != 0;
+      for (int b = 0; b < Bins::count; ++b) p.hist[static_cast<std::size_t>(b)] = hist[i * Bins::count + static_cast<std::size_t>(b)];
+    }
+    return r;
+  }
+
+  void process(LogRecord r) {
+    const std::vector<Event> found = detectors_.observe(r);
+    const Forecast f = detectors_.forecast();
+    if (writer_) writer_->write(record_json(info_, r, f, found));
+    if (options_.warnings) {
+      std::FILE* out = options_.warning_stream != nullptr ? options_.warning_stream : stderr;
+      for (const Event& e : found) {
+        std::fprintf(out, "mixprec monitor: step %lld: %s%s%s: %s Try: %s\n", static_cast<long long>(e.step),
+                     to_string(e.kind), e.param.empty() ? "" : " in ", e.param.c_str(), e.message.c_str(),
+                     e.suggestion.c_str());
+      }
+      if (!found.empty()) {
+        const std::string line = forecast_line(f);
+        if (!line.empty()) std::fprintf(out, "mixprec monitor: forecast: %s\n", line.c_str());
+      }
+    }
+    last_ = std::move(r);
+    records_ += 1;
+  }
+
+  static std::string forecast_line(const Forecast& f) {
+    std::string s;
+    char buf[160];
+    if (std::isfinite(f.steps_to_min_scale)) {
+      std::snprintf(buf, sizeof buf, "the scale reaches min_scale in ~%.0f steps; ", f.steps_to_min_scale);
+      s += buf;
+    }
+    if (std::isfinite(f.steps_to_underflow)) {
+      std::snprintf(buf, sizeof buf, "the underflow share crosses its threshold in ~%.0f steps; ", f.steps_to_underflow);
+      s += buf;
+    }
+    if (f.diverging) s += "the loss is diverging; ";
+    if (!s.empty()) s.resize(s.size() - 2);
+    return s;
+  }
+
+  optim::Optimizer& opt_;
+  MonitorOptions options_;
+  amp::GradScaler* host_ = nullptr;
+  amp::DeviceGradScaler* device_scaler_ = nullptr;
+  RunInfo info_;
+  Detectors detectors_;
+  std::unique_ptr<JsonlWriter> writer_;
+  std::int64_t steps_ = 0, records_ = 0;
+  LogRecord last_;
+  // Host.
+  LogRecord pending_;
+  std::vector<float> snapshot_;
+  std::vector<std::uint64_t> host_hist_;
+  // Device.
+  std::unique_ptr<DeviceMonitorPlan> plan_;
+  std::vector<const float*> plan_v_;
+  ReadbackLayout layout_;
+  void* pinned_ = nullptr;
+  std::int64_t submitted_ = 0, consumed_ = 0;  // read-backs launched, processed
+};
+
+}  // namespace mixprec::monitor

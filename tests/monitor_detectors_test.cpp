@@ -1,0 +1,967 @@
+// SPDX-License-Identifier: Apache-2.0
+// The instability monitor's host logic: each detector fires on a synthetic
+// sequence and stays silent on a near miss; the forecasts against answers
+// worked out by hand; the rate limit; option, run and record checks; the
+// JSONL lines, read back by Python's json module.
+#include <gtest/gtest.h>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <functional>
+#include <limits>
+#include <random>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "mixprec/monitor/detectors.hpp"
+#include "mixprec/monitor/jsonl.hpp"
+#include "mixprec/monitor/record.hpp"
+#include "test_util.hpp"
+
+namespace mixprec::monitor {
+namespace {
+
+using test::expect_error;
+
+constexpr double nan = std::numeric_limits<double>::quiet_NaN();
+constexpr double inf = std::numeric_limits<double>::infinity();
+
+// Three parameters: two weights and a bias too small for the per-parameter
+// underflow check (100 < underflow_min_numel = 1024).
+RunInfo make_info(const std::string& dtype = "float16") {
+  RunInfo info;
+  info.optimizer = "AdamW";
+  info.device = "cpu";
+  info.scaling = "dynamic";
+  info.init_scale = 65536;
+  info.min_scale = 1;
+  info.max_scale = inf;
+  info.every = 10;
+  info.params = {{"fc1.weight", 5000, dtype}, {"fc1.bias", 100, dtype}, {"fc2.weight", 2000, dtype}};
+  return info;
+}
+
+// n elements, round(n * under) of them exact zeros (lost in fp16), the rest
+// at 2^-5 (a normal fp16 value).
+Histogram hist(std::int64_t n, double under) {
+  Histogram h{};
+  const auto zeros = static_cast<std::uint64_t>(std::llround(static_cast<double>(n) * under));
+  h[Bins::zero] = zeros;
+  h[static_cast<std::size_t>(Bins::of(0.03125f))] = static_cast<std::uint64_t>(n) - zeros;
+  return h;
+}
+
+StepSample sample(std::int64_t step, double loss, double scale = 65536, double grad_norm = 1.0) {
+  StepSample s;
+  s.step = step;
+  s.loss = loss;
+  s.scale = scale;
+  s.grad_norm = grad_norm;
+  return s;
+}
+
+// Feeds a Detectors one record per `every` steps. `params` is what the next
+// record carries (healthy unless a test changes it).
+struct Feed {
+  explicit Feed(RunInfo i = make_info(), DetectorOptions o = {}) : info(std::move(i)), det(info, o) {
+    for (const ParamInfo& p : info.params) {
+      ParamSample s;
+      s.grad_norm = 0.5;
+      s.update_ratio = 1e-3;
+      s.eps_share = 0.01;
+      s.hist = hist(p.numel, 0.0);
+      params.push_back(s);
+    }
+  }
+  void add(const StepSample& s) {
+    pending.push_back(s);
+    if (static_cast<int>(pending.size()) == info.every) flush();
+  }
+  // Steps first..last (inclusive) made by f(step).
+  void steps(std::int64_t first, std::int64_t last, const std::function<StepSample(std::int64_t)>& f) {
+    for (std::int64_t s = first; s <= last; ++s) add(f(s));
+  }
+  void flush() {
+    if (pending.empty()) return;
+    LogRecord r;
+    r.steps = pending;
+    r.params = params;
+    pending.clear();
+    const std::vector<Event> found = det.observe(r);
+    events.insert(events.end(), found.begin(), found.end());
+  }
+  std::vector<Event> of(EventKind kind) const {
+    std::vector<Event> out;
+    for (const Event& e : events) {
+      if (e.kind == kind) out.push_back(e);
+    }
+    return out;
+  }
+
+  RunInfo info;
+  Detectors det;
+  std::vector<ParamSample> params;
+  std::vector<StepSample> pending;
+  std::vector<Event> events;
+};
+
+std::string describe(const std::vector<Event>& events) {
+  std::ostringstream out;
+  for (const Event& e : events) {
+    out << "\n  " << to_string(e.kind) << " step " << e.step << " param '" << e.param << "' value " << e.value
+        << " threshold " << e.threshold << ": " << e.message;
+  }
+  return out.str();
+}
+
+void expect_complete(const Event& e) {
+  EXPECT_FALSE(e.message.empty()) << to_string(e.kind);
+  EXPECT_FALSE(e.suggestion.empty()) << to_string(e.kind);
+}
+
+// A healthy run: the loss falls with noise, the norm wobbles, the scale
+// grows once. Nothing may fire.
+TEST(Detectors, HealthyRunRaisesNothing) {
+  std::mt19937 rng(1);
+  std::uniform_real_distribution<double> noise(-0.05, 0.05);
+  Feed run;
+  run.steps(1, 1000, [&](std::int64_t s) {
+    const double loss = 2.0 * std::exp(-static_cast<double>(s) / 400.0) + 0.3 + noise(rng);
+    return sample(s, loss, s <= 500 ? 32768.0 : 65536.0, 1.0 + noise(rng));
+  });
+  EXPECT_TRUE(run.events.empty()) << describe(run.events);
+  EXPECT_TRUE(run.det.events().empty());
+  EXPECT_EQ(run.det.status_line(), "monitor ok");
+  EXPECT_FALSE(run.det.forecast().diverging);
+  EXPECT_LT(run.det.forecast().loss_slope, 0.0);
+}
+
+// --- nonfinite_loss ----------------------------------------------------------
+
+TEST(Detectors, NonfiniteLossFires) {
+  for (double bad : {nan, inf, -inf}) {
+    Feed run;
+    run.steps(1, 50, [&](std::int64_t s) { return sample(s, s == 37 ? bad : 2.0); });
+    ASSERT_EQ(run.events.size(), 1u) << bad << describe(run.events);
+    const Event& e = run.events[0];
+    EXPECT_EQ(e.kind, EventKind::nonfinite_loss);
+    EXPECT_EQ(e.step, 37);
+    EXPECT_EQ(e.param, "");
+    EXPECT_EQ(std::isnan(e.value), std::isnan(bad));
+    expect_complete(e);
+  }
+}
+
+// --- loss_spike --------------------------------------------------------------
+
+// 100 noisy losses around 2, then one at mean + z * sd of those 100 (the
+// sample standard deviation, computed here).
+std::vector<Event> spike_events(double z, double* limit_out = nullptr) {
+  std::mt19937 rng(2);
+  std::uniform_real_distribution<double> noise(-0.01, 0.01);
+  std::vector<double> losses;
+  for (int s = 0; s < 100; ++s) losses.push_back(2.0 + noise(rng));
+  double mean = 0;
+  for (double l : losses) mean += l;
+  mean /= 100;
+  double ss = 0;
+  for (double l : losses) ss += (l - mean) * (l - mean);
+  const double sd = std::sqrt(ss / 99);
+  if (limit_out) *limit_out = mean + 6.0 * sd;
+  Feed run;
+  run.steps(1, 100, [&](std::int64_t s) { return sample(s, losses[static_cast<std::size_t>(s - 1)]); });
+  run.steps(101, 110, [&](std::int64_t s) { return sample(s, s == 101 ? mean + z * sd : mean); });
+  return run.events;
+}
+
+TEST(Detectors, LossSpikeAtZ7Fires) {
+  double limit = 0;
+  const std::vector<Event> events = spike_events(7.0, &limit);
+  ASSERT_EQ(events.size(), 1u) << describe(events);
+  EXPECT_EQ(events[0].kind, EventKind::loss_spike);
+  EXPECT_EQ(events[0].step, 101);
+  EXPECT_EQ(events[0].param, "");
+  EXPECT_NEAR(events[0].threshold, limit, 1e-12);  // the loss that z = 6 means
+  EXPECT_GT(events[0].value, events[0].threshold);
+  expect_complete(events[0]);
+}
+
+TEST(Detectors, LossWithinZ3DoesNotFire) {
+  const std::vector<Event> events = spike_events(3.0);
+  EXPECT_TRUE(events.empty()) << describe(events);
+}
+
+// A perfectly flat loss has a standard deviation of 0: the floor
+// (1e-3 |mean|) keeps rounding-size wiggles quiet, a 2% jump still fires.
+TEST(Detectors, FlatLossNeedsARelativeMargin) {
+  Feed run;
+  run.steps(1, 100, [](std::int64_t s) { return sample(s, 2.0); });
+  run.steps(101, 110, [](std::int64_t s) { return sample(s, s == 101 ? 2.0 + 1e-6 : 2.0); });
+  EXPECT_TRUE(run.events.empty()) << describe(run.events);
+  run.steps(111, 120, [](std::int64_t s) { return sample(s, s == 111 ? 2.04 : 2.0); });
+  ASSERT_EQ(run.events.size(), 1u) << describe(run.events);
+  EXPECT_EQ(run.events[0].kind, EventKind::loss_spike);
+  EXPECT_EQ(run.events[0].step, 111);
+}
+
+// min_samples = 20 previous losses: a spike at step 20 has 19 behind it.
+TEST(Detectors, LossSpikeNeedsTwentyPreviousLosses) {
+  for (std::int64_t at : {20, 21}) {
+    Feed run;
+    run.steps(1, 30, [&](std::int64_t s) { return sample(s, s == at ? 100.0 : 2.0 + 0.001 * (s % 2)); });
+    EXPECT_EQ(run.of(EventKind::loss_spike).size(), at == 21 ? 1u : 0u) << "spike at " << at;
+  }
+}
+
+// --- grad_norm_explosion -----------------------------------------------------
+
+// 100 noisy norms around 1, four at their median, then one at `factor`
+// times it. *limit_out: 10x the median of the window the detector sees at
+// step 105 (steps 5..104), computed here.
+std::vector<Event> norm_events(double factor, double* limit_out = nullptr) {
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<double> noise(-0.1, 0.1);
+  std::vector<double> norms;
+  for (int s = 0; s < 100; ++s) norms.push_back(1.0 + noise(rng));
+  const auto median_of = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+  };
+  const double median = median_of(norms);
+  std::vector<double> window(norms.begin() + 4, norms.end());
+  window.insert(window.end(), 4, median);
+  if (limit_out) *limit_out = 10.0 * median_of(window);
+  Feed run;
+  run.steps(1, 100, [&](std::int64_t s) { return sample(s, 2.0, 65536, norms[static_cast<std::size_t>(s - 1)]); });
+  run.steps(101, 110, [&](std::int64_t s) { return sample(s, 2.0, 65536, s == 105 ? factor * median : median); });
+  return run.events;
+}
+
+TEST(Detectors, GradNormTimes20Fires) {
+  double limit = 0;
+  const std::vector<Event> events = norm_events(20.0, &limit);
+  ASSERT_EQ(events.size(), 1u) << describe(events);
+  EXPECT_EQ(events[0].kind, EventKind::grad_norm_explosion);
+  EXPECT_EQ(events[0].step, 105);
+  EXPECT_EQ(events[0].param, "");
+  EXPECT_DOUBLE_EQ(events[0].threshold, limit);
+  EXPECT_NEAR(events[0].value / events[0].threshold, 2.0, 0.05);
+  expect_complete(events[0]);
+}
+
+TEST(Detectors, GradNormTimes5DoesNotFire) {
+  const std::vector<Event> events = norm_events(5.0);
+  EXPECT_TRUE(events.empty()) << describe(events);
+}
+
+// --- scale_collapse ----------------------------------------------------------
+
+// The scale halves at each of `at` (from that step on).
+std::vector<Event> backoff_events(const std::vector<std::int64_t>& at, std::int64_t last) {
+  Feed run;
+  run.steps(1, last, [&](std::int64_t s) {
+    double scale = 65536;
+    for (std::int64_t b : at) {
+      if (s >= b) scale /= 2;
+    }
+    return sample(s, 2.0, scale);
+  });
+  return run.events;
+}
+
+TEST(Detectors, FiveBackoffsIn200StepsFire) {
+  const std::vector<Event> events = backoff_events({50, 80, 110, 140, 170}, 300);
+  ASSERT_EQ(events.size(), 1u) << describe(events);
+  EXPECT_EQ(events[0].kind, EventKind::scale_collapse);
+  EXPECT_EQ(events[0].step, 170);
+  EXPECT_EQ(events[0].param, "");
+  EXPECT_EQ(events[0].value, 5.0);
+  EXPECT_EQ(events[0].threshold, 5.0);
+  expect_complete(events[0]);
+}
+
+TEST(Detectors, FourBackoffsOrFiveSpreadOutDoNotFire) {
+  std::vector<Event> events = backoff_events({50, 80, 110, 140}, 300);
+  EXPECT_TRUE(events.empty()) << describe(events);
+  // 80 steps apart: any 200 steps hold at most three.
+  events = backoff_events({50, 130, 210, 290, 370}, 500);
+  EXPECT_TRUE(events.empty()) << describe(events);
+}
+
+TEST(Detectors, ScaleUnderOneFires) {
+  Feed run;
+  run.steps(1, 60, [](std::int64_t s) { return sample(s, 2.0, s < 31 ? 4.0 : 0.5); });
+  ASSERT_EQ(run.events.size(), 1u) << describe(run.events);
+  EXPECT_EQ(run.events[0].kind, EventKind::scale_collapse);
+  EXPECT_EQ(run.events[0].step, 31);
+  EXPECT_EQ(run.events[0].value, 0.5);
+  EXPECT_EQ(run.events[0].threshold, 1.0);
+  expect_complete(run.events[0]);
+}
+
+TEST(Detectors, ScaleOfOneDoesNotFire) {
+  RunInfo info = make_info();
+  info.scaling = "disabled";
+  Feed run(info);
+  run.steps(1, 100, [](std::int64_t s) { return sample(s, 2.0, 1.0); });
+  EXPECT_TRUE(run.events.empty()) << describe(run.events);
+}
+
+// --- underflow ---------------------------------------------------------------
+
+TEST(Detectors, UnderflowShare04FiresNamingTheParameter) {
+  Feed run;
+  run.steps(1, 10, [](std::int64_t s) { return sample(s, 2.0); });
+  run.params[0].hist = hist(5000, 0.4);
+  run.steps(11, 20, [](std::int64_t s) { return sample(s, 2.0); });
+  ASSERT_EQ(run.events.size(), 1u) << describe(run.events);
+  const Event& e = run.events[0];
+  EXPECT_EQ(e.kind, EventKind::underflow);
+  EXPECT_EQ(e.step, 20);
+  EXPECT_EQ(e.param, "fc1.weight");
+  EXPECT_DOUBLE_EQ(e.value, 0.4);
+  EXPECT_EQ(e.threshold, 0.25);
+  EXPECT_NE(e.message.find("fc1.weight"), std::string::npos) << e.message;
+  EXPECT_NE(e.suggestion.find("bf16"), std::string::npos) << e.suggestion;
+}
+
+TEST(Detectors, UnderflowShare01DoesNotFire) {
+  Feed run;
+  run.params[0].hist = hist(5000, 0.1);
+  run.params[2].hist = hist(2000, 0.1);
+  run.steps(1, 50, [](std::int64_t s) { return sample(s, 2.0); });
+  EXPECT_TRUE(run.events.empty()) << describe(run.events);
+}
+
+// A small bias full of zeros is not reported on its own (under
+// underflow_min_numel); a large weight over the threshold is, even when the
+// model's share is under it.
+TEST(Detectors, UnderflowPerParameterNeedsASizeableParameter) {
+  Feed run;
+  run.params[1].hist = hist(100, 0.9);
+  run.steps(1, 20, [](std::int64_t s) { return sample(s, 2.0); });
+  EXPECT_TRUE(run.events.empty()) << describe(run.events);
+  run.params[2].hist = hist(2000, 0.5);  // model: (90 + 1000) / 7100 = 0.15
+  run.steps(21, 30, [](std::int64_t s) { return sample(s, 2.0); });
+  ASSERT_EQ(run.events.size(), 1u) << describe(run.events);
+  EXPECT_EQ(run.events[0].param, "fc2.weight");
+  EXPECT_DOUBLE_EQ(run.events[0].value, 0.5);
+}
+
+// No large parameter reaches 0.25, but the model does:
+// (1200 + 100 + 480) / 7100 = 0.2507.
+TEST(Detectors, UnderflowOfTheWholeModelHasNoParameter) {
+  Feed run;
+  run.params[0].hist = hist(5000, 0.24);
+  run.params[1].hist = hist(100, 1.0);
+  run.params[2].hist = hist(2000, 0.24);
+  run.steps(1, 10, [](std::int64_t s) { return sample(s, 2.0); });
+  ASSERT_EQ(run.events.size(), 1u) << describe(run.events);
+  EXPECT_EQ(run.events[0].param, "");
+  EXPECT_DOUBLE_EQ(run.events[0].value, 1780.0 / 7100.0);
+}
+
+// bfloat16 gradients have fp32's range: fp16 underflow says nothing there.
+TEST(Detectors, UnderflowIgnoresBfloat16Gradients) {
+  Feed run(make_info("bfloat16"));
+  run.params[0].hist = hist(5000, 0.9);
+  run.steps(1, 50, [](std::int64_t s) { return sample(s, 2.0); });
+  EXPECT_TRUE(run.events.empty()) << describe(run.events);
+  EXPECT_TRUE(std::isnan(run.det.forecast().steps_to_underflow));
+}
+
+// --- stalled_updates ---------------------------------------------------------
+
+// Healthy until step 190; the record of steps 191..200 carries `ratio` for
+// fc1.weight (and `skipped` on its logged step).
+std::vector<Event> stall_events(double ratio, std::int64_t logged = 200, bool skipped = false) {
+  Feed run;
+  run.steps(1, logged - 10, [](std::int64_t s) { return sample(s, 2.0); });
+  run.params[0].update_ratio = ratio;
+  run.steps(logged - 9, logged, [&](std::int64_t s) {
+    StepSample x = sample(s, 2.0);
+    x.skipped = skipped && s == logged;
+    return x;
+  });
+  return run.events;
+}
+
+TEST(Detectors, StalledRatio1e9Fires) {
+  const std::vector<Event> events = stall_events(1e-9);
+  ASSERT_EQ(events.size(), 1u) << describe(events);
+  EXPECT_EQ(events[0].kind, EventKind::stalled_updates);
+  EXPECT_EQ(events[0].step, 200);
+  EXPECT_EQ(events[0].param, "fc1.weight");
+  EXPECT_EQ(events[0].value, 1e-9);
+  EXPECT_EQ(events[0].threshold, 1e-7);
+  EXPECT_NE(events[0].suggestion.find("2^-11"), std::string::npos) << events[0].suggestion;
+}
+
+TEST(Detectors, StalledNearMissesDoNotFire) {
+  EXPECT_TRUE(stall_events(1e-5).empty());
+  EXPECT_TRUE(stall_events(1e-9, 100).empty()) << "within the first 10 * every steps";
+  EXPECT_TRUE(stall_events(nan).empty()) << "NaN: the weight's norm is 0";
+  EXPECT_TRUE(stall_events(0.0, 200, true).empty()) << "a skipped step changes nothing";
+  EXPECT_EQ(stall_events(1e-9, 110).size(), 1u) << "the first logged step after the warmup";
+}
+
+// --- repeated_overflow -------------------------------------------------------
+
+std::vector<Event> overflow_events(const std::vector<std::int64_t>& at) {
+  Feed run;
+  run.steps(1, 400, [&](std::int64_t s) {
+    StepSample x = sample(s, 2.0);
+    if (std::find(at.begin(), at.end(), s) != at.end()) {
+      x.skipped = true;
+      x.grad_norm = inf;
+      x.nonfinite_params = {2};
+    }
+    return x;
+  });
+  return run.events;
+}
+
+TEST(Detectors, ParameterNonfiniteThreeTimesFiresNamingIt) {
+  const std::vector<Event> events = overflow_events({30, 90, 150});
+  ASSERT_EQ(events.size(), 1u) << describe(events);
+  EXPECT_EQ(events[0].kind, EventKind::repeated_overflow);
+  EXPECT_EQ(events[0].step, 150);
+  EXPECT_EQ(events[0].param, "fc2.weight");
+  EXPECT_EQ(events[0].value, 3.0);
+  EXPECT_EQ(events[0].threshold, 3.0);
+  EXPECT_NE(events[0].message.find("fc2.weight"), std::string::npos);
+  expect_complete(events[0]);
+}
+
+TEST(Detectors, ParameterNonfiniteTwiceOrSpreadOutDoesNotFire) {
+  std::vector<Event> events = overflow_events({30, 90});
+  EXPECT_TRUE(events.empty()) << describe(events);
+  events = overflow_events({30, 150, 260});  // never three within 200 steps
+  EXPECT_TRUE(events.empty()) << describe(events);
+}
+
+// --- the rate limit ----------------------------------------------------------
+
+TEST(Detectors, AnEventRepeatsOncePerRepeatInterval) {
+  Feed run;
+  run.steps(1, 2500, [](std::int64_t s) { return sample(s, nan); });
+  std::vector<std::int64_t> steps;
+  for (const Event& e : run.events) steps.push_back(e.step);
+  EXPECT_EQ(steps, (std::vector<std::int64_t>{1, 1001, 2001})) << describe(run.events);
+  EXPECT_EQ(run.det.events().size(), 3u);
+
+  DetectorOptions o;
+  o.repeat_interval = 100;
+  Feed often(make_info(), o);
+  often.steps(1, 2500, [](std::int64_t s) { return sample(s, nan); });
+  EXPECT_EQ(often.events.size(), 25u);
+}
+
+// The limit is per (kind, parameter): two stalled parameters both fire.
+TEST(Detectors, TheRateLimitIsPerKindAndParameter) {
+  Feed run;
+  run.steps(1, 190, [](std::int64_t s) { return sample(s, 2.0); });
+  run.params[0].update_ratio = 1e-9;
+  run.params[2].update_ratio = 1e-9;
+  run.steps(191, 400, [](std::int64_t s) { return sample(s, 2.0); });
+  ASSERT_EQ(run.events.size(), 2u) << describe(run.events);
+  EXPECT_EQ(run.events[0].param, "fc1.weight");
+  EXPECT_EQ(run.events[1].param, "fc2.weight");
+}
+
+// --- status line -------------------------------------------------------------
+
+TEST(Detectors, StatusLine) {
+  RunInfo info = make_info();
+  // The cut at 59 characters falls inside the first "é": it goes before it.
+  info.params[2].name = std::string(25, 'x') + "\xc3\xa9\xc3\xa9\xc3\xa9\xc3\xa9" + std::string(40, 'y');
+  Feed run(info);
+  EXPECT_EQ(run.det.status_line(), "monitor ok");
+  run.steps(1, 10, [](std::int64_t s) { return sample(s, s == 5 ? nan : 2.0); });
+  EXPECT_EQ(run.det.status_line(), "monitor: 1 event (nonfinite_loss)");
+  run.params[0].hist = hist(5000, 0.5);
+  run.steps(11, 20, [](std::int64_t s) { return sample(s, 2.0); });
+  EXPECT_EQ(run.det.status_line(), "monitor: 2 events (underflow fc1.weight)");
+  run.params[0].hist = hist(5000, 0.0);
+  run.params[2].hist = hist(2000, 0.5);
+  run.steps(21, 30, [](std::int64_t s) { return sample(s, 2.0); });
+  const std::string line = run.det.status_line();
+  EXPECT_LT(line.size(), 60u) << line;
+  EXPECT_EQ(line.rfind("monitor: 3 events (underflow xxx", 0), 0u) << line;
+  EXPECT_EQ(line, "monitor: 3 events (underflow " + std::string(25, 'x') + "...)");
+}
+
+// --- checks ------------------------------------------------------------------
+
+TEST(Detectors, OptionsAreValidated) {
+  DetectorOptions{}.validate();
+  struct Case {
+    std::function<void(DetectorOptions&)> set;
+    const char* fragment;
+  };
+  const std::vector<Case> cases = {
+      {[](DetectorOptions& o) { o.min_samples = 2; }, "min_samples = 2"},
+      {[](DetectorOptions& o) { o.loss_window = 10; }, "loss_window = 10"},
+      {[](DetectorOptions& o) { o.loss_z = -1; }, "loss_z = -1"},
+      {[](DetectorOptions& o) { o.loss_z = nan; }, "loss_z = nan"},
+      {[](DetectorOptions& o) { o.grad_norm_factor = 1; }, "grad_norm_factor = 1"},
+      {[](DetectorOptions& o) { o.grad_norm_window = 5; }, "grad_norm_window = 5"},
+      {[](DetectorOptions& o) { o.collapse_scale = -1; }, "collapse_scale = -1"},
+      {[](DetectorOptions& o) { o.backoff_count = 0; }, "backoff_count = 0"},
+      {[](DetectorOptions& o) { o.backoff_window = 0; }, "backoff_window = 0"},
+      {[](DetectorOptions& o) { o.underflow_share = 0; }, "underflow_share = 0"},
+      {[](DetectorOptions& o) { o.underflow_share = 1.5; }, "underflow_share = 1.5"},
+      {[](DetectorOptions& o) { o.underflow_min_numel = -1; }, "underflow_min_numel = -1"},
+      {[](DetectorOptions& o) { o.stall_ratio = -1e-7; }, "stall_ratio = -1e-07"},
+      {[](DetectorOptions& o) { o.stall_warmup_records = -1; }, "stall_warmup_records = -1"},
+      {[](DetectorOptions& o) { o.overflow_repeats = 0; }, "overflow_repeats = 0"},
+      {[](DetectorOptions& o) { o.overflow_window = 0; }, "overflow_window = 0"},
+      {[](DetectorOptions& o) { o.trend_window = 10; }, "trend_window = 10"},
+      {[](DetectorOptions& o) { o.underflow_trend_records = 1; }, "underflow_trend_records = 1"},
+      {[](DetectorOptions& o) { o.diverge_sigmas = -1; }, "diverge_sigmas = -1"},
+      {[](DetectorOptions& o) { o.diverge_rise = inf; }, "diverge_rise = inf"},
+      {[](DetectorOptions& o) { o.repeat_interval = 0; }, "repeat_interval = 0"},
+  };
+  for (const Case& c : cases) {
+    DetectorOptions o;
+    c.set(o);
+    expect_error([&] { Detectors d(make_info(), o); }, {"DetectorOptions: ", c.fragment});
+  }
+}
+
+TEST(Detectors, RunInfoIsValidated) {
+  RunInfo info = make_info();
+  info.every = 0;
+  expect_error([&] { Detectors d(info); }, {"info.every = 0"});
+  info = make_info();
+  info.min_scale = -1;
+  expect_error([&] { Detectors d(info); }, {"info.min_scale = -1"});
+  info = make_info();
+  info.scaling = "auto";
+  expect_error([&] { Detectors d(info); }, {"info.scaling = \"auto\""});
+  info = make_info();
+  info.params[1].dtype = "fp16";
+  expect_error([&] { Detectors d(info); }, {"info.params[1].dtype = \"fp16\"", "fc1.bias"});
+  info = make_info();
+  info.params[2].name = "";
+  expect_error([&] { Detectors d(info); }, {"info.params[2].name is empty"});
+  info = make_info();
+  info.params[0].numel = -5;
+  expect_error([&] { Detectors d(info); }, {"info.params[0].numel = -5"});
+}
+
+TEST(Detectors, BadRecordsAreRefusedBeforeAnythingChanges) {
+  Feed run;
+  run.steps(1, 10, [](std::int64_t s) { return sample(s, 2.0); });
+  LogRecord r;
+  r.params = run.params;
+  expect_error([&] { run.det.observe(r); }, {"Detectors::observe: the record has no steps"});
+  r.steps = {sample(11, nan), sample(12, 2.0)};
+  r.params.pop_back();
+  expect_error([&] { run.det.observe(r); }, {"2 parameter samples, the run has 3"});
+  r.params = run.params;
+  r.steps = {sample(11, nan), sample(11, 2.0)};
+  expect_error([&] { run.det.observe(r); }, {"steps[1].step = 11, must be > 11"});
+  r.steps = {sample(10, nan)};
+  expect_error([&] { run.det.observe(r); }, {"steps[0].step = 10, must be > 10"});
+  r.steps = {sample(11, nan), sample(12, 2.0)};
+  r.steps[1].nonfinite_params = {3};
+  expect_error([&] { run.det.observe(r); }, {"steps[1].nonfinite_params holds 3, must be in [0, 3)"});
+  // None of those left a trace: the NaN at step 11 still fires.
+  EXPECT_EQ(run.det.last_step(), 10);
+  EXPECT_TRUE(run.det.events().empty());
+  r.steps[1].nonfinite_params.clear();
+  const std::vector<Event> events = run.det.observe(r);
+  ASSERT_EQ(events.size(), 1u);
+  EXPECT_EQ(events[0].step, 11);
+}
+
+// --- forecasts ---------------------------------------------------------------
+
+TEST(Forecast, AbsentBeforeTheFirstRecord) {
+  const Detectors det(make_info());
+  const Forecast f = det.forecast();
+  EXPECT_EQ(f.step, 0);
+  EXPECT_TRUE(std::isnan(f.steps_to_min_scale));
+  EXPECT_TRUE(std::isnan(f.steps_to_underflow));
+  EXPECT_TRUE(std::isnan(f.loss_slope));
+  EXPECT_FALSE(f.diverging);
+}
+
+// log2(scale) = 16 - (s - 1) / 100: a halving every 100 steps, exactly
+// linear. At step 200 log2(scale) = 16 - 1.99 = 14.01; at 1/100 per step the
+// scale reaches min_scale = 1 (log2 = 0) in 14.01 * 100 = 1401 steps.
+TEST(Forecast, StepsToMinScaleOnASteadyDecline) {
+  Feed run;
+  run.steps(1, 200, [](std::int64_t s) {
+    return sample(s, 2.0, std::exp2(16.0 - static_cast<double>(s - 1) / 100.0));
+  });
+  const Forecast f = run.det.forecast();
+  EXPECT_EQ(f.step, 200);
+  EXPECT_NEAR(f.steps_to_min_scale, 1401.0, 1e-6);
+}
+
+// The scaler's staircase: 2^16 on steps 1..100, 2^15 on 101..200. Over
+// x = 1..200 with y = 0, then -1: Sxx = n (n^2 - 1) / 12 = 666650 and
+// Sxy = -sum_{x=101..200} (x - 100.5) = -5000, so the slope is -5000/666650
+// (shallower than the mean rate 1/100: one stair in view) and the 15 halvings
+// left take 15 * 666650 / 5000 = 1999.95 steps.
+TEST(Forecast, StepsToMinScaleOnTheScalersStaircase) {
+  Feed run;
+  run.steps(1, 200, [](std::int64_t s) { return sample(s, 2.0, s <= 100 ? 65536.0 : 32768.0); });
+  EXPECT_NEAR(run.det.forecast().steps_to_min_scale, 1999.95, 1e-6);
+}
+
+TEST(Forecast, NoStepsToMinScaleWhenTheScaleHoldsOrGrowsOrIsStatic) {
+  Feed steady;
+  steady.steps(1, 200, [](std::int64_t s) { return sample(s, 2.0); });
+  EXPECT_TRUE(std::isnan(steady.det.forecast().steps_to_min_scale));
+  Feed growing;
+  growing.steps(1, 200, [](std::int64_t s) { return sample(s, 2.0, s <= 100 ? 32768.0 : 65536.0); });
+  EXPECT_TRUE(std::isnan(growing.det.forecast().steps_to_min_scale));
+  RunInfo info = make_info();
+  info.scaling = "static";
+  Feed fixed(info);
+  fixed.steps(1, 200, [](std::int64_t s) { return sample(s, 2.0, s <= 100 ? 65536.0 : 32768.0); });
+  EXPECT_TRUE(std::isnan(fixed.det.forecast().steps_to_min_scale));
+  Feed at_min;
+  at_min.steps(1, 20, [](std::int64_t s) { return sample(s, 2.0, 1.0); });
+  EXPECT_EQ(at_min.det.forecast().steps_to_min_scale, 0.0);
+}
+
+// Every parameter's share (so the model's) is 0.05 at step 10, 0.10 at 20,
+// 0.15 at 30: 0.005 per step. From 0.15 the threshold 0.25 is 0.10 away:
+// 20 steps, i.e. at step 50, where it is reached (forecast 0, an event).
+TEST(Forecast, StepsToUnderflowOnALinearRise) {
+  Feed run;
+  const auto set_share = [&run](double share) {
+    for (std::size_t i = 0; i < run.params.size(); ++i) run.params[i].hist = hist(run.info.params[i].numel, share);
+  };
+  const std::vector<double> expected = {nan, 20.0 + 10.0, 20.0, 10.0, 0.0};  // at steps 10..50
+  for (int k = 1; k <= 5; ++k) {
+    set_share(0.05 * k);
+    run.steps(10 * k - 9, 10 * k, [](std::int64_t s) { return sample(s, 2.0); });
+    const Forecast f = run.det.forecast();
+    if (k == 1) {
+      EXPECT_TRUE(std::isnan(f.steps_to_underflow)) << "one record: no trend";
+    } else {
+      EXPECT_NEAR(f.steps_to_underflow, expected[static_cast<std::size_t>(k - 1)], 1e-9) << "step " << 10 * k;
+      EXPECT_NEAR(static_cast<double>(f.step) + f.steps_to_underflow, 50.0, 1e-9);
+    }
+  }
+  ASSERT_EQ(run.of(EventKind::underflow).size(), 1u) << describe(run.events);
+  EXPECT_EQ(run.of(EventKind::underflow)[0].step, 50);
+
+  Feed falling;
+  for (int k = 1; k <= 3; ++k) {
+    for (std::size_t i = 0; i < falling.params.size(); ++i) {
+      falling.params[i].hist = hist(falling.info.params[i].numel, 0.2 - 0.05 * k);
+    }
+    falling.steps(10 * k - 9, 10 * k, [](std::int64_t s) { return sample(s, 2.0); });
+  }
+  EXPECT_TRUE(std::isnan(falling.det.forecast().steps_to_underflow));
+}
+
+TEST(Forecast, ALossRisingOutOfItsNoiseIsDiverging) {
+  std::mt19937 rng(4);
+  std::uniform_real_distribution<double> noise(-0.02, 0.02);
+  Feed run;
+  run.steps(1, 200, [&](std::int64_t s) { return sample(s, 3.0 + 0.01 * static_cast<double>(s) + noise(rng)); });
+  const Forecast f = run.det.forecast();
+  EXPECT_TRUE(f.diverging);
+  EXPECT_NEAR(f.loss_slope, 0.01, 1e-3);
+}
+
+TEST(Forecast, AFallingLossIsNotDiverging) {
+  Feed run;
+  run.steps(1, 200, [](std::int64_t s) { return sample(s, 5.0 - 0.002 * static_cast<double>(s)); });
+  const Forecast f = run.det.forecast();
+  EXPECT_FALSE(f.diverging);
+  EXPECT_NEAR(f.loss_slope, -0.002, 1e-12);
+}
+
+TEST(Forecast, SmallOrNoisyRisesAreNotDiverging) {
+  // A clean creep of 0.2 on a loss of 100: significant, but 0.2% of it.
+  Feed creep;
+  creep.steps(1, 200, [](std::int64_t s) { return sample(s, 100.0 + 0.001 * static_cast<double>(s)); });
+  EXPECT_FALSE(creep.det.forecast().diverging);
+  EXPECT_NEAR(creep.det.forecast().loss_slope, 0.001, 1e-9);
+  // A rise of 0.4 (over 10% of the mean 2.2) under noise of +-1 (residual
+  // sd ~0.58): it does not stand out of the scatter.
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<double> noise(-1.0, 1.0);
+  Feed noisy;
+  noisy.steps(1, 200, [&](std::int64_t s) { return sample(s, 2.0 + 0.002 * static_cast<double>(s) + noise(rng)); });
+  EXPECT_FALSE(noisy.det.forecast().diverging);
+  // Too few losses to judge a trend.
+  Feed early;
+  early.steps(1, 10, [](std::int64_t s) { return sample(s, 2.0 + 0.1 * static_cast<double>(s)); });
+  EXPECT_FALSE(early.det.forecast().diverging);
+  EXPECT_NEAR(early.det.forecast().loss_slope, 0.1, 1e-12);
+}
+
+TEST(Forecast, ANonfiniteLastLossIsDiverging) {
+  Feed run;
+  run.steps(1, 50, [](std::int64_t s) { return sample(s, s == 50 ? nan : 2.0); });
+  EXPECT_TRUE(run.det.forecast().diverging);
+  EXPECT_EQ(run.det.forecast().loss_slope, 0.0);  // over the finite losses
+}
+
+// --- JSONL -------------------------------------------------------------------
+
+TEST(Jsonl, NumbersAreShortAndReadBackExactly) {
+  const std::vector<double> values = {0.1,  1.0 / 3.0, 65536, 1e-300, 5e-324, std::numeric_limits<double>::max(),
+                                      -0.0, -2.5,      1e21,  1e-5,   1234567.890123456789,
+                                      static_cast<double>(std::numeric_limits<float>::min())};
+  for (double x : values) {
+    for (const std::string& s : {detail::json_double(x), detail::json_double_printf(x)}) {
+      EXPECT_EQ(std::strtod(s.c_str(), nullptr), x) << s;
+      EXPECT_EQ(std::signbit(std::strtod(s.c_str(), nullptr)), std::signbit(x)) << s;
+      EXPECT_EQ(s.find_first_not_of("0123456789.-+e"), std::string::npos) << s;
+    }
+  }
+  EXPECT_EQ(detail::json_double(0.1), "0.1");
+  EXPECT_EQ(detail::json_double(65536), "65536");
+  EXPECT_EQ(detail::json_double_printf(0.1), "0.1");
+  EXPECT_EQ(detail::json_double_printf(65536), "65536");
+  std::string out;
+  detail::json_append_number(out, nan);
+  out += ' ';
+  detail::json_append_number(out, inf);
+  out += ' ';
+  detail::json_append_number(out, -inf);
+  out += ' ';
+  detail::json_append_optional(out, nan);
+  out += ' ';
+  detail::json_append_optional(out, inf);
+  EXPECT_EQ(out, "\"nan\" \"inf\" \"-inf\" null \"inf\"");
+}
+
+TEST(Jsonl, StringsAreEscaped) {
+  std::string out;
+  detail::json_append_string(out, std::string("a\"b\\c\nd\te\x01\x1f\x7f\xc3\xa9|\xff|\xe2\x82|\xed\xa0\x80"));
+  // Well-formed UTF-8 (é) stays; a stray byte, a truncated sequence and an
+  // encoded surrogate become U+FFFD, one per byte.
+  EXPECT_EQ(out, "\"a\\\"b\\\\c\\nd\\te\\u0001\\u001f\x7f\xc3\xa9|\\ufffd|\\ufffd\\ufffd|\\ufffd\\ufffd\\ufffd\"");
+}
+
+std::string temp_path(const std::string& name) {
+  return ::testing::TempDir() + "mixprec_" + std::to_string(::getpid()) + "_" + name;
+}
+
+// Runs /usr/bin/python3 on `script` with `arg`; returns its output and
+// exit status. No Python means a failure, never a skip.
+int run_python(const std::string& script, const std::string& arg, std::string& output) {
+  const std::string path = temp_path("check.py");
+  {
+    std::ofstream out(path);
+    out << script;
+  }
+  const std::string command = "/usr/bin/python3 '" + path + "' '" + arg + "' 2>&1";
+  std::FILE* pipe = ::popen(command.c_str(), "r");
+  if (pipe == nullptr) return -1;
+  char buf[4096];
+  std::size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, pipe)) > 0) output.append(buf, n);
+  const int status = ::pclose(pipe);
+  std::remove(path.c_str());
+  return status;
+}
+
+// What the Python check below expects, item by item.
+RunInfo json_info() {
+  RunInfo info = make_info();
+  info.device = "cuda:0";
+  info.min_scale = static_cast<double>(std::numeric_limits<float>::min());
+  info.params[1].name = "odd\"name\\with\nnewline\x01";
+  return info;
+}
+
+LogRecord json_record() {
+  LogRecord r;
+  r.steps = {sample(11, 2.5, 65536, 0.123456789), sample(12, nan, 32768, inf)};
+  r.steps[1].skipped = true;
+  r.steps[1].nonfinite_params = {1, 2};
+  ParamSample a;
+  a.grad_norm = 0.51;
+  a.update_ratio = 3.1e-4;
+  a.eps_share = 0.02;
+  a.hist[Bins::zero] = 10;
+  a.hist[static_cast<std::size_t>(Bins::of(std::ldexp(1.0f, -20)))] = 30;  // fp16 subnormal
+  a.hist[static_cast<std::size_t>(Bins::of(0.5f))] = 50;
+  a.hist[Bins::nonfinite] = 10;
+  ParamSample b;
+  b.update_ratio = nan;  // a weight of norm 0
+  b.nonfinite = true;
+  ParamSample c;  // eps_share NaN (SGD): null
+  c.hist[static_cast<std::size_t>(Bins::of(1.0f))] = 7;
+  r.params = {a, b, c};
+  return r;
+}
+
+const char* const json_check = R"PY(
+import json, sys
+
+def bare(c):
+    raise ValueError("bare non-finite constant " + c)
+
+text = open(sys.argv[1], encoding="utf-8").read()
+assert text.endswith("\n"), "the last line has no newline"
+lines = text[:-1].split("\n")
+assert len(lines) == 3, len(lines)
+h, r, d = [json.loads(line, parse_constant=bare) for line in lines]
+
+assert set(h) == {"type", "schema", "optimizer", "device", "scaling", "init_scale", "min_scale", "max_scale",
+                  "every", "bins", "params"}, sorted(h)
+assert h["type"] == "header" and h["schema"] == "mixprec.monitor/1"
+assert (h["optimizer"], h["device"], h["scaling"]) == ("AdamW", "cuda:0", "dynamic")
+assert h["init_scale"] == 65536 and h["max_scale"] == "inf" and h["every"] == 10
+assert h["min_scale"] == 2.0 ** -126, h["min_scale"]
+assert h["bins"] == {"count": 64, "zero": 0, "nonfinite": 63, "min_exponent": -45, "max_exponent": 16,
+                     "offset": 46}, h["bins"]
+assert h["params"] == [{"name": "fc1.weight", "numel": 5000, "dtype": "float16"},
+                       {"name": "odd\"name\\with\nnewline\x01", "numel": 100, "dtype": "float16"},
+                       {"name": "fc2.weight", "numel": 2000, "dtype": "float16"}], h["params"]
+
+assert set(r) == {"type", "step", "steps", "params", "overall", "forecast", "events"}, sorted(r)
+assert r["type"] == "log" and r["step"] == 12
+assert r["steps"] == {"first": 11, "loss": [2.5, "nan"], "scale": [65536, 32768], "skipped": [0, 1],
+                      "grad_norm": [0.123456789, "inf"], "nonfinite_params": [[], [1, 2]]}, r["steps"]
+a, b, c = r["params"]
+for p in (a, b, c):
+    assert set(p) == {"grad_norm", "update_ratio", "eps_share", "nonfinite", "underflow", "subnormal",
+                      "overflow", "hist"}, sorted(p)
+    assert len(p["hist"]) == 64 and all(type(n) is int for n in p["hist"])
+assert (a["grad_norm"], a["update_ratio"], a["eps_share"], a["nonfinite"]) == (0.51, 3.1e-4, 0.02, False)
+assert (a["underflow"], a["subnormal"], a["overflow"]) == (0.1, 0.3, 0.1), a
+assert a["hist"][0] == 10 and a["hist"][63] == 10 and a["hist"][-20 + 46] == 30 and sum(a["hist"]) == 100
+assert b["update_ratio"] == "nan" and b["nonfinite"] is True and b["eps_share"] is None
+assert c["eps_share"] is None and c["hist"][46] == 7 and c["underflow"] == 0
+assert b["underflow"] == 0 and sum(b["hist"]) == 0
+o = r["overall"]
+assert set(o) == {"underflow", "subnormal", "overflow", "hist"}
+assert o["hist"] == [x + y + z for x, y, z in zip(a["hist"], b["hist"], c["hist"])]
+assert o["underflow"] == 10 / 107 and o["subnormal"] == 30 / 107 and o["overflow"] == 10 / 107, o
+assert r["forecast"] == {"steps_to_min_scale": None, "steps_to_underflow": 20, "loss_slope": -0.002,
+                         "diverging": True}, r["forecast"]
+e0, e1 = r["events"]
+assert e0 == {"kind": "nonfinite_loss", "step": 12, "param": None, "value": "nan", "threshold": "nan",
+              "message": "the loss is nan", "suggestion": "fp32"}, e0
+assert e1["kind"] == "repeated_overflow" and e1["param"] == "odd\"name\\with\nnewline\x01"
+assert e1["message"] == "tab\there \"quoted\" back\\slash \u00e9", e1["message"]
+assert (e1["value"], e1["threshold"]) == (3, 3)
+
+assert d["type"] == "log" and d["step"] == 20 and d["steps"]["first"] == 11
+assert len(d["steps"]["loss"]) == 10 and d["steps"]["loss"][3] == "nan"
+assert [e["kind"] for e in d["events"]] == ["nonfinite_loss"] and d["events"][0]["param"] is None
+assert d["params"][1]["eps_share"] == 0.01
+print("OK")
+)PY";
+
+TEST(Jsonl, LinesParseBackInPython) {
+  const RunInfo info = json_info();
+  const LogRecord r = json_record();
+  Forecast f;
+  f.step = 12;
+  f.steps_to_underflow = 20;
+  f.loss_slope = -0.002;
+  f.diverging = true;
+  Event e0;
+  e0.kind = EventKind::nonfinite_loss;
+  e0.step = 12;
+  e0.value = nan;
+  e0.threshold = nan;
+  e0.message = "the loss is nan";
+  e0.suggestion = "fp32";
+  Event e1;
+  e1.kind = EventKind::repeated_overflow;
+  e1.step = 12;
+  e1.param = info.params[1].name;
+  e1.value = 3;
+  e1.threshold = 3;
+  e1.message = "tab\there \"quoted\" back\\slash \xc3\xa9";
+  e1.suggestion = "-";
+
+  // A record from the detectors themselves, as a trainer would write it.
+  Detectors det(info);
+  LogRecord from_run;
+  for (std::int64_t s = 11; s <= 20; ++s) from_run.steps.push_back(sample(s, s == 14 ? nan : 2.0));
+  for (std::size_t i = 0; i < info.params.size(); ++i) {
+    ParamSample p;
+    p.eps_share = 0.01;
+    p.hist = hist(info.params[i].numel, 0.0);
+    from_run.params.push_back(p);
+  }
+  const std::vector<Event> found = det.observe(from_run);
+
+  const std::string path = temp_path("monitor.jsonl");
+  {
+    JsonlWriter w(path);
+    w.write(header_json(info));
+    w.write(record_json(info, r, f, {e0, e1}));
+    w.write(record_json(info, from_run, det.forecast(), found));
+  }
+  std::string output;
+  const int status = run_python(json_check, path, output);
+  EXPECT_EQ(status, 0) << "/usr/bin/python3 failed (python3 is required):\n" << output;
+  EXPECT_EQ(output, "OK\n");
+  std::remove(path.c_str());
+}
+
+TEST(Jsonl, OneLineEachWithoutNewlines) {
+  const RunInfo info = json_info();
+  const std::string header = header_json(info);
+  const std::string record = record_json(info, json_record(), Forecast{}, {});
+  EXPECT_EQ(header.find('\n'), std::string::npos);
+  EXPECT_EQ(record.find('\n'), std::string::npos);
+  EXPECT_EQ(header.rfind("{\"type\": \"header\", \"schema\": \"mixprec.monitor/1\", ", 0), 0u) << header;
+  EXPECT_NE(record.find("\"forecast\": {\"steps_to_min_scale\": null, \"steps_to_underflow\": null, "
+                        "\"loss_slope\": null, \"diverging\": false}, \"events\": []}"),
+            std::string::npos)
+      << record;
+}
+
+TEST(Jsonl, RecordJsonChecksTheRecord) {
+  const RunInfo info = json_info();
+  LogRecord r = json_record();
+  r.params.pop_back();
+  expect_error([&] { record_json(info, r, Forecast{}, {}); }, {"record_json: the record has 2 parameter samples",
+                                                             "the run has 3"});
+  r.steps.clear();
+  expect_error([&] { record_json(info, r, Forecast{}, {}); }, {"record_json: the record has no steps"});
+}
+
+TEST(Jsonl, WriterTruncatesAppendsAndFlushes) {
+  const std::string path = temp_path("writer.jsonl");
+  {
+    JsonlWriter w(path);
+    w.write("{\"old\": 1}");
+  }
+  JsonlWriter w(path);
+  EXPECT_EQ(w.path(), path);
+  w.write("{\"a\": 1}");
+  w.write("{\"b\": 2}");
+  std::ifstream in(path);  // readable before the writer closes: flushed
+  std::stringstream text;
+  text << in.rdbuf();
+  EXPECT_EQ(text.str(), "{\"a\": 1}\n{\"b\": 2}\n");
+  expect_error([&] { w.write("{\"a\":\n1}"); }, {"JsonlWriter::write", "holds a newline at offset 5"});
+  std::remove(path.c_str());
+}
+
+TEST(Jsonl, WriterNamesThePathAndTheReason) {
+  expect_error([] { JsonlWriter w("/nonexistent-mixprec-dir/log.jsonl"); },
+               {"JsonlWriter: cannot open \"/nonexistent-mixprec-dir/log.jsonl\" for writing: ",
+                "No such file or directory"});
+}
+
+}  // namespace
+}  // namespace mixprec::monitor
