@@ -10,7 +10,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
 #include <limits>
 #include <random>
 #include <string>
@@ -245,7 +244,7 @@ struct DemoResult {
 
 DemoResult run_demo(amp::ScalingMode mode, int steps) {
   const std::int64_t batch = 64, in = 32, out = 4;
-  const double lr = std::getenv("DEMO_LR") ? std::atof(std::getenv("DEMO_LR")) : 0.05;
+  const double lr = 0.05;
   std::mt19937 rng(3);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::vector<float> teacher(static_cast<std::size_t>(in * out));
@@ -292,7 +291,7 @@ DemoResult run_demo(amp::ScalingMode mode, int steps) {
   return result;
 }
 
-const int kDemoSteps = std::getenv("DEMO_STEPS") ? std::atoi(std::getenv("DEMO_STEPS")) : 1000;
+const int kDemoSteps = 1000;
 
 TEST(MonitorDemo, Fp16WithoutScalingUnderflowsAndIsReportedWithAForecast) {
   const DemoResult r = run_demo(amp::ScalingMode::disabled, kDemoSteps);
@@ -305,17 +304,18 @@ TEST(MonitorDemo, Fp16WithoutScalingUnderflowsAndIsReportedWithAForecast) {
               r.last_loss);
   ASSERT_GT(first_underflow, 0) << "no underflow event";
   EXPECT_GT(r.underflow.back(), 0.25);
-  // A forecast made before the event saw the crossing coming.
-  bool forecast_before = false;
+  // The forecasts made 100 to 400 steps ahead saw the crossing coming,
+  // within 30% of when it came.
+  int checked = 0;
   for (const monitor::Forecast& f : r.forecasts) {
-    if (f.step < first_underflow && std::isfinite(f.steps_to_underflow) && f.steps_to_underflow > 0) {
-      forecast_before = true;
-      std::printf("forecast at step %lld: crossing in %.0f steps (it came %lld steps later)\n",
-                  static_cast<long long>(f.step), f.steps_to_underflow,
-                  static_cast<long long>(first_underflow - f.step));
-    }
+    const auto actual = static_cast<double>(first_underflow - f.step);
+    if (actual < 100 || actual > 400) continue;
+    std::printf("forecast at step %lld: crossing in %.0f steps (it came %.0f steps later)\n",
+                static_cast<long long>(f.step), f.steps_to_underflow, actual);
+    EXPECT_NEAR(f.steps_to_underflow, actual, 0.3 * actual) << "forecast at step " << f.step;
+    ++checked;
   }
-  EXPECT_TRUE(forecast_before) << "no forecast of the underflow before it was reported";
+  EXPECT_GE(checked, 10);
 }
 
 TEST(MonitorDemo, Fp16WithDynamicScalingIsHealthy) {

@@ -155,6 +155,26 @@ inline LineFit fit_line(const std::vector<double>& x, const std::vector<double>&
 
 /// x with three significant digits, for messages ("0.312", "6.55e+04",
 /// "nan"); the classic locale, whatever the program's global one is.
+/// log2 of the q-quantile of the magnitudes a histogram counts (infs and
+/// NaNs left out), interpolated log-uniformly within its bin; -inf when it
+/// falls among the zeros, NaN for an empty histogram.
+inline double quantile_exponent(const Histogram& h, double q) {
+  std::uint64_t total = 0;
+  for (int b = 0; b < Bins::nonfinite; ++b) total += h[static_cast<std::size_t>(b)];
+  if (total == 0) return std::numeric_limits<double>::quiet_NaN();
+  const double want = q * static_cast<double>(total);
+  double below = 0;
+  for (int b = 0; b < Bins::nonfinite; ++b) {
+    const double n = static_cast<double>(h[static_cast<std::size_t>(b)]);
+    if (n > 0 && below + n >= want) {
+      if (b == Bins::zero) return -std::numeric_limits<double>::infinity();
+      return Bins::lower_exponent(b) + (want - below) / n;
+    }
+    below += n;
+  }
+  return Bins::max_exponent + 1.0;
+}
+
 inline std::string short_number(double x) {
   std::ostringstream out;
   out.imbue(std::locale::classic());
@@ -278,6 +298,7 @@ class Detectors {
   struct SharePoint {
     std::int64_t step;
     double share;
+    double quantile;  // log2 of the underflow_share-quantile of |g| (-inf: at or below zero)
   };
 
   void check_record(const LogRecord& r) const {
@@ -487,7 +508,7 @@ class Detectors {
         add(found, EventKind::underflow, last.step, "", share, opt_.underflow_share,
             percent_all + " of the scaled fp16 gradients is lost in fp16 (zero or under 2^-24)", underflow_hint());
       }
-      underflow_trend_.push_back({last.step, share});
+      underflow_trend_.push_back({last.step, share, detail::quantile_exponent(all, opt_.underflow_share)});
       if (static_cast<std::int64_t>(underflow_trend_.size()) > opt_.underflow_trend_records) {
         underflow_trend_.pop_front();
       }
@@ -541,18 +562,25 @@ class Detectors {
 
     // Only when this record measured a share (it has float16 gradients).
     if (!underflow_trend_.empty() && underflow_trend_.back().step == f.step) {
-      const double now = underflow_trend_.back().share;
+      // The share crosses the threshold q when the q-quantile of the
+      // gradients' magnitudes falls under 2^-24. Gradients grow and shrink
+      // by factors, so that quantile's log2 moves about linearly where the
+      // share itself (flat at 0, then a sigmoid) does not: extrapolate it.
+      const SharePoint& now = underflow_trend_.back();
       x.clear();
       y.clear();
       for (const SharePoint& p : underflow_trend_) {
-        x.push_back(static_cast<double>(p.step));
-        y.push_back(p.share);
+        if (std::isfinite(p.quantile)) {
+          x.push_back(static_cast<double>(p.step));
+          y.push_back(p.quantile);
+        }
       }
       const detail::LineFit fit = detail::fit_line(x, y);
-      if (now >= opt_.underflow_share) {
+      const double boundary = Bins::fp16_min_subnormal_exponent;
+      if (now.share >= opt_.underflow_share) {
         f.steps_to_underflow = 0;
-      } else if (fit.slope > 0) {
-        f.steps_to_underflow = (opt_.underflow_share - now) / fit.slope;
+      } else if (std::isfinite(now.quantile) && fit.slope < 0) {
+        f.steps_to_underflow = std::max(0.0, (now.quantile - boundary) / -fit.slope);
       }
     }
 

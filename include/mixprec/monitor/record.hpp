@@ -181,8 +181,9 @@ struct Forecast {
   std::int64_t step = 0;  // the logged step it was made at
   /// Steps until the loss scale reaches min_scale at the recent backoff rate.
   double steps_to_min_scale = std::numeric_limits<double>::quiet_NaN();
-  /// Steps until the overall fp16 underflow share crosses the threshold
-  /// (0 when it already has).
+  /// Steps until the fp16 underflow share crosses the threshold q (0 when
+  /// it already has): from the trend of log2 of the q-quantile of the
+  /// gradients' magnitudes, which crosses -24 when the share crosses q.
   double steps_to_underflow = std::numeric_limits<double>::quiet_NaN();
   /// The loss's recent slope per step (least squares over finite losses).
   double loss_slope = std::numeric_limits<double>::quiet_NaN();
