@@ -11,7 +11,7 @@ JOBS="${MIXPREC_JOBS:-$(nproc)}"
 
 # Debian packages the build, the tests and the examples need.
 PACKAGES=(cmake ninja-build g++ ccache libeigen3-dev libgtest-dev libbenchmark-dev zlib1g-dev
-          dataset-fashion-mnist)
+          dataset-fashion-mnist chromium)  # chromium: headless, for the monitor report's render test
 
 log() { printf '\n== %s\n' "$*"; }
 

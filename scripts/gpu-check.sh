@@ -34,7 +34,7 @@ SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-san
 for tool in memcheck racecheck; do
   log "compute-sanitizer --tool $tool"
   for test in tensor_gpu_test convert_gpu_test grad_check_gpu_test optimizer_step_gpu_test device_optim_gpu_test \
-              nn_gpu_test; do
+              nn_gpu_test monitor_gpu_test; do
     rc=0
     # device_optim_gpu_test: the fp16 sweep and every other test (the bf16
     # and fp32 sweeps run the same kernels).
@@ -58,6 +58,9 @@ done
 log "the MLP against PyTorch AMP (10 epochs, both sizes)"
 (cd "$MIXPREC_ROOT/benchmarks" && "$TORCH_PYTHON" compare_pytorch_mlp.py --example "$BUILD_DIR/examples/fashion_mnist_mlp" \
   --data "${MIXPREC_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}") 2>&1 | tee "$OUT/compare_pytorch_mlp.txt" | tail -n 7
+log "what the instability monitor costs in the MLP example (target < 3% of step time)"
+python3 "$MIXPREC_ROOT/benchmarks/monitor_overhead.py" --example examples/fashion_mnist_mlp 2>&1 |
+  tee "$OUT/monitor_overhead.txt" || true
 log "GPU pass-1 benchmark"
 benchmarks/bench_grad_check 2>&1 | tee "$OUT/bench_grad_check.txt" | grep -E '^BM_'
 log "GPU optimizer step benchmark"

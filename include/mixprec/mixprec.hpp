@@ -35,3 +35,8 @@
 #include "mixprec/amp/grad_scaler.hpp"
 #include "mixprec/amp/scale_update.hpp"
 #include "mixprec/data/batches.hpp"
+#include "mixprec/monitor/detectors.hpp"
+#include "mixprec/monitor/jsonl.hpp"
+#include "mixprec/monitor/monitor.hpp"
+#include "mixprec/monitor/record.hpp"
+#include "mixprec/monitor/report.hpp"
