@@ -357,16 +357,44 @@ TEST(Detectors, UnderflowPerParameterNeedsASizeableParameter) {
 }
 
 // No large parameter reaches 0.25, but the model does:
-// (1200 + 100 + 480) / 7100 = 0.2507.
+// (1200 + 100 + 480) / 7100 = 0.2507, up from 0.05 at the first record.
 TEST(Detectors, UnderflowOfTheWholeModelHasNoParameter) {
   Feed run;
+  run.params[0].hist = hist(5000, 0.05);
+  run.params[1].hist = hist(100, 0.05);
+  run.params[2].hist = hist(2000, 0.05);
+  run.steps(1, 10, [](std::int64_t s) { return sample(s, 2.0); });
   run.params[0].hist = hist(5000, 0.24);
   run.params[1].hist = hist(100, 1.0);
   run.params[2].hist = hist(2000, 0.24);
-  run.steps(1, 10, [](std::int64_t s) { return sample(s, 2.0); });
+  run.steps(11, 20, [](std::int64_t s) { return sample(s, 2.0); });
   ASSERT_EQ(run.events.size(), 1u) << describe(run.events);
   EXPECT_EQ(run.events[0].param, "");
+  EXPECT_EQ(run.events[0].step, 20);
   EXPECT_DOUBLE_EQ(run.events[0].value, 1780.0 / 7100.0);
+}
+
+// A share that is high from the first record on and stays there is true
+// zeros (a ReLU that never fires, an input that is always 0), not
+// underflow; the same share reached by a climb of 0.15 or more is.
+TEST(Detectors, UnderflowNeedsTheShareToRise) {
+  Feed flat;
+  flat.params[0].hist = hist(5000, 0.4);
+  flat.steps(1, 200, [](std::int64_t s) { return sample(s, 2.0); });
+  EXPECT_TRUE(flat.events.empty()) << describe(flat.events);
+  Feed small_rise;
+  small_rise.params[0].hist = hist(5000, 0.2);
+  small_rise.steps(1, 10, [](std::int64_t s) { return sample(s, 2.0); });
+  small_rise.params[0].hist = hist(5000, 0.34);
+  small_rise.steps(11, 100, [](std::int64_t s) { return sample(s, 2.0); });
+  EXPECT_TRUE(small_rise.events.empty()) << describe(small_rise.events);
+  Feed climb;
+  climb.params[0].hist = hist(5000, 0.2);
+  climb.steps(1, 10, [](std::int64_t s) { return sample(s, 2.0); });
+  climb.params[0].hist = hist(5000, 0.36);
+  climb.steps(11, 20, [](std::int64_t s) { return sample(s, 2.0); });
+  ASSERT_EQ(climb.events.size(), 1u) << describe(climb.events);
+  EXPECT_EQ(climb.events[0].param, "fc1.weight");
 }
 
 // bfloat16 gradients have fp32's range: fp16 underflow says nothing there.
@@ -380,13 +408,14 @@ TEST(Detectors, UnderflowIgnoresBfloat16Gradients) {
 
 // --- stalled_updates ---------------------------------------------------------
 
-// Healthy until step 190; the record of steps 191..200 carries `ratio` for
-// fc1.weight (and `skipped` on its logged step).
-std::vector<Event> stall_events(double ratio, std::int64_t logged = 200, bool skipped = false) {
+// Healthy until `logged` - 10 * records; the last `records` records (5:
+// stall_records) carry `ratio` for fc1.weight (and `skipped` on the last
+// logged step).
+std::vector<Event> stall_events(double ratio, std::int64_t logged = 200, bool skipped = false, int records = 5) {
   Feed run;
-  run.steps(1, logged - 10, [](std::int64_t s) { return sample(s, 2.0); });
+  run.steps(1, logged - 10 * records, [](std::int64_t s) { return sample(s, 2.0); });
   run.params[0].update_ratio = ratio;
-  run.steps(logged - 9, logged, [&](std::int64_t s) {
+  run.steps(logged - 10 * records + 1, logged, [&](std::int64_t s) {
     StepSample x = sample(s, 2.0);
     x.skipped = skipped && s == logged;
     return x;
@@ -410,7 +439,9 @@ TEST(Detectors, StalledNearMissesDoNotFire) {
   EXPECT_TRUE(stall_events(1e-9, 100).empty()) << "within the first 10 * every steps";
   EXPECT_TRUE(stall_events(nan).empty()) << "NaN: the weight's norm is 0";
   EXPECT_TRUE(stall_events(0.0, 200, true).empty()) << "a skipped step changes nothing";
-  EXPECT_EQ(stall_events(1e-9, 110).size(), 1u) << "the first logged step after the warmup";
+  EXPECT_EQ(stall_events(1e-9, 150).size(), 1u) << "five logged steps after the warmup";
+  EXPECT_TRUE(stall_events(1e-9, 140).empty()) << "four logged steps after the warmup";
+  EXPECT_TRUE(stall_events(1e-9, 200, false, 2).empty()) << "two records (an lr schedule's last steps)";
 }
 
 // --- repeated_overflow -------------------------------------------------------

@@ -48,13 +48,22 @@ struct DetectorOptions {
   /// underflow: at a logged step, at least this share of the float16
   /// gradients' elements is lost in fp16 (zero or under 2^-24), over all
   /// float16 parameters or in one of at least `underflow_min_numel` elements
-  /// (a small bias, mostly zeros, would otherwise dominate the events).
+  /// (a small bias, mostly zeros, would otherwise dominate the events), and
+  /// the share has risen by `underflow_rise` above the lowest it had in this
+  /// run. An fp16 gradient cannot tell an underflowed value from a true zero
+  /// (a ReLU that never fires, an input pixel that is always 0): a layer
+  /// whose gradient is 40% exact zeros from the first step on is not
+  /// underflowing, one whose lost share climbs is.
   double underflow_share = 0.25;
+  double underflow_rise = 0.15;
   std::int64_t underflow_min_numel = 1024;
   /// stalled_updates: a parameter's update ratio is under `stall_ratio` on
-  /// an applied logged step, once the first `stall_warmup_records` logging
-  /// intervals (stall_warmup_records * every steps) are past.
+  /// `stall_records` consecutive applied logged steps, once the first
+  /// `stall_warmup_records` logging intervals (stall_warmup_records * every
+  /// steps) are past (so an lr schedule's last steps, decaying to 0, are not
+  /// a stall).
   double stall_ratio = 1e-7;
+  std::int64_t stall_records = 5;
   std::int64_t stall_warmup_records = 10;
   /// repeated_overflow: one parameter's gradient was not finite on
   /// `overflow_repeats` of the last `overflow_window` steps.
@@ -91,6 +100,9 @@ struct DetectorOptions {
     MIXPREC_CHECK(backoff_window >= 1, "DetectorOptions: backoff_window = ", backoff_window, ", must be >= 1");
     MIXPREC_CHECK(underflow_share > 0.0 && underflow_share <= 1.0, "DetectorOptions: underflow_share = ",
                   underflow_share, ", must be in (0, 1]");
+    MIXPREC_CHECK(underflow_rise >= 0.0 && underflow_rise <= 1.0, "DetectorOptions: underflow_rise = ",
+                  underflow_rise, ", must be in [0, 1]");
+    MIXPREC_CHECK(stall_records >= 1, "DetectorOptions: stall_records = ", stall_records, ", must be >= 1");
     MIXPREC_CHECK(underflow_min_numel >= 0, "DetectorOptions: underflow_min_numel = ", underflow_min_numel,
                   ", must be >= 0");
     MIXPREC_CHECK(std::isfinite(stall_ratio) && stall_ratio >= 0.0, "DetectorOptions: stall_ratio = ", stall_ratio,
@@ -219,6 +231,8 @@ class Detectors {
       if (p.dtype == "float16") fp16_params_.push_back(i);
     }
     overflow_steps_.resize(info_.params.size());
+    lowest_share_.assign(info_.params.size(), 2.0);
+    stalled_.assign(info_.params.size(), 0);
     forecast_.step = 0;
   }
 
@@ -298,7 +312,7 @@ class Detectors {
   struct SharePoint {
     std::int64_t step;
     double share;
-    double quantile;  // log2 of the underflow_share-quantile of |g| (-inf: at or below zero)
+    Histogram hist;  // of the float16 gradients
   };
 
   void check_record(const LogRecord& r) const {
@@ -489,7 +503,8 @@ class Detectors {
         for (std::uint64_t c : h) n += c;
         if (n == 0) continue;
         const double s = fp16_shares(h).underflow;
-        if (s >= opt_.underflow_share && s > worst_share) {
+        lowest_share_[i] = std::min(lowest_share_[i], s);
+        if (s >= opt_.underflow_share && s - lowest_share_[i] >= opt_.underflow_rise && s > worst_share) {
           worst = i;
           worst_share = s;
         }
@@ -504,11 +519,13 @@ class Detectors {
                   " over all fp16 parameters)",
               underflow_hint());
         }
-      } else if (share >= opt_.underflow_share && may_fire(EventKind::underflow, "", last.step)) {
+      } else if (share >= opt_.underflow_share && share - lowest_overall_ >= opt_.underflow_rise &&
+                 may_fire(EventKind::underflow, "", last.step)) {
         add(found, EventKind::underflow, last.step, "", share, opt_.underflow_share,
             percent_all + " of the scaled fp16 gradients is lost in fp16 (zero or under 2^-24)", underflow_hint());
       }
-      underflow_trend_.push_back({last.step, share, detail::quantile_exponent(all, opt_.underflow_share)});
+      lowest_overall_ = std::min(lowest_overall_, share);
+      underflow_trend_.push_back({last.step, share, all});
       if (static_cast<std::int64_t>(underflow_trend_.size()) > opt_.underflow_trend_records) {
         underflow_trend_.pop_front();
       }
@@ -520,7 +537,8 @@ class Detectors {
       for (std::size_t i = 0; i < r.params.size(); ++i) {
         const double ratio = r.params[i].update_ratio;  // NaN (zero weights) compares false
         const ParamInfo& p = info_.params[i];
-        if (!(ratio < opt_.stall_ratio) || !may_fire(EventKind::stalled_updates, p.name, last.step)) continue;
+        stalled_[i] = ratio < opt_.stall_ratio ? stalled_[i] + 1 : 0;
+        if (stalled_[i] < opt_.stall_records || !may_fire(EventKind::stalled_updates, p.name, last.step)) continue;
         std::string why = "the lr is too small for this parameter, or its weights are too large: at this ratio ";
         if (p.dtype == "float16") {
           why += "its fp16 weights no longer change (one fp16 ulp is 2^-11 relative) and even the fp32 master ";
@@ -566,21 +584,26 @@ class Detectors {
       // gradients' magnitudes falls under 2^-24. Gradients grow and shrink
       // by factors, so that quantile's log2 moves about linearly where the
       // share itself (flat at 0, then a sigmoid) does not: extrapolate it.
+      // The target is the share the detector fires at (the threshold, or
+      // the run's lowest share plus the rise, whichever is higher).
+      const double target = std::min(1.0, std::max(opt_.underflow_share, lowest_overall_ + opt_.underflow_rise));
       const SharePoint& now = underflow_trend_.back();
       x.clear();
       y.clear();
       for (const SharePoint& p : underflow_trend_) {
-        if (std::isfinite(p.quantile)) {
+        const double q = detail::quantile_exponent(p.hist, target);
+        if (std::isfinite(q)) {
           x.push_back(static_cast<double>(p.step));
-          y.push_back(p.quantile);
+          y.push_back(q);
         }
       }
       const detail::LineFit fit = detail::fit_line(x, y);
       const double boundary = Bins::fp16_min_subnormal_exponent;
-      if (now.share >= opt_.underflow_share) {
+      const double q_now = detail::quantile_exponent(now.hist, target);
+      if (now.share >= target) {
         f.steps_to_underflow = 0;
-      } else if (std::isfinite(now.quantile) && fit.slope < 0) {
-        f.steps_to_underflow = std::max(0.0, (now.quantile - boundary) / -fit.slope);
+      } else if (std::isfinite(q_now) && fit.slope < 0) {
+        f.steps_to_underflow = std::max(0.0, (q_now - boundary) / -fit.slope);
       }
     }
 
@@ -616,6 +639,9 @@ class Detectors {
   std::vector<std::deque<std::int64_t>> overflow_steps_;  // per parameter, within overflow_window
   std::deque<TrendPoint> trend_;                          // the last trend_window steps
   std::deque<SharePoint> underflow_trend_;                // the last underflow_trend_records records
+  std::vector<double> lowest_share_;                      // per parameter, the lowest lost share so far
+  double lowest_overall_ = 2.0;                           // the same over all float16 parameters
+  std::vector<std::int64_t> stalled_;                     // per parameter, consecutive stalled records
 
   std::map<std::pair<int, std::string>, std::int64_t> last_fired_;  // (kind, param) -> step
   std::vector<Event> events_;
