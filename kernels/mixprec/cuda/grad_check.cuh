@@ -38,7 +38,13 @@ __device__ inline void accumulate_one(T value, float& sum, int& bad, unsigned* h
   const float x = mixprec::to_float(value);
   sum += x * x;
   bad |= !isfinite(x);
-  if constexpr (Hist) atomicAdd(hist + exponent_bin(x), 1u);
+  if constexpr (Hist) {
+    // Lanes with the same bin add once (a gradient's values crowd into a
+    // few bins; one shared atomic per lane would serialise on them).
+    const int b = exponent_bin(x);
+    const unsigned peers = __match_any_sync(__activemask(), b);
+    if (static_cast<int>(threadIdx.x % 32) == __ffs(peers) - 1) atomicAdd(hist + b, static_cast<unsigned>(__popc(peers)));
+  }
 }
 
 // Elements [begin, end) of one tensor, strided over the block's threads;

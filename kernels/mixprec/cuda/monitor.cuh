@@ -30,7 +30,7 @@ struct MonitorControl {
 };
 
 __global__ void monitor_snapshot_kernel(const monitor::DeviceParamInfo* params, float* snapshot,
-                                        monitor::DeviceParamSums* sums, unsigned long long* hist, int num_params) {
+                                        unsigned long long* hist) {
   const int p = blockIdx.y;
   const monitor::DeviceParamInfo info = params[p];
   float* dst = snapshot + info.snapshot_offset;
@@ -40,9 +40,7 @@ __global__ void monitor_snapshot_kernel(const monitor::DeviceParamInfo* params, 
   }
   if (blockIdx.x == 0) {
     for (int b = threadIdx.x; b < monitor_bins; b += blockDim.x) hist[p * monitor_bins + b] = 0;
-    if (threadIdx.x == 0) sums[p] = monitor::DeviceParamSums{0, 0, 0, 0, 0, 0};
   }
-  (void)num_params;
 }
 
 __global__ void monitor_record_kernel(monitor::DeviceStepInputs in, MonitorControl* ctl, monitor::DeviceStep* ring,
@@ -74,13 +72,15 @@ __device__ inline double block_sum_double(double x, double* shared) {
   return total;  // valid in thread 0
 }
 
-// Grid (x, parameter). Each block sums its share of one parameter into
-// sums[p] (double atomics); the last block to finish writes the read-back.
+// Grid (x, parameter). Each block sums its share of one parameter into its
+// partials; the last block to finish adds them up (in a fixed order, so the
+// figures do not depend on the order blocks ran in) and writes the read-back.
 __global__ void __launch_bounds__(monitor_threads)
     monitor_publish_kernel(monitor::DeviceStepInputs in, const monitor::DeviceParamInfo* params,
-                           const float* snapshot, monitor::DeviceParamSums* sums, const unsigned long long* hist,
+                           const float* snapshot, const unsigned long long* hist,
                            MonitorControl* ctl, const monitor::DeviceStep* ring, const int* ring_nonfinite,
-                           int every, int num_params, char* pinned, int slots, monitor::ReadbackLayout layout) {
+                           int every, int num_params, char* pinned, int slots, monitor::ReadbackLayout layout,
+                           double* partials) {
   __shared__ double partial[monitor_threads / 32];
   const int p = blockIdx.y;
   const monitor::DeviceParamInfo info = params[p];
@@ -104,10 +104,11 @@ __global__ void __launch_bounds__(monitor_threads)
   upd = block_sum_double(upd, partial);
   wt = block_sum_double(wt, partial);
   eps_count = block_sum_double(eps_count, partial);
-  if (threadIdx.x == 0) {
-    atomicAdd(&sums[p].update_sum_squares, upd);
-    atomicAdd(&sums[p].weight_sum_squares, wt);
-    atomicAdd(&sums[p].eps_count, eps_count);
+  if (threadIdx.x == 0) {  // this block's partials; the last block adds them up in a fixed order
+    double* mine = partials + (static_cast<std::size_t>(p) * gridDim.x + blockIdx.x) * 3;
+    mine[0] = upd;
+    mine[1] = wt;
+    mine[2] = eps_count;
   }
   __shared__ bool is_last;
   __threadfence();
@@ -123,15 +124,28 @@ __global__ void __launch_bounds__(monitor_threads)
   auto* flags = reinterpret_cast<int*>(out + layout.nonfinite);
   for (int k = threadIdx.x; k < every * num_params; k += blockDim.x) flags[k] = ring_nonfinite[k];
   auto* out_sums = reinterpret_cast<monitor::DeviceParamSums*>(out + layout.sums);
-  for (int q = threadIdx.x; q < num_params; q += blockDim.x) {
-    monitor::DeviceParamSums s;
-    s.grad_sum_squares = in.sum_squares[q];
-    s.update_sum_squares = __ldcg(&sums[q].update_sum_squares);
-    s.weight_sum_squares = __ldcg(&sums[q].weight_sum_squares);
-    s.eps_count = __ldcg(&sums[q].eps_count);
-    s.nonfinite = in.nonfinite[q];
-    s.has_v = params[q].v != nullptr;
-    out_sums[q] = s;
+  // One warp per parameter adds up its blocks' partials (lanes strided
+  // over the blocks, then a fixed shuffle tree).
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  for (int q = static_cast<int>(threadIdx.x / 32); q < num_params; q += monitor_threads / 32) {
+    double a[3] = {0, 0, 0};
+    for (unsigned b = static_cast<unsigned>(lane); b < gridDim.x; b += 32) {
+      const double* part = partials + (static_cast<std::size_t>(q) * gridDim.x + b) * 3;
+      for (int k = 0; k < 3; ++k) a[k] += __ldcg(part + k);
+    }
+    for (int k = 0; k < 3; ++k) {
+      for (int offset = 16; offset > 0; offset /= 2) a[k] += __shfl_down_sync(0xffffffffu, a[k], offset);
+    }
+    if (lane == 0) {
+      monitor::DeviceParamSums s;
+      s.grad_sum_squares = in.sum_squares[q];
+      s.update_sum_squares = a[0];
+      s.weight_sum_squares = a[1];
+      s.eps_count = a[2];
+      s.nonfinite = in.nonfinite[q];
+      s.has_v = params[q].v != nullptr;
+      out_sums[q] = s;
+    }
   }
   auto* out_hist = reinterpret_cast<unsigned long long*>(out + layout.hist);
   for (int k = threadIdx.x; k < num_params * monitor_bins; k += blockDim.x) out_hist[k] = __ldcg(hist + k);
@@ -163,13 +177,13 @@ class MonitorPlan final : public monitor::DeviceMonitorPlan {
     }
     params_ = Buffer(params.size() * sizeof(monitor::DeviceParamInfo), device);
     snapshot_ = Buffer(static_cast<std::size_t>(total > 0 ? total : 1) * sizeof(float), device);
-    sums_ = Buffer(params.size() * sizeof(monitor::DeviceParamSums), device);
     hist_ = Buffer(params.size() * detail::monitor_bins * sizeof(unsigned long long), device);
     control_ = Buffer(sizeof(detail::MonitorControl), device);
     ring_ = Buffer(static_cast<std::size_t>(every) * sizeof(monitor::DeviceStep), device);
     ring_nonfinite_ = Buffer(static_cast<std::size_t>(every) * params.size() * sizeof(int), device);
+    partials_ = Buffer(static_cast<std::size_t>(grid().x) * params.size() * 3 * sizeof(double), device);
     MIXPREC_CUDA_CHECK(cudaMemcpy(params_.data(), params.data(), params_.bytes(), cudaMemcpyHostToDevice));
-    for (Buffer* b : {&sums_, &hist_, &control_, &ring_, &ring_nonfinite_}) {
+    for (Buffer* b : {&hist_, &control_, &ring_, &ring_nonfinite_}) {
       MIXPREC_CUDA_CHECK(cudaMemset(b->data(), 0, b->bytes()));
     }
     MIXPREC_CUDA_CHECK(cudaDeviceSynchronize());  // ready before any stream uses them
@@ -179,8 +193,7 @@ class MonitorPlan final : public monitor::DeviceMonitorPlan {
     mixprec::detail::DeviceGuard guard(device_);
     detail::monitor_snapshot_kernel<<<grid(), detail::monitor_threads, 0, stream>>>(
         static_cast<const monitor::DeviceParamInfo*>(params_.data()), static_cast<float*>(snapshot_.data()),
-        static_cast<monitor::DeviceParamSums*>(sums_.data()), static_cast<unsigned long long*>(hist_.data()),
-        num_params_);
+        static_cast<unsigned long long*>(hist_.data()));
     MIXPREC_CUDA_CHECK_LAUNCH("monitor_snapshot_kernel");
   }
   std::uint64_t* histogram() override { return static_cast<std::uint64_t*>(hist_.data()); }
@@ -197,9 +210,9 @@ class MonitorPlan final : public monitor::DeviceMonitorPlan {
     mixprec::detail::DeviceGuard guard(device_);
     detail::monitor_publish_kernel<<<grid(), detail::monitor_threads, 0, stream>>>(
         in, static_cast<const monitor::DeviceParamInfo*>(params_.data()), static_cast<const float*>(snapshot_.data()),
-        static_cast<monitor::DeviceParamSums*>(sums_.data()), static_cast<const unsigned long long*>(hist_.data()),
+        static_cast<const unsigned long long*>(hist_.data()),
         control(), static_cast<const monitor::DeviceStep*>(ring_.data()), static_cast<const int*>(ring_nonfinite_.data()),
-        every_, num_params_, static_cast<char*>(pinned), slots, layout_);
+        every_, num_params_, static_cast<char*>(pinned), slots, layout_, static_cast<double*>(partials_.data()));
     MIXPREC_CUDA_CHECK_LAUNCH("monitor_publish_kernel");
   }
 
@@ -222,7 +235,7 @@ class MonitorPlan final : public monitor::DeviceMonitorPlan {
   int every_, num_params_;
   std::int64_t max_numel_ = 0;
   monitor::ReadbackLayout layout_;
-  Buffer params_, snapshot_, sums_, hist_, control_, ring_, ring_nonfinite_;
+  Buffer params_, snapshot_, hist_, control_, ring_, ring_nonfinite_, partials_;
 };
 
 class MonitorKernels final : public monitor::DeviceMonitorKernels {
