@@ -11,7 +11,6 @@
 #include <cstdio>
 #include <cstring>
 #include <memory>
-#include <optional>
 #include <string>
 #include <vector>
 
@@ -85,7 +84,6 @@ class Monitor {
   Monitor(optim::Optimizer& opt, amp::DeviceGradScaler& scaler, const MonitorOptions& options = {})
       : Monitor(opt, options, nullptr, &scaler) {}
   ~Monitor() {
-    if (opt_.grad_histogram() == histogram_target()) opt_.set_grad_histogram(nullptr);
     if (pinned_ != nullptr) optim::device_backend()->free_pinned(pinned_);
   }
   Monitor(const Monitor&) = delete;
@@ -258,10 +256,6 @@ class Monitor {
       info.params.push_back({p.name, p.grad.numel(), dtype_name(p.grad.dtype())});
     }
     return info;
-  }
-
-  std::uint64_t* histogram_target() const {
-    return plan_ != nullptr ? plan_->histogram() : (host_hist_.empty() ? nullptr : const_cast<std::uint64_t*>(host_hist_.data()));
   }
 
   // The logged step's per-parameter figures on the host.
