@@ -12,6 +12,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "mixprec/amp/device_grad_scaler.hpp"
@@ -323,25 +324,43 @@ class Monitor {
 
   // The host's count moves on; a logged step's read-back is now in flight.
   // Keeps a slot free for the next one, waiting for the oldest if need be.
+  // It waits for that one read-back only, not for the stream: the steps
+  // queued behind it keep the device busy while the host writes the log
+  // (a stream synchronisation here drained the queue, and the device stood
+  // idle while the host processed the records: 5.5% of step time at every
+  // 10 in the MLP example).
   void advance(bool logged) {
     steps_ += 1;
     if (logged) submitted_ += 1;
     poll();
-    if (submitted_ - consumed_ >= options_.readback_slots - 1) {
-      optim::device_backend()->synchronize(device_scaler_->stream());
-      poll();
+    if (submitted_ - consumed_ < options_.readback_slots - 1) return;
+    const stream_t stream = device_scaler_->stream();
+    while (!arrived()) {
+      if (optim::device_backend()->idle(stream)) {
+        MIXPREC_CHECK(arrived(), "Monitor: read-back ", consumed_ + 1, " did not arrive though its stream is idle; "
+                      "was every replay followed by replayed()?");
+        break;
+      }
+      std::this_thread::yield();
     }
+    poll();
+  }
+
+  // Whether the oldest read-back in flight has arrived.
+  bool arrived() const {
+    const volatile ReadbackHeader* h = reinterpret_cast<const volatile ReadbackHeader*>(slot(consumed_));
+    return h->seq == consumed_ + 1;
+  }
+  const char* slot(std::int64_t readback) const {
+    return static_cast<const char*>(pinned_) +
+           static_cast<std::size_t>(readback % options_.readback_slots) * layout_.bytes;
   }
 
   // Processes every read-back that has arrived, in order.
   void poll() {
-    while (consumed_ < submitted_) {
-      const char* slot = static_cast<const char*>(pinned_) +
-                         static_cast<std::size_t>(consumed_ % options_.readback_slots) * layout_.bytes;
-      const volatile ReadbackHeader* h = reinterpret_cast<const volatile ReadbackHeader*>(slot);
-      if (h->seq != consumed_ + 1) return;
+    while (consumed_ < submitted_ && arrived()) {
       std::atomic_thread_fence(std::memory_order_acquire);
-      process(read_back(slot));
+      process(read_back(slot(consumed_)));
       consumed_ += 1;
     }
   }

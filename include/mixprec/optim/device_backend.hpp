@@ -128,6 +128,9 @@ class DeviceBackend {
   virtual void free_pinned(void* p) noexcept = 0;
   /// Waits for the work queued on `stream`.
   virtual void synchronize(stream_t stream) = 0;
+  /// Whether everything queued on `stream` has finished; does not wait
+  /// (cudaStreamQuery). Not on a stream that is capturing a graph.
+  virtual bool idle(stream_t stream) = 0;
 };
 
 }  // namespace mixprec::optim

@@ -173,6 +173,12 @@ class Backend final : public optim::DeviceBackend {
     (void)cudaFreeHost(p);
   }
   void synchronize(stream_t stream) override { MIXPREC_CUDA_CHECK(cudaStreamSynchronize(stream)); }
+  bool idle(stream_t stream) override {
+    const cudaError_t e = cudaStreamQuery(stream);
+    if (e == cudaErrorNotReady) return false;
+    MIXPREC_CUDA_CHECK(e);
+    return true;
+  }
 };
 
 }  // namespace detail

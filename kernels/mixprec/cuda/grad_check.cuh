@@ -83,45 +83,55 @@ __device__ inline float block_sum(float x) {
   return total;  // valid in thread 0
 }
 
-// Chunk partials first; the last block to finish then reduces them per
-// tensor and overall in a fixed order, so the results do not depend on the
-// order blocks ran in (and a replayed graph gives the eager bits). With
-// Hist, each warp also counts exponent bins in shared memory, and the
-// block adds a chunk's counts to its tensor's row of `histogram`.
+// Work items are slices of chunks: `slices` per chunk, so that a list of
+// few chunks (a small model: the MLP example's 1.9M gradients are 33
+// chunks) still spreads over every multiprocessor. Slice partials first;
+// the last block to finish then reduces them per tensor and overall in a
+// fixed order, so the results do not depend on the order blocks ran in (and
+// a replayed graph gives the eager bits). With Hist, each warp also counts
+// exponent bins in shared memory, and the block adds a slice's counts to
+// its tensor's row of `histogram`.
 template <bool Hist>
 __global__ void __launch_bounds__(check_threads)
-    check_grads_kernel(const TensorEntry* tensors, const Chunk* chunks, std::int64_t num_chunks,
-                       int num_tensors, float* chunk_sums, int* chunk_bad, double* sum_squares,
+    check_grads_kernel(const TensorEntry* tensors, const Chunk* chunks, std::int64_t num_chunks, int slices,
+                       int num_tensors, float* slice_sums, int* slice_bad, double* sum_squares,
                        int* nonfinite, double* total, int* found_inf, unsigned int* blocks_done,
                        unsigned long long* histogram) {
   constexpr int warps = check_threads / 32;
   __shared__ unsigned hist[Hist ? warps * histogram_bins : 1];
   unsigned* my_hist = hist + (Hist ? threadIdx.x / 32 * histogram_bins : 0);
-  for (std::int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
-    const Chunk ch = chunks[c];
+  const std::int64_t items = num_chunks * slices;
+  for (std::int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const Chunk ch = chunks[item / slices];
     const TensorEntry t = tensors[ch.tensor];
+    // Slice boundaries on multiples of 8 elements keep 16-byte loads aligned.
+    const std::int64_t per_slice = ((ch.end - ch.begin + slices - 1) / slices + 7) / 8 * 8;
+    const std::int64_t begin = ch.begin + item % slices * per_slice;
+    const std::int64_t end = begin + per_slice < ch.end ? begin + per_slice : ch.end;
     if constexpr (Hist) {
       for (int b = threadIdx.x; b < warps * histogram_bins; b += blockDim.x) hist[b] = 0;
       __syncthreads();
     }
     float sum = 0;
     int bad = 0;
-    switch (t.dtype) {
-      case DType::float16:
-        accumulate_range<Hist>(static_cast<const half*>(t.data), ch.begin, ch.end, sum, bad, my_hist);
-        break;
-      case DType::bfloat16:
-        accumulate_range<Hist>(static_cast<const bfloat16*>(t.data), ch.begin, ch.end, sum, bad, my_hist);
-        break;
-      case DType::float32:
-        accumulate_range<Hist>(static_cast<const float*>(t.data), ch.begin, ch.end, sum, bad, my_hist);
-        break;
+    if (begin < end) {
+      switch (t.dtype) {
+        case DType::float16:
+          accumulate_range<Hist>(static_cast<const half*>(t.data), begin, end, sum, bad, my_hist);
+          break;
+        case DType::bfloat16:
+          accumulate_range<Hist>(static_cast<const bfloat16*>(t.data), begin, end, sum, bad, my_hist);
+          break;
+        case DType::float32:
+          accumulate_range<Hist>(static_cast<const float*>(t.data), begin, end, sum, bad, my_hist);
+          break;
+      }
     }
     sum = block_sum(sum);  // synchronises: the shared counts are complete
     bad = __syncthreads_or(bad);
     if (threadIdx.x == 0) {
-      chunk_sums[c] = sum;
-      chunk_bad[c] = bad;
+      slice_sums[item] = sum;
+      slice_bad[item] = bad;
     }
     if constexpr (Hist) {
       for (int b = threadIdx.x; b < histogram_bins; b += blockDim.x) {
@@ -129,7 +139,7 @@ __global__ void __launch_bounds__(check_threads)
         for (int w = 0; w < warps; ++w) n += hist[w * histogram_bins + b];
         if (n != 0) atomicAdd(histogram + static_cast<std::int64_t>(ch.tensor) * histogram_bins + b, n);
       }
-      __syncthreads();  // read before the next chunk zeroes them
+      __syncthreads();  // read before the next slice zeroes them
     }
   }
   __shared__ bool is_last;
@@ -138,17 +148,26 @@ __global__ void __launch_bounds__(check_threads)
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  for (int i = threadIdx.x; i < num_tensors; i += blockDim.x) {
+  // One warp per tensor: lanes strided over its slices, then a fixed
+  // shuffle tree (a tensor of a small model has a few hundred slices).
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  for (int i = static_cast<int>(threadIdx.x / 32); i < num_tensors; i += check_threads / 32) {
     const TensorEntry t = tensors[i];
     const std::int64_t n = (t.numel + chunk_elements - 1) / chunk_elements;
     double s = 0;
     int b = 0;
-    for (std::int64_t c = t.first_chunk; c < t.first_chunk + n; ++c) {
-      s += __ldcg(chunk_sums + c);
-      b |= __ldcg(chunk_bad + c);
+    for (std::int64_t c = t.first_chunk * slices + lane; c < (t.first_chunk + n) * slices; c += 32) {
+      s += __ldcg(slice_sums + c);
+      b |= __ldcg(slice_bad + c);
     }
-    sum_squares[i] = s;
-    nonfinite[i] = b;
+    for (int offset = 16; offset > 0; offset /= 2) {
+      s += __shfl_down_sync(0xffffffffu, s, offset);
+      b |= __shfl_down_sync(0xffffffffu, b, offset);
+    }
+    if (lane == 0) {
+      sum_squares[i] = s;
+      nonfinite[i] = b;
+    }
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -177,8 +196,9 @@ class GradCheck {
   };
 
   explicit GradCheck(const TensorList& list)
-      : chunk_sums_(static_cast<std::size_t>(list.num_chunks()) * sizeof(float), list.device()),
-        chunk_bad_(static_cast<std::size_t>(list.num_chunks()) * sizeof(int), list.device()),
+      : slices_(slices_for(list)),
+        slice_sums_(static_cast<std::size_t>(list.num_chunks()) * slices_ * sizeof(float), list.device()),
+        slice_bad_(static_cast<std::size_t>(list.num_chunks()) * slices_ * sizeof(int), list.device()),
         sum_squares_(static_cast<std::size_t>(list.num_tensors()) * sizeof(double), list.device()),
         nonfinite_(static_cast<std::size_t>(list.num_tensors()) * sizeof(int), list.device()),
         scalars_(sizeof(double) + 2 * sizeof(int), list.device()),
@@ -197,19 +217,19 @@ class GradCheck {
                   "GradCheck::launch: the list has ", list.num_tensors(), " tensors / ",
                   list.num_chunks(), " chunks, this check was made for ", num_tensors_, " / ", num_chunks_);
     mixprec::detail::DeviceGuard guard(list.device());
-    const unsigned grid = num_chunks_ == 0 ? 1u : grid_for(num_chunks_ * detail::check_threads,
+    const unsigned grid = num_chunks_ == 0 ? 1u : grid_for(num_chunks_ * slices_ * detail::check_threads,
                                                            detail::check_threads, 4);
     auto* hist = reinterpret_cast<unsigned long long*>(histogram);
     static_assert(sizeof(unsigned long long) == sizeof(std::uint64_t), "64-bit counts");
     if (histogram == nullptr) {
       detail::check_grads_kernel<false><<<grid, detail::check_threads, 0, stream>>>(
-          list.entries(), list.chunks(), num_chunks_, num_tensors_, static_cast<float*>(chunk_sums_.data()),
-          static_cast<int*>(chunk_bad_.data()), sum_squares(), nonfinite(), total_sum_squares(), found_inf(),
+          list.entries(), list.chunks(), num_chunks_, slices_, num_tensors_, static_cast<float*>(slice_sums_.data()),
+          static_cast<int*>(slice_bad_.data()), sum_squares(), nonfinite(), total_sum_squares(), found_inf(),
           blocks_done(), hist);
     } else {
       detail::check_grads_kernel<true><<<grid, detail::check_threads, 0, stream>>>(
-          list.entries(), list.chunks(), num_chunks_, num_tensors_, static_cast<float*>(chunk_sums_.data()),
-          static_cast<int*>(chunk_bad_.data()), sum_squares(), nonfinite(), total_sum_squares(), found_inf(),
+          list.entries(), list.chunks(), num_chunks_, slices_, num_tensors_, static_cast<float*>(slice_sums_.data()),
+          static_cast<int*>(slice_bad_.data()), sum_squares(), nonfinite(), total_sum_squares(), found_inf(),
           blocks_done(), hist);
     }
     MIXPREC_CUDA_CHECK_LAUNCH("check_grads_kernel");
@@ -241,11 +261,24 @@ class GradCheck {
   }
 
  private:
+  // Slices per chunk: enough work items for every multiprocessor to run 4
+  // blocks, none of fewer than 8 elements per thread (lists of many chunks
+  // keep one slice per chunk).
+  static int slices_for(const TensorList& list) {
+    const std::int64_t chunks = list.num_chunks();
+    if (chunks == 0) return 1;
+    mixprec::detail::DeviceGuard guard(list.device());
+    const std::int64_t want = static_cast<std::int64_t>(multiprocessor_count()) * 4;
+    const std::int64_t most = chunk_elements / (detail::check_threads * 8);
+    const std::int64_t s = (want + chunks - 1) / chunks;
+    return static_cast<int>(s < 1 ? 1 : s > most ? most : s);
+  }
   unsigned int* blocks_done() const {
     return reinterpret_cast<unsigned int*>(static_cast<char*>(scalars_.data()) + sizeof(double) + sizeof(int));
   }
 
-  Buffer chunk_sums_, chunk_bad_, sum_squares_, nonfinite_, scalars_;
+  int slices_;  // work items per chunk
+  Buffer slice_sums_, slice_bad_, sum_squares_, nonfinite_, scalars_;
   int num_tensors_ = 0;
   std::int64_t num_chunks_ = 0;
 };

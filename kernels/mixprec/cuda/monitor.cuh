@@ -22,6 +22,15 @@ namespace detail {
 inline constexpr int monitor_threads = 256;
 inline constexpr int monitor_bins = 64;
 
+// Which parameter each block works on: parameter p has blocks
+// [first[p], first[p] + count[p]), as many as its size needs (at least one,
+// at most a wave), so a bias does not get the blocks of the largest weight.
+struct BlockMap {
+  const int* param;   // [blocks]
+  const int* first;   // [params]
+  const int* count;   // [params]
+};
+
 // The monitor's counters in device memory.
 struct MonitorControl {
   long long steps;      // steps recorded
@@ -29,16 +38,26 @@ struct MonitorControl {
   unsigned blocks_done; // publish: blocks finished (the last one writes)
 };
 
-__global__ void monitor_snapshot_kernel(const monitor::DeviceParamInfo* params, float* snapshot,
+inline __device__ bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+__global__ void monitor_snapshot_kernel(const monitor::DeviceParamInfo* params, BlockMap map, float* snapshot,
                                         unsigned long long* hist) {
-  const int p = blockIdx.y;
+  const int p = map.param[blockIdx.x];
+  const int local = static_cast<int>(blockIdx.x) - map.first[p];
   const monitor::DeviceParamInfo info = params[p];
   float* dst = snapshot + info.snapshot_offset;
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < info.numel;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    dst[i] = info.master[i];
+  const std::int64_t stride = static_cast<std::int64_t>(map.count[p]) * blockDim.x;
+  const std::int64_t first = local * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+  std::int64_t done = 0;
+  if (aligned16(dst) && aligned16(info.master)) {  // 16-byte copies
+    const std::int64_t vectors = info.numel / 4;
+    for (std::int64_t i = first; i < vectors; i += stride) {
+      reinterpret_cast<float4*>(dst)[i] = reinterpret_cast<const float4*>(info.master)[i];
+    }
+    done = vectors * 4;
   }
-  if (blockIdx.x == 0) {
+  for (std::int64_t i = done + first; i < info.numel; i += stride) dst[i] = info.master[i];
+  if (local == 0) {
     for (int b = threadIdx.x; b < monitor_bins; b += blockDim.x) hist[p * monitor_bins + b] = 0;
   }
 }
@@ -60,29 +79,44 @@ __global__ void monitor_record_kernel(monitor::DeviceStepInputs in, MonitorContr
   if (threadIdx.x == 0) ctl->steps += 1;
 }
 
-__device__ inline double block_sum_double(double x, double* shared) {
-  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_down_sync(0xffffffffu, x, offset);
-  if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = x;
-  __syncthreads();
-  double total = 0;
-  if (threadIdx.x == 0) {
-    for (int w = 0; w < monitor_threads / 32; ++w) total += shared[w];
+// Sums a[0..2] over the block; valid in thread 0.
+__device__ inline void block_sum3(double (&a)[3], double (*shared)[3]) {
+  for (int k = 0; k < 3; ++k) {
+    for (int offset = 16; offset > 0; offset /= 2) a[k] += __shfl_down_sync(0xffffffffu, a[k], offset);
+  }
+  if (threadIdx.x % 32 == 0) {
+    for (int k = 0; k < 3; ++k) shared[threadIdx.x / 32][k] = a[k];
   }
   __syncthreads();
-  return total;  // valid in thread 0
+  if (threadIdx.x == 0) {
+    for (int k = 0; k < 3; ++k) {
+      a[k] = 0;
+      for (int w = 0; w < monitor_threads / 32; ++w) a[k] += shared[w][k];
+    }
+  }
 }
 
-// Grid (x, parameter). Each block sums its share of one parameter into its
+// One element's update, weight and eps terms.
+__device__ inline void publish_terms(float w0, float w1, float v, bool has_v, float v_scale, float eps2,
+                                     double (&a)[3]) {
+  const float d = w1 - w0;
+  a[0] += static_cast<double>(d) * d;
+  a[1] += static_cast<double>(w0) * w0;
+  if (has_v) a[2] += (v * v_scale < eps2) ? 1.0 : 0.0;
+}
+
+// Blocks as BlockMap says. Each block sums its share of one parameter into its
 // partials; the last block to finish adds them up (in a fixed order, so the
 // figures do not depend on the order blocks ran in) and writes the read-back.
 __global__ void __launch_bounds__(monitor_threads)
-    monitor_publish_kernel(monitor::DeviceStepInputs in, const monitor::DeviceParamInfo* params,
+    monitor_publish_kernel(monitor::DeviceStepInputs in, const monitor::DeviceParamInfo* params, BlockMap map,
                            const float* snapshot, const unsigned long long* hist,
                            MonitorControl* ctl, const monitor::DeviceStep* ring, const int* ring_nonfinite,
                            int every, int num_params, char* pinned, int slots, monitor::ReadbackLayout layout,
                            double* partials) {
-  __shared__ double partial[monitor_threads / 32];
-  const int p = blockIdx.y;
+  __shared__ double partial[monitor_threads / 32][3];
+  const int p = map.param[blockIdx.x];
+  const int local = static_cast<int>(blockIdx.x) - map.first[p];
   const monitor::DeviceParamInfo info = params[p];
   const float* before = snapshot + info.snapshot_offset;
   float v_scale = 1.0f;  // 1 / bias correction
@@ -92,27 +126,35 @@ __global__ void __launch_bounds__(monitor_threads)
     v_scale = bc > 0 ? static_cast<float>(1.0 / bc) : 1.0f;
   }
   const float eps2 = info.eps * info.eps;
-  double upd = 0, wt = 0, eps_count = 0;
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < info.numel;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    const float w0 = before[i];
-    const float d = info.master[i] - w0;
-    upd += static_cast<double>(d) * d;
-    wt += static_cast<double>(w0) * w0;
-    if (info.v != nullptr) eps_count += (info.v[i] * v_scale < eps2) ? 1.0 : 0.0;
+  double a[3] = {0, 0, 0};  // update, weight, eps count
+  const bool has_v = info.v != nullptr;
+  const std::int64_t stride = static_cast<std::int64_t>(map.count[p]) * blockDim.x;
+  const std::int64_t first = local * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+  std::int64_t done = 0;
+  if (aligned16(before) && aligned16(info.master) && (!has_v || aligned16(info.v))) {  // 16-byte loads
+    const std::int64_t vectors = info.numel / 4;
+    for (std::int64_t i = first; i < vectors; i += stride) {
+      const float4 w0 = reinterpret_cast<const float4*>(before)[i];
+      const float4 w1 = reinterpret_cast<const float4*>(info.master)[i];
+      const float4 v = has_v ? reinterpret_cast<const float4*>(info.v)[i] : make_float4(0, 0, 0, 0);
+      publish_terms(w0.x, w1.x, v.x, has_v, v_scale, eps2, a);
+      publish_terms(w0.y, w1.y, v.y, has_v, v_scale, eps2, a);
+      publish_terms(w0.z, w1.z, v.z, has_v, v_scale, eps2, a);
+      publish_terms(w0.w, w1.w, v.w, has_v, v_scale, eps2, a);
+    }
+    done = vectors * 4;
   }
-  upd = block_sum_double(upd, partial);
-  wt = block_sum_double(wt, partial);
-  eps_count = block_sum_double(eps_count, partial);
+  for (std::int64_t i = done + first; i < info.numel; i += stride) {
+    publish_terms(before[i], info.master[i], has_v ? info.v[i] : 0.0f, has_v, v_scale, eps2, a);
+  }
+  block_sum3(a, partial);
   if (threadIdx.x == 0) {  // this block's partials; the last block adds them up in a fixed order
-    double* mine = partials + (static_cast<std::size_t>(p) * gridDim.x + blockIdx.x) * 3;
-    mine[0] = upd;
-    mine[1] = wt;
-    mine[2] = eps_count;
+    double* mine = partials + static_cast<std::size_t>(blockIdx.x) * 3;
+    for (int k = 0; k < 3; ++k) mine[k] = a[k];
   }
   __shared__ bool is_last;
   __threadfence();
-  if (threadIdx.x == 0) is_last = atomicAdd(&ctl->blocks_done, 1u) == gridDim.x * gridDim.y - 1;
+  if (threadIdx.x == 0) is_last = atomicAdd(&ctl->blocks_done, 1u) == gridDim.x - 1;
   __syncthreads();
   if (!is_last) return;
   __threadfence();
@@ -128,20 +170,20 @@ __global__ void __launch_bounds__(monitor_threads)
   // over the blocks, then a fixed shuffle tree).
   const int lane = static_cast<int>(threadIdx.x % 32);
   for (int q = static_cast<int>(threadIdx.x / 32); q < num_params; q += monitor_threads / 32) {
-    double a[3] = {0, 0, 0};
-    for (unsigned b = static_cast<unsigned>(lane); b < gridDim.x; b += 32) {
-      const double* part = partials + (static_cast<std::size_t>(q) * gridDim.x + b) * 3;
-      for (int k = 0; k < 3; ++k) a[k] += __ldcg(part + k);
+    double t[3] = {0, 0, 0};
+    for (int b = map.first[q] + lane; b < map.first[q] + map.count[q]; b += 32) {
+      const double* part = partials + static_cast<std::size_t>(b) * 3;
+      for (int k = 0; k < 3; ++k) t[k] += __ldcg(part + k);
     }
     for (int k = 0; k < 3; ++k) {
-      for (int offset = 16; offset > 0; offset /= 2) a[k] += __shfl_down_sync(0xffffffffu, a[k], offset);
+      for (int offset = 16; offset > 0; offset /= 2) t[k] += __shfl_down_sync(0xffffffffu, t[k], offset);
     }
     if (lane == 0) {
       monitor::DeviceParamSums s;
       s.grad_sum_squares = in.sum_squares[q];
-      s.update_sum_squares = a[0];
-      s.weight_sum_squares = a[1];
-      s.eps_count = a[2];
+      s.update_sum_squares = t[0];
+      s.weight_sum_squares = t[1];
+      s.eps_count = t[2];
       s.nonfinite = in.nonfinite[q];
       s.has_v = params[q].v != nullptr;
       out_sums[q] = s;
@@ -173,15 +215,31 @@ class MonitorPlan final : public monitor::DeviceMonitorPlan {
     std::int64_t total = 0;
     for (const auto& p : params) {
       total = p.snapshot_offset + p.numel > total ? p.snapshot_offset + p.numel : total;
-      max_numel_ = p.numel > max_numel_ ? p.numel : max_numel_;
     }
+    // Blocks per parameter: one per 16 elements a thread, at least one, at
+    // most two per multiprocessor (the loops stride beyond that).
+    std::vector<int> block_param, first, count;
+    const std::int64_t most = static_cast<std::int64_t>(multiprocessor_count()) * 2;
+    for (std::size_t p = 0; p < params.size(); ++p) {
+      const std::int64_t want = (params[p].numel + detail::monitor_threads * 16 - 1) / (detail::monitor_threads * 16);
+      const int n = static_cast<int>(want < 1 ? 1 : want > most ? most : want);
+      first.push_back(static_cast<int>(block_param.size()));
+      count.push_back(n);
+      block_param.insert(block_param.end(), static_cast<std::size_t>(n), static_cast<int>(p));
+    }
+    blocks_ = static_cast<unsigned>(block_param.size());
+    std::vector<int> map_host(block_param);
+    map_host.insert(map_host.end(), first.begin(), first.end());
+    map_host.insert(map_host.end(), count.begin(), count.end());
+    map_ = Buffer(map_host.size() * sizeof(int), device);
+    MIXPREC_CUDA_CHECK(cudaMemcpy(map_.data(), map_host.data(), map_.bytes(), cudaMemcpyHostToDevice));
     params_ = Buffer(params.size() * sizeof(monitor::DeviceParamInfo), device);
     snapshot_ = Buffer(static_cast<std::size_t>(total > 0 ? total : 1) * sizeof(float), device);
     hist_ = Buffer(params.size() * detail::monitor_bins * sizeof(unsigned long long), device);
     control_ = Buffer(sizeof(detail::MonitorControl), device);
     ring_ = Buffer(static_cast<std::size_t>(every) * sizeof(monitor::DeviceStep), device);
     ring_nonfinite_ = Buffer(static_cast<std::size_t>(every) * params.size() * sizeof(int), device);
-    partials_ = Buffer(static_cast<std::size_t>(grid().x) * params.size() * 3 * sizeof(double), device);
+    partials_ = Buffer(static_cast<std::size_t>(blocks_) * 3 * sizeof(double), device);
     MIXPREC_CUDA_CHECK(cudaMemcpy(params_.data(), params.data(), params_.bytes(), cudaMemcpyHostToDevice));
     for (Buffer* b : {&hist_, &control_, &ring_, &ring_nonfinite_}) {
       MIXPREC_CUDA_CHECK(cudaMemset(b->data(), 0, b->bytes()));
@@ -191,8 +249,8 @@ class MonitorPlan final : public monitor::DeviceMonitorPlan {
 
   void snapshot(stream_t stream) override {
     mixprec::detail::DeviceGuard guard(device_);
-    detail::monitor_snapshot_kernel<<<grid(), detail::monitor_threads, 0, stream>>>(
-        static_cast<const monitor::DeviceParamInfo*>(params_.data()), static_cast<float*>(snapshot_.data()),
+    detail::monitor_snapshot_kernel<<<blocks_, detail::monitor_threads, 0, stream>>>(
+        static_cast<const monitor::DeviceParamInfo*>(params_.data()), map(), static_cast<float*>(snapshot_.data()),
         static_cast<unsigned long long*>(hist_.data()));
     MIXPREC_CUDA_CHECK_LAUNCH("monitor_snapshot_kernel");
   }
@@ -208,8 +266,8 @@ class MonitorPlan final : public monitor::DeviceMonitorPlan {
 
   void publish(const monitor::DeviceStepInputs& in, void* pinned, int slots, stream_t stream) override {
     mixprec::detail::DeviceGuard guard(device_);
-    detail::monitor_publish_kernel<<<grid(), detail::monitor_threads, 0, stream>>>(
-        in, static_cast<const monitor::DeviceParamInfo*>(params_.data()), static_cast<const float*>(snapshot_.data()),
+    detail::monitor_publish_kernel<<<blocks_, detail::monitor_threads, 0, stream>>>(
+        in, static_cast<const monitor::DeviceParamInfo*>(params_.data()), map(), static_cast<const float*>(snapshot_.data()),
         static_cast<const unsigned long long*>(hist_.data()),
         control(), static_cast<const monitor::DeviceStep*>(ring_.data()), static_cast<const int*>(ring_nonfinite_.data()),
         every_, num_params_, static_cast<char*>(pinned), slots, layout_, static_cast<double*>(partials_.data()));
@@ -224,18 +282,16 @@ class MonitorPlan final : public monitor::DeviceMonitorPlan {
 
  private:
   detail::MonitorControl* control() { return static_cast<detail::MonitorControl*>(control_.data()); }
-  // x: enough blocks for the largest parameter, within a few waves overall.
-  dim3 grid() const {
-    const unsigned per_param = grid_for(max_numel_, detail::monitor_threads,
-                                        num_params_ > 0 ? (8 + num_params_ - 1) / num_params_ : 1);
-    return dim3(per_param, static_cast<unsigned>(num_params_ > 0 ? num_params_ : 1));
+  detail::BlockMap map() const {
+    const int* m = static_cast<const int*>(map_.data());
+    return {m, m + blocks_, m + blocks_ + num_params_};
   }
 
   Device device_;
   int every_, num_params_;
-  std::int64_t max_numel_ = 0;
+  unsigned blocks_ = 0;  // of the snapshot and publish kernels (BlockMap)
   monitor::ReadbackLayout layout_;
-  Buffer params_, snapshot_, hist_, control_, ring_, ring_nonfinite_, partials_;
+  Buffer params_, map_, snapshot_, hist_, control_, ring_, ring_nonfinite_, partials_;
 };
 
 class MonitorKernels final : public monitor::DeviceMonitorKernels {
