@@ -199,6 +199,22 @@ class DeviceGradScaler {
   std::int64_t skipped_steps() const { return read().skipped; }
   ScalerState state() const { return read().state; }
 
+  /// Restores a saved state and counters (checkpoints), checked as
+  /// GradScaler::check_state does; not in the middle of an iteration.
+  /// Copies on stream(), which synchronises (not while capturing).
+  void load_state(const ScalerState& state, std::int64_t applied, std::int64_t skipped) {
+    GradScaler::check_state(options_, state, applied, skipped);
+    MIXPREC_CHECK(records_.all().empty(), "DeviceGradScaler::load_state: an iteration is under way (update() not "
+                  "called yet)");
+    DeviceScalerState s;
+    s.state = state;
+    s.applied = applied;
+    s.skipped = skipped;
+    mixprec::detail::copy_raw(state_.data(), device_, &s, Device::cpu(), sizeof s, stream_);
+    *mirror_ = s;
+    raised_ = s.state.min_scale_hits > 0;
+  }
+
  private:
   using Stage = detail::Stage;
   struct Record : detail::RecordBase {

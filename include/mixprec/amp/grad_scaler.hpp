@@ -331,6 +331,48 @@ class GradScaler {
   std::int64_t skipped_steps() const { return skipped_; }
   const ScalerState& state() const { return state_; }
 
+  /// Throws, naming the field and its value, unless a scaler with options
+  /// `o` could be in `state` after `applied` + `skipped` iterations: scale
+  /// finite and > 0 (in [min_scale, max_scale] in dynamic mode, the fixed
+  /// scale otherwise), trackers and counts >= 0, growth_tracker below
+  /// growth_interval, hysteresis_tracker below hysteresis.
+  static void check_state(const GradScalerOptions& o, const ScalerState& state, std::int64_t applied,
+                          std::int64_t skipped) {
+    const float fixed = initial_state(o).scale;
+    MIXPREC_CHECK(std::isfinite(state.scale) && state.scale > 0.0f, "GradScaler::load_state: scale = ", state.scale,
+                  ", must be finite and > 0");
+    if (o.mode == ScalingMode::dynamic) {
+      MIXPREC_CHECK(state.scale >= static_cast<float>(o.min_scale) && state.scale <= static_cast<float>(o.max_scale),
+                    "GradScaler::load_state: scale = ", state.scale, ", must be in [min_scale, max_scale] = [",
+                    o.min_scale, ", ", o.max_scale, "]");
+    } else {
+      MIXPREC_CHECK(state.scale == fixed, "GradScaler::load_state: scale = ", state.scale, ", a ",
+                    o.mode == ScalingMode::disabled ? "disabled" : "static", " scaler's scale is ", fixed);
+    }
+    MIXPREC_CHECK(state.growth_tracker >= 0 && state.growth_tracker < o.growth_interval,
+                  "GradScaler::load_state: growth_tracker = ", state.growth_tracker, ", must be in [0, growth_interval = ",
+                  o.growth_interval, ")");
+    MIXPREC_CHECK(state.hysteresis_tracker >= 0 && state.hysteresis_tracker < o.hysteresis,
+                  "GradScaler::load_state: hysteresis_tracker = ", state.hysteresis_tracker,
+                  ", must be in [0, hysteresis = ", o.hysteresis, ")");
+    MIXPREC_CHECK(state.min_scale_hits >= 0, "GradScaler::load_state: min_scale_hits = ", state.min_scale_hits,
+                  ", must be >= 0");
+    MIXPREC_CHECK(applied >= 0 && skipped >= 0, "GradScaler::load_state: applied = ", applied, ", skipped = ",
+                  skipped, "; counts must be >= 0");
+  }
+
+  /// Restores a saved state and counters (checkpoints). Checked first
+  /// (check_state); not in the middle of an iteration (after unscale or step,
+  /// before update).
+  void load_state(const ScalerState& state, std::int64_t applied, std::int64_t skipped) {
+    check_state(options_, state, applied, skipped);
+    MIXPREC_CHECK(records_.all().empty(), "GradScaler::load_state: an iteration is under way (update() not called "
+                  "yet)");
+    state_ = state;
+    applied_ = applied;
+    skipped_ = skipped;
+  }
+
  private:
   using Stage = detail::Stage;
   struct Record : detail::RecordBase {

@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -96,6 +97,23 @@ struct SecondMoment {
 /// (device_backend.hpp): step() and the launch_* functions queue work on a
 /// stream and return; reading a count (step_count, applied_steps, lr) copies
 /// it to the host and so synchronises.
+/// One parameter's part of an optimizer's training state, on the host.
+struct ParamState {
+  std::vector<float> master;
+  /// Per state tensor (Optimizer::state_names()): its values, or none where
+  /// the optimizer has not made it yet (momentum before the first step).
+  std::vector<std::optional<std::vector<float>>> state;
+  std::int64_t step = 0;  // applied steps of this parameter (torch's state['step'])
+};
+
+/// An optimizer's training state copied to the host: what a checkpoint
+/// holds besides the model weights (mixprec/io/checkpoint.hpp).
+struct OptimizerState {
+  std::vector<ParamState> params;  // in parameter order
+  std::vector<double> lrs;         // per group: the base lr
+  std::int64_t applied_steps = 0;  // the LR schedule's position
+};
+
 class Optimizer {
  public:
   virtual ~Optimizer() = default;
@@ -229,6 +247,142 @@ class Optimizer {
     in.found_inf = reinterpret_cast<const int*>(constants_.data());  // 0
     in.scale = reinterpret_cast<const float*>(static_cast<const char*>(constants_.data()) + sizeof(int));  // 1
     launch_step(in, nullptr, stream_);
+  }
+
+  // --- checkpoints (mixprec/io/checkpoint.hpp) -------------------------------
+
+  /// The names of the per-parameter state tensors, in torch.optim's words
+  /// (Adam: exp_avg, exp_avg_sq, max_exp_avg_sq), indexed as in ParamState.
+  virtual std::vector<std::string> state_names() const = 0;
+
+  /// A host copy of the training state. Device parameters: copies on
+  /// stream(), which synchronises it.
+  OptimizerState save_state() const {
+    OptimizerState out;
+    out.lrs = group_lrs_;
+    out.applied_steps = applied_steps();
+    const std::size_t count = state_names().size();
+    for (std::size_t i = 0; i < slots_.size(); ++i) {
+      const Slot& s = slots_[i];
+      ParamState p;
+      p.master = to_host(s.master);
+      p.state.resize(count);
+      for (std::size_t k = 0; k < count; ++k) {
+        if (has_state(i, k)) p.state[k] = to_host(s.state[k]);
+      }
+      p.step = step_count(i);
+      out.params.push_back(std::move(p));
+    }
+    return out;
+  }
+
+  /// Throws, naming the parameter and the value, unless `st` fits this
+  /// optimizer: as many parameters and groups, every array the size of its
+  /// parameter, no more state tensors than state_names(), counts >= 0, lrs
+  /// finite and >= 0.
+  void check_state(const OptimizerState& st) const {
+    MIXPREC_CHECK(st.params.size() == slots_.size(), name(), "::load_state: the state holds ", st.params.size(),
+                  " parameters, the optimizer has ", slots_.size());
+    MIXPREC_CHECK(st.lrs.size() == group_lrs_.size(), name(), "::load_state: the state holds ", st.lrs.size(),
+                  " parameter groups, the optimizer has ", group_lrs_.size());
+    for (std::size_t g = 0; g < st.lrs.size(); ++g) {
+      MIXPREC_CHECK(std::isfinite(st.lrs[g]) && st.lrs[g] >= 0.0, name(), "::load_state: lrs[", g, "] = ",
+                    st.lrs[g], ", must be finite and >= 0");
+    }
+    MIXPREC_CHECK(st.applied_steps >= 0, name(), "::load_state: applied_steps = ", st.applied_steps, ", must be >= 0");
+    const std::size_t count = state_names().size();
+    for (std::size_t i = 0; i < slots_.size(); ++i) {
+      const ParamState& p = st.params[i];
+      const std::string& n = slots_[i].param.name;
+      const auto numel = static_cast<std::size_t>(slots_[i].master.numel());
+      MIXPREC_CHECK(p.master.size() == numel, name(), "::load_state: parameter \"", n, "\": master has ",
+                    p.master.size(), " elements, the parameter ", numel);
+      MIXPREC_CHECK(p.state.size() <= count, name(), "::load_state: parameter \"", n, "\": ", p.state.size(),
+                    " state tensors, a ", name(), " keeps ", count);
+      for (std::size_t k = 0; k < p.state.size(); ++k) {
+        MIXPREC_CHECK(!p.state[k] || p.state[k]->size() == numel, name(), "::load_state: parameter \"", n,
+                      "\": ", state_names()[k], " has ", p.state[k] ? p.state[k]->size() : 0,
+                      " elements, the parameter ", numel);
+      }
+      MIXPREC_CHECK(p.step >= 0, name(), "::load_state: parameter \"", n, "\": step = ", p.step, ", must be >= 0");
+    }
+  }
+
+  /// Replaces the training state with `st` (from save_state or a
+  /// checkpoint): masters, state tensors (made where `st` has them and they
+  /// do not exist yet, dropped where `st` has none), step counts, base lrs,
+  /// applied steps. The model weights are not touched. check_state(st) runs
+  /// first and new state tensors are allocated before anything is copied:
+  /// a bad state changes nothing. Device parameters: copies on stream() and
+  /// makes the device lists again (synchronises; not while capturing).
+  void load_state(const OptimizerState& st) {
+    check_state(st);
+    const std::size_t count = state_names().size();
+    std::vector<std::vector<Tensor<float>>> made(slots_.size());
+    for (std::size_t i = 0; i < slots_.size(); ++i) {
+      made[i].resize(count);
+      for (std::size_t k = 0; k < st.params[i].state.size(); ++k) {
+        if (st.params[i].state[k] && !has_state(i, k)) made[i][k] = Tensor<float>(slots_[i].master.shape(), device_);
+      }
+    }
+    for (std::size_t i = 0; i < slots_.size(); ++i) {
+      Slot& s = slots_[i];
+      const ParamState& p = st.params[i];
+      from_host(p.master, s.master);
+      if (s.state.size() < count) s.state.resize(count);
+      for (std::size_t k = 0; k < count; ++k) {
+        const bool want = k < p.state.size() && p.state[k].has_value();
+        if (want) {
+          if (!has_state(i, k)) {
+            s.state[k] = std::move(made[i][k]);
+            params_changed_ = true;
+          }
+          from_host(*p.state[k], s.state[k]);
+        } else if (has_state(i, k)) {
+          s.state[k] = Tensor<float>();
+          params_changed_ = true;
+        }
+      }
+      s.fresh_state = 0;
+      if (on_device()) {
+        detail::copy_raw(s.device_step, device_, &p.step, Device::cpu(), sizeof p.step, stream_);
+      } else {
+        s.step = p.step;
+      }
+    }
+    if (on_device()) {
+      detail::copy_raw(applied_device(), device_, &st.applied_steps, Device::cpu(), sizeof st.applied_steps, stream_);
+    } else {
+      applied_steps_ = st.applied_steps;
+    }
+    for (std::size_t g = 0; g < st.lrs.size(); ++g) {
+      group_lrs_[g] = st.lrs[g];
+      on_lr_changed(g, st.lrs[g]);
+    }
+    if (on_device()) prepare_device();
+  }
+
+  /// Sets every parameter's master to masters[i] and its model weight to
+  /// the master rounded to the weight's type (loading trained weights);
+  /// moments and step counts stay. Sizes are checked before any change.
+  void load_weights(const std::vector<std::vector<float>>& masters) {
+    MIXPREC_CHECK(masters.size() == slots_.size(), name(), "::load_weights: ", masters.size(),
+                  " arrays for ", slots_.size(), " parameters");
+    for (std::size_t i = 0; i < slots_.size(); ++i) {
+      MIXPREC_CHECK(masters[i].size() == static_cast<std::size_t>(slots_[i].master.numel()), name(),
+                    "::load_weights: parameter \"", slots_[i].param.name, "\": ", masters[i].size(),
+                    " values, the parameter has ", slots_[i].master.numel());
+    }
+    for (std::size_t i = 0; i < slots_.size(); ++i) {
+      Slot& s = slots_[i];
+      from_host(masters[i], s.master);
+      s.param.weight.visit([&](auto w) {
+        using T = typename decltype(w)::value_type;
+        std::vector<T> rounded(masters[i].size());
+        convert_n(masters[i].data(), rounded.size(), rounded.data());
+        detail::copy_raw(w.data(), device_, rounded.data(), Device::cpu(), rounded.size() * sizeof(T), stream_);
+      });
+    }
   }
 
   // --- for monitors (mixprec::monitor) --------------------------------------
@@ -759,6 +913,14 @@ class Optimizer {
     // The uploads, the zeroed state and the check's buffers are ready
     // before any stream (a non-blocking one included) runs a step on them.
     device_backend()->synchronize(nullptr);
+  }
+  std::vector<float> to_host(const Tensor<float>& t) const {
+    std::vector<float> out(static_cast<std::size_t>(t.numel()));
+    detail::copy_raw(out.data(), Device::cpu(), t.data(), device_, out.size() * sizeof(float), stream_);
+    return out;
+  }
+  void from_host(const std::vector<float>& v, Tensor<float>& t) {
+    detail::copy_raw(t.data(), device_, v.data(), Device::cpu(), v.size() * sizeof(float), stream_);
   }
   static Buffer make_device_counts(std::size_t count, Device device) {
     Buffer b(count * sizeof(std::int64_t), device);

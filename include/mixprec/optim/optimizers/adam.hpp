@@ -6,6 +6,7 @@
 #include <array>
 #include <cmath>
 #include <utility>
+#include <string>
 #include <vector>
 
 #include "mixprec/optim/formulas.hpp"
@@ -40,6 +41,7 @@ class AdamImpl : public OptimizerBase<AdamImpl<Decoupled, Options>, Options> {
     this->add_param_group(std::move(params), options);
   }
   const char* name() const override { return Decoupled ? "AdamW" : "Adam"; }
+  std::vector<std::string> state_names() const override { return {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}; }
   /// exp_avg_sq (max_exp_avg_sq with amsgrad), bias-corrected with betas[1].
   SecondMoment second_moment(std::size_t i) const override {
     const Options& o = this->options(this->group_of(i));

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <utility>
+#include <string>
 #include <vector>
 
 #include "mixprec/optim/formulas.hpp"
@@ -30,6 +31,7 @@ class RMSprop : public OptimizerBase<RMSprop, RMSpropOptions> {
     add_param_group(std::move(params), options);
   }
   const char* name() const override { return "RMSprop"; }
+  std::vector<std::string> state_names() const override { return {"square_avg", "grad_avg", "momentum_buffer"}; }
 
   /// square_avg, without bias correction (centered RMSprop subtracts
   /// grad_avg^2 first: square_avg is then an upper bound of what eps meets).

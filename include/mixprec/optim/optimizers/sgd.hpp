@@ -4,6 +4,7 @@
 #pragma once
 
 #include <utility>
+#include <string>
 #include <vector>
 
 #include "mixprec/optim/formulas.hpp"
@@ -30,6 +31,7 @@ class SGD : public OptimizerBase<SGD, SGDOptions> {
     add_param_group(std::move(params), options);
   }
   const char* name() const override { return "SGD"; }
+  std::vector<std::string> state_names() const override { return {"momentum_buffer"}; }
 
   static void validate(const SGDOptions& o) {
     detail::check_nonnegative("SGD", "lr", o.lr);

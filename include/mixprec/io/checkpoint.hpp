@@ -1,0 +1,385 @@
+// SPDX-License-Identifier: Apache-2.0
+// Training checkpoints in the safetensors format (docs/checkpoints.md): the
+// model weights, the fp32 masters, the optimizer's moments, step counts and
+// learning rates, the scaler's state and counters, the position in the LR
+// schedule, an RNG and the trainer's own strings; saved atomically, loaded
+// after every check has passed (nothing half-applied), resumed bit-exactly.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <optional>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "mixprec/amp/device_grad_scaler.hpp"
+#include "mixprec/amp/grad_scaler.hpp"
+#include "mixprec/core/convert.hpp"
+#include "mixprec/core/error.hpp"
+#include "mixprec/io/safetensors.hpp"
+#include "mixprec/optim/optimizer.hpp"
+#include "mixprec/tensor/ops.hpp"
+
+namespace mixprec::io {
+
+/// What a trainer keeps beside the optimizer and the scaler.
+struct CheckpointExtras {
+  /// The trainer's own strings (epoch, data position, a run id...), saved in
+  /// the header's __metadata__ as "user.<key>" and given back on load.
+  std::map<std::string, std::string> metadata;
+  /// An RNG saved and restored with the rest (its textual state, which the
+  /// C++ standard specifies); null: none.
+  std::mt19937_64* rng = nullptr;
+};
+
+namespace detail {
+
+inline constexpr const char* kFormat = "mixprec-checkpoint";
+inline constexpr const char* kFormatVersion = "1";
+inline constexpr const char* kPrefix = "mixprec/";  // every tensor but the model weights
+
+inline std::string master_name(const std::string& p) { return std::string(kPrefix) + "master/" + p; }
+inline std::string state_name(const std::string& s, const std::string& p) { return std::string(kPrefix) + s + "/" + p; }
+
+inline std::string number(double x) {
+  char buf[40];
+  std::snprintf(buf, sizeof buf, "%.17g", x);
+  return buf;
+}
+
+inline std::string schedule_string(const optim::LRSchedule& s) {
+  const char* kinds[] = {"constant", "linear_warmup", "cosine", "step_decay"};
+  return std::string("{\"kind\": \"") + kinds[static_cast<int>(s.kind)] + "\", \"steps\": " +
+         std::to_string(s.steps) + ", \"start_factor\": " + number(s.start_factor) + ", \"min_factor\": " +
+         number(s.min_factor) + ", \"gamma\": " + number(s.gamma) + "}";
+}
+
+inline const char* mode_name(amp::ScalingMode m) {
+  return m == amp::ScalingMode::dynamic ? "dynamic" : m == amp::ScalingMode::static_scale ? "static" : "disabled";
+}
+
+// A scaler's state with its counters, host side.
+struct ScalerSnapshot {
+  amp::ScalerState state;
+  std::int64_t applied = 0, skipped = 0;
+};
+
+// Everything a checkpoint holds, on the host; the tensors' bytes live here
+// while the writer refers to them.
+struct Contents {
+  optim::OptimizerState opt;
+  std::vector<std::vector<std::uint8_t>> weights;  // per parameter, its dtype's bytes
+  std::vector<std::int64_t> steps;
+  ScalerSnapshot scaler;
+  std::int32_t trackers[3] = {0, 0, 0};
+  std::int64_t counts[2] = {0, 0};
+  std::int64_t applied = 0;
+};
+
+inline std::vector<std::uint8_t> weight_bytes(const TensorRef& w) {
+  std::vector<std::uint8_t> out(w.bytes());
+  mixprec::detail::copy_raw(out.data(), Device::cpu(), w.data(), w.device(), out.size());
+  return out;
+}
+
+inline const std::vector<std::int64_t>& dims(const Shape& s) { return s.dims(); }
+
+inline void save(const std::string& path, const optim::Optimizer& opt, const ScalerSnapshot& scaler,
+                 const amp::GradScalerOptions& scaler_options, const CheckpointExtras& extras) {
+  MIXPREC_CHECK(!path.empty(), "save_checkpoint: path is empty");
+  for (std::size_t i = 0; i < opt.num_params(); ++i) {
+    const std::string& n = opt.param(i).name;
+    MIXPREC_CHECK(n.rfind(kPrefix, 0) != 0 && n != "__metadata__", "save_checkpoint: parameter \"", n,
+                  "\": names starting with \"", kPrefix, "\" (and \"__metadata__\") are reserved for the checkpoint's own "
+                  "tensors");
+  }
+  for (const auto& kv : extras.metadata) {
+    MIXPREC_CHECK(!kv.first.empty(), "save_checkpoint: extras.metadata has an empty key");
+  }
+  Contents c;
+  c.opt = opt.save_state();
+  const std::vector<std::string> states = opt.state_names();
+  SafetensorsWriter w;
+  for (std::size_t i = 0; i < opt.num_params(); ++i) {
+    const optim::Param& p = opt.param(i);
+    c.weights.push_back(weight_bytes(p.weight));
+    c.steps.push_back(c.opt.params[i].step);
+  }
+  for (std::size_t i = 0; i < opt.num_params(); ++i) {
+    const optim::Param& p = opt.param(i);
+    const std::vector<std::int64_t> shape = dims(p.weight.shape());
+    const optim::ParamState& ps = c.opt.params[i];
+    w.add(p.name, st_dtype(p.weight.dtype()), shape, c.weights[i].data(), c.weights[i].size());
+    w.add(master_name(p.name), StDType::F32, shape, ps.master.data(), ps.master.size() * sizeof(float));
+    for (std::size_t k = 0; k < ps.state.size(); ++k) {
+      if (!ps.state[k]) continue;
+      w.add(state_name(states[k], p.name), StDType::F32, shape, ps.state[k]->data(), ps.state[k]->size() * sizeof(float));
+    }
+  }
+  const auto np = static_cast<std::int64_t>(opt.num_params());
+  const auto ng = static_cast<std::int64_t>(c.opt.lrs.size());
+  w.add(std::string(kPrefix) + "step", StDType::I64, {np}, c.steps.data(), c.steps.size() * sizeof(std::int64_t));
+  w.add(std::string(kPrefix) + "lr", StDType::F64, {ng}, c.opt.lrs.data(), c.opt.lrs.size() * sizeof(double));
+  c.applied = c.opt.applied_steps;
+  w.add(std::string(kPrefix) + "applied_steps", StDType::I64, {}, &c.applied, sizeof c.applied);
+  c.scaler = scaler;
+  w.add(std::string(kPrefix) + "scaler/scale", StDType::F32, {}, &c.scaler.state.scale, sizeof(float));
+  c.trackers[0] = scaler.state.growth_tracker;
+  c.trackers[1] = scaler.state.hysteresis_tracker;
+  c.trackers[2] = scaler.state.min_scale_hits;
+  w.add(std::string(kPrefix) + "scaler/trackers", StDType::I32, {3}, c.trackers, sizeof c.trackers);
+  c.counts[0] = scaler.applied;
+  c.counts[1] = scaler.skipped;
+  w.add(std::string(kPrefix) + "scaler/counts", StDType::I64, {2}, c.counts, sizeof c.counts);
+
+  w.set_metadata("format", kFormat);
+  w.set_metadata("format_version", kFormatVersion);
+  w.set_metadata("optimizer", opt.name());
+  std::string names = "[";
+  for (std::size_t k = 0; k < states.size(); ++k) names += (k ? ", \"" : "\"") + states[k] + "\"";
+  w.set_metadata("optimizer_state", names + "]");
+  std::string groups = "[";
+  for (std::size_t i = 0; i < opt.num_params(); ++i) groups += (i ? ", " : "") + std::to_string(opt.group_of(i));
+  w.set_metadata("param_groups", groups + "]");
+  w.set_metadata("schedule", schedule_string(opt.schedule()));
+  w.set_metadata("scaling", mode_name(scaler_options.mode));
+  if (extras.rng != nullptr) {
+    std::ostringstream rng;
+    rng << *extras.rng;
+    w.set_metadata("rng.mt19937_64", rng.str());
+  }
+  for (const auto& kv : extras.metadata) w.set_metadata("user." + kv.first, kv.second);
+  w.write(path);
+}
+
+// Reads a tensor that must exist with this dtype and shape.
+inline const std::uint8_t* expect(const SafetensorsFile& f, const std::string& name, StDType dtype,
+                                  const std::vector<std::int64_t>& shape) {
+  const TensorInfo* t = f.find(name);
+  MIXPREC_CHECK(t != nullptr, "load_checkpoint: ", f.source(), " has no tensor \"", name, "\"");
+  MIXPREC_CHECK(t->dtype == dtype, "load_checkpoint: ", f.source(), ": tensor \"", name, "\" is ", to_string(t->dtype),
+                ", expected ", to_string(dtype));
+  MIXPREC_CHECK(t->shape == shape, "load_checkpoint: ", f.source(), ": tensor \"", name, "\" has shape ",
+                Shape(t->shape), ", expected ", Shape(shape));
+  return f.data(*t);
+}
+
+inline std::string meta(const SafetensorsFile& f, const std::string& key) {
+  const auto it = f.metadata().find(key);
+  MIXPREC_CHECK(it != f.metadata().end(), "load_checkpoint: ", f.source(), ": the header's __metadata__ has no \"", key,
+                "\"; not a mixprec checkpoint");
+  return it->second;
+}
+
+// Reads and checks everything against `opt` and the scaler's options; changes nothing.
+inline Contents read(const SafetensorsFile& f, const optim::Optimizer& opt, const amp::GradScalerOptions& scaler_options,
+                     CheckpointExtras* extras, std::mt19937_64* rng_out) {
+  const std::string& src = f.source();
+  MIXPREC_CHECK(meta(f, "format") == kFormat, "load_checkpoint: ", src, ": format = \"", meta(f, "format"),
+                "\", expected \"", kFormat, "\"");
+  MIXPREC_CHECK(meta(f, "format_version") == kFormatVersion, "load_checkpoint: ", src, ": format_version = \"",
+                meta(f, "format_version"), "\", this mixprec reads \"", kFormatVersion, "\"");
+  MIXPREC_CHECK(meta(f, "optimizer") == opt.name(), "load_checkpoint: ", src, " holds the state of a ",
+                meta(f, "optimizer"), ", the optimizer being loaded is a ", opt.name());
+  MIXPREC_CHECK(meta(f, "scaling") == mode_name(scaler_options.mode), "load_checkpoint: ", src, " was saved with ",
+                meta(f, "scaling"), " loss scaling, the scaler being loaded uses ", mode_name(scaler_options.mode));
+  const std::string schedule = schedule_string(opt.schedule());
+  MIXPREC_CHECK(meta(f, "schedule") == schedule, "load_checkpoint: ", src, " was saved with the LR schedule ",
+                meta(f, "schedule"), ", the optimizer has ", schedule, "; set the same schedule before loading");
+  std::string groups = "[";
+  for (std::size_t i = 0; i < opt.num_params(); ++i) groups += (i ? ", " : "") + std::to_string(opt.group_of(i));
+  groups += "]";
+  MIXPREC_CHECK(meta(f, "param_groups") == groups, "load_checkpoint: ", src, ": the parameters' groups are ",
+                meta(f, "param_groups"), ", the optimizer's are ", groups);
+
+  const std::vector<std::string> states = opt.state_names();
+  std::map<std::string, bool> known;  // every tensor name this optimizer can own
+  Contents c;
+  const auto np = static_cast<std::int64_t>(opt.num_params());
+  const std::uint8_t* steps = expect(f, std::string(kPrefix) + "step", StDType::I64, {np});
+  known[std::string(kPrefix) + "step"] = true;
+  c.opt.params.resize(opt.num_params());
+  for (std::size_t i = 0; i < opt.num_params(); ++i) {
+    const optim::Param& p = opt.param(i);
+    const std::vector<std::int64_t> shape = dims(p.weight.shape());
+    const auto n = static_cast<std::size_t>(p.weight.numel());
+    const std::uint8_t* wt = expect(f, p.name, st_dtype(p.weight.dtype()), shape);
+    c.weights.emplace_back(wt, wt + p.weight.bytes());
+    const std::uint8_t* m = expect(f, master_name(p.name), StDType::F32, shape);
+    optim::ParamState& ps = c.opt.params[i];
+    ps.master.resize(n);
+    std::memcpy(ps.master.data(), m, n * sizeof(float));
+    ps.state.resize(states.size());
+    for (std::size_t k = 0; k < states.size(); ++k) {
+      const std::string name = state_name(states[k], p.name);
+      known[name] = true;
+      if (f.find(name) == nullptr) continue;  // not made yet when saved
+      const std::uint8_t* s = expect(f, name, StDType::F32, shape);
+      ps.state[k].emplace(n);
+      std::memcpy(ps.state[k]->data(), s, n * sizeof(float));
+    }
+    std::memcpy(&ps.step, steps + i * sizeof(std::int64_t), sizeof(std::int64_t));
+    MIXPREC_CHECK(ps.step >= 0, "load_checkpoint: ", src, ": the step count of \"", p.name, "\" is ", ps.step);
+    known[p.name] = true;
+    known[master_name(p.name)] = true;
+  }
+  const auto ng = static_cast<std::int64_t>(opt.num_groups());
+  const std::uint8_t* lrs = expect(f, std::string(kPrefix) + "lr", StDType::F64, {ng});
+  c.opt.lrs.resize(opt.num_groups());
+  std::memcpy(c.opt.lrs.data(), lrs, c.opt.lrs.size() * sizeof(double));
+  std::memcpy(&c.opt.applied_steps, expect(f, std::string(kPrefix) + "applied_steps", StDType::I64, {}),
+              sizeof(std::int64_t));
+  std::memcpy(&c.scaler.state.scale, expect(f, std::string(kPrefix) + "scaler/scale", StDType::F32, {}), sizeof(float));
+  std::memcpy(c.trackers, expect(f, std::string(kPrefix) + "scaler/trackers", StDType::I32, {3}), sizeof c.trackers);
+  std::memcpy(c.counts, expect(f, std::string(kPrefix) + "scaler/counts", StDType::I64, {2}), sizeof c.counts);
+  c.scaler.state.growth_tracker = c.trackers[0];
+  c.scaler.state.hysteresis_tracker = c.trackers[1];
+  c.scaler.state.min_scale_hits = c.trackers[2];
+  c.scaler.applied = c.counts[0];
+  c.scaler.skipped = c.counts[1];
+  for (const char* n : {"lr", "applied_steps", "scaler/scale", "scaler/trackers", "scaler/counts"}) {
+    known[std::string(kPrefix) + n] = true;
+  }
+  for (const TensorInfo& t : f.tensors()) {
+    MIXPREC_CHECK(known.count(t.name) != 0, "load_checkpoint: ", src, " holds a tensor \"", t.name,
+                  "\" that is not part of this ", opt.name(), "'s state (a parameter missing from the optimizer?)");
+  }
+  // The values the optimizer and scaler will check again, checked here too so
+  // that nothing is applied before all of them have passed.
+  opt.check_state(c.opt);
+  amp::GradScaler::check_state(scaler_options, c.scaler.state, c.scaler.applied, c.scaler.skipped);
+  const auto rng = f.metadata().find("rng.mt19937_64");
+  if (rng_out != nullptr) {
+    MIXPREC_CHECK(rng != f.metadata().end(), "load_checkpoint: extras->rng is set but ", src, " holds no RNG state");
+    std::istringstream in(rng->second);
+    std::mt19937_64 r;
+    in >> r;
+    MIXPREC_CHECK(!in.fail(), "load_checkpoint: ", src, ": the RNG state in __metadata__ \"rng.mt19937_64\" does not parse");
+    *rng_out = r;
+  }
+  if (extras != nullptr) {
+    extras->metadata.clear();
+    for (const auto& kv : f.metadata()) {
+      if (kv.first.rfind("user.", 0) == 0) extras->metadata[kv.first.substr(5)] = kv.second;
+    }
+  }
+  return c;
+}
+
+inline void write_weights(const optim::Optimizer& opt, const std::vector<std::vector<std::uint8_t>>& weights) {
+  for (std::size_t i = 0; i < opt.num_params(); ++i) {
+    const TensorRef& w = opt.param(i).weight;
+    mixprec::detail::copy_raw(w.data(), w.device(), weights[i].data(), Device::cpu(), weights[i].size());
+  }
+}
+
+template <class Scaler>
+void load(const std::string& path, optim::Optimizer& opt, Scaler& scaler, CheckpointExtras* extras) {
+  const SafetensorsFile f = SafetensorsFile::read(path);
+  std::mt19937_64 rng;
+  CheckpointExtras got;
+  Contents c = read(f, opt, scaler.options(), extras != nullptr ? &got : nullptr,
+                    extras != nullptr && extras->rng != nullptr ? &rng : nullptr);
+  // Every check has passed: apply.
+  scaler.load_state(c.scaler.state, c.scaler.applied, c.scaler.skipped);
+  opt.load_state(c.opt);
+  write_weights(opt, c.weights);
+  if (extras != nullptr) {
+    extras->metadata = std::move(got.metadata);
+    if (extras->rng != nullptr) *extras->rng = rng;
+  }
+}
+
+}  // namespace detail
+
+/// Saves the whole training state of `opt` and `scaler` (and `extras`) into
+/// `path`, atomically: a temporary file in the same directory, fsync,
+/// rename. A crash during the save leaves the previous file intact. Device
+/// parameters: copies them to the host, which synchronises.
+inline void save_checkpoint(const std::string& path, const optim::Optimizer& opt, const amp::GradScaler& scaler,
+                            const CheckpointExtras& extras = {}) {
+  detail::save(path, opt, {scaler.state(), scaler.applied_steps(), scaler.skipped_steps()}, scaler.options(), extras);
+}
+inline void save_checkpoint(const std::string& path, const optim::Optimizer& opt, const amp::DeviceGradScaler& scaler,
+                            const CheckpointExtras& extras = {}) {
+  detail::save(path, opt, {scaler.state(), scaler.applied_steps(), scaler.skipped_steps()}, scaler.options(), extras);
+}
+
+/// Restores what save_checkpoint saved into an optimizer and scaler built
+/// the same way (same kind, parameters in the same order with the same names,
+/// shapes, dtypes and groups, the same LR schedule and scaling mode). Every
+/// check runs before anything changes: on an error, opt, scaler and extras
+/// are as they were. `extras` (optional) receives the trainer's strings and,
+/// where extras->rng is set, the RNG's state.
+inline void load_checkpoint(const std::string& path, optim::Optimizer& opt, amp::GradScaler& scaler,
+                            CheckpointExtras* extras = nullptr) {
+  detail::load(path, opt, scaler, extras);
+}
+inline void load_checkpoint(const std::string& path, optim::Optimizer& opt, amp::DeviceGradScaler& scaler,
+                            CheckpointExtras* extras = nullptr) {
+  detail::load(path, opt, scaler, extras);
+}
+
+/// Loads model weights only (a PyTorch state dict saved with
+/// safetensors.torch.save_file, say): for every parameter of `opt`, the
+/// tensor of the same name (after `prefix`) of the same shape, in F16, BF16,
+/// F32 or F64. The fp32 master takes the value (F64 rounded to nearest) and
+/// the model weight its rounding to the weight's type. Tensors the optimizer
+/// has no parameter for are an error unless `allow_unused`. Step counts,
+/// moments and the scaler are untouched. Nothing changes unless every
+/// parameter's tensor passed its checks.
+inline void load_weights(const std::string& path, optim::Optimizer& opt, const std::string& prefix = "",
+                         bool allow_unused = false) {
+  const SafetensorsFile f = SafetensorsFile::read(path);
+  std::vector<std::vector<float>> masters(opt.num_params());
+  std::map<std::string, bool> used;
+  for (std::size_t i = 0; i < opt.num_params(); ++i) {
+    const optim::Param& p = opt.param(i);
+    const std::string name = prefix + p.name;
+    const TensorInfo* t = f.find(name);
+    MIXPREC_CHECK(t != nullptr, "load_weights: ", f.source(), " has no tensor \"", name, "\" for parameter \"", p.name,
+                  "\"");
+    MIXPREC_CHECK(t->shape == detail::dims(p.weight.shape()), "load_weights: ", f.source(), ": tensor \"", name,
+                  "\" has shape ", Shape(t->shape), ", parameter \"", p.name, "\" has ", p.weight.shape());
+    const auto n = static_cast<std::size_t>(p.weight.numel());
+    std::vector<float>& m = masters[i];
+    m.resize(n);
+    const std::uint8_t* d = f.data(*t);
+    switch (t->dtype) {
+      case StDType::F32: std::memcpy(m.data(), d, n * sizeof(float)); break;
+      case StDType::F64:
+        for (std::size_t k = 0; k < n; ++k) {
+          double x;
+          std::memcpy(&x, d + k * sizeof x, sizeof x);
+          m[k] = static_cast<float>(x);
+        }
+        break;
+      case StDType::F16:
+      case StDType::BF16:
+        for (std::size_t k = 0; k < n; ++k) {
+          std::uint16_t b;
+          std::memcpy(&b, d + k * sizeof b, sizeof b);
+          m[k] = t->dtype == StDType::F16 ? to_float(from_bits<half>(b)) : to_float(from_bits<bfloat16>(b));
+        }
+        break;
+      default:
+        mixprec::detail::throw_error("load_weights: ", f.source(), ": tensor \"", name, "\" is ", to_string(t->dtype),
+                            "; weights load from F16, BF16, F32 or F64");
+    }
+    used[name] = true;
+  }
+  if (!allow_unused) {
+    for (const TensorInfo& t : f.tensors()) {
+      MIXPREC_CHECK(used.count(t.name) != 0, "load_weights: ", f.source(), " holds a tensor \"", t.name,
+                    "\" that matches no parameter of the ", opt.name(), " (allow_unused = true to ignore it)");
+    }
+  }
+  opt.load_weights(masters);
+}
+
+}  // namespace mixprec::io

@@ -1,0 +1,98 @@
+// SPDX-License-Identifier: Apache-2.0
+// mixprec reads a safetensors file that Python wrote from PyTorch tensors
+// (tests/io/safetensors_interop.py write-torch DIR): names, dtypes, shapes,
+// metadata and every element's bits against DIR/torch_expected.json, which
+// Python wrote from the same tensors.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "mixprec/core/convert.hpp"
+#include "mixprec/io/safetensors.hpp"
+
+namespace mixprec::io {
+namespace {
+
+std::string g_dir;
+
+/// Element i of t as its raw little-endian bits, zero-extended.
+std::uint64_t element_bits(const SafetensorsFile& f, const TensorInfo& t, std::size_t i) {
+  const std::size_t size = size_of(t.dtype);
+  std::uint64_t bits = 0;
+  std::memcpy(&bits, f.data(t) + i * size, size);  // little-endian host
+  return bits;
+}
+
+/// The value of element bits of dtype d, decoded by mixprec's types.
+double element_value(StDType d, std::uint64_t bits) {
+  switch (d) {
+    case StDType::F16: return to_float(from_bits<half>(static_cast<std::uint16_t>(bits)));
+    case StDType::BF16: return to_float(from_bits<bfloat16>(static_cast<std::uint16_t>(bits)));
+    case StDType::F32: {
+      float x;
+      const auto b = static_cast<std::uint32_t>(bits);
+      std::memcpy(&x, &b, 4);
+      return x;
+    }
+    case StDType::F64: {
+      double x;
+      std::memcpy(&x, &bits, 8);
+      return x;
+    }
+    case StDType::I64: return static_cast<double>(static_cast<std::int64_t>(bits));
+    default: return static_cast<double>(bits);
+  }
+}
+
+TEST(SafetensorsInterop, ReadsWhatPyTorchWrote) {
+  const std::string path = g_dir + "/torch.safetensors";
+  std::ifstream in(g_dir + "/torch_expected.json");
+  ASSERT_TRUE(in) << "no " << g_dir << "/torch_expected.json: run safetensors_interop.py write-torch first";
+  const nlohmann::json expected = nlohmann::json::parse(in);
+  std::printf("file written by: %s\n", expected["writer"].get<std::string>().c_str());
+
+  const SafetensorsFile f = SafetensorsFile::read(path);
+  EXPECT_EQ(f.metadata(), (expected["metadata"].get<std::map<std::string, std::string>>()));
+  ASSERT_EQ(f.tensors().size(), expected["tensors"].size());
+  std::size_t checked = 0;
+  for (const auto& [name, e] : expected["tensors"].items()) {
+    SCOPED_TRACE(name);
+    const TensorInfo* t = f.find(name);
+    ASSERT_NE(t, nullptr);
+    EXPECT_STREQ(to_string(t->dtype), e["dtype"].get<std::string>().c_str());
+    EXPECT_EQ(t->shape, e["shape"].get<std::vector<std::int64_t>>());
+    const auto& bits = e["bits"];
+    const auto& values = e["values"];
+    ASSERT_EQ(static_cast<std::size_t>(t->numel()), bits.size());
+    for (std::size_t i = 0; i < bits.size(); ++i) {
+      const std::uint64_t got = element_bits(f, *t, i);
+      ASSERT_EQ(got, bits[i].get<std::uint64_t>()) << "element " << i;
+      // Python's value of the element (null where it is not finite).
+      if (!values[i].is_null()) {
+        ASSERT_EQ(element_value(t->dtype, got), values[i].get<double>()) << "element " << i;
+      }
+      ++checked;
+    }
+  }
+  EXPECT_GT(checked, 100u);
+}
+
+}  // namespace
+}  // namespace mixprec::io
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: %s DIR (written by tests/io/safetensors_interop.py write-torch DIR)\n", argv[0]);
+    return 2;
+  }
+  mixprec::io::g_dir = argv[1];
+  return RUN_ALL_TESTS();
+}
