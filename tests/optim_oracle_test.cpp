@@ -72,7 +72,8 @@ struct Case {
     MIXPREC_CHECK(it != arrays.end(), "oracle: no array ", name);
     const auto [count, offset] = it->second.second;
     std::vector<T> out(count);
-    std::memcpy(out.data(), blob.data() + offset, count * sizeof(T));
+    // An empty array has no storage: memcpy to its null data() is UB, even of 0 bytes.
+    if (count != 0) std::memcpy(out.data(), blob.data() + offset, count * sizeof(T));
     return out;
   }
 };

@@ -148,10 +148,27 @@ __global__ void __launch_bounds__(check_threads)
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  // One warp per tensor: lanes strided over its slices, then a fixed
-  // shuffle tree (a tensor of a small model has a few hundred slices).
+  // A tensor's partials in a fixed order: a thread per tensor when there
+  // is one slice per chunk (many chunks, many tensors: the threads share
+  // them out), a warp per tensor when chunks are sliced (few, large
+  // tensors, a few hundred partials each: lanes strided over them, then a
+  // fixed shuffle tree).
+  if (slices == 1) {
+    for (int i = threadIdx.x; i < num_tensors; i += blockDim.x) {
+      const TensorEntry t = tensors[i];
+      const std::int64_t n = (t.numel + chunk_elements - 1) / chunk_elements;
+      double s = 0;
+      int b = 0;
+      for (std::int64_t c = t.first_chunk; c < t.first_chunk + n; ++c) {
+        s += __ldcg(slice_sums + c);
+        b |= __ldcg(slice_bad + c);
+      }
+      sum_squares[i] = s;
+      nonfinite[i] = b;
+    }
+  }
   const int lane = static_cast<int>(threadIdx.x % 32);
-  for (int i = static_cast<int>(threadIdx.x / 32); i < num_tensors; i += check_threads / 32) {
+  for (int i = static_cast<int>(threadIdx.x / 32); slices > 1 && i < num_tensors; i += check_threads / 32) {
     const TensorEntry t = tensors[i];
     const std::int64_t n = (t.numel + chunk_elements - 1) / chunk_elements;
     double s = 0;
