@@ -9,6 +9,12 @@
         own parser and numpy, with PyTorch, and with the safetensors package
         where it is installed, and checks names, dtypes, shapes, metadata and
         every element's bits.
+    safetensors_interop.py check-checkpoint WRITER DIR
+        Has mixprec's WRITER program (checkpoint_interop_write) train a small
+        model and save a checkpoint, then checks its tensors' names, dtypes,
+        shapes and values (against invariants of the training state) with
+        the own parser and numpy, and loads its model weights into a
+        PyTorch module.
     safetensors_interop.py write-torch DIR
         Saves PyTorch tensors to DIR/torch.safetensors (safetensors.torch.
         save_file where installed, else this script's own writer from the
@@ -218,9 +224,65 @@ def write_torch(out_dir):
     return 0
 
 
+def check_checkpoint(writer, out_dir):
+    """A mixprec checkpoint (AdamW, amsgrad, 12 steps, one skipped), read
+    with the own parser and numpy, then the model weights into a PyTorch
+    module. The values are checked against invariants that hold whatever
+    the gradients were: weights are the fp16 rounding of the masters (numpy
+    rounds here), amsgrad's max_exp_avg_sq >= exp_avg_sq >= 0, every step
+    count equals the applied steps (11 of 12), the scale a power of two."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "checkpoint.safetensors")
+    subprocess.run([writer, path], check=True)
+    _, metadata, tensors = parse(path)
+    assert metadata["format"] == "mixprec-checkpoint" and metadata["optimizer"] == "AdamW", metadata
+    assert metadata["user.epoch"] == "3" and "rng.mt19937_64" in metadata, metadata
+    shapes = {"fc1.weight": [16, 8], "fc1.bias": [16], "fc2.weight": [4, 16], "fc2.bias": [4]}
+    arrays = {}
+    for name, shape in shapes.items():
+        for key, dtype in [(name, "F16"), (f"mixprec/master/{name}", "F32"), (f"mixprec/exp_avg/{name}", "F32"),
+                           (f"mixprec/exp_avg_sq/{name}", "F32"), (f"mixprec/max_exp_avg_sq/{name}", "F32")]:
+            got_dtype, got_shape, raw = tensors[key]
+            assert (got_dtype, got_shape) == (dtype, shape), (key, got_dtype, got_shape)
+            arrays[key] = np.frombuffer(raw, NUMPY[dtype]).reshape(shape)
+        master, weight = arrays[f"mixprec/master/{name}"], arrays[name]
+        assert np.array_equal(master.astype(np.float16).view("<u2"), weight.view("<u2")), name
+        v, vmax = arrays[f"mixprec/exp_avg_sq/{name}"], arrays[f"mixprec/max_exp_avg_sq/{name}"]
+        assert (v >= 0).all() and (vmax >= v).all() and (v > 0).any(), name
+    steps = np.frombuffer(tensors["mixprec/step"][2], "<i8")
+    applied = np.frombuffer(tensors["mixprec/applied_steps"][2], "<i8")
+    counts = np.frombuffer(tensors["mixprec/scaler/counts"][2], "<i8")
+    assert list(steps) == [11] * 4 and list(applied) == [11] and list(counts) == [11, 1], (steps, applied, counts)
+    scale = float(np.frombuffer(tensors["mixprec/scaler/scale"][2], "<f4")[0])
+    assert scale > 0 and np.log2(scale) == round(np.log2(scale)), scale
+    expected = set(shapes) | {f"mixprec/{s}/{n}" for n in shapes for s in
+                              ("master", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
+    expected |= {"mixprec/step", "mixprec/lr", "mixprec/applied_steps", "mixprec/scaler/scale",
+                 "mixprec/scaler/trackers", "mixprec/scaler/counts"}
+    assert set(tensors) == expected, sorted(set(tensors) ^ expected)
+    print(f"own parser + numpy: {len(tensors)} tensors of a checkpoint, invariants hold")
+    try:
+        import torch
+    except ImportError as e:
+        print(f"skip PyTorch: cannot import torch ({e})")
+        return 0
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).half()
+    state = {}
+    for name in shapes:
+        dtype, shape, raw = tensors[name]
+        state[name.replace("fc1", "0").replace("fc2", "2")] = torch.frombuffer(bytearray(raw),
+                                                                              dtype=torch.float16).reshape(shape)
+    model.load_state_dict(state)
+    assert torch.equal(model[0].weight, torch.from_numpy(arrays["fc1.weight"].copy()))
+    print(f"PyTorch {torch.__version__}: the model weights load into an nn.Module")
+    return 0
+
+
 def main(argv):
     if len(argv) == 4 and argv[1] == "check-mixprec":
         return check_mixprec(argv[2], argv[3])
+    if len(argv) == 4 and argv[1] == "check-checkpoint":
+        return check_checkpoint(argv[2], argv[3])
     if len(argv) == 3 and argv[1] == "write-torch":
         return write_torch(argv[2])
     print(__doc__, file=sys.stderr)
