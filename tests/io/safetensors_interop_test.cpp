@@ -15,7 +15,9 @@
 #include <nlohmann/json.hpp>
 
 #include "mixprec/core/convert.hpp"
+#include "mixprec/io/checkpoint.hpp"
 #include "mixprec/io/safetensors.hpp"
+#include "mixprec/optim/optimizers/sgd.hpp"
 
 namespace mixprec::io {
 namespace {
@@ -82,6 +84,37 @@ TEST(SafetensorsInterop, ReadsWhatPyTorchWrote) {
     }
   }
   EXPECT_GT(checked, 100u);
+}
+
+// io::load_weights on the file PyTorch wrote: an fp16 weight from F16
+// (bits kept, infinities and the NaN included) and an fp32 weight from BF16
+// (exact); the other tensors are ignored (allow_unused).
+TEST(SafetensorsInterop, LoadWeightsFromWhatPyTorchWrote) {
+  std::ifstream in(g_dir + "/torch_expected.json");
+  ASSERT_TRUE(in) << "no " << g_dir << "/torch_expected.json: run safetensors_interop.py write-torch first";
+  const nlohmann::json expected = nlohmann::json::parse(in);
+  Tensor<half> w(Shape{10, 10}), gw(Shape{10, 10});
+  Tensor<float> b(Shape{4, 12}), gb(Shape{4, 12});
+  optim::SGD opt({{"fc1.weight", TensorRef(w), TensorRef(gw)}, {"fc1.bias", TensorRef(b), TensorRef(gb)}});
+  load_weights(g_dir + "/torch.safetensors", opt, "model.", /*allow_unused=*/true);
+  const auto& wbits = expected["tensors"]["model.fc1.weight"]["bits"];
+  for (std::size_t i = 0; i < 100; ++i) {
+    const auto want = static_cast<std::uint16_t>(wbits[i].get<std::uint64_t>());
+    const float master = opt.master(0).data()[i];
+    if (std::isnan(master)) {
+      EXPECT_TRUE(std::isnan(to_float(from_bits<half>(want)))) << i;
+      EXPECT_TRUE(std::isnan(to_float(w.data()[i]))) << i;
+    } else {
+      ASSERT_EQ(to_bits(w.data()[i]), want) << "element " << i;
+      ASSERT_EQ(to_bits(half(master)), want) << "element " << i;
+    }
+  }
+  const auto& bvalues = expected["tensors"]["model.fc1.bias"]["values"];
+  for (std::size_t i = 0; i < 48; ++i) {
+    if (bvalues[i].is_null()) continue;  // not finite
+    ASSERT_EQ(static_cast<double>(b.data()[i]), bvalues[i].get<double>()) << "element " << i;
+    ASSERT_EQ(opt.master(1).data()[i], b.data()[i]) << "element " << i;
+  }
 }
 
 }  // namespace
