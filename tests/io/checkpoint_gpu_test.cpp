@@ -56,5 +56,41 @@ TEST(CheckpointGpu, MovesBetweenDeviceAndHost) {
   test::expect_same_bits(test::bits(*dm2, *dopt2, dscaler2), device_bits);
 }
 
+// A device SGD makes its momentum buffers before the first step (zeros,
+// step 0); saved then and loaded on the host, the first step must still
+// start the buffer from the gradient (visible with dampening != 0).
+TEST(CheckpointGpu, SgdMomentumSavedBeforeTheFirstStepStartsFromTheGradient) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  auto make_sgd = [](test::Model& m) {
+    optim::SGDOptions o;
+    o.lr = 0.05;
+    o.momentum = 0.9;
+    o.dampening = 0.5;
+    return std::make_unique<optim::SGD>(m.params, o);
+  };
+  const Device cpu = Device::cpu(), gpu = Device::cuda(0);
+  auto straight = test::make_model(cpu, 1);
+  auto straight_opt = make_sgd(*straight);
+  amp::GradScaler straight_scaler(test::scaler_options());
+  std::mt19937_64 rng(3);
+  test::train(*straight, *straight_opt, straight_scaler, rng, 1, 5, cpu);
+
+  auto dm = test::make_model(gpu, 1);
+  auto dopt = make_sgd(*dm);
+  dopt->prepare_device();  // the buffers exist before any step
+  amp::DeviceGradScaler dscaler(test::scaler_options(), gpu);
+  const std::string path = temp_path("sgd_step0");
+  io::save_checkpoint(path, *dopt, dscaler);
+  ASSERT_TRUE(dopt->save_state().params[0].state[0].has_value());
+
+  auto hm = test::make_model(cpu, 2);
+  auto hopt = make_sgd(*hm);
+  amp::GradScaler hscaler(test::scaler_options());
+  io::load_checkpoint(path, *hopt, hscaler);
+  rng.seed(3);
+  test::train(*hm, *hopt, hscaler, rng, 1, 5, cpu);
+  test::expect_same_bits(test::bits(*hm, *hopt, hscaler), test::bits(*straight, *straight_opt, straight_scaler));
+}
+
 }  // namespace
 }  // namespace mixprec

@@ -5,6 +5,8 @@
 
 #include <cstdio>
 #include <fstream>
+#include <limits>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -172,6 +174,72 @@ TEST(Checkpoint, RefusedLoadsChangeNothing) {
     w.write(plain);
     check_refused(adamw, {"__metadata__", "not a mixprec checkpoint"}, plain);
   }
+  // Files that pass the early checks and fail late ones (values the
+  // optimizer or scaler refuse, a tensor too many): rewritten from the saved
+  // one with one thing changed.
+  auto rewrite = [&](const std::string& name, auto&& change) {
+    const io::SafetensorsFile f = io::SafetensorsFile::read(path);
+    std::vector<std::vector<std::uint8_t>> bytes;
+    bytes.reserve(f.tensors().size() + 1);
+    io::SafetensorsWriter w;
+    for (const io::TensorInfo& t : f.tensors()) {
+      bytes.emplace_back(f.data(t), f.data(t) + t.nbytes());
+      change(t.name, bytes.back());
+      w.add(t.name, t.dtype, t.shape, bytes.back().data(), bytes.back().size());
+    }
+    std::map<std::string, std::string> meta = f.metadata();
+    for (const auto& kv : meta) w.set_metadata(kv.first, kv.second);
+    if (name == "extra") {
+      bytes.emplace_back(8, 0);
+      w.add("mixprec/unknown", io::StDType::F64, {1}, bytes.back().data(), 8);
+    }
+    const std::string out = temp_path("late_" + name);
+    w.write(out);
+    return out;
+  };
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  check_refused(adamw, {"lrs[1]", "nan"}, rewrite("lr", [&](const std::string& n, std::vector<std::uint8_t>& b) {
+    if (n == "mixprec/lr") std::memcpy(b.data() + 8, &nan, 8);
+  }));
+  check_refused(adamw, {"hysteresis_tracker = 2", "hysteresis = 2"},
+                rewrite("trackers", [&](const std::string& n, std::vector<std::uint8_t>& b) {
+                  const std::int32_t two = 2;
+                  if (n == "mixprec/scaler/trackers") std::memcpy(b.data() + 4, &two, 4);
+                }));
+  check_refused(adamw, {"step count", "-1"}, rewrite("step", [&](const std::string& n, std::vector<std::uint8_t>& b) {
+    const std::int64_t minus = -1;
+    if (n == "mixprec/step") std::memcpy(b.data() + 8, &minus, 8);
+  }));
+  check_refused(adamw, {"\"mixprec/unknown\""}, rewrite("extra", [](const std::string&, std::vector<std::uint8_t>&) {}));
+  // extras is untouched by a refused load too; the RNG it asks for must be there.
+  {
+    auto target = test::make_model(cpu, 5);
+    auto opt = test::make_optimizer(OptKind::adamw_amsgrad, *target);
+    amp::GradScaler scaler(test::scaler_options());
+    std::mt19937_64 r(11);
+    const std::mt19937_64 r0 = r;
+    io::CheckpointExtras extras;
+    extras.rng = &r;
+    extras.metadata["kept"] = "yes";
+    const test::Bits before = test::bits(*target, *opt, scaler);
+    test::expect_error([&] { io::load_checkpoint(path, *opt, scaler, &extras); }, {"extras->rng", "no RNG state"});
+    test::expect_same_bits(test::bits(*target, *opt, scaler), before);
+    EXPECT_TRUE(r == r0);
+    EXPECT_EQ(extras.metadata.size(), 1u);
+    EXPECT_EQ(extras.metadata.at("kept"), "yes");
+  }
+}
+
+TEST(Checkpoint, SaveRefusesAnIterationUnderWay) {
+  auto m = test::make_model(Device::cpu(), 1);
+  auto opt = test::make_optimizer(OptKind::sgd_nesterov, *m);
+  amp::GradScaler scaler(test::scaler_options());
+  std::mt19937_64 rng(1);
+  test::upload_gradients(*m, 1, scaler.scale(), rng, Device::cpu());
+  scaler.step(*opt);
+  test::expect_error([&] { io::save_checkpoint(temp_path("midway"), *opt, scaler); }, {"update()"});
+  scaler.update();
+  io::save_checkpoint(temp_path("midway"), *opt, scaler);
 }
 
 TEST(Checkpoint, SaveRefusesReservedNames) {
@@ -215,21 +283,21 @@ TEST(Checkpoint, LoadWeightsFromAPlainFile) {
   // Shape and name mismatches name the tensor; nothing changes.
   const std::vector<float> before(opt->master(0).data(), opt->master(0).data() + 1000);
   test::expect_error([&] { io::load_weights(path, *opt); }, {"no tensor", "layer0.weight"});
+  for (float& x : f32) x = -x;  // other values than the masters hold: a wrongly applied load shows
   w.add("model.extra", io::StDType::F32, {1}, f32.data(), 4);
   const std::string extra = temp_path("weights_extra");
   w.write(extra);
-  for (float& x : f32) x = -x;  // the file holds the old values; a load would change the masters
   test::expect_error([&] { io::load_weights(extra, *opt, "model."); }, {"\"model.extra\"", "allow_unused"});
   EXPECT_EQ(std::vector<float>(opt->master(0).data(), opt->master(0).data() + 1000), before);
   io::load_weights(extra, *opt, "model.", /*allow_unused=*/true);
-  EXPECT_EQ(std::vector<float>(opt->master(0).data(), opt->master(0).data() + 1000), before);  // same values
+  EXPECT_EQ(std::vector<float>(opt->master(0).data(), opt->master(0).data() + 1000), f32);
   std::vector<float> wrong(999);
   io::SafetensorsWriter bad;
   bad.add("layer0.weight", io::StDType::F32, {999}, wrong.data(), wrong.size() * 4);
   const std::string bad_path = temp_path("weights_bad");
   bad.write(bad_path);
   test::expect_error([&] { io::load_weights(bad_path, *opt, "", true); }, {"layer0.weight", "[999]", "[1000]"});
-  EXPECT_EQ(std::vector<float>(opt->master(0).data(), opt->master(0).data() + 1000), before);
+  EXPECT_EQ(std::vector<float>(opt->master(0).data(), opt->master(0).data() + 1000), f32);
 }
 
 }  // namespace

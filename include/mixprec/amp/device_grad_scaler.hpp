@@ -198,14 +198,16 @@ class DeviceGradScaler {
   std::int64_t applied_steps() const { return read().applied; }
   std::int64_t skipped_steps() const { return read().skipped; }
   ScalerState state() const { return read().state; }
+  /// Whether an iteration is under way: unscale or step called, update not yet.
+  bool in_iteration() const { return !records_.all().empty(); }
 
   /// Restores a saved state and counters (checkpoints), checked as
   /// GradScaler::check_state does; not in the middle of an iteration.
   /// Copies on stream(), which synchronises (not while capturing).
   void load_state(const ScalerState& state, std::int64_t applied, std::int64_t skipped) {
     GradScaler::check_state(options_, state, applied, skipped);
-    MIXPREC_CHECK(records_.all().empty(), "DeviceGradScaler::load_state: an iteration is under way (update() not "
-                  "called yet)");
+    MIXPREC_CHECK(!in_iteration(), "DeviceGradScaler::load_state: an iteration is under way (update() not called "
+                  "yet)");
     DeviceScalerState s;
     s.state = state;
     s.applied = applied;

@@ -330,6 +330,8 @@ class GradScaler {
   std::int64_t applied_steps() const { return applied_; }
   std::int64_t skipped_steps() const { return skipped_; }
   const ScalerState& state() const { return state_; }
+  /// Whether an iteration is under way: unscale or step called, update not yet.
+  bool in_iteration() const { return !records_.all().empty(); }
 
   /// Throws, naming the field and its value, unless a scaler with options
   /// `o` could be in `state` after `applied` + `skipped` iterations: scale
@@ -366,8 +368,7 @@ class GradScaler {
   /// before update).
   void load_state(const ScalerState& state, std::int64_t applied, std::int64_t skipped) {
     check_state(options_, state, applied, skipped);
-    MIXPREC_CHECK(records_.all().empty(), "GradScaler::load_state: an iteration is under way (update() not called "
-                  "yet)");
+    MIXPREC_CHECK(!in_iteration(), "GradScaler::load_state: an iteration is under way (update() not called yet)");
     state_ = state;
     applied_ = applied;
     skipped_ = skipped;

@@ -10,12 +10,15 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <locale>
 #include <map>
 #include <optional>
 #include <random>
 #include <sstream>
 #include <string>
 #include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include "mixprec/amp/device_grad_scaler.hpp"
 #include "mixprec/amp/grad_scaler.hpp"
@@ -46,10 +49,19 @@ inline constexpr const char* kPrefix = "mixprec/";  // every tensor but the mode
 inline std::string master_name(const std::string& p) { return std::string(kPrefix) + "master/" + p; }
 inline std::string state_name(const std::string& s, const std::string& p) { return std::string(kPrefix) + s + "/" + p; }
 
-inline std::string number(double x) {
-  char buf[40];
-  std::snprintf(buf, sizeof buf, "%.17g", x);
-  return buf;
+inline std::string number(double x) {  // the same text in every locale
+  std::ostringstream out;
+  out.imbue(std::locale::classic());
+  out.precision(17);
+  out << x;
+  return out.str();
+}
+
+// The parameters' names in order, as JSON (step counts and lrs are stored by position).
+inline std::string param_names(const optim::Optimizer& opt) {
+  nlohmann::json names = nlohmann::json::array();
+  for (std::size_t i = 0; i < opt.num_params(); ++i) names.push_back(opt.param(i).name);
+  return names.dump();
 }
 
 inline std::string schedule_string(const optim::LRSchedule& s) {
@@ -146,10 +158,12 @@ inline void save(const std::string& path, const optim::Optimizer& opt, const Sca
   std::string groups = "[";
   for (std::size_t i = 0; i < opt.num_params(); ++i) groups += (i ? ", " : "") + std::to_string(opt.group_of(i));
   w.set_metadata("param_groups", groups + "]");
+  w.set_metadata("params", param_names(opt));
   w.set_metadata("schedule", schedule_string(opt.schedule()));
   w.set_metadata("scaling", mode_name(scaler_options.mode));
   if (extras.rng != nullptr) {
     std::ostringstream rng;
+    rng.imbue(std::locale::classic());
     rng << *extras.rng;
     w.set_metadata("rng.mt19937_64", rng.str());
   }
@@ -194,6 +208,8 @@ inline Contents read(const SafetensorsFile& f, const optim::Optimizer& opt, cons
   std::string groups = "[";
   for (std::size_t i = 0; i < opt.num_params(); ++i) groups += (i ? ", " : "") + std::to_string(opt.group_of(i));
   groups += "]";
+  MIXPREC_CHECK(meta(f, "params") == param_names(opt), "load_checkpoint: ", src, " holds the parameters ",
+                meta(f, "params"), " in this order, the optimizer has ", param_names(opt));
   MIXPREC_CHECK(meta(f, "param_groups") == groups, "load_checkpoint: ", src, ": the parameters' groups are ",
                 meta(f, "param_groups"), ", the optimizer's are ", groups);
 
@@ -213,7 +229,7 @@ inline Contents read(const SafetensorsFile& f, const optim::Optimizer& opt, cons
     const std::uint8_t* m = expect(f, master_name(p.name), StDType::F32, shape);
     optim::ParamState& ps = c.opt.params[i];
     ps.master.resize(n);
-    std::memcpy(ps.master.data(), m, n * sizeof(float));
+    if (n != 0) std::memcpy(ps.master.data(), m, n * sizeof(float));  // (no data() to copy to when empty)
     ps.state.resize(states.size());
     for (std::size_t k = 0; k < states.size(); ++k) {
       const std::string name = state_name(states[k], p.name);
@@ -221,7 +237,7 @@ inline Contents read(const SafetensorsFile& f, const optim::Optimizer& opt, cons
       if (f.find(name) == nullptr) continue;  // not made yet when saved
       const std::uint8_t* s = expect(f, name, StDType::F32, shape);
       ps.state[k].emplace(n);
-      std::memcpy(ps.state[k]->data(), s, n * sizeof(float));
+      if (n != 0) std::memcpy(ps.state[k]->data(), s, n * sizeof(float));
     }
     std::memcpy(&ps.step, steps + i * sizeof(std::int64_t), sizeof(std::int64_t));
     MIXPREC_CHECK(ps.step >= 0, "load_checkpoint: ", src, ": the step count of \"", p.name, "\" is ", ps.step);
@@ -257,9 +273,12 @@ inline Contents read(const SafetensorsFile& f, const optim::Optimizer& opt, cons
   if (rng_out != nullptr) {
     MIXPREC_CHECK(rng != f.metadata().end(), "load_checkpoint: extras->rng is set but ", src, " holds no RNG state");
     std::istringstream in(rng->second);
+    in.imbue(std::locale::classic());
     std::mt19937_64 r;
     in >> r;
-    MIXPREC_CHECK(!in.fail(), "load_checkpoint: ", src, ": the RNG state in __metadata__ \"rng.mt19937_64\" does not parse");
+    bool ok = !in.fail();
+    if (ok && !in.eof()) ok = (in >> std::ws).eof();  // nothing after the state but white space
+    MIXPREC_CHECK(ok, "load_checkpoint: ", src, ": the RNG state in __metadata__ \"rng.mt19937_64\" does not parse");
     *rng_out = r;
   }
   if (extras != nullptr) {
@@ -285,9 +304,12 @@ void load(const std::string& path, optim::Optimizer& opt, Scaler& scaler, Checkp
   CheckpointExtras got;
   Contents c = read(f, opt, scaler.options(), extras != nullptr ? &got : nullptr,
                     extras != nullptr && extras->rng != nullptr ? &rng : nullptr);
-  // Every check has passed: apply.
-  scaler.load_state(c.scaler.state, c.scaler.applied, c.scaler.skipped);
+  MIXPREC_CHECK(!scaler.in_iteration(), "load_checkpoint: the scaler is in the middle of an iteration (update() not "
+                "called yet)");
+  // Every check has passed: apply. The optimizer first (it allocates before
+  // it copies); the scaler's load cannot fail once checked.
   opt.load_state(c.opt);
+  scaler.load_state(c.scaler.state, c.scaler.applied, c.scaler.skipped);
   write_weights(opt, c.weights);
   if (extras != nullptr) {
     extras->metadata = std::move(got.metadata);
@@ -303,10 +325,14 @@ void load(const std::string& path, optim::Optimizer& opt, Scaler& scaler, Checkp
 /// parameters: copies them to the host, which synchronises.
 inline void save_checkpoint(const std::string& path, const optim::Optimizer& opt, const amp::GradScaler& scaler,
                             const CheckpointExtras& extras = {}) {
+  MIXPREC_CHECK(!scaler.in_iteration(), "save_checkpoint: the scaler is in the middle of an iteration (step() "
+                "done, update() not yet): the optimizer has stepped, the scale not; save after update()");
   detail::save(path, opt, {scaler.state(), scaler.applied_steps(), scaler.skipped_steps()}, scaler.options(), extras);
 }
 inline void save_checkpoint(const std::string& path, const optim::Optimizer& opt, const amp::DeviceGradScaler& scaler,
                             const CheckpointExtras& extras = {}) {
+  MIXPREC_CHECK(!scaler.in_iteration(), "save_checkpoint: the scaler is in the middle of an iteration (step() "
+                "done, update() not yet): the optimizer has stepped, the scale not; save after update()");
   detail::save(path, opt, {scaler.state(), scaler.applied_steps(), scaler.skipped_steps()}, scaler.options(), extras);
 }
 
@@ -351,7 +377,9 @@ inline void load_weights(const std::string& path, optim::Optimizer& opt, const s
     m.resize(n);
     const std::uint8_t* d = f.data(*t);
     switch (t->dtype) {
-      case StDType::F32: std::memcpy(m.data(), d, n * sizeof(float)); break;
+      case StDType::F32:
+        if (n != 0) std::memcpy(m.data(), d, n * sizeof(float));
+        break;
       case StDType::F64:
         for (std::size_t k = 0; k < n; ++k) {
           double x;

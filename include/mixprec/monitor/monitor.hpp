@@ -171,7 +171,12 @@ class Monitor {
     in.nonfinite = opt_.device_nonfinite();
     plan_->record(in, stream);
     if (logged) plan_->publish(in, pinned_, options_.readback_slots, stream);
-    scaler.update();
+    try {
+      scaler.update();  // can throw (error_at_min_scale) after the step is recorded
+    } catch (...) {
+      if (!capturing) advance(logged);  // the device counted it: so does the host
+      throw;
+    }
     if (!capturing) advance(logged);
   }
 

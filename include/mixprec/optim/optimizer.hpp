@@ -318,32 +318,54 @@ class Optimizer {
   void load_state(const OptimizerState& st) {
     check_state(st);
     const std::size_t count = state_names().size();
-    std::vector<std::vector<Tensor<float>>> made(slots_.size());
+    // Every allocation before the first copy. Device parameters: the state
+    // the options need is made now (zeros, marked fresh: SGD's momentum then
+    // starts from the gradient), as prepare_device would; on the host, state
+    // the file lacks is made when first used, as in a fresh run.
+    if (on_device()) {
+      for (std::size_t i = 0; i < slots_.size(); ++i) allocate_state(i);
+    }
+    std::vector<std::vector<Tensor<float>>> made(slots_.size());  // state the file has and this lacks
+    std::vector<std::vector<bool>> make(slots_.size(), std::vector<bool>(count, false));
     for (std::size_t i = 0; i < slots_.size(); ++i) {
       made[i].resize(count);
       for (std::size_t k = 0; k < st.params[i].state.size(); ++k) {
-        if (st.params[i].state[k] && !has_state(i, k)) made[i][k] = Tensor<float>(slots_[i].master.shape(), device_);
+        if (st.params[i].state[k] && !has_state(i, k)) {
+          made[i][k] = Tensor<float>(slots_[i].master.shape(), device_);
+          make[i][k] = true;
+        }
       }
     }
     for (std::size_t i = 0; i < slots_.size(); ++i) {
       Slot& s = slots_[i];
-      const ParamState& p = st.params[i];
-      from_host(p.master, s.master);
       if (s.state.size() < count) s.state.resize(count);
       for (std::size_t k = 0; k < count; ++k) {
-        const bool want = k < p.state.size() && p.state[k].has_value();
-        if (want) {
-          if (!has_state(i, k)) {
-            s.state[k] = std::move(made[i][k]);
-            params_changed_ = true;
-          }
-          from_host(*p.state[k], s.state[k]);
-        } else if (has_state(i, k)) {
-          s.state[k] = Tensor<float>();
+        if (make[i][k]) {
+          s.state[k] = std::move(made[i][k]);
           params_changed_ = true;
         }
       }
-      s.fresh_state = 0;
+    }
+    if (on_device()) ensure_plan();  // the device lists of the final buffers (uploads, synchronises)
+    // Copies.
+    for (std::size_t i = 0; i < slots_.size(); ++i) {
+      Slot& s = slots_[i];
+      const ParamState& p = st.params[i];
+      from_host(p.master, s.master);
+      for (std::size_t k = 0; k < count; ++k) {
+        const std::uint32_t bit = 1u << k;
+        if (k < p.state.size() && p.state[k].has_value()) {
+          from_host(*p.state[k], s.state[k]);
+          s.fresh_state &= ~bit;
+        } else if (has_state(i, k) && on_device()) {
+          fill(s.state[k], 0.0f);  // the options need it, the file has none: as made fresh
+          s.fresh_state |= bit;
+        } else if (has_state(i, k)) {
+          s.state[k] = Tensor<float>();  // host: made on first use, as in a fresh run
+          s.fresh_state &= ~bit;
+          params_changed_ = true;
+        }
+      }
       if (on_device()) {
         detail::copy_raw(s.device_step, device_, &p.step, Device::cpu(), sizeof p.step, stream_);
       } else {
@@ -352,6 +374,7 @@ class Optimizer {
     }
     if (on_device()) {
       detail::copy_raw(applied_device(), device_, &st.applied_steps, Device::cpu(), sizeof st.applied_steps, stream_);
+      device_backend()->synchronize(stream_);  // the zeros and copies are in place before any other stream runs a step
     } else {
       applied_steps_ = st.applied_steps;
     }
@@ -359,7 +382,6 @@ class Optimizer {
       group_lrs_[g] = st.lrs[g];
       on_lr_changed(g, st.lrs[g]);
     }
-    if (on_device()) prepare_device();
   }
 
   /// Sets every parameter's master to masters[i] and its model weight to

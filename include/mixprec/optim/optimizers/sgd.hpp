@@ -79,7 +79,9 @@ class SGD : public OptimizerBase<SGD, SGDOptions> {
       });
       return;
     }
-    c.first_step = fresh_state(i, 0);  // torch: the buffer starts as a copy of the gradient
+    // torch: the buffer starts as a copy of the gradient, at the first step
+    // or when momentum was switched on since (the device kernel's rule).
+    c.first_step = fresh_state(i, 0) || slots_[i].step == 1;
     float* buf = state(i, 0);
     update_elements<2>(i, t, {master, buf},
                        [c](auto& p, auto& b, auto grad) { sgd_update(p, b, grad, c); });
