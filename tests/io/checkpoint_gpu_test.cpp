@@ -77,7 +77,7 @@ TEST(CheckpointGpu, SgdMomentumSavedBeforeTheFirstStepStartsFromTheGradient) {
 
   auto dm = test::make_model(gpu, 1);
   auto dopt = make_sgd(*dm);
-  dopt->prepare_device();  // the buffers exist before any step
+  // (the device optimizer made its buffers when it was built: zeros, step 0)
   amp::DeviceGradScaler dscaler(test::scaler_options(), gpu);
   const std::string path = temp_path("sgd_step0");
   io::save_checkpoint(path, *dopt, dscaler);
