@@ -23,6 +23,11 @@
 
 namespace mixprec::test {
 
+// A file in the test's temporary directory.
+inline std::string temp_path(const std::string& name) {
+  return ::testing::TempDir() + "mixprec_checkpoint_" + name + ".safetensors";
+}
+
 enum class OptKind { adamw_amsgrad, sgd_nesterov, rmsprop_centered };
 
 inline const char* kind_name(OptKind k) {

@@ -14,6 +14,7 @@
 #include <map>
 #include <optional>
 #include <random>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -49,26 +50,23 @@ inline constexpr const char* kPrefix = "mixprec/";  // every tensor but the mode
 inline std::string master_name(const std::string& p) { return std::string(kPrefix) + "master/" + p; }
 inline std::string state_name(const std::string& s, const std::string& p) { return std::string(kPrefix) + s + "/" + p; }
 
-inline std::string number(double x) {  // the same text in every locale
-  std::ostringstream out;
-  out.imbue(std::locale::classic());
-  out.precision(17);
-  out << x;
-  return out.str();
-}
-
-// The parameters' names in order, as JSON (step counts and lrs are stored by position).
-inline std::string param_names(const optim::Optimizer& opt) {
+// Metadata values as JSON text (nlohmann writes numbers the same way in every
+// locale, doubles so that they read back exactly).
+inline std::string param_names(const optim::Optimizer& opt) {  // step counts and lrs are stored by position
   nlohmann::json names = nlohmann::json::array();
   for (std::size_t i = 0; i < opt.num_params(); ++i) names.push_back(opt.param(i).name);
   return names.dump();
 }
-
+inline std::string param_groups(const optim::Optimizer& opt) {
+  nlohmann::json groups = nlohmann::json::array();
+  for (std::size_t i = 0; i < opt.num_params(); ++i) groups.push_back(opt.group_of(i));
+  return groups.dump();
+}
 inline std::string schedule_string(const optim::LRSchedule& s) {
   const char* kinds[] = {"constant", "linear_warmup", "cosine", "step_decay"};
-  return std::string("{\"kind\": \"") + kinds[static_cast<int>(s.kind)] + "\", \"steps\": " +
-         std::to_string(s.steps) + ", \"start_factor\": " + number(s.start_factor) + ", \"min_factor\": " +
-         number(s.min_factor) + ", \"gamma\": " + number(s.gamma) + "}";
+  return nlohmann::json{{"kind", kinds[static_cast<int>(s.kind)]}, {"steps", s.steps},
+                        {"start_factor", s.start_factor}, {"min_factor", s.min_factor}, {"gamma", s.gamma}}
+      .dump();
 }
 
 inline const char* mode_name(amp::ScalingMode m) {
@@ -81,16 +79,11 @@ struct ScalerSnapshot {
   std::int64_t applied = 0, skipped = 0;
 };
 
-// Everything a checkpoint holds, on the host; the tensors' bytes live here
-// while the writer refers to them.
+// What load reads from a checkpoint, checked, on the host.
 struct Contents {
   optim::OptimizerState opt;
   std::vector<std::vector<std::uint8_t>> weights;  // per parameter, its dtype's bytes
-  std::vector<std::int64_t> steps;
   ScalerSnapshot scaler;
-  std::int32_t trackers[3] = {0, 0, 0};
-  std::int64_t counts[2] = {0, 0};
-  std::int64_t applied = 0;
 };
 
 inline std::vector<std::uint8_t> weight_bytes(const TensorRef& w) {
@@ -99,7 +92,6 @@ inline std::vector<std::uint8_t> weight_bytes(const TensorRef& w) {
   return out;
 }
 
-inline const std::vector<std::int64_t>& dims(const Shape& s) { return s.dims(); }
 
 inline void save(const std::string& path, const optim::Optimizer& opt, const ScalerSnapshot& scaler,
                  const amp::GradScalerOptions& scaler_options, const CheckpointExtras& extras) {
@@ -113,51 +105,41 @@ inline void save(const std::string& path, const optim::Optimizer& opt, const Sca
   for (const auto& kv : extras.metadata) {
     MIXPREC_CHECK(!kv.first.empty(), "save_checkpoint: extras.metadata has an empty key");
   }
-  Contents c;
-  c.opt = opt.save_state();
+  // The writer refers to these until write() below.
+  const optim::OptimizerState st = opt.save_state();
   const std::vector<std::string> states = opt.state_names();
+  std::vector<std::vector<std::uint8_t>> weights;
+  std::vector<std::int64_t> steps;
   SafetensorsWriter w;
   for (std::size_t i = 0; i < opt.num_params(); ++i) {
-    const optim::Param& p = opt.param(i);
-    c.weights.push_back(weight_bytes(p.weight));
-    c.steps.push_back(c.opt.params[i].step);
+    weights.push_back(weight_bytes(opt.param(i).weight));
+    steps.push_back(st.params[i].step);
   }
   for (std::size_t i = 0; i < opt.num_params(); ++i) {
     const optim::Param& p = opt.param(i);
-    const std::vector<std::int64_t> shape = dims(p.weight.shape());
-    const optim::ParamState& ps = c.opt.params[i];
-    w.add(p.name, st_dtype(p.weight.dtype()), shape, c.weights[i].data(), c.weights[i].size());
-    w.add(master_name(p.name), StDType::F32, shape, ps.master.data(), ps.master.size() * sizeof(float));
+    const std::vector<std::int64_t>& shape = p.weight.shape().dims();
+    const optim::ParamState& ps = st.params[i];
+    w.add(p.name, st_dtype(p.weight.dtype()), shape, weights[i].data(), weights[i].size());
+    w.add(master_name(p.name), shape, ps.master.data(), ps.master.size());
     for (std::size_t k = 0; k < ps.state.size(); ++k) {
-      if (!ps.state[k]) continue;
-      w.add(state_name(states[k], p.name), StDType::F32, shape, ps.state[k]->data(), ps.state[k]->size() * sizeof(float));
+      if (ps.state[k]) w.add(state_name(states[k], p.name), shape, ps.state[k]->data(), ps.state[k]->size());
     }
   }
-  const auto np = static_cast<std::int64_t>(opt.num_params());
-  const auto ng = static_cast<std::int64_t>(c.opt.lrs.size());
-  w.add(std::string(kPrefix) + "step", StDType::I64, {np}, c.steps.data(), c.steps.size() * sizeof(std::int64_t));
-  w.add(std::string(kPrefix) + "lr", StDType::F64, {ng}, c.opt.lrs.data(), c.opt.lrs.size() * sizeof(double));
-  c.applied = c.opt.applied_steps;
-  w.add(std::string(kPrefix) + "applied_steps", StDType::I64, {}, &c.applied, sizeof c.applied);
-  c.scaler = scaler;
-  w.add(std::string(kPrefix) + "scaler/scale", StDType::F32, {}, &c.scaler.state.scale, sizeof(float));
-  c.trackers[0] = scaler.state.growth_tracker;
-  c.trackers[1] = scaler.state.hysteresis_tracker;
-  c.trackers[2] = scaler.state.min_scale_hits;
-  w.add(std::string(kPrefix) + "scaler/trackers", StDType::I32, {3}, c.trackers, sizeof c.trackers);
-  c.counts[0] = scaler.applied;
-  c.counts[1] = scaler.skipped;
-  w.add(std::string(kPrefix) + "scaler/counts", StDType::I64, {2}, c.counts, sizeof c.counts);
+  const std::int32_t trackers[3] = {scaler.state.growth_tracker, scaler.state.hysteresis_tracker,
+                                    scaler.state.min_scale_hits};
+  const std::int64_t counts[2] = {scaler.applied, scaler.skipped};
+  w.add(std::string(kPrefix) + "step", {static_cast<std::int64_t>(steps.size())}, steps.data(), steps.size());
+  w.add(std::string(kPrefix) + "lr", {static_cast<std::int64_t>(st.lrs.size())}, st.lrs.data(), st.lrs.size());
+  w.add(std::string(kPrefix) + "applied_steps", {}, &st.applied_steps, 1);
+  w.add(std::string(kPrefix) + "scaler/scale", {}, &scaler.state.scale, 1);
+  w.add(std::string(kPrefix) + "scaler/trackers", {3}, trackers, 3);
+  w.add(std::string(kPrefix) + "scaler/counts", {2}, counts, 2);
 
   w.set_metadata("format", kFormat);
   w.set_metadata("format_version", kFormatVersion);
   w.set_metadata("optimizer", opt.name());
-  std::string names = "[";
-  for (std::size_t k = 0; k < states.size(); ++k) names += (k ? ", \"" : "\"") + states[k] + "\"";
-  w.set_metadata("optimizer_state", names + "]");
-  std::string groups = "[";
-  for (std::size_t i = 0; i < opt.num_params(); ++i) groups += (i ? ", " : "") + std::to_string(opt.group_of(i));
-  w.set_metadata("param_groups", groups + "]");
+  w.set_metadata("optimizer_state", nlohmann::json(states).dump());
+  w.set_metadata("param_groups", param_groups(opt));
   w.set_metadata("params", param_names(opt));
   w.set_metadata("schedule", schedule_string(opt.schedule()));
   w.set_metadata("scaling", mode_name(scaler_options.mode));
@@ -171,16 +153,16 @@ inline void save(const std::string& path, const optim::Optimizer& opt, const Sca
   w.write(path);
 }
 
-// Reads a tensor that must exist with this dtype and shape.
-inline const std::uint8_t* expect(const SafetensorsFile& f, const std::string& name, StDType dtype,
-                                  const std::vector<std::int64_t>& shape) {
+// A tensor that must exist with this dtype and shape.
+inline const TensorInfo& expect(const SafetensorsFile& f, const std::string& name, StDType dtype,
+                                const std::vector<std::int64_t>& shape) {
   const TensorInfo* t = f.find(name);
   MIXPREC_CHECK(t != nullptr, "load_checkpoint: ", f.source(), " has no tensor \"", name, "\"");
   MIXPREC_CHECK(t->dtype == dtype, "load_checkpoint: ", f.source(), ": tensor \"", name, "\" is ", to_string(t->dtype),
                 ", expected ", to_string(dtype));
   MIXPREC_CHECK(t->shape == shape, "load_checkpoint: ", f.source(), ": tensor \"", name, "\" has shape ",
                 Shape(t->shape), ", expected ", Shape(shape));
-  return f.data(*t);
+  return *t;
 }
 
 inline std::string meta(const SafetensorsFile& f, const std::string& key) {
@@ -205,62 +187,50 @@ inline Contents read(const SafetensorsFile& f, const optim::Optimizer& opt, cons
   const std::string schedule = schedule_string(opt.schedule());
   MIXPREC_CHECK(meta(f, "schedule") == schedule, "load_checkpoint: ", src, " was saved with the LR schedule ",
                 meta(f, "schedule"), ", the optimizer has ", schedule, "; set the same schedule before loading");
-  std::string groups = "[";
-  for (std::size_t i = 0; i < opt.num_params(); ++i) groups += (i ? ", " : "") + std::to_string(opt.group_of(i));
-  groups += "]";
+  const std::string groups = param_groups(opt);
   MIXPREC_CHECK(meta(f, "params") == param_names(opt), "load_checkpoint: ", src, " holds the parameters ",
                 meta(f, "params"), " in this order, the optimizer has ", param_names(opt));
   MIXPREC_CHECK(meta(f, "param_groups") == groups, "load_checkpoint: ", src, ": the parameters' groups are ",
                 meta(f, "param_groups"), ", the optimizer's are ", groups);
 
   const std::vector<std::string> states = opt.state_names();
-  std::map<std::string, bool> known;  // every tensor name this optimizer can own
+  std::set<std::string> known;  // every tensor name this optimizer can own
+  auto take = [&](const std::string& name, StDType dtype, const std::vector<std::int64_t>& shape) -> const TensorInfo& {
+    known.insert(name);
+    return expect(f, name, dtype, shape);
+  };
   Contents c;
-  const auto np = static_cast<std::int64_t>(opt.num_params());
-  const std::uint8_t* steps = expect(f, std::string(kPrefix) + "step", StDType::I64, {np});
-  known[std::string(kPrefix) + "step"] = true;
+  const std::vector<std::int64_t> steps =
+      f.values<std::int64_t>(take(std::string(kPrefix) + "step", StDType::I64, {static_cast<std::int64_t>(opt.num_params())}));
   c.opt.params.resize(opt.num_params());
   for (std::size_t i = 0; i < opt.num_params(); ++i) {
     const optim::Param& p = opt.param(i);
-    const std::vector<std::int64_t> shape = dims(p.weight.shape());
-    const auto n = static_cast<std::size_t>(p.weight.numel());
-    const std::uint8_t* wt = expect(f, p.name, st_dtype(p.weight.dtype()), shape);
-    c.weights.emplace_back(wt, wt + p.weight.bytes());
-    const std::uint8_t* m = expect(f, master_name(p.name), StDType::F32, shape);
+    const std::vector<std::int64_t>& shape = p.weight.shape().dims();
+    const TensorInfo& wt = take(p.name, st_dtype(p.weight.dtype()), shape);
+    c.weights.emplace_back(f.data(wt), f.data(wt) + wt.nbytes());
     optim::ParamState& ps = c.opt.params[i];
-    ps.master.resize(n);
-    if (n != 0) std::memcpy(ps.master.data(), m, n * sizeof(float));  // (no data() to copy to when empty)
+    ps.master = f.values<float>(take(master_name(p.name), StDType::F32, shape));
     ps.state.resize(states.size());
     for (std::size_t k = 0; k < states.size(); ++k) {
       const std::string name = state_name(states[k], p.name);
-      known[name] = true;
-      if (f.find(name) == nullptr) continue;  // not made yet when saved
-      const std::uint8_t* s = expect(f, name, StDType::F32, shape);
-      ps.state[k].emplace(n);
-      if (n != 0) std::memcpy(ps.state[k]->data(), s, n * sizeof(float));
+      known.insert(name);
+      if (f.find(name) != nullptr) ps.state[k] = f.values<float>(expect(f, name, StDType::F32, shape));
+      // (absent: not made yet when saved)
     }
-    std::memcpy(&ps.step, steps + i * sizeof(std::int64_t), sizeof(std::int64_t));
-    MIXPREC_CHECK(ps.step >= 0, "load_checkpoint: ", src, ": the step count of \"", p.name, "\" is ", ps.step);
-    known[p.name] = true;
-    known[master_name(p.name)] = true;
+    ps.step = steps[i];
   }
-  const auto ng = static_cast<std::int64_t>(opt.num_groups());
-  const std::uint8_t* lrs = expect(f, std::string(kPrefix) + "lr", StDType::F64, {ng});
-  c.opt.lrs.resize(opt.num_groups());
-  std::memcpy(c.opt.lrs.data(), lrs, c.opt.lrs.size() * sizeof(double));
-  std::memcpy(&c.opt.applied_steps, expect(f, std::string(kPrefix) + "applied_steps", StDType::I64, {}),
-              sizeof(std::int64_t));
-  std::memcpy(&c.scaler.state.scale, expect(f, std::string(kPrefix) + "scaler/scale", StDType::F32, {}), sizeof(float));
-  std::memcpy(c.trackers, expect(f, std::string(kPrefix) + "scaler/trackers", StDType::I32, {3}), sizeof c.trackers);
-  std::memcpy(c.counts, expect(f, std::string(kPrefix) + "scaler/counts", StDType::I64, {2}), sizeof c.counts);
-  c.scaler.state.growth_tracker = c.trackers[0];
-  c.scaler.state.hysteresis_tracker = c.trackers[1];
-  c.scaler.state.min_scale_hits = c.trackers[2];
-  c.scaler.applied = c.counts[0];
-  c.scaler.skipped = c.counts[1];
-  for (const char* n : {"lr", "applied_steps", "scaler/scale", "scaler/trackers", "scaler/counts"}) {
-    known[std::string(kPrefix) + n] = true;
-  }
+  c.opt.lrs = f.values<double>(take(std::string(kPrefix) + "lr", StDType::F64, {static_cast<std::int64_t>(opt.num_groups())}));
+  c.opt.applied_steps = f.values<std::int64_t>(take(std::string(kPrefix) + "applied_steps", StDType::I64, {}))[0];
+  c.scaler.state.scale = f.values<float>(take(std::string(kPrefix) + "scaler/scale", StDType::F32, {}))[0];
+  const std::vector<std::int32_t> trackers =
+      f.values<std::int32_t>(take(std::string(kPrefix) + "scaler/trackers", StDType::I32, {3}));
+  const std::vector<std::int64_t> counts =
+      f.values<std::int64_t>(take(std::string(kPrefix) + "scaler/counts", StDType::I64, {2}));
+  c.scaler.state.growth_tracker = trackers[0];
+  c.scaler.state.hysteresis_tracker = trackers[1];
+  c.scaler.state.min_scale_hits = trackers[2];
+  c.scaler.applied = counts[0];
+  c.scaler.skipped = counts[1];
   for (const TensorInfo& t : f.tensors()) {
     MIXPREC_CHECK(known.count(t.name) != 0, "load_checkpoint: ", src, " holds a tensor \"", t.name,
                   "\" that is not part of this ", opt.name(), "'s state (a parameter missing from the optimizer?)");
@@ -363,43 +333,40 @@ inline void load_weights(const std::string& path, optim::Optimizer& opt, const s
                          bool allow_unused = false) {
   const SafetensorsFile f = SafetensorsFile::read(path);
   std::vector<std::vector<float>> masters(opt.num_params());
-  std::map<std::string, bool> used;
+  std::set<std::string> used;
   for (std::size_t i = 0; i < opt.num_params(); ++i) {
     const optim::Param& p = opt.param(i);
     const std::string name = prefix + p.name;
     const TensorInfo* t = f.find(name);
     MIXPREC_CHECK(t != nullptr, "load_weights: ", f.source(), " has no tensor \"", name, "\" for parameter \"", p.name,
                   "\"");
-    MIXPREC_CHECK(t->shape == detail::dims(p.weight.shape()), "load_weights: ", f.source(), ": tensor \"", name,
+    MIXPREC_CHECK(t->shape == p.weight.shape().dims(), "load_weights: ", f.source(), ": tensor \"", name,
                   "\" has shape ", Shape(t->shape), ", parameter \"", p.name, "\" has ", p.weight.shape());
-    const auto n = static_cast<std::size_t>(p.weight.numel());
     std::vector<float>& m = masters[i];
-    m.resize(n);
-    const std::uint8_t* d = f.data(*t);
     switch (t->dtype) {
-      case StDType::F32:
-        if (n != 0) std::memcpy(m.data(), d, n * sizeof(float));
+      case StDType::F32: m = f.values<float>(*t); break;
+      case StDType::F64: {
+        const std::vector<double> d = f.values<double>(*t);
+        m.assign(d.begin(), d.end());  // rounded to nearest
         break;
-      case StDType::F64:
-        for (std::size_t k = 0; k < n; ++k) {
-          double x;
-          std::memcpy(&x, d + k * sizeof x, sizeof x);
-          m[k] = static_cast<float>(x);
-        }
+      }
+      case StDType::F16: {
+        const std::vector<half> h = f.values<half>(*t);
+        m.resize(h.size());
+        convert_n(h.data(), h.size(), m.data());
         break;
-      case StDType::F16:
-      case StDType::BF16:
-        for (std::size_t k = 0; k < n; ++k) {
-          std::uint16_t b;
-          std::memcpy(&b, d + k * sizeof b, sizeof b);
-          m[k] = t->dtype == StDType::F16 ? to_float(from_bits<half>(b)) : to_float(from_bits<bfloat16>(b));
-        }
+      }
+      case StDType::BF16: {
+        const std::vector<bfloat16> b = f.values<bfloat16>(*t);
+        m.resize(b.size());
+        convert_n(b.data(), b.size(), m.data());
         break;
+      }
       default:
         mixprec::detail::throw_error("load_weights: ", f.source(), ": tensor \"", name, "\" is ", to_string(t->dtype),
-                            "; weights load from F16, BF16, F32 or F64");
+                                     "; weights load from F16, BF16, F32 or F64");
     }
-    used[name] = true;
+    used.insert(name);
   }
   if (!allow_unused) {
     for (const TensorInfo& t : f.tensors()) {

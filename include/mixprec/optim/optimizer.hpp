@@ -262,6 +262,19 @@ class Optimizer {
     out.lrs = group_lrs_;
     out.applied_steps = applied_steps();
     const std::size_t count = state_names().size();
+    // Step counts: on a device one copy per group (its counts are contiguous).
+    std::vector<std::int64_t> steps(slots_.size());
+    for (std::size_t i = 0, g = 0; i < slots_.size(); ++g) {
+      std::size_t n = 0;
+      while (i + n < slots_.size() && slots_[i + n].group == g) ++n;
+      if (on_device()) {
+        detail::copy_raw(steps.data() + i, Device::cpu(), group_steps_[g].data(), device_, n * sizeof(std::int64_t),
+                         stream_);
+      } else {
+        for (std::size_t k = 0; k < n; ++k) steps[i + k] = slots_[i + k].step;
+      }
+      i += n;
+    }
     for (std::size_t i = 0; i < slots_.size(); ++i) {
       const Slot& s = slots_[i];
       ParamState p;
@@ -270,7 +283,7 @@ class Optimizer {
       for (std::size_t k = 0; k < count; ++k) {
         if (has_state(i, k)) p.state[k] = to_host(s.state[k]);
       }
-      p.step = step_count(i);
+      p.step = steps[i];
       out.params.push_back(std::move(p));
     }
     return out;
