@@ -68,11 +68,11 @@ void BM_step(benchmark::State& state, Hyper hyper, int state_tensors, double max
   in.total_sum_squares = max_norm > 0 ? check.total_sum_squares() : nullptr;
   in.max_norm = max_norm;
   in.applied_steps = applied;
+  in.any_inf = &scaler->any_inf;
   mixprec::amp::ScalePolicy policy;
   auto step = [&] {
     check.launch(list);
     mixprec::cuda::launch_step(list, params, hyper, mixprec::optim::LRSchedule::constant(), in);
-    mixprec::cuda::launch_finish_step(check.found_inf(), params, applied, &scaler->any_inf);
     mixprec::cuda::launch_update_scale(scaler, policy, true);
   };
   for (int i = 0; i < 3; ++i) step();

@@ -81,7 +81,7 @@ struct Case {
     params = std::make_unique<cuda::ParamList>(entries);
     check = std::make_unique<cuda::GradCheck>(*list);
   }
-  // One whole GPU step: pass 1, pass 2, finish; no host synchronisation.
+  // One whole GPU step: pass 1, pass 2 (with the count), the scale; no host synchronisation.
   template <class Hyper>
   void step(const Hyper& hyper, const optim::LRSchedule& schedule, double max_norm, const amp::ScalePolicy& policy,
             bool dynamic, cudaStream_t stream = nullptr) {
@@ -92,8 +92,8 @@ struct Case {
     in.total_sum_squares = max_norm > 0 ? check->total_sum_squares() : nullptr;
     in.max_norm = max_norm;
     in.applied_steps = applied();
-    cuda::launch_step(*list, *params, hyper, schedule, in, stream);
-    cuda::launch_finish_step(check->found_inf(), *params, applied(), &device_scaler()->any_inf, stream);
+    in.any_inf = &device_scaler()->any_inf;
+    cuda::launch_step(*list, *params, hyper, schedule, in, stream);  // pass 2 and the step's count
     cuda::launch_update_scale(device_scaler(), policy, dynamic, stream);
   }
   std::int64_t* applied() { return static_cast<std::int64_t*>(scalars.data()); }

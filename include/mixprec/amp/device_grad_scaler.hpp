@@ -95,12 +95,8 @@ class DeviceGradScaler {
   /// call before update() is an error, as in PyTorch.
   void unscale(optim::Optimizer& opt) {
     require_here(opt);
-    records_.require_can_unscale(opt);
-    opt.launch_check(stream_);
-    Record& r = records_.get(opt);
-    r.num_params = opt.num_params();
-    r.found_inf = opt.device_found_inf();
-    r.stage = Stage::unscaled;
+    const auto guard = records_.lock();
+    unscale_locked(opt);
   }
 
   /// torch.nn.utils.clip_grad_norm_ on the unscaled gradients, after
@@ -109,17 +105,50 @@ class DeviceGradScaler {
   /// grad_norm(opt) (a synchronising read; this returns nothing).
   void clip_grad_norm(optim::Optimizer& opt, double max_norm) {
     records_.check_max_norm(max_norm);
+    const auto guard = records_.lock();
     records_.require_can_clip(opt);
     records_.checked(opt, "clip_grad_norm").max_norm = max_norm;
   }
 
   /// Unscales (unless unscale() already ran), then launches opt's update,
   /// which changes nothing if a gradient is not finite: masters, state and
-  /// step counts untouched.
+  /// step counts untouched. The update is one launch: if it cannot be
+  /// launched (an error is thrown) nothing changed and the optimizer stays
+  /// unscaled, so step() may be called again.
+  ///
+  /// Threads: as GradScaler (threads that each step their own optimizers
+  /// may share a scaler); each call holds the scaler's lock while it
+  /// launches, which is quick: launches do not wait for the device.
   void step(optim::Optimizer& opt) {
     require_here(opt);
+    const auto guard = records_.lock();
+    step_locked(opt);
+  }
+
+  /// unscale + clip_grad_norm(max_norm) + step.
+  void step(optim::Optimizer& opt, double max_norm) {
+    records_.check_max_norm(max_norm);  // before unscale() launches anything
+    require_here(opt);
+    const auto guard = records_.lock();
+    if (records_.stage(opt) == Stage::ready) unscale_locked(opt);
+    records_.require_can_clip(opt);
+    records_.checked(opt, "clip_grad_norm").max_norm = max_norm;
+    step_locked(opt);
+  }
+
+ private:
+  void unscale_locked(optim::Optimizer& opt) {
+    records_.require_can_unscale(opt);
+    opt.launch_check(stream_);
+    Record& r = records_.get(opt);
+    r.num_params = opt.num_params();
+    r.found_inf = opt.device_found_inf();
+    r.stage = Stage::unscaled;
+  }
+
+  void step_locked(optim::Optimizer& opt) {
     records_.require_can_step(opt);
-    if (records_.stage(opt) == Stage::ready) unscale(opt);
+    if (records_.stage(opt) == Stage::ready) unscale_locked(opt);
     Record& r = records_.get(opt);
     records_.require_same_params(opt, r, "step");
     optim::DeviceStepInputs in;
@@ -130,23 +159,16 @@ class DeviceGradScaler {
       in.max_norm = r.max_norm;
     }
     opt.launch_step(in, &device_state()->any_inf, stream_);
-    r.stage = Stage::stepped;
+    r.stage = Stage::stepped;  // only once launched
   }
 
-  /// unscale + clip_grad_norm(max_norm) + step.
-  void step(optim::Optimizer& opt, double max_norm) {
-    records_.check_max_norm(max_norm);  // before unscale() launches anything
-    require_here(opt);
-    if (records_.stage(opt) == Stage::ready) unscale(opt);
-    clip_grad_norm(opt, max_norm);
-    step(opt);
-  }
-
+ public:
   /// Ends the iteration with one launch: counts it as applied or skipped
   /// (skipped if any optimizer saw a non-finite gradient) and, in dynamic
   /// mode, updates the scale. Then raises the min_scale error if the copy
   /// of an earlier update shows it (see the class comment).
   void update() {
+    const auto guard = records_.lock();
     records_.require_some("update");
     // An optimizer unscaled but never stepped still counts: its found-inf
     // goes into the iteration's flag (step()'s finish does that otherwise).
@@ -162,11 +184,22 @@ class DeviceGradScaler {
   /// Raises, once, the error_at_min_scale error if an update that has
   /// completed clamped the scale at min_scale. Never synchronises.
   void check_errors() {
-    if (!options_.error_at_min_scale || raised_) return;
     const volatile DeviceScalerState* m = mirror_;
-    if (m->state.min_scale_hits > 0) {
+    if (options_.error_at_min_scale && !raised_ && m->state.min_scale_hits > 0) {
       raised_ = true;
       GradScaler::throw_min_scale("DeviceGradScaler", options_.min_scale, m->skipped);
+    }
+    // max_consecutive_skips: once per streak that reached the limit (a
+    // streak seen a step late may already be past it).
+    const std::int64_t limit = options_.max_consecutive_skips;
+    if (limit > 0) {
+      const std::int64_t streak = m->state.skip_streak;
+      if (streak < limit) {
+        streak_raised_ = false;
+      } else if (!streak_raised_) {
+        streak_raised_ = true;
+        GradScaler::throw_too_many_skips("DeviceGradScaler", limit, m->state.scale);
+      }
     }
   }
 
@@ -174,7 +207,10 @@ class DeviceGradScaler {
 
   /// The unscaled global L2 norm of opt's gradients from the last unscale().
   float grad_norm(const optim::Optimizer& opt) const {
-    records_.checked(opt, "grad_norm");
+    {
+      const auto guard = records_.lock();
+      records_.checked(opt, "grad_norm");
+    }
     const optim::GradStats stats = opt.read_check(stream_);
     // The scale of this iteration: update() has not run since unscale().
     const float inv_scale = static_cast<float>(1.0 / static_cast<double>(scale()));
@@ -182,12 +218,18 @@ class DeviceGradScaler {
   }
   /// Whether opt saw a non-finite gradient since the last update().
   bool found_inf(const optim::Optimizer& opt) const {
-    records_.checked(opt, "found_inf");
+    {
+      const auto guard = records_.lock();
+      records_.checked(opt, "found_inf");
+    }
     return opt.read_check(stream_).any_nonfinite();
   }
   /// Names of opt's parameters whose gradient held inf or NaN, from the last unscale().
   std::vector<std::string> nonfinite_params(const optim::Optimizer& opt) const {
-    records_.checked(opt, "nonfinite_params");
+    {
+      const auto guard = records_.lock();
+      records_.checked(opt, "nonfinite_params");
+    }
     const optim::GradStats stats = opt.read_check(stream_);
     std::vector<std::string> names;
     for (std::size_t i = 0; i < stats.nonfinite.size(); ++i) {
@@ -199,15 +241,19 @@ class DeviceGradScaler {
   std::int64_t skipped_steps() const { return read().skipped; }
   ScalerState state() const { return read().state; }
   /// Whether an iteration is under way: unscale or step called, update not yet.
-  bool in_iteration() const { return !records_.all().empty(); }
+  bool in_iteration() const {
+    const auto guard = records_.lock();
+    return !records_.all().empty();
+  }
 
   /// Restores a saved state and counters (checkpoints), checked as
   /// GradScaler::check_state does; not in the middle of an iteration.
   /// Copies on stream(), which synchronises (not while capturing).
   void load_state(const ScalerState& state, std::int64_t applied, std::int64_t skipped) {
     GradScaler::check_state(options_, state, applied, skipped);
-    MIXPREC_CHECK(!in_iteration(), "DeviceGradScaler::load_state: an iteration is under way (update() not called "
-                  "yet)");
+    const auto guard = records_.lock();
+    MIXPREC_CHECK(records_.all().empty(), "DeviceGradScaler::load_state: an iteration is under way (update() not "
+                  "called yet)");
     DeviceScalerState s;
     s.state = state;
     s.applied = applied;
@@ -215,6 +261,7 @@ class DeviceGradScaler {
     mixprec::detail::copy_raw(state_.data(), device_, &s, Device::cpu(), sizeof s, stream_);
     *mirror_ = s;
     raised_ = s.state.min_scale_hits > 0;
+    streak_raised_ = options_.max_consecutive_skips > 0 && s.state.skip_streak >= options_.max_consecutive_skips;
   }
 
  private:
@@ -243,6 +290,7 @@ class DeviceGradScaler {
   Buffer state_;                         // one DeviceScalerState
   DeviceScalerState* mirror_ = nullptr;  // pinned: the state as of the last completed update()
   bool raised_ = false;
+  bool streak_raised_ = false;
   detail::Records<Record> records_{"DeviceGradScaler"};
 };
 

@@ -3,10 +3,12 @@
 // semantics, driving the optimizers' fused check and update passes.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -45,6 +47,10 @@ struct GradScalerOptions {
   double max_scale = std::numeric_limits<double>::infinity();
   /// update() throws once when a backoff is clamped at min_scale.
   bool error_at_min_scale = false;
+  /// Give up after this many consecutive skipped (non-finite) iterations:
+  /// update() throws when the streak reaches it, once per streak. 0 (the
+  /// default) never gives up, as torch.
+  std::int64_t max_consecutive_skips = 0;
 
   /// The defaults for a model whose gradients have this dtype: dynamic
   /// scaling for float16, scaling disabled for bfloat16 and float32 (their
@@ -75,6 +81,48 @@ template <class Record>
 class Records {
  public:
   explicit Records(const char* who) : who_(who) {}
+  Records(const Records& other) : who_(other.who_), items_(other.items_) {}
+  Records& operator=(const Records& other) {
+    who_ = other.who_;
+    items_ = other.items_;
+    busy_.clear();
+    return *this;
+  }
+
+  /// Every member below is called with this lock held: a scaler may be
+  /// shared by threads that each step their own optimizers.
+  std::unique_lock<std::mutex> lock() const { return std::unique_lock<std::mutex>(mutex_); }
+
+  /// Marks `opt` as being unscaled or stepped by the calling thread until
+  /// the returned guard goes; refuses an optimizer another thread is
+  /// unscaling or stepping. Called with `held` locked; the guard's
+  /// destructor takes `held` again if it was released meanwhile (declare
+  /// the guard after the lock, so that it goes first).
+  class Busy {
+   public:
+    Busy(Records& r, std::uint64_t id, std::unique_lock<std::mutex>& held) : r_(&r), id_(id), held_(&held) {}
+    Busy(const Busy&) = delete;
+    Busy& operator=(const Busy&) = delete;
+    ~Busy() {
+      if (!held_->owns_lock()) held_->lock();
+      r_->busy_.erase(std::find(r_->busy_.begin(), r_->busy_.end(), id_));
+    }
+
+   private:
+    Records* r_;
+    std::uint64_t id_;
+    std::unique_lock<std::mutex>* held_;
+  };
+  Busy begin(const optim::Optimizer& opt, const char* what, std::unique_lock<std::mutex>& held) {
+    MIXPREC_CHECK(std::find(busy_.begin(), busy_.end(), opt.id()) == busy_.end(), who_, "::", what,
+                  ": another thread is in unscale() or step() on this ", opt.name(),
+                  "; an optimizer is stepped by one thread at a time");
+    busy_.push_back(opt.id());  // reserved before the guard exists
+    return Busy(*this, opt.id(), held);
+  }
+  void require_idle(const char* what) const {
+    MIXPREC_CHECK(busy_.empty(), who_, "::", what, ": another thread is still in unscale() or step()");
+  }
 
   /// The optimizer's record, made on first use: call it once the work it
   /// records has been done, so a refused call leaves no record behind.
@@ -110,6 +158,8 @@ class Records {
                   "; call update() first");
   }
   void require_can_clip(const optim::Optimizer& opt) {
+    MIXPREC_CHECK(std::find(busy_.begin(), busy_.end(), opt.id()) == busy_.end(), who_,
+                  "::clip_grad_norm: another thread is in unscale() or step() on this ", opt.name());
     const Record& r = checked(opt, "clip_grad_norm");
     MIXPREC_CHECK(r.stage == Stage::unscaled, who_, "::clip_grad_norm: step() already ran on this ", opt.name(),
                   " since the last update()");
@@ -146,6 +196,8 @@ class Records {
 
   const char* who_;
   std::vector<Record> items_;
+  std::vector<std::uint64_t> busy_;  // optimizers a thread is unscaling or stepping
+  mutable std::mutex mutex_;
 };
 
 }  // namespace detail
@@ -193,7 +245,16 @@ class GradScaler {
                                  skipped, " skipped steps; gradients keep overflowing (check the loss and the model)");
   }
 
+  /// The error update() raises when max_consecutive_skips iterations in a row were skipped.
+  [[noreturn]] static void throw_too_many_skips(const char* who, std::int64_t limit, float scale) {
+    mixprec::detail::throw_error(who, "::update: ", limit, " consecutive iterations skipped (max_consecutive_skips = ",
+                                 limit, "; the scale is now ", scale,
+                                 "): every gradient keeps overflowing or is NaN (check the loss and the model)");
+  }
+
   static void validate(const GradScalerOptions& o) {
+    MIXPREC_CHECK(o.max_consecutive_skips >= 0, "GradScaler: max_consecutive_skips = ", o.max_consecutive_skips,
+                  ", must be >= 0 (0: never give up)");
     MIXPREC_CHECK(std::isfinite(o.init_scale) && o.init_scale > 0.0 &&
                       o.init_scale <= std::numeric_limits<float>::max(),
                   "GradScaler: init_scale = ", o.init_scale, ", must be finite in float and > 0");
@@ -230,25 +291,27 @@ class GradScaler {
   /// norm, reading each gradient once. For users who clip (clip_grad_norm)
   /// or inspect (grad_norm, found_inf) before step(). A second call before
   /// update() is an error, as in PyTorch.
+  ///
+  /// Threads: a scaler may be shared by threads that each unscale and step
+  /// their own optimizers (the records are locked; the passes run outside
+  /// the lock, in parallel). One optimizer is stepped by one thread at a
+  /// time: a second thread is refused with an error. update() ends the
+  /// iteration for all of them: call it once they are done.
   void unscale(optim::Optimizer& opt) {
     MIXPREC_CHECK(!opt.on_device(), "GradScaler: the parameters of this ", opt.name(), " are on ", opt.device(),
                   "; GradScaler keeps its state on the host, use amp::DeviceGradScaler");
+    std::unique_lock<std::mutex> guard = records_.lock();
     records_.require_can_unscale(opt);
-    optim::GradStats stats = opt.check_grads();
-    Record& r = records_.get(opt);
-    // PyTorch takes the reciprocal in double and rounds it to float.
-    r.inv_scale = static_cast<float>(1.0 / static_cast<double>(state_.scale));
-    r.stats = std::move(stats);
-    r.found_inf = r.stats.any_nonfinite();
-    r.num_params = opt.num_params();
-    r.stage = Stage::unscaled;
+    const auto busy = records_.begin(opt, "unscale", guard);
+    guard.unlock();
+    unscale_busy(opt);
   }
 
   /// The unscaled global L2 norm of opt's gradients, from the last
   /// unscale(); inf or NaN when a gradient is not finite.
   float grad_norm(const optim::Optimizer& opt) const {
-    const Record& r = records_.checked(opt, "grad_norm");
-    return static_cast<float>(std::sqrt(r.stats.total_sum_squares()) * r.inv_scale);
+    const auto guard = records_.lock();
+    return norm_of(records_.checked(opt, "grad_norm"));
   }
 
   /// torch.nn.utils.clip_grad_norm_ on the unscaled gradients, after
@@ -256,35 +319,50 @@ class GradScaler {
   /// min(1, max_norm / (total_norm + 1e-6)). Returns total_norm.
   float clip_grad_norm(optim::Optimizer& opt, double max_norm) {
     records_.check_max_norm(max_norm);
+    const auto guard = records_.lock();
     records_.require_can_clip(opt);
     Record& r = records_.checked(opt, "clip_grad_norm");
-    r.max_norm = max_norm;
-    const float total = grad_norm(opt);
+    const float total = norm_of(r);
     // torch: max_norm / (total_norm + 1e-6) on a float32 tensor, which
     // Tensor.__rtruediv__ evaluates as reciprocal() * max_norm: two roundings.
     const float coef = (1.0f / (total + 1e-6f)) * static_cast<float>(max_norm);
+    r.max_norm = max_norm;
     r.clip_coef = coef < 1.0f ? coef : 1.0f;
     return total;
   }
 
   /// Unscales (unless unscale() already ran), then applies opt's update if
   /// every gradient is finite, or skips it whole: masters, state and step
-  /// counts untouched. Returns whether the step was applied.
+  /// counts untouched. Returns whether the step was applied. If the update
+  /// throws (an allocation that fails, a bad lr), the optimizer is as it
+  /// was before the call and stays unscaled: step() may be called again.
   bool step(optim::Optimizer& opt) {
+    std::unique_lock<std::mutex> guard = records_.lock();
     records_.require_can_step(opt);
-    if (records_.stage(opt) == Stage::ready) unscale(opt);
-    Record& rr = records_.get(opt);
-    records_.require_same_params(opt, rr, "step");
-    rr.stage = Stage::stepped;
-    if (rr.found_inf) return false;
-    opt.apply({rr.inv_scale, rr.clip_coef});
-    return true;
+    const auto busy = records_.begin(opt, "step", guard);
+    const bool ready = records_.stage(opt) == Stage::ready;
+    guard.unlock();
+    if (ready) unscale_busy(opt);
+    guard.lock();
+    const Record& r = records_.get(opt);
+    records_.require_same_params(opt, r, "step");
+    const bool found_inf = r.found_inf;
+    const optim::GradTransform t{r.inv_scale, r.clip_coef};
+    guard.unlock();
+    if (!found_inf) opt.apply(t);  // outside the lock: other threads step their optimizers meanwhile
+    guard.lock();
+    // Only now: an update that threw leaves the optimizer unscaled, not stepped.
+    records_.get(opt).stage = Stage::stepped;
+    return !found_inf;
   }
 
   /// unscale + clip_grad_norm(max_norm) + step, for the common case.
   bool step(optim::Optimizer& opt, double max_norm) {
     records_.check_max_norm(max_norm);  // before unscale() changes anything
-    if (records_.stage(opt) == Stage::ready) unscale(opt);
+    std::unique_lock<std::mutex> guard = records_.lock();
+    const bool ready = records_.stage(opt) == Stage::ready;
+    guard.unlock();
+    if (ready) unscale(opt);
     clip_grad_norm(opt, max_norm);
     return step(opt);
   }
@@ -293,32 +371,50 @@ class GradScaler {
   /// optimizer saw a non-finite gradient) and, in dynamic mode, updates the
   /// scale (scale_update.hpp). With error_at_min_scale, throws once, after
   /// the update is complete, when the scale is clamped at min_scale for the
-  /// first time.
+  /// first time; with max_consecutive_skips = K, throws (after the update)
+  /// when K iterations in a row have been skipped. Every counter saturates.
   void update() {
+    const auto guard = records_.lock();
     records_.require_some("update");
+    records_.require_idle("update");
     bool found_inf = false;
     for (const Record& r : records_.all()) found_inf = found_inf || r.found_inf;
     records_.clear();
-    (found_inf ? skipped_ : applied_) += 1;
-    if (options_.mode != ScalingMode::dynamic) return;
+    std::int64_t& count = found_inf ? skipped_ : applied_;
+    count = saturating_increment(count);
     const std::int32_t hits = state_.min_scale_hits;
-    update_scale(state_, found_inf, policy_);
+    if (options_.mode == ScalingMode::dynamic) {
+      update_scale(state_, found_inf, policy_);
+    } else {
+      state_.skip_streak = found_inf ? saturating_increment(state_.skip_streak) : 0;
+    }
     if (options_.error_at_min_scale && hits == 0 && state_.min_scale_hits > 0) {
       throw_min_scale("GradScaler", options_.min_scale, skipped_);
+    }
+    if (options_.max_consecutive_skips > 0 && state_.skip_streak == options_.max_consecutive_skips) {
+      throw_too_many_skips("GradScaler", options_.max_consecutive_skips, state_.scale);
     }
   }
 
   /// Whether opt saw a non-finite gradient since the last update().
-  bool found_inf(const optim::Optimizer& opt) const { return records_.checked(opt, "found_inf").found_inf; }
+  bool found_inf(const optim::Optimizer& opt) const {
+    const auto guard = records_.lock();
+    return records_.checked(opt, "found_inf").found_inf;
+  }
   /// Pass 1's per-parameter results for opt (scaled sums of squares,
   /// non-finite flags), from the last unscale().
-  const optim::GradStats& grad_stats(const optim::Optimizer& opt) const {
+  optim::GradStats grad_stats(const optim::Optimizer& opt) const {
+    const auto guard = records_.lock();
     return records_.checked(opt, "grad_stats").stats;
   }
   /// The inverse scale opt's gradients are unscaled with this iteration.
-  float inv_scale(const optim::Optimizer& opt) const { return records_.checked(opt, "inv_scale").inv_scale; }
+  float inv_scale(const optim::Optimizer& opt) const {
+    const auto guard = records_.lock();
+    return records_.checked(opt, "inv_scale").inv_scale;
+  }
   /// Names of opt's parameters whose gradient held inf or NaN, from the last unscale().
   std::vector<std::string> nonfinite_params(const optim::Optimizer& opt) const {
+    const auto guard = records_.lock();
     const Record& r = records_.checked(opt, "nonfinite_params");
     std::vector<std::string> names;
     for (std::size_t i = 0; i < r.stats.nonfinite.size(); ++i) {
@@ -331,7 +427,10 @@ class GradScaler {
   std::int64_t skipped_steps() const { return skipped_; }
   const ScalerState& state() const { return state_; }
   /// Whether an iteration is under way: unscale or step called, update not yet.
-  bool in_iteration() const { return !records_.all().empty(); }
+  bool in_iteration() const {
+    const auto guard = records_.lock();
+    return !records_.all().empty();
+  }
 
   /// Throws, naming the field and its value, unless a scaler with options
   /// `o` could be in `state` after `applied` + `skipped` iterations: scale
@@ -359,6 +458,8 @@ class GradScaler {
                   ", must be in [0, hysteresis = ", o.hysteresis, ")");
     MIXPREC_CHECK(state.min_scale_hits >= 0, "GradScaler::load_state: min_scale_hits = ", state.min_scale_hits,
                   ", must be >= 0");
+    MIXPREC_CHECK(state.skip_streak >= 0 && state.skip_streak <= skipped, "GradScaler::load_state: skip_streak = ",
+                  state.skip_streak, ", must be in [0, skipped = ", skipped, "]");
     MIXPREC_CHECK(applied >= 0 && skipped >= 0, "GradScaler::load_state: applied = ", applied, ", skipped = ",
                   skipped, "; counts must be >= 0");
   }
@@ -368,7 +469,8 @@ class GradScaler {
   /// before update).
   void load_state(const ScalerState& state, std::int64_t applied, std::int64_t skipped) {
     check_state(options_, state, applied, skipped);
-    MIXPREC_CHECK(!in_iteration(), "GradScaler::load_state: an iteration is under way (update() not called yet)");
+    const auto guard = records_.lock();
+    MIXPREC_CHECK(records_.all().empty(), "GradScaler::load_state: an iteration is under way (update() not called yet)");
     state_ = state;
     applied_ = applied;
     skipped_ = skipped;
@@ -382,6 +484,23 @@ class GradScaler {
     float clip_coef = 1.0f;
     bool found_inf = false;
   };
+
+  // Pass 1 with `opt` marked busy by the caller (the lock not held: the
+  // pass reads every gradient), then its record, under the lock.
+  void unscale_busy(optim::Optimizer& opt) {
+    optim::GradStats stats = opt.check_grads();
+    const auto guard = records_.lock();
+    Record& r = records_.get(opt);
+    // PyTorch takes the reciprocal in double and rounds it to float.
+    r.inv_scale = static_cast<float>(1.0 / static_cast<double>(state_.scale));
+    r.stats = std::move(stats);
+    r.found_inf = r.stats.any_nonfinite();
+    r.num_params = opt.num_params();
+    r.stage = Stage::unscaled;
+  }
+  static float norm_of(const Record& r) {
+    return static_cast<float>(std::sqrt(r.stats.total_sum_squares()) * r.inv_scale);
+  }
 
   GradScalerOptions options_;
   ScalePolicy policy_;

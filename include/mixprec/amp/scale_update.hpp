@@ -6,18 +6,29 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "mixprec/core/config.hpp"
 
 namespace mixprec::amp {
 
 /// The scaler's mutable state, plain data so it can live in device memory.
+/// Every counter stays in range forever: the trackers are below their
+/// option (growth_interval, hysteresis, both < 2^31) and the two counts
+/// saturate at INT32_MAX / INT64_MAX instead of wrapping.
 struct ScalerState {
   float scale = 65536.0f;
   std::int32_t growth_tracker = 0;      // consecutive finite steps since the last change
   std::int32_t hysteresis_tracker = 0;  // consecutive non-finite steps not yet acted on
-  std::int32_t min_scale_hits = 0;      // times a backoff was clamped at min_scale
+  std::int32_t min_scale_hits = 0;      // times a backoff was clamped at min_scale (saturates)
+  std::int64_t skip_streak = 0;         // consecutive non-finite steps, up to now (saturates)
 };
+
+/// n + 1, or n where that would overflow: for counters that must never wrap.
+template <class Int>
+MIXPREC_HOST_DEVICE inline Int saturating_increment(Int n) {
+  return n < std::numeric_limits<Int>::max() ? static_cast<Int>(n + 1) : n;
+}
 
 /// A scaler's state when it lives in device memory (amp::DeviceGradScaler):
 /// the scale and trackers, the iteration's found-inf flag and the counters.
@@ -49,6 +60,7 @@ struct ScalePolicy {
 ///    unless that is not finite (the scale never becomes inf), and
 ///    growth_tracker = 0.
 MIXPREC_HOST_DEVICE inline void update_scale(ScalerState& s, bool found_inf, const ScalePolicy& p) {
+  s.skip_streak = found_inf ? saturating_increment(s.skip_streak) : 0;
   if (found_inf) {
     s.growth_tracker = 0;
     s.hysteresis_tracker += 1;
@@ -57,7 +69,7 @@ MIXPREC_HOST_DEVICE inline void update_scale(ScalerState& s, bool found_inf, con
       float next = static_cast<float>(static_cast<double>(s.scale) * p.backoff_factor);
       if (next < p.min_scale) {
         next = p.min_scale;
-        s.min_scale_hits += 1;
+        s.min_scale_hits = saturating_increment(s.min_scale_hits);
       }
       s.scale = next;
     }

@@ -134,6 +134,7 @@ inline void save(const std::string& path, const optim::Optimizer& opt, const Sca
   w.add(std::string(kPrefix) + "scaler/scale", {}, &scaler.state.scale, 1);
   w.add(std::string(kPrefix) + "scaler/trackers", {3}, trackers, 3);
   w.add(std::string(kPrefix) + "scaler/counts", {2}, counts, 2);
+  w.add(std::string(kPrefix) + "scaler/skip_streak", {}, &scaler.state.skip_streak, 1);
 
   w.set_metadata("format", kFormat);
   w.set_metadata("format_version", kFormatVersion);
@@ -231,6 +232,11 @@ inline Contents read(const SafetensorsFile& f, const optim::Optimizer& opt, cons
   c.scaler.state.min_scale_hits = trackers[2];
   c.scaler.applied = counts[0];
   c.scaler.skipped = counts[1];
+  // Consecutive skipped iterations (max_consecutive_skips); files written
+  // before it existed have none: 0, a fresh streak.
+  const std::string streak = std::string(kPrefix) + "scaler/skip_streak";
+  known.insert(streak);
+  if (f.find(streak) != nullptr) c.scaler.state.skip_streak = f.values<std::int64_t>(expect(f, streak, StDType::I64, {}))[0];
   for (const TensorInfo& t : f.tensors()) {
     MIXPREC_CHECK(known.count(t.name) != 0, "load_checkpoint: ", src, " holds a tensor \"", t.name,
                   "\" that is not part of this ", opt.name(), "'s state (a parameter missing from the optimizer?)");

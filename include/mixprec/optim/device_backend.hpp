@@ -23,6 +23,11 @@
 
 namespace mixprec::optim {
 
+/// Parameter groups one device step launch can carry: their hyperparameters
+/// travel as kernel arguments (64 x 48 bytes fits the portable 4 KiB), so a
+/// step is one launch whatever the number of groups.
+inline constexpr std::size_t kMaxDeviceGroups = 64;
+
 /// Hyperparameters of one parameter group, as torch.optim names them: what a
 /// device step launch bakes in (a captured CUDA graph keeps these values;
 /// the lr schedule is evaluated on the device from the applied-step count).
@@ -52,15 +57,21 @@ struct DeviceParam {
   float* master = nullptr;
   float* state[3] = {nullptr, nullptr, nullptr};
   std::int64_t* step = nullptr;
+  int group = 0;  // its parameter group: the index into a step's hyperparameters
 };
 
-/// Device inputs of a step launch, read when the kernel runs.
+/// Device inputs and counters of a step launch, read (and counted) when
+/// the kernel runs.
 struct DeviceStepInputs {
   const int* found_inf = nullptr;              // nonzero: the launch changes nothing
   const float* scale = nullptr;                // gradients are multiplied by float(1 / *scale)
   const double* total_sum_squares = nullptr;   // of the stored gradients; null: no clipping
   double max_norm = 0;                         // clip_grad_norm's max_norm
-  const std::int64_t* applied_steps = nullptr;  // the optimizer's, for the lr schedule
+  std::int64_t* applied_steps = nullptr;       // the optimizer's: read for the lr schedule, +1 when applied
+  int* any_inf = nullptr;                      // optional: set to 1 when *found_inf
+  /// Optional: +1 when a group's scheduled lr (or its float) is not finite,
+  /// a step the launch then skips whole (validated options never give one).
+  std::int64_t* nonfinite_lr_steps = nullptr;
 };
 
 /// The device lists of one optimizer (made once, reused by every launch)
@@ -88,17 +99,18 @@ class DevicePlan {
   virtual void read_check(std::vector<double>& sum_squares, std::vector<int>& nonfinite,
                           stream_t stream) const = 0;
 
-  /// Pass 2 over the parameters [first, last) of one group. One launch.
-  virtual void step(std::size_t first, std::size_t last, const AdamHyper& h, const LRSchedule& schedule,
+  /// Pass 2 over every parameter, and the step's count, in ONE launch, so
+  /// that a step is either queued whole or (when this throws) not at all.
+  /// `groups[g]` holds group g's hyperparameters (DeviceParam::group), at
+  /// most kMaxDeviceGroups. Unless *found_inf (or a non-finite lr), the
+  /// kernel updates every parameter and then adds one to every step count
+  /// and *applied_steps (saturating); *any_inf is set when *found_inf.
+  virtual void step(const std::vector<AdamHyper>& groups, const LRSchedule& schedule, const DeviceStepInputs& in,
+                    stream_t stream) = 0;
+  virtual void step(const std::vector<SgdHyper>& groups, const LRSchedule& schedule, const DeviceStepInputs& in,
+                    stream_t stream) = 0;
+  virtual void step(const std::vector<RmspropHyper>& groups, const LRSchedule& schedule,
                     const DeviceStepInputs& in, stream_t stream) = 0;
-  virtual void step(std::size_t first, std::size_t last, const SgdHyper& h, const LRSchedule& schedule,
-                    const DeviceStepInputs& in, stream_t stream) = 0;
-  virtual void step(std::size_t first, std::size_t last, const RmspropHyper& h, const LRSchedule& schedule,
-                    const DeviceStepInputs& in, stream_t stream) = 0;
-
-  /// After pass 2: unless *found_inf, every step count and *applied_steps
-  /// go up by one; *any_inf (when not null) is or-ed with *found_inf.
-  virtual void finish(const int* found_inf, std::int64_t* applied_steps, int* any_inf, stream_t stream) = 0;
 };
 
 /// What the kernels do for the host API.
@@ -128,6 +140,19 @@ class DeviceBackend {
   virtual void free_pinned(void* p) noexcept = 0;
   /// Waits for the work queued on `stream`.
   virtual void synchronize(stream_t stream) = 0;
+  /// Makes the work queued on `next` from now on wait for the work queued
+  /// on `previous` so far (an event recorded on `previous`, waited on by
+  /// `next`), without blocking the host. `*event` is created on first use
+  /// and freed with destroy_event. Does nothing while `next` or `previous`
+  /// is capturing a graph (a graph orders its own nodes).
+  virtual void order_after(stream_t previous, stream_t next, void** event) = 0;
+  virtual void destroy_event(void* event) noexcept = 0;
+  /// Whether `stream` is capturing a graph (a failed query counts as yes).
+  virtual bool capturing(stream_t stream) = 0;
+  /// Whether [p, p + bytes) lies in live device memory on `device` (the
+  /// first and the last byte are device allocations): what a parameter's
+  /// buffers must be when a step runs. Never synchronises.
+  virtual bool is_device_memory(const void* p, std::size_t bytes, Device device) = 0;
   /// Whether everything queued on `stream` has finished; does not wait
   /// (cudaStreamQuery). Not on a stream that is capturing a graph.
   virtual bool idle(stream_t stream) = 0;

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <cmath>
@@ -17,9 +18,11 @@
 #include <utility>
 #include <vector>
 
+#include "mixprec/amp/scale_update.hpp"
 #include "mixprec/core/convert.hpp"
-#include "mixprec/core/simd.hpp"
 #include "mixprec/core/error.hpp"
+#include "mixprec/core/fp_mode.hpp"
+#include "mixprec/core/simd.hpp"
 #include "mixprec/optim/device_backend.hpp"
 #include "mixprec/optim/schedule.hpp"
 #include "mixprec/tensor/ops.hpp"
@@ -116,7 +119,9 @@ struct OptimizerState {
 
 class Optimizer {
  public:
-  virtual ~Optimizer() = default;
+  virtual ~Optimizer() {
+    if (order_event_ != nullptr) device_backend()->destroy_event(order_event_);
+  }
   Optimizer(const Optimizer&) = delete;
   Optimizer& operator=(const Optimizer&) = delete;
 
@@ -165,7 +170,8 @@ class Optimizer {
   double lr(std::size_t group) const { return base_lr(group) * schedule_.factor(applied_steps()); }
   void set_lr(std::size_t group, double lr) {
     check_lr(lr);
-    group_lrs_.at(check_group(group)) = lr;
+    check_group_lr(check_group(group), lr);
+    group_lrs_.at(group) = lr;
     on_lr_changed(group, lr);
   }
   const LRSchedule& schedule() const { return schedule_; }
@@ -176,8 +182,11 @@ class Optimizer {
 
   /// Pass 1: reads every gradient once; writes nothing. Device parameters:
   /// one launch on stream(), then a synchronising read of its results.
+  /// Host arithmetic runs with IEEE subnormals whatever the caller's FPU
+  /// mode (core/fp_mode.hpp).
   GradStats check_grads() const {
     GradStats stats;
+    const detail::IeeeFpMode ieee;
     if (on_device()) {
       Optimizer& self = const_cast<Optimizer&>(*this);  // the plan is a cache
       self.launch_check(stream_);
@@ -220,19 +229,26 @@ class Optimizer {
   /// Pass 2 on the host: one applied step with gradients transformed by
   /// `t`. The caller (GradScaler::step) has decided that the gradients are
   /// finite. Device parameters take launch_step() instead.
+  ///
+  /// Nothing changes unless the whole step is applied: every group's
+  /// scheduled lr is checked first (a non-finite lr throws, naming the group
+  /// and the values), then every state buffer is made (a failed allocation
+  /// throws and drops the buffers this call made), then every parameter is
+  /// updated, which cannot fail. Host arithmetic runs with IEEE subnormals
+  /// whatever the caller's FPU mode (core/fp_mode.hpp).
   void apply(const GradTransform& t = {}) {
     MIXPREC_CHECK(!on_device(), name(), "::apply: the parameters are on ", device_,
                   "; use step(), or amp::DeviceGradScaler, which launch the device step");
-    // Every state buffer the step needs exists before anything changes, so a
-    // failed allocation leaves the optimizer as it was.
-    for (std::size_t i = 0; i < slots_.size(); ++i) allocate_state(i);
+    for (std::size_t g = 0; g < group_lrs_.size(); ++g) check_scheduled_lr(g);
+    allocate_all();
+    const detail::IeeeFpMode ieee;
     for (std::size_t i = 0; i < slots_.size(); ++i) {
       Slot& s = slots_[i];
-      s.step += 1;
+      s.step = amp::saturating_increment(s.step);
       update_param(i, t);
       s.fresh_state = 0;
     }
-    applied_steps_ += 1;
+    applied_steps_ = amp::saturating_increment(applied_steps_);
   }
 
   /// A plain step with the gradients as they are (no scaler): torch's
@@ -247,6 +263,65 @@ class Optimizer {
     in.found_inf = reinterpret_cast<const int*>(constants_.data());  // 0
     in.scale = reinterpret_cast<const float*>(static_cast<const char*>(constants_.data()) + sizeof(int));  // 1
     launch_step(in, nullptr, stream_);
+  }
+
+  /// Device parameters: steps the kernel skipped because a group's
+  /// scheduled lr (or that lr as a float) was not finite (a synchronising
+  /// read). Validated options and schedules never produce one; the host path
+  /// throws instead. 0 on the host.
+  std::int64_t nonfinite_lr_steps() const { return on_device() ? read_count(applied_device() + 1) : 0; }
+
+  /// Points parameter i at new buffers: for a trainer that reallocates a
+  /// weight or gradient between steps (the optimizer keeps the views it was
+  /// given; a freed buffer would be written after it is gone). Same shape
+  /// and device as before, dtypes may change; the new weight is not read
+  /// (the master stays the source of truth) and is written at the next
+  /// applied step. Checked as add_param_group checks (no overlaps, not
+  /// read-only) before anything changes. Device parameters: the device
+  /// lists are made again at the next launch (synchronises there).
+  void rebind(std::size_t i, TensorRef weight, TensorRef grad) {
+    const Slot& s = slot(i);
+    const std::string& n = s.param.name;
+    MIXPREC_CHECK(weight.shape() == s.master.shape() && grad.shape() == s.master.shape(), name(),
+                  "::rebind: parameter \"", n, "\": weight shape ", weight.shape(), ", grad shape ", grad.shape(),
+                  ", the parameter's is ", s.master.shape());
+    MIXPREC_CHECK(weight.device() == device_ && grad.device() == device_, name(), "::rebind: parameter \"", n,
+                  "\": weight on ", weight.device(), ", grad on ", grad.device(), ", the optimizer's parameters are on ",
+                  device_);
+    MIXPREC_CHECK(weight.numel() == 0 || (weight.data() && grad.data()), name(), "::rebind: parameter \"", n,
+                  "\" has a null weight or grad");
+    MIXPREC_CHECK(!weight.read_only(), name(), "::rebind: parameter \"", n, "\": the weight is a read-only view");
+    MIXPREC_CHECK(!weight.overlaps(grad), name(), "::rebind: parameter \"", n,
+                  "\": the weight shares memory with its gradient");
+    for (std::size_t k = 0; k < slots_.size(); ++k) {
+      if (k == i) continue;
+      const Param& q = slots_[k].param;
+      MIXPREC_CHECK(!weight.overlaps(q.weight) && !weight.overlaps(q.grad) && !q.weight.overlaps(grad), name(),
+                    "::rebind: parameter \"", n, "\": the new buffers share memory with parameter \"", q.name, "\"");
+    }
+    Slot& w = slots_[i];
+    w.param.weight = std::move(weight);
+    w.param.grad = std::move(grad);
+    params_changed_ = true;
+  }
+
+  /// Device parameters: throws, naming the parameter, unless every weight
+  /// and gradient still lies in live device memory (a buffer freed since
+  /// the optimizer was given it, and not rebound). Runs before every
+  /// device step that is not being captured; call it yourself before a
+  /// graph replay if buffers may have moved. Cannot see a buffer freed and
+  /// then reallocated at the same address. Host parameters: nothing to check.
+  void check_buffers() const {
+    if (!on_device()) return;
+    DeviceBackend& b = *device_backend();
+    for (const Slot& s : slots_) {
+      for (const TensorRef* t : {&s.param.weight, &s.param.grad}) {
+        MIXPREC_CHECK(b.is_device_memory(t->data(), t->bytes(), device_), name(), ": parameter \"", s.param.name,
+                      "\": its ", t == &s.param.weight ? "weight" : "gradient", " (", t->data(), ", ", t->bytes(),
+                      " bytes) is no longer device memory on ", device_,
+                      "; a buffer that moves must be rebound (Optimizer::rebind) before the next step");
+      }
+    }
   }
 
   // --- checkpoints (mixprec/io/checkpoint.hpp) -------------------------------
@@ -301,6 +376,7 @@ class Optimizer {
     for (std::size_t g = 0; g < st.lrs.size(); ++g) {
       MIXPREC_CHECK(std::isfinite(st.lrs[g]) && st.lrs[g] >= 0.0, name(), "::load_state: lrs[", g, "] = ",
                     st.lrs[g], ", must be finite and >= 0");
+      check_group_lr(g, st.lrs[g]);  // and what the group's options allow (the step size stays a finite float)
     }
     MIXPREC_CHECK(st.applied_steps >= 0, name(), "::load_state: applied_steps = ", st.applied_steps, ", must be >= 0");
     const std::size_t count = state_names().size();
@@ -318,6 +394,18 @@ class Optimizer {
                       " elements, the parameter ", numel);
       }
       MIXPREC_CHECK(p.step >= 0, name(), "::load_state: parameter \"", n, "\": step = ", p.step, ", must be >= 0");
+    }
+    // The values: a state that no run could have reached would turn the
+    // next step into NaN (a sqrt of a negative moment) or keep it there.
+    for (std::size_t i = 0; i < slots_.size(); ++i) {
+      const ParamState& p = st.params[i];
+      const std::string& n = slots_[i].param.name;
+      check_values(p.master, "master", n, [](float x) { return std::isfinite(x); }, "finite");
+      for (std::size_t k = 0; k < p.state.size(); ++k) {
+        if (!p.state[k]) continue;
+        check_values(*p.state[k], state_names()[k].c_str(), n, [](float x) { return std::isfinite(x); }, "finite");
+      }
+      check_state_values(i, p);
     }
   }
 
@@ -399,14 +487,18 @@ class Optimizer {
 
   /// Sets every parameter's master to masters[i] and its model weight to
   /// the master rounded to the weight's type (loading trained weights);
-  /// moments and step counts stay. Sizes are checked before any change.
+  /// moments and step counts stay. Sizes, and that every value is finite,
+  /// are checked before any change.
   void load_weights(const std::vector<std::vector<float>>& masters) {
+    const detail::IeeeFpMode ieee;
     MIXPREC_CHECK(masters.size() == slots_.size(), name(), "::load_weights: ", masters.size(),
                   " arrays for ", slots_.size(), " parameters");
     for (std::size_t i = 0; i < slots_.size(); ++i) {
       MIXPREC_CHECK(masters[i].size() == static_cast<std::size_t>(slots_[i].master.numel()), name(),
                     "::load_weights: parameter \"", slots_[i].param.name, "\": ", masters[i].size(),
                     " values, the parameter has ", slots_[i].master.numel());
+      check_values(masters[i], "weight", slots_[i].param.name, [](float x) { return std::isfinite(x); }, "finite",
+                   "::load_weights");
     }
     for (std::size_t i = 0; i < slots_.size(); ++i) {
       Slot& s = slots_[i];
@@ -446,9 +538,17 @@ class Optimizer {
 
   /// Pass 1 over every gradient, one launch on `stream`; results at
   /// device_found_inf() and device_total_sum_squares().
+  ///
+  /// Streams: an optimizer's device work (checks and steps) runs in the
+  /// order the host queued it, whatever the streams: a launch on another
+  /// stream than the last one first waits, on the device, for the work
+  /// queued so far on that one (an event; the host never waits). So checks
+  /// and steps of one optimizer on two streams never overlap on its
+  /// buffers. (Not while capturing a graph, which orders its own nodes.)
   void launch_check(stream_t stream) {
     require_device("launch_check");
     ensure_plan();
+    order_after_last(stream);
     plan_->check(stream, grad_histogram_);
   }
   /// Pass 1's results in device memory (valid once launch_check ran).
@@ -469,28 +569,32 @@ class Optimizer {
     return stats;
   }
 
-  /// Pass 2 on the device: one launch per parameter group, then one that
-  /// counts the step, all on `stream`. Reads in.found_inf, in.scale and (for
-  /// clipping) in.total_sum_squares when the kernels run; with *found_inf
-  /// nonzero nothing changes. `any_inf` (optional, device) is or-ed with
+  /// Pass 2 on the device, every group and the step's count in ONE launch
+  /// on `stream`: reads in.found_inf, in.scale and (for clipping)
+  /// in.total_sum_squares when the kernel runs; with *found_inf nonzero
+  /// nothing changes. `any_inf` (optional, device) is or-ed with
   /// *found_inf. State that the options need and that does not exist yet
-  /// (an option switched on later) is made first, which synchronises.
+  /// (an option switched on later) is made first, which synchronises; a
+  /// failure there, or a launch that fails, leaves the optimizer as it was
+  /// (state made by this call is dropped again).
   void launch_step(DeviceStepInputs in, int* any_inf, stream_t stream) {
     require_device("launch_step");
     MIXPREC_CHECK(in.found_inf && in.scale, name(), "::launch_step: found_inf and scale must point to device memory");
     MIXPREC_CHECK(!in.total_sum_squares || (std::isfinite(in.max_norm) && in.max_norm > 0), name(),
                   "::launch_step: max_norm = ", in.max_norm, ", must be finite and > 0 when clipping");
-    for (std::size_t i = 0; i < slots_.size(); ++i) allocate_state(i);
-    ensure_plan();
-    in.applied_steps = applied_device();
-    std::size_t first = 0;
-    for (std::size_t g = 0; g < group_lrs_.size(); ++g) {
-      std::size_t last = first;
-      while (last < slots_.size() && slots_[last].group == g) ++last;
-      launch_group(*plan_, g, first, last, in, stream);
-      first = last;
+    const std::vector<std::pair<std::size_t, std::size_t>> made = allocate_all();
+    try {
+      ensure_plan();
+      if (!device_backend()->capturing(stream)) check_buffers();
+      order_after_last(stream);
+      in.applied_steps = applied_device();
+      in.any_inf = any_inf;
+      in.nonfinite_lr_steps = applied_device() + 1;
+      launch_groups(*plan_, in, stream);
+    } catch (...) {
+      drop_state(made);
+      throw;
     }
-    plan_->finish(in.found_inf, applied_device(), any_inf, stream);
     for (Slot& s : slots_) s.fresh_state = 0;
   }
 
@@ -522,8 +626,14 @@ class Optimizer {
   }
 
   void check_lr(double lr) const {
-    MIXPREC_CHECK(std::isfinite(lr) && lr >= 0.0, name(), ": lr = ", lr,
-                  ", must be finite and >= 0");
+    MIXPREC_CHECK(std::isfinite(lr) && lr >= 0.0 && lr <= static_cast<double>(std::numeric_limits<float>::max()),
+                  name(), ": lr = ", lr, ", must be >= 0 and finite as a float");
+  }
+  /// Throws unless `lr` suits group g's other options (OptimizerBase
+  /// validates the options with it).
+  virtual void check_group_lr(std::size_t group, double lr) const {
+    (void)group;
+    (void)lr;
   }
 
   /// Validates a whole group before anything is added (nothing half-added).
@@ -579,7 +689,7 @@ class Optimizer {
       // and the constants {int 0, float 1} for plain steps, once.
       steps = make_device_counts(params.size(), device);
       if (slots_.empty()) {
-        applied = make_device_counts(1, device);
+        applied = make_device_counts(2, device);  // applied steps, steps skipped for a non-finite lr
         constants = Buffer(sizeof(int) + sizeof(float), device);
         const int zero = 0;
         const float one = 1.0f;
@@ -589,6 +699,7 @@ class Optimizer {
         detail::copy_raw(constants.data(), device, bytes, Device::cpu(), sizeof bytes);
       }
     }
+    const detail::IeeeFpMode ieee;
     for (std::size_t k = 0; k < params.size(); ++k) {
       Param& p = params[k];
       Slot s;
@@ -625,6 +736,9 @@ class Optimizer {
   /// as a copy of the first gradient because step counts of 1 say so.
   void prepare_device() {
     if (!on_device()) return;
+    MIXPREC_CHECK(group_lrs_.size() <= kMaxDeviceGroups, name(), ": ", group_lrs_.size(),
+                  " parameter groups; a device optimizer takes at most ", kMaxDeviceGroups,
+                  " (a step is one launch carrying every group's hyperparameters)");
     for (std::size_t i = 0; i < slots_.size(); ++i) allocate_state(i);
     for (Slot& s : slots_) s.fresh_state = 0;
     ensure_plan();
@@ -645,10 +759,42 @@ class Optimizer {
     params_changed_ = false;
   }
 
-  /// Launches pass 2 for the parameters [first, last) of `group`
-  /// (DevicePlan::step with this optimizer's hyperparameters).
-  virtual void launch_group(DevicePlan& plan, std::size_t group, std::size_t first, std::size_t last,
-                            const DeviceStepInputs& in, stream_t stream) = 0;
+  /// Launches pass 2 for every group: DevicePlan::step with this
+  /// optimizer's hyperparameters, one entry per group, in group order.
+  virtual void launch_groups(DevicePlan& plan, const DeviceStepInputs& in, stream_t stream) = 0;
+
+  /// The first parameter of group g (groups are contiguous).
+  std::size_t first_of_group(std::size_t g) const {
+    std::size_t i = 0;
+    while (i < slots_.size() && slots_[i].group != g) ++i;
+    return i;
+  }
+
+  /// Throws unless the lr group g's next applied step will use is finite
+  /// and finite as a float: the host path's refusal, before any change.
+  void check_scheduled_lr(std::size_t g) const {
+    const double f = schedule_.factor(applied_steps_);
+    const double l = group_lrs_[g] * f;
+    MIXPREC_CHECK(std::isfinite(l) && l >= 0.0 && l <= static_cast<double>(std::numeric_limits<float>::max()),
+                  name(), "::step: group ", g, "'s lr = ", l, " at applied step ", applied_steps_, " (base lr ",
+                  group_lrs_[g], " x schedule factor ", f, ") is not a finite float; nothing was changed");
+  }
+
+  /// Per-optimizer invariants of a loaded state (check_state): throws,
+  /// naming the tensor and the first bad index (check_values).
+  virtual void check_state_values(std::size_t i, const ParamState& p) const {
+    (void)i;
+    (void)p;
+  }
+  /// Throws unless ok(v[k]) for every k, naming the first k that is not.
+  template <class Ok>
+  void check_values(const std::vector<float>& v, const char* tensor, const std::string& param, Ok ok,
+                    const char* must, const char* where = "::load_state") const {
+    for (std::size_t k = 0; k < v.size(); ++k) {
+      MIXPREC_CHECK(ok(v[k]), name(), where, ": parameter \"", param, "\": ", tensor, "[", k, "] = ", v[k],
+                    ", must be ", must);
+    }
+  }
 
   /// Creates the state buffers parameter i will need at its next step.
   virtual void allocate_state(std::size_t i) = 0;
@@ -742,6 +888,49 @@ class Optimizer {
   std::vector<Slot> slots_;
 
  private:
+  // Every state buffer the next step needs, made now; returns which
+  // (parameter, state) pairs this call made. If one allocation fails, the
+  // ones this call made are dropped again and the error goes on: the
+  // optimizer is as it was.
+  std::vector<std::pair<std::size_t, std::size_t>> allocate_all() {
+    std::vector<std::vector<bool>> had(slots_.size());
+    for (std::size_t i = 0; i < slots_.size(); ++i) {
+      for (std::size_t k = 0; k < 3; ++k) had[i].push_back(has_state(i, k));
+    }
+    std::vector<std::pair<std::size_t, std::size_t>> made;
+    const auto collect = [&] {
+      made.clear();
+      for (std::size_t i = 0; i < slots_.size(); ++i) {
+        for (std::size_t k = 0; k < 3; ++k) {
+          if (!had[i][k] && has_state(i, k)) made.emplace_back(i, k);
+        }
+      }
+    };
+    try {
+      for (std::size_t i = 0; i < slots_.size(); ++i) allocate_state(i);
+    } catch (...) {
+      collect();
+      drop_state(made);
+      throw;
+    }
+    collect();
+    return made;
+  }
+  void drop_state(const std::vector<std::pair<std::size_t, std::size_t>>& made) noexcept {
+    for (const auto& m : made) {
+      Slot& s = slots_[m.first];
+      s.state[m.second] = Tensor<float>();
+      s.fresh_state &= ~(1u << m.second);
+      params_changed_ = true;
+    }
+  }
+  // Orders this launch after the optimizer's last one on another stream.
+  void order_after_last(stream_t stream) {
+    if (has_launched_ && last_stream_ != stream) device_backend()->order_after(last_stream_, stream, &order_event_);
+    last_stream_ = stream;
+    has_launched_ = true;
+  }
+
   MIXPREC_PSABI_PUSH
 #if MIXPREC_HAS_VECTOR_EXT
   // The 4-lane loop of the chunked path; returns how many elements it did.
@@ -938,6 +1127,7 @@ class Optimizer {
       params[i].master = s.master.data();
       for (std::size_t k = 0; k < 3; ++k) params[i].state[k] = has_state(i, k) ? s.state[k].data() : nullptr;
       params[i].step = s.device_step;
+      params[i].group = static_cast<int>(s.group);
     }
     if (plan_) {
       plan_->set_params(params);  // pass 1's results stay where they are
@@ -983,7 +1173,10 @@ class Optimizer {
   Device device_ = Device::cpu();
   stream_t stream_ = nullptr;
   std::vector<Buffer> group_steps_;  // per group: its parameters' step counts (device)
-  Buffer applied_device_;            // int64 applied steps
+  Buffer applied_device_;            // int64 {applied steps, steps skipped for a non-finite lr}
+  stream_t last_stream_ = nullptr;   // of the last device launch (order_after_last)
+  bool has_launched_ = false;
+  void* order_event_ = nullptr;      // DeviceBackend::order_after's event
   Buffer constants_;                 // {int 0, float 1}: found_inf and scale of a plain step()
   std::unique_ptr<DevicePlan> plan_;  // null after a group is added
   std::uint64_t* grad_histogram_ = nullptr;  // set_grad_histogram

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstddef>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -47,6 +48,11 @@ class OptimizerBase : public Optimizer {
 
  protected:
   void on_lr_changed(std::size_t group, double lr) override { options_[group].lr = lr; }
+  void check_group_lr(std::size_t group, double lr) const override {
+    Options o = options_.at(group);
+    o.lr = lr;
+    Derived::validate(o);
+  }
 
   std::vector<Options> options_;
 };
@@ -60,6 +66,23 @@ inline void check_nonnegative(const char* opt, const char* what, double v) {
 
 inline void check_unit_interval(const char* opt, const char* what, double v) {
   MIXPREC_CHECK(v >= 0.0 && v < 1.0, opt, ": ", what, " = ", v, ", must be in [0, 1)");
+}
+
+/// The update computes in float: a value (or a coefficient made of values)
+/// beyond FLT_MAX would become inf there.
+inline void check_float(const char* opt, const char* what, double v) {
+  MIXPREC_CHECK(std::isfinite(v) && std::fabs(v) <= static_cast<double>(std::numeric_limits<float>::max()), opt,
+                ": ", what, " = ", v, ", must be finite as a float (|x| <= 3.40282e+38)");
+}
+
+/// eps divides: it must stay > 0 once rounded to float. (eps = 0 divides 0
+/// by 0 for a parameter whose gradients are all zero, and writes NaN;
+/// PyTorch accepts it, mixprec refuses it.)
+inline void check_eps(const char* opt, double eps) {
+  MIXPREC_CHECK(eps > 0.0 && eps <= static_cast<double>(std::numeric_limits<float>::max()) &&
+                    static_cast<float>(eps) > 0.0f,
+                opt, ": eps = ", eps, ", must be > 0 and a finite float >= 1.4e-45 (eps = 0 turns a zero gradient "
+                "into 0 / 0 = NaN)");
 }
 
 }  // namespace detail

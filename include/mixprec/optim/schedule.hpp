@@ -20,7 +20,9 @@ namespace mixprec::optim {
 ///  * cosine (torch CosineAnnealingLR with eta_min = min_factor * base_lr):
 ///    min_factor + (1 - min_factor) * (1 + cos(pi * k / total_steps)) / 2.
 ///    Like torch, it keeps following the cosine after total_steps.
-///  * step_decay (torch StepLR): gamma^floor(k / step_size).
+///  * step_decay (torch StepLR): gamma^floor(k / step_size), gamma in (0, 1].
+/// Every factor lies in [0, 1], so a scheduled lr never exceeds the base lr
+/// (which the optimizers keep a finite float).
 struct LRSchedule {
   enum class Kind { constant, linear_warmup, cosine, step_decay };
 
@@ -48,8 +50,8 @@ struct LRSchedule {
   static LRSchedule step_decay(std::int64_t step_size, double gamma = 0.1) {
     MIXPREC_CHECK(step_size > 0, "LRSchedule::step_decay: step_size = ", step_size,
                   ", must be > 0");
-    MIXPREC_CHECK(std::isfinite(gamma) && gamma > 0.0, "LRSchedule::step_decay: gamma = ", gamma,
-                  ", must be finite and > 0");
+    MIXPREC_CHECK(gamma > 0.0 && gamma <= 1.0, "LRSchedule::step_decay: gamma = ", gamma,
+                  ", must be in (0, 1] (a decay; gamma > 1 grows the lr without bound)");
     return {Kind::step_decay, step_size, 1.0, 0.0, gamma};
   }
 
@@ -67,8 +69,8 @@ struct LRSchedule {
                       min_factor, ", must be in [0, 1]");
         break;
       case Kind::step_decay:
-        MIXPREC_CHECK(std::isfinite(gamma) && gamma > 0.0, "LRSchedule: gamma = ", gamma,
-                      ", must be finite and > 0");
+        MIXPREC_CHECK(gamma > 0.0 && gamma <= 1.0, "LRSchedule: gamma = ", gamma,
+                      ", must be in (0, 1] (a decay; gamma > 1 grows the lr without bound)");
         break;
       case Kind::constant:
         break;

@@ -3,6 +3,7 @@
 // CUDA device (cudaMalloc or stream-ordered cudaMallocAsync).
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -39,6 +40,15 @@ inline void check_aligned(const void* ptr, std::size_t alignment, const char* op
                 alignment, " bytes");
 }
 
+/// Fault injection for tests of failure paths: when set, every Buffer
+/// allocation first calls it and fails as an allocation failure (an Error)
+/// when it returns true. Null (the default) in every real program.
+using AllocationFaultHook = bool (*)(std::size_t bytes, Device device);
+inline std::atomic<AllocationFaultHook>& allocation_fault_hook() {
+  static std::atomic<AllocationFaultHook> hook{nullptr};
+  return hook;
+}
+
 }  // namespace detail
 
 /// An owning allocation of `bytes()` bytes on `device()`. Move-only. The
@@ -52,6 +62,9 @@ class Buffer {
       : bytes_(bytes), device_(device), stream_(stream), allocator_(allocator) {
     detail::require_usable(device, "Buffer");
     if (bytes == 0) return;
+    if (const detail::AllocationFaultHook hook = detail::allocation_fault_hook().load(); hook && hook(bytes, device)) {
+      detail::throw_error("Buffer: allocation of ", bytes, " bytes on ", device, " failed (injected)");
+    }
     if (device.is_cpu()) {
       // aligned_alloc wants a size that is a multiple of the alignment.
       const std::size_t rounded = (bytes + host_alignment - 1) / host_alignment * host_alignment;

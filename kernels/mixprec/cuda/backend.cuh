@@ -42,6 +42,31 @@ __global__ void scale_kernel(T* data, std::int64_t n, const float* scale) {
   }
 }
 
+// A subnormal product in the arithmetic the update formulas use: 0 when
+// this translation unit was compiled with -ftz=true or --use_fast_math
+// (nvcc then flushes even the _rn intrinsics' subnormals).
+__global__ inline void ieee_probe_kernel(float* out, float x) {
+  out[0] = static_cast<float>(exact_float(x) * 0.5f);
+}
+
+// Throws unless the kernels of this translation unit keep subnormals: the
+// update formulas give the CPU's bits only then. Once per process.
+inline void require_ieee_kernels() {
+  static const bool ok = [] {
+    int device = 0;
+    MIXPREC_CUDA_CHECK(cudaGetDevice(&device));
+    Buffer b(sizeof(float), Device::cuda(device));
+    float got = 0;
+    ieee_probe_kernel<<<1, 1>>>(static_cast<float*>(b.data()), 1.17549435e-38f);
+    MIXPREC_CUDA_CHECK_LAUNCH("ieee_probe_kernel");
+    MIXPREC_CUDA_CHECK(cudaMemcpy(&got, b.data(), sizeof got, cudaMemcpyDeviceToHost));
+    return got != 0.0f;
+  }();
+  MIXPREC_CHECK(ok, "mixprec's CUDA kernels were compiled with -ftz=true or --use_fast_math (a subnormal product "
+                "came out 0): the update would flush subnormal gradients, moments and masters and differ from the "
+                "CPU path; compile the .cu file that includes <mixprec/cuda/backend.cuh> without those flags");
+}
+
 inline std::vector<TensorRef> grads_of(const std::vector<optim::DeviceParam>& params) {
   std::vector<TensorRef> grads;
   grads.reserve(params.size());
@@ -53,7 +78,8 @@ inline std::vector<ParamEntry> entries_of(const std::vector<optim::DeviceParam>&
   std::vector<ParamEntry> entries;
   entries.reserve(params.size());
   for (const optim::DeviceParam& p : params) {
-    entries.push_back({p.weight.data(), p.weight.dtype(), p.master, {p.state[0], p.state[1], p.state[2]}, p.step});
+    entries.push_back(
+        {p.weight.data(), p.weight.dtype(), p.master, {p.state[0], p.state[1], p.state[2]}, p.step, p.group});
   }
   return entries;
 }
@@ -88,36 +114,25 @@ class Plan final : public optim::DevicePlan {
     nonfinite = std::move(h.nonfinite);
   }
 
-  void step(std::size_t first, std::size_t last, const optim::AdamHyper& h, const optim::LRSchedule& schedule,
+  void step(const std::vector<optim::AdamHyper>& groups, const optim::LRSchedule& schedule,
             const optim::DeviceStepInputs& in, stream_t stream) override {
-    launch(first, last, h, schedule, in, stream);
+    launch(groups, schedule, in, stream);
   }
-  void step(std::size_t first, std::size_t last, const optim::SgdHyper& h, const optim::LRSchedule& schedule,
+  void step(const std::vector<optim::SgdHyper>& groups, const optim::LRSchedule& schedule,
             const optim::DeviceStepInputs& in, stream_t stream) override {
-    launch(first, last, h, schedule, in, stream);
+    launch(groups, schedule, in, stream);
   }
-  void step(std::size_t first, std::size_t last, const optim::RmspropHyper& h, const optim::LRSchedule& schedule,
+  void step(const std::vector<optim::RmspropHyper>& groups, const optim::LRSchedule& schedule,
             const optim::DeviceStepInputs& in, stream_t stream) override {
-    launch(first, last, h, schedule, in, stream);
-  }
-
-  void finish(const int* found_inf, std::int64_t* applied_steps, int* any_inf, stream_t stream) override {
-    mixprec::detail::DeviceGuard guard(device_);
-    launch_finish_step(found_inf, params_, applied_steps, any_inf, stream);
+    launch(groups, schedule, in, stream);
   }
 
  private:
   template <class Hyper>
-  void launch(std::size_t first, std::size_t last, const Hyper& h, const optim::LRSchedule& schedule,
-              const optim::DeviceStepInputs& in, stream_t stream) {
+  void launch(const std::vector<Hyper>& groups, const optim::LRSchedule& schedule, const optim::DeviceStepInputs& in,
+              stream_t stream) {
     mixprec::detail::DeviceGuard guard(device_);
-    StepInputs s;
-    s.found_inf = in.found_inf;
-    s.scale = in.scale;
-    s.total_sum_squares = in.total_sum_squares;
-    s.max_norm = in.max_norm;
-    s.applied_steps = in.applied_steps;
-    launch_step(grads_, params_, h, schedule, s, stream, static_cast<int>(first), static_cast<int>(last));
+    launch_step(grads_, params_, groups, schedule, in, stream);
   }
 
   Device device_;
@@ -131,6 +146,7 @@ class Backend final : public optim::DeviceBackend {
   std::unique_ptr<optim::DevicePlan> make_plan(const std::vector<optim::DeviceParam>& params) override {
     MIXPREC_CHECK(!params.empty(), "DeviceBackend::make_plan: no parameters");
     mixprec::detail::DeviceGuard guard(params[0].grad.device());
+    detail::require_ieee_kernels();
     return std::make_unique<Plan>(params);
   }
 
@@ -173,6 +189,44 @@ class Backend final : public optim::DeviceBackend {
     (void)cudaFreeHost(p);
   }
   void synchronize(stream_t stream) override { MIXPREC_CUDA_CHECK(cudaStreamSynchronize(stream)); }
+  void order_after(stream_t previous, stream_t next, void** event) override {
+    if (previous == next) return;
+    if (capturing(previous) || capturing(next)) return;
+    if (*event == nullptr) {
+      cudaEvent_t e = nullptr;
+      MIXPREC_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+      *event = e;
+    }
+    MIXPREC_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(*event), previous));
+    MIXPREC_CUDA_CHECK(cudaStreamWaitEvent(next, static_cast<cudaEvent_t>(*event), 0));
+  }
+  // (A query that fails, the legacy stream's while another stream captures,
+  // counts as capturing.)
+  bool capturing(stream_t stream) override {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return true;
+    }
+    return status != cudaStreamCaptureStatusNone;
+  }
+  void destroy_event(void* event) noexcept override {
+    if (event != nullptr) (void)cudaEventDestroy(static_cast<cudaEvent_t>(event));
+  }
+  bool is_device_memory(const void* p, std::size_t bytes, Device device) override {
+    if (bytes == 0) return true;
+    for (const char* at : {static_cast<const char*>(p), static_cast<const char*>(p) + bytes - 1}) {
+      cudaPointerAttributes a{};
+      const cudaError_t e = cudaPointerGetAttributes(&a, at);
+      if (e != cudaSuccess) {
+        (void)cudaGetLastError();  // an invalid pointer is an answer here, not a sticky error
+        return false;
+      }
+      const bool on_device = a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged;
+      if (!on_device || a.device != device.index()) return false;
+    }
+    return true;
+  }
   bool idle(stream_t stream) override {
     const cudaError_t e = cudaStreamQuery(stream);
     if (e == cudaErrorNotReady) return false;

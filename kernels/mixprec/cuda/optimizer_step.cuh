@@ -1,12 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0
-// Pass 2 of a mixed-precision step on the GPU, and the step's finish: one
+// Pass 2 of a mixed-precision step on the GPU, with the step's count: one
 // launch per optimizer applies the same update formulas as the CPU path
-// (optim/formulas.hpp) to every parameter, reading found-inf, the loss scale
-// and the clip input from device memory; one single-block launch then counts
-// the step and updates the loss scale (amp/scale_update.hpp). Nothing here
-// synchronises the host, so a whole step can be captured in a CUDA graph.
+// (optim/formulas.hpp) to every parameter of every group, reading found-inf,
+// the loss scale and the clip input from device memory, and its last block
+// counts the step. One launch: a step is queued whole or not at all. The
+// scaler's update is a second, single-thread launch (amp/scale_update.hpp).
+// Nothing here synchronises the host, so a whole step can be captured in a
+// CUDA graph.
 #pragma once
 
+#include <cfloat>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -33,6 +36,15 @@ struct ParamEntry {
   float* master;
   float* state[3];
   std::int64_t* step;
+  int group;  // index into the launch's GroupHypers
+};
+
+/// The hyperparameters of every group of one launch, passed by value as a
+/// kernel argument (a captured graph keeps them).
+template <class Hyper>
+struct GroupHypers {
+  Hyper h[optim::kMaxDeviceGroups];
+  int count = 0;
 };
 
 /// Hyperparameters of one optimizer group (optim/device_backend.hpp).
@@ -40,14 +52,9 @@ using optim::AdamHyper;
 using optim::RmspropHyper;
 using optim::SgdHyper;
 
-/// Device inputs of pass 2: all read from device memory at run time.
-struct StepInputs {
-  const int* found_inf;            // from GradCheck: nonzero skips the whole step
-  const float* scale;              // the loss scale; gradients are multiplied by float(1 / scale)
-  const double* total_sum_squares;  // from GradCheck, for clipping (null: no clipping)
-  double max_norm = 0;             // clip_grad_norm's max_norm (used when total_sum_squares is set)
-  const std::int64_t* applied_steps;  // the optimizer's applied steps, for the lr schedule
-};
+/// Device inputs and counters of pass 2: all read from device memory at run
+/// time (optim::DeviceStepInputs).
+using StepInputs = optim::DeviceStepInputs;
 
 namespace detail {
 
@@ -211,113 +218,153 @@ __device__ inline void dispatch_weight(const G* grad, const ParamEntry& p, std::
   }
 }
 
+// A scheduled lr the update can use: finite, and finite as a float.
+__device__ inline bool usable_lr(double lr) { return lr >= 0.0 && lr <= static_cast<double>(FLT_MAX); }
+
 template <class Hyper>
 __global__ void __launch_bounds__(step_threads)
-    step_kernel(const TensorEntry* grads, const Chunk* chunks, std::int64_t num_chunks,
-                const ParamEntry* params, Hyper hyper, optim::LRSchedule schedule, StepInputs in) {
-  // `chunks` and `num_chunks` cover one parameter group.
-  if (*in.found_inf) return;  // a skipped step changes nothing
-  const float inv_scale = static_cast<float>(1.0 / static_cast<double>(*in.scale));
-  float clip = 1.0f;
-  if (in.total_sum_squares) {
-    // GradScaler::clip_grad_norm: norm of the unscaled gradients, then
-    // torch's min(1, (1 / (norm + 1e-6)) * max_norm) in float.
-    const float norm = static_cast<float>(::sqrt(*in.total_sum_squares) * inv_scale);
-    const float coef = (1.0f / (norm + 1e-6f)) * static_cast<float>(in.max_norm);
-    clip = coef < 1.0f ? coef : 1.0f;
-  }
-  const double lr = hyper.lr * schedule.factor(*in.applied_steps);
-  for (std::int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
-    const Chunk ch = chunks[c];
-    const TensorEntry g = grads[ch.tensor];
-    const ParamEntry p = params[ch.tensor];
-    const auto co = coeffs(hyper, lr, static_cast<double>(*p.step + 1));
-    switch (g.dtype) {
-      case DType::float16:
-        dispatch_weight(static_cast<const half*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co);
-        break;
-      case DType::bfloat16:
-        dispatch_weight(static_cast<const bfloat16*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co);
-        break;
-      case DType::float32:
-        dispatch_weight(static_cast<const float*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co);
-        break;
+    step_kernel(const TensorEntry* grads, const Chunk* chunks, std::int64_t num_chunks, const ParamEntry* params,
+                int num_params, GroupHypers<Hyper> groups, optim::LRSchedule schedule, StepInputs in,
+                unsigned int* blocks_done) {
+  const bool found_inf = *in.found_inf != 0;
+  const std::int64_t applied = *in.applied_steps;
+  const double factor = schedule.factor(applied);
+  // Every group's lr is checked before any element changes: a step with one
+  // unusable lr is skipped whole (NaN fails the comparisons too).
+  bool lr_ok = true;
+  for (int g = 0; g < groups.count; ++g) lr_ok = lr_ok && usable_lr(groups.h[g].lr * factor);
+  const bool apply = !found_inf && lr_ok;
+  if (apply) {
+    const float inv_scale = static_cast<float>(1.0 / static_cast<double>(*in.scale));
+    float clip = 1.0f;
+    if (in.total_sum_squares) {
+      // GradScaler::clip_grad_norm: norm of the unscaled gradients, then
+      // torch's min(1, (1 / (norm + 1e-6)) * max_norm) in float.
+      const float norm = static_cast<float>(::sqrt(*in.total_sum_squares) * inv_scale);
+      const float coef = (1.0f / (norm + 1e-6f)) * static_cast<float>(in.max_norm);
+      clip = coef < 1.0f ? coef : 1.0f;
+    }
+    for (std::int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+      const Chunk ch = chunks[c];
+      const TensorEntry g = grads[ch.tensor];
+      const ParamEntry p = params[ch.tensor];
+      const Hyper& h = groups.h[p.group];
+      const auto co = coeffs(h, h.lr * factor, static_cast<double>(*p.step + 1));
+      switch (g.dtype) {
+        case DType::float16:
+          dispatch_weight(static_cast<const half*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co);
+          break;
+        case DType::bfloat16:
+          dispatch_weight(static_cast<const bfloat16*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co);
+          break;
+        case DType::float32:
+          dispatch_weight(static_cast<const float*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co);
+          break;
+      }
     }
   }
-}
-
-// After pass 2: count the step (or not), in one block. Step counts are
-// bumped here rather than in pass 2, whose blocks all read them.
-__global__ void finish_step_kernel(const int* found_inf, const ParamEntry* params, int num_params,
-                                   std::int64_t* applied_steps, int* any_inf) {
-  const bool skip = *found_inf != 0;
-  if (!skip) {
-    for (int i = threadIdx.x; i < num_params; i += blockDim.x) *params[i].step += 1;
+  // The step's count, by the last block to finish: every block has read the
+  // step counts and the applied count by then.
+  __shared__ bool is_last;
+  __syncthreads();
+  __threadfence();
+  if (threadIdx.x == 0) is_last = atomicAdd(blocks_done, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  if (apply) {
+    for (int i = threadIdx.x; i < num_params; i += blockDim.x) {
+      *params[i].step = amp::saturating_increment(*params[i].step);
+    }
   }
   if (threadIdx.x == 0) {
-    if (!skip) *applied_steps += 1;
-    if (any_inf && skip) *any_inf = 1;
+    if (apply) *in.applied_steps = amp::saturating_increment(applied);
+    if (found_inf && in.any_inf) *in.any_inf = 1;
+    if (!found_inf && !lr_ok && in.nonfinite_lr_steps) {
+      *in.nonfinite_lr_steps = amp::saturating_increment(*in.nonfinite_lr_steps);
+    }
+    *blocks_done = 0;  // ready for the next launch (or graph replay)
   }
 }
 
 // The end of an iteration: count it, update the scale, reset the flag.
 __global__ void update_scale_kernel(amp::DeviceScalerState* s, amp::ScalePolicy policy, int dynamic) {
   const bool skip = s->any_inf != 0;
-  (skip ? s->skipped : s->applied) += 1;
-  if (dynamic) amp::update_scale(s->state, skip, policy);
+  std::int64_t& count = skip ? s->skipped : s->applied;
+  count = amp::saturating_increment(count);
+  if (dynamic) {
+    amp::update_scale(s->state, skip, policy);
+  } else {
+    s->state.skip_streak = skip ? amp::saturating_increment(s->state.skip_streak) : 0;
+  }
   s->any_inf = 0;
 }
 
 }  // namespace detail
 
 /// Parameters of one optimizer in device memory (weights, fp32 masters and
-/// state, step counts), matched index by index to the gradients' TensorList.
+/// state, step counts, groups), matched index by index to the gradients'
+/// TensorList, and the step kernel's block counter. One step runs on it at
+/// a time (optim::Optimizer orders its launches across streams).
 class ParamList {
  public:
   explicit ParamList(const std::vector<ParamEntry>& params) : count_(static_cast<int>(params.size())) {
-    if (params.empty()) return;
     MIXPREC_CUDA_CHECK(cudaGetDevice(&device_));
+    counter_ = Buffer(sizeof(unsigned int), Device::cuda(device_));
+    MIXPREC_CUDA_CHECK(cudaMemset(counter_.data(), 0, counter_.bytes()));
+    if (params.empty()) return;
     buffer_ = Buffer(params.size() * sizeof(ParamEntry), Device::cuda(device_));
     MIXPREC_CUDA_CHECK(cudaMemcpy(buffer_.data(), params.data(), buffer_.bytes(), cudaMemcpyHostToDevice));
+    for (const ParamEntry& p : params) groups_ = p.group + 1 > groups_ ? p.group + 1 : groups_;
   }
   const ParamEntry* entries() const { return static_cast<const ParamEntry*>(buffer_.data()); }
   int size() const { return count_; }
+  /// 1 + the largest group index of the entries (0 when there are none).
+  int groups() const { return groups_; }
+  unsigned int* blocks_done() const { return static_cast<unsigned int*>(counter_.data()); }
 
  private:
   int count_ = 0;
+  int groups_ = 0;
   int device_ = 0;
   Buffer buffer_;
+  Buffer counter_;
 };
 
-/// Pass 2: one launch over the parameters [first, last) (default: all; a
-/// parameter group when the optimizer has several). Asynchronous on `stream`.
+/// Pass 2 and the step's count over every parameter of `params`, one
+/// launch: `groups[g]` are the hyperparameters of the entries whose group is
+/// g. Unless *in.found_inf or a group's scheduled lr is unusable, updates
+/// every parameter, then adds one to every step count and *in.applied_steps;
+/// sets *in.any_inf when *in.found_inf; counts an unusable lr in
+/// *in.nonfinite_lr_steps. Asynchronous on `stream`.
 template <class Hyper>
-void launch_step(const TensorList& grads, const ParamList& params, const Hyper& hyper,
-                 const optim::LRSchedule& schedule, const StepInputs& in, cudaStream_t stream = nullptr,
-                 int first = 0, int last = -1) {
+void launch_step(const TensorList& grads, const ParamList& params, const std::vector<Hyper>& groups,
+                 const optim::LRSchedule& schedule, const StepInputs& in, cudaStream_t stream = nullptr) {
   MIXPREC_CHECK(grads.num_tensors() == params.size(), "launch_step: ", grads.num_tensors(),
                 " gradients but ", params.size(), " parameters");
   MIXPREC_CHECK(in.found_inf && in.scale && in.applied_steps, "launch_step: found_inf, scale and "
                 "applied_steps must point to device memory");
-  if (last < 0) last = grads.num_tensors();
-  MIXPREC_CHECK(0 <= first && first <= last && last <= grads.num_tensors(), "launch_step: parameters [", first,
-                ", ", last, ") of ", grads.num_tensors());
+  MIXPREC_CHECK(!groups.empty() && groups.size() <= optim::kMaxDeviceGroups, "launch_step: ", groups.size(),
+                " groups, must be in [1, ", optim::kMaxDeviceGroups, "]");
+  MIXPREC_CHECK(params.groups() <= static_cast<int>(groups.size()), "launch_step: a parameter is in group ",
+                params.groups() - 1, ", there are ", groups.size(), " groups");
   schedule.validate();
-  const std::int64_t begin = grads.first_chunk(first), count = grads.first_chunk(last) - begin;
-  if (count == 0) return;
-  const unsigned grid = grid_for(count * detail::step_threads, detail::step_threads, 4);
+  GroupHypers<Hyper> table;
+  for (std::size_t g = 0; g < groups.size(); ++g) table.h[g] = groups[g];
+  table.count = static_cast<int>(groups.size());
+  const std::int64_t chunks = grads.num_chunks();
+  const unsigned grid = chunks == 0 ? 1u : grid_for(chunks * detail::step_threads, detail::step_threads, 4);
   detail::step_kernel<Hyper><<<grid, detail::step_threads, 0, stream>>>(
-      grads.entries(), grads.chunks() + begin, count, params.entries(), hyper, schedule, in);
+      grads.entries(), grads.chunks(), chunks, params.entries(), params.size(), table, schedule, in,
+      params.blocks_done());
   MIXPREC_CUDA_CHECK_LAUNCH("step_kernel");
 }
 
-/// The step's finish: unless *found_inf, every step count and
-/// *applied_steps go up by one; *any_inf (optional) is set when *found_inf.
-inline void launch_finish_step(const int* found_inf, const ParamList& params, std::int64_t* applied_steps,
-                               int* any_inf, cudaStream_t stream = nullptr) {
-  detail::finish_step_kernel<<<1, 256, 0, stream>>>(found_inf, params.entries(), params.size(),
-                                                    applied_steps, any_inf);
-  MIXPREC_CUDA_CHECK_LAUNCH("finish_step_kernel");
+/// The same with one group for every parameter.
+template <class Hyper>
+void launch_step(const TensorList& grads, const ParamList& params, const Hyper& hyper,
+                 const optim::LRSchedule& schedule, const StepInputs& in, cudaStream_t stream = nullptr) {
+  launch_step(grads, params, std::vector<Hyper>{hyper}, schedule, in, stream);
 }
 
 /// The end of an iteration (DeviceGradScaler::update): counts it as applied

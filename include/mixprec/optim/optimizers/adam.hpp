@@ -48,13 +48,39 @@ class AdamImpl : public OptimizerBase<AdamImpl<Decoupled, Options>, Options> {
     return {this->existing_state(i, o.amsgrad ? 2 : 1), static_cast<float>(o.eps), static_cast<float>(o.betas[1])};
   }
 
+  /// A loaded second moment is >= 0 (its sqrt divides), and with amsgrad
+  /// the running maximum is >= the moment.
+  void check_state_values(std::size_t i, const ParamState& p) const override {
+    const std::string& n = this->param(i).name;
+    if (p.state.size() > 1 && p.state[1]) {
+      this->check_values(*p.state[1], "exp_avg_sq", n, [](float v) { return v >= 0.0f; }, ">= 0");
+    }
+    if (p.state.size() > 2 && p.state[2]) {
+      this->check_values(*p.state[2], "max_exp_avg_sq", n, [](float v) { return v >= 0.0f; }, ">= 0");
+      if (p.state[1]) {
+        const std::vector<float>& v = *p.state[1];
+        const std::vector<float>& mx = *p.state[2];
+        for (std::size_t k = 0; k < v.size(); ++k) {
+          MIXPREC_CHECK(mx[k] >= v[k], this->name(), "::load_state: parameter \"", n, "\": max_exp_avg_sq[", k,
+                        "] = ", mx[k], " < exp_avg_sq[", k, "] = ", v[k], "; the running maximum cannot be below it");
+        }
+      }
+    }
+  }
+
   static void validate(const Options& o) {
     const char* n = Decoupled ? "AdamW" : "Adam";
     check_nonnegative(n, "lr", o.lr);
+    check_float(n, "lr", o.lr);
     check_unit_interval(n, "betas[0]", o.betas[0]);
     check_unit_interval(n, "betas[1]", o.betas[1]);
-    check_nonnegative(n, "eps", o.eps);
+    check_eps(n, o.eps);
     check_nonnegative(n, "weight_decay", o.weight_decay);
+    check_float(n, "weight_decay", o.weight_decay);
+    // The largest coefficients any step can make (the schedule's factor is
+    // <= 1): the first step's size, lr / (1 - betas[0]), and the decay.
+    check_float(n, "lr / (1 - betas[0]) (the first step's size)", o.lr / (1.0 - o.betas[0]));
+    check_float(n, "lr * weight_decay", o.lr * o.weight_decay);
   }
 
  protected:
@@ -64,19 +90,22 @@ class AdamImpl : public OptimizerBase<AdamImpl<Decoupled, Options>, Options> {
     if (this->options_[this->group_of(i)].amsgrad) this->state(i, 2);
   }
 
-  void launch_group(DevicePlan& plan, std::size_t group, std::size_t first, std::size_t last,
-                    const DeviceStepInputs& in, stream_t stream) override {
-    const Options& o = this->options_[group];
-    AdamHyper h;
-    h.lr = this->base_lr(group);  // the kernel applies the schedule on the device
-    h.beta1 = o.betas[0];
-    h.beta2 = o.betas[1];
-    h.eps = o.eps;
-    h.weight_decay = o.weight_decay;
-    h.amsgrad = o.amsgrad;
-    h.maximize = o.maximize;
-    h.decoupled = Decoupled;
-    plan.step(first, last, h, this->schedule(), in, stream);
+  void launch_groups(DevicePlan& plan, const DeviceStepInputs& in, stream_t stream) override {
+    std::vector<AdamHyper> groups;
+    for (std::size_t g = 0; g < this->num_groups(); ++g) {
+      const Options& o = this->options_[g];
+      AdamHyper h;
+      h.lr = this->base_lr(g);  // the kernel applies the schedule on the device
+      h.beta1 = o.betas[0];
+      h.beta2 = o.betas[1];
+      h.eps = o.eps;
+      h.weight_decay = o.weight_decay;
+      h.amsgrad = o.amsgrad;
+      h.maximize = o.maximize;
+      h.decoupled = Decoupled;
+      groups.push_back(h);
+    }
+    plan.step(groups, this->schedule(), in, stream);
   }
 
   void update_param(std::size_t i, const GradTransform& t) override {

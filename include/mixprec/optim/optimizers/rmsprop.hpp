@@ -40,13 +40,23 @@ class RMSprop : public OptimizerBase<RMSprop, RMSpropOptions> {
     return {existing_state(i, 0), static_cast<float>(o.eps), 0.0f};
   }
 
+  /// A loaded square_avg is >= 0 (its sqrt divides).
+  void check_state_values(std::size_t i, const ParamState& p) const override {
+    if (!p.state.empty() && p.state[0]) {
+      check_values(*p.state[0], "square_avg", param(i).name, [](float v) { return v >= 0.0f; }, ">= 0");
+    }
+  }
+
   static void validate(const RMSpropOptions& o) {
     detail::check_nonnegative("RMSprop", "lr", o.lr);
     MIXPREC_CHECK(o.alpha >= 0.0 && o.alpha <= 1.0, "RMSprop: alpha = ", o.alpha,
                   ", must be in [0, 1]");
-    detail::check_nonnegative("RMSprop", "eps", o.eps);
+    detail::check_float("RMSprop", "lr", o.lr);
+    detail::check_eps("RMSprop", o.eps);
     detail::check_nonnegative("RMSprop", "weight_decay", o.weight_decay);
+    detail::check_float("RMSprop", "weight_decay", o.weight_decay);
     detail::check_nonnegative("RMSprop", "momentum", o.momentum);
+    detail::check_float("RMSprop", "momentum", o.momentum);
   }
 
  protected:
@@ -57,18 +67,21 @@ class RMSprop : public OptimizerBase<RMSprop, RMSpropOptions> {
     if (o.momentum > 0.0) state(i, 2);
   }
 
-  void launch_group(DevicePlan& plan, std::size_t group, std::size_t first, std::size_t last,
-                    const DeviceStepInputs& in, stream_t stream) override {
-    const RMSpropOptions& o = options_[group];
-    RmspropHyper h;
-    h.lr = base_lr(group);  // the kernel applies the schedule on the device
-    h.alpha = o.alpha;
-    h.eps = o.eps;
-    h.weight_decay = o.weight_decay;
-    h.momentum = o.momentum;
-    h.centered = o.centered;
-    h.maximize = o.maximize;
-    plan.step(first, last, h, schedule(), in, stream);
+  void launch_groups(DevicePlan& plan, const DeviceStepInputs& in, stream_t stream) override {
+    std::vector<RmspropHyper> groups;
+    for (std::size_t g = 0; g < num_groups(); ++g) {
+      const RMSpropOptions& o = options_[g];
+      RmspropHyper h;
+      h.lr = base_lr(g);  // the kernel applies the schedule on the device
+      h.alpha = o.alpha;
+      h.eps = o.eps;
+      h.weight_decay = o.weight_decay;
+      h.momentum = o.momentum;
+      h.centered = o.centered;
+      h.maximize = o.maximize;
+      groups.push_back(h);
+    }
+    plan.step(groups, schedule(), in, stream);
   }
 
   void update_param(std::size_t i, const GradTransform& t) override {

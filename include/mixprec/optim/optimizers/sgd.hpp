@@ -35,9 +35,13 @@ class SGD : public OptimizerBase<SGD, SGDOptions> {
 
   static void validate(const SGDOptions& o) {
     detail::check_nonnegative("SGD", "lr", o.lr);
+    detail::check_float("SGD", "lr", o.lr);
     detail::check_nonnegative("SGD", "momentum", o.momentum);
+    detail::check_float("SGD", "momentum", o.momentum);
     MIXPREC_CHECK(std::isfinite(o.dampening), "SGD: dampening = ", o.dampening, ", must be finite");
+    detail::check_float("SGD", "1 - dampening", 1.0 - o.dampening);
     detail::check_nonnegative("SGD", "weight_decay", o.weight_decay);
+    detail::check_float("SGD", "weight_decay", o.weight_decay);
     MIXPREC_CHECK(!o.nesterov || (o.momentum > 0.0 && o.dampening == 0.0),
                   "SGD: nesterov = true needs momentum > 0 and dampening = 0 (momentum = ",
                   o.momentum, ", dampening = ", o.dampening, ")");
@@ -48,18 +52,22 @@ class SGD : public OptimizerBase<SGD, SGDOptions> {
     if (options_[group_of(i)].momentum != 0.0) state(i, 0);
   }
 
-  void launch_group(DevicePlan& plan, std::size_t group, std::size_t first, std::size_t last,
-                    const DeviceStepInputs& in, stream_t stream) override {
-    const SGDOptions& o = options_[group];
-    SgdHyper h;
-    h.lr = base_lr(group);  // the kernel applies the schedule on the device
-    h.momentum = o.momentum;
-    h.dampening = o.dampening;
-    h.weight_decay = o.weight_decay;
-    h.nesterov = o.nesterov;
-    h.maximize = o.maximize;
-    h.fresh_buffers = o.momentum != 0.0 && fresh_state(first, 0);  // momentum switched on since the last step
-    plan.step(first, last, h, schedule(), in, stream);
+  void launch_groups(DevicePlan& plan, const DeviceStepInputs& in, stream_t stream) override {
+    std::vector<SgdHyper> groups;
+    for (std::size_t g = 0; g < num_groups(); ++g) {
+      const SGDOptions& o = options_[g];
+      SgdHyper h;
+      h.lr = base_lr(g);  // the kernel applies the schedule on the device
+      h.momentum = o.momentum;
+      h.dampening = o.dampening;
+      h.weight_decay = o.weight_decay;
+      h.nesterov = o.nesterov;
+      h.maximize = o.maximize;
+      // Momentum switched on since the last step: its buffers start from the gradient.
+      h.fresh_buffers = o.momentum != 0.0 && fresh_state(first_of_group(g), 0);
+      groups.push_back(h);
+    }
+    plan.step(groups, schedule(), in, stream);
   }
 
   void update_param(std::size_t i, const GradTransform& t) override {
