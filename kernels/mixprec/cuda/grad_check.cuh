@@ -36,7 +36,9 @@ __device__ inline int exponent_bin(float x) {
 template <bool Hist, class T>
 __device__ inline void accumulate_one(T value, float& sum, int& bad, unsigned* hist) {
   const float x = mixprec::to_float(value);
-  sum += x * x;
+  // One fused multiply-add, written out: the order and rounding of the sum
+  // (hence the norm's bits) do not depend on nvcc's contraction flags.
+  sum = __fmaf_rn(x, x, sum);
   bad |= !isfinite(x);
   if constexpr (Hist) {
     // Lanes with the same bin add once (a gradient's values crowd into a
@@ -213,7 +215,7 @@ class GradCheck {
   };
 
   explicit GradCheck(const TensorList& list)
-      : slices_(slices_for(list)),
+      : slices_(slices_for(list.num_chunks())),
         slice_sums_(static_cast<std::size_t>(list.num_chunks()) * slices_ * sizeof(float), list.device()),
         slice_bad_(static_cast<std::size_t>(list.num_chunks()) * slices_ * sizeof(int), list.device()),
         sum_squares_(static_cast<std::size_t>(list.num_tensors()) * sizeof(double), list.device()),
@@ -278,18 +280,24 @@ class GradCheck {
   }
 
  private:
-  // Slices per chunk: enough work items for every multiprocessor to run 4
-  // blocks, none of fewer than 8 elements per thread (lists of many chunks
-  // keep one slice per chunk).
-  static int slices_for(const TensorList& list) {
-    const std::int64_t chunks = list.num_chunks();
+  // Slices per chunk, from the list alone: about kWorkItems work items (4
+  // blocks on each of 128 multiprocessors: an H100 or H200 has 132), none
+  // of fewer than 8 elements per thread; lists of many chunks keep one
+  // slice per chunk. Not from the device's SM count: the slices fix the
+  // summation order of the sums of squares, so the norm (and the clip
+  // coefficient made from it) has the same bits on every GPU, and a
+  // checkpoint resumes bit-exactly on another model.
+ public:
+  static constexpr std::int64_t kWorkItems = 512;
+  static int slices_for(std::int64_t chunks) {
     if (chunks == 0) return 1;
-    mixprec::detail::DeviceGuard guard(list.device());
-    const std::int64_t want = static_cast<std::int64_t>(multiprocessor_count()) * 4;
     const std::int64_t most = chunk_elements / (detail::check_threads * 8);
-    const std::int64_t s = (want + chunks - 1) / chunks;
+    const std::int64_t s = (kWorkItems + chunks - 1) / chunks;
     return static_cast<int>(s < 1 ? 1 : s > most ? most : s);
   }
+  int slices() const { return slices_; }
+
+ private:
   unsigned int* blocks_done() const {
     return reinterpret_cast<unsigned int*>(static_cast<char*>(scalars_.data()) + sizeof(double) + sizeof(int));
   }
