@@ -299,9 +299,17 @@ TEST(ReliabilityGpu, SubnormalBf16RunMatchesTheHostBitForBit) {
     }
     EXPECT_EQ(state_bits(*dev), state_bits(*host)) << kind;
     EXPECT_EQ(host_bits<bfloat16>(dw2), host_bits<bfloat16>(hw)) << kind;
+    // Not vacuous: subnormal values in the state (SGD: masters and momenta;
+    // Adam: its normalised step moves masters far from 0, exp_avg stays tiny).
     std::size_t subnormal = 0;
     const optim::OptimizerState st = host->save_state();
-    for (float x : st.params[0].master) subnormal += x != 0.0f && std::fabs(x) < std::numeric_limits<float>::min();
+    auto count = [&](const std::vector<float>& v) {
+      for (float x : v) subnormal += x != 0.0f && std::fabs(x) < std::numeric_limits<float>::min();
+    };
+    count(st.params[0].master);
+    for (const auto& t : st.params[0].state) {
+      if (t) count(*t);
+    }
     EXPECT_GT(subnormal, 50u) << kind;
   }
 }
@@ -413,10 +421,16 @@ TEST(ReliabilityGpu, AFreedGradientIsAClearErrorAndRebindFixesIt) {
   ASSERT_EQ(cudaFree(raw), cudaSuccess);  // the trainer reallocates its gradient ...
   const std::vector<std::uint32_t> before = state_bits(opt);
   expect_error([&] { opt.check_buffers(); }, {"\"w\"", "gradient", "no longer device memory", "rebind"});
+  opt.set_buffer_checks(true);  // every eager step checks first
   expect_error([&] { opt.step(); }, {"\"w\"", "no longer device memory"});
+  expect_error([&] { scaler.step(opt); }, {"\"w\"", "no longer device memory"});
+  EXPECT_FALSE(scaler.in_iteration());  // refused before the check: no record
   EXPECT_EQ(state_bits(opt), before);
   Tensor<half> g2({1000}, Device::cuda(0));  // ... and says so
   fill(g2, 0.5f);
+  // A rebound buffer is checked when the lists are made again, without
+  // set_buffer_checks: the next launch after rebind() refuses a dead one.
+  opt.set_buffer_checks(false);
   opt.rebind(0, w, g2);
   opt.check_buffers();
   scaler.step(opt);

@@ -298,8 +298,7 @@ class GradScaler {
   /// time: a second thread is refused with an error. update() ends the
   /// iteration for all of them: call it once they are done.
   void unscale(optim::Optimizer& opt) {
-    MIXPREC_CHECK(!opt.on_device(), "GradScaler: the parameters of this ", opt.name(), " are on ", opt.device(),
-                  "; GradScaler keeps its state on the host, use amp::DeviceGradScaler");
+    require_host(opt);
     std::unique_lock<std::mutex> guard = records_.lock();
     records_.require_can_unscale(opt);
     const auto busy = records_.begin(opt, "unscale", guard);
@@ -337,6 +336,7 @@ class GradScaler {
   /// throws (an allocation that fails, a bad lr), the optimizer is as it
   /// was before the call and stays unscaled: step() may be called again.
   bool step(optim::Optimizer& opt) {
+    require_host(opt);
     std::unique_lock<std::mutex> guard = records_.lock();
     records_.require_can_step(opt);
     const auto busy = records_.begin(opt, "step", guard);
@@ -359,6 +359,7 @@ class GradScaler {
   /// unscale + clip_grad_norm(max_norm) + step, for the common case.
   bool step(optim::Optimizer& opt, double max_norm) {
     records_.check_max_norm(max_norm);  // before unscale() changes anything
+    require_host(opt);
     std::unique_lock<std::mutex> guard = records_.lock();
     const bool ready = records_.stage(opt) == Stage::ready;
     guard.unlock();
@@ -485,6 +486,10 @@ class GradScaler {
     bool found_inf = false;
   };
 
+  static void require_host(const optim::Optimizer& opt) {
+    MIXPREC_CHECK(!opt.on_device(), "GradScaler: the parameters of this ", opt.name(), " are on ", opt.device(),
+                  "; GradScaler keeps its state on the host, use amp::DeviceGradScaler");
+  }
   // Pass 1 with `opt` marked busy by the caller (the lock not held: the
   // pass reads every gradient), then its record, under the lock.
   void unscale_busy(optim::Optimizer& opt) {
