@@ -6,10 +6,15 @@
 #include <gtest/gtest.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <mutex>
+#include <set>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "mixprec/monitor/report.hpp"
 #include "test_util.hpp"
@@ -251,6 +256,131 @@ TEST_F(WriteReport, BadLogNamesTheFileAndTheLine) {
   expect_error([&] { write_report(log, html); }, {log.c_str(), "line 3"});
   EXPECT_FALSE(std::filesystem::exists(html));
   EXPECT_FALSE(std::filesystem::exists(html + ".tmp"));
+}
+
+// Concurrent writers to one page: each call writes a temporary file of its
+// own, so none renames another's half-written file or loses its own; a
+// reader of the page sees one whole page or another, never a part of one.
+TEST_F(WriteReport, ConcurrentWritersToOnePageEachLeaveAWholePage) {
+  constexpr int threads = 8, iterations = 20;
+  // Logs of different lengths (the sample's records repeated), so that the
+  // pages differ in their size as well as in their title; big enough
+  // (0.3-0.8 MB) that the writes overlap.
+  const std::string sample = read_file(MIXPREC_MONITOR_SAMPLE);
+  const std::size_t first_nl = sample.find('\n');
+  ASSERT_NE(first_nl, std::string::npos);
+  const std::string header = sample.substr(0, first_nl + 1), records = sample.substr(first_nl + 1);
+  std::vector<std::string> logs, expected;
+  for (int t = 0; t < threads; ++t) {
+    logs.push_back(path("log" + std::to_string(t) + ".jsonl"));
+    std::ofstream out(logs.back(), std::ios::binary);
+    out << header;
+    for (int r = 0; r < 4 + t; ++r) out << records;
+  }
+  // The page a single call writes for each log.
+  for (int t = 0; t < threads; ++t) {
+    const std::string solo = path("solo.html");
+    write_report(logs[t], solo);
+    expected.push_back(read_file(solo));
+    std::filesystem::remove(solo);
+  }
+  ASSERT_EQ(std::set<std::string>(expected.begin(), expected.end()).size(), expected.size());
+
+  const std::string html = path("run.html");
+  std::mutex mutex;
+  std::vector<std::string> failures;
+  auto is_expected = [&](const std::string& page) {
+    for (const std::string& e : expected) {
+      if (page == e) return true;
+    }
+    return false;
+  };
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      for (int i = 0; i < iterations; ++i) {
+        std::string failure;
+        try {
+          write_report(logs[t], html);
+          // Another thread may have replaced it since, but with a whole page.
+          std::ifstream in(html, std::ios::binary);
+          const std::string page((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+          if (!is_expected(page)) {
+            failure = "thread " + std::to_string(t) + ", iteration " + std::to_string(i) + ": read a page of " +
+                      std::to_string(page.size()) + " bytes that no single call writes";
+          }
+        } catch (const std::exception& e) {
+          failure = "thread " + std::to_string(t) + ", iteration " + std::to_string(i) + ": " + e.what();
+        }
+        if (!failure.empty()) {
+          std::lock_guard<std::mutex> lock(mutex);
+          failures.push_back(failure);
+        }
+      }
+    });
+  }
+  for (std::thread& th : pool) th.join();
+  EXPECT_TRUE(failures.empty()) << failures.size() << " of " << threads * iterations
+                                << " calls failed; the first: " << failures.front();
+  EXPECT_TRUE(is_expected(read_file(html)));
+  // Nothing left behind: the logs and the page only.
+  std::set<std::string> left;
+  for (const auto& entry : std::filesystem::directory_iterator(dir_)) left.insert(entry.path().filename().string());
+  std::set<std::string> want = {"run.html"};
+  for (int t = 0; t < threads; ++t) want.insert("log" + std::to_string(t) + ".jsonl");
+  EXPECT_EQ(left, want);
+}
+
+// A log over the limit is refused before it is read, naming the file, its
+// size and the limit, and the page already there stays as it was.
+TEST_F(WriteReport, LogOverTheLimitIsRefusedAndThePageKept) {
+  const std::string log = path("run.jsonl");
+  std::filesystem::copy_file(MIXPREC_MONITOR_SAMPLE, log);
+  const std::uint64_t size = std::filesystem::file_size(log);
+  const std::string html = path("run.html");
+  write_report(log, html);
+  const std::string before = read_file(html);
+  ASSERT_FALSE(before.empty());
+
+  ReportOptions small;
+  small.max_log_bytes = size - 1;
+  expect_error([&] { write_report(log, html, "again", small); },
+               {"write_report", log.c_str(), std::to_string(size).c_str(), std::to_string(size - 1).c_str(),
+                "max_log_bytes"});
+  EXPECT_EQ(read_file(html), before);
+  // A log of exactly the limit is fine.
+  small.max_log_bytes = size;
+  write_report(log, html, "again", small);
+  EXPECT_NE(read_file(html).find("<title>again</title>"), std::string::npos);
+  const std::string again = read_file(html);
+
+  // The documented default, 256 MiB, on a sparse file one byte over it: the
+  // size is refused before anything is allocated or read.
+  EXPECT_EQ(ReportOptions{}.max_log_bytes, std::uint64_t{256} << 20);
+  const std::string big = path("big.jsonl");
+  {
+    std::ofstream out(big, std::ios::binary);
+    out << header_line << "\n";
+  }
+  std::filesystem::resize_file(big, (std::uint64_t{256} << 20) + 1);
+  expect_error([&] { write_report(big, html); },
+               {"write_report", big.c_str(), "268435457 bytes", "268435456", "max_log_bytes"});
+  EXPECT_EQ(read_file(html), again);
+  std::set<std::string> left;
+  for (const auto& entry : std::filesystem::directory_iterator(dir_)) left.insert(entry.path().filename().string());
+  EXPECT_EQ(left, (std::set<std::string>{"run.jsonl", "run.html", "big.jsonl"}));
+}
+
+// A page that cannot be put in place (html_path is a directory) leaves no
+// temporary file behind, and what was at html_path is untouched.
+TEST_F(WriteReport, FailedRenameLeavesNoTemporary) {
+  const std::string html = path("page.html");
+  std::filesystem::create_directories(html + "/inside");
+  expect_error([&] { write_report(MIXPREC_MONITOR_SAMPLE, html); }, {"write_report", html.c_str()});
+  EXPECT_TRUE(std::filesystem::is_directory(html + "/inside"));
+  std::set<std::string> left;
+  for (const auto& entry : std::filesystem::directory_iterator(dir_)) left.insert(entry.path().filename().string());
+  EXPECT_EQ(left, (std::set<std::string>{"page.html"}));
 }
 
 }  // namespace

@@ -5,7 +5,6 @@
 #pragma once
 
 #include <algorithm>
-#include <atomic>
 #include <cerrno>
 #include <cstddef>
 #include <cstdint>
@@ -25,6 +24,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "mixprec/core/atomic_file.hpp"
 #include "mixprec/core/dtype.hpp"
 #include "mixprec/core/error.hpp"
 
@@ -365,91 +365,6 @@ class StHeaderSax {
   }
 };
 
-/// A temporary file next to `path` that becomes `path` on commit() and is
-/// removed if it never does (the destructor, on any error path).
-class StAtomicFile {
- public:
-  explicit StAtomicFile(const std::string& path) : path_(path) {
-    MIXPREC_CHECK(!path.empty(), "SafetensorsWriter::write: path is empty");
-    MIXPREC_CHECK(path.back() != '/', "SafetensorsWriter::write: path '", path, "' names a directory");
-    const std::size_t slash = path.rfind('/');
-    dir_ = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
-    // The pid and a process-wide counter keep concurrent writers apart;
-    // O_EXCL makes sure we never open someone else's file.
-    static std::atomic<unsigned> counter{0};
-    for (int attempt = 0; attempt < 100; ++attempt) {
-      tmp_ = path + ".tmp-" + std::to_string(static_cast<long>(::getpid())) + "-" + std::to_string(counter++);
-      fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-      if (fd_ >= 0 || errno != EEXIST) break;
-    }
-    if (fd_ < 0) {
-      const int err = errno;
-      throw_error("SafetensorsWriter::write: cannot create the temporary file '", tmp_, "' for '", path, "': ",
-                  std::generic_category().message(err));
-    }
-  }
-  StAtomicFile(const StAtomicFile&) = delete;
-  StAtomicFile& operator=(const StAtomicFile&) = delete;
-  ~StAtomicFile() {
-    if (fd_ >= 0) ::close(fd_);
-    if (!committed_) ::unlink(tmp_.c_str());
-  }
-
-  void append(const void* data, std::size_t bytes) {
-    const char* p = static_cast<const char*>(data);
-    while (bytes > 0) {
-      // Linux writes at most ~2 GiB per call; ask for 1 GiB at a time.
-      const std::size_t chunk = std::min<std::size_t>(bytes, std::size_t{1} << 30);
-      const ssize_t n = ::write(fd_, p, chunk);
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        fail("writing", errno);
-      }
-      if (n == 0) fail("writing", EIO);
-      p += n;
-      bytes -= static_cast<std::size_t>(n);
-    }
-  }
-
-  /// fsync the data, rename it over `path`, fsync the directory so that the
-  /// rename itself survives a power loss.
-  void commit() {
-    if (::fsync(fd_) != 0) fail("fsync of", errno);
-    const int fd = fd_;
-    fd_ = -1;
-    if (::close(fd) != 0) fail("closing", errno);
-    if (::rename(tmp_.c_str(), path_.c_str()) != 0) {
-      const int err = errno;
-      throw_error("SafetensorsWriter::write: cannot rename '", tmp_, "' to '", path_, "': ",
-                  std::generic_category().message(err));
-    }
-    committed_ = true;
-    const int dir = ::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    // `path` already holds the new file here; what can still fail is only
-    // the guarantee that the rename is on disk, and that is worth an error.
-    MIXPREC_CHECK(dir >= 0, "SafetensorsWriter::write: '", path_, "' was written, but its directory '", dir_,
-                  "' cannot be opened to fsync the rename: ", std::generic_category().message(errno));
-    const int rc = ::fsync(dir);
-    const int err = errno;
-    ::close(dir);
-    // Some file systems cannot fsync a directory (EINVAL); there is nothing
-    // more to do on those.
-    MIXPREC_CHECK(rc == 0 || err == EINVAL, "SafetensorsWriter::write: '", path_,
-                  "' was written, but the fsync of its directory '", dir_,
-                  "' failed: ", std::generic_category().message(err));
-  }
-
- private:
-  std::string path_, dir_, tmp_;
-  int fd_ = -1;
-  bool committed_ = false;
-
-  [[noreturn]] void fail(const char* what, int err) {
-    throw_error("SafetensorsWriter::write: ", what, " the temporary file '", tmp_, "' for '", path_,
-                "' failed: ", std::generic_category().message(err));
-  }
-};
-
 }  // namespace mixprec::detail
 
 namespace mixprec::io {
@@ -551,7 +466,7 @@ class SafetensorsWriter {
   /// from their pointers: no copy of the data is made.
   void write(const std::string& path) const {
     const Plan plan = make_plan();  // every check before the file system is touched
-    detail::StAtomicFile file(path);
+    detail::AtomicFile file(path, "SafetensorsWriter::write");
     file.append(plan.prefix.data(), plan.prefix.size());
     for (const Entry* e : plan.order) {
       if (e->bytes > 0) file.append(e->data, e->bytes);

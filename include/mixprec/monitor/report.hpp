@@ -8,14 +8,17 @@
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
-#include <fstream>
-#include <iterator>
 #include <string>
 #include <string_view>
 #include <system_error>
 #include <utility>
 #include <vector>
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "mixprec/core/atomic_file.hpp"
 #include "mixprec/core/error.hpp"
 
 namespace mixprec::monitor {
@@ -514,17 +517,45 @@ inline std::string render_report(const std::string& jsonl_text, const std::strin
   return page;
 }
 
+/// What write_report may read.
+struct ReportOptions {
+  /// The largest log write_report reads, in bytes; a larger one is refused
+  /// (naming the file, its size and this limit) before anything is
+  /// allocated or read. 256 MiB: the page embeds the whole log, and a
+  /// browser holds it as one JavaScript string before JSON.parse makes
+  /// objects several times its size; Chrome's longest string is 2^29 - 24
+  /// characters (V8's String::kMaxLength), so a log of much more than
+  /// 512 MiB could not be drawn at all, and 256 MiB keeps a factor of two
+  /// from that. write_report itself holds the log about three times (the
+  /// text read, the checked text, the page): some 800 MB at the limit. A
+  /// logged step takes roughly 1 KB plus 0.5 KB per parameter, so the
+  /// default holds about 10,000 logged steps of a 50-parameter model. Raise
+  /// it for a longer run and a machine (and browser) with the memory, or
+  /// log less often (MonitorOptions::every).
+  std::uint64_t max_log_bytes = std::uint64_t{256} << 20;
+};
+
 /// Reads the log at `jsonl_path`, renders it (render_report; an empty title
 /// becomes "mixprec monitor: <file name>") and writes the page to
-/// `html_path` + ".tmp", then renames it over `html_path`, so a reader never
-/// sees half a page. Throws mixprec::Error naming the path and the reason
-/// when the log cannot be read, the page cannot be written, or `html_path`
-/// is the log itself.
+/// `html_path` atomically (core/atomic_file.hpp): into a temporary file of its
+/// own in the same directory (`html_path` + ".tmp-<pid>-<n>"), fsync'd and
+/// renamed over `html_path`, the directory fsync'd after. A reader never
+/// sees half a page; concurrent calls for one `html_path` (threads or
+/// processes) all succeed and the last rename wins. On any error before
+/// the rename `html_path` is left as it was and the temporary file is
+/// removed (after it, only the directory's fsync can still fail: the page
+/// is in place, and the error says so).
+///
+/// Throws mixprec::Error naming the path and the reason when the log cannot
+/// be read, is larger than `options.max_log_bytes` (checked from its size
+/// before it is read), is not a valid log, the page cannot be written, or
+/// `html_path` is the log itself.
 inline void write_report(const std::string& jsonl_path, const std::string& html_path,
-                         const std::string& title = "") {
+                         const std::string& title = "", const ReportOptions& options = ReportOptions{}) {
   namespace fs = std::filesystem;
   MIXPREC_CHECK(!jsonl_path.empty(), "write_report: jsonl_path is empty");
   MIXPREC_CHECK(!html_path.empty(), "write_report: html_path is empty");
+  MIXPREC_CHECK(html_path.back() != '/', "write_report: html_path '", html_path, "' names a directory");
   std::error_code ec;
   MIXPREC_CHECK(!fs::is_directory(jsonl_path, ec), "write_report: cannot read the log '", jsonl_path,
                 "': it is a directory");
@@ -533,12 +564,50 @@ inline void write_report(const std::string& jsonl_path, const std::string& html_
 
   std::string text;
   {
-    errno = 0;
-    std::ifstream in(jsonl_path, std::ios::binary);
-    MIXPREC_CHECK(in.is_open(), "write_report: cannot open the log '", jsonl_path, "': ",
-                  std::generic_category().message(errno != 0 ? errno : ENOENT));
-    text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-    MIXPREC_CHECK(!in.bad(), "write_report: reading the log '", jsonl_path, "' failed");
+    const int fd = ::open(jsonl_path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+      const int err = errno;
+      mixprec::detail::throw_error("write_report: cannot open the log '", jsonl_path, "': ",
+                                   std::generic_category().message(err));
+    }
+    struct Closer {
+      int fd;
+      ~Closer() { ::close(fd); }
+    } closer{fd};
+    const std::uint64_t limit = options.max_log_bytes;
+    auto too_big = [&](const std::string& size) {
+      mixprec::detail::throw_error("write_report: the log '", jsonl_path, "' is ", size,
+                                   " bytes, more than the limit of ", limit,
+                                   " bytes (ReportOptions::max_log_bytes); raise the limit to render it, "
+                                   "or log less often (MonitorOptions::every)");
+    };
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) {
+      const int err = errno;
+      mixprec::detail::throw_error("write_report: cannot stat the log '", jsonl_path, "': ",
+                                   std::generic_category().message(err));
+    }
+    // Refused from its size, before a byte is allocated. A pipe or a file
+    // that grows while it is read has no size to trust: the loop below
+    // stops at the limit too.
+    if (S_ISREG(st.st_mode)) {
+      const std::uint64_t size = static_cast<std::uint64_t>(st.st_size);
+      if (size > limit) too_big(std::to_string(size));
+      text.reserve(static_cast<std::size_t>(size));
+    }
+    char buffer[64 * 1024];
+    for (;;) {
+      const ssize_t n = ::read(fd, buffer, sizeof buffer);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        const int err = errno;
+        mixprec::detail::throw_error("write_report: reading the log '", jsonl_path, "' failed: ",
+                                     std::generic_category().message(err));
+      }
+      if (n == 0) break;
+      if (static_cast<std::uint64_t>(n) > limit - text.size()) too_big("more than " + std::to_string(limit));
+      text.append(buffer, static_cast<std::size_t>(n));
+    }
   }
 
   std::string page;
@@ -549,28 +618,11 @@ inline void write_report(const std::string& jsonl_path, const std::string& html_
     // not of what.
     mixprec::detail::throw_error("write_report: '", jsonl_path, "': ", e.what());
   }
+  text = std::string();  // not needed any more: the page holds its own copy
 
-  const std::string tmp = html_path + ".tmp";
-  {
-    errno = 0;
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    MIXPREC_CHECK(out.is_open(), "write_report: cannot open '", tmp, "' for writing: ",
-                  std::generic_category().message(errno != 0 ? errno : EACCES));
-    out.write(page.data(), static_cast<std::streamsize>(page.size()));
-    out.close();
-    if (!out) {
-      const int err = errno;
-      fs::remove(tmp, ec);
-      mixprec::detail::throw_error("write_report: writing '", tmp, "' failed",
-                                   err != 0 ? ": " + std::generic_category().message(err) : std::string());
-    }
-  }
-  fs::rename(tmp, html_path, ec);
-  if (ec) {
-    std::error_code ignored;
-    fs::remove(tmp, ignored);
-    mixprec::detail::throw_error("write_report: cannot rename '", tmp, "' to '", html_path, "': ", ec.message());
-  }
+  mixprec::detail::AtomicFile file(html_path, "write_report");
+  file.append(page.data(), page.size());
+  file.commit();
 }
 
 }  // namespace mixprec::monitor
