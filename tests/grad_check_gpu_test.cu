@@ -1,12 +1,17 @@
 // SPDX-License-Identifier: Apache-2.0
 // Pass 1 on the GPU (cuda::GradCheck) against float64 sums on the host:
 // mixed dtypes and sizes (zero, one element, chunk boundaries, > 2^31
-// elements), fault injection, unaligned pointers, determinism and graph
-// replay.
+// elements), fault injection, unaligned pointers (each load path against a
+// host emulation of its summation order; exact sums where the order cannot
+// matter; flags against the aligned run), determinism and graph replay.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <random>
+#include <string>
 #include <vector>
 
 #include "gpu_skip.hpp"
@@ -111,33 +116,245 @@ TEST(GradCheckGpu, FindsEveryInjectedValueAndNamesItsTensor) {
   EXPECT_FALSE(check.read().found_inf);  // restored, and nothing stuck from before
 }
 
+// Host values of the three tensors UnalignedPointersGiveTheSameResults checks.
+struct HostGrads {
+  std::vector<half> h;
+  std::vector<bfloat16> b;
+  std::vector<float> f;
+};
+
+struct OffsetRun {
+  cuda::GradCheck::Host got;
+  int slices = 0;  // the check's slices per chunk
+};
+
+// One check pass over an fp16, a bf16 and an fp32 tensor holding `g`, whose
+// data start `offset_bytes` past a cudaMalloc'ed (256-byte aligned) address:
+// 16-byte vector loads at offset 0, the scalar loop otherwise. fp32 needs 4
+// bytes of alignment, so an offset of 2 places the floats at 4.
+OffsetRun check_at_offset(const HostGrads& g, int offset_bytes) {
+  const auto n = static_cast<std::int64_t>(g.h.size());
+  Tensor<half> dh({n + 8}, Device::cuda(0));
+  Tensor<bfloat16> db({n + 8}, Device::cuda(0));
+  Tensor<float> df({n + 8}, Device::cuda(0));
+  const int float_offset = offset_bytes % 4 == 0 ? offset_bytes : offset_bytes + 2;
+  half* ph = dh.data() + offset_bytes / 2;
+  bfloat16* pb = db.data() + offset_bytes / 2;
+  float* pf = df.data() + float_offset / 4;
+  for (const void* p : {static_cast<const void*>(ph), static_cast<const void*>(pb), static_cast<const void*>(pf)}) {
+    // The path under test: vector loads exactly when the offset is 0.
+    EXPECT_EQ(reinterpret_cast<std::uintptr_t>(p) % 16 == 0, offset_bytes == 0) << "offset " << offset_bytes;
+  }
+  MIXPREC_CUDA_CHECK(cudaMemcpy(ph, g.h.data(), g.h.size() * sizeof(half), cudaMemcpyHostToDevice));
+  MIXPREC_CUDA_CHECK(cudaMemcpy(pb, g.b.data(), g.b.size() * sizeof(bfloat16), cudaMemcpyHostToDevice));
+  MIXPREC_CUDA_CHECK(cudaMemcpy(pf, g.f.data(), g.f.size() * sizeof(float), cudaMemcpyHostToDevice));
+  cuda::TensorList list({TensorView<half>(ph, {n}, Device::cuda(0)), TensorView<bfloat16>(pb, {n}, Device::cuda(0)),
+                         TensorView<float>(pf, {n}, Device::cuda(0))});
+  cuda::GradCheck check(list);
+  check.launch(list);
+  return {check.read(), check.slices()};
+}
+
+// Lane 0 of a warp's shuffle-down tree (x += shfl_down(x, offset), offsets
+// 16, 8, 4, 2, 1).
+template <class V>
+V shuffle_tree(std::vector<V> v) {
+  for (int offset = 16; offset > 0; offset /= 2) {
+    for (int l = 0; l + offset < 32; ++l) v[l] = v[l] + v[l + offset];  // lane l reads l + offset before it changes
+  }
+  return v[0];
+}
+
+// One tensor's sum of squares in the order grad_check.cuh fixes for it. A
+// work item is a slice of a chunk; each of the block's 256 threads keeps a
+// float sum, fed by fused multiply-adds: on the vector path (per_vector
+// elements per 16-byte load: 8 fp16/bf16, 4 fp32) thread t takes the loads
+// t, t + 256, ... in order, then element j of the scalar tail goes to thread
+// j % 256; on the scalar path (per_vector = 0: no loads, all tail) element j
+// of the item goes to thread j % 256. The block adds each warp by the
+// shuffle tree and the 8 warp sums in order; a tensor's item sums add up in
+// double, in order with one slice per chunk, else strided over a warp's
+// lanes and reduced by the same tree.
+double emulate_sum_squares(const std::vector<float>& x, int slices, int per_vector) {
+  const auto n = static_cast<std::int64_t>(x.size());
+  std::vector<float> items;
+  for (std::int64_t c0 = 0; c0 < n; c0 += cuda::chunk_elements) {
+    const std::int64_t c1 = std::min(c0 + cuda::chunk_elements, n);
+    const std::int64_t per_slice = ((c1 - c0 + slices - 1) / slices + 7) / 8 * 8;
+    for (int s = 0; s < slices; ++s) {
+      const std::int64_t begin = c0 + s * per_slice, end = std::min(begin + per_slice, c1);
+      std::vector<float> thread(256, 0.0f);
+      if (begin < end) {
+        const std::int64_t vectors = per_vector > 0 ? (end - begin) / per_vector : 0;
+        for (std::int64_t k = 0; k < vectors; ++k) {
+          float& acc = thread[static_cast<std::size_t>(k % 256)];
+          for (int j = 0; j < per_vector; ++j) {
+            const float v = x[static_cast<std::size_t>(begin + per_vector * k + j)];
+            acc = std::fmaf(v, v, acc);
+          }
+        }
+        const std::int64_t tail = begin + vectors * (per_vector > 0 ? per_vector : 0);
+        for (std::int64_t e = tail; e < end; ++e) {
+          float& acc = thread[static_cast<std::size_t>((e - tail) % 256)];
+          acc = std::fmaf(x[static_cast<std::size_t>(e)], x[static_cast<std::size_t>(e)], acc);
+        }
+      }
+      float total = 0;
+      for (int w = 0; w < 8; ++w) {
+        total += shuffle_tree(std::vector<float>(thread.begin() + 32 * w, thread.begin() + 32 * w + 32));
+      }
+      items.push_back(total);
+    }
+  }
+  if (slices == 1) {
+    double s = 0;
+    for (const float v : items) s += v;
+    return s;
+  }
+  std::vector<double> lanes(32, 0.0);
+  for (std::size_t c = 0; c < items.size(); ++c) lanes[c % 32] += items[c];
+  return shuffle_tree(lanes);
+}
+
+// The same values at byte offsets 0, 2, 4, 8 and 12: offset 0 takes the
+// 16-byte vector loads of accumulate_range, every other offset the scalar
+// loop. The two paths give the threads different elements in a different
+// order (a thread takes 8 consecutive fp16/bf16 or 4 fp32 elements per load,
+// loads strided over the block, then the tail; or single elements, strided),
+// so for arbitrary values the aligned and unaligned sums differ in their
+// last bits, by design. Each path's order is fixed, though (explicit FMAs,
+// slices from the list alone), so:
+//  1. Normal values: every run equals, bit for bit, a host emulation of the
+//     order its own path uses (emulate_sum_squares), per tensor and in
+//     total; the unaligned runs (one path) are bit-identical to each other;
+//     all are within 1e-5 of float64.
+//  2. Values on a grid where every partial sum is exact (k / 16, |k| <= 7:
+//     squares are multiples of 2^-8 and a tensor's sum stays below 2^24 of
+//     them): any order gives the exact sum, so every run gives the aligned
+//     run's bits and the float64 sum exactly, without the emulation.
+//  3. inf/NaN at first, last, chunk-boundary, vector-tail and interior
+//     elements: the flags and found_inf of every run equal the aligned
+//     run's and the injected pattern.
 TEST(GradCheckGpu, UnalignedPointersGiveTheSameResults) {
   MIXPREC_SKIP_WITHOUT_GPU();
-  const std::int64_t n = 3 * 65536 + 11;
-  Tensor<half> hh({n + 8});
-  Tensor<float> hf({n + 8});
+  const std::int64_t n = 3 * 65536 + 11;  // 3 full chunks and one of 11: vector tails too
+  const int offsets[] = {0, 2, 4, 8, 12};
+
+  HostGrads g;
+  Tensor<half> hh({n});
+  Tensor<bfloat16> hb({n});
+  Tensor<float> hf({n});
   fill_normal(hh, 0, 10, 5);
+  fill_normal(hb, 0, 10, 7);
   fill_normal(hf, 0, 10, 6);
-  Tensor<half> dh = hh.to(Device::cuda(0));
-  Tensor<float> df = hf.to(Device::cuda(0));
-  for (const int offset_bytes : {0, 2, 4, 8}) {
-    std::vector<TensorRef> refs;
-    std::vector<double> want;
-    const std::int64_t oh = offset_bytes / 2, of = offset_bytes / 4;
-    refs.push_back(TensorView<half>(dh.data() + oh, {n}, Device::cuda(0)));
-    double s = 0;
-    for (std::int64_t e = 0; e < n; ++e) s += std::pow(static_cast<double>(to_float(hh.at(e + oh))), 2);
-    want.push_back(s);
-    if (offset_bytes % 4 == 0) {
-      refs.push_back(TensorView<float>(df.data() + of, {n}, Device::cuda(0)));
-      double t = 0;
-      for (std::int64_t e = 0; e < n; ++e) t += std::pow(static_cast<double>(hf.at(e + of)), 2);
-      want.push_back(t);
+  g.h.assign(hh.data(), hh.data() + n);
+  g.b.assign(hb.data(), hb.data() + n);
+  g.f.assign(hf.data(), hf.data() + n);
+
+  {  // 1. normal values against the emulation of each path
+    SCOPED_TRACE("normal values");
+    std::vector<std::vector<float>> x(3);
+    for (std::int64_t e = 0; e < n; ++e) {
+      x[0].push_back(to_float(g.h[e]));
+      x[1].push_back(to_float(g.b[e]));
+      x[2].push_back(g.f[e]);
     }
-    cuda::TensorList list(refs);
-    cuda::GradCheck check(list);
-    check.launch(list);
-    expect_sums(check.read(), want);
+    std::vector<double> want(3, 0.0);
+    for (int t = 0; t < 3; ++t) {
+      for (const float v : x[t]) want[t] += static_cast<double>(v) * v;
+    }
+    const int per_vector[3] = {8, 8, 4};
+    std::vector<cuda::GradCheck::Host> unaligned;
+    for (const int offset : offsets) {
+      SCOPED_TRACE("offset " + std::to_string(offset));
+      const OffsetRun run = check_at_offset(g, offset);
+      ASSERT_EQ(run.got.sum_squares.size(), 3u);
+      double total = 0;
+      for (int t = 0; t < 3; ++t) {
+        const double emulated = emulate_sum_squares(x[t], run.slices, offset == 0 ? per_vector[t] : 0);
+        EXPECT_EQ(std::memcmp(&run.got.sum_squares[t], &emulated, sizeof(double)), 0)
+            << "tensor " << t << ": " << run.got.sum_squares[t] << " vs emulated " << emulated;
+        total += emulated;
+      }
+      EXPECT_EQ(run.got.total_sum_squares, total);
+      expect_sums(run.got, want);
+      EXPECT_EQ(run.got.nonfinite, std::vector<int>(3, 0));
+      EXPECT_FALSE(run.got.found_inf);
+      if (offset == 0) continue;
+      if (!unaligned.empty()) {
+        EXPECT_EQ(run.got.sum_squares, unaligned.front().sum_squares);
+        EXPECT_EQ(run.got.total_sum_squares, unaligned.front().total_sum_squares);
+      }
+      unaligned.push_back(run.got);
+    }
+  }
+
+  {  // 2. exact sums: every path gives the same bits
+    SCOPED_TRACE("grid values");
+    HostGrads grid;
+    double want[3] = {0, 0, 0};
+    std::mt19937 rng(5);
+    auto next = [&](double& sum) {
+      const auto k = static_cast<float>(1 + rng() % 7);
+      const float v = (rng() % 2 ? -k : k) / 16.0f;
+      sum += static_cast<double>(v) * v;
+      return v;
+    };
+    for (std::int64_t e = 0; e < n; ++e) {
+      grid.h.push_back(from_float<half>(next(want[0])));
+      grid.b.push_back(from_float<bfloat16>(next(want[1])));
+      grid.f.push_back(next(want[2]));
+    }
+    const cuda::GradCheck::Host aligned = check_at_offset(grid, 0).got;
+    for (const int offset : offsets) {
+      const cuda::GradCheck::Host got = check_at_offset(grid, offset).got;
+      for (int t = 0; t < 3; ++t) {
+        EXPECT_EQ(got.sum_squares[t], want[t]) << "offset " << offset << ", tensor " << t;
+        EXPECT_EQ(got.sum_squares[t], aligned.sum_squares[t]) << "offset " << offset << ", tensor " << t;
+      }
+      EXPECT_EQ(got.total_sum_squares, want[0] + want[1] + want[2]) << "offset " << offset;
+      EXPECT_EQ(got.nonfinite, std::vector<int>(3, 0)) << "offset " << offset;
+      EXPECT_FALSE(got.found_inf);
+    }
+  }
+
+  // 3. flags. Tensors: 0 fp16, 1 bf16, 2 fp32. The last chunk holds 11
+  // elements; on the aligned path its last 3 are read by no vector load.
+  struct Bad {
+    int tensor;
+    std::int64_t element;
+    float value;
+  };
+  const std::vector<std::vector<Bad>> cases = {
+      {{0, 0, INFINITY}},
+      {{0, n - 1, NAN}},
+      {{1, 65536, -INFINITY}},
+      {{1, n - 4, NAN}},
+      {{2, 5, INFINITY}},
+      {{2, 2 * 65536 - 1, NAN}},
+      {{0, 3 * 65536 + 8, -INFINITY}, {2, n - 1, NAN}},
+  };
+  for (const auto& bad : cases) {
+    HostGrads c = g;
+    std::vector<int> flags(3, 0);
+    std::string what;
+    for (const Bad& x : bad) {
+      if (x.tensor == 0) c.h[x.element] = from_float<half>(x.value);
+      if (x.tensor == 1) c.b[x.element] = from_float<bfloat16>(x.value);
+      if (x.tensor == 2) c.f[x.element] = x.value;
+      flags[x.tensor] = 1;
+      what += " tensor " + std::to_string(x.tensor) + "[" + std::to_string(x.element) +
+              "] = " + std::to_string(x.value);
+    }
+    SCOPED_TRACE("injected:" + what);
+    const cuda::GradCheck::Host aligned = check_at_offset(c, 0).got;
+    EXPECT_EQ(aligned.nonfinite, flags);
+    EXPECT_TRUE(aligned.found_inf);
+    for (const int offset : offsets) {
+      const cuda::GradCheck::Host got = check_at_offset(c, offset).got;
+      EXPECT_EQ(got.nonfinite, aligned.nonfinite) << "offset " << offset;
+      EXPECT_EQ(got.found_inf, aligned.found_inf) << "offset " << offset;
+    }
   }
 }
 

@@ -28,6 +28,31 @@ namespace {
 
 using test::expect_error;
 
+/// Asserts that two saved optimizer states hold the same bits: applied
+/// steps, base lrs, and per parameter the step count, the master and every
+/// state tensor (and which of them exist).
+void assert_same_state(const optim::OptimizerState& want, const optim::OptimizerState& have) {
+  ASSERT_EQ(have.applied_steps, want.applied_steps);
+  ASSERT_EQ(have.lrs, want.lrs);
+  ASSERT_EQ(have.params.size(), want.params.size());
+  auto same = [](const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
+  };
+  for (std::size_t i = 0; i < want.params.size(); ++i) {
+    const optim::ParamState& w = want.params[i];
+    const optim::ParamState& h = have.params[i];
+    ASSERT_EQ(h.step, w.step) << "parameter " << i;
+    ASSERT_TRUE(same(h.master, w.master)) << "master of parameter " << i;
+    ASSERT_EQ(h.state.size(), w.state.size()) << "parameter " << i;
+    for (std::size_t k = 0; k < w.state.size(); ++k) {
+      ASSERT_EQ(h.state[k].has_value(), w.state[k].has_value()) << "parameter " << i << ", state tensor " << k;
+      if (w.state[k]) {
+        ASSERT_TRUE(same(*h.state[k], *w.state[k])) << "parameter " << i << ", state tensor " << k;
+      }
+    }
+  }
+}
+
 // One parameter whose gradient is finite or holds an inf at index 1, like the
 // fixture's driver.
 struct OneParam {
@@ -101,32 +126,55 @@ TEST(GradScaler, SkippedStepLeavesEverythingUntouched) {
     ASSERT_TRUE(scaler.step(opt));
     scaler.update();
   }
+  // Everything a step could change: the optimizer's whole state (masters,
+  // exp_avg, exp_avg_sq, max_exp_avg_sq, step counts, applied steps, lrs),
+  // the bits of both model weights.
+  struct Snapshot {
+    optim::OptimizerState state;
+    std::vector<std::uint16_t> w, b;
+  };
   auto snapshot = [&] {
-    std::vector<float> s;
-    for (std::size_t i = 0; i < opt.num_params(); ++i) {
-      s.insert(s.end(), opt.master(i).data(), opt.master(i).data() + opt.master(i).numel());
-      s.push_back(static_cast<float>(opt.step_count(i)));
-    }
-    for (std::int64_t e = 0; e < w.numel(); ++e) s.push_back(to_float(w.at(e)));
-    for (std::int64_t e = 0; e < b.numel(); ++e) s.push_back(to_float(b.at(e)));
+    Snapshot s;
+    s.state = opt.save_state();
+    for (std::int64_t e = 0; e < w.numel(); ++e) s.w.push_back(to_bits(w.at(e)));
+    for (std::int64_t e = 0; e < b.numel(); ++e) s.b.push_back(to_bits(b.at(e)));
     return s;
   };
-  const auto before = snapshot();
-  const float scale = scaler.scale();
+  const Snapshot before = snapshot();
+  ASSERT_EQ(before.state.applied_steps, 3);
+  for (const optim::ParamState& p : before.state.params) {
+    ASSERT_EQ(p.step, 3);
+    ASSERT_EQ(p.state.size(), 3u);
+    for (const auto& t : p.state) ASSERT_TRUE(t.has_value());  // amsgrad: all three moments exist
+  }
+  const amp::ScalerState scaler_before = scaler.state();
+  ASSERT_EQ(scaler_before.growth_tracker, 3);  // so that the reset below shows
+  const std::int64_t applied_before = scaler.applied_steps(), skipped_before = scaler.skipped_steps();
+  int skipped = 0;
   for (const float bad : {INFINITY, -INFINITY, NAN}) {
+    SCOPED_TRACE(bad);
     fill_normal(g, 0, 100, 99);
     gb.at(2) = from_float<bfloat16>(bad);
     EXPECT_FALSE(scaler.step(opt));
     EXPECT_TRUE(scaler.found_inf(opt));
     EXPECT_EQ(scaler.nonfinite_params(opt), std::vector<std::string>{"b"});
     scaler.update();
-    const auto after = snapshot();
-    ASSERT_EQ(std::memcmp(before.data(), after.data(), before.size() * sizeof(float)), 0);
+    ++skipped;
+    const Snapshot after = snapshot();
+    ASSERT_NO_FATAL_FAILURE(assert_same_state(before.state, after.state));
+    ASSERT_EQ(after.w, before.w) << "fp16 weight";
+    ASSERT_EQ(after.b, before.b) << "bf16 weight";
+    EXPECT_EQ(opt.applied_steps(), 3);
+    // The scaler counts the skip and backs off; its other counters stay.
+    EXPECT_EQ(scaler.applied_steps(), applied_before);
+    EXPECT_EQ(scaler.skipped_steps(), skipped_before + skipped);
+    EXPECT_EQ(scaler.scale(), std::ldexp(scaler_before.scale, -skipped));
+    EXPECT_EQ(scaler.state().growth_tracker, 0);
+    EXPECT_EQ(scaler.state().hysteresis_tracker, 0);
+    EXPECT_EQ(scaler.state().min_scale_hits, 0);
   }
-  EXPECT_EQ(scaler.scale(), scale / 8);
   EXPECT_EQ(scaler.skipped_steps(), 3);
   EXPECT_EQ(scaler.applied_steps(), 3);
-  EXPECT_EQ(opt.applied_steps(), 3);
 }
 
 TEST(GradScaler, CallOrderErrors) {

@@ -452,6 +452,7 @@ class Optimizer {
       for (std::size_t k = 0; k < count; ++k) {
         if (make[i][k]) {
           s.state[k] = std::move(made[i][k]);
+          s.made |= 1u << k;
           params_changed_ = true;
         }
       }
@@ -472,6 +473,7 @@ class Optimizer {
           s.fresh_state |= bit;
         } else if (has_state(i, k)) {
           s.state[k] = Tensor<float>();  // host: made on first use, as in a fresh run
+          s.made &= ~bit;
           s.fresh_state &= ~bit;
           params_changed_ = true;
         }
@@ -619,6 +621,7 @@ class Optimizer {
     std::int64_t step = 0;                  // host parameters
     std::int64_t* device_step = nullptr;    // device parameters: in the group's step buffer
     std::uint32_t fresh_state = 0;  // bit k: state k was created for the step under way
+    std::uint32_t made = 0;         // bit k: state k exists
   };
 
   Optimizer() : id_(next_id()) {}
@@ -816,8 +819,9 @@ class Optimizer {
 
   /// True once state tensor k of parameter i exists.
   bool has_state(std::size_t i, std::size_t k) const {
-    const Slot& s = slots_[i];
-    return s.state.size() > k && s.state[k].shape() == s.master.shape();
+    // A flag, not the tensor's shape: for an empty parameter an unmade
+    // tensor has the master's shape too.
+    return (slots_[i].made >> k) & 1u;
   }
 
   /// State tensor k of parameter i, created as zeros on first use (from
@@ -829,6 +833,7 @@ class Optimizer {
       Tensor<float> t(s.master.shape(), device_);
       fill(t, 0.0f);
       s.state[k] = std::move(t);
+      s.made |= 1u << k;
       s.fresh_state |= 1u << k;
       params_changed_ = true;  // the device lists hold the state pointers
     }
@@ -930,6 +935,7 @@ class Optimizer {
     for (const auto& m : made) {
       Slot& s = slots_[m.first];
       s.state[m.second] = Tensor<float>();
+      s.made &= ~(1u << m.second);
       s.fresh_state &= ~(1u << m.second);
       params_changed_ = true;
     }
