@@ -226,6 +226,24 @@ TEST(Reliability, CorruptValuesInACheckpointFileAreRefused) {
   std::remove(path.c_str());
 }
 
+TEST(Reliability, WeightsBeyondFloatRangeAreRefused) {
+  // An F64 weight file with a value no float can hold: the conversion
+  // would be undefined; it is refused with the tensor and the index.
+  Tensor<half> w({4}), g({4});
+  fill(w, 1.0f);
+  optim::SGD opt({{"w", w, g}});
+  const std::string path = ::testing::TempDir() + "reliability_f64.safetensors";
+  const double values[4] = {0.5, -2.0, 1e300, 3.0};
+  io::SafetensorsWriter out;
+  out.add("w", std::vector<std::int64_t>{4}, values, 4);
+  out.write(path);
+  const std::vector<std::uint32_t> before = state_bits(opt);
+  expect_error([&] { io::load_weights(path, opt); }, {"\"w\"[2] = 1e+300", "finite as a float"});
+  EXPECT_EQ(state_bits(opt), before);
+  EXPECT_EQ(to_float(w.at(0)), 1.0f);
+  std::remove(path.c_str());
+}
+
 // --- 5. eps ------------------------------------------------------------------
 
 TEST(Reliability, EpsThatCannotKeepZeroOverZeroFiniteIsRefused) {

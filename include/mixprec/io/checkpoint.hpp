@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstring>
 #include <locale>
+#include <limits>
 #include <map>
 #include <optional>
 #include <random>
@@ -353,6 +354,13 @@ inline void load_weights(const std::string& path, optim::Optimizer& opt, const s
       case StDType::F32: m = f.values<float>(*t); break;
       case StDType::F64: {
         const std::vector<double> d = f.values<double>(*t);
+        for (std::size_t k = 0; k < d.size(); ++k) {
+          // A double beyond float's range has no float to round to (the
+          // conversion would be undefined): refused, with the value.
+          MIXPREC_CHECK(std::isfinite(d[k]) && std::fabs(d[k]) <= static_cast<double>(std::numeric_limits<float>::max()),
+                        "load_weights: ", f.source(), ": tensor \"", name, "\"[", k, "] = ", d[k],
+                        ", must be finite as a float");
+        }
         m.assign(d.begin(), d.end());  // rounded to nearest
         break;
       }
