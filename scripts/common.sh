@@ -12,6 +12,7 @@ JOBS="${MIXPREC_JOBS:-$(nproc)}"
 # Debian packages the build, the tests and the examples need.
 PACKAGES=(cmake ninja-build g++ ccache libeigen3-dev nlohmann-json3-dev libgtest-dev libbenchmark-dev zlib1g-dev
           python3-numpy  # the safetensors interop tests parse files with numpy
+          libopenmpi-dev openmpi-bin  # data parallelism over MPI: mixprec::mpi, the tests' mpirun
           dataset-fashion-mnist chromium)  # chromium: headless, for the monitor report's render test
 
 log() { printf '\n== %s\n' "$*"; }

@@ -90,6 +90,18 @@ class DeviceGradScaler {
   /// The current loss scale: a synchronising read.
   float scale() const { return state().scale; }
 
+  /// As GradScaler::set_grad_divisor: the gradients are the sum of
+  /// `divisor` ranks' and the unscale divides by it. A captured graph keeps
+  /// the divisor its capture saw.
+  void set_grad_divisor(double divisor) {
+    MIXPREC_CHECK(std::isfinite(divisor) && divisor >= 1.0, "DeviceGradScaler::set_grad_divisor: divisor = ",
+                  divisor, ", must be finite and >= 1 (the number of ranks whose gradients are summed)");
+    const auto guard = records_.lock();
+    MIXPREC_CHECK(records_.all().empty(), "DeviceGradScaler::set_grad_divisor: an iteration is under way");
+    grad_divisor_ = divisor;
+  }
+  double grad_divisor() const { return grad_divisor_; }
+
   /// Pass 1 for `opt`, one launch: non-finite check and sums of squares of
   /// its gradients. For users who clip or inspect before step(). A second
   /// call before update() is an error, as in PyTorch.
@@ -154,6 +166,7 @@ class DeviceGradScaler {
     optim::DeviceStepInputs in;
     in.found_inf = opt.device_found_inf();
     in.scale = scale_data();
+    in.grad_divisor = grad_divisor_;
     if (r.max_norm > 0) {
       in.total_sum_squares = opt.device_total_sum_squares();
       in.max_norm = r.max_norm;
@@ -213,7 +226,7 @@ class DeviceGradScaler {
     }
     const optim::GradStats stats = opt.read_check(stream_);
     // The scale of this iteration: update() has not run since unscale().
-    const float inv_scale = static_cast<float>(1.0 / static_cast<double>(scale()));
+    const float inv_scale = static_cast<float>(1.0 / (static_cast<double>(scale()) * grad_divisor_));
     return static_cast<float>(std::sqrt(stats.total_sum_squares()) * inv_scale);
   }
   /// Whether opt saw a non-finite gradient since the last update().
@@ -291,6 +304,7 @@ class DeviceGradScaler {
   DeviceScalerState* mirror_ = nullptr;  // pinned: the state as of the last completed update()
   bool raised_ = false;
   bool streak_raised_ = false;
+  double grad_divisor_ = 1.0;
   detail::Records<Record> records_{"DeviceGradScaler"};
 };
 

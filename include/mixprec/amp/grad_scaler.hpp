@@ -284,6 +284,20 @@ class GradScaler {
 
   /// The current loss scale (1 when disabled). No side effects.
   float scale() const { return state_.scale; }
+
+  /// Data parallelism: the stored gradients are the SUM of `divisor` ranks'
+  /// gradients (dist::GradientReducer sums them); the unscale divides by it
+  /// too, inv_scale = float(1 / (scale * divisor)) in double, so the update
+  /// sees their mean without a pass of its own. 1 (the default) is a
+  /// single process. Not during an iteration.
+  void set_grad_divisor(double divisor) {
+    MIXPREC_CHECK(std::isfinite(divisor) && divisor >= 1.0, "GradScaler::set_grad_divisor: divisor = ", divisor,
+                  ", must be finite and >= 1 (the number of ranks whose gradients are summed)");
+    const auto guard = records_.lock();
+    MIXPREC_CHECK(records_.all().empty(), "GradScaler::set_grad_divisor: an iteration is under way");
+    grad_divisor_ = divisor;
+  }
+  double grad_divisor() const { return grad_divisor_; }
   /// loss * scale(): what the backward pass starts from.
   float scale(float loss) const { return loss * state_.scale; }
 
@@ -496,8 +510,9 @@ class GradScaler {
     optim::GradStats stats = opt.check_grads();
     const auto guard = records_.lock();
     Record& r = records_.get(opt);
-    // PyTorch takes the reciprocal in double and rounds it to float.
-    r.inv_scale = static_cast<float>(1.0 / static_cast<double>(state_.scale));
+    // PyTorch takes the reciprocal in double and rounds it to float (with
+    // a divisor of 1, 1 / (scale * 1) is that same double).
+    r.inv_scale = static_cast<float>(1.0 / (static_cast<double>(state_.scale) * grad_divisor_));
     r.stats = std::move(stats);
     r.found_inf = r.stats.any_nonfinite();
     r.num_params = opt.num_params();
@@ -511,6 +526,7 @@ class GradScaler {
   ScalePolicy policy_;
   ScalerState state_;
   detail::Records<Record> records_{"GradScaler"};
+  double grad_divisor_ = 1.0;
   std::int64_t applied_ = 0;
   std::int64_t skipped_ = 0;
 };

@@ -67,6 +67,10 @@ struct DeviceStepInputs {
   const float* scale = nullptr;                // gradients are multiplied by float(1 / *scale)
   const double* total_sum_squares = nullptr;   // of the stored gradients; null: no clipping
   double max_norm = 0;                         // clip_grad_norm's max_norm
+  /// The stored gradients are the sum of this many ranks' gradients (data
+  /// parallelism): the update multiplies them by float(1 / (*scale * it)),
+  /// which averages them in the unscale, with no pass of its own.
+  double grad_divisor = 1.0;
   std::int64_t* applied_steps = nullptr;       // the optimizer's: read for the lr schedule, +1 when applied
   int* any_inf = nullptr;                      // optional: set to 1 when *found_inf
   /// Optional: +1 when a group's scheduled lr (or its float) is not finite,

@@ -235,7 +235,7 @@ __global__ void __launch_bounds__(step_threads)
   for (int g = 0; g < groups.count; ++g) lr_ok = lr_ok && usable_lr(groups.h[g].lr * factor);
   const bool apply = !found_inf && lr_ok;
   if (apply) {
-    const float inv_scale = static_cast<float>(1.0 / static_cast<double>(*in.scale));
+    const float inv_scale = static_cast<float>(1.0 / (static_cast<double>(*in.scale) * in.grad_divisor));
     float clip = 1.0f;
     if (in.total_sum_squares) {
       // GradScaler::clip_grad_norm: norm of the unscaled gradients, then
