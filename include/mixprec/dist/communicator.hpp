@@ -6,7 +6,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <string>
 
 #include "mixprec/core/device.hpp"
@@ -94,5 +96,25 @@ class LocalCommunicator final : public Communicator {
  private:
   Device device_;
 };
+
+/// Runs `body` (the training) and, if it throws, prints "mixprec: rank R of
+/// W: <what>; ending every rank" to stderr and aborts the job through
+/// `comm`, so that no other rank waits in a collective for this one. A
+/// trainer's main wraps its work in it.
+template <class F>
+int run_or_abort(Communicator& comm, F&& body) {
+  try {
+    body();
+    return 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "mixprec: rank %d of %d: %s; ending every rank\n", comm.rank(), comm.size(), e.what());
+  } catch (...) {
+    std::fprintf(stderr, "mixprec: rank %d of %d: an exception that is not a std::exception; ending every rank\n",
+                 comm.rank(), comm.size());
+  }
+  std::fflush(stderr);
+  comm.abort(1);
+  return 1;  // not reached (abort() does not return; a virtual call hides that from the compiler)
+}
 
 }  // namespace mixprec::dist
