@@ -30,7 +30,12 @@
 
 #include <optional>
 
+#include <mixprec/dist/communicator.hpp>
+#include <mixprec/dist/reducer.hpp>
 #include <mixprec/mixprec.hpp>
+#if MIXPREC_EXAMPLES_WITH_MPI
+#include <mixprec/dist/mpi.hpp>
+#endif
 
 #include "fashion_mnist.hpp"
 
@@ -181,10 +186,11 @@ Tensor<T> to_rows(const ImageSet& s, const Shape& shape) {
 // (elsewhere only the finished line is printed).
 struct Progress {
   bool tty = isatty(fileno(stdout)) != 0;
+  bool quiet = false;  // ranks other than 0 of a data-parallel run
   // `status`: the monitor's line (empty without one).
   void draw(int epoch, std::int64_t done, std::int64_t steps, double loss, float scale, std::int64_t skipped,
             double images_per_s, const std::string& status) const {
-    if (!tty) return;
+    if (!tty || quiet) return;
     const int width = 20, filled = static_cast<int>(width * done / steps);
     std::printf("\repoch %2d [%s%s] %3d%%  loss %.4f  scale %-8g  skipped %3lld  %8.0f images/s%s%s\033[K", epoch,
                 std::string(static_cast<std::size_t>(filled), '#').c_str(),
@@ -195,6 +201,7 @@ struct Progress {
   }
   void finish(int epoch, double loss, float scale, std::int64_t skipped, double images_per_s, double accuracy,
               const std::string& status) const {
+    if (quiet) return;
     std::printf("%sepoch %2d  loss %.4f  scale %-8g  skipped %3lld  %8.0f images/s  test accuracy %.4f%s%s%s\n",
                 tty ? "\r" : "", epoch, loss, scale, static_cast<long long>(skipped), images_per_s, accuracy,
                 status.empty() ? "" : "  ", status.c_str(), tty ? "\033[K" : "");
@@ -242,20 +249,53 @@ inline std::string monitor_status(const std::optional<monitor::Monitor>& mon) {
   return mon ? mon->status_line() : std::string();
 }
 
-// The CPU: plain calls, the host GradScaler.
+// Rank r's share of an epoch in a data-parallel run: every rank shuffles
+// with the same generator, and rank r takes every size-th image from the r-th
+// (the rest follows, unused, to complete the permutation Batches wants).
+inline std::vector<std::int32_t> shard_order(std::int64_t n, std::mt19937_64& rng, int rank, int size) {
+  std::vector<std::int32_t> perm = identity(n);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  std::vector<std::int32_t> order;
+  std::vector<char> taken(static_cast<std::size_t>(n), 0);
+  for (std::int64_t k = rank; k < n; k += size) {
+    order.push_back(perm[static_cast<std::size_t>(k)]);
+    taken[static_cast<std::size_t>(k)] = 1;
+  }
+  for (std::int64_t k = 0; k < n; ++k) {
+    if (!taken[static_cast<std::size_t>(k)]) order.push_back(perm[static_cast<std::size_t>(k)]);
+  }
+  return order;
+}
+
+// The CPU: plain calls, the host GradScaler. Data parallel over `comm`
+// when it has several ranks (mpirun): each rank trains on its share of
+// every epoch with --batch images a step, the gradients are summed over the
+// ranks (dist::GradientReducer) and averaged in the unscale; rank 0 prints.
 template <class T>
 double run_cpu(const Args& a, const ImageSet& train_set, const ImageSet& test_set,
-               const std::vector<std::int64_t>& sample, AddLayers<T> add_layers) {
+               const std::vector<std::int64_t>& sample, AddLayers<T> add_layers, dist::Communicator& comm) {
+  const int ranks = comm.size(), rank = comm.rank();
   Model<T> m(a, Device::cpu(), nullptr, train_set, test_set, sample, add_layers);
   amp::GradScaler scaler(amp::GradScalerOptions::for_dtype(dtype_of<T>));
+  scaler.set_grad_divisor(ranks);
+  dist::GradientReducer reducer(comm, *m.opt);
   std::optional<monitor::Monitor> mon;
-  if (a.monitor) mon.emplace(*m.opt, scaler, monitor_options(a));
-  const Progress progress;
+  if (a.monitor && rank == 0) mon.emplace(*m.opt, scaler, monitor_options(a));
+  Progress progress;
+  progress.quiet = rank != 0;
   std::mt19937_64 rng(a.seed);
-  const std::int64_t steps = m.train.full_batches();  // the last partial batch is dropped
+  // The last partial batch is dropped; data parallel: of each rank's share.
+  const std::int64_t steps = ranks == 1 ? m.train.full_batches() : m.train.size() / ranks / a.batch;
+  MIXPREC_CHECK(steps > 0, "--batch = ", a.batch, " x ", ranks, " ranks: more than the ", m.train.size(),
+                " training images");
+  if (ranks > 1 && a.schedule == "cosine") m.opt->set_schedule(optim::LRSchedule::cosine(a.epochs * steps));
   double accuracy = 0;
   for (int epoch = 1; epoch <= a.epochs; ++epoch) {
-    m.train.shuffle(rng);
+    if (ranks == 1) {
+      m.train.shuffle(rng);
+    } else {
+      m.train.set_order(shard_order(m.train.size(), rng, rank, ranks));
+    }
     const std::int64_t skipped_before = scaler.skipped_steps();
     const auto start = std::chrono::steady_clock::now();
     double loss_sum = 0;
@@ -266,6 +306,7 @@ double run_cpu(const Args& a, const ImageSet& train_set, const ImageSet& test_se
                                                       m.net.output_grad());
       loss_sum += loss;
       m.net.backward();
+      if (ranks > 1) reducer.reduce();  // the sum over the ranks; the mean is taken in the unscale
       if (mon) {
         mon->step(loss);  // scaler.step + scaler.update, watched
       } else {
@@ -274,10 +315,10 @@ double run_cpu(const Args& a, const ImageSet& train_set, const ImageSet& test_se
       }
       if (s % 10 == 0) {
         progress.draw(epoch, s, steps, loss_sum / s, scaler.scale(), scaler.skipped_steps() - skipped_before,
-                      s * a.batch / seconds(), monitor_status(mon));
+                      s * a.batch * ranks / seconds(), monitor_status(mon));
       }
     }
-    const double images_per_s = steps * a.batch / seconds();
+    const double images_per_s = steps * a.batch * ranks / seconds();  // every rank's images
     // Test accuracy: the last batch wraps around to the first images, which
     // are not counted twice.
     std::int64_t correct = 0;
@@ -416,9 +457,30 @@ double run_gpu(const Args& a, const ImageSet& train_set, const ImageSet& test_se
 /// Loads Fashion-MNIST, prints a header line, trains with the precision
 /// and device of `a` (the layers from add_layers<T>) and returns the exit
 /// code: 0, or 1 on an error or an accuracy below --min-accuracy.
+/// The ranks of this run: MPI's when it was started by mpirun and the
+/// examples were built with MPI, else one.
+inline std::unique_ptr<dist::Communicator> make_communicator() {
+#if MIXPREC_EXAMPLES_WITH_MPI
+  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"}) {
+    if (std::getenv(v) != nullptr) return std::make_unique<dist::MpiCommunicator>();
+  }
+#endif
+  return std::make_unique<dist::LocalCommunicator>();
+}
+
 template <template <class> class AddLayersFor>
 int train_classifier(const Args& a, const std::vector<std::int64_t>& sample, const std::string& description) {
+  std::unique_ptr<dist::Communicator> comm;
   try {
+    comm = make_communicator();
+    dist::Communicator& c = *comm;
+    if (c.size() > 1) {
+      MIXPREC_CHECK(a.device == "cpu", "data parallel runs on the GPU (NCCL) are not in this build yet; "
+                    "run the ranks with --device cpu");
+      if (c.rank() != 0) (void)std::freopen("/dev/null", "w", stdout);  // rank 0 reports
+      std::printf("data parallel: %d ranks (%s), batch %lld per rank\n", c.size(), c.backend(),
+                  static_cast<long long>(a.batch));
+    }
     const ImageSet train = load_fashion_mnist(a.data, "train");
     const ImageSet test = load_fashion_mnist(a.data, "t10k");
     MIXPREC_CHECK(a.batch <= train.count, "--batch = ", a.batch, ", larger than the ", train.count,
@@ -435,13 +497,13 @@ int train_classifier(const Args& a, const std::vector<std::int64_t>& sample, con
     double accuracy = 0;
     if (a.precision == "fp16") {
       accuracy = gpu ? run_gpu<half>(a, train, test, sample, AddLayersFor<half>::add)
-                     : run_cpu<half>(a, train, test, sample, AddLayersFor<half>::add);
+                     : run_cpu<half>(a, train, test, sample, AddLayersFor<half>::add, c);
     } else if (a.precision == "bf16") {
       accuracy = gpu ? run_gpu<bfloat16>(a, train, test, sample, AddLayersFor<bfloat16>::add)
-                     : run_cpu<bfloat16>(a, train, test, sample, AddLayersFor<bfloat16>::add);
+                     : run_cpu<bfloat16>(a, train, test, sample, AddLayersFor<bfloat16>::add, c);
     } else {
       accuracy = gpu ? run_gpu<float>(a, train, test, sample, AddLayersFor<float>::add)
-                     : run_cpu<float>(a, train, test, sample, AddLayersFor<float>::add);
+                     : run_cpu<float>(a, train, test, sample, AddLayersFor<float>::add, c);
     }
     if (accuracy < a.min_accuracy) {
       std::fprintf(stderr, "%s: test accuracy %.4f < --min-accuracy %.4f\n", a.program.c_str(), accuracy,
@@ -451,6 +513,11 @@ int train_classifier(const Args& a, const std::vector<std::int64_t>& sample, con
     return 0;
   } catch (const Error& e) {
     std::fprintf(stderr, "%s: %s\n", a.program.c_str(), e.what());
+    // The other ranks would wait for this one in their next all-reduce.
+    if (comm && comm->size() > 1) {
+      std::fflush(stderr);
+      comm->abort(1);
+    }
     return 1;
   }
 }
