@@ -33,6 +33,27 @@ function(mixprec_find_cudnn)
   set(MIXPREC_CUDNN_FOUND TRUE PARENT_SCOPE)
 endfunction()
 
+# Finds NCCL in the CUDA toolkit (or NCCL_ROOT) and defines mixprec::nccl_library.
+function(mixprec_find_nccl)
+  if(TARGET mixprec::nccl_library)
+    set(MIXPREC_NCCL_FOUND TRUE PARENT_SCOPE)
+    return()
+  endif()
+  find_path(MIXPREC_NCCL_INCLUDE_DIR nccl.h
+    HINTS ${NCCL_ROOT} ${CUDAToolkit_INCLUDE_DIRS} PATH_SUFFIXES include)
+  find_library(MIXPREC_NCCL_LIBRARY nccl
+    HINTS ${NCCL_ROOT} ${CUDAToolkit_LIBRARY_DIR} PATH_SUFFIXES lib64 lib)
+  if(NOT MIXPREC_NCCL_INCLUDE_DIR OR NOT MIXPREC_NCCL_LIBRARY)
+    set(MIXPREC_NCCL_FOUND FALSE PARENT_SCOPE)
+    return()
+  endif()
+  add_library(mixprec::nccl_library UNKNOWN IMPORTED GLOBAL)
+  set_target_properties(mixprec::nccl_library PROPERTIES
+    IMPORTED_LOCATION "${MIXPREC_NCCL_LIBRARY}"
+    INTERFACE_INCLUDE_DIRECTORIES "${MIXPREC_NCCL_INCLUDE_DIR}")
+  set(MIXPREC_NCCL_FOUND TRUE PARENT_SCOPE)
+endfunction()
+
 # For the mixprec build: honours MIXPREC_ENABLE_CUDA (AUTO, ON, OFF), enables
 # the CUDA language and sets MIXPREC_HAS_CUDA in the caller's scope.
 macro(mixprec_enable_cuda)

@@ -120,6 +120,17 @@ class Event {
     (void)stream;
 #endif
   }
+  /// Makes the work queued on `stream` from now on wait, on the device, for
+  /// the recorded point (cudaStreamWaitEvent; the host does not wait). In a
+  /// graph capture this is how a second stream forks from and joins the
+  /// captured one.
+  void make_wait(stream_t stream) const {
+#if MIXPREC_WITH_CUDA
+    MIXPREC_CUDA_CHECK(cudaStreamWaitEvent(stream, event_.get(), 0));
+#else
+    (void)stream;
+#endif
+  }
   /// Whether the device has passed the recorded point (never blocks).
   bool ready() const {
 #if MIXPREC_WITH_CUDA

@@ -37,8 +37,10 @@ void sum16(void* in, void* inout, int* len, MPI_Datatype*) {
 /// destroyed. All collectives block and act on host tensors.
 ///
 /// Same bits on every rank: all_reduce_sum is MPI_Reduce to rank 0 and
-/// MPI_Bcast from it (an MPI_Allreduce may round differently on different
-/// ranks: the standard only advises against it). The order of the sum is
+/// MPI_Bcast from it, so every rank holds rank 0's bits by construction,
+/// whatever algorithm the library picks for a user-defined 16-bit operation
+/// (the standard requires identical results of an MPI_Allreduce; this does
+/// not depend on each library getting that right). The order of the sum is
 /// the MPI library's, fixed for a given number of ranks and message size,
 /// so a run repeats its bits; it differs from a one-process sum (see
 /// docs/distributed.md).

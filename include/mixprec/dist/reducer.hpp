@@ -7,10 +7,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "mixprec/core/error.hpp"
+#include "mixprec/core/stream.hpp"
 #include "mixprec/dist/communicator.hpp"
 #include "mixprec/optim/optimizer.hpp"
 #include "mixprec/tensor/memory.hpp"
@@ -43,6 +45,13 @@ struct ReducerOptions {
 /// buffer, reduced with one collective and copied back, while the caller
 /// waits (no overlap with the backward on the CPU). The gradients are never
 /// written otherwise.
+///
+/// Device communicators (NCCL): a ready bucket is reduced on the reducer's
+/// own side stream, which first waits (an event, on the device) for the
+/// work queued so far on the caller's stream, so the collective overlaps
+/// whatever the caller queues next (the rest of the backward); reduce()
+/// makes the caller's stream wait for the side stream. Nothing waits on
+/// the host, and the whole pattern can be captured in a CUDA graph.
 class GradientReducer {
  public:
   GradientReducer(Communicator& comm, const optim::Optimizer& opt, const ReducerOptions& options = {})
@@ -66,7 +75,7 @@ class GradientReducer {
       const TensorRef& g = grads_[k];
       const bool fresh = buckets_.empty() || buckets_.back().dtype != g.dtype() ||
                          buckets_.back().bytes + g.bytes() > options.bucket_bytes;
-      if (fresh) buckets_.push_back(Bucket{g.dtype(), 0, {}, 0, false, Buffer()});
+      if (fresh) buckets_.push_back(Bucket{g.dtype(), 0, {}, 0, false, Buffer(), std::nullopt});
       Bucket& b = buckets_.back();
       b.params.push_back(k);
       b.bytes += g.bytes();
@@ -76,6 +85,11 @@ class GradientReducer {
       if (b.params.size() > 1) b.staging = Buffer(b.bytes, comm.device());
     }
     ready_.assign(grads_.size(), false);
+    if (comm.device().is_cuda()) {
+      side_.emplace(comm.device());
+      for (Bucket& b : buckets_) b.start.emplace(comm.device());
+      joined_.emplace(comm.device());
+    }
   }
 
   std::size_t num_buckets() const { return buckets_.size(); }
@@ -107,6 +121,10 @@ class GradientReducer {
     for (Bucket& b : buckets_) {
       if (!b.done) reduce_bucket(b, stream);
     }
+    if (side_) {  // the caller's stream goes on once the side stream is done
+      joined_->record(side_->get());
+      joined_->make_wait(stream);
+    }
     for (Bucket& b : buckets_) {
       b.ready = 0;
       b.done = false;
@@ -122,6 +140,7 @@ class GradientReducer {
     std::size_t ready;
     bool done;
     Buffer staging;  // several gradients: reduced as one buffer
+    std::optional<Event> start;  // device: the caller's stream when the bucket was ready
   };
 
   void check_index(std::size_t i, const char* what) const {
@@ -141,7 +160,13 @@ class GradientReducer {
     return TensorView<float>(static_cast<float*>(p), {n}, d);
   }
 
-  void reduce_bucket(Bucket& b, stream_t stream) {
+  void reduce_bucket(Bucket& b, stream_t caller) {
+    stream_t stream = caller;
+    if (side_) {  // fork: the side stream waits for the caller's work so far
+      b.start->record(caller);
+      b.start->make_wait(side_->get());
+      stream = side_->get();
+    }
     if (b.params.size() == 1) {
       comm_->all_reduce_sum(grads_[b.params[0]], stream);
     } else {
@@ -168,6 +193,8 @@ class GradientReducer {
   std::vector<Bucket> buckets_;
   std::vector<std::size_t> bucket_of_;
   std::vector<bool> ready_;
+  std::optional<Stream> side_;   // device communicators: where the collectives run
+  std::optional<Event> joined_;  // the side stream's end, waited for by reduce()'s stream
 };
 
 }  // namespace mixprec::dist
