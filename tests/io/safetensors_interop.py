@@ -258,7 +258,7 @@ def check_checkpoint(writer, out_dir):
     expected = set(shapes) | {f"mixprec/{s}/{n}" for n in shapes for s in
                               ("master", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
     expected |= {"mixprec/step", "mixprec/lr", "mixprec/applied_steps", "mixprec/scaler/scale",
-                 "mixprec/scaler/trackers", "mixprec/scaler/counts"}
+                 "mixprec/scaler/trackers", "mixprec/scaler/counts", "mixprec/scaler/skip_streak"}
     assert set(tensors) == expected, sorted(set(tensors) ^ expected)
     print(f"own parser + numpy: {len(tensors)} tensors of a checkpoint, invariants hold")
     try:
