@@ -13,46 +13,39 @@ function(mixprec_add_nvcc_flags target)
     "$<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr;--diag-suppress=20012,20013,20015>")
 endfunction()
 
-# Finds cuDNN in the CUDA toolkit (or CUDNN_ROOT) and defines mixprec::cudnn.
-function(mixprec_find_cudnn)
-  if(TARGET mixprec::cudnn)
+# Finds `header` and library `lib` in ${ROOT} (e.g. CUDNN_ROOT) or the CUDA
+# toolkit's folders, and defines the imported target `target`; sets
+# MIXPREC_<NAME>_FOUND in the caller's scope. NAME is `lib` in upper case.
+function(mixprec_find_toolkit_library target header lib root)
+  string(TOUPPER "${lib}" name)
+  if(TARGET ${target})
+    set(MIXPREC_${name}_FOUND TRUE PARENT_SCOPE)
     return()
   endif()
-  find_path(MIXPREC_CUDNN_INCLUDE_DIR cudnn.h
-    HINTS ${CUDNN_ROOT} ${CUDAToolkit_INCLUDE_DIRS} PATH_SUFFIXES include)
-  find_library(MIXPREC_CUDNN_LIBRARY cudnn
-    HINTS ${CUDNN_ROOT} ${CUDAToolkit_LIBRARY_DIR} PATH_SUFFIXES lib64 lib)
-  if(NOT MIXPREC_CUDNN_INCLUDE_DIR OR NOT MIXPREC_CUDNN_LIBRARY)
-    set(MIXPREC_CUDNN_FOUND FALSE PARENT_SCOPE)
+  find_path(MIXPREC_${name}_INCLUDE_DIR ${header}
+    HINTS ${${root}} ${CUDAToolkit_INCLUDE_DIRS} PATH_SUFFIXES include)
+  find_library(MIXPREC_${name}_LIBRARY ${lib}
+    HINTS ${${root}} ${CUDAToolkit_LIBRARY_DIR} PATH_SUFFIXES lib64 lib)
+  if(NOT MIXPREC_${name}_INCLUDE_DIR OR NOT MIXPREC_${name}_LIBRARY)
+    set(MIXPREC_${name}_FOUND FALSE PARENT_SCOPE)
     return()
   endif()
-  add_library(mixprec::cudnn UNKNOWN IMPORTED GLOBAL)
-  set_target_properties(mixprec::cudnn PROPERTIES
-    IMPORTED_LOCATION "${MIXPREC_CUDNN_LIBRARY}"
-    INTERFACE_INCLUDE_DIRECTORIES "${MIXPREC_CUDNN_INCLUDE_DIR}")
-  set(MIXPREC_CUDNN_FOUND TRUE PARENT_SCOPE)
+  add_library(${target} UNKNOWN IMPORTED GLOBAL)
+  set_target_properties(${target} PROPERTIES
+    IMPORTED_LOCATION "${MIXPREC_${name}_LIBRARY}"
+    INTERFACE_INCLUDE_DIRECTORIES "${MIXPREC_${name}_INCLUDE_DIR}")
+  set(MIXPREC_${name}_FOUND TRUE PARENT_SCOPE)
 endfunction()
 
-# Finds NCCL in the CUDA toolkit (or NCCL_ROOT) and defines mixprec::nccl_library.
-function(mixprec_find_nccl)
-  if(TARGET mixprec::nccl_library)
-    set(MIXPREC_NCCL_FOUND TRUE PARENT_SCOPE)
-    return()
-  endif()
-  find_path(MIXPREC_NCCL_INCLUDE_DIR nccl.h
-    HINTS ${NCCL_ROOT} ${CUDAToolkit_INCLUDE_DIRS} PATH_SUFFIXES include)
-  find_library(MIXPREC_NCCL_LIBRARY nccl
-    HINTS ${NCCL_ROOT} ${CUDAToolkit_LIBRARY_DIR} PATH_SUFFIXES lib64 lib)
-  if(NOT MIXPREC_NCCL_INCLUDE_DIR OR NOT MIXPREC_NCCL_LIBRARY)
-    set(MIXPREC_NCCL_FOUND FALSE PARENT_SCOPE)
-    return()
-  endif()
-  add_library(mixprec::nccl_library UNKNOWN IMPORTED GLOBAL)
-  set_target_properties(mixprec::nccl_library PROPERTIES
-    IMPORTED_LOCATION "${MIXPREC_NCCL_LIBRARY}"
-    INTERFACE_INCLUDE_DIRECTORIES "${MIXPREC_NCCL_INCLUDE_DIR}")
-  set(MIXPREC_NCCL_FOUND TRUE PARENT_SCOPE)
-endfunction()
+# cuDNN (or CUDNN_ROOT): mixprec::cudnn, MIXPREC_CUDNN_FOUND.
+macro(mixprec_find_cudnn)
+  mixprec_find_toolkit_library(mixprec::cudnn cudnn.h cudnn CUDNN_ROOT)
+endmacro()
+
+# NCCL (or NCCL_ROOT): mixprec::nccl_library, MIXPREC_NCCL_FOUND.
+macro(mixprec_find_nccl)
+  mixprec_find_toolkit_library(mixprec::nccl_library nccl.h nccl NCCL_ROOT)
+endmacro()
 
 # For the mixprec build: honours MIXPREC_ENABLE_CUDA (AUTO, ON, OFF), enables
 # the CUDA language and sets MIXPREC_HAS_CUDA in the caller's scope.

@@ -14,7 +14,9 @@
 #include <string>
 #include <vector>
 
+#include "check_order.hpp"
 #include "gpu_skip.hpp"
+#include "state_bits.hpp"
 #include "mixprec/cuda/backend.cuh"
 #include "mixprec/mixprec.hpp"
 #include "test_util.hpp"
@@ -23,28 +25,7 @@ namespace mixprec {
 namespace {
 
 using test::expect_error;
-
-std::vector<std::uint32_t> state_bits(const optim::Optimizer& opt) {
-  const optim::OptimizerState st = opt.save_state();
-  std::vector<std::uint32_t> out;
-  for (const optim::ParamState& p : st.params) {
-    auto add = [&](const std::vector<float>& v) {
-      for (float x : v) {
-        std::uint32_t u;
-        std::memcpy(&u, &x, 4);
-        out.push_back(u);
-      }
-    };
-    add(p.master);
-    for (const auto& s : p.state) {
-      out.push_back(s ? 1u : 0u);
-      if (s) add(*s);
-    }
-    out.push_back(static_cast<std::uint32_t>(p.step));
-  }
-  out.push_back(static_cast<std::uint32_t>(st.applied_steps));
-  return out;
-}
+using test::state_bits;
 
 template <class T>
 std::vector<std::uint16_t> host_bits(const TensorRef& t) {
@@ -316,61 +297,9 @@ TEST(ReliabilityGpu, SubnormalBf16RunMatchesTheHostBitForBit) {
 
 // --- item 10: the norm's summation order ------------------------------------------
 
-// The sums of squares in the order grad_check.cuh fixes, emulated on the
-// host: per slice, each of 256 threads adds its elements (16-byte vectors
-// strided by the block, then the scalar tail) with fmaf; the block reduces
-// with a 32-lane shuffle tree per warp and adds the 8 warps in order; a
-// tensor's slice sums add up in double, one thread in chunk order (1 slice
-// per chunk) or one warp strided by lane and reduced by the same tree.
-// Nothing in it depends on the GPU it runs on.
-template <class V>
-V lane_tree(std::vector<V> v) {
-  for (int offset = 16; offset > 0; offset /= 2) {
-    std::vector<V> next = v;
-    for (int l = 0; l + offset < 32; ++l) next[l] = v[l] + v[l + offset];
-    v = next;
-  }
-  return v[0];
-}
-
-double emulate_tensor(const std::vector<float>& x, int slices) {
-  const std::int64_t n = static_cast<std::int64_t>(x.size());
-  const std::int64_t chunk = cuda::chunk_elements;
-  std::vector<float> slice_sums;
-  for (std::int64_t c0 = 0; c0 < n; c0 += chunk) {
-    const std::int64_t c1 = std::min(c0 + chunk, n);
-    const std::int64_t per = ((c1 - c0 + slices - 1) / slices + 7) / 8 * 8;
-    for (int s = 0; s < slices; ++s) {
-      const std::int64_t b = c0 + s * per, e = std::min(b + per, c1);
-      std::vector<float> thread(256, 0.0f);
-      if (b < e) {
-        const std::int64_t vectors = (e - b) / 8;  // half: 8 per 16 bytes (the tensor is 16-byte aligned)
-        for (std::int64_t k = 0; k < vectors; ++k) {
-          float& acc = thread[static_cast<std::size_t>(k % 256)];
-          for (int j = 0; j < 8; ++j) acc = std::fmaf(x[b + 8 * k + j], x[b + 8 * k + j], acc);
-        }
-        for (std::int64_t k = b + vectors * 8; k < e; ++k) {
-          float& acc = thread[static_cast<std::size_t>((k - (b + vectors * 8)) % 256)];
-          acc = std::fmaf(x[k], x[k], acc);
-        }
-      }
-      float total = 0;
-      for (int w = 0; w < 8; ++w) {
-        total += lane_tree(std::vector<float>(thread.begin() + 32 * w, thread.begin() + 32 * w + 32));
-      }
-      slice_sums.push_back(total);
-    }
-  }
-  if (slices == 1) {
-    double s = 0;
-    for (float v : slice_sums) s += v;
-    return s;
-  }
-  std::vector<double> lanes(32, 0.0);
-  for (std::size_t c = 0; c < slice_sums.size(); ++c) lanes[c % 32] += slice_sums[c];
-  return lane_tree(lanes);
-}
-
+// The GPU's sums against the host emulation of the order grad_check.cuh
+// fixes (check_order.hpp): nothing in that order depends on the GPU it
+// runs on, only on the list (its slices).
 TEST(ReliabilityGpu, TheNormsSummationOrderIsFixedByTheListNotTheGpu) {
   MIXPREC_SKIP_WITHOUT_GPU();
   EXPECT_EQ(cuda::GradCheck::slices_for(1), 32);
@@ -395,7 +324,7 @@ TEST(ReliabilityGpu, TheNormsSummationOrderIsFixedByTheListNotTheGpu) {
     for (std::size_t i = 0; i < sizes.size(); ++i) {
       std::vector<float> x(static_cast<std::size_t>(sizes[i]));
       for (std::int64_t e = 0; e < sizes[i]; ++e) x[static_cast<std::size_t>(e)] = to_float(host[i].at(e));
-      const double want = emulate_tensor(x, check.slices());
+      const double want = test::emulate_sum_squares(x, check.slices(), 8);  // fp16, 16-byte aligned
       EXPECT_EQ(std::memcmp(&got.sum_squares[i], &want, 8), 0)
           << "tensor " << i << ": " << got.sum_squares[i] << " vs emulated " << want;
       total += want;
