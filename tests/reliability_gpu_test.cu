@@ -460,5 +460,64 @@ TEST(ReliabilityGpu, DeviceCountersSaturate) {
   EXPECT_EQ(opt.applied_steps(), big);
 }
 
+// --- review: reads and the lazy give-up error ----------------------------------
+
+TEST(ReliabilityGpu, ReadsSeeEveryStepQueuedOnAnotherStream) {
+  // The scaler launches on its own non-blocking stream; the optimizer's
+  // synchronising reads run on its stream (the default): they must wait
+  // for the steps queued so far (they returned step k - 1 before).
+  MIXPREC_SKIP_WITHOUT_GPU();
+  Stream stream(Device::cuda(0));
+  Tensor<half> w({std::int64_t{1} << 26}, Device::cuda(0)), g({std::int64_t{1} << 26}, Device::cuda(0));
+  fill(w, 1.0f);
+  fill(g, 0.5f);
+  optim::AdamW opt({{"w", w, g}});
+  amp::DeviceGradScaler scaler(amp::GradScalerOptions::for_dtype(DType::float16), Device::cuda(0), stream.get());
+  for (int k = 1; k <= 20; ++k) {
+    scaler.step(opt);
+    scaler.update();
+    ASSERT_EQ(opt.applied_steps(), k);
+    ASSERT_EQ(opt.step_count(0), k);
+  }
+  EXPECT_EQ(opt.save_state().params[0].step, 20);
+}
+
+TEST(ReliabilityGpu, EveryStreakThatGivesUpIsRaisedEvenWhenReadLate) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  Stream stream(Device::cuda(0));
+  Tensor<half> w({64}, Device::cuda(0)), g({64}, Device::cuda(0));
+  fill(w, 1.0f);
+  optim::SGD opt({{"w", w, g}});
+  amp::GradScalerOptions so;
+  so.max_consecutive_skips = 3;
+  amp::DeviceGradScaler scaler(so, Device::cuda(0), stream.get());
+  int raised = 0;
+  auto iteration = [&](float value) {
+    fill(g, value);
+    scaler.step(opt);
+    try {
+      scaler.update();
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("3 consecutive iterations skipped"), std::string::npos) << e.what();
+      raised += 1;
+    }
+  };
+  // Two streaks that reach the limit, one that does not, no read between.
+  for (float v : {NAN, NAN, NAN, NAN, 1.0f, NAN, NAN, 1.0f, NAN, NAN, NAN, 1.0f}) iteration(v);
+  stream.synchronize();
+  try {
+    scaler.check_errors();
+  } catch (const Error&) {
+    raised += 1;
+  }
+  try {
+    scaler.check_errors();  // each streak once
+  } catch (const Error&) {
+    raised += 1;
+  }
+  EXPECT_EQ(raised, 2);
+  EXPECT_EQ(scaler.skipped_steps(), 9);
+}
+
 }  // namespace
 }  // namespace mixprec

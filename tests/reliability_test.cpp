@@ -425,7 +425,7 @@ std::vector<std::uint32_t> subnormal_run(unsigned csr) {
     }
     const unsigned during = _mm_getcsr();
     _mm_setcsr(saved);
-    EXPECT_EQ(during, csr) << "the caller's mode is restored after each call";
+    EXPECT_EQ(during & 0x8040u, csr & 0x8040u) << "the caller's flush bits are restored after each call";
     std::vector<std::uint32_t> bits = state_bits(opt);
     for (std::uint16_t u : weight_bits(w)) bits.push_back(u);
     return bits;
@@ -475,6 +475,50 @@ TEST(Reliability, RebindPointsTheStepAtTheNewBuffers) {
   expect_error([&] { opt.rebind(0, w2, w2); }, {"rebind", "shares memory"});
   expect_error([&] { opt.rebind(3, w2, g2); }, {"parameter index 3"});
 }
+
+// --- review: data-parallel divisor in the monitor; the caller's FP flags ------
+
+TEST(Reliability, TheMonitorsNormsAreOfTheMeanGradient) {
+  // Data parallel: the stored gradients are a sum over 4 ranks; the
+  // monitor reports the norms of their mean, as the scaler's grad_norm.
+  const std::int64_t n = 100;
+  std::vector<float> w(n, 0.5f), g(n);
+  for (std::int64_t i = 0; i < n; ++i) g[i] = 0.01f * static_cast<float>(i % 7 + 1);
+  optim::SGD sgd({{"w", TensorView<float>(w.data(), {n}), TensorView<float>(g.data(), {n})}});
+  amp::GradScaler scaler(amp::GradScalerOptions::for_dtype(DType::float32));
+  scaler.set_grad_divisor(4);
+  monitor::MonitorOptions mo;
+  mo.every = 1;
+  mo.warnings = false;
+  monitor::Monitor mon(sgd, scaler, mo);
+  ASSERT_TRUE(mon.step(1.0f));
+  double gg = 0;
+  for (float x : g) gg += double(x) * x;
+  const monitor::LogRecord* r = mon.last_record();
+  ASSERT_NE(r, nullptr);
+  EXPECT_NEAR(r->last().grad_norm, std::sqrt(gg) / 4, 1e-6 * std::sqrt(gg));
+  EXPECT_NEAR(r->params[0].grad_norm, std::sqrt(gg) / 4, 1e-6 * std::sqrt(gg));
+}
+
+#if defined(__SSE__)
+TEST(Reliability, TheCallersFloatingPointFlagsSurviveAStep) {
+  // IeeeFpMode restores the flush bits it changed, and keeps the exception
+  // flags the step raised (as a call without it would).
+  Tensor<float> w({8}), g({8});
+  fill(w, 1.0f);
+  fill(g, 3.0f);  // 1 - 1e-3 * 3 is inexact
+  optim::SGD opt({{"w", w, g}});
+  amp::GradScaler scaler(amp::GradScalerOptions::for_dtype(DType::float32));
+  const unsigned saved = _mm_getcsr();
+  _mm_setcsr((saved | 0x8040u) & ~0x3fu);  // DAZ | FTZ on, exception flags clear
+  scaler.step(opt);
+  const unsigned after = _mm_getcsr();
+  _mm_setcsr(saved);
+  scaler.update();
+  EXPECT_EQ(after & 0x8040u, 0x8040u);      // the caller's flush bits back
+  EXPECT_NE(after & 0x20u, 0u);             // the precision flag the step raised, kept
+}
+#endif
 
 // --- anchor scenarios ---------------------------------------------------------
 

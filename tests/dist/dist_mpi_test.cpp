@@ -335,6 +335,15 @@ TEST(DistMpi, MisuseIsAClearError) {
     EXPECT_NE(std::string(e.what()).find("already marked ready"), std::string::npos) << e.what();
   }
   reducer.reduce();
+  // A gradient rebound since the reducer was built would go unsummed.
+  Tensor<half> g2({8});
+  opt.rebind(0, w, g2);
+  try {
+    reducer.reduce();
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("\"w\" was rebound"), std::string::npos) << e.what();
+  }
   amp::GradScaler scaler;
   try {
     scaler.set_grad_divisor(0.5);

@@ -130,7 +130,9 @@ class DeviceGradScaler {
   ///
   /// Threads: as GradScaler (threads that each step their own optimizers
   /// may share a scaler); each call holds the scaler's lock while it
-  /// launches, which is quick: launches do not wait for the device.
+  /// launches. A launch does not wait for the device, except the first
+  /// after a change of the device lists (first step, rebind(), new state),
+  /// which synchronises while it holds the lock.
   void step(optim::Optimizer& opt) {
     require_here(opt);
     const auto guard = records_.lock();
@@ -202,17 +204,13 @@ class DeviceGradScaler {
       raised_ = true;
       GradScaler::throw_min_scale("DeviceGradScaler", options_.min_scale, m->skipped);
     }
-    // max_consecutive_skips: once per streak that reached the limit (a
-    // streak seen a step late may already be past it).
+    // max_consecutive_skips: once per streak that reached the limit; the
+    // device counts them (streak_limit_hits only rises), so a copy read
+    // several updates late still shows every one.
     const std::int64_t limit = options_.max_consecutive_skips;
-    if (limit > 0) {
-      const std::int64_t streak = m->state.skip_streak;
-      if (streak < limit) {
-        streak_raised_ = false;
-      } else if (!streak_raised_) {
-        streak_raised_ = true;
-        GradScaler::throw_too_many_skips("DeviceGradScaler", limit, m->state.scale);
-      }
+    if (limit > 0 && m->streak_limit_hits > streak_seen_) {
+      streak_seen_ = m->streak_limit_hits;
+      GradScaler::throw_too_many_skips("DeviceGradScaler", limit, m->state.scale);
     }
   }
 
@@ -274,7 +272,7 @@ class DeviceGradScaler {
     mixprec::detail::copy_raw(state_.data(), device_, &s, Device::cpu(), sizeof s, stream_);
     *mirror_ = s;
     raised_ = s.state.min_scale_hits > 0;
-    streak_raised_ = options_.max_consecutive_skips > 0 && s.state.skip_streak >= options_.max_consecutive_skips;
+    streak_seen_ = 0;  // the loaded state counts no hits
   }
 
  private:
@@ -303,7 +301,7 @@ class DeviceGradScaler {
   Buffer state_;                         // one DeviceScalerState
   DeviceScalerState* mirror_ = nullptr;  // pinned: the state as of the last completed update()
   bool raised_ = false;
-  bool streak_raised_ = false;
+  std::int64_t streak_seen_ = 0;  // streak_limit_hits already raised
   double grad_divisor_ = 1.0;
   detail::Records<Record> records_{"DeviceGradScaler"};
 };

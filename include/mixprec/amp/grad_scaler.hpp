@@ -81,13 +81,10 @@ template <class Record>
 class Records {
  public:
   explicit Records(const char* who) : who_(who) {}
-  Records(const Records& other) : who_(other.who_), items_(other.items_) {}
-  Records& operator=(const Records& other) {
-    who_ = other.who_;
-    items_ = other.items_;
-    busy_.clear();
-    return *this;
-  }
+  // Not copyable: a scaler is one object its threads share (copy its
+  // state with state() and load_state()).
+  Records(const Records&) = delete;
+  Records& operator=(const Records&) = delete;
 
   /// Every member below is called with this lock held: a scaler may be
   /// shared by threads that each step their own optimizers.
@@ -237,6 +234,7 @@ class GradScaler {
     p.hysteresis = static_cast<std::int32_t>(o.hysteresis);
     p.min_scale = static_cast<float>(o.min_scale);
     p.max_scale = static_cast<float>(o.max_scale);
+    p.max_consecutive_skips = o.max_consecutive_skips;
     return p;
   }
   /// The error update() raises once when a backoff is clamped at min_scale.

@@ -37,6 +37,9 @@ struct DeviceScalerState {
   int any_inf = 0;           // or of the iteration's optimizers' found-inf; the update resets it
   std::int64_t applied = 0;  // iterations without a non-finite gradient
   std::int64_t skipped = 0;  // iterations with one
+  /// Times skip_streak reached ScalePolicy::max_consecutive_skips: only
+  /// rises, so a host that reads it late still sees every streak.
+  std::int64_t streak_limit_hits = 0;
 };
 
 /// The dynamic policy. Factors are double: PyTorch multiplies the float scale
@@ -48,6 +51,7 @@ struct ScalePolicy {
   std::int32_t hysteresis = 1;
   float min_scale = 1.17549435e-38f;  // FLT_MIN: the scale never reaches 0 or a subnormal
   float max_scale = INFINITY;
+  std::int64_t max_consecutive_skips = 0;  // 0: never give up (GradScalerOptions)
 };
 
 /// One update after a step whose gradients were (found_inf) or were not all

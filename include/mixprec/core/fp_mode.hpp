@@ -36,11 +36,18 @@ class IeeeFpMode {
     if (ieee != saved_) __asm__ __volatile__("msr fpcr, %0" : : "r"(ieee));
 #endif
   }
+  // Restores the caller's flush bits only: the exception flags raised in
+  // the scope stay raised, as they would without it.
   ~IeeeFpMode() {
 #if MIXPREC_FP_MODE_X86
-    if (_mm_getcsr() != saved_) _mm_setcsr(saved_);
+    const unsigned now = _mm_getcsr();
+    const unsigned back = (now & ~(kDaz | kFtz)) | (saved_ & (kDaz | kFtz));
+    if (back != now) _mm_setcsr(back);
 #elif defined(__aarch64__) && defined(__GNUC__)
-    __asm__ __volatile__("msr fpcr, %0" : : "r"(saved_));
+    unsigned long now = 0;
+    __asm__ __volatile__("mrs %0, fpcr" : "=r"(now));
+    const unsigned long back = (now & ~kFz) | (saved_ & kFz);
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(back));
 #endif
   }
   IeeeFpMode(const IeeeFpMode&) = delete;

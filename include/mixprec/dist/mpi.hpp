@@ -32,9 +32,11 @@ void sum16(void* in, void* inout, int* len, MPI_Datatype*) {
 }  // namespace detail
 
 /// Ranks of an MPI communicator (a duplicate of `comm`, MPI_COMM_WORLD by
-/// default). Initialises MPI (MPI_THREAD_FUNNELED: collectives from one
-/// thread) unless the program already did, and then finalises it when
-/// destroyed. All collectives block and act on host tensors.
+/// default). Initialises MPI unless the program already did, and then
+/// finalises it when
+/// destroyed (keep it alive as long as any other communicator of the
+/// program). Collectives may come from any thread, one at a time
+/// (MPI_THREAD_SERIALIZED); they block and act on host tensors.
 ///
 /// Same bits on every rank: all_reduce_sum is MPI_Reduce to rank 0 and
 /// MPI_Bcast from it, so every rank holds rank 0's bits by construction,
@@ -56,8 +58,10 @@ class MpiCommunicator final : public Communicator {
     check(MPI_Initialized(&initialised), "MPI_Initialized");
     if (!initialised) {
       int provided = 0;
-      check(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided), "MPI_Init_thread");
+      check(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_SERIALIZED, &provided), "MPI_Init_thread");
       owns_init_ = true;
+      MIXPREC_CHECK(provided >= MPI_THREAD_SERIALIZED, "MpiCommunicator: the MPI library provides thread level ",
+                    provided, ", below MPI_THREAD_SERIALIZED (collectives from any one thread at a time)");
     }
     check(MPI_Comm_dup(comm, &comm_), "MPI_Comm_dup");
     // Errors come back as codes (thrown as mixprec::Error), not the default

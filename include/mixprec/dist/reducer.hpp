@@ -55,7 +55,7 @@ struct ReducerOptions {
 class GradientReducer {
  public:
   GradientReducer(Communicator& comm, const optim::Optimizer& opt, const ReducerOptions& options = {})
-      : comm_(&comm) {
+      : comm_(&comm), opt_(&opt) {
     MIXPREC_CHECK(options.bucket_bytes > 0, "GradientReducer: bucket_bytes = 0, must be > 0");
     std::vector<TensorRef> grads;
     for (std::size_t i = 0; i < opt.num_params(); ++i) {
@@ -109,6 +109,7 @@ class GradientReducer {
     check_index(i, "mark_ready");
     MIXPREC_CHECK(!ready_[i], "GradientReducer::mark_ready: gradient ", i,
                   " is already marked ready in this iteration (call reduce() to end it)");
+    check_same_gradients("mark_ready");
     ready_[i] = true;
     Bucket& b = buckets_[bucket_of_[i]];
     b.ready += 1;
@@ -118,6 +119,7 @@ class GradientReducer {
   /// Reduces every bucket not reduced yet, then starts the next iteration:
   /// on return every gradient holds the sum over the ranks.
   void reduce(stream_t stream = nullptr) {
+    check_same_gradients("reduce");
     for (Bucket& b : buckets_) {
       if (!b.done) reduce_bucket(b, stream);
     }
@@ -142,6 +144,21 @@ class GradientReducer {
     Buffer staging;  // several gradients: reduced as one buffer
     std::optional<Event> start;  // device: the caller's stream when the bucket was ready
   };
+
+  // The reducer reduces the buffers it was built with: a parameter added
+  // or rebound since (Optimizer::rebind) would go unsummed, and a freed
+  // buffer be written. Refused, naming the parameter.
+  void check_same_gradients(const char* what) const {
+    MIXPREC_CHECK(opt_->num_params() == grads_.size(), "GradientReducer::", what, ": the optimizer has ",
+                  opt_->num_params(), " parameters, the reducer was built for ", grads_.size(),
+                  "; build the reducer after adding every group");
+    for (std::size_t i = 0; i < grads_.size(); ++i) {
+      const TensorRef& g = opt_->param(i).grad;
+      MIXPREC_CHECK(g.data() == grads_[i].data() && g.bytes() == grads_[i].bytes(), "GradientReducer::", what,
+                    ": parameter \"", opt_->param(i).name, "\" was rebound to another gradient buffer since the "
+                    "reducer was built; build a new reducer");
+    }
+  }
 
   void check_index(std::size_t i, const char* what) const {
     MIXPREC_CHECK(i < grads_.size(), "GradientReducer::", what, ": parameter index ", i, ", there are ",
@@ -189,6 +206,7 @@ class GradientReducer {
   }
 
   Communicator* comm_;
+  const optim::Optimizer* opt_;
   std::vector<TensorRef> grads_;
   std::vector<Bucket> buckets_;
   std::vector<std::size_t> bucket_of_;

@@ -122,12 +122,14 @@ class Monitor {
     s.loss = loss;
     s.scale = host_->scale();
     s.skipped = host_->found_inf(opt_);
-    s.grad_norm = std::sqrt(stats.total_sum_squares()) / s.scale;
+    // Data parallel: the gradients are sums over grad_divisor() ranks.
+    const double norm_scale = static_cast<double>(s.scale) * host_->grad_divisor();
+    s.grad_norm = std::sqrt(stats.total_sum_squares()) / norm_scale;
     for (std::size_t i = 0; i < stats.nonfinite.size(); ++i) {
       if (stats.nonfinite[i]) s.nonfinite_params.push_back(static_cast<int>(i));
     }
     pending_.steps.push_back(s);
-    if (logged) pending_.params = host_params(stats, s.scale);
+    if (logged) pending_.params = host_params(stats, norm_scale);
     host_->update();
     steps_ += 1;
     if (logged) {
@@ -382,19 +384,22 @@ class Monitor {
     const auto* sums = reinterpret_cast<const DeviceParamSums*>(slot + layout_.sums);
     const auto* hist = reinterpret_cast<const std::uint64_t*>(slot + layout_.hist);
     LogRecord r;
+    // Data parallel: the gradients are sums over grad_divisor() ranks (the
+    // divisor of now: a trainer sets it once, before the first step).
+    const double divisor = device_scaler_->grad_divisor();
     for (int j = 0; j < k; ++j) {
       StepSample s;
       s.step = last - k + 1 + j;
       s.loss = steps[j].loss;
       s.scale = steps[j].scale;
       s.skipped = steps[j].found_inf != 0;
-      s.grad_norm = std::sqrt(steps[j].sum_squares) / s.scale;
+      s.grad_norm = std::sqrt(steps[j].sum_squares) / (s.scale * divisor);
       for (std::size_t i = 0; i < np; ++i) {
         if (flags[static_cast<std::size_t>(j) * np + i] != 0) s.nonfinite_params.push_back(static_cast<int>(i));
       }
       r.steps.push_back(std::move(s));
     }
-    const double scale = r.steps.back().scale;
+    const double scale = r.steps.back().scale * divisor;
     r.params.resize(np);
     for (std::size_t i = 0; i < np; ++i) {
       ParamSample& p = r.params[i];

@@ -343,6 +343,7 @@ class Optimizer {
   /// stream(), which synchronises it.
   OptimizerState save_state() const {
     OptimizerState out;
+    if (on_device()) order_accesses();
     out.lrs = group_lrs_;
     out.applied_steps = applied_steps();
     const std::size_t count = state_names().size();
@@ -457,7 +458,10 @@ class Optimizer {
         }
       }
     }
-    if (on_device()) ensure_plan();  // the device lists of the final buffers (uploads, synchronises)
+    if (on_device()) {
+      ensure_plan();      // the device lists of the final buffers (uploads, synchronises)
+      order_accesses();   // the copies below come after every step queued so far
+    }
     // Copies.
     for (std::size_t i = 0; i < slots_.size(); ++i) {
       Slot& s = slots_[i];
@@ -1156,7 +1160,14 @@ class Optimizer {
     // before any stream (a non-blocking one included) runs a step on them.
     device_backend()->synchronize(nullptr);
   }
+  // Reads and writes on stream() (the synchronising accessors, save_state,
+  // load_state) first wait, on the device, for the launches queued on
+  // another stream: they see every step the host has queued.
+  void order_accesses() const {
+    if (has_launched_ && last_stream_ != stream_) device_backend()->order_after(last_stream_, stream_, &order_event_);
+  }
   std::vector<float> to_host(const Tensor<float>& t) const {
+    order_accesses();
     std::vector<float> out(static_cast<std::size_t>(t.numel()));
     detail::copy_raw(out.data(), Device::cpu(), t.data(), device_, out.size() * sizeof(float), stream_);
     return out;
@@ -1172,6 +1183,7 @@ class Optimizer {
   }
   std::int64_t* applied_device() const { return static_cast<std::int64_t*>(applied_device_.data()); }
   std::int64_t read_count(const std::int64_t* p) const {
+    order_accesses();
     std::int64_t v = 0;
     detail::copy_raw(&v, Device::cpu(), p, device_, sizeof v, stream_);
     return v;
@@ -1194,7 +1206,7 @@ class Optimizer {
   stream_t last_stream_ = nullptr;   // of the last device launch (order_after_last)
   bool has_launched_ = false;
   bool buffer_checks_ = false;       // set_buffer_checks
-  void* order_event_ = nullptr;      // DeviceBackend::order_after's event
+  mutable void* order_event_ = nullptr;  // DeviceBackend::order_after's event
   Buffer constants_;                 // {int 0, float 1}: found_inf and scale of a plain step()
   std::unique_ptr<DevicePlan> plan_;  // null after a group is added
   std::uint64_t* grad_histogram_ = nullptr;  // set_grad_histogram

@@ -297,6 +297,9 @@ __global__ void update_scale_kernel(amp::DeviceScalerState* s, amp::ScalePolicy 
   } else {
     s->state.skip_streak = skip ? amp::saturating_increment(s->state.skip_streak) : 0;
   }
+  if (policy.max_consecutive_skips > 0 && s->state.skip_streak == policy.max_consecutive_skips) {
+    s->streak_limit_hits = amp::saturating_increment(s->streak_limit_hits);
+  }
   s->any_inf = 0;
 }
 
