@@ -493,7 +493,7 @@ TEST(ReliabilityGpu, EveryStreakThatGivesUpIsRaisedEvenWhenReadLate) {
   amp::DeviceGradScaler scaler(so, Device::cuda(0), stream.get());
   int raised = 0;
   auto iteration = [&](float value) {
-    fill(g, value);
+    fill(g, value, stream.get());  // on the scaler's stream: ordered with its check
     scaler.step(opt);
     try {
       scaler.update();
