@@ -9,6 +9,12 @@
 // On the GPU when one is usable, else the same steps on the CPU:
 //   own_trainer [--device cpu|cuda]
 //
+// Data parallel on CPU ranks (built with MPI): each rank fits its share of
+// the samples, and the trainer adds three calls (marked "data parallel"):
+// a communicator, a GradientReducer over the optimizer's gradients with the
+// scaler's divisor, and reduce() after the backward (docs/distributed.md):
+//   mpirun -np 2 own_trainer --device cpu
+//
 // In your own CMake project (mixprec installed, or add_subdirectory):
 //   find_package(mixprec REQUIRED)
 //   add_executable(trainer trainer.cu)
@@ -16,11 +22,17 @@
 // One .cu file of the program includes <mixprec/cuda/backend.cuh> (here:
 // this one), which links mixprec's kernels into it.
 #include <mixprec/cuda/backend.cuh>
+#include <mixprec/dist/reducer.hpp>
 #include <mixprec/mixprec.hpp>
+#if MIXPREC_EXAMPLES_WITH_MPI
+#include <mixprec/dist/mpi.hpp>
+#endif
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -53,8 +65,9 @@ __global__ void gradient_kernel(const float* x, const float* r, const float* sca
   }
 }
 
-void residual_host(const fp16* w, const fp16* b, const float* x, const float* t, float* r) {
-  for (int n = 0; n < kBatch; ++n) {
+// The CPU versions, over the samples [first, first + count) (a rank's share).
+void residual_host(const fp16* w, const fp16* b, const float* x, const float* t, float* r, int first, int count) {
+  for (int n = first; n < first + count; ++n) {
     for (int o = 0; o < kOut; ++o) {
       float y = mixprec::to_float(b[o]);
       for (int i = 0; i < kIn; ++i) y += mixprec::to_float(w[o * kIn + i]) * x[n * kIn + i];
@@ -62,12 +75,12 @@ void residual_host(const fp16* w, const fp16* b, const float* x, const float* t,
     }
   }
 }
-void gradient_host(const float* x, const float* r, float scale, fp16* gw, fp16* gb) {
-  const float g = scale * 2.0f / (kBatch * kOut);
+void gradient_host(const float* x, const float* r, float scale, fp16* gw, fp16* gb, int first, int count) {
+  const float g = scale * 2.0f / (count * kOut);
   for (int o = 0; o < kOut; ++o) {
     for (int i = 0; i <= kIn; ++i) {
       float s = 0;
-      for (int n = 0; n < kBatch; ++n) s += r[n * kOut + o] * (i < kIn ? x[n * kIn + i] : 1.0f);
+      for (int n = first; n < first + count; ++n) s += r[n * kOut + o] * (i < kIn ? x[n * kIn + i] : 1.0f);
       (i < kIn ? gw[o * kIn + i] : gb[o]) = mixprec::from_float<fp16>(g * s);
     }
   }
@@ -163,15 +176,35 @@ int main(int argc, char** argv) {
                   scaler.scale());
     } else {
       mp::amp::GradScaler scaler;
+      // Data parallel (1 of 3): the ranks of this run (one without mpirun).
+#if MIXPREC_EXAMPLES_WITH_MPI
+      const bool under_mpirun = std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE");
+      std::unique_ptr<mp::dist::Communicator> comm;
+      if (under_mpirun) {
+        comm = std::make_unique<mp::dist::MpiCommunicator>();
+      } else {
+        comm = std::make_unique<mp::dist::LocalCommunicator>();
+      }
+#else
+      auto comm = std::make_unique<mp::dist::LocalCommunicator>();
+#endif
+      // Data parallel (2 of 3): the gradients are summed over the ranks; the
+      // scaler divides by their number in the unscale.
+      mp::dist::GradientReducer reducer(*comm, opt);
+      scaler.set_grad_divisor(comm->size());
+      const int count = kBatch / comm->size(), first = comm->rank() * count;
       for (int step = 0; step < kSteps; ++step) {
-        residual_host(dw, db, dx, dt, dr);
-        gradient_host(dx, dr, scaler.scale(), dgw, dgb);
+        residual_host(dw, db, dx, dt, dr, first, count);
+        gradient_host(dx, dr, scaler.scale(), dgw, dgb, first, count);
+        reducer.reduce();  // data parallel (3 of 3)
         scaler.step(opt);
         scaler.update();
       }
-      std::printf("own_trainer on cpu: %lld steps applied, %lld skipped, final scale %g\n",
-                  static_cast<long long>(scaler.applied_steps()), static_cast<long long>(scaler.skipped_steps()),
-                  scaler.scale());
+      if (comm->rank() == 0) {
+        std::printf("own_trainer on cpu (%d rank%s): %lld steps applied, %lld skipped, final scale %g\n",
+                    comm->size(), comm->size() == 1 ? "" : "s", static_cast<long long>(scaler.applied_steps()),
+                    static_cast<long long>(scaler.skipped_steps()), scaler.scale());
+      }
     }
   } catch (const mp::Error& e) {
     std::fprintf(stderr, "own_trainer: %s\n", e.what());
