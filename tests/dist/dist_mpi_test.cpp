@@ -23,6 +23,7 @@
 #include "mixprec/dist/mpi.hpp"
 #include "mixprec/io/checkpoint.hpp"
 #include "mixprec/dist/reducer.hpp"
+#include "mixprec/dist/sharded.hpp"
 #include "mixprec/mixprec.hpp"
 
 namespace mixprec {
@@ -321,6 +322,112 @@ TEST(DistMpi, ACheckpointFromAnotherRankCountLoadsAndTrainsAlike) {
   run.steps(10, 20);
   EXPECT_TRUE(same_on_every_rank(run.fp()));
   EXPECT_GT(run.opt->step_count(0), loaded);  // it trained on (skipped steps do not count)
+}
+
+// --- ZeRO-1 (dist::ShardedOptimizer) -------------------------------------------
+// Against plain data parallelism in the same job, fed the same gradients:
+// uneven slices, a parameter split between ranks, a zero-size one, mixed
+// dtypes, an inf on one rank only.
+
+struct MixedParams {
+  Tensor<half> a{Shape{37}}, ga{Shape{37}}, e{Shape{0}}, ge{Shape{0}}, d{Shape{100}}, gd{Shape{100}};
+  Tensor<bfloat16> b{Shape{1}}, gb{Shape{1}};
+  Tensor<float> c{Shape{5}}, gc{Shape{5}};
+  MixedParams() {
+    fill_normal(a, 0, 1, 1);
+    fill_normal(b, 0, 1, 2);
+    fill_normal(c, 0, 1, 3);
+    fill_normal(d, 0, 1, 4);
+  }
+  std::vector<optim::Param> params() {
+    return {{"a", a, ga}, {"e", e, ge}, {"b", b, gb}, {"d", d, gd}, {"c", c, gc}};
+  }
+  // This rank's gradients of step s (scaled), an inf at step 5 on the last rank.
+  void gradients(int s, float scale) {
+    const auto seed = static_cast<std::uint64_t>(1000 * s + 10 * g_comm->rank());
+    fill_normal(ga, 0, 0.01f * scale, seed + 1);
+    fill_normal(gb, 0, 0.01f * scale, seed + 2);
+    fill_normal(gc, 0, 0.01f * scale, seed + 3);
+    fill_normal(gd, 0, 0.01f * scale, seed + 4);
+    if (s == 5 && g_comm->rank() == g_comm->size() - 1) gd.at(99) = from_float<half>(INFINITY);
+  }
+  std::uint64_t weights() const {
+    std::uint64_t h = fnv(a.data(), a.bytes());
+    h = fnv(b.data(), b.bytes(), h);
+    h = fnv(c.data(), c.bytes(), h);
+    return fnv(d.data(), d.bytes(), h);
+  }
+};
+
+template <class Opt>
+void zero1_matches_data_parallel(const typename Opt::options_type& o) {
+  const int w = g_comm->size();
+  MixedParams plain, sharded;
+  Opt full(plain.params(), o);
+  dist::GradientReducer reducer(*g_comm, full);
+  dist::ShardedOptimizer<Opt> zero(*g_comm, sharded.params(), o);
+  amp::GradScaler s1, s2;
+  s1.set_grad_divisor(w);
+  s2.set_grad_divisor(w);
+  s2.set_stats_reducer(zero.stats_reducer());
+  // The slices partition the 143 elements; this rank's masters are its slice only.
+  std::int64_t held = 0;
+  for (std::size_t i = 0; i < zero.shard().num_params(); ++i) held += zero.shard().master(i).numel();
+  EXPECT_EQ(held, zero.last() - zero.first());
+  EXPECT_EQ(zero.last() - zero.first(), 143 / w + (g_comm->rank() < 143 % w ? 1 : 0));
+  for (int s = 0; s < 12; ++s) {
+    plain.gradients(s, s1.scale());
+    sharded.gradients(s, s2.scale());
+    reducer.reduce();
+    zero.reduce_gradients();
+    const bool a1 = s1.step(full);
+    s1.update();
+    const bool a2 = s2.step(zero.shard());
+    s2.update();
+    zero.gather_weights();
+    ASSERT_EQ(a1, a2) << "step " << s;
+    ASSERT_EQ(a1, s != 5) << "step " << s;
+    ASSERT_EQ(s1.scale(), s2.scale()) << "step " << s;
+    ASSERT_EQ(plain.weights(), sharded.weights()) << "step " << s << ": the weights differ";
+    ASSERT_TRUE(same_on_every_rank(sharded.weights())) << "step " << s;
+  }
+  // This rank's masters and state are the unsharded run's, element for element.
+  const optim::OptimizerState fs = full.save_state(), zs = zero.shard().save_state();
+  std::vector<float> flat;
+  std::vector<std::vector<float>> flat_state(fs.params[0].state.size());
+  for (const optim::ParamState& p : fs.params) {
+    flat.insert(flat.end(), p.master.begin(), p.master.end());
+    for (std::size_t k = 0; k < p.state.size(); ++k) {
+      if (p.state[k]) flat_state[k].insert(flat_state[k].end(), p.state[k]->begin(), p.state[k]->end());
+    }
+  }
+  std::int64_t at = zero.first();
+  for (const optim::ParamState& p : zs.params) {
+    for (std::size_t e = 0; e < p.master.size(); ++e) {
+      ASSERT_EQ(std::memcmp(&p.master[e], &flat[static_cast<std::size_t>(at) + e], 4), 0) << "master " << at + e;
+      for (std::size_t k = 0; k < p.state.size(); ++k) {
+        if (!p.state[k]) continue;
+        ASSERT_EQ(std::memcmp(&(*p.state[k])[e], &flat_state[k][static_cast<std::size_t>(at) + e], 4), 0)
+            << "state " << k << " element " << at + e;
+      }
+    }
+    at += static_cast<std::int64_t>(p.master.size());
+  }
+  EXPECT_EQ(at, zero.last());
+}
+
+TEST(DistMpi, ZeroOneAdamWEqualsDataParallelBitForBit) {
+  optim::AdamWOptions o;
+  o.lr = 1e-2;
+  o.amsgrad = true;
+  zero1_matches_data_parallel<optim::AdamW>(o);
+}
+
+TEST(DistMpi, ZeroOneSgdEqualsDataParallelBitForBit) {
+  optim::SGDOptions o;
+  o.lr = 1e-2;
+  o.momentum = 0.9;
+  zero1_matches_data_parallel<optim::SGD>(o);
 }
 
 TEST(DistMpi, MisuseIsAClearError) {

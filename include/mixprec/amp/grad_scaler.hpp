@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <mutex>
 #include <string>
@@ -296,6 +297,20 @@ class GradScaler {
     grad_divisor_ = divisor;
   }
   double grad_divisor() const { return grad_divisor_; }
+
+  /// Sharded optimizers (dist::ShardedOptimizer, ZeRO-1): each rank checks
+  /// only its slice of the gradients. When set, `reducer(found_inf,
+  /// total_sum_squares)` is called after every pass 1 with this rank's
+  /// result and must replace both with the job's (one small collective),
+  /// so the skip decision and the clip coefficient are the same everywhere.
+  /// It runs outside the scaler's lock and must be called on every rank in
+  /// the same order (as any collective). Empty: a single process.
+  using StatsReducer = std::function<void(bool& found_inf, double& total_sum_squares)>;
+  void set_stats_reducer(StatsReducer reducer) {
+    const auto guard = records_.lock();
+    MIXPREC_CHECK(records_.all().empty(), "GradScaler::set_stats_reducer: an iteration is under way");
+    stats_reducer_ = std::move(reducer);
+  }
   /// loss * scale(): what the backward pass starts from.
   float scale(float loss) const { return loss * state_.scale; }
 
@@ -496,6 +511,7 @@ class GradScaler {
     float inv_scale = 1.0f;
     float clip_coef = 1.0f;
     bool found_inf = false;
+    double total_sum_squares = 0;  // this rank's, or the job's (set_stats_reducer)
   };
 
   static void require_host(const optim::Optimizer& opt) {
@@ -506,18 +522,22 @@ class GradScaler {
   // pass reads every gradient), then its record, under the lock.
   void unscale_busy(optim::Optimizer& opt) {
     optim::GradStats stats = opt.check_grads();
+    bool found_inf = stats.any_nonfinite();
+    double total = stats.total_sum_squares();
+    if (stats_reducer_) stats_reducer_(found_inf, total);  // the job's, on every rank alike
     const auto guard = records_.lock();
     Record& r = records_.get(opt);
     // PyTorch takes the reciprocal in double and rounds it to float (with
     // a divisor of 1, 1 / (scale * 1) is that same double).
     r.inv_scale = static_cast<float>(1.0 / (static_cast<double>(state_.scale) * grad_divisor_));
     r.stats = std::move(stats);
-    r.found_inf = r.stats.any_nonfinite();
+    r.found_inf = found_inf;
+    r.total_sum_squares = total;
     r.num_params = opt.num_params();
     r.stage = Stage::unscaled;
   }
   static float norm_of(const Record& r) {
-    return static_cast<float>(std::sqrt(r.stats.total_sum_squares()) * r.inv_scale);
+    return static_cast<float>(std::sqrt(r.total_sum_squares) * r.inv_scale);
   }
 
   GradScalerOptions options_;
@@ -525,6 +545,7 @@ class GradScaler {
   ScalerState state_;
   detail::Records<Record> records_{"GradScaler"};
   double grad_divisor_ = 1.0;
+  StatsReducer stats_reducer_;
   std::int64_t applied_ = 0;
   std::int64_t skipped_ = 0;
 };

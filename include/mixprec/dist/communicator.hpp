@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <exception>
 #include <string>
+#include <vector>
 
 #include "mixprec/core/device.hpp"
 #include "mixprec/core/dtype.hpp"
@@ -60,6 +61,15 @@ class Communicator {
   virtual void all_reduce_sum(const TensorRef& t, stream_t stream = nullptr) = 0;
   /// In place: `bytes` bytes at `data` (on device()) take rank `root`'s value.
   virtual void broadcast(void* data, std::size_t bytes, int root, stream_t stream = nullptr) = 0;
+  /// In place: `data` holds size() pieces back to back, piece r of
+  /// `bytes[r]` bytes; afterwards every rank holds every rank's own piece
+  /// (an all-gather; ZeRO-1's weights). MPI and one rank; NCCL: not yet.
+  virtual void all_gather(void* data, const std::vector<std::size_t>& bytes, stream_t stream = nullptr) {
+    (void)data;
+    (void)bytes;
+    (void)stream;
+    mixprec::detail::throw_error(backend(), " all_gather: not in this backend yet");
+  }
   /// Returns once every rank has called it (host-side; device
   /// communicators also wait for their streams' work queued so far).
   virtual void barrier() = 0;
@@ -89,6 +99,9 @@ class LocalCommunicator final : public Communicator {
   void all_reduce_sum(const TensorRef& t, stream_t) override { check_reducible(t, "all_reduce_sum"); }
   void broadcast(void*, std::size_t, int root, stream_t) override {
     MIXPREC_CHECK(root == 0, "local broadcast: root = ", root, ", there is one rank");
+  }
+  void all_gather(void*, const std::vector<std::size_t>& bytes, stream_t) override {
+    MIXPREC_CHECK(bytes.size() == 1, "local all_gather: ", bytes.size(), " pieces, there is one rank");
   }
   void barrier() override {}
   [[noreturn]] void abort(int code) noexcept override { std::_Exit(code); }

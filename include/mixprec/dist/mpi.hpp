@@ -12,6 +12,7 @@
 #include <exception>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "mixprec/core/convert.hpp"
 #include "mixprec/dist/communicator.hpp"
@@ -137,6 +138,23 @@ class MpiCommunicator final : public Communicator {
                       comm_),
             "MPI_Bcast");
     }
+  }
+
+  void all_gather(void* data, const std::vector<std::size_t>& bytes, stream_t = nullptr) override {
+    MIXPREC_CHECK(static_cast<int>(bytes.size()) == size_, "mpi all_gather: ", bytes.size(), " pieces for ", size_,
+                  " ranks");
+    std::vector<int> counts(bytes.size()), displs(bytes.size());
+    std::size_t at = 0;
+    for (std::size_t r = 0; r < bytes.size(); ++r) {
+      MIXPREC_CHECK(bytes[r] <= static_cast<std::size_t>(std::numeric_limits<int>::max()) &&
+                        at <= static_cast<std::size_t>(std::numeric_limits<int>::max()),
+                    "mpi all_gather: piece ", r, " of ", bytes[r], " bytes at ", at, " is beyond MPI's int counts");
+      counts[r] = static_cast<int>(bytes[r]);
+      displs[r] = static_cast<int>(at);
+      at += bytes[r];
+    }
+    check(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, data, counts.data(), displs.data(), MPI_BYTE, comm_),
+          "MPI_Allgatherv (all_gather)");
   }
 
   void barrier() override { check(MPI_Barrier(comm_), "MPI_Barrier"); }
