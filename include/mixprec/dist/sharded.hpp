@@ -120,13 +120,13 @@ class ShardedOptimizer {
     packed_.resize(all);
     std::size_t off = 0;
     for (const optim::Param& p : params_) {
-      std::memcpy(packed_.data() + off, p.weight.data(), p.weight.bytes());
+      if (p.weight.bytes() != 0) std::memcpy(packed_.data() + off, p.weight.data(), p.weight.bytes());  // (no null source)
       off += p.weight.bytes();
     }
     comm_->all_gather(packed_.data(), bytes);
     off = 0;
     for (const optim::Param& p : params_) {
-      std::memcpy(const_cast<void*>(p.weight.data()), packed_.data() + off, p.weight.bytes());
+      if (p.weight.bytes() != 0) std::memcpy(const_cast<void*>(p.weight.data()), packed_.data() + off, p.weight.bytes());
       off += p.weight.bytes();
     }
   }
