@@ -33,25 +33,19 @@
 
 #include "gpu_skip.hpp"
 #include "mixprec/mixprec.hpp"
+#include "state_bits.hpp"
 #include "test_util.hpp"
 
 namespace mixprec {
 namespace {
 
+using test::first_difference;
 using test::ulp_distance;
 
 /// Whether two byte ranges hold the same bits (memcmp is not called on the
 /// null pointers of empty tensors).
 bool same_bytes(const void* a, const void* b, std::size_t bytes) {
   return bytes == 0 || std::memcmp(a, b, bytes) == 0;
-}
-
-/// Index of the first element whose bits differ, or -1.
-std::int64_t first_difference(const std::vector<float>& a, const std::vector<float>& b) {
-  for (std::size_t e = 0; e < std::min(a.size(), b.size()); ++e) {
-    if (!same_bytes(&a[e], &b[e], sizeof(float))) return static_cast<std::int64_t>(e);
-  }
-  return -1;
 }
 
 /// Asserts that two saved optimizer states hold the same bits: applied

@@ -17,22 +17,16 @@
 #include <vector>
 
 #include "mixprec/mixprec.hpp"
+#include "state_bits.hpp"
 #include "test_util.hpp"
 
 namespace mixprec {
 namespace {
 
 using test::expect_error;
+using test::first_difference;
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr double kInf = std::numeric_limits<double>::infinity();
-
-/// Index of the first element whose bits differ (or past the shorter), -1 if none.
-std::int64_t first_difference(const std::vector<float>& a, const std::vector<float>& b) {
-  for (std::size_t e = 0; e < std::min(a.size(), b.size()); ++e) {
-    if (std::memcmp(&a[e], &b[e], sizeof(float)) != 0) return static_cast<std::int64_t>(e);
-  }
-  return a.size() == b.size() ? -1 : static_cast<std::int64_t>(std::min(a.size(), b.size()));
-}
 
 /// Asserts that two parameters' saved states hold the same bits: step
 /// count, master, and every state tensor (and which of them exist).

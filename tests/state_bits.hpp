@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// state_bits: every bit of an optimizer's training state (masters, state
+// state_bits and first_difference: every bit of an optimizer's training state (masters, state
 // tensors and which exist, step counts, lrs, applied steps), for tests that
 // compare states before and after a call, or between two runs.
 #pragma once
@@ -11,6 +11,16 @@
 #include "mixprec/optim/optimizer.hpp"
 
 namespace mixprec::test {
+
+/// Index of the first element whose bits differ (or, when the sizes differ,
+/// the shorter size), -1 if none.
+inline std::int64_t first_difference(const std::vector<float>& a, const std::vector<float>& b) {
+  const std::size_t n = a.size() < b.size() ? a.size() : b.size();
+  for (std::size_t e = 0; e < n; ++e) {
+    if (std::memcmp(&a[e], &b[e], sizeof(float)) != 0) return static_cast<std::int64_t>(e);
+  }
+  return a.size() == b.size() ? -1 : static_cast<std::int64_t>(n);
+}
 
 // Every bit of an optimizer's state, model weights excluded.
 inline std::vector<std::uint32_t> state_bits(const optim::Optimizer& opt) {

@@ -109,7 +109,7 @@ class GradientReducer {
     check_index(i, "mark_ready");
     MIXPREC_CHECK(!ready_[i], "GradientReducer::mark_ready: gradient ", i,
                   " is already marked ready in this iteration (call reduce() to end it)");
-    check_same_gradients("mark_ready");
+    if (!checked_) check_same_gradients("mark_ready");
     ready_[i] = true;
     Bucket& b = buckets_[bucket_of_[i]];
     b.ready += 1;
@@ -119,7 +119,7 @@ class GradientReducer {
   /// Reduces every bucket not reduced yet, then starts the next iteration:
   /// on return every gradient holds the sum over the ranks.
   void reduce(stream_t stream = nullptr) {
-    check_same_gradients("reduce");
+    if (!checked_) check_same_gradients("reduce");
     for (Bucket& b : buckets_) {
       if (!b.done) reduce_bucket(b, stream);
     }
@@ -132,6 +132,7 @@ class GradientReducer {
       b.done = false;
     }
     std::fill(ready_.begin(), ready_.end(), false);
+    checked_ = false;
   }
 
  private:
@@ -148,7 +149,8 @@ class GradientReducer {
   // The reducer reduces the buffers it was built with: a parameter added
   // or rebound since (Optimizer::rebind) would go unsummed, and a freed
   // buffer be written. Refused, naming the parameter.
-  void check_same_gradients(const char* what) const {
+  // Once an iteration (the first mark_ready or reduce), not per gradient.
+  void check_same_gradients(const char* what) {
     MIXPREC_CHECK(opt_->num_params() == grads_.size(), "GradientReducer::", what, ": the optimizer has ",
                   opt_->num_params(), " parameters, the reducer was built for ", grads_.size(),
                   "; build the reducer after adding every group");
@@ -158,6 +160,7 @@ class GradientReducer {
                     ": parameter \"", opt_->param(i).name, "\" was rebound to another gradient buffer since the "
                     "reducer was built; build a new reducer");
     }
+    checked_ = true;
   }
 
   void check_index(std::size_t i, const char* what) const {
@@ -211,6 +214,7 @@ class GradientReducer {
   std::vector<Bucket> buckets_;
   std::vector<std::size_t> bucket_of_;
   std::vector<bool> ready_;
+  bool checked_ = false;  // check_same_gradients ran this iteration
   std::optional<Stream> side_;   // device communicators: where the collectives run
   std::optional<Event> joined_;  // the side stream's end, waited for by reduce()'s stream
 };

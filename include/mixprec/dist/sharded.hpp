@@ -65,7 +65,6 @@ class ShardedOptimizer {
                   " ranks; every rank needs a slice of at least one element");
     // Slice r: [begin(r), begin(r + 1)).
     auto begin = [&](int k) { return k * (total / w) + std::min<std::int64_t>(k, total % w); };
-    for (int k = 0; k < w; ++k) slice_elements_.push_back(begin(k + 1) - begin(k));
     lo_ = begin(r);
     hi_ = begin(r + 1);
     // This rank's pieces: views of the part of each parameter in [lo, hi).
@@ -78,6 +77,19 @@ class ShardedOptimizer {
       at += n;
     }
     shard_ = std::make_unique<Opt>(std::move(pieces), options);
+    // Bytes of each rank's slice of the packed weights (dtypes may differ).
+    slice_bytes_.assign(static_cast<std::size_t>(w), 0);
+    std::size_t all = 0;
+    at = 0;
+    for (const optim::Param& p : params_) {
+      for (int k = 0; k < w; ++k) {
+        const std::int64_t a = std::max(at, begin(k)), b = std::min(at + p.weight.numel(), begin(k + 1));
+        if (a < b) slice_bytes_[static_cast<std::size_t>(k)] += static_cast<std::size_t>(b - a) * dtype_size(p.weight.dtype());
+      }
+      at += p.weight.numel();
+      all += p.weight.bytes();
+    }
+    packed_.resize(all);
   }
 
   /// This rank's optimizer: masters and state of its slice only.
@@ -102,28 +114,13 @@ class ShardedOptimizer {
   /// rank (one all-gather of the packed 16-bit weights).
   void gather_weights() {
     // Pack the weights in parameter order (this rank's slice is then one
-    // contiguous piece), gather every rank's piece in place, unpack. Bytes
-    // of each rank's slice: parameters may differ in dtype.
-    std::vector<std::size_t> bytes(slice_elements_.size(), 0);
-    std::size_t all = 0;
-    std::int64_t at = 0;
-    for (const optim::Param& p : params_) {
-      const std::int64_t n = p.weight.numel();
-      for (std::size_t k = 0, start = 0; k < slice_elements_.size(); start += static_cast<std::size_t>(slice_elements_[k]), ++k) {
-        const std::int64_t a = std::max<std::int64_t>(at, static_cast<std::int64_t>(start));
-        const std::int64_t b = std::min<std::int64_t>(at + n, static_cast<std::int64_t>(start) + slice_elements_[k]);
-        if (a < b) bytes[k] += static_cast<std::size_t>(b - a) * dtype_size(p.weight.dtype());
-      }
-      at += n;
-      all += p.weight.bytes();
-    }
-    packed_.resize(all);
+    // contiguous piece), gather every rank's piece in place, unpack.
     std::size_t off = 0;
     for (const optim::Param& p : params_) {
       if (p.weight.bytes() != 0) std::memcpy(packed_.data() + off, p.weight.data(), p.weight.bytes());  // (no null source)
       off += p.weight.bytes();
     }
-    comm_->all_gather(packed_.data(), bytes);
+    comm_->all_gather(packed_.data(), slice_bytes_);
     off = 0;
     for (const optim::Param& p : params_) {
       if (p.weight.bytes() != 0) std::memcpy(const_cast<void*>(p.weight.data()), packed_.data() + off, p.weight.bytes());
@@ -156,7 +153,7 @@ class ShardedOptimizer {
 
   Communicator* comm_;
   std::vector<optim::Param> params_;
-  std::vector<std::int64_t> slice_elements_;
+  std::vector<std::size_t> slice_bytes_;  // of the packed weights, per rank
   std::int64_t lo_ = 0, hi_ = 0;
   std::unique_ptr<Opt> shard_;
   std::vector<unsigned char> packed_;
