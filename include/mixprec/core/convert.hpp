@@ -28,9 +28,15 @@
 #endif
 
 // The x86-64 SIMD host paths need GCC/Clang target attributes; nvcc's host
-// pass takes the portable loop (same bits, tested).
+// pass takes the portable loop (same bits, tested). So does an unoptimised
+// build (-O0, no __OPTIMIZE__): the AVX2 functions pass 8-float vectors to
+// helpers (simd::load, the formulas) that have no AVX2 target of their own
+// and rely on being inlined; at -O0 they are real calls that pass those
+// vectors in memory while the AVX2 caller expects them in registers (the
+// ABI change -Wpsabi warns of), and the optimizer step crashed.
 #if !defined(MIXPREC_HOST_SIMD)
-#if (defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))) && !defined(__CUDACC__)
+#if (defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))) && !defined(__CUDACC__) && \
+    defined(__OPTIMIZE__)
 #define MIXPREC_HOST_SIMD 1
 #else
 #define MIXPREC_HOST_SIMD 0
