@@ -1,5 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
-// The whole host API of mixprec in one include.
+// The whole host API of mixprec in one include: every header of
+// include/mixprec/ but dist/ (data parallelism: its communicators need MPI or
+// NCCL, so include <mixprec/dist/mpi.hpp> or <mixprec/dist/nccl.hpp> and
+// <mixprec/dist/reducer.hpp> yourself) and core/cublas_check.hpp,
+// core/cudnn_check.hpp (they need mixprec::cuda).
 #pragma once
 
 #include "mixprec/core/config.hpp"
@@ -35,6 +39,8 @@
 #include "mixprec/amp/grad_scaler.hpp"
 #include "mixprec/amp/scale_update.hpp"
 #include "mixprec/data/batches.hpp"
+#include "mixprec/io/checkpoint.hpp"
+#include "mixprec/io/safetensors.hpp"
 #include "mixprec/monitor/detectors.hpp"
 #include "mixprec/monitor/jsonl.hpp"
 #include "mixprec/monitor/monitor.hpp"
