@@ -13,7 +13,7 @@ FUZZ_SECONDS="${MIXPREC_FUZZ_SECONDS:-120}"
 [[ "$FUZZ_SECONDS" =~ ^[0-9]+$ ]] ||
   { echo "MIXPREC_FUZZ_SECONDS = '$FUZZ_SECONDS', must be a whole number of seconds" >&2; exit 2; }
 
-install_missing python3-torch clang  # the PyTorch oracle; the Clang sanitizer leg
+install_missing python3-torch clang doxygen  # the PyTorch oracle; the Clang sanitizer leg; the API reference
 BUILD_TARGETS=(all)
 configure_and_build -DMIXPREC_BUILD_TESTS=ON -DMIXPREC_BUILD_EXAMPLES=ON \
   -DMIXPREC_BUILD_BENCHMARKS=ON

@@ -471,7 +471,7 @@ inline const char* report_js_page();
 /// the embedded log and draws inline SVG charts (loss, loss scale and skipped
 /// steps, gradient norm, update ratios, fp16 shares, the exponent heatmap),
 /// the events and the last forecast. A Content-Security-Policy forbids every
-/// fetch. `title` goes into <title> and the heading (HTML-escaped; empty: a
+/// fetch. `title` goes into `<title>` and the heading (HTML-escaped; empty: a
 /// generic title).
 ///
 /// Checks first, throwing mixprec::Error naming the line (and column): every
@@ -629,6 +629,9 @@ inline void write_report(const std::string& jsonl_path, const std::string& html_
 
 // --- the page's stylesheet and script (report_css, report_js_*) ----------------
 // Kept as separate literals, each well under the 16 KiB that MSVC allows one.
+// Doxygen (which documents no detail::) skips them: its parser misreads the
+// JavaScript inside the raw strings (docs/Doxyfile.in defines MIXPREC_DOXYGEN).
+#ifndef MIXPREC_DOXYGEN
 namespace mixprec::monitor::detail {
 
 // The stylesheet.
@@ -1565,3 +1568,4 @@ window.addEventListener('resize', function () {
 }
 
 }  // namespace mixprec::monitor::detail
+#endif  // MIXPREC_DOXYGEN
