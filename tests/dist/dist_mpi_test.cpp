@@ -10,14 +10,19 @@
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <memory>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "mixprec/dist/mpi.hpp"
@@ -48,36 +53,113 @@ bool same_on_every_rank(std::uint64_t v) {
   return true;
 }
 
-TEST(DistMpi, AllReduceGivesEveryRankTheSameBits) {
-  const int r = g_comm->rank(), w = g_comm->size();
-  Tensor<float> f({100003});
-  Tensor<half> h({4097});
-  Tensor<bfloat16> b({333});
-  fill_normal(f, 0, 1, 100 + static_cast<std::uint64_t>(r));
-  fill_normal(h, 0, 1, 200 + static_cast<std::uint64_t>(r));
-  fill_normal(b, 0, 1, 300 + static_cast<std::uint64_t>(r));
-  // The float64 sums, from every rank's seeds (each rank can make them all).
-  std::vector<double> want_f(static_cast<std::size_t>(f.numel()), 0.0), want_h(4097, 0.0);
+// The sum MpiCommunicator promises, computed here on its own: rank 0's
+// value, then each next rank's added in rank order, in float (float32) or
+// rounded to T after each addition (own_type).
+template <class T>
+T rank_order_sum(const std::vector<T>& values, dist::Accumulation how) {
+  float acc = to_float(values[0]);
+  for (std::size_t k = 1; k < values.size(); ++k) {
+    acc = acc + to_float(values[k]);
+    if (how == dist::Accumulation::own_type) acc = to_float(from_float<T>(acc));
+  }
+  return from_float<T>(acc);
+}
+
+template <class T>
+void all_reduce_matches_oracle(dist::MpiCommunicator& comm, std::int64_t n, std::uint64_t seed) {
+  const int r = comm.rank(), w = comm.size();
+  Tensor<T> t({n});
+  fill_normal(t, 0, 1, seed + static_cast<std::uint64_t>(r));
+  std::vector<Tensor<T>> every;  // every rank's tensor (each rank can make them all from the seeds)
   for (int k = 0; k < w; ++k) {
-    Tensor<float> fk({100003});
-    Tensor<half> hk({4097});
-    fill_normal(fk, 0, 1, 100 + static_cast<std::uint64_t>(k));
-    fill_normal(hk, 0, 1, 200 + static_cast<std::uint64_t>(k));
-    for (std::int64_t e = 0; e < fk.numel(); ++e) want_f[e] += fk.at(e);
-    for (std::int64_t e = 0; e < hk.numel(); ++e) want_h[e] += to_float(hk.at(e));
+    every.emplace_back(Shape{n});
+    fill_normal(every.back(), 0, 1, seed + static_cast<std::uint64_t>(k));
   }
-  g_comm->all_reduce_sum(f);
-  g_comm->all_reduce_sum(h);
-  g_comm->all_reduce_sum(b);
-  EXPECT_TRUE(same_on_every_rank(fnv(f.data(), f.bytes())));
-  EXPECT_TRUE(same_on_every_rank(fnv(h.data(), h.bytes())));
-  EXPECT_TRUE(same_on_every_rank(fnv(b.data(), b.bytes())));
-  // Each pairwise sum rounds once: w - 1 roundings of float (or half).
-  for (std::int64_t e = 0; e < f.numel(); ++e) {
-    ASSERT_NEAR(f.at(e), want_f[e], (w - 1) * 6e-8 * (std::fabs(want_f[e]) + 4.0)) << e;
+  if (n > 3) t.at(3) = from_float<T>(INFINITY);  // an inf on every rank stays an inf
+  for (Tensor<T>& e : every) {
+    if (n > 3) e.at(3) = from_float<T>(INFINITY);
   }
-  for (std::int64_t e = 0; e < h.numel(); ++e) {
-    ASSERT_NEAR(to_float(h.at(e)), want_h[e], (w - 1) * 4.9e-4 * (std::fabs(want_h[e]) + 4.0)) << e;
+  comm.all_reduce_sum(t);
+  EXPECT_TRUE(same_on_every_rank(fnv(t.data(), t.bytes())));
+  std::vector<T> values(static_cast<std::size_t>(w));
+  for (std::int64_t e = 0; e < n; ++e) {
+    double exact = 0;
+    for (int k = 0; k < w; ++k) {
+      values[static_cast<std::size_t>(k)] = every[static_cast<std::size_t>(k)].at(e);
+      exact += static_cast<double>(to_float(values[static_cast<std::size_t>(k)]));
+    }
+    const T want = rank_order_sum(values, comm.accumulation());
+    ASSERT_EQ(std::memcmp(&want, &t.at(e), sizeof(T)), 0)
+        << "element " << e << " of " << n << ": " << to_float(t.at(e)) << ", the rank-order sum is " << to_float(want);
+    if (std::isfinite(exact)) {  // and it is a sum: within W - 1 roundings (float) or one of T (float32)
+      const double u = sizeof(T) == 4 ? 6e-8 : std::is_same_v<T, half> ? 4.9e-4 : 3.9e-3;
+      const double roundings = comm.accumulation() == dist::Accumulation::float32 && sizeof(T) == 2 ? 1 + (w - 1) * 1.2e-4 : (w - 1);
+      ASSERT_NEAR(to_float(t.at(e)), exact, roundings * u * (std::fabs(exact) + 4.0)) << e;
+    }
+  }
+}
+
+TEST(DistMpi, AllReduceSumsInRankOrderWithTheSameBitsOnEveryRank) {
+  all_reduce_matches_oracle<float>(*g_comm, 100003, 100);
+  all_reduce_matches_oracle<half>(*g_comm, 4097, 200);
+  all_reduce_matches_oracle<bfloat16>(*g_comm, 333, 300);
+  all_reduce_matches_oracle<half>(*g_comm, 2, 400);  // fewer elements than ranks: some slices are empty
+  all_reduce_matches_oracle<half>(*g_comm, 0, 500);
+  dist::MpiCommunicator own(MPI_COMM_WORLD, dist::Accumulation::own_type);
+  all_reduce_matches_oracle<half>(own, 4097, 600);
+  all_reduce_matches_oracle<bfloat16>(own, 333, 700);
+  all_reduce_matches_oracle<float>(own, 1001, 800);
+}
+
+// reduce_scatter_sum leaves in each rank's slice the bits all_reduce_sum
+// gives; all_gather_slices hands every slice to every rank. Mixed dtypes,
+// tensors split between slices, a zero-size tensor, an empty slice.
+TEST(DistMpi, ReduceScatterAndAllGatherHaveTheAllReduceBits) {
+  const int r = g_comm->rank(), w = g_comm->size();
+  auto seed = [&](int k) { return 900 + static_cast<std::uint64_t>(r) * 10 + static_cast<std::uint64_t>(k); };
+  Tensor<half> a({51}), a2({51});
+  Tensor<float> b({0}), b2({0}), c({17}), c2({17});
+  Tensor<bfloat16> d({130}), d2({130});
+  fill_normal(a, 0, 1, seed(1));
+  fill_normal(c, 0, 1, seed(2));
+  fill_normal(d, 0, 1, seed(3));
+  copy(a, a2);
+  copy(c, c2);
+  copy(d, d2);
+  for (TensorRef t : std::vector<TensorRef>{a2, c2, d2}) g_comm->all_reduce_sum(t);
+  const std::vector<TensorRef> ts{a, b, c, d};
+  std::vector<std::int64_t> bounds = dist::even_bounds(198, w);
+  if (w > 1) bounds[1] = bounds[0];  // rank 0 owns nothing
+  g_comm->reduce_scatter_sum(ts, bounds);
+  // Every element of this rank's slice: the all-reduce's bits.
+  auto element_bits = [](const TensorRef& t, std::int64_t e) {
+    std::uint32_t bits = 0;
+    const std::size_t s = dtype_size(t.dtype());
+    std::memcpy(&bits, static_cast<const unsigned char*>(t.data()) + static_cast<std::size_t>(e) * s, s);
+    return bits;
+  };
+  const std::vector<TensorRef> want{a2, b2, c2, d2};
+  std::int64_t at = 0;
+  for (std::size_t i = 0; i < ts.size(); ++i) {
+    for (std::int64_t e = 0; e < ts[i].numel(); ++e, ++at) {
+      if (at >= bounds[static_cast<std::size_t>(r)] && at < bounds[static_cast<std::size_t>(r) + 1]) {
+        ASSERT_EQ(element_bits(ts[i], e), element_bits(want[i], e)) << "tensor " << i << " element " << e;
+      }
+    }
+  }
+  g_comm->all_gather_slices(ts, bounds);
+  for (std::size_t i = 0; i < ts.size(); ++i) {
+    for (std::int64_t e = 0; e < ts[i].numel(); ++e) {
+      ASSERT_EQ(element_bits(ts[i], e), element_bits(want[i], e)) << "after the gather, tensor " << i << " element " << e;
+    }
+  }
+  // Bad bounds: refused, naming them, before anything moves.
+  try {
+    g_comm->reduce_scatter_sum(ts, dist::even_bounds(197, w));
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("need 0 to 198"), std::string::npos) << e.what();
   }
 }
 
@@ -359,13 +441,15 @@ struct MixedParams {
   }
 };
 
+// max_norm > 0: every step clips (unscale + clip_grad_norm + step).
 template <class Opt>
-void zero1_matches_data_parallel(const typename Opt::options_type& o) {
+void zero1_matches_data_parallel(const typename Opt::options_type& o, dist::ShardOptions::Cut cut,
+                                 double max_norm = 0) {
   const int w = g_comm->size();
   MixedParams plain, sharded;
   Opt full(plain.params(), o);
   dist::GradientReducer reducer(*g_comm, full);
-  dist::ShardedOptimizer<Opt> zero(*g_comm, sharded.params(), o);
+  dist::ShardedOptimizer<Opt> zero(*g_comm, sharded.params(), o, dist::ShardOptions{cut});
   amp::GradScaler s1, s2;
   s1.set_grad_divisor(w);
   s2.set_grad_divisor(w);
@@ -374,15 +458,20 @@ void zero1_matches_data_parallel(const typename Opt::options_type& o) {
   std::int64_t held = 0;
   for (std::size_t i = 0; i < zero.shard().num_params(); ++i) held += zero.shard().master(i).numel();
   EXPECT_EQ(held, zero.last() - zero.first());
-  EXPECT_EQ(zero.last() - zero.first(), 143 / w + (g_comm->rank() < 143 % w ? 1 : 0));
+  if (cut == dist::ShardOptions::Cut::elements) {
+    EXPECT_EQ(zero.last() - zero.first(), 143 / w + (g_comm->rank() < 143 % w ? 1 : 0));
+  } else {  // parameters of 37, 0, 1, 100, 5: cuts at 0, 37, 38, 138, 143 only
+    const std::vector<std::int64_t> ends{0, 37, 38, 138, 143};
+    for (std::int64_t b : zero.bounds()) EXPECT_NE(std::find(ends.begin(), ends.end(), b), ends.end()) << b;
+  }
   for (int s = 0; s < 12; ++s) {
     plain.gradients(s, s1.scale());
     sharded.gradients(s, s2.scale());
     reducer.reduce();
     zero.reduce_gradients();
-    const bool a1 = s1.step(full);
+    const bool a1 = max_norm > 0 ? s1.step(full, max_norm) : s1.step(full);
     s1.update();
-    const bool a2 = s2.step(zero.shard());
+    const bool a2 = max_norm > 0 ? s2.step(zero.shard(), max_norm) : s2.step(zero.shard());
     s2.update();
     zero.gather_weights();
     ASSERT_EQ(a1, a2) << "step " << s;
@@ -416,18 +505,134 @@ void zero1_matches_data_parallel(const typename Opt::options_type& o) {
   EXPECT_EQ(at, zero.last());
 }
 
-TEST(DistMpi, ZeroOneAdamWEqualsDataParallelBitForBit) {
+optim::AdamWOptions adamw_amsgrad() {
   optim::AdamWOptions o;
   o.lr = 1e-2;
   o.amsgrad = true;
-  zero1_matches_data_parallel<optim::AdamW>(o);
+  return o;
+}
+
+TEST(DistMpi, ZeroOneAdamWEqualsDataParallelBitForBit) {
+  zero1_matches_data_parallel<optim::AdamW>(adamw_amsgrad(), dist::ShardOptions::Cut::elements);
+  zero1_matches_data_parallel<optim::AdamW>(adamw_amsgrad(), dist::ShardOptions::Cut::parameters);
 }
 
 TEST(DistMpi, ZeroOneSgdEqualsDataParallelBitForBit) {
   optim::SGDOptions o;
   o.lr = 1e-2;
   o.momentum = 0.9;
-  zero1_matches_data_parallel<optim::SGD>(o);
+  zero1_matches_data_parallel<optim::SGD>(o, dist::ShardOptions::Cut::elements);
+  zero1_matches_data_parallel<optim::SGD>(o, dist::ShardOptions::Cut::parameters);
+}
+
+// Cut at parameters, the job's sum of squares adds every parameter's sum in
+// parameter order, as one process does: the clip coefficient, and so every
+// weight, has the unsharded run's bits. max_norm 1e-3 clips every step (the
+// mean gradient's norm is about 0.01 * sqrt(143)).
+TEST(DistMpi, ZeroOneCutAtParametersClipsBitForBit) {
+  zero1_matches_data_parallel<optim::AdamW>(adamw_amsgrad(), dist::ShardOptions::Cut::parameters, 1e-3);
+  optim::SGDOptions o;
+  o.lr = 1e-2;
+  o.momentum = 0.9;
+  zero1_matches_data_parallel<optim::SGD>(o, dist::ShardOptions::Cut::parameters, 1e-3);
+}
+
+// A sharded run's checkpoint: every rank's shard and an index. Resumed on
+// the same number of ranks it continues with the bits of a run that never
+// stopped; a job of another size refuses it (ctest's dist_mpi_checkpoint_3).
+struct ZeroRun {
+  MixedParams m;
+  dist::ShardedOptimizer<optim::AdamW> zero{*g_comm, m.params(), adamw_amsgrad()};
+  amp::GradScaler scaler;
+  ZeroRun() {
+    scaler.set_grad_divisor(g_comm->size());
+    scaler.set_stats_reducer(zero.stats_reducer());
+  }
+  void steps(int from, int to) {
+    for (int s = from; s < to; ++s) {
+      m.gradients(s, scaler.scale());
+      zero.reduce_gradients();
+      scaler.step(zero.shard(), 1e-3);
+      scaler.update();
+      zero.gather_weights();
+    }
+  }
+  // This rank's masters and state, the weights, the scale and counts.
+  std::uint64_t fp() const {
+    const optim::OptimizerState st = zero.shard().save_state();
+    std::uint64_t h = m.weights();
+    for (const optim::ParamState& p : st.params) {
+      h = fnv(p.master.data(), p.master.size() * 4, h);
+      h = fnv(&p.step, sizeof p.step, h);
+      for (const auto& t : p.state) {
+        if (t) h = fnv(t->data(), t->size() * 4, h);
+      }
+    }
+    const float scale = scaler.scale();
+    h = fnv(&scale, 4, h);
+    const std::int64_t counts[2] = {scaler.applied_steps(), scaler.skipped_steps()};
+    return fnv(counts, sizeof counts, h);
+  }
+};
+
+// This rank's shard files of the index `path`.
+std::vector<std::filesystem::path> shard_files(const std::string& path) {
+  const std::string stem = std::filesystem::path(path).filename().string() + ".",
+                    tail = ".rank" + std::to_string(g_comm->rank());
+  std::vector<std::filesystem::path> files;
+  for (const auto& f : std::filesystem::directory_iterator(std::filesystem::path(path).parent_path())) {
+    const std::string n = f.path().filename().string();
+    if (n.rfind(stem, 0) == 0 && n.size() > tail.size() && n.compare(n.size() - tail.size(), tail.size(), tail) == 0) {
+      files.push_back(f.path());
+    }
+  }
+  return files;
+}
+
+TEST(DistMpi, ZeroOneCheckpointResumesBitExactlyOnTheSameRankCount) {
+  const std::string path = checkpoint_path("zero_index");
+  for (const auto& f : shard_files(path)) std::filesystem::remove(f);  // an earlier run's
+  g_comm->barrier();
+  ZeroRun straight, first;
+  straight.steps(0, 12);
+  first.steps(0, 6);
+  first.zero.save_checkpoint(path, first.scaler);
+  first.steps(6, 7);  // a second save replaces the first: its shard files go
+  first.zero.save_checkpoint(path, first.scaler);
+  ZeroRun resumed;  // fresh weights and state, then the files
+  resumed.zero.load_checkpoint(path, resumed.scaler);
+  EXPECT_EQ(resumed.fp(), first.fp());
+  resumed.steps(7, 12);
+  EXPECT_EQ(resumed.fp(), straight.fp());
+  EXPECT_TRUE(same_on_every_rank(resumed.m.weights()));
+  // The index holds the world size, and of this rank's shard files only the
+  // second save's is left.
+  std::ifstream index(path);
+  const std::string text((std::istreambuf_iterator<char>(index)), std::istreambuf_iterator<char>());
+  EXPECT_NE(text.find("\"world_size\": " + std::to_string(g_comm->size())), std::string::npos) << text;
+  EXPECT_EQ(shard_files(path).size(), 1u);
+  if (const char* out = std::getenv("MIXPREC_DIST_CHECKPOINT_OUT"); out != nullptr) {
+    first.zero.save_checkpoint(std::string(out) + ".sharded", first.scaler);
+  }
+  g_comm->barrier();
+  for (const auto& f : shard_files(path)) std::filesystem::remove(f);
+  if (g_comm->rank() == 0) std::filesystem::remove(path);
+}
+
+TEST(DistMpi, ZeroOneCheckpointFromAnotherRankCountIsRefused) {
+  const char* in = std::getenv("MIXPREC_DIST_CHECKPOINT_IN");
+  if (in == nullptr) GTEST_SKIP() << "MIXPREC_DIST_CHECKPOINT_IN not set (ctest's dist_mpi_checkpoint_3 sets it)";
+  ZeroRun run;
+  const std::uint64_t before = run.fp();
+  try {
+    run.zero.load_checkpoint(std::string(in) + ".sharded", run.scaler);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("was saved by 2 ranks, this job has " + std::to_string(g_comm->size())),
+              std::string::npos)
+        << e.what();
+  }
+  EXPECT_EQ(run.fp(), before);  // nothing changed
 }
 
 TEST(DistMpi, MisuseIsAClearError) {

@@ -283,6 +283,8 @@ class GradScaler {
 
   /// The current loss scale (1 when disabled). No side effects.
   float scale() const { return state_.scale; }
+  /// torch.amp.GradScaler.get_scale(), the same thing: scale().
+  float get_scale() const { return scale(); }
 
   /// Data parallelism: the stored gradients are the SUM of `divisor` ranks'
   /// gradients (dist::GradientReducer sums them); the unscale divides by it
@@ -299,13 +301,14 @@ class GradScaler {
   double grad_divisor() const { return grad_divisor_; }
 
   /// Sharded optimizers (dist::ShardedOptimizer, ZeRO-1): each rank checks
-  /// only its slice of the gradients. When set, `reducer(found_inf,
+  /// only its slice of the gradients. When set, `reducer(stats, found_inf,
   /// total_sum_squares)` is called after every pass 1 with this rank's
-  /// result and must replace both with the job's (one small collective),
-  /// so the skip decision and the clip coefficient are the same everywhere.
-  /// It runs outside the scaler's lock and must be called on every rank in
-  /// the same order (as any collective). Empty: a single process.
-  using StatsReducer = std::function<void(bool& found_inf, double& total_sum_squares)>;
+  /// per-parameter stats and their or / sum, and must replace the last two
+  /// with the job's (one small collective), so the skip decision and the
+  /// clip coefficient are the same everywhere. It runs outside the
+  /// scaler's lock and must be called on every rank in the same order (as
+  /// any collective). Empty: a single process.
+  using StatsReducer = std::function<void(const optim::GradStats& stats, bool& found_inf, double& total_sum_squares)>;
   void set_stats_reducer(StatsReducer reducer) {
     const auto guard = records_.lock();
     MIXPREC_CHECK(records_.all().empty(), "GradScaler::set_stats_reducer: an iteration is under way");
@@ -524,7 +527,7 @@ class GradScaler {
     optim::GradStats stats = opt.check_grads();
     bool found_inf = stats.any_nonfinite();
     double total = stats.total_sum_squares();
-    if (stats_reducer_) stats_reducer_(found_inf, total);  // the job's, on every rank alike
+    if (stats_reducer_) stats_reducer_(stats, found_inf, total);  // the job's, on every rank alike
     const auto guard = records_.lock();
     Record& r = records_.get(opt);
     // PyTorch takes the reciprocal in double and rounds it to float (with

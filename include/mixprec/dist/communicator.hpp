@@ -4,6 +4,7 @@
 // transport of its own), and the one-process communicator.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -19,16 +20,74 @@
 
 namespace mixprec::dist {
 
+/// How a host communicator adds 16-bit gradients (fp16, bf16) over the
+/// ranks. The ranks' values are always added in rank order, by the rank that
+/// owns the element (see MpiCommunicator); this says in what precision.
+enum class Accumulation {
+  /// In the tensor's type, as PyTorch DDP and NCCL do: each addition is
+  /// computed in float and rounded to the type (W - 1 roundings).
+  own_type,
+  /// In float, rounded once to the type at the end. The bytes on the wire
+  /// are the same 16-bit values either way.
+  float32,
+};
+
+/// The slices of a flat sequence of n elements over w ranks: rank k owns
+/// [even_bounds(n, w)[k], even_bounds(n, w)[k + 1]); the first n % w ranks
+/// take one element more.
+inline std::vector<std::int64_t> even_bounds(std::int64_t n, int w) {
+  MIXPREC_CHECK(n >= 0 && w > 0, "even_bounds: n = ", n, ", w = ", w, "; need n >= 0 and w > 0");
+  std::vector<std::int64_t> b(static_cast<std::size_t>(w) + 1);
+  for (int k = 0; k <= w; ++k) b[static_cast<std::size_t>(k)] = k * (n / w) + std::min<std::int64_t>(k, n % w);
+  return b;
+}
+
+namespace detail {
+
+// A list of tensors seen as one flat sequence of elements (in list order).
+class FlatSequence {
+ public:
+  explicit FlatSequence(const std::vector<TensorRef>& ts) : ts_(&ts), start_(ts.size() + 1, 0) {
+    for (std::size_t i = 0; i < ts.size(); ++i) start_[i + 1] = start_[i] + ts[i].numel();
+  }
+  std::int64_t size() const { return start_.back(); }
+  // f(tensor index, first element in that tensor, count) for every piece of
+  // [a, b), in order.
+  template <class F>
+  void for_each_piece(std::int64_t a, std::int64_t b, F&& f) const {
+    if (a >= b) return;
+    // The first tensor that ends after a.
+    std::size_t i = static_cast<std::size_t>(std::upper_bound(start_.begin(), start_.end(), a) - start_.begin()) - 1;
+    for (; i < ts_->size() && start_[i] < b; ++i) {
+      const std::int64_t lo = std::max(a, start_[i]), hi = std::min(b, start_[i + 1]);
+      if (lo < hi) f(i, lo - start_[i], hi - lo);
+    }
+  }
+  // Bytes of the elements in [a, b).
+  std::size_t bytes(std::int64_t a, std::int64_t b) const {
+    std::size_t n = 0;
+    for_each_piece(a, b, [&](std::size_t i, std::int64_t, std::int64_t c) {
+      n += static_cast<std::size_t>(c) * dtype_size((*ts_)[i].dtype());
+    });
+    return n;
+  }
+
+ private:
+  const std::vector<TensorRef>* ts_;
+  std::vector<std::int64_t> start_;  // start_[i]: the first element of tensor i
+};
+
+}  // namespace detail
+
 /// One process's view of a group of processes (ranks) that train one model
 /// together, each on its own share of the batch. Collectives are called by
 /// every rank in the same order with the same sizes (MPI's and NCCL's rule).
 ///
 /// Numerics: every collective gives every rank the same bits (the engines
 /// do not promise that for a plain all-reduce; the backends here arrange
-/// it, see each one). 16-bit tensors are summed in their own type, as
-/// PyTorch DDP does: each pairwise sum is computed in float and rounded to
-/// the type, so an overflow of the sum is an inf like any other and the
-/// step is skipped on every rank.
+/// it, see each one). How 16-bit tensors are summed is accumulation(); an
+/// overflow of the sum is an inf like any other, and the step is skipped
+/// on every rank.
 ///
 /// Errors: a failed collective throws mixprec::Error naming the call and
 /// the engine's message. A rank that fails must not leave the others
@@ -54,6 +113,8 @@ class Communicator {
   /// Where the tensors it reduces live: the CPU for MPI, the rank's GPU
   /// for NCCL.
   virtual Device device() const = 0;
+  /// How sums of 16-bit tensors are accumulated.
+  virtual Accumulation accumulation() const { return Accumulation::own_type; }
 
   /// In place: every element of `t` becomes the sum over the ranks of that
   /// element, the same bits on every rank. fp16, bf16 or fp32. Host
@@ -70,6 +131,31 @@ class Communicator {
     (void)stream;
     mixprec::detail::throw_error(backend(), " all_gather: not in this backend yet");
   }
+  /// ZeRO-1's two collectives (host communicators; NCCL: not yet), over `ts` taken as one flat sequence of
+  /// elements (in list order; dtypes may differ) cut into size() slices:
+  /// rank k's slice is [bounds[k], bounds[k + 1]), with bounds[0] = 0 and
+  /// bounds[size()] = the number of elements (even_bounds() cuts evenly).
+  /// Every rank passes the same shapes, dtypes and bounds.
+  ///
+  /// reduce_scatter_sum: afterwards this rank's slice holds the sum over
+  /// the ranks (as all_reduce_sum would give it, the same bits); the other
+  /// elements hold unspecified values.
+  virtual void reduce_scatter_sum(const std::vector<TensorRef>& ts, const std::vector<std::int64_t>& bounds,
+                                  stream_t stream = nullptr) {
+    (void)ts;
+    (void)bounds;
+    (void)stream;
+    mixprec::detail::throw_error(backend(), " reduce_scatter_sum: not in this backend yet");
+  }
+  /// all_gather_slices: afterwards every rank's slice holds what its owner
+  /// holds, on every rank.
+  virtual void all_gather_slices(const std::vector<TensorRef>& ts, const std::vector<std::int64_t>& bounds,
+                          stream_t stream = nullptr) {
+    (void)ts;
+    (void)bounds;
+    (void)stream;
+    mixprec::detail::throw_error(backend(), " all_gather_slices: not in this backend yet");
+  }
   /// Returns once every rank has called it (host-side; device
   /// communicators also wait for their streams' work queued so far).
   virtual void barrier() = 0;
@@ -82,6 +168,25 @@ class Communicator {
     MIXPREC_CHECK(t.device() == device(), backend(), " ", what, ": the tensor is on ", t.device(),
                   ", this communicator reduces tensors on ", device());
     MIXPREC_CHECK(!t.read_only(), backend(), " ", what, ": the tensor is a read-only view");
+  }
+  // The tensors and bounds of reduce_scatter_sum / all_gather_slices.
+  void check_slices(const std::vector<TensorRef>& ts, const std::vector<std::int64_t>& bounds,
+                    const char* what) const {
+    std::int64_t n = 0;
+    for (std::size_t i = 0; i < ts.size(); ++i) {
+      MIXPREC_CHECK(ts[i].device() == device(), backend(), " ", what, ": tensor ", i, " is on ", ts[i].device(),
+                    ", this communicator works on tensors on ", device());
+      MIXPREC_CHECK(!ts[i].read_only(), backend(), " ", what, ": tensor ", i, " is a read-only view");
+      n += ts[i].numel();
+    }
+    MIXPREC_CHECK(static_cast<int>(bounds.size()) == size() + 1, backend(), " ", what, ": ", bounds.size(),
+                  " bounds for ", size(), " ranks; need size() + 1");
+    MIXPREC_CHECK(bounds.front() == 0 && bounds.back() == n, backend(), " ", what, ": bounds run from ",
+                  bounds.front(), " to ", bounds.back(), "; need 0 to ", n, " (the tensors' elements)");
+    for (std::size_t k = 0; k + 1 < bounds.size(); ++k) {
+      MIXPREC_CHECK(bounds[k] <= bounds[k + 1], backend(), " ", what, ": bounds[", k, "] = ", bounds[k],
+                    " > bounds[", k + 1, "] = ", bounds[k + 1], "; they must not decrease");
+    }
   }
 };
 
@@ -102,6 +207,14 @@ class LocalCommunicator final : public Communicator {
   }
   void all_gather(void*, const std::vector<std::size_t>& bytes, stream_t) override {
     MIXPREC_CHECK(bytes.size() == 1, "local all_gather: ", bytes.size(), " pieces, there is one rank");
+  }
+  void reduce_scatter_sum(const std::vector<TensorRef>& ts, const std::vector<std::int64_t>& bounds,
+                          stream_t) override {
+    check_slices(ts, bounds, "reduce_scatter_sum");
+  }
+  void all_gather_slices(const std::vector<TensorRef>& ts, const std::vector<std::int64_t>& bounds,
+                         stream_t) override {
+    check_slices(ts, bounds, "all_gather_slices");
   }
   void barrier() override {}
   [[noreturn]] void abort(int code) noexcept override { std::_Exit(code); }

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <limits>
 #include <string>
@@ -21,32 +22,51 @@ namespace mixprec::dist {
 
 namespace detail {
 
-// Pairwise sums of 16-bit values for MPI_Reduce: in float, rounded to the
-// type (the sum of two such values rounds once; what NCCL's half sum does).
+// The owner's sum of W ranks' pieces, in rank order: piece j of `count`
+// values of type T at in + j * stride (bytes) is rank j's. Accumulated in
+// float; with own_type each partial sum is rounded to T (exact for float).
 template <class T>
-void sum16(void* in, void* inout, int* len, MPI_Datatype*) {
-  const T* a = static_cast<const T*>(in);
-  T* b = static_cast<T*>(inout);
-  for (int i = 0; i < *len; ++i) b[i] = from_float<T>(to_float(a[i]) + to_float(b[i]));
+void sum_in_rank_order(const unsigned char* in, std::size_t stride, int ranks, T* out, std::int64_t count,
+                       Accumulation how) {
+  constexpr std::int64_t kBlock = 1024;
+  float acc[kBlock];
+  for (std::int64_t at = 0; at < count; at += kBlock) {
+    const std::int64_t m = std::min(kBlock, count - at);
+    const T* x = reinterpret_cast<const T*>(in) + at;
+    for (std::int64_t e = 0; e < m; ++e) acc[e] = to_float(x[e]);
+    for (int j = 1; j < ranks; ++j) {
+      x = reinterpret_cast<const T*>(in + static_cast<std::size_t>(j) * stride) + at;
+      if (how == Accumulation::own_type) {
+        for (std::int64_t e = 0; e < m; ++e) acc[e] = to_float(from_float<T>(acc[e] + to_float(x[e])));
+      } else {
+        for (std::int64_t e = 0; e < m; ++e) acc[e] += to_float(x[e]);
+      }
+    }
+    for (std::int64_t e = 0; e < m; ++e) out[at + e] = from_float<T>(acc[e]);
+  }
 }
 
 }  // namespace detail
 
 /// Ranks of an MPI communicator (a duplicate of `comm`, MPI_COMM_WORLD by
 /// default). Initialises MPI unless the program already did, and then
-/// finalises it when
-/// destroyed (keep it alive as long as any other communicator of the
-/// program). Collectives may come from any thread, one at a time
-/// (MPI_THREAD_SERIALIZED); they block and act on host tensors.
+/// finalises it when destroyed (keep it alive as long as any other
+/// communicator of the program). Collectives may come from any thread, one
+/// at a time (MPI_THREAD_SERIALIZED); they block and act on host tensors.
 ///
-/// Same bits on every rank: all_reduce_sum is MPI_Reduce to rank 0 and
-/// MPI_Bcast from it, so every rank holds rank 0's bits by construction,
-/// whatever algorithm the library picks for a user-defined 16-bit operation
-/// (the standard requires identical results of an MPI_Allreduce; this does
-/// not depend on each library getting that right). The order of the sum is
-/// the MPI library's, fixed for a given number of ranks and message size,
-/// so a run repeats its bits; it differs from a one-process sum (see
-/// docs/distributed.md).
+/// The sums are ours, over MPI's data movement, so that their bits do not
+/// depend on the algorithms an MPI library picks: every element has one
+/// owner (the rank whose slice holds it, even_bounds() for all_reduce_sum),
+/// every rank sends the owner its value (MPI_Alltoallv), the owner adds the
+/// W values in rank order ((x0 + x1) + x2 ...; in float for 16-bit types
+/// with Accumulation::float32, the default, or rounded to the type at each
+/// addition with own_type), and all_reduce_sum then hands every slice to
+/// every rank (MPI_Allgatherv). So every rank holds the same bits by
+/// construction, a run repeats its bits whatever the MPI library, and an
+/// element's sum does not depend on how the elements are sliced: ZeRO-1's
+/// reduce_scatter_sum gives the bits all_reduce_sum gives. Each rank sends
+/// and receives 2 (W - 1) / W times the tensor's bytes, as a ring
+/// all-reduce does; the 16-bit values travel as 16 bits either way.
 ///
 /// Failure: MPI has no timeouts. A rank that throws past its
 /// MpiCommunicator (the destructor runs during the unwinding) calls
@@ -54,7 +74,10 @@ void sum16(void* in, void* inout, int* len, MPI_Datatype*) {
 /// that exits without finalising is noticed by mpirun, which ends the job.
 class MpiCommunicator final : public Communicator {
  public:
-  explicit MpiCommunicator(MPI_Comm comm = MPI_COMM_WORLD) : uncaught_(std::uncaught_exceptions()) {
+  explicit MpiCommunicator(MPI_Comm comm = MPI_COMM_WORLD, Accumulation accumulation = Accumulation::float32)
+      : uncaught_(std::uncaught_exceptions()), accumulation_(accumulation) {
+    MIXPREC_CHECK(accumulation == Accumulation::float32 || accumulation == Accumulation::own_type,
+                  "MpiCommunicator: accumulation = ", static_cast<int>(accumulation), " is not an Accumulation");
     int initialised = 0;
     check(MPI_Initialized(&initialised), "MPI_Initialized");
     if (!initialised) {
@@ -75,8 +98,6 @@ class MpiCommunicator final : public Communicator {
     check(MPI_Comm_rank(node, &local_rank_), "MPI_Comm_rank(node)");
     check(MPI_Comm_size(node, &local_size_), "MPI_Comm_size(node)");
     MPI_Comm_free(&node);
-    check(MPI_Op_create(&detail::sum16<half>, 1, &sum_half_), "MPI_Op_create");
-    check(MPI_Op_create(&detail::sum16<bfloat16>, 1, &sum_bf16_), "MPI_Op_create");
   }
 
   /// Never throws. During an exception's unwinding, aborts the job (the
@@ -86,8 +107,6 @@ class MpiCommunicator final : public Communicator {
     int finalised = 0;
     MPI_Finalized(&finalised);
     if (finalised) return;
-    MPI_Op_free(&sum_half_);
-    MPI_Op_free(&sum_bf16_);
     MPI_Comm_free(&comm_);
     if (owns_init_) MPI_Finalize();
   }
@@ -98,36 +117,27 @@ class MpiCommunicator final : public Communicator {
   int local_rank() const override { return local_rank_; }
   int local_size() const override { return local_size_; }
   Device device() const override { return Device::cpu(); }
+  Accumulation accumulation() const override { return accumulation_; }
   /// The MPI communicator the collectives use (a duplicate of the one given).
   MPI_Comm comm() const { return comm_; }
 
   void all_reduce_sum(const TensorRef& t, stream_t = nullptr) override {
     check_reducible(t, "all_reduce_sum");
-    MPI_Datatype type = MPI_FLOAT;
-    MPI_Op op = MPI_SUM;
-    switch (t.dtype()) {
-      case DType::float32:
-        break;
-      case DType::float16:
-        type = MPI_UINT16_T;
-        op = sum_half_;
-        break;
-      case DType::bfloat16:
-        type = MPI_UINT16_T;
-        op = sum_bf16_;
-        break;
-    }
-    const std::size_t elem = dtype_size(t.dtype());
-    char* data = static_cast<char*>(const_cast<void*>(t.data()));
-    // MPI counts are int: pieces of at most 2^30 elements.
-    constexpr std::int64_t piece = std::int64_t{1} << 30;
-    for (std::int64_t at = 0; at < t.numel(); at += piece) {
-      const int n = static_cast<int>(std::min(piece, t.numel() - at));
-      void* p = data + static_cast<std::size_t>(at) * elem;
-      check(MPI_Reduce(rank_ == 0 ? MPI_IN_PLACE : p, rank_ == 0 ? p : nullptr, n, type, op, 0, comm_),
-            "MPI_Reduce (all_reduce_sum)");
-      check(MPI_Bcast(p, n, type, 0, comm_), "MPI_Bcast (all_reduce_sum)");
-    }
+    const std::vector<TensorRef> ts{t};
+    const std::vector<std::int64_t> bounds = even_bounds(t.numel(), size_);
+    exchange(ts, bounds, true, true);
+  }
+
+  void reduce_scatter_sum(const std::vector<TensorRef>& ts, const std::vector<std::int64_t>& bounds,
+                          stream_t = nullptr) override {
+    check_slices(ts, bounds, "reduce_scatter_sum");
+    exchange(ts, bounds, true, false);
+  }
+
+  void all_gather_slices(const std::vector<TensorRef>& ts, const std::vector<std::int64_t>& bounds,
+                         stream_t = nullptr) override {
+    check_slices(ts, bounds, "all_gather_slices");
+    exchange(ts, bounds, false, true);
   }
 
   void broadcast(void* data, std::size_t bytes, int root, stream_t = nullptr) override {
@@ -165,6 +175,83 @@ class MpiCommunicator final : public Communicator {
   }
 
  private:
+  // Reduce-scatter (sum) and / or all-gather over the flat sequence `ts`
+  // sliced by `bounds`, in rounds of at most kRound / W elements of each
+  // slice (MPI's int counts, and bounded scratch memory).
+  void exchange(const std::vector<TensorRef>& ts, const std::vector<std::int64_t>& bounds, bool sum, bool gather) {
+    if (size_ == 1) return;
+    constexpr std::int64_t kRound = std::int64_t{1} << 26;  // elements over all slices: <= 256 MiB of fp32
+    const detail::FlatSequence flat(ts);
+    const auto w = static_cast<std::size_t>(size_), me = static_cast<std::size_t>(rank_);
+    const std::int64_t per = std::max<std::int64_t>(1, kRound / size_);
+    std::int64_t longest = 0;
+    for (std::size_t k = 0; k < w; ++k) longest = std::max(longest, bounds[k + 1] - bounds[k]);
+    std::vector<int> counts(w), displs(w), rcounts(w), rdispls(w);
+    std::vector<std::int64_t> lo(w), hi(w);
+    for (std::int64_t round = 0; round * per < longest; ++round) {
+      std::size_t total = 0;
+      for (std::size_t k = 0; k < w; ++k) {
+        lo[k] = std::min(bounds[k] + round * per, bounds[k + 1]);
+        hi[k] = std::min(lo[k] + per, bounds[k + 1]);
+        counts[k] = static_cast<int>(flat.bytes(lo[k], hi[k]));
+        displs[k] = static_cast<int>(total);
+        total += static_cast<std::size_t>(counts[k]);
+      }
+      const std::size_t mine = static_cast<std::size_t>(counts[me]);
+      if (sum) {
+        // Every rank's values of each slice to its owner.
+        send_.resize(total);
+        for (std::size_t k = 0; k < w; ++k) pack(ts, flat, lo[k], hi[k], send_.data() + displs[k]);
+        recv_.resize(mine * w);
+        for (std::size_t j = 0; j < w; ++j) {
+          rcounts[j] = static_cast<int>(mine);
+          rdispls[j] = static_cast<int>(mine * j);
+        }
+        check(MPI_Alltoallv(send_.data(), counts.data(), displs.data(), MPI_BYTE, recv_.data(), rcounts.data(),
+                            rdispls.data(), MPI_BYTE, comm_),
+              "MPI_Alltoallv (the sum's values to each element's owner)");
+        // The owner's sums, into its slice of the tensors.
+        std::size_t at = 0;
+        flat.for_each_piece(lo[me], hi[me], [&](std::size_t i, std::int64_t first, std::int64_t n) {
+          ts[i].visit([&](auto view) {
+            using T = typename decltype(view)::value_type;
+            detail::sum_in_rank_order<T>(recv_.data() + at, mine, size_, const_cast<T*>(view.data()) + first, n,
+                                         accumulation_);
+            at += static_cast<std::size_t>(n) * sizeof(T);
+          });
+        });
+      }
+      if (gather) {
+        send_.resize(total);
+        pack(ts, flat, lo[me], hi[me], send_.data() + displs[me]);
+        check(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, send_.data(), counts.data(), displs.data(), MPI_BYTE,
+                             comm_),
+              "MPI_Allgatherv (every slice to every rank)");
+        for (std::size_t k = 0; k < w; ++k) {
+          if (k != me) unpack(ts, flat, lo[k], hi[k], send_.data() + displs[k]);
+        }
+      }
+    }
+  }
+
+  static void pack(const std::vector<TensorRef>& ts, const detail::FlatSequence& flat, std::int64_t a, std::int64_t b,
+                   unsigned char* to) {
+    flat.for_each_piece(a, b, [&](std::size_t i, std::int64_t first, std::int64_t n) {
+      const std::size_t e = dtype_size(ts[i].dtype()), bytes = static_cast<std::size_t>(n) * e;
+      std::memcpy(to, static_cast<const unsigned char*>(ts[i].data()) + static_cast<std::size_t>(first) * e, bytes);
+      to += bytes;
+    });
+  }
+  static void unpack(const std::vector<TensorRef>& ts, const detail::FlatSequence& flat, std::int64_t a,
+                     std::int64_t b, const unsigned char* from) {
+    flat.for_each_piece(a, b, [&](std::size_t i, std::int64_t first, std::int64_t n) {
+      const std::size_t e = dtype_size(ts[i].dtype()), bytes = static_cast<std::size_t>(n) * e;
+      std::memcpy(static_cast<unsigned char*>(const_cast<void*>(ts[i].data())) + static_cast<std::size_t>(first) * e,
+                  from, bytes);
+      from += bytes;
+    });
+  }
+
   static void check(int code, const char* call) {
     if (code == MPI_SUCCESS) return;
     char text[MPI_MAX_ERROR_STRING];
@@ -178,7 +265,8 @@ class MpiCommunicator final : public Communicator {
   bool owns_init_ = false;
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0, size_ = 1, local_rank_ = 0, local_size_ = 1;
-  MPI_Op sum_half_ = MPI_OP_NULL, sum_bf16_ = MPI_OP_NULL;
+  Accumulation accumulation_;
+  std::vector<unsigned char> send_, recv_;  // scratch of the collectives (one at a time: SERIALIZED)
 };
 
 }  // namespace mixprec::dist

@@ -6,157 +6,298 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
+#include <cstdio>
+#include <fstream>
+#include <iterator>
 #include <memory>
+#include <random>
+#include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "mixprec/amp/grad_scaler.hpp"
+#include "mixprec/core/atomic_file.hpp"
 #include "mixprec/core/error.hpp"
 #include "mixprec/dist/communicator.hpp"
+#include "mixprec/io/checkpoint.hpp"
 #include "mixprec/optim/optimizer.hpp"
 #include "mixprec/tensor/tensor_view.hpp"
 
 namespace mixprec::dist {
 
+struct ShardOptions {
+  /// Where the slices may end.
+  enum class Cut {
+    /// Only between parameters: each parameter belongs to one rank. The
+    /// slices are as even as the parameter sizes allow (each interior cut is
+    /// the parameter boundary nearest the even cut). With clipping, the
+    /// results are bit-identical to plain data parallelism.
+    parameters,
+    /// Anywhere: every rank holds N / W elements (give or take one). A
+    /// parameter may be split between ranks; with clipping its sum of
+    /// squares is then added in two parts, and the clip coefficient may
+    /// differ from plain data parallelism's in its last bit.
+    elements,
+  };
+  Cut cut = Cut::parameters;
+};
+
 /// ZeRO-1 for optimizer `Opt` (optim::AdamW, SGD, ...): the parameters,
 /// taken in order as one flat sequence of N elements, are cut into size()
-/// contiguous slices (the first N % size() ranks get one element more), and
-/// this rank's optimizer (shard()) holds masters and state for its slice
-/// only: 1 / size() of the memory. A parameter may be split between two
-/// ranks; a zero-size one belongs to none.
+/// contiguous slices (ShardOptions::cut), and this rank's optimizer
+/// (shard()) holds masters and state for its slice only. A zero-size
+/// parameter belongs to no rank.
 ///
 /// A step, on every rank:
 ///
-///     sharded.reduce_gradients();              // the gradients summed over the ranks
+///     sharded.reduce_gradients();              // this rank's slice: the sum over the ranks
 ///     scaler.step(sharded.shard());            // check + update of this rank's slice
 ///     scaler.update();
 ///     sharded.gather_weights();                // every rank's updated weights to every rank
 ///
 /// with the scaler's divisor set to size() and its stats reducer to
-/// stats_reducer() (once, before the first step): each rank's non-finite
-/// flag and sum of squares are combined in one all-gather of 16 bytes a rank, so
-/// skip, scale and clip coefficient are the same on every rank.
+/// stats_reducer() (once, before the first step): the ranks' non-finite
+/// flags and per-parameter sums of squares are combined in one all-gather of
+/// 8 bytes a parameter, so skip, scale and clip coefficient are the same on
+/// every rank.
 ///
-/// Numerics: the gradients are all-reduced as GradientReducer does, so each
-/// rank's slice holds exactly the sums the unsharded data-parallel run
-/// sees; without clipping the weights are then bit-identical to that run's.
-/// With clipping the job's sum of squares adds the slices' sums, another
-/// order than one rank's pass over every gradient: the coefficient may
-/// differ in its last bit. This first version moves as many bytes as plain
-/// data parallelism (an all-reduce, not a reduce-scatter); it saves the
-/// memory, not the traffic. Host communicators (MPI) only.
+/// Numerics: reduce_gradients is the communicator's reduce_scatter_sum,
+/// whose sums have the bits all_reduce_sum (GradientReducer) gives them
+/// (MpiCommunicator), so each rank's update sees exactly the gradients of
+/// the unsharded data-parallel run and the weights are bit-identical to
+/// that run's; with clipping too when the cut is Cut::parameters.
+/// Traffic: a reduce-scatter and an all-gather, the bytes of one all-reduce.
+/// Host communicators (MPI) only.
 template <class Opt>
 class ShardedOptimizer {
  public:
-  ShardedOptimizer(Communicator& comm, std::vector<optim::Param> params, const typename Opt::options_type& options)
-      : comm_(&comm), params_(std::move(params)) {
+  ShardedOptimizer(Communicator& comm, std::vector<optim::Param> params, const typename Opt::options_type& options,
+                   const ShardOptions& shard_options = {})
+      : comm_(&comm), params_(std::move(params)), cut_(shard_options.cut) {
     MIXPREC_CHECK(comm.device().is_cpu(), "ShardedOptimizer: the ", comm.backend(),
                   " communicator is on ", comm.device(), "; this version shards host parameters (MPI) only");
+    MIXPREC_CHECK(cut_ == ShardOptions::Cut::parameters || cut_ == ShardOptions::Cut::elements,
+                  "ShardedOptimizer: shard_options.cut = ", static_cast<int>(cut_), " is not a ShardOptions::Cut");
     std::int64_t total = 0;
     for (const optim::Param& p : params_) {
       MIXPREC_CHECK(p.weight.device().is_cpu() && p.grad.device().is_cpu(), "ShardedOptimizer: parameter \"",
                     p.name, "\" is on ", p.weight.device(), "; host parameters only");
+      MIXPREC_CHECK(p.grad.dtype() == p.weight.dtype() && p.grad.numel() == p.weight.numel(),
+                    "ShardedOptimizer: parameter \"", p.name, "\": the gradient (", dtype_name(p.grad.dtype()), ", ",
+                    p.grad.numel(), " elements) must have the weight's dtype and size (", dtype_name(p.weight.dtype()), ", ",
+                    p.weight.numel(), ")");
       total += p.weight.numel();
+      weights_.push_back(p.weight);
+      grads_.push_back(p.grad);
     }
     const int w = comm.size(), r = comm.rank();
-    MIXPREC_CHECK(total >= w, "ShardedOptimizer: ", total, " elements for ", w,
-                  " ranks; every rank needs a slice of at least one element");
-    // Slice r: [begin(r), begin(r + 1)).
-    auto begin = [&](int k) { return k * (total / w) + std::min<std::int64_t>(k, total % w); };
-    lo_ = begin(r);
-    hi_ = begin(r + 1);
-    // This rank's pieces: views of the part of each parameter in [lo, hi).
-    std::vector<optim::Param> pieces;
+    bounds_ = even_bounds(total, w);
+    if (cut_ == ShardOptions::Cut::parameters) cut_at_parameters(total);
+    for (int k = 0; k < w; ++k) {
+      MIXPREC_CHECK(bounds_[k + 1] > bounds_[k], "ShardedOptimizer: rank ", k, " of ", w, " would hold no element (",
+                    params_.size(), " parameters, ", total, " elements, cut at ",
+                    cut_ == ShardOptions::Cut::parameters ? "parameters" : "elements",
+                    "); every rank needs a slice: use fewer ranks",
+                    cut_ == ShardOptions::Cut::parameters ? " or ShardOptions::Cut::elements" : "");
+    }
+    // Every rank's pieces (views of the part of each parameter in its slice);
+    // this rank's are its optimizer's parameters.
+    pieces_per_rank_.assign(static_cast<std::size_t>(w), 0);
+    std::vector<optim::Param> mine;
     std::int64_t at = 0;
     for (const optim::Param& p : params_) {
-      const std::int64_t n = p.weight.numel(), a = std::max(at, lo_), b = std::min(at + n, hi_);
-      if (a < b) pieces.push_back({p.name + "@" + std::to_string(a - at), slice(p.weight, a - at, b - a),
-                                   slice(p.grad, a - at, b - a)});
+      const std::int64_t n = p.weight.numel();
+      for (int k = 0; k < w; ++k) {
+        const std::int64_t a = std::max(at, bounds_[k]), b = std::min(at + n, bounds_[k + 1]);
+        if (a >= b) continue;
+        pieces_per_rank_[static_cast<std::size_t>(k)] += 1;
+        if (k == r) {
+          mine.push_back({p.name + "@" + std::to_string(a - at), slice(p.weight, a - at, b - a),
+                          slice(p.grad, a - at, b - a)});
+        }
+      }
       at += n;
     }
-    shard_ = std::make_unique<Opt>(std::move(pieces), options);
-    // Bytes of each rank's slice of the packed weights (dtypes may differ).
-    slice_bytes_.assign(static_cast<std::size_t>(w), 0);
-    std::size_t all = 0;
-    at = 0;
-    for (const optim::Param& p : params_) {
-      for (int k = 0; k < w; ++k) {
-        const std::int64_t a = std::max(at, begin(k)), b = std::min(at + p.weight.numel(), begin(k + 1));
-        if (a < b) slice_bytes_[static_cast<std::size_t>(k)] += static_cast<std::size_t>(b - a) * dtype_size(p.weight.dtype());
-      }
-      at += p.weight.numel();
-      all += p.weight.bytes();
-    }
-    packed_.resize(all);
+    shard_ = std::make_unique<Opt>(std::move(mine), options);
   }
 
   /// This rank's optimizer: masters and state of its slice only.
   Opt& shard() { return *shard_; }
   const Opt& shard() const { return *shard_; }
   /// This rank's slice of the flat parameter sequence: [first, last).
-  std::int64_t first() const { return lo_; }
-  std::int64_t last() const { return hi_; }
+  std::int64_t first() const { return bounds_[static_cast<std::size_t>(comm_->rank())]; }
+  std::int64_t last() const { return bounds_[static_cast<std::size_t>(comm_->rank()) + 1]; }
+  /// Every rank's slice: rank k holds [bounds()[k], bounds()[k + 1]).
+  const std::vector<std::int64_t>& bounds() const { return bounds_; }
 
   /// The scaler's stats reducer (GradScaler::set_stats_reducer): the or of
-  /// the ranks' non-finite flags and the sum of their sums of squares.
+  /// the ranks' non-finite flags and the sum of every parameter's sum of
+  /// squares, added in parameter order (as one process adds them).
   amp::GradScaler::StatsReducer stats_reducer() {
-    return [this](bool& found_inf, double& total) { combine(found_inf, total); };
+    return [this](const optim::GradStats& stats, bool& found_inf, double& total) { combine(stats, found_inf, total); };
   }
 
-  /// After the backward: every gradient becomes the sum over the ranks.
-  void reduce_gradients() {
-    for (const optim::Param& p : params_) comm_->all_reduce_sum(p.grad);
+  /// After the backward: this rank's slice of the gradients becomes the
+  /// sum over the ranks (the other elements hold unspecified values).
+  void reduce_gradients() { comm_->reduce_scatter_sum(grads_, bounds_); }
+
+  /// After the step: every rank's updated slice of the weights to every rank.
+  void gather_weights() { comm_->all_gather_slices(weights_, bounds_); }
+
+  /// Checkpoints: one file per rank plus an index, written at `path`.
+  ///
+  /// Every rank calls it after update(). Rank r writes its shard (the
+  /// ordinary checkpoint of shard(): its slice of the weights, masters,
+  /// state, the scaler and `extras`) to "<path>.<id>.rank<r>-of<W>", where
+  /// <id> is new at every save; then, once every rank's file is complete,
+  /// rank 0 writes the index `path` (JSON: the world size, the slices and
+  /// the files). Each file is written atomically, and the index last: a
+  /// crash during a save leaves the previous index and the files it names.
+  /// Once the new index is written each rank removes the file of its
+  /// previous save from this object.
+  ///
+  /// Why one file per rank: no rank gathers the whole state (the memory
+  /// ZeRO-1 saves), the ranks write in parallel, and each shard is a
+  /// checkpoint in the usual format.
+  void save_checkpoint(const std::string& path, const amp::GradScaler& scaler,
+                       const io::CheckpointExtras& extras = {}) {
+    MIXPREC_CHECK(!path.empty(), "ShardedOptimizer::save_checkpoint: path is empty");
+    std::uint64_t id = 0;
+    if (comm_->rank() == 0) id = std::random_device{}() * 0x100000000ull + std::random_device{}();
+    comm_->broadcast(&id, sizeof id, 0);
+    char hex[17];
+    std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(id));
+    const std::string file = shard_file(path, hex, comm_->rank());
+    io::save_checkpoint(file, *shard_, scaler, extras);
+    comm_->barrier();  // every shard is complete
+    if (comm_->rank() == 0) {
+      nlohmann::json index;
+      index["format"] = kIndexFormat;
+      index["world_size"] = comm_->size();
+      index["cut"] = cut_name();
+      index["bounds"] = bounds_;
+      std::vector<std::string> files;
+      for (int k = 0; k < comm_->size(); ++k) files.push_back(base_name(shard_file(path, hex, k)));
+      index["files"] = files;
+      const std::string text = index.dump(1);
+      mixprec::detail::AtomicFile out(path, "ShardedOptimizer::save_checkpoint");
+      out.append(text.data(), text.size());
+      out.commit();
+    }
+    comm_->barrier();  // the index names the new files
+    if (!previous_file_.empty() && previous_file_ != file) std::remove(previous_file_.c_str());
+    previous_file_ = file;
   }
 
-  /// After the step: every rank's updated slice of the weights to every
-  /// rank (one all-gather of the packed 16-bit weights).
-  void gather_weights() {
-    // Pack the weights in parameter order (this rank's slice is then one
-    // contiguous piece), gather every rank's piece in place, unpack.
-    std::size_t off = 0;
-    for (const optim::Param& p : params_) {
-      if (p.weight.bytes() != 0) std::memcpy(packed_.data() + off, p.weight.data(), p.weight.bytes());  // (no null source)
-      off += p.weight.bytes();
-    }
-    comm_->all_gather(packed_.data(), slice_bytes_);
-    off = 0;
-    for (const optim::Param& p : params_) {
-      if (p.weight.bytes() != 0) std::memcpy(const_cast<void*>(p.weight.data()), packed_.data() + off, p.weight.bytes());
-      off += p.weight.bytes();
-    }
+  /// Resumes what save_checkpoint wrote, on the same number of ranks with
+  /// the same parameters and cut: every rank loads its own shard (bit-exact,
+  /// as io::load_checkpoint), then the weights are gathered. Every check of
+  /// the index runs before anything changes. A checkpoint of another world
+  /// size is refused: the slices, and so each file's contents, depend on it.
+  void load_checkpoint(const std::string& path, amp::GradScaler& scaler, io::CheckpointExtras* extras = nullptr) {
+    std::ifstream in(path, std::ios::binary);
+    MIXPREC_CHECK(in.good(), "ShardedOptimizer::load_checkpoint: cannot open the index '", path, "'");
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    nlohmann::json index = nlohmann::json::parse(text, nullptr, false);
+    MIXPREC_CHECK(!index.is_discarded() && index.is_object() && index.value("format", "") == kIndexFormat,
+                  "ShardedOptimizer::load_checkpoint: '", path, "' is not the index of a sharded checkpoint");
+    const int saved = index.value("world_size", 0);
+    MIXPREC_CHECK(saved == comm_->size(), "ShardedOptimizer::load_checkpoint: '", path, "' was saved by ", saved,
+                  " ranks, this job has ", comm_->size(), "; resume a sharded checkpoint on the same number of ranks");
+    const std::string cut = index.value("cut", "");
+    MIXPREC_CHECK(cut == cut_name(), "ShardedOptimizer::load_checkpoint: '", path, "' was cut at ", cut,
+                  ", this optimizer cuts at ", cut_name());
+    MIXPREC_CHECK(index.contains("bounds") && index["bounds"].is_array() &&
+                      index["bounds"].get<std::vector<std::int64_t>>() == bounds_,
+                  "ShardedOptimizer::load_checkpoint: '", path, "' holds other slices (", index.value("bounds",
+                  nlohmann::json()).dump(), ") than this optimizer's (", nlohmann::json(bounds_).dump(),
+                  "): other parameters");
+    MIXPREC_CHECK(index.contains("files") && index["files"].is_array() &&
+                      index["files"].size() == static_cast<std::size_t>(comm_->size()),
+                  "ShardedOptimizer::load_checkpoint: '", path, "' does not list one file per rank");
+    const std::string name = index["files"][static_cast<std::size_t>(comm_->rank())].get<std::string>();
+    const std::size_t slash = path.rfind('/');
+    const std::string file = slash == std::string::npos ? name : path.substr(0, slash + 1) + name;
+    io::load_checkpoint(file, *shard_, scaler, extras);
+    gather_weights();
+    previous_file_ = file;
   }
 
  private:
+  static constexpr const char* kIndexFormat = "mixprec-sharded-checkpoint-1";
+
+  const char* cut_name() const { return cut_ == ShardOptions::Cut::parameters ? "parameters" : "elements"; }
+  static std::string shard_file(const std::string& path, const char* id, int rank) {
+    return path + "." + id + ".rank" + std::to_string(rank);
+  }
+  static std::string base_name(const std::string& p) {
+    const std::size_t slash = p.rfind('/');
+    return slash == std::string::npos ? p : p.substr(slash + 1);
+  }
+
+  // Each interior cut moves to the parameter boundary nearest the even cut
+  // (the lower one on a tie), never before the previous cut.
+  void cut_at_parameters(std::int64_t total) {
+    std::vector<std::int64_t> ends{0};
+    for (const optim::Param& p : params_) ends.push_back(ends.back() + p.weight.numel());
+    for (std::size_t k = 1; k + 1 < bounds_.size(); ++k) {
+      const std::int64_t even = bounds_[k];
+      auto hi = std::lower_bound(ends.begin(), ends.end(), even);  // first boundary >= even
+      std::int64_t best = *hi;
+      if (hi != ends.begin() && even - *(hi - 1) <= *hi - even) best = *(hi - 1);
+      bounds_[k] = std::max(best, bounds_[k - 1]);
+    }
+    bounds_.back() = total;
+  }
+
   static TensorRef slice(const TensorRef& t, std::int64_t offset, std::int64_t count) {
     return t.visit([&](auto v) -> TensorRef {
       using T = typename decltype(v)::value_type;
       return TensorView<T>(const_cast<T*>(v.data()) + offset, {count}, v.device());
     });
   }
-  // Every rank's {sum of squares, flag} gathered (16 bytes a rank), then
-  // added up in rank order in double: the same bits on every rank.
-  void combine(bool& found_inf, double& total) {
+
+  // Every rank's {flag, sums of squares of its pieces} gathered (8 bytes a
+  // piece), then added in rank order and piece order, that is parameter
+  // order, in double: the same bits on every rank; and, when no parameter
+  // is split, the bits one process's pass 1 gives.
+  void combine(const optim::GradStats& stats, bool& found_inf, double& total) {
     const auto w = static_cast<std::size_t>(comm_->size()), r = static_cast<std::size_t>(comm_->rank());
-    std::vector<double> all(2 * w, 0.0);
-    all[2 * r] = total;
-    all[2 * r + 1] = found_inf ? 1.0 : 0.0;
-    comm_->all_gather(all.data(), std::vector<std::size_t>(w, 2 * sizeof(double)));
+    MIXPREC_CHECK(stats.sum_squares.size() == pieces_per_rank_[r], "ShardedOptimizer: the stats reducer got ",
+                  stats.sum_squares.size(), " parameters, this rank's shard has ", pieces_per_rank_[r],
+                  "; set it on the scaler that steps shard()");
+    std::vector<std::size_t> bytes(w);
+    std::size_t all = 0, at = 0;
+    for (std::size_t k = 0; k < w; ++k) {
+      bytes[k] = (1 + pieces_per_rank_[k]) * sizeof(double);
+      if (k < r) at += 1 + pieces_per_rank_[k];
+      all += 1 + pieces_per_rank_[k];
+    }
+    std::vector<double> gathered(all, 0.0);
+    gathered[at] = found_inf ? 1.0 : 0.0;
+    std::copy(stats.sum_squares.begin(), stats.sum_squares.end(), gathered.begin() + static_cast<std::ptrdiff_t>(at) + 1);
+    comm_->all_gather(gathered.data(), bytes);
     total = 0;
     found_inf = false;
+    std::size_t i = 0;
     for (std::size_t k = 0; k < w; ++k) {
-      total += all[2 * k];
-      found_inf = found_inf || all[2 * k + 1] != 0.0;
+      found_inf = found_inf || gathered[i] != 0.0;
+      for (std::size_t j = 0; j < pieces_per_rank_[k]; ++j) total += gathered[i + 1 + j];
+      i += 1 + pieces_per_rank_[k];
     }
   }
 
   Communicator* comm_;
   std::vector<optim::Param> params_;
-  std::vector<std::size_t> slice_bytes_;  // of the packed weights, per rank
-  std::int64_t lo_ = 0, hi_ = 0;
+  std::vector<TensorRef> weights_, grads_;
+  ShardOptions::Cut cut_;
+  std::vector<std::int64_t> bounds_;
+  std::vector<std::size_t> pieces_per_rank_;
   std::unique_ptr<Opt> shard_;
-  std::vector<unsigned char> packed_;
+  std::string previous_file_;
 };
 
 }  // namespace mixprec::dist
