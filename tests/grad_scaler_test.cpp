@@ -14,6 +14,8 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "mixprec/mixprec.hpp"
@@ -294,6 +296,82 @@ TEST(GradScaler, ModesAndDtypeDefaults) {
     EXPECT_EQ(scaler.skipped_steps(), 2);
     EXPECT_EQ(scaler.applied_steps(), 4);
   }
+}
+
+// torch's name for scale(), on both scalers (docs/from-pytorch.md): the
+// same value in every mode and after growth and backoff.
+TEST(GradScaler, GetScaleIsScale) {
+  for (const auto mode : {amp::ScalingMode::dynamic, amp::ScalingMode::static_scale, amp::ScalingMode::disabled}) {
+    amp::GradScalerOptions o;
+    o.mode = mode;
+    o.growth_interval = 1;
+    amp::GradScaler scaler(o);
+    OneParam m;
+    for (int step = 0; step < 4; ++step) {
+      EXPECT_EQ(scaler.get_scale(), scaler.scale());
+      m.set_grad(step == 2, 1.0f);
+      scaler.step(m.opt);
+      scaler.update();
+    }
+    EXPECT_EQ(scaler.get_scale(), mode == amp::ScalingMode::dynamic ? 262144.0f  // x2, x2, x0.5, x2
+                                  : mode == amp::ScalingMode::static_scale ? 65536.0f : 1.0f);
+  }
+  static_assert(std::is_same_v<decltype(std::declval<const amp::DeviceGradScaler&>().get_scale()), float>);
+}
+
+// What docs/grad-scaler.md#gradient-accumulation says: the update uses the
+// gradient buffers as they are (the sum of the micro-batches the backward
+// added into them: nothing zeroes them before the first, or after the step),
+// set_grad_divisor(k) makes it the mean, and an fp16 sum that overflows skips
+// the step. Values chosen so that every sum and quotient is exact: the
+// expected masters are exact too.
+TEST(GradScaler, GradientAccumulation) {
+  const std::int64_t n = 64;
+  const int k = 4;  // micro-batches per step
+  Tensor<half> w({n}), g({n});
+  fill(w, 0.0f);
+  optim::SGD sgd({{"w", w, g}}, optim::SGDOptions{});  // lr 1e-3, no momentum
+  amp::GradScalerOptions o;
+  o.init_scale = 1024;
+  amp::GradScaler scaler(o);
+  scaler.set_grad_divisor(k);
+  auto micro = [&](std::int64_t i, int j) {  // micro-batch j's gradient, unscaled: multiples of 1/8
+    return 0.125f * static_cast<float>((i % 7) - 3 + j);
+  };
+  auto accumulate = [&](bool zero_first) {
+    if (zero_first) fill(g, 0.0f);  // the caller's job, before the first micro-batch
+    for (int j = 0; j < k; ++j) {
+      for (std::int64_t i = 0; i < n; ++i) {
+        g.data()[i] = from_float<half>(to_float(g.data()[i]) + micro(i, j) * scaler.scale());  // the backward adds
+      }
+    }
+  };
+  accumulate(true);
+  std::vector<std::uint16_t> stored(n);
+  for (std::int64_t i = 0; i < n; ++i) stored[i] = to_bits(g.data()[i]);
+  ASSERT_TRUE(scaler.step(sgd));
+  scaler.update();
+  for (std::int64_t i = 0; i < n; ++i) {
+    float mean = 0;
+    for (int j = 0; j < k; ++j) mean += micro(i, j);
+    mean /= k;
+    // SGD: master = 0 - lr * (stored * float(1 / (1024 * 4))), i.e. the mean.
+    EXPECT_EQ(sgd.master(0).data()[i], -static_cast<float>(1e-3) * mean) << "element " << i;
+    EXPECT_EQ(to_bits(g.data()[i]), stored[i]) << "the step wrote gradient " << i;
+  }
+
+  // Not zeroed: a second accumulation adds onto the first one's sums.
+  const float master0 = sgd.master(0).data()[0];
+  accumulate(false);
+  EXPECT_EQ(to_float(g.data()[0]), 2.0f * to_float(from_bits<half>(stored[0])));
+
+  // An fp16 sum that overflows is caught like any overflow: the step is skipped.
+  fill(g, 40000.0f);
+  for (std::int64_t i = 0; i < n; ++i) g.data()[i] = from_float<half>(to_float(g.data()[i]) + 40000.0f);
+  ASSERT_TRUE(std::isinf(to_float(g.data()[0])));
+  EXPECT_FALSE(scaler.step(sgd));
+  scaler.update();
+  EXPECT_EQ(sgd.master(0).data()[0], master0);
 }
 
 TEST(GradScaler, ErrorAtMinScaleRaisedOnce) {

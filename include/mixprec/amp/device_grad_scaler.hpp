@@ -89,6 +89,9 @@ class DeviceGradScaler {
   }
   /// The current loss scale: a synchronising read.
   float scale() const { return state().scale; }
+  /// torch.amp.GradScaler.get_scale(), the same thing: scale(), which
+  /// synchronises (as torch's does on a CUDA scaler).
+  float get_scale() const { return scale(); }
 
   /// As GradScaler::set_grad_divisor: the gradients are the sum of
   /// `divisor` ranks' and the unscale divides by it. A captured graph keeps
