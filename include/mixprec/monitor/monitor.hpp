@@ -48,9 +48,12 @@ struct MonitorOptions {
 /// monitor.step(loss) where it would call scaler.step(opt); scaler.update():
 ///
 ///     amp::DeviceGradScaler scaler;            // or amp::GradScaler on the host
-///     monitor::Monitor monitor(opt, scaler, {.every = 10, .log_path = "run.jsonl"});
-///     for (...) {
-///       ... forward, loss (device float* on the GPU), backward ...
+///     monitor::MonitorOptions mo;
+///     mo.every = 10;
+///     mo.log_path = "run.jsonl";
+///     monitor::Monitor monitor(opt, scaler, mo);
+///     for (int step = 0; step < steps; ++step) {
+///       const float* loss = forward_and_backward(scaler.scale_data());  // yours: loss on the device
 ///       monitor.step(loss);                    // scaler.step(opt) + scaler.update() + the figures
 ///     }
 ///     monitor.flush();                         // the last read-backs (synchronises)
