@@ -25,16 +25,16 @@
 //                     nccl-tests' "algbw".
 //   wire_B_per_param  the ALGORITHMIC volume, not measured traffic: bytes
 //                     each rank sends (and as many it receives) per
-//                     parameter, averaged over the ranks. MpiCommunicator's
-//                     all-reduce is MPI_Reduce to rank 0 then MPI_Bcast from
-//                     it; each moves every 2-byte value over W - 1 links in
-//                     all, whatever the tree, so 2 x 2 x (W - 1) / W: 2 at
-//                     W = 2, towards 4 for many ranks (a ring all-reduce,
-//                     NCCL's, has the same average). Rank 0 carries more: in
-//                     a binomial tree ceil(log2 W) x 2 bytes in and as many
-//                     out. Open MPI on one node goes through shared memory
-//                     and may cut and pipeline messages: what actually
-//                     crosses the memory bus is not this number.
+//                     parameter. MpiCommunicator's all-reduce sends each
+//                     element's owner the other ranks' values
+//                     (MPI_Alltoallv) and every owner's sums to every rank
+//                     (MPI_Allgatherv): each rank sends (W - 1) / W of the
+//                     2-byte values in each, so 2 x 2 x (W - 1) / W: 2 at
+//                     W = 2, towards 4 for many ranks, the same on every rank
+//                     (a ring all-reduce, NCCL's, moves as much). Open MPI on
+//                     one node goes through shared memory and may cut and
+//                     pipeline messages: what actually crosses the memory
+//                     bus is not this number.
 //   memcpy_fraction   the time of one memcpy of the same gradient bytes in
 //                     one process (rank 0, the others waiting), over the
 //                     step time: 1 would be a reduction as fast as copying
@@ -174,11 +174,19 @@ void BM_reduce_mpi(benchmark::State& state) {
   state.counters["buckets"] = static_cast<double>(reducer.num_buckets());
 }
 
+// The pairwise 16-bit sum of a user-defined MPI operation: each sum in
+// float, rounded to half (what NCCL's half sum does).
+void half_sum(void* in, void* inout, int* len, MPI_Datatype*) {
+  const half* a = static_cast<const half*>(in);
+  half* b = static_cast<half*>(inout);
+  for (int i = 0; i < *len; ++i) b[i] = mixprec::from_float<half>(mixprec::to_float(a[i]) + mixprec::to_float(b[i]));
+}
+
 // For scale, not what mixprec does: one MPI_Allreduce of the same bytes
-// with the same 16-bit sum (sum16<half>), the bandwidth-optimal collective
-// that the reduce + broadcast gives up for its same-bits-on-every-rank
-// guarantee (docs/distributed.md, rank consistency). One buffer, no
-// bucket copies.
+// with a 16-bit sum in the library's own order and algorithm, which
+// mixprec gives up for sums whose bits do not depend on the library
+// (docs/distributed.md, how the sums are made). One buffer, no bucket
+// copies.
 void BM_allreduce_reference(benchmark::State& state) {
   const std::int64_t n = state.range(0);
   std::vector<half> first(static_cast<std::size_t>(n)), data(first.size());
@@ -188,7 +196,7 @@ void BM_allreduce_reference(benchmark::State& state) {
     std::memcpy(first.data(), t.data(), t.bytes());
   }
   MPI_Op op = MPI_OP_NULL;
-  MIXPREC_CHECK(MPI_Op_create(&dist::detail::sum16<half>, 1, &op) == MPI_SUCCESS, "bench_reduce: MPI_Op_create");
+  MIXPREC_CHECK(MPI_Op_create(&half_sum, 1, &op) == MPI_SUCCESS, "bench_reduce: MPI_Op_create");
   const auto all_reduce = [&] {
     const int rc = MPI_Allreduce(MPI_IN_PLACE, data.data(), static_cast<int>(n), MPI_UINT16_T, op, g_mpi->comm());
     MIXPREC_CHECK(rc == MPI_SUCCESS, "bench_reduce: MPI_Allreduce failed with code ", rc);
@@ -207,8 +215,8 @@ void BM_allreduce_reference(benchmark::State& state) {
     total += s;
   }
   MPI_Op_free(&op);
-  // wire_B_per_param: the same 2 x 2 x (W - 1) / W, the volume of a ring
-  // or of reduce + broadcast; the library picks its own algorithm.
+  // wire_B_per_param: the same 2 x 2 x (W - 1) / W, the volume of a ring;
+  // the library picks its own algorithm.
   set_common_counters(state, n, total / static_cast<double>(state.iterations()), memcpy_s);
 }
 

@@ -54,11 +54,14 @@ if [[ "${MIXPREC_CLANG:-1}" != 0 ]]; then
     # compiler and flags of the environment: the same Clang and sanitizers.
     export CXX=clang++ CXXFLAGS="$SANITIZE" LDFLAGS="$SANITIZE"
     cd "$BUILD_DIR"
-    # Every CPU-labelled test but the MPI ones: Open MPI's own allocations
-    # at start-up and finalisation are reported as leaks by LeakSanitizer
-    # (not mixprec's); the ordinary leg runs them. (No `| tail`: a failing
-    # test's sanitizer report is the part to read.)
+    # Every CPU-labelled test; the MPI ones (serial) with leak checking off:
+    # Open MPI's own allocations at start-up and finalisation, many in
+    # plug-ins unloaded by then (unnamed frames no suppression can match),
+    # are reported as leaks. Every other check stays on, in mixprec's code
+    # and the tests'. (No `| tail`: a failing test's sanitizer report is the
+    # part to read.)
     ctest --output-on-failure -j "$JOBS" --no-label-summary -L cpu -LE mpi
+    ASAN_OPTIONS="$ASAN_OPTIONS:detect_leaks=0" ctest --output-on-failure --no-label-summary -L mpi
     log "sanitizer leg: $((SECONDS - leg_start)) s"
   )
 fi

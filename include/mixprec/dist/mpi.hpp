@@ -25,17 +25,21 @@ namespace detail {
 // The owner's sum of W ranks' pieces, in rank order: piece j of `count`
 // values of type T at in + j * stride (bytes) is rank j's. Accumulated in
 // float; with own_type each partial sum is rounded to T (exact for float).
+// The pieces are packed bytes of several dtypes: read through memcpy, as
+// they need not be aligned for T.
 template <class T>
 void sum_in_rank_order(const unsigned char* in, std::size_t stride, int ranks, T* out, std::int64_t count,
                        Accumulation how) {
   constexpr std::int64_t kBlock = 1024;
   float acc[kBlock];
+  T x[kBlock];
   for (std::int64_t at = 0; at < count; at += kBlock) {
     const std::int64_t m = std::min(kBlock, count - at);
-    const T* x = reinterpret_cast<const T*>(in) + at;
+    const std::size_t bytes = static_cast<std::size_t>(m) * sizeof(T), skip = static_cast<std::size_t>(at) * sizeof(T);
+    std::memcpy(x, in + skip, bytes);
     for (std::int64_t e = 0; e < m; ++e) acc[e] = to_float(x[e]);
     for (int j = 1; j < ranks; ++j) {
-      x = reinterpret_cast<const T*>(in + static_cast<std::size_t>(j) * stride) + at;
+      std::memcpy(x, in + static_cast<std::size_t>(j) * stride + skip, bytes);
       if (how == Accumulation::own_type) {
         for (std::int64_t e = 0; e < m; ++e) acc[e] = to_float(from_float<T>(acc[e] + to_float(x[e])));
       } else {
