@@ -12,6 +12,7 @@
 //                     [--schedule constant|cosine] [--seed N] [--data DIR]
 //                     [--graph on|off] [--min-accuracy X]
 //                     [--monitor on|off] [--monitor-every K] [--monitor-log FILE.jsonl]
+//                     [--zero1 on|off]
 //
 // Defaults: fp16, cuda when a device is usable (else cpu), 10 epochs, batch
 // 256, AdamW lr 2e-3 with a cosine decay over the run, seed 0, data as

@@ -10,6 +10,7 @@
 //                     [--schedule constant|cosine] [--hidden N] [--seed N] [--data DIR]
 //                     [--graph on|off] [--min-accuracy X]
 //                     [--monitor on|off] [--monitor-every K] [--monitor-log FILE.jsonl]
+//                     [--zero1 on|off]
 //
 // Defaults: fp16, cuda when a device is usable (else cpu), 10 epochs, batch
 // 256, AdamW lr 1e-3 with a cosine decay over the run (torch's
@@ -17,7 +18,9 @@
 // $MIXPREC_FASHION_MNIST or else the Debian package's
 // /usr/share/datasets/fashion-mnist, graph on, the instability monitor on
 // (docs/monitor.md) with a logged step every 10 steps and no log file. With --min-accuracy the
-// program exits 1 when the final test accuracy is below it.
+// program exits 1 when the final test accuracy is below it. Started by
+// mpirun, it trains data-parallel on CPU ranks (docs/distributed.md);
+// --zero1 on then shards the masters and moments over the ranks (ZeRO-1).
 #include <string>
 
 #include "classifier.hpp"

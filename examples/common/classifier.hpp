@@ -32,6 +32,7 @@
 
 #include <mixprec/dist/communicator.hpp>
 #include <mixprec/dist/reducer.hpp>
+#include <mixprec/dist/sharded.hpp>
 #include <mixprec/mixprec.hpp>
 #if MIXPREC_EXAMPLES_WITH_MPI
 #include <mixprec/dist/mpi.hpp>
@@ -50,6 +51,7 @@ struct Args {
   double lr = 1e-3, min_accuracy = 0;
   std::uint64_t seed = 0;
   bool graph = true;
+  bool zero1 = false;  // data parallel: ZeRO-1 (masters and moments sharded over the ranks)
   // The instability monitor (docs/monitor.md): on by default, a logged
   // step every monitor_every steps, a JSONL log when monitor_log is set.
   bool monitor = true;
@@ -116,6 +118,9 @@ inline Args parse(int argc, char** argv, Args a, bool takes_hidden) {
     } else if (flag == "--graph") {
       if (v != "on" && v != "off") usage_error("--graph = " + v + ", must be on or off");
       a.graph = v == "on";
+    } else if (flag == "--zero1") {
+      if (v != "on" && v != "off") usage_error("--zero1 = " + v + ", must be on or off");
+      a.zero1 = v == "on";
     } else if (flag == "--monitor") {
       if (v != "on" && v != "off") usage_error("--monitor = " + v + ", must be on or off");
       a.monitor = v == "on";
@@ -160,6 +165,35 @@ inline std::unique_ptr<optim::Optimizer> make_optimizer(const Args& a, std::vect
   optim::AdamWOptions o;
   o.lr = a.lr;
   return std::make_unique<optim::AdamW>(std::move(params), o);
+}
+
+// ZeRO-1 over `comm` with the optimizer of `a` (the same options as
+// make_optimizer's). Cut at elements: the MLP's first layer holds 85% of
+// its parameters, so cuts at parameters would leave one rank most of the
+// state; the examples do not clip, so the bits are plain data
+// parallelism's either way (docs/distributed.md).
+inline std::unique_ptr<dist::ZeroOne> make_zero1(const Args& a, dist::Communicator& comm,
+                                                 std::vector<optim::Param> params) {
+  const dist::ShardOptions cut{dist::ShardOptions::Cut::elements};
+  if (a.optimizer == "sgd") {
+    optim::SGDOptions o;
+    o.lr = a.lr;
+    o.momentum = 0.9;
+    return std::make_unique<dist::ShardedOptimizer<optim::SGD>>(comm, std::move(params), o, cut);
+  }
+  if (a.optimizer == "adam") {
+    optim::AdamOptions o;
+    o.lr = a.lr;
+    return std::make_unique<dist::ShardedOptimizer<optim::Adam>>(comm, std::move(params), o, cut);
+  }
+  if (a.optimizer == "rmsprop") {
+    optim::RMSpropOptions o;
+    o.lr = a.lr;
+    return std::make_unique<dist::ShardedOptimizer<optim::RMSprop>>(comm, std::move(params), o, cut);
+  }
+  optim::AdamWOptions o;
+  o.lr = a.lr;
+  return std::make_unique<dist::ShardedOptimizer<optim::AdamW>>(comm, std::move(params), o, cut);
 }
 
 inline std::vector<std::int32_t> identity(std::int64_t n) {
@@ -231,6 +265,7 @@ struct Model {
         test(to_rows<T>(test_set, with_batch(test_set.count, sample)).view(), test_set.labels, a.batch, dev,
              stream) {
     add_layers(net, a, dev);
+    if (a.zero1) return;  // run_cpu builds the sharded optimizer
     opt = make_optimizer(a, net.parameters());
     if (a.schedule == "cosine") opt->set_schedule(optim::LRSchedule::cosine(a.epochs * train.full_batches()));
   }
@@ -271,6 +306,9 @@ inline std::vector<std::int32_t> shard_order(std::int64_t n, std::mt19937_64& rn
 // when it has several ranks (mpirun): each rank trains on its share of
 // every epoch with --batch images a step, the gradients are summed over the
 // ranks (dist::GradientReducer) and averaged in the unscale; rank 0 prints.
+// With --zero1 on, each rank keeps the masters and moments of its slice of
+// the parameters (dist::ShardedOptimizer): the gradients are
+// reduce-scattered and the updated weights all-gathered.
 template <class T>
 double run_cpu(const Args& a, const ImageSet& train_set, const ImageSet& test_set,
                const std::vector<std::int64_t>& sample, AddLayers<T> add_layers, dist::Communicator& comm) {
@@ -278,9 +316,16 @@ double run_cpu(const Args& a, const ImageSet& train_set, const ImageSet& test_se
   Model<T> m(a, Device::cpu(), nullptr, train_set, test_set, sample, add_layers);
   amp::GradScaler scaler(amp::GradScalerOptions::for_dtype(dtype_of<T>));
   scaler.set_grad_divisor(ranks);
-  dist::GradientReducer reducer(comm, *m.opt);
-  std::optional<monitor::Monitor> mon;
-  if (a.monitor && rank == 0) mon.emplace(*m.opt, scaler, monitor_options(a));
+  std::unique_ptr<dist::ZeroOne> zero;
+  if (a.zero1) {
+    zero = make_zero1(a, comm, m.net.parameters());
+    scaler.set_stats_reducer(zero->stats_reducer());
+  }
+  optim::Optimizer& opt = zero ? zero->optimizer() : *m.opt;
+  std::optional<dist::GradientReducer> reducer;
+  if (!zero) reducer.emplace(comm, opt);
+  std::optional<monitor::Monitor> mon;  // with --zero1, it watches rank 0's slice
+  if (a.monitor && rank == 0) mon.emplace(opt, scaler, monitor_options(a));
   Progress progress;
   progress.quiet = rank != 0;
   std::mt19937_64 rng(a.seed);
@@ -288,7 +333,7 @@ double run_cpu(const Args& a, const ImageSet& train_set, const ImageSet& test_se
   const std::int64_t steps = ranks == 1 ? m.train.full_batches() : m.train.size() / ranks / a.batch;
   MIXPREC_CHECK(steps > 0, "--batch = ", a.batch, " x ", ranks, " ranks: more than the ", m.train.size(),
                 " training images");
-  if (ranks > 1 && a.schedule == "cosine") m.opt->set_schedule(optim::LRSchedule::cosine(a.epochs * steps));
+  if ((ranks > 1 || zero) && a.schedule == "cosine") opt.set_schedule(optim::LRSchedule::cosine(a.epochs * steps));
   double accuracy = 0;
   for (int epoch = 1; epoch <= a.epochs; ++epoch) {
     if (ranks == 1) {
@@ -306,13 +351,19 @@ double run_cpu(const Args& a, const ImageSet& train_set, const ImageSet& test_se
                                                       m.net.output_grad());
       loss_sum += loss;
       m.net.backward();
-      if (ranks > 1) reducer.reduce();  // the sum over the ranks; the mean is taken in the unscale
+      // The sum over the ranks; the mean is taken in the unscale.
+      if (zero) {
+        zero->reduce_gradients();  // of this rank's slice
+      } else if (ranks > 1) {
+        reducer->reduce();
+      }
       if (mon) {
         mon->step(loss);  // scaler.step + scaler.update, watched
       } else {
-        scaler.step(*m.opt);
+        scaler.step(opt);
         scaler.update();
       }
+      if (zero) zero->gather_weights();
       if (s % 10 == 0) {
         progress.draw(epoch, s, steps, loss_sum / s, scaler.scale(), scaler.skipped_steps() - skipped_before,
                       s * a.batch * ranks / seconds(), monitor_status(mon));
@@ -474,12 +525,14 @@ int train_classifier(const Args& a, const std::vector<std::int64_t>& sample, con
   try {
     comm = make_communicator();
     dist::Communicator& c = *comm;
+    MIXPREC_CHECK(!a.zero1 || a.device == "cpu", "--zero1 on: ZeRO-1 shards host parameters only; run the ranks "
+                  "with --device cpu");
     if (c.size() > 1) {
       MIXPREC_CHECK(a.device == "cpu", "data parallel runs on the GPU (NCCL) are not in this build yet; "
                     "run the ranks with --device cpu");
       if (c.rank() != 0) (void)std::freopen("/dev/null", "w", stdout);  // rank 0 reports
-      std::printf("data parallel: %d ranks (%s), batch %lld per rank\n", c.size(), c.backend(),
-                  static_cast<long long>(a.batch));
+      std::printf("data parallel: %d ranks (%s), batch %lld per rank%s\n", c.size(), c.backend(),
+                  static_cast<long long>(a.batch), a.zero1 ? ", ZeRO-1" : "");
     }
     const ImageSet train = load_fashion_mnist(a.data, "train");
     const ImageSet test = load_fashion_mnist(a.data, "t10k");

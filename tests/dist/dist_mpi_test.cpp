@@ -537,6 +537,39 @@ TEST(DistMpi, ZeroOneCutAtParametersClipsBitForBit) {
   zero1_matches_data_parallel<optim::SGD>(o, dist::ShardOptions::Cut::parameters, 1e-3);
 }
 
+// Cut at parameters: the nearest parameter boundary that leaves every rank
+// a parameter; too few parameters is a clear error. The sizes of
+// examples/fashion_mnist_mlp with hidden 128 (the first layer holds 85%).
+TEST(DistMpi, ZeroOneCutsAtParametersLeaveEveryRankAParameter) {
+  const int w = g_comm->size();
+  std::vector<Tensor<half>> ws, gs;
+  for (std::int64_t n : {100352, 128, 16384, 0, 128, 1280, 10}) {
+    ws.emplace_back(Shape{n});
+    gs.emplace_back(Shape{n});
+  }
+  std::vector<optim::Param> params;
+  for (std::size_t i = 0; i < ws.size(); ++i) params.push_back({"p" + std::to_string(i), ws[i], gs[i]});
+  dist::ShardedOptimizer<optim::SGD> zero(*g_comm, params, optim::SGDOptions{});
+  // Even cuts: 59141 (2 ranks); 39428, 78855 (3 ranks). Parameter starts:
+  // 100352, 100480, 116864, 116992, 118272.
+  const std::vector<std::vector<std::int64_t>> want{
+      {0, 118282}, {0, 100352, 118282}, {0, 100352, 100480, 118282}};
+  EXPECT_EQ(zero.bounds(), want.at(static_cast<std::size_t>(w) - 1));
+  if (w < 2) return;
+  std::vector<optim::Param> two{{"big", ws[0], gs[0]}, {"empty", ws[3], gs[3]}};
+  if (w > 2) two.push_back({"small", ws[1], gs[1]});  // still one parameter too few
+  try {
+    dist::ShardedOptimizer<optim::SGD> refused(*g_comm, two, optim::SGDOptions{});
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("would hold no element"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("ShardOptions::Cut::elements"), std::string::npos) << e.what();
+  }
+  dist::ShardedOptimizer<optim::SGD> even(*g_comm, two, optim::SGDOptions{},
+                                          dist::ShardOptions{dist::ShardOptions::Cut::elements});
+  EXPECT_EQ(even.bounds(), dist::even_bounds(w > 2 ? 100480 : 100352, w));
+}
+
 // A sharded run's checkpoint: every rank's shard and an index. Resumed on
 // the same number of ranks it continues with the bits of a run that never
 // stopped; a job of another size refuses it (ctest's dist_mpi_checkpoint_3).

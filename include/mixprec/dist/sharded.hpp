@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iterator>
 #include <memory>
@@ -31,9 +32,10 @@ namespace mixprec::dist {
 struct ShardOptions {
   /// Where the slices may end.
   enum class Cut {
-    /// Only between parameters: each parameter belongs to one rank. The
-    /// slices are as even as the parameter sizes allow (each interior cut is
-    /// the parameter boundary nearest the even cut). With clipping, the
+    /// Only between parameters: each parameter belongs to one rank. Each
+    /// interior cut is the parameter boundary nearest the even cut that
+    /// leaves every rank a parameter: as even as the parameter sizes allow,
+    /// which can be far from even (one large layer). With clipping, the
     /// results are bit-identical to plain data parallelism.
     parameters,
     /// Anywhere: every rank holds N / W elements (give or take one). A
@@ -43,6 +45,23 @@ struct ShardOptions {
     elements,
   };
   Cut cut = Cut::parameters;
+};
+
+/// What a trainer calls on a ZeRO-1 optimizer, whatever its kind
+/// (ShardedOptimizer<Opt> below): for code that picks the optimizer at run
+/// time.
+class ZeroOne {
+ public:
+  virtual ~ZeroOne() = default;
+  /// This rank's optimizer (masters and state of its slice), to step.
+  virtual optim::Optimizer& optimizer() = 0;
+  virtual amp::GradScaler::StatsReducer stats_reducer() = 0;
+  virtual void reduce_gradients() = 0;
+  virtual void gather_weights() = 0;
+  virtual void save_checkpoint(const std::string& path, const amp::GradScaler& scaler,
+                               const io::CheckpointExtras& extras = {}) = 0;
+  virtual void load_checkpoint(const std::string& path, amp::GradScaler& scaler,
+                               io::CheckpointExtras* extras = nullptr) = 0;
 };
 
 /// ZeRO-1 for optimizer `Opt` (optim::AdamW, SGD, ...): the parameters,
@@ -72,7 +91,7 @@ struct ShardOptions {
 /// Traffic: a reduce-scatter and an all-gather, the bytes of one all-reduce.
 /// Host communicators (MPI) only.
 template <class Opt>
-class ShardedOptimizer {
+class ShardedOptimizer final : public ZeroOne {
  public:
   ShardedOptimizer(Communicator& comm, std::vector<optim::Param> params, const typename Opt::options_type& options,
                    const ShardOptions& shard_options = {})
@@ -127,6 +146,7 @@ class ShardedOptimizer {
   /// This rank's optimizer: masters and state of its slice only.
   Opt& shard() { return *shard_; }
   const Opt& shard() const { return *shard_; }
+  optim::Optimizer& optimizer() override { return *shard_; }
   /// This rank's slice of the flat parameter sequence: [first, last).
   std::int64_t first() const { return bounds_[static_cast<std::size_t>(comm_->rank())]; }
   std::int64_t last() const { return bounds_[static_cast<std::size_t>(comm_->rank()) + 1]; }
@@ -136,16 +156,16 @@ class ShardedOptimizer {
   /// The scaler's stats reducer (GradScaler::set_stats_reducer): the or of
   /// the ranks' non-finite flags and the sum of every parameter's sum of
   /// squares, added in parameter order (as one process adds them).
-  amp::GradScaler::StatsReducer stats_reducer() {
+  amp::GradScaler::StatsReducer stats_reducer() override {
     return [this](const optim::GradStats& stats, bool& found_inf, double& total) { combine(stats, found_inf, total); };
   }
 
   /// After the backward: this rank's slice of the gradients becomes the
   /// sum over the ranks (the other elements hold unspecified values).
-  void reduce_gradients() { comm_->reduce_scatter_sum(grads_, bounds_); }
+  void reduce_gradients() override { comm_->reduce_scatter_sum(grads_, bounds_); }
 
   /// After the step: every rank's updated slice of the weights to every rank.
-  void gather_weights() { comm_->all_gather_slices(weights_, bounds_); }
+  void gather_weights() override { comm_->all_gather_slices(weights_, bounds_); }
 
   /// Checkpoints: one file per rank plus an index, written at `path`.
   ///
@@ -163,7 +183,7 @@ class ShardedOptimizer {
   /// ZeRO-1 saves), the ranks write in parallel, and each shard is a
   /// checkpoint in the usual format.
   void save_checkpoint(const std::string& path, const amp::GradScaler& scaler,
-                       const io::CheckpointExtras& extras = {}) {
+                       const io::CheckpointExtras& extras = {}) override {
     MIXPREC_CHECK(!path.empty(), "ShardedOptimizer::save_checkpoint: path is empty");
     std::uint64_t id = 0;
     if (comm_->rank() == 0) id = std::random_device{}() * 0x100000000ull + std::random_device{}();
@@ -197,7 +217,8 @@ class ShardedOptimizer {
   /// as io::load_checkpoint), then the weights are gathered. Every check of
   /// the index runs before anything changes. A checkpoint of another world
   /// size is refused: the slices, and so each file's contents, depend on it.
-  void load_checkpoint(const std::string& path, amp::GradScaler& scaler, io::CheckpointExtras* extras = nullptr) {
+  void load_checkpoint(const std::string& path, amp::GradScaler& scaler,
+                       io::CheckpointExtras* extras = nullptr) override {
     std::ifstream in(path, std::ios::binary);
     MIXPREC_CHECK(in.good(), "ShardedOptimizer::load_checkpoint: cannot open the index '", path, "'");
     const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -238,17 +259,32 @@ class ShardedOptimizer {
     return slash == std::string::npos ? p : p.substr(slash + 1);
   }
 
-  // Each interior cut moves to the parameter boundary nearest the even cut
-  // (the lower one on a tie), never before the previous cut.
+  // Cut k (k = 1 .. W - 1) goes to the start of a non-empty parameter: the
+  // one nearest the even cut among those after cut k - 1 that leave a
+  // parameter for each rank after k (the lower on a tie). Fewer non-empty
+  // parameters than ranks: no such cuts (the constructor refuses).
   void cut_at_parameters(std::int64_t total) {
-    std::vector<std::int64_t> ends{0};
-    for (const optim::Param& p : params_) ends.push_back(ends.back() + p.weight.numel());
-    for (std::size_t k = 1; k + 1 < bounds_.size(); ++k) {
-      const std::int64_t even = bounds_[k];
-      auto hi = std::lower_bound(ends.begin(), ends.end(), even);  // first boundary >= even
-      std::int64_t best = *hi;
-      if (hi != ends.begin() && even - *(hi - 1) <= *hi - even) best = *(hi - 1);
-      bounds_[k] = std::max(best, bounds_[k - 1]);
+    std::vector<std::int64_t> starts;  // where each non-empty parameter but the first begins
+    std::int64_t at = 0;
+    for (const optim::Param& p : params_) {
+      if (p.weight.numel() > 0 && at > 0) starts.push_back(at);
+      at += p.weight.numel();
+    }
+    const std::size_t w = bounds_.size() - 1;
+    if (starts.size() + 1 < w) {  // leave the even cuts: some rank is empty, refused below
+      for (std::size_t k = 1; k < w; ++k) bounds_[k] = 0;
+      return;
+    }
+    std::size_t from = 0;  // candidates: starts[from .. starts.size() - (w - 1 - k)]
+    for (std::size_t k = 1; k < w; ++k) {
+      const std::size_t last = starts.size() - (w - 1 - k);  // one past the last usable candidate
+      std::size_t best = from;
+      for (std::size_t c = from; c < last; ++c) {
+        const std::int64_t d = std::llabs(starts[c] - bounds_[k]), e = std::llabs(starts[best] - bounds_[k]);
+        if (d < e) best = c;
+      }
+      bounds_[k] = starts[best];
+      from = best + 1;
     }
     bounds_.back() = total;
   }
