@@ -171,8 +171,8 @@ class ShardedOptimizer final : public ZeroOne {
   ///
   /// Every rank calls it after update(). Rank r writes its shard (the
   /// ordinary checkpoint of shard(): its slice of the weights, masters,
-  /// state, the scaler and `extras`) to "<path>.<id>.rank<r>-of<W>", where
-  /// <id> is new at every save; then, once every rank's file is complete,
+  /// state, the scaler and `extras`) to `<path>.<id>.rank<r>`, where `<id>`
+  /// is new at every save; then, once every rank's file is complete,
   /// rank 0 writes the index `path` (JSON: the world size, the slices and
   /// the files). Each file is written atomically, and the index last: a
   /// crash during a save leaves the previous index and the files it names.
