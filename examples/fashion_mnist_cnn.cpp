@@ -44,9 +44,11 @@ struct Cnn {
 }  // namespace
 
 int main(int argc, char** argv) {
-  examples::Args defaults;
-  defaults.program = "fashion_mnist_cnn";
-  defaults.lr = 2e-3;
-  const examples::Args a = examples::parse(argc, argv, defaults, /*takes_hidden=*/false);
-  return examples::train_classifier<Cnn>(a, {1, 28, 28}, "conv32-pool-conv64-pool-128-10");
+  examples::Args a;
+  a.program = "fashion_mnist_cnn";
+  a.description = "a CNN (conv32-pool-conv64-pool-128-10) on Fashion-MNIST";
+  a.lr = 2e-3;
+  if (const int rc = examples::parse(argc, argv, a, /*takes_hidden=*/false); rc >= 0) return rc;
+  a.description = "conv32-pool-conv64-pool-128-10";
+  return examples::train_classifier<Cnn>(a, {1, 28, 28});
 }

@@ -41,9 +41,11 @@ struct Mlp {
 }  // namespace
 
 int main(int argc, char** argv) {
-  examples::Args defaults;
-  defaults.program = "fashion_mnist_mlp";
-  const examples::Args a = examples::parse(argc, argv, defaults, /*takes_hidden=*/true);
+  examples::Args a;
+  a.program = "fashion_mnist_mlp";
+  a.description = "an MLP (784-hidden-hidden-10, ReLU) on Fashion-MNIST";
+  if (const int rc = examples::parse(argc, argv, a, /*takes_hidden=*/true); rc >= 0) return rc;
   const std::string h = std::to_string(a.hidden);
-  return examples::train_classifier<Mlp>(a, {784}, "784-" + h + "-" + h + "-10");
+  a.description = "784-" + h + "-" + h + "-10";
+  return examples::train_classifier<Mlp>(a, {784});
 }

@@ -10,7 +10,10 @@
 // epoch earlier. A progress line per epoch (redrawn on a terminal) shows the
 // mean train loss, the loss scale, skipped steps and images/s (epoch 1's
 // includes making the plans and capturing the graph), then the test
-// accuracy.
+// accuracy. --checkpoint saves the training state (and the data position)
+// every --checkpoint-every steps and at the end, --resume goes on from such
+// a file with the bits of the uninterrupted run, --report writes the
+// monitor's HTML page at the end.
 #pragma once
 
 #include <unistd.h>
@@ -22,30 +25,33 @@
 #include <cstddef>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
+#include <limits>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
-
-#include <optional>
 
 #include <mixprec/dist/communicator.hpp>
 #include <mixprec/dist/reducer.hpp>
 #include <mixprec/dist/sharded.hpp>
 #include <mixprec/mixprec.hpp>
+#include <mixprec/monitor/report.hpp>
 #if MIXPREC_EXAMPLES_WITH_MPI
 #include <mixprec/dist/mpi.hpp>
 #endif
 
+#include "cli.hpp"
 #include "fashion_mnist.hpp"
 
 namespace mixprec::examples {
 
-/// The flags both examples take (see the top of each example).
+/// The flags both examples take (see the top of each example, or --help).
 struct Args {
-  std::string program, precision = "fp16", device, optimizer = "adamw", schedule = "cosine",
-                       data = default_fashion_mnist_dir();
+  std::string program, description, precision = "fp16", device, optimizer = "adamw", schedule = "cosine",
+                                    data = default_fashion_mnist_dir();
   int epochs = 10;
   std::int64_t batch = 256, hidden = 1024;
   double lr = 1e-3, min_accuracy = 0;
@@ -53,96 +59,98 @@ struct Args {
   bool graph = true;
   bool zero1 = false;  // data parallel: ZeRO-1 (masters and moments sharded over the ranks)
   // The instability monitor (docs/monitor.md): on by default, a logged
-  // step every monitor_every steps, a JSONL log when monitor_log is set.
+  // step every monitor_every steps, a JSONL log when monitor_log is set
+  // (or report is: then beside the report), an HTML report at the end.
   bool monitor = true;
   int monitor_every = 10;
-  std::string monitor_log;
+  std::string monitor_log, report;
+  // Checkpoints (docs/checkpoints.md): saved to `checkpoint` every
+  // checkpoint_every steps (0: only at the end) and at the end of the run or
+  // at stop_at_step (0: none); `resume` is loaded before the first step.
+  std::string checkpoint, resume;
+  std::int64_t checkpoint_every = 0, stop_at_step = 0;
 };
 
-[[noreturn]] inline void usage_error(const Args& a, const std::string& what) {
-  std::fprintf(stderr, "%s: %s\n(see the top of examples/%s.cpp)\n", a.program.c_str(), what.c_str(),
-               a.program.c_str());
-  std::exit(2);
-}
+/// Parses argv over the defaults in `a` (a.program names the example,
+/// a.description says what it trains); --hidden only where `takes_hidden`.
+/// Returns -1 when the program goes on, else its exit code: 0 after
+/// --help, 2 after a usage error (both printed by CLI11, the error with
+/// the allowed choices or range).
+inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
+  CLI::App app(a.program + ": " + a.description, a.program);
+  app.option_defaults()->always_capture_default();
+  app.get_formatter()->column_width(34);
+  app.footer("Started by mpirun it trains data parallel on CPU ranks (docs/distributed.md). Flags take "
+             "--flag value or --flag=value.");
+  app.add_option("--precision", a.precision, "the model's type (masters and moments are fp32)")
+      ->check(CLI::IsMember({"fp16", "bf16", "fp32"}));
+  app.add_option("--device", a.device, "where to train")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->default_str("cuda when usable, else cpu");
+  app.add_option("--epochs", a.epochs, "passes over the training set")->type_name("N")->check(CLI::Range(1, 100000));
+  app.add_option("--batch", a.batch, "images a step (per rank under mpirun); at most the training set")
+      ->type_name("N")
+      ->check(CLI::Range(std::int64_t{1}, std::int64_t{1} << 20));
+  if (takes_hidden) {
+    app.add_option("--hidden", a.hidden, "width of the two hidden layers")
+        ->type_name("N")
+        ->check(CLI::Range(std::int64_t{1}, std::int64_t{1} << 16));
+  }
+  app.add_option("--optimizer", a.optimizer, "torch.optim's defaults but lr (SGD: momentum 0.9)")
+      ->check(CLI::IsMember({"sgd", "adam", "adamw", "rmsprop"}));
+  app.add_option("--lr", a.lr, "the learning rate")->type_name("X")->check(finite_at_least(0));
+  app.add_option("--schedule", a.schedule, "cosine: CosineAnnealingLR to 0 over the run, per step")
+      ->check(CLI::IsMember({"constant", "cosine"}));
+  app.add_option("--seed", a.seed, "initial weights and shuffling")
+      ->type_name("N")
+      ->check(CLI::Range(std::uint64_t{0}, std::uint64_t{1} << 40));
+  app.add_option("--data", a.data, "Fashion-MNIST's IDX files ($MIXPREC_FASHION_MNIST, else the Debian package's)")
+      ->type_name("DIR");
+  add_on_off(app, "--graph", a.graph, "GPU: replay each step as a CUDA graph (off: eager launches)");
+  add_on_off(app, "--zero1", a.zero1, "under mpirun: shard masters and moments over the ranks (ZeRO-1)");
+  app.add_option("--min-accuracy", a.min_accuracy, "exit 1 when the final test accuracy is below it")
+      ->type_name("X")
+      ->check(finite_at_least(0));
+  add_on_off(app, "--monitor", a.monitor, "the instability monitor (docs/monitor.md)");
+  app.add_option("--monitor-every", a.monitor_every, "a logged step every K steps")
+      ->type_name("K")
+      ->check(CLI::Range(1, 1000000));
+  app.add_option("--monitor-log", a.monitor_log, "the monitor's JSONL log")->type_name("FILE.jsonl");
+  app.add_option("--report", a.report,
+                 "the monitor's HTML report, written at the end (its log: --monitor-log, else FILE with .jsonl)")
+      ->type_name("FILE.html");
+  CLI::Option* checkpoint =
+      app.add_option("--checkpoint", a.checkpoint, "save the training state here (safetensors) at the end")
+          ->type_name("PATH");
+  app.add_option("--checkpoint-every", a.checkpoint_every, "also every N steps (0: only at the end)")
+      ->type_name("N")
+      ->check(CLI::Range(std::int64_t{0}, std::int64_t{1} << 40))
+      ->needs(checkpoint);
+  app.add_option("--resume", a.resume, "load a --checkpoint file first and go on where it stopped")
+      ->type_name("PATH");
+  app.add_option("--stop-at-step", a.stop_at_step,
+                 "stop after step N of the run (saving --checkpoint); the schedule still spans --epochs")
+      ->type_name("N")
+      ->check(CLI::Range(std::int64_t{1}, std::int64_t{1} << 40))
+      ->default_str("none");
+  if (const int rc = parse_flags(app, argc, argv); rc >= 0) return rc;
 
-/// Parses argv over the defaults in `a` (a.program names the example);
-/// --hidden only where `takes_hidden`. Exits 2 with a message on bad flags.
-inline Args parse(int argc, char** argv, Args a, bool takes_hidden) {
-  auto usage_error = [&](const std::string& what) { examples::usage_error(a, what); };
-  for (int i = 1; i < argc; ++i) {
-    const std::string flag = argv[i];
-    if (i + 1 >= argc) usage_error(flag + " needs a value");
-    const std::string v = argv[++i];
-    auto real = [&](double low) {  // a finite number >= low
-      char* end = nullptr;
-      const double x = std::strtod(v.c_str(), &end);
-      if (end == v.c_str() || *end != '\0' || !std::isfinite(x) || x < low) {
-        usage_error(flag + " = " + v + ", must be a finite number >= " + std::to_string(low));
-      }
-      return x;
-    };
-    auto whole = [&](long long low, long long high) {  // an integer in [low, high]
-      char* end = nullptr;
-      errno = 0;
-      const long long x = std::strtoll(v.c_str(), &end, 10);
-      if (end == v.c_str() || *end != '\0' || errno != 0 || x < low || x > high) {
-        usage_error(flag + " = " + v + ", must be a whole number in [" + std::to_string(low) + ", " +
-                    std::to_string(high) + "]");
-      }
-      return x;
-    };
-    if (flag == "--precision") {
-      if (v != "fp16" && v != "bf16" && v != "fp32") usage_error("--precision = " + v + ", must be fp16, bf16 or fp32");
-      a.precision = v;
-    } else if (flag == "--device") {
-      if (v != "cpu" && v != "cuda") usage_error("--device = " + v + ", must be cpu or cuda");
-      a.device = v;
-    } else if (flag == "--optimizer") {
-      if (v != "sgd" && v != "adam" && v != "adamw" && v != "rmsprop") {
-        usage_error("--optimizer = " + v + ", must be sgd, adam, adamw or rmsprop");
-      }
-      a.optimizer = v;
-    } else if (flag == "--epochs") {
-      a.epochs = static_cast<int>(whole(1, 100000));
-    } else if (flag == "--batch") {
-      a.batch = whole(1, 1 << 20);  // and at most the training set: checked on loading
-    } else if (flag == "--hidden" && takes_hidden) {
-      a.hidden = whole(1, 1 << 16);
-    } else if (flag == "--lr") {
-      a.lr = real(0);
-    } else if (flag == "--seed") {
-      a.seed = static_cast<std::uint64_t>(whole(0, 1LL << 40));
-    } else if (flag == "--schedule") {
-      if (v != "constant" && v != "cosine") usage_error("--schedule = " + v + ", must be constant or cosine");
-      a.schedule = v;
-    } else if (flag == "--graph") {
-      if (v != "on" && v != "off") usage_error("--graph = " + v + ", must be on or off");
-      a.graph = v == "on";
-    } else if (flag == "--zero1") {
-      if (v != "on" && v != "off") usage_error("--zero1 = " + v + ", must be on or off");
-      a.zero1 = v == "on";
-    } else if (flag == "--monitor") {
-      if (v != "on" && v != "off") usage_error("--monitor = " + v + ", must be on or off");
-      a.monitor = v == "on";
-    } else if (flag == "--monitor-every") {
-      a.monitor_every = static_cast<int>(whole(1, 1000000));
-    } else if (flag == "--monitor-log") {
-      a.monitor_log = v;
-    } else if (flag == "--data") {
-      a.data = v;
-    } else if (flag == "--min-accuracy") {
-      a.min_accuracy = real(0);
-    } else {
-      usage_error("unknown flag " + flag);
-    }
+  auto usage_error = [&](const std::string& what) {
+    std::fprintf(stderr, "%s: %s\nRun with --help for more information.\n", a.program.c_str(), what.c_str());
+    return 2;
+  };
+  if (!a.report.empty()) {
+    if (!a.monitor) return usage_error("--report " + a.report + " needs the monitor: drop --monitor off");
+    if (a.monitor_log.empty()) a.monitor_log = std::filesystem::path(a.report).replace_extension(".jsonl").string();
+    if (a.monitor_log == a.report) return usage_error("--report and the monitor's log are both " + a.report);
   }
   const bool usable = cuda_available() && optim::device_backend() != nullptr;
   if (a.device.empty()) a.device = usable ? "cuda" : "cpu";
   if (a.device == "cuda" && !usable) {
-    usage_error(std::string("no CUDA device: --device cuda, but ") +
-                (cuda_available() ? "no CUDA kernels are linked into this build" : "no CUDA device is usable"));
+    return usage_error(std::string("no CUDA device: --device cuda, but ") +
+                       (cuda_available() ? "no CUDA kernels are linked into this build" : "no CUDA device is usable"));
   }
-  return a;
+  return -1;
 }
 
 inline std::unique_ptr<optim::Optimizer> make_optimizer(const Args& a, std::vector<optim::Param> params) {
@@ -302,16 +310,115 @@ inline std::vector<std::int32_t> shard_order(std::int64_t n, std::mt19937_64& rn
   return order;
 }
 
+// Where a run stands, for --checkpoint and --resume: the epoch (from 1),
+// the steps done in it, the shuffling generator as it was when the epoch
+// began (a resumed run shuffles again from it and skips the steps done, so
+// it sees the same batches), and the epoch's figures for its line.
+struct RunPosition {
+  int epoch = 1;
+  std::int64_t step = 0;             // steps done in `epoch`
+  std::mt19937_64 epoch_rng;         // at the start of `epoch`, before its shuffle
+  double loss_sum = 0;               // the epoch's train loss so far
+  std::int64_t skipped_before = 0;   // the scaler's skipped steps when the epoch began
+};
+
+// The position as the checkpoint's extras (the strings are exact: the
+// loss sum as a C99 hex float). Points at p.epoch_rng.
+inline io::CheckpointExtras checkpoint_extras(const Args& a, RunPosition& p, std::int64_t steps) {
+  char loss_sum[40];
+  std::snprintf(loss_sum, sizeof loss_sum, "%a", p.loss_sum);
+  io::CheckpointExtras x;
+  x.rng = &p.epoch_rng;
+  x.metadata = {{"example", a.program},
+                {"epoch", std::to_string(p.epoch)},
+                {"step", std::to_string(p.step)},
+                {"steps_per_epoch", std::to_string(steps)},
+                {"loss_sum", loss_sum},
+                {"skipped_at_epoch_start", std::to_string(p.skipped_before)}};
+  return x;
+}
+
+// The position a --resume file holds, checked against this run: the same
+// example, the same steps an epoch (--batch, and the ranks), an epoch this
+// run reaches. Throws Error naming the file.
+inline RunPosition resume_position(const Args& a, const io::CheckpointExtras& x, const std::mt19937_64& rng,
+                                   std::int64_t steps) {
+  auto field = [&](const char* key) -> const std::string& {
+    const auto it = x.metadata.find(key);
+    MIXPREC_CHECK(it != x.metadata.end(), "--resume ", a.resume, ": no \"", key,
+                  "\" in its metadata; was it saved by an example's --checkpoint?");
+    return it->second;
+  };
+  auto whole = [&](const char* key, std::int64_t low, std::int64_t high) {
+    const std::string& v = field(key);
+    char* end = nullptr;
+    errno = 0;
+    const long long n = std::strtoll(v.c_str(), &end, 10);
+    MIXPREC_CHECK(!v.empty() && *end == '\0' && errno == 0 && n >= low && n <= high, "--resume ", a.resume, ": ",
+                  key, " = \"", v, "\", must be a whole number in [", low, ", ", high, "]");
+    return static_cast<std::int64_t>(n);
+  };
+  MIXPREC_CHECK(field("example") == a.program, "--resume ", a.resume, ": saved by ", field("example"), ", not ",
+                a.program);
+  const std::int64_t saved_steps = whole("steps_per_epoch", 1, std::int64_t{1} << 40);
+  MIXPREC_CHECK(saved_steps == steps, "--resume ", a.resume, ": saved with ", saved_steps,
+                " steps an epoch, this run has ", steps, " (--batch and the number of ranks must stay the same)");
+  RunPosition p;
+  p.epoch = static_cast<int>(whole("epoch", 1, a.epochs));
+  p.step = whole("step", 0, steps);
+  p.skipped_before = whole("skipped_at_epoch_start", 0, std::numeric_limits<std::int64_t>::max());
+  const std::string& sum = field("loss_sum");
+  char* end = nullptr;
+  p.loss_sum = std::strtod(sum.c_str(), &end);
+  MIXPREC_CHECK(!sum.empty() && *end == '\0', "--resume ", a.resume, ": loss_sum = \"", sum, "\" is not a number");
+  p.epoch_rng = rng;
+  return p;
+}
+
+// The checkpoint schedule over the run's steps 1..total: every
+// --checkpoint-every steps, at --stop-at-step and at the last step.
+inline bool saves_at(const Args& a, std::int64_t done, std::int64_t total) {
+  if (a.checkpoint.empty()) return false;
+  return done == total || done == a.stop_at_step || (a.checkpoint_every > 0 && done % a.checkpoint_every == 0);
+}
+
+inline void check_stop(const Args& a, const RunPosition& p, std::int64_t steps) {
+  const std::int64_t total = a.epochs * steps, done = (p.epoch - 1) * steps + p.step;
+  MIXPREC_CHECK(a.stop_at_step == 0 || a.stop_at_step <= total, "--stop-at-step ", a.stop_at_step, ": the run has ",
+                total, " steps (", a.epochs, " epochs of ", steps, ")");
+  MIXPREC_CHECK(a.stop_at_step == 0 || a.stop_at_step > done, "--stop-at-step ", a.stop_at_step,
+                ": the run resumes after step ", done);
+}
+
+inline void print_resumed(const Args& a, const RunPosition& p, std::int64_t steps) {
+  std::printf("resumed from %s: epoch %d, step %lld of %lld (step %lld of the run)\n", a.resume.c_str(), p.epoch,
+              static_cast<long long>(p.step), static_cast<long long>(steps),
+              static_cast<long long>((p.epoch - 1) * steps + p.step));
+}
+
+inline void print_stopped(const Args& a, const RunPosition& p, std::int64_t steps) {
+  std::printf("stopped after step %lld of %lld (epoch %d, step %lld of %lld)%s%s\n",
+              static_cast<long long>(a.stop_at_step), static_cast<long long>(a.epochs * steps), p.epoch,
+              static_cast<long long>(p.step), static_cast<long long>(steps),
+              a.checkpoint.empty() ? "" : "; resume with --resume ", a.checkpoint.c_str());
+  std::fflush(stdout);
+}
+
 // The CPU: plain calls, the host GradScaler. Data parallel over `comm`
 // when it has several ranks (mpirun): each rank trains on its share of
 // every epoch with --batch images a step, the gradients are summed over the
 // ranks (dist::GradientReducer) and averaged in the unscale; rank 0 prints.
 // With --zero1 on, each rank keeps the masters and moments of its slice of
 // the parameters (dist::ShardedOptimizer): the gradients are
-// reduce-scattered and the updated weights all-gathered.
+// reduce-scattered and the updated weights all-gathered. Checkpoints: rank
+// 0 saves the whole state and every rank loads that file (every rank holds
+// the same bits); with --zero1 on every rank saves and loads its shard.
+// Returns the final test accuracy, or nothing when --stop-at-step ended
+// the run first.
 template <class T>
-double run_cpu(const Args& a, const ImageSet& train_set, const ImageSet& test_set,
-               const std::vector<std::int64_t>& sample, AddLayers<T> add_layers, dist::Communicator& comm) {
+std::optional<double> run_cpu(const Args& a, const ImageSet& train_set, const ImageSet& test_set,
+                              const std::vector<std::int64_t>& sample, AddLayers<T> add_layers,
+                              dist::Communicator& comm) {
   const int ranks = comm.size(), rank = comm.rank();
   Model<T> m(a, Device::cpu(), nullptr, train_set, test_set, sample, add_layers);
   amp::GradScaler scaler(amp::GradScalerOptions::for_dtype(dtype_of<T>));
@@ -324,32 +431,64 @@ double run_cpu(const Args& a, const ImageSet& train_set, const ImageSet& test_se
   optim::Optimizer& opt = zero ? zero->optimizer() : *m.opt;
   std::optional<dist::GradientReducer> reducer;
   if (!zero) reducer.emplace(comm, opt);
-  std::optional<monitor::Monitor> mon;  // with --zero1, it watches rank 0's slice
-  if (a.monitor && rank == 0) mon.emplace(opt, scaler, monitor_options(a));
-  Progress progress;
-  progress.quiet = rank != 0;
-  std::mt19937_64 rng(a.seed);
   // The last partial batch is dropped; data parallel: of each rank's share.
   const std::int64_t steps = ranks == 1 ? m.train.full_batches() : m.train.size() / ranks / a.batch;
   MIXPREC_CHECK(steps > 0, "--batch = ", a.batch, " x ", ranks, " ranks: more than the ", m.train.size(),
                 " training images");
   if ((ranks > 1 || zero) && a.schedule == "cosine") opt.set_schedule(optim::LRSchedule::cosine(a.epochs * steps));
+  // The schedule is set: a checkpoint's must equal it.
+  std::mt19937_64 rng(a.seed);
+  RunPosition pos;
+  if (!a.resume.empty()) {
+    io::CheckpointExtras x;
+    x.rng = &rng;
+    if (zero) {
+      zero->load_checkpoint(a.resume, scaler, &x);
+    } else {
+      io::load_checkpoint(a.resume, opt, scaler, &x);
+    }
+    pos = resume_position(a, x, rng, steps);
+    print_resumed(a, pos, steps);
+  }
+  check_stop(a, pos, steps);
+  std::optional<monitor::Monitor> mon;  // with --zero1, it watches rank 0's slice
+  if (a.monitor && rank == 0) mon.emplace(opt, scaler, monitor_options(a));
+  auto save = [&] {
+    const io::CheckpointExtras x = checkpoint_extras(a, pos, steps);
+    if (zero) {
+      zero->save_checkpoint(a.checkpoint, scaler, x);  // every rank: its shard (rank 0 also the index)
+    } else if (rank == 0) {
+      io::save_checkpoint(a.checkpoint, opt, scaler, x);  // the same bits on every rank
+    }
+  };
+  Progress progress;
+  progress.quiet = rank != 0;
+  const std::int64_t total = a.epochs * steps;
+  const int first_epoch = pos.epoch;
+  const std::int64_t first_step = pos.step;
   double accuracy = 0;
-  for (int epoch = 1; epoch <= a.epochs; ++epoch) {
+  for (int epoch = first_epoch; epoch <= a.epochs; ++epoch) {
+    const std::int64_t done_before = epoch == first_epoch ? first_step : 0;
+    pos.epoch = epoch;
+    pos.step = done_before;
+    pos.epoch_rng = rng;
+    if (done_before == 0) {
+      pos.loss_sum = 0;
+      pos.skipped_before = scaler.skipped_steps();
+    }
     if (ranks == 1) {
       m.train.shuffle(rng);
     } else {
       m.train.set_order(shard_order(m.train.size(), rng, rank, ranks));
     }
-    const std::int64_t skipped_before = scaler.skipped_steps();
+    for (std::int64_t s = 0; s < done_before; ++s) m.train.next();  // resumed: the batches done
     const auto start = std::chrono::steady_clock::now();
-    double loss_sum = 0;
     auto seconds = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
-    for (std::int64_t s = 1; s <= steps; ++s) {
+    for (std::int64_t s = done_before + 1; s <= steps; ++s) {
       m.train.next();
       const float loss = nn::softmax_cross_entropy<T>(m.net.forward(m.train.x()), m.train.labels(), scaler.scale(),
                                                       m.net.output_grad());
-      loss_sum += loss;
+      pos.loss_sum += loss;
       m.net.backward();
       // The sum over the ranks; the mean is taken in the unscale.
       if (zero) {
@@ -364,12 +503,21 @@ double run_cpu(const Args& a, const ImageSet& train_set, const ImageSet& test_se
         scaler.update();
       }
       if (zero) zero->gather_weights();
+      pos.step = s;
+      const std::int64_t done = (epoch - 1) * steps + s;
+      if (saves_at(a, done, total)) save();
+      if (done == a.stop_at_step) {
+        if (!progress.quiet && progress.tty) std::printf("\n");
+        print_stopped(a, pos, steps);
+        return std::nullopt;
+      }
       if (s % 10 == 0) {
-        progress.draw(epoch, s, steps, loss_sum / s, scaler.scale(), scaler.skipped_steps() - skipped_before,
-                      s * a.batch * ranks / seconds(), monitor_status(mon));
+        progress.draw(epoch, s, steps, pos.loss_sum / s, scaler.scale(), scaler.skipped_steps() - pos.skipped_before,
+                      (s - done_before) * a.batch * ranks / seconds(), monitor_status(mon));
       }
     }
-    const double images_per_s = steps * a.batch * ranks / seconds();  // every rank's images
+    // Every rank's images.
+    const double images_per_s = (steps - done_before) * a.batch * ranks / seconds();
     // Test accuracy: the last batch wraps around to the first images, which
     // are not counted twice.
     std::int64_t correct = 0;
@@ -380,7 +528,7 @@ double run_cpu(const Args& a, const ImageSet& train_set, const ImageSet& test_se
                                       std::min(a.batch, m.test.size() - b0));
     }
     accuracy = static_cast<double>(correct) / static_cast<double>(m.test.size());
-    progress.finish(epoch, loss_sum / steps, scaler.scale(), scaler.skipped_steps() - skipped_before,
+    progress.finish(epoch, pos.loss_sum / steps, scaler.scale(), scaler.skipped_steps() - pos.skipped_before,
                     images_per_s, accuracy, monitor_status(mon));
   }
   return accuracy;
@@ -391,15 +539,30 @@ double run_cpu(const Args& a, const ImageSet& train_set, const ImageSet& test_se
 // captured once in a CUDA graph and replayed for every step. Nothing inside
 // an epoch waits for the device: the loss is summed on the device, and the
 // progress line reads a pinned copy queued a tenth of an epoch earlier.
+// Checkpoints are saved between replays: a save reads the loss sum and
+// the state back, which waits for the stream (only on the steps that save).
+// A resume loads before the first step, so the graphs are captured after
+// it.
 template <class T>
-double run_gpu(const Args& a, const ImageSet& train_set, const ImageSet& test_set,
-               const std::vector<std::int64_t>& sample, AddLayers<T> add_layers) {
+std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const ImageSet& test_set,
+                              const std::vector<std::int64_t>& sample, AddLayers<T> add_layers) {
   const Device dev = Device::cuda(0);
   Stream stream(dev);
   const nn::Context ctx{stream.get()};
   Model<T> m(a, dev, stream.get(), train_set, test_set, sample, add_layers);
   m.opt->set_stream(stream.get());  // its reads (lr, step counts) wait for this stream
   amp::DeviceGradScaler scaler(amp::GradScalerOptions::for_dtype(dtype_of<T>), dev, stream.get());
+  const std::int64_t steps = m.train.full_batches();  // the last partial batch is dropped
+  std::mt19937_64 rng(a.seed);
+  RunPosition pos;
+  if (!a.resume.empty()) {
+    io::CheckpointExtras x;
+    x.rng = &rng;
+    io::load_checkpoint(a.resume, *m.opt, scaler, &x);  // synchronises; before any capture
+    pos = resume_position(a, x, rng, steps);
+    print_resumed(a, pos, steps);
+  }
+  check_stop(a, pos, steps);
   std::optional<monitor::Monitor> mon;
   if (a.monitor) mon.emplace(*m.opt, scaler, monitor_options(a));
   // Device scalars: [0] the step's loss, [1] a bad-label flag, [2] the
@@ -441,21 +604,45 @@ double run_gpu(const Args& a, const ImageSet& train_set, const ImageSet& test_se
     const std::int64_t z = 0;
     mixprec::detail::copy_raw(p, dev, &z, Device::cpu(), bytes, stream.get());
   };
+  auto save = [&] {
+    // The loss sum so far: a copy to pageable memory, which waits for the
+    // stream (every replay queued so far); save_checkpoint then reads the
+    // optimizer's and the scaler's state back.
+    float sum = 0;
+    mixprec::detail::copy_raw(&sum, Device::cpu(), loss + 2, dev, sizeof sum, stream.get());
+    pos.loss_sum = sum;
+    io::save_checkpoint(a.checkpoint, *m.opt, scaler, checkpoint_extras(a, pos, steps));
+  };
 
   const Progress progress;
-  std::mt19937_64 rng(a.seed);
-  const std::int64_t steps = m.train.full_batches();  // the last partial batch is dropped
   const std::int64_t tick = std::max<std::int64_t>(1, steps / 10);
+  const std::int64_t total = a.epochs * steps;
+  const int first_epoch = pos.epoch;
+  const std::int64_t first_step = pos.step;
   // A plain and a logged step (the monitor's logged steps do more work).
   Graph graphs[2];
   bool first = true;
   double accuracy = 0;
-  std::int64_t skipped_total = 0;
-  for (int epoch = 1; epoch <= a.epochs; ++epoch) {
+  std::int64_t skipped_total = pos.skipped_before;  // the scaler's skipped steps when the epoch began
+  for (int epoch = first_epoch; epoch <= a.epochs; ++epoch) {
+    const std::int64_t done_before = epoch == first_epoch ? first_step : 0;
+    pos.epoch = epoch;
+    pos.step = done_before;
+    pos.epoch_rng = rng;
+    pos.skipped_before = skipped_total;
+    if (done_before == 0) pos.loss_sum = 0;
     m.train.shuffle(rng);
-    zero(loss + 1, 2 * sizeof(float));  // the bad-label flag and the loss sum
+    for (std::int64_t s = 0; s < done_before; ++s) m.train.next();  // resumed: the batches done
+    // The bad-label flag and the loss sum (a resumed epoch's so far; fp32
+    // on the device, so the double it was saved as is exact).
+    const struct {
+      std::int32_t bad_label;
+      float loss_sum;
+    } init{0, static_cast<float>(pos.loss_sum)};
+    static_assert(sizeof init == 2 * sizeof(float), "scalars [1] and [2]");
+    mixprec::detail::copy_raw(loss + 1, dev, &init, Device::cpu(), sizeof init, stream.get());
     epoch_start.record(stream.get());
-    for (std::int64_t s = 1; s <= steps; ++s) {
+    for (std::int64_t s = done_before + 1; s <= steps; ++s) {
       if (!a.graph || first) {
         step();  // eager; the first step also makes every plan and buffer
         first = false;
@@ -465,15 +652,27 @@ double run_gpu(const Args& a, const ImageSet& train_set, const ImageSet& test_se
         graph.replay(stream.get());
         if (mon) mon->replayed();
       }
+      pos.step = s;
+      const std::int64_t done = (epoch - 1) * steps + s;
+      if (saves_at(a, done, total)) save();
+      if (done == a.stop_at_step) {
+        stream.synchronize();
+        if (mon) mon->flush();
+        scaler.check_errors();
+        if (progress.tty) std::printf("\n");
+        print_stopped(a, pos, steps);
+        return std::nullopt;
+      }
       if (s % tick == 0 && s < steps) {  // progress, a tick behind
         snapshot(static_cast<int>(s / tick % 2));
-        if (s >= 2 * tick) {
+        if (s - tick > done_before) {  // the snapshot of step s - tick was taken in this run
           const int prev = static_cast<int>((s / tick + 1) % 2);  // the snapshot of step s - tick
           ticks[prev].synchronize();  // recorded a tick ago; the device still has a tick queued
           const Snapshot* p = static_cast<const Snapshot*>(snapshots.data()) + prev;
-          const std::int64_t done = s - tick;
-          progress.draw(epoch, done, steps, p->loss_sum / done, p->scaler.state.scale,
-                        p->scaler.skipped - skipped_total, done * a.batch / (1e-3 * ticks[prev].elapsed_ms(epoch_start)),
+          const std::int64_t done_then = s - tick;
+          progress.draw(epoch, done_then, steps, p->loss_sum / done_then, p->scaler.state.scale,
+                        p->scaler.skipped - skipped_total,
+                        (done_then - done_before) * a.batch / (1e-3 * ticks[prev].elapsed_ms(epoch_start)),
                         monitor_status(mon));
           scaler.check_errors();
         }
@@ -483,7 +682,7 @@ double run_gpu(const Args& a, const ImageSet& train_set, const ImageSet& test_se
     const Snapshot* end = snapshot(0);
     ticks[0].synchronize();
     if (mon) mon->flush();  // the device is idle: nothing waits
-    const double images_per_s = steps * a.batch / (1e-3 * epoch_end.elapsed_ms(epoch_start));
+    const double images_per_s = (steps - done_before) * a.batch / (1e-3 * epoch_end.elapsed_ms(epoch_start));
     MIXPREC_CHECK(end->bad_label == 0, "a training label is outside [0, 10)");
     const std::int64_t skipped = end->scaler.skipped - skipped_total;
     skipped_total = end->scaler.skipped;
@@ -505,9 +704,6 @@ double run_gpu(const Args& a, const ImageSet& train_set, const ImageSet& test_se
   return accuracy;
 }
 
-/// Loads Fashion-MNIST, prints a header line, trains with the precision
-/// and device of `a` (the layers from add_layers<T>) and returns the exit
-/// code: 0, or 1 on an error or an accuracy below --min-accuracy.
 /// The ranks of this run: MPI's when it was started by mpirun and the
 /// examples were built with MPI, else one.
 inline std::unique_ptr<dist::Communicator> make_communicator() {
@@ -519,8 +715,12 @@ inline std::unique_ptr<dist::Communicator> make_communicator() {
   return std::make_unique<dist::LocalCommunicator>();
 }
 
+/// Loads Fashion-MNIST, prints a header line, trains with the precision
+/// and device of `a` (the layers from add_layers<T>) and returns the exit
+/// code: 0, or 1 on an error or an accuracy below --min-accuracy. Writes
+/// the --report page at the end (rank 0), also after --stop-at-step.
 template <template <class> class AddLayersFor>
-int train_classifier(const Args& a, const std::vector<std::int64_t>& sample, const std::string& description) {
+int train_classifier(const Args& a, const std::vector<std::int64_t>& sample) {
   std::unique_ptr<dist::Communicator> comm;
   try {
     comm = make_communicator();
@@ -539,15 +739,22 @@ int train_classifier(const Args& a, const std::vector<std::int64_t>& sample, con
     MIXPREC_CHECK(a.batch <= train.count, "--batch = ", a.batch, ", larger than the ", train.count,
                   " training images");
     std::printf("%s: %s on %s, %s, batch %lld, %s lr %g%s, %d epochs%s\n", a.program.c_str(), a.precision.c_str(),
-                a.device.c_str(), description.c_str(), static_cast<long long>(a.batch), a.optimizer.c_str(), a.lr,
+                a.device.c_str(), a.description.c_str(), static_cast<long long>(a.batch), a.optimizer.c_str(), a.lr,
                 a.schedule == "cosine" ? " cosine" : "", a.epochs,
                 a.device == "cuda" ? (a.graph ? ", CUDA graph" : ", eager") : "");
     if (a.monitor) {
-      std::printf("monitor: a logged step every %d steps%s%s\n", a.monitor_every,
-                  a.monitor_log.empty() ? "" : ", log ", a.monitor_log.c_str());
+      std::printf("monitor: a logged step every %d steps%s%s%s%s\n", a.monitor_every,
+                  a.monitor_log.empty() ? "" : ", log ", a.monitor_log.c_str(), a.report.empty() ? "" : ", report ",
+                  a.report.c_str());
+    }
+    if (!a.checkpoint.empty()) {
+      std::printf("checkpoint: %s%s%s at the end\n", a.checkpoint.c_str(),
+                  a.checkpoint_every > 0 ? (", every " + std::to_string(a.checkpoint_every) + " steps and").c_str()
+                                         : "",
+                  a.zero1 ? " (sharded: one file per rank and an index)" : "");
     }
     const bool gpu = a.device == "cuda";
-    double accuracy = 0;
+    std::optional<double> accuracy;
     if (a.precision == "fp16") {
       accuracy = gpu ? run_gpu<half>(a, train, test, sample, AddLayersFor<half>::add)
                      : run_cpu<half>(a, train, test, sample, AddLayersFor<half>::add, c);
@@ -558,8 +765,13 @@ int train_classifier(const Args& a, const std::vector<std::int64_t>& sample, con
       accuracy = gpu ? run_gpu<float>(a, train, test, sample, AddLayersFor<float>::add)
                      : run_cpu<float>(a, train, test, sample, AddLayersFor<float>::add, c);
     }
-    if (accuracy < a.min_accuracy) {
-      std::fprintf(stderr, "%s: test accuracy %.4f < --min-accuracy %.4f\n", a.program.c_str(), accuracy,
+    // The monitor is gone: its log is complete. Rank 0 ran it.
+    if (!a.report.empty() && c.rank() == 0) {
+      monitor::write_report(a.monitor_log, a.report, a.program + ": " + a.description);
+      std::printf("report: %s\n", a.report.c_str());
+    }
+    if (accuracy && *accuracy < a.min_accuracy) {
+      std::fprintf(stderr, "%s: test accuracy %.4f < --min-accuracy %.4f\n", a.program.c_str(), *accuracy,
                    a.min_accuracy);
       return 1;
     }
