@@ -7,7 +7,7 @@
 // W*, b*; the program exits 1 unless it recovers them.
 //
 // On the GPU when one is usable, else the same steps on the CPU:
-//   own_trainer [--device cpu|cuda]
+//   own_trainer [--device cpu|cuda]        (--help; --device=cpu works too)
 //
 // Data parallel on CPU ranks (built with MPI): each rank fits its share of
 // the samples, and the trainer adds three calls (marked "data parallel"):
@@ -27,6 +27,8 @@
 #if MIXPREC_EXAMPLES_WITH_MPI
 #include <mixprec/dist/mpi.hpp>
 #endif
+
+#include "common/cli.hpp"  // CLI11, for the one flag
 
 #include <cmath>
 #include <cstdio>
@@ -99,14 +101,14 @@ void gradient_host(const float* x, const float* r, float scale, fp16* gw, fp16* 
 
 int main(int argc, char** argv) {
   namespace mp = mixprec;
-  bool gpu = mp::cuda_available();
-  if (argc == 3 && std::string(argv[1]) == "--device" &&
-      (std::string(argv[2]) == "cuda" || std::string(argv[2]) == "cpu")) {
-    gpu = std::string(argv[2]) == "cuda";
-  } else if (argc != 1) {
-    std::fprintf(stderr, "usage: own_trainer [--device cpu|cuda]\n");
-    return 2;
-  }
+  std::string device;
+  CLI::App app("own_trainer: a linear regression in fp16, the user's own kernels, mixprec's AdamW and scaler",
+               "own_trainer");
+  app.add_option("--device", device, "where to train")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->default_str("cuda when usable, else cpu");
+  if (const int rc = mixprec::examples::parse_flags(app, argc, argv); rc >= 0) return rc;  // --help: 0, bad: 2
+  const bool gpu = device.empty() ? mp::cuda_available() : device == "cuda";
   // The data: x ~ N(0, 1), t = W* x + b*.
   std::mt19937 rng(1);
   std::normal_distribution<float> normal(0.0f, 1.0f);
