@@ -12,11 +12,15 @@
 //                     [--schedule constant|cosine] [--seed N] [--data DIR]
 //                     [--graph on|off] [--min-accuracy X]
 //                     [--monitor on|off] [--monitor-every K] [--monitor-log FILE.jsonl]
-//                     [--zero1 on|off]
+//                     [--zero1 on|off] [--report FILE.html]
+//                     [--checkpoint PATH] [--checkpoint-every N] [--resume PATH] [--stop-at-step N]
 //
-// Defaults: fp16, cuda when a device is usable (else cpu), 10 epochs, batch
-// 256, AdamW lr 2e-3 with a cosine decay over the run, seed 0, data as
-// fashion_mnist_mlp, graph on, the monitor on (a logged step every 10 steps).
+// --help lists every flag with its default. Defaults: fp16, cuda when a
+// device is usable (else cpu), 10 epochs, batch 256, AdamW lr 2e-3 with a
+// cosine decay over the run, seed 0, data as fashion_mnist_mlp, graph on,
+// the monitor on (a logged step every 10 steps). The flags mean what they
+// mean for fashion_mnist_mlp (checkpoints, resume and the report included),
+// which has no --hidden here.
 // With --device cpu the convolutions are direct loops: correct, and slow
 // (a reference, not a CPU backend).
 #include "classifier.hpp"

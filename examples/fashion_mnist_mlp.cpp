@@ -10,17 +10,30 @@
 //                     [--schedule constant|cosine] [--hidden N] [--seed N] [--data DIR]
 //                     [--graph on|off] [--min-accuracy X]
 //                     [--monitor on|off] [--monitor-every K] [--monitor-log FILE.jsonl]
-//                     [--zero1 on|off]
+//                     [--zero1 on|off] [--report FILE.html]
+//                     [--checkpoint PATH] [--checkpoint-every N] [--resume PATH] [--stop-at-step N]
 //
-// Defaults: fp16, cuda when a device is usable (else cpu), 10 epochs, batch
-// 256, AdamW lr 1e-3 with a cosine decay over the run (torch's
+// --help lists every flag with its default; a flag's value follows it or an
+// "=" (--epochs 3, --epochs=3); a bad value exits 2 naming the choices or
+// the range. Defaults: fp16, cuda when a device is usable (else cpu), 10
+// epochs, batch 256, AdamW lr 1e-3 with a cosine decay over the run (torch's
 // CosineAnnealingLR to 0, per step), hidden 1024, seed 0, data from
 // $MIXPREC_FASHION_MNIST or else the Debian package's
 // /usr/share/datasets/fashion-mnist, graph on, the instability monitor on
-// (docs/monitor.md) with a logged step every 10 steps and no log file. With --min-accuracy the
-// program exits 1 when the final test accuracy is below it. Started by
-// mpirun, it trains data-parallel on CPU ranks (docs/distributed.md);
-// --zero1 on then shards the masters and moments over the ranks (ZeRO-1).
+// (docs/monitor.md) with a logged step every 10 steps and no log file. With
+// --min-accuracy the program exits 1 when the final test accuracy is below
+// it. --report writes the monitor's HTML page at the end (its log beside
+// it, FILE.jsonl, unless --monitor-log names one). Started by mpirun, it
+// trains data-parallel on CPU ranks (docs/distributed.md); --zero1 on then
+// shards the masters and moments over the ranks (ZeRO-1).
+//
+// Checkpoints (docs/checkpoints.md): --checkpoint saves the whole training
+// state, the data position and the shuffling RNG at the end, and every N
+// steps with --checkpoint-every; --resume loads such a file and goes on
+// where it stopped, to the bits of the uninterrupted run; --stop-at-step
+// ends a run early (saving), to be resumed by a later job:
+//   fashion_mnist_mlp --epochs 10 --checkpoint run.safetensors --stop-at-step 1000
+//   fashion_mnist_mlp --epochs 10 --checkpoint run.safetensors --resume run.safetensors
 #include <string>
 
 #include "classifier.hpp"
