@@ -14,15 +14,23 @@ FUZZ_SECONDS="${MIXPREC_FUZZ_SECONDS:-120}"
   { echo "MIXPREC_FUZZ_SECONDS = '$FUZZ_SECONDS', must be a whole number of seconds" >&2; exit 2; }
 
 install_missing python3-torch clang doxygen  # the PyTorch oracle; the Clang sanitizer leg; the API reference
+# libtorch's headers and CMake files (Debian's 1.13; the libraries come with
+# python3-torch) for mixprec::torch: its test, the libtorch example and the
+# docs' libtorch program (docs/libtorch.md). Not in common.sh's lists: the
+# default example does not need it. 3.4 s on the 2-core machine. ON below:
+# a libtorch that CMake cannot find fails the run instead of skipping them.
+install_missing libtorch-dev
 BUILD_TARGETS=(all)
 configure_and_build -DMIXPREC_BUILD_TESTS=ON -DMIXPREC_BUILD_EXAMPLES=ON \
-  -DMIXPREC_BUILD_BENCHMARKS=ON
+  -DMIXPREC_BUILD_BENCHMARKS=ON -DMIXPREC_ENABLE_TORCH=ON
 
 # The CPU tests again, built with Clang under AddressSanitizer and
 # UndefinedBehaviorSanitizer (which also keeps the library building with
 # Clang; its -Werror header self-test is one of the tests). Only what the
-# tests run is built: the tests' folder and the two programs the tests run
-# (the MLP example's CPU epoch, the report page the render test opens); not
+# tests run is built: the tests' folder and the programs the tests run
+# (the MLP example's CPU epoch, the report page the render test opens, the
+# libtorch example: libtorch is not instrumented, mixprec's code and the
+# adapter are, and they run clean with leak checking on); not
 # the CNN example, not the benchmarks. No CUDA: this leg is about host code.
 #   MIXPREC_CLANG=0          skips this leg
 #   MIXPREC_ASAN_BUILD_DIR   its build tree (default: $BUILD_DIR-asan)
@@ -32,7 +40,7 @@ if [[ "${MIXPREC_CLANG:-1}" != 0 ]]; then
   log "CPU tests under ASan + UBSan, built with $(clang++ --version | head -n 1)"
   (
     BUILD_DIR="${MIXPREC_ASAN_BUILD_DIR:-$BUILD_DIR-asan}"
-    BUILD_TARGETS=(tests/all fashion_mnist_mlp monitor_report)
+    BUILD_TARGETS=(tests/all fashion_mnist_mlp monitor_report libtorch_mlp)
     # Any report is fatal: -fno-sanitize-recover makes every UBSan check
     # abort, as ASan always does. -O1: a quicker build than -O3, and the
     # tests still run in minutes; no NDEBUG, so Eigen's own asserts run too.
@@ -42,7 +50,8 @@ if [[ "${MIXPREC_CLANG:-1}" != 0 ]]; then
     MIXPREC_ENABLE_CUDA=OFF configure_and_build -DCMAKE_CXX_COMPILER=clang++ \
       -DCMAKE_CXX_FLAGS="$SANITIZE" -DCMAKE_CXX_FLAGS_RELEASE="-O1 -gline-tables-only" \
       -DCMAKE_EXE_LINKER_FLAGS="$SANITIZE" \
-      -DMIXPREC_BUILD_TESTS=ON -DMIXPREC_BUILD_EXAMPLES=ON -DMIXPREC_BUILD_BENCHMARKS=OFF
+      -DMIXPREC_BUILD_TESTS=ON -DMIXPREC_BUILD_EXAMPLES=ON -DMIXPREC_BUILD_BENCHMARKS=OFF \
+      -DMIXPREC_ENABLE_TORCH=ON
     log "sanitizer build: $((SECONDS - leg_start)) s"
     # Leak checking is on: LeakSanitizer works in the Debian containers this
     # runs in. (Where a sandbox denies it the ptrace-like access it needs, it
