@@ -23,6 +23,10 @@ readable in the source:
                                      exists (so is any block that includes
                                      <mixprec/dist/mpi.hpp>); its programs run
                                      under mpiexec on 2 ranks
+    <!-- snippet: needs torch -->    linked to mixprec::torch (libtorch), only
+                                     where it exists (so is any block that
+                                     includes <mixprec/torch/params.hpp> or a
+                                     <torch/...> header)
     <!-- snippet: file -->           not a function body: declarations at
                                      namespace scope (a whole source file
                                      without main), compiled, not run
@@ -71,7 +75,7 @@ class Block:
             key, value = words[0], (words[1].strip() if len(words) > 1 else "")
             if key == "context" and value:
                 self.context = value
-            elif key == "needs" and value in ("cuda", "mpi"):
+            elif key == "needs" and value in ("cuda", "mpi", "torch"):
                 self.needs.add(value)
             elif key == "file" and not value:
                 self.file = True
@@ -79,11 +83,16 @@ class Block:
                 self.skip = value
             else:
                 raise SystemExit(f"{path}:{line - 1}: unknown snippet marker '{item.strip()}' "
-                                 "(context NAME; needs cuda|mpi; file; skip REASON)")
+                                 "(context NAME; needs cuda|mpi|torch; file; skip REASON)")
         if re.search(r"#\s*include\s*[<\"][^>\"]*\.cuh[>\"]", code):
             self.needs.add("cuda")
         if re.search(r"#\s*include\s*<mixprec/dist/(mpi|nccl_mpi)\.hpp>", code):
             self.needs.add("mpi")
+        if re.search(r"#\s*include\s*<(mixprec/torch/[^>]*|torch/[^>]*)>", code):
+            self.needs.add("torch")
+        if "torch" in self.needs and self.needs & {"cuda", "mpi"}:
+            raise SystemExit(f"{path}:{line}: a block needing torch cannot need cuda or mpi too "
+                             "(no docs target links both)")
         self.program = bool(MAIN.search(code))
 
     @property
@@ -94,7 +103,10 @@ class Block:
     @property
     def target(self):
         # cuda wins: a .cu file, linked to mixprec::cuda (and to mpi if needed).
-        return "cuda" if "cuda" in self.needs else ("mpi" if "mpi" in self.needs else "host")
+        for t in ("cuda", "torch", "mpi"):
+            if t in self.needs:
+                return t
+        return "host"
 
 
 def read_blocks(root, rel):
