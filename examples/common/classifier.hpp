@@ -748,9 +748,10 @@ int train_classifier(const Args& a, const std::vector<std::int64_t>& sample) {
                   a.report.c_str());
     }
     if (!a.checkpoint.empty()) {
-      std::printf("checkpoint: %s%s%s at the end\n", a.checkpoint.c_str(),
-                  a.checkpoint_every > 0 ? (", every " + std::to_string(a.checkpoint_every) + " steps and").c_str()
-                                         : "",
+      std::string when = a.stop_at_step > 0 ? "at step " + std::to_string(a.stop_at_step) + " (--stop-at-step)"
+                                            : std::string("at the end");
+      if (a.checkpoint_every > 0) when = "every " + std::to_string(a.checkpoint_every) + " steps and " + when;
+      std::printf("checkpoint: %s, %s%s\n", a.checkpoint.c_str(), when.c_str(),
                   a.zero1 ? " (sharded: one file per rank and an index)" : "");
     }
     const bool gpu = a.device == "cuda";

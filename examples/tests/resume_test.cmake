@@ -38,7 +38,7 @@ function(last_epoch_line text out)
     message(FATAL_ERROR "no epoch line in:\n${text}")
   endif()
   list(GET lines -1 line)
-  string(REGEX REPLACE "[0-9.]+ images/s" "images/s" line "${line}")
+  string(REGEX REPLACE " +[0-9.]+ images/s" " images/s" line "${line}")  # a time, printed %8.0f
   set(${out} "${line}" PARENT_SCOPE)
 endfunction()
 
