@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 # Finding CUDA for mixprec, used by the build and by the installed package
-# config alike: nvcc (for building), the toolkit's libraries, cuDNN, and the
-# nvcc flags that Eigen needs.
+# config alike: nvcc (for building), the toolkit's libraries, cuDNN (optional),
+# and the nvcc flags that Eigen needs.
 
 # Adds to `target` the nvcc options Eigen 3.4 needs: its constexpr functions
 # are called from device code (--expt-relaxed-constexpr), and its host-only
@@ -47,14 +47,24 @@ macro(mixprec_find_nccl)
   mixprec_find_toolkit_library(mixprec::nccl_library nccl.h nccl NCCL_ROOT)
 endmacro()
 
-# For the mixprec build: honours MIXPREC_ENABLE_CUDA (AUTO, ON, OFF), enables
-# the CUDA language and sets MIXPREC_HAS_CUDA in the caller's scope.
+# For the mixprec build: honours MIXPREC_ENABLE_CUDA (AUTO, ON, OFF) and
+# MIXPREC_ENABLE_CUDNN (AUTO, ON, OFF), enables the CUDA language and sets
+# MIXPREC_HAS_CUDA and MIXPREC_HAS_CUDNN in the caller's scope. AUTO builds
+# CUDA when nvcc and the toolkit's runtime, cuBLAS and cuBLASLt are found,
+# and says why not otherwise; cuDNN is optional (without it the layers'
+# Conv2d and MaxPool2d refuse to run on a GPU, naming what is missing).
 macro(mixprec_enable_cuda)
   set(MIXPREC_HAS_CUDA OFF)
+  set(MIXPREC_HAS_CUDNN OFF)
   string(TOUPPER "${MIXPREC_ENABLE_CUDA}" _mixprec_cuda_mode)
+  string(TOUPPER "${MIXPREC_ENABLE_CUDNN}" _mixprec_cudnn_mode)
   if(NOT _mixprec_cuda_mode MATCHES "^(AUTO|ON|OFF)$")
     message(FATAL_ERROR "MIXPREC_ENABLE_CUDA = '${MIXPREC_ENABLE_CUDA}', must be AUTO, ON or OFF")
   endif()
+  if(NOT _mixprec_cudnn_mode MATCHES "^(AUTO|ON|OFF)$")
+    message(FATAL_ERROR "MIXPREC_ENABLE_CUDNN = '${MIXPREC_ENABLE_CUDNN}', must be AUTO, ON or OFF")
+  endif()
+  set(_mixprec_cuda_why "")
   if(NOT _mixprec_cuda_mode STREQUAL "OFF")
     include(CheckLanguage)
     check_language(CUDA)
@@ -66,18 +76,39 @@ macro(mixprec_enable_cuda)
       enable_language(CUDA)
       set(CMAKE_CUDA_STANDARD 17)
       set(CMAKE_CUDA_STANDARD_REQUIRED ON)
-      find_package(CUDAToolkit REQUIRED)
-      mixprec_find_cudnn()
-      if(MIXPREC_CUDNN_FOUND)
-        set(MIXPREC_HAS_CUDA ON)
-      elseif(_mixprec_cuda_mode STREQUAL "ON")
-        message(FATAL_ERROR "MIXPREC_ENABLE_CUDA=ON but cuDNN (cudnn.h, libcudnn) was not found; set CUDNN_ROOT")
+      find_package(CUDAToolkit)
+      set(_mixprec_cuda_missing "")
+      foreach(_lib cudart cublas cublasLt)
+        if(NOT TARGET CUDA::${_lib})
+          list(APPEND _mixprec_cuda_missing ${_lib})
+        endif()
+      endforeach()
+      if(_mixprec_cuda_missing)
+        string(REPLACE ";" ", " _mixprec_cuda_missing "${_mixprec_cuda_missing}")
+        set(_mixprec_cuda_why "nvcc found, but not the toolkit's ${_mixprec_cuda_missing}")
       else()
-        message(STATUS "mixprec: nvcc found but cuDNN not; building without CUDA")
+        set(MIXPREC_HAS_CUDA ON)
       endif()
-    elseif(_mixprec_cuda_mode STREQUAL "ON")
-      message(FATAL_ERROR "MIXPREC_ENABLE_CUDA=ON but no CUDA compiler was found; set CUDACXX")
+    else()
+      set(_mixprec_cuda_why "no CUDA compiler found (set CUDACXX)")
+    endif()
+    if(NOT MIXPREC_HAS_CUDA)
+      if(_mixprec_cuda_mode STREQUAL "ON")
+        message(FATAL_ERROR "MIXPREC_ENABLE_CUDA=ON but ${_mixprec_cuda_why}")
+      endif()
+      message(STATUS "mixprec: building without CUDA: ${_mixprec_cuda_why}")
     endif()
   endif()
-  message(STATUS "mixprec: CUDA ${MIXPREC_HAS_CUDA} (MIXPREC_ENABLE_CUDA=${_mixprec_cuda_mode})")
+  if(MIXPREC_HAS_CUDA AND NOT _mixprec_cudnn_mode STREQUAL "OFF")
+    mixprec_find_cudnn()
+    if(MIXPREC_CUDNN_FOUND)
+      set(MIXPREC_HAS_CUDNN ON)
+    elseif(_mixprec_cudnn_mode STREQUAL "ON")
+      message(FATAL_ERROR "MIXPREC_ENABLE_CUDNN=ON but cuDNN (cudnn.h, libcudnn) was not found; set CUDNN_ROOT")
+    else()
+      message(STATUS "mixprec: cuDNN not found (set CUDNN_ROOT): Conv2d and MaxPool2d will refuse to run on a GPU")
+    endif()
+  endif()
+  message(STATUS "mixprec: CUDA ${MIXPREC_HAS_CUDA} (MIXPREC_ENABLE_CUDA=${_mixprec_cuda_mode}), "
+                 "cuDNN ${MIXPREC_HAS_CUDNN} (MIXPREC_ENABLE_CUDNN=${_mixprec_cudnn_mode})")
 endmacro()

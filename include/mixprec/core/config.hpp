@@ -1,12 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
-// Build configuration shared by every mixprec header: version, host/device
-// annotations and whether the host API may call the CUDA runtime.
+// Build configuration shared by every mixprec header: version (from
+// mixprec/version.hpp), host/device annotations and whether the host API may
+// call the CUDA runtime.
 #pragma once
 
-#define MIXPREC_VERSION_MAJOR 0
-#define MIXPREC_VERSION_MINOR 1
-#define MIXPREC_VERSION_PATCH 0
-#define MIXPREC_VERSION_STRING "0.1.0"
+#include "mixprec/version.hpp"
 
 // Functions that must compile for both the host and the device (numeric
 // formulas, conversions) carry MIXPREC_HOST_DEVICE. Under g++ it expands to
@@ -23,6 +21,13 @@
 // on it, so link that target rather than defining the macro by hand.
 #if !defined(MIXPREC_WITH_CUDA)
 #define MIXPREC_WITH_CUDA 0
+#endif
+
+// MIXPREC_WITH_CUDNN = 1: mixprec::cuda found cuDNN, which Conv2d and
+// MaxPool2d use on a GPU (without it they throw, naming what is missing).
+// Set by the target, like MIXPREC_WITH_CUDA.
+#if !defined(MIXPREC_WITH_CUDNN)
+#define MIXPREC_WITH_CUDNN 0
 #endif
 
 // A stream handle that exists in every build: cudaStream_t is

@@ -1,12 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0
 // Checked cuDNN calls: a failure becomes a mixprec::Error with the call, the
-// status name and file:line. Needs the mixprec::cuda target.
+// status name and file:line. Needs the mixprec::cuda target, configured
+// with cuDNN (MIXPREC_WITH_CUDNN); without it this header declares nothing.
 #pragma once
 
 #include "mixprec/core/config.hpp"
 #include "mixprec/core/error.hpp"
 
-#if MIXPREC_WITH_CUDA
+#if MIXPREC_WITH_CUDA && MIXPREC_WITH_CUDNN
 #include <cudnn.h>
 
 namespace mixprec::detail {
@@ -27,4 +28,4 @@ namespace mixprec::detail {
     }                                                                             \
   } while (false)
 
-#endif  // MIXPREC_WITH_CUDA
+#endif  // MIXPREC_WITH_CUDA && MIXPREC_WITH_CUDNN

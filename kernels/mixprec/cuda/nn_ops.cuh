@@ -2,11 +2,15 @@
 // The layers' device work (nn::DeviceOps): Linear through cuBLASLt with
 // fused epilogues (bias + ReLU/GELU in the forward, the bias gradient in
 // the weight-gradient GEMM), and mixprec's own kernels for activations,
-// their derivatives and the losses. Installed by backend.cuh.
+// their derivatives and the losses. Installed by backend.cuh. Convolution
+// and pooling go through cuDNN where mixprec::cuda found it
+// (MIXPREC_WITH_CUDNN); without it they throw, naming what is missing.
 #pragma once
 
 #include <cublasLt.h>
+#if MIXPREC_WITH_CUDNN
 #include <cudnn.h>
+#endif
 
 #include <cstdint>
 #include <algorithm>
@@ -222,6 +226,7 @@ class NnOps final : public nn::DeviceOps {
       (void)key;
       destroy(plan);
     }
+#if MIXPREC_WITH_CUDNN
     for (auto& [key, p] : conv_plans_) {
       (void)key;
       (void)cudnnDestroyTensorDescriptor(p.x);
@@ -236,12 +241,14 @@ class NnOps final : public nn::DeviceOps {
       (void)cudnnDestroyTensorDescriptor(p.y);
       (void)cudnnDestroyPoolingDescriptor(p.pool);
     }
-    if (handle_) (void)cublasLtDestroy(handle_);
     if (cudnn_) (void)cudnnDestroy(cudnn_);
+#endif
+    if (handle_) (void)cublasLtDestroy(handle_);
   }
 
   // --- convolution and pooling: cuDNN --------------------------------------
 
+#if MIXPREC_WITH_CUDNN
   void conv2d_forward(DType dtype, const nn::ConvShape& s, const void* x, const void* w, const void* bias, void* y,
                       stream_t stream) override {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -291,6 +298,27 @@ class NnOps final : public nn::DeviceOps {
     const float one = 1.0f, zero = 0.0f;
     MIXPREC_CUDNN_CHECK(cudnnPoolingBackward(cudnn_, p.pool, &one, p.y, y, p.y, dy, p.x, x, &zero, p.x, dx));
   }
+#else
+  void conv2d_forward(DType, const nn::ConvShape&, const void*, const void*, const void*, void*, stream_t) override {
+    without_cudnn("Conv2d");
+  }
+  void conv2d_backward(DType, const nn::ConvShape&, const void*, const void*, const void*, void*, void*, void*,
+                       stream_t) override {
+    without_cudnn("Conv2d");
+  }
+  void maxpool2d_forward(DType, const nn::PoolShape&, const void*, void*, stream_t) override {
+    without_cudnn("MaxPool2d");
+  }
+  void maxpool2d_backward(DType, const nn::PoolShape&, const void*, const void*, const void*, void*,
+                          stream_t) override {
+    without_cudnn("MaxPool2d");
+  }
+  [[noreturn]] static void without_cudnn(const char* layer) {
+    mixprec::detail::throw_error(layer, " on a GPU needs cuDNN, and this program's mixprec::cuda was configured "
+                                 "without it (cudnn.h and libcudnn not found, or MIXPREC_ENABLE_CUDNN=OFF): "
+                                 "install cuDNN (or set CUDNN_ROOT) and reconfigure, or run the layer on the CPU");
+  }
+#endif
 
   void linear_forward(DType dtype, const void* x, const void* w, const void* bias, void* y, std::int64_t batch,
                       std::int64_t in, std::int64_t out, nn::Activation act, const nn::LinearFusion& f,
@@ -549,6 +577,7 @@ class NnOps final : public nn::DeviceOps {
                                         workspace_.data(), workspace_.bytes(), stream));
   }
 
+#if MIXPREC_WITH_CUDNN
   // One convolution's descriptors and algorithms: the fastest that cuDNN's
   // heuristics rank first among the deterministic ones (so a replayed step
   // gives the eager bits) with at most kWorkspace of workspace.
@@ -651,17 +680,20 @@ class NnOps final : public nn::DeviceOps {
 
   // cuDNN's workspace: scratch slot 2, grown as needed.
   void* workspace(std::size_t bytes) { return bytes == 0 ? nullptr : scratch(bytes, 2); }
+#endif
 
   static constexpr std::size_t kWorkspace = std::size_t{32} << 20;
   cublasLtHandle_t handle_ = nullptr;
   Buffer workspace_;
   Buffer scratch_[3];
   std::vector<Buffer> retired_;  // outgrown scratch, kept for graphs that captured it
+#if MIXPREC_WITH_CUDNN
   cudnnHandle_t cudnn_ = nullptr;
   using ShapeKey = std::tuple<DType, std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t,
                               std::int64_t, std::int64_t, std::int64_t>;
   std::map<ShapeKey, ConvPlan> conv_plans_;
   std::map<ShapeKey, PoolPlan> pool_plans_;
+#endif
   std::map<Key, Plan> plans_;
   std::mutex mutex_;
 };
