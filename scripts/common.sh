@@ -9,17 +9,25 @@ MIXPREC_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUILD_DIR="${MIXPREC_BUILD_DIR:-$MIXPREC_ROOT/build}"
 JOBS="${MIXPREC_JOBS:-$(nproc)}"
 
-# Debian packages the build, the tests and the examples need.
-PACKAGES=(cmake ninja-build g++ ccache libeigen3-dev nlohmann-json3-dev libgtest-dev libbenchmark-dev zlib1g-dev
-          python3-numpy  # the safetensors interop tests parse files with numpy
-          libopenmpi-dev openmpi-bin  # data parallelism over MPI: mixprec::mpi, the tests' mpirun
-          dataset-fashion-mnist chromium)  # chromium: headless, for the monitor report's render test
+# The Debian packages each script installs, by purpose. README.md and
+# docs/getting-started.md list the same names (the ctest docs_packages
+# checks them against these lines and the install_missing calls).
+BUILD_PACKAGES=(cmake ninja-build g++ ccache libeigen3-dev nlohmann-json3-dev)
+EXAMPLE_PACKAGES=(zlib1g-dev dataset-fashion-mnist  # the examples read the data set's gzipped files
+                  libcli11-dev)  # and parse their flags with CLI11
+TEST_PACKAGES=(libgtest-dev libbenchmark-dev
+               python3-numpy  # the safetensors interop tests parse files with numpy
+               libopenmpi-dev openmpi-bin  # data parallelism over MPI: mixprec::mpi, the tests' mpirun
+               pkg-config  # the packaging test of mixprec.pc
+               chromium)  # headless, for the monitor report's render test
 
 log() { printf '\n== %s\n' "$*"; }
 
+# install_missing PACKAGE...: installs those of the named packages that are
+# missing (apt-get update first, only then).
 install_missing() {
   local missing=() pkg
-  for pkg in "${PACKAGES[@]}" "$@"; do
+  for pkg in "$@"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' ||
       missing+=("$pkg")
   done
@@ -35,16 +43,19 @@ install_missing() {
     "${missing[@]}"
 }
 
-# CUDA is built when nvcc is on PATH or in /usr/local/cuda; the CUDA code is
-# compiled (and its GPU tests skip) on machines without a GPU.
+# With nvcc on PATH or in /usr/local/cuda, CMake decides (AUTO): CUDA is
+# built when the toolkit's libraries are there too, and the configure log
+# says why not otherwise (cuDNN is optional); the CUDA code is compiled (and
+# its GPU tests skip) on machines without a GPU. MIXPREC_ENABLE_CUDA=ON
+# makes a missing piece an error, OFF skips CUDA.
 cuda_mode() {
   if [[ -n "${MIXPREC_ENABLE_CUDA:-}" ]]; then
     echo "$MIXPREC_ENABLE_CUDA"
   elif command -v nvcc >/dev/null 2>&1; then
-    echo ON
+    echo AUTO
   elif [[ -x /usr/local/cuda/bin/nvcc ]]; then
     export CUDACXX=/usr/local/cuda/bin/nvcc
-    echo ON
+    echo AUTO
   else
     echo OFF
   fi

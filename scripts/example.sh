@@ -5,8 +5,9 @@
 #   scripts/example.sh [more fashion_mnist_mlp flags, e.g. --epochs 3 --device cpu]
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-install_missing
+# Only what the example needs: no test frameworks, no browser.
+install_missing "${BUILD_PACKAGES[@]}" "${EXAMPLE_PACKAGES[@]}"
 BUILD_TARGETS=(fashion_mnist_mlp)
-configure_and_build -DMIXPREC_BUILD_EXAMPLES=ON
+configure_and_build -DMIXPREC_BUILD_EXAMPLES=ON -DMIXPREC_BUILD_TESTS=OFF
 log "run: fashion_mnist_mlp --precision fp16 $*"
 "$BUILD_DIR/examples/fashion_mnist_mlp" --precision fp16 "$@"

@@ -16,7 +16,7 @@ SECONDS_TO_RUN="${1:-120}"
 
 # Debian's clang-14 ships libFuzzer and the sanitizer runtimes in
 # libclang-rt-14-dev.
-install_missing clang libclang-rt-14-dev
+install_missing "${BUILD_PACKAGES[@]}" clang libclang-rt-14-dev
 
 BUILD_DIR="${MIXPREC_BUILD_DIR:-$MIXPREC_ROOT/build-fuzz}"
 BUILD_TARGETS=(safetensors_fuzz)

@@ -13,7 +13,8 @@ FUZZ_SECONDS="${MIXPREC_FUZZ_SECONDS:-120}"
 [[ "$FUZZ_SECONDS" =~ ^[0-9]+$ ]] ||
   { echo "MIXPREC_FUZZ_SECONDS = '$FUZZ_SECONDS', must be a whole number of seconds" >&2; exit 2; }
 
-install_missing python3-torch clang doxygen  # the PyTorch oracle; the Clang sanitizer leg; the API reference
+install_missing "${BUILD_PACKAGES[@]}" "${EXAMPLE_PACKAGES[@]}" "${TEST_PACKAGES[@]}" \
+  python3-torch clang doxygen  # the PyTorch oracle; the Clang sanitizer leg; the API reference
 # libtorch's headers and CMake files (Debian's 1.13; the libraries come with
 # python3-torch) for mixprec::torch: its test, the libtorch example and the
 # docs' libtorch program (docs/libtorch.md). Not in common.sh's lists: the
