@@ -19,6 +19,7 @@
 #include "mixprec/tensor/tensor.hpp"
 #include "mixprec/tensor/tensor_view.hpp"
 #include "mixprec/tensor/tensor_ref.hpp"
+#include "mixprec/tensor/eigen.hpp"
 #include "mixprec/optim/device_backend.hpp"
 #include "mixprec/optim/formulas.hpp"
 #include "mixprec/optim/optimizer.hpp"

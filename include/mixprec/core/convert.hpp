@@ -11,8 +11,8 @@
 //  * half -> float is exact; a half NaN becomes the canonical float NaN
 //    0x7fffffff, as the GPU's cvt.f32.f16 does. bfloat16 -> float is exact
 //    and keeps NaN payloads (it is a shift on both sides).
-// Eigen's own half(float) constructor agrees on every non-NaN input but not on
-// NaN bits, so mixprec code converts through these functions.
+// half(float) and bfloat16(float) (core/dtype.hpp) round with the same bit
+// functions on host and device; on the device these use CUDA's intrinsics.
 #pragma once
 
 #include <cstddef>
@@ -50,79 +50,22 @@
 namespace mixprec {
 
 /// The raw bits of a value.
-MIXPREC_HOST_DEVICE inline std::uint16_t to_bits(half x) {
-  return Eigen::numext::bit_cast<std::uint16_t>(x);
-}
-MIXPREC_HOST_DEVICE inline std::uint16_t to_bits(bfloat16 x) {
-  return Eigen::numext::bit_cast<std::uint16_t>(x);
-}
-MIXPREC_HOST_DEVICE inline std::uint32_t to_bits(float x) {
-  return Eigen::numext::bit_cast<std::uint32_t>(x);
-}
+MIXPREC_HOST_DEVICE inline std::uint16_t to_bits(half x) { return x.bits; }
+MIXPREC_HOST_DEVICE inline std::uint16_t to_bits(bfloat16 x) { return x.bits; }
+MIXPREC_HOST_DEVICE inline std::uint32_t to_bits(float x) { return detail::bit_cast<std::uint32_t>(x); }
 
 /// The value with the given raw bits.
 template <class T>
 MIXPREC_HOST_DEVICE inline T from_bits(
     std::conditional_t<std::is_same_v<T, float>, std::uint32_t, std::uint16_t> bits) {
-  return Eigen::numext::bit_cast<T>(bits);
+  if constexpr (std::is_same_v<T, float>) {
+    return detail::bit_cast<float>(bits);
+  } else {
+    T x;
+    x.bits = bits;
+    return x;
+  }
 }
-
-namespace detail {
-
-// The portable host algorithms, written on bit patterns. Branch-free (every
-// case is computed and one is selected) so that g++ vectorises array loops.
-
-MIXPREC_HOST_DEVICE inline std::uint16_t float_bits_to_half_bits(std::uint32_t u) {
-  const std::uint32_t sign = (u >> 16) & 0x8000u;
-  const std::uint32_t a = u & 0x7fffffffu;
-  // Normal half results: rebias the exponent (127 -> 15), then round the 13
-  // dropped fraction bits to nearest even. A carry out of the fraction
-  // correctly bumps the exponent.
-  std::uint32_t normal = a - 0x38000000u;
-  normal = (normal + 0x0fffu + ((normal >> 13) & 1u)) >> 13;
-  // Subnormal half results (|x| < 2^-14): adding 0.5f makes the float's ulp
-  // 2^-24, the half subnormal step, so the FPU's own round-to-nearest-even
-  // rounds |x| to the right multiple; the low bits are then the half fraction
-  // (0x400, the smallest normal, when it rounds up across the boundary).
-  // Needs only the default rounding mode; FTZ/DAZ cannot change the result
-  // because every float subnormal rounds to zero here anyway.
-  const float shifted = Eigen::numext::bit_cast<float>(a) + 0.5f;
-  const std::uint32_t subnormal = Eigen::numext::bit_cast<std::uint32_t>(shifted) - 0x3f000000u;
-  std::uint32_t r = a < 0x38800000u ? subnormal : normal;
-  // 0x477ff000 = 65520, the midpoint between 65504 and 2^16: ties go to the
-  // even neighbour, which is inf.
-  r = a >= 0x477ff000u ? 0x7c00u : r;
-  r |= sign;
-  r = a > 0x7f800000u ? 0x7fffu : r;
-  return static_cast<std::uint16_t>(r);
-}
-
-MIXPREC_HOST_DEVICE inline std::uint32_t half_bits_to_float_bits(std::uint16_t h) {
-  const std::uint32_t sign = (static_cast<std::uint32_t>(h) & 0x8000u) << 16;
-  const std::uint32_t exponent = h & 0x7c00u;
-  const std::uint32_t fraction = h & 0x03ffu;
-  const std::uint32_t normal = (((static_cast<std::uint32_t>(h) & 0x7fffu) << 13) + 0x38000000u);
-  // Subnormal: 0.5f with the fraction in its lowest bits is 0.5 + m * 2^-24;
-  // subtracting 0.5 is exact (Sterbenz) and leaves m * 2^-24.
-  const float sub = Eigen::numext::bit_cast<float>(0x3f000000u | fraction) - 0.5f;
-  std::uint32_t r = exponent == 0 ? Eigen::numext::bit_cast<std::uint32_t>(sub) : normal;
-  r |= sign;
-  r = exponent == 0x7c00u ? (fraction != 0 ? 0x7fffffffu : (sign | 0x7f800000u)) : r;
-  return r;
-}
-
-MIXPREC_HOST_DEVICE inline std::uint16_t float_bits_to_bfloat16_bits(std::uint32_t u) {
-  // Round the 16 dropped bits to nearest even; overflow carries into the
-  // exponent and reaches inf exactly when it should.
-  const std::uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return static_cast<std::uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fffu : rounded);
-}
-
-MIXPREC_HOST_DEVICE inline std::uint32_t bfloat16_bits_to_float_bits(std::uint16_t b) {
-  return static_cast<std::uint32_t>(b) << 16;
-}
-
-}  // namespace detail
 
 /// Rounds `x` to nearest even in T (see the contract at the top of the file).
 template <class T>

@@ -5,22 +5,149 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
-
-#include <Eigen/Core>
 
 #include "mixprec/core/config.hpp"
 
 namespace mixprec {
 
-/// IEEE 754 binary16. On the host this is Eigen::half; in device code its
-/// 16 bits are those of CUDA's __half (a test checks the layout across g++
-/// and nvcc translation units).
-using half = Eigen::half;
-/// bfloat16: the top 16 bits of a binary32. Eigen::bfloat16 on the host, the
-/// same bits as __nv_bfloat16 on the device.
-using bfloat16 = Eigen::bfloat16;
+namespace detail {
+
+/// The bits of `from` as a `To` of the same size (memcpy: the defined way
+/// in C++17, host and device, and free once optimised).
+template <class To, class From>
+MIXPREC_HOST_DEVICE inline To bit_cast(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast: sizes differ");
+  To to;
+  std::memcpy(&to, &from, sizeof(To));
+  return to;
+}
+
+// The conversions on bit patterns, rounded as core/convert.hpp's contract
+// says. Branch-free (every case is computed and one is selected) so that
+// g++ vectorises array loops over them.
+
+MIXPREC_HOST_DEVICE inline std::uint16_t float_bits_to_half_bits(std::uint32_t u) {
+  const std::uint32_t sign = (u >> 16) & 0x8000u;
+  const std::uint32_t a = u & 0x7fffffffu;
+  // Normal half results: rebias the exponent (127 -> 15), then round the 13
+  // dropped fraction bits to nearest even. A carry out of the fraction
+  // correctly bumps the exponent.
+  std::uint32_t normal = a - 0x38000000u;
+  normal = (normal + 0x0fffu + ((normal >> 13) & 1u)) >> 13;
+  // Subnormal half results (|x| < 2^-14): adding 0.5f makes the float's ulp
+  // 2^-24, the half subnormal step, so the FPU's own round-to-nearest-even
+  // rounds |x| to the right multiple; the low bits are then the half fraction
+  // (0x400, the smallest normal, when it rounds up across the boundary).
+  // Needs only the default rounding mode; FTZ/DAZ cannot change the result
+  // because every float subnormal rounds to zero here anyway.
+  const float shifted = bit_cast<float>(a) + 0.5f;
+  const std::uint32_t subnormal = bit_cast<std::uint32_t>(shifted) - 0x3f000000u;
+  std::uint32_t r = a < 0x38800000u ? subnormal : normal;
+  // 0x477ff000 = 65520, the midpoint between 65504 and 2^16: ties go to the
+  // even neighbour, which is inf.
+  r = a >= 0x477ff000u ? 0x7c00u : r;
+  r |= sign;
+  r = a > 0x7f800000u ? 0x7fffu : r;
+  return static_cast<std::uint16_t>(r);
+}
+
+MIXPREC_HOST_DEVICE inline std::uint32_t half_bits_to_float_bits(std::uint16_t h) {
+  const std::uint32_t sign = (static_cast<std::uint32_t>(h) & 0x8000u) << 16;
+  const std::uint32_t exponent = h & 0x7c00u;
+  const std::uint32_t fraction = h & 0x03ffu;
+  const std::uint32_t normal = (((static_cast<std::uint32_t>(h) & 0x7fffu) << 13) + 0x38000000u);
+  // Subnormal: 0.5f with the fraction in its lowest bits is 0.5 + m * 2^-24;
+  // subtracting 0.5 is exact (Sterbenz) and leaves m * 2^-24.
+  const float sub = bit_cast<float>(0x3f000000u | fraction) - 0.5f;
+  std::uint32_t r = exponent == 0 ? bit_cast<std::uint32_t>(sub) : normal;
+  r |= sign;
+  r = exponent == 0x7c00u ? (fraction != 0 ? 0x7fffffffu : (sign | 0x7f800000u)) : r;
+  return r;
+}
+
+MIXPREC_HOST_DEVICE inline std::uint16_t float_bits_to_bfloat16_bits(std::uint32_t u) {
+  // Round the 16 dropped bits to nearest even; overflow carries into the
+  // exponent and reaches inf exactly when it should.
+  const std::uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<std::uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? 0x7fffu : rounded);
+}
+
+MIXPREC_HOST_DEVICE inline std::uint32_t bfloat16_bits_to_float_bits(std::uint16_t b) {
+  return static_cast<std::uint32_t>(b) << 16;
+}
+
+// What half and bfloat16 share: 16 bits, built from float by rounding to
+// nearest even (explicitly: a narrowing), read as float implicitly (exact),
+// and arithmetic as Eigen's types do it: in float, rounded once into the
+// type (for + - * / of two such values the same as exact rounding, float
+// having more than twice their precision plus two bits). Comparisons go
+// through float: NaN is unordered, -0 == +0.
+struct HalfBits {
+  MIXPREC_HOST_DEVICE static std::uint16_t narrow(std::uint32_t u) { return float_bits_to_half_bits(u); }
+  MIXPREC_HOST_DEVICE static std::uint32_t widen(std::uint16_t h) { return half_bits_to_float_bits(h); }
+};
+struct Bfloat16Bits {
+  MIXPREC_HOST_DEVICE static std::uint16_t narrow(std::uint32_t u) { return float_bits_to_bfloat16_bits(u); }
+  MIXPREC_HOST_DEVICE static std::uint32_t widen(std::uint16_t b) { return bfloat16_bits_to_float_bits(b); }
+};
+
+template <class Derived, class Bits>
+struct Float16Base {
+  std::uint16_t bits = 0;  // the raw bits; from_bits / to_bits in convert.hpp
+
+  Float16Base() = default;
+  MIXPREC_HOST_DEVICE explicit Float16Base(float x) : bits(Bits::narrow(bit_cast<std::uint32_t>(x))) {}
+  MIXPREC_HOST_DEVICE operator float() const {  // NOLINT(google-explicit-constructor): exact
+    return bit_cast<float>(Bits::widen(bits));
+  }
+
+  MIXPREC_HOST_DEVICE friend Derived operator+(Derived a, Derived b) { return Derived(float(a) + float(b)); }
+  MIXPREC_HOST_DEVICE friend Derived operator-(Derived a, Derived b) { return Derived(float(a) - float(b)); }
+  MIXPREC_HOST_DEVICE friend Derived operator*(Derived a, Derived b) { return Derived(float(a) * float(b)); }
+  MIXPREC_HOST_DEVICE friend Derived operator/(Derived a, Derived b) { return Derived(float(a) / float(b)); }
+  MIXPREC_HOST_DEVICE friend Derived operator-(Derived a) {
+    Derived r;
+    r.bits = static_cast<std::uint16_t>(a.bits ^ 0x8000u);
+    return r;
+  }
+  MIXPREC_HOST_DEVICE friend Derived& operator+=(Derived& a, Derived b) { return a = a + b; }
+  MIXPREC_HOST_DEVICE friend Derived& operator-=(Derived& a, Derived b) { return a = a - b; }
+  MIXPREC_HOST_DEVICE friend Derived& operator*=(Derived& a, Derived b) { return a = a * b; }
+  MIXPREC_HOST_DEVICE friend Derived& operator/=(Derived& a, Derived b) { return a = a / b; }
+};
+
+}  // namespace detail
+
+/// IEEE 754 binary16, mixprec's own 16-bit type (no Eigen needed): two
+/// bytes, the same bits as CUDA's __half and Eigen::half (a test checks the
+/// layout across g++ and nvcc translation units; <mixprec/tensor/eigen.hpp>
+/// maps it as Eigen::half). `half(x)` rounds a float to nearest even; a
+/// half converts to float exactly and implicitly.
+struct half : detail::Float16Base<half, detail::HalfBits> {
+  using Float16Base::Float16Base;
+  half() = default;
+  /// From any other arithmetic type, through float.
+  template <class T, class = std::enable_if_t<std::is_arithmetic_v<T> && !std::is_same_v<T, float>>>
+  MIXPREC_HOST_DEVICE explicit half(T x) : half(static_cast<float>(x)) {}
+};
+
+/// bfloat16: the top 16 bits of a binary32, mixprec's own type; the same
+/// bits as CUDA's __nv_bfloat16 and Eigen::bfloat16. Conversions as half's.
+struct bfloat16 : detail::Float16Base<bfloat16, detail::Bfloat16Bits> {
+  using Float16Base::Float16Base;
+  bfloat16() = default;
+  /// From any other arithmetic type, through float.
+  template <class T, class = std::enable_if_t<std::is_arithmetic_v<T> && !std::is_same_v<T, float>>>
+  MIXPREC_HOST_DEVICE explicit bfloat16(T x) : bfloat16(static_cast<float>(x)) {}
+};
+
+static_assert(sizeof(half) == 2 && alignof(half) == 2 && sizeof(bfloat16) == 2 && alignof(bfloat16) == 2,
+              "half and bfloat16 are two bytes, two-aligned, as CUDA's types");
+static_assert(std::is_trivially_copyable_v<half> && std::is_trivially_copyable_v<bfloat16>,
+              "half and bfloat16 are copied as bytes");
 
 /// The runtime tag of an element type.
 enum class DType : std::uint8_t { float16, bfloat16, float32 };

@@ -7,8 +7,6 @@
 #include <cstdint>
 #include <type_traits>
 
-#include <Eigen/Core>
-
 #include "mixprec/core/device.hpp"
 #include "mixprec/core/dtype.hpp"
 #include "mixprec/core/error.hpp"
@@ -16,6 +14,16 @@
 #include "mixprec/tensor/shape.hpp"
 
 namespace mixprec {
+
+namespace detail {
+// flat() and matrix() as Eigen maps: specialised by <mixprec/tensor/eigen.hpp>,
+// so that views cost no Eigen include where nothing maps them.
+template <class T, class Enable = void>
+struct EigenMaps {
+  static_assert(sizeof(T) == 0,
+                "TensorView::flat() and matrix() need #include <mixprec/tensor/eigen.hpp> (mixprec.hpp includes it)");
+};
+}  // namespace detail
 
 /// A pointer, a shape and the device the pointer belongs to. T is an element
 /// type, optionally const (`TensorView<const half>` reads only). Copying a
@@ -76,23 +84,23 @@ class TensorView {
     return data_[i];
   }
 
-  /// All elements as a column Eigen::Map (host only).
+  /// All elements as a column Eigen::Map of an Eigen::Array (host only).
+  /// half and bfloat16 map as Eigen::half and Eigen::bfloat16, the same
+  /// bits. Needs <mixprec/tensor/eigen.hpp>.
+  template <class U = T>
   auto flat() const {
     require_host("TensorView::flat");
-    using Array = Eigen::Array<value_type, Eigen::Dynamic, 1>;
-    using MapType = std::conditional_t<std::is_const_v<T>, Eigen::Map<const Array>, Eigen::Map<Array>>;
-    return MapType(data_, static_cast<Eigen::Index>(numel()));
+    return detail::EigenMaps<U>::flat(data_, numel());
   }
 
-  /// A rank-2 view as a row-major Eigen::Map matrix (host only).
+  /// A rank-2 view as a row-major Eigen::Map matrix (host only); element
+  /// types as for flat(). Needs <mixprec/tensor/eigen.hpp>.
+  template <class U = T>
   auto matrix() const {
     require_host("TensorView::matrix");
     MIXPREC_CHECK(shape_.rank() == 2, "TensorView::matrix: shape ", shape_, " has rank ",
                   shape_.rank(), ", must be 2");
-    using Matrix = Eigen::Matrix<value_type, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-    using MapType =
-        std::conditional_t<std::is_const_v<T>, Eigen::Map<const Matrix>, Eigen::Map<Matrix>>;
-    return MapType(data_, static_cast<Eigen::Index>(shape_[0]), static_cast<Eigen::Index>(shape_[1]));
+    return detail::EigenMaps<U>::matrix(data_, shape_[0], shape_[1]);
   }
 
  private:
