@@ -170,13 +170,13 @@ TEST(MonitorReport, MalformedLogsThrowNamingTheLine) {
 
   // Broken JSON in a later line: the line and the column.
   const std::string good = h + "\n" + record(1) + "\n";
-  expect_error([&] { render_report(good + "{\"type\":\"log\",\"step\":2,}\n", "t"); }, {"line 3", "column 24", "member name"});
-  expect_error([&] { render_report(good + "{\"type\":\"log\"} trailing\n", "t"); }, {"line 3", "after the object"});
+  expect_error([&] { render_report(good + "{\"type\":\"log\",\"step\":2,}\n", "t"); }, {"line 3", "column 24", "object key"});
+  expect_error([&] { render_report(good + "{\"type\":\"log\"} trailing\n", "t"); }, {"line 3", "column 18", "expected end of input"});
   expect_error([&] { render_report(good + "{\"type\":\"log\",\"x\":NaN}\n", "t"); }, {"line 3", "not valid JSON"});
   expect_error([&] { render_report(good + "{\"type\":\"log\",\"x\":01}\n", "t"); }, {"line 3"});
   expect_error([&] { render_report(good + "{\"type\":\"log\",\"x\":\"a\tb\"}\n", "t"); }, {"line 3", "control"});
-  expect_error([&] { render_report(good + "{\"type\":\"log\",\"x\":\"\\q\"}\n", "t"); }, {"line 3", "escape"});
-  expect_error([&] { render_report(good + "{\"type\":\"log\",\"x\":\"\xff\"}\n", "t"); }, {"line 3", "UTF-8"});
+  expect_error([&] { render_report(good + "{\"type\":\"log\",\"x\":\"\\q\"}\n", "t"); }, {"line 3", "after backslash"});
+  expect_error([&] { render_report(good + "{\"type\":\"log\",\"x\":\"\xff\"}\n", "t"); }, {"line 3", "UTF-8", "\\xff"});
   expect_error([&] { render_report(good + "{\"type\":\"log\",\"x\":\"\\ud800\"}\n", "t"); }, {"line 3", "surrogate"});
   // Every later record is a "log"; a second header is named as such.
   expect_error([&] { render_report(good + "{\"type\":\"lag\"}\n", "t"); }, {"line 3", "\"lag\"", "\"log\""});

@@ -2,8 +2,11 @@
 // The whole host API of mixprec in one include: every header of
 // include/mixprec/ but dist/ (data parallelism: its communicators need MPI or
 // NCCL, so include <mixprec/dist/mpi.hpp> or <mixprec/dist/nccl.hpp> and
-// <mixprec/dist/reducer.hpp> yourself) and core/cublas_check.hpp,
-// core/cudnn_check.hpp (they need mixprec::cuda).
+// <mixprec/dist/reducer.hpp> yourself), core/cublas_check.hpp,
+// core/cudnn_check.hpp (they need mixprec::cuda), and the monitor's HTML
+// report: include <mixprec/monitor/report.hpp> where a program renders one
+// (it holds the page's stylesheet and script, which every other file would
+// compile for nothing).
 #pragma once
 
 #include "mixprec/core/config.hpp"
@@ -46,4 +49,3 @@
 #include "mixprec/monitor/jsonl.hpp"
 #include "mixprec/monitor/monitor.hpp"
 #include "mixprec/monitor/record.hpp"
-#include "mixprec/monitor/report.hpp"

@@ -13,6 +13,7 @@
 #include <map>
 #include <new>
 #include <string>
+#include <string_view>
 #include <system_error>
 #include <type_traits>
 #include <utility>
@@ -27,6 +28,7 @@
 #include "mixprec/core/atomic_file.hpp"
 #include "mixprec/core/dtype.hpp"
 #include "mixprec/core/error.hpp"
+#include "mixprec/core/utf8.hpp"
 
 // Tensor bytes are stored little-endian and handed out as they lie in the
 // file: a big-endian host would need a byte swap on every element, which
@@ -165,46 +167,6 @@ inline constexpr std::uint64_t kSafetensorsMaxHeaderBytes = 100'000'000;
 // Helpers of this header only: in mixprec::detail, with an st_ prefix, so
 // that no mixprec::io::detail shadows mixprec::detail for other io headers.
 namespace mixprec::detail {
-
-/// Byte offset of the first byte that is not part of well-formed UTF-8
-/// (RFC 3629: no overlong forms, no surrogates, nothing above U+10FFFF),
-/// or `size` when all of it is.
-inline std::size_t st_utf8_invalid_at(const std::uint8_t* p, std::size_t size) {
-  std::size_t i = 0;
-  while (i < size) {
-    const std::uint8_t c = p[i];
-    if (c < 0x80) {
-      ++i;
-      continue;
-    }
-    std::size_t extra;
-    std::uint8_t lo = 0x80, hi = 0xBF;  // bounds of the second byte
-    if (c >= 0xC2 && c <= 0xDF) {
-      extra = 1;
-    } else if (c >= 0xE0 && c <= 0xEF) {
-      extra = 2;
-      if (c == 0xE0) lo = 0xA0;  // overlong below U+0800
-      if (c == 0xED) hi = 0x9F;  // UTF-16 surrogates
-    } else if (c >= 0xF0 && c <= 0xF4) {
-      extra = 3;
-      if (c == 0xF0) lo = 0x90;  // overlong below U+10000
-      if (c == 0xF4) hi = 0x8F;  // above U+10FFFF
-    } else {
-      return i;  // continuation byte in lead position, C0/C1, F5..FF
-    }
-    if (size - i <= extra) return i;  // truncated sequence
-    if (p[i + 1] < lo || p[i + 1] > hi) return i;
-    for (std::size_t k = 2; k <= extra; ++k) {
-      if (p[i + k] < 0x80 || p[i + k] > 0xBF) return i;
-    }
-    i += extra + 1;
-  }
-  return size;
-}
-
-inline bool st_valid_utf8(const std::string& s) {
-  return st_utf8_invalid_at(reinterpret_cast<const std::uint8_t*>(s.data()), s.size()) == s.size();
-}
 
 /// s in double quotes for an error message: control bytes, quotes and
 /// backslashes escaped, cut after 80 bytes (a hostile name can be megabytes).
@@ -391,7 +353,7 @@ class SafetensorsWriter {
     MIXPREC_CHECK(!name.empty(), "SafetensorsWriter::add: name is empty");
     MIXPREC_CHECK(name != "__metadata__", "SafetensorsWriter::add: name \"__metadata__\" is reserved for the "
                                           "file's metadata");
-    MIXPREC_CHECK(detail::st_valid_utf8(name), "SafetensorsWriter::add: name ", detail::st_quoted(name),
+    MIXPREC_CHECK(detail::is_utf8(name), "SafetensorsWriter::add: name ", detail::st_quoted(name),
                   " is not valid UTF-8");
     MIXPREC_CHECK(index_.find(name) == index_.end(), "SafetensorsWriter::add: name ", detail::st_quoted(name),
                   " was already added");
@@ -432,9 +394,9 @@ class SafetensorsWriter {
   /// Sets `key` of the "__metadata__" map to `value` (replacing an earlier
   /// value). Both must be UTF-8.
   void set_metadata(const std::string& key, const std::string& value) {
-    MIXPREC_CHECK(detail::st_valid_utf8(key), "SafetensorsWriter::set_metadata: key ", detail::st_quoted(key),
+    MIXPREC_CHECK(detail::is_utf8(key), "SafetensorsWriter::set_metadata: key ", detail::st_quoted(key),
                   " is not valid UTF-8");
-    MIXPREC_CHECK(detail::st_valid_utf8(value), "SafetensorsWriter::set_metadata: value of ", detail::st_quoted(key),
+    MIXPREC_CHECK(detail::is_utf8(value), "SafetensorsWriter::set_metadata: value of ", detail::st_quoted(key),
                   " is not valid UTF-8");
     metadata_[key] = value;
   }
@@ -694,7 +656,8 @@ class SafetensorsFile {
     data_start_ = 8 + n;
     data_size_ = bytes_.size() - data_start_;
 
-    const std::size_t bad = detail::st_utf8_invalid_at(header, static_cast<std::size_t>(n));
+    const std::size_t bad =
+        detail::utf8_invalid_at(std::string_view(reinterpret_cast<const char*>(header), static_cast<std::size_t>(n)));
     MIXPREC_CHECK(bad == n, where, ": header is not valid UTF-8 (byte ", bad, " of the header)");
     // JSON allows no NUL byte anywhere, but nlohmann's lexer takes one for
     // the end of the input and would accept "{}\0<anything>".

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "mixprec/core/error.hpp"
+#include "mixprec/core/utf8.hpp"
 #include "mixprec/monitor/record.hpp"
 
 namespace mixprec::monitor {
@@ -73,34 +74,6 @@ inline void json_append_optional(std::string& out, double x) {
   }
 }
 
-/// The length of the well-formed UTF-8 sequence starting at s[i] (a
-/// non-ASCII lead byte), 0 when it is not one (overlong forms, surrogates
-/// and code points above U+10FFFF included).
-inline std::size_t json_utf8_length(const std::string& s, std::size_t i) {
-  const auto byte = [&s](std::size_t k) { return static_cast<unsigned char>(s[k]); };
-  const unsigned char c = byte(i);
-  std::size_t n = 0;
-  unsigned char lo = 0x80, hi = 0xBF;  // the range of the second byte
-  if (c >= 0xC2 && c <= 0xDF) {
-    n = 2;
-  } else if (c >= 0xE0 && c <= 0xEF) {
-    n = 3;
-    if (c == 0xE0) lo = 0xA0;
-    if (c == 0xED) hi = 0x9F;
-  } else if (c >= 0xF0 && c <= 0xF4) {
-    n = 4;
-    if (c == 0xF0) lo = 0x90;
-    if (c == 0xF4) hi = 0x8F;
-  } else {
-    return 0;
-  }
-  if (s.size() - i < n || byte(i + 1) < lo || byte(i + 1) > hi) return 0;
-  for (std::size_t k = 2; k < n; ++k) {
-    if (byte(i + k) < 0x80 || byte(i + k) > 0xBF) return 0;
-  }
-  return n;
-}
-
 /// Appends s as a JSON string: quotes and backslashes escaped, control
 /// characters as \n, \t, ... or \u00XX, well-formed UTF-8 kept as it is and
 /// each byte of malformed UTF-8 replaced by \ufffd, so that every line is
@@ -112,7 +85,8 @@ inline void json_append_string(std::string& out, const std::string& s) {
   while (i < s.size()) {
     const auto c = static_cast<unsigned char>(s[i]);
     if (c >= 0x80) {
-      const std::size_t n = json_utf8_length(s, i);
+      const std::size_t n =
+          mixprec::detail::utf8_sequence_length(reinterpret_cast<const unsigned char*>(s.data()) + i, s.size() - i);
       if (n == 0) {
         out += "\\ufffd";
         ++i;
