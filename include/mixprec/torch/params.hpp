@@ -88,8 +88,9 @@ inline Device device_of(const ::torch::Device& device, const std::string& what =
 /// not reallocated. `t` must be defined, strided, contiguous (row-major),
 /// of dtype Half, BFloat16 or Float, on the CPU or (with mixprec::cuda) a
 /// CUDA device. Errors name `what` and the problem. Writes through the view
-/// bypass autograd's version counter, as torch.optim's in-place updates
-/// under no_grad do not: step between a backward and the next forward.
+/// do not bump autograd's version counter (torch.optim's in-place updates
+/// do), so autograd cannot see a step taken between a forward pass and its
+/// backward: step after the backward, before the next forward.
 inline TensorRef view(const ::torch::Tensor& t, const std::string& what = "tensor") {
   MIXPREC_CHECK(t.defined(), what, ": the tensor is undefined");
   MIXPREC_CHECK(t.layout() == ::torch::kStrided, what, ": layout ", t.layout(),
