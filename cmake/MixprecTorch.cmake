@@ -11,9 +11,10 @@
 #
 # A function, not a macro: TorchConfig.cmake and the Caffe2 config it loads
 # set many variables of their own (flags, paths, the CUDA settings of a CUDA
-# build), and in a function's scope they cannot change how mixprec's own
-# targets, or the caller's, are compiled. Only the imported targets remain,
-# and those have directory scope. `torch` found already (the caller ran
+# build), and set in a function's scope they cannot change how mixprec's own
+# targets, or the caller's, are compiled. What remains is the imported
+# targets (directory scope) and the cache entries those configs write (the
+# libraries they found). `torch` found already (the caller ran
 # find_package(Torch) itself) is used as it is.
 function(mixprec_find_torch)
   if(NOT TARGET torch)
