@@ -97,23 +97,10 @@ struct FailingPlan final : optim::DevicePlan {
   void read_check(std::vector<double>& s, std::vector<int>& n, stream_t st) const override {
     real->read_check(s, n, st);
   }
-  template <class H>
-  void maybe(const std::vector<H>& groups, const optim::LRSchedule& sch, const optim::DeviceStepInputs& in,
-             stream_t st) {
+  void step(const char* kernel, const void* hypers, std::size_t count, std::size_t bytes,
+            const optim::LRSchedule& sch, const optim::DeviceStepInputs& in, stream_t st) override {
     if (*armed) detail::throw_error("step_kernel: launch failed (injected)");
-    real->step(groups, sch, in, st);
-  }
-  void step(const std::vector<optim::AdamHyper>& g, const optim::LRSchedule& s, const optim::DeviceStepInputs& in,
-            stream_t st) override {
-    maybe(g, s, in, st);
-  }
-  void step(const std::vector<optim::SgdHyper>& g, const optim::LRSchedule& s, const optim::DeviceStepInputs& in,
-            stream_t st) override {
-    maybe(g, s, in, st);
-  }
-  void step(const std::vector<optim::RmspropHyper>& g, const optim::LRSchedule& s,
-            const optim::DeviceStepInputs& in, stream_t st) override {
-    maybe(g, s, in, st);
+    real->step(kernel, hypers, count, bytes, sch, in, st);
   }
 };
 struct FailingBackend final : optim::DeviceBackend {
@@ -123,11 +110,6 @@ struct FailingBackend final : optim::DeviceBackend {
     return std::make_unique<FailingPlan>(real.make_plan(p), &armed);
   }
   void to_float(const TensorRef& s, float* d, stream_t st) override { real.to_float(s, d, st); }
-  void update_scale(amp::DeviceScalerState* s, const amp::ScalePolicy& p, bool d, stream_t st) override {
-    real.update_scale(s, p, d, st);
-  }
-  void or_flag(const int* s, int* d, stream_t st) override { real.or_flag(s, d, st); }
-  void scale(const TensorRef& t, const float* s, stream_t st) override { real.scale(t, s, st); }
   void copy_to_host_async(void* h, const void* d, std::size_t n, stream_t st) override {
     real.copy_to_host_async(h, d, n, st);
   }

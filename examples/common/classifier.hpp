@@ -96,8 +96,10 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
         ->type_name("N")
         ->check(CLI::Range(std::int64_t{1}, std::int64_t{1} << 16));
   }
-  app.add_option("--optimizer", a.optimizer, "torch.optim's defaults but lr (SGD: momentum 0.9)")
-      ->check(CLI::IsMember({"sgd", "adam", "adamw", "rmsprop"}));
+  app.add_option("--optimizer", a.optimizer,
+                 "torch.optim's defaults but lr (SGD: momentum 0.9; Lion: the paper's betas, give it a 3-10x "
+                 "smaller --lr)")
+      ->check(CLI::IsMember({"sgd", "adam", "adamw", "rmsprop", "lion"}));
   app.add_option("--lr", a.lr, "the learning rate")->type_name("X")->check(finite_at_least(0));
   app.add_option("--schedule", a.schedule, "cosine: CosineAnnealingLR to 0 over the run, per step")
       ->check(CLI::IsMember({"constant", "cosine"}));
@@ -153,26 +155,46 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
   return -1;
 }
 
-inline std::unique_ptr<optim::Optimizer> make_optimizer(const Args& a, std::vector<optim::Param> params) {
+template <class T>
+struct Tag {
+  using type = T;
+};
+
+// Calls make(options, Tag<Opt>{}) with the optimizer of `a` and its options:
+// torch.optim's defaults but lr (SGD: momentum 0.9).
+template <class R, class F>
+R with_optimizer(const Args& a, F&& make) {
   if (a.optimizer == "sgd") {
     optim::SGDOptions o;
     o.lr = a.lr;
     o.momentum = 0.9;
-    return std::make_unique<optim::SGD>(std::move(params), o);
+    return make(o, Tag<optim::SGD>{});
   }
   if (a.optimizer == "adam") {
     optim::AdamOptions o;
     o.lr = a.lr;
-    return std::make_unique<optim::Adam>(std::move(params), o);
+    return make(o, Tag<optim::Adam>{});
   }
   if (a.optimizer == "rmsprop") {
     optim::RMSpropOptions o;
     o.lr = a.lr;
-    return std::make_unique<optim::RMSprop>(std::move(params), o);
+    return make(o, Tag<optim::RMSprop>{});
+  }
+  if (a.optimizer == "lion") {
+    optim::LionOptions o;
+    o.lr = a.lr;
+    return make(o, Tag<optim::Lion>{});
   }
   optim::AdamWOptions o;
   o.lr = a.lr;
-  return std::make_unique<optim::AdamW>(std::move(params), o);
+  return make(o, Tag<optim::AdamW>{});
+}
+
+inline std::unique_ptr<optim::Optimizer> make_optimizer(const Args& a, std::vector<optim::Param> params) {
+  return with_optimizer<std::unique_ptr<optim::Optimizer>>(a, [&](const auto& o, auto tag) {
+    using Opt = typename decltype(tag)::type;
+    return std::unique_ptr<optim::Optimizer>(std::make_unique<Opt>(std::move(params), o));
+  });
 }
 
 // ZeRO-1 over `comm` with the optimizer of `a` (the same options as
@@ -183,25 +205,11 @@ inline std::unique_ptr<optim::Optimizer> make_optimizer(const Args& a, std::vect
 inline std::unique_ptr<dist::ZeroOne> make_zero1(const Args& a, dist::Communicator& comm,
                                                  std::vector<optim::Param> params) {
   const dist::ShardOptions cut{dist::ShardOptions::Cut::elements};
-  if (a.optimizer == "sgd") {
-    optim::SGDOptions o;
-    o.lr = a.lr;
-    o.momentum = 0.9;
-    return std::make_unique<dist::ShardedOptimizer<optim::SGD>>(comm, std::move(params), o, cut);
-  }
-  if (a.optimizer == "adam") {
-    optim::AdamOptions o;
-    o.lr = a.lr;
-    return std::make_unique<dist::ShardedOptimizer<optim::Adam>>(comm, std::move(params), o, cut);
-  }
-  if (a.optimizer == "rmsprop") {
-    optim::RMSpropOptions o;
-    o.lr = a.lr;
-    return std::make_unique<dist::ShardedOptimizer<optim::RMSprop>>(comm, std::move(params), o, cut);
-  }
-  optim::AdamWOptions o;
-  o.lr = a.lr;
-  return std::make_unique<dist::ShardedOptimizer<optim::AdamW>>(comm, std::move(params), o, cut);
+  return with_optimizer<std::unique_ptr<dist::ZeroOne>>(a, [&](const auto& o, auto tag) {
+    using Opt = typename decltype(tag)::type;
+    return std::unique_ptr<dist::ZeroOne>(
+        std::make_unique<dist::ShardedOptimizer<Opt>>(comm, std::move(params), o, cut));
+  });
 }
 
 inline std::vector<std::int32_t> identity(std::int64_t n) {

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "mixprec/amp/device_kernels.hpp"
 #include "mixprec/amp/grad_scaler.hpp"
 #include "mixprec/amp/scale_update.hpp"
 #include "mixprec/core/device.hpp"
@@ -50,7 +51,12 @@ class DeviceGradScaler {
         stream_(stream) {
     MIXPREC_CHECK(device.is_cuda(), "DeviceGradScaler: device = ", device,
                   ", must be a CUDA device (amp::GradScaler keeps its state on the host)");
-    if (built_with_cuda()) backend_ = &mixprec::detail::require_device_backend("DeviceGradScaler", device);
+    if (built_with_cuda()) {
+      backend_ = &mixprec::detail::require_device_backend("DeviceGradScaler", device);
+      kernels_ = device_scaler_kernels();
+      MIXPREC_CHECK(kernels_ != nullptr, "DeviceGradScaler: the optimizers' CUDA kernels are linked but not the "
+                    "scaler's; include <mixprec/cuda/backend.cuh> in one .cu file, which installs both");
+    }
     mixprec::detail::require_usable(device, "DeviceGradScaler");
     DeviceScalerState init;
     init.state = GradScaler::initial_state(options);
@@ -85,7 +91,7 @@ class DeviceGradScaler {
     MIXPREC_CHECK(t.device() == device_, "DeviceGradScaler::scale: the tensor is on ", t.device(),
                   ", the scaler on ", device_);
     MIXPREC_CHECK(!t.read_only(), "DeviceGradScaler::scale: the tensor is a read-only view");
-    if (is_enabled()) backend_->scale(t, scale_data(), stream_);
+    if (is_enabled()) kernels_->scale(t, scale_data(), stream_);
   }
   /// The current loss scale: a synchronising read.
   float scale() const { return state().scale; }
@@ -191,10 +197,10 @@ class DeviceGradScaler {
     // An optimizer unscaled but never stepped still counts: its found-inf
     // goes into the iteration's flag (step()'s finish does that otherwise).
     for (const Record& r : records_.all()) {
-      if (r.stage == Stage::unscaled) backend_->or_flag(r.found_inf, &device_state()->any_inf, stream_);
+      if (r.stage == Stage::unscaled) kernels_->or_flag(r.found_inf, &device_state()->any_inf, stream_);
     }
     records_.clear();
-    backend_->update_scale(device_state(), policy_, options_.mode == ScalingMode::dynamic, stream_);
+    kernels_->update_scale(device_state(), policy_, options_.mode == ScalingMode::dynamic, stream_);
     backend_->copy_to_host_async(mirror_, device_state(), sizeof(DeviceScalerState), stream_);
     check_errors();
   }
@@ -301,6 +307,7 @@ class DeviceGradScaler {
   Device device_;
   stream_t stream_;
   optim::DeviceBackend* backend_ = nullptr;
+  DeviceScalerKernels* kernels_ = nullptr;
   Buffer state_;                         // one DeviceScalerState
   DeviceScalerState* mirror_ = nullptr;  // pinned: the state as of the last completed update()
   bool raised_ = false;

@@ -9,6 +9,7 @@
 #include <limits>
 
 #include "mixprec/core/config.hpp"
+#include "mixprec/core/saturating.hpp"
 
 namespace mixprec::amp {
 
@@ -24,11 +25,7 @@ struct ScalerState {
   std::int64_t skip_streak = 0;         // consecutive non-finite steps, up to now (saturates)
 };
 
-/// n + 1, or n where that would overflow: for counters that must never wrap.
-template <class Int>
-MIXPREC_HOST_DEVICE inline Int saturating_increment(Int n) {
-  return n < std::numeric_limits<Int>::max() ? static_cast<Int>(n + 1) : n;
-}
+using mixprec::saturating_increment;
 
 /// A scaler's state when it lives in device memory (amp::DeviceGradScaler):
 /// the scale and trackers, the iteration's found-inf flag and the counters.

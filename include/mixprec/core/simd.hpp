@@ -36,6 +36,8 @@ namespace math {
 // math functions; IEEE-exact (correctly rounded sqrt) on both sides.
 MIXPREC_HOST_DEVICE inline float sqrt(float x) { return ::sqrtf(x); }
 MIXPREC_HOST_DEVICE inline float max(float a, float b) { return a > b ? a : b; }
+/// torch.sign: 1, -1, or 0 for a zero of either sign.
+MIXPREC_HOST_DEVICE inline float sign(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
 
 }  // namespace math
 
@@ -84,6 +86,10 @@ inline simd::f32x4 sqrt(simd::f32x4 x) {
 }
 
 inline simd::f32x4 max(simd::f32x4 a, simd::f32x4 b) { return a > b ? a : b; }
+inline simd::f32x4 sign(simd::f32x4 x) {
+  const simd::f32x4 one = {1, 1, 1, 1}, zero = {0, 0, 0, 0};
+  return x > zero ? one : (x < zero ? -one : zero);
+}
 
 // Two 4-lane square roots: baseline instructions, so this inlines into AVX2
 // code (where the halves are xmm registers) as well as into SSE code. The
@@ -96,6 +102,10 @@ inline simd::f32x8 sqrt(simd::f32x8 x) {
   return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7);
 }
 inline simd::f32x8 max(simd::f32x8 a, simd::f32x8 b) { return a > b ? a : b; }
+inline simd::f32x8 sign(simd::f32x8 x) {
+  const simd::f32x8 one = {1, 1, 1, 1, 1, 1, 1, 1}, zero = {0, 0, 0, 0, 0, 0, 0, 0};
+  return x > zero ? one : (x < zero ? -one : zero);
+}
 
 }  // namespace math
 MIXPREC_PSABI_POP

@@ -10,7 +10,7 @@
 #include "mixprec/core/config.hpp"
 #include "mixprec/core/device.hpp"
 #include "mixprec/nn/device_ops.hpp"
-#include "mixprec/optim/optimizer.hpp"
+#include "mixprec/optim/param.hpp"
 #include "mixprec/tensor/shape.hpp"
 #include "mixprec/tensor/tensor_view.hpp"
 

@@ -14,7 +14,6 @@
 #include <memory>
 #include <vector>
 
-#include "mixprec/amp/scale_update.hpp"
 #include "mixprec/core/config.hpp"
 #include "mixprec/core/device.hpp"
 #include "mixprec/core/error.hpp"
@@ -25,28 +24,9 @@ namespace mixprec::optim {
 
 /// Parameter groups one device step launch can carry: their hyperparameters
 /// travel as kernel arguments (64 x 48 bytes fits the portable 4 KiB), so a
-/// step is one launch whatever the number of groups.
+/// step is one launch whatever the number of groups. An optimizer's Hyper
+/// (its header, optim/optimizers/) must keep 64 of them within that.
 inline constexpr std::size_t kMaxDeviceGroups = 64;
-
-/// Hyperparameters of one parameter group, as torch.optim names them: what a
-/// device step launch bakes in (a captured CUDA graph keeps these values;
-/// the lr schedule is evaluated on the device from the applied-step count).
-struct AdamHyper {
-  double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0;
-  bool amsgrad = false, maximize = false, decoupled = false;
-};
-struct SgdHyper {
-  double lr = 1e-3, momentum = 0, dampening = 0, weight_decay = 0;
-  bool nesterov = false, maximize = false;
-  /// The momentum buffers were created for this step although the step
-  /// counts are past 1 (momentum switched on later): they start as a copy
-  /// of the gradient, as in torch. Steps 1 do that by themselves.
-  bool fresh_buffers = false;
-};
-struct RmspropHyper {
-  double lr = 1e-2, alpha = 0.99, eps = 1e-8, weight_decay = 0, momentum = 0;
-  bool centered = false, maximize = false;
-};
 
 /// One parameter as the device step sees it: the user's weight and gradient
 /// views and mixprec's fp32 master, state (unused entries null) and step
@@ -105,16 +85,15 @@ class DevicePlan {
 
   /// Pass 2 over every parameter, and the step's count, in ONE launch, so
   /// that a step is either queued whole or (when this throws) not at all.
-  /// `groups[g]` holds group g's hyperparameters (DeviceParam::group), at
-  /// most kMaxDeviceGroups. Unless *found_inf (or a non-finite lr), the
-  /// kernel updates every parameter and then adds one to every step count
-  /// and *applied_steps (saturating); *any_inf is set when *found_inf.
-  virtual void step(const std::vector<AdamHyper>& groups, const LRSchedule& schedule, const DeviceStepInputs& in,
-                    stream_t stream) = 0;
-  virtual void step(const std::vector<SgdHyper>& groups, const LRSchedule& schedule, const DeviceStepInputs& in,
-                    stream_t stream) = 0;
-  virtual void step(const std::vector<RmspropHyper>& groups, const LRSchedule& schedule,
-                    const DeviceStepInputs& in, stream_t stream) = 0;
+  /// `kernel` names the optimizer's kernel part (its kKey: "adam", "sgd",
+  /// ...; a user's own is registered by MIXPREC_REGISTER_OPTIMIZER in one
+  /// .cu file) and `hypers` points to `count` of its Hyper structs of
+  /// `hyper_bytes` each, group g's at index g (DeviceParam::group), at most
+  /// kMaxDeviceGroups. Unless *found_inf (or a non-finite lr), the kernel
+  /// updates every parameter and then adds one to every step count and
+  /// *applied_steps (saturating); *any_inf is set when *found_inf.
+  virtual void step(const char* kernel, const void* hypers, std::size_t count, std::size_t hyper_bytes,
+                    const LRSchedule& schedule, const DeviceStepInputs& in, stream_t stream) = 0;
 };
 
 /// What the kernels do for the host API.
@@ -126,15 +105,6 @@ class DeviceBackend {
   virtual std::unique_ptr<DevicePlan> make_plan(const std::vector<DeviceParam>& params) = 0;
   /// dst[i] = float(src[i]) for a device tensor of any element type.
   virtual void to_float(const TensorRef& src, float* dst, stream_t stream) = 0;
-  /// The scaler's update at the end of an iteration: counts it as applied
-  /// or skipped (by any_inf), updates the scale when `dynamic`, resets
-  /// any_inf. One single-thread launch.
-  virtual void update_scale(amp::DeviceScalerState* s, const amp::ScalePolicy& policy, bool dynamic,
-                            stream_t stream) = 0;
-  /// *dst |= *src (device ints), one single-thread launch.
-  virtual void or_flag(const int* src, int* dst, stream_t stream) = 0;
-  /// t[i] *= *scale, in t's element type (rounded to nearest even).
-  virtual void scale(const TensorRef& t, const float* scale, stream_t stream) = 0;
   /// Asynchronous copy of `bytes` from device memory to pinned host memory.
   virtual void copy_to_host_async(void* host, const void* device, std::size_t bytes, stream_t stream) = 0;
   /// Pinned host memory that a copy_to_host_async can target; freed with

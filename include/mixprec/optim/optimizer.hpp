@@ -18,71 +18,20 @@
 #include <utility>
 #include <vector>
 
-#include "mixprec/amp/scale_update.hpp"
+#include "mixprec/core/saturating.hpp"
 #include "mixprec/core/convert.hpp"
 #include "mixprec/core/error.hpp"
 #include "mixprec/core/fp_mode.hpp"
 #include "mixprec/core/simd.hpp"
+#include "mixprec/optim/cpu_step.hpp"
 #include "mixprec/optim/device_backend.hpp"
+#include "mixprec/optim/param.hpp"
 #include "mixprec/optim/schedule.hpp"
 #include "mixprec/tensor/ops.hpp"
 #include "mixprec/tensor/tensor.hpp"
 #include "mixprec/tensor/tensor_ref.hpp"
 
-// The fused 8-lane pass relies on GCC's `flatten` to inline formulas written
-// for any lane type into AVX2 code; Clang refuses 8-float vectors crossing
-// into functions not compiled for AVX, so Clang builds take the portable
-// path (the same bits, slower).
-#if MIXPREC_HOST_SIMD && defined(__GNUC__) && !defined(__clang__)
-#define MIXPREC_OPTIM_AVX2 1
-#else
-#define MIXPREC_OPTIM_AVX2 0
-#endif
-
 namespace mixprec::optim {
-
-/// One trainable parameter as the user hands it over: the weight the forward
-/// pass reads and the gradient the backward pass writes, both views of the
-/// user's own buffers (fp16, bf16 or fp32, independently), never copied.
-struct Param {
-  std::string name;
-  TensorRef weight;
-  TensorRef grad;
-};
-
-/// What pass 1 over the gradients found, per parameter: whether any element
-/// is not finite, and the sum of squares of the gradient as stored (that is,
-/// still multiplied by the loss scale), accumulated in double.
-struct GradStats {
-  std::vector<char> nonfinite;
-  std::vector<double> sum_squares;
-  bool any_nonfinite() const {
-    return std::any_of(nonfinite.begin(), nonfinite.end(), [](char c) { return c != 0; });
-  }
-  double total_sum_squares() const {
-    double s = 0;
-    for (double x : sum_squares) s += x;
-    return s;
-  }
-};
-
-/// How the stored gradients become the gradients the update uses:
-/// g = (float(stored) * inv_scale) * clip_coef, the two roundings in
-/// PyTorch's order (unscale, then clip_grad_norm_'s multiply).
-struct GradTransform {
-  float inv_scale = 1.0f;
-  float clip_coef = 1.0f;
-};
-
-/// Where an optimizer keeps the second moment that divides its update, for
-/// monitors: the update's denominator is sqrt(v / (1 - beta2^t)) + eps with t
-/// the parameter's step count (beta2 = 0: no bias correction, as RMSprop).
-/// v is null for optimizers without one (SGD) and before the first step.
-struct SecondMoment {
-  const float* v = nullptr;
-  float eps = 0;
-  float beta2 = 0;
-};
 
 /// The interface the GradScaler drives, and the shared bookkeeping.
 ///
@@ -100,23 +49,6 @@ struct SecondMoment {
 /// (device_backend.hpp): step() and the launch_* functions queue work on a
 /// stream and return; reading a count (step_count, applied_steps, lr) copies
 /// it to the host and so synchronises.
-/// One parameter's part of an optimizer's training state, on the host.
-struct ParamState {
-  std::vector<float> master;
-  /// Per state tensor (Optimizer::state_names()): its values, or none where
-  /// the optimizer has not made it yet (momentum before the first step).
-  std::vector<std::optional<std::vector<float>>> state;
-  std::int64_t step = 0;  // applied steps of this parameter (torch's state['step'])
-};
-
-/// An optimizer's training state copied to the host: what a checkpoint
-/// holds besides the model weights (mixprec/io/checkpoint.hpp).
-struct OptimizerState {
-  std::vector<ParamState> params;  // in parameter order
-  std::vector<double> lrs;         // per group: the base lr
-  std::int64_t applied_steps = 0;  // the LR schedule's position
-};
-
 class Optimizer {
  public:
   virtual ~Optimizer() {
@@ -207,17 +139,17 @@ class Optimizer {
       std::uint64_t* bins = grad_histogram_ ? grad_histogram_ + i * kHistogramBins : nullptr;
 #if MIXPREC_OPTIM_AVX2
       if (detail::cpu_has_avx2_f16c() && bins == nullptr) {
-        s.param.grad.visit([&](auto grad) { done = check_avx2(grad.data(), n, sum, nonfinite); });
+        s.param.grad.visit([&](auto grad) { done = cpu::check_avx2(grad.data(), n, sum, nonfinite); });
       }
 #endif
       for (std::int64_t off = done; off < n; off += kChunk) {
         const std::int64_t m = std::min<std::int64_t>(kChunk, n - off);
-        load_float(s.param.grad, off, m, g);
-        if (bins != nullptr) count_exponents(g, m, bins);  // the chunk is in L1: no second read
+        cpu::load_float(s.param.grad, off, m, g);
+        if (bins != nullptr) cpu::count_exponents(g, m, bins);  // the chunk is in L1: no second read
         if (m == kChunk) {
-          sum_block(g, sum, nonfinite);
+          cpu::sum_block(g, sum, nonfinite);
         } else {
-          sum_tail(g, m, sum, nonfinite);
+          cpu::sum_tail(g, m, sum, nonfinite);
         }
       }
       stats.nonfinite[i] = !(nonfinite == 0.0f);  // NaN compares unequal
@@ -244,11 +176,11 @@ class Optimizer {
     const detail::IeeeFpMode ieee;
     for (std::size_t i = 0; i < slots_.size(); ++i) {
       Slot& s = slots_[i];
-      s.step = amp::saturating_increment(s.step);
+      s.step = saturating_increment(s.step);
       update_param(i, t);
       s.fresh_state = 0;
     }
-    applied_steps_ = amp::saturating_increment(applied_steps_);
+    applied_steps_ = saturating_increment(applied_steps_);
   }
 
   /// A plain step with the gradients as they are (no scaler): torch's
@@ -532,7 +464,7 @@ class Optimizer {
   /// Bins of the log2 histogram that the check pass can count (the layout of
   /// monitor::Bins: 0 zeros, 63 inf/NaN, e = floor(log2|x|) in bin
   /// clamp(e, -45, 16) + 46).
-  static constexpr std::size_t kHistogramBins = 64;
+  static constexpr std::size_t kHistogramBins = cpu::kHistogramBins;
   /// While set, every check pass (check_grads, launch_check) also adds the
   /// exponent histogram of each stored gradient to bins[i * 64 + b], on the
   /// parameters' device (the caller zeroes them): the elements it already
@@ -615,7 +547,7 @@ class Optimizer {
   }
 
  protected:
-  static constexpr std::int64_t kChunk = 1024;  // floats: a few KiB, stays in L1
+  static constexpr std::int64_t kChunk = cpu::kChunk;
 
   struct Slot {
     Param param;
@@ -871,7 +803,7 @@ class Optimizer {
     if (detail::cpu_has_avx2_f16c()) {
       s.param.grad.visit([&](auto grad) {
         s.param.weight.visit([&](auto weight) {
-          done = fused_avx2<N>(n, grad.data(), weight.data(), arrays, t, formula);
+          done = cpu::fused_avx2<N>(n, grad.data(), weight.data(), arrays, t, formula);
         });
       });
     }
@@ -879,7 +811,7 @@ class Optimizer {
     float g[kChunk];
     for (std::int64_t off = done; off < n; off += kChunk) {
       const std::int64_t m = std::min<std::int64_t>(kChunk, n - off);
-      load_float(s.param.grad, off, m, g);
+      cpu::load_float(s.param.grad, off, m, g);
       if (t.inv_scale != 1.0f) {
         for (std::int64_t k = 0; k < m; ++k) g[k] *= t.inv_scale;
       }
@@ -890,12 +822,12 @@ class Optimizer {
       for (std::size_t a = 0; a < N; ++a) chunk[a] = arrays[a] + off;
       std::int64_t k = 0;
 #if MIXPREC_HAS_VECTOR_EXT
-      k = formula_lanes<simd::f32x4, N>(m, chunk, g, formula);
+      k = cpu::formula_lanes<simd::f32x4, N>(m, chunk, g, formula);
 #endif
       for (; k < m; ++k) {
         float v[N];
         for (std::size_t a = 0; a < N; ++a) v[a] = chunk[a][k];
-        call_formula(formula, v, g[k], std::make_index_sequence<N>{});
+        cpu::call_formula(formula, v, g[k], std::make_index_sequence<N>{});
         for (std::size_t a = 0; a < N; ++a) chunk[a][k] = v[a];
       }
       s.param.weight.visit([&](auto w) {
@@ -949,181 +881,6 @@ class Optimizer {
     if (has_launched_ && last_stream_ != stream) device_backend()->order_after(last_stream_, stream, &order_event_);
     last_stream_ = stream;
     has_launched_ = true;
-  }
-
-  MIXPREC_PSABI_PUSH
-#if MIXPREC_HAS_VECTOR_EXT
-  // The 4-lane loop of the chunked path; returns how many elements it did.
-  template <class V, std::size_t N, class Formula>
-  static std::int64_t formula_lanes(std::int64_t count, float* const (&arrays)[N], const float* grad,
-                                    Formula& formula) {
-    constexpr std::int64_t lanes = sizeof(V) / sizeof(float);
-    Formula f = formula;  // a local copy stays in registers (see fused_avx2)
-    float* out[N];
-    for (std::size_t a = 0; a < N; ++a) out[a] = arrays[a];
-    std::int64_t k = 0;
-    for (; k + lanes <= count; k += lanes) {
-      V v[N];
-      for (std::size_t a = 0; a < N; ++a) v[a] = simd::load<V>(out[a] + k);
-      call_formula(f, v, simd::load<V>(grad + k), std::make_index_sequence<N>{});
-      for (std::size_t a = 0; a < N; ++a) simd::store(out[a] + k, v[a]);
-    }
-    return k;
-  }
-#if MIXPREC_OPTIM_AVX2
-#define MIXPREC_TARGET_AVX2 __attribute__((target("avx2,f16c")))
-  // 8 stored gradients widened to fp32, with the bits of convert_n.
-  MIXPREC_TARGET_AVX2 static simd::f32x8 load8(const float* p) { return simd::load<simd::f32x8>(p); }
-  MIXPREC_TARGET_AVX2 static simd::f32x8 load8(const half* p) {
-    const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    // A half NaN widens to the canonical float NaN, as everywhere in mixprec.
-    const __m256 r = _mm256_blendv_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)),
-                                      _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-    simd::f32x8 v;
-    std::memcpy(&v, &r, sizeof v);
-    return v;
-  }
-  MIXPREC_TARGET_AVX2 static simd::f32x8 load8(const bfloat16* p) {
-    const __m256i b = _mm256_slli_epi32(
-        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
-    simd::f32x8 v;
-    std::memcpy(&v, &b, sizeof v);
-    return v;
-  }
-  // 8 masters rounded into the model weight (convert_n's bits).
-  MIXPREC_TARGET_AVX2 static void store8(float* p, simd::f32x8 v) { simd::store(p, v); }
-  MIXPREC_TARGET_AVX2 static void store8(half* p, simd::f32x8 v) {
-    float tmp[8];
-    simd::store(tmp, v);
-    detail::simd_convert(tmp, 8, p);
-  }
-  MIXPREC_TARGET_AVX2 static void store8(bfloat16* p, simd::f32x8 v) {
-    __m256i u;
-    std::memcpy(&u, &v, sizeof u);
-    const __m256i r = detail::round_to_bfloat16_bits8(u);
-    // Pack the 8 low halves into 128 bits (packus works per 128-bit lane).
-    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
-  }
-
-  // The fused pass: every call inside is inlined (flatten) and compiled for
-  // AVX2 + F16C, without FMA, so nothing is contracted. Returns how many
-  // elements it did (a multiple of 8).
-  template <std::size_t N, class G, class W, class Formula>
-  MIXPREC_TARGET_AVX2 __attribute__((flatten)) static std::int64_t fused_avx2(
-      std::int64_t n, const G* grad, W* weight, float* const (&arrays)[N], const GradTransform& t,
-      Formula& formula) {
-    // Local copies: the compiler cannot tell that stores through the float
-    // arrays leave the caller's coefficients, pointers and factors alone, and
-    // would reload them (and re-test the options) on every iteration.
-    Formula f = formula;
-    float* out[N];
-    for (std::size_t a = 0; a < N; ++a) out[a] = arrays[a];
-    const float inv_scale = t.inv_scale, clip_coef = t.clip_coef;
-    const bool unscale = inv_scale != 1.0f, clip = clip_coef != 1.0f;
-    std::int64_t k = 0;
-    for (; k + 8 <= n; k += 8) {
-      simd::f32x8 g = load8(grad + k);
-      if (unscale) g = g * inv_scale;
-      if (clip) g = g * clip_coef;
-      simd::f32x8 v[N];
-      for (std::size_t a = 0; a < N; ++a) v[a] = simd::load<simd::f32x8>(out[a] + k);
-      call_formula(f, v, g, std::make_index_sequence<N>{});
-      for (std::size_t a = 0; a < N; ++a) simd::store(out[a] + k, v[a]);
-      store8(weight + k, v[0]);
-    }
-    return k;
-  }
-
-  // Pass 1 over one gradient: sum of squares (float within 1024-element
-  // blocks, double across them) and the NaN-propagating flag.
-  template <class G>
-  MIXPREC_TARGET_AVX2 __attribute__((flatten)) static std::int64_t check_avx2(
-      const G* grad, std::int64_t n, double& sum, float& flag) {
-    std::int64_t k = 0;
-    const simd::f32x8 zero = {0, 0, 0, 0, 0, 0, 0, 0};
-    simd::f32x8 f0 = zero, f1 = zero;
-    for (; k + kChunk <= n; k += kChunk) {
-      simd::f32x8 s0 = zero, s1 = zero, s2 = zero, s3 = zero;
-      for (std::int64_t e = k; e < k + kChunk; e += 32) {
-        const simd::f32x8 a = load8(grad + e), b = load8(grad + e + 8), c = load8(grad + e + 16),
-                          d = load8(grad + e + 24);
-        s0 += a * a;
-        s1 += b * b;
-        s2 += c * c;
-        s3 += d * d;
-        f0 += (a - a) + (b - b);
-        f1 += (c - c) + (d - d);
-      }
-      // The reduction of sum_block: st[l] = (p[l] + p[8+l]) + (p[16+l] + p[24+l]).
-      const simd::f32x8 st = (s0 + s1) + (s2 + s3);
-      float part = 0;
-      for (int l = 0; l < 8; ++l) part += st[l];
-      sum += part;
-    }
-    const simd::f32x8 ft = f0 + f1;
-    for (int l = 0; l < 8; ++l) flag += ft[l];
-    return k;
-  }
-#undef MIXPREC_TARGET_AVX2
-#endif
-#endif
-
-  template <class Formula, class V, std::size_t... I>
-  static void call_formula(Formula& formula, V (&v)[sizeof...(I)], V grad,
-                           std::index_sequence<I...>) {
-    formula(v[I]..., grad);
-  }
-  MIXPREC_PSABI_POP
-
-  static void load_float(const TensorRef& src, std::int64_t offset, std::int64_t count, float* out) {
-    src.visit([&](auto view) {
-      convert_n(view.data() + offset, static_cast<std::size_t>(count), out);
-    });
-  }
-
-  // The check pass's summation order, the same on every path so that the
-  // norm (and the clip coefficient) has the same bits everywhere: within a
-  // block of kChunk elements, element j goes to partial sum j % 32 (squares
-  // rounded, then added: no FMA); the 32 partials reduce as
-  // st[l] = (p[l] + p[8 + l]) + (p[16 + l] + p[24 + l]), then
-  // ((st[0] + st[1]) + st[2]) + ... in float; blocks add up in double. A
-  // tail shorter than a block is summed in order. The flag is x - x summed:
-  // 0 for finite values, NaN once any value is inf or NaN.
-  static void sum_block(const float* g, double& sum, float& flag) {
-    float p[32] = {};
-    for (std::int64_t j = 0; j < kChunk; ++j) {
-      const float sq = g[j] * g[j];
-      p[j % 32] += sq;
-      flag += g[j] - g[j];
-    }
-    float part = 0;
-    for (int l = 0; l < 8; ++l) part += (p[l] + p[8 + l]) + (p[16 + l] + p[24 + l]);
-    sum += part;
-  }
-  // The histogram of set_grad_histogram for m values.
-  static void count_exponents(const float* g, std::int64_t m, std::uint64_t* bins) {
-    for (std::int64_t j = 0; j < m; ++j) {
-      const float x = g[j];
-      std::size_t b;
-      if (x == 0.0f) {
-        b = 0;
-      } else if (!std::isfinite(x)) {
-        b = kHistogramBins - 1;
-      } else {
-        const int e = std::ilogb(x);
-        b = static_cast<std::size_t>(std::min(std::max(e, -45), 16) + 46);
-      }
-      bins[b] += 1;
-    }
-  }
-  static void sum_tail(const float* g, std::int64_t m, double& sum, float& flag) {
-    float part = 0;
-    for (std::int64_t j = 0; j < m; ++j) {
-      part += g[j] * g[j];
-      flag += g[j] - g[j];
-    }
-    sum += part;
   }
 
   void require_device(const char* what) const {

@@ -13,6 +13,7 @@
 #include <memory>
 #include <vector>
 
+#include "mixprec/amp/device_kernels.hpp"
 #include "mixprec/amp/scale_update.hpp"
 #include "mixprec/core/convert.hpp"
 #include "mixprec/core/cuda_check.hpp"
@@ -114,47 +115,23 @@ class Plan final : public optim::DevicePlan {
     nonfinite = std::move(h.nonfinite);
   }
 
-  void step(const std::vector<optim::AdamHyper>& groups, const optim::LRSchedule& schedule,
-            const optim::DeviceStepInputs& in, stream_t stream) override {
-    launch(groups, schedule, in, stream);
-  }
-  void step(const std::vector<optim::SgdHyper>& groups, const optim::LRSchedule& schedule,
-            const optim::DeviceStepInputs& in, stream_t stream) override {
-    launch(groups, schedule, in, stream);
-  }
-  void step(const std::vector<optim::RmspropHyper>& groups, const optim::LRSchedule& schedule,
-            const optim::DeviceStepInputs& in, stream_t stream) override {
-    launch(groups, schedule, in, stream);
+  void step(const char* kernel, const void* hypers, std::size_t count, std::size_t hyper_bytes,
+            const optim::LRSchedule& schedule, const optim::DeviceStepInputs& in, stream_t stream) override {
+    const StepLauncher launch = find_step_kernel(kernel, hyper_bytes);
+    mixprec::detail::DeviceGuard guard(device_);
+    launch(grads_, params_, hypers, count, schedule, in, static_cast<cudaStream_t>(stream));
   }
 
  private:
-  template <class Hyper>
-  void launch(const std::vector<Hyper>& groups, const optim::LRSchedule& schedule, const optim::DeviceStepInputs& in,
-              stream_t stream) {
-    mixprec::detail::DeviceGuard guard(device_);
-    launch_step(grads_, params_, groups, schedule, in, stream);
-  }
-
   Device device_;
   TensorList grads_;
   ParamList params_;
   GradCheck check_;
 };
 
-class Backend final : public optim::DeviceBackend {
+// DeviceGradScaler's kernels (amp/device_kernels.hpp).
+class ScalerKernels final : public amp::DeviceScalerKernels {
  public:
-  std::unique_ptr<optim::DevicePlan> make_plan(const std::vector<optim::DeviceParam>& params) override {
-    MIXPREC_CHECK(!params.empty(), "DeviceBackend::make_plan: no parameters");
-    mixprec::detail::DeviceGuard guard(params[0].grad.device());
-    detail::require_ieee_kernels();
-    return std::make_unique<Plan>(params);
-  }
-
-  void to_float(const TensorRef& src, float* dst, stream_t stream) override {
-    mixprec::detail::DeviceGuard guard(src.device());
-    src.visit([&](auto view) { launch_convert(view.data(), dst, view.numel(), stream); });
-  }
-
   void update_scale(amp::DeviceScalerState* s, const amp::ScalePolicy& policy, bool dynamic,
                     stream_t stream) override {
     launch_update_scale(s, policy, dynamic, stream);
@@ -175,6 +152,22 @@ class Backend final : public optim::DeviceBackend {
     });
     MIXPREC_CUDA_CHECK_LAUNCH("scale_kernel");
   }
+};
+
+class Backend final : public optim::DeviceBackend {
+ public:
+  std::unique_ptr<optim::DevicePlan> make_plan(const std::vector<optim::DeviceParam>& params) override {
+    MIXPREC_CHECK(!params.empty(), "DeviceBackend::make_plan: no parameters");
+    mixprec::detail::DeviceGuard guard(params[0].grad.device());
+    detail::require_ieee_kernels();
+    return std::make_unique<Plan>(params);
+  }
+
+  void to_float(const TensorRef& src, float* dst, stream_t stream) override {
+    mixprec::detail::DeviceGuard guard(src.device());
+    src.visit([&](auto view) { launch_convert(view.data(), dst, view.numel(), stream); });
+  }
+
 
   void copy_to_host_async(void* host, const void* device, std::size_t bytes, stream_t stream) override {
     MIXPREC_CUDA_CHECK(cudaMemcpyAsync(host, device, bytes, cudaMemcpyDeviceToHost, stream));
@@ -254,7 +247,13 @@ inline nn::DeviceOps& nn_ops() {
 /// for you when this header is included; see the top of the file for when
 /// to call it yourself).
 inline void install_backend() {
+  register_step_kernel<optim::AdamKernel>();
+  register_step_kernel<optim::SgdKernel>();
+  register_step_kernel<optim::RmspropKernel>();
+  register_step_kernel<optim::LionKernel>();
   optim::install_device_backend(&backend());
+  static detail::ScalerKernels scaler_kernels;
+  amp::install_device_scaler_kernels(&scaler_kernels);
   nn::install_device_ops(&nn_ops());
   static MonitorKernels monitor_kernels;
   monitor::install_device_kernels(&monitor_kernels);

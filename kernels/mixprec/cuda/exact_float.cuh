@@ -37,4 +37,5 @@ __device__ inline exact_float operator/(float a, exact_float b) { return exact_f
 namespace mixprec::math {
 __device__ inline cuda::exact_float sqrt(cuda::exact_float x) { return __fsqrt_rn(x.v); }
 __device__ inline cuda::exact_float max(cuda::exact_float a, cuda::exact_float b) { return a.v > b.v ? a : b; }
+__device__ inline cuda::exact_float sign(cuda::exact_float x) { return sign(x.v); }
 }  // namespace mixprec::math

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // Pass 2 of a mixed-precision step on the GPU, with the step's count: one
 // launch per optimizer applies the same update formulas as the CPU path
-// (optim/formulas.hpp) to every parameter of every group, reading found-inf,
+// (each optimizer's kernel part, optim/optimizers/<name>.hpp: one templated
+// kernel for all of them) to every parameter of every group, reading found-inf,
 // the loss scale and the clip input from device memory, and its last block
 // counts the step. One launch: a step is queued whole or not at all. The
 // scaler's update is a second, single-thread launch (amp/scale_update.hpp).
@@ -11,6 +12,9 @@
 
 #include <cfloat>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -21,7 +25,10 @@
 #include "mixprec/cuda/launch.cuh"
 #include "mixprec/cuda/multi_tensor.cuh"
 #include "mixprec/optim/device_backend.hpp"
-#include "mixprec/optim/formulas.hpp"
+#include "mixprec/optim/optimizers/adam.hpp"
+#include "mixprec/optim/optimizers/lion.hpp"
+#include "mixprec/optim/optimizers/rmsprop.hpp"
+#include "mixprec/optim/optimizers/sgd.hpp"
 #include "mixprec/optim/schedule.hpp"
 #include "mixprec/tensor/memory.hpp"
 
@@ -60,78 +67,17 @@ namespace detail {
 
 inline constexpr int step_threads = 256;
 
-// The coefficients of one parameter's update, from the hyperparameters, its
-// step count after this step and the scheduled lr: the host code of the CPU
-// optimizers (optim/optimizers/*.hpp), in double, then rounded to float.
-__device__ inline optim::AdamCoeffs coeffs(const AdamHyper& h, double lr, double step) {
-  optim::AdamCoeffs c;
-  c.decoupled = h.decoupled;
-  c.weight_decay = static_cast<float>(h.weight_decay);
-  c.decay = static_cast<float>(1.0 - lr * h.weight_decay);
-  c.one_minus_beta1 = static_cast<float>(1.0 - h.beta1);
-  c.beta2 = static_cast<float>(h.beta2);
-  c.one_minus_beta2 = static_cast<float>(1.0 - h.beta2);
-  c.bias_correction2_sqrt = static_cast<float>(::sqrt(1.0 - ::pow(h.beta2, step)));
-  c.eps = static_cast<float>(h.eps);
-  c.neg_step_size = static_cast<float>(-(lr / (1.0 - ::pow(h.beta1, step))));
-  c.maximize = h.maximize;
-  c.amsgrad = h.amsgrad;
-  return c;
-}
-__device__ inline optim::SgdCoeffs coeffs(const SgdHyper& h, double lr, double step) {
-  optim::SgdCoeffs c;
-  c.weight_decay = static_cast<float>(h.weight_decay);
-  c.momentum = static_cast<float>(h.momentum);
-  c.one_minus_dampening = static_cast<float>(1.0 - h.dampening);
-  c.neg_lr = static_cast<float>(-lr);
-  c.maximize = h.maximize;
-  c.nesterov = h.nesterov;
-  // The momentum buffer starts as a copy of the gradient.
-  c.first_step = step == 1.0 || h.fresh_buffers;
-  return c;
-}
-__device__ inline optim::RmspropCoeffs coeffs(const RmspropHyper& h, double lr, double) {
-  optim::RmspropCoeffs c;
-  c.weight_decay = static_cast<float>(h.weight_decay);
-  c.alpha = static_cast<float>(h.alpha);
-  c.one_minus_alpha = static_cast<float>(1.0 - h.alpha);
-  c.eps = static_cast<float>(h.eps);
-  c.momentum = static_cast<float>(h.momentum);
-  c.neg_lr = static_cast<float>(-lr);
-  c.maximize = h.maximize;
-  c.centered = h.centered;
-  return c;
-}
-
-// One element through the shared formula, in exact_float (no contraction:
-// the CPU path's bits). s0..s2 are the element's state values; `uses` says
-// which ones the options read and write, so only those are loaded and
-// stored.
-__device__ inline void update(exact_float& p, exact_float& s0, exact_float& s1, exact_float& s2, exact_float g,
-                              const optim::AdamCoeffs& c) {
-  optim::adam_update(p, s0, s1, s2, g, c);
-}
-__device__ inline void update(exact_float& p, exact_float& s0, exact_float&, exact_float&, exact_float g,
-                              const optim::SgdCoeffs& c) {
-  optim::sgd_update(p, s0, g, c);
-}
-__device__ inline void update(exact_float& p, exact_float& s0, exact_float& s1, exact_float& s2, exact_float g,
-                              const optim::RmspropCoeffs& c) {
-  optim::rmsprop_update(p, s0, s1, s2, g, c);
-}
-__device__ inline bool uses(const optim::AdamCoeffs& c, int k) { return k < 2 || c.amsgrad; }
-__device__ inline bool uses(const optim::SgdCoeffs& c, int k) { return k == 0 && c.momentum != 0.0f; }
-__device__ inline bool uses(const optim::RmspropCoeffs& c, int k) {
-  return k == 0 || (k == 1 && c.centered) || (k == 2 && c.momentum > 0.0f);
-}
-
 // Four consecutive elements of T, loaded or stored as one 8- or 16-byte access.
 template <class T>
 struct alignas(4 * sizeof(T)) Quad {
   T v[4];
 };
 
-template <class G, class W, class C>
+// One element through the optimizer's formula (Kernel::update), in
+// exact_float (no contraction: the CPU path's bits). s[k] is the element's
+// state value k; Kernel::uses says which ones the options read and write,
+// so only those are loaded and stored.
+template <class Kernel, class G, class W, class C>
 __device__ inline void update_one(const G* grad, W* weight, const ParamEntry& p, std::int64_t i, float inv_scale,
                                   float clip, const C& c) {
   exact_float g = mixprec::to_float(grad[i]);
@@ -139,12 +85,12 @@ __device__ inline void update_one(const G* grad, W* weight, const ParamEntry& p,
   if (clip != 1.0f) g = g * clip;
   exact_float m = p.master[i], s[3] = {0.0f, 0.0f, 0.0f};
   for (int k = 0; k < 3; ++k) {
-    if (uses(c, k)) s[k] = p.state[k][i];
+    if (Kernel::uses(c, k)) s[k] = p.state[k][i];
   }
-  update(m, s[0], s[1], s[2], g, c);
+  Kernel::update(m, s[0], s[1], s[2], g, c);
   p.master[i] = m.v;
   for (int k = 0; k < 3; ++k) {
-    if (uses(c, k)) p.state[k][i] = s[k].v;
+    if (Kernel::uses(c, k)) p.state[k][i] = s[k].v;
   }
   weight[i] = mixprec::from_float<W>(m.v);
 }
@@ -159,11 +105,11 @@ __device__ inline bool quad_aligned(const T* ptr) {
 // at multiples of 2^16 elements, so this holds for whole tensors allocated
 // by cudaMalloc), each thread moves 4 elements per access; otherwise, and
 // for the tail, one at a time. Same arithmetic either way.
-template <class G, class W, class C>
+template <class Kernel, class G, class W, class C>
 __device__ inline void update_range(const G* grad, W* weight, const ParamEntry& p, std::int64_t begin,
                                     std::int64_t end, float inv_scale, float clip, const C& c) {
   bool aligned = quad_aligned(grad + begin) && quad_aligned(weight + begin) && quad_aligned(p.master + begin);
-  for (int k = 0; k < 3; ++k) aligned = aligned && (!uses(c, k) || quad_aligned(p.state[k] + begin));
+  for (int k = 0; k < 3; ++k) aligned = aligned && (!Kernel::uses(c, k) || quad_aligned(p.state[k] + begin));
   std::int64_t i = begin;
   if (aligned) {
     const std::int64_t quads = (end - begin) / 4;
@@ -173,7 +119,7 @@ __device__ inline void update_range(const G* grad, W* weight, const ParamEntry& 
       Quad<float> mq = *reinterpret_cast<const Quad<float>*>(p.master + e);
       Quad<float> sq[3];
       for (int k = 0; k < 3; ++k) {
-        if (uses(c, k)) sq[k] = *reinterpret_cast<const Quad<float>*>(p.state[k] + e);
+        if (Kernel::uses(c, k)) sq[k] = *reinterpret_cast<const Quad<float>*>(p.state[k] + e);
       }
       Quad<W> wq;
 #pragma unroll
@@ -182,9 +128,9 @@ __device__ inline void update_range(const G* grad, W* weight, const ParamEntry& 
         if (inv_scale != 1.0f) g = g * inv_scale;
         if (clip != 1.0f) g = g * clip;
         exact_float m = mq.v[j];
-        exact_float s0 = uses(c, 0) ? sq[0].v[j] : 0.0f, s1 = uses(c, 1) ? sq[1].v[j] : 0.0f,
-                    s2 = uses(c, 2) ? sq[2].v[j] : 0.0f;
-        update(m, s0, s1, s2, g, c);
+        exact_float s0 = Kernel::uses(c, 0) ? sq[0].v[j] : 0.0f, s1 = Kernel::uses(c, 1) ? sq[1].v[j] : 0.0f,
+                    s2 = Kernel::uses(c, 2) ? sq[2].v[j] : 0.0f;
+        Kernel::update(m, s0, s1, s2, g, c);
         mq.v[j] = m.v;
         sq[0].v[j] = s0.v;
         sq[1].v[j] = s1.v;
@@ -193,27 +139,29 @@ __device__ inline void update_range(const G* grad, W* weight, const ParamEntry& 
       }
       *reinterpret_cast<Quad<float>*>(p.master + e) = mq;
       for (int k = 0; k < 3; ++k) {
-        if (uses(c, k)) *reinterpret_cast<Quad<float>*>(p.state[k] + e) = sq[k];
+        if (Kernel::uses(c, k)) *reinterpret_cast<Quad<float>*>(p.state[k] + e) = sq[k];
       }
       *reinterpret_cast<Quad<W>*>(weight + e) = wq;
     }
     i = begin + 4 * quads;
   }
-  for (std::int64_t k = i + threadIdx.x; k < end; k += blockDim.x) update_one(grad, weight, p, k, inv_scale, clip, c);
+  for (std::int64_t k = i + threadIdx.x; k < end; k += blockDim.x) {
+    update_one<Kernel>(grad, weight, p, k, inv_scale, clip, c);
+  }
 }
 
-template <class G, class C>
+template <class Kernel, class G, class C>
 __device__ inline void dispatch_weight(const G* grad, const ParamEntry& p, std::int64_t begin,
                                        std::int64_t end, float inv_scale, float clip, const C& c) {
   switch (p.weight_dtype) {
     case DType::float16:
-      update_range(grad, static_cast<half*>(p.weight), p, begin, end, inv_scale, clip, c);
+      update_range<Kernel>(grad, static_cast<half*>(p.weight), p, begin, end, inv_scale, clip, c);
       break;
     case DType::bfloat16:
-      update_range(grad, static_cast<bfloat16*>(p.weight), p, begin, end, inv_scale, clip, c);
+      update_range<Kernel>(grad, static_cast<bfloat16*>(p.weight), p, begin, end, inv_scale, clip, c);
       break;
     case DType::float32:
-      update_range(grad, static_cast<float*>(p.weight), p, begin, end, inv_scale, clip, c);
+      update_range<Kernel>(grad, static_cast<float*>(p.weight), p, begin, end, inv_scale, clip, c);
       break;
   }
 }
@@ -221,10 +169,10 @@ __device__ inline void dispatch_weight(const G* grad, const ParamEntry& p, std::
 // A scheduled lr the update can use: finite, and finite as a float.
 __device__ inline bool usable_lr(double lr) { return lr >= 0.0 && lr <= static_cast<double>(FLT_MAX); }
 
-template <class Hyper>
+template <class Kernel>
 __global__ void __launch_bounds__(step_threads)
     step_kernel(const TensorEntry* grads, const Chunk* chunks, std::int64_t num_chunks, const ParamEntry* params,
-                int num_params, GroupHypers<Hyper> groups, optim::LRSchedule schedule, StepInputs in,
+                int num_params, GroupHypers<typename Kernel::Hyper> groups, optim::LRSchedule schedule, StepInputs in,
                 unsigned int* blocks_done) {
   const bool found_inf = *in.found_inf != 0;
   const std::int64_t applied = *in.applied_steps;
@@ -248,17 +196,17 @@ __global__ void __launch_bounds__(step_threads)
       const Chunk ch = chunks[c];
       const TensorEntry g = grads[ch.tensor];
       const ParamEntry p = params[ch.tensor];
-      const Hyper& h = groups.h[p.group];
-      const auto co = coeffs(h, h.lr * factor, static_cast<double>(*p.step + 1));
+      const typename Kernel::Hyper& h = groups.h[p.group];
+      const auto co = Kernel::coeffs(h, h.lr * factor, static_cast<double>(*p.step + 1));
       switch (g.dtype) {
         case DType::float16:
-          dispatch_weight(static_cast<const half*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co);
+          dispatch_weight<Kernel>(static_cast<const half*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co);
           break;
         case DType::bfloat16:
-          dispatch_weight(static_cast<const bfloat16*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co);
+          dispatch_weight<Kernel>(static_cast<const bfloat16*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co);
           break;
         case DType::float32:
-          dispatch_weight(static_cast<const float*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co);
+          dispatch_weight<Kernel>(static_cast<const float*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co);
           break;
       }
     }
@@ -343,6 +291,9 @@ class ParamList {
 template <class Hyper>
 void launch_step(const TensorList& grads, const ParamList& params, const std::vector<Hyper>& groups,
                  const optim::LRSchedule& schedule, const StepInputs& in, cudaStream_t stream = nullptr) {
+  using Kernel = typename Hyper::kernel;
+  static_assert(std::is_trivially_copyable<Hyper>::value, "an optimizer's Hyper travels as a kernel argument");
+  static_assert(sizeof(GroupHypers<Hyper>) <= 4096 - 512, "64 of this Hyper do not fit a kernel's arguments");
   MIXPREC_CHECK(grads.num_tensors() == params.size(), "launch_step: ", grads.num_tensors(),
                 " gradients but ", params.size(), " parameters");
   MIXPREC_CHECK(in.found_inf && in.scale && in.applied_steps, "launch_step: found_inf, scale and "
@@ -357,7 +308,7 @@ void launch_step(const TensorList& grads, const ParamList& params, const std::ve
   table.count = static_cast<int>(groups.size());
   const std::int64_t chunks = grads.num_chunks();
   const unsigned grid = chunks == 0 ? 1u : grid_for(chunks * detail::step_threads, detail::step_threads, 4);
-  detail::step_kernel<Hyper><<<grid, detail::step_threads, 0, stream>>>(
+  detail::step_kernel<Kernel><<<grid, detail::step_threads, 0, stream>>>(
       grads.entries(), grads.chunks(), chunks, params.entries(), params.size(), table, schedule, in,
       params.blocks_done());
   MIXPREC_CUDA_CHECK_LAUNCH("step_kernel");
@@ -370,6 +321,59 @@ void launch_step(const TensorList& grads, const ParamList& params, const Hyper& 
   launch_step(grads, params, std::vector<Hyper>{hyper}, schedule, in, stream);
 }
 
+/// The step launchers of the optimizers' kernel parts, by their kKey: what
+/// DevicePlan::step finds. The built-in optimizers are registered by
+/// backend.cuh; a user's own by MIXPREC_REGISTER_OPTIMIZER(TheirKernel) in
+/// one .cu file (after including <mixprec/cuda/backend.cuh>).
+using StepLauncher = void (*)(const TensorList&, const ParamList&, const void* hypers, std::size_t count,
+                              const optim::LRSchedule&, const StepInputs&, cudaStream_t);
+
+namespace detail {
+struct StepRegistry {
+  std::mutex mutex;
+  std::map<std::string, std::pair<StepLauncher, std::size_t>> launchers;  // launcher, sizeof(Hyper)
+};
+inline StepRegistry& step_registry() {
+  static StepRegistry r;
+  return r;
+}
+template <class Kernel>
+void launch_erased(const TensorList& grads, const ParamList& params, const void* hypers, std::size_t count,
+                   const optim::LRSchedule& schedule, const StepInputs& in, cudaStream_t stream) {
+  using Hyper = typename Kernel::Hyper;
+  const Hyper* h = static_cast<const Hyper*>(hypers);
+  launch_step(grads, params, std::vector<Hyper>(h, h + count), schedule, in, stream);
+}
+}  // namespace detail
+
+/// Makes `Kernel` (an optimizer's kernel part: Hyper, Coeffs, kKey, coeffs,
+/// uses, update; see optim/family.hpp) runnable by the device step.
+/// Registering the same key twice keeps the first.
+template <class Kernel>
+bool register_step_kernel() {
+  static_assert(std::is_same<typename Kernel::Hyper::kernel, Kernel>::value,
+                "Kernel::Hyper::kernel must name Kernel");
+  detail::StepRegistry& r = detail::step_registry();
+  const std::lock_guard<std::mutex> lock(r.mutex);
+  r.launchers.emplace(Kernel::kKey, std::make_pair(&detail::launch_erased<Kernel>, sizeof(typename Kernel::Hyper)));
+  return true;
+}
+
+/// The launcher registered for `key`, checked against the caller's
+/// sizeof(Hyper); an error naming the key and the fix when there is none.
+inline StepLauncher find_step_kernel(const char* key, std::size_t hyper_bytes) {
+  detail::StepRegistry& r = detail::step_registry();
+  const std::lock_guard<std::mutex> lock(r.mutex);
+  const auto it = r.launchers.find(key);
+  MIXPREC_CHECK(it != r.launchers.end(), "the device step has no kernel for optimizer \"", key,
+                "\": add MIXPREC_REGISTER_OPTIMIZER(<its kernel struct>) to one .cu file of the program "
+                "(docs/optimizers.md, \"Your own optimizer\")");
+  MIXPREC_CHECK(it->second.second == hyper_bytes, "the device step's kernel for optimizer \"", key,
+                "\" takes hyperparameters of ", it->second.second, " bytes, the optimizer passed ", hyper_bytes,
+                "; two different kernel structs share this key");
+  return it->second.first;
+}
+
 /// The end of an iteration (DeviceGradScaler::update): counts it as applied
 /// or skipped by s->any_inf, updates the scale when `dynamic`, resets any_inf.
 inline void launch_update_scale(amp::DeviceScalerState* s, const amp::ScalePolicy& policy, bool dynamic,
@@ -379,3 +383,14 @@ inline void launch_update_scale(amp::DeviceScalerState* s, const amp::ScalePolic
 }
 
 }  // namespace mixprec::cuda
+
+/// Registers an optimizer's kernel part with the device step (at static
+/// initialisation). One line, in one .cu file that includes
+/// <mixprec/cuda/backend.cuh>, per optimizer of the program's own.
+#define MIXPREC_REGISTER_OPTIMIZER_CAT2(a, b) a##b
+#define MIXPREC_REGISTER_OPTIMIZER_CAT(a, b) MIXPREC_REGISTER_OPTIMIZER_CAT2(a, b)
+#define MIXPREC_REGISTER_OPTIMIZER(...)                                                              \
+  namespace {                                                                                        \
+  [[maybe_unused]] const bool MIXPREC_REGISTER_OPTIMIZER_CAT(mixprec_registered_step_, __COUNTER__) = \
+      ::mixprec::cuda::register_step_kernel<__VA_ARGS__>();                                           \
+  }

@@ -1,14 +1,16 @@
 // SPDX-License-Identifier: Apache-2.0
 // RMSprop (alpha, centered, momentum, weight decay, maximize), as
-// torch.optim.RMSprop, on fp32 masters.
+// torch.optim.RMSprop (torch/optim/rmsprop.py, _single_tensor_rmsprop), on
+// fp32 masters. The whole optimizer: options, kernel part and rule.
 #pragma once
 
-#include <utility>
 #include <string>
 #include <vector>
 
+#include "mixprec/core/config.hpp"
+#include "mixprec/core/simd.hpp"
+#include "mixprec/optim/family.hpp"
 #include "mixprec/optim/formulas.hpp"
-#include "mixprec/optim/optimizer_base.hpp"
 
 namespace mixprec::optim {
 
@@ -23,34 +25,98 @@ struct RMSpropOptions {
   bool maximize = false;
 };
 
-/// RMSprop (formula: rmsprop_update). State per parameter: square_avg, plus
-/// grad_avg when centered and the momentum buffer when momentum > 0.
-class RMSprop : public OptimizerBase<RMSprop, RMSpropOptions> {
- public:
-  explicit RMSprop(std::vector<Param> params, const RMSpropOptions& options = {}) {
-    add_param_group(std::move(params), options);
-  }
-  const char* name() const override { return "RMSprop"; }
-  std::vector<std::string> state_names() const override { return {"square_avg", "grad_avg", "momentum_buffer"}; }
+struct RmspropKernel;
 
-  /// square_avg, without bias correction (centered RMSprop subtracts
-  /// grad_avg^2 first: square_avg is then an upper bound of what eps meets).
-  SecondMoment second_moment(std::size_t i) const override {
-    const RMSpropOptions& o = options(group_of(i));
-    return {existing_state(i, 0), static_cast<float>(o.eps), 0.0f};
+/// One group's hyperparameters, as a device step launch bakes them in.
+struct RmspropHyper {
+  using kernel = RmspropKernel;
+  double lr = 1e-2, alpha = 0.99, eps = 1e-8, weight_decay = 0, momentum = 0;
+  bool centered = false, maximize = false;
+};
+
+struct RmspropCoeffs {
+  float weight_decay = 0;         // grad.add(param, alpha=weight_decay)
+  float alpha = 0.99f;            // square_avg.mul_(alpha)
+  float one_minus_alpha = 0.01f;  // .addcmul_(grad, grad, value=1 - alpha); grad_avg.lerp_
+  float eps = 1e-8f;              // avg.add_(eps)
+  float momentum = 0;             // buf.mul_(momentum).addcdiv_(grad, avg)
+  float neg_lr = 0;
+  bool maximize = false;
+  bool centered = false;
+};
+
+/// The device part. State: 0 square_avg, 1 grad_avg (centered),
+/// 2 momentum_buffer (momentum > 0).
+struct RmspropKernel {
+  using Hyper = RmspropHyper;
+  using Coeffs = RmspropCoeffs;
+  static constexpr const char* kKey = "rmsprop";
+
+  MIXPREC_HOST_DEVICE static Coeffs coeffs(const Hyper& h, double lr, double) {
+    Coeffs c;
+    c.weight_decay = static_cast<float>(h.weight_decay);
+    c.alpha = static_cast<float>(h.alpha);
+    c.one_minus_alpha = static_cast<float>(1.0 - h.alpha);
+    c.eps = static_cast<float>(h.eps);
+    c.momentum = static_cast<float>(h.momentum);
+    c.neg_lr = static_cast<float>(-lr);
+    c.maximize = h.maximize;
+    c.centered = h.centered;
+    return c;
+  }
+  MIXPREC_HOST_DEVICE static bool uses(const Coeffs& c, int k) {
+    return k == 0 || (k == 1 && c.centered) || (k == 2 && c.momentum > 0.0f);
   }
 
-  /// A loaded square_avg is >= 0 (its sqrt divides).
-  void check_state_values(std::size_t i, const ParamState& p) const override {
-    if (!p.state.empty() && p.state[0]) {
-      check_values(*p.state[0], "square_avg", param(i).name, [](float v) { return v >= 0.0f; }, ">= 0");
+  template <class V>
+  MIXPREC_HOST_DEVICE static void update(V& param, V& square_avg, V& grad_avg, V& buf, V grad, const Coeffs& c) {
+    if (c.maximize) grad = -grad;
+    if (c.weight_decay != 0.0f) grad = grad + c.weight_decay * param;
+    square_avg = square_avg * c.alpha + (c.one_minus_alpha * grad) * grad;
+    V avg;
+    if (c.centered) {
+      grad_avg = lerp(grad_avg, grad, c.one_minus_alpha);
+      avg = math::sqrt(square_avg - grad_avg * grad_avg);  // square_avg.addcmul(ga, ga, value=-1).sqrt_()
+    } else {
+      avg = math::sqrt(square_avg);
+    }
+    avg = avg + c.eps;
+    if (c.momentum > 0.0f) {
+      buf = buf * c.momentum + grad / avg;
+      param = param + c.neg_lr * buf;  // param.add_(buf, alpha=-lr)
+    } else {
+      param = param + (c.neg_lr * grad) / avg;  // param.addcdiv_(grad, avg, value=-lr)
     }
   }
+};
 
-  static void validate(const RMSpropOptions& o) {
+struct RmspropRule : RuleDefaults {
+  using Options = RMSpropOptions;
+  using Kernel = RmspropKernel;
+  static const char* name() { return "RMSprop"; }
+  static std::vector<std::string> state_names() { return {"square_avg", "grad_avg", "momentum_buffer"}; }
+  static bool allocates(const Options& o, int k) {
+    return k == 0 || (k == 1 && o.centered) || (k == 2 && o.momentum > 0.0);
+  }
+  static Kernel::Hyper hyper(const Options& o, double lr, unsigned) {
+    Kernel::Hyper h;
+    h.lr = lr;
+    h.alpha = o.alpha;
+    h.eps = o.eps;
+    h.weight_decay = o.weight_decay;
+    h.momentum = o.momentum;
+    h.centered = o.centered;
+    h.maximize = o.maximize;
+    return h;
+  }
+  /// square_avg, without bias correction (centered RMSprop subtracts
+  /// grad_avg^2 first: square_avg is then an upper bound of what eps meets).
+  static SecondMomentOf second_moment(const Options& o) { return {0, o.eps, 0.0}; }
+  /// A loaded square_avg is >= 0 (its sqrt divides).
+  static std::vector<int> nonnegative_states() { return {0}; }
+  static void validate(const Options& o) {
     detail::check_nonnegative("RMSprop", "lr", o.lr);
-    MIXPREC_CHECK(o.alpha >= 0.0 && o.alpha <= 1.0, "RMSprop: alpha = ", o.alpha,
-                  ", must be in [0, 1]");
+    MIXPREC_CHECK(o.alpha >= 0.0 && o.alpha <= 1.0, "RMSprop: alpha = ", o.alpha, ", must be in [0, 1]");
     detail::check_float("RMSprop", "lr", o.lr);
     detail::check_eps("RMSprop", o.eps);
     detail::check_nonnegative("RMSprop", "weight_decay", o.weight_decay);
@@ -58,74 +124,9 @@ class RMSprop : public OptimizerBase<RMSprop, RMSpropOptions> {
     detail::check_nonnegative("RMSprop", "momentum", o.momentum);
     detail::check_float("RMSprop", "momentum", o.momentum);
   }
-
- protected:
-  void allocate_state(std::size_t i) override {
-    const RMSpropOptions& o = options_[group_of(i)];
-    state(i, 0);
-    if (o.centered) state(i, 1);
-    if (o.momentum > 0.0) state(i, 2);
-  }
-
-  void launch_groups(DevicePlan& plan, const DeviceStepInputs& in, stream_t stream) override {
-    std::vector<RmspropHyper> groups;
-    for (std::size_t g = 0; g < num_groups(); ++g) {
-      const RMSpropOptions& o = options_[g];
-      RmspropHyper h;
-      h.lr = base_lr(g);  // the kernel applies the schedule on the device
-      h.alpha = o.alpha;
-      h.eps = o.eps;
-      h.weight_decay = o.weight_decay;
-      h.momentum = o.momentum;
-      h.centered = o.centered;
-      h.maximize = o.maximize;
-      groups.push_back(h);
-    }
-    plan.step(groups, schedule(), in, stream);
-  }
-
-  void update_param(std::size_t i, const GradTransform& t) override {
-    const RMSpropOptions& o = options_[group_of(i)];
-    RmspropCoeffs c;
-    c.weight_decay = static_cast<float>(o.weight_decay);
-    c.alpha = static_cast<float>(o.alpha);
-    c.one_minus_alpha = static_cast<float>(1.0 - o.alpha);
-    c.eps = static_cast<float>(o.eps);
-    c.momentum = static_cast<float>(o.momentum);
-    c.neg_lr = static_cast<float>(-lr(group_of(i)));
-    c.maximize = o.maximize;
-    c.centered = o.centered;
-    float* master = slots_[i].master.data();
-    float* square_avg = state(i, 0);
-    // Unused state stays unallocated: formula arguments it would feed are
-    // never read when the option is off.
-    float* grad_avg = c.centered ? state(i, 1) : nullptr;
-    float* buf = c.momentum > 0.0f ? state(i, 2) : nullptr;
-    if (grad_avg && buf) {
-      update_elements<4>(i, t, {master, square_avg, grad_avg, buf},
-                         [c](auto& p, auto& sq, auto& ga, auto& b, auto grad) {
-                           rmsprop_update(p, sq, ga, b, grad, c);
-                         });
-    } else if (grad_avg) {
-      update_elements<3>(i, t, {master, square_avg, grad_avg},
-                         [c](auto& p, auto& sq, auto& ga, auto grad) {
-                           auto unused = p;
-                           rmsprop_update(p, sq, ga, unused, grad, c);
-                         });
-    } else if (buf) {
-      update_elements<3>(i, t, {master, square_avg, buf},
-                         [c](auto& p, auto& sq, auto& b, auto grad) {
-                           auto unused = p;
-                           rmsprop_update(p, sq, unused, b, grad, c);
-                         });
-    } else {
-      update_elements<2>(i, t, {master, square_avg}, [c](auto& p, auto& sq, auto grad) {
-        auto unused = p;
-        auto unused2 = p;
-        rmsprop_update(p, sq, unused, unused2, grad, c);
-      });
-    }
-  }
 };
+
+/// torch.optim.RMSprop on fp32 masters.
+using RMSprop = Family<RmspropRule>;
 
 }  // namespace mixprec::optim

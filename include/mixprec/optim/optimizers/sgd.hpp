@@ -1,14 +1,16 @@
 // SPDX-License-Identifier: Apache-2.0
 // SGD with momentum, dampening, Nesterov momentum, weight decay and maximize,
-// as torch.optim.SGD, on fp32 masters.
+// as torch.optim.SGD (torch/optim/sgd.py, _single_tensor_sgd), on fp32
+// masters. The whole optimizer: options, kernel part and rule.
 #pragma once
 
-#include <utility>
+#include <cmath>
 #include <string>
 #include <vector>
 
+#include "mixprec/core/config.hpp"
+#include "mixprec/optim/family.hpp"
 #include "mixprec/optim/formulas.hpp"
-#include "mixprec/optim/optimizer_base.hpp"
 
 namespace mixprec::optim {
 
@@ -22,18 +24,79 @@ struct SGDOptions {
   bool maximize = false;
 };
 
-/// Stochastic gradient descent (formula: sgd_update in formulas.hpp). State:
-/// the momentum buffer when momentum != 0, started as a copy of the first
-/// gradient, as in PyTorch.
-class SGD : public OptimizerBase<SGD, SGDOptions> {
- public:
-  explicit SGD(std::vector<Param> params, const SGDOptions& options = {}) {
-    add_param_group(std::move(params), options);
-  }
-  const char* name() const override { return "SGD"; }
-  std::vector<std::string> state_names() const override { return {"momentum_buffer"}; }
+struct SgdKernel;
 
-  static void validate(const SGDOptions& o) {
+/// One group's hyperparameters, as a device step launch bakes them in.
+struct SgdHyper {
+  using kernel = SgdKernel;
+  double lr = 1e-3, momentum = 0, dampening = 0, weight_decay = 0;
+  bool nesterov = false, maximize = false;
+  /// The momentum buffers were created for this step although the step
+  /// counts are past 1 (momentum switched on later): they start as a copy
+  /// of the gradient, as in torch. Steps 1 do that by themselves.
+  bool fresh_buffers = false;
+};
+
+struct SgdCoeffs {
+  float weight_decay = 0;         // grad.add(param, alpha=weight_decay)
+  float momentum = 0;             // buf.mul_(momentum)
+  float one_minus_dampening = 1;  // .add_(grad, alpha=1 - dampening)
+  float neg_lr = 0;               // param.add_(grad, alpha=-lr)
+  bool maximize = false;
+  bool nesterov = false;
+  bool first_step = false;  // the momentum buffer starts as a copy of the gradient
+};
+
+/// The device part. State: 0 momentum_buffer (when momentum != 0).
+struct SgdKernel {
+  using Hyper = SgdHyper;
+  using Coeffs = SgdCoeffs;
+  static constexpr const char* kKey = "sgd";
+
+  MIXPREC_HOST_DEVICE static Coeffs coeffs(const Hyper& h, double lr, double step) {
+    Coeffs c;
+    c.weight_decay = static_cast<float>(h.weight_decay);
+    c.momentum = static_cast<float>(h.momentum);
+    c.one_minus_dampening = static_cast<float>(1.0 - h.dampening);
+    c.neg_lr = static_cast<float>(-lr);
+    c.maximize = h.maximize;
+    c.nesterov = h.nesterov;
+    c.first_step = step == 1.0 || h.fresh_buffers;
+    return c;
+  }
+  MIXPREC_HOST_DEVICE static bool uses(const Coeffs& c, int k) { return k == 0 && c.momentum != 0.0f; }
+
+  template <class V>
+  MIXPREC_HOST_DEVICE static void update(V& param, V& buf, V&, V&, V grad, const Coeffs& c) {
+    if (c.maximize) grad = -grad;
+    if (c.weight_decay != 0.0f) grad = grad + c.weight_decay * param;
+    if (c.momentum != 0.0f) {
+      buf = c.first_step ? grad : buf * c.momentum + c.one_minus_dampening * grad;
+      grad = c.nesterov ? grad + c.momentum * buf : buf;
+    }
+    param = param + c.neg_lr * grad;
+  }
+};
+
+struct SgdRule : RuleDefaults {
+  using Options = SGDOptions;
+  using Kernel = SgdKernel;
+  static const char* name() { return "SGD"; }
+  static std::vector<std::string> state_names() { return {"momentum_buffer"}; }
+  static bool allocates(const Options& o, int k) { return k == 0 && o.momentum != 0.0; }
+  static Kernel::Hyper hyper(const Options& o, double lr, unsigned fresh) {
+    Kernel::Hyper h;
+    h.lr = lr;
+    h.momentum = o.momentum;
+    h.dampening = o.dampening;
+    h.weight_decay = o.weight_decay;
+    h.nesterov = o.nesterov;
+    h.maximize = o.maximize;
+    // Momentum switched on since the last step: its buffers start from the gradient.
+    h.fresh_buffers = o.momentum != 0.0 && (fresh & 1u) != 0;
+    return h;
+  }
+  static void validate(const Options& o) {
     detail::check_nonnegative("SGD", "lr", o.lr);
     detail::check_float("SGD", "lr", o.lr);
     detail::check_nonnegative("SGD", "momentum", o.momentum);
@@ -43,57 +106,13 @@ class SGD : public OptimizerBase<SGD, SGDOptions> {
     detail::check_nonnegative("SGD", "weight_decay", o.weight_decay);
     detail::check_float("SGD", "weight_decay", o.weight_decay);
     MIXPREC_CHECK(!o.nesterov || (o.momentum > 0.0 && o.dampening == 0.0),
-                  "SGD: nesterov = true needs momentum > 0 and dampening = 0 (momentum = ",
-                  o.momentum, ", dampening = ", o.dampening, ")");
-  }
-
- protected:
-  void allocate_state(std::size_t i) override {
-    if (options_[group_of(i)].momentum != 0.0) state(i, 0);
-  }
-
-  void launch_groups(DevicePlan& plan, const DeviceStepInputs& in, stream_t stream) override {
-    std::vector<SgdHyper> groups;
-    for (std::size_t g = 0; g < num_groups(); ++g) {
-      const SGDOptions& o = options_[g];
-      SgdHyper h;
-      h.lr = base_lr(g);  // the kernel applies the schedule on the device
-      h.momentum = o.momentum;
-      h.dampening = o.dampening;
-      h.weight_decay = o.weight_decay;
-      h.nesterov = o.nesterov;
-      h.maximize = o.maximize;
-      // Momentum switched on since the last step: its buffers start from the gradient.
-      h.fresh_buffers = o.momentum != 0.0 && fresh_state(first_of_group(g), 0);
-      groups.push_back(h);
-    }
-    plan.step(groups, schedule(), in, stream);
-  }
-
-  void update_param(std::size_t i, const GradTransform& t) override {
-    const SGDOptions& o = options_[group_of(i)];
-    SgdCoeffs c;
-    c.weight_decay = static_cast<float>(o.weight_decay);
-    c.momentum = static_cast<float>(o.momentum);
-    c.one_minus_dampening = static_cast<float>(1.0 - o.dampening);
-    c.neg_lr = static_cast<float>(-lr(group_of(i)));
-    c.maximize = o.maximize;
-    c.nesterov = o.nesterov;
-    float* master = slots_[i].master.data();
-    if (c.momentum == 0.0f) {
-      update_elements<1>(i, t, {master}, [c](auto& p, auto grad) {
-        auto unused = p;
-        sgd_update(p, unused, grad, c);
-      });
-      return;
-    }
-    // torch: the buffer starts as a copy of the gradient, at the first step
-    // or when momentum was switched on since (the device kernel's rule).
-    c.first_step = fresh_state(i, 0) || slots_[i].step == 1;
-    float* buf = state(i, 0);
-    update_elements<2>(i, t, {master, buf},
-                       [c](auto& p, auto& b, auto grad) { sgd_update(p, b, grad, c); });
+                  "SGD: nesterov = true needs momentum > 0 and dampening = 0 (momentum = ", o.momentum,
+                  ", dampening = ", o.dampening, ")");
   }
 };
+
+/// Stochastic gradient descent, as torch.optim.SGD. State: the momentum
+/// buffer when momentum != 0, started as a copy of the first gradient.
+using SGD = Family<SgdRule>;
 
 }  // namespace mixprec::optim
