@@ -178,6 +178,9 @@ TEST(MonitorReport, MalformedLogsThrowNamingTheLine) {
   expect_error([&] { render_report(good + "{\"type\":\"log\",\"x\":\"\\q\"}\n", "t"); }, {"line 3", "after backslash"});
   expect_error([&] { render_report(good + "{\"type\":\"log\",\"x\":\"\xff\"}\n", "t"); }, {"line 3", "UTF-8", "\\xff"});
   expect_error([&] { render_report(good + "{\"type\":\"log\",\"x\":\"\\ud800\"}\n", "t"); }, {"line 3", "surrogate"});
+  // A byte-order mark is allowed before the first line only (JSON.parse in
+  // the page would fail on one later).
+  expect_error([&] { render_report(good + "\xEF\xBB\xBF" + record(2) + "\n", "t"); }, {"line 3", "byte-order mark"});
   // Every later record is a "log"; a second header is named as such.
   expect_error([&] { render_report(good + "{\"type\":\"lag\"}\n", "t"); }, {"line 3", "\"lag\"", "\"log\""});
   expect_error([&] { render_report(good + "{\"step\":3}\n", "t"); }, {"line 3", "no \"type\""});

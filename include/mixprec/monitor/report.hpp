@@ -60,6 +60,11 @@ class JsonLineChecker final : public nlohmann::json_sax<nlohmann::json> {
 
   /// Throws JsonSyntaxError unless the line is exactly one JSON object.
   JsonLineFacts check() {
+    // nlohmann skips a byte-order mark that starts its input; the page's
+    // JSON.parse does not. (validate_log drops one before the first line.)
+    if (line_.substr(0, 3) == "\xEF\xBB\xBF") {
+      throw JsonSyntaxError{1, "a byte-order mark starts the line", false};
+    }
     const bool ok = nlohmann::json::sax_parse(line_, this, nlohmann::json::input_format_t::json, true);
     if (error_) throw *error_;
     if (!ok) throw JsonSyntaxError{0, "not a JSON object", false};  // unreachable: every refusal sets error_
