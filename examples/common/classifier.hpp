@@ -42,6 +42,9 @@
 #if MIXPREC_EXAMPLES_WITH_MPI
 #include <mixprec/dist/mpi.hpp>
 #endif
+#if MIXPREC_EXAMPLES_WITH_NCCL
+#include <mixprec/dist/nccl_mpi.hpp>
+#endif
 
 #include "cli.hpp"
 #include "fashion_mnist.hpp"
@@ -551,16 +554,31 @@ std::optional<double> run_cpu(const Args& a, const ImageSet& train_set, const Im
 // the state back, which waits for the stream (only on the steps that save).
 // A resume loads before the first step, so the graphs are captured after
 // it.
+//
+// Data parallel over `dp` (NCCL, one process per GPU, when mpirun started
+// several): as run_cpu, each rank trains on its share with --batch images a
+// step, the gradients are summed by a dist::GradientReducer on its side
+// stream (inside the captured graph) and averaged in the unscale; rank 0
+// prints, saves and runs the monitor.
 template <class T>
 std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const ImageSet& test_set,
-                              const std::vector<std::int64_t>& sample, AddLayers<T> add_layers) {
-  const Device dev = Device::cuda(0);
+                              const std::vector<std::int64_t>& sample, AddLayers<T> add_layers,
+                              dist::Communicator* dp = nullptr) {
+  const int ranks = dp != nullptr ? dp->size() : 1, rank = dp != nullptr ? dp->rank() : 0;
+  const Device dev = dp != nullptr ? dp->device() : Device::cuda(0);
   Stream stream(dev);
   const nn::Context ctx{stream.get()};
   Model<T> m(a, dev, stream.get(), train_set, test_set, sample, add_layers);
   m.opt->set_stream(stream.get());  // its reads (lr, step counts) wait for this stream
   amp::DeviceGradScaler scaler(amp::GradScalerOptions::for_dtype(dtype_of<T>), dev, stream.get());
-  const std::int64_t steps = m.train.full_batches();  // the last partial batch is dropped
+  scaler.set_grad_divisor(ranks);
+  std::optional<dist::GradientReducer> reducer;
+  if (ranks > 1) reducer.emplace(*dp, *m.opt);
+  // The last partial batch is dropped; data parallel: of each rank's share.
+  const std::int64_t steps = ranks == 1 ? m.train.full_batches() : m.train.size() / ranks / a.batch;
+  MIXPREC_CHECK(steps > 0, "--batch = ", a.batch, " x ", ranks, " ranks: more than the ", m.train.size(),
+                " training images");
+  if (ranks > 1 && a.schedule == "cosine") m.opt->set_schedule(optim::LRSchedule::cosine(a.epochs * steps));
   std::mt19937_64 rng(a.seed);
   RunPosition pos;
   if (!a.resume.empty()) {
@@ -572,7 +590,7 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
   }
   check_stop(a, pos, steps);
   std::optional<monitor::Monitor> mon;
-  if (a.monitor) mon.emplace(*m.opt, scaler, monitor_options(a));
+  if (a.monitor && rank == 0) mon.emplace(*m.opt, scaler, monitor_options(a));
   // Device scalars: [0] the step's loss, [1] a bad-label flag, [2] the
   // epoch's loss sum, then the test set's correct count (int64).
   Buffer scalars(4 * sizeof(float) + sizeof(std::int64_t), dev);
@@ -593,6 +611,7 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
                                  m.net.output_grad(), loss, reinterpret_cast<int*>(loss + 1), ctx);
     nn::accumulate(dev, loss + 2, loss, ctx);
     m.net.backward(ctx);
+    if (reducer) reducer->reduce(stream.get());  // the sum over the ranks; the mean in the unscale
     if (mon) {
       mon->step(loss);  // scaler.step + scaler.update, watched
     } else {
@@ -619,10 +638,12 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
     float sum = 0;
     mixprec::detail::copy_raw(&sum, Device::cpu(), loss + 2, dev, sizeof sum, stream.get());
     pos.loss_sum = sum;
-    io::save_checkpoint(a.checkpoint, *m.opt, scaler, checkpoint_extras(a, pos, steps));
+    // Every rank holds the same state: rank 0 saves.
+    if (rank == 0) io::save_checkpoint(a.checkpoint, *m.opt, scaler, checkpoint_extras(a, pos, steps));
   };
 
-  const Progress progress;
+  Progress progress;
+  progress.quiet = rank != 0;
   const std::int64_t tick = std::max<std::int64_t>(1, steps / 10);
   const std::int64_t total = a.epochs * steps;
   const int first_epoch = pos.epoch;
@@ -639,7 +660,11 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
     pos.epoch_rng = rng;
     pos.skipped_before = skipped_total;
     if (done_before == 0) pos.loss_sum = 0;
-    m.train.shuffle(rng);
+    if (ranks == 1) {
+      m.train.shuffle(rng);
+    } else {
+      m.train.set_order(shard_order(m.train.size(), rng, rank, ranks));
+    }
     for (std::int64_t s = 0; s < done_before; ++s) m.train.next();  // resumed: the batches done
     // The bad-label flag and the loss sum (a resumed epoch's so far; fp32
     // on the device, so the double it was saved as is exact).
@@ -680,7 +705,7 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
           const std::int64_t done_then = s - tick;
           progress.draw(epoch, done_then, steps, p->loss_sum / done_then, p->scaler.state.scale,
                         p->scaler.skipped - skipped_total,
-                        (done_then - done_before) * a.batch / (1e-3 * ticks[prev].elapsed_ms(epoch_start)),
+                        (done_then - done_before) * a.batch * ranks / (1e-3 * ticks[prev].elapsed_ms(epoch_start)),
                         monitor_status(mon));
           scaler.check_errors();
         }
@@ -690,7 +715,8 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
     const Snapshot* end = snapshot(0);
     ticks[0].synchronize();
     if (mon) mon->flush();  // the device is idle: nothing waits
-    const double images_per_s = (steps - done_before) * a.batch / (1e-3 * epoch_end.elapsed_ms(epoch_start));
+    const double images_per_s =  // every rank's images
+        (steps - done_before) * a.batch * ranks / (1e-3 * epoch_end.elapsed_ms(epoch_start));
     MIXPREC_CHECK(end->bad_label == 0, "a training label is outside [0, 10)");
     const std::int64_t skipped = end->scaler.skipped - skipped_total;
     skipped_total = end->scaler.skipped;
@@ -730,17 +756,26 @@ inline std::unique_ptr<dist::Communicator> make_communicator() {
 template <template <class> class AddLayersFor>
 int train_classifier(const Args& a, const std::vector<std::int64_t>& sample) {
   std::unique_ptr<dist::Communicator> comm;
+  std::unique_ptr<dist::Communicator> gpu_comm;  // GPU ranks: NCCL, started through comm (MPI)
   try {
     comm = make_communicator();
     dist::Communicator& c = *comm;
     MIXPREC_CHECK(!a.zero1 || a.device == "cpu", "--zero1 on: ZeRO-1 shards host parameters only; run the ranks "
                   "with --device cpu");
     if (c.size() > 1) {
-      MIXPREC_CHECK(a.device == "cpu", "data parallel runs on the GPU (NCCL) are not in this build yet; "
-                    "run the ranks with --device cpu");
+      if (a.device == "cuda") {
+#if MIXPREC_EXAMPLES_WITH_NCCL
+        // One process per GPU: local rank r of a node takes its GPU r % GPUs.
+        gpu_comm = dist::nccl_over_mpi(static_cast<dist::MpiCommunicator&>(c));
+#else
+        MIXPREC_CHECK(false, "data parallel on GPU ranks needs NCCL, and this build has no mixprec::nccl "
+                      "(nccl.h / libnccl not found by CMake); run the ranks with --device cpu");
+#endif
+      }
       if (c.rank() != 0) (void)std::freopen("/dev/null", "w", stdout);  // rank 0 reports
-      std::printf("data parallel: %d ranks (%s), batch %lld per rank%s\n", c.size(), c.backend(),
-                  static_cast<long long>(a.batch), a.zero1 ? ", ZeRO-1" : "");
+      std::printf("data parallel: %d ranks (%s), batch %lld per rank%s\n", c.size(),
+                  gpu_comm ? gpu_comm->backend() : c.backend(), static_cast<long long>(a.batch),
+                  a.zero1 ? ", ZeRO-1" : "");
     }
     const ImageSet train = load_fashion_mnist(a.data, "train");
     const ImageSet test = load_fashion_mnist(a.data, "t10k");
@@ -765,13 +800,13 @@ int train_classifier(const Args& a, const std::vector<std::int64_t>& sample) {
     const bool gpu = a.device == "cuda";
     std::optional<double> accuracy;
     if (a.precision == "fp16") {
-      accuracy = gpu ? run_gpu<half>(a, train, test, sample, AddLayersFor<half>::add)
+      accuracy = gpu ? run_gpu<half>(a, train, test, sample, AddLayersFor<half>::add, gpu_comm.get())
                      : run_cpu<half>(a, train, test, sample, AddLayersFor<half>::add, c);
     } else if (a.precision == "bf16") {
-      accuracy = gpu ? run_gpu<bfloat16>(a, train, test, sample, AddLayersFor<bfloat16>::add)
+      accuracy = gpu ? run_gpu<bfloat16>(a, train, test, sample, AddLayersFor<bfloat16>::add, gpu_comm.get())
                      : run_cpu<bfloat16>(a, train, test, sample, AddLayersFor<bfloat16>::add, c);
     } else {
-      accuracy = gpu ? run_gpu<float>(a, train, test, sample, AddLayersFor<float>::add)
+      accuracy = gpu ? run_gpu<float>(a, train, test, sample, AddLayersFor<float>::add, gpu_comm.get())
                      : run_cpu<float>(a, train, test, sample, AddLayersFor<float>::add, c);
     }
     // The monitor is gone: its log is complete. Rank 0 ran it.
