@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <functional>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -21,6 +22,7 @@
 #include "mixprec/monitor/detectors.hpp"
 #include "mixprec/monitor/device_ops.hpp"
 #include "mixprec/monitor/jsonl.hpp"
+#include "mixprec/monitor/tensorboard.hpp"
 #include "mixprec/monitor/record.hpp"
 #include "mixprec/optim/device_backend.hpp"
 #include "mixprec/optim/optimizer.hpp"
@@ -42,6 +44,16 @@ struct MonitorOptions {
   /// for the oldest (the host then runs at most slots * every steps ahead).
   int readback_slots = 8;
   DetectorOptions detectors;
+  /// A TensorBoard event file in this directory (created if missing):
+  /// every step's loss, loss scale, gradient norm and skip; at each logged
+  /// step every parameter's gradient norm, update ratio, eps share and
+  /// gradient-exponent histogram, the fp16 shares, each event and the
+  /// forecast (docs/monitor.md lists the tags). Empty: none.
+  std::string tensorboard_dir;
+  /// Called with every record, the events the detectors found in it and
+  /// the forecast after it, in step order, on the thread that calls step()
+  /// or flush(): to route them to a logger of your own.
+  std::function<void(const LogRecord&, const std::vector<Event>&, const Forecast&)> on_record;
 };
 
 /// Watches one optimizer and the scaler that steps it. A training step calls
@@ -243,6 +255,7 @@ class Monitor {
       writer_ = std::make_unique<JsonlWriter>(options_.log_path);
       writer_->write(header_json(info_));
     }
+    if (!options_.tensorboard_dir.empty()) tensorboard_ = std::make_unique<TensorBoardWriter>(options_.tensorboard_dir);
   }
 
   static MonitorOptions validated(const MonitorOptions& o) {
@@ -423,6 +436,8 @@ class Monitor {
     const std::vector<Event> found = detectors_.observe(r);
     const Forecast f = detectors_.forecast();
     if (writer_) writer_->write(record_json(info_, r, f, found));
+    if (tensorboard_) write_tensorboard(r, f, found);
+    if (options_.on_record) options_.on_record(r, found, f);
     if (options_.warnings) {
       std::FILE* out = options_.warning_stream != nullptr ? options_.warning_stream : stderr;
       for (const Event& e : found) {
@@ -437,6 +452,39 @@ class Monitor {
     }
     last_ = std::move(r);
     records_ += 1;
+  }
+
+  // The record's figures as TensorBoard scalars and histograms; what is
+  // not a number (a skipped step's norm, an optimizer without eps) is left
+  // out. Flushed once per record.
+  void write_tensorboard(const LogRecord& r, const Forecast& f, const std::vector<Event>& found) {
+    TensorBoardWriter& tb = *tensorboard_;
+    for (const StepSample& s : r.steps) {
+      if (std::isfinite(s.loss)) tb.add_scalar("loss", s.loss, s.step);
+      tb.add_scalar("loss_scale", s.scale, s.step);
+      if (std::isfinite(s.grad_norm)) tb.add_scalar("grad_norm", s.grad_norm, s.step);
+      tb.add_scalar("skipped", s.skipped ? 1.0 : 0.0, s.step);
+    }
+    const std::int64_t step = r.last().step;
+    for (std::size_t i = 0; i < r.params.size() && i < info_.params.size(); ++i) {
+      const ParamSample& p = r.params[i];
+      const std::string& n = info_.params[i].name;
+      if (std::isfinite(p.grad_norm)) tb.add_scalar("grad_norm/" + n, p.grad_norm, step);
+      if (std::isfinite(p.update_ratio)) tb.add_scalar("update_ratio/" + n, p.update_ratio, step);
+      if (std::isfinite(p.eps_share)) tb.add_scalar("eps_share/" + n, p.eps_share, step);
+      tb.add_histogram("grad_exponent/" + n, exponent_histogram(p.hist), step);
+    }
+    const Histogram all = r.overall();
+    tb.add_histogram("grad_exponent", exponent_histogram(all), step);
+    const Fp16Shares shares = fp16_shares(all);
+    tb.add_scalar("fp16/underflow_share", shares.underflow, step);
+    tb.add_scalar("fp16/subnormal_share", shares.subnormal, step);
+    tb.add_scalar("fp16/overflow_share", shares.overflow, step);
+    for (const Event& e : found) tb.add_scalar(std::string("events/") + to_string(e.kind), e.value, e.step);
+    if (std::isfinite(f.steps_to_min_scale)) tb.add_scalar("forecast/steps_to_min_scale", f.steps_to_min_scale, step);
+    if (std::isfinite(f.steps_to_underflow)) tb.add_scalar("forecast/steps_to_underflow", f.steps_to_underflow, step);
+    if (std::isfinite(f.loss_slope)) tb.add_scalar("forecast/loss_slope", f.loss_slope, step);
+    tb.flush();
   }
 
   static std::string forecast_line(const Forecast& f) {
@@ -462,6 +510,7 @@ class Monitor {
   RunInfo info_;
   Detectors detectors_;
   std::unique_ptr<JsonlWriter> writer_;
+  std::unique_ptr<TensorBoardWriter> tensorboard_;
   std::int64_t steps_ = 0, records_ = 0;
   LogRecord last_;
   // Host.
