@@ -11,6 +11,7 @@
 
 #include "mixprec/mixprec.hpp"
 
+MIXPREC_PSABI_PUSH  // the CPU step instantiates update() with 8-float vectors
 namespace user {
 
 struct AdagradOptions {
@@ -30,14 +31,14 @@ struct AdagradKernel {
   static constexpr const char* kKey = "user.adagrad";
   MIXPREC_HOST_DEVICE static Coeffs coeffs(const Hyper& h, double lr, double step) {
     // clr = lr / (1 + (step - 1) * lr_decay)
-    return {static_cast<float>(-(lr / (1.0 + (step - 1.0) * h.lr_decay))), static_cast<float>(h.weight_decay),
+    return {static_cast<float>(-(lr / (1.0 + mixprec::math::mul(step - 1.0, h.lr_decay)))), static_cast<float>(h.weight_decay),
             static_cast<float>(h.eps)};
   }
   MIXPREC_HOST_DEVICE static bool uses(const Coeffs&, int k) { return k == 0; }
   template <class V>
   MIXPREC_HOST_DEVICE static void update(V& param, V& sum, V&, V&, V grad, const Coeffs& c) {
-    if (c.weight_decay != 0.0f) grad = grad + c.weight_decay * param;
-    sum = sum + grad * grad;                                                   // state_sum.addcmul_(grad, grad, value=1)
+    if (c.weight_decay != 0.0f) grad = grad + mixprec::math::mul(c.weight_decay, param);
+    sum = sum + mixprec::math::mul(grad, grad);                                                   // state_sum.addcmul_(grad, grad, value=1)
     param = param + (c.neg_clr * grad) / (mixprec::math::sqrt(sum) + c.eps);  // addcdiv_(grad, std, value=-clr)
   }
 };
@@ -59,3 +60,4 @@ struct AdagradRule : mixprec::optim::RuleDefaults {
 using Adagrad = mixprec::optim::Family<AdagradRule>;
 
 }  // namespace user
+MIXPREC_PSABI_POP

@@ -39,7 +39,7 @@ inline constexpr std::size_t kHistogramBins = 64;
 MIXPREC_PSABI_PUSH
 // formula(v[0], ..., v[N - 1], grad).
 template <class Formula, class V, std::size_t... I>
-inline void call_formula(Formula& formula, V (&v)[sizeof...(I)], V grad,
+inline void call_formula(Formula& formula, V (&v)[sizeof...(I)], const V& grad,
                          std::index_sequence<I...>) {
   formula(v[I]..., grad);
 }
@@ -115,8 +115,9 @@ MIXPREC_TARGET_AVX2 __attribute__((flatten)) inline std::int64_t fused_avx2(
   std::int64_t k = 0;
   for (; k + 8 <= n; k += 8) {
     simd::f32x8 g = load8(grad + k);
-    if (unscale) g = g * inv_scale;
-    if (clip) g = g * clip_coef;
+    // Products that the formula adds to: opaque, like its own (math::mul).
+    if (unscale) g = math::mul(g, inv_scale);
+    if (clip) g = math::mul(g, clip_coef);
     simd::f32x8 v[N];
     for (std::size_t a = 0; a < N; ++a) v[a] = simd::load<simd::f32x8>(out[a] + k);
     call_formula(f, v, g, std::make_index_sequence<N>{});
@@ -139,10 +140,10 @@ MIXPREC_TARGET_AVX2 __attribute__((flatten)) inline std::int64_t check_avx2(
     for (std::int64_t e = k; e < k + kChunk; e += 32) {
       const simd::f32x8 a = load8(grad + e), b = load8(grad + e + 8), c = load8(grad + e + 16),
                         d = load8(grad + e + 24);
-      s0 += a * a;
-      s1 += b * b;
-      s2 += c * c;
-      s3 += d * d;
+      s0 += math::mul(a, a);
+      s1 += math::mul(b, b);
+      s2 += math::mul(c, c);
+      s3 += math::mul(d, d);
       f0 += (a - a) + (b - b);
       f1 += (c - c) + (d - d);
     }
@@ -161,6 +162,17 @@ MIXPREC_TARGET_AVX2 __attribute__((flatten)) inline std::int64_t check_avx2(
 #endif
 
 MIXPREC_PSABI_POP
+// GCC checks the ABI of some of the 8-float instantiations above (the
+// formulas' return values) only at the end of the translation unit, where
+// the pop above no longer reaches, and -Wpsabi warns of an ABI change that
+// cannot happen (they exist only inlined into AVX2 code). So from here to
+// the end of an including file, GCC's -Wpsabi is off: a diagnostic, not
+// code generation, and the one thing including the optimizers does to the
+// rest of a translation unit (it was -Wno-psabi on every file of a
+// consumer until issue 20).
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__) && MIXPREC_OPTIM_AVX2
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 inline void load_float(const TensorRef& src, std::int64_t offset, std::int64_t count, float* out) {
   src.visit([&](auto view) {
@@ -179,7 +191,7 @@ inline void load_float(const TensorRef& src, std::int64_t offset, std::int64_t c
 inline void sum_block(const float* g, double& sum, float& flag) {
   float p[32] = {};
   for (std::int64_t j = 0; j < kChunk; ++j) {
-    const float sq = g[j] * g[j];
+    const float sq = math::mul(g[j], g[j]);
     p[j % 32] += sq;
     flag += g[j] - g[j];
   }
@@ -206,7 +218,7 @@ inline void count_exponents(const float* g, std::int64_t m, std::uint64_t* bins)
 inline void sum_tail(const float* g, std::int64_t m, double& sum, float& flag) {
   float part = 0;
   for (std::int64_t j = 0; j < m; ++j) {
-    part += g[j] * g[j];
+    part += math::mul(g[j], g[j]);
     flag += g[j] - g[j];
   }
   sum += part;

@@ -15,6 +15,9 @@
 #include "mixprec/core/config.hpp"
 #include "mixprec/optim/optimizer_base.hpp"
 
+// The formula is instantiated with 8-float vectors for the AVX2 loop (see
+// core/simd.hpp on -Wpsabi).
+MIXPREC_PSABI_PUSH
 namespace mixprec::optim {
 
 /// Two state tensors that must be ordered elementwise in a loaded state
@@ -162,44 +165,44 @@ class Family : public OptimizerBase<Family<Rule>, typename Rule::Options> {
     constexpr bool a = (Mask & 1u) != 0, b = (Mask & 2u) != 0, d = (Mask & 4u) != 0;
     if constexpr (a && b && d) {
       this->template update_elements<4>(i, t, {m, this->state(i, 0), this->state(i, 1), this->state(i, 2)},
-                                        [c](auto& p, auto& s0, auto& s1, auto& s2, auto grad) {
+                                        [c](auto& p, auto& s0, auto& s1, auto& s2, const auto& grad) {
                                           Kernel::update(p, s0, s1, s2, grad, c);
                                         });
     } else if constexpr (a && b) {
       this->template update_elements<3>(i, t, {m, this->state(i, 0), this->state(i, 1)},
-                                        [c](auto& p, auto& s0, auto& s1, auto grad) {
+                                        [c](auto& p, auto& s0, auto& s1, const auto& grad) {
                                           auto u = p;
                                           Kernel::update(p, s0, s1, u, grad, c);
                                         });
     } else if constexpr (a && d) {
       this->template update_elements<3>(i, t, {m, this->state(i, 0), this->state(i, 2)},
-                                        [c](auto& p, auto& s0, auto& s2, auto grad) {
+                                        [c](auto& p, auto& s0, auto& s2, const auto& grad) {
                                           auto u = p;
                                           Kernel::update(p, s0, u, s2, grad, c);
                                         });
     } else if constexpr (b && d) {
       this->template update_elements<3>(i, t, {m, this->state(i, 1), this->state(i, 2)},
-                                        [c](auto& p, auto& s1, auto& s2, auto grad) {
+                                        [c](auto& p, auto& s1, auto& s2, const auto& grad) {
                                           auto u = p;
                                           Kernel::update(p, u, s1, s2, grad, c);
                                         });
     } else if constexpr (a) {
-      this->template update_elements<2>(i, t, {m, this->state(i, 0)}, [c](auto& p, auto& s0, auto grad) {
+      this->template update_elements<2>(i, t, {m, this->state(i, 0)}, [c](auto& p, auto& s0, const auto& grad) {
         auto u = p, v = p;
         Kernel::update(p, s0, u, v, grad, c);
       });
     } else if constexpr (b) {
-      this->template update_elements<2>(i, t, {m, this->state(i, 1)}, [c](auto& p, auto& s1, auto grad) {
+      this->template update_elements<2>(i, t, {m, this->state(i, 1)}, [c](auto& p, auto& s1, const auto& grad) {
         auto u = p, v = p;
         Kernel::update(p, u, s1, v, grad, c);
       });
     } else if constexpr (d) {
-      this->template update_elements<2>(i, t, {m, this->state(i, 2)}, [c](auto& p, auto& s2, auto grad) {
+      this->template update_elements<2>(i, t, {m, this->state(i, 2)}, [c](auto& p, auto& s2, const auto& grad) {
         auto u = p, v = p;
         Kernel::update(p, u, v, s2, grad, c);
       });
     } else {
-      this->template update_elements<1>(i, t, {m}, [c](auto& p, auto grad) {
+      this->template update_elements<1>(i, t, {m}, [c](auto& p, const auto& grad) {
         auto u = p, v = p, w = p;
         Kernel::update(p, u, v, w, grad, c);
       });
@@ -208,3 +211,4 @@ class Family : public OptimizerBase<Family<Rule>, typename Rule::Options> {
 };
 
 }  // namespace mixprec::optim
+MIXPREC_PSABI_POP

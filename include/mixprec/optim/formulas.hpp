@@ -15,7 +15,7 @@ namespace mixprec::optim {
 /// result exact at both ends.
 template <class V>
 MIXPREC_HOST_DEVICE inline V lerp(V self, V end, float weight) {
-  return weight < 0.5f ? self + weight * (end - self) : end - (end - self) * (1.0f - weight);
+  return weight < 0.5f ? self + math::mul(weight, end - self) : end - math::mul(end - self, 1.0f - weight);
 }
 
 }  // namespace mixprec::optim

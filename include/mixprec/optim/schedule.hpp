@@ -8,6 +8,7 @@
 
 #include "mixprec/core/config.hpp"
 #include "mixprec/core/error.hpp"
+#include "mixprec/core/simd.hpp"
 
 namespace mixprec::optim {
 
@@ -85,10 +86,11 @@ struct LRSchedule {
         return start_factor + (1.0 - start_factor) * t / static_cast<double>(steps);
       }
       case Kind::cosine:
-        return min_factor + (1.0 - min_factor) *
-                                (1.0 + ::cos(3.141592653589793 * static_cast<double>(k) /
-                                             static_cast<double>(steps))) /
-                                2.0;
+        // The halving becomes a product that feeds the sum: kept apart.
+        return min_factor + math::opaque((1.0 - min_factor) *
+                                         (1.0 + ::cos(3.141592653589793 * static_cast<double>(k) /
+                                                      static_cast<double>(steps))) /
+                                         2.0);
       case Kind::step_decay:
         return ::pow(gamma, static_cast<double>(k / steps));
       case Kind::constant:

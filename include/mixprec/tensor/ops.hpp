@@ -17,6 +17,7 @@
 #include "mixprec/core/device.hpp"
 #include "mixprec/core/error.hpp"
 #include "mixprec/core/random.hpp"
+#include "mixprec/core/simd.hpp"
 #include "mixprec/tensor/tensor_view.hpp"
 
 namespace mixprec {
@@ -206,7 +207,7 @@ void fill_uniform(Dst&& dst, float low, float high, std::uint64_t seed,
   static_assert(detail::is_writable_v<Dst>, "fill_uniform: dst must be writable");
   detail::generate(as_view(dst), stream, [=](std::size_t i) {
     const float u = detail::uniform01(detail::random_bits(seed, i));
-    return from_float<T>(low + (high - low) * u);
+    return from_float<T>(low + math::mul(high - low, u));
   });
 }
 
@@ -222,7 +223,7 @@ void fill_normal(Dst&& dst, float mean, float stddev, std::uint64_t seed,
   static_assert(detail::is_writable_v<Dst>, "fill_normal: dst must be writable");
   detail::generate(as_view(dst), stream, [=](std::size_t i) {
     return from_float<T>(
-        mean + stddev * detail::standard_normal(detail::random_bits(seed, i)));
+        mean + math::mul(stddev, detail::standard_normal(detail::random_bits(seed, i))));
   });
 }
 

@@ -15,6 +15,9 @@
 #include "mixprec/optim/family.hpp"
 #include "mixprec/optim/formulas.hpp"
 
+// The formula is instantiated with 8-float vectors for the AVX2 loop (see
+// core/simd.hpp on -Wpsabi).
+MIXPREC_PSABI_PUSH
 namespace mixprec::optim {
 
 /// torch.optim.Adam's options and defaults.
@@ -66,7 +69,7 @@ struct AdamKernel {
     Coeffs c;
     c.decoupled = h.decoupled;
     c.weight_decay = static_cast<float>(h.weight_decay);
-    c.decay = static_cast<float>(1.0 - lr * h.weight_decay);
+    c.decay = static_cast<float>(1.0 - math::mul(lr, h.weight_decay));
     c.one_minus_beta1 = static_cast<float>(1.0 - h.beta1);
     c.beta2 = static_cast<float>(h.beta2);
     c.one_minus_beta2 = static_cast<float>(1.0 - h.beta2);
@@ -84,12 +87,12 @@ struct AdamKernel {
                                          const Coeffs& c) {
     if (c.maximize) grad = -grad;
     if (c.decoupled) {
-      if (c.decay != 1.0f) param = param * c.decay;
+      if (c.decay != 1.0f) param = math::mul(param, c.decay);  // feeds the sum below
     } else if (c.weight_decay != 0.0f) {
-      grad = grad + c.weight_decay * param;
+      grad = grad + math::mul(c.weight_decay, param);
     }
     exp_avg = lerp(exp_avg, grad, c.one_minus_beta1);
-    exp_avg_sq = exp_avg_sq * c.beta2 + (c.one_minus_beta2 * grad) * grad;
+    exp_avg_sq = math::mul(exp_avg_sq, c.beta2) + math::mul(c.one_minus_beta2 * grad, grad);
     V second = exp_avg_sq;
     if (c.amsgrad) {
       max_exp_avg_sq = math::max(max_exp_avg_sq, exp_avg_sq);  // torch.maximum
@@ -154,3 +157,4 @@ using Adam = Family<AdamRule>;
 using AdamW = Family<AdamWRule>;
 
 }  // namespace mixprec::optim
+MIXPREC_PSABI_POP

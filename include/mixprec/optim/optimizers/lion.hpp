@@ -13,6 +13,9 @@
 #include "mixprec/core/simd.hpp"
 #include "mixprec/optim/family.hpp"
 
+// The formula is instantiated with 8-float vectors for the AVX2 loop (see
+// core/simd.hpp on -Wpsabi).
+MIXPREC_PSABI_PUSH
 namespace mixprec::optim {
 
 /// Lion's options. lr and betas default to the paper's (lr 1e-4, betas
@@ -53,7 +56,7 @@ struct LionKernel {
 
   MIXPREC_HOST_DEVICE static Coeffs coeffs(const Hyper& h, double lr, double) {
     Coeffs c;
-    c.decay = static_cast<float>(1.0 - lr * h.weight_decay);
+    c.decay = static_cast<float>(1.0 - math::mul(lr, h.weight_decay));
     c.beta1 = static_cast<float>(h.beta1);
     c.one_minus_beta1 = static_cast<float>(1.0 - h.beta1);
     c.beta2 = static_cast<float>(h.beta2);
@@ -69,10 +72,10 @@ struct LionKernel {
   template <class V>
   MIXPREC_HOST_DEVICE static void update(V& param, V& exp_avg, V&, V&, V grad, const Coeffs& c) {
     if (c.maximize) grad = -grad;
-    const V direction = math::sign(exp_avg * c.beta1 + c.one_minus_beta1 * grad);
-    if (c.decay != 1.0f) param = param * c.decay;
-    param = param + c.neg_lr * direction;
-    exp_avg = exp_avg * c.beta2 + c.one_minus_beta2 * grad;
+    const V direction = math::sign(math::mul(exp_avg, c.beta1) + math::mul(c.one_minus_beta1, grad));
+    if (c.decay != 1.0f) param = math::mul(param, c.decay);  // feeds the sum below
+    param = param + math::mul(c.neg_lr, direction);
+    exp_avg = math::mul(exp_avg, c.beta2) + math::mul(c.one_minus_beta2, grad);
   }
 };
 
@@ -106,3 +109,4 @@ struct LionRule : RuleDefaults {
 using Lion = Family<LionRule>;
 
 }  // namespace mixprec::optim
+MIXPREC_PSABI_POP

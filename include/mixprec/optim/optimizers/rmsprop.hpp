@@ -12,6 +12,9 @@
 #include "mixprec/optim/family.hpp"
 #include "mixprec/optim/formulas.hpp"
 
+// The formula is instantiated with 8-float vectors for the AVX2 loop (see
+// core/simd.hpp on -Wpsabi).
+MIXPREC_PSABI_PUSH
 namespace mixprec::optim {
 
 /// torch.optim.RMSprop's options and defaults.
@@ -71,19 +74,19 @@ struct RmspropKernel {
   template <class V>
   MIXPREC_HOST_DEVICE static void update(V& param, V& square_avg, V& grad_avg, V& buf, V grad, const Coeffs& c) {
     if (c.maximize) grad = -grad;
-    if (c.weight_decay != 0.0f) grad = grad + c.weight_decay * param;
-    square_avg = square_avg * c.alpha + (c.one_minus_alpha * grad) * grad;
+    if (c.weight_decay != 0.0f) grad = grad + math::mul(c.weight_decay, param);
+    square_avg = math::mul(square_avg, c.alpha) + math::mul(c.one_minus_alpha * grad, grad);
     V avg;
     if (c.centered) {
       grad_avg = lerp(grad_avg, grad, c.one_minus_alpha);
-      avg = math::sqrt(square_avg - grad_avg * grad_avg);  // square_avg.addcmul(ga, ga, value=-1).sqrt_()
+      avg = math::sqrt(square_avg - math::mul(grad_avg, grad_avg));  // square_avg.addcmul(ga, ga, value=-1).sqrt_()
     } else {
       avg = math::sqrt(square_avg);
     }
     avg = avg + c.eps;
     if (c.momentum > 0.0f) {
-      buf = buf * c.momentum + grad / avg;
-      param = param + c.neg_lr * buf;  // param.add_(buf, alpha=-lr)
+      buf = math::mul(buf, c.momentum) + grad / avg;
+      param = param + math::mul(c.neg_lr, buf);  // param.add_(buf, alpha=-lr)
     } else {
       param = param + (c.neg_lr * grad) / avg;  // param.addcdiv_(grad, avg, value=-lr)
     }
@@ -130,3 +133,4 @@ struct RmspropRule : RuleDefaults {
 using RMSprop = Family<RmspropRule>;
 
 }  // namespace mixprec::optim
+MIXPREC_PSABI_POP

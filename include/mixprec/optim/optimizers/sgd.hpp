@@ -12,6 +12,9 @@
 #include "mixprec/optim/family.hpp"
 #include "mixprec/optim/formulas.hpp"
 
+// The formula is instantiated with 8-float vectors for the AVX2 loop (see
+// core/simd.hpp on -Wpsabi).
+MIXPREC_PSABI_PUSH
 namespace mixprec::optim {
 
 /// torch.optim.SGD's options and defaults.
@@ -69,12 +72,12 @@ struct SgdKernel {
   template <class V>
   MIXPREC_HOST_DEVICE static void update(V& param, V& buf, V&, V&, V grad, const Coeffs& c) {
     if (c.maximize) grad = -grad;
-    if (c.weight_decay != 0.0f) grad = grad + c.weight_decay * param;
+    if (c.weight_decay != 0.0f) grad = grad + math::mul(c.weight_decay, param);
     if (c.momentum != 0.0f) {
-      buf = c.first_step ? grad : buf * c.momentum + c.one_minus_dampening * grad;
-      grad = c.nesterov ? grad + c.momentum * buf : buf;
+      buf = c.first_step ? grad : math::mul(buf, c.momentum) + math::mul(c.one_minus_dampening, grad);
+      grad = c.nesterov ? grad + math::mul(c.momentum, buf) : buf;
     }
-    param = param + c.neg_lr * grad;
+    param = param + math::mul(c.neg_lr, grad);
   }
 };
 
@@ -116,3 +119,4 @@ struct SgdRule : RuleDefaults {
 using SGD = Family<SgdRule>;
 
 }  // namespace mixprec::optim
+MIXPREC_PSABI_POP
