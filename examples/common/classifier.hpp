@@ -450,6 +450,7 @@ std::optional<double> run_cpu(const Args& a, const ImageSet& train_set, const Im
   // The schedule is set: a checkpoint's must equal it.
   std::mt19937_64 rng(a.seed);
   RunPosition pos;
+  std::string monitor_state;  // a resumed run's: the monitor goes on where it stopped
   if (!a.resume.empty()) {
     io::CheckpointExtras x;
     x.rng = &rng;
@@ -459,13 +460,20 @@ std::optional<double> run_cpu(const Args& a, const ImageSet& train_set, const Im
       io::load_checkpoint(a.resume, opt, scaler, &x);
     }
     pos = resume_position(a, x, rng, steps);
+    if (const auto it = x.metadata.find("monitor.state"); it != x.metadata.end()) monitor_state = it->second;
     print_resumed(a, pos, steps);
   }
   check_stop(a, pos, steps);
   std::optional<monitor::Monitor> mon;  // with --zero1, it watches rank 0's slice
-  if (a.monitor && rank == 0) mon.emplace(opt, scaler, monitor_options(a));
+  if (a.monitor && rank == 0) {
+    monitor::MonitorOptions mo = monitor_options(a);
+    mo.append_log = !monitor_state.empty();  // the log goes on in the same file
+    mon.emplace(opt, scaler, mo);
+    if (!monitor_state.empty()) mon->load_state(monitor_state);
+  }
   auto save = [&] {
-    const io::CheckpointExtras x = checkpoint_extras(a, pos, steps);
+    io::CheckpointExtras x = checkpoint_extras(a, pos, steps);
+    if (mon) x.metadata["monitor.state"] = mon->save_state();
     if (zero) {
       zero->save_checkpoint(a.checkpoint, scaler, x);  // every rank: its shard (rank 0 also the index)
     } else if (rank == 0) {

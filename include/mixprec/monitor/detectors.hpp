@@ -17,6 +17,8 @@
 #include <utility>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "mixprec/core/error.hpp"
 #include "mixprec/monitor/record.hpp"
 
@@ -304,7 +306,141 @@ class Detectors {
   /// The last step observed (0 before the first record).
   std::int64_t last_step() const { return last_step_; }
 
+  /// Everything the detectors remember (windows, trends, rate limits,
+  /// events, the forecast), for a checkpoint: restore() into detectors
+  /// built with the same RunInfo and options continues exactly where these
+  /// are. Doubles round-trip exactly; non-finite ones as "nan", "inf",
+  /// "-inf".
+  nlohmann::json state() const {
+    using nlohmann::json;
+    json j;
+    j["last_step"] = last_step_;
+    j["losses"] = doubles(losses_);
+    j["norms"] = doubles(norms_);
+    j["prev_scale"] = num(prev_scale_);
+    j["backoffs"] = std::vector<std::int64_t>(backoffs_.begin(), backoffs_.end());
+    json overflow = json::array();
+    for (const auto& d : overflow_steps_) overflow.push_back(std::vector<std::int64_t>(d.begin(), d.end()));
+    j["overflow_steps"] = overflow;
+    json trend = json::array();
+    for (const TrendPoint& t : trend_) trend.push_back({t.step, num(t.scale), num(t.loss)});
+    j["trend"] = trend;
+    json shares = json::array();
+    for (const SharePoint& p : underflow_trend_) {
+      shares.push_back({p.step, num(p.share), std::vector<std::uint64_t>(p.hist.begin(), p.hist.end())});
+    }
+    j["underflow_trend"] = shares;
+    j["lowest_share"] = doubles(lowest_share_);
+    j["lowest_overall"] = num(lowest_overall_);
+    j["stalled"] = stalled_;
+    json fired = json::array();
+    for (const auto& kv : last_fired_) fired.push_back({kv.first.first, kv.first.second, kv.second});
+    j["last_fired"] = fired;
+    json events = json::array();
+    for (const Event& e : events_) {
+      events.push_back({static_cast<int>(e.kind), e.step, e.param, num(e.value), num(e.threshold), e.message,
+                        e.suggestion});
+    }
+    j["events"] = events;
+    j["forecast"] = {forecast_.step, num(forecast_.steps_to_min_scale), num(forecast_.steps_to_underflow),
+                     num(forecast_.loss_slope), forecast_.diverging};
+    return j;
+  }
+
+  /// Takes a state() back. Throws mixprec::Error, changing nothing, when it
+  /// does not fit these detectors (another number of parameters, a
+  /// malformed field).
+  void restore(const nlohmann::json& j) {
+    Detectors d = *this;  // filled, then swapped in: nothing changes on an error
+    try {
+      const std::size_t np = info_.params.size();
+      d.last_step_ = j.at("last_step").get<std::int64_t>();
+      d.losses_ = to_deque(j.at("losses"));
+      d.norms_ = to_deque(j.at("norms"));
+      d.prev_scale_ = from(j.at("prev_scale"));
+      const auto backoffs = j.at("backoffs").get<std::vector<std::int64_t>>();
+      d.backoffs_.assign(backoffs.begin(), backoffs.end());
+      const auto& overflow = j.at("overflow_steps");
+      MIXPREC_CHECK(overflow.size() == np, "overflow_steps has ", overflow.size(), " parameters, the run ", np);
+      for (std::size_t i = 0; i < np; ++i) {
+        const auto v = overflow[i].get<std::vector<std::int64_t>>();
+        d.overflow_steps_[i].assign(v.begin(), v.end());
+      }
+      d.trend_.clear();
+      for (const auto& t : j.at("trend")) d.trend_.push_back({t.at(0).get<std::int64_t>(), from(t.at(1)), from(t.at(2))});
+      d.underflow_trend_.clear();
+      for (const auto& p : j.at("underflow_trend")) {
+        SharePoint sp{p.at(0).get<std::int64_t>(), from(p.at(1)), Histogram{}};
+        const auto h = p.at(2).get<std::vector<std::uint64_t>>();
+        MIXPREC_CHECK(h.size() == sp.hist.size(), "a histogram of ", h.size(), " bins, not ", sp.hist.size());
+        std::copy(h.begin(), h.end(), sp.hist.begin());
+        d.underflow_trend_.push_back(sp);
+      }
+      const std::deque<double> lowest = to_deque(j.at("lowest_share"));
+      MIXPREC_CHECK(lowest.size() == d.lowest_share_.size(), "lowest_share has ", lowest.size(), " values, not ",
+                    d.lowest_share_.size());
+      d.lowest_share_.assign(lowest.begin(), lowest.end());
+      d.lowest_overall_ = from(j.at("lowest_overall"));
+      d.stalled_ = j.at("stalled").get<std::vector<std::int64_t>>();
+      MIXPREC_CHECK(d.stalled_.size() == np, "stalled has ", d.stalled_.size(), " parameters, the run ", np);
+      d.last_fired_.clear();
+      for (const auto& f : j.at("last_fired")) {
+        d.last_fired_[{f.at(0).get<int>(), f.at(1).get<std::string>()}] = f.at(2).get<std::int64_t>();
+      }
+      d.events_.clear();
+      for (const auto& e : j.at("events")) {
+        Event ev;
+        ev.kind = static_cast<EventKind>(e.at(0).get<int>());
+        ev.step = e.at(1).get<std::int64_t>();
+        ev.param = e.at(2).get<std::string>();
+        ev.value = from(e.at(3));
+        ev.threshold = from(e.at(4));
+        ev.message = e.at(5).get<std::string>();
+        ev.suggestion = e.at(6).get<std::string>();
+        d.events_.push_back(ev);
+      }
+      const auto& f = j.at("forecast");
+      d.forecast_.step = f.at(0).get<std::int64_t>();
+      d.forecast_.steps_to_min_scale = from(f.at(1));
+      d.forecast_.steps_to_underflow = from(f.at(2));
+      d.forecast_.loss_slope = from(f.at(3));
+      d.forecast_.diverging = f.at(4).get<bool>();
+    } catch (const nlohmann::json::exception& e) {
+      mixprec::detail::throw_error("Detectors::restore: a malformed state: ", e.what());
+    } catch (const Error& e) {
+      mixprec::detail::throw_error("Detectors::restore: a state that does not fit this run: ", e.what());
+    }
+    *this = std::move(d);
+  }
+
  private:
+  static nlohmann::json num(double x) {
+    if (std::isnan(x)) return "nan";
+    if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
+    return x;
+  }
+  static double from(const nlohmann::json& j) {
+    if (j.is_string()) {
+      const std::string s = j.get<std::string>();
+      if (s == "nan") return std::numeric_limits<double>::quiet_NaN();
+      if (s == "inf") return std::numeric_limits<double>::infinity();
+      if (s == "-inf") return -std::numeric_limits<double>::infinity();
+      mixprec::detail::throw_error("not a number: \"", s, "\"");
+    }
+    return j.get<double>();
+  }
+  template <class C>
+  static nlohmann::json doubles(const C& c) {
+    nlohmann::json a = nlohmann::json::array();
+    for (double x : c) a.push_back(num(x));
+    return a;
+  }
+  static std::deque<double> to_deque(const nlohmann::json& a) {
+    std::deque<double> d;
+    for (const auto& x : a) d.push_back(from(x));
+    return d;
+  }
+
   struct TrendPoint {
     std::int64_t step;
     double scale, loss;

@@ -338,10 +338,11 @@ inline std::string record_json(const RunInfo& info, const LogRecord& r, const Fo
 class JsonlWriter {
  public:
   /// Throws mixprec::Error naming the path and the system's reason when the
-  /// file cannot be opened for writing.
-  explicit JsonlWriter(const std::string& path) : path_(path) {
+  /// file cannot be opened for writing. `append`: lines go after what the
+  /// file holds (a resumed run's log), else the file starts empty.
+  explicit JsonlWriter(const std::string& path, bool append = false) : path_(path) {
     errno = 0;
-    std::FILE* f = std::fopen(path.c_str(), "w");
+    std::FILE* f = std::fopen(path.c_str(), append ? "a" : "w");
     const int err = errno;
     MIXPREC_CHECK(f != nullptr, "JsonlWriter: cannot open \"", path, "\" for writing: ",
                   err != 0 ? std::strerror(err) : "unknown error");

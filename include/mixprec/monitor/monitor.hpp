@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <thread>
@@ -36,6 +37,10 @@ struct MonitorOptions {
   int every = 10;
   /// The JSONL log (docs/monitor.md); empty: no log.
   std::string log_path;
+  /// A resumed run (load_state): append to log_path, without a second
+  /// header, instead of starting it anew (a missing or empty file gets its
+  /// header).
+  bool append_log = false;
   /// Print events to warning_stream (stderr when null). The detectors
   /// rate-limit them (DetectorOptions::repeat_interval).
   bool warnings = true;
@@ -215,6 +220,77 @@ class Monitor {
                   " read-backs did not arrive; was every replay followed by replayed()?");
   }
 
+  /// What the monitor remembers, as one JSON line, for a checkpoint
+  /// (io::CheckpointExtras::metadata): its step and record counts, the
+  /// steps since the last record (host), and the detectors' windows, rate
+  /// limits, events and forecast. Device: call flush() first, at a logged
+  /// step (the steps since it are still in device memory); load_state
+  /// takes host monitors' states only, for now.
+  std::string save_state() const {
+    MIXPREC_CHECK(consumed_ == submitted_, "Monitor::save_state: ", submitted_ - consumed_,
+                  " read-backs are in flight; call flush() first");
+    MIXPREC_CHECK(device_scaler_ == nullptr || steps_ % options_.every == 0, "Monitor::save_state: step ", steps_,
+                  " is not a logged step (every ", options_.every, "); on the device save after a logged step");
+    nlohmann::json j;
+    j["format"] = "mixprec-monitor-state-1";
+    j["steps"] = steps_;
+    j["records"] = records_;
+    j["every"] = options_.every;
+    j["params"] = info_.params.size();
+    nlohmann::json pending = nlohmann::json::array();
+    for (const StepSample& s : pending_.steps) {
+      pending.push_back({s.step, num(s.loss), num(s.scale), s.skipped, num(s.grad_norm), s.nonfinite_params});
+    }
+    j["pending"] = pending;
+    j["detectors"] = detectors_.state();
+    return j.dump();
+  }
+  /// Takes save_state()'s line back into a monitor of the same run (same
+  /// optimizer parameters and `every`), before its first step: the steps go
+  /// on from where they stopped, and the detectors remember what they had
+  /// seen. With append_log the log goes on in the same file. Every check
+  /// runs before anything changes.
+  ///
+  /// Host monitors only for now: a device monitor's step count also lives
+  /// in device memory, which this does not restore (refused, naming it).
+  void load_state(const std::string& state) {
+    MIXPREC_CHECK(device_scaler_ == nullptr, "Monitor::load_state: a monitor of device parameters cannot resume "
+                  "its state yet (its step count is in device memory); start it anew");
+    MIXPREC_CHECK(steps_ == 0, "Monitor::load_state: ", steps_, " steps already monitored; load before the first");
+    const nlohmann::json j = nlohmann::json::parse(state, nullptr, false);
+    MIXPREC_CHECK(!j.is_discarded() && j.is_object() && j.value("format", "") == "mixprec-monitor-state-1",
+                  "Monitor::load_state: not a monitor state (save_state's JSON)");
+    MIXPREC_CHECK(j.value("every", 0) == options_.every && j.value("params", std::size_t{0}) == info_.params.size(),
+                  "Monitor::load_state: the state is of a run with every = ", j.value("every", 0), " and ",
+                  j.value("params", std::size_t{0}), " parameters; this one has every = ", options_.every, " and ",
+                  info_.params.size());
+    LogRecord pending;
+    std::int64_t steps = 0, records = 0;
+    try {
+      steps = j.at("steps").get<std::int64_t>();
+      records = j.at("records").get<std::int64_t>();
+      for (const auto& p : j.at("pending")) {
+        StepSample s;
+        s.step = p.at(0).get<std::int64_t>();
+        s.loss = from(p.at(1));
+        s.scale = from(p.at(2));
+        s.skipped = p.at(3).get<bool>();
+        s.grad_norm = from(p.at(4));
+        s.nonfinite_params = p.at(5).get<std::vector<int>>();
+        pending.steps.push_back(std::move(s));
+      }
+    } catch (const nlohmann::json::exception& e) {
+      mixprec::detail::throw_error("Monitor::load_state: a malformed state: ", e.what());
+    }
+    MIXPREC_CHECK(steps >= 0 && records >= 0 && (device_scaler_ == nullptr || pending.steps.empty()),
+                  "Monitor::load_state: steps = ", steps, ", records = ", records, ", ", pending.steps.size(),
+                  " pending steps: not a state this monitor can go on from");
+    detectors_.restore(j.at("detectors"));  // checks, then changes
+    steps_ = steps;
+    records_ = records;
+    pending_ = std::move(pending);
+  }
+
   const MonitorOptions& options() const { return options_; }
   const RunInfo& info() const { return info_; }
   /// Steps monitored (replayed ones included) and records processed.
@@ -252,8 +328,12 @@ class Monitor {
       std::memset(pinned_, 0, layout_.bytes * static_cast<std::size_t>(options_.readback_slots));
     }
     if (!options_.log_path.empty()) {
-      writer_ = std::make_unique<JsonlWriter>(options_.log_path);
-      writer_->write(header_json(info_));
+      // Appending to a log that holds nothing yet: it still starts with its header.
+      std::error_code ec;
+      const bool fresh = !options_.append_log || !std::filesystem::exists(options_.log_path, ec) ||
+                         std::filesystem::file_size(options_.log_path, ec) == 0;
+      writer_ = std::make_unique<JsonlWriter>(options_.log_path, options_.append_log);
+      if (fresh) writer_->write(header_json(info_));
     }
     if (!options_.tensorboard_dir.empty()) tensorboard_ = std::make_unique<TensorBoardWriter>(options_.tensorboard_dir);
   }
@@ -485,6 +565,19 @@ class Monitor {
     if (std::isfinite(f.steps_to_underflow)) tb.add_scalar("forecast/steps_to_underflow", f.steps_to_underflow, step);
     if (std::isfinite(f.loss_slope)) tb.add_scalar("forecast/loss_slope", f.loss_slope, step);
     tb.flush();
+  }
+
+  static nlohmann::json num(double x) {
+    if (std::isnan(x)) return "nan";
+    if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
+    return x;
+  }
+  static double from(const nlohmann::json& j) {
+    if (j.is_string()) {
+      const std::string s = j.get<std::string>();
+      return s == "inf" ? INFINITY : s == "-inf" ? -INFINITY : std::nan("");
+    }
+    return j.get<double>();
   }
 
   static std::string forecast_line(const Forecast& f) {
