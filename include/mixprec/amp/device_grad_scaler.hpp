@@ -19,8 +19,9 @@
 #include "mixprec/optim/optimizer.hpp"
 #include "mixprec/tensor/memory.hpp"
 #include "mixprec/tensor/ops.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::amp {
+MIXPREC_NAMESPACE_BEGIN namespace amp {
 
 /// torch.amp.GradScaler on a CUDA device, with GradScaler's options and
 /// rules (grad_scaler.hpp). The scale, growth and hysteresis trackers, the
@@ -316,4 +317,5 @@ class DeviceGradScaler {
   detail::Records<Record> records_{"DeviceGradScaler"};
 };
 
-}  // namespace mixprec::amp
+}  // namespace amp
+MIXPREC_NAMESPACE_END

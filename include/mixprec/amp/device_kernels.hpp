@@ -10,8 +10,9 @@
 #include "mixprec/core/device.hpp"
 #include "mixprec/core/error.hpp"
 #include "mixprec/tensor/tensor_ref.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::amp {
+MIXPREC_NAMESPACE_BEGIN namespace amp {
 
 /// What DeviceGradScaler launches. All asynchronous on `stream`.
 class DeviceScalerKernels {
@@ -39,4 +40,5 @@ inline void install_device_scaler_kernels(DeviceScalerKernels* k) { detail::devi
 /// The installed implementation, or null.
 inline DeviceScalerKernels* device_scaler_kernels() { return detail::device_scaler_kernels_slot().load(); }
 
-}  // namespace mixprec::amp
+}  // namespace amp
+MIXPREC_NAMESPACE_END

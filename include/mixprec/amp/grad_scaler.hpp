@@ -18,8 +18,9 @@
 #include "mixprec/core/dtype.hpp"
 #include "mixprec/core/error.hpp"
 #include "mixprec/optim/optimizer.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::amp {
+MIXPREC_NAMESPACE_BEGIN namespace amp {
 
 enum class ScalingMode {
   /// The scale grows and backs off (torch.amp.GradScaler).
@@ -553,4 +554,5 @@ class GradScaler {
   std::int64_t skipped_ = 0;
 };
 
-}  // namespace mixprec::amp
+}  // namespace amp
+MIXPREC_NAMESPACE_END

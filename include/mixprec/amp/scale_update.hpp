@@ -11,7 +11,7 @@
 #include "mixprec/core/config.hpp"
 #include "mixprec/core/saturating.hpp"
 
-namespace mixprec::amp {
+MIXPREC_NAMESPACE_BEGIN namespace amp {
 
 /// The scaler's mutable state, plain data so it can live in device memory.
 /// Every counter stays in range forever: the trackers are below their
@@ -88,4 +88,5 @@ MIXPREC_HOST_DEVICE inline void update_scale(ScalerState& s, bool found_inf, con
   }
 }
 
-}  // namespace mixprec::amp
+}  // namespace amp
+MIXPREC_NAMESPACE_END

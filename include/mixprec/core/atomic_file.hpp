@@ -15,8 +15,9 @@
 #include <unistd.h>
 
 #include "mixprec/core/error.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::detail {
+MIXPREC_NAMESPACE_BEGIN namespace detail {
 
 /// A temporary file next to `path` that becomes `path` on commit() and is
 /// removed if it never does (the destructor, on any error path).
@@ -118,4 +119,5 @@ class AtomicFile {
   }
 };
 
-}  // namespace mixprec::detail
+}  // namespace detail
+MIXPREC_NAMESPACE_END

@@ -47,7 +47,7 @@
 #include <immintrin.h>
 #endif
 
-namespace mixprec {
+MIXPREC_NAMESPACE_BEGIN
 
 /// The raw bits of a value.
 MIXPREC_HOST_DEVICE inline std::uint16_t to_bits(half x) { return x.bits; }
@@ -259,4 +259,4 @@ inline void convert_n(const From* src, std::size_t n, To* dst) {
   }
 }
 
-}  // namespace mixprec
+MIXPREC_NAMESPACE_END  // namespace mixprec

@@ -9,7 +9,7 @@
 #if MIXPREC_WITH_CUDA
 #include <cublas_api.h>
 
-namespace mixprec::detail {
+MIXPREC_NAMESPACE_BEGIN namespace detail {
 
 [[noreturn]] inline void throw_cublas_error(cublasStatus_t status, const char* call,
                                             const char* file, int line) {
@@ -17,7 +17,8 @@ namespace mixprec::detail {
               ") at ", file, ":", line);
 }
 
-}  // namespace mixprec::detail
+}  // namespace detail
+MIXPREC_NAMESPACE_END
 
 #define MIXPREC_CUBLAS_CHECK(call)                                                 \
   do {                                                                             \

@@ -10,7 +10,7 @@
 #if MIXPREC_WITH_CUDA && MIXPREC_WITH_CUDNN
 #include <cudnn.h>
 
-namespace mixprec::detail {
+MIXPREC_NAMESPACE_BEGIN namespace detail {
 
 [[noreturn]] inline void throw_cudnn_error(cudnnStatus_t status, const char* call,
                                            const char* file, int line) {
@@ -18,7 +18,8 @@ namespace mixprec::detail {
   throw_error(call, " failed: ", cudnnGetErrorString(status), " at ", file, ":", line);
 }
 
-}  // namespace mixprec::detail
+}  // namespace detail
+MIXPREC_NAMESPACE_END
 
 #define MIXPREC_CUDNN_CHECK(call)                                                 \
   do {                                                                            \

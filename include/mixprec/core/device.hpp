@@ -11,7 +11,7 @@
 #include "mixprec/core/cuda_check.hpp"
 #include "mixprec/core/error.hpp"
 
-namespace mixprec {
+MIXPREC_NAMESPACE_BEGIN
 
 /// A memory location: `Device::cpu()` or `Device::cuda(index)`.
 class Device {
@@ -118,4 +118,4 @@ class DeviceGuard {
 #endif
 
 }  // namespace detail
-}  // namespace mixprec
+MIXPREC_NAMESPACE_END  // namespace mixprec

@@ -11,7 +11,7 @@
 
 #include "mixprec/core/config.hpp"
 
-namespace mixprec {
+MIXPREC_NAMESPACE_BEGIN
 
 namespace detail {
 
@@ -221,4 +221,4 @@ constexpr const char* dtype_name(DType d) {
 /// Size in bytes of one element of type d.
 constexpr std::size_t dtype_size(DType d) { return d == DType::float32 ? 4 : 2; }
 
-}  // namespace mixprec
+MIXPREC_NAMESPACE_END  // namespace mixprec

@@ -2,12 +2,14 @@
 // mixprec::Error and the argument checks that every public entry point uses.
 #pragma once
 
+#include "mixprec/core/config.hpp"
+
 #include <sstream>
 #include <stdexcept>
 #include <string>
 #include <utility>
 
-namespace mixprec {
+MIXPREC_NAMESPACE_BEGIN
 
 /// The one exception type mixprec throws. Messages name the operation, the
 /// offending argument and its value, e.g.
@@ -32,7 +34,7 @@ template <class... Args>
 }
 
 }  // namespace detail
-}  // namespace mixprec
+MIXPREC_NAMESPACE_END  // namespace mixprec
 
 /// Throws mixprec::Error built from the remaining arguments when `cond` is
 /// false. Always active: it does not vanish under NDEBUG.

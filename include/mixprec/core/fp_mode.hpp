@@ -3,6 +3,8 @@
 // (no flush-to-zero, no denormals-are-zero), whatever mode the caller set.
 #pragma once
 
+#include "mixprec/core/config.hpp"
+
 #if defined(__SSE__) || defined(_M_X64)
 #include <xmmintrin.h>
 #define MIXPREC_FP_MODE_X86 1
@@ -10,7 +12,7 @@
 #define MIXPREC_FP_MODE_X86 0
 #endif
 
-namespace mixprec::detail {
+MIXPREC_NAMESPACE_BEGIN namespace detail {
 
 /// The optimizer's host passes run inside one of these. A program built
 /// with -ffast-math (which sets FTZ and DAZ at start-up on x86), or a
@@ -63,4 +65,5 @@ class IeeeFpMode {
 #endif
 };
 
-}  // namespace mixprec::detail
+}  // namespace detail
+MIXPREC_NAMESPACE_END

@@ -9,7 +9,7 @@
 
 #include "mixprec/core/config.hpp"
 
-namespace mixprec::detail {
+MIXPREC_NAMESPACE_BEGIN namespace detail {
 
 // SplitMix64's finaliser (Steele, Lea, Flood, "Fast splittable pseudorandom
 // number generators", OOPSLA 2014): a bijective mix with full avalanche, so
@@ -42,4 +42,5 @@ MIXPREC_HOST_DEVICE inline float standard_normal(std::uint64_t bits) {
   return static_cast<float>(std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2));
 }
 
-}  // namespace mixprec::detail
+}  // namespace detail
+MIXPREC_NAMESPACE_END

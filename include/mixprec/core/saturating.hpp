@@ -7,7 +7,7 @@
 
 #include "mixprec/core/config.hpp"
 
-namespace mixprec {
+MIXPREC_NAMESPACE_BEGIN
 
 /// n + 1, or n where that would overflow: for counters that must never wrap.
 template <class Int>
@@ -15,4 +15,4 @@ MIXPREC_HOST_DEVICE inline Int saturating_increment(Int n) {
   return n < std::numeric_limits<Int>::max() ? static_cast<Int>(n + 1) : n;
 }
 
-}  // namespace mixprec
+MIXPREC_NAMESPACE_END  // namespace mixprec

@@ -29,7 +29,7 @@
 #define MIXPREC_PSABI_POP
 #endif
 
-namespace mixprec {
+MIXPREC_NAMESPACE_BEGIN
 namespace math {
 
 // The scalar operations the formulas use. Under nvcc these are the device
@@ -195,4 +195,4 @@ MIXPREC_AVX2_FN inline simd::f32x8 mul(simd::f32x8 a, float b) { return opaque(a
 MIXPREC_PSABI_POP
 }  // namespace math
 
-}  // namespace mixprec
+MIXPREC_NAMESPACE_END  // namespace mixprec

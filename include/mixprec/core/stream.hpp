@@ -20,7 +20,7 @@
 struct CUevent_st;
 struct CUgraphExec_st;
 
-namespace mixprec {
+MIXPREC_NAMESPACE_BEGIN
 
 namespace detail {
 inline void require_cuda_build(const char* what) {
@@ -286,4 +286,4 @@ inline void copy_to_host_async(PinnedBuffer& dst, std::size_t offset, const void
 #endif
 }
 
-}  // namespace mixprec
+MIXPREC_NAMESPACE_END  // namespace mixprec

@@ -3,10 +3,12 @@
 // safetensors reader and writer, and through nlohmann-json's own by the report.
 #pragma once
 
+#include "mixprec/core/config.hpp"
+
 #include <cstddef>
 #include <string_view>
 
-namespace mixprec::detail {
+MIXPREC_NAMESPACE_BEGIN namespace detail {
 
 /// The length in bytes (1 to 4) of the well-formed UTF-8 sequence that
 /// starts at p[0], of the `n` >= 1 bytes available; 0 when none starts
@@ -53,4 +55,5 @@ inline std::size_t utf8_invalid_at(std::string_view text) {
 /// True when all of `text` is well-formed UTF-8.
 inline bool is_utf8(std::string_view text) { return utf8_invalid_at(text) == text.size(); }
 
-}  // namespace mixprec::detail
+}  // namespace detail
+MIXPREC_NAMESPACE_END

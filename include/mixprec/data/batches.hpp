@@ -19,8 +19,9 @@
 #include "mixprec/tensor/memory.hpp"
 #include "mixprec/tensor/ops.hpp"
 #include "mixprec/tensor/tensor.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::data {
+MIXPREC_NAMESPACE_BEGIN namespace data {
 
 template <class T>
 class Batches {
@@ -130,4 +131,5 @@ class Batches {
   Buffer row_labels_, labels_, order_, cursor_;
 };
 
-}  // namespace mixprec::data
+}  // namespace data
+MIXPREC_NAMESPACE_END

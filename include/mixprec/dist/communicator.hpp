@@ -17,8 +17,9 @@
 #include "mixprec/core/dtype.hpp"
 #include "mixprec/core/error.hpp"
 #include "mixprec/tensor/tensor_ref.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::dist {
+MIXPREC_NAMESPACE_BEGIN namespace dist {
 
 /// How a host communicator adds 16-bit gradients (fp16, bf16) over the
 /// ranks. The ranks' values are always added in rank order, by the rank that
@@ -243,4 +244,5 @@ int run_or_abort(Communicator& comm, F&& body) {
   return 1;  // not reached (abort() does not return; a virtual call hides that from the compiler)
 }
 
-}  // namespace mixprec::dist
+}  // namespace dist
+MIXPREC_NAMESPACE_END

@@ -17,8 +17,9 @@
 
 #include "mixprec/core/convert.hpp"
 #include "mixprec/dist/communicator.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::dist {
+MIXPREC_NAMESPACE_BEGIN namespace dist {
 
 namespace detail {
 
@@ -273,4 +274,5 @@ class MpiCommunicator final : public Communicator {
   std::vector<unsigned char> send_, recv_;  // scratch of the collectives (one at a time: SERIALIZED)
 };
 
-}  // namespace mixprec::dist
+}  // namespace dist
+MIXPREC_NAMESPACE_END

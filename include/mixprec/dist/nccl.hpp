@@ -16,8 +16,9 @@
 #include "mixprec/core/cuda_check.hpp"
 #include "mixprec/core/device.hpp"
 #include "mixprec/dist/communicator.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::dist {
+MIXPREC_NAMESPACE_BEGIN namespace dist {
 
 /// One rank of a NCCL communicator of `size` ranks, on `device`. Every
 /// rank passes the same `id`, made by one of them with make_id() and handed
@@ -123,4 +124,5 @@ class NcclCommunicator final : public Communicator {
   ncclComm_t comm_ = nullptr;
 };
 
-}  // namespace mixprec::dist
+}  // namespace dist
+MIXPREC_NAMESPACE_END

@@ -8,8 +8,9 @@
 
 #include "mixprec/dist/mpi.hpp"
 #include "mixprec/dist/nccl.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::dist {
+MIXPREC_NAMESPACE_BEGIN namespace dist {
 
 /// The NCCL communicator of the ranks of `mpi`: rank 0 makes the id, MPI
 /// broadcasts it, and each rank takes the GPU local_rank() % (GPUs on its
@@ -28,4 +29,5 @@ inline std::unique_ptr<NcclCommunicator> nccl_over_mpi(MpiCommunicator& mpi, int
                                             mpi.local_size());
 }
 
-}  // namespace mixprec::dist
+}  // namespace dist
+MIXPREC_NAMESPACE_END

@@ -18,8 +18,9 @@
 #include "mixprec/tensor/memory.hpp"
 #include "mixprec/tensor/ops.hpp"
 #include "mixprec/tensor/tensor_view.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::dist {
+MIXPREC_NAMESPACE_BEGIN namespace dist {
 
 struct ReducerOptions {
   /// Largest bucket, in bytes of gradient: PyTorch DDP's bucket_cap_mb = 25
@@ -219,4 +220,5 @@ class GradientReducer {
   std::optional<Event> joined_;  // the side stream's end, waited for by reduce()'s stream
 };
 
-}  // namespace mixprec::dist
+}  // namespace dist
+MIXPREC_NAMESPACE_END

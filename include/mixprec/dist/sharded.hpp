@@ -26,8 +26,9 @@
 #include "mixprec/io/checkpoint.hpp"
 #include "mixprec/optim/optimizer.hpp"
 #include "mixprec/tensor/tensor_view.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::dist {
+MIXPREC_NAMESPACE_BEGIN namespace dist {
 
 struct ShardOptions {
   /// Where the slices may end.
@@ -336,4 +337,5 @@ class ShardedOptimizer final : public ZeroOne {
   std::string previous_file_;
 };
 
-}  // namespace mixprec::dist
+}  // namespace dist
+MIXPREC_NAMESPACE_END

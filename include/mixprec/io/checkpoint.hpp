@@ -29,8 +29,9 @@
 #include "mixprec/io/safetensors.hpp"
 #include "mixprec/optim/optimizer.hpp"
 #include "mixprec/tensor/ops.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::io {
+MIXPREC_NAMESPACE_BEGIN namespace io {
 
 /// What a trainer keeps beside the optimizer and the scaler.
 struct CheckpointExtras {
@@ -391,4 +392,5 @@ inline void load_weights(const std::string& path, optim::Optimizer& opt, const s
   opt.load_weights(masters);
 }
 
-}  // namespace mixprec::io
+}  // namespace io
+MIXPREC_NAMESPACE_END

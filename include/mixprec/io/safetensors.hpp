@@ -29,6 +29,7 @@
 #include "mixprec/core/dtype.hpp"
 #include "mixprec/core/error.hpp"
 #include "mixprec/core/utf8.hpp"
+#include "mixprec/core/config.hpp"
 
 // Tensor bytes are stored little-endian and handed out as they lie in the
 // file: a big-endian host would need a byte swap on every element, which
@@ -41,7 +42,7 @@ static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
 #define MIXPREC_SAFETENSORS_ENDIAN_CHECKED 0
 #endif
 
-namespace mixprec::io {
+MIXPREC_NAMESPACE_BEGIN namespace io {
 
 /// The element types of the safetensors format, by their names in the file
 /// ("F16", "BF16", ...). BOOL is one byte per element (0 or 1); F8_E4M3 and
@@ -162,11 +163,12 @@ struct TensorInfo {
 /// them; the reference implementation uses the same limit.
 inline constexpr std::uint64_t kSafetensorsMaxHeaderBytes = 100'000'000;
 
-}  // namespace mixprec::io
+}  // namespace io
+MIXPREC_NAMESPACE_END
 
 // Helpers of this header only: in mixprec::detail, with an st_ prefix, so
 // that no mixprec::io::detail shadows mixprec::detail for other io headers.
-namespace mixprec::detail {
+MIXPREC_NAMESPACE_BEGIN namespace detail {
 
 /// s in double quotes for an error message: control bytes, quotes and
 /// backslashes escaped, cut after 80 bytes (a hostile name can be megabytes).
@@ -327,9 +329,10 @@ class StHeaderSax {
   }
 };
 
-}  // namespace mixprec::detail
+}  // namespace detail
+MIXPREC_NAMESPACE_END
 
-namespace mixprec::io {
+MIXPREC_NAMESPACE_BEGIN namespace io {
 
 /// Collects named tensors and writes them as one safetensors file.
 ///
@@ -771,4 +774,5 @@ class SafetensorsFile {
   }
 };
 
-}  // namespace mixprec::io
+}  // namespace io
+MIXPREC_NAMESPACE_END

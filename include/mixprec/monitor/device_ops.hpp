@@ -14,7 +14,7 @@
 #include "mixprec/core/config.hpp"
 #include "mixprec/core/device.hpp"
 
-namespace mixprec::monitor {
+MIXPREC_NAMESPACE_BEGIN namespace monitor {
 
 /// One monitored parameter as the kernels see it (device pointers).
 struct DeviceParamInfo {
@@ -116,4 +116,5 @@ inline std::atomic<DeviceMonitorKernels*>& device_kernels_slot() {
 inline void install_device_kernels(DeviceMonitorKernels* k) { device_kernels_slot().store(k); }
 inline DeviceMonitorKernels* device_kernels() { return device_kernels_slot().load(); }
 
-}  // namespace mixprec::monitor
+}  // namespace monitor
+MIXPREC_NAMESPACE_END

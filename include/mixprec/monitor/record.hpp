@@ -5,6 +5,8 @@
 // The JSONL log (docs/monitor.md) writes these one record per logged step.
 #pragma once
 
+#include "mixprec/core/config.hpp"
+
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -12,7 +14,7 @@
 #include <string>
 #include <vector>
 
-namespace mixprec::monitor {
+MIXPREC_NAMESPACE_BEGIN namespace monitor {
 
 /// The log2 histogram of gradient magnitudes. Bin 0 counts exact zeros,
 /// bin 63 infs and NaNs; a finite nonzero x with e = floor(log2 |x|) goes to
@@ -191,4 +193,5 @@ struct Forecast {
   bool diverging = false;
 };
 
-}  // namespace mixprec::monitor
+}  // namespace monitor
+MIXPREC_NAMESPACE_END

@@ -27,8 +27,9 @@
 #include "mixprec/core/atomic_file.hpp"
 #include "mixprec/core/error.hpp"
 #include "mixprec/monitor/report_assets.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::monitor {
+MIXPREC_NAMESPACE_BEGIN namespace monitor {
 
 /// The schema this report reads, as the log's header names it.
 inline constexpr std::string_view report_schema = "mixprec.monitor/1";
@@ -448,4 +449,5 @@ inline void write_report(const std::string& jsonl_path, const std::string& html_
   file.commit();
 }
 
-}  // namespace mixprec::monitor
+}  // namespace monitor
+MIXPREC_NAMESPACE_END

@@ -6,13 +6,15 @@
 // monitor_report_assets fails while this file is out of step with them.
 #pragma once
 
+#include "mixprec/core/config.hpp"
+
 #include <string_view>
 
 // Doxygen (which documents no detail::) skips the literals: its parser
 // misreads the JavaScript inside raw strings (docs/Doxyfile.in defines
 // MIXPREC_DOXYGEN).
 #ifndef MIXPREC_DOXYGEN
-namespace mixprec::monitor::detail {
+MIXPREC_NAMESPACE_BEGIN namespace monitor::detail {
 
 // assets/report/report.css, in pieces of at most 16000 bytes (MSVC's limit for one literal).
 inline constexpr std::string_view report_css_parts[] = {
@@ -943,5 +945,6 @@ window.addEventListener('resize', function () {
 )mixprec",
 };
 
-}  // namespace mixprec::monitor::detail
+}  // namespace monitor::detail
+MIXPREC_NAMESPACE_END
 #endif  // MIXPREC_DOXYGEN

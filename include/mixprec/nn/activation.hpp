@@ -12,8 +12,9 @@
 #include "mixprec/nn/functional.hpp"
 #include "mixprec/nn/layer.hpp"
 #include "mixprec/tensor/ops.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::nn {
+MIXPREC_NAMESPACE_BEGIN namespace nn {
 
 /// y = act(x) element-wise, computed in float, rounded to T.
 template <class T>
@@ -91,4 +92,5 @@ class Flatten final : public Layer<T> {
   Device device_;
 };
 
-}  // namespace mixprec::nn
+}  // namespace nn
+MIXPREC_NAMESPACE_END

@@ -16,8 +16,9 @@
 #include "mixprec/nn/layer.hpp"
 #include "mixprec/tensor/ops.hpp"
 #include "mixprec/tensor/tensor.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::nn {
+MIXPREC_NAMESPACE_BEGIN namespace nn {
 
 namespace detail {
 inline std::int64_t out_size(std::int64_t in, std::int64_t window, std::int64_t stride, std::int64_t pad) {
@@ -261,4 +262,5 @@ class MaxPool2d final : public Layer<T> {
   Device device_;
 };
 
-}  // namespace mixprec::nn
+}  // namespace nn
+MIXPREC_NAMESPACE_END

@@ -10,8 +10,9 @@
 #include "mixprec/core/convert.hpp"
 #include "mixprec/core/error.hpp"
 #include "mixprec/tensor/tensor_view.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::nn::detail {
+MIXPREC_NAMESPACE_BEGIN namespace nn::detail {
 
 using MatrixF = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
@@ -32,4 +33,5 @@ void store(const Eigen::MatrixBase<Derived>& m, TensorView<T> v) {
   convert_n(dense.data(), static_cast<std::size_t>(dense.size()), v.data());
 }
 
-}  // namespace mixprec::nn::detail
+}  // namespace nn::detail
+MIXPREC_NAMESPACE_END

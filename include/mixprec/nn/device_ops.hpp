@@ -15,7 +15,7 @@
 #include "mixprec/core/error.hpp"
 #include "mixprec/nn/functional.hpp"
 
-namespace mixprec::nn {
+MIXPREC_NAMESPACE_BEGIN namespace nn {
 
 /// A 2-D convolution, NCHW: x [n, c, h, w], weight [k, c, r, s], y [n, k, p, q].
 struct ConvShape {
@@ -106,9 +106,10 @@ class DeviceOps {
                              std::int64_t classes, std::int64_t* correct, stream_t stream) = 0;
 };
 
-}  // namespace mixprec::nn
+}  // namespace nn
+MIXPREC_NAMESPACE_END
 
-namespace mixprec::detail {
+MIXPREC_NAMESPACE_BEGIN namespace detail {
 inline std::atomic<nn::DeviceOps*>& nn_device_ops_slot() {
   static std::atomic<nn::DeviceOps*> slot{nullptr};
   return slot;
@@ -121,11 +122,13 @@ inline nn::DeviceOps& require_nn_device_ops(const char* what, Device device) {
                 "<mixprec/cuda/backend.cuh> (see docs/getting-started.md, \"GPU training from .cpp files\")");
   return *ops;
 }
-}  // namespace mixprec::detail
+}  // namespace detail
+MIXPREC_NAMESPACE_END
 
-namespace mixprec::nn {
+MIXPREC_NAMESPACE_BEGIN namespace nn {
 /// Installs the kernels' implementation (backend.cuh does this for you).
 inline void install_device_ops(DeviceOps* ops) { mixprec::detail::nn_device_ops_slot().store(ops); }
 /// The installed ops (checked where a layer is made on a device).
 inline DeviceOps& nn_device_ops() { return *mixprec::detail::nn_device_ops_slot().load(); }
-}  // namespace mixprec::nn
+}  // namespace nn
+MIXPREC_NAMESPACE_END

@@ -8,7 +8,7 @@
 
 #include "mixprec/core/config.hpp"
 
-namespace mixprec::nn {
+MIXPREC_NAMESPACE_BEGIN namespace nn {
 
 /// The activation a Linear layer fuses into its output (or an activation
 /// layer applies). gelu is the tanh approximation, PyTorch's
@@ -54,4 +54,5 @@ MIXPREC_HOST_DEVICE inline float activation_grad(Activation a, float z) {
 }
 
 }  // namespace fn
-}  // namespace mixprec::nn
+}  // namespace nn
+MIXPREC_NAMESPACE_END

@@ -14,7 +14,7 @@
 #include "mixprec/tensor/shape.hpp"
 #include "mixprec/tensor/tensor_view.hpp"
 
-namespace mixprec::nn {
+MIXPREC_NAMESPACE_BEGIN namespace nn {
 
 namespace detail {
 /// Before a layer allocates anything on `device`: a CUDA build with the
@@ -56,4 +56,5 @@ class Layer {
   virtual std::vector<optim::Param> parameters(const std::string& prefix) { (void)prefix; return {}; }
 };
 
-}  // namespace mixprec::nn
+}  // namespace nn
+MIXPREC_NAMESPACE_END

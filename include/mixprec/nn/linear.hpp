@@ -16,8 +16,9 @@
 #include "mixprec/nn/layer.hpp"
 #include "mixprec/tensor/ops.hpp"
 #include "mixprec/tensor/tensor.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::nn {
+MIXPREC_NAMESPACE_BEGIN namespace nn {
 
 template <class T>
 class Linear final : public Layer<T> {
@@ -193,4 +194,5 @@ class Linear final : public Layer<T> {
   detail::MatrixF cpu_aux_;   // host: the pre-activation in float
 };
 
-}  // namespace mixprec::nn
+}  // namespace nn
+MIXPREC_NAMESPACE_END

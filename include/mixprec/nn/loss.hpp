@@ -14,8 +14,9 @@
 #include "mixprec/nn/device_ops.hpp"
 #include "mixprec/nn/layer.hpp"
 #include "mixprec/tensor/tensor_view.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::nn {
+MIXPREC_NAMESPACE_BEGIN namespace nn {
 
 namespace detail {
 template <class T>
@@ -117,4 +118,5 @@ void mse(TensorView<const T> y, TensorView<const T> target, const float* scale, 
       .mse(dtype_of<T>, y.data(), target.data(), y.numel(), scale, dy.data(), loss, ctx.stream);
 }
 
-}  // namespace mixprec::nn
+}  // namespace nn
+MIXPREC_NAMESPACE_END

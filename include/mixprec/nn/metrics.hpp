@@ -11,8 +11,9 @@
 #include "mixprec/nn/device_ops.hpp"
 #include "mixprec/nn/layer.hpp"
 #include "mixprec/tensor/tensor_view.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::nn {
+MIXPREC_NAMESPACE_BEGIN namespace nn {
 
 namespace detail {
 template <class T>
@@ -70,4 +71,5 @@ inline void accumulate(Device device, float* sum, const float* value, const Cont
   mixprec::detail::require_nn_device_ops("accumulate", device).accumulate(sum, value, ctx.stream);
 }
 
-}  // namespace mixprec::nn
+}  // namespace nn
+MIXPREC_NAMESPACE_END

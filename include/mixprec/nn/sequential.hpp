@@ -14,8 +14,9 @@
 #include "mixprec/nn/layer.hpp"
 #include "mixprec/nn/linear.hpp"
 #include "mixprec/tensor/tensor.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::nn {
+MIXPREC_NAMESPACE_BEGIN namespace nn {
 
 template <class T>
 class Sequential {
@@ -118,4 +119,5 @@ class Sequential {
   TensorView<const T> input_;
 };
 
-}  // namespace mixprec::nn
+}  // namespace nn
+MIXPREC_NAMESPACE_END

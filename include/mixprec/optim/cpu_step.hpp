@@ -28,7 +28,7 @@
 #define MIXPREC_OPTIM_AVX2 0
 #endif
 
-namespace mixprec::optim::cpu {
+MIXPREC_NAMESPACE_BEGIN namespace optim::cpu {
 
 /// Elements per chunk of the portable pass and per block of the check
 /// pass's sums: a few KiB of floats, in L1.
@@ -224,4 +224,5 @@ inline void sum_tail(const float* g, std::int64_t m, double& sum, float& flag) {
   sum += part;
 }
 
-}  // namespace mixprec::optim::cpu
+}  // namespace optim::cpu
+MIXPREC_NAMESPACE_END

@@ -20,7 +20,7 @@
 #include "mixprec/optim/schedule.hpp"
 #include "mixprec/tensor/tensor_ref.hpp"
 
-namespace mixprec::optim {
+MIXPREC_NAMESPACE_BEGIN namespace optim {
 
 /// Parameter groups one device step launch can carry: their hyperparameters
 /// travel as kernel arguments (64 x 48 bytes fits the portable 4 KiB), so a
@@ -132,16 +132,18 @@ class DeviceBackend {
   virtual bool idle(stream_t stream) = 0;
 };
 
-}  // namespace mixprec::optim
+}  // namespace optim
+MIXPREC_NAMESPACE_END
 
-namespace mixprec::detail {
+MIXPREC_NAMESPACE_BEGIN namespace detail {
 inline std::atomic<optim::DeviceBackend*>& device_backend_slot() {
   static std::atomic<optim::DeviceBackend*> slot{nullptr};
   return slot;
 }
-}  // namespace mixprec::detail
+}  // namespace detail
+MIXPREC_NAMESPACE_END
 
-namespace mixprec::optim {
+MIXPREC_NAMESPACE_BEGIN namespace optim {
 
 /// Installs the kernels' implementation (backend.cuh does this for you).
 inline void install_device_backend(DeviceBackend* backend) { mixprec::detail::device_backend_slot().store(backend); }
@@ -150,9 +152,10 @@ inline void install_device_backend(DeviceBackend* backend) { mixprec::detail::de
 /// included <mixprec/cuda/backend.cuh>.
 inline DeviceBackend* device_backend() { return mixprec::detail::device_backend_slot().load(); }
 
-}  // namespace mixprec::optim
+}  // namespace optim
+MIXPREC_NAMESPACE_END
 
-namespace mixprec::detail {
+MIXPREC_NAMESPACE_BEGIN namespace detail {
 /// The backend, or an error naming `what`, the device and the fix.
 inline optim::DeviceBackend& require_device_backend(const char* what, Device device) {
   optim::DeviceBackend* b = optim::device_backend();
@@ -161,4 +164,5 @@ inline optim::DeviceBackend& require_device_backend(const char* what, Device dev
                 "<mixprec/cuda/backend.cuh> (see docs/getting-started.md, \"GPU training from .cpp files\")");
   return *b;
 }
-}  // namespace mixprec::detail
+}  // namespace detail
+MIXPREC_NAMESPACE_END

@@ -18,7 +18,7 @@
 // The formula is instantiated with 8-float vectors for the AVX2 loop (see
 // core/simd.hpp on -Wpsabi).
 MIXPREC_PSABI_PUSH
-namespace mixprec::optim {
+MIXPREC_NAMESPACE_BEGIN namespace optim {
 
 /// Two state tensors that must be ordered elementwise in a loaded state
 /// (Adam's max_exp_avg_sq >= exp_avg_sq).
@@ -210,5 +210,6 @@ class Family : public OptimizerBase<Family<Rule>, typename Rule::Options> {
   }
 };
 
-}  // namespace mixprec::optim
+}  // namespace optim
+MIXPREC_NAMESPACE_END
 MIXPREC_PSABI_POP

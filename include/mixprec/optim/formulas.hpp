@@ -9,7 +9,7 @@
 #include "mixprec/core/simd.hpp"
 
 MIXPREC_PSABI_PUSH
-namespace mixprec::optim {
+MIXPREC_NAMESPACE_BEGIN namespace optim {
 
 /// torch.lerp with a scalar weight: PyTorch switches form at 0.5 to keep the
 /// result exact at both ends.
@@ -18,5 +18,6 @@ MIXPREC_HOST_DEVICE inline V lerp(V self, V end, float weight) {
   return weight < 0.5f ? self + math::mul(weight, end - self) : end - math::mul(end - self, 1.0f - weight);
 }
 
-}  // namespace mixprec::optim
+}  // namespace optim
+MIXPREC_NAMESPACE_END
 MIXPREC_PSABI_POP

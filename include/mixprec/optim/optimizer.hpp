@@ -30,8 +30,9 @@
 #include "mixprec/tensor/ops.hpp"
 #include "mixprec/tensor/tensor.hpp"
 #include "mixprec/tensor/tensor_ref.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::optim {
+MIXPREC_NAMESPACE_BEGIN namespace optim {
 
 /// The interface the GradScaler drives, and the shared bookkeeping.
 ///
@@ -970,4 +971,5 @@ class Optimizer {
   bool params_changed_ = false;       // state was made since the plan's upload
 };
 
-}  // namespace mixprec::optim
+}  // namespace optim
+MIXPREC_NAMESPACE_END

@@ -11,8 +11,9 @@
 
 #include "mixprec/core/error.hpp"
 #include "mixprec/optim/optimizer.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::optim {
+MIXPREC_NAMESPACE_BEGIN namespace optim {
 
 /// Derived provides `static void validate(const Options&)` (throwing with the
 /// option's name and value) and `update_param`.
@@ -86,4 +87,5 @@ inline void check_eps(const char* opt, double eps) {
 }
 
 }  // namespace detail
-}  // namespace mixprec::optim
+}  // namespace optim
+MIXPREC_NAMESPACE_END

@@ -11,8 +11,9 @@
 #include <vector>
 
 #include "mixprec/tensor/tensor_ref.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::optim {
+MIXPREC_NAMESPACE_BEGIN namespace optim {
 
 /// One trainable parameter as the user hands it over: the weight the forward
 /// pass reads and the gradient the backward pass writes, both views of the
@@ -74,4 +75,5 @@ struct OptimizerState {
   std::int64_t applied_steps = 0;  // the LR schedule's position
 };
 
-}  // namespace mixprec::optim
+}  // namespace optim
+MIXPREC_NAMESPACE_END

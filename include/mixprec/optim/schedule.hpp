@@ -10,7 +10,7 @@
 #include "mixprec/core/error.hpp"
 #include "mixprec/core/simd.hpp"
 
-namespace mixprec::optim {
+MIXPREC_NAMESPACE_BEGIN namespace optim {
 
 /// lr(k) = base_lr * factor(k) at the optimizer's k-th applied step (k = 0
 /// for the first). The closed forms of PyTorch's schedulers, stepped once per
@@ -100,4 +100,5 @@ struct LRSchedule {
   }
 };
 
-}  // namespace mixprec::optim
+}  // namespace optim
+MIXPREC_NAMESPACE_END

@@ -12,8 +12,9 @@
 
 #include "mixprec/core/dtype.hpp"
 #include "mixprec/tensor/tensor_view.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec {
+MIXPREC_NAMESPACE_BEGIN
 
 /// Eigen's type with the same bits as a mixprec element type: Eigen::half
 /// for half, Eigen::bfloat16 for bfloat16, float for float (const kept).
@@ -63,4 +64,4 @@ struct EigenMaps<T, std::enable_if_t<is_element_type_v<std::remove_const_t<T>>>>
 };
 
 }  // namespace detail
-}  // namespace mixprec
+MIXPREC_NAMESPACE_END  // namespace mixprec

@@ -14,7 +14,7 @@
 #include "mixprec/core/device.hpp"
 #include "mixprec/core/error.hpp"
 
-namespace mixprec {
+MIXPREC_NAMESPACE_BEGIN
 
 /// Alignment of every host allocation mixprec makes: a cache line, and enough
 /// for any SIMD load.
@@ -139,4 +139,4 @@ class Buffer {
   DeviceAllocator allocator_ = DeviceAllocator::cuda_malloc;
 };
 
-}  // namespace mixprec
+MIXPREC_NAMESPACE_END  // namespace mixprec

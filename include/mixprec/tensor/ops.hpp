@@ -19,8 +19,9 @@
 #include "mixprec/core/random.hpp"
 #include "mixprec/core/simd.hpp"
 #include "mixprec/tensor/tensor_view.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec {
+MIXPREC_NAMESPACE_BEGIN
 
 template <class T>
 class Tensor;
@@ -227,4 +228,4 @@ void fill_normal(Dst&& dst, float mean, float stddev, std::uint64_t seed,
   });
 }
 
-}  // namespace mixprec
+MIXPREC_NAMESPACE_END  // namespace mixprec

@@ -11,8 +11,9 @@
 #include <vector>
 
 #include "mixprec/core/error.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec {
+MIXPREC_NAMESPACE_BEGIN
 
 /// Extents of a row-major tensor; rank 0 is a scalar with one element.
 /// Extents are >= 0 and their product must fit in int64 (checked).
@@ -60,4 +61,4 @@ class Shape {
   std::int64_t numel_ = 1;
 };
 
-}  // namespace mixprec
+MIXPREC_NAMESPACE_END  // namespace mixprec

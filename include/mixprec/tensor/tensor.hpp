@@ -13,8 +13,9 @@
 #include "mixprec/tensor/shape.hpp"
 #include "mixprec/tensor/ops.hpp"
 #include "mixprec/tensor/tensor_view.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec {
+MIXPREC_NAMESPACE_BEGIN
 
 /// Owns `shape.numel()` elements of T on `device`: 64-byte aligned host
 /// memory, or device memory from cudaMalloc / cudaMallocAsync. Move-only:
@@ -82,4 +83,4 @@ class Tensor {
   Buffer buffer_;
 };
 
-}  // namespace mixprec
+MIXPREC_NAMESPACE_END  // namespace mixprec

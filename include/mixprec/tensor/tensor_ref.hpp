@@ -13,8 +13,9 @@
 #include "mixprec/tensor/shape.hpp"
 #include "mixprec/tensor/tensor.hpp"
 #include "mixprec/tensor/tensor_view.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec {
+MIXPREC_NAMESPACE_BEGIN
 
 /// A non-owning view with a runtime element type. Built implicitly from any
 /// TensorView<T> (or Tensor<T>); `as<T>()` and `visit()` get the typed view
@@ -78,4 +79,4 @@ class TensorRef {
   bool read_only_ = false;
 };
 
-}  // namespace mixprec
+MIXPREC_NAMESPACE_END  // namespace mixprec

@@ -12,8 +12,9 @@
 #include "mixprec/core/error.hpp"
 #include "mixprec/tensor/memory.hpp"
 #include "mixprec/tensor/shape.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec {
+MIXPREC_NAMESPACE_BEGIN
 
 namespace detail {
 // flat() and matrix() as Eigen maps: specialised by <mixprec/tensor/eigen.hpp>,
@@ -113,4 +114,4 @@ class TensorView {
   Device device_ = Device::cpu();
 };
 
-}  // namespace mixprec
+MIXPREC_NAMESPACE_END  // namespace mixprec

@@ -22,10 +22,11 @@
 #include "mixprec/tensor/shape.hpp"
 #include "mixprec/tensor/tensor_ref.hpp"
 #include "mixprec/tensor/tensor_view.hpp"
+#include "mixprec/core/config.hpp"
 
 // The namespace is `libtorch`, not `torch`: a `mixprec::torch` would make
 // `torch::Tensor` ambiguous in every file that says `using namespace mixprec;`.
-namespace mixprec {
+MIXPREC_NAMESPACE_BEGIN
 namespace libtorch {
 
 namespace detail {
@@ -216,4 +217,4 @@ inline void rebind(optim::Optimizer& opt, const ::torch::nn::Module& module) {
 }
 
 }  // namespace libtorch
-}  // namespace mixprec
+MIXPREC_NAMESPACE_END  // namespace mixprec

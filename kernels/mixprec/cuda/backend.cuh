@@ -25,8 +25,9 @@
 #include "mixprec/cuda/nn_ops.cuh"
 #include "mixprec/cuda/optimizer_step.cuh"
 #include "mixprec/optim/device_backend.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::cuda {
+MIXPREC_NAMESPACE_BEGIN namespace cuda {
 
 namespace detail {
 
@@ -263,4 +264,5 @@ namespace detail {
 inline const bool backend_installed = (install_backend(), true);
 }  // namespace detail
 
-}  // namespace mixprec::cuda
+}  // namespace cuda
+MIXPREC_NAMESPACE_END

@@ -9,8 +9,9 @@
 #include "mixprec/core/cuda_check.hpp"
 #include "mixprec/tensor/tensor_view.hpp"
 #include "mixprec/cuda/launch.cuh"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::cuda {
+MIXPREC_NAMESPACE_BEGIN namespace cuda {
 
 template <class From, class To>
 __global__ void convert_kernel(const From* __restrict__ src, To* __restrict__ dst,
@@ -46,4 +47,5 @@ void launch_convert(TensorView<const From> src, TensorView<To> dst, cudaStream_t
   launch_convert(src.data(), dst.data(), src.numel(), stream);
 }
 
-}  // namespace mixprec::cuda
+}  // namespace cuda
+MIXPREC_NAMESPACE_END

@@ -8,8 +8,9 @@
 #pragma once
 
 #include "mixprec/core/simd.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::cuda {
+MIXPREC_NAMESPACE_BEGIN namespace cuda {
 
 struct exact_float {
   float v;
@@ -32,10 +33,12 @@ __device__ inline exact_float operator-(float a, exact_float b) { return exact_f
 __device__ inline exact_float operator*(float a, exact_float b) { return exact_float(a) * b; }
 __device__ inline exact_float operator/(float a, exact_float b) { return exact_float(a) / b; }
 
-}  // namespace mixprec::cuda
+}  // namespace cuda
+MIXPREC_NAMESPACE_END
 
-namespace mixprec::math {
+MIXPREC_NAMESPACE_BEGIN namespace math {
 __device__ inline cuda::exact_float sqrt(cuda::exact_float x) { return __fsqrt_rn(x.v); }
 __device__ inline cuda::exact_float max(cuda::exact_float a, cuda::exact_float b) { return a.v > b.v ? a : b; }
 __device__ inline cuda::exact_float sign(cuda::exact_float x) { return sign(x.v); }
-}  // namespace mixprec::math
+}  // namespace math
+MIXPREC_NAMESPACE_END

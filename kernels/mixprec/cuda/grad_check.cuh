@@ -12,8 +12,9 @@
 #include "mixprec/cuda/launch.cuh"
 #include "mixprec/cuda/multi_tensor.cuh"
 #include "mixprec/tensor/memory.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::cuda {
+MIXPREC_NAMESPACE_BEGIN namespace cuda {
 
 namespace detail {
 
@@ -308,4 +309,5 @@ class GradCheck {
   std::int64_t num_chunks_ = 0;
 };
 
-}  // namespace mixprec::cuda
+}  // namespace cuda
+MIXPREC_NAMESPACE_END

@@ -7,8 +7,9 @@
 #include <cstdint>
 
 #include "mixprec/core/cuda_check.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::cuda {
+MIXPREC_NAMESPACE_BEGIN namespace cuda {
 
 /// Threads per block for mixprec's elementwise kernels.
 inline constexpr int block_threads = 256;
@@ -43,4 +44,5 @@ inline unsigned grid_for(std::int64_t work_items, int per_block = block_threads,
   return static_cast<unsigned>(blocks < 1 ? 1 : blocks);
 }
 
-}  // namespace mixprec::cuda
+}  // namespace cuda
+MIXPREC_NAMESPACE_END

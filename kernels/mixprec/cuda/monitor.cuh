@@ -14,8 +14,9 @@
 #include "mixprec/cuda/launch.cuh"
 #include "mixprec/monitor/device_ops.hpp"
 #include "mixprec/tensor/memory.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::cuda {
+MIXPREC_NAMESPACE_BEGIN namespace cuda {
 
 namespace detail {
 
@@ -302,4 +303,5 @@ class MonitorKernels final : public monitor::DeviceMonitorKernels {
   }
 };
 
-}  // namespace mixprec::cuda
+}  // namespace cuda
+MIXPREC_NAMESPACE_END

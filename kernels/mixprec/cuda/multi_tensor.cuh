@@ -11,8 +11,9 @@
 #include "mixprec/core/dtype.hpp"
 #include "mixprec/tensor/memory.hpp"
 #include "mixprec/tensor/tensor_ref.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::cuda {
+MIXPREC_NAMESPACE_BEGIN namespace cuda {
 
 /// One tensor of a multi-tensor launch, as the device sees it.
 struct TensorEntry {
@@ -94,4 +95,5 @@ class TensorList {
   std::vector<std::int64_t> first_chunk_;  // host copy, num_tensors + 1 entries
 };
 
-}  // namespace mixprec::cuda
+}  // namespace cuda
+MIXPREC_NAMESPACE_END

@@ -27,8 +27,9 @@
 #include "mixprec/nn/device_ops.hpp"
 #include "mixprec/nn/functional.hpp"
 #include "mixprec/tensor/memory.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::cuda {
+MIXPREC_NAMESPACE_BEGIN namespace cuda {
 
 namespace nn_detail {
 
@@ -698,4 +699,5 @@ class NnOps final : public nn::DeviceOps {
   std::mutex mutex_;
 };
 
-}  // namespace mixprec::cuda
+}  // namespace cuda
+MIXPREC_NAMESPACE_END

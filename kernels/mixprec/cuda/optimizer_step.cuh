@@ -31,8 +31,9 @@
 #include "mixprec/optim/optimizers/sgd.hpp"
 #include "mixprec/optim/schedule.hpp"
 #include "mixprec/tensor/memory.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::cuda {
+MIXPREC_NAMESPACE_BEGIN namespace cuda {
 
 /// What pass 2 writes for one parameter: its model weight, fp32 master,
 /// fp32 state (up to three tensors; unused ones null) and step count, all in
@@ -382,7 +383,8 @@ inline void launch_update_scale(amp::DeviceScalerState* s, const amp::ScalePolic
   MIXPREC_CUDA_CHECK_LAUNCH("update_scale_kernel");
 }
 
-}  // namespace mixprec::cuda
+}  // namespace cuda
+MIXPREC_NAMESPACE_END
 
 /// Registers an optimizer's kernel part with the device step (at static
 /// initialisation). One line, in one .cu file that includes

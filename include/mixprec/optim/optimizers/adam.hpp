@@ -18,7 +18,7 @@
 // The formula is instantiated with 8-float vectors for the AVX2 loop (see
 // core/simd.hpp on -Wpsabi).
 MIXPREC_PSABI_PUSH
-namespace mixprec::optim {
+MIXPREC_NAMESPACE_BEGIN namespace optim {
 
 /// torch.optim.Adam's options and defaults.
 struct AdamOptions {
@@ -156,5 +156,6 @@ using Adam = Family<AdamRule>;
 /// torch.optim.AdamW on fp32 masters.
 using AdamW = Family<AdamWRule>;
 
-}  // namespace mixprec::optim
+}  // namespace optim
+MIXPREC_NAMESPACE_END
 MIXPREC_PSABI_POP

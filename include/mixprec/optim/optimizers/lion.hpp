@@ -16,7 +16,7 @@
 // The formula is instantiated with 8-float vectors for the AVX2 loop (see
 // core/simd.hpp on -Wpsabi).
 MIXPREC_PSABI_PUSH
-namespace mixprec::optim {
+MIXPREC_NAMESPACE_BEGIN namespace optim {
 
 /// Lion's options. lr and betas default to the paper's (lr 1e-4, betas
 /// (0.9, 0.99)); weight_decay to 0 as in the authors' reference code (the
@@ -108,5 +108,6 @@ struct LionRule : RuleDefaults {
 /// Lion on fp32 masters. State: exp_avg (zeros at the start).
 using Lion = Family<LionRule>;
 
-}  // namespace mixprec::optim
+}  // namespace optim
+MIXPREC_NAMESPACE_END
 MIXPREC_PSABI_POP

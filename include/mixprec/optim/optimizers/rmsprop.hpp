@@ -15,7 +15,7 @@
 // The formula is instantiated with 8-float vectors for the AVX2 loop (see
 // core/simd.hpp on -Wpsabi).
 MIXPREC_PSABI_PUSH
-namespace mixprec::optim {
+MIXPREC_NAMESPACE_BEGIN namespace optim {
 
 /// torch.optim.RMSprop's options and defaults.
 struct RMSpropOptions {
@@ -132,5 +132,6 @@ struct RmspropRule : RuleDefaults {
 /// torch.optim.RMSprop on fp32 masters.
 using RMSprop = Family<RmspropRule>;
 
-}  // namespace mixprec::optim
+}  // namespace optim
+MIXPREC_NAMESPACE_END
 MIXPREC_PSABI_POP

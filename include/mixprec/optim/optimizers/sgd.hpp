@@ -15,7 +15,7 @@
 // The formula is instantiated with 8-float vectors for the AVX2 loop (see
 // core/simd.hpp on -Wpsabi).
 MIXPREC_PSABI_PUSH
-namespace mixprec::optim {
+MIXPREC_NAMESPACE_BEGIN namespace optim {
 
 /// torch.optim.SGD's options and defaults.
 struct SGDOptions {
@@ -118,5 +118,6 @@ struct SgdRule : RuleDefaults {
 /// buffer when momentum != 0, started as a copy of the first gradient.
 using SGD = Family<SgdRule>;
 
-}  // namespace mixprec::optim
+}  // namespace optim
+MIXPREC_NAMESPACE_END
 MIXPREC_PSABI_POP
