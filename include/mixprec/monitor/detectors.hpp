@@ -21,8 +21,9 @@
 
 #include "mixprec/core/error.hpp"
 #include "mixprec/monitor/record.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::monitor {
+MIXPREC_NAMESPACE_BEGIN namespace monitor {
 
 /// The detectors' thresholds and windows. A window counts steps unless it
 /// says otherwise. A statistic over a window needs `min_samples` values
@@ -784,4 +785,5 @@ class Detectors {
   Forecast forecast_;
 };
 
-}  // namespace mixprec::monitor
+}  // namespace monitor
+MIXPREC_NAMESPACE_END

@@ -22,8 +22,9 @@
 #include "mixprec/core/error.hpp"
 #include "mixprec/core/utf8.hpp"
 #include "mixprec/monitor/record.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::monitor {
+MIXPREC_NAMESPACE_BEGIN namespace monitor {
 namespace detail {
 
 /// The shortest of %.15g, %.16g and %.17g that reads back as x (17
@@ -374,4 +375,5 @@ class JsonlWriter {
   std::unique_ptr<std::FILE, Close> file_;
 };
 
-}  // namespace mixprec::monitor
+}  // namespace monitor
+MIXPREC_NAMESPACE_END

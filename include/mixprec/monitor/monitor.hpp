@@ -27,8 +27,9 @@
 #include "mixprec/monitor/record.hpp"
 #include "mixprec/optim/device_backend.hpp"
 #include "mixprec/optim/optimizer.hpp"
+#include "mixprec/core/config.hpp"
 
-namespace mixprec::monitor {
+MIXPREC_NAMESPACE_BEGIN namespace monitor {
 
 struct MonitorOptions {
   /// A logged step every `every` steps: its details (per-parameter norms,
@@ -618,4 +619,5 @@ class Monitor {
   std::int64_t submitted_ = 0, consumed_ = 0;  // read-backs launched, processed
 };
 
-}  // namespace mixprec::monitor
+}  // namespace monitor
+MIXPREC_NAMESPACE_END
