@@ -32,6 +32,11 @@ if(NOT version STREQUAL VERSION)
 endif()
 run(cflags ${PKG_CONFIG} --cflags mixprec)
 message(STATUS "pkg-config --cflags mixprec: ${cflags}")
+# The include path and nothing else: mixprec sets none of a consumer's
+# compile options (issue 20; it carried -ffp-contract=off -Wno-psabi).
+if(cflags MATCHES "(^| )-[fWmO]")
+  message(FATAL_ERROR "pkg-config --cflags mixprec imposes a compile option: ${cflags}")
+endif()
 string(REGEX MATCH "-I([^ ]+)" ignored "${cflags}")
 get_filename_component(include_dir "${CMAKE_MATCH_1}" REALPATH)
 get_filename_component(want "${PREFIX}/include" REALPATH)
