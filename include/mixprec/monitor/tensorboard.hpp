@@ -19,10 +19,11 @@
 #include <system_error>
 #include <vector>
 
+#include "mixprec/core/config.hpp"
 #include "mixprec/core/error.hpp"
 #include "mixprec/monitor/record.hpp"
 
-namespace mixprec::monitor {
+MIXPREC_NAMESPACE_BEGIN namespace monitor {
 
 namespace detail {
 
@@ -126,10 +127,11 @@ inline TensorBoardHistogram exponent_histogram(const Histogram& h) {
 }
 
 /// One TensorBoard event file in `log_dir` (created if missing), named
-/// events.out.tfevents.<unix seconds>.<host>.<pid>.mixprec, opened at
-/// construction with its file_version record. Records are appended as they
-/// come and reach the file at flush() and destruction (and whenever the C
-/// library's buffer fills). Errors name the file and the system's reason.
+/// events.out.tfevents.SECONDS.HOST.PID.mixprec (Unix time, host name,
+/// process id), opened at construction with its file_version record.
+/// Records are appended as they come and reach the file at flush() and
+/// destruction (and whenever the C library's buffer fills). Errors name the
+/// file and the system's reason.
 class TensorBoardWriter {
  public:
   explicit TensorBoardWriter(const std::string& log_dir) {
@@ -220,4 +222,5 @@ class TensorBoardWriter {
   std::FILE* file_ = nullptr;
 };
 
-}  // namespace mixprec::monitor
+}  // namespace monitor
+MIXPREC_NAMESPACE_END
