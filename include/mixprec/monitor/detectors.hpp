@@ -200,6 +200,25 @@ inline std::string short_number(double x) {
 
 }  // namespace detail
 
+/// A double in a monitor state (Detectors::state, Monitor::save_state):
+/// exact for finite values (nlohmann writes the shortest round-trip form),
+/// "nan", "inf" or "-inf" otherwise; and back, throwing on anything else.
+inline nlohmann::json state_number(double x) {
+  if (std::isnan(x)) return "nan";
+  if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
+  return x;
+}
+inline double state_number(const nlohmann::json& j) {
+  if (j.is_string()) {
+    const std::string s = j.get<std::string>();
+    if (s == "nan") return std::numeric_limits<double>::quiet_NaN();
+    if (s == "inf") return std::numeric_limits<double>::infinity();
+    if (s == "-inf") return -std::numeric_limits<double>::infinity();
+    mixprec::detail::throw_error("not a number: \"", s, "\"");
+  }
+  return j.get<double>();
+}
+
 /// The instability detectors of one run. observe() takes each log record
 /// in order and returns the events it raised; forecast() is the look ahead
 /// made at the last record. The history kept is bounded by the windows (plus
@@ -415,21 +434,8 @@ class Detectors {
   }
 
  private:
-  static nlohmann::json num(double x) {
-    if (std::isnan(x)) return "nan";
-    if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
-    return x;
-  }
-  static double from(const nlohmann::json& j) {
-    if (j.is_string()) {
-      const std::string s = j.get<std::string>();
-      if (s == "nan") return std::numeric_limits<double>::quiet_NaN();
-      if (s == "inf") return std::numeric_limits<double>::infinity();
-      if (s == "-inf") return -std::numeric_limits<double>::infinity();
-      mixprec::detail::throw_error("not a number: \"", s, "\"");
-    }
-    return j.get<double>();
-  }
+  static nlohmann::json num(double x) { return state_number(x); }
+  static double from(const nlohmann::json& j) { return state_number(j); }
   template <class C>
   static nlohmann::json doubles(const C& c) {
     nlohmann::json a = nlohmann::json::array();

@@ -568,18 +568,8 @@ class Monitor {
     tb.flush();
   }
 
-  static nlohmann::json num(double x) {
-    if (std::isnan(x)) return "nan";
-    if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
-    return x;
-  }
-  static double from(const nlohmann::json& j) {
-    if (j.is_string()) {
-      const std::string s = j.get<std::string>();
-      return s == "inf" ? INFINITY : s == "-inf" ? -INFINITY : std::nan("");
-    }
-    return j.get<double>();
-  }
+  static nlohmann::json num(double x) { return state_number(x); }
+  static double from(const nlohmann::json& j) { return state_number(j); }
 
   static std::string forecast_line(const Forecast& f) {
     std::string s;
