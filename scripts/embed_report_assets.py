@@ -52,13 +52,15 @@ def generate(root):
         "// monitor_report_assets fails while this file is out of step with them.",
         "#pragma once",
         "",
+        "#include \"mixprec/core/config.hpp\"",
+        "",
         "#include <string_view>",
         "",
         "// Doxygen (which documents no detail::) skips the literals: its parser",
         "// misreads the JavaScript inside raw strings (docs/Doxyfile.in defines",
         "// MIXPREC_DOXYGEN).",
         "#ifndef MIXPREC_DOXYGEN",
-        "namespace mixprec::monitor::detail {",
+        "MIXPREC_NAMESPACE_BEGIN namespace monitor::detail {",
         "",
     ]
     for name, path in ASSETS:
@@ -69,7 +71,7 @@ def generate(root):
             lines.append(f"R\"{DELIMITER}({piece}){DELIMITER}\",")
         lines.append("};")
         lines.append("")
-    lines += ["}  // namespace mixprec::monitor::detail", "#endif  // MIXPREC_DOXYGEN", ""]
+    lines += ["}  // namespace monitor::detail", "MIXPREC_NAMESPACE_END", "#endif  // MIXPREC_DOXYGEN", ""]
     return "\n".join(lines)
 
 

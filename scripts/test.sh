@@ -41,7 +41,7 @@ if [[ "${MIXPREC_CLANG:-1}" != 0 ]]; then
   log "CPU tests under ASan + UBSan, built with $(clang++ --version | head -n 1)"
   (
     BUILD_DIR="${MIXPREC_ASAN_BUILD_DIR:-$BUILD_DIR-asan}"
-    BUILD_TARGETS=(tests/all fashion_mnist_mlp monitor_report libtorch_mlp)
+    BUILD_TARGETS=(tests/all tests/consumer/all fashion_mnist_mlp monitor_report libtorch_mlp)
     # Any report is fatal: -fno-sanitize-recover makes every UBSan check
     # abort, as ASan always does. -O1: a quicker build than -O3, and the
     # tests still run in minutes; no NDEBUG, so Eigen's own asserts run too.
