@@ -624,7 +624,10 @@ std::vector<std::filesystem::path> shard_files(const std::string& path) {
 
 TEST(DistMpi, ZeroOneCheckpointResumesBitExactlyOnTheSameRankCount) {
   const std::string path = checkpoint_path("zero_index");
-  for (const auto& f : shard_files(path)) std::filesystem::remove(f);  // an earlier run's
+  const std::string other = checkpoint_path("zero_index_other");
+  for (const std::string& p : {path, other}) {
+    for (const auto& f : shard_files(p)) std::filesystem::remove(f);  // an earlier run's
+  }
   g_comm->barrier();
   ZeroRun straight, first;
   straight.steps(0, 12);
@@ -632,6 +635,8 @@ TEST(DistMpi, ZeroOneCheckpointResumesBitExactlyOnTheSameRankCount) {
   first.zero.save_checkpoint(path, first.scaler);
   first.steps(6, 7);  // a second save replaces the first: its shard files go
   first.zero.save_checkpoint(path, first.scaler);
+  // A save to another path is another checkpoint: path's files stay.
+  first.zero.save_checkpoint(other, first.scaler);
   ZeroRun resumed;  // fresh weights and state, then the files
   resumed.zero.load_checkpoint(path, resumed.scaler);
   EXPECT_EQ(resumed.fp(), first.fp());
@@ -644,12 +649,15 @@ TEST(DistMpi, ZeroOneCheckpointResumesBitExactlyOnTheSameRankCount) {
   const std::string text((std::istreambuf_iterator<char>(index)), std::istreambuf_iterator<char>());
   EXPECT_NE(text.find("\"world_size\": " + std::to_string(g_comm->size())), std::string::npos) << text;
   EXPECT_EQ(shard_files(path).size(), 1u);
+  EXPECT_EQ(shard_files(other).size(), 1u);
   if (const char* out = std::getenv("MIXPREC_DIST_CHECKPOINT_OUT"); out != nullptr) {
     first.zero.save_checkpoint(std::string(out) + ".sharded", first.scaler);
   }
   g_comm->barrier();
-  for (const auto& f : shard_files(path)) std::filesystem::remove(f);
-  if (g_comm->rank() == 0) std::filesystem::remove(path);
+  for (const std::string& p : {path, other}) {
+    for (const auto& f : shard_files(p)) std::filesystem::remove(f);
+    if (g_comm->rank() == 0) std::filesystem::remove(p);
+  }
 }
 
 TEST(DistMpi, ZeroOneCheckpointFromAnotherRankCountIsRefused) {

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <iterator>
+#include <map>
 #include <memory>
 #include <random>
 #include <sstream>
@@ -177,8 +178,8 @@ class ShardedOptimizer final : public ZeroOne {
   /// rank 0 writes the index `path` (JSON: the world size, the slices and
   /// the files). Each file is written atomically, and the index last: a
   /// crash during a save leaves the previous index and the files it names.
-  /// Once the new index is written each rank removes the file of its
-  /// previous save from this object.
+  /// Once the new index is written each rank removes its file of the
+  /// previous save to the same `path` from this object (or loaded from it).
   ///
   /// Why one file per rank: no rank gathers the whole state (the memory
   /// ZeRO-1 saves), the ranks write in parallel, and each shard is a
@@ -209,8 +210,11 @@ class ShardedOptimizer final : public ZeroOne {
       out.commit();
     }
     comm_->barrier();  // the index names the new files
-    if (!previous_file_.empty() && previous_file_ != file) std::remove(previous_file_.c_str());
-    previous_file_ = file;
+    // This rank's file of the previous save to the same index (saves to
+    // other paths are other checkpoints, and stay).
+    std::string& previous = previous_files_[path];
+    if (!previous.empty() && previous != file) std::remove(previous.c_str());
+    previous = file;
   }
 
   /// Resumes what save_checkpoint wrote, on the same number of ranks with
@@ -245,7 +249,7 @@ class ShardedOptimizer final : public ZeroOne {
     const std::string file = slash == std::string::npos ? name : path.substr(0, slash + 1) + name;
     io::load_checkpoint(file, *shard_, scaler, extras);
     gather_weights();
-    previous_file_ = file;
+    previous_files_[path] = file;
   }
 
  private:
@@ -334,7 +338,7 @@ class ShardedOptimizer final : public ZeroOne {
   std::vector<std::int64_t> bounds_;
   std::vector<std::size_t> pieces_per_rank_;
   std::unique_ptr<Opt> shard_;
-  std::string previous_file_;
+  std::map<std::string, std::string> previous_files_;  // index path -> this rank's file of its last save
 };
 
 }  // namespace dist
