@@ -32,22 +32,26 @@ template <class T>
 void sum_in_rank_order(const unsigned char* in, std::size_t stride, int ranks, T* out, std::int64_t count,
                        Accumulation how) {
   constexpr std::int64_t kBlock = 1024;
-  float acc[kBlock];
+  float acc[kBlock], v[kBlock];
   T x[kBlock];
+  // Widening and rounding go through convert_n (F16C where the CPU has
+  // it; the bits of to_float / from_float).
   for (std::int64_t at = 0; at < count; at += kBlock) {
     const std::int64_t m = std::min(kBlock, count - at);
-    const std::size_t bytes = static_cast<std::size_t>(m) * sizeof(T), skip = static_cast<std::size_t>(at) * sizeof(T);
+    const auto n = static_cast<std::size_t>(m);
+    const std::size_t bytes = n * sizeof(T), skip = static_cast<std::size_t>(at) * sizeof(T);
     std::memcpy(x, in + skip, bytes);
-    for (std::int64_t e = 0; e < m; ++e) acc[e] = to_float(x[e]);
+    convert_n(x, n, acc);
     for (int j = 1; j < ranks; ++j) {
       std::memcpy(x, in + static_cast<std::size_t>(j) * stride + skip, bytes);
-      if (how == Accumulation::own_type) {
-        for (std::int64_t e = 0; e < m; ++e) acc[e] = to_float(from_float<T>(acc[e] + to_float(x[e])));
-      } else {
-        for (std::int64_t e = 0; e < m; ++e) acc[e] += to_float(x[e]);
+      convert_n(x, n, v);
+      for (std::size_t e = 0; e < n; ++e) acc[e] += v[e];
+      if (how == Accumulation::own_type) {  // each partial sum rounded to T
+        convert_n(acc, n, x);
+        convert_n(x, n, acc);
       }
     }
-    for (std::int64_t e = 0; e < m; ++e) out[at + e] = from_float<T>(acc[e]);
+    convert_n(acc, n, out + at);
   }
 }
 
