@@ -42,10 +42,10 @@ struct ReducerOptions {
 /// with comm.size(): no pass of its own). An overflow of the sum is an inf
 /// that the check pass finds on every rank alike: every rank skips.
 ///
-/// Host communicators (MPI): a bucket's gradients are copied into one
-/// buffer, reduced with one collective and copied back, while the caller
-/// waits (no overlap with the backward on the CPU). The gradients are never
-/// written otherwise.
+/// Host communicators (MPI): a bucket's gradients are summed in place as one
+/// list (reduce_scatter_sum, all_gather_slices), while the caller waits (no
+/// overlap with the backward on the CPU). The gradients are never written
+/// otherwise.
 ///
 /// Device communicators (NCCL): a ready bucket is reduced on the reducer's
 /// own side stream, which first waits (an event, on the device) for the
@@ -82,8 +82,11 @@ class GradientReducer {
       b.bytes += g.bytes();
       bucket_of_[k] = buckets_.size() - 1;
     }
+    // Device buckets of several gradients are packed into one buffer for
+    // one collective; host buckets go to the communicator as they are (its
+    // reduce-scatter and all-gather take tensor lists: no packing here).
     for (Bucket& b : buckets_) {
-      if (b.params.size() > 1) b.staging = Buffer(b.bytes, comm.device());
+      if (b.params.size() > 1 && comm.device().is_cuda()) b.staging = Buffer(b.bytes, comm.device());
     }
     ready_.assign(grads_.size(), false);
     if (comm.device().is_cuda()) {
@@ -190,6 +193,18 @@ class GradientReducer {
     }
     if (b.params.size() == 1) {
       comm_->all_reduce_sum(grads_[b.params[0]], stream);
+    } else if (!side_) {
+      // Host: the bucket's gradients as one flat sequence, summed in place
+      // (the bits all_reduce_sum gives each element, whatever the slicing).
+      std::vector<TensorRef> list;
+      std::int64_t n = 0;
+      for (std::size_t k : b.params) {
+        list.push_back(grads_[k]);
+        n += grads_[k].numel();
+      }
+      const std::vector<std::int64_t> bounds = even_bounds(n, comm_->size());
+      comm_->reduce_scatter_sum(list, bounds, stream);
+      comm_->all_gather_slices(list, bounds, stream);
     } else {
       const Device d = comm_->device();
       char* staging = static_cast<char*>(b.staging.data());
