@@ -392,5 +392,19 @@ inline void load_weights(const std::string& path, optim::Optimizer& opt, const s
   opt.load_weights(masters);
 }
 
+/// The trainer's strings of a checkpoint (CheckpointExtras::metadata: its
+/// "user.<key>" entries, without the prefix), read without loading or
+/// checking anything else: for what must be known before load_checkpoint,
+/// such as monitor::PrecisionFallback's layer precisions (the checkpoint's
+/// weights are in the dtypes those layers had).
+inline std::map<std::string, std::string> read_checkpoint_metadata(const std::string& path) {
+  const SafetensorsFile f = SafetensorsFile::read(path);
+  std::map<std::string, std::string> out;
+  for (const auto& kv : f.metadata()) {
+    if (kv.first.rfind("user.", 0) == 0) out[kv.first.substr(5)] = kv.second;
+  }
+  return out;
+}
+
 }  // namespace io
 MIXPREC_NAMESPACE_END

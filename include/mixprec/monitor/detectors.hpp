@@ -321,6 +321,30 @@ class Detectors {
     return head + what + ")";
   }
 
+  /// Appends an event raised outside the detectors (the precision
+  /// fallback's) to events(), so that it is counted, rate-limit free, and
+  /// kept in state(). Its kind must be a known EventKind.
+  void record_event(const Event& e) {
+    MIXPREC_CHECK(static_cast<int>(e.kind) >= 0 && e.kind <= EventKind::precision_fallback,
+                  "Detectors::record_event: kind = ", static_cast<int>(e.kind), ", not an EventKind");
+    events_.push_back(e);
+  }
+  /// Parameter i's gradient dtype changed (a layer moved to another
+  /// precision): the underflow detector and forecast read float16
+  /// parameters only, from the next record on.
+  void set_param_dtype(std::size_t i, const std::string& dtype) {
+    MIXPREC_CHECK(i < info_.params.size(), "Detectors::set_param_dtype: parameter ", i, ", the run has ",
+                  info_.params.size());
+    MIXPREC_CHECK(dtype == "float16" || dtype == "bfloat16" || dtype == "float32",
+                  "Detectors::set_param_dtype: dtype = \"", dtype, "\" (", info_.params[i].name,
+                  "), must be \"float16\", \"bfloat16\" or \"float32\"");
+    info_.params[i].dtype = dtype;
+    fp16_params_.clear();
+    for (std::size_t k = 0; k < info_.params.size(); ++k) {
+      if (info_.params[k].dtype == "float16") fp16_params_.push_back(k);
+    }
+  }
+
   const RunInfo& info() const { return info_; }
   const DetectorOptions& options() const { return opt_; }
   /// The last step observed (0 before the first record).

@@ -292,6 +292,18 @@ class Monitor {
     pending_ = std::move(pending);
   }
 
+  /// What a record's events may set off (monitor/precision_fallback.hpp):
+  /// called at each record with the record and the events the detectors
+  /// raised in it, before they are written anywhere; returns events of its
+  /// own (what it did or advises), which join them in the log, the
+  /// warnings, TensorBoard, on_record, events() and the saved state. Host
+  /// monitors call it inside step(), after the scaler's update, so it may
+  /// change the model and rebind the optimizer's parameters; a device
+  /// monitor calls it when a read-back arrives, steps later. One at a
+  /// time; an empty function removes it.
+  using Responder = std::function<std::vector<Event>(const LogRecord&, const std::vector<Event>&)>;
+  void set_responder(Responder responder) { responder_ = std::move(responder); }
+
   const MonitorOptions& options() const { return options_; }
   const RunInfo& info() const { return info_; }
   /// Steps monitored (replayed ones included) and records processed.
@@ -514,7 +526,14 @@ class Monitor {
   }
 
   void process(LogRecord r) {
-    const std::vector<Event> found = detectors_.observe(r);
+    sync_dtypes();
+    std::vector<Event> found = detectors_.observe(r);
+    if (responder_) {
+      std::vector<Event> more = responder_(r, found);
+      for (const Event& e : more) detectors_.record_event(e);
+      found.insert(found.end(), more.begin(), more.end());
+      sync_dtypes();
+    }
     const Forecast f = detectors_.forecast();
     if (writer_) writer_->write(record_json(info_, r, f, found));
     if (tensorboard_) write_tensorboard(r, f, found);
@@ -533,6 +552,19 @@ class Monitor {
     }
     last_ = std::move(r);
     records_ += 1;
+  }
+
+  // A parameter whose gradient changed dtype since (Optimizer::rebind, a
+  // layer moved to another precision): the detectors' underflow checks
+  // follow it. The log's header keeps the dtypes the run started with.
+  void sync_dtypes() {
+    for (std::size_t i = 0; i < info_.params.size(); ++i) {
+      const char* now = dtype_name(opt_.param(i).grad.dtype());
+      if (info_.params[i].dtype != now) {
+        detectors_.set_param_dtype(i, now);
+        info_.params[i].dtype = now;
+      }
+    }
   }
 
   // The record's figures as TensorBoard scalars and histograms; what is
@@ -595,6 +627,7 @@ class Monitor {
   Detectors detectors_;
   std::unique_ptr<JsonlWriter> writer_;
   std::unique_ptr<TensorBoardWriter> tensorboard_;
+  Responder responder_;
   std::int64_t steps_ = 0, records_ = 0;
   LogRecord last_;
   // Host.

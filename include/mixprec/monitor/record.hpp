@@ -151,6 +151,7 @@ enum class EventKind {
   underflow,            // a large share of the scaled gradients is lost in fp16
   stalled_updates,      // a parameter's update ratio is far below 1e-5
   repeated_overflow,    // one parameter keeps producing non-finite gradients
+  precision_fallback,   // a layer's compute moved (or should move) to bf16/fp32 (monitor/precision_fallback.hpp)
 };
 
 inline const char* to_string(EventKind k) {
@@ -162,6 +163,7 @@ inline const char* to_string(EventKind k) {
     case EventKind::underflow: return "underflow";
     case EventKind::stalled_updates: return "stalled_updates";
     case EventKind::repeated_overflow: return "repeated_overflow";
+    case EventKind::precision_fallback: return "precision_fallback";
   }
   return "unknown";
 }

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -14,6 +15,7 @@
 #include "mixprec/core/error.hpp"
 #include "mixprec/nn/device_ops.hpp"
 #include "mixprec/nn/layer.hpp"
+#include "mixprec/nn/precision.hpp"
 #include "mixprec/tensor/ops.hpp"
 #include "mixprec/tensor/tensor.hpp"
 #include "mixprec/core/config.hpp"
@@ -50,6 +52,38 @@ class Conv2d final : public Layer<T> {
     fill_uniform(bias_, -bound, bound, seed + 1);
     fill(grad_weight_, 0.0f);
     fill(grad_bias_, 0.0f);
+  }
+
+  /// A copy of `other` in element type T (Layer::copy_as): the same
+  /// configuration and device, the weight and bias rounded to nearest even
+  /// into T, zero gradients.
+  template <class S>
+  Conv2d(ConvertTag, const Conv2d<S>& other)
+      : c_(other.c_),
+        k_(other.k_),
+        r_(other.r_),
+        stride_(other.stride_),
+        pad_(other.pad_),
+        has_bias_(other.has_bias_),
+        device_(other.device_),
+        weight_(Shape{k_, c_, r_, r_}, device_),
+        grad_weight_(Shape{k_, c_, r_, r_}, device_),
+        bias_(Shape{has_bias_ ? k_ : 0}, device_),
+        grad_bias_(Shape{has_bias_ ? k_ : 0}, device_) {
+    detail::convert_tensor(TensorView<const S>(other.weight_.view()), weight_.view());
+    detail::convert_tensor(TensorView<const S>(other.bias_.view()), bias_.view());
+    fill(grad_weight_, 0.0f);
+    fill(grad_bias_, 0.0f);
+  }
+
+  std::unique_ptr<Layer<half>> copy_as_half() const override {
+    return std::make_unique<Conv2d<half>>(ConvertTag{}, *this);
+  }
+  std::unique_ptr<Layer<bfloat16>> copy_as_bfloat16() const override {
+    return std::make_unique<Conv2d<bfloat16>>(ConvertTag{}, *this);
+  }
+  std::unique_ptr<Layer<float>> copy_as_float() const override {
+    return std::make_unique<Conv2d<float>>(ConvertTag{}, *this);
   }
 
   std::string name() const override {
@@ -170,6 +204,9 @@ class Conv2d final : public Layer<T> {
     convert_n(v.data(), out.size(), out.data());
     return out;
   }
+
+  template <class>
+  friend class Conv2d;
 
   std::int64_t c_, k_, r_, stride_, pad_;
   bool has_bias_;

@@ -4,11 +4,14 @@
 // Sequential owns and writes its parameters' gradients into buffers it owns.
 #pragma once
 
+#include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "mixprec/core/config.hpp"
 #include "mixprec/core/device.hpp"
+#include "mixprec/core/dtype.hpp"
 #include "mixprec/nn/device_ops.hpp"
 #include "mixprec/optim/param.hpp"
 #include "mixprec/tensor/shape.hpp"
@@ -54,6 +57,30 @@ class Layer {
                         const Context& ctx) = 0;
   /// The trainable parameters (weight and gradient views), named prefix + name.
   virtual std::vector<optim::Param> parameters(const std::string& prefix) { (void)prefix; return {}; }
+
+  /// The element type the layer computes in and keeps its parameters and
+  /// their gradients in: T, unless Sequential::set_precision moved it
+  /// (nn/precision.hpp's Recast then wraps a copy of it in another type).
+  virtual DType compute_dtype() const { return dtype_of<T>; }
+  /// A copy of this layer whose element type is U: the same configuration
+  /// and device, the parameters rounded to nearest even into U, zero
+  /// gradients, no forward state. Null (the default) for a layer that
+  /// cannot be copied: Linear and Conv2d can. Sequential::set_precision
+  /// uses these; call them through copy_as<U>().
+  virtual std::unique_ptr<Layer<half>> copy_as_half() const { return nullptr; }
+  virtual std::unique_ptr<Layer<bfloat16>> copy_as_bfloat16() const { return nullptr; }
+  virtual std::unique_ptr<Layer<float>> copy_as_float() const { return nullptr; }
+  template <class U>
+  std::unique_ptr<Layer<U>> copy_as() const {
+    if constexpr (std::is_same_v<U, half>) {
+      return copy_as_half();
+    } else if constexpr (std::is_same_v<U, bfloat16>) {
+      return copy_as_bfloat16();
+    } else {
+      static_assert(std::is_same_v<U, float>, "Layer::copy_as: U must be half, bfloat16 or float");
+      return copy_as_float();
+    }
+  }
 };
 
 }  // namespace nn

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -14,6 +15,7 @@
 #include "mixprec/nn/device_ops.hpp"
 #include "mixprec/nn/functional.hpp"
 #include "mixprec/nn/layer.hpp"
+#include "mixprec/nn/precision.hpp"
 #include "mixprec/tensor/ops.hpp"
 #include "mixprec/tensor/tensor.hpp"
 #include "mixprec/core/config.hpp"
@@ -42,6 +44,37 @@ class Linear final : public Layer<T> {
     fill_uniform(bias_, -bound, bound, seed + 1);
     fill(grad_weight_, 0.0f);
     fill(grad_bias_, 0.0f);
+  }
+
+  /// A copy of `other` in element type T (Layer::copy_as): the same
+  /// features, activation, bias and device, the weight and bias rounded to
+  /// nearest even into T, zero gradients. A fusion with neighbours
+  /// (fuse_previous) is not copied.
+  template <class S>
+  Linear(ConvertTag, const Linear<S>& other)
+      : in_(other.in_),
+        out_(other.out_),
+        activation_(other.activation_),
+        has_bias_(other.has_bias_),
+        device_(other.device_),
+        weight_(Shape{out_, in_}, device_),
+        grad_weight_(Shape{out_, in_}, device_),
+        bias_(Shape{has_bias_ ? out_ : 0}, device_),
+        grad_bias_(Shape{has_bias_ ? out_ : 0}, device_) {
+    detail::convert_tensor(TensorView<const S>(other.weight_.view()), weight_.view());
+    detail::convert_tensor(TensorView<const S>(other.bias_.view()), bias_.view());
+    fill(grad_weight_, 0.0f);
+    fill(grad_bias_, 0.0f);
+  }
+
+  std::unique_ptr<Layer<half>> copy_as_half() const override {
+    return std::make_unique<Linear<half>>(ConvertTag{}, *this);
+  }
+  std::unique_ptr<Layer<bfloat16>> copy_as_bfloat16() const override {
+    return std::make_unique<Linear<bfloat16>>(ConvertTag{}, *this);
+  }
+  std::unique_ptr<Layer<float>> copy_as_float() const override {
+    return std::make_unique<Linear<float>>(ConvertTag{}, *this);
   }
 
   std::string name() const override { return describe(in_, out_, activation_, has_bias_); }
@@ -179,6 +212,9 @@ class Linear final : public Layer<T> {
     return emit_mask_ ? mask_.data() : nullptr;
   }
   std::int64_t aux_ld() const { return activation_ == Activation::gelu ? out_ : (out_ + 127) / 128 * 128; }
+
+  template <class>
+  friend class Linear;
 
   std::int64_t in_, out_;
   Activation activation_;

@@ -13,6 +13,7 @@
 #include "mixprec/core/error.hpp"
 #include "mixprec/nn/layer.hpp"
 #include "mixprec/nn/linear.hpp"
+#include "mixprec/nn/precision.hpp"
 #include "mixprec/tensor/tensor.hpp"
 #include "mixprec/core/config.hpp"
 
@@ -105,12 +106,69 @@ class Sequential {
   std::vector<optim::Param> parameters() {
     std::vector<optim::Param> all;
     for (std::size_t i = 0; i < layers_.size(); ++i) {
-      for (optim::Param& p : layers_[i]->parameters(std::to_string(i) + ".")) all.push_back(std::move(p));
+      for (optim::Param& p : layers_[i]->parameters(parameter_prefix(i))) all.push_back(std::move(p));
     }
     return all;
   }
+  /// The prefix of layer i's parameter names: "<i>.".
+  static std::string parameter_prefix(std::size_t i) { return std::to_string(i) + "."; }
+
+  // --- per-layer precision (nn/precision.hpp) ---------------------------------
+
+  /// The element type layer i computes in and keeps its parameters in: T
+  /// unless set_precision moved it.
+  DType precision(std::size_t i) const { return layers_.at(check_index(i, "precision"))->compute_dtype(); }
+
+  /// Moves layer i's compute to `dtype` (float16, bfloat16 or float32): the
+  /// layer is replaced by a copy of itself in that type (its parameters
+  /// rounded to nearest even, zero gradients) wrapped in Recast, which
+  /// converts at its boundary; the other layers and every activation
+  /// buffer stay in T. dtype = T moves a moved layer back. Host layers,
+  /// Linear and Conv2d (others throw, naming the layer). The layer's
+  /// parameter views change: an optimizer that holds them must be pointed
+  /// at the new ones (Optimizer::rebind; monitor::PrecisionFallback does
+  /// it, writing the new weights from the fp32 masters). Before an
+  /// optimizer is made, this simply decides the layer's precision. Every
+  /// check runs before anything changes.
+  void set_precision(std::size_t i, DType dtype) { replace(i, copy_in_precision(i, dtype)); }
+
+  /// What set_precision(i, dtype) would put in place of layer i, made
+  /// without changing anything: for a caller that rebinds an optimizer to
+  /// its parameters before replace() swaps it in.
+  std::unique_ptr<Layer<T>> copy_in_precision(std::size_t i, DType dtype) const {
+    const Layer<T>& layer = *layers_.at(check_index(i, "copy_in_precision"));
+    MIXPREC_CHECK(dtype == DType::float16 || dtype == DType::bfloat16 || dtype == DType::float32,
+                  "Sequential::set_precision: dtype = ", static_cast<int>(dtype), " for layer ", i,
+                  ", must be float16, bfloat16 or float32");
+    MIXPREC_CHECK(!(fuse_ && device_.is_cuda()), "Sequential::set_precision: layer ", i, " (", layer.name(),
+                  "): this Sequential fuses consecutive Linear backward passes (fuse_linear_backward = true), "
+                  "whose links a replaced layer would break; build it without fusion to change precisions");
+    return nn::copy_in_precision(layer, dtype);
+  }
+
+  /// Puts `layer` in place of layer i and returns the old one. The new
+  /// layer must be on this Sequential's device and give the same output
+  /// shape (checked before anything changes); the activation buffers stay.
+  std::unique_ptr<Layer<T>> replace(std::size_t i, std::unique_ptr<Layer<T>> layer) {
+    check_index(i, "replace");
+    MIXPREC_CHECK(layer != nullptr, "Sequential::replace: null layer for layer ", i);
+    MIXPREC_CHECK(layer->device() == device_, "Sequential::replace: ", layer->name(), " is on ", layer->device(),
+                  ", the Sequential on ", device_);
+    const Shape in = i == 0 ? input_shape_ : outputs_[i - 1].shape();
+    const Shape out = layer->output_shape(in);
+    MIXPREC_CHECK(out == outputs_[i].shape(), "Sequential::replace: ", layer->name(), " gives ", out, " for input ",
+                  in, ", layer ", i, " (", layers_[i]->name(), ") gave ", outputs_[i].shape());
+    std::swap(layers_[i], layer);
+    return layer;
+  }
 
  private:
+  std::size_t check_index(std::size_t i, const char* what) const {
+    MIXPREC_CHECK(i < layers_.size(), "Sequential::", what, ": layer ", i, ", the Sequential has ", layers_.size(),
+                  " layers");
+    return i;
+  }
+
   Shape input_shape_;
   Device device_;
   bool fuse_ = false;

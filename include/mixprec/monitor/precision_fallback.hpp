@@ -1,0 +1,370 @@
+// SPDX-License-Identifier: Apache-2.0
+// PrecisionFallback: when the monitor finds one layer of an nn::Sequential
+// that keeps overflowing fp16 (or whose gradient underflows it), moves that
+// layer's compute to bf16 or fp32, or says that it should (docs/monitor.md).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "mixprec/core/config.hpp"
+#include "mixprec/core/dtype.hpp"
+#include "mixprec/core/error.hpp"
+#include "mixprec/monitor/monitor.hpp"
+#include "mixprec/monitor/record.hpp"
+#include "mixprec/nn/sequential.hpp"
+#include "mixprec/optim/optimizer.hpp"
+#include "mixprec/tensor/ops.hpp"
+
+MIXPREC_NAMESPACE_BEGIN namespace monitor {
+
+/// What the fallback does when a layer is found: nothing; a
+/// precision_fallback event that names the layer and the fix; or the move
+/// itself, with that event.
+enum class FallbackPolicy { off, suggest, act };
+
+inline const char* to_string(FallbackPolicy p) {
+  switch (p) {
+    case FallbackPolicy::off: return "off";
+    case FallbackPolicy::suggest: return "suggest";
+    case FallbackPolicy::act: return "act";
+  }
+  return "unknown";
+}
+
+/// "off", "suggest" or "act" (a command-line flag's value); throws,
+/// naming `option` and the value, on anything else.
+inline FallbackPolicy parse_fallback_policy(const std::string& value,
+                                            const std::string& option = "PrecisionFallbackOptions::policy") {
+  if (value == "off") return FallbackPolicy::off;
+  if (value == "suggest") return FallbackPolicy::suggest;
+  if (value == "act") return FallbackPolicy::act;
+  mixprec::detail::throw_error(option, " = \"", value, "\", must be \"off\", \"suggest\" or \"act\"");
+}
+
+/// "bfloat16" or "float32" (also "bf16", "fp32"): the type a layer falls
+/// back to; throws, naming `option` and the value, on anything else.
+inline DType parse_fallback_dtype(const std::string& value,
+                                  const std::string& option = "PrecisionFallbackOptions::to") {
+  if (value == "float32" || value == "fp32") return DType::float32;
+  if (value == "bfloat16" || value == "bf16") return DType::bfloat16;
+  mixprec::detail::throw_error(option, " = \"", value, "\", must be \"float32\" (\"fp32\") or \"bfloat16\" (\"bf16\")");
+}
+
+struct PrecisionFallbackOptions {
+  FallbackPolicy policy = FallbackPolicy::suggest;
+  /// The type a layer moves to: float32 (the default: fp32's range and
+  /// precision) or bfloat16 (fp32's range, half the memory, 8 significant
+  /// bits); it must be wider than the model's type.
+  DType to = DType::float32;
+  /// Which of the monitor's events find a layer: repeated_overflow (one
+  /// parameter's gradient not finite on DetectorOptions::overflow_repeats
+  /// of the last overflow_window steps), and underflow events that name a
+  /// parameter (DetectorOptions::underflow_share and underflow_rise). The
+  /// thresholds are the detectors'; tune them there.
+  bool on_overflow = true;
+  bool on_underflow = true;
+
+  /// Throws mixprec::Error naming the first bad field and its value, for a
+  /// model whose element type is `model_dtype`.
+  void validate(DType model_dtype) const {
+    MIXPREC_CHECK(policy == FallbackPolicy::off || policy == FallbackPolicy::suggest || policy == FallbackPolicy::act,
+                  "PrecisionFallbackOptions: policy = ", static_cast<int>(policy),
+                  ", must be FallbackPolicy::off, suggest or act");
+    MIXPREC_CHECK(to == DType::bfloat16 || to == DType::float32, "PrecisionFallbackOptions: to = ",
+                  to == DType::float16 ? "float16" : std::to_string(static_cast<int>(to)),
+                  ", must be bfloat16 or float32 (a layer moves to a wider type than the model's)");
+    MIXPREC_CHECK(policy == FallbackPolicy::off || rank(to) > rank(model_dtype), "PrecisionFallbackOptions: to = ",
+                  dtype_name(to), " with policy = ", to_string(policy), ", but the model computes in ",
+                  dtype_name(model_dtype), " already; a layer can only move to a wider type (",
+                  model_dtype == DType::float16 ? "bfloat16 or float32" : "none", ")");
+  }
+
+ private:
+  static int rank(DType d) { return d == DType::float16 ? 0 : d == DType::bfloat16 ? 1 : 2; }
+};
+
+/// One layer the fallback moved.
+struct PrecisionMove {
+  std::size_t layer = 0;
+  std::string name;   // the layer's name before the move, "Linear(784, 1024, relu)"
+  DType from = DType::float16, to = DType::float32;
+  std::int64_t step = 0;  // the monitored step after which it moved
+  std::string param;      // the parameter whose event found it
+  EventKind trigger = EventKind::repeated_overflow;
+};
+
+/// Watches a Monitor's events for one nn::Sequential<T> and its optimizer
+/// and, per its policy, moves a layer that keeps overflowing fp16 (or
+/// whose gradient underflows it) to bf16 or fp32, or suggests it:
+///
+///     nn::Sequential<half> model(...);
+///     optim::AdamW opt(model.parameters(), ...);
+///     amp::GradScaler scaler;
+///     monitor::Monitor monitor(opt, scaler, mo);
+///     monitor::PrecisionFallbackOptions fo;
+///     fo.policy = monitor::FallbackPolicy::act;
+///     monitor::PrecisionFallback<half> fallback(model, opt, monitor, fo);
+///     // the training loop is unchanged: monitor.step(loss) acts at a logged step
+///
+/// How a layer is found: a repeated_overflow event, or an underflow event
+/// that names a parameter, names one of the layer's parameters (the
+/// Sequential's "<index>.weight" / "<index>.bias"). The monitor raises them
+/// at logged steps, so the fallback acts at most `every` steps after the
+/// detector's condition held.
+///
+/// The move (policy act), between two steps, inside monitor.step() after
+/// the scaler's update: Sequential::copy_in_precision makes the layer
+/// again in the new type; its new weights are written from the optimizer's
+/// fp32 masters (the truth: for fp32 the weights are the masters exactly);
+/// the optimizer is pointed at the new weight and gradient tensors
+/// (Optimizer::rebind: masters, moments and step counts stay); the layer
+/// is swapped in; the monitor follows the new gradient dtype. Training goes
+/// on with one loss scale for the whole model: the moved layer's gradients
+/// are bf16/fp32 and no longer overflow at it. The other layers stay in T.
+///
+/// Checkpoints: save_state() records every layer's precision; a resumed
+/// run calls load_state() on a fallback of a freshly built model BEFORE
+/// io::load_checkpoint (which wants the weights in the dtypes they were
+/// saved in), and the layers are in the precision they had.
+///
+/// Limits: act moves host layers (nn::Recast's boundary casts have no
+/// device kernel yet; refused at construction, naming the device);
+/// suggest works on both. Linear and Conv2d can move. An activation that
+/// overflows fp16 at the layer's output still overflows (the move protects
+/// parameters and their gradients, not activations handed to fp16
+/// neighbours). One loss scale: per-layer scales are the next step
+/// (docs/monitor.md).
+template <class T>
+class PrecisionFallback {
+ public:
+  /// Registers itself as the monitor's responder (one per monitor). The
+  /// optimizer must hold every parameter of the model (by name, the same
+  /// buffers), and with policy act the model must be on the host. Every
+  /// check runs before the monitor is touched.
+  PrecisionFallback(nn::Sequential<T>& model, optim::Optimizer& opt, Monitor& monitor,
+                    const PrecisionFallbackOptions& options = {})
+      : model_(model), opt_(opt), monitor_(monitor), options_(options) {
+    options_.validate(dtype_of<T>);
+    MIXPREC_CHECK(options_.policy != FallbackPolicy::act || model.device().is_cpu(),
+                  "PrecisionFallback: policy = act with the model on ", model.device(),
+                  "; moving a layer's precision runs on the host only for now (use policy = suggest on a device)");
+    for (std::size_t i = 0; i < model.size(); ++i) {
+      for (const optim::Param& p : model.layer(i).parameters(model.parameter_prefix(i))) {
+        const std::size_t k = opt.find(p.name);  // throws, naming it, when absent
+        MIXPREC_CHECK(opt.param(k).weight.data() == p.weight.data() && opt.param(k).grad.data() == p.grad.data(),
+                      "PrecisionFallback: the ", opt.name(), "'s parameter \"", p.name,
+                      "\" holds other buffers than the model's; build the optimizer from model.parameters()");
+        layer_of_[p.name] = i;
+      }
+    }
+    monitor_.set_responder([this](const LogRecord& r, const std::vector<Event>& found) { return respond(r, found); });
+  }
+  ~PrecisionFallback() { monitor_.set_responder(nullptr); }
+  PrecisionFallback(const PrecisionFallback&) = delete;
+  PrecisionFallback& operator=(const PrecisionFallback&) = delete;
+
+  const PrecisionFallbackOptions& options() const { return options_; }
+  /// The layers moved so far, in order (a resumed run: those of load_state).
+  const std::vector<PrecisionMove>& moves() const { return moves_; }
+  /// Layers the fallback suggested moving (policy suggest), each once.
+  const std::set<std::size_t>& suggested() const { return suggested_; }
+
+  /// Every layer's precision and the moves and suggestions so far, as one
+  /// JSON line for a checkpoint (io::CheckpointExtras::metadata).
+  std::string save_state() const {
+    nlohmann::json j;
+    j["format"] = "mixprec-precision-fallback-1";
+    nlohmann::json precision = nlohmann::json::array();
+    for (std::size_t i = 0; i < model_.size(); ++i) precision.push_back(dtype_name(model_.precision(i)));
+    j["precision"] = precision;
+    nlohmann::json moves = nlohmann::json::array();
+    for (const PrecisionMove& m : moves_) {
+      moves.push_back({m.layer, m.name, dtype_name(m.from), dtype_name(m.to), m.step, m.param,
+                       static_cast<int>(m.trigger)});
+    }
+    j["moves"] = moves;
+    j["suggested"] = std::vector<std::size_t>(suggested_.begin(), suggested_.end());
+    return j.dump();
+  }
+
+  /// Takes save_state()'s line back: every layer whose recorded precision
+  /// differs from its current one moves to it (whatever the policy: the
+  /// checkpoint's weights are in those types), as an act move does
+  /// (weights from the masters, optimizer rebound); the moves and
+  /// suggestions are remembered. Call it before io::load_checkpoint.
+  /// Every check (format, layer count, dtypes, that each layer can move)
+  /// runs and every new layer is made before anything changes.
+  void load_state(const std::string& state) {
+    const nlohmann::json j = nlohmann::json::parse(state, nullptr, false);
+    MIXPREC_CHECK(!j.is_discarded() && j.is_object() && j.value("format", "") == "mixprec-precision-fallback-1",
+                  "PrecisionFallback::load_state: not a fallback state (save_state's JSON)");
+    std::vector<DType> precision;
+    std::vector<PrecisionMove> moves;
+    std::set<std::size_t> suggested;
+    try {
+      for (const auto& d : j.at("precision")) {
+        const std::string s = d.get<std::string>();
+        MIXPREC_CHECK(s == "float16" || s == "bfloat16" || s == "float32", "PrecisionFallback::load_state: precision \"",
+                      s, "\" of layer ", precision.size(), ", must be float16, bfloat16 or float32");
+        precision.push_back(s == "float16" ? DType::float16 : s == "bfloat16" ? DType::bfloat16 : DType::float32);
+      }
+      for (const auto& m : j.at("moves")) {
+        PrecisionMove pm;
+        pm.layer = m.at(0).get<std::size_t>();
+        pm.name = m.at(1).get<std::string>();
+        pm.from = dtype_from(m.at(2).get<std::string>());
+        pm.to = dtype_from(m.at(3).get<std::string>());
+        pm.step = m.at(4).get<std::int64_t>();
+        pm.param = m.at(5).get<std::string>();
+        const int kind = m.at(6).get<int>();
+        MIXPREC_CHECK(kind >= 0 && kind <= static_cast<int>(EventKind::precision_fallback),
+                      "PrecisionFallback::load_state: a move's trigger = ", kind, ", not an event kind");
+        pm.trigger = static_cast<EventKind>(kind);
+        moves.push_back(std::move(pm));
+      }
+      for (const auto& s : j.at("suggested")) suggested.insert(s.get<std::size_t>());
+    } catch (const nlohmann::json::exception& e) {
+      mixprec::detail::throw_error("PrecisionFallback::load_state: a malformed state: ", e.what());
+    }
+    MIXPREC_CHECK(precision.size() == model_.size(), "PrecisionFallback::load_state: the state has ",
+                  precision.size(), " layers, the model ", model_.size());
+    for (const PrecisionMove& m : moves) {
+      MIXPREC_CHECK(m.layer < model_.size(), "PrecisionFallback::load_state: a move of layer ", m.layer,
+                    ", the model has ", model_.size());
+    }
+    for (std::size_t i : suggested) {
+      MIXPREC_CHECK(i < model_.size(), "PrecisionFallback::load_state: a suggestion for layer ", i,
+                    ", the model has ", model_.size());
+    }
+    std::vector<Prepared> prepared;
+    for (std::size_t i = 0; i < model_.size(); ++i) {
+      if (precision[i] != model_.precision(i)) prepared.push_back(prepare(i, precision[i]));
+    }
+    for (Prepared& p : prepared) commit(p);
+    moves_ = std::move(moves);
+    suggested_ = std::move(suggested);
+  }
+
+ private:
+  // A layer made in its new type, its parameters found in the optimizer.
+  struct Prepared {
+    std::size_t layer = 0;
+    std::unique_ptr<nn::Layer<T>> fresh;
+    std::vector<optim::Param> params;
+    std::vector<std::size_t> slots;  // the optimizer's index of each
+  };
+
+  static DType dtype_from(const std::string& s) {
+    if (s == "float16") return DType::float16;
+    if (s == "bfloat16") return DType::bfloat16;
+    MIXPREC_CHECK(s == "float32", "PrecisionFallback::load_state: dtype \"", s,
+                  "\", must be float16, bfloat16 or float32");
+    return DType::float32;
+  }
+
+  // Makes layer i in `dtype` and finds its parameters in the optimizer;
+  // changes nothing.
+  Prepared prepare(std::size_t i, DType dtype) const {
+    MIXPREC_CHECK(model_.device().is_cpu(), "PrecisionFallback: layer ", i, " is on ", model_.device(),
+                  "; moving a layer's precision runs on the host only for now");
+    Prepared p;
+    p.layer = i;
+    p.fresh = model_.copy_in_precision(i, dtype);
+    p.params = p.fresh->parameters(model_.parameter_prefix(i));
+    for (const optim::Param& q : p.params) {
+      const std::size_t k = opt_.find(q.name);
+      MIXPREC_CHECK(opt_.master(k).shape() == q.weight.shape(), "PrecisionFallback: parameter \"", q.name,
+                    "\" has shape ", q.weight.shape(), " in the moved layer, ", opt_.master(k).shape(),
+                    " in the ", opt_.name());
+      p.slots.push_back(k);
+    }
+    return p;
+  }
+
+  // Writes the new weights from the fp32 masters (rounded to nearest even;
+  // exact for fp32), points the optimizer at them and swaps the layer in.
+  void commit(Prepared& p) {
+    for (std::size_t k = 0; k < p.params.size(); ++k) {
+      const Tensor<float>& master = opt_.master(p.slots[k]);
+      p.params[k].weight.visit([&](auto w) { convert(master.view(), w); });
+    }
+    for (std::size_t k = 0; k < p.params.size(); ++k) opt_.rebind(p.slots[k], p.params[k].weight, p.params[k].grad);
+    model_.replace(p.layer, std::move(p.fresh));
+  }
+
+  std::vector<Event> respond(const LogRecord& r, const std::vector<Event>& found) {
+    std::vector<Event> out;
+    if (options_.policy == FallbackPolicy::off) return out;
+    const std::int64_t step = r.last().step;
+    std::set<std::size_t> seen;  // one response per layer per record
+    for (const Event& e : found) {
+      const bool trigger = (e.kind == EventKind::repeated_overflow && options_.on_overflow) ||
+                           (e.kind == EventKind::underflow && options_.on_underflow && !e.param.empty());
+      if (!trigger) continue;
+      const auto it = layer_of_.find(e.param);
+      if (it == layer_of_.end()) continue;  // a parameter of the optimizer outside the model
+      const std::size_t i = it->second;
+      if (model_.precision(i) != dtype_of<T> || !seen.insert(i).second) continue;
+      const std::string layer = "layer " + std::to_string(i) + " (" + model_.layer(i).name() + ")";
+      const std::string why = e.kind == EventKind::repeated_overflow
+                                  ? e.param + "'s gradient keeps overflowing " + dtype_name(dtype_of<T>) + " (" +
+                                        e.message + ")"
+                                  : e.param + "'s gradient underflows " + dtype_name(dtype_of<T>) + " (" +
+                                        e.message + ")";
+      const bool may_act = options_.policy == FallbackPolicy::act;
+      Event ev;
+      ev.kind = EventKind::precision_fallback;
+      ev.step = step;
+      ev.param = e.param;
+      ev.value = static_cast<double>(i);
+      ev.threshold = std::numeric_limits<double>::quiet_NaN();
+      if (may_act) {
+        PrecisionMove m;
+        m.layer = i;
+        m.name = model_.layer(i).name();
+        m.from = dtype_of<T>;
+        m.to = options_.to;
+        m.step = step;
+        m.param = e.param;
+        m.trigger = e.kind;
+        Prepared p = prepare(i, options_.to);
+        commit(p);
+        moves_.push_back(std::move(m));
+        ev.message = layer + " moved from " + dtype_name(dtype_of<T>) + " to " + dtype_name(options_.to) + ": " + why;
+        ev.suggestion = "nothing to do: training goes on with this layer in " + std::string(dtype_name(options_.to)) +
+                        " and the others in " + dtype_name(dtype_of<T>) +
+                        "; keep PrecisionFallback::save_state() in your checkpoint so a resume keeps it";
+      } else {
+        if (!suggested_.insert(i).second) continue;
+        ev.message = layer + " should compute in " + std::string(dtype_name(options_.to)) + ": " + why;
+        ev.suggestion = "model.set_precision(" + std::to_string(i) + ", DType::" + dtype_name(options_.to) +
+                        ") before the optimizer is made, or PrecisionFallbackOptions::policy = act";
+      }
+      out.push_back(std::move(ev));
+    }
+    return out;
+  }
+
+  nn::Sequential<T>& model_;
+  optim::Optimizer& opt_;
+  Monitor& monitor_;
+  PrecisionFallbackOptions options_;
+  std::map<std::string, std::size_t> layer_of_;  // parameter name -> layer index
+  std::vector<PrecisionMove> moves_;
+  std::set<std::size_t> suggested_;
+};
+
+}  // namespace monitor
+MIXPREC_NAMESPACE_END
