@@ -122,9 +122,9 @@ class Monitor {
       const std::vector<ParamInfo>& ps = info_.params;
       std::size_t off = 0;
       for (std::size_t i = 0; i < ps.size(); ++i) {
-        const Tensor<float>& m = opt_.master(i);
-        std::memcpy(snapshot_.data() + off, m.data(), static_cast<std::size_t>(m.numel()) * sizeof(float));
-        off += static_cast<std::size_t>(m.numel());
+        const std::vector<float> m = opt_.master_values(i);  // any StateLayout
+        std::copy(m.begin(), m.end(), snapshot_.begin() + static_cast<std::ptrdiff_t>(off));
+        off += m.size();
       }
       std::fill(host_hist_.begin(), host_hist_.end(), 0);
       opt_.set_grad_histogram(host_hist_.data());
@@ -381,12 +381,12 @@ class Monitor {
     std::size_t off = 0;
     for (std::size_t i = 0; i < out.size(); ++i) {
       ParamSample& p = out[i];
-      const Tensor<float>& m = opt_.master(i);
-      const auto n = static_cast<std::size_t>(m.numel());
+      const std::vector<float> m = opt_.master_values(i);  // any StateLayout
+      const std::size_t n = m.size();
       const float* before = snapshot_.data() + off;
       double upd = 0, wt = 0;
       for (std::size_t k = 0; k < n; ++k) {
-        const float d = m.data()[k] - before[k];
+        const float d = m[k] - before[k];
         upd += static_cast<double>(d) * d;
         wt += static_cast<double>(before[k]) * before[k];
       }

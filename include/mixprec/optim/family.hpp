@@ -88,6 +88,13 @@ class Family : public OptimizerBase<Family<Rule>, typename Rule::Options> {
   std::vector<std::string> state_names() const override { return Rule::state_names(); }
   static void validate(const Options& o) { Rule::validate(o); }
 
+  bool nonnegative_state(std::size_t k) const override {
+    for (int n : Rule::nonnegative_states()) {
+      if (static_cast<std::size_t>(n) == k) return true;
+    }
+    return false;
+  }
+
   SecondMoment second_moment(std::size_t i) const override {
     const auto s = Rule::second_moment(this->options(this->group_of(i)));
     if (s.state < 0) return {};
@@ -102,8 +109,11 @@ class Family : public OptimizerBase<Family<Rule>, typename Rule::Options> {
     for (int k : Rule::nonnegative_states()) {
       if (has(k)) this->check_values(*p.state[k], names[k].c_str(), n, [](float v) { return v >= 0.0f; }, ">= 0");
     }
+    // 8-bit moments round each tensor with its own blocks' scales: a
+    // running maximum may then be a step below the moment it bounds.
+    const bool ordered = this->layout_of(i).moments != Moments::int8;
     for (const StateOrder& o : Rule::ordered_states()) {
-      if (!has(o.high) || !has(o.low)) continue;
+      if (!ordered || !has(o.high) || !has(o.low)) continue;
       const std::vector<float>& hi = *p.state[o.high];
       const std::vector<float>& lo = *p.state[o.low];
       for (std::size_t k = 0; k < hi.size(); ++k) {
@@ -161,48 +171,47 @@ class Family : public OptimizerBase<Family<Rule>, typename Rule::Options> {
   // the master that it does not read (uses() says so).
   template <unsigned Mask>
   void update_masked(std::size_t i, const GradTransform& t, const Coeffs& c) {
-    float* m = this->slots_[i].master.data();
     constexpr bool a = (Mask & 1u) != 0, b = (Mask & 2u) != 0, d = (Mask & 4u) != 0;
     if constexpr (a && b && d) {
-      this->template update_elements<4>(i, t, {m, this->state(i, 0), this->state(i, 1), this->state(i, 2)},
+      this->template update_states<4>(i, t, {0, 1, 2},
                                         [c](auto& p, auto& s0, auto& s1, auto& s2, const auto& grad) {
                                           Kernel::update(p, s0, s1, s2, grad, c);
                                         });
     } else if constexpr (a && b) {
-      this->template update_elements<3>(i, t, {m, this->state(i, 0), this->state(i, 1)},
+      this->template update_states<3>(i, t, {0, 1},
                                         [c](auto& p, auto& s0, auto& s1, const auto& grad) {
                                           auto u = p;
                                           Kernel::update(p, s0, s1, u, grad, c);
                                         });
     } else if constexpr (a && d) {
-      this->template update_elements<3>(i, t, {m, this->state(i, 0), this->state(i, 2)},
+      this->template update_states<3>(i, t, {0, 2},
                                         [c](auto& p, auto& s0, auto& s2, const auto& grad) {
                                           auto u = p;
                                           Kernel::update(p, s0, u, s2, grad, c);
                                         });
     } else if constexpr (b && d) {
-      this->template update_elements<3>(i, t, {m, this->state(i, 1), this->state(i, 2)},
+      this->template update_states<3>(i, t, {1, 2},
                                         [c](auto& p, auto& s1, auto& s2, const auto& grad) {
                                           auto u = p;
                                           Kernel::update(p, u, s1, s2, grad, c);
                                         });
     } else if constexpr (a) {
-      this->template update_elements<2>(i, t, {m, this->state(i, 0)}, [c](auto& p, auto& s0, const auto& grad) {
+      this->template update_states<2>(i, t, {0}, [c](auto& p, auto& s0, const auto& grad) {
         auto u = p, v = p;
         Kernel::update(p, s0, u, v, grad, c);
       });
     } else if constexpr (b) {
-      this->template update_elements<2>(i, t, {m, this->state(i, 1)}, [c](auto& p, auto& s1, const auto& grad) {
+      this->template update_states<2>(i, t, {1}, [c](auto& p, auto& s1, const auto& grad) {
         auto u = p, v = p;
         Kernel::update(p, u, s1, v, grad, c);
       });
     } else if constexpr (d) {
-      this->template update_elements<2>(i, t, {m, this->state(i, 2)}, [c](auto& p, auto& s2, const auto& grad) {
+      this->template update_states<2>(i, t, {2}, [c](auto& p, auto& s2, const auto& grad) {
         auto u = p, v = p;
         Kernel::update(p, u, v, s2, grad, c);
       });
     } else {
-      this->template update_elements<1>(i, t, {m}, [c](auto& p, const auto& grad) {
+      this->template update_states<1>(i, t, {}, [c](auto& p, const auto& grad) {
         auto u = p, v = p, w = p;
         Kernel::update(p, u, v, w, grad, c);
       });

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstring>
 #include <limits>
@@ -27,6 +28,7 @@
 #include "mixprec/optim/device_backend.hpp"
 #include "mixprec/optim/param.hpp"
 #include "mixprec/optim/schedule.hpp"
+#include "mixprec/optim/state_layout.hpp"
 #include "mixprec/tensor/ops.hpp"
 #include "mixprec/tensor/tensor.hpp"
 #include "mixprec/tensor/tensor_ref.hpp"
@@ -76,8 +78,26 @@ class Optimizer {
     detail::throw_error(this->name(), ": no parameter named \"", name, "\"");
   }
   std::size_t group_of(std::size_t i) const { return slot(i).group; }
-  /// Parameter i's fp32 master weight, on the parameters' device.
-  const Tensor<float>& master(std::size_t i) const { return slot(i).master; }
+  /// Parameter i's fp32 master weight, on the parameters' device. Throws
+  /// where the group keeps no fp32 master (StateLayout::master remainder or
+  /// none): master_values(i) reads those.
+  const Tensor<float>& master(std::size_t i) const {
+    const Slot& s = slot(i);
+    MIXPREC_CHECK(layout_of(i).master == Master::fp32, name(), "::master: parameter \"", s.param.name,
+                  "\" keeps no fp32 master (its group's StateLayout::master is ", to_string(layout_of(i).master),
+                  "); master_values(i) reconstructs it");
+    return s.master;
+  }
+  /// Parameter i's master weight, as fp32 values on the host, in any layout
+  /// (remainder: reconstructed exactly; none: the model weight widened).
+  /// Device parameters: a synchronising copy.
+  std::vector<float> master_values(std::size_t i) const {
+    std::vector<float> out(static_cast<std::size_t>(numel_of(i)));
+    read_master(i, out.data());
+    return out;
+  }
+  /// The group's state layout (StateLayout: how moments and master are kept).
+  const StateLayout& layout(std::size_t group) const { return group_layouts_.at(check_group(group)); }
   /// Applied steps of parameter i (torch's state['step']). Device
   /// parameters: a synchronising read.
   std::int64_t step_count(std::size_t i) const {
@@ -175,6 +195,7 @@ class Optimizer {
     for (std::size_t g = 0; g < group_lrs_.size(); ++g) check_scheduled_lr(g);
     allocate_all();
     const detail::IeeeFpMode ieee;
+    before_update(t);
     for (std::size_t i = 0; i < slots_.size(); ++i) {
       Slot& s = slots_[i];
       s.step = saturating_increment(s.step);
@@ -220,9 +241,13 @@ class Optimizer {
   void rebind(std::size_t i, TensorRef weight, TensorRef grad) {
     const Slot& s = slot(i);
     const std::string& n = s.param.name;
-    MIXPREC_CHECK(weight.shape() == s.master.shape() && grad.shape() == s.master.shape(), name(),
+    const Shape& shape = s.param.weight.shape();
+    MIXPREC_CHECK(weight.shape() == shape && grad.shape() == shape, name(),
                   "::rebind: parameter \"", n, "\": weight shape ", weight.shape(), ", grad shape ", grad.shape(),
-                  ", the parameter's is ", s.master.shape());
+                  ", the parameter's is ", shape);
+    MIXPREC_CHECK(layout_of(i).master == Master::fp32, name(), "::rebind: parameter \"", n,
+                  "\": its group keeps no fp32 master (StateLayout::master = ", to_string(layout_of(i).master),
+                  "), so the model weight is part of the master and cannot be swapped for another buffer");
     MIXPREC_CHECK(weight.device() == device_ && grad.device() == device_, name(), "::rebind: parameter \"", n,
                   "\": weight on ", weight.device(), ", grad on ", grad.device(), ", the optimizer's parameters are on ",
                   device_);
@@ -296,10 +321,10 @@ class Optimizer {
     for (std::size_t i = 0; i < slots_.size(); ++i) {
       const Slot& s = slots_[i];
       ParamState p;
-      p.master = to_host(s.master);
+      p.master = master_values(i);
       p.state.resize(count);
       for (std::size_t k = 0; k < count; ++k) {
-        if (has_state(i, k)) p.state[k] = to_host(s.state[k]);
+        if (has_state(i, k)) p.state[k] = state_values(i, k);
       }
       p.step = steps[i];
       out.params.push_back(std::move(p));
@@ -326,7 +351,7 @@ class Optimizer {
     for (std::size_t i = 0; i < slots_.size(); ++i) {
       const ParamState& p = st.params[i];
       const std::string& n = slots_[i].param.name;
-      const auto numel = static_cast<std::size_t>(slots_[i].master.numel());
+      const auto numel = static_cast<std::size_t>(numel_of(i));
       MIXPREC_CHECK(p.master.size() == numel, name(), "::load_state: parameter \"", n, "\": master has ",
                     p.master.size(), " elements, the parameter ", numel);
       MIXPREC_CHECK(p.state.size() <= count, name(), "::load_state: parameter \"", n, "\": ", p.state.size(),
@@ -370,12 +395,18 @@ class Optimizer {
       for (std::size_t i = 0; i < slots_.size(); ++i) allocate_state(i);
     }
     std::vector<std::vector<Tensor<float>>> made(slots_.size());  // state the file has and this lacks
+    std::vector<std::vector<Packed>> made_packed(slots_.size());  // the same, lean moments
     std::vector<std::vector<bool>> make(slots_.size(), std::vector<bool>(count, false));
     for (std::size_t i = 0; i < slots_.size(); ++i) {
       made[i].resize(count);
+      made_packed[i].resize(count);
       for (std::size_t k = 0; k < st.params[i].state.size(); ++k) {
         if (st.params[i].state[k] && !has_state(i, k)) {
-          made[i][k] = Tensor<float>(slots_[i].master.shape(), device_);
+          if (layout_of(i).moments == Moments::fp32) {
+            made[i][k] = Tensor<float>(slots_[i].param.weight.shape(), device_);
+          } else {
+            made_packed[i][k] = make_packed(i);
+          }
           make[i][k] = true;
         }
       }
@@ -383,9 +414,11 @@ class Optimizer {
     for (std::size_t i = 0; i < slots_.size(); ++i) {
       Slot& s = slots_[i];
       if (s.state.size() < count) s.state.resize(count);
+      if (s.packed.size() < count) s.packed.resize(count);
       for (std::size_t k = 0; k < count; ++k) {
         if (make[i][k]) {
           s.state[k] = std::move(made[i][k]);
+          s.packed[k] = std::move(made_packed[i][k]);
           s.made |= 1u << k;
           params_changed_ = true;
         }
@@ -399,17 +432,18 @@ class Optimizer {
     for (std::size_t i = 0; i < slots_.size(); ++i) {
       Slot& s = slots_[i];
       const ParamState& p = st.params[i];
-      from_host(p.master, s.master);
+      write_master(i, p.master);
       for (std::size_t k = 0; k < count; ++k) {
         const std::uint32_t bit = 1u << k;
         if (k < p.state.size() && p.state[k].has_value()) {
-          from_host(*p.state[k], s.state[k]);
+          write_state(i, k, *p.state[k]);
           s.fresh_state &= ~bit;
         } else if (has_state(i, k) && on_device()) {
           fill(s.state[k], 0.0f);  // the options need it, the file has none: as made fresh
           s.fresh_state |= bit;
         } else if (has_state(i, k)) {
           s.state[k] = Tensor<float>();  // host: made on first use, as in a fresh run
+          if (k < s.packed.size()) s.packed[k] = Packed();
           s.made &= ~bit;
           s.fresh_state &= ~bit;
           params_changed_ = true;
@@ -442,14 +476,18 @@ class Optimizer {
     MIXPREC_CHECK(masters.size() == slots_.size(), name(), "::load_weights: ", masters.size(),
                   " arrays for ", slots_.size(), " parameters");
     for (std::size_t i = 0; i < slots_.size(); ++i) {
-      MIXPREC_CHECK(masters[i].size() == static_cast<std::size_t>(slots_[i].master.numel()), name(),
+      MIXPREC_CHECK(masters[i].size() == static_cast<std::size_t>(numel_of(i)), name(),
                     "::load_weights: parameter \"", slots_[i].param.name, "\": ", masters[i].size(),
-                    " values, the parameter has ", slots_[i].master.numel());
+                    " values, the parameter has ", numel_of(i));
       check_values(masters[i], "weight", slots_[i].param.name, [](float x) { return std::isfinite(x); }, "finite",
                    "::load_weights");
     }
     for (std::size_t i = 0; i < slots_.size(); ++i) {
       Slot& s = slots_[i];
+      if (layout_of(i).master != Master::fp32) {
+        write_master(i, masters[i]);  // writes the weight too
+        continue;
+      }
       from_host(masters[i], s.master);
       s.param.weight.visit([&](auto w) {
         using T = typename decltype(w)::value_type;
@@ -550,11 +588,21 @@ class Optimizer {
  protected:
   static constexpr std::int64_t kChunk = cpu::kChunk;
 
+  /// A state tensor in a lean layout: bf16 values, or 8-bit codes and a
+  /// float scale per lean::kBlock values.
+  struct Packed {
+    Buffer values;
+    Buffer scales;
+  };
+
   struct Slot {
     Param param;
     std::size_t group = 0;
-    Tensor<float> master;
-    std::vector<Tensor<float>> state;
+    Tensor<float> master;              // StateLayout::master fp32 only
+    std::vector<Tensor<float>> state;  // StateLayout::moments fp32
+    std::vector<Packed> packed;        // other moments
+    Buffer remainder;                  // master remainder: uint16 lower halves
+    Buffer tie_bits;                   // master remainder: one bit an element (lean::split_master)
     std::int64_t step = 0;                  // host parameters
     std::int64_t* device_step = nullptr;    // device parameters: in the group's step buffer
     std::uint32_t fresh_state = 0;  // bit k: state k was created for the step under way
@@ -587,10 +635,11 @@ class Optimizer {
   }
 
   /// Validates a whole group before anything is added (nothing half-added).
-  void add_group(std::vector<Param> params, double lr) {
+  void add_group(std::vector<Param> params, double lr, const StateLayout& layout = {}) {
     check_lr(lr);
     MIXPREC_CHECK(!params.empty(), name(), ": the parameter list is empty");
     const Device device = slots_.empty() ? params[0].weight.device() : device_;
+    check_layout(layout, params, device);
     std::set<std::string> names;
     for (const Slot& s : slots_) names.insert(s.param.name);
     for (std::size_t k = 0; k < params.size(); ++k) {
@@ -653,13 +702,23 @@ class Optimizer {
     for (std::size_t k = 0; k < params.size(); ++k) {
       Param& p = params[k];
       Slot s;
-      s.master = Tensor<float>(p.weight.shape(), device);
-      if (device.is_cuda()) {
-        if (p.weight.numel() > 0) device_backend()->to_float(p.weight, s.master.data(), nullptr);
-        s.device_step = static_cast<std::int64_t*>(steps.data()) + k;
-      } else {
-        p.weight.visit([&](auto w) { convert(w, s.master); });
-      }
+      if (layout.master == Master::remainder) {
+        // The master starts as the weight: its lower half is zero. (Lean
+        // layouts are host-only: check_layout.)
+        const auto n = static_cast<std::size_t>(p.weight.numel());
+        s.remainder = Buffer(n * sizeof(std::uint16_t), device);
+        s.tie_bits = Buffer((n + 31) / 32 * sizeof(std::uint32_t), device);
+        if (n > 0) std::memset(s.remainder.data(), 0, s.remainder.bytes());
+        if (n > 0) std::memset(s.tie_bits.data(), 0, s.tie_bits.bytes());
+      } else if (layout.master == Master::fp32) {
+        s.master = Tensor<float>(p.weight.shape(), device);
+        if (device.is_cuda()) {
+          if (p.weight.numel() > 0) device_backend()->to_float(p.weight, s.master.data(), nullptr);
+        } else {
+          p.weight.visit([&](auto w) { convert(w, s.master); });
+        }
+      }  // Master::none: the weight is the only copy
+      if (device.is_cuda()) s.device_step = static_cast<std::int64_t*>(steps.data()) + k;
       s.param = std::move(p);
       s.group = group;
       added.push_back(std::move(s));
@@ -667,9 +726,11 @@ class Optimizer {
     if (device.is_cuda()) device_backend()->synchronize(nullptr);  // masters written before any use
     slots_.reserve(slots_.size() + added.size());
     group_lrs_.reserve(group_lrs_.size() + 1);
+    group_layouts_.reserve(group_layouts_.size() + 1);
     group_steps_.reserve(group_steps_.size() + 1);
     for (Slot& s : added) slots_.push_back(std::move(s));
     group_lrs_.push_back(lr);
+    group_layouts_.push_back(layout);
     group_steps_.push_back(std::move(steps));
     if (slots_.size() == added.size()) {
       device_ = device;
@@ -699,6 +760,7 @@ class Optimizer {
     const std::size_t group = group_lrs_.size() - 1;
     while (!slots_.empty() && slots_.back().group == group) slots_.pop_back();
     group_lrs_.pop_back();
+    group_layouts_.pop_back();
     group_steps_.pop_back();
     if (slots_.empty()) {
       device_ = Device::cpu();
@@ -753,6 +815,10 @@ class Optimizer {
   /// Updates master and state of parameter i (its step count already
   /// incremented). Implementations call update_elements.
   virtual void update_param(std::size_t i, const GradTransform& t) = 0;
+  /// Called by apply() once the state exists, before the first
+  /// update_param: a pass over every parameter that the updates need
+  /// (optim/family.hpp's pre-pass). Must not change any state.
+  virtual void before_update(const GradTransform& t) { (void)t; }
 
   /// True once state tensor k of parameter i exists.
   bool has_state(std::size_t i, std::size_t k) const {
@@ -762,23 +828,109 @@ class Optimizer {
   }
 
   /// State tensor k of parameter i, created as zeros on first use (from
-  /// allocate_state, before the step changes anything).
+  /// allocate_state, before the step changes anything). Null where the
+  /// group's moments are not fp32 (the tensor is made, packed).
   float* state(std::size_t i, std::size_t k) {
     Slot& s = slots_[i];
     if (s.state.size() <= k) s.state.resize(k + 1);
+    if (s.packed.size() <= k) s.packed.resize(k + 1);
+    const bool packed = layout_of(i).moments != Moments::fp32;
     if (!has_state(i, k)) {
-      Tensor<float> t(s.master.shape(), device_);
-      fill(t, 0.0f);
-      s.state[k] = std::move(t);
+      if (packed) {
+        s.packed[k] = make_packed(i);
+      } else {
+        Tensor<float> t(s.param.weight.shape(), device_);
+        fill(t, 0.0f);
+        s.state[k] = std::move(t);
+      }
       s.made |= 1u << k;
       s.fresh_state |= 1u << k;
       params_changed_ = true;  // the device lists hold the state pointers
     }
-    return s.state[k].data();
+    return packed ? nullptr : s.state[k].data();
   }
-  /// State tensor k of parameter i if it exists, else null (never creates it).
+  /// State tensor k of parameter i if it exists as fp32 values, else null
+  /// (never creates it).
   const float* existing_state(std::size_t i, std::size_t k) const {
-    return has_state(i, k) ? slots_[i].state[k].data() : nullptr;
+    return has_state(i, k) && layout_of(i).moments == Moments::fp32 ? slots_[i].state[k].data() : nullptr;
+  }
+
+  /// Whether state tensor k never holds negative values (a second moment):
+  /// the 8-bit layout then spends the sign bit on precision.
+  virtual bool nonnegative_state(std::size_t k) const {
+    (void)k;
+    return false;
+  }
+
+  const StateLayout& layout_of(std::size_t i) const { return group_layouts_[slots_[i].group]; }
+  std::int64_t numel_of(std::size_t i) const { return slots_[i].param.weight.numel(); }
+
+  /// Parameter i's master as fp32 values, into out[0, numel).
+  void read_master(std::size_t i, float* out) const {
+    const Slot& s = slot(i);
+    const auto n = static_cast<std::size_t>(numel_of(i));
+    if (n == 0) return;
+    switch (layout_of(i).master) {
+      case Master::fp32:
+        order_accesses();
+        detail::copy_raw(out, Device::cpu(), s.master.data(), device_, n * sizeof(float), stream_);
+        return;
+      case Master::remainder: {
+        const auto* w = static_cast<const std::uint16_t*>(s.param.weight.data());
+        const auto* r = static_cast<const std::uint16_t*>(s.remainder.data());
+        const auto* t = static_cast<const std::uint32_t*>(s.tie_bits.data());
+        for (std::size_t e = 0; e < n; ++e) out[e] = lean::join_master(w[e], r[e], (t[e / 32] >> (e % 32)) & 1u);
+        return;
+      }
+      case Master::none:
+        cpu::load_float(s.param.weight, 0, static_cast<std::int64_t>(n), out);
+        return;
+    }
+  }
+  /// Sets parameter i's master to `v` (sizes checked by the caller). Where
+  /// the group keeps no fp32 master this writes the model weight: rounded to
+  /// nearest (remainder: with the remainder that gives `v` back exactly).
+  void write_master(std::size_t i, const std::vector<float>& v) {
+    Slot& s = slots_[i];
+    const std::size_t n = v.size();
+    switch (layout_of(i).master) {
+      case Master::fp32:
+        from_host(v, s.master);
+        return;
+      case Master::remainder: {
+        auto* w = static_cast<std::uint16_t*>(s.param.weight.data());
+        auto* r = static_cast<std::uint16_t*>(s.remainder.data());
+        auto* t = static_cast<std::uint32_t*>(s.tie_bits.data());
+        for (std::size_t e = 0; e < n; ++e) {
+          const lean::SplitMaster m = lean::split_master(v[e]);
+          w[e] = m.weight;
+          r[e] = m.remainder;
+          const std::uint32_t bit = 1u << (e % 32);
+          t[e / 32] = m.tie_up ? (t[e / 32] | bit) : (t[e / 32] & ~bit);
+        }
+        return;
+      }
+      case Master::none:
+        s.param.weight.visit([&](auto w) { convert_n(v.data(), n, w.data()); });
+        return;
+    }
+  }
+  /// State tensor k of parameter i (which exists) as fp32 values.
+  std::vector<float> state_values(std::size_t i, std::size_t k) const {
+    const Slot& s = slots_[i];
+    if (layout_of(i).moments == Moments::fp32) return to_host(s.state[k]);
+    std::vector<float> out(static_cast<std::size_t>(numel_of(i)));
+    decode(i, k, 0, numel_of(i), out.data());
+    return out;
+  }
+  /// Sets state tensor k of parameter i (which exists) to `v`, encoded in
+  /// the group's layout.
+  void write_state(std::size_t i, std::size_t k, const std::vector<float>& v) {
+    if (layout_of(i).moments == Moments::fp32) {
+      from_host(v, slots_[i].state[k]);
+    } else {
+      encode(i, k, 0, static_cast<std::int64_t>(v.size()), v.data());
+    }
   }
   /// True when state k of parameter i was created for the step under way.
   bool fresh_state(std::size_t i, std::size_t k) const { return (slots_[i].fresh_state >> k) & 1u; }
@@ -837,9 +989,189 @@ class Optimizer {
     }
   }
 
+  /// update_elements over the master and the state tensors `states` (N - 1
+  /// indices): the formula sees arrays[0] = master, arrays[a] = state
+  /// states[a - 1]. In a lean layout (StateLayout) each chunk of master and
+  /// state is decoded to fp32, updated by the same formula, and encoded
+  /// again (update_elements_lean).
+  template <std::size_t N, class Formula>
+  void update_states(std::size_t i, const GradTransform& t, const std::array<int, N - 1>& states,
+                     Formula&& formula) {
+    if (layout_of(i).lean()) {
+      update_elements_lean<N>(i, t, states, formula);
+      return;
+    }
+    float* arrays[N];
+    arrays[0] = slots_[i].master.data();
+    for (std::size_t a = 1; a < N; ++a) arrays[a] = state(i, static_cast<std::size_t>(states[a - 1]));
+    update_elements<N>(i, t, arrays, formula);
+  }
+
+  /// The step of a lean layout, chunk by chunk (L1-sized; a chunk is a
+  /// whole number of 8-bit blocks and tie-bit words): the gradients widened
+  /// and transformed as in update_elements, the master and the state
+  /// decoded to fp32, the formula on 4-lane vectors and scalars (the
+  /// portable path's operations: the same bits as fp32 state given the same
+  /// values), then the state encoded and the master written back: fp32
+  /// master rounded to the weight; remainder split into weight, remainder
+  /// and tie bit; none rounded stochastically into the weight.
+  template <std::size_t N, class Formula>
+  void update_elements_lean(std::size_t i, const GradTransform& t, const std::array<int, N - 1>& states,
+                            Formula& formula) {
+    static_assert(kChunk % lean::kBlock == 0 && kChunk % 32 == 0, "a chunk holds whole blocks and tie words");
+    Slot& s = slots_[i];
+    const StateLayout& layout = layout_of(i);
+    const std::int64_t n = numel_of(i);
+    const bool packed = layout.moments != Moments::fp32;
+    const std::uint64_t key = lean::rounding_key(layout.seed, i, static_cast<std::uint64_t>(s.step));
+    float g[kChunk];
+    float buf[N][kChunk];
+    for (std::int64_t off = 0; off < n; off += kChunk) {
+      const std::int64_t m = std::min<std::int64_t>(kChunk, n - off);
+      cpu::load_float(s.param.grad, off, m, g);
+      if (t.inv_scale != 1.0f) {
+        for (std::int64_t k = 0; k < m; ++k) g[k] *= t.inv_scale;
+      }
+      if (t.clip_coef != 1.0f) {
+        for (std::int64_t k = 0; k < m; ++k) g[k] *= t.clip_coef;
+      }
+      float* chunk[N];
+      if (layout.master == Master::fp32) {
+        chunk[0] = s.master.data() + off;
+      } else if (layout.master == Master::remainder) {
+        const auto* w = static_cast<const std::uint16_t*>(s.param.weight.data()) + off;
+        const auto* r = static_cast<const std::uint16_t*>(s.remainder.data()) + off;
+        const auto* tie = static_cast<const std::uint32_t*>(s.tie_bits.data()) + off / 32;
+        for (std::int64_t e = 0; e < m; ++e) buf[0][e] = lean::join_master(w[e], r[e], (tie[e / 32] >> (e % 32)) & 1u);
+        chunk[0] = buf[0];
+      } else {
+        cpu::load_float(s.param.weight, off, m, buf[0]);
+        chunk[0] = buf[0];
+      }
+      for (std::size_t a = 1; a < N; ++a) {
+        const auto k = static_cast<std::size_t>(states[a - 1]);
+        if (packed) {
+          decode(i, k, off, m, buf[a]);
+          chunk[a] = buf[a];
+        } else {
+          chunk[a] = s.state[k].data() + off;
+        }
+      }
+      std::int64_t k = 0;
+#if MIXPREC_HAS_VECTOR_EXT
+      k = cpu::formula_lanes<simd::f32x4, N>(m, chunk, g, formula);
+#endif
+      for (; k < m; ++k) {
+        float v[N];
+        for (std::size_t a = 0; a < N; ++a) v[a] = chunk[a][k];
+        cpu::call_formula(formula, v, g[k], std::make_index_sequence<N>{});
+        for (std::size_t a = 0; a < N; ++a) chunk[a][k] = v[a];
+      }
+      if (packed) {
+        for (std::size_t a = 1; a < N; ++a) encode(i, static_cast<std::size_t>(states[a - 1]), off, m, buf[a]);
+      }
+      switch (layout.master) {
+        case Master::fp32:
+          s.param.weight.visit([&](auto w) { convert_n(chunk[0], static_cast<std::size_t>(m), w.data() + off); });
+          break;
+        case Master::remainder: {
+          auto* w = static_cast<std::uint16_t*>(s.param.weight.data()) + off;
+          auto* r = static_cast<std::uint16_t*>(s.remainder.data()) + off;
+          auto* tie = static_cast<std::uint32_t*>(s.tie_bits.data()) + off / 32;
+          for (std::int64_t e = 0; e < m; e += 32) {
+            std::uint32_t word = 0;
+            for (std::int64_t b = 0; b < 32 && e + b < m; ++b) {
+              const lean::SplitMaster sm = lean::split_master(buf[0][e + b]);
+              w[e + b] = sm.weight;
+              r[e + b] = sm.remainder;
+              word |= static_cast<std::uint32_t>(sm.tie_up) << b;
+            }
+            tie[e / 32] = word;
+          }
+          break;
+        }
+        case Master::none:
+          s.param.weight.visit([&](auto w) {
+            using T = typename decltype(w)::value_type;
+            T* out = w.data() + off;
+            for (std::int64_t e = 0; e < m; ++e) {
+              out[e] = lean::stochastic_round<T>(buf[0][e],
+                                                 lean::rounding_bits(key, static_cast<std::uint64_t>(off + e)));
+            }
+          });
+          break;
+      }
+    }
+  }
+
   std::vector<Slot> slots_;
 
  private:
+  // A zeroed state tensor in the group's lean moments layout (host).
+  Packed make_packed(std::size_t i) const {
+    const auto n = static_cast<std::size_t>(numel_of(i));
+    Packed p;
+    if (layout_of(i).moments == Moments::bf16) {
+      p.values = Buffer(n * sizeof(std::uint16_t), device_);
+    } else {
+      p.values = Buffer(n, device_);
+      p.scales = Buffer((n + lean::kBlock - 1) / lean::kBlock * sizeof(float), device_);
+    }
+    if (p.values.bytes() > 0) std::memset(p.values.data(), 0, p.values.bytes());  // +0 in either code
+    if (p.scales.bytes() > 0) std::memset(p.scales.data(), 0, p.scales.bytes());
+    return p;
+  }
+  // Values [off, off + m) of packed state k of parameter i as fp32 (off a
+  // multiple of lean::kBlock).
+  void decode(std::size_t i, std::size_t k, std::int64_t off, std::int64_t m, float* out) const {
+    const Packed& p = slots_[i].packed[k];
+    if (layout_of(i).moments == Moments::bf16) {
+      convert_n(static_cast<const bfloat16*>(p.values.data()) + off, static_cast<std::size_t>(m), out);
+      return;
+    }
+    const auto* codes = static_cast<const std::uint8_t*>(p.values.data());
+    const auto* scales = static_cast<const float*>(p.scales.data());
+    const bool nonnegative = nonnegative_state(k);
+    for (std::int64_t j = 0; j < m; ++j) {
+      out[j] = lean::decode_value(codes[off + j], nonnegative, scales[(off + j) / lean::kBlock]);
+    }
+  }
+  // Encodes values [off, off + m) of packed state k of parameter i: bf16
+  // rounded to nearest even; 8-bit, each block with its new scale.
+  void encode(std::size_t i, std::size_t k, std::int64_t off, std::int64_t m, const float* in) {
+    Packed& p = slots_[i].packed[k];
+    if (layout_of(i).moments == Moments::bf16) {
+      convert_n(in, static_cast<std::size_t>(m), static_cast<bfloat16*>(p.values.data()) + off);
+      return;
+    }
+    auto* codes = static_cast<std::uint8_t*>(p.values.data());
+    auto* scales = static_cast<float*>(p.scales.data());
+    const bool nonnegative = nonnegative_state(k);
+    for (std::int64_t b = 0; b < m; b += lean::kBlock) {
+      const std::int64_t len = std::min<std::int64_t>(lean::kBlock, m - b);
+      const float scale = lean::block_scale(in + b, len);
+      scales[(off + b) / lean::kBlock] = scale;
+      lean::encode_block(in + b, len, nonnegative, scale, codes + off + b);
+    }
+  }
+  // Throws, naming the option and the parameter, unless `layout` suits the
+  // new group's parameters.
+  void check_layout(const StateLayout& layout, const std::vector<Param>& params, Device device) const {
+    MIXPREC_CHECK(static_cast<int>(layout.moments) <= static_cast<int>(Moments::int8), name(),
+                  ": StateLayout::moments = ", static_cast<int>(layout.moments), ", not a Moments value");
+    MIXPREC_CHECK(static_cast<int>(layout.master) <= static_cast<int>(Master::none), name(),
+                  ": StateLayout::master = ", static_cast<int>(layout.master), ", not a Master value");
+    MIXPREC_CHECK(!layout.lean() || !device.is_cuda(), name(), ": StateLayout moments = ", to_string(layout.moments),
+                  ", master = ", to_string(layout.master), " on ", device, ": lean layouts run on host parameters "
+                  "in this version; device parameters keep fp32 moments and masters");
+    if (layout.master != Master::remainder) return;
+    for (std::size_t k = 0; k < params.size(); ++k) {
+      MIXPREC_CHECK(params[k].weight.dtype() == DType::bfloat16, name(), ": parameter \"", params[k].name,
+                    "\": StateLayout::master = remainder needs bfloat16 weights (the weight is the master's upper "
+                    "half), this one is ", dtype_name(params[k].weight.dtype()));
+    }
+  }
+
   // Every state buffer the next step needs, made now; returns which
   // (parameter, state) pairs this call made. If one allocation fails, the
   // ones this call made are dropped again and the error goes on: the
@@ -872,6 +1204,7 @@ class Optimizer {
     for (const auto& m : made) {
       Slot& s = slots_[m.first];
       s.state[m.second] = Tensor<float>();
+      if (m.second < s.packed.size()) s.packed[m.second] = Packed();
       s.made &= ~(1u << m.second);
       s.fresh_state &= ~(1u << m.second);
       params_changed_ = true;
@@ -954,6 +1287,7 @@ class Optimizer {
 
   std::uint64_t id_;
   std::vector<double> group_lrs_;
+  std::vector<StateLayout> group_layouts_;
   LRSchedule schedule_;
   std::int64_t applied_steps_ = 0;
   // The device path.

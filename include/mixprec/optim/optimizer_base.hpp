@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstddef>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -14,6 +15,25 @@
 #include "mixprec/core/config.hpp"
 
 MIXPREC_NAMESPACE_BEGIN namespace optim {
+
+namespace detail {
+template <class O, class = void>
+struct HasLayout : std::false_type {};
+template <class O>
+struct HasLayout<O, std::void_t<decltype(std::declval<const O&>().layout)>> : std::true_type {};
+}  // namespace detail
+
+/// The state layout an optimizer's options ask for: their `layout` member
+/// (the built-in optimizers have one), else fp32 state and masters.
+template <class Options>
+StateLayout layout_option(const Options& o) {
+  if constexpr (detail::HasLayout<Options>::value) {
+    return o.layout;
+  } else {
+    (void)o;
+    return {};
+  }
+}
 
 /// Derived provides `static void validate(const Options&)` (throwing with the
 /// option's name and value) and `update_param`.
@@ -27,7 +47,7 @@ class OptimizerBase : public Optimizer {
   void add_param_group(std::vector<Param> params, const Options& options) {
     Derived::validate(options);
     options_.reserve(options_.size() + 1);  // so the push_back below cannot throw
-    add_group(std::move(params), options.lr);
+    add_group(std::move(params), options.lr, layout_option(options));
     options_.push_back(options);
     try {
       prepare_device();  // device state and lists; may fail to allocate
@@ -43,6 +63,11 @@ class OptimizerBase : public Optimizer {
   void set_options(std::size_t group, const Options& options) {
     check_group(group);
     Derived::validate(options);
+    const StateLayout was = layout_option(options_[group]), asked = layout_option(options);
+    MIXPREC_CHECK(asked == was, this->name(), "::set_options: group ", group, "'s StateLayout (moments ",
+                  to_string(was.moments), ", master ", to_string(was.master), ", seed ", was.seed,
+                  ") cannot change (asked: moments ", to_string(asked.moments), ", master ", to_string(asked.master),
+                  ", seed ", asked.seed, "); it is fixed when the group is added");
     options_[group] = options;
     Optimizer::set_lr(group, options.lr);
   }

@@ -13,6 +13,7 @@
 #include "mixprec/core/config.hpp"
 #include "mixprec/core/simd.hpp"
 #include "mixprec/optim/family.hpp"
+#include "mixprec/optim/state_layout.hpp"
 #include "mixprec/optim/formulas.hpp"
 
 // The formula is instantiated with 8-float vectors for the AVX2 loop (see
@@ -28,6 +29,9 @@ struct AdamOptions {
   double weight_decay = 0.0;
   bool amsgrad = false;
   bool maximize = false;
+  /// How this group keeps its state and master (optim/state_layout.hpp):
+  /// fp32 by default; bf16 or 8-bit moments, remainder or no master.
+  StateLayout layout;
 };
 
 /// torch.optim.AdamW's options: Adam's, with weight_decay defaulting to 1e-2.

@@ -27,6 +27,9 @@ struct LionOptions {
   std::array<double, 2> betas = {0.9, 0.99};
   double weight_decay = 0.0;
   bool maximize = false;
+  /// How this group keeps its state and master (optim/state_layout.hpp):
+  /// fp32 by default; bf16 or 8-bit moments, remainder or no master.
+  StateLayout layout;
 };
 
 struct LionKernel;

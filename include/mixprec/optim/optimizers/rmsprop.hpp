@@ -26,6 +26,9 @@ struct RMSpropOptions {
   double momentum = 0.0;
   bool centered = false;
   bool maximize = false;
+  /// How this group keeps its state and master (optim/state_layout.hpp):
+  /// fp32 by default; bf16 or 8-bit moments, remainder or no master.
+  StateLayout layout;
 };
 
 struct RmspropKernel;

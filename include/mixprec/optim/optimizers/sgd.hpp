@@ -25,6 +25,9 @@ struct SGDOptions {
   double weight_decay = 0.0;
   bool nesterov = false;
   bool maximize = false;
+  /// How this group keeps its state and master (optim/state_layout.hpp):
+  /// fp32 by default; bf16 or 8-bit moments, remainder or no master.
+  StateLayout layout;
 };
 
 struct SgdKernel;

@@ -1,0 +1,251 @@
+// SPDX-License-Identifier: Apache-2.0
+// Lean optimizer state: how a parameter group stores its moments and its
+// master weight, and the codecs that the step reads and writes them with.
+//
+//   moments  fp32 (4 B per value), bf16 (2 B, rounded to nearest even), or
+//            int8 (1 B + a float scale per block of 256: a logarithmic 8-bit
+//            code scaled by the block's largest magnitude);
+//   master   fp32 (a 4 B copy beside the 16-bit weight), remainder (the
+//            bf16 weight is the master's rounded upper half; 16 bits of
+//            remainder and one tie bit give the fp32 master back exactly),
+//            or none (the 16-bit weight is the only copy; each update is
+//            written with stochastic rounding from a counter-based RNG).
+//
+// The step decodes a chunk of state to fp32, runs the optimizer's element
+// formula (the same operations as with fp32 state) and encodes it again:
+// the arithmetic is unchanged, only what is kept between steps is rounded.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "mixprec/core/config.hpp"
+#include "mixprec/core/convert.hpp"
+#include "mixprec/core/error.hpp"
+
+MIXPREC_NAMESPACE_BEGIN namespace optim {
+
+/// How the optimizer's moments (every state tensor) are stored.
+enum class Moments : std::uint8_t {
+  fp32,  ///< 4 bytes a value (the default; what torch.optim keeps)
+  bf16,  ///< 2 bytes a value, rounded to nearest even after every update
+  int8,  ///< 1 byte a value + a float per 256 values (lean::kBlock)
+};
+
+/// How the fp32 master weight is kept.
+enum class Master : std::uint8_t {
+  fp32,       ///< a 4-byte copy beside the model weight (the default)
+  remainder,  ///< bf16 weights only: the weight + 16 bits + 1 tie bit = the exact fp32 master
+  none,       ///< the model weight only; updates written with stochastic rounding
+};
+
+inline const char* to_string(Moments m) {
+  switch (m) {
+    case Moments::fp32: return "fp32";
+    case Moments::bf16: return "bf16";
+    case Moments::int8: return "8bit";
+  }
+  return "?";
+}
+inline const char* to_string(Master m) {
+  switch (m) {
+    case Master::fp32: return "fp32";
+    case Master::remainder: return "remainder";
+    case Master::none: return "none";
+  }
+  return "?";
+}
+/// "fp32", "bf16" or "8bit" (the examples' --moments values).
+inline Moments parse_moments(const std::string& s) {
+  for (Moments m : {Moments::fp32, Moments::bf16, Moments::int8}) {
+    if (s == to_string(m)) return m;
+  }
+  detail::throw_error("moments = \"", s, "\", must be fp32, bf16 or 8bit");
+}
+/// "fp32", "remainder" or "none" (the examples' --master values).
+inline Master parse_master(const std::string& s) {
+  for (Master m : {Master::fp32, Master::remainder, Master::none}) {
+    if (s == to_string(m)) return m;
+  }
+  detail::throw_error("master = \"", s, "\", must be fp32, remainder or none");
+}
+
+/// A parameter group's state layout: a member of every optimizer's options
+/// (`AdamWOptions o; o.layout.moments = optim::Moments::bf16;`), fixed when
+/// the group is added.
+struct StateLayout {
+  Moments moments = Moments::fp32;
+  Master master = Master::fp32;
+  /// Master::none: the stochastic rounding's stream. The random number of
+  /// an element is a function of (seed, parameter index, step count,
+  /// element index) alone: a run repeats its bits, and a resumed one goes
+  /// on with the numbers an uninterrupted one would have drawn.
+  std::uint64_t seed = 0;
+
+  bool lean() const { return moments != Moments::fp32 || master != Master::fp32; }
+  friend bool operator==(const StateLayout& a, const StateLayout& b) {
+    return a.moments == b.moments && a.master == b.master && a.seed == b.seed;
+  }
+  friend bool operator!=(const StateLayout& a, const StateLayout& b) { return !(a == b); }
+};
+
+namespace lean {
+
+/// Values per scale of the 8-bit code.
+inline constexpr std::int64_t kBlock = 256;
+
+// --- the 8-bit code -----------------------------------------------------------
+//
+// A block's values are divided by the block's largest magnitude (its scale)
+// and rounded to the nearest entry of a fixed table of magnitudes in [0, 1]:
+// 8 steps a binade, (1 + k / 8) / 2 * 2^-e for k = 1..8, logarithmically
+// spaced, so relative precision is the same (1/16 to 1/32) from 1 down to
+// the table's smallest entry. Signed tensors (momentum) spend a bit on the
+// sign: 127 magnitudes, 16 binades (down to 2^-16 of the block's maximum).
+// Nonnegative tensors (second moments, which span the square of the
+// gradients' range) use all 8 bits: 255 magnitudes, 32 binades (2^-32).
+// A linear int8 code would round every second moment below 1/255 of its
+// block's maximum to 0, and the update divides by its square root.
+
+/// Nonzero magnitudes of the signed (127) and unsigned (255) codes.
+inline constexpr int kSignedMagnitudes = 127;
+inline constexpr int kUnsignedMagnitudes = 255;
+
+/// Entry q of the table with `count` nonzero magnitudes (0: zero; count: 1;
+/// each entry below one step down: 8 steps a binade, (16 - s) / 16 * 2^-e).
+MIXPREC_HOST_DEVICE inline float code_value(int q, int count) {
+  if (q <= 0) return 0.0f;
+  const int d = count - q;  // steps below the top
+  return ::ldexpf(static_cast<float>(16 - d % 8) / 16.0f, -(d / 8));
+}
+
+/// The entry nearest to y in [0, 1] (ties: the even multiple of the
+/// binade's step, as rintf rounds), for the table with `count` magnitudes.
+MIXPREC_HOST_DEVICE inline int code_nearest(float y, int count) {
+  if (!(y > 0.0f)) return 0;
+  int exponent = 0;
+  (void)::frexpf(y, &exponent);  // y in [2^(exponent - 1), 2^exponent)
+  const int e = -exponent;       // binade [2^-(e + 1), 2^-e): entries n / 16 * 2^-e, n = 8..16
+  const float n = ::rintf(::ldexpf(y, e + 4));
+  // n = 8 is the top of the binade below (s = 0 at e + 1).
+  const int d = n == 8.0f ? (e + 1) * 8 : e * 8 + (16 - static_cast<int>(n));
+  const int q = count - d;
+  if (q >= 1) return q;
+  // Below the smallest entry: it or zero, whichever is nearer (ties: zero).
+  return y > 0.5f * code_value(1, count) ? 1 : 0;
+}
+
+/// Block k's scale: the largest magnitude of its values.
+MIXPREC_HOST_DEVICE inline float block_scale(const float* x, std::int64_t n) {
+  float m = 0.0f;
+  for (std::int64_t j = 0; j < n; ++j) m = ::fmaxf(m, ::fabsf(x[j]));
+  return m;
+}
+
+/// Encodes n values of one block (n <= kBlock) with their scale.
+MIXPREC_HOST_DEVICE inline void encode_block(const float* x, std::int64_t n, bool nonnegative, float scale,
+                                             std::uint8_t* out) {
+  for (std::int64_t j = 0; j < n; ++j) {
+    if (scale == 0.0f) {
+      out[j] = 0;
+      continue;
+    }
+    const float y = ::fabsf(x[j]) / scale;
+    if (nonnegative) {
+      out[j] = static_cast<std::uint8_t>(code_nearest(y, kUnsignedMagnitudes));
+    } else {
+      const int q = code_nearest(y, kSignedMagnitudes);
+      out[j] = static_cast<std::uint8_t>(q | (q != 0 && x[j] < 0.0f ? 0x80 : 0));
+    }
+  }
+}
+
+MIXPREC_HOST_DEVICE inline float decode_value(std::uint8_t c, bool nonnegative, float scale) {
+  if (nonnegative) return code_value(c, kUnsignedMagnitudes) * scale;
+  const float v = code_value(c & 0x7f, kSignedMagnitudes) * scale;
+  return (c & 0x80) != 0 ? -v : v;
+}
+
+// --- the remainder master -------------------------------------------------------
+//
+// The model weight is the master rounded to nearest even in bf16 (as with an
+// fp32 master), the remainder is the master's lower 16 bits, and the tie bit
+// says, for a master exactly halfway between two bf16 values, whether it was
+// rounded up. 16 bits alone cannot do it: for an even weight, 65,537 masters
+// round to it. (Rounding ties away from zero instead, 16 bits suffice, but
+// the weights then differ from an fp32-master run's in those ties.)
+
+struct SplitMaster {
+  std::uint16_t weight;     // bf16 bits
+  std::uint16_t remainder;  // the master's lower 16 bits
+  bool tie_up;              // the lower half was 0x8000 and the weight rounded up
+};
+
+MIXPREC_HOST_DEVICE inline SplitMaster split_master(float master) {
+  const std::uint32_t bits = to_bits(master);
+  SplitMaster s;
+  s.weight = to_bits(from_float<bfloat16>(master));
+  s.remainder = static_cast<std::uint16_t>(bits & 0xffffu);
+  s.tie_up = s.remainder == 0x8000u && s.weight != static_cast<std::uint16_t>(bits >> 16);
+  return s;
+}
+
+MIXPREC_HOST_DEVICE inline float join_master(std::uint16_t weight, std::uint16_t remainder, bool tie_up) {
+  const bool rounded_up = remainder > 0x8000u || (remainder == 0x8000u && tie_up);
+  const std::uint32_t upper = static_cast<std::uint32_t>(weight) - (rounded_up ? 1u : 0u);
+  return from_bits<float>((upper << 16) | remainder);
+}
+
+// --- stochastic rounding ----------------------------------------------------------
+
+/// splitmix64's finaliser: a bijection of 64-bit words with full avalanche.
+MIXPREC_HOST_DEVICE inline std::uint64_t mix64(std::uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+inline constexpr std::uint64_t kGolden = 0x9e3779b97f4a7c15ull;
+
+/// The key of one parameter's step: every element's number derives from it.
+MIXPREC_HOST_DEVICE inline std::uint64_t rounding_key(std::uint64_t seed, std::uint64_t param, std::uint64_t step) {
+  return mix64(mix64(seed + kGolden * (param + 1)) + kGolden * (step + 1));
+}
+/// Element e's 32 random bits.
+MIXPREC_HOST_DEVICE inline std::uint32_t rounding_bits(std::uint64_t key, std::uint64_t element) {
+  return static_cast<std::uint32_t>(mix64(key + kGolden * (element + 1)) >> 32);
+}
+
+/// x rounded to T stochastically: to the neighbour away from zero with
+/// probability (|x| - |toward|) / (|away| - |toward|), decided by the top
+/// 24 bits of r (exact: that probability is a multiple of 2^-24 or finer
+/// only deep in the subnormals). Values T holds exactly, NaN and values that
+/// round to nearest to inf are rounded to nearest.
+template <class T>
+MIXPREC_HOST_DEVICE inline T stochastic_round(float x, std::uint32_t r) {
+  if constexpr (std::is_same_v<T, float>) {
+    (void)r;
+    return x;
+  } else {
+    const T n = from_float<T>(x);
+    const float nf = to_float(n);
+    if (nf == x || !(::fabsf(nf) <= 3.0e38f)) return n;  // exact, inf or NaN
+    const std::uint16_t b = to_bits(n);
+    // Adjacent values of one sign are adjacent bit patterns.
+    const bool n_away = ::fabsf(nf) > ::fabsf(x);
+    const T toward = n_away ? from_bits<T>(static_cast<std::uint16_t>(b - 1)) : n;
+    const T away = n_away ? n : from_bits<T>(static_cast<std::uint16_t>(b + 1));
+    const float lo = ::fabsf(to_float(toward));
+    const float p = (::fabsf(x) - lo) / (::fabsf(to_float(away)) - lo);  // exact (Sterbenz; a power of 2)
+    const float u = static_cast<float>(r >> 8) * 0x1p-24f;
+    return u < p ? away : toward;
+  }
+}
+
+}  // namespace lean
+}  // namespace optim
+MIXPREC_NAMESPACE_END

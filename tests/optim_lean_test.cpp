@@ -1,0 +1,484 @@
+// SPDX-License-Identifier: Apache-2.0
+// Lean optimizer state (optim/state_layout.hpp): the codecs against
+// references written here (a brute-force nearest entry, exact split and
+// join), and the optimizers in every layout against runs that keep fp32
+// state and round it through the public save/load API after each step
+// (the lean step must give those bits), stochastic rounding's expectation,
+// skips, checkpoints and refusals. Built twice: with the SIMD CPU paths and
+// without.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <random>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "mixprec/mixprec.hpp"
+#include "state_bits.hpp"
+#include "test_util.hpp"
+
+namespace mixprec {
+namespace {
+
+using optim::Master;
+using optim::Moments;
+using optim::StateLayout;
+using test::expect_error;
+using test::first_difference;
+namespace lean = optim::lean;
+
+std::uint32_t bits_of(float x) {
+  std::uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return u;
+}
+
+// The table of magnitudes, from its definition: 8 steps a binade,
+// (16 - s) / 16 * 2^-e for the s-th step below the top of binade e.
+std::vector<double> table(int count) {
+  std::vector<double> t(static_cast<std::size_t>(count) + 1, 0.0);
+  for (int d = 0; d < count; ++d) t[static_cast<std::size_t>(count - d)] = (16.0 - d % 8) / 16.0 * std::pow(2.0, -(d / 8));
+  return t;
+}
+
+// The nearest entry by a linear search (ties: the smaller magnitude... are
+// not drawn: y is random).
+int nearest(double y, const std::vector<double>& t) {
+  int best = 0;
+  for (int q = 1; q < static_cast<int>(t.size()); ++q) {
+    if (std::fabs(t[static_cast<std::size_t>(q)] - y) < std::fabs(t[static_cast<std::size_t>(best)] - y)) best = q;
+  }
+  return best;
+}
+
+TEST(LeanCodec, TablesAreTheirDefinition) {
+  for (int count : {lean::kSignedMagnitudes, lean::kUnsignedMagnitudes}) {
+    const std::vector<double> t = table(count);
+    for (int q = 0; q <= count; ++q) {
+      ASSERT_EQ(static_cast<double>(lean::code_value(q, count)), t[static_cast<std::size_t>(q)]) << count << " " << q;
+      if (q > 0) ASSERT_GT(t[static_cast<std::size_t>(q)], t[static_cast<std::size_t>(q - 1)]) << "ascending";
+    }
+    EXPECT_EQ(t.back(), 1.0);
+  }
+  // 16 binades signed, 32 unsigned.
+  EXPECT_NEAR(std::log2(lean::code_value(1, lean::kSignedMagnitudes)), -15.68, 0.01);
+  EXPECT_NEAR(std::log2(lean::code_value(1, lean::kUnsignedMagnitudes)), -31.68, 0.01);
+}
+
+TEST(LeanCodec, EncodesToTheNearestEntry) {
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<double> log2y(-36.0, 0.0);
+  for (int count : {lean::kSignedMagnitudes, lean::kUnsignedMagnitudes}) {
+    const std::vector<double> t = table(count);
+    for (int k = 0; k < 20000; ++k) {
+      const float y = static_cast<float>(std::pow(2.0, log2y(rng)));
+      ASSERT_EQ(lean::code_nearest(y, count), nearest(y, t)) << "count " << count << " y " << y;
+    }
+    EXPECT_EQ(lean::code_nearest(0.0f, count), 0);
+    EXPECT_EQ(lean::code_nearest(1.0f, count), count);
+  }
+}
+
+TEST(LeanCodec, ABlockDecodesWithinHalfAStepAndReencodesToItsCodes) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (bool nonnegative : {false, true}) {
+    std::vector<float> x(lean::kBlock);
+    for (float& v : x) v = nonnegative ? std::exp(6.0f * normal(rng)) : normal(rng) * std::exp(2.0f * normal(rng));
+    const float scale = lean::block_scale(x.data(), lean::kBlock);
+    std::vector<std::uint8_t> codes(lean::kBlock), again(lean::kBlock);
+    lean::encode_block(x.data(), lean::kBlock, nonnegative, scale, codes.data());
+    std::vector<float> back(lean::kBlock);
+    const int count = nonnegative ? lean::kUnsignedMagnitudes : lean::kSignedMagnitudes;
+    const float smallest = lean::code_value(1, count) * scale;
+    for (std::size_t e = 0; e < x.size(); ++e) {
+      back[e] = lean::decode_value(codes[e], nonnegative, scale);
+      if (std::fabs(x[e]) >= smallest) {
+        // Within half a step: 1/16 of the binade's top, so <= 1/18 of the value.
+        ASSERT_LE(std::fabs(back[e] - x[e]), std::fabs(x[e]) / 17.9) << e << ": " << x[e] << " -> " << back[e];
+        ASSERT_EQ(std::signbit(back[e]), std::signbit(x[e])) << e;
+      } else {
+        ASSERT_LE(std::fabs(back[e]), smallest) << e;  // it, or zero
+      }
+    }
+    // Decoded values encode to the same codes and scale (checkpoints hold
+    // decoded values and resume bit-exactly).
+    const float scale2 = lean::block_scale(back.data(), lean::kBlock);
+    ASSERT_EQ(bits_of(scale2), bits_of(scale));
+    lean::encode_block(back.data(), lean::kBlock, nonnegative, scale2, again.data());
+    ASSERT_EQ(codes, again);
+  }
+}
+
+TEST(LeanCodec, RemainderRebuildsEveryMasterAndTheWeightIsRoundToNearestEven) {
+  std::mt19937 rng(9);
+  std::vector<float> masters;
+  for (int k = 0; k < 200000; ++k) {
+    std::uint32_t u = rng();
+    if ((u & 0x7f800000u) == 0x7f800000u) continue;  // finite masters only
+    masters.push_back(from_bits<float>(u));
+  }
+  // The ties, rounded up and down; the largest finite float (its weight is inf).
+  for (std::uint32_t upper : {0x3f80u, 0x3f81u, 0xbf80u, 0xbf81u, 0x0000u, 0x8001u}) {
+    masters.push_back(from_bits<float>((upper << 16) | 0x8000u));
+  }
+  masters.push_back(std::numeric_limits<float>::max());
+  masters.push_back(-std::numeric_limits<float>::max());
+  int ties_up = 0;
+  for (float m : masters) {
+    const lean::SplitMaster s = lean::split_master(m);
+    ASSERT_EQ(bits_of(lean::join_master(s.weight, s.remainder, s.tie_up)), bits_of(m)) << m;
+    // Round to nearest even, from the definition.
+    const std::uint32_t u = bits_of(m), low = u & 0xffffu, upper = u >> 16;
+    const std::uint32_t rne = low > 0x8000u || (low == 0x8000u && (upper & 1u)) ? upper + 1 : upper;
+    ASSERT_EQ(s.weight, static_cast<std::uint16_t>(rne)) << m;
+    ties_up += s.tie_up ? 1 : 0;
+  }
+  EXPECT_GE(ties_up, 3) << "the odd-upper ties round up";
+}
+
+TEST(LeanCodec, StochasticRoundingIsUnbiasedAndRoundToNearestIsNot) {
+  // A bf16 weight of 1.0 given 10,000 updates of 1e-4 (1/78 of its ulp):
+  // the mean over 256 elements (each its own random stream) and 4 seeds
+  // is about 2.0; rounding to nearest without a master never moves it.
+  EXPECT_EQ(to_float(from_float<bfloat16>(1.0f + 1e-4f)), 1.0f);
+  double total = 0;
+  int runs = 0;
+  for (std::uint64_t seed : {1u, 2u, 3u, 4u}) {
+    for (std::uint64_t e = 0; e < 256; ++e) {
+      bfloat16 w = from_float<bfloat16>(1.0f);
+      for (std::uint64_t s = 1; s <= 10000; ++s) {
+        const float next = to_float(w) + 1e-4f;
+        w = lean::stochastic_round<bfloat16>(next, lean::rounding_bits(lean::rounding_key(seed, 0, s), e));
+      }
+      total += to_float(w);
+      ++runs;
+    }
+  }
+  EXPECT_NEAR(total / runs, 2.0, 0.02);  // within 1%
+  // fp16: a value between two neighbours goes to each with its probability.
+  const float x = to_float(from_float<half>(1.0f)) + 0.25f * 0x1p-10f;  // a quarter ulp above 1
+  int up = 0;
+  for (std::uint64_t e = 0; e < 100000; ++e) {
+    up += to_float(lean::stochastic_round<half>(x, lean::rounding_bits(7, e))) > 1.0f ? 1 : 0;
+  }
+  EXPECT_NEAR(up / 100000.0, 0.25, 0.005);
+  // Exact values, inf and NaN are left as rounding to nearest leaves them.
+  EXPECT_EQ(to_float(lean::stochastic_round<half>(0.5f, 123)), 0.5f);
+  EXPECT_TRUE(std::isinf(to_float(lean::stochastic_round<half>(1e6f, 0))));
+  EXPECT_TRUE(std::isnan(to_float(lean::stochastic_round<bfloat16>(std::nanf(""), 0))));
+}
+
+// --- the optimizers ---------------------------------------------------------
+
+// A model of two parameters (sizes not multiples of the chunk or block) in
+// 16-bit weights with their gradients.
+template <class W>
+struct Model {
+  Tensor<W> a{Shape{1500}}, b{Shape{37}};
+  Tensor<W> ga{Shape{1500}}, gb{Shape{37}};
+  Model() {
+    fill_normal(a, 0, 1, 11);
+    fill_normal(b, 0, 1, 12);
+  }
+  void gradients(int s) {
+    fill_normal(ga, 0, 0.5f, 200 + static_cast<std::uint64_t>(s));
+    fill_normal(gb, 0, 2.0f, 300 + static_cast<std::uint64_t>(s));
+  }
+  std::vector<optim::Param> params() { return {{"a", a, ga}, {"b", b, gb}}; }
+  std::vector<float> weights() const {
+    std::vector<float> w;
+    for (const Tensor<W>* t : {&a, &b}) {
+      for (std::int64_t e = 0; e < t->numel(); ++e) w.push_back(to_float(t->at(e)));
+    }
+    return w;
+  }
+};
+
+enum class Kind { adamw, sgd, rmsprop, lion };
+
+std::unique_ptr<optim::Optimizer> make(Kind k, std::vector<optim::Param> params, StateLayout layout,
+                                       bool amsgrad = true) {
+  switch (k) {
+    case Kind::adamw: {
+      optim::AdamWOptions o;
+      o.lr = 1e-2;
+      o.amsgrad = amsgrad;  // three state tensors
+      o.layout = layout;
+      return std::make_unique<optim::AdamW>(std::move(params), o);
+    }
+    case Kind::sgd: {
+      optim::SGDOptions o;
+      o.lr = 1e-2;
+      o.momentum = 0.9;
+      o.nesterov = true;
+      o.weight_decay = 1e-3;
+      o.layout = layout;
+      return std::make_unique<optim::SGD>(std::move(params), o);
+    }
+    case Kind::rmsprop: {
+      optim::RMSpropOptions o;
+      o.lr = 1e-3;
+      o.momentum = 0.5;
+      o.centered = true;
+      o.layout = layout;
+      return std::make_unique<optim::RMSprop>(std::move(params), o);
+    }
+    case Kind::lion: {
+      optim::LionOptions o;
+      o.lr = 1e-3;
+      o.weight_decay = 0.1;
+      o.layout = layout;
+      return std::make_unique<optim::Lion>(std::move(params), o);
+    }
+  }
+  return nullptr;
+}
+
+// Rounds every state tensor of `opt` (fp32 layout) as `moments` would keep
+// it, through save_state / load_state: bf16 by rounding to nearest even,
+// 8-bit by the brute-force nearest entry of the table above per block of
+// 256 with the block's largest magnitude as its scale.
+void round_state(optim::Optimizer& opt, Moments moments, const std::vector<bool>& nonnegative) {
+  optim::OptimizerState st = opt.save_state();
+  for (optim::ParamState& p : st.params) {
+    for (std::size_t k = 0; k < p.state.size(); ++k) {
+      if (!p.state[k]) continue;
+      std::vector<float>& v = *p.state[k];
+      if (moments == Moments::bf16) {
+        for (float& x : v) x = to_float(from_float<bfloat16>(x));
+        continue;
+      }
+      const bool nonneg = nonnegative[k];
+      const std::vector<double> t = table(nonneg ? lean::kUnsignedMagnitudes : lean::kSignedMagnitudes);
+      for (std::size_t b = 0; b < v.size(); b += 256) {
+        const std::size_t end = std::min(v.size(), b + 256);
+        float scale = 0;
+        for (std::size_t e = b; e < end; ++e) scale = std::max(scale, std::fabs(v[e]));
+        for (std::size_t e = b; e < end; ++e) {
+          if (scale == 0) continue;
+          const float y = std::fabs(v[e]) / scale;
+          const float mag = static_cast<float>(t[static_cast<std::size_t>(nearest(y, t))]) * scale;
+          v[e] = v[e] < 0 && !nonneg && mag != 0 ? -mag : mag;
+        }
+      }
+    }
+  }
+  opt.load_state(st);
+}
+
+std::vector<bool> nonnegative_states(Kind k) {
+  switch (k) {
+    case Kind::adamw: return {false, true, true};
+    case Kind::rmsprop: return {true, false, false};
+    default: return {false, false, false};
+  }
+}
+
+class LeanMoments : public ::testing::TestWithParam<std::tuple<Kind, Moments>> {};
+
+// The lean step equals an fp32-state step whose state is rounded after
+// every step: the same arithmetic, only what is kept is rounded.
+TEST_P(LeanMoments, EqualFp32StateRoundedAfterEveryStep) {
+  const auto [kind, moments] = GetParam();
+  Model<bfloat16> m1, m2;
+  StateLayout lean_layout;
+  lean_layout.moments = moments;
+  // (8-bit: no amsgrad here, since the reference's load_state refuses a
+  // running maximum rounded below its moment, which 8-bit blocks allow; the
+  // lean optimizer's own checkpoints take it: CheckpointsResumeBitExactly.)
+  const bool amsgrad = moments != Moments::int8;
+  auto lean_opt = make(kind, m1.params(), lean_layout, amsgrad);
+  auto ref = make(kind, m2.params(), {}, amsgrad);
+  for (int s = 0; s < 12; ++s) {
+    m1.gradients(s);
+    m2.gradients(s);
+    lean_opt->step();
+    ref->step();
+    round_state(*ref, moments, nonnegative_states(kind));
+    ASSERT_EQ(first_difference(m1.weights(), m2.weights()), -1) << "weights, step " << s;
+  }
+  EXPECT_EQ(test::state_bits(*lean_opt), test::state_bits(*ref));
+}
+
+INSTANTIATE_TEST_SUITE_P(Layouts, LeanMoments,
+                         ::testing::Combine(::testing::Values(Kind::adamw, Kind::sgd, Kind::rmsprop, Kind::lion),
+                                            ::testing::Values(Moments::bf16, Moments::int8)));
+
+// A remainder master is the fp32 master: the same weights and masters, bit
+// for bit, with fp32 moments and with bf16 ones.
+TEST(LeanMaster, RemainderIsTheFp32MasterBitForBit) {
+  for (Kind kind : {Kind::adamw, Kind::sgd, Kind::rmsprop, Kind::lion}) {
+    for (Moments moments : {Moments::fp32, Moments::bf16}) {
+      Model<bfloat16> m1, m2;
+      StateLayout rem, full;
+      rem.master = Master::remainder;
+      rem.moments = full.moments = moments;
+      auto a = make(kind, m1.params(), rem);
+      auto b = make(kind, m2.params(), full);
+      for (int s = 0; s < 30; ++s) {
+        m1.gradients(s);
+        m2.gradients(s);
+        a->step();
+        b->step();
+      }
+      ASSERT_EQ(first_difference(m1.weights(), m2.weights()), -1) << static_cast<int>(kind);
+      for (std::size_t i = 0; i < 2; ++i) {
+        ASSERT_EQ(first_difference(a->master_values(i), b->master_values(i)), -1) << static_cast<int>(kind);
+      }
+      EXPECT_EQ(test::state_bits(*a), test::state_bits(*b));
+    }
+  }
+}
+
+// Without a master, fp32 weights are their own master: the fp32-master run.
+TEST(LeanMaster, NoMasterOnFp32WeightsIsTheFp32MasterRun) {
+  Model<float> m1, m2;
+  StateLayout none;
+  none.master = Master::none;
+  auto a = make(Kind::adamw, m1.params(), none);
+  auto b = make(Kind::adamw, m2.params(), {});
+  for (int s = 0; s < 10; ++s) {
+    m1.gradients(s);
+    m2.gradients(s);
+    a->step();
+    b->step();
+  }
+  EXPECT_EQ(first_difference(m1.weights(), m2.weights()), -1);
+  EXPECT_EQ(test::state_bits(*a), test::state_bits(*b));
+}
+
+// SGD without a master on bf16 weights: 10,000 steps of 1e-4 take 1.0 to
+// about 2.0 on average; the run repeats its bits, and another seed draws
+// other numbers.
+TEST(LeanMaster, StochasticRoundingReachesTheSumOfTheUpdates) {
+  auto run = [](std::uint64_t seed) {
+    Tensor<bfloat16> w(Shape{512}), g(Shape{512});
+    fill(w, bfloat16(1.0f));
+    fill(g, bfloat16(-1.0f));
+    optim::SGDOptions o;
+    o.lr = 1e-4;
+    o.layout.master = Master::none;
+    o.layout.seed = seed;
+    optim::SGD opt({{"w", w, g}}, o);
+    for (int s = 0; s < 10000; ++s) opt.step();
+    std::vector<float> out;
+    for (std::int64_t e = 0; e < w.numel(); ++e) out.push_back(to_float(w.at(e)));
+    return out;
+  };
+  const std::vector<float> a = run(1), again = run(1), other = run(2);
+  double mean = 0;
+  for (float x : a) mean += x;
+  mean /= static_cast<double>(a.size());
+  EXPECT_NEAR(mean, 2.0, 0.02);
+  EXPECT_EQ(first_difference(a, again), -1);
+  EXPECT_NE(first_difference(a, other), -1);
+}
+
+std::vector<StateLayout> all_lean_layouts() {
+  std::vector<StateLayout> out;
+  for (Moments mo : {Moments::fp32, Moments::bf16, Moments::int8}) {
+    for (Master ma : {Master::fp32, Master::remainder, Master::none}) {
+      StateLayout l;
+      l.moments = mo;
+      l.master = ma;
+      l.seed = 42;
+      if (l.lean()) out.push_back(l);
+    }
+  }
+  return out;
+}
+
+// A checkpoint (save_state / load_state) taken mid-run resumes every
+// layout bit-exactly: weights, state and the stochastic rounding's numbers.
+TEST(LeanState, CheckpointsResumeBitExactly) {
+  for (const StateLayout& layout : all_lean_layouts()) {
+    SCOPED_TRACE(std::string("moments ") + to_string(layout.moments) + ", master " + to_string(layout.master));
+    Model<bfloat16> m1, m2;
+    auto a = make(Kind::adamw, m1.params(), layout);
+    for (int s = 0; s < 5; ++s) {
+      m1.gradients(s);
+      a->step();
+    }
+    const optim::OptimizerState saved = a->save_state();
+    const std::vector<float> saved_weights = m1.weights();
+    for (int s = 5; s < 10; ++s) {
+      m1.gradients(s);
+      a->step();
+    }
+    // A fresh model and optimizer: the checkpoint's weights, then its state.
+    auto b = make(Kind::adamw, m2.params(), layout);
+    std::vector<std::vector<float>> weights = {
+        std::vector<float>(saved_weights.begin(), saved_weights.begin() + 1500),
+        std::vector<float>(saved_weights.begin() + 1500, saved_weights.end())};
+    b->load_weights(weights);
+    b->load_state(saved);
+    for (int s = 5; s < 10; ++s) {
+      m2.gradients(s);
+      b->step();
+    }
+    ASSERT_EQ(first_difference(m1.weights(), m2.weights()), -1);
+    EXPECT_EQ(test::state_bits(*a), test::state_bits(*b));
+  }
+}
+
+// An overflow skip leaves every bit alone in every layout.
+TEST(LeanState, ASkippedStepChangesNothing) {
+  for (const StateLayout& layout : all_lean_layouts()) {
+    SCOPED_TRACE(std::string("moments ") + to_string(layout.moments) + ", master " + to_string(layout.master));
+    Model<bfloat16> m;
+    auto opt = make(Kind::adamw, m.params(), layout);
+    amp::GradScaler scaler;
+    for (int s = 0; s < 3; ++s) {
+      m.gradients(s);
+      scaler.step(*opt);
+      scaler.update();
+    }
+    const auto before = test::state_bits(*opt);
+    const std::vector<float> weights = m.weights();
+    m.gradients(3);
+    m.gb.at(5) = bfloat16(std::numeric_limits<float>::infinity());
+    EXPECT_FALSE(scaler.step(*opt));
+    scaler.update();
+    EXPECT_EQ(test::state_bits(*opt), before);
+    EXPECT_EQ(first_difference(m.weights(), weights), -1);
+  }
+}
+
+TEST(LeanState, BadLayoutsAreRefusedByName) {
+  Model<half> m;
+  optim::AdamWOptions o;
+  o.layout.master = Master::remainder;
+  expect_error([&] { optim::AdamW opt(m.params(), o); },
+               {"parameter \"a\"", "master = remainder needs bfloat16 weights", "float16"});
+  o.layout.master = static_cast<Master>(7);
+  expect_error([&] { optim::AdamW opt(m.params(), o); }, {"StateLayout::master = 7"});
+  // Fixed once the group exists; nothing changes.
+  Model<bfloat16> b;
+  optim::AdamWOptions ok;
+  ok.layout.moments = Moments::bf16;
+  optim::AdamW opt(b.params(), ok);
+  optim::AdamWOptions other = ok;
+  other.layout.moments = Moments::int8;
+  other.lr = 0.5;
+  expect_error([&] { opt.set_options(0, other); }, {"StateLayout (moments bf16", "asked: moments 8bit", "fixed"});
+  EXPECT_EQ(opt.options(0).lr, ok.lr);
+  // No fp32 master to hand out; master_values reconstructs it.
+  Model<bfloat16> c;
+  optim::AdamWOptions none;
+  none.layout.master = Master::none;
+  optim::AdamW n(c.params(), none);
+  expect_error([&] { (void)n.master(0); }, {"parameter \"a\"", "keeps no fp32 master", "none", "master_values"});
+  EXPECT_EQ(n.master_values(0).size(), 1500u);
+  expect_error([&] { n.rebind(0, c.a, c.ga); }, {"rebind", "keeps no fp32 master"});
+  EXPECT_EQ(optim::parse_moments("8bit"), Moments::int8);
+  expect_error([] { (void)optim::parse_master("fp16"); }, {"master = \"fp16\"", "fp32, remainder or none"});
+}
+
+}  // namespace
+}  // namespace mixprec
