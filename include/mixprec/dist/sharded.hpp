@@ -26,6 +26,8 @@
 #include "mixprec/dist/communicator.hpp"
 #include "mixprec/io/checkpoint.hpp"
 #include "mixprec/optim/optimizer.hpp"
+#include "mixprec/optim/optimizer_base.hpp"
+#include "mixprec/optim/state_layout.hpp"
 #include "mixprec/tensor/tensor_view.hpp"
 #include "mixprec/core/config.hpp"
 
@@ -102,6 +104,14 @@ class ShardedOptimizer final : public ZeroOne {
                   " communicator is on ", comm.device(), "; this version shards host parameters (MPI) only");
     MIXPREC_CHECK(cut_ == ShardOptions::Cut::parameters || cut_ == ShardOptions::Cut::elements,
                   "ShardedOptimizer: shard_options.cut = ", static_cast<int>(cut_), " is not a ShardOptions::Cut");
+    // Elementwise layouts shard as they are; the 8-bit code's blocks and the
+    // stochastic rounding's numbers count elements of a parameter, which a
+    // slice would renumber (the run would no longer be the unsharded one's).
+    const optim::StateLayout layout = optim::layout_option(options);
+    MIXPREC_CHECK(layout.moments != optim::Moments::int8 && layout.master != optim::Master::none,
+                  "ShardedOptimizer: StateLayout moments = ", optim::to_string(layout.moments), ", master = ",
+                  optim::to_string(layout.master), "; this version shards fp32 or bf16 moments with an fp32 or "
+                  "remainder master (8-bit blocks and stochastic rounding would be numbered per slice)");
     std::int64_t total = 0;
     for (const optim::Param& p : params_) {
       MIXPREC_CHECK(p.weight.device().is_cpu() && p.grad.device().is_cpu(), "ShardedOptimizer: parameter \"",
