@@ -59,6 +59,9 @@ struct Args {
   std::int64_t batch = 256, hidden = 1024;
   double lr = 1e-3, min_accuracy = 0;
   std::uint64_t seed = 0;
+  // The optimizer's state layout (docs/optimizers.md#lean-state): fp32 (the
+  // default), or bf16 / 8-bit moments and a remainder / no master.
+  std::string moments = "fp32", master = "fp32";
   bool graph = true;
   bool zero1 = false;  // data parallel: ZeRO-1 (masters and moments sharded over the ranks)
   // The instability monitor (docs/monitor.md): on by default, a logged
@@ -85,7 +88,7 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
   app.get_formatter()->column_width(34);
   app.footer("Started by mpirun it trains data parallel on CPU ranks (docs/distributed.md). Flags take "
              "--flag value or --flag=value.");
-  app.add_option("--precision", a.precision, "the model's type (masters and moments are fp32)")
+  app.add_option("--precision", a.precision, "the model's type (the optimizer's state: --moments, --master)")
       ->check(CLI::IsMember({"fp16", "bf16", "fp32"}));
   app.add_option("--device", a.device, "where to train")
       ->check(CLI::IsMember({"cpu", "cuda"}))
@@ -103,6 +106,11 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
                  "torch.optim's defaults but lr (SGD: momentum 0.9; Lion: the paper's betas, give it a 3-10x "
                  "smaller --lr)")
       ->check(CLI::IsMember({"sgd", "adam", "adamw", "rmsprop", "lion"}));
+  app.add_option("--moments", a.moments, "how the optimizer keeps its moments (8bit: a 256-value block's code)")
+      ->check(CLI::IsMember({"fp32", "bf16", "8bit"}));
+  app.add_option("--master", a.master,
+                 "the fp32 master: a copy, a remainder beside bf16 weights (exact), or none (stochastic rounding)")
+      ->check(CLI::IsMember({"fp32", "remainder", "none"}));
   app.add_option("--lr", a.lr, "the learning rate")->type_name("X")->check(finite_at_least(0));
   app.add_option("--schedule", a.schedule, "cosine: CosineAnnealingLR to 0 over the run, per step")
       ->check(CLI::IsMember({"constant", "cosine"}));
@@ -149,8 +157,21 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
     if (a.monitor_log.empty()) a.monitor_log = std::filesystem::path(a.report).replace_extension(".jsonl").string();
     if (a.monitor_log == a.report) return usage_error("--report and the monitor's log are both " + a.report);
   }
+  if (a.master == "remainder" && a.precision != "bf16") {
+    return usage_error("--master remainder needs --precision bf16 (the weight is the master's upper half), not " +
+                       a.precision);
+  }
+  const bool lean = a.moments != "fp32" || a.master != "fp32";
+  if (lean && a.zero1 && (a.moments == "8bit" || a.master == "none")) {
+    return usage_error("--zero1 on shards fp32 or bf16 moments with an fp32 or remainder master, not --moments " +
+                       a.moments + " --master " + a.master);
+  }
   const bool usable = cuda_available() && optim::device_backend() != nullptr;
-  if (a.device.empty()) a.device = usable ? "cuda" : "cpu";
+  if (a.device.empty()) a.device = usable && !lean ? "cuda" : "cpu";
+  if (a.device == "cuda" && lean) {
+    return usage_error("--moments " + a.moments + " --master " + a.master +
+                       ": lean layouts run on host parameters in this version; use --device cpu");
+  }
   if (a.device == "cuda" && !usable) {
     return usage_error(std::string("no CUDA device: --device cuda, but ") +
                        (cuda_available() ? "no CUDA kernels are linked into this build" : "no CUDA device is usable"));
@@ -165,31 +186,46 @@ struct Tag {
 
 // Calls make(options, Tag<Opt>{}) with the optimizer of `a` and its options:
 // torch.optim's defaults but lr (SGD: momentum 0.9).
+// The optimizer's state layout from --moments and --master (the run's seed
+// drives stochastic rounding).
+inline optim::StateLayout layout_of(const Args& a) {
+  optim::StateLayout l;
+  l.moments = optim::parse_moments(a.moments);
+  l.master = optim::parse_master(a.master);
+  l.seed = a.seed;
+  return l;
+}
+
 template <class R, class F>
 R with_optimizer(const Args& a, F&& make) {
   if (a.optimizer == "sgd") {
     optim::SGDOptions o;
     o.lr = a.lr;
+    o.layout = layout_of(a);
     o.momentum = 0.9;
     return make(o, Tag<optim::SGD>{});
   }
   if (a.optimizer == "adam") {
     optim::AdamOptions o;
     o.lr = a.lr;
+    o.layout = layout_of(a);
     return make(o, Tag<optim::Adam>{});
   }
   if (a.optimizer == "rmsprop") {
     optim::RMSpropOptions o;
     o.lr = a.lr;
+    o.layout = layout_of(a);
     return make(o, Tag<optim::RMSprop>{});
   }
   if (a.optimizer == "lion") {
     optim::LionOptions o;
     o.lr = a.lr;
+    o.layout = layout_of(a);
     return make(o, Tag<optim::Lion>{});
   }
   optim::AdamWOptions o;
   o.lr = a.lr;
+  o.layout = layout_of(a);
   return make(o, Tag<optim::AdamW>{});
 }
 
