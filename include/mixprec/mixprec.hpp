@@ -40,6 +40,7 @@
 #include "mixprec/nn/linear.hpp"
 #include "mixprec/nn/loss.hpp"
 #include "mixprec/nn/metrics.hpp"
+#include "mixprec/nn/precision.hpp"
 #include "mixprec/nn/sequential.hpp"
 #include "mixprec/amp/device_grad_scaler.hpp"
 #include "mixprec/amp/grad_scaler.hpp"
@@ -50,4 +51,5 @@
 #include "mixprec/monitor/detectors.hpp"
 #include "mixprec/monitor/jsonl.hpp"
 #include "mixprec/monitor/monitor.hpp"
+#include "mixprec/monitor/precision_fallback.hpp"
 #include "mixprec/monitor/record.hpp"

@@ -105,6 +105,127 @@ struct PrecisionMove {
   EventKind trigger = EventKind::repeated_overflow;
 };
 
+namespace detail {
+
+// What a fallback state holds, parsed and checked against a model of
+// `layers` layers.
+struct FallbackState {
+  std::vector<DType> precision;
+  std::vector<PrecisionMove> moves;
+  std::set<std::size_t> suggested;
+};
+
+inline DType fallback_dtype(const std::string& s, const char* what) {
+  if (s == "float16") return DType::float16;
+  if (s == "bfloat16") return DType::bfloat16;
+  MIXPREC_CHECK(s == "float32", "PrecisionFallback::load_state: ", what, " \"", s,
+                "\", must be float16, bfloat16 or float32");
+  return DType::float32;
+}
+
+inline FallbackState parse_fallback_state(const std::string& state, std::size_t layers) {
+  const nlohmann::json j = nlohmann::json::parse(state, nullptr, false);
+  MIXPREC_CHECK(!j.is_discarded() && j.is_object() && j.value("format", "") == "mixprec-precision-fallback-1",
+                "PrecisionFallback::load_state: not a fallback state (save_state's JSON)");
+  FallbackState st;
+  try {
+    for (const auto& d : j.at("precision")) {
+      const std::string s = d.get<std::string>();
+      const std::string what = "precision of layer " + std::to_string(st.precision.size()) + " =";
+      st.precision.push_back(fallback_dtype(s, what.c_str()));
+    }
+    for (const auto& m : j.at("moves")) {
+      PrecisionMove pm;
+      pm.layer = m.at(0).get<std::size_t>();
+      pm.name = m.at(1).get<std::string>();
+      pm.from = fallback_dtype(m.at(2).get<std::string>(), "a move's from =");
+      pm.to = fallback_dtype(m.at(3).get<std::string>(), "a move's to =");
+      pm.step = m.at(4).get<std::int64_t>();
+      pm.param = m.at(5).get<std::string>();
+      const int kind = m.at(6).get<int>();
+      MIXPREC_CHECK(kind >= 0 && kind <= static_cast<int>(EventKind::precision_fallback),
+                    "PrecisionFallback::load_state: a move's trigger = ", kind, ", not an event kind");
+      pm.trigger = static_cast<EventKind>(kind);
+      st.moves.push_back(std::move(pm));
+    }
+    for (const auto& s : j.at("suggested")) st.suggested.insert(s.get<std::size_t>());
+  } catch (const nlohmann::json::exception& e) {
+    mixprec::detail::throw_error("PrecisionFallback::load_state: a malformed state: ", e.what());
+  }
+  MIXPREC_CHECK(st.precision.size() == layers, "PrecisionFallback::load_state: the state has ", st.precision.size(),
+                " layers, the model ", layers);
+  for (const PrecisionMove& m : st.moves) {
+    MIXPREC_CHECK(m.layer < layers, "PrecisionFallback::load_state: a move of layer ", m.layer, ", the model has ",
+                  layers);
+  }
+  for (std::size_t i : st.suggested) {
+    MIXPREC_CHECK(i < layers, "PrecisionFallback::load_state: a suggestion for layer ", i, ", the model has ",
+                  layers);
+  }
+  return st;
+}
+
+// A layer made in its new type, its parameters found in the optimizer.
+template <class T>
+struct PreparedMove {
+  std::size_t layer = 0;
+  std::unique_ptr<nn::Layer<T>> fresh;
+  std::vector<optim::Param> params;
+  std::vector<std::size_t> slots;  // the optimizer's index of each
+};
+
+// Makes layer i in `dtype` and finds its parameters in the optimizer (which
+// must keep fp32 masters for them); changes nothing.
+template <class T>
+PreparedMove<T> prepare_move(const nn::Sequential<T>& model, const optim::Optimizer& opt, std::size_t i,
+                             DType dtype) {
+  MIXPREC_CHECK(model.device().is_cpu(), "PrecisionFallback: layer ", i, " is on ", model.device(),
+                "; moving a layer's precision runs on the host only for now");
+  PreparedMove<T> p;
+  p.layer = i;
+  p.fresh = model.copy_in_precision(i, dtype);
+  p.params = p.fresh->parameters(model.parameter_prefix(i));
+  for (const optim::Param& q : p.params) {
+    const std::size_t k = opt.find(q.name);
+    MIXPREC_CHECK(opt.master(k).shape() == q.weight.shape(), "PrecisionFallback: parameter \"", q.name,
+                  "\" has shape ", q.weight.shape(), " in the moved layer, ", opt.master(k).shape(), " in the ",
+                  opt.name());
+    p.slots.push_back(k);
+  }
+  return p;
+}
+
+// Writes the new weights from the fp32 masters (rounded to nearest even;
+// exact for fp32), points the optimizer at them and swaps the layer in.
+template <class T>
+void commit_move(nn::Sequential<T>& model, optim::Optimizer& opt, PreparedMove<T>& p) {
+  for (std::size_t k = 0; k < p.params.size(); ++k) {
+    const Tensor<float>& master = opt.master(p.slots[k]);
+    p.params[k].weight.visit([&](auto w) { convert(master.view(), w); });
+  }
+  for (std::size_t k = 0; k < p.params.size(); ++k) opt.rebind(p.slots[k], p.params[k].weight, p.params[k].grad);
+  model.replace(p.layer, std::move(p.fresh));
+}
+
+}  // namespace detail
+
+/// Puts every layer of `model` in the precision that a fallback's state
+/// (PrecisionFallback::save_state) records, as an act move does (weights
+/// from the masters, the optimizer rebound), without a monitor: for a
+/// resumed run, before io::load_checkpoint, which wants the weights in the
+/// dtypes they were saved in (PrecisionFallback::load_state does the same
+/// and also remembers the moves). Every check runs and every new layer is
+/// made before anything changes.
+template <class T>
+void restore_precisions(nn::Sequential<T>& model, optim::Optimizer& opt, const std::string& state) {
+  const detail::FallbackState st = detail::parse_fallback_state(state, model.size());
+  std::vector<detail::PreparedMove<T>> prepared;
+  for (std::size_t i = 0; i < model.size(); ++i) {
+    if (st.precision[i] != model.precision(i)) prepared.push_back(detail::prepare_move(model, opt, i, st.precision[i]));
+  }
+  for (detail::PreparedMove<T>& p : prepared) detail::commit_move(model, opt, p);
+}
+
 /// Watches a Monitor's events for one nn::Sequential<T> and its optimizer
 /// and, per its policy, moves a layer that keeps overflowing fp16 (or
 /// whose gradient underflows it) to bf16 or fp32, or suggests it:
@@ -134,10 +255,14 @@ struct PrecisionMove {
 /// on with one loss scale for the whole model: the moved layer's gradients
 /// are bf16/fp32 and no longer overflow at it. The other layers stay in T.
 ///
-/// Checkpoints: save_state() records every layer's precision; a resumed
-/// run calls load_state() on a fallback of a freshly built model BEFORE
-/// io::load_checkpoint (which wants the weights in the dtypes they were
-/// saved in), and the layers are in the precision they had.
+/// Checkpoints: save_state() records every layer's precision, the moves and
+/// the suggestions; keep it in the checkpoint's metadata. A resumed run
+/// reads it first (io::read_checkpoint_metadata) and calls load_state() on
+/// a fallback of the freshly built model, or restore_precisions() where the
+/// monitor is made later, BEFORE io::load_checkpoint (which wants the
+/// weights in the dtypes they were saved in): the layers are in the
+/// precision they had and the run goes on to the bits of an uninterrupted
+/// one.
 ///
 /// Limits: act moves host layers (nn::Recast's boundary casts have no
 /// device kernel yet; refused at construction, naming the device);
@@ -207,103 +332,13 @@ class PrecisionFallback {
   /// Every check (format, layer count, dtypes, that each layer can move)
   /// runs and every new layer is made before anything changes.
   void load_state(const std::string& state) {
-    const nlohmann::json j = nlohmann::json::parse(state, nullptr, false);
-    MIXPREC_CHECK(!j.is_discarded() && j.is_object() && j.value("format", "") == "mixprec-precision-fallback-1",
-                  "PrecisionFallback::load_state: not a fallback state (save_state's JSON)");
-    std::vector<DType> precision;
-    std::vector<PrecisionMove> moves;
-    std::set<std::size_t> suggested;
-    try {
-      for (const auto& d : j.at("precision")) {
-        const std::string s = d.get<std::string>();
-        MIXPREC_CHECK(s == "float16" || s == "bfloat16" || s == "float32", "PrecisionFallback::load_state: precision \"",
-                      s, "\" of layer ", precision.size(), ", must be float16, bfloat16 or float32");
-        precision.push_back(s == "float16" ? DType::float16 : s == "bfloat16" ? DType::bfloat16 : DType::float32);
-      }
-      for (const auto& m : j.at("moves")) {
-        PrecisionMove pm;
-        pm.layer = m.at(0).get<std::size_t>();
-        pm.name = m.at(1).get<std::string>();
-        pm.from = dtype_from(m.at(2).get<std::string>());
-        pm.to = dtype_from(m.at(3).get<std::string>());
-        pm.step = m.at(4).get<std::int64_t>();
-        pm.param = m.at(5).get<std::string>();
-        const int kind = m.at(6).get<int>();
-        MIXPREC_CHECK(kind >= 0 && kind <= static_cast<int>(EventKind::precision_fallback),
-                      "PrecisionFallback::load_state: a move's trigger = ", kind, ", not an event kind");
-        pm.trigger = static_cast<EventKind>(kind);
-        moves.push_back(std::move(pm));
-      }
-      for (const auto& s : j.at("suggested")) suggested.insert(s.get<std::size_t>());
-    } catch (const nlohmann::json::exception& e) {
-      mixprec::detail::throw_error("PrecisionFallback::load_state: a malformed state: ", e.what());
-    }
-    MIXPREC_CHECK(precision.size() == model_.size(), "PrecisionFallback::load_state: the state has ",
-                  precision.size(), " layers, the model ", model_.size());
-    for (const PrecisionMove& m : moves) {
-      MIXPREC_CHECK(m.layer < model_.size(), "PrecisionFallback::load_state: a move of layer ", m.layer,
-                    ", the model has ", model_.size());
-    }
-    for (std::size_t i : suggested) {
-      MIXPREC_CHECK(i < model_.size(), "PrecisionFallback::load_state: a suggestion for layer ", i,
-                    ", the model has ", model_.size());
-    }
-    std::vector<Prepared> prepared;
-    for (std::size_t i = 0; i < model_.size(); ++i) {
-      if (precision[i] != model_.precision(i)) prepared.push_back(prepare(i, precision[i]));
-    }
-    for (Prepared& p : prepared) commit(p);
-    moves_ = std::move(moves);
-    suggested_ = std::move(suggested);
+    detail::FallbackState st = detail::parse_fallback_state(state, model_.size());
+    restore_precisions(model_, opt_, state);
+    moves_ = std::move(st.moves);
+    suggested_ = std::move(st.suggested);
   }
 
  private:
-  // A layer made in its new type, its parameters found in the optimizer.
-  struct Prepared {
-    std::size_t layer = 0;
-    std::unique_ptr<nn::Layer<T>> fresh;
-    std::vector<optim::Param> params;
-    std::vector<std::size_t> slots;  // the optimizer's index of each
-  };
-
-  static DType dtype_from(const std::string& s) {
-    if (s == "float16") return DType::float16;
-    if (s == "bfloat16") return DType::bfloat16;
-    MIXPREC_CHECK(s == "float32", "PrecisionFallback::load_state: dtype \"", s,
-                  "\", must be float16, bfloat16 or float32");
-    return DType::float32;
-  }
-
-  // Makes layer i in `dtype` and finds its parameters in the optimizer;
-  // changes nothing.
-  Prepared prepare(std::size_t i, DType dtype) const {
-    MIXPREC_CHECK(model_.device().is_cpu(), "PrecisionFallback: layer ", i, " is on ", model_.device(),
-                  "; moving a layer's precision runs on the host only for now");
-    Prepared p;
-    p.layer = i;
-    p.fresh = model_.copy_in_precision(i, dtype);
-    p.params = p.fresh->parameters(model_.parameter_prefix(i));
-    for (const optim::Param& q : p.params) {
-      const std::size_t k = opt_.find(q.name);
-      MIXPREC_CHECK(opt_.master(k).shape() == q.weight.shape(), "PrecisionFallback: parameter \"", q.name,
-                    "\" has shape ", q.weight.shape(), " in the moved layer, ", opt_.master(k).shape(),
-                    " in the ", opt_.name());
-      p.slots.push_back(k);
-    }
-    return p;
-  }
-
-  // Writes the new weights from the fp32 masters (rounded to nearest even;
-  // exact for fp32), points the optimizer at them and swaps the layer in.
-  void commit(Prepared& p) {
-    for (std::size_t k = 0; k < p.params.size(); ++k) {
-      const Tensor<float>& master = opt_.master(p.slots[k]);
-      p.params[k].weight.visit([&](auto w) { convert(master.view(), w); });
-    }
-    for (std::size_t k = 0; k < p.params.size(); ++k) opt_.rebind(p.slots[k], p.params[k].weight, p.params[k].grad);
-    model_.replace(p.layer, std::move(p.fresh));
-  }
-
   std::vector<Event> respond(const LogRecord& r, const std::vector<Event>& found) {
     std::vector<Event> out;
     if (options_.policy == FallbackPolicy::off) return out;
@@ -339,8 +374,8 @@ class PrecisionFallback {
         m.step = step;
         m.param = e.param;
         m.trigger = e.kind;
-        Prepared p = prepare(i, options_.to);
-        commit(p);
+        detail::PreparedMove<T> p = detail::prepare_move(model_, opt_, i, options_.to);
+        detail::commit_move(model_, opt_, p);
         moves_.push_back(std::move(m));
         ev.message = layer + " moved from " + dtype_name(dtype_of<T>) + " to " + dtype_name(options_.to) + ": " + why;
         ev.suggestion = "nothing to do: training goes on with this layer in " + std::string(dtype_name(options_.to)) +
