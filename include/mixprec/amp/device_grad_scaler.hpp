@@ -7,12 +7,14 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
 #include "mixprec/amp/device_kernels.hpp"
 #include "mixprec/amp/grad_scaler.hpp"
 #include "mixprec/amp/scale_update.hpp"
+#include "mixprec/amp/spike_guard.hpp"
 #include "mixprec/core/device.hpp"
 #include "mixprec/core/error.hpp"
 #include "mixprec/optim/device_backend.hpp"
@@ -65,6 +67,11 @@ class DeviceGradScaler {
     mixprec::detail::copy_raw(state_.data(), device, &init, Device::cpu(), sizeof init);
     mirror_ = static_cast<DeviceScalerState*>(backend_->alloc_pinned(sizeof(DeviceScalerState)));
     *mirror_ = init;
+    if (options.spike_guard.enabled) {
+      guard_policy_ = amp::policy(options.spike_guard);
+      guard_ = Buffer(guard_bytes(), device);
+      write_guard(SpikeGuard(options.spike_guard, "DeviceGradScaler").snapshot(), nullptr);
+    }
   }
   // Does not touch stream(), which may be gone by now; free_pinned waits
   // for the device, so no copy into the mirror is still in flight.
@@ -112,6 +119,19 @@ class DeviceGradScaler {
   }
   double grad_divisor() const { return grad_divisor_; }
 
+  /// The spike guard (options().spike_guard): where the iteration's loss
+  /// lies in device memory, a float that the guard's kernel reads when it
+  /// runs, at the iteration's first step() (the pointer, like a captured
+  /// graph, stays until set again). Required once before the first step()
+  /// when the guard judges the loss. Data parallel: the value must be the
+  /// same on every rank (all-reduce it first, as llm.c does), or the ranks'
+  /// decisions part ways; the gradient norm is the reduced gradients'.
+  void set_loss(const float* loss) {
+    MIXPREC_CHECK(loss != nullptr, "DeviceGradScaler::set_loss: loss is null");
+    const auto guard = records_.lock();
+    loss_ = loss;
+  }
+
   /// Pass 1 for `opt`, one launch: non-finite check and sums of squares of
   /// its gradients. For users who clip or inspect before step(). A second
   /// call before update() is an error, as in PyTorch.
@@ -146,6 +166,7 @@ class DeviceGradScaler {
   void step(optim::Optimizer& opt) {
     require_here(opt);
     const auto guard = records_.lock();
+    require_guard_loss();
     step_locked(opt);
   }
 
@@ -154,6 +175,7 @@ class DeviceGradScaler {
     records_.check_max_norm(max_norm);  // before unscale() launches anything
     require_here(opt);
     const auto guard = records_.lock();
+    require_guard_loss();
     if (records_.stage(opt) == Stage::ready) unscale_locked(opt);
     records_.require_can_clip(opt);
     records_.checked(opt, "clip_grad_norm").max_norm = max_norm;
@@ -167,6 +189,7 @@ class DeviceGradScaler {
     Record& r = records_.get(opt);
     r.num_params = opt.num_params();
     r.found_inf = opt.device_found_inf();
+    r.total_sum_squares = opt.device_total_sum_squares();
     r.stage = Stage::unscaled;
   }
 
@@ -183,8 +206,42 @@ class DeviceGradScaler {
       in.total_sum_squares = opt.device_total_sum_squares();
       in.max_norm = r.max_norm;
     }
-    opt.launch_step(in, &device_state()->any_inf, stream_);
+    if (!guard_.data()) {
+      opt.launch_step(in, &device_state()->any_inf, stream_);
+    } else {
+      // The guard: the step reads found_inf || the guard's skip, and the
+      // scale update (any_inf) only found_inf, or-ed in by the combine
+      // kernel: a guard skip is no overflow. Two one-thread launches.
+      MIXPREC_CHECK(guard_slot_ < kGuardSlots, "DeviceGradScaler::step: more than ", kGuardSlots,
+                    " optimizers stepped in one iteration with the spike guard on");
+      if (!decided_) launch_guard_decide();
+      int* combined = guard_block()->combined + guard_slot_;
+      kernels_->guard_combine(&guard_block()->state, opt.device_found_inf(), combined, &device_state()->any_inf,
+                              stream_);
+      in.found_inf = combined;
+      opt.launch_step(in, nullptr, stream_);
+      ++guard_slot_;
+    }
     r.stage = Stage::stepped;  // only once launched
+  }
+
+  // The guard's decision for the iteration, at its first step(): the loss
+  // and the norm over every optimizer unscaled by then (with several
+  // optimizers, unscale them all before the first step()).
+  void launch_guard_decide() {
+    GuardDecideInputs in;
+    in.loss = options_.spike_guard.judges_loss() ? loss_ : nullptr;
+    for (const Record& r : records_.all()) {
+      MIXPREC_CHECK(in.count < GuardDecideInputs::kMaxOptimizers, "DeviceGradScaler::step: more than ",
+                    GuardDecideInputs::kMaxOptimizers, " optimizers unscaled in one iteration with the spike guard on");
+      in.found_inf[in.count] = r.found_inf;
+      in.total_sum_squares[in.count] = r.total_sum_squares;
+      ++in.count;
+    }
+    in.scale = scale_data();
+    in.grad_divisor = grad_divisor_;
+    kernels_->guard_decide(&guard_block()->state, guard_window(), guard_policy_, in, stream_);
+    decided_ = true;
   }
 
  public:
@@ -201,6 +258,8 @@ class DeviceGradScaler {
       if (r.stage == Stage::unscaled) kernels_->or_flag(r.found_inf, &device_state()->any_inf, stream_);
     }
     records_.clear();
+    decided_ = false;
+    guard_slot_ = 0;
     kernels_->update_scale(device_state(), policy_, options_.mode == ScalingMode::dynamic, stream_);
     backend_->copy_to_host_async(mirror_, device_state(), sizeof(DeviceScalerState), stream_);
     check_errors();
@@ -258,9 +317,48 @@ class DeviceGradScaler {
     }
     return names;
   }
+  /// As GradScaler's: applied counts iterations with finite gradients
+  /// (guard skips included), skipped those with a non-finite gradient.
   std::int64_t applied_steps() const { return read().applied; }
   std::int64_t skipped_steps() const { return read().skipped; }
   ScalerState state() const { return read().state; }
+  /// Iterations the spike guard skipped (0 without it). Synchronising.
+  std::int64_t guard_skipped_steps() const { return spike_guard_state().skipped; }
+  /// The guard's state (last decision, z-scores, counters). Synchronising;
+  /// a default state when the guard is off.
+  SpikeGuardState spike_guard_state() const {
+    SpikeGuardState s;
+    if (guard_.data()) {
+      mixprec::detail::copy_raw(&s, Device::cpu(), &guard_block()->state, device_, sizeof s, stream_);
+    }
+    return s;
+  }
+  /// The guard's state in device memory (null when off), for an
+  /// asynchronous copy that a loop reads later.
+  const SpikeGuardState* spike_guard_state_data() const { return guard_.data() ? &guard_block()->state : nullptr; }
+  /// The guard's window and counters (checkpoints). Synchronising.
+  SpikeGuardSnapshot spike_guard_snapshot() const {
+    MIXPREC_CHECK(guard_.data() != nullptr, "DeviceGradScaler::spike_guard_snapshot: the spike guard is off");
+    SpikeGuardSnapshot snap;
+    snap.state = spike_guard_state();
+    const auto w = static_cast<std::size_t>(options_.spike_guard.window);
+    std::vector<double> both(2 * w);
+    mixprec::detail::copy_raw(both.data(), Device::cpu(), guard_window(), device_, both.size() * sizeof(double),
+                              stream_);
+    snap.loss.assign(both.begin(), both.begin() + static_cast<std::ptrdiff_t>(w));
+    snap.grad_norm.assign(both.begin() + static_cast<std::ptrdiff_t>(w), both.end());
+    return snap;
+  }
+  /// Restores them, checked first; not in the middle of an iteration.
+  /// Copies on stream(), which synchronises (not while capturing).
+  void load_spike_guard(const SpikeGuardSnapshot& snap) {
+    MIXPREC_CHECK(guard_.data() != nullptr, "DeviceGradScaler::load_spike_guard: the spike guard is off");
+    check_snapshot(options_.spike_guard, snap, "DeviceGradScaler::load_spike_guard");
+    const auto guard = records_.lock();
+    MIXPREC_CHECK(records_.all().empty(), "DeviceGradScaler::load_spike_guard: an iteration is under way (update() "
+                  "not called yet)");
+    write_guard(snap, stream_);
+  }
   /// Whether an iteration is under way: unscale or step called, update not yet.
   bool in_iteration() const {
     const auto guard = records_.lock();
@@ -289,7 +387,46 @@ class DeviceGradScaler {
   using Stage = detail::Stage;
   struct Record : detail::RecordBase {
     const int* found_inf = nullptr;  // the optimizer's pass 1 flag (device)
+    const double* total_sum_squares = nullptr;  // and its sum of squares (device)
   };
+
+  // The spike guard in device memory: its state, one combined flag per
+  // optimizer stepped in an iteration, then the window (2 x window doubles).
+  static constexpr int kGuardSlots = 64;
+  struct GuardBlock {
+    SpikeGuardState state;
+    int combined[kGuardSlots];
+  };
+  static constexpr std::size_t kGuardWindowOffset = (sizeof(GuardBlock) + 15) / 16 * 16;
+  std::size_t guard_bytes() const {
+    return kGuardWindowOffset + 2 * static_cast<std::size_t>(options_.spike_guard.window) * sizeof(double);
+  }
+  GuardBlock* guard_block() const { return static_cast<GuardBlock*>(guard_.data()); }
+  double* guard_window() const {
+    return reinterpret_cast<double*>(static_cast<char*>(guard_.data()) + kGuardWindowOffset);
+  }
+  // Writes a (checked) snapshot into the device block, the last decision's
+  // fields afresh.
+  void write_guard(const SpikeGuardSnapshot& snap, stream_t stream) {
+    std::vector<char> bytes(guard_bytes(), 0);
+    GuardBlock block{};
+    block.state.count = snap.state.count;
+    block.state.next = snap.state.next;
+    block.state.streak = snap.state.streak;
+    block.state.skipped = snap.state.skipped;
+    std::memcpy(bytes.data(), &block, sizeof block);
+    std::memcpy(bytes.data() + kGuardWindowOffset, snap.loss.data(), snap.loss.size() * sizeof(double));
+    std::memcpy(bytes.data() + kGuardWindowOffset + snap.loss.size() * sizeof(double), snap.grad_norm.data(),
+                snap.grad_norm.size() * sizeof(double));
+    mixprec::detail::copy_raw(guard_.data(), device_, bytes.data(), Device::cpu(), bytes.size(), stream);
+  }
+  // Before anything of a step changes (lock held).
+  void require_guard_loss() const {
+    MIXPREC_CHECK(!guard_.data() || !options_.spike_guard.judges_loss() || loss_ != nullptr || decided_,
+                  "DeviceGradScaler::step: the spike guard judges the loss (spike_guard.loss_threshold = ",
+                  options_.spike_guard.loss_threshold,
+                  "): call set_loss(device pointer) before the first step(), or set loss_threshold = +inf");
+  }
 
   void require_here(const optim::Optimizer& opt) const {
     MIXPREC_CHECK(opt.on_device() && opt.device() == device_, "DeviceGradScaler: the parameters of this ",
@@ -315,6 +452,11 @@ class DeviceGradScaler {
   std::int64_t streak_seen_ = 0;  // streak_limit_hits already raised
   double grad_divisor_ = 1.0;
   detail::Records<Record> records_{"DeviceGradScaler"};
+  Buffer guard_;  // the spike guard (GuardBlock + window); empty when off
+  SpikeGuardPolicy guard_policy_;
+  const float* loss_ = nullptr;  // set_loss
+  bool decided_ = false;         // the guard judged this iteration
+  int guard_slot_ = 0;           // optimizers stepped this iteration (their combined flags)
 };
 
 }  // namespace amp

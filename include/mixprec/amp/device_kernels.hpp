@@ -7,12 +7,26 @@
 #include <atomic>
 
 #include "mixprec/amp/scale_update.hpp"
+#include "mixprec/amp/spike_guard.hpp"
 #include "mixprec/core/device.hpp"
 #include "mixprec/core/error.hpp"
 #include "mixprec/tensor/tensor_ref.hpp"
 #include "mixprec/core/config.hpp"
 
 MIXPREC_NAMESPACE_BEGIN namespace amp {
+
+/// What the spike guard's decision reads on the device (DeviceGradScaler,
+/// at an iteration's first step): the loss (null when it is not judged) and
+/// the found-inf flags and sums of squares of the optimizers unscaled so far.
+struct GuardDecideInputs {
+  static constexpr int kMaxOptimizers = 8;
+  const float* loss = nullptr;
+  const int* found_inf[kMaxOptimizers] = {};
+  const double* total_sum_squares[kMaxOptimizers] = {};
+  int count = 0;
+  const float* scale = nullptr;  // the iteration's scale: norm = float(sqrt(sum) * float(1 / (scale * divisor)))
+  double grad_divisor = 1.0;
+};
 
 /// What DeviceGradScaler launches. All asynchronous on `stream`.
 class DeviceScalerKernels {
@@ -26,6 +40,15 @@ class DeviceScalerKernels {
   virtual void or_flag(const int* src, int* dst, stream_t stream) = 0;
   /// t[i] *= *scale, in t's element type (rounded to nearest even).
   virtual void scale(const TensorRef& t, const float* scale, stream_t stream) = 0;
+  /// The spike guard's decision (spike_guard_step on the global norm and
+  /// the loss of `in`), window and counters updated in place. One
+  /// single-thread launch.
+  virtual void guard_decide(SpikeGuardState* s, double* window, const SpikeGuardPolicy& policy,
+                            const GuardDecideInputs& in, stream_t stream) = 0;
+  /// *combined = *found_inf || s->skip (what one optimizer's step reads);
+  /// *any_inf |= *found_inf (what the scale update reads). One single-thread launch.
+  virtual void guard_combine(const SpikeGuardState* s, const int* found_inf, int* combined, int* any_inf,
+                             stream_t stream) = 0;
 };
 
 namespace detail {

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "mixprec/amp/scale_update.hpp"
+#include "mixprec/amp/spike_guard.hpp"
 #include "mixprec/core/dtype.hpp"
 #include "mixprec/core/error.hpp"
 #include "mixprec/optim/optimizer.hpp"
@@ -53,6 +54,9 @@ struct GradScalerOptions {
   /// update() throws when the streak reaches it, once per streak. 0 (the
   /// default) never gives up, as torch.
   std::int64_t max_consecutive_skips = 0;
+  /// Skips steps whose loss or gradient norm is an outlier (spike_guard.hpp);
+  /// off by default. Its skips are counted apart (guard_skipped_steps()).
+  SpikeGuardOptions spike_guard;
 
   /// The defaults for a model whose gradients have this dtype: dynamic
   /// scaling for float16, scaling disabled for bfloat16 and float32 (their
@@ -215,7 +219,7 @@ class Records {
 /// backs off if any of them saw a non-finite gradient.
 class GradScaler {
  public:
-  explicit GradScaler(const GradScalerOptions& options = {}) : options_(options) {
+  explicit GradScaler(const GradScalerOptions& options = {}) : options_(options), guard_(options.spike_guard) {
     validate(options);
     state_ = initial_state(options);
     policy_ = policy(options);
@@ -253,6 +257,7 @@ class GradScaler {
   }
 
   static void validate(const GradScalerOptions& o) {
+    amp::validate(o.spike_guard, "GradScaler");
     MIXPREC_CHECK(o.max_consecutive_skips >= 0, "GradScaler: max_consecutive_skips = ", o.max_consecutive_skips,
                   ", must be >= 0 (0: never give up)");
     MIXPREC_CHECK(std::isfinite(o.init_scale) && o.init_scale > 0.0 &&
@@ -318,6 +323,21 @@ class GradScaler {
   /// loss * scale(): what the backward pass starts from.
   float scale(float loss) const { return loss * state_.scale; }
 
+  /// The spike guard (options().spike_guard): the iteration's loss, which
+  /// the guard judges at the iteration's first step(). Required before that
+  /// step when the guard judges the loss; ignored when it does not. Data
+  /// parallel: every rank must pass the same value (the loss all-reduced
+  /// over the ranks, as llm.c does), or the ranks' decisions, and then
+  /// their weights, part ways; the gradient norm needs nothing (it is the
+  /// norm of the reduced gradients). Forgotten at update().
+  void set_loss(float loss) {
+    const auto guard = records_.lock();
+    MIXPREC_CHECK(!decided_, "GradScaler::set_loss: the spike guard has judged this iteration already (step() ran); "
+                  "set the loss before the iteration's first step()");
+    loss_ = loss;
+    has_loss_ = true;
+  }
+
   /// Pass 1 for `opt`: finds non-finite gradients and measures the gradient
   /// norm, reading each gradient once. For users who clip (clip_grad_norm)
   /// or inspect (grad_norm, found_inf) before step(). A second call before
@@ -370,6 +390,7 @@ class GradScaler {
     require_host(opt);
     std::unique_lock<std::mutex> guard = records_.lock();
     records_.require_can_step(opt);
+    require_guard_loss("step");
     const auto busy = records_.begin(opt, "step", guard);
     const bool ready = records_.stage(opt) == Stage::ready;
     guard.unlock();
@@ -379,12 +400,13 @@ class GradScaler {
     records_.require_same_params(opt, r, "step");
     const bool found_inf = r.found_inf;
     const optim::GradTransform t{r.inv_scale, r.clip_coef};
+    const bool outlier = judge_iteration();  // the guard's skip: the scaler's update never sees it
     guard.unlock();
-    if (!found_inf) opt.apply(t);  // outside the lock: other threads step their optimizers meanwhile
+    if (!found_inf && !outlier) opt.apply(t);  // outside the lock: other threads step their optimizers meanwhile
     guard.lock();
     // Only now: an update that threw leaves the optimizer unscaled, not stepped.
     records_.get(opt).stage = Stage::stepped;
-    return !found_inf;
+    return !found_inf && !outlier;
   }
 
   /// unscale + clip_grad_norm(max_norm) + step, for the common case.
@@ -392,6 +414,7 @@ class GradScaler {
     records_.check_max_norm(max_norm);  // before unscale() changes anything
     require_host(opt);
     std::unique_lock<std::mutex> guard = records_.lock();
+    require_guard_loss("step");
     const bool ready = records_.stage(opt) == Stage::ready;
     guard.unlock();
     if (ready) unscale(opt);
@@ -412,6 +435,8 @@ class GradScaler {
     bool found_inf = false;
     for (const Record& r : records_.all()) found_inf = found_inf || r.found_inf;
     records_.clear();
+    decided_ = false;
+    has_loss_ = false;
     std::int64_t& count = found_inf ? skipped_ : applied_;
     count = saturating_increment(count);
     const std::int32_t hits = state_.min_scale_hits;
@@ -455,8 +480,37 @@ class GradScaler {
     return names;
   }
 
+  /// Iterations whose gradients were all finite (guard skips included: the
+  /// scale treats them as clean) and iterations with a non-finite gradient
+  /// (overflow skips). The optimizer's applied_steps() counts applied updates.
   std::int64_t applied_steps() const { return applied_; }
   std::int64_t skipped_steps() const { return skipped_; }
+  /// Iterations the spike guard skipped (0 without it): apart from
+  /// skipped_steps(), and counted in applied_steps().
+  std::int64_t guard_skipped_steps() const {
+    const auto guard = records_.lock();
+    return guard_.skipped_steps();
+  }
+  /// The guard's state: its last decision (skip, reasons, z-scores) and window counters.
+  SpikeGuardState spike_guard_state() const {
+    const auto guard = records_.lock();
+    return guard_.state();
+  }
+  /// The guard's window and counters, for checkpoints (io/checkpoint.hpp
+  /// saves them when the guard is enabled).
+  SpikeGuardSnapshot spike_guard_snapshot() const {
+    const auto guard = records_.lock();
+    return guard_.snapshot();
+  }
+  /// Restores them, checked first (check_snapshot); not in the middle of an
+  /// iteration. A resumed run then decides as the uninterrupted one.
+  void load_spike_guard(const SpikeGuardSnapshot& snap) {
+    check_snapshot(options_.spike_guard, snap, "GradScaler::load_spike_guard");
+    const auto guard = records_.lock();
+    MIXPREC_CHECK(records_.all().empty(), "GradScaler::load_spike_guard: an iteration is under way (update() not "
+                  "called yet)");
+    guard_.load(snap, "GradScaler::load_spike_guard");
+  }
   const ScalerState& state() const { return state_; }
   /// Whether an iteration is under way: unscale or step called, update not yet.
   bool in_iteration() const {
@@ -543,6 +597,34 @@ class GradScaler {
   static float norm_of(const Record& r) {
     return static_cast<float>(std::sqrt(r.total_sum_squares) * r.inv_scale);
   }
+  // Called with the lock held, before anything of the step changes.
+  void require_guard_loss(const char* what) const {
+    MIXPREC_CHECK(!guard_.enabled() || !options_.spike_guard.judges_loss() || has_loss_ || decided_, "GradScaler::",
+                  what, ": the spike guard judges the loss (spike_guard.loss_threshold = ",
+                  options_.spike_guard.loss_threshold,
+                  "): call set_loss(loss) before the iteration's first step(), or set loss_threshold = +inf");
+  }
+  // The guard's decision for the iteration, made at its first step() (lock
+  // held) from the loss and the norm over every optimizer unscaled by then
+  // (with several optimizers, unscale them all before the first step()).
+  bool judge_iteration() {
+    if (!guard_.enabled()) return false;
+    if (!decided_) {
+      bool any_inf = false;
+      double total = 0;
+      float inv_scale = 1.0f;
+      for (const Record& r : records_.all()) {
+        any_inf = any_inf || r.found_inf;
+        total += r.total_sum_squares;
+        inv_scale = r.inv_scale;  // the same for every optimizer of the iteration
+      }
+      const float norm = static_cast<float>(std::sqrt(total) * inv_scale);  // as grad_norm()
+      const double loss = has_loss_ ? static_cast<double>(loss_) : std::numeric_limits<double>::quiet_NaN();
+      guard_skip_ = guard_.step(loss, norm, any_inf);
+      decided_ = true;
+    }
+    return guard_skip_;
+  }
 
   GradScalerOptions options_;
   ScalePolicy policy_;
@@ -552,6 +634,11 @@ class GradScaler {
   StatsReducer stats_reducer_;
   std::int64_t applied_ = 0;
   std::int64_t skipped_ = 0;
+  SpikeGuard guard_;
+  float loss_ = 0;           // set_loss, this iteration
+  bool has_loss_ = false;
+  bool decided_ = false;     // the guard judged this iteration (its first step())
+  bool guard_skip_ = false;  // and skips it
 };
 
 }  // namespace amp

@@ -79,6 +79,7 @@ inline const char* mode_name(amp::ScalingMode m) {
 struct ScalerSnapshot {
   amp::ScalerState state;
   std::int64_t applied = 0, skipped = 0;
+  std::optional<amp::SpikeGuardSnapshot> guard;  // when the scaler's spike guard is enabled
 };
 
 // What load reads from a checkpoint, checked, on the host.
@@ -87,6 +88,13 @@ struct Contents {
   std::vector<std::vector<std::uint8_t>> weights;  // per parameter, its dtype's bytes
   ScalerSnapshot scaler;
 };
+
+template <class Scaler>
+ScalerSnapshot snapshot_of(const Scaler& scaler) {
+  ScalerSnapshot s{scaler.state(), scaler.applied_steps(), scaler.skipped_steps(), std::nullopt};
+  if (scaler.options().spike_guard.enabled) s.guard = scaler.spike_guard_snapshot();
+  return s;
+}
 
 inline std::vector<std::uint8_t> weight_bytes(const TensorRef& w) {
   std::vector<std::uint8_t> out(w.bytes());
@@ -137,6 +145,19 @@ inline void save(const std::string& path, const optim::Optimizer& opt, const Sca
   w.add(std::string(kPrefix) + "scaler/trackers", {3}, trackers, 3);
   w.add(std::string(kPrefix) + "scaler/counts", {2}, counts, 2);
   w.add(std::string(kPrefix) + "scaler/skip_streak", {}, &scaler.state.skip_streak, 1);
+  // The spike guard's window (slot order) and counters: a resumed run
+  // judges its next steps as the uninterrupted run would.
+  std::vector<double> guard_window;
+  std::vector<std::int64_t> guard_counts;
+  if (scaler.guard) {
+    const amp::SpikeGuardSnapshot& g = *scaler.guard;
+    guard_window = g.loss;
+    guard_window.insert(guard_window.end(), g.grad_norm.begin(), g.grad_norm.end());
+    guard_counts = {g.state.count, g.state.next, g.state.streak, g.state.skipped};
+    w.add(std::string(kPrefix) + "scaler/guard_window", {2, static_cast<std::int64_t>(g.loss.size())},
+          guard_window.data(), guard_window.size());
+    w.add(std::string(kPrefix) + "scaler/guard_counts", {4}, guard_counts.data(), guard_counts.size());
+  }
 
   w.set_metadata("format", kFormat);
   w.set_metadata("format_version", kFormatVersion);
@@ -239,6 +260,31 @@ inline Contents read(const SafetensorsFile& f, const optim::Optimizer& opt, cons
   const std::string streak = std::string(kPrefix) + "scaler/skip_streak";
   known.insert(streak);
   if (f.find(streak) != nullptr) c.scaler.state.skip_streak = f.values<std::int64_t>(expect(f, streak, StDType::I64, {}))[0];
+  // The spike guard's window: read when the scaler has the guard on (a file
+  // without one starts the window afresh: the guard warms up again; one
+  // saved with another window length is refused); ignored when it is off.
+  const std::string guard_window = std::string(kPrefix) + "scaler/guard_window";
+  const std::string guard_counts = std::string(kPrefix) + "scaler/guard_counts";
+  known.insert(guard_window);
+  known.insert(guard_counts);
+  const amp::SpikeGuardOptions& go = scaler_options.spike_guard;
+  if (go.enabled && f.find(guard_window) != nullptr) {
+    const std::vector<double> v = f.values<double>(expect(f, guard_window, StDType::F64, {2, go.window}));
+    const std::vector<std::int64_t> n = f.values<std::int64_t>(expect(f, guard_counts, StDType::I64, {4}));
+    amp::SpikeGuardSnapshot g;
+    const auto half = static_cast<std::ptrdiff_t>(go.window);
+    g.loss.assign(v.begin(), v.begin() + half);
+    g.grad_norm.assign(v.begin() + half, v.end());
+    MIXPREC_CHECK(n[0] >= 0 && n[0] <= go.window && n[1] >= 0 && n[1] <= go.window, "load_checkpoint: ", src,
+                  ": scaler/guard_counts = [", n[0], ", ", n[1], ", ...], count and next must be in [0, window = ",
+                  go.window, "]");
+    g.state.count = static_cast<std::int32_t>(n[0]);
+    g.state.next = static_cast<std::int32_t>(n[1]);
+    g.state.streak = n[2];
+    g.state.skipped = n[3];
+    amp::check_snapshot(go, g, "load_checkpoint");
+    c.scaler.guard = std::move(g);
+  }
   for (const TensorInfo& t : f.tensors()) {
     MIXPREC_CHECK(known.count(t.name) != 0, "load_checkpoint: ", src, " holds a tensor \"", t.name,
                   "\" that is not part of this ", opt.name(), "'s state (a parameter missing from the optimizer?)");
@@ -288,6 +334,9 @@ void load(const std::string& path, optim::Optimizer& opt, Scaler& scaler, Checkp
   // it copies); the scaler's load cannot fail once checked.
   opt.load_state(c.opt);
   scaler.load_state(c.scaler.state, c.scaler.applied, c.scaler.skipped);
+  if (scaler.options().spike_guard.enabled) scaler.load_spike_guard(c.scaler.guard.value_or(amp::SpikeGuardSnapshot{
+      {}, std::vector<double>(static_cast<std::size_t>(scaler.options().spike_guard.window), 0.0),
+      std::vector<double>(static_cast<std::size_t>(scaler.options().spike_guard.window), 0.0)}));
   write_weights(opt, c.weights);
   if (extras != nullptr) {
     extras->metadata = std::move(got.metadata);
@@ -305,13 +354,13 @@ inline void save_checkpoint(const std::string& path, const optim::Optimizer& opt
                             const CheckpointExtras& extras = {}) {
   MIXPREC_CHECK(!scaler.in_iteration(), "save_checkpoint: the scaler is in the middle of an iteration (step() "
                 "done, update() not yet): the optimizer has stepped, the scale not; save after update()");
-  detail::save(path, opt, {scaler.state(), scaler.applied_steps(), scaler.skipped_steps()}, scaler.options(), extras);
+  detail::save(path, opt, detail::snapshot_of(scaler), scaler.options(), extras);
 }
 inline void save_checkpoint(const std::string& path, const optim::Optimizer& opt, const amp::DeviceGradScaler& scaler,
                             const CheckpointExtras& extras = {}) {
   MIXPREC_CHECK(!scaler.in_iteration(), "save_checkpoint: the scaler is in the middle of an iteration (step() "
                 "done, update() not yet): the optimizer has stepped, the scale not; save after update()");
-  detail::save(path, opt, {scaler.state(), scaler.applied_steps(), scaler.skipped_steps()}, scaler.options(), extras);
+  detail::save(path, opt, detail::snapshot_of(scaler), scaler.options(), extras);
 }
 
 /// Restores what save_checkpoint saved into an optimizer and scaler built

@@ -24,6 +24,7 @@
 #include "mixprec/cuda/multi_tensor.cuh"
 #include "mixprec/cuda/nn_ops.cuh"
 #include "mixprec/cuda/optimizer_step.cuh"
+#include "mixprec/cuda/spike_guard.cuh"
 #include "mixprec/optim/device_backend.hpp"
 #include "mixprec/core/config.hpp"
 
@@ -152,6 +153,14 @@ class ScalerKernels final : public amp::DeviceScalerKernels {
           const_cast<T*>(view.data()), view.numel(), scale);
     });
     MIXPREC_CUDA_CHECK_LAUNCH("scale_kernel");
+  }
+  void guard_decide(amp::SpikeGuardState* s, double* window, const amp::SpikeGuardPolicy& policy,
+                    const amp::GuardDecideInputs& in, stream_t stream) override {
+    launch_spike_guard_decide(s, window, policy, in, static_cast<cudaStream_t>(stream));
+  }
+  void guard_combine(const amp::SpikeGuardState* s, const int* found_inf, int* combined, int* any_inf,
+                     stream_t stream) override {
+    launch_spike_guard_combine(s, found_inf, combined, any_inf, static_cast<cudaStream_t>(stream));
   }
 };
 
