@@ -28,6 +28,7 @@
 #include "mixprec/optim/optimizer.hpp"
 #include "mixprec/optim/family.hpp"
 #include "mixprec/optim/optimizers/adam.hpp"
+#include "mixprec/optim/optimizers/lamb.hpp"
 #include "mixprec/optim/optimizers/lion.hpp"
 #include "mixprec/optim/optimizers/rmsprop.hpp"
 #include "mixprec/optim/optimizers/sgd.hpp"

@@ -7,13 +7,21 @@
 // registered (MIXPREC_REGISTER_OPTIMIZER in one .cu file).
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "mixprec/core/config.hpp"
+#include "mixprec/core/simd.hpp"
+#include "mixprec/optim/cpu_step.hpp"
 #include "mixprec/optim/optimizer_base.hpp"
+#include "mixprec/optim/param.hpp"
+#include "mixprec/tensor/tensor_ref.hpp"
 
 // The formula is instantiated with 8-float vectors for the AVX2 loop (see
 // core/simd.hpp on -Wpsabi).
@@ -26,6 +34,116 @@ struct StateOrder {
   int high, low;
   const char* why;
 };
+
+/// The pre-pass (optional; LAMB, Adam's update clipping): a kernel part may
+/// ask for per-tensor sums over the elements, made before any element of the
+/// step is written, from which its coefficients are finished:
+///
+///     static constexpr int kSums = N;                 // sums per tensor, 1..3
+///     MIXPREC_HOST_DEVICE static unsigned prepass(const Hyper&);  // kPrepass* bits; 0: none this step
+///     MIXPREC_HOST_DEVICE static void grad_norm(Coeffs&, const Hyper&, double sum_squares);
+///     template <class V> MIXPREC_HOST_DEVICE static void terms(const V& param, const V& s0, const V& s1,
+///                                                              const V& s2, V grad, const Coeffs&, V* out);
+///     MIXPREC_HOST_DEVICE static void finish(Coeffs&, const Hyper&, double lr, double step,
+///                                            const double* sums, std::int64_t numel);
+///
+/// With kPrepassGradNorm, a first round sums the squares of every
+/// parameter's gradient (after the unscale and the scaler's clip: the g
+/// the update sees) over the whole optimizer, and grad_norm() gets the
+/// total; with kPrepassSums, a round sums terms() (out[0..N)) over each
+/// tensor, from the step's coefficients and the state before the step
+/// (terms reads, never writes), and finish() gets them. A kernel part
+/// without kSums has no pre-pass, and its step is what it was.
+///
+/// The sums have the same bits on the CPU and the GPU: one order, that of
+/// the device kernel. A tensor is cut at multiples of kPrepassChunk
+/// elements (the device's chunks); in a chunk, element e's term goes to
+/// partial sum e % 256 (a thread's), added in float in increasing e; the
+/// 256 partials reduce per 32 as x[l] += x[l + h] for h = 16, 8, 4, 2, 1 (a
+/// warp's shuffle tree), and the 8 results are added in order to 0.0f; the
+/// chunks' floats are added in double in chunk order, and (the gradient
+/// round) the tensors' doubles in parameter order.
+inline constexpr unsigned kPrepassSums = 1;
+inline constexpr unsigned kPrepassGradNorm = 2;
+inline constexpr std::int64_t kPrepassChunk = std::int64_t{1} << 16;
+inline constexpr int kPrepassLanes = 256;
+
+namespace detail {
+template <class K, class = void>
+struct PrepassSumsOf : std::integral_constant<int, 0> {};
+template <class K>
+struct PrepassSumsOf<K, std::void_t<decltype(K::kSums)>> : std::integral_constant<int, K::kSums> {};
+}  // namespace detail
+/// The number of pre-pass sums of kernel part K (0: it has no pre-pass).
+template <class K>
+inline constexpr int prepass_sums_v = detail::PrepassSumsOf<K>::value;
+
+namespace detail {
+// The pre-pass's reduction of 256 partials (see kPrepassSums); destroys them.
+inline float reduce_lanes(float* p) {
+  float total = 0.0f;
+  for (int w = 0; w < kPrepassLanes / 32; ++w) {
+    float* x = p + 32 * w;
+    for (int h = 16; h > 0; h /= 2) {
+      for (int l = 0; l < h; ++l) x[l] = x[l] + x[l + h];
+    }
+    total = total + x[0];
+  }
+  return total;
+}
+template <class V>
+inline V load_lane(const float* p) {
+  if constexpr (std::is_same<V, float>::value) {
+    return *p;
+  } else {
+    return simd::load<V>(p);
+  }
+}
+
+// out[0..K) = the pre-pass sums over the n elements of one tensor, in the
+// order above: term(e, g, t) writes element e's K terms (for 4 elements at
+// a time, as simd::f32x4, where the host has vectors) given its
+// transformed gradient g.
+template <int K, class Term>
+void prepass_tensor_sums(const TensorRef& grad, std::int64_t n, const GradTransform& t, Term&& term, double* out) {
+  static_assert(K >= 1 && K <= 3, "a pre-pass makes 1 to 3 sums per tensor");
+  for (int j = 0; j < K; ++j) out[j] = 0.0;
+  float g[cpu::kChunk];
+  static_assert(cpu::kChunk % kPrepassLanes == 0 && kPrepassChunk % cpu::kChunk == 0, "lane e % 256 of a chunk");
+  for (std::int64_t begin = 0; begin < n; begin += kPrepassChunk) {
+    const std::int64_t end = std::min(begin + kPrepassChunk, n);
+    float lanes[K][kPrepassLanes] = {};
+    for (std::int64_t off = begin; off < end; off += cpu::kChunk) {
+      const std::int64_t m = std::min(cpu::kChunk, end - off);
+      cpu::load_float(grad, off, m, g);
+      // The update's transform, the same roundings (update_elements).
+      if (t.inv_scale != 1.0f) {
+        for (std::int64_t k = 0; k < m; ++k) g[k] *= t.inv_scale;
+      }
+      if (t.clip_coef != 1.0f) {
+        for (std::int64_t k = 0; k < m; ++k) g[k] *= t.clip_coef;
+      }
+      std::int64_t k = 0;
+#if MIXPREC_HAS_VECTOR_EXT
+      for (; k + simd::lanes <= m; k += simd::lanes) {
+        simd::f32x4 v[K];
+        term(off + k, simd::load<simd::f32x4>(g + k), v);
+        for (int j = 0; j < K; ++j) {
+          float* a = lanes[j] + k % kPrepassLanes;
+          simd::store(a, simd::load<simd::f32x4>(a) + v[j]);
+        }
+      }
+#endif
+      for (; k < m; ++k) {
+        float v[K];
+        term(off + k, g[k], v);
+        for (int j = 0; j < K; ++j) lanes[j][k % kPrepassLanes] += v[j];
+      }
+    }
+    for (int j = 0; j < K; ++j) out[j] += static_cast<double>(reduce_lanes(lanes[j]));
+  }
+}
+}  // namespace detail
 
 /// Defaults a Rule inherits and may hide.
 struct RuleDefaults {
@@ -77,6 +195,7 @@ class Family : public OptimizerBase<Family<Rule>, typename Rule::Options> {
   using Kernel = typename Rule::Kernel;
   using Hyper = typename Kernel::Hyper;
   using Coeffs = typename Kernel::Coeffs;
+  static constexpr int kSums = prepass_sums_v<Kernel>;
 
  public:
   using Options = typename Rule::Options;
@@ -86,7 +205,16 @@ class Family : public OptimizerBase<Family<Rule>, typename Rule::Options> {
   }
   const char* name() const override { return Rule::name(); }
   std::vector<std::string> state_names() const override { return Rule::state_names(); }
-  static void validate(const Options& o) { Rule::validate(o); }
+  static void validate(const Options& o) {
+    Rule::validate(o);
+    if constexpr (kSums > 0) {
+      const StateLayout l = layout_option(o);
+      MIXPREC_CHECK(!l.lean() || Kernel::prepass(Rule::hyper(o, o.lr, 0)) == 0u, Rule::name(),
+                    ": these options need a pre-pass over the state (per-tensor sums), which lean layouts do not "
+                    "have in this version: StateLayout moments = ", to_string(l.moments), ", master = ",
+                    to_string(l.master), "; keep both fp32");
+    }
+  }
 
   bool nonnegative_state(std::size_t k) const override {
     for (int n : Rule::nonnegative_states()) {
@@ -143,8 +271,10 @@ class Family : public OptimizerBase<Family<Rule>, typename Rule::Options> {
   void update_param(std::size_t i, const GradTransform& t) override {
     const std::size_t g = this->group_of(i);
     const double lr = this->lr(g);
-    const Coeffs c = Kernel::coeffs(Rule::hyper(this->options_[g], lr, fresh_of(i)), lr,
-                                    static_cast<double>(this->step_count(i)));
+    const Hyper h = Rule::hyper(this->options_[g], lr, fresh_of(i));
+    const double step = static_cast<double>(this->step_count(i));
+    Coeffs c = Kernel::coeffs(h, lr, step);
+    if constexpr (kSums > 0) finish_coeffs(i, t, h, lr, step, c);
     const unsigned mask = (Kernel::uses(c, 0) ? 1u : 0u) | (Kernel::uses(c, 1) ? 2u : 0u) |
                           (Kernel::uses(c, 2) ? 4u : 0u);
     switch (mask) {
@@ -159,7 +289,54 @@ class Family : public OptimizerBase<Family<Rule>, typename Rule::Options> {
     }
   }
 
+  // The pre-pass's gradient round, before any parameter is updated: the
+  // sum of squares of every transformed gradient, when a group asks.
+  void before_update(const GradTransform& t) override {
+    if constexpr (kSums > 0) {
+      unsigned want = 0;
+      for (std::size_t g = 0; g < this->num_groups(); ++g) {
+        want |= Kernel::prepass(Rule::hyper(this->options_[g], this->lr(g), 0));
+      }
+      if ((want & kPrepassGradNorm) == 0u) return;
+      double total = 0;
+      for (std::size_t i = 0; i < this->num_params(); ++i) {
+        double s = 0;
+        detail::prepass_tensor_sums<1>(this->param(i).grad, this->param(i).grad.numel(), t,
+                                       [](std::int64_t, auto g, auto* out) { out[0] = math::mul(g, g); }, &s);
+        total += s;
+      }
+      grad_sum_squares_ = total;
+    } else {
+      (void)t;
+    }
+  }
+
  private:
+  // The pre-pass's per-tensor round for parameter i, and the coefficients
+  // finished from its sums (before update_elements writes anything).
+  void finish_coeffs(std::size_t i, const GradTransform& t, const Hyper& h, double lr, double step, Coeffs& c) {
+    const unsigned pre = Kernel::prepass(h);
+    if (pre & kPrepassGradNorm) Kernel::grad_norm(c, h, grad_sum_squares_);
+    if ((pre & kPrepassSums) == 0u) return;
+    const float* m = this->slots_[i].master.data();
+    const float* s[3];
+    for (int k = 0; k < 3; ++k) s[k] = Kernel::uses(c, k) ? this->existing_state(i, static_cast<std::size_t>(k)) : m;
+    const Coeffs cc = c;
+    double sums[kSums > 0 ? kSums : 1];
+    const std::int64_t n = this->param(i).grad.numel();
+    detail::prepass_tensor_sums<kSums>(this->param(i).grad, n, t,
+                                       [&](std::int64_t e, auto g, auto* out) {
+                                         using V = decltype(g);
+                                         Kernel::terms(detail::load_lane<V>(m + e), detail::load_lane<V>(s[0] + e),
+                                                       detail::load_lane<V>(s[1] + e),
+                                                       detail::load_lane<V>(s[2] + e), g, cc, out);
+                                       },
+                                       sums);
+    Kernel::finish(c, h, lr, step, sums, n);
+  }
+
+  double grad_sum_squares_ = 0;  // the pre-pass's gradient round (before_update)
+
   unsigned fresh_of(std::size_t i) const {
     unsigned f = 0;
     for (std::size_t k = 0; k < 3; ++k) f |= this->fresh_state(i, k) ? 1u << k : 0u;

@@ -18,6 +18,18 @@ MIXPREC_HOST_DEVICE inline V lerp(V self, V end, float weight) {
   return weight < 0.5f ? self + math::mul(weight, end - self) : end - math::mul(end - self, 1.0f - weight);
 }
 
+/// x in every lane of V (float, simd::f32x4, the kernels' exact_float).
+template <class V>
+MIXPREC_HOST_DEVICE inline V splat(float x) {
+  return V(x);
+}
+#if MIXPREC_HAS_VECTOR_EXT
+template <>
+inline simd::f32x4 splat<simd::f32x4>(float x) {
+  return simd::f32x4{x, x, x, x};
+}
+#endif
+
 }  // namespace optim
 MIXPREC_NAMESPACE_END
 MIXPREC_PSABI_POP
