@@ -147,9 +147,9 @@ TEST(Recast, MovesBackAndRefusesWhatCannotMove) {
   const std::string relu = error_of([&] { net.set_precision(1, DType::float32); });
   EXPECT_NE(relu.find("ReLU cannot compute in float32"), std::string::npos) << relu;
   const std::string index = error_of([&] { net.set_precision(7, DType::float32); });
-  EXPECT_NE(index.find("layer 7, the Sequential has 2 layers"), std::string::npos) << index;
+  EXPECT_NE(index.find("Sequential::set_precision: layer 7, the Sequential has 2 layers"), std::string::npos) << index;
   const std::string bad = error_of([&] { net.set_precision(0, static_cast<DType>(9)); });
-  EXPECT_NE(bad.find("dtype = 9"), std::string::npos) << bad;
+  EXPECT_NE(bad.find("Sequential::set_precision: dtype = 9 for layer 0"), std::string::npos) << bad;
   EXPECT_EQ(net.precision(0), DType::float16);
   EXPECT_EQ(net.precision(1), DType::float16);
 }

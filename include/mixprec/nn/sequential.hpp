@@ -130,20 +130,13 @@ class Sequential {
   /// it, writing the new weights from the fp32 masters). Before an
   /// optimizer is made, this simply decides the layer's precision. Every
   /// check runs before anything changes.
-  void set_precision(std::size_t i, DType dtype) { replace(i, copy_in_precision(i, dtype)); }
+  void set_precision(std::size_t i, DType dtype) { replace(i, copy_in(i, dtype, "set_precision")); }
 
   /// What set_precision(i, dtype) would put in place of layer i, made
   /// without changing anything: for a caller that rebinds an optimizer to
   /// its parameters before replace() swaps it in.
   std::unique_ptr<Layer<T>> copy_in_precision(std::size_t i, DType dtype) const {
-    const Layer<T>& layer = *layers_.at(check_index(i, "copy_in_precision"));
-    MIXPREC_CHECK(dtype == DType::float16 || dtype == DType::bfloat16 || dtype == DType::float32,
-                  "Sequential::set_precision: dtype = ", static_cast<int>(dtype), " for layer ", i,
-                  ", must be float16, bfloat16 or float32");
-    MIXPREC_CHECK(!(fuse_ && device_.is_cuda()), "Sequential::set_precision: layer ", i, " (", layer.name(),
-                  "): this Sequential fuses consecutive Linear backward passes (fuse_linear_backward = true), "
-                  "whose links a replaced layer would break; build it without fusion to change precisions");
-    return nn::copy_in_precision(layer, dtype);
+    return copy_in(i, dtype, "copy_in_precision");
   }
 
   /// Puts `layer` in place of layer i and returns the old one. The new
@@ -163,6 +156,16 @@ class Sequential {
   }
 
  private:
+  std::unique_ptr<Layer<T>> copy_in(std::size_t i, DType dtype, const char* what) const {
+    const Layer<T>& layer = *layers_.at(check_index(i, what));
+    MIXPREC_CHECK(dtype == DType::float16 || dtype == DType::bfloat16 || dtype == DType::float32, "Sequential::",
+                  what, ": dtype = ", static_cast<int>(dtype), " for layer ", i,
+                  ", must be float16, bfloat16 or float32");
+    MIXPREC_CHECK(!(fuse_ && device_.is_cuda()), "Sequential::", what, ": layer ", i, " (", layer.name(),
+                  "): this Sequential fuses consecutive Linear backward passes (fuse_linear_backward = true), "
+                  "whose links a replaced layer would break; build it without fusion to change precisions");
+    return nn::copy_in_precision(layer, dtype);
+  }
   std::size_t check_index(std::size_t i, const char* what) const {
     MIXPREC_CHECK(i < layers_.size(), "Sequential::", what, ": layer ", i, ", the Sequential has ", layers_.size(),
                   " layers");
