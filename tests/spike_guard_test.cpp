@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "mixprec/mixprec.hpp"
+#include "mixprec/monitor/monitor.hpp"
 #include "state_bits.hpp"
 #include "test_util.hpp"
 
@@ -389,6 +390,22 @@ TEST(SpikeGuardTraining, TheLossMustBeGivenBeforeTheFirstStep) {
   // Forgotten at update(): the next iteration needs its own.
   m.batch();
   expect_error([&] { m.scaler.step(*m.opt); }, {"set_loss"});
+}
+
+TEST(SpikeGuardTraining, TheMonitorHandsTheGuardItsLoss) {
+  Regression m;
+  monitor::MonitorOptions mo;
+  mo.warnings = false;
+  monitor::Monitor mon(*m.opt, m.scaler, mo);
+  for (int step = 0; step < 200; ++step) mon.step(m.batch());  // no set_loss needed
+  ASSERT_EQ(m.scaler.guard_skipped_steps(), 0);
+  ASSERT_EQ(m.scaler.spike_guard_state().count, 128) << "the guard saw the monitor's losses";
+  const std::vector<std::uint32_t> before = test::state_bits(*m.opt);
+  const float loss = m.batch();
+  EXPECT_FALSE(mon.step(loss * 100.0f)) << "a loss-only spike, judged from the monitor's loss";
+  EXPECT_EQ(m.scaler.spike_guard_state().reasons, amp::guard_loss);
+  EXPECT_EQ(m.scaler.guard_skipped_steps(), 1);
+  EXPECT_EQ(test::state_bits(*m.opt), before);
 }
 
 // A run of `steps` iterations with planted spikes at fixed iterations; the

@@ -64,6 +64,10 @@ struct Args {
   std::string moments = "fp32", master = "fp32";
   bool graph = true;
   bool zero1 = false;  // data parallel: ZeRO-1 (masters and moments sharded over the ranks)
+  // The spike guard (docs/grad-scaler.md#spike-guard): skip steps whose loss
+  // or gradient norm is an outlier; under mpirun the norm only (each rank's
+  // loss is its own, and the ranks must decide alike).
+  bool spike_guard = false;
   // The instability monitor (docs/monitor.md): on by default, a logged
   // step every monitor_every steps, a JSONL log when monitor_log is set
   // (or report is: then beside the report), an HTML report at the end.
@@ -121,6 +125,9 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
       ->type_name("DIR");
   add_on_off(app, "--graph", a.graph, "GPU: replay each step as a CUDA graph (off: eager launches)");
   add_on_off(app, "--zero1", a.zero1, "under mpirun: shard masters and moments over the ranks (ZeRO-1)");
+  add_on_off(app, "--spike-guard", a.spike_guard,
+             "skip steps whose loss or gradient norm is a z > 6 outlier over the last 128 (under mpirun: the norm "
+             "only); counted apart from overflow skips");
   app.add_option("--min-accuracy", a.min_accuracy, "exit 1 when the final test accuracy is below it")
       ->type_name("X")
       ->check(finite_at_least(0));
@@ -462,13 +469,33 @@ inline void print_stopped(const Args& a, const RunPosition& p, std::int64_t step
 // the same bits); with --zero1 on every rank saves and loads its shard.
 // Returns the final test accuracy, or nothing when --stop-at-step ended
 // the run first.
+/// With --spike-guard, the guard's skips of the run (the epochs' "skipped"
+/// counts overflows only).
+inline void print_guard(const Args& a, const Progress& progress, std::int64_t skipped) {
+  if (a.spike_guard && !progress.quiet) {
+    std::printf("spike guard: %lld steps skipped (loss or gradient norm z > 6)\n", static_cast<long long>(skipped));
+  }
+}
+
+/// The scaler's options: the dtype's defaults, and the spike guard when
+/// --spike-guard is on. Data parallel, the guard judges the gradient norm
+/// only: it is the reduced gradients' on every rank, while each rank's loss
+/// is its own (the ranks must make the same decision).
+template <class T>
+amp::GradScalerOptions scaler_options(const Args& a, int ranks) {
+  amp::GradScalerOptions o = amp::GradScalerOptions::for_dtype(dtype_of<T>);
+  o.spike_guard.enabled = a.spike_guard;
+  if (ranks > 1) o.spike_guard.loss_threshold = std::numeric_limits<double>::infinity();
+  return o;
+}
+
 template <class T>
 std::optional<double> run_cpu(const Args& a, const ImageSet& train_set, const ImageSet& test_set,
                               const std::vector<std::int64_t>& sample, AddLayers<T> add_layers,
                               dist::Communicator& comm) {
   const int ranks = comm.size(), rank = comm.rank();
   Model<T> m(a, Device::cpu(), nullptr, train_set, test_set, sample, add_layers);
-  amp::GradScaler scaler(amp::GradScalerOptions::for_dtype(dtype_of<T>));
+  amp::GradScaler scaler(scaler_options<T>(a, ranks));
   scaler.set_grad_divisor(ranks);
   std::unique_ptr<dist::ZeroOne> zero;
   if (a.zero1) {
@@ -551,6 +578,7 @@ std::optional<double> run_cpu(const Args& a, const ImageSet& train_set, const Im
       } else if (ranks > 1) {
         reducer->reduce();
       }
+      scaler.set_loss(loss);  // what the spike guard judges (ignored without it)
       if (mon) {
         mon->step(loss);  // scaler.step + scaler.update, watched
       } else {
@@ -586,6 +614,7 @@ std::optional<double> run_cpu(const Args& a, const ImageSet& train_set, const Im
     progress.finish(epoch, pos.loss_sum / steps, scaler.scale(), scaler.skipped_steps() - pos.skipped_before,
                     images_per_s, accuracy, monitor_status(mon));
   }
+  print_guard(a, progress, scaler.guard_skipped_steps());
   return accuracy;
 }
 
@@ -614,7 +643,7 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
   const nn::Context ctx{stream.get()};
   Model<T> m(a, dev, stream.get(), train_set, test_set, sample, add_layers);
   m.opt->set_stream(stream.get());  // its reads (lr, step counts) wait for this stream
-  amp::DeviceGradScaler scaler(amp::GradScalerOptions::for_dtype(dtype_of<T>), dev, stream.get());
+  amp::DeviceGradScaler scaler(scaler_options<T>(a, ranks), dev, stream.get());
   scaler.set_grad_divisor(ranks);
   std::optional<dist::GradientReducer> reducer;
   if (ranks > 1) reducer.emplace(*dp, *m.opt);
@@ -639,6 +668,7 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
   // epoch's loss sum, then the test set's correct count (int64).
   Buffer scalars(4 * sizeof(float) + sizeof(std::int64_t), dev);
   float* loss = static_cast<float*>(scalars.data());
+  scaler.set_loss(loss);  // the spike guard reads the step's loss here (ignored without it)
   auto* correct = reinterpret_cast<std::int64_t*>(loss + 4);
   struct Snapshot {
     int bad_label;   // scalars [1]
@@ -779,6 +809,7 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
     progress.finish(epoch, end->loss_sum / steps, end->scaler.state.scale, skipped, images_per_s, accuracy,
                     monitor_status(mon));
   }
+  if (a.spike_guard) print_guard(a, progress, scaler.guard_skipped_steps());  // a synchronising read, once
   return accuracy;
 }
 

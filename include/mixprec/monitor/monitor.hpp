@@ -130,6 +130,8 @@ class Monitor {
       opt_.set_grad_histogram(host_hist_.data());
     }
     bool applied = false;
+    // The spike guard judges this loss (give the monitor the loss the ranks agree on).
+    if (host_->options().spike_guard.enabled) host_->set_loss(loss);
     try {
       applied = max_norm > 0 ? host_->step(opt_, max_norm) : host_->step(opt_);
     } catch (...) {
@@ -174,6 +176,8 @@ class Monitor {
       plan_->snapshot(stream);
       opt_.set_grad_histogram(plan_->histogram());
     }
+    // The spike guard reads this loss (the one the ranks agree on).
+    if (loss != nullptr && scaler.options().spike_guard.enabled) scaler.set_loss(loss);
     try {
       if (max_norm > 0) {
         scaler.step(opt_, max_norm);
