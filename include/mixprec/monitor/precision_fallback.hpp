@@ -264,9 +264,12 @@ void restore_precisions(nn::Sequential<T>& model, optim::Optimizer& opt, const s
 /// precision they had and the run goes on to the bits of an uninterrupted
 /// one.
 ///
-/// Limits: act moves host layers (nn::Recast's boundary casts have no
-/// device kernel yet; refused at construction, naming the device);
-/// suggest works on both. Linear and Conv2d can move. An activation that
+/// Limits: act moves layers of host models only (refused at construction,
+/// naming the device): on a device the move would come when the read-back
+/// arrives, steps later, and would reallocate tensors that queued kernels
+/// and captured CUDA graphs still use. suggest works on both, and a device
+/// model can compute a layer in fp32 from the start (set_precision before
+/// the optimizer is made). Linear and Conv2d can move. An activation that
 /// overflows fp16 at the layer's output still overflows (the move protects
 /// parameters and their gradients, not activations handed to fp16
 /// neighbours). One loss scale: per-layer scales are the next step

@@ -72,6 +72,10 @@ class DeviceOps {
   virtual void linear_backward(DType dtype, const void* x, const void* w, const void* y, const void* dy, void* dx,
                                void* grad_w, void* grad_bias, std::int64_t batch, std::int64_t in,
                                std::int64_t out, Activation act, const LinearFusion& f, stream_t stream) = 0;
+  /// dst[i] = src[i] converted from dtype `from` to dtype `to`, rounding to
+  /// nearest even with the host's bits (core/convert.hpp), n elements; the
+  /// boundary casts of a layer computing in another precision (Recast).
+  virtual void convert(DType from, const void* src, DType to, void* dst, std::int64_t n, stream_t stream) = 0;
   /// y = act(x), n elements.
   virtual void activation_forward(DType dtype, Activation act, const void* x, void* y, std::int64_t n,
                                   stream_t stream) = 0;

@@ -13,6 +13,7 @@
 #include "mixprec/core/config.hpp"
 #include "mixprec/core/dtype.hpp"
 #include "mixprec/core/error.hpp"
+#include "mixprec/nn/device_ops.hpp"
 #include "mixprec/nn/layer.hpp"
 #include "mixprec/tensor/ops.hpp"
 #include "mixprec/tensor/tensor.hpp"
@@ -43,6 +44,18 @@ void convert_tensor(TensorView<const S> src, TensorView<D> dst) {
   }
 }
 
+/// The boundary cast of a Recast: on a device one conversion kernel,
+/// asynchronous on `stream` (nn::DeviceOps::convert); on the host a loop.
+/// Both round to nearest even with the same bits.
+template <class S, class D>
+void cast(TensorView<const S> src, TensorView<D> dst, stream_t stream) {
+  if (src.device().is_cuda()) {
+    nn_device_ops().convert(dtype_of<S>, src.data(), dtype_of<D>, dst.data(), src.numel(), stream);
+  } else {
+    convert(src, dst);
+  }
+}
+
 }  // namespace detail
 
 /// A layer of element type U run inside a network of T. The network's
@@ -64,8 +77,10 @@ void convert_tensor(TensorView<const S> src, TensorView<D> dst) {
 /// instead of 11) on the way in; y and dx come back exactly where they are
 /// in fp16's range.
 ///
-/// Host layers only: on a device the boundary casts would need a conversion
-/// kernel in nn::DeviceOps, which does not exist yet (refused, naming it).
+/// On a device the casts are one conversion kernel each
+/// (nn::DeviceOps::convert), queued on the context's stream with the
+/// layer's own work: nothing synchronises, and after one eager step (which
+/// allocates the U buffers) a step can be captured in a CUDA graph.
 /// Memory: U copies of the layer's input, output and their gradients.
 template <class T, class U>
 class Recast final : public Layer<T> {
@@ -74,9 +89,7 @@ class Recast final : public Layer<T> {
  public:
   explicit Recast(std::unique_ptr<Layer<U>> inner) : inner_(std::move(inner)) {
     MIXPREC_CHECK(inner_ != nullptr, "Recast: null layer");
-    MIXPREC_CHECK(inner_->device().is_cpu(), "Recast: ", inner_->name(), " is on ", inner_->device(),
-                  "; a layer in another precision than its network runs on the host only for now (the casts at "
-                  "its boundary need a device conversion kernel, which nn::DeviceOps does not have yet)");
+    detail::check_layer_device(name(), inner_->device());
   }
 
   /// "Linear(784, 1024, relu) in float32".
@@ -91,9 +104,9 @@ class Recast final : public Layer<T> {
   void forward(TensorView<const T> x, TensorView<T> y, const Context& ctx) override {
     ensure(x_, x.shape());
     ensure(y_, y.shape());
-    detail::convert_tensor(x, x_.view());
+    detail::cast(x, x_.view(), ctx.stream);
     inner_->forward(TensorView<const U>(x_.view()), y_.view(), ctx);
-    detail::convert_tensor(TensorView<const U>(y_.view()), y);
+    detail::cast(TensorView<const U>(y_.view()), y, ctx.stream);
   }
 
   void backward(TensorView<const T> x, TensorView<const T> y, TensorView<const T> dy, TensorView<T> dx,
@@ -104,11 +117,11 @@ class Recast final : public Layer<T> {
     MIXPREC_CHECK(dx.empty() || dx.shape() == x.shape(), name(), ": dx shape ", dx.shape(), " != input shape ",
                   x.shape());
     ensure(dy_, dy.shape());
-    detail::convert_tensor(dy, dy_.view());
+    detail::cast(dy, dy_.view(), ctx.stream);
     if (!dx.empty()) ensure(dx_, dx.shape());
     inner_->backward(TensorView<const U>(x_.view()), TensorView<const U>(y_.view()), TensorView<const U>(dy_.view()),
                      dx.empty() ? TensorView<U>() : dx_.view(), ctx);
-    if (!dx.empty()) detail::convert_tensor(TensorView<const U>(dx_.view()), dx);
+    if (!dx.empty()) detail::cast(TensorView<const U>(dx_.view()), dx, ctx.stream);
   }
 
   std::vector<optim::Param> parameters(const std::string& prefix) override { return inner_->parameters(prefix); }

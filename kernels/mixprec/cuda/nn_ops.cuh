@@ -23,6 +23,7 @@
 #include "mixprec/core/cublas_check.hpp"
 #include "mixprec/core/cudnn_check.hpp"
 #include "mixprec/core/cuda_check.hpp"
+#include "mixprec/cuda/convert.cuh"
 #include "mixprec/cuda/launch.cuh"
 #include "mixprec/nn/device_ops.hpp"
 #include "mixprec/nn/functional.hpp"
@@ -373,6 +374,17 @@ class NnOps final : public nn::DeviceOps {
       matmul(dtype, Key{dtype, e, CUBLAS_OP_N, CUBLAS_OP_N, in, batch, out, in, out, in}, w, dz, dx,
              f.prev_grad_bias, f.prev_act == nn::Activation::none ? nullptr : f.prev_aux, f.prev_aux_ld, stream);
     }
+  }
+
+  void convert(DType from, const void* src, DType to, void* dst, std::int64_t n, stream_t stream) override {
+    if (n == 0) return;
+    nn_detail::with_type(from, [&](auto* from_tag) {
+      using From = std::remove_pointer_t<decltype(from_tag)>;
+      nn_detail::with_type(to, [&](auto* to_tag) {
+        using To = std::remove_pointer_t<decltype(to_tag)>;
+        launch_convert(static_cast<const From*>(src), static_cast<To*>(dst), n, stream);
+      });
+    });
   }
 
   void activation_forward(DType dtype, nn::Activation act, const void* x, void* y, std::int64_t n,
