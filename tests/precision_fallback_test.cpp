@@ -420,6 +420,118 @@ TEST(PrecisionFallback, DynamicScalingMovesOnlyTheOverflowingLayer) {
   EXPECT_GE(run.accuracy(), fp32_reference_accuracy() - 0.02);
 }
 
+// Underflow: layer 0 reads inputs of ~2^-16 with weights 2^16 the usual
+// (the network is an ordinary one in 2^16 x), trained without loss scaling:
+// its weight gradient is 2^-16 of the ordinary one, and a rising share of
+// it falls under 2^-24, lost in fp16. The detector's thresholds are set so
+// that a share of 25% fires (no rise asked, no minimum size).
+struct UnderflowRun {
+  static constexpr float kShrink = 65536.0f;  // 2^16
+  nn::Sequential<half> model{Shape{kBatch, kIn}};
+  std::unique_ptr<optim::AdamW> opt;
+  std::unique_ptr<amp::GradScaler> scaler;
+  std::unique_ptr<monitor::Monitor> mon;
+  std::unique_ptr<monitor::PrecisionFallback<half>> fallback;
+
+  explicit UnderflowRun(bool on_underflow) {
+    auto& l0 = model.emplace<nn::Linear<half>>(kIn, kHidden, nn::Activation::relu, true, Device::cpu(), 1);
+    for (std::int64_t k = 0; k < l0.weight().numel(); ++k) {
+      l0.weight().at(k) = from_float<half>(to_float(l0.weight().at(k)) * kShrink);
+    }
+    model.emplace<nn::Linear<half>>(kHidden, kClasses, nn::Activation::none, true, Device::cpu(), 2);
+    std::vector<optim::Param> ps = model.parameters();
+    optim::AdamWOptions o;
+    o.lr = 3e-3;
+    o.weight_decay = 0;
+    optim::AdamWOptions o0 = o;
+    o0.lr = o.lr * kShrink;
+    opt = std::make_unique<optim::AdamW>(std::vector<optim::Param>{ps[0]}, o0);
+    opt->add_param_group({ps[1], ps[2], ps[3]}, o);
+    amp::GradScalerOptions so;
+    so.mode = amp::ScalingMode::disabled;
+    scaler = std::make_unique<amp::GradScaler>(so);
+    monitor::MonitorOptions mo;
+    mo.every = 5;
+    mo.warnings = false;
+    mo.detectors.underflow_rise = 0;
+    mo.detectors.underflow_min_numel = 0;
+    mon = std::make_unique<monitor::Monitor>(*opt, *scaler, mo);
+    monitor::PrecisionFallbackOptions fo = policy(FallbackPolicy::act);
+    fo.on_underflow = on_underflow;
+    fallback = std::make_unique<monitor::PrecisionFallback<half>>(model, *opt, *mon, fo);
+  }
+
+  void train(int steps) {
+    std::mt19937 rng(3);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<float> teacher(kClasses * kIn);
+    for (float& t : teacher) t = normal(rng);
+    Tensor<half> x(Shape{kBatch, kIn});
+    std::vector<std::int32_t> y(kBatch);
+    std::vector<float> u(kIn);
+    for (int s = 0; s < steps; ++s) {
+      for (int b = 0; b < kBatch; ++b) {
+        for (int i = 0; i < kIn; ++i) {
+          u[i] = normal(rng);
+          x.at(b * kIn + i) = from_float<half>(u[i] / kShrink);
+        }
+        float best = -1e30f;
+        for (int c = 0; c < kClasses; ++c) {
+          float score = 0;
+          for (int i = 0; i < kIn; ++i) score += teacher[c * kIn + i] * u[i];
+          if (score > best) {
+            best = score;
+            y[b] = c;
+          }
+        }
+      }
+      const float loss = nn::softmax_cross_entropy(model.forward(x.view()), y.data(), 1.0f, model.output_grad());
+      model.backward();
+      mon->step(loss);
+    }
+  }
+};
+
+TEST(PrecisionFallback, AnUnderflowingLayerMovesOnlyWhenUnderflowMayTrigger) {
+  UnderflowRun run(/*on_underflow=*/true);
+  run.train(400);
+  const auto under = events_of(*run.mon, EventKind::underflow);
+  ASSERT_FALSE(under.empty());
+  EXPECT_EQ(under[0]->param, "0.weight");
+  const auto moved = events_of(*run.mon, EventKind::precision_fallback);
+  ASSERT_EQ(moved.size(), 1u);
+  EXPECT_EQ(moved[0]->param, "0.weight");
+  EXPECT_EQ(moved[0]->step, under[0]->step) << "the move answers the record that reported the underflow";
+  EXPECT_NE(moved[0]->message.find("0.weight's gradient underflows float16"), std::string::npos) << moved[0]->message;
+  EXPECT_EQ(run.model.precision(0), DType::float32);
+  EXPECT_EQ(run.model.precision(1), DType::float16);
+  // The fp32 gradient keeps what fp16 loses: nonzero values under 2^-24.
+  const TensorView<float> g = run.opt->param(0).grad.as<float>();
+  int kept = 0;
+  for (std::int64_t k = 0; k < g.numel(); ++k) kept += g.data()[k] != 0 && std::fabs(g.data()[k]) < 0x1p-24f;
+  EXPECT_GT(kept, 0);
+  // And the detectors now judge fp16 parameters only: 0.weight is not named again.
+  for (const auto* e : events_of(*run.mon, EventKind::underflow)) {
+    if (e->step > moved[0]->step) EXPECT_NE(e->param, "0.weight");
+  }
+
+  UnderflowRun off(/*on_underflow=*/false);
+  off.train(400);
+  EXPECT_FALSE(events_of(*off.mon, EventKind::underflow).empty());
+  EXPECT_TRUE(events_of(*off.mon, EventKind::precision_fallback).empty());
+  EXPECT_EQ(off.model.precision(0), DType::float16);
+}
+
+TEST(PrecisionFallback, OnOverflowFalseIgnoresOverflow) {
+  monitor::PrecisionFallbackOptions fo = policy(FallbackPolicy::act);
+  fo.on_overflow = false;
+  Trainer<half> run(static_scale(), fo);
+  for (int s = 0; s < 20; ++s) run.train_step();
+  EXPECT_EQ(events_of(*run.mon, EventKind::repeated_overflow).size(), 1u);
+  EXPECT_TRUE(run.fallback->moves().empty());
+  EXPECT_EQ(run.scaler->skipped_steps(), 20);
+}
+
 // --- checkpoints ----------------------------------------------------------
 
 struct Final {
