@@ -174,10 +174,10 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
                        a.moments + " --master " + a.master);
   }
   const bool usable = cuda_available() && optim::device_backend() != nullptr;
-  if (a.device.empty()) a.device = usable && !lean ? "cuda" : "cpu";
-  if (a.device == "cuda" && lean) {
-    return usage_error("--moments " + a.moments + " --master " + a.master +
-                       ": lean layouts run on host parameters in this version; use --device cpu");
+  if (a.device.empty()) a.device = usable ? "cuda" : "cpu";
+  if (a.device == "cuda" && a.monitor && a.master != "fp32") {
+    return usage_error("--master " + a.master + " on the GPU: the device monitor reads fp32 masters; add --monitor off "
+                       "or keep --master fp32");
   }
   if (a.device == "cuda" && !usable) {
     return usage_error(std::string("no CUDA device: --device cuda, but ") +
