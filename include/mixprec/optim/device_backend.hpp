@@ -18,6 +18,7 @@
 #include "mixprec/core/device.hpp"
 #include "mixprec/core/error.hpp"
 #include "mixprec/optim/schedule.hpp"
+#include "mixprec/optim/state_layout.hpp"
 #include "mixprec/tensor/tensor_ref.hpp"
 
 MIXPREC_NAMESPACE_BEGIN namespace optim {
@@ -27,6 +28,22 @@ MIXPREC_NAMESPACE_BEGIN namespace optim {
 /// step is one launch whatever the number of groups. An optimizer's Hyper
 /// (its header, optim/optimizers/) must keep 64 of them within that.
 inline constexpr std::size_t kMaxDeviceGroups = 64;
+
+/// A parameter's lean state (optim/state_layout.hpp) as the device step
+/// sees it, in device memory; inactive (and unread) where its group keeps
+/// fp32 moments and an fp32 master.
+struct DeviceLeanState {
+  bool active = false;
+  Moments moments = Moments::fp32;
+  Master master = Master::fp32;
+  unsigned nonnegative = 0;                          // bit k: state k takes the unsigned 8-bit code
+  void* packed[3] = {nullptr, nullptr, nullptr};    // bf16 values or 8-bit codes (moments not fp32)
+  float* scales[3] = {nullptr, nullptr, nullptr};   // 8-bit: one per lean::kBlock values
+  std::uint16_t* remainder = nullptr;               // Master::remainder: the lower halves
+  std::uint32_t* tie_bits = nullptr;                // Master::remainder: one bit an element
+  std::uint64_t seed = 0;                           // Master::none: StateLayout::seed
+  std::uint64_t index = 0;                          // Master::none: the parameter's index in its optimizer
+};
 
 /// One parameter as the device step sees it: the user's weight and gradient
 /// views and mixprec's fp32 master, state (unused entries null) and step
@@ -38,6 +55,7 @@ struct DeviceParam {
   float* state[3] = {nullptr, nullptr, nullptr};
   std::int64_t* step = nullptr;
   int group = 0;  // its parameter group: the index into a step's hyperparameters
+  DeviceLeanState lean;
 };
 
 /// Device inputs and counters of a step launch, read (and counted) when

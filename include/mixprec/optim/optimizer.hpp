@@ -439,7 +439,13 @@ class Optimizer {
           write_state(i, k, *p.state[k]);
           s.fresh_state &= ~bit;
         } else if (has_state(i, k) && on_device()) {
-          fill(s.state[k], 0.0f);  // the options need it, the file has none: as made fresh
+          // The options need it, the file has none: as made fresh.
+          if (layout_of(i).moments == Moments::fp32) {
+            fill(s.state[k], 0.0f);
+          } else {
+            zero_buffer(s.packed[k].values);
+            zero_buffer(s.packed[k].scales);
+          }
           s.fresh_state |= bit;
         } else if (has_state(i, k)) {
           s.state[k] = Tensor<float>();  // host: made on first use, as in a fresh run
@@ -703,13 +709,12 @@ class Optimizer {
       Param& p = params[k];
       Slot s;
       if (layout.master == Master::remainder) {
-        // The master starts as the weight: its lower half is zero. (Lean
-        // layouts are host-only: check_layout.)
+        // The master starts as the weight: its lower half is zero.
         const auto n = static_cast<std::size_t>(p.weight.numel());
         s.remainder = Buffer(n * sizeof(std::uint16_t), device);
         s.tie_bits = Buffer((n + 31) / 32 * sizeof(std::uint32_t), device);
-        if (n > 0) std::memset(s.remainder.data(), 0, s.remainder.bytes());
-        if (n > 0) std::memset(s.tie_bits.data(), 0, s.tie_bits.bytes());
+        zero_buffer(s.remainder);
+        zero_buffer(s.tie_bits);
       } else if (layout.master == Master::fp32) {
         s.master = Tensor<float>(p.weight.shape(), device);
         if (device.is_cuda()) {
@@ -876,14 +881,18 @@ class Optimizer {
         detail::copy_raw(out, Device::cpu(), s.master.data(), device_, n * sizeof(float), stream_);
         return;
       case Master::remainder: {
-        const auto* w = static_cast<const std::uint16_t*>(s.param.weight.data());
-        const auto* r = static_cast<const std::uint16_t*>(s.remainder.data());
-        const auto* t = static_cast<const std::uint32_t*>(s.tie_bits.data());
+        const std::vector<std::uint16_t> w = weight_values<std::uint16_t>(i);  // bf16 bits
+        const std::vector<std::uint16_t> r = download<std::uint16_t>(s.remainder);
+        const std::vector<std::uint32_t> t = download<std::uint32_t>(s.tie_bits);
         for (std::size_t e = 0; e < n; ++e) out[e] = lean::join_master(w[e], r[e], (t[e / 32] >> (e % 32)) & 1u);
         return;
       }
       case Master::none:
-        cpu::load_float(s.param.weight, 0, static_cast<std::int64_t>(n), out);
+        s.param.weight.visit([&](auto w) {
+          using T = typename decltype(w)::value_type;
+          const std::vector<T> h = weight_values<T>(i);
+          convert_n(h.data(), n, out);
+        });
         return;
     }
   }
@@ -898,39 +907,56 @@ class Optimizer {
         from_host(v, s.master);
         return;
       case Master::remainder: {
-        auto* w = static_cast<std::uint16_t*>(s.param.weight.data());
-        auto* r = static_cast<std::uint16_t*>(s.remainder.data());
-        auto* t = static_cast<std::uint32_t*>(s.tie_bits.data());
+        std::vector<std::uint16_t> w(n), r(n);
+        std::vector<std::uint32_t> t((n + 31) / 32, 0u);
         for (std::size_t e = 0; e < n; ++e) {
           const lean::SplitMaster m = lean::split_master(v[e]);
           w[e] = m.weight;
           r[e] = m.remainder;
-          const std::uint32_t bit = 1u << (e % 32);
-          t[e / 32] = m.tie_up ? (t[e / 32] | bit) : (t[e / 32] & ~bit);
+          t[e / 32] |= static_cast<std::uint32_t>(m.tie_up) << (e % 32);
         }
+        write_weight(i, w);
+        upload(s.remainder, r);
+        upload(s.tie_bits, t);
         return;
       }
       case Master::none:
-        s.param.weight.visit([&](auto w) { convert_n(v.data(), n, w.data()); });
+        s.param.weight.visit([&](auto w) {
+          using T = typename decltype(w)::value_type;
+          std::vector<T> h(n);
+          convert_n(v.data(), n, h.data());
+          write_weight(i, h);
+        });
         return;
     }
   }
   /// State tensor k of parameter i (which exists) as fp32 values.
   std::vector<float> state_values(std::size_t i, std::size_t k) const {
     const Slot& s = slots_[i];
-    if (layout_of(i).moments == Moments::fp32) return to_host(s.state[k]);
-    std::vector<float> out(static_cast<std::size_t>(numel_of(i)));
-    decode(i, k, 0, numel_of(i), out.data());
+    const Moments moments = layout_of(i).moments;
+    if (moments == Moments::fp32) return to_host(s.state[k]);
+    const std::int64_t n = numel_of(i);
+    std::vector<float> out(static_cast<std::size_t>(n));
+    const std::vector<std::uint8_t> values = download<std::uint8_t>(s.packed[k].values);
+    const std::vector<float> scales = download<float>(s.packed[k].scales);
+    decode_raw(moments, nonnegative_state(k), values.data(), scales.data(), 0, n, out.data());
     return out;
   }
   /// Sets state tensor k of parameter i (which exists) to `v`, encoded in
   /// the group's layout.
   void write_state(std::size_t i, std::size_t k, const std::vector<float>& v) {
-    if (layout_of(i).moments == Moments::fp32) {
+    const Moments moments = layout_of(i).moments;
+    if (moments == Moments::fp32) {
       from_host(v, slots_[i].state[k]);
-    } else {
-      encode(i, k, 0, static_cast<std::int64_t>(v.size()), v.data());
+      return;
     }
+    Packed& p = slots_[i].packed[k];
+    std::vector<std::uint8_t> values(p.values.bytes());
+    std::vector<float> scales(p.scales.bytes() / sizeof(float));
+    encode_raw(moments, nonnegative_state(k), values.data(), scales.data(), 0, static_cast<std::int64_t>(v.size()),
+               v.data());
+    upload(p.values, values);
+    upload(p.scales, scales);
   }
   /// True when state k of parameter i was created for the step under way.
   bool fresh_state(std::size_t i, std::size_t k) const { return (slots_[i].fresh_state >> k) & 1u; }
@@ -1117,42 +1143,90 @@ class Optimizer {
       p.values = Buffer(n, device_);
       p.scales = Buffer((n + lean::kBlock - 1) / lean::kBlock * sizeof(float), device_);
     }
-    if (p.values.bytes() > 0) std::memset(p.values.data(), 0, p.values.bytes());  // +0 in either code
-    if (p.scales.bytes() > 0) std::memset(p.scales.data(), 0, p.scales.bytes());
+    zero_buffer(p.values);  // +0 in either code
+    zero_buffer(p.scales);
     return p;
   }
-  // Values [off, off + m) of packed state k of parameter i as fp32 (off a
-  // multiple of lean::kBlock).
-  void decode(std::size_t i, std::size_t k, std::int64_t off, std::int64_t m, float* out) const {
-    const Packed& p = slots_[i].packed[k];
-    if (layout_of(i).moments == Moments::bf16) {
-      convert_n(static_cast<const bfloat16*>(p.values.data()) + off, static_cast<std::size_t>(m), out);
+  // Zeros a buffer on the host or the device (the device: synchronously).
+  static void zero_buffer(Buffer& b) {
+    if (b.bytes() == 0) return;
+    if (b.device().is_cpu()) {
+      std::memset(b.data(), 0, b.bytes());
       return;
     }
-    const auto* codes = static_cast<const std::uint8_t*>(p.values.data());
-    const auto* scales = static_cast<const float*>(p.scales.data());
-    const bool nonnegative = nonnegative_state(k);
+    const std::vector<char> zeros(b.bytes(), 0);
+    detail::copy_raw(b.data(), b.device(), zeros.data(), Device::cpu(), b.bytes());
+  }
+  // A host copy of a buffer (of the host or the device), and the way back.
+  template <class T>
+  std::vector<T> download(const Buffer& b) const {
+    std::vector<T> out(b.bytes() / sizeof(T));
+    if (b.bytes() == 0) return out;
+    order_accesses();
+    detail::copy_raw(out.data(), Device::cpu(), b.data(), b.device(), b.bytes(), stream_);
+    return out;
+  }
+  template <class T>
+  void upload(Buffer& b, const std::vector<T>& v) {
+    if (b.bytes() == 0) return;
+    detail::copy_raw(b.data(), b.device(), v.data(), Device::cpu(), b.bytes(), stream_);
+  }
+  // Values [off, off + m) of packed state k of host parameter i as fp32
+  // (off a multiple of lean::kBlock), and back: the step's chunks.
+  void decode(std::size_t i, std::size_t k, std::int64_t off, std::int64_t m, float* out) const {
+    const Packed& p = slots_[i].packed[k];
+    decode_raw(layout_of(i).moments, nonnegative_state(k), p.values.data(), static_cast<const float*>(p.scales.data()),
+               off, m, out);
+  }
+  void encode(std::size_t i, std::size_t k, std::int64_t off, std::int64_t m, const float* in) {
+    Packed& p = slots_[i].packed[k];
+    encode_raw(layout_of(i).moments, nonnegative_state(k), p.values.data(), static_cast<float*>(p.scales.data()), off,
+               m, in);
+  }
+  // bf16 rounds to nearest even; 8-bit encodes each block with its new scale.
+  static void decode_raw(Moments moments, bool nonnegative, const void* values, const float* scales, std::int64_t off,
+                         std::int64_t m, float* out) {
+    if (moments == Moments::bf16) {
+      convert_n(static_cast<const bfloat16*>(values) + off, static_cast<std::size_t>(m), out);
+      return;
+    }
+    const auto* codes = static_cast<const std::uint8_t*>(values);
     for (std::int64_t j = 0; j < m; ++j) {
       out[j] = lean::decode_value(codes[off + j], nonnegative, scales[(off + j) / lean::kBlock]);
     }
   }
-  // Encodes values [off, off + m) of packed state k of parameter i: bf16
-  // rounded to nearest even; 8-bit, each block with its new scale.
-  void encode(std::size_t i, std::size_t k, std::int64_t off, std::int64_t m, const float* in) {
-    Packed& p = slots_[i].packed[k];
-    if (layout_of(i).moments == Moments::bf16) {
-      convert_n(in, static_cast<std::size_t>(m), static_cast<bfloat16*>(p.values.data()) + off);
+  static void encode_raw(Moments moments, bool nonnegative, void* values, float* scales, std::int64_t off,
+                         std::int64_t m, const float* in) {
+    if (moments == Moments::bf16) {
+      convert_n(in, static_cast<std::size_t>(m), static_cast<bfloat16*>(values) + off);
       return;
     }
-    auto* codes = static_cast<std::uint8_t*>(p.values.data());
-    auto* scales = static_cast<float*>(p.scales.data());
-    const bool nonnegative = nonnegative_state(k);
+    auto* codes = static_cast<std::uint8_t*>(values);
     for (std::int64_t b = 0; b < m; b += lean::kBlock) {
       const std::int64_t len = std::min<std::int64_t>(lean::kBlock, m - b);
       const float scale = lean::block_scale(in + b, len);
       scales[(off + b) / lean::kBlock] = scale;
       lean::encode_block(in + b, len, nonnegative, scale, codes + off + b);
     }
+  }
+  // Parameter i's model weight as host values of T (T: its element type,
+  // or uint16_t for its raw 16 bits), and the way back.
+  template <class T>
+  std::vector<T> weight_values(std::size_t i) const {
+    const TensorRef& w = slots_[i].param.weight;
+    std::vector<T> out(static_cast<std::size_t>(w.numel()));
+    MIXPREC_CHECK(out.size() * sizeof(T) == w.bytes(), name(), ": weight_values: element size");
+    if (out.empty()) return out;
+    order_accesses();
+    detail::copy_raw(out.data(), Device::cpu(), w.data(), device_, w.bytes(), stream_);
+    return out;
+  }
+  template <class T>
+  void write_weight(std::size_t i, const std::vector<T>& v) {
+    TensorRef& w = slots_[i].param.weight;
+    MIXPREC_CHECK(v.size() * sizeof(T) == w.bytes(), name(), ": write_weight: element size");
+    if (v.empty()) return;
+    detail::copy_raw(w.data(), device_, v.data(), Device::cpu(), w.bytes(), stream_);
   }
   // Throws, naming the option and the parameter, unless `layout` suits the
   // new group's parameters.
@@ -1161,9 +1235,6 @@ class Optimizer {
                   ": StateLayout::moments = ", static_cast<int>(layout.moments), ", not a Moments value");
     MIXPREC_CHECK(static_cast<int>(layout.master) <= static_cast<int>(Master::none), name(),
                   ": StateLayout::master = ", static_cast<int>(layout.master), ", not a Master value");
-    MIXPREC_CHECK(!layout.lean() || !device.is_cuda(), name(), ": StateLayout moments = ", to_string(layout.moments),
-                  ", master = ", to_string(layout.master), " on ", device, ": lean layouts run on host parameters "
-                  "in this version; device parameters keep fp32 moments and masters");
     if (layout.master != Master::remainder) return;
     for (std::size_t k = 0; k < params.size(); ++k) {
       MIXPREC_CHECK(params[k].weight.dtype() == DType::bfloat16, name(), ": parameter \"", params[k].name,
@@ -1237,9 +1308,29 @@ class Optimizer {
       params[i].weight = s.param.weight;
       params[i].grad = s.param.grad;
       params[i].master = s.master.data();
-      for (std::size_t k = 0; k < 3; ++k) params[i].state[k] = has_state(i, k) ? s.state[k].data() : nullptr;
+      for (std::size_t k = 0; k < 3; ++k) {
+        params[i].state[k] = has_state(i, k) && layout_of(i).moments == Moments::fp32 ? s.state[k].data() : nullptr;
+      }
       params[i].step = s.device_step;
       params[i].group = static_cast<int>(s.group);
+      const StateLayout& layout = layout_of(i);
+      if (layout.lean()) {
+        DeviceLeanState& l = params[i].lean;
+        l.active = true;
+        l.moments = layout.moments;
+        l.master = layout.master;
+        for (std::size_t k = 0; k < 3; ++k) {
+          if (nonnegative_state(k)) l.nonnegative |= 1u << k;
+          if (has_state(i, k) && layout.moments != Moments::fp32) {
+            l.packed[k] = s.packed[k].values.data();
+            l.scales[k] = static_cast<float*>(s.packed[k].scales.data());
+          }
+        }
+        l.remainder = static_cast<std::uint16_t*>(s.remainder.data());
+        l.tie_bits = static_cast<std::uint32_t*>(s.tie_bits.data());
+        l.seed = layout.seed;
+        l.index = i;
+      }
     }
     if (plan_) {
       plan_->set_params(params);  // pass 1's results stay where they are

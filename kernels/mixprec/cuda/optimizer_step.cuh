@@ -23,6 +23,7 @@
 #include "mixprec/core/cuda_check.hpp"
 #include "mixprec/cuda/exact_float.cuh"
 #include "mixprec/cuda/launch.cuh"
+#include "mixprec/cuda/lean_step.cuh"
 #include "mixprec/cuda/multi_tensor.cuh"
 #include "mixprec/optim/device_backend.hpp"
 #include "mixprec/optim/optimizers/adam.hpp"
@@ -45,6 +46,7 @@ struct ParamEntry {
   float* state[3];
   std::int64_t* step;
   int group;  // index into the launch's GroupHypers
+  optim::DeviceLeanState lean;  // lean layouts (cuda/lean_step.cuh); inactive for fp32 state
 };
 
 /// The hyperparameters of every group of one launch, passed by value as a
@@ -109,6 +111,10 @@ __device__ inline bool quad_aligned(const T* ptr) {
 template <class Kernel, class G, class W, class C>
 __device__ inline void update_range(const G* grad, W* weight, const ParamEntry& p, std::int64_t begin,
                                     std::int64_t end, float inv_scale, float clip, const C& c) {
+  if (p.lean.active) {
+    lean_range<Kernel>(grad, weight, p.master, p.state, p.lean, *p.step + 1, begin, end, inv_scale, clip, c);
+    return;
+  }
   bool aligned = quad_aligned(grad + begin) && quad_aligned(weight + begin) && quad_aligned(p.master + begin);
   for (int k = 0; k < 3; ++k) aligned = aligned && (!Kernel::uses(c, k) || quad_aligned(p.state[k] + begin));
   std::int64_t i = begin;

@@ -1,0 +1,179 @@
+// SPDX-License-Identifier: Apache-2.0
+// Lean optimizer state on the GPU (cuda/lean_step.cuh): every layout gives
+// the CPU's bits (optim_lean_test checks the CPU against references), the
+// 8-bit blocks, tie bits and stochastic rounding included, eagerly and
+// replayed from a CUDA graph; a device checkpoint resumes on the host.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "gpu_skip.hpp"
+#include "mixprec/cuda/backend.cuh"
+#include "mixprec/mixprec.hpp"
+#include "state_bits.hpp"
+#include "test_util.hpp"
+
+namespace mixprec {
+namespace {
+
+using optim::Master;
+using optim::Moments;
+using optim::StateLayout;
+using test::first_difference;
+
+std::vector<StateLayout> lean_layouts(bool bf16_weights) {
+  std::vector<StateLayout> out;
+  for (Moments mo : {Moments::fp32, Moments::bf16, Moments::int8}) {
+    for (Master ma : {Master::fp32, Master::remainder, Master::none}) {
+      if (ma == Master::remainder && !bf16_weights) continue;
+      StateLayout l;
+      l.moments = mo;
+      l.master = ma;
+      l.seed = 7;
+      if (l.lean()) out.push_back(l);
+    }
+  }
+  return out;
+}
+
+// Three parameters (one over two device chunks with a tail that is not a
+// whole tile or tie word, two small ones), 10 steps with an inf at step 4,
+// host and device: skips, scales, step counts, masters (as master_values),
+// every state tensor (decoded) and the weights, bit for bit.
+template <class Opt, class T>
+void lean_host_equals_device(typename Opt::options_type o, const StateLayout& layout, bool graph) {
+  o.layout = layout;
+  const std::vector<std::int64_t> sizes = {70001, 4099, 333};
+  test::OwnedStream owner;
+  cudaStream_t stream = owner.s;
+  std::vector<Tensor<T>> hw, hg, dw, dg;
+  std::vector<optim::Param> hp, dp;
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    hw.emplace_back(Shape{sizes[i]});
+    hg.emplace_back(Shape{sizes[i]});
+    fill_normal(hw.back(), 0, 1, 3 + i);
+    dw.push_back(hw.back().to(Device::cuda(0)));
+    dg.emplace_back(Shape{sizes[i]}, Device::cuda(0));
+  }
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    hp.push_back({"p" + std::to_string(i), hw[i], hg[i]});
+    dp.push_back({"p" + std::to_string(i), dw[i], dg[i]});
+  }
+  Opt host(hp, o), device(dp, o);
+  device.set_stream(stream);
+  amp::GradScalerOptions so;
+  so.init_scale = 1024;
+  amp::GradScaler hs(so);
+  amp::DeviceGradScaler ds(so, Device::cuda(0), stream);
+  cudaGraph_t g = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  if (graph) {
+    ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
+    ds.step(device);
+    ds.update();
+    ASSERT_EQ(cudaStreamEndCapture(stream, &g), cudaSuccess);
+    ASSERT_EQ(cudaGraphInstantiate(&exec, g, 0), cudaSuccess);
+  }
+  for (int s = 0; s < 10; ++s) {
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+      fill_normal(hg[i], 0, 0.5f * hs.scale(), 50 + 7 * static_cast<std::uint64_t>(s) + i);
+      if (s == 4 && i == 1) hg[i].at(sizes[i] - 1) = from_float<T>(INFINITY);
+      copy(hg[i], dg[i]);
+    }
+    hs.step(host);
+    hs.update();
+    if (graph) {
+      ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+    } else {
+      ds.step(device);
+      ds.update();
+    }
+  }
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  if (graph) {
+    ASSERT_EQ(cudaGraphExecDestroy(exec), cudaSuccess);
+    ASSERT_EQ(cudaGraphDestroy(g), cudaSuccess);
+  }
+  EXPECT_EQ(hs.skipped_steps(), 1);
+  EXPECT_EQ(ds.skipped_steps(), hs.skipped_steps());
+  EXPECT_EQ(ds.scale(), hs.scale());
+  EXPECT_EQ(test::state_bits(device), test::state_bits(host));
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    const Tensor<T> back = dw[i].to(Device::cpu());
+    ASSERT_EQ(std::memcmp(back.data(), hw[i].data(), back.bytes()), 0) << "weight " << i;
+  }
+  // The device's state loads into a host optimizer, which then steps as the
+  // host run does.
+  std::vector<Tensor<T>> cw, cg;
+  std::vector<optim::Param> cp;
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    cw.push_back(dw[i].to(Device::cpu()));
+    cg.emplace_back(Shape{sizes[i]});
+    cp.push_back({"p" + std::to_string(i), cw[i], cg[i]});
+  }
+  Opt resumed(cp, o);
+  resumed.load_state(device.save_state());
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    fill_normal(hg[i], 0, 0.5f, 999 + i);
+    copy(hg[i], cg[i]);
+  }
+  host.step();
+  resumed.step();
+  EXPECT_EQ(test::state_bits(resumed), test::state_bits(host));
+}
+
+optim::AdamWOptions adamw() {
+  optim::AdamWOptions o;
+  o.lr = 1e-2;
+  o.amsgrad = true;
+  return o;
+}
+
+TEST(LeanGpu, AdamWEveryLayoutGivesTheCpuBits) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  for (const StateLayout& l : lean_layouts(true)) {
+    SCOPED_TRACE(std::string("bf16 weights, moments ") + to_string(l.moments) + ", master " + to_string(l.master));
+    lean_host_equals_device<optim::AdamW, bfloat16>(adamw(), l, false);
+  }
+  for (const StateLayout& l : lean_layouts(false)) {
+    SCOPED_TRACE(std::string("fp16 weights, moments ") + to_string(l.moments) + ", master " + to_string(l.master));
+    lean_host_equals_device<optim::AdamW, half>(adamw(), l, false);
+  }
+}
+
+TEST(LeanGpu, OtherOptimizersAndAGraphGiveTheCpuBits) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  StateLayout leanest;
+  leanest.moments = Moments::int8;
+  leanest.master = Master::none;
+  leanest.seed = 3;
+  StateLayout remainder;
+  remainder.moments = Moments::bf16;
+  remainder.master = Master::remainder;
+  for (const StateLayout& l : {leanest, remainder}) {
+    SCOPED_TRACE(std::string("moments ") + to_string(l.moments) + ", master " + to_string(l.master));
+    optim::SGDOptions sgd;
+    sgd.lr = 1e-2;
+    sgd.momentum = 0.9;
+    sgd.nesterov = true;
+    lean_host_equals_device<optim::SGD, bfloat16>(sgd, l, true);
+    optim::RMSpropOptions rms;
+    rms.lr = 1e-3;
+    rms.centered = true;
+    rms.momentum = 0.5;
+    lean_host_equals_device<optim::RMSprop, bfloat16>(rms, l, true);
+    optim::LionOptions lion;
+    lion.lr = 1e-3;
+    lion.weight_decay = 0.1;
+    lean_host_equals_device<optim::Lion, bfloat16>(lion, l, true);
+    lean_host_equals_device<optim::AdamW, bfloat16>(adamw(), l, true);
+  }
+}
+
+}  // namespace
+}  // namespace mixprec
