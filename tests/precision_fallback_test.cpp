@@ -8,6 +8,7 @@
 // bits of the uninterrupted run; bad options are refused, naming them.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -41,20 +42,28 @@ std::string error_of(const std::function<void()>& f) {
 // y = relu(x W^T + b) and its gradients by plain loops in double, from the
 // values the layer holds: independent of the layer's Eigen code.
 struct LinearReference {
-  std::vector<double> y, gw, gb, gx;
+  std::vector<double> y, ymag, gw, gb, gx;  // ymag: sum of |terms| of each output
 };
+
+// One fp16 ulp at x (subnormals: 2^-24).
+double half_ulp(float x) { return std::ldexp(1.0, std::max(std::ilogb(std::fmax(std::fabs(x), 0x1p-14f)), -14) - 10); }
 LinearReference linear_reference(const std::vector<float>& x, const std::vector<float>& w,
                                  const std::vector<float>& b, const std::vector<float>& dy, int batch, int in,
                                  int out) {
   LinearReference r;
   r.y.assign(static_cast<std::size_t>(batch * out), 0.0);
+  r.ymag.assign(static_cast<std::size_t>(batch * out), 0.0);
   r.gw.assign(static_cast<std::size_t>(out * in), 0.0);
   r.gb.assign(static_cast<std::size_t>(out), 0.0);
   r.gx.assign(static_cast<std::size_t>(batch * in), 0.0);
   for (int n = 0; n < batch; ++n) {
     for (int o = 0; o < out; ++o) {
-      double z = b[o];
-      for (int i = 0; i < in; ++i) z += static_cast<double>(x[n * in + i]) * w[o * in + i];
+      double z = b[o], mag = std::fabs(b[o]);
+      for (int i = 0; i < in; ++i) {
+        z += static_cast<double>(x[n * in + i]) * w[o * in + i];
+        mag += std::fabs(static_cast<double>(x[n * in + i]) * w[o * in + i]);
+      }
+      r.ymag[n * out + o] = mag;
       r.y[n * out + o] = z > 0 ? z : 0;
       const double g = z > 0 ? static_cast<double>(dy[n * out + o]) : 0.0;
       r.gb[o] += g;
@@ -102,11 +111,12 @@ TEST(Recast, Fp32LayerInAnFp16NetworkMatchesThePlainLoopsAndKeepsGradientsBeyond
   const LinearReference ref = linear_reference(xf, widen(TensorView<const float>(inner.weight().view())),
                                                widen(TensorView<const float>(inner.bias().view())), dyf, batch, in, out);
   // y: one rounding to half of an fp32-accumulated sum; the reference is the
-  // exact sum rounded to half: at most one half ulp apart.
+  // double sum rounded to half: one fp16 ulp apart at most (the roundings
+  // of two close sums may fall on either side), plus fp32's accumulation
+  // error (25 terms: 25 * 2^-24 * sum |term|).
   for (std::size_t k = 0; k < ref.y.size(); ++k) {
     const float want = to_float(from_float<half>(static_cast<float>(ref.y[k])));
-    const float ulp = std::ldexp(1.0f, std::ilogb(std::fmax(std::fabs(want), 6.1e-5f)) - 10);
-    EXPECT_NEAR(to_float(y.data()[k]), want, ulp) << "y[" << k << "]";
+    EXPECT_NEAR(to_float(y.data()[k]), want, half_ulp(want) + 25 * 0x1p-24 * ref.ymag[k]) << "y[" << k << "]";
   }
   // The gradients stay fp32: finite above 65504, within fp32 accumulation
   // error (24 terms at most: relative 1e-5) of the double sums.
@@ -132,6 +142,53 @@ TEST(Recast, Fp32LayerInAnFp16NetworkMatchesThePlainLoopsAndKeepsGradientsBeyond
   bool any_inf = false;
   for (std::int64_t k = 0; k < h.grad_weight().numel(); ++k) any_inf |= std::isinf(to_float(h.grad_weight().at(k)));
   EXPECT_TRUE(any_inf);
+}
+
+TEST(Recast, Conv2dMovesToFp32AndComputesAsThePlainLoopsSay) {
+  // x [2, 3, 6, 6], kernel 3, stride 1, padding 1 -> y [2, 4, 6, 6].
+  const int n = 2, c = 3, h = 6, k = 4, r = 3;
+  nn::Sequential<half> net(Shape{n, c, h, h});
+  net.emplace<nn::Conv2d<half>>(c, k, r, 1, 1, true, Device::cpu(), 5);
+  const std::vector<float> w16 = widen(TensorView<const half>(dynamic_cast<nn::Conv2d<half>&>(net.layer(0)).weight().view()));
+  net.set_precision(0, DType::float32);
+  EXPECT_EQ(net.layer(0).name(), "Conv2d(3, 4, kernel=3, stride=1, padding=1) in float32");
+  auto& conv = dynamic_cast<nn::Conv2d<float>&>(dynamic_cast<nn::Recast<half, float>&>(net.layer(0)).inner());
+  EXPECT_EQ(widen(TensorView<const float>(conv.weight().view())), w16);
+  fill_uniform(conv.weight(), -0.3f, 0.3f, 6);  // fp32 values, most not halves
+  Tensor<half> x(Shape{n, c, h, h});
+  fill_uniform(x, -2.0f, 2.0f, 7);
+  const TensorView<const half> y = net.forward(x.view());
+  const std::vector<float> xf = widen(TensorView<const half>(x.view()));
+  const std::vector<float> wf = widen(TensorView<const float>(conv.weight().view()));
+  for (int b = 0; b < n; ++b) {
+    for (int o = 0; o < k; ++o) {
+      for (int p = 0; p < h; ++p) {
+        for (int q = 0; q < h; ++q) {
+          double z = conv.bias().at(o), magnitude = std::fabs(conv.bias().at(o));
+          for (int ci = 0; ci < c; ++ci) {
+            for (int dr = 0; dr < r; ++dr) {
+              for (int ds = 0; ds < r; ++ds) {
+                const int hh = p + dr - 1, ww = q + ds - 1;
+                if (hh < 0 || hh >= h || ww < 0 || ww >= h) continue;
+                const double t =
+                    static_cast<double>(xf[((b * c + ci) * h + hh) * h + ww]) * wf[((o * c + ci) * r + dr) * r + ds];
+                z += t;
+                magnitude += std::fabs(t);
+              }
+            }
+          }
+          // One fp16 rounding of an fp32 sum of 28 terms against the double
+          // sum's: one fp16 ulp, plus fp32's accumulation error,
+          // 28 * 2^-24 * sum |term|.
+          const float want = to_float(from_float<half>(static_cast<float>(z)));
+          const double tol = half_ulp(want) + 28 * 0x1p-24 * magnitude;
+          const std::size_t at = static_cast<std::size_t>(((b * k + o) * h + p) * h + q);
+          ASSERT_NEAR(to_float(y.data()[at]), want, tol) << "y[" << at << "]";
+        }
+      }
+    }
+  }
+  EXPECT_EQ(net.parameters()[0].grad.dtype(), DType::float32);
 }
 
 TEST(Recast, MovesBackAndRefusesWhatCannotMove) {

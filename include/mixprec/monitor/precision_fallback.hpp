@@ -277,10 +277,11 @@ void restore_precisions(nn::Sequential<T>& model, optim::Optimizer& opt, const s
 template <class T>
 class PrecisionFallback {
  public:
-  /// Registers itself as the monitor's responder (one per monitor). The
-  /// optimizer must hold every parameter of the model (by name, the same
-  /// buffers), and with policy act the model must be on the host. Every
-  /// check runs before the monitor is touched.
+  /// Registers itself as the monitor's responder (one per monitor; its
+  /// destructor removes it). The model, the optimizer and the monitor must
+  /// outlive it. The optimizer must hold every parameter of the model (by
+  /// name, the same buffers), and with policy act the model must be on the
+  /// host. Every check runs before the monitor is touched.
   PrecisionFallback(nn::Sequential<T>& model, optim::Optimizer& opt, Monitor& monitor,
                     const PrecisionFallbackOptions& options = {})
       : model_(model), opt_(opt), monitor_(monitor), options_(options) {
