@@ -325,8 +325,8 @@ class Detectors {
   /// fallback's) to events(), so that it is counted, rate-limit free, and
   /// kept in state(). Its kind must be a known EventKind.
   void record_event(const Event& e) {
-    MIXPREC_CHECK(static_cast<int>(e.kind) >= 0 && e.kind <= EventKind::precision_fallback,
-                  "Detectors::record_event: kind = ", static_cast<int>(e.kind), ", not an EventKind");
+    MIXPREC_CHECK(std::string(to_string(e.kind)) != "unknown", "Detectors::record_event: kind = ",
+                  static_cast<int>(e.kind), ", not an EventKind");
     events_.push_back(e);
   }
   /// Parameter i's gradient dtype changed (a layer moved to another

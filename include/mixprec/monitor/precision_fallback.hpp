@@ -143,8 +143,10 @@ inline FallbackState parse_fallback_state(const std::string& state, std::size_t 
       pm.step = m.at(4).get<std::int64_t>();
       pm.param = m.at(5).get<std::string>();
       const int kind = m.at(6).get<int>();
-      MIXPREC_CHECK(kind >= 0 && kind <= static_cast<int>(EventKind::precision_fallback),
-                    "PrecisionFallback::load_state: a move's trigger = ", kind, ", not an event kind");
+      MIXPREC_CHECK(kind == static_cast<int>(EventKind::repeated_overflow) ||
+                        kind == static_cast<int>(EventKind::underflow),
+                    "PrecisionFallback::load_state: a move's trigger = ", kind,
+                    ", must be repeated_overflow or underflow's kind");
       pm.trigger = static_cast<EventKind>(kind);
       st.moves.push_back(std::move(pm));
     }
