@@ -8,7 +8,7 @@
 // training loop is common/classifier.hpp (shared with fashion_mnist_mlp).
 //
 //   fashion_mnist_cnn [--precision fp16|bf16|fp32] [--device cpu|cuda] [--epochs N]
-//                     [--batch N] [--optimizer sgd|adam|adamw|rmsprop|lion] [--lr X]
+//                     [--batch N] [--optimizer sgd|adam|adamw|rmsprop|lion|lamb] [--lr X]
 //                     [--schedule constant|cosine] [--seed N] [--data DIR]
 //                     [--graph on|off] [--min-accuracy X]
 //                     [--monitor on|off] [--monitor-every K] [--monitor-log FILE.jsonl]

@@ -6,7 +6,7 @@
 // common/classifier.hpp (shared with fashion_mnist_cnn).
 //
 //   fashion_mnist_mlp [--precision fp16|bf16|fp32] [--device cpu|cuda] [--epochs N]
-//                     [--batch N] [--optimizer sgd|adam|adamw|rmsprop|lion] [--lr X]
+//                     [--batch N] [--optimizer sgd|adam|adamw|rmsprop|lion|lamb] [--lr X]
 //                     [--schedule constant|cosine] [--hidden N] [--seed N] [--data DIR]
 //                     [--graph on|off] [--min-accuracy X]
 //                     [--monitor on|off] [--monitor-every K] [--monitor-log FILE.jsonl]

@@ -1,11 +1,16 @@
 // SPDX-License-Identifier: Apache-2.0
 // The optimizer family on the GPU: Lion and a user's own optimizer
 // (user_adagrad.hpp, registered below with its one line) give the CPU's bits
-// through the one templated step kernel, skips included; an optimizer whose
-// kernel part is not registered is a clear error, and nothing changes.
+// through the one templated step kernel, skips included; so do the
+// optimizers with a pre-pass (LAMB, AdamW with update clipping: per-tensor
+// sums in one documented order on both sides), eagerly and replayed from a
+// CUDA graph; an optimizer whose kernel part is not registered is a clear
+// error, and nothing changes.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -91,6 +96,139 @@ TEST(FamilyGpu, OwnOptimizerGivesTheCpuBits) {
   o.lr_decay = 0.01;
   o.weight_decay = 0.001;
   host_equals_device<user::Adagrad>(o);
+}
+
+// --- the pre-pass: LAMB and update clipping -----------------------------------------------------
+
+// Three parameters of weight type T, the same on host and device: one over
+// two device chunks (2^16 elements) with a tail not a multiple of 4, two
+// small ones. Steps with gradients of sd(s) (an inf planted at step 4, so
+// one skip), the device step eager or replayed from a CUDA graph captured
+// once (global mode: a synchronising call fails the capture). Skip
+// decisions, scales, step counts, masters, every state tensor and weights
+// must be the host's, bit for bit.
+template <class Opt, class T, class Sd>
+void prepass_host_equals_device(const typename Opt::options_type& o, Sd sd, bool graph) {
+  const std::vector<std::int64_t> sizes = {70001, 4099, 333};
+  test::OwnedStream owner;
+  cudaStream_t stream = owner.s;
+  std::vector<Tensor<T>> hw, hg, dw, dg;
+  std::vector<optim::Param> hp, dp;
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    hw.emplace_back(Shape{sizes[i]});
+    hg.emplace_back(Shape{sizes[i]});
+    fill_normal(hw.back(), 0, 1, 3 + i);
+    dw.push_back(hw.back().to(Device::cuda(0)));
+    dg.emplace_back(Shape{sizes[i]}, Device::cuda(0));
+  }
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    hp.push_back({"p" + std::to_string(i), hw[i], hg[i]});
+    dp.push_back({"p" + std::to_string(i), dw[i], dg[i]});
+  }
+  Opt host(hp, o), device(dp, o);
+  amp::GradScalerOptions so;
+  so.init_scale = 1024;
+  amp::GradScaler hs(so);
+  amp::DeviceGradScaler ds(so, Device::cuda(0), stream);
+  cudaGraph_t g = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  if (graph) {
+    ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
+    ds.step(device);
+    ds.update();
+    ASSERT_EQ(cudaStreamEndCapture(stream, &g), cudaSuccess);
+    ASSERT_EQ(cudaGraphInstantiate(&exec, g, 0), cudaSuccess);
+  }
+  const int steps = 10;
+  for (int s = 0; s < steps; ++s) {
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);  // the last step read the gradients
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+      fill_normal(hg[i], 0, sd(s) * hs.scale(), 50 + 7 * static_cast<std::uint64_t>(s) + i);
+      if (s == 4 && i == 1) hg[i].at(sizes[i] - 1) = from_float<T>(INFINITY);
+      copy(hg[i], dg[i]);
+    }
+    // The copies ran on the legacy default stream (their DMA may still be in
+    // flight when copy() returns); the step runs on `stream`.
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    hs.step(host);
+    hs.update();
+    if (graph) {
+      ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+    } else {
+      ds.step(device);
+      ds.update();
+    }
+  }
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  EXPECT_EQ(hs.skipped_steps(), 1);
+  EXPECT_EQ(ds.skipped_steps(), hs.skipped_steps());
+  EXPECT_EQ(ds.scale(), hs.scale());
+  const optim::OptimizerState a = host.save_state(), b = device.save_state();
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    ASSERT_EQ(b.params[i].step, a.params[i].step);
+    ASSERT_EQ(first_difference(b.params[i].master, a.params[i].master), -1) << "master " << i;
+    ASSERT_EQ(b.params[i].state.size(), a.params[i].state.size());
+    for (std::size_t k = 0; k < a.params[i].state.size(); ++k) {
+      ASSERT_EQ(b.params[i].state[k].has_value(), a.params[i].state[k].has_value());
+      if (a.params[i].state[k]) {
+        ASSERT_EQ(first_difference(*b.params[i].state[k], *a.params[i].state[k]), -1) << "state " << k << " of " << i;
+      }
+    }
+    const Tensor<T> back = dw[i].to(Device::cpu());
+    ASSERT_EQ(std::memcmp(back.data(), hw[i].data(), back.bytes()), 0) << "weight " << i;
+  }
+  if (graph) {
+    EXPECT_EQ(cudaGraphExecDestroy(exec), cudaSuccess);
+    EXPECT_EQ(cudaGraphDestroy(g), cudaSuccess);
+  }
+}
+
+float steady(int) { return 0.05f; }
+// Small gradients, then 30x larger: update clipping's RMS goes far above 1.
+float jump(int s) { return s < 3 ? 0.01f : 0.3f; }
+
+TEST(FamilyGpu, LambGivesTheCpuBits) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  optim::LambOptions o;  // Apex's defaults: trust ratio, bias correction, the norm's clamp (the norm is ~40)
+  o.lr = 1e-2;
+  prepass_host_equals_device<optim::LAMB, half>(o, steady, false);
+  prepass_host_equals_device<optim::LAMB, bfloat16>(o, steady, false);
+  o.bias_correction = false;
+  o.adam_w_mode = false;
+  o.grad_averaging = false;
+  o.max_grad_norm = 0;
+  prepass_host_equals_device<optim::LAMB, half>(o, steady, false);
+  o = {};
+  o.weight_decay = 0;
+  o.use_nvlamb = true;
+  prepass_host_equals_device<optim::LAMB, bfloat16>(o, jump, false);
+}
+
+TEST(FamilyGpu, AdamWUpdateClippingGivesTheCpuBits) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  optim::AdamWOptions o;
+  o.lr = 1e-2;
+  o.weight_decay = 0.1;
+  o.update_clipping = true;
+  prepass_host_equals_device<optim::AdamW, half>(o, jump, false);
+  prepass_host_equals_device<optim::AdamW, bfloat16>(o, jump, false);
+  optim::AdamOptions a;
+  a.lr = 1e-2;
+  a.weight_decay = 0.01;
+  a.amsgrad = true;
+  a.update_clipping = true;
+  prepass_host_equals_device<optim::Adam, half>(a, jump, false);
+}
+
+TEST(FamilyGpu, PrepassStepsReplayedFromACudaGraphGiveTheCpuBits) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  optim::LambOptions l;
+  l.lr = 1e-2;
+  prepass_host_equals_device<optim::LAMB, half>(l, jump, true);
+  optim::AdamWOptions o;
+  o.lr = 1e-2;
+  o.update_clipping = true;
+  prepass_host_equals_device<optim::AdamW, bfloat16>(o, jump, true);
 }
 
 TEST(FamilyGpu, AnUnregisteredKernelIsAClearError) {

@@ -108,8 +108,8 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
   }
   app.add_option("--optimizer", a.optimizer,
                  "torch.optim's defaults but lr (SGD: momentum 0.9; Lion: the paper's betas, give it a 3-10x "
-                 "smaller --lr)")
-      ->check(CLI::IsMember({"sgd", "adam", "adamw", "rmsprop", "lion"}));
+                 "smaller --lr; LAMB: apex FusedLAMB's)")
+      ->check(CLI::IsMember({"sgd", "adam", "adamw", "rmsprop", "lion", "lamb"}));
   app.add_option("--moments", a.moments, "how the optimizer keeps its moments (8bit: a 256-value block's code)")
       ->check(CLI::IsMember({"fp32", "bf16", "8bit"}));
   app.add_option("--master", a.master,
@@ -163,6 +163,12 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
     if (!a.monitor) return usage_error("--report " + a.report + " needs the monitor: drop --monitor off");
     if (a.monitor_log.empty()) a.monitor_log = std::filesystem::path(a.report).replace_extension(".jsonl").string();
     if (a.monitor_log == a.report) return usage_error("--report and the monitor's log are both " + a.report);
+  }
+  if (a.optimizer == "lamb" && a.zero1) {
+    // A rank's optimizer holds a slice of the parameters: LAMB's norms are
+    // of whole tensors, its gradient clamp of every parameter.
+    return usage_error("--optimizer lamb with --zero1 on: LAMB's per-tensor norms need whole tensors, a rank "
+                       "holds a slice");
   }
   if (a.master == "remainder" && a.precision != "bf16") {
     return usage_error("--master remainder needs --precision bf16 (the weight is the master's upper half), not " +
@@ -223,6 +229,12 @@ R with_optimizer(const Args& a, F&& make) {
     o.lr = a.lr;
     o.layout = layout_of(a);
     return make(o, Tag<optim::RMSprop>{});
+  }
+  if (a.optimizer == "lamb") {
+    optim::LambOptions o;
+    o.lr = a.lr;
+    o.layout = layout_of(a);  // lean layouts are refused by name (LAMB's pre-pass reads fp32 state)
+    return make(o, Tag<optim::LAMB>{});
   }
   if (a.optimizer == "lion") {
     optim::LionOptions o;

@@ -96,7 +96,11 @@ inline V load_lane(const float* p) {
   if constexpr (std::is_same<V, float>::value) {
     return *p;
   } else {
+#if MIXPREC_HAS_VECTOR_EXT
     return simd::load<V>(p);
+#else
+    static_assert(std::is_same<V, float>::value, "vector lanes need the host's vector extension");
+#endif
   }
 }
 

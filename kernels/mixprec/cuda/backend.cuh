@@ -95,14 +95,14 @@ class Plan final : public optim::DevicePlan {
   explicit Plan(const std::vector<optim::DeviceParam>& params)
       : device_(params.at(0).grad.device()),
         grads_(grads_of(params)),
-        params_(entries_of(params)),
+        params_(entries_of(params), grads_.num_chunks()),
         check_(grads_) {}
 
   void set_params(const std::vector<optim::DeviceParam>& params) override {
     MIXPREC_CHECK(static_cast<int>(params.size()) == params_.size(), "DevicePlan::set_params: ", params.size(),
                   " parameters, the plan has ", params_.size());
     mixprec::detail::DeviceGuard guard(device_);
-    params_ = ParamList(entries_of(params));
+    params_ = ParamList(entries_of(params), grads_.num_chunks());
   }
 
   void check(stream_t stream, std::uint64_t* histogram) override { check_.launch(grads_, stream, histogram); }
@@ -261,6 +261,7 @@ inline void install_backend() {
   register_step_kernel<optim::SgdKernel>();
   register_step_kernel<optim::RmspropKernel>();
   register_step_kernel<optim::LionKernel>();
+  register_step_kernel<optim::LambKernel>();
   optim::install_device_backend(&backend());
   static detail::ScalerKernels scaler_kernels;
   amp::install_device_scaler_kernels(&scaler_kernels);

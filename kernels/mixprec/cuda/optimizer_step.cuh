@@ -4,8 +4,10 @@
 // (each optimizer's kernel part, optim/optimizers/<name>.hpp: one templated
 // kernel for all of them) to every parameter of every group, reading found-inf,
 // the loss scale and the clip input from device memory, and its last block
-// counts the step. One launch: a step is queued whole or not at all. The
-// scaler's update is a second, single-thread launch (amp/scale_update.hpp).
+// counts the step. One launch: a step is queued whole or not at all (an
+// optimizer with a pre-pass, optim/family.hpp, queues one or two launches
+// before it that only write their own workspace). The scaler's update is a
+// second, single-thread launch (amp/scale_update.hpp).
 // Nothing here synchronises the host, so a whole step can be captured in a
 // CUDA graph.
 #pragma once
@@ -26,7 +28,9 @@
 #include "mixprec/cuda/lean_step.cuh"
 #include "mixprec/cuda/multi_tensor.cuh"
 #include "mixprec/optim/device_backend.hpp"
+#include "mixprec/optim/family.hpp"
 #include "mixprec/optim/optimizers/adam.hpp"
+#include "mixprec/optim/optimizers/lamb.hpp"
 #include "mixprec/optim/optimizers/lion.hpp"
 #include "mixprec/optim/optimizers/rmsprop.hpp"
 #include "mixprec/optim/optimizers/sgd.hpp"
@@ -176,11 +180,182 @@ __device__ inline void dispatch_weight(const G* grad, const ParamEntry& p, std::
 // A scheduled lr the update can use: finite, and finite as a float.
 __device__ inline bool usable_lr(double lr) { return lr >= 0.0 && lr <= static_cast<double>(FLT_MAX); }
 
+}  // namespace detail
+
+/// Sums per tensor a pre-pass may make (optim/family.hpp: kSums <= 3).
+inline constexpr int kMaxPrepassSums = 3;
+
+/// The pre-pass's workspace of one ParamList, in device memory: per-chunk
+/// partial sums, per-tensor sums (read by the step kernel), the gradient
+/// round's total over every tensor, and the last-block counter.
+struct PrepassView {
+  float* chunk_sums = nullptr;    // [chunk * kMaxPrepassSums + j]
+  double* tensor_sums = nullptr;  // [tensor * kMaxPrepassSums + j]
+  double* grad_total = nullptr;
+  unsigned int* blocks_done = nullptr;
+  std::int64_t chunks = 0;  // chunks it has room for
+};
+
+namespace detail {
+
+static_assert(step_threads == optim::kPrepassLanes, "a pre-pass block's threads are the sums' 256 lanes");
+static_assert(chunk_elements == optim::kPrepassChunk, "the pre-pass's chunks are the lists' chunks");
+
+// The gradient the update sees: the unscale (with the data-parallel
+// divisor), then GradScaler::clip_grad_norm's coefficient: the norm of the
+// unscaled gradients, torch's min(1, (1 / (norm + 1e-6)) * max_norm) in float.
+__device__ inline void step_transform(const StepInputs& in, float& inv_scale, float& clip) {
+  inv_scale = static_cast<float>(1.0 / (static_cast<double>(*in.scale) * in.grad_divisor));
+  clip = 1.0f;
+  if (in.total_sum_squares) {
+    const float norm = static_cast<float>(::sqrt(*in.total_sum_squares) * inv_scale);
+    const float coef = (1.0f / (norm + 1e-6f)) * static_cast<float>(in.max_norm);
+    clip = coef < 1.0f ? coef : 1.0f;
+  }
+}
+
+// The pre-pass's terms of elements [begin, end) of one chunk, in the
+// documented order (optim/family.hpp): this thread takes elements begin +
+// threadIdx.x + 256 k in increasing k, added in exact_float (no FMA). The
+// gradient round's term is g * g; the other round's are Kernel::terms.
+template <class Kernel, bool GradRound, int K, class G, class C>
+__device__ inline void prepass_range(const G* grad, const ParamEntry& p, std::int64_t begin, std::int64_t end,
+                                     float inv_scale, float clip, const C& c, exact_float (&acc)[K]) {
+  for (std::int64_t e = begin + threadIdx.x; e < end; e += blockDim.x) {
+    exact_float g = mixprec::to_float(grad[e]);
+    if (inv_scale != 1.0f) g = g * inv_scale;
+    if (clip != 1.0f) g = g * clip;
+    if constexpr (GradRound) {
+      acc[0] = acc[0] + g * g;
+    } else {
+      const exact_float m = p.master[e];
+      exact_float s[3] = {m, m, m};  // unused state: a value the terms do not read
+      for (int k = 0; k < 3; ++k) {
+        if (Kernel::uses(c, k)) s[k] = p.state[k][e];
+      }
+      exact_float t[K];
+      Kernel::terms(m, s[0], s[1], s[2], g, c, t);
+      for (int j = 0; j < K; ++j) acc[j] = acc[j] + t[j];
+    }
+  }
+}
+
+// x[l] += x[l + h] for h = 16, 8, 4, 2, 1: lane 0 ends with the warp's sum.
+__device__ inline float prepass_warp_sum(float x) {
+  for (int h = 16; h > 0; h /= 2) x = __fadd_rn(x, __shfl_down_sync(0xffffffffu, x, h));
+  return x;
+}
+
+// One round of the pre-pass over every chunk (GradRound: the squares of
+// the gradients, a total over every tensor; else Kernel::terms per tensor
+// where its group asks). Skips, writing nothing, where the step kernel will
+// skip. The chunk's float sums, then the last block adds them per tensor in
+// chunk order (double) and, in the gradient round, the tensors in order: the
+// results do not depend on which block ran what.
+template <class Kernel, bool GradRound>
+__global__ void __launch_bounds__(step_threads)
+    prepass_kernel(const TensorEntry* grads, const Chunk* chunks, std::int64_t num_chunks, const ParamEntry* params,
+                   int num_params, GroupHypers<typename Kernel::Hyper> groups, optim::LRSchedule schedule,
+                   StepInputs in, PrepassView ws) {
+  constexpr int K = GradRound ? 1 : optim::prepass_sums_v<Kernel>;
+  const bool found_inf = *in.found_inf != 0;
+  const double factor = schedule.factor(*in.applied_steps);
+  bool lr_ok = true;
+  for (int g = 0; g < groups.count; ++g) lr_ok = lr_ok && usable_lr(groups.h[g].lr * factor);
+  if (found_inf || !lr_ok) return;  // every block: the counter stays at 0
+  float inv_scale, clip;
+  step_transform(in, inv_scale, clip);
+  __shared__ float warp_sums[K][step_threads / 32];
+  const int lane = static_cast<int>(threadIdx.x % 32), warp = static_cast<int>(threadIdx.x / 32);
+  for (std::int64_t ci = blockIdx.x; ci < num_chunks; ci += gridDim.x) {
+    const Chunk ch = chunks[ci];
+    const TensorEntry g = grads[ch.tensor];
+    const ParamEntry p = params[ch.tensor];
+    const typename Kernel::Hyper& h = groups.h[p.group];
+    exact_float acc[K];
+    for (int j = 0; j < K; ++j) acc[j] = 0.0f;
+    const unsigned flags = Kernel::prepass(h);
+    if (GradRound || (flags & optim::kPrepassSums) != 0u) {
+      auto co = Kernel::coeffs(h, h.lr * factor, static_cast<double>(*p.step + 1));
+      if (!GradRound && (flags & optim::kPrepassGradNorm) != 0u) Kernel::grad_norm(co, h, *ws.grad_total);
+      switch (g.dtype) {
+        case DType::float16:
+          prepass_range<Kernel, GradRound>(static_cast<const half*>(g.data), p, ch.begin, ch.end, inv_scale, clip,
+                                           co, acc);
+          break;
+        case DType::bfloat16:
+          prepass_range<Kernel, GradRound>(static_cast<const bfloat16*>(g.data), p, ch.begin, ch.end, inv_scale,
+                                           clip, co, acc);
+          break;
+        case DType::float32:
+          prepass_range<Kernel, GradRound>(static_cast<const float*>(g.data), p, ch.begin, ch.end, inv_scale, clip,
+                                           co, acc);
+          break;
+      }
+    }
+    for (int j = 0; j < K; ++j) {
+      const float w = prepass_warp_sum(acc[j].v);
+      if (lane == 0) warp_sums[j][warp] = w;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (int j = 0; j < K; ++j) {
+        float t = 0.0f;
+        for (int w = 0; w < step_threads / 32; ++w) t = __fadd_rn(t, warp_sums[j][w]);
+        ws.chunk_sums[ci * kMaxPrepassSums + j] = t;
+      }
+    }
+    __syncthreads();  // warp_sums are read before the next chunk writes them
+  }
+  __shared__ bool is_last;
+  __threadfence();
+  if (threadIdx.x == 0) is_last = atomicAdd(ws.blocks_done, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  for (int i = threadIdx.x; i < num_params; i += blockDim.x) {
+    const TensorEntry t = grads[i];
+    const std::int64_t n = (t.numel + chunk_elements - 1) / chunk_elements;
+    for (int j = 0; j < K; ++j) {
+      double s = 0.0;
+      for (std::int64_t c = t.first_chunk; c < t.first_chunk + n; ++c) {
+        s = __dadd_rn(s, static_cast<double>(__ldcg(ws.chunk_sums + c * kMaxPrepassSums + j)));
+      }
+      ws.tensor_sums[i * kMaxPrepassSums + j] = s;
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    if (GradRound) {
+      double total = 0.0;
+      for (int i = 0; i < num_params; ++i) total = __dadd_rn(total, ws.tensor_sums[i * kMaxPrepassSums]);
+      *ws.grad_total = total;
+    }
+    *ws.blocks_done = 0;  // ready for the next launch (or graph replay)
+  }
+}
+
+// The step's coefficients finished from the pre-pass (optim/family.hpp,
+// Family::finish_coeffs on the host: the same calls in the same order).
+template <class Kernel, class C, class H>
+__device__ inline void finish_coeffs(C& co, const H& h, double lr, double step, const PrepassView& pre, int tensor,
+                                     std::int64_t numel) {
+  if constexpr (optim::prepass_sums_v<Kernel> > 0) {
+    const unsigned flags = Kernel::prepass(h);
+    if ((flags & optim::kPrepassGradNorm) != 0u) Kernel::grad_norm(co, h, *pre.grad_total);
+    if ((flags & optim::kPrepassSums) != 0u) {
+      Kernel::finish(co, h, lr, step, pre.tensor_sums + static_cast<std::int64_t>(tensor) * kMaxPrepassSums, numel);
+    }
+  } else {
+    (void)co, (void)h, (void)lr, (void)step, (void)pre, (void)tensor, (void)numel;
+  }
+}
+
 template <class Kernel>
 __global__ void __launch_bounds__(step_threads)
     step_kernel(const TensorEntry* grads, const Chunk* chunks, std::int64_t num_chunks, const ParamEntry* params,
                 int num_params, GroupHypers<typename Kernel::Hyper> groups, optim::LRSchedule schedule, StepInputs in,
-                unsigned int* blocks_done) {
+                unsigned int* blocks_done, PrepassView pre) {
   const bool found_inf = *in.found_inf != 0;
   const std::int64_t applied = *in.applied_steps;
   const double factor = schedule.factor(applied);
@@ -190,21 +365,15 @@ __global__ void __launch_bounds__(step_threads)
   for (int g = 0; g < groups.count; ++g) lr_ok = lr_ok && usable_lr(groups.h[g].lr * factor);
   const bool apply = !found_inf && lr_ok;
   if (apply) {
-    const float inv_scale = static_cast<float>(1.0 / (static_cast<double>(*in.scale) * in.grad_divisor));
-    float clip = 1.0f;
-    if (in.total_sum_squares) {
-      // GradScaler::clip_grad_norm: norm of the unscaled gradients, then
-      // torch's min(1, (1 / (norm + 1e-6)) * max_norm) in float.
-      const float norm = static_cast<float>(::sqrt(*in.total_sum_squares) * inv_scale);
-      const float coef = (1.0f / (norm + 1e-6f)) * static_cast<float>(in.max_norm);
-      clip = coef < 1.0f ? coef : 1.0f;
-    }
+    float inv_scale, clip;
+    step_transform(in, inv_scale, clip);
     for (std::int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
       const Chunk ch = chunks[c];
       const TensorEntry g = grads[ch.tensor];
       const ParamEntry p = params[ch.tensor];
       const typename Kernel::Hyper& h = groups.h[p.group];
-      const auto co = Kernel::coeffs(h, h.lr * factor, static_cast<double>(*p.step + 1));
+      auto co = Kernel::coeffs(h, h.lr * factor, static_cast<double>(*p.step + 1));
+      finish_coeffs<Kernel>(co, h, h.lr * factor, static_cast<double>(*p.step + 1), pre, ch.tensor, g.numel);
       switch (g.dtype) {
         case DType::float16:
           dispatch_weight<Kernel>(static_cast<const half*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co);
@@ -266,10 +435,27 @@ __global__ void update_scale_kernel(amp::DeviceScalerState* s, amp::ScalePolicy 
 /// a time (optim::Optimizer orders its launches across streams).
 class ParamList {
  public:
-  explicit ParamList(const std::vector<ParamEntry>& params) : count_(static_cast<int>(params.size())) {
+  /// `num_chunks`: the chunks of the gradients' TensorList, for the
+  /// pre-pass's workspace (optim/family.hpp; 0: none, and a step that needs
+  /// a pre-pass is refused).
+  explicit ParamList(const std::vector<ParamEntry>& params, std::int64_t num_chunks = 0)
+      : count_(static_cast<int>(params.size())) {
     MIXPREC_CUDA_CHECK(cudaGetDevice(&device_));
     counter_ = Buffer(sizeof(unsigned int), Device::cuda(device_));
     MIXPREC_CUDA_CHECK(cudaMemset(counter_.data(), 0, counter_.bytes()));
+    if (num_chunks > 0 || !params.empty()) {
+      // Doubles first: [tensor sums][grad total][chunk sums (float)][counter].
+      const std::size_t doubles = (params.size() * kMaxPrepassSums + 1) * sizeof(double);
+      const std::size_t floats = static_cast<std::size_t>(num_chunks) * kMaxPrepassSums * sizeof(float);
+      prepass_buffer_ = Buffer(doubles + floats + sizeof(unsigned int), Device::cuda(device_));
+      MIXPREC_CUDA_CHECK(cudaMemset(prepass_buffer_.data(), 0, prepass_buffer_.bytes()));
+      char* base = static_cast<char*>(prepass_buffer_.data());
+      prepass_.tensor_sums = reinterpret_cast<double*>(base);
+      prepass_.grad_total = prepass_.tensor_sums + params.size() * kMaxPrepassSums;
+      prepass_.chunk_sums = reinterpret_cast<float*>(base + doubles);
+      prepass_.blocks_done = reinterpret_cast<unsigned int*>(base + doubles + floats);
+      prepass_.chunks = num_chunks;
+    }
     if (params.empty()) return;
     buffer_ = Buffer(params.size() * sizeof(ParamEntry), Device::cuda(device_));
     MIXPREC_CUDA_CHECK(cudaMemcpy(buffer_.data(), params.data(), buffer_.bytes(), cudaMemcpyHostToDevice));
@@ -280,6 +466,8 @@ class ParamList {
   /// 1 + the largest group index of the entries (0 when there are none).
   int groups() const { return groups_; }
   unsigned int* blocks_done() const { return static_cast<unsigned int*>(counter_.data()); }
+  /// The pre-pass's workspace (chunks == 0: made without one).
+  const PrepassView& prepass() const { return prepass_; }
 
  private:
   int count_ = 0;
@@ -287,6 +475,8 @@ class ParamList {
   int device_ = 0;
   Buffer buffer_;
   Buffer counter_;
+  Buffer prepass_buffer_;
+  PrepassView prepass_;
 };
 
 /// Pass 2 and the step's count over every parameter of `params`, one
@@ -315,9 +505,33 @@ void launch_step(const TensorList& grads, const ParamList& params, const std::ve
   table.count = static_cast<int>(groups.size());
   const std::int64_t chunks = grads.num_chunks();
   const unsigned grid = chunks == 0 ? 1u : grid_for(chunks * detail::step_threads, detail::step_threads, 4);
+  const PrepassView& pre = params.prepass();
+  if constexpr (optim::prepass_sums_v<Kernel> > 0) {
+    // The pre-pass rounds the groups ask for (optim/family.hpp), queued
+    // before the step; they write only the workspace, so a failure here
+    // leaves the optimizer as it was.
+    static_assert(optim::prepass_sums_v<Kernel> <= kMaxPrepassSums, "a pre-pass makes at most 3 sums per tensor");
+    unsigned flags = 0;
+    for (const Hyper& h : groups) flags |= Kernel::prepass(h);
+    if (flags != 0u) {
+      MIXPREC_CHECK(pre.chunks >= chunks && pre.tensor_sums != nullptr, "launch_step: optimizer \"", Kernel::kKey,
+                    "\" needs a pre-pass over ", chunks, " chunks, the ParamList's workspace has room for ",
+                    pre.chunks, "; make the ParamList with the gradients' num_chunks()");
+      if ((flags & optim::kPrepassGradNorm) != 0u) {
+        detail::prepass_kernel<Kernel, true><<<grid, detail::step_threads, 0, stream>>>(
+            grads.entries(), grads.chunks(), chunks, params.entries(), params.size(), table, schedule, in, pre);
+        MIXPREC_CUDA_CHECK_LAUNCH("prepass_kernel (gradient round)");
+      }
+      if ((flags & optim::kPrepassSums) != 0u) {
+        detail::prepass_kernel<Kernel, false><<<grid, detail::step_threads, 0, stream>>>(
+            grads.entries(), grads.chunks(), chunks, params.entries(), params.size(), table, schedule, in, pre);
+        MIXPREC_CUDA_CHECK_LAUNCH("prepass_kernel");
+      }
+    }
+  }
   detail::step_kernel<Kernel><<<grid, detail::step_threads, 0, stream>>>(
       grads.entries(), grads.chunks(), chunks, params.entries(), params.size(), table, schedule, in,
-      params.blocks_done());
+      params.blocks_done(), pre);
   MIXPREC_CUDA_CHECK_LAUNCH("step_kernel");
 }
 
