@@ -406,6 +406,18 @@ TEST(SpikeGuardTraining, TheMonitorHandsTheGuardItsLoss) {
   EXPECT_EQ(m.scaler.spike_guard_state().reasons, amp::guard_loss);
   EXPECT_EQ(m.scaler.guard_skipped_steps(), 1);
   EXPECT_EQ(test::state_bits(*m.opt), before);
+  // The monitor's record says so (step 201 of the record of steps 201-210),
+  // and the JSONL log carries the flag in that record only.
+  for (int step = 0; step < 9; ++step) mon.step(m.batch());
+  ASSERT_NE(mon.last_record(), nullptr);
+  const monitor::LogRecord& r = *mon.last_record();
+  ASSERT_EQ(r.steps.size(), 10u);
+  EXPECT_EQ(r.steps[0].step, 201);
+  EXPECT_TRUE(r.steps[0].guard_skipped);
+  EXPECT_FALSE(r.steps[0].skipped) << "not an overflow";
+  for (std::size_t k = 1; k < r.steps.size(); ++k) EXPECT_FALSE(r.steps[k].guard_skipped) << "step " << r.steps[k].step;
+  const std::string line = monitor::record_json(mon.info(), r, mon.forecast(), {});
+  EXPECT_NE(line.find("\"guard_skipped\": [1, 0, 0, 0, 0, 0, 0, 0, 0, 0]"), std::string::npos) << line.substr(0, 400);
 }
 
 // A run of `steps` iterations with planted spikes at fixed iterations; the

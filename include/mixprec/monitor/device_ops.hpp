@@ -34,6 +34,7 @@ struct DeviceStepInputs {
   const double* total_sum_squares = nullptr;
   const double* sum_squares = nullptr;  // per parameter
   const int* nonfinite = nullptr;       // per parameter
+  const std::int32_t* guard_skip = nullptr;  // the spike guard's decision (null: no guard)
 };
 
 /// One step as recorded on the device.
@@ -41,7 +42,7 @@ struct DeviceStep {
   float loss;
   float scale;
   std::int32_t found_inf;
-  std::int32_t pad;
+  std::int32_t guard_skip;  // the spike guard skipped it
   double sum_squares;  // of the stored (scaled) gradients
 };
 

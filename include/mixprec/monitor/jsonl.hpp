@@ -238,6 +238,13 @@ inline std::string record_json(const RunInfo& info, const LogRecord& r, const Fo
   detail::json_key(out, "skipped");
   detail::json_append_steps(out, r.steps, [&out](const StepSample& s) { out += s.skipped ? '1' : '0'; });
   out += ", ";
+  // Only in records with a spike-guard skip: logs of runs without one
+  // read as before.
+  if (std::any_of(r.steps.begin(), r.steps.end(), [](const StepSample& s) { return s.guard_skipped; })) {
+    detail::json_key(out, "guard_skipped");
+    detail::json_append_steps(out, r.steps, [&out](const StepSample& s) { out += s.guard_skipped ? '1' : '0'; });
+    out += ", ";
+  }
   detail::json_key(out, "grad_norm");
   detail::json_append_steps(out, r.steps,
                             [&out](const StepSample& s) { detail::json_append_number(out, s.grad_norm); });

@@ -145,6 +145,7 @@ class Monitor {
     s.loss = loss;
     s.scale = host_->scale();
     s.skipped = host_->found_inf(opt_);
+    s.guard_skipped = host_->options().spike_guard.enabled && host_->spike_guard_state().skip != 0;
     // Data parallel: the gradients are sums over grad_divisor() ranks.
     const double norm_scale = static_cast<double>(s.scale) * host_->grad_divisor();
     s.grad_norm = std::sqrt(stats.total_sum_squares()) / norm_scale;
@@ -196,6 +197,7 @@ class Monitor {
     in.total_sum_squares = opt_.device_total_sum_squares();
     in.sum_squares = opt_.device_sum_squares();
     in.nonfinite = opt_.device_nonfinite();
+    if (const amp::SpikeGuardState* g = scaler.spike_guard_state_data()) in.guard_skip = &g->skip;
     plan_->record(in, stream);
     if (logged) plan_->publish(in, pinned_, options_.readback_slots, stream);
     try {
@@ -244,7 +246,8 @@ class Monitor {
     j["params"] = info_.params.size();
     nlohmann::json pending = nlohmann::json::array();
     for (const StepSample& s : pending_.steps) {
-      pending.push_back({s.step, num(s.loss), num(s.scale), s.skipped, num(s.grad_norm), s.nonfinite_params});
+      pending.push_back(
+          {s.step, num(s.loss), num(s.scale), s.skipped, num(s.grad_norm), s.nonfinite_params, s.guard_skipped});
     }
     j["pending"] = pending;
     j["detectors"] = detectors_.state();
@@ -282,6 +285,7 @@ class Monitor {
         s.skipped = p.at(3).get<bool>();
         s.grad_norm = from(p.at(4));
         s.nonfinite_params = p.at(5).get<std::vector<int>>();
+        if (p.size() > 6) s.guard_skipped = p.at(6).get<bool>();  // (states saved before the guard have 6)
         pending.steps.push_back(std::move(s));
       }
     } catch (const nlohmann::json::exception& e) {
@@ -506,6 +510,7 @@ class Monitor {
       s.loss = steps[j].loss;
       s.scale = steps[j].scale;
       s.skipped = steps[j].found_inf != 0;
+      s.guard_skipped = steps[j].guard_skip != 0;
       s.grad_norm = std::sqrt(steps[j].sum_squares) / (s.scale * divisor);
       for (std::size_t i = 0; i < np; ++i) {
         if (flags[static_cast<std::size_t>(j) * np + i] != 0) s.nonfinite_params.push_back(static_cast<int>(i));
@@ -581,6 +586,7 @@ class Monitor {
       tb.add_scalar("loss_scale", s.scale, s.step);
       if (std::isfinite(s.grad_norm)) tb.add_scalar("grad_norm", s.grad_norm, s.step);
       tb.add_scalar("skipped", s.skipped ? 1.0 : 0.0, s.step);
+      if (guard_on_) tb.add_scalar("guard_skipped", s.guard_skipped ? 1.0 : 0.0, s.step);
     }
     const std::int64_t step = r.last().step;
     for (std::size_t i = 0; i < r.params.size() && i < info_.params.size(); ++i) {
@@ -627,6 +633,8 @@ class Monitor {
   MonitorOptions options_;
   amp::GradScaler* host_ = nullptr;
   amp::DeviceGradScaler* device_scaler_ = nullptr;
+  // The scaler's spike guard is on: its skips go to TensorBoard too.
+  bool guard_on_ = (host_ != nullptr ? host_->options() : device_scaler_->options()).spike_guard.enabled;
   RunInfo info_;
   Detectors detectors_;
   std::unique_ptr<JsonlWriter> writer_;

@@ -110,6 +110,9 @@ struct StepSample {
   double loss = std::numeric_limits<double>::quiet_NaN();  // as the trainer gave it
   double scale = 1;        // the loss scale the step's gradients carried
   bool skipped = false;    // a gradient was not finite: the step changed nothing
+  /// The spike guard skipped the step (its gradients were finite; the
+  /// loss or norm was an outlier): it changed nothing either.
+  bool guard_skipped = false;
   double grad_norm = 0;    // L2 norm of all unscaled gradients (inf or NaN when skipped)
   std::vector<int> nonfinite_params;  // indices of the parameters whose gradient held inf/NaN
 };

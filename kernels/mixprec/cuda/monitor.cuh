@@ -71,7 +71,7 @@ __global__ void monitor_record_kernel(monitor::DeviceStepInputs in, MonitorContr
     s.loss = in.loss != nullptr ? *in.loss : __int_as_float(0x7fffffff);
     s.scale = *in.scale;
     s.found_inf = *in.found_inf;
-    s.pad = 0;
+    s.guard_skip = in.guard_skip != nullptr ? *in.guard_skip : 0;
     s.sum_squares = *in.total_sum_squares;
     ring[slot] = s;
   }
