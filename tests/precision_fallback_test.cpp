@@ -589,6 +589,71 @@ TEST(PrecisionFallback, OnOverflowFalseIgnoresOverflow) {
   EXPECT_EQ(run.scaler->skipped_steps(), 20);
 }
 
+// A user's layer with a parameter and no copy in another type: y = x * w
+// per feature.
+class Gain final : public nn::Layer<half> {
+ public:
+  explicit Gain(std::int64_t features) : w_(Shape{features}), g_(Shape{features}) {
+    fill(w_, 1.0f / kGain);
+    fill(g_, 0.0f);
+  }
+  std::string name() const override { return "Gain"; }
+  Device device() const override { return Device::cpu(); }
+  Shape output_shape(const Shape& in) const override { return in; }
+  void forward(TensorView<const half> x, TensorView<half> y, const nn::Context&) override {
+    const std::int64_t f = w_.numel();
+    for (std::int64_t i = 0; i < x.numel(); ++i) y.data()[i] = from_float<half>(to_float(x.data()[i]) * to_float(w_.at(i % f)));
+  }
+  void backward(TensorView<const half> x, TensorView<const half>, TensorView<const half> dy, TensorView<half> dx,
+                const nn::Context&) override {
+    const std::int64_t f = w_.numel();
+    std::vector<float> g(static_cast<std::size_t>(f), 0.0f);
+    for (std::int64_t i = 0; i < x.numel(); ++i) g[i % f] += to_float(dy.data()[i]) * to_float(x.data()[i]);
+    for (std::int64_t k = 0; k < f; ++k) g_.at(k) = from_float<half>(g[k]);
+    if (!dx.empty()) {
+      for (std::int64_t i = 0; i < x.numel(); ++i) dx.data()[i] = from_float<half>(to_float(dy.data()[i]) * to_float(w_.at(i % f)));
+    }
+  }
+  std::vector<optim::Param> parameters(const std::string& prefix) override { return {{prefix + "weight", w_, g_}}; }
+
+ private:
+  Tensor<half> w_, g_;
+};
+
+TEST(PrecisionFallback, ALayerThatCannotMoveIsReportedOnceAndTrainingGoesOn) {
+  nn::Sequential<half> model(Shape{kBatch, kIn});
+  model.emplace<Gain>(kIn);
+  model.emplace<nn::Linear<half>>(kIn, kClasses, nn::Activation::none, true, Device::cpu(), 3);
+  optim::AdamW opt(model.parameters());
+  amp::GradScaler scaler(static_scale());
+  monitor::MonitorOptions mo;
+  mo.every = 5;
+  mo.warnings = false;
+  mo.detectors.repeat_interval = 10;  // the overflow event again every 10 steps
+  monitor::Monitor mon(opt, scaler, mo);
+  monitor::PrecisionFallback<half> fallback(model, opt, mon, policy(FallbackPolicy::act));
+  const Data& d = train_data();
+  Tensor<half> x(Shape{kBatch, kIn});
+  for (int k = 0; k < kBatch * kIn; ++k) x.data()[k] = from_float<half>(d.x[static_cast<std::size_t>(k)]);
+  for (int s = 0; s < 40; ++s) {
+    const float loss = nn::softmax_cross_entropy(model.forward(x.view()), d.y.data(), 65536.0f, model.output_grad());
+    model.backward();
+    mon.step(loss);
+  }
+  EXPECT_GE(events_of(mon, EventKind::repeated_overflow).size(), 2u);
+  const auto said = events_of(mon, EventKind::precision_fallback);
+  ASSERT_EQ(said.size(), 1u) << "reported once";
+  EXPECT_EQ(said[0]->param, "0.weight");
+  EXPECT_NE(said[0]->message.find("layer 0 (Gain) should compute in float32"), std::string::npos) << said[0]->message;
+  EXPECT_NE(said[0]->message.find("it could not move: Gain cannot compute in float32"), std::string::npos)
+      << said[0]->message;
+  EXPECT_TRUE(fallback.moves().empty());
+  EXPECT_EQ(fallback.suggested().count(0), 1u);
+  EXPECT_EQ(model.precision(0), DType::float16);
+  EXPECT_EQ(opt.param(0).weight.data(), model.parameters()[0].weight.data());
+  EXPECT_EQ(mon.steps(), 40);
+}
+
 // --- checkpoints ----------------------------------------------------------
 
 struct Final {

@@ -11,6 +11,7 @@
 #include <limits>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <utility>
@@ -309,7 +310,8 @@ class PrecisionFallback {
   const PrecisionFallbackOptions& options() const { return options_; }
   /// The layers moved so far, in order (a resumed run: those of load_state).
   const std::vector<PrecisionMove>& moves() const { return moves_; }
-  /// Layers the fallback suggested moving (policy suggest), each once.
+  /// Layers the fallback suggested moving, each once: policy suggest, or
+  /// act where the layer could not move (its event says why).
   const std::set<std::size_t>& suggested() const { return suggested_; }
 
   /// Every layer's precision and the moves and suggestions so far, as one
@@ -364,14 +366,24 @@ class PrecisionFallback {
                                         e.message + ")"
                                   : e.param + "'s gradient underflows " + dtype_name(dtype_of<T>) + " (" +
                                         e.message + ")";
-      const bool may_act = options_.policy == FallbackPolicy::act;
+      // A layer that cannot move (a layer type without a copy in another
+      // type, say) is reported, once, and training goes on as it was.
+      std::optional<detail::PreparedMove<T>> prepared;
+      std::string refused;
+      if (options_.policy == FallbackPolicy::act && suggested_.count(i) == 0) {
+        try {
+          prepared = detail::prepare_move(model_, opt_, i, options_.to);  // changes nothing
+        } catch (const Error& err) {
+          refused = err.what();
+        }
+      }
       Event ev;
       ev.kind = EventKind::precision_fallback;
       ev.step = step;
       ev.param = e.param;
       ev.value = static_cast<double>(i);
       ev.threshold = std::numeric_limits<double>::quiet_NaN();
-      if (may_act) {
+      if (prepared) {
         PrecisionMove m;
         m.layer = i;
         m.name = model_.layer(i).name();
@@ -380,8 +392,7 @@ class PrecisionFallback {
         m.step = step;
         m.param = e.param;
         m.trigger = e.kind;
-        detail::PreparedMove<T> p = detail::prepare_move(model_, opt_, i, options_.to);
-        detail::commit_move(model_, opt_, p);
+        detail::commit_move(model_, opt_, *prepared);
         moves_.push_back(std::move(m));
         ev.message = layer + " moved from " + dtype_name(dtype_of<T>) + " to " + dtype_name(options_.to) + ": " + why;
         ev.suggestion = "nothing to do: training goes on with this layer in " + std::string(dtype_name(options_.to)) +
@@ -390,8 +401,14 @@ class PrecisionFallback {
       } else {
         if (!suggested_.insert(i).second) continue;
         ev.message = layer + " should compute in " + std::string(dtype_name(options_.to)) + ": " + why;
-        ev.suggestion = "model.set_precision(" + std::to_string(i) + ", DType::" + dtype_name(options_.to) +
-                        ") before the optimizer is made, or PrecisionFallbackOptions::policy = act";
+        if (refused.empty()) {
+          ev.suggestion = "model.set_precision(" + std::to_string(i) + ", DType::" + dtype_name(options_.to) +
+                          ") before the optimizer is made, or PrecisionFallbackOptions::policy = act";
+        } else {
+          ev.message += "; it could not move: " + refused;
+          ev.suggestion = "normalise the layer's input or lower its gradient's scale; or give the layer a copy in " +
+                          std::string(dtype_name(options_.to)) + " (Layer::copy_as) so that it can move";
+        }
       }
       out.push_back(std::move(ev));
     }
