@@ -444,6 +444,45 @@ TEST(Detectors, StalledNearMissesDoNotFire) {
   EXPECT_TRUE(stall_events(1e-9, 200, false, 2).empty()) << "two records (an lr schedule's last steps)";
 }
 
+// --- moment_lag ----------------------------------------------------------------
+
+// Healthy (RMS of g^2 / v at 1) until step 100; the record at step 110
+// carries `rms` for fc1.weight (skipped when `skipped`).
+std::vector<Event> lag_events(double rms, bool skipped = false, std::int64_t at = 110) {
+  Feed run;
+  run.params[0].v_ratio_rms = 1.0;
+  run.steps(1, at - 10, [](std::int64_t s) { return sample(s, 2.0); });
+  run.params[0].v_ratio_rms = rms;
+  run.steps(at - 9, at, [&](std::int64_t s) {
+    StepSample x = sample(s, 2.0);
+    x.skipped = skipped && s == at;
+    return x;
+  });
+  return run.events;
+}
+
+TEST(Detectors, MomentLagAboveFourFiresNamingTheParameter) {
+  const std::vector<Event> events = lag_events(6.5);
+  ASSERT_EQ(events.size(), 1u) << describe(events);
+  EXPECT_EQ(events[0].kind, EventKind::moment_lag);
+  EXPECT_EQ(events[0].step, 110);
+  EXPECT_EQ(events[0].param, "fc1.weight");
+  EXPECT_EQ(events[0].value, 6.5);
+  EXPECT_EQ(events[0].threshold, 4.0);
+  EXPECT_NE(events[0].suggestion.find("update_clipping"), std::string::npos) << events[0].suggestion;
+  EXPECT_STREQ(to_string(EventKind::moment_lag), "moment_lag");
+}
+
+TEST(Detectors, MomentLagNearMissesDoNotFire) {
+  EXPECT_TRUE(lag_events(3.9).empty()) << "under the threshold";
+  EXPECT_TRUE(lag_events(nan).empty()) << "not computed (device, SGD)";
+  EXPECT_TRUE(lag_events(9.0, true).empty()) << "a skipped step";
+  EXPECT_TRUE(lag_events(9.0, false, 20).empty()) << "within the first 2 * every steps";
+  DetectorOptions o;
+  o.moment_lag_rms = 0;
+  expect_error([&] { o.validate(); }, {"moment_lag_rms = 0"});
+}
+
 // --- repeated_overflow -------------------------------------------------------
 
 std::vector<Event> overflow_events(const std::vector<std::int64_t>& at) {
@@ -831,6 +870,8 @@ LogRecord json_record() {
   a.grad_norm = 0.51;
   a.update_ratio = 3.1e-4;
   a.eps_share = 0.02;
+  a.v_ratio_rms = 1.25;
+  a.lost_update_share = 0.5;
   a.hist[Bins::zero] = 10;
   a.hist[static_cast<std::size_t>(Bins::of(std::ldexp(1.0f, -20)))] = 30;  // fp16 subnormal
   a.hist[static_cast<std::size_t>(Bins::of(0.5f))] = 50;
@@ -874,12 +915,14 @@ assert r["steps"] == {"first": 11, "loss": [2.5, "nan"], "scale": [65536, 32768]
                       "grad_norm": [0.123456789, "inf"], "nonfinite_params": [[], [1, 2]]}, r["steps"]
 a, b, c = r["params"]
 for p in (a, b, c):
-    assert set(p) == {"grad_norm", "update_ratio", "eps_share", "nonfinite", "underflow", "subnormal",
-                      "overflow", "hist"}, sorted(p)
+    assert set(p) == {"grad_norm", "update_ratio", "eps_share", "v_ratio_rms", "lost_update_share", "nonfinite",
+                      "underflow", "subnormal", "overflow", "hist"}, sorted(p)
     assert len(p["hist"]) == 64 and all(type(n) is int for n in p["hist"])
 assert (a["grad_norm"], a["update_ratio"], a["eps_share"], a["nonfinite"]) == (0.51, 3.1e-4, 0.02, False)
 assert (a["underflow"], a["subnormal"], a["overflow"]) == (0.1, 0.3, 0.1), a
 assert a["hist"][0] == 10 and a["hist"][63] == 10 and a["hist"][-20 + 46] == 30 and sum(a["hist"]) == 100
+assert (a["v_ratio_rms"], a["lost_update_share"]) == (1.25, 0.5), a
+assert b["v_ratio_rms"] is None and b["lost_update_share"] is None
 assert b["update_ratio"] == "nan" and b["nonfinite"] is True and b["eps_share"] is None
 assert c["eps_share"] is None and c["hist"][46] == 7 and c["underflow"] == 0
 assert b["underflow"] == 0 and sum(b["hist"]) == 0

@@ -275,6 +275,12 @@ inline std::string record_json(const RunInfo& info, const LogRecord& r, const Fo
     detail::json_key(out, "eps_share");
     detail::json_append_optional(out, p.eps_share);
     out += ", ";
+    detail::json_key(out, "v_ratio_rms");
+    detail::json_append_optional(out, p.v_ratio_rms);
+    out += ", ";
+    detail::json_key(out, "lost_update_share");
+    detail::json_append_optional(out, p.lost_update_share);
+    out += ", ";
     detail::json_key(out, "nonfinite");
     out += p.nonfinite ? "true" : "false";
     out += ", ";

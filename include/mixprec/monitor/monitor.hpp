@@ -119,13 +119,10 @@ class Monitor {
                   "; pass the loss as a device pointer (const float*)");
     const bool logged = logs_next();
     if (logged) {
-      const std::vector<ParamInfo>& ps = info_.params;
-      std::size_t off = 0;
-      for (std::size_t i = 0; i < ps.size(); ++i) {
-        const std::vector<float> m = opt_.master_values(i);  // any StateLayout
-        std::copy(m.begin(), m.end(), snapshot_.begin() + static_cast<std::ptrdiff_t>(off));
-        off += m.size();
-      }
+      // The update pass sums the precursors on the chunks it has in cache
+      // (Optimizer::set_precursors), the check pass the histograms.
+      std::fill(precursor_sums_.begin(), precursor_sums_.end(), 0.0);
+      opt_.set_precursors(precursor_sums_.data());
       std::fill(host_hist_.begin(), host_hist_.end(), 0);
       opt_.set_grad_histogram(host_hist_.data());
     }
@@ -136,9 +133,11 @@ class Monitor {
       applied = max_norm > 0 ? host_->step(opt_, max_norm) : host_->step(opt_);
     } catch (...) {
       opt_.set_grad_histogram(nullptr);
+      opt_.set_precursors(nullptr);
       throw;
     }
     opt_.set_grad_histogram(nullptr);
+    opt_.set_precursors(nullptr);
     const optim::GradStats& stats = host_->grad_stats(opt_);
     StepSample s;
     s.step = steps_ + 1;
@@ -153,7 +152,7 @@ class Monitor {
       if (stats.nonfinite[i]) s.nonfinite_params.push_back(static_cast<int>(i));
     }
     pending_.steps.push_back(s);
-    if (logged) pending_.params = host_params(stats, norm_scale);
+    if (logged) pending_.params = host_params(stats, norm_scale, applied);
     host_->update();
     steps_ += 1;
     if (logged) {
@@ -334,9 +333,7 @@ class Monitor {
     if (host != nullptr) {
       MIXPREC_CHECK(!opt.on_device(), "Monitor: the parameters of this ", opt.name(), " are on ", opt.device(),
                     "; monitor them with their amp::DeviceGradScaler");
-      std::size_t total = 0;
-      for (const ParamInfo& p : info_.params) total += static_cast<std::size_t>(p.numel);
-      snapshot_.resize(total);
+      precursor_sums_.resize(info_.params.size() * optim::Optimizer::kPrecursorSums);
       host_hist_.resize(info_.params.size() * Bins::count);
     } else {
       MIXPREC_CHECK(opt.on_device() && opt.device() == device->device(), "Monitor: the parameters of this ",
@@ -383,40 +380,50 @@ class Monitor {
     return info;
   }
 
-  // The logged step's per-parameter figures on the host.
-  std::vector<ParamSample> host_params(const optim::GradStats& stats, double scale) const {
+  // The logged step's per-parameter figures on the host: the update pass's
+  // precursor sums where the step was applied; a skipped step moved
+  // nothing (update ratio 0) and its eps share is read from the moments it
+  // left as they were.
+  std::vector<ParamSample> host_params(const optim::GradStats& stats, double scale, bool applied) const {
     std::vector<ParamSample> out(info_.params.size());
-    std::size_t off = 0;
     for (std::size_t i = 0; i < out.size(); ++i) {
       ParamSample& p = out[i];
-      const std::vector<float> m = opt_.master_values(i);  // any StateLayout
-      const std::size_t n = m.size();
-      const float* before = snapshot_.data() + off;
-      double upd = 0, wt = 0;
-      for (std::size_t k = 0; k < n; ++k) {
-        const float d = m[k] - before[k];
-        upd += static_cast<double>(d) * d;
-        wt += static_cast<double>(before[k]) * before[k];
-      }
-      off += n;
+      const auto n = static_cast<double>(info_.params[i].numel);
+      const double* sums = precursor_sums_.data() + i * optim::Optimizer::kPrecursorSums;
       p.grad_norm = std::sqrt(stats.sum_squares[i]) / scale;
-      p.update_ratio = wt > 0 ? std::sqrt(upd / wt) : std::nan("");
       p.nonfinite = stats.nonfinite[i] != 0;
       const optim::SecondMoment sm = opt_.second_moment(i);
-      if (sm.v != nullptr && n > 0) {
-        float v_scale = 1.0f;
-        if (sm.beta2 > 0.0f) {
-          const double bc = 1.0 - std::pow(static_cast<double>(sm.beta2), static_cast<double>(opt_.step_count(i)));
-          if (bc > 0) v_scale = static_cast<float>(1.0 / bc);
+      const bool has_v = sm.v != nullptr || sm.eps > 0.0f;  // lean moments: no fp32 pointer, a second moment still
+      if (applied) {
+        p.update_ratio = sums[3] > 0 ? std::sqrt(sums[2] / sums[3]) : std::nan("");
+        if (n > 0) {
+          p.lost_update_share = sums[4] / n;
+          if (has_v) {
+            p.eps_share = sums[1] / n;
+            p.v_ratio_rms = std::sqrt(sums[0] / n);
+          }
         }
-        const float eps2 = sm.eps * sm.eps;
-        std::size_t count = 0;
-        for (std::size_t k = 0; k < n; ++k) count += sm.v[k] * v_scale < eps2 ? 1 : 0;
-        p.eps_share = static_cast<double>(count) / static_cast<double>(n);
+      } else {
+        p.update_ratio = 0;
+        if (sm.v != nullptr && n > 0) p.eps_share = eps_share_of(i, sm);
       }
       for (std::size_t b = 0; b < p.hist.size(); ++b) p.hist[b] = host_hist_[i * Bins::count + b];
     }
     return out;
+  }
+  // The share of parameter i's second moment under eps^2 once
+  // bias-corrected (a skipped step: read from the moments).
+  double eps_share_of(std::size_t i, const optim::SecondMoment& sm) const {
+    const auto n = static_cast<std::size_t>(info_.params[i].numel);
+    float v_scale = 1.0f;
+    if (sm.beta2 > 0.0f) {
+      const double bc = 1.0 - std::pow(static_cast<double>(sm.beta2), static_cast<double>(opt_.step_count(i)));
+      if (bc > 0) v_scale = static_cast<float>(1.0 / bc);
+    }
+    const float eps2 = sm.eps * sm.eps;
+    std::size_t count = 0;
+    for (std::size_t k = 0; k < n; ++k) count += sm.v[k] * v_scale < eps2 ? 1 : 0;
+    return static_cast<double>(count) / static_cast<double>(n);
   }
 
   // Device: the kernels' view of the parameters, made at the first step
@@ -595,6 +602,8 @@ class Monitor {
       if (std::isfinite(p.grad_norm)) tb.add_scalar("grad_norm/" + n, p.grad_norm, step);
       if (std::isfinite(p.update_ratio)) tb.add_scalar("update_ratio/" + n, p.update_ratio, step);
       if (std::isfinite(p.eps_share)) tb.add_scalar("eps_share/" + n, p.eps_share, step);
+      if (std::isfinite(p.v_ratio_rms)) tb.add_scalar("v_ratio_rms/" + n, p.v_ratio_rms, step);
+      if (std::isfinite(p.lost_update_share)) tb.add_scalar("lost_update_share/" + n, p.lost_update_share, step);
       tb.add_histogram("grad_exponent/" + n, exponent_histogram(p.hist), step);
     }
     const Histogram all = r.overall();
@@ -644,7 +653,7 @@ class Monitor {
   LogRecord last_;
   // Host.
   LogRecord pending_;
-  std::vector<float> snapshot_;
+  std::vector<double> precursor_sums_;  // host: the logged step's (Optimizer::set_precursors)
   std::vector<std::uint64_t> host_hist_;
   // Device.
   std::unique_ptr<DeviceMonitorPlan> plan_;

@@ -127,6 +127,17 @@ struct ParamSample {
   /// sqrt(v / bias_correction2) < eps (Adam, AdamW; RMSprop: sqrt(v) < eps).
   /// NaN for optimizers without a second moment (SGD).
   double eps_share = std::numeric_limits<double>::quiet_NaN();
+  /// RMS over the elements of g^2 / max(v, eps^2), v the bias-corrected
+  /// second moment after the update (Wortsman et al. 2023: loss spikes
+  /// follow 1-8 steps after it exceeds 1, when v underestimates g^2). NaN
+  /// without a second moment, on a skipped step, and on the device (this
+  /// version computes it in the host update pass only).
+  double v_ratio_rms = std::numeric_limits<double>::quiet_NaN();
+  /// Share of elements whose update is under half an ulp of their 16-bit
+  /// weight: updates that rounding would lose without an fp32 master (what
+  /// StateLayout::master none must live with). NaN where not computed, as
+  /// v_ratio_rms.
+  double lost_update_share = std::numeric_limits<double>::quiet_NaN();
   bool nonfinite = false;
   Histogram hist{};  // of the gradient as stored (scaled), see Bins
 };
@@ -155,6 +166,7 @@ enum class EventKind {
   stalled_updates,      // a parameter's update ratio is far below 1e-5
   repeated_overflow,    // one parameter keeps producing non-finite gradients
   precision_fallback,   // a layer's compute moved (or should move) to bf16/fp32 (monitor/precision_fallback.hpp)
+  moment_lag,           // the second moment underestimates g^2: RMS of g^2 / v far above 1 (a spike precursor)
 };
 
 inline const char* to_string(EventKind k) {
@@ -167,6 +179,7 @@ inline const char* to_string(EventKind k) {
     case EventKind::stalled_updates: return "stalled_updates";
     case EventKind::repeated_overflow: return "repeated_overflow";
     case EventKind::precision_fallback: return "precision_fallback";
+    case EventKind::moment_lag: return "moment_lag";
   }
   return "unknown";
 }

@@ -281,6 +281,7 @@ class Family : public OptimizerBase<Family<Rule>, typename Rule::Options> {
     if constexpr (kSums > 0) finish_coeffs(i, t, h, lr, step, c);
     const unsigned mask = (Kernel::uses(c, 0) ? 1u : 0u) | (Kernel::uses(c, 1) ? 2u : 0u) |
                           (Kernel::uses(c, 2) ? 4u : 0u);
+    if (this->precursors_ != nullptr) set_precursor_spec(g, step, c);
     switch (mask) {
       case 0: return update_masked<0>(i, t, c);
       case 1: return update_masked<1>(i, t, c);
@@ -340,6 +341,19 @@ class Family : public OptimizerBase<Family<Rule>, typename Rule::Options> {
   }
 
   double grad_sum_squares_ = 0;  // the pre-pass's gradient round (before_update)
+
+  // The second moment the precursors read (Optimizer::set_precursors):
+  // the one the monitor reads, bias-corrected as the update's v-hat.
+  void set_precursor_spec(std::size_t g, double step, const Coeffs& c) {
+    const auto sm = Rule::second_moment(this->options_[g]);
+    typename Optimizer::PrecursorSpec& spec = this->precursor_spec_;
+    spec = {};
+    if (sm.state < 0 || !Kernel::uses(c, sm.state)) return;
+    spec.state = sm.state;
+    spec.eps2 = static_cast<float>(sm.eps * sm.eps);
+    const double bc = sm.beta2 > 0 ? 1.0 - std::pow(sm.beta2, step) : 1.0;
+    spec.v_scale = bc > 0 ? static_cast<float>(1.0 / bc) : 1.0f;
+  }
 
   unsigned fresh_of(std::size_t i) const {
     unsigned f = 0;

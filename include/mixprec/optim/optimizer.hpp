@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <set>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -517,6 +518,29 @@ class Optimizer {
   /// the setting its capture saw.
   void set_grad_histogram(std::uint64_t* bins) { grad_histogram_ = bins; }
   std::uint64_t* grad_histogram() const { return grad_histogram_; }
+
+  /// Sums the update pass makes per parameter while set_precursors(sums) is
+  /// on (the monitor's precursors of instability; null, the default, stops
+  /// it): sums[i * kPrecursorSums + j] gets, over parameter i's elements, with
+  /// g the gradient the update uses, v the second moment after the update
+  /// bias-corrected (the update's v-hat; optimizers without one add 0 to the
+  /// first two), m the master before and m' after the step, and w the 16-bit
+  /// weight before it:
+  ///   j = 0  g^2 / max(v, eps^2)            (Wortsman et al. 2023: RMS > 1 precedes spikes)
+  ///   j = 1  1 where v < eps^2              (eps dominates the denominator)
+  ///   j = 2  (m' - m)^2                     (the update's norm, squared)
+  ///   j = 3  m^2                            (the weight's norm, squared)
+  ///   j = 4  1 where |m' - m| < ulp(w) / 2  (an update that rounding to the weight's type would lose
+  ///                                          without a master)
+  /// The caller zeroes them; a skipped step adds nothing. Host parameters:
+  /// computed on the chunk the update has in L1 (no second read of the
+  /// gradients, masters or state; the fused AVX2 loop gives way to the
+  /// chunked one, which has the same bits). Device parameters: not computed
+  /// in this version (the device monitor measures the update with its own
+  /// snapshot).
+  static constexpr std::size_t kPrecursorSums = 5;
+  void set_precursors(double* sums) { precursors_ = sums; }
+  double* precursors() const { return precursors_; }
   /// Parameter i's second moment (see SecondMoment); {} when it has none.
   virtual SecondMoment second_moment(std::size_t i) const {
     (void)slot(i);
@@ -974,12 +998,13 @@ class Optimizer {
   /// scalars, round the chunk's masters into the weight.
   template <std::size_t N, class Formula>
   void update_elements(std::size_t i, const GradTransform& t, float* const (&arrays)[N],
-                       Formula&& formula) {
+                       Formula&& formula, int v_array = -1) {
     Slot& s = slots_[i];
     const std::int64_t n = s.master.numel();
     std::int64_t done = 0;
+    float before[kChunk];
 #if MIXPREC_OPTIM_AVX2
-    if (detail::cpu_has_avx2_f16c()) {
+    if (detail::cpu_has_avx2_f16c() && precursors_ == nullptr) {
       s.param.grad.visit([&](auto grad) {
         s.param.weight.visit([&](auto weight) {
           done = cpu::fused_avx2<N>(n, grad.data(), weight.data(), arrays, t, formula);
@@ -999,6 +1024,7 @@ class Optimizer {
       }
       float* chunk[N];
       for (std::size_t a = 0; a < N; ++a) chunk[a] = arrays[a] + off;
+      if (precursors_ != nullptr) std::memcpy(before, chunk[0], static_cast<std::size_t>(m) * sizeof(float));
       std::int64_t k = 0;
 #if MIXPREC_HAS_VECTOR_EXT
       k = cpu::formula_lanes<simd::f32x4, N>(m, chunk, g, formula);
@@ -1009,11 +1035,23 @@ class Optimizer {
         cpu::call_formula(formula, v, g[k], std::make_index_sequence<N>{});
         for (std::size_t a = 0; a < N; ++a) chunk[a][k] = v[a];
       }
+      if (precursors_ != nullptr) add_precursors(i, before, chunk[0], v_array > 0 ? chunk[v_array] : nullptr, g, m);
       s.param.weight.visit([&](auto w) {
         convert_n(s.master.data() + off, static_cast<std::size_t>(m), w.data() + off);
       });
     }
   }
+
+  /// What the precursors need of the step under way (Family sets it):
+  /// which state tensor is the second moment (-1: none), eps^2 and the
+  /// factor that bias-corrects v (float(1 / (1 - beta2^step)), as the
+  /// monitor's eps share has always read it).
+  struct PrecursorSpec {
+    int state = -1;
+    float eps2 = 0;
+    float v_scale = 1;
+  };
+  PrecursorSpec precursor_spec_;
 
   /// update_elements over the master and the state tensors `states` (N - 1
   /// indices): the formula sees arrays[0] = master, arrays[a] = state
@@ -1024,13 +1062,62 @@ class Optimizer {
   void update_states(std::size_t i, const GradTransform& t, const std::array<int, N - 1>& states,
                      Formula&& formula) {
     if (layout_of(i).lean()) {
-      update_elements_lean<N>(i, t, states, formula);
+      update_elements_lean<N>(i, t, states, formula, precursor_array<N>(states));
       return;
     }
     float* arrays[N];
     arrays[0] = slots_[i].master.data();
     for (std::size_t a = 1; a < N; ++a) arrays[a] = state(i, static_cast<std::size_t>(states[a - 1]));
-    update_elements<N>(i, t, arrays, formula);
+    update_elements<N>(i, t, arrays, formula, precursor_array<N>(states));
+  }
+  // The position of the second moment in update_elements' arrays (-1: none).
+  template <std::size_t N>
+  int precursor_array(const std::array<int, N - 1>& states) const {
+    for (std::size_t a = 1; a < N; ++a) {
+      if (states[a - 1] == precursor_spec_.state) return static_cast<int>(a);
+    }
+    return -1;
+  }
+  // Adds parameter i's precursor terms of m elements (see set_precursors):
+  // before: the masters before the step, after: after it, v: the second
+  // moment after it (null: none), g: the gradients the update used.
+  void add_precursors(std::size_t i, const float* before, const float* after, const float* v, const float* g,
+                      std::int64_t m) {
+    double* out = precursors_ + i * kPrecursorSums;
+    const float eps2 = precursor_spec_.eps2, v_scale = precursor_spec_.v_scale;
+    double ratio = 0, below = 0, upd = 0, wt = 0, lost = 0;
+    slots_[i].param.weight.visit([&](auto w) {
+      using T = typename decltype(w)::value_type;
+      for (std::int64_t e = 0; e < m; ++e) {
+        if (v != nullptr) {
+          const float vhat = v[e] * v_scale;
+          const double gd = g[e];
+          ratio += gd * gd / static_cast<double>(std::max(vhat, eps2));
+          below += vhat < eps2 ? 1.0 : 0.0;
+        }
+        const double d = static_cast<double>(after[e]) - static_cast<double>(before[e]);
+        upd += d * d;
+        wt += static_cast<double>(before[e]) * before[e];
+        lost += std::fabs(d) < 0.5 * ulp_of<T>(before[e]) ? 1.0 : 0.0;
+      }
+    });
+    out[0] += ratio;
+    out[1] += below;
+    out[2] += upd;
+    out[3] += wt;
+    out[4] += lost;
+  }
+  // The spacing of T's values at x rounded to T (upwards in magnitude).
+  template <class T>
+  static double ulp_of(float x) {
+    if constexpr (std::is_same_v<T, float>) {
+      const float a = std::fabs(x);
+      return static_cast<double>(std::nextafter(a, std::numeric_limits<float>::infinity())) - a;
+    } else {
+      const T r = from_float<T>(x);
+      const T next = from_bits<T>(static_cast<std::uint16_t>((to_bits(r) & 0x7fffu) + 1u));
+      return static_cast<double>(to_float(next)) - std::fabs(static_cast<double>(to_float(r)));
+    }
   }
 
   /// The step of a lean layout, chunk by chunk (L1-sized; a chunk is a
@@ -1043,7 +1130,7 @@ class Optimizer {
   /// and tie bit; none rounded stochastically into the weight.
   template <std::size_t N, class Formula>
   void update_elements_lean(std::size_t i, const GradTransform& t, const std::array<int, N - 1>& states,
-                            Formula& formula) {
+                            Formula& formula, int v_array) {
     static_assert(kChunk % lean::kBlock == 0 && kChunk % 32 == 0, "a chunk holds whole blocks and tie words");
     Slot& s = slots_[i];
     const StateLayout& layout = layout_of(i);
@@ -1052,6 +1139,7 @@ class Optimizer {
     const std::uint64_t key = lean::rounding_key(layout.seed, i, static_cast<std::uint64_t>(s.step));
     float g[kChunk];
     float buf[N][kChunk];
+    float before[kChunk];
     for (std::int64_t off = 0; off < n; off += kChunk) {
       const std::int64_t m = std::min<std::int64_t>(kChunk, n - off);
       cpu::load_float(s.param.grad, off, m, g);
@@ -1083,6 +1171,7 @@ class Optimizer {
           chunk[a] = s.state[k].data() + off;
         }
       }
+      if (precursors_ != nullptr) std::memcpy(before, chunk[0], static_cast<std::size_t>(m) * sizeof(float));
       std::int64_t k = 0;
 #if MIXPREC_HAS_VECTOR_EXT
       k = cpu::formula_lanes<simd::f32x4, N>(m, chunk, g, formula);
@@ -1093,6 +1182,7 @@ class Optimizer {
         cpu::call_formula(formula, v, g[k], std::make_index_sequence<N>{});
         for (std::size_t a = 0; a < N; ++a) chunk[a][k] = v[a];
       }
+      if (precursors_ != nullptr) add_precursors(i, before, chunk[0], v_array > 0 ? chunk[v_array] : nullptr, g, m);
       if (packed) {
         for (std::size_t a = 1; a < N; ++a) encode(i, static_cast<std::size_t>(states[a - 1]), off, m, buf[a]);
       }
@@ -1393,6 +1483,9 @@ class Optimizer {
   Buffer constants_;                 // {int 0, float 1}: found_inf and scale of a plain step()
   std::unique_ptr<DevicePlan> plan_;  // null after a group is added
   std::uint64_t* grad_histogram_ = nullptr;  // set_grad_histogram
+ protected:
+  double* precursors_ = nullptr;  // set_precursors
+ private:
   bool params_changed_ = false;       // state was made since the plan's upload
 };
 
