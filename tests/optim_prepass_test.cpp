@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -416,6 +417,84 @@ TEST(StableAdam, AnEpsWhoseSquareIsZeroIsRefusedByName) {
   expect_error([&] { fine.set_options(0, o); }, {"AdamW", "eps = 1e-30"});
   EXPECT_FALSE(fine.options(0).update_clipping);
   EXPECT_EQ(test::state_bits(fine), before);
+}
+
+// --- the pre-pass's order -----------------------------------------------------------------------
+
+// The documented order of the sums (optim/family.hpp), transcribed here: a
+// tensor in 2^16-element chunks; in a chunk, element e to partial e % 256
+// in float; per 32 partials x[l] += x[l + h], h = 16 .. 1; the 8 results in
+// order from 0; chunks in double. The device kernel implements this order
+// (it is what makes the GPU's bits the CPU's); here the CPU must too.
+double documented_sum(const std::vector<float>& terms) {
+  double total = 0;
+  const std::size_t chunk = std::size_t{1} << 16;
+  for (std::size_t begin = 0; begin < terms.size(); begin += chunk) {
+    float lanes[256] = {};
+    for (std::size_t e = begin; e < std::min(begin + chunk, terms.size()); ++e) lanes[(e - begin) % 256] += terms[e];
+    float sum = 0.0f;
+    for (int w = 0; w < 8; ++w) {
+      float* x = lanes + 32 * w;
+      for (int h = 16; h > 0; h /= 2) {
+        for (int l = 0; l < h; ++l) x[l] = x[l] + x[l + h];
+      }
+      sum = sum + x[0];
+    }
+    total += static_cast<double>(sum);
+  }
+  return total;
+}
+
+// LAMB's first step from zero moments, in float as the formula rounds it,
+// with the trust ratio from sums in the documented order: the master must
+// have these bits exactly. (Summed in plain sequence instead, the ratio
+// differs in its last bits for this tensor: checked below, so the test can
+// tell the orders apart.)
+TEST(Prepass, SumsFollowTheDocumentedOrder) {
+  const std::int64_t n = 200001;  // 4 chunks, the last one short, a tail not a multiple of 4
+  Tensor<bfloat16> w(Shape{n}), g(Shape{n});
+  fill_normal(w, 0, 1, 11);
+  fill_normal(g, 0, 0.1f, 12);
+  optim::LambOptions o;
+  o.lr = 1e-2;
+  o.max_grad_norm = 0;
+  optim::LAMB opt({{"w", w, g}}, o);
+  const float beta3 = static_cast<float>(1.0 - 0.9), omb2 = static_cast<float>(1.0 - 0.999);
+  const float bc1 = static_cast<float>(1.0 - 0.9), bc2 = static_cast<float>(1.0 - 0.999);
+  const float eps = static_cast<float>(1e-6), decay = static_cast<float>(0.01);
+  std::vector<float> p(static_cast<std::size_t>(n)), u(p.size()), pp(p.size()), uu(p.size());
+  for (std::size_t e = 0; e < p.size(); ++e) {
+    p[e] = to_float(w.at(static_cast<std::int64_t>(e)));
+    const float ge = to_float(g.at(static_cast<std::int64_t>(e)));
+    volatile float m = beta3 * ge;  // 0 * beta1 + beta3 * g
+    volatile float prod = omb2 * ge;
+    volatile float v = prod * ge;
+    volatile float den = std::sqrt(v / bc2) + eps;
+    volatile float d = decay * p[e];
+    u[e] = (m / bc1) / den + d;
+    pp[e] = p[e] * p[e];
+    uu[e] = u[e] * u[e];
+  }
+  const double wn = documented_sum(pp), un = documented_sum(uu);
+  const float ratio = static_cast<float>(-(1e-2 * (std::sqrt(wn) / std::sqrt(un))));
+  double wseq = 0, useq = 0;
+  for (std::size_t e = 0; e < p.size(); ++e) {
+    wseq += pp[e];
+    useq += uu[e];
+  }
+  const float ratio_seq = static_cast<float>(-(1e-2 * (std::sqrt(wseq) / std::sqrt(useq))));
+  opt.step();
+  const Tensor<float>& master = opt.master(0);
+  std::int64_t mismatches = 0, seq_mismatches = 0;
+  for (std::size_t e = 0; e < p.size(); ++e) {
+    volatile float step = ratio * u[e], step_seq = ratio_seq * u[e];
+    const float want = p[e] + step, want_seq = p[e] + step_seq;
+    const float have = master.at(static_cast<std::int64_t>(e));
+    mismatches += std::memcmp(&have, &want, sizeof have) != 0;
+    seq_mismatches += std::memcmp(&have, &want_seq, sizeof have) != 0;
+  }
+  EXPECT_EQ(mismatches, 0) << "the CPU's sums are not in the documented order";
+  EXPECT_GT(seq_mismatches, 0) << "this tensor cannot tell the documented order from a plain sum";
 }
 
 // --- shared: skips and checkpoints -------------------------------------------------------------
