@@ -76,15 +76,26 @@ TEST(SpikeGuardRule, ZScoreAgainstTheWindowWithoutTheNewValue) {
   EXPECT_EQ(r.guard.skipped_steps(), 2);
 }
 
-TEST(SpikeGuardRule, OneSidedAndConstantWindowsJudgeNothing) {
+TEST(SpikeGuardRule, OneSidedWithASpreadOfAtLeastAThousandthOfTheMean) {
   Rule r;
   for (double v : {5.0, 6.0, 5.0, 6.0}) r.guard.step(v, v, false);
   EXPECT_FALSE(r.guard.step(-1000.0, -1000.0, false)) << "far below the window: harmless";
   EXPECT_LT(r.guard.state().loss_z, -100.0);
+  // A constant window {2, 2, 2, 2} (norms {3, 3, 3, 3}): sd 0, taken as
+  // 1e-3 x 2 = 0.002, so 6 sd above the mean is 2.012.
   Rule c;
   for (int i = 0; i < 4; ++i) c.guard.step(2.0, 3.0, false);
-  EXPECT_FALSE(c.guard.step(1e30, 1e30, false)) << "sd = 0: no spread to judge against";
-  EXPECT_EQ(c.guard.state().loss_z, 0.0);
+  EXPECT_FALSE(c.guard.step(2.011, 3.0, false));
+  EXPECT_NEAR(c.guard.state().loss_z, 5.5, 1e-9);
+  Rule d;
+  for (int i = 0; i < 4; ++i) d.guard.step(2.0, 3.0, false);
+  EXPECT_TRUE(d.guard.step(2.013, 3.0, false));
+  EXPECT_NEAR(d.guard.state().loss_z, 6.5, 1e-9);
+  // A window of zeros has no spread at all: nothing is judged.
+  Rule z;
+  for (int i = 0; i < 4; ++i) z.guard.step(0.0, 0.0, false);
+  EXPECT_FALSE(z.guard.step(1e30, 1e30, false));
+  EXPECT_EQ(z.guard.state().loss_z, 0.0);
 }
 
 TEST(SpikeGuardRule, WarmupActsOnlyOnNonFiniteValues) {

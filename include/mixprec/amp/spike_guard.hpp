@@ -29,8 +29,10 @@ MIXPREC_NAMESPACE_BEGIN namespace amp {
 ///  * otherwise, once the window holds `warmup` steps, the step is skipped
 ///    when z = (x - mean) / sd > threshold for its loss or its gradient
 ///    norm, mean and sd (sample standard deviation) over the window, which
-///    does not include x. One-sided: a loss or norm far BELOW its recent
-///    values harms nothing. A window with sd = 0 judges nothing;
+///    does not include x, sd no less than 1e-3 |mean| (the monitor's
+///    loss_spike detector's floor: a window flatter than that would turn
+///    rounding noise into outliers). One-sided: a loss or norm far BELOW its
+///    recent values harms nothing. A window of zeros judges nothing;
 ///  * a non-finite loss or norm (gradients finite) is always skipped;
 ///  * the loss and norm of an applied step enter the window (the oldest
 ///    leaves). Those of a skipped step stay out, so that a spike does not
@@ -153,7 +155,9 @@ MIXPREC_HOST_DEVICE inline bool guard_finite(double x) { return x - x == 0.0; } 
 
 // (x - mean) / sd over w[0, n), n >= 2: the mean in slot order, then the
 // sum of squared deviations (two passes: no cancellation, no drift, unlike
-// running sums). 0 when sd is 0 (a constant window says nothing about spread).
+// running sums). sd is at least 1e-3 |mean|, so that a near-constant window
+// does not make rounding noise an outlier; 0 when that is still 0 (a window
+// of zeros says nothing about spread).
 MIXPREC_HOST_DEVICE inline double window_z(const double* w, std::int32_t n, double x) {
   double sum = 0.0;
   for (std::int32_t i = 0; i < n; ++i) sum = guard_add(sum, w[i]);
@@ -168,8 +172,10 @@ MIXPREC_HOST_DEVICE inline double window_z(const double* w, std::int32_t n, doub
 #else
   const double sd = std::sqrt(squares / (n - 1));
 #endif
-  if (!(sd > 0.0)) return 0.0;
-  return (x - mean) / sd;
+  const double floor = guard_mul(1e-3, mean < 0.0 ? -mean : mean);
+  const double spread = sd > floor ? sd : floor;
+  if (!(spread > 0.0)) return 0.0;
+  return (x - mean) / spread;
 }
 
 }  // namespace detail
