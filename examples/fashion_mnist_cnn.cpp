@@ -13,7 +13,7 @@
 //                     [--graph on|off] [--min-accuracy X]
 //                     [--monitor on|off] [--monitor-every K] [--monitor-log FILE.jsonl]
 //                     [--zero1 on|off] [--report FILE.html]
-//                     [--precision-fallback off|suggest|act]
+//                     [--precision-fallback off|suggest|act] [--spike-guard on|off]
 //                     [--checkpoint PATH] [--checkpoint-every N] [--resume PATH] [--stop-at-step N]
 //
 // --help lists every flag with its default. Defaults: fp16, cuda when a

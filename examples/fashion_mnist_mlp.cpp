@@ -11,7 +11,7 @@
 //                     [--graph on|off] [--min-accuracy X]
 //                     [--monitor on|off] [--monitor-every K] [--monitor-log FILE.jsonl]
 //                     [--zero1 on|off] [--report FILE.html]
-//                     [--precision-fallback off|suggest|act]
+//                     [--precision-fallback off|suggest|act] [--spike-guard on|off]
 //                     [--checkpoint PATH] [--checkpoint-every N] [--resume PATH] [--stop-at-step N]
 //
 // --help lists every flag with its default; a flag's value follows it or an
@@ -27,6 +27,9 @@
 // it, FILE.jsonl, unless --monitor-log names one). Started by mpirun, it
 // trains data-parallel on CPU ranks (docs/distributed.md); --zero1 on then
 // shards the masters and moments over the ranks (ZeRO-1).
+// --spike-guard on skips steps whose loss or gradient norm is a z-score
+// outlier (docs/grad-scaler.md#spike-guard; under mpirun the norm only),
+// counted apart from the overflow skips of each epoch's line.
 //
 // Checkpoints (docs/checkpoints.md): --checkpoint saves the whole training
 // state, the data position and the shuffling RNG at the end, and every N
