@@ -29,6 +29,7 @@
 #include <limits>
 #include <memory>
 #include <numeric>
+#include <map>
 #include <optional>
 #include <random>
 #include <string>
@@ -74,6 +75,9 @@ struct Args {
   bool monitor = true;
   int monitor_every = 10;
   std::string monitor_log, report;
+  // Per-layer precision fallback (docs/monitor.md): off, suggest or act when
+  // the monitor finds a layer that keeps overflowing fp16 (CPU, one process).
+  std::string precision_fallback = "off";
   // Checkpoints (docs/checkpoints.md): saved to `checkpoint` every
   // checkpoint_every steps (0: only at the end) and at the end of the run or
   // at stop_at_step (0: none); `resume` is loaded before the first step.
@@ -139,6 +143,10 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
   app.add_option("--report", a.report,
                  "the monitor's HTML report, written at the end (its log: --monitor-log, else FILE with .jsonl)")
       ->type_name("FILE.html");
+  app.add_option("--precision-fallback", a.precision_fallback,
+                 "a layer the monitor finds overflowing (or underflowing) fp16: act moves it to fp32, suggest says "
+                 "so, off ignores it (CPU, one process)")
+      ->check(CLI::IsMember({"off", "suggest", "act"}));
   CLI::Option* checkpoint =
       app.add_option("--checkpoint", a.checkpoint, "save the training state here (safetensors) at the end")
           ->type_name("PATH");
@@ -164,6 +172,11 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
     if (a.monitor_log.empty()) a.monitor_log = std::filesystem::path(a.report).replace_extension(".jsonl").string();
     if (a.monitor_log == a.report) return usage_error("--report and the monitor's log are both " + a.report);
   }
+  if (a.precision_fallback != "off") {
+    const std::string flag = "--precision-fallback " + a.precision_fallback;
+    if (!a.monitor) return usage_error(flag + " needs the monitor (its events find the layer): drop --monitor off");
+    if (a.precision == "fp32") return usage_error(flag + " with --precision fp32: no layer computes in fp16 or bf16");
+  }
   if (a.optimizer == "lamb" && a.zero1) {
     // A rank's optimizer holds a slice of the parameters: LAMB's norms are
     // of whole tensors, its gradient clamp of every parameter.
@@ -188,6 +201,10 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
   if (a.device == "cuda" && !usable) {
     return usage_error(std::string("no CUDA device: --device cuda, but ") +
                        (cuda_available() ? "no CUDA kernels are linked into this build" : "no CUDA device is usable"));
+  }
+  if (a.precision_fallback != "off" && a.device == "cuda") {
+    return usage_error("--precision-fallback " + a.precision_fallback +
+                       " needs --device cpu: a layer's precision moves on the host only for now");
   }
   return -1;
 }
@@ -526,9 +543,18 @@ std::optional<double> run_cpu(const Args& a, const ImageSet& train_set, const Im
   std::mt19937_64 rng(a.seed);
   RunPosition pos;
   std::string monitor_state;  // a resumed run's: the monitor goes on where it stopped
+  std::string fallback_state;  // its layers' precisions (--precision-fallback)
   if (!a.resume.empty()) {
     io::CheckpointExtras x;
     x.rng = &rng;
+    // The layers' precisions first: the file's weights are in them.
+    if (!zero) {
+      const std::map<std::string, std::string> meta = io::read_checkpoint_metadata(a.resume);
+      if (const auto it = meta.find("precision_fallback.state"); it != meta.end()) {
+        fallback_state = it->second;
+        monitor::restore_precisions(m.net, opt, fallback_state);
+      }
+    }
     if (zero) {
       zero->load_checkpoint(a.resume, scaler, &x);
     } else {
@@ -546,9 +572,24 @@ std::optional<double> run_cpu(const Args& a, const ImageSet& train_set, const Im
     mon.emplace(opt, scaler, mo);
     if (!monitor_state.empty()) mon->load_state(monitor_state);
   }
+  // Declared after the monitor: it goes first.
+  std::optional<monitor::PrecisionFallback<T>> fallback;
+  if (a.precision_fallback != "off") {
+    MIXPREC_CHECK(ranks == 1, "--precision-fallback ", a.precision_fallback, ": one process only for now (under "
+                  "mpirun the monitor runs on rank 0, and every rank's layers must stay alike)");
+    monitor::PrecisionFallbackOptions fo;
+    fo.policy = monitor::parse_fallback_policy(a.precision_fallback, "--precision-fallback");
+    fallback.emplace(m.net, opt, *mon, fo);
+    if (!fallback_state.empty()) fallback->load_state(fallback_state);
+  }
   auto save = [&] {
     io::CheckpointExtras x = checkpoint_extras(a, pos, steps);
     if (mon) x.metadata["monitor.state"] = mon->save_state();
+    if (fallback) {
+      x.metadata["precision_fallback.state"] = fallback->save_state();
+    } else if (!fallback_state.empty()) {
+      x.metadata["precision_fallback.state"] = fallback_state;  // the moved layers stay moved
+    }
     if (zero) {
       zero->save_checkpoint(a.checkpoint, scaler, x);  // every rank: its shard (rank 0 also the index)
     } else if (rank == 0) {
