@@ -103,11 +103,21 @@ inline V load_lane(const float* p) {
 #endif
   }
 }
+template <class V>
+inline void store_lane(float* p, const V& v) {
+  if constexpr (std::is_same<V, float>::value) {
+    *p = v;
+  } else {
+#if MIXPREC_HAS_VECTOR_EXT
+    simd::store(p, v);
+#endif
+  }
+}
 
 // out[0..K) = the pre-pass sums over the n elements of one tensor, in the
-// order above: term(e, g, t) writes element e's K terms (for 4 elements at
-// a time, as simd::f32x4, where the host has vectors) given its
-// transformed gradient g.
+// order above: term(e, g, out) writes element e's K terms given its
+// transformed gradient g (for 4 elements at a time, g a simd::f32x4, where
+// the host has vectors: then term j of element e + l goes to out[4 j + l]).
 template <int K, class Term>
 void prepass_tensor_sums(const TensorRef& grad, std::int64_t n, const GradTransform& t, Term&& term, double* out) {
   static_assert(K >= 1 && K <= 3, "a pre-pass makes 1 to 3 sums per tensor");
@@ -130,11 +140,11 @@ void prepass_tensor_sums(const TensorRef& grad, std::int64_t n, const GradTransf
       std::int64_t k = 0;
 #if MIXPREC_HAS_VECTOR_EXT
       for (; k + simd::lanes <= m; k += simd::lanes) {
-        simd::f32x4 v[K];
+        float v[K * simd::lanes];
         term(off + k, simd::load<simd::f32x4>(g + k), v);
         for (int j = 0; j < K; ++j) {
           float* a = lanes[j] + k % kPrepassLanes;
-          simd::store(a, simd::load<simd::f32x4>(a) + v[j]);
+          simd::store(a, simd::load<simd::f32x4>(a) + simd::load<simd::f32x4>(v + j * simd::lanes));
         }
       }
 #endif
@@ -307,7 +317,8 @@ class Family : public OptimizerBase<Family<Rule>, typename Rule::Options> {
       for (std::size_t i = 0; i < this->num_params(); ++i) {
         double s = 0;
         detail::prepass_tensor_sums<1>(this->param(i).grad, this->param(i).grad.numel(), t,
-                                       [](std::int64_t, auto g, auto* out) { out[0] = math::mul(g, g); }, &s);
+                                       [](std::int64_t, auto g, float* out) { detail::store_lane(out, math::mul(g, g)); },
+                                       &s);
         total += s;
       }
       grad_sum_squares_ = total;
@@ -330,11 +341,14 @@ class Family : public OptimizerBase<Family<Rule>, typename Rule::Options> {
     double sums[kSums > 0 ? kSums : 1];
     const std::int64_t n = this->param(i).grad.numel();
     detail::prepass_tensor_sums<kSums>(this->param(i).grad, n, t,
-                                       [&](std::int64_t e, auto g, auto* out) {
+                                       [&](std::int64_t e, auto g, float* out) {
                                          using V = decltype(g);
+                                         V terms[kSums > 0 ? kSums : 1];
                                          Kernel::terms(detail::load_lane<V>(m + e), detail::load_lane<V>(s[0] + e),
                                                        detail::load_lane<V>(s[1] + e),
-                                                       detail::load_lane<V>(s[2] + e), g, cc, out);
+                                                       detail::load_lane<V>(s[2] + e), g, cc, terms);
+                                         constexpr int lanes = static_cast<int>(sizeof(V) / sizeof(float));
+                                         for (int j = 0; j < kSums; ++j) detail::store_lane(out + j * lanes, terms[j]);
                                        },
                                        sums);
     Kernel::finish(c, h, lr, step, sums, n);
