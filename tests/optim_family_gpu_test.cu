@@ -107,8 +107,11 @@ TEST(FamilyGpu, OwnOptimizerGivesTheCpuBits) {
 // once (global mode: a synchronising call fails the capture). Skip
 // decisions, scales, step counts, masters, every state tensor and weights
 // must be the host's, bit for bit.
+// With `second`, the last parameter is a group of its own with those
+// options, and both optimizers follow a cosine schedule.
 template <class Opt, class T, class Sd>
-void prepass_host_equals_device(const typename Opt::options_type& o, Sd sd, bool graph) {
+void prepass_host_equals_device(const typename Opt::options_type& o, Sd sd, bool graph,
+                                const typename Opt::options_type* second = nullptr) {
   const std::vector<std::int64_t> sizes = {70001, 4099, 333};
   test::OwnedStream owner;
   cudaStream_t stream = owner.s;
@@ -125,7 +128,15 @@ void prepass_host_equals_device(const typename Opt::options_type& o, Sd sd, bool
     hp.push_back({"p" + std::to_string(i), hw[i], hg[i]});
     dp.push_back({"p" + std::to_string(i), dw[i], dg[i]});
   }
-  Opt host(hp, o), device(dp, o);
+  const std::size_t first = second ? sizes.size() - 1 : sizes.size();
+  Opt host(std::vector<optim::Param>(hp.begin(), hp.begin() + first), o),
+      device(std::vector<optim::Param>(dp.begin(), dp.begin() + first), o);
+  if (second) {
+    host.add_param_group({hp.back()}, *second);
+    device.add_param_group({dp.back()}, *second);
+    host.set_schedule(optim::LRSchedule::cosine(10, 0.1));
+    device.set_schedule(optim::LRSchedule::cosine(10, 0.1));
+  }
   amp::GradScalerOptions so;
   so.init_scale = 1024;
   amp::GradScaler hs(so);
@@ -218,6 +229,24 @@ TEST(FamilyGpu, AdamWUpdateClippingGivesTheCpuBits) {
   a.amsgrad = true;
   a.update_clipping = true;
   prepass_host_equals_device<optim::Adam, half>(a, jump, false);
+}
+
+// Groups with different pre-pass needs in one launch (the flags of every
+// group), under a schedule the kernels apply on the device.
+TEST(FamilyGpu, PrepassGroupsAndScheduleGiveTheCpuBits) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  optim::LambOptions a, b;
+  a.lr = 1e-2;
+  b.lr = 5e-3;
+  b.weight_decay = 0;
+  b.max_grad_norm = 0;
+  prepass_host_equals_device<optim::LAMB, half>(a, steady, false, &b);
+  prepass_host_equals_device<optim::LAMB, bfloat16>(a, jump, true, &b);
+  optim::AdamWOptions c, d;
+  c.lr = 1e-2;
+  c.update_clipping = true;
+  d.lr = 1e-2;  // no clipping: no pre-pass for this group
+  prepass_host_equals_device<optim::AdamW, half>(c, jump, false, &d);
 }
 
 TEST(FamilyGpu, PrepassStepsReplayedFromACudaGraphGiveTheCpuBits) {

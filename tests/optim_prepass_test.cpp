@@ -201,6 +201,74 @@ TYPED_TEST(LambTest, L2ModeWithoutGradAveragingMatches) {
   lamb_matches<TypeParam>(o, 0.1f, "L2 mode");
 }
 
+// Two groups with different options in one optimizer: the gradient norm
+// is over every parameter (Apex's), each group clamps with its own
+// max_grad_norm and applies its own trust ratio; under a cosine schedule.
+TEST(Lamb, GroupsShareTheGlobalNormAndKeepTheirOwnOptions) {
+  Model<half> model;
+  std::vector<optim::Param> all = model.params();
+  optim::LambOptions a, b;
+  a.lr = 1e-2;  // Apex's defaults otherwise: trust ratio, clamp at 1
+  b.lr = 5e-3;
+  b.weight_decay = 0;  // plain lr
+  b.max_grad_norm = 0;  // no clamp
+  b.bias_correction = false;
+  optim::LAMB opt({all[0], all[1]}, a);
+  opt.add_param_group({all[2]}, b);
+  opt.set_schedule(optim::LRSchedule::cosine(10, 0.1));
+  const std::vector<optim::LambOptions> per_tensor = {a, a, b};
+  std::vector<std::vector<double>> w = model.weights(), m, v;
+  for (const auto& x : w) {
+    m.emplace_back(x.size(), 0.0);
+    v.emplace_back(x.size(), 0.0);
+  }
+  const int steps = 6;
+  int clamped = 0;  // steps where group 0's clamp acted
+  for (int s = 1; s <= steps; ++s) {
+    model.gradients(s, [](int, std::size_t i) { return 0.1f * (1.0f + static_cast<float>(i)); });
+    const double lr_a = opt.lr(0), lr_b = opt.lr(1);  // the schedule's lrs for this step
+    opt.step();
+    const std::vector<std::vector<double>> g = model.grads();
+    double total = 0;
+    for (const auto& t : g) {
+      for (double x : t) total += x * x;
+    }
+    const double norm = std::sqrt(total);
+    clamped += norm > a.max_grad_norm ? 1 : 0;
+    for (std::size_t i = 0; i < w.size(); ++i) {
+      const optim::LambOptions& o = per_tensor[i];
+      const double lr = i < 2 ? lr_a : lr_b;
+      const double c = o.max_grad_norm > 0 && norm > o.max_grad_norm ? norm / o.max_grad_norm : 1.0;
+      const double bc1 = o.bias_correction ? 1 - std::pow(0.9, s) : 1.0;
+      const double bc2 = o.bias_correction ? 1 - std::pow(0.999, s) : 1.0;
+      std::vector<double> u(w[i].size());
+      double wn = 0, un = 0;
+      for (std::size_t e = 0; e < w[i].size(); ++e) {
+        const double sg = g[i][e] / c;
+        m[i][e] = 0.9 * m[i][e] + 0.1 * sg;
+        v[i][e] = 0.999 * v[i][e] + 0.001 * sg * sg;
+        u[e] = (m[i][e] / bc1) / (std::sqrt(v[i][e] / bc2) + o.eps) + o.weight_decay * w[i][e];
+        wn += w[i][e] * w[i][e];
+        un += u[e] * u[e];
+      }
+      const double ratio = o.weight_decay != 0 ? lr * std::sqrt(wn) / std::sqrt(un) : lr;
+      for (std::size_t e = 0; e < w[i].size(); ++e) w[i][e] -= ratio * u[e];
+    }
+  }
+  EXPECT_EQ(clamped, steps) << "group 0's clamp acts at every step (the norm is ~28)";
+  const optim::OptimizerState st = opt.save_state();
+  double worst = 0, moved = 0;
+  const std::vector<std::vector<double>> start = Model<half>().weights();
+  for (std::size_t i = 0; i < w.size(); ++i) {
+    for (std::size_t e = 0; e < w[i].size(); ++e) {
+      worst = std::max(worst, std::fabs(st.params[i].master[e] - w[i][e]));
+      moved = std::max(moved, std::fabs(w[i][e] - start[i][e]));
+    }
+  }
+  EXPECT_LT(worst, steps * 4e-6) << "worst master distance";
+  EXPECT_GT(moved, 100 * steps * 4e-6);
+}
+
 TEST(Lamb, DefaultsAreApexs) {
   const optim::LambOptions o;
   EXPECT_EQ(o.lr, 1e-3);
