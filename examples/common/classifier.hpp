@@ -83,6 +83,12 @@ struct Args {
   // at stop_at_step (0: none); `resume` is loaded before the first step.
   std::string checkpoint, resume;
   std::int64_t checkpoint_every = 0, stop_at_step = 0;
+  // Induced failures (benchmarks/instability, CPU): from step lr_jump_step
+  // on (0: never) every group's lr is lr_jump_factor times larger; a static
+  // loss scale of static_scale (0: the dtype's default scaling); Adam's and
+  // AdamW's eps (0: torch's 1e-8).
+  std::int64_t lr_jump_step = 0;
+  double lr_jump_factor = 1.0, static_scale = 0, eps = 0;
 };
 
 /// Parses argv over the defaults in `a` (a.program names the example,
@@ -156,6 +162,15 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
       ->needs(checkpoint);
   app.add_option("--resume", a.resume, "load a --checkpoint file first and go on where it stopped")
       ->type_name("PATH");
+  app.add_option("--lr-jump-step", a.lr_jump_step,
+                 "induce a failure: multiply the lr by --lr-jump-factor after step N (0: never; CPU)")
+      ->type_name("N")->check(CLI::NonNegativeNumber);
+  app.add_option("--lr-jump-factor", a.lr_jump_factor, "the lr's factor at --lr-jump-step")
+      ->type_name("X")->check(finite_at_least(0));
+  app.add_option("--static-scale", a.static_scale,
+                 "a static loss scale instead of the dtype's default scaling (0: the default; CPU)")
+      ->type_name("X")->check(finite_at_least(0));
+  app.add_option("--eps", a.eps, "Adam's and AdamW's eps (0: torch's 1e-8)")->type_name("X")->check(finite_at_least(0));
   app.add_option("--stop-at-step", a.stop_at_step,
                  "stop after step N of the run (saving --checkpoint); the schedule still spans --epochs")
       ->type_name("N")
@@ -182,6 +197,16 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
     // of whole tensors, its gradient clamp of every parameter.
     return usage_error("--optimizer lamb with --zero1 on: LAMB's per-tensor norms need whole tensors, a rank "
                        "holds a slice");
+  }
+  if ((a.lr_jump_step > 0 || a.static_scale > 0) && a.device == "cuda") {
+    return usage_error("--lr-jump-step and --static-scale need --device cpu for now (a captured step keeps its lr "
+                       "and scaling)");
+  }
+  if (a.lr_jump_step > 0 && !a.resume.empty()) {
+    return usage_error("--lr-jump-step with --resume: the jump is not kept in the checkpoint");
+  }
+  if (a.eps > 0 && a.optimizer != "adam" && a.optimizer != "adamw") {
+    return usage_error("--eps is Adam's and AdamW's, not --optimizer " + a.optimizer + "'s");
   }
   if (a.master == "remainder" && a.precision != "bf16") {
     return usage_error("--master remainder needs --precision bf16 (the weight is the master's upper half), not " +
@@ -239,6 +264,7 @@ R with_optimizer(const Args& a, F&& make) {
     optim::AdamOptions o;
     o.lr = a.lr;
     o.layout = layout_of(a);
+    if (a.eps > 0) o.eps = a.eps;
     return make(o, Tag<optim::Adam>{});
   }
   if (a.optimizer == "rmsprop") {
@@ -262,6 +288,7 @@ R with_optimizer(const Args& a, F&& make) {
   optim::AdamWOptions o;
   o.lr = a.lr;
   o.layout = layout_of(a);
+  if (a.eps > 0) o.eps = a.eps;
   return make(o, Tag<optim::AdamW>{});
 }
 
@@ -514,6 +541,10 @@ template <class T>
 amp::GradScalerOptions scaler_options(const Args& a, int ranks) {
   amp::GradScalerOptions o = amp::GradScalerOptions::for_dtype(dtype_of<T>);
   o.spike_guard.enabled = a.spike_guard;
+  if (a.static_scale > 0) {  // --static-scale
+    o.mode = amp::ScalingMode::static_scale;
+    o.init_scale = a.static_scale;
+  }
   if (ranks > 1) o.spike_guard.loss_threshold = std::numeric_limits<double>::infinity();
   return o;
 }
@@ -641,6 +672,9 @@ std::optional<double> run_cpu(const Args& a, const ImageSet& train_set, const Im
       if (zero) zero->gather_weights();
       pos.step = s;
       const std::int64_t done = (epoch - 1) * steps + s;
+      if (done == a.lr_jump_step) {  // --lr-jump-step: an induced failure
+        for (std::size_t g = 0; g < opt.num_groups(); ++g) opt.set_lr(g, opt.base_lr(g) * a.lr_jump_factor);
+      }
       if (saves_at(a, done, total)) save();
       if (done == a.stop_at_step) {
         if (!progress.quiet && progress.tty) std::printf("\n");
