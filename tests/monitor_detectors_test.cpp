@@ -296,6 +296,115 @@ TEST(Detectors, FourBackoffsOrFiveSpreadOutDoNotFire) {
   EXPECT_TRUE(events.empty()) << describe(events);
 }
 
+// The dynamic scaler's probing, as a healthy run logged it (the MLP example
+// on CPU, fp16, AdamW lr 1e-2, seed 0; benchmarks/instability): from 2^16 it
+// overflows on steps 2, 4 and 6 (one clean step between) and 2^13 holds
+// from step 7; after 2000 clean steps it grows to 2^14, overflows a step
+// later and is back at 2^13; later it holds 2^14 and a backoff once takes it
+// to 2^13 again. Before the fix the start alone raised repeated_overflow
+// (advice: "train in bf16").
+StepSample probing(std::int64_t s) {
+  double scale = 8192;
+  bool overflow = false;
+  if (s <= 6) {
+    scale = std::exp2(16.0 - static_cast<double>((s - 1) / 2));  // 2^16 on steps 1-2, 2^15 on 3-4, 2^14 on 5-6
+    overflow = s % 2 == 0;
+  } else if (s >= 2007 && s <= 2008) {
+    scale = 16384;  // the growth after 2000 clean steps (7..2006), tried for two steps
+    overflow = s == 2008;
+  } else if (s >= 4009 && s <= 4500) {
+    scale = 16384;  // holds this time, then one overflow at step 4500
+    overflow = s == 4500;
+  }
+  StepSample x = sample(s, 2.0 * std::exp(-static_cast<double>(s) / 2000.0) + 0.3, scale);
+  if (overflow) {
+    x.skipped = true;
+    x.grad_norm = inf;
+    x.nonfinite_params = {0, 1, 2};
+  }
+  return x;
+}
+
+TEST(Detectors, TheScalersProbingRaisesNothing) {
+  Feed run;
+  run.steps(1, 5000, probing);
+  EXPECT_TRUE(run.events.empty()) << describe(run.events);
+}
+
+// The same start, then the scale collapses: from step 3000 every step
+// overflows (an lr jump: the loss blows up first). Counting from the settled
+// 2^13, the fifth backoff under it comes at step 3005, the third overflow at
+// a scale at or under it at step 3002; both name the divergence, not bf16.
+TEST(Detectors, ACollapseAfterTheProbingFiresWithTheDivergenceAsCause) {
+  Feed run;
+  run.steps(1, 3020, [](std::int64_t s) {
+    if (s < 3000) return probing(s);
+    StepSample x = sample(s, s == 3000 ? 50.0 : inf, std::exp2(13.0 - static_cast<double>(s - 3000)));
+    x.skipped = true;
+    x.grad_norm = inf;
+    x.nonfinite_params = {0, 1, 2};
+    return x;
+  });
+  const std::vector<Event> collapse = run.of(EventKind::scale_collapse);
+  ASSERT_EQ(collapse.size(), 1u) << describe(run.events);
+  EXPECT_EQ(collapse[0].step, 3005);
+  EXPECT_EQ(collapse[0].value, 5.0);
+  EXPECT_NE(collapse[0].message.find("8.19e+03"), std::string::npos) << collapse[0].message;
+  const std::vector<Event> overflow = run.of(EventKind::repeated_overflow);
+  ASSERT_EQ(overflow.size(), 3u) << describe(run.events);
+  for (const Event& e : collapse) {
+    EXPECT_NE(e.suggestion.find("diverging"), std::string::npos) << e.suggestion;
+    EXPECT_EQ(e.suggestion.find("bf16 would only postpone"), e.suggestion.find("bf16")) << e.suggestion;
+  }
+  for (const Event& e : overflow) {
+    EXPECT_EQ(e.step, 3002);
+    EXPECT_NE(e.suggestion.find("diverging"), std::string::npos) << e.suggestion;
+  }
+}
+
+// A layer that overflows fp16 at a healthy loss: the advice is the layer's
+// range (fp32 for it, or bf16), not the lr.
+TEST(Detectors, AnOverflowingLayerAtAHealthyLossGetsTheRangeAdvice) {
+  Feed run;
+  run.steps(1, 300, [](std::int64_t s) {
+    StepSample x = sample(s, 2.0);
+    if (s == 100 || s == 150 || s == 200) {
+      x.skipped = true;
+      x.grad_norm = inf;
+      x.nonfinite_params = {2};
+    }
+    return x;
+  });
+  const std::vector<Event> overflow = run.of(EventKind::repeated_overflow);
+  ASSERT_EQ(overflow.size(), 1u) << describe(run.events);
+  EXPECT_EQ(overflow[0].step, 200);
+  EXPECT_NE(overflow[0].suggestion.find("fc2.weight overflows fp16"), std::string::npos) << overflow[0].suggestion;
+  EXPECT_EQ(overflow[0].suggestion.find("diverging"), std::string::npos) << overflow[0].suggestion;
+}
+
+// A model that overflows from its first step never settles a scale: its
+// first 4 backoffs (to 2^12 = init_scale / 2^probe_backoffs) are probing,
+// from there on its overflows and backoffs count.
+TEST(Detectors, AnOverflowFromTheStartCountsOnceTheScaleIsFarUnderInitScale) {
+  Feed run;
+  run.steps(1, 40, [](std::int64_t s) {
+    StepSample x = sample(s, 2.0, std::exp2(17.0 - static_cast<double>(s)));
+    x.skipped = true;
+    x.grad_norm = inf;
+    x.nonfinite_params = {0};
+    return x;
+  });
+  const std::vector<Event> collapse = run.of(EventKind::scale_collapse);
+  ASSERT_EQ(collapse.size(), 1u) << describe(run.events);
+  EXPECT_EQ(collapse[0].step, 10);  // backoffs to 2^11 (step 6) .. 2^7 (step 10)
+  EXPECT_EQ(collapse[0].value, 5.0);
+  EXPECT_NE(collapse[0].message.find("no scale has held yet"), std::string::npos) << collapse[0].message;
+  const std::vector<Event> overflow = run.of(EventKind::repeated_overflow);
+  ASSERT_EQ(overflow.size(), 1u) << describe(run.events);
+  EXPECT_EQ(overflow[0].step, 8);  // steps 6, 7, 8 (scales 2^11 .. 2^9)
+  EXPECT_EQ(overflow[0].param, "fc1.weight");
+}
+
 TEST(Detectors, ScaleUnderOneFires) {
   Feed run;
   run.steps(1, 60, [](std::int64_t s) { return sample(s, 2.0, s < 31 ? 4.0 : 0.5); });
@@ -305,6 +414,16 @@ TEST(Detectors, ScaleUnderOneFires) {
   EXPECT_EQ(run.events[0].value, 0.5);
   EXPECT_EQ(run.events[0].threshold, 1.0);
   expect_complete(run.events[0]);
+}
+
+// A static scale under 1 is the user's choice (a loss whose gradients are
+// large), not a collapse.
+TEST(Detectors, AStaticScaleUnderOneDoesNotFire) {
+  RunInfo info = make_info();
+  info.scaling = "static";
+  Feed run(info);
+  run.steps(1, 100, [](std::int64_t s) { return sample(s, 2.0, 1e-3); });
+  EXPECT_TRUE(run.events.empty()) << describe(run.events);
 }
 
 TEST(Detectors, ScaleOfOneDoesNotFire) {

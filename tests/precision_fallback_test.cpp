@@ -468,13 +468,22 @@ TEST(PrecisionFallback, OffAndSuggestLeaveTheModelAsItIs) {
   }
 }
 
-TEST(PrecisionFallback, DynamicScalingMovesOnlyTheOverflowingLayer) {
+// Under dynamic scaling layer 0's first overflows are the scaler probing:
+// it backs off a few times (staying within 2^4 of init_scale) and then a
+// scale holds. Since issue 19 part 4 that raises no repeated_overflow
+// (docs/monitor.md#detectors), so nothing moves, and fp16 trains at the
+// lower scale.
+TEST(PrecisionFallback, DynamicScalingsProbingMovesNothing) {
   Trainer<half> run(amp::GradScalerOptions{}, policy(FallbackPolicy::act));
   for (int s = 0; s < kSteps; ++s) run.train_step();
-  ASSERT_EQ(run.fallback->moves().size(), 1u);
-  EXPECT_EQ(run.fallback->moves()[0].layer, 0u);
-  EXPECT_EQ(run.model.precision(1), DType::float16);
-  EXPECT_GE(run.accuracy(), fp32_reference_accuracy() - 0.02);
+  EXPECT_GT(run.scaler->skipped_steps(), 0) << "layer 0 overflowed at the first scales";
+  EXPECT_TRUE(events_of(*run.mon, EventKind::repeated_overflow).empty());
+  EXPECT_TRUE(run.fallback->moves().empty());
+  EXPECT_EQ(run.model.precision(0), DType::float16);
+  const double acc = run.accuracy(), reference = fp32_reference_accuracy();
+  std::printf("fp32 reference accuracy %.4f, fp16 with dynamic scaling %.4f (scale %g, %lld skipped)\n", reference,
+              acc, static_cast<double>(run.scaler->scale()), static_cast<long long>(run.scaler->skipped_steps()));
+  EXPECT_GE(acc, reference - 0.02);
 }
 
 // Underflow: layer 0 reads inputs of ~2^-16 with weights 2^16 the usual

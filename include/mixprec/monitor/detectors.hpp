@@ -42,12 +42,27 @@ struct DetectorOptions {
   /// What the loss spike, the gradient-norm explosion and the divergence
   /// forecast need in their windows before they say anything.
   std::int64_t min_samples = 20;
-  /// scale_collapse: the scale is under `collapse_scale` (the gradients
-  /// overflow fp16 even unscaled), or it backed off (fell below the previous
-  /// step's scale) `backoff_count` times within `backoff_window` steps.
+  /// scale_collapse (dynamic scaling): the scale is under `collapse_scale`
+  /// (the gradients overflow fp16 even unscaled), or it backed off (fell
+  /// below the previous step's scale) to under the settled scale
+  /// `backoff_count` times within `backoff_window` steps. The settled scale
+  /// is the one that last held for `settle_steps` consecutive applied steps
+  /// at that scale; before any scale has held, init_scale /
+  /// 2^`probe_backoffs` stands in for it.
+  /// A dynamic scaler probes: it starts high and halves until a scale
+  /// holds, and after each growth it tries a scale twice the settled one.
+  /// Those backoffs stay at or above the settled scale (or, at the start,
+  /// within 2^probe_backoffs of init_scale), so they are not counted;
+  /// further down, something is driving the scale, not a probe. Measured
+  /// with benchmarks/instability (docs/monitor.md): a healthy MLP run on
+  /// CPU (fp16, AdamW lr 1e-2) backs off 3 times in its first 6 steps, with
+  /// one clean step between, and got repeated_overflow ("train in bf16")
+  /// before this rule.
   double collapse_scale = 1.0;
   std::int64_t backoff_count = 5;
   std::int64_t backoff_window = 200;
+  std::int64_t settle_steps = 20;
+  std::int64_t probe_backoffs = 4;
   /// underflow: at a logged step, at least this share of the float16
   /// gradients' elements is lost in fp16 (zero or under 2^-24), over all
   /// float16 parameters or in one of at least `underflow_min_numel` elements
@@ -81,7 +96,11 @@ struct DetectorOptions {
   double moment_lag_rms = 4.0;
   std::int64_t moment_lag_warmup_records = 2;
   /// repeated_overflow: one parameter's gradient was not finite on
-  /// `overflow_repeats` of the last `overflow_window` steps.
+  /// `overflow_repeats` of the last `overflow_window` steps. Under dynamic
+  /// scaling only the steps whose scale was at or under the settled scale
+  /// (see scale_collapse; before any has held: under init_scale /
+  /// 2^probe_backoffs), or under collapse_scale, count: an overflow above
+  /// those is the scaler probing, not the layer.
   std::int64_t overflow_repeats = 3;
   std::int64_t overflow_window = 200;
   /// Forecasts: the scale and loss trends are fitted over the last
@@ -113,6 +132,9 @@ struct DetectorOptions {
                   collapse_scale, ", must be finite and >= 0");
     MIXPREC_CHECK(backoff_count >= 1, "DetectorOptions: backoff_count = ", backoff_count, ", must be >= 1");
     MIXPREC_CHECK(backoff_window >= 1, "DetectorOptions: backoff_window = ", backoff_window, ", must be >= 1");
+    MIXPREC_CHECK(settle_steps >= 1, "DetectorOptions: settle_steps = ", settle_steps, ", must be >= 1");
+    MIXPREC_CHECK(probe_backoffs >= 0 && probe_backoffs <= 64, "DetectorOptions: probe_backoffs = ", probe_backoffs,
+                  ", must be in [0, 64]");
     MIXPREC_CHECK(underflow_share > 0.0 && underflow_share <= 1.0, "DetectorOptions: underflow_share = ",
                   underflow_share, ", must be in (0, 1]");
     MIXPREC_CHECK(underflow_rise >= 0.0 && underflow_rise <= 1.0, "DetectorOptions: underflow_rise = ",
@@ -379,6 +401,11 @@ class Detectors {
     j["norms"] = doubles(norms_);
     j["prev_scale"] = num(prev_scale_);
     j["backoffs"] = std::vector<std::int64_t>(backoffs_.begin(), backoffs_.end());
+    j["settled_scale"] = num(settled_scale_);
+    j["clean_streak"] = clean_streak_;
+    j["streak_scale"] = num(streak_scale_);
+    j["divergence_step"] = divergence_step_;
+    j["divergence_why"] = divergence_why_;
     json overflow = json::array();
     for (const auto& d : overflow_steps_) overflow.push_back(std::vector<std::int64_t>(d.begin(), d.end()));
     j["overflow_steps"] = overflow;
@@ -420,6 +447,13 @@ class Detectors {
       d.prev_scale_ = from(j.at("prev_scale"));
       const auto backoffs = j.at("backoffs").get<std::vector<std::int64_t>>();
       d.backoffs_.assign(backoffs.begin(), backoffs.end());
+      // States saved before these three existed restore as a fresh run's.
+      d.settled_scale_ = j.contains("settled_scale") ? from(j.at("settled_scale"))
+                                                     : std::numeric_limits<double>::quiet_NaN();
+      d.clean_streak_ = j.value("clean_streak", std::int64_t{0});
+      d.streak_scale_ = j.contains("streak_scale") ? from(j.at("streak_scale")) : std::numeric_limits<double>::quiet_NaN();
+      d.divergence_step_ = j.value("divergence_step", std::numeric_limits<std::int64_t>::min() / 2);
+      d.divergence_why_ = j.value("divergence_why", std::string());
       const auto& overflow = j.at("overflow_steps");
       MIXPREC_CHECK(overflow.size() == np, "overflow_steps has ", overflow.size(), " parameters, the run ", np);
       for (std::size_t i = 0; i < np; ++i) {
@@ -555,6 +589,8 @@ class Detectors {
 
     // The loss: not finite, or a spike over the previous applied steps.
     if (!std::isfinite(s.loss)) {
+      divergence_step_ = s.step;
+      divergence_why_ = "the loss was " + short_number(s.loss) + " at step " + std::to_string(s.step);
       if (may_fire(EventKind::nonfinite_loss, "", s.step)) {
         add(found, EventKind::nonfinite_loss, s.step, "", s.loss, std::numeric_limits<double>::quiet_NaN(),
             "the loss is " + short_number(s.loss) + " at step " + std::to_string(s.step),
@@ -571,6 +607,11 @@ class Detectors {
         const double sd = std::max(std::sqrt(ss / static_cast<double>(losses_.size() - 1)),
                                    1e-3 * std::fabs(mean) + 1e-12);
         const double limit = mean + opt_.loss_z * sd;
+        if (s.loss > limit) {
+          divergence_step_ = s.step;
+          divergence_why_ = "the loss rose to " + short_number(s.loss) + " at step " + std::to_string(s.step) +
+                            " (its recent mean: " + short_number(mean) + ")";
+        }
         if (s.loss > limit && may_fire(EventKind::loss_spike, "", s.step)) {
           add(found, EventKind::loss_spike, s.step, "", s.loss, limit,
               "the loss " + short_number(s.loss) + " is " + short_number((s.loss - mean) / sd) +
@@ -592,6 +633,11 @@ class Detectors {
       if (static_cast<std::int64_t>(norms_.size()) >= opt_.min_samples) {
         const double median = median_norm();
         const double limit = opt_.grad_norm_factor * median;
+        if (median > 0 && s.grad_norm > limit) {
+          divergence_step_ = s.step;
+          divergence_why_ = "the gradient norm rose to " + short_number(s.grad_norm / median) +
+                            "x its median at step " + std::to_string(s.step);
+        }
         if (median > 0 && s.grad_norm > limit && may_fire(EventKind::grad_norm_explosion, "", s.step)) {
           add(found, EventKind::grad_norm_explosion, s.step, "", s.grad_norm, limit,
               "the gradient norm " + short_number(s.grad_norm) + " is " + short_number(s.grad_norm / median) +
@@ -604,33 +650,47 @@ class Detectors {
       if (static_cast<std::int64_t>(norms_.size()) > opt_.grad_norm_window) norms_.pop_front();
     }
 
-    // The scale: under the floor, or backing off often.
-    if (s.scale < prev_scale_) backoffs_.push_back(s.step);  // false while prev_scale_ is NaN
+    // The scale: under the floor, or backing off under the settled scale
+    // often. A scale settles once it has held settle_steps applied steps.
+    const double probe_floor = info_.init_scale * std::ldexp(1.0, -static_cast<int>(opt_.probe_backoffs));
+    const bool settled = !std::isnan(settled_scale_);
+    const bool under = settled ? s.scale < settled_scale_ : s.scale < probe_floor;
+    if (s.scale < prev_scale_ && under) backoffs_.push_back(s.step);  // false while prev_scale_ is NaN
     prev_scale_ = s.scale;
+    if (s.scale != streak_scale_) {  // a new scale (a growth or a backoff) starts its own streak
+      clean_streak_ = 0;
+      streak_scale_ = s.scale;
+    }
+    clean_streak_ = s.skipped ? 0 : clean_streak_ + 1;
+    if (clean_streak_ >= opt_.settle_steps) settled_scale_ = s.scale;
     while (!backoffs_.empty() && backoffs_.front() <= s.step - opt_.backoff_window) backoffs_.pop_front();
-    const char* collapse_hint =
-        "look for a layer that overflows in fp16 (the repeated_overflow events and the per-parameter overflow "
-        "shares name it; often the loss, a softmax or an unnormalised activation): compute it and the loss in "
-        "fp32, or train in bf16";
-    if (s.scale < opt_.collapse_scale) {
+    if (info_.scaling == "dynamic" && s.scale < opt_.collapse_scale) {  // a static scale is the user's choice
       if (may_fire(EventKind::scale_collapse, "", s.step)) {
         add(found, EventKind::scale_collapse, s.step, "", s.scale, opt_.collapse_scale,
             "the loss scale fell to " + short_number(s.scale) + ", under " + short_number(opt_.collapse_scale) +
                 ": the gradients were not finite even unscaled (an fp16 overflow, or a NaN)",
-            collapse_hint);
+            overflow_hint(s.step, ""));
       }
     } else if (static_cast<std::int64_t>(backoffs_.size()) >= opt_.backoff_count &&
                may_fire(EventKind::scale_collapse, "", s.step)) {
       add(found, EventKind::scale_collapse, s.step, "", static_cast<double>(backoffs_.size()),
           static_cast<double>(opt_.backoff_count),
-          "the loss scale backed off " + std::to_string(backoffs_.size()) + " times in the last " +
-              std::to_string(opt_.backoff_window) + " steps, to " + short_number(s.scale),
-          collapse_hint);
+          "the loss scale backed off under " +
+              (settled ? "the scale that had held (" + short_number(settled_scale_) + ") "
+                       : "init_scale / 2^" + std::to_string(opt_.probe_backoffs) + " (no scale has held yet) ") +
+              std::to_string(backoffs_.size()) + " times in the last " + std::to_string(opt_.backoff_window) +
+              " steps, to " + short_number(s.scale),
+          overflow_hint(s.step, ""));
     }
 
     // Parameters whose gradient keeps overflowing. The condition can only
-    // become true when a step is added, so only those are checked.
+    // become true when a step is added, so only those are checked. Under
+    // dynamic scaling an overflow at a scale above the settled one is the
+    // scaler probing (its first steps, a growth), not the layer.
+    const bool counts = info_.scaling != "dynamic" || (settled ? s.scale <= settled_scale_ : s.scale < probe_floor) ||
+                        s.scale < opt_.collapse_scale;
     for (int idx : s.nonfinite_params) {
+      if (!counts) break;
       const auto i = static_cast<std::size_t>(idx);
       std::deque<std::int64_t>& d = overflow_steps_[i];
       if (!d.empty() && d.back() == s.step) continue;  // listed twice in one step
@@ -643,14 +703,32 @@ class Detectors {
             static_cast<double>(opt_.overflow_repeats),
             name + "'s gradient was not finite on " + std::to_string(d.size()) + " of the last " +
                 std::to_string(opt_.overflow_window) + " steps",
-            "the layer that owns " + name +
-                " overflows fp16: compute it in fp32 or normalise its input, check its init and inputs for "
-                "inf/NaN, or train in bf16");
+            overflow_hint(s.step, name));
       }
     }
 
     trend_.push_back({s.step, s.scale, s.loss});
     while (trend_.front().step <= s.step - opt_.trend_window) trend_.pop_front();
+  }
+
+  // What to do about overflows, by their cause. When the loss or the
+  // gradient norm blew up within the last backoff_window steps, the weights
+  // are diverging and fp16 merely overflows first: bf16 would only postpone
+  // it. Otherwise a layer's values exceed fp16's range.
+  std::string overflow_hint(std::int64_t step, const std::string& param) const {
+    if (step - divergence_step_ <= opt_.backoff_window) {
+      return "the run is diverging (" + divergence_why_ +
+             "), and fp16 overflows first: lower the lr (or lengthen its warmup) and clip the gradient norm "
+             "(scaler.step(opt, max_norm)); bf16 would only postpone the blow-up";
+    }
+    if (!param.empty()) {
+      return "the layer that owns " + param +
+             " overflows fp16: compute it in fp32 or normalise its input, check its init and inputs for inf/NaN, "
+             "or train in bf16";
+    }
+    return "look for a layer that overflows in fp16 (the repeated_overflow events and the per-parameter overflow "
+           "shares name it; often the loss, a softmax or an unnormalised activation): compute it and the loss in "
+           "fp32, or train in bf16";
   }
 
   std::string underflow_hint() const {
@@ -833,7 +911,12 @@ class Detectors {
   std::deque<double> norms_;   // the last grad_norm_window finite gradient norms
   std::vector<double> scratch_;
   double prev_scale_ = std::numeric_limits<double>::quiet_NaN();
-  std::deque<std::int64_t> backoffs_;                     // steps that backed off, within backoff_window
+  std::deque<std::int64_t> backoffs_;                     // backoffs under the settled scale, within backoff_window
+  double settled_scale_ = std::numeric_limits<double>::quiet_NaN();  // held settle_steps applied steps; NaN: none yet
+  std::int64_t clean_streak_ = 0;                                      // consecutive applied steps at streak_scale_
+  double streak_scale_ = std::numeric_limits<double>::quiet_NaN();
+  std::int64_t divergence_step_ = std::numeric_limits<std::int64_t>::min() / 2;  // the loss / norm last blew up
+  std::string divergence_why_;
   std::vector<std::deque<std::int64_t>> overflow_steps_;  // per parameter, within overflow_window
   std::deque<TrendPoint> trend_;                          // the last trend_window steps
   std::deque<SharePoint> underflow_trend_;                // the last underflow_trend_records records
