@@ -142,6 +142,15 @@ void expect_same(const MonitorRun& a, const MonitorRun& b, const char* what) {
       EXPECT_NEAR(p.grad_norm, q.grad_norm, 1e-5 * p.grad_norm) << what;
       EXPECT_NEAR(p.update_ratio, q.update_ratio, 1e-6 * p.update_ratio + 1e-12) << what << " param " << i;
       EXPECT_EQ(p.eps_share, q.eps_share) << what << " param " << i;
+      // The precursors: the same terms on both sides, summed in another order.
+      EXPECT_EQ(std::isnan(p.v_ratio_rms), std::isnan(q.v_ratio_rms)) << what << " param " << i;
+      if (!std::isnan(p.v_ratio_rms)) {
+        EXPECT_NEAR(p.v_ratio_rms, q.v_ratio_rms, 1e-9 * p.v_ratio_rms) << what;
+      }
+      EXPECT_EQ(std::isnan(p.lost_update_share), std::isnan(q.lost_update_share)) << what << " param " << i;
+      if (!std::isnan(p.lost_update_share)) {
+        EXPECT_EQ(p.lost_update_share, q.lost_update_share) << what;
+      }
       EXPECT_EQ(p.nonfinite, q.nonfinite) << what;
     }
   }
@@ -160,6 +169,7 @@ TEST(MonitorGpu, DeviceRecordsEqualTheHostMonitor) {
   EXPECT_GT(host.records[1].params[0].update_ratio, 0.0);
   EXPECT_GT(host.records[1].params[0].eps_share, 0.0);
   EXPECT_LT(host.records[1].params[0].eps_share, 1.0);
+  EXPECT_GT(host.records[1].params[0].v_ratio_rms, 0.0);
   expect_same(host, eager, "device eager vs host");
 }
 

@@ -99,8 +99,8 @@ TEST(LeanCodec, ABlockDecodesWithinHalfAStepAndReencodesToItsCodes) {
     for (std::size_t e = 0; e < x.size(); ++e) {
       back[e] = lean::decode_value(codes[e], nonnegative, scale);
       if (std::fabs(x[e]) >= smallest) {
-        // Within half a step: 1/16 of the binade's top, so <= 1/18 of the value.
-        ASSERT_LE(std::fabs(back[e] - x[e]), std::fabs(x[e]) / 17.9) << e << ": " << x[e] << " -> " << back[e];
+        // Within half a step: 1/32 of the binade's top, so <= 1/16 of the value.
+        ASSERT_LE(std::fabs(back[e] - x[e]), std::fabs(x[e]) / 15.9) << e << ": " << x[e] << " -> " << back[e];
         ASSERT_EQ(std::signbit(back[e]), std::signbit(x[e])) << e;
       } else {
         ASSERT_LE(std::fabs(back[e]), smallest) << e;  // it, or zero
@@ -112,6 +112,61 @@ TEST(LeanCodec, ABlockDecodesWithinHalfAStepAndReencodesToItsCodes) {
     ASSERT_EQ(bits_of(scale2), bits_of(scale));
     lean::encode_block(back.data(), lean::kBlock, nonnegative, scale2, again.data());
     ASSERT_EQ(codes, again);
+  }
+}
+
+// A positive second moment below the unsigned table's smallest entry keeps
+// that entry (rounded to 0, Adam would divide by eps alone), while a
+// momentum of the same size may become 0. Found in review: AdamW with 8-bit
+// moments moved such an element 7x further than with fp32 moments.
+TEST(LeanCodec, APositiveSecondMomentIsNeverZero) {
+  std::vector<float> v(lean::kBlock, 1.0f);
+  v[3] = std::ldexp(1.0f, -33);  // under the smallest entry's half (2^-32.68)
+  v[4] = 0.0f;
+  std::vector<std::uint8_t> codes(lean::kBlock);
+  lean::encode_block(v.data(), lean::kBlock, true, lean::block_scale(v.data(), lean::kBlock), codes.data());
+  EXPECT_EQ(codes[3], 1);
+  EXPECT_EQ(codes[4], 0);
+  EXPECT_GT(lean::decode_value(codes[3], true, 1.0f), 0.0f);
+  lean::encode_block(v.data(), lean::kBlock, false, 1.0f, codes.data());
+  EXPECT_EQ(codes[3], 0) << "signed state may round to 0";
+}
+
+// An inf does not take its block's other values with it (0 * inf = NaN):
+// the scale is the largest finite magnitude, the inf saturates to it, a
+// NaN becomes 0.
+TEST(LeanCodec, NonfiniteValuesDoNotSpoilTheirBlock) {
+  std::vector<float> x(lean::kBlock);
+  for (std::size_t e = 0; e < x.size(); ++e) x[e] = 0.01f * static_cast<float>(e + 1);
+  x[7] = std::numeric_limits<float>::infinity();
+  x[8] = -std::numeric_limits<float>::infinity();
+  x[9] = std::nanf("");
+  for (bool nonnegative : {false, true}) {
+    const float scale = lean::block_scale(x.data(), lean::kBlock);
+    EXPECT_EQ(scale, 0.01f * 256);
+    std::vector<std::uint8_t> codes(lean::kBlock);
+    lean::encode_block(x.data(), lean::kBlock, nonnegative, scale, codes.data());
+    for (std::size_t e = 0; e < x.size(); ++e) {
+      const float back = lean::decode_value(codes[e], nonnegative, scale);
+      ASSERT_FALSE(std::isnan(back)) << e;
+      if (e == 7) EXPECT_EQ(back, scale);
+      if (e == 8 && !nonnegative) EXPECT_EQ(back, -scale);
+      if (e == 9) EXPECT_EQ(back, 0.0f);
+      if (e > 9) ASSERT_NEAR(back, x[e], x[e] / 15.9) << e;
+    }
+  }
+}
+
+// A zero weight written outside the optimizer (a pruning mask) with a
+// stale remainder reads as a small master of the weight's sign, not NaN.
+TEST(LeanCodec, AZeroWeightWithAStaleRemainderIsNotNaN) {
+  for (std::uint16_t w : {std::uint16_t{0x0000}, std::uint16_t{0x8000}}) {
+    for (std::uint16_t r : {std::uint16_t{0x9000}, std::uint16_t{0x8000}, std::uint16_t{0x0001}}) {
+      const float m = lean::join_master(w, r, true);
+      EXPECT_FALSE(std::isnan(m)) << w << " " << r;
+      EXPECT_LT(std::fabs(m), 1e-37f);
+      EXPECT_EQ(std::signbit(m), w == 0x8000);
+    }
   }
 }
 
@@ -263,7 +318,9 @@ void round_state(optim::Optimizer& opt, Moments moments, const std::vector<bool>
         for (std::size_t e = b; e < end; ++e) {
           if (scale == 0) continue;
           const float y = std::fabs(v[e]) / scale;
-          const float mag = static_cast<float>(t[static_cast<std::size_t>(nearest(y, t))]) * scale;
+          int q = nearest(y, t);
+          if (nonneg && q == 0 && v[e] > 0) q = 1;  // a positive second moment keeps the smallest entry
+          const float mag = static_cast<float>(t[static_cast<std::size_t>(q)]) * scale;
           v[e] = v[e] < 0 && !nonneg && mag != 0 ? -mag : mag;
         }
       }

@@ -50,8 +50,11 @@ TEST(Precursors, TheUpdatePassSumsWhatTheStepDid) {
     opt.set_precursors(nullptr);
     const std::vector<float> after = opt.master_values(0);
     const std::vector<float> v = *opt.save_state().params[0].state[1];
-    const float v_scale = static_cast<float>(1.0 / (1.0 - std::pow(0.999, s + 1)));
-    const float eps2 = static_cast<float>(1e-5 * 1e-5);
+    // In the floats the monitor reads (SecondMoment): float eps squared,
+    // the bias correction from float beta2.
+    const float eps = 1e-5f, beta2 = 0.999f;
+    const float v_scale = static_cast<float>(1.0 / (1.0 - std::pow(static_cast<double>(beta2), s + 1)));
+    const float eps2 = eps * eps;
     double ratio = 0, below = 0, upd = 0, wt = 0, lost = 0;
     for (std::size_t e = 0; e < before.size(); ++e) {
       const double g = to_float(r.g.at(static_cast<std::int64_t>(e)));

@@ -314,8 +314,14 @@ inline Contents read(const SafetensorsFile& f, const optim::Optimizer& opt, cons
   return c;
 }
 
+// The file's model weights. Where a group keeps no fp32 master
+// (StateLayout::master remainder or none) the weight is part of the master
+// and load_state has just written it from the state's: the file's copy is
+// the same bits when the file came from that layout, and must not replace a
+// master it would no longer match when it did not.
 inline void write_weights(const optim::Optimizer& opt, const std::vector<std::vector<std::uint8_t>>& weights) {
   for (std::size_t i = 0; i < opt.num_params(); ++i) {
+    if (opt.layout(opt.group_of(i)).master != optim::Master::fp32) continue;
     const TensorRef& w = opt.param(i).weight;
     mixprec::detail::copy_raw(w.data(), w.device(), weights[i].data(), Device::cpu(), weights[i].size());
   }

@@ -52,6 +52,8 @@ struct DeviceParamSums {
   double update_sum_squares; // of master after - master before
   double weight_sum_squares; // of master before
   double eps_count;          // elements where eps dominates
+  double v_ratio_sum;        // the update pass's precursor sums (Optimizer::set_precursors):
+  double lost_count;         //   g^2 / max(v-hat, eps^2), updates under half an ulp
   std::int32_t nonfinite;
   std::int32_t has_v;
 };
@@ -90,6 +92,11 @@ class DeviceMonitorPlan {
   /// Before a logged step's check pass: copies every master into the
   /// snapshot and zeroes the histograms and sums. One launch.
   virtual void snapshot(stream_t stream) = 0;
+  /// The precursor sums the logged step's update pass adds to
+  /// (Optimizer::set_precursors; [param][kPrecursorSums], device memory),
+  /// zeroed on `stream` by clear_precursors before the step.
+  virtual double* precursors() = 0;
+  virtual void clear_precursors(stream_t stream) = 0;
   /// The histograms the check pass adds to (device, uint64 [params][64]).
   virtual std::uint64_t* histogram() = 0;
   /// After the optimizer's step, before the scaler's update: stores the

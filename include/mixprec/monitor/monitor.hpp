@@ -79,9 +79,11 @@ struct MonitorOptions {
 /// Every step records its loss, loss scale, whether it was skipped, the
 /// global gradient norm and which parameters had non-finite gradients. Every
 /// `every`-th step is logged: the check pass also counts the exponent
-/// histogram of every gradient (the same reads), the masters are copied
-/// before the update and compared after it (update ratio), and the second
-/// moment is read for the eps share. On a device all of this stays in device
+/// histogram of every gradient (the same reads), and the update pass sums
+/// the update ratio, the eps share and the precursors on what it has in
+/// cache (Optimizer::set_precursors); on a device the masters are also
+/// copied before the update and compared after it (update ratio, eps
+/// share). On a device all of this stays in device
 /// memory and one kernel writes a logged step's read-back into pinned host
 /// memory; the host reads it a step or more later, never synchronising
 /// (unless `readback_slots` read-backs are outstanding). Each read-back goes
@@ -97,8 +99,9 @@ struct MonitorOptions {
 ///     monitor.replayed();
 ///
 /// The monitor holds references to the optimizer and scaler: they must
-/// outlive it. Memory: one fp32 copy of the masters (the snapshot), a few
-/// KiB per parameter.
+/// outlive it, and keep the parameters they had (a group added to the
+/// optimizer afterwards is refused at the next step). Memory: a few KiB per
+/// parameter, and on a device one fp32 copy of the masters (the snapshot).
 class Monitor {
  public:
   Monitor(optim::Optimizer& opt, amp::GradScaler& scaler, const MonitorOptions& options = {})
@@ -117,6 +120,7 @@ class Monitor {
   bool step(float loss, double max_norm = 0) {
     MIXPREC_CHECK(host_ != nullptr, "Monitor::step(float loss): the parameters are on ", opt_.device(),
                   "; pass the loss as a device pointer (const float*)");
+    check_params("step");
     const bool logged = logs_next();
     if (logged) {
       // The update pass sums the precursors on the chunks it has in cache
@@ -167,6 +171,7 @@ class Monitor {
   void step(const float* loss, double max_norm = 0) {
     MIXPREC_CHECK(device_scaler_ != nullptr, "Monitor::step(const float* loss): the parameters are on ",
                   opt_.device(), "; pass the loss as a float");
+    check_params("step");
     amp::DeviceGradScaler& scaler = *device_scaler_;
     const stream_t stream = scaler.stream();
     ensure_plan();
@@ -175,6 +180,8 @@ class Monitor {
     if (logged) {
       plan_->snapshot(stream);
       opt_.set_grad_histogram(plan_->histogram());
+      plan_->clear_precursors(stream);
+      opt_.set_precursors(plan_->precursors());
     }
     // The spike guard reads this loss (the one the ranks agree on).
     if (loss != nullptr && scaler.options().spike_guard.enabled) scaler.set_loss(loss);
@@ -186,9 +193,11 @@ class Monitor {
       }
     } catch (...) {
       opt_.set_grad_histogram(nullptr);
+      opt_.set_precursors(nullptr);
       throw;
     }
     opt_.set_grad_histogram(nullptr);
+    opt_.set_precursors(nullptr);
     DeviceStepInputs in;
     in.loss = loss;
     in.scale = scaler.scale_data();
@@ -210,6 +219,13 @@ class Monitor {
 
   /// Whether the next step is a logged one.
   bool logs_next() const { return (steps_ + 1) % options_.every == 0; }
+  /// Throws unless the optimizer still has the parameters the monitor was
+  /// made for (its buffers are sized for them).
+  void check_params(const char* what) const {
+    MIXPREC_CHECK(opt_.num_params() == info_.params.size(), "Monitor::", what, ": the ", opt_.name(), " has ",
+                  opt_.num_params(), " parameters, the monitor was made for ", info_.params.size(),
+                  "; make the monitor after the last add_param_group");
+  }
   /// A replayed CUDA graph ran one monitored step (see the class comment).
   void replayed() {
     MIXPREC_CHECK(device_scaler_ != nullptr, "Monitor::replayed: this monitor watches a host optimizer");
@@ -341,6 +357,12 @@ class Monitor {
       MIXPREC_CHECK(device_kernels() != nullptr, "Monitor: the parameters are on ", opt.device(),
                     " but no CUDA kernels are linked into this program; compile one .cu file that includes "
                     "<mixprec/cuda/backend.cuh>");
+      for (std::size_t g = 0; g < opt.num_groups(); ++g) {
+        MIXPREC_CHECK(opt.layout(g).master == optim::Master::fp32, "Monitor: group ", g, " of this ", opt.name(),
+                      " keeps no fp32 master (StateLayout::master = ", optim::to_string(opt.layout(g).master),
+                      "); the device monitor snapshots fp32 masters: keep Master::fp32 to monitor it on ",
+                      opt.device());
+      }
       layout_ = ReadbackLayout::of(options_.every, static_cast<int>(info_.params.size()));
       pinned_ = optim::device_backend()->alloc_pinned(layout_.bytes * static_cast<std::size_t>(options_.readback_slots));
       std::memset(pinned_, 0, layout_.bytes * static_cast<std::size_t>(options_.readback_slots));
@@ -393,7 +415,7 @@ class Monitor {
       p.grad_norm = std::sqrt(stats.sum_squares[i]) / scale;
       p.nonfinite = stats.nonfinite[i] != 0;
       const optim::SecondMoment sm = opt_.second_moment(i);
-      const bool has_v = sm.v != nullptr || sm.eps > 0.0f;  // lean moments: no fp32 pointer, a second moment still
+      const bool has_v = sm.state >= 0;  // lean moments: no fp32 pointer, a second moment still
       if (applied) {
         p.update_ratio = sums[3] > 0 ? std::sqrt(sums[2] / sums[3]) : std::nan("");
         if (n > 0) {
@@ -532,8 +554,12 @@ class Monitor {
       p.grad_norm = std::sqrt(s.grad_sum_squares) / scale;
       p.update_ratio = s.weight_sum_squares > 0 ? std::sqrt(s.update_sum_squares / s.weight_sum_squares)
                                                 : std::nan("");
-      if (s.has_v != 0 && info_.params[i].numel > 0) {
-        p.eps_share = s.eps_count / static_cast<double>(info_.params[i].numel);
+      const auto n = static_cast<double>(info_.params[i].numel);
+      if (s.has_v != 0 && n > 0) p.eps_share = s.eps_count / n;
+      // The precursors: from the update pass, so only where it ran.
+      if (!r.steps.back().skipped && !r.steps.back().guard_skipped && n > 0) {
+        p.lost_update_share = s.lost_count / n;
+        if (opt_.second_moment(i).state >= 0) p.v_ratio_rms = std::sqrt(s.v_ratio_sum / n);
       }
       p.nonfinite = s.nonfinite != 0;
       for (int b = 0; b < Bins::count; ++b) p.hist[static_cast<std::size_t>(b)] = hist[i * Bins::count + static_cast<std::size_t>(b)];

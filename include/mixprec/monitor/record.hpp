@@ -129,9 +129,9 @@ struct ParamSample {
   double eps_share = std::numeric_limits<double>::quiet_NaN();
   /// RMS over the elements of g^2 / max(v, eps^2), v the bias-corrected
   /// second moment after the update (Wortsman et al. 2023: loss spikes
-  /// follow 1-8 steps after it exceeds 1, when v underestimates g^2). NaN
-  /// without a second moment, on a skipped step, and on the device (this
-  /// version computes it in the host update pass only).
+  /// follow 1-8 steps after it exceeds 1, when v underestimates g^2), from
+  /// the update pass (Optimizer::set_precursors). NaN without a second
+  /// moment and on a skipped step.
   double v_ratio_rms = std::numeric_limits<double>::quiet_NaN();
   /// Share of elements whose update is under half an ulp of their 16-bit
   /// weight: updates that rounding would lose without an fp32 master (what

@@ -56,6 +56,11 @@ struct DeviceParam {
   std::int64_t* step = nullptr;
   int group = 0;  // its parameter group: the index into a step's hyperparameters
   DeviceLeanState lean;
+  /// The precursors' second moment: its state index (-1: none), eps^2 and
+  /// beta2 (0: no bias correction).
+  int v_state = -1;
+  float eps2 = 0;
+  double beta2 = 0;
 };
 
 /// Device inputs and counters of a step launch, read (and counted) when
@@ -74,6 +79,10 @@ struct DeviceStepInputs {
   /// Optional: +1 when a group's scheduled lr (or its float) is not finite,
   /// a step the launch then skips whole (validated options never give one).
   std::int64_t* nonfinite_lr_steps = nullptr;
+  /// Optional (Optimizer::set_precursors): per parameter kPrecursorSums
+  /// doubles the applied step adds its precursor terms to (device memory,
+  /// zeroed by the caller; a skipped step adds nothing).
+  double* precursors = nullptr;
 };
 
 /// The device lists of one optimizer (made once, reused by every launch)

@@ -241,7 +241,7 @@ class Family : public OptimizerBase<Family<Rule>, typename Rule::Options> {
     const auto s = Rule::second_moment(this->options(this->group_of(i)));
     if (s.state < 0) return {};
     return {this->existing_state(i, static_cast<std::size_t>(s.state)), static_cast<float>(s.eps),
-            static_cast<float>(s.beta2)};
+            static_cast<float>(s.beta2), s.state};
   }
 
   void check_state_values(std::size_t i, const ParamState& p) const override {
@@ -363,9 +363,12 @@ class Family : public OptimizerBase<Family<Rule>, typename Rule::Options> {
     typename Optimizer::PrecursorSpec& spec = this->precursor_spec_;
     spec = {};
     if (sm.state < 0 || !Kernel::uses(c, sm.state)) return;
+    // In SecondMoment's floats, as the monitor has always read them (its
+    // device pass too): the same eps share on either side.
+    const float eps = static_cast<float>(sm.eps), beta2 = static_cast<float>(sm.beta2);
     spec.state = sm.state;
-    spec.eps2 = static_cast<float>(sm.eps * sm.eps);
-    const double bc = sm.beta2 > 0 ? 1.0 - std::pow(sm.beta2, step) : 1.0;
+    spec.eps2 = eps * eps;
+    const double bc = beta2 > 0.0f ? 1.0 - std::pow(static_cast<double>(beta2), step) : 1.0;
     spec.v_scale = bc > 0 ? static_cast<float>(1.0 / bc) : 1.0f;
   }
 

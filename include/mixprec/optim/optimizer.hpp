@@ -28,6 +28,7 @@
 #include "mixprec/optim/cpu_step.hpp"
 #include "mixprec/optim/device_backend.hpp"
 #include "mixprec/optim/param.hpp"
+#include "mixprec/optim/precursors.hpp"
 #include "mixprec/optim/schedule.hpp"
 #include "mixprec/optim/state_layout.hpp"
 #include "mixprec/tensor/ops.hpp"
@@ -42,7 +43,9 @@ MIXPREC_NAMESPACE_BEGIN namespace optim {
 /// Each parameter gets an fp32 master weight, initialised from its model
 /// weight, and the optimizer's fp32 state (zeros, made on first use). An
 /// applied step updates master and state and then rewrites the model weight
-/// from the master, rounding to nearest even. A parameter's step count counts
+/// from the master, rounding to nearest even. (A group's StateLayout may
+/// keep the state in bf16 or 8 bits and the master as a remainder or not at
+/// all: optim/state_layout.hpp.) A parameter's step count counts
 /// applied steps only. The CPU path reads each gradient once in check_grads()
 /// and once in apply(), and never writes it.
 ///
@@ -93,6 +96,7 @@ class Optimizer {
   /// (remainder: reconstructed exactly; none: the model weight widened).
   /// Device parameters: a synchronising copy.
   std::vector<float> master_values(std::size_t i) const {
+    (void)slot(i);  // checks i
     std::vector<float> out(static_cast<std::size_t>(numel_of(i)));
     read_master(i, out.data());
     return out;
@@ -320,7 +324,6 @@ class Optimizer {
       i += n;
     }
     for (std::size_t i = 0; i < slots_.size(); ++i) {
-      const Slot& s = slots_[i];
       ParamState p;
       p.master = master_values(i);
       p.state.resize(count);
@@ -381,7 +384,9 @@ class Optimizer {
   /// Replaces the training state with `st` (from save_state or a
   /// checkpoint): masters, state tensors (made where `st` has them and they
   /// do not exist yet, dropped where `st` has none), step counts, base lrs,
-  /// applied steps. The model weights are not touched. check_state(st) runs
+  /// applied steps. The model weights are not touched, except where the
+  /// group keeps no fp32 master (StateLayout::master remainder or none): the
+  /// weight is part of the master there, and is written. check_state(st) runs
   /// first and new state tensors are allocated before anything is copied:
   /// a bad state changes nothing. Device parameters: copies on stream() and
   /// makes the device lists again (synchronises; not while capturing).
@@ -444,8 +449,8 @@ class Optimizer {
           if (layout_of(i).moments == Moments::fp32) {
             fill(s.state[k], 0.0f);
           } else {
-            zero_buffer(s.packed[k].values);
-            zero_buffer(s.packed[k].scales);
+            zero_buffer(s.packed[k].values, stream_);  // after order_accesses(), on the optimizer's stream
+            zero_buffer(s.packed[k].scales, stream_);
           }
           s.fresh_state |= bit;
         } else if (has_state(i, k)) {
@@ -535,10 +540,11 @@ class Optimizer {
   /// The caller zeroes them; a skipped step adds nothing. Host parameters:
   /// computed on the chunk the update has in L1 (no second read of the
   /// gradients, masters or state; the fused AVX2 loop gives way to the
-  /// chunked one, which has the same bits). Device parameters: not computed
-  /// in this version (the device monitor measures the update with its own
-  /// snapshot).
-  static constexpr std::size_t kPrecursorSums = 5;
+  /// chunked one, which has the same bits). Device parameters: `sums` is
+  /// device memory, and the step kernel adds each block's terms with
+  /// atomics (the sums' last bits depend on the order blocks finish); a
+  /// captured CUDA graph keeps the pointer its capture saw.
+  static constexpr std::size_t kPrecursorSums = optim::kPrecursorSums;
   void set_precursors(double* sums) { precursors_ = sums; }
   double* precursors() const { return precursors_; }
   /// Parameter i's second moment (see SecondMoment); {} when it has none.
@@ -606,6 +612,7 @@ class Optimizer {
       order_after_last(stream);
       in.applied_steps = applied_device();
       in.any_inf = any_inf;
+      in.precursors = precursors_;
       in.nonfinite_lr_steps = applied_device() + 1;
       launch_groups(*plan_, in, stream);
     } catch (...) {
@@ -669,7 +676,7 @@ class Optimizer {
     check_lr(lr);
     MIXPREC_CHECK(!params.empty(), name(), ": the parameter list is empty");
     const Device device = slots_.empty() ? params[0].weight.device() : device_;
-    check_layout(layout, params, device);
+    check_layout(layout, params);
     std::set<std::string> names;
     for (const Slot& s : slots_) names.insert(s.param.name);
     for (std::size_t k = 0; k < params.size(); ++k) {
@@ -931,6 +938,22 @@ class Optimizer {
         from_host(v, s.master);
         return;
       case Master::remainder: {
+        if (!on_device()) {  // in place: nothing to allocate, so nothing half-written
+          auto* w = static_cast<std::uint16_t*>(s.param.weight.data());
+          auto* r = static_cast<std::uint16_t*>(s.remainder.data());
+          auto* t = static_cast<std::uint32_t*>(s.tie_bits.data());
+          for (std::size_t e = 0; e < n; ++e) {
+            const lean::SplitMaster m = lean::split_master(v[e]);
+            w[e] = m.weight;
+            r[e] = m.remainder;
+            const std::uint32_t bit = 1u << (e % 32);
+            t[e / 32] = m.tie_up ? (t[e / 32] | bit) : (t[e / 32] & ~bit);
+          }
+          return;
+        }
+        // Device: staged on the host, then copied. (A failed allocation of
+        // the staging here, after earlier parameters were written, would
+        // leave a load half-done: device lean layouts only.)
         std::vector<std::uint16_t> w(n), r(n);
         std::vector<std::uint32_t> t((n + 31) / 32, 0u);
         for (std::size_t e = 0; e < n; ++e) {
@@ -947,6 +970,10 @@ class Optimizer {
       case Master::none:
         s.param.weight.visit([&](auto w) {
           using T = typename decltype(w)::value_type;
+          if (!on_device()) {
+            convert_n(v.data(), n, w.data());
+            return;
+          }
           std::vector<T> h(n);
           convert_n(v.data(), n, h.data());
           write_weight(i, h);
@@ -975,6 +1002,10 @@ class Optimizer {
       return;
     }
     Packed& p = slots_[i].packed[k];
+    if (!on_device()) {  // in place
+      encode(i, k, 0, static_cast<std::int64_t>(v.size()), v.data());
+      return;
+    }
     std::vector<std::uint8_t> values(p.values.bytes());
     std::vector<float> scales(p.scales.bytes() / sizeof(float));
     encode_raw(moments, nonnegative_state(k), values.data(), scales.data(), 0, static_cast<std::int64_t>(v.size()),
@@ -1083,41 +1114,17 @@ class Optimizer {
   // moment after it (null: none), g: the gradients the update used.
   void add_precursors(std::size_t i, const float* before, const float* after, const float* v, const float* g,
                       std::int64_t m) {
-    double* out = precursors_ + i * kPrecursorSums;
+    double acc[kPrecursorSums] = {0, 0, 0, 0, 0};
     const float eps2 = precursor_spec_.eps2, v_scale = precursor_spec_.v_scale;
-    double ratio = 0, below = 0, upd = 0, wt = 0, lost = 0;
     slots_[i].param.weight.visit([&](auto w) {
       using T = typename decltype(w)::value_type;
       for (std::int64_t e = 0; e < m; ++e) {
-        if (v != nullptr) {
-          const float vhat = v[e] * v_scale;
-          const double gd = g[e];
-          ratio += gd * gd / static_cast<double>(std::max(vhat, eps2));
-          below += vhat < eps2 ? 1.0 : 0.0;
-        }
-        const double d = static_cast<double>(after[e]) - static_cast<double>(before[e]);
-        upd += d * d;
-        wt += static_cast<double>(before[e]) * before[e];
-        lost += std::fabs(d) < 0.5 * ulp_of<T>(before[e]) ? 1.0 : 0.0;
+        add_precursor_terms<T>(acc, before[e], after[e], g[e], v != nullptr, v != nullptr ? v[e] : 0.0f, v_scale,
+                               eps2);
       }
     });
-    out[0] += ratio;
-    out[1] += below;
-    out[2] += upd;
-    out[3] += wt;
-    out[4] += lost;
-  }
-  // The spacing of T's values at x rounded to T (upwards in magnitude).
-  template <class T>
-  static double ulp_of(float x) {
-    if constexpr (std::is_same_v<T, float>) {
-      const float a = std::fabs(x);
-      return static_cast<double>(std::nextafter(a, std::numeric_limits<float>::infinity())) - a;
-    } else {
-      const T r = from_float<T>(x);
-      const T next = from_bits<T>(static_cast<std::uint16_t>((to_bits(r) & 0x7fffu) + 1u));
-      return static_cast<double>(to_float(next)) - std::fabs(static_cast<double>(to_float(r)));
-    }
+    double* out = precursors_ + i * kPrecursorSums;
+    for (std::size_t j = 0; j < kPrecursorSums; ++j) out[j] += acc[j];
   }
 
   /// The step of a lean layout, chunk by chunk (L1-sized; a chunk is a
@@ -1238,14 +1245,14 @@ class Optimizer {
     return p;
   }
   // Zeros a buffer on the host or the device (the device: synchronously).
-  static void zero_buffer(Buffer& b) {
+  static void zero_buffer(Buffer& b, stream_t stream = nullptr) {
     if (b.bytes() == 0) return;
     if (b.device().is_cpu()) {
       std::memset(b.data(), 0, b.bytes());
       return;
     }
     const std::vector<char> zeros(b.bytes(), 0);
-    detail::copy_raw(b.data(), b.device(), zeros.data(), Device::cpu(), b.bytes());
+    detail::copy_raw(b.data(), b.device(), zeros.data(), Device::cpu(), b.bytes(), stream);
   }
   // A host copy of a buffer (of the host or the device), and the way back.
   template <class T>
@@ -1320,7 +1327,7 @@ class Optimizer {
   }
   // Throws, naming the option and the parameter, unless `layout` suits the
   // new group's parameters.
-  void check_layout(const StateLayout& layout, const std::vector<Param>& params, Device device) const {
+  void check_layout(const StateLayout& layout, const std::vector<Param>& params) const {
     MIXPREC_CHECK(static_cast<int>(layout.moments) <= static_cast<int>(Moments::int8), name(),
                   ": StateLayout::moments = ", static_cast<int>(layout.moments), ", not a Moments value");
     MIXPREC_CHECK(static_cast<int>(layout.master) <= static_cast<int>(Master::none), name(),
@@ -1403,6 +1410,10 @@ class Optimizer {
       }
       params[i].step = s.device_step;
       params[i].group = static_cast<int>(s.group);
+      const SecondMoment sm = second_moment(i);
+      params[i].v_state = sm.state;
+      params[i].eps2 = sm.eps * sm.eps;
+      params[i].beta2 = sm.beta2;
       const StateLayout& layout = layout_of(i);
       if (layout.lean()) {
         DeviceLeanState& l = params[i].lean;

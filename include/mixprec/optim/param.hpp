@@ -56,6 +56,9 @@ struct SecondMoment {
   const float* v = nullptr;
   float eps = 0;
   float beta2 = 0;
+  /// Which state tensor it is (-1: none). v is null where it exists but
+  /// not as fp32 values (lean moments, optim/state_layout.hpp).
+  int state = -1;
 };
 
 /// One parameter's part of an optimizer's training state, on the host.

@@ -103,12 +103,13 @@ inline constexpr std::int64_t kBlock = 256;
 //
 // A block's values are divided by the block's largest magnitude (its scale)
 // and rounded to the nearest entry of a fixed table of magnitudes in [0, 1]:
-// 8 steps a binade, (1 + k / 8) / 2 * 2^-e for k = 1..8, logarithmically
-// spaced, so relative precision is the same (1/16 to 1/32) from 1 down to
-// the table's smallest entry. Signed tensors (momentum) spend a bit on the
-// sign: 127 magnitudes, 16 binades (down to 2^-16 of the block's maximum).
-// Nonnegative tensors (second moments, which span the square of the
-// gradients' range) use all 8 bits: 255 magnitudes, 32 binades (2^-32).
+// 8 steps a binade, (16 - s) / 16 * 2^-e for s = 0..7, so every value keeps
+// about the same relative precision (half a step: 1/32 to 1/16 of it) down
+// to the table's smallest entry. Signed tensors (momentum) spend a bit on
+// the sign: 127 magnitudes over 16 binades (the smallest 2^-15.68 of the
+// block's maximum). Nonnegative tensors (second moments, which span the
+// square of the gradients' range) use all 8 bits: 255 magnitudes over 32
+// binades (the smallest 2^-31.68).
 // A linear int8 code would round every second moment below 1/255 of its
 // block's maximum to 0, and the update divides by its square root.
 
@@ -140,26 +141,42 @@ MIXPREC_HOST_DEVICE inline int code_nearest(float y, int count) {
   return y > 0.5f * code_value(1, count) ? 1 : 0;
 }
 
-/// Block k's scale: the largest magnitude of its values.
+/// |x| where x is finite, else 0: what a block's scale is the largest of.
+MIXPREC_HOST_DEVICE inline float finite_magnitude(float x) {
+  const float a = ::fabsf(x);
+  return a <= 3.40282347e38f ? a : 0.0f;  // NaN and inf compare false
+}
+
+/// A block's scale: the largest finite magnitude of its values (an inf
+/// must not turn the block's other values into 0 * inf = NaN).
 MIXPREC_HOST_DEVICE inline float block_scale(const float* x, std::int64_t n) {
   float m = 0.0f;
-  for (std::int64_t j = 0; j < n; ++j) m = ::fmaxf(m, ::fabsf(x[j]));
+  for (std::int64_t j = 0; j < n; ++j) m = ::fmaxf(m, finite_magnitude(x[j]));
   return m;
 }
 
-/// Encodes n values of one block (n <= kBlock) with their scale.
+/// Encodes n values of one block (n <= kBlock) with their scale. Values
+/// the code cannot hold: an inf saturates to the block's largest finite
+/// magnitude (the top entry, its sign kept), a NaN becomes 0. A positive
+/// nonnegative value (a second moment) never becomes 0: below the smallest
+/// entry it takes that entry, since the update divides by its square root
+/// and a moment rounded up only shrinks a step (rounded to 0 it would not
+/// be bounded).
 MIXPREC_HOST_DEVICE inline void encode_block(const float* x, std::int64_t n, bool nonnegative, float scale,
                                              std::uint8_t* out) {
+  const int count = nonnegative ? kUnsignedMagnitudes : kSignedMagnitudes;
   for (std::int64_t j = 0; j < n; ++j) {
-    if (scale == 0.0f) {
-      out[j] = 0;
-      continue;
+    const float a = ::fabsf(x[j]);
+    int q = 0;
+    if (!(a <= 3.40282347e38f)) {
+      q = a > 0.0f && scale > 0.0f ? count : 0;  // inf: the top entry; NaN (compares false): 0
+    } else if (scale > 0.0f) {
+      q = code_nearest(a / scale, count);
+      if (nonnegative && q == 0 && a > 0.0f) q = 1;
     }
-    const float y = ::fabsf(x[j]) / scale;
     if (nonnegative) {
-      out[j] = static_cast<std::uint8_t>(code_nearest(y, kUnsignedMagnitudes));
+      out[j] = static_cast<std::uint8_t>(q);
     } else {
-      const int q = code_nearest(y, kSignedMagnitudes);
       out[j] = static_cast<std::uint8_t>(q | (q != 0 && x[j] < 0.0f ? 0x80 : 0));
     }
   }
@@ -196,7 +213,11 @@ MIXPREC_HOST_DEVICE inline SplitMaster split_master(float master) {
 }
 
 MIXPREC_HOST_DEVICE inline float join_master(std::uint16_t weight, std::uint16_t remainder, bool tie_up) {
-  const bool rounded_up = remainder > 0x8000u || (remainder == 0x8000u && tie_up);
+  // Nothing rounds up to a zero weight: with one (written outside the
+  // optimizer, as a pruning mask does) a stale remainder must not borrow
+  // from the sign bit.
+  const bool rounded_up =
+      (weight & 0x7fffu) != 0 && (remainder > 0x8000u || (remainder == 0x8000u && tie_up));
   const std::uint32_t upper = static_cast<std::uint32_t>(weight) - (rounded_up ? 1u : 0u);
   return from_bits<float>((upper << 16) | remainder);
 }
@@ -233,7 +254,7 @@ MIXPREC_HOST_DEVICE inline T stochastic_round(float x, std::uint32_t r) {
   } else {
     const T n = from_float<T>(x);
     const float nf = to_float(n);
-    if (nf == x || !(::fabsf(nf) <= 3.0e38f)) return n;  // exact, inf or NaN
+    if (nf == x || !(nf - nf == 0.0f)) return n;  // exact, inf or NaN (inf - inf and NaN give NaN)
     const std::uint16_t b = to_bits(n);
     // Adjacent values of one sign are adjacent bit patterns.
     const bool n_away = ::fabsf(nf) > ::fabsf(x);

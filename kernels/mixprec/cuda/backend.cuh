@@ -82,7 +82,7 @@ inline std::vector<ParamEntry> entries_of(const std::vector<optim::DeviceParam>&
   entries.reserve(params.size());
   for (const optim::DeviceParam& p : params) {
     entries.push_back(
-        {p.weight.data(), p.weight.dtype(), p.master, {p.state[0], p.state[1], p.state[2]}, p.step, p.group, p.lean});
+        {p.weight.data(), p.weight.dtype(), p.master, {p.state[0], p.state[1], p.state[2]}, p.step, p.group, p.lean, p.v_state, p.eps2, p.beta2});
   }
   return entries;
 }

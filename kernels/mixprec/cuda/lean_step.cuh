@@ -24,6 +24,8 @@ MIXPREC_NAMESPACE_BEGIN namespace cuda::detail {
 
 inline constexpr int lean_tile = 256;
 static_assert(optim::lean::kBlock == lean_tile, "a tile is one 8-bit block");
+// lean_range takes a tile as one element a thread of a 256-thread block
+// (the step kernel's; optimizer_step.cuh checks its block size against it).
 
 // State value k of element e, decoded.
 __device__ inline float lean_load_state(const optim::DeviceLeanState& L, const float* fp32, int k, std::int64_t e) {
@@ -53,11 +55,12 @@ __device__ inline float lean_tile_max(float v, float* warp_max) {
 
 /// Elements [begin, end) of one parameter in a lean layout; begin is a
 /// multiple of 256 (chunks start at multiples of 2^16), and every thread of
-/// the block (256) calls it alike.
-template <class Kernel, class G, class W, class C>
+/// the block (256) calls it alike. `pa` gathers the precursor terms (the
+/// step kernel's PrecursorAcc; its `out` null: off).
+template <class Kernel, class G, class W, class C, class Acc>
 __device__ inline void lean_range(const G* grad, W* weight, float* master, float* const (&fp32_state)[3],
                                   const optim::DeviceLeanState& L, std::int64_t step, std::int64_t begin,
-                                  std::int64_t end, float inv_scale, float clip, const C& c) {
+                                  std::int64_t end, float inv_scale, float clip, const C& c, Acc& pa) {
   __shared__ float warp_max[lean_tile / 32];
   const std::uint64_t key =
       optim::lean::rounding_key(L.seed, L.index, static_cast<std::uint64_t>(step));
@@ -81,7 +84,9 @@ __device__ inline void lean_range(const G* grad, W* weight, float* master, float
       for (int k = 0; k < 3; ++k) {
         if (Kernel::uses(c, k)) s[k] = lean_load_state(L, fp32_state[k], k, e);
       }
+      const float before = m.v;
       Kernel::update(m, s[0], s[1], s[2], g, c);
+      if (pa.out != nullptr) pa.template add<W>(before, m.v, g.v, pa.v_state >= 0 ? s[pa.v_state].v : 0.0f);
     }
     for (int k = 0; k < 3; ++k) {
       if (!Kernel::uses(c, k)) continue;
@@ -93,7 +98,7 @@ __device__ inline void lean_range(const G* grad, W* weight, float* master, float
           if (live) static_cast<bfloat16*>(L.packed[k])[e] = mixprec::from_float<bfloat16>(s[k].v);
           break;
         case optim::Moments::int8: {
-          const float scale = lean_tile_max(live ? ::fabsf(s[k].v) : 0.0f, warp_max);
+          const float scale = lean_tile_max(live ? optim::lean::finite_magnitude(s[k].v) : 0.0f, warp_max);
           if (threadIdx.x == 0) L.scales[k][tile / optim::lean::kBlock] = scale;
           if (live) {
             std::uint8_t code = 0;

@@ -13,6 +13,7 @@
 #include "mixprec/core/cuda_check.hpp"
 #include "mixprec/cuda/launch.cuh"
 #include "mixprec/monitor/device_ops.hpp"
+#include "mixprec/optim/precursors.hpp"
 #include "mixprec/tensor/memory.hpp"
 #include "mixprec/core/config.hpp"
 
@@ -114,7 +115,7 @@ __global__ void __launch_bounds__(monitor_threads)
                            const float* snapshot, const unsigned long long* hist,
                            MonitorControl* ctl, const monitor::DeviceStep* ring, const int* ring_nonfinite,
                            int every, int num_params, char* pinned, int slots, monitor::ReadbackLayout layout,
-                           double* partials) {
+                           double* partials, const double* precursors) {
   __shared__ double partial[monitor_threads / 32][3];
   const int p = map.param[blockIdx.x];
   const int local = static_cast<int>(blockIdx.x) - map.first[p];
@@ -185,6 +186,8 @@ __global__ void __launch_bounds__(monitor_threads)
       s.update_sum_squares = t[0];
       s.weight_sum_squares = t[1];
       s.eps_count = t[2];
+      s.v_ratio_sum = __ldcg(precursors + static_cast<std::size_t>(q) * optim::kPrecursorSums);
+      s.lost_count = __ldcg(precursors + static_cast<std::size_t>(q) * optim::kPrecursorSums + 4);
       s.nonfinite = in.nonfinite[q];
       s.has_v = params[q].v != nullptr;
       out_sums[q] = s;
@@ -241,8 +244,9 @@ class MonitorPlan final : public monitor::DeviceMonitorPlan {
     ring_ = Buffer(static_cast<std::size_t>(every) * sizeof(monitor::DeviceStep), device);
     ring_nonfinite_ = Buffer(static_cast<std::size_t>(every) * params.size() * sizeof(int), device);
     partials_ = Buffer(static_cast<std::size_t>(blocks_) * 3 * sizeof(double), device);
+    precursors_ = Buffer(params.size() * optim::kPrecursorSums * sizeof(double), device);
     MIXPREC_CUDA_CHECK(cudaMemcpy(params_.data(), params.data(), params_.bytes(), cudaMemcpyHostToDevice));
-    for (Buffer* b : {&hist_, &control_, &ring_, &ring_nonfinite_}) {
+    for (Buffer* b : {&hist_, &control_, &ring_, &ring_nonfinite_, &precursors_}) {
       MIXPREC_CUDA_CHECK(cudaMemset(b->data(), 0, b->bytes()));
     }
     MIXPREC_CUDA_CHECK(cudaDeviceSynchronize());  // ready before any stream uses them
@@ -256,6 +260,11 @@ class MonitorPlan final : public monitor::DeviceMonitorPlan {
     MIXPREC_CUDA_CHECK_LAUNCH("monitor_snapshot_kernel");
   }
   std::uint64_t* histogram() override { return static_cast<std::uint64_t*>(hist_.data()); }
+  double* precursors() override { return static_cast<double*>(precursors_.data()); }
+  void clear_precursors(stream_t stream) override {
+    mixprec::detail::DeviceGuard guard(device_);
+    MIXPREC_CUDA_CHECK(cudaMemsetAsync(precursors_.data(), 0, precursors_.bytes(), static_cast<cudaStream_t>(stream)));
+  }
 
   void record(const monitor::DeviceStepInputs& in, stream_t stream) override {
     mixprec::detail::DeviceGuard guard(device_);
@@ -271,7 +280,8 @@ class MonitorPlan final : public monitor::DeviceMonitorPlan {
         in, static_cast<const monitor::DeviceParamInfo*>(params_.data()), map(), static_cast<const float*>(snapshot_.data()),
         static_cast<const unsigned long long*>(hist_.data()),
         control(), static_cast<const monitor::DeviceStep*>(ring_.data()), static_cast<const int*>(ring_nonfinite_.data()),
-        every_, num_params_, static_cast<char*>(pinned), slots, layout_, static_cast<double*>(partials_.data()));
+        every_, num_params_, static_cast<char*>(pinned), slots, layout_, static_cast<double*>(partials_.data()),
+        static_cast<const double*>(precursors_.data()));
     MIXPREC_CUDA_CHECK_LAUNCH("monitor_publish_kernel");
   }
 
@@ -292,7 +302,7 @@ class MonitorPlan final : public monitor::DeviceMonitorPlan {
   int every_, num_params_;
   unsigned blocks_ = 0;  // of the snapshot and publish kernels (BlockMap)
   monitor::ReadbackLayout layout_;
-  Buffer params_, map_, snapshot_, hist_, control_, ring_, ring_nonfinite_, partials_;
+  Buffer params_, map_, snapshot_, hist_, control_, ring_, ring_nonfinite_, partials_, precursors_;
 };
 
 class MonitorKernels final : public monitor::DeviceMonitorKernels {

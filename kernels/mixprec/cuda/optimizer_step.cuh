@@ -34,6 +34,7 @@
 #include "mixprec/optim/optimizers/lion.hpp"
 #include "mixprec/optim/optimizers/rmsprop.hpp"
 #include "mixprec/optim/optimizers/sgd.hpp"
+#include "mixprec/optim/precursors.hpp"
 #include "mixprec/optim/schedule.hpp"
 #include "mixprec/tensor/memory.hpp"
 #include "mixprec/core/config.hpp"
@@ -51,6 +52,9 @@ struct ParamEntry {
   std::int64_t* step;
   int group;  // index into the launch's GroupHypers
   optim::DeviceLeanState lean;  // lean layouts (cuda/lean_step.cuh); inactive for fp32 state
+  int v_state;                  // the precursors' second moment (-1: none), eps^2, beta2
+  float eps2;
+  double beta2;
 };
 
 /// The hyperparameters of every group of one launch, passed by value as a
@@ -80,13 +84,63 @@ struct alignas(4 * sizeof(T)) Quad {
   T v[4];
 };
 
+// The precursor terms of one thread over a chunk (Optimizer::set_precursors,
+// optim/precursors.hpp: the host's function), added to the parameter's sums
+// once per chunk: a block sum, then one atomic per sum (their last bits
+// depend on the order the blocks finish).
+static_assert(step_threads == lean_tile, "lean_range takes a tile as one element a thread of the block");
+
+struct PrecursorAcc {
+  double* out = nullptr;  // the parameter's kPrecursorSums; null: off
+  int v_state = -1;       // the second moment's state, if the update uses it
+  float v_scale = 1.0f, eps2 = 0.0f;
+  double a[optim::kPrecursorSums] = {0, 0, 0, 0, 0};
+
+  template <class W>
+  __device__ void add(float before, float after, float g, float v) {
+    optim::add_precursor_terms<W>(a, before, after, g, v_state >= 0, v, v_scale, eps2);
+  }
+  // Every thread of the block calls it (out is the same for all).
+  __device__ void flush() {
+    if (out == nullptr) return;
+    __shared__ double warp_sums[step_threads / 32][optim::kPrecursorSums];
+    const int lane = static_cast<int>(threadIdx.x % 32), warp = static_cast<int>(threadIdx.x / 32);
+    for (std::size_t j = 0; j < optim::kPrecursorSums; ++j) {
+      double x = a[j];
+      for (int h = 16; h > 0; h /= 2) x += __shfl_down_sync(0xffffffffu, x, h);
+      if (lane == 0) warp_sums[warp][j] = x;
+    }
+    __syncthreads();
+    if (threadIdx.x < optim::kPrecursorSums) {
+      double t = 0;
+      for (int w = 0; w < step_threads / 32; ++w) t += warp_sums[w][threadIdx.x];
+      atomicAdd(out + threadIdx.x, t);
+    }
+    __syncthreads();  // read before the next chunk writes them
+  }
+};
+
+// The accumulator of one chunk of parameter p: its second moment as the
+// host's Family::set_precursor_spec finds it.
+template <class Kernel, class C>
+__device__ inline PrecursorAcc precursor_acc(const ParamEntry& p, const C& c, double* out) {
+  PrecursorAcc pa;
+  pa.out = out;
+  if (out == nullptr || p.v_state < 0 || !Kernel::uses(c, p.v_state)) return pa;
+  pa.v_state = p.v_state;
+  pa.eps2 = p.eps2;
+  const double bc = p.beta2 > 0 ? 1.0 - pow(p.beta2, static_cast<double>(*p.step + 1)) : 1.0;
+  pa.v_scale = bc > 0 ? static_cast<float>(1.0 / bc) : 1.0f;
+  return pa;
+}
+
 // One element through the optimizer's formula (Kernel::update), in
 // exact_float (no contraction: the CPU path's bits). s[k] is the element's
 // state value k; Kernel::uses says which ones the options read and write,
 // so only those are loaded and stored.
 template <class Kernel, class G, class W, class C>
 __device__ inline void update_one(const G* grad, W* weight, const ParamEntry& p, std::int64_t i, float inv_scale,
-                                  float clip, const C& c) {
+                                  float clip, const C& c, PrecursorAcc& pa) {
   exact_float g = mixprec::to_float(grad[i]);
   if (inv_scale != 1.0f) g = g * inv_scale;
   if (clip != 1.0f) g = g * clip;
@@ -94,7 +148,9 @@ __device__ inline void update_one(const G* grad, W* weight, const ParamEntry& p,
   for (int k = 0; k < 3; ++k) {
     if (Kernel::uses(c, k)) s[k] = p.state[k][i];
   }
+  const float before = m.v;
   Kernel::update(m, s[0], s[1], s[2], g, c);
+  if (pa.out != nullptr) pa.template add<W>(before, m.v, g.v, pa.v_state >= 0 ? s[pa.v_state].v : 0.0f);
   p.master[i] = m.v;
   for (int k = 0; k < 3; ++k) {
     if (Kernel::uses(c, k)) p.state[k][i] = s[k].v;
@@ -114,9 +170,11 @@ __device__ inline bool quad_aligned(const T* ptr) {
 // for the tail, one at a time. Same arithmetic either way.
 template <class Kernel, class G, class W, class C>
 __device__ inline void update_range(const G* grad, W* weight, const ParamEntry& p, std::int64_t begin,
-                                    std::int64_t end, float inv_scale, float clip, const C& c) {
+                                    std::int64_t end, float inv_scale, float clip, const C& c, double* precursors) {
+  PrecursorAcc pa = precursor_acc<Kernel>(p, c, precursors);
   if (p.lean.active) {
-    lean_range<Kernel>(grad, weight, p.master, p.state, p.lean, *p.step + 1, begin, end, inv_scale, clip, c);
+    lean_range<Kernel>(grad, weight, p.master, p.state, p.lean, *p.step + 1, begin, end, inv_scale, clip, c, pa);
+    pa.flush();
     return;
   }
   bool aligned = quad_aligned(grad + begin) && quad_aligned(weight + begin) && quad_aligned(p.master + begin);
@@ -142,6 +200,10 @@ __device__ inline void update_range(const G* grad, W* weight, const ParamEntry& 
         exact_float s0 = Kernel::uses(c, 0) ? sq[0].v[j] : 0.0f, s1 = Kernel::uses(c, 1) ? sq[1].v[j] : 0.0f,
                     s2 = Kernel::uses(c, 2) ? sq[2].v[j] : 0.0f;
         Kernel::update(m, s0, s1, s2, g, c);
+        if (pa.out != nullptr) {
+          const float v = pa.v_state == 0 ? s0.v : pa.v_state == 1 ? s1.v : s2.v;
+          pa.template add<W>(mq.v[j], m.v, g.v, v);
+        }
         mq.v[j] = m.v;
         sq[0].v[j] = s0.v;
         sq[1].v[j] = s1.v;
@@ -157,22 +219,24 @@ __device__ inline void update_range(const G* grad, W* weight, const ParamEntry& 
     i = begin + 4 * quads;
   }
   for (std::int64_t k = i + threadIdx.x; k < end; k += blockDim.x) {
-    update_one<Kernel>(grad, weight, p, k, inv_scale, clip, c);
+    update_one<Kernel>(grad, weight, p, k, inv_scale, clip, c, pa);
   }
+  pa.flush();
 }
 
 template <class Kernel, class G, class C>
 __device__ inline void dispatch_weight(const G* grad, const ParamEntry& p, std::int64_t begin,
-                                       std::int64_t end, float inv_scale, float clip, const C& c) {
+                                       std::int64_t end, float inv_scale, float clip, const C& c,
+                                       double* precursors) {
   switch (p.weight_dtype) {
     case DType::float16:
-      update_range<Kernel>(grad, static_cast<half*>(p.weight), p, begin, end, inv_scale, clip, c);
+      update_range<Kernel>(grad, static_cast<half*>(p.weight), p, begin, end, inv_scale, clip, c, precursors);
       break;
     case DType::bfloat16:
-      update_range<Kernel>(grad, static_cast<bfloat16*>(p.weight), p, begin, end, inv_scale, clip, c);
+      update_range<Kernel>(grad, static_cast<bfloat16*>(p.weight), p, begin, end, inv_scale, clip, c, precursors);
       break;
     case DType::float32:
-      update_range<Kernel>(grad, static_cast<float*>(p.weight), p, begin, end, inv_scale, clip, c);
+      update_range<Kernel>(grad, static_cast<float*>(p.weight), p, begin, end, inv_scale, clip, c, precursors);
       break;
   }
 }
@@ -374,15 +438,16 @@ __global__ void __launch_bounds__(step_threads)
       const typename Kernel::Hyper& h = groups.h[p.group];
       auto co = Kernel::coeffs(h, h.lr * factor, static_cast<double>(*p.step + 1));
       finish_coeffs<Kernel>(co, h, h.lr * factor, static_cast<double>(*p.step + 1), pre, ch.tensor, g.numel);
+      double* pre_t = in.precursors != nullptr ? in.precursors + ch.tensor * optim::kPrecursorSums : nullptr;
       switch (g.dtype) {
         case DType::float16:
-          dispatch_weight<Kernel>(static_cast<const half*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co);
+          dispatch_weight<Kernel>(static_cast<const half*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co, pre_t);
           break;
         case DType::bfloat16:
-          dispatch_weight<Kernel>(static_cast<const bfloat16*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co);
+          dispatch_weight<Kernel>(static_cast<const bfloat16*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co, pre_t);
           break;
         case DType::float32:
-          dispatch_weight<Kernel>(static_cast<const float*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co);
+          dispatch_weight<Kernel>(static_cast<const float*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co, pre_t);
           break;
       }
     }
