@@ -17,21 +17,33 @@ Standard library only. Nothing here is tied to the CPU: --device cuda,
 (the flags --lr-jump-step and --static-scale are CPU-only in the examples
 for now, so scenarios that need them are skipped with a note on cuda).
 
-Failure, precisely (the first step at which any holds):
+Failure, precisely: the first step at which one of the scenario's criteria
+holds (healthy runs: any of them):
   nonfinite_loss   the loss is inf or NaN;
-  scale_floor      dynamic or static scaling and the scale the step used is
-                   under 1 (the gradients overflow fp16 even unscaled);
-  loss_blowup      after step 50, the mean loss of the last 10 steps is
-                   above 3x the lowest such mean so far;
+  scale_floor      dynamic scaling and the scale the step used is under 1
+                   (the gradients overflow fp16 even unscaled);
+  loss_blowup      the mean loss of the last 10 steps is above 2 ln 10
+                   (twice a uniform guess's loss over Fashion-MNIST's 10
+                   classes), or, after step 50, above 3x the lowest such
+                   mean so far;
   underflow        at a logged step, at least 50% of all fp16 gradient
                    elements are lost in fp16 (zero or under 2^-24) and that
-                   share rose 0.25 above the run's first logged share.
+                   share rose 0.25 above the run's first logged share (a
+                   layer the precision fallback moved leaves the share).
+                   Exact zeros of dead ReLU units count too: an fp16
+                   histogram cannot tell them from underflow.
 Warning: the first event of the scenario's kinds, or the first forecast
 that points at it (steps_to_min_scale or steps_to_underflow finite and
 under --horizon, or diverging), at or after the step the failure is
 induced (an lr jump's step; step 1 otherwise) and not after the failure.
 
-  python3 benchmarks/instability/instability.py --bin-dir /tmp/bench19 --out /tmp/instab
+  # the CPU table of docs/monitor.md (small models):
+  python3 benchmarks/instability/instability.py --bin-dir BUILD/examples --out OUT --suite all \
+      --examples mlp,cnn --cnn-seeds 0,1,2 --cnn-batch 32 --cnn-steps 100 --failure-seeds 0,1,2 \
+      --variant-seeds 0 --jobs 2
+  # on a GPU at full size (scenarios (a) and (c) are skipped there for now):
+  python3 benchmarks/instability/instability.py --bin-dir BUILD/examples --out OUT --device cuda \
+      --hidden 1024 --batch 256 --epochs 10 --cnn-epochs 5
   python3 benchmarks/instability/instability.py --score-only --out /tmp/instab  # re-read the logs
 """
 
@@ -48,6 +60,7 @@ from concurrent.futures import ThreadPoolExecutor
 BLOWUP_FACTOR = 3.0
 BLOWUP_WINDOW = 10
 BLOWUP_AFTER = 50
+CHANCE_LOSS = math.log(10.0)
 UNDERFLOW_SHARE = 0.5
 UNDERFLOW_RISE = 0.25
 
@@ -62,25 +75,25 @@ def scenarios(args):
     return [
         dict(name="a_scale_collapse_lr_jump", example="mlp",
              flags=["--precision", "fp16", "--optimizer", "sgd", "--lr", "0.05", "--lr-jump-step", str(lr_jump),
-                    "--lr-jump-factor", "400"],
-             induced=lr_jump + 1, cap=lr_jump + 400, cpu_only=True,
+                    "--lr-jump-factor", "30"],
+             induced=lr_jump + 1, cap=lr_jump + args.after_cap, cpu_only=True, fails=["scale_floor"],
              kinds=["scale_collapse", "repeated_overflow", "nonfinite_loss", "loss_spike", "grad_norm_explosion"],
              forecasts=["steps_to_min_scale", "diverging"]),
         dict(name="b_adam_eps_8bit_moments", example="mlp",
              flags=["--precision", "fp16", "--optimizer", "adam", "--lr", "1e-3", "--moments", "8bit",
                     "--eps", "1e-20"],
-             induced=1, cap=args.failure_cap, cpu_only=False,
+             induced=1, cap=args.failure_cap, cpu_only=False, fails=["nonfinite_loss", "loss_blowup"],
              kinds=["moment_lag", "loss_spike", "grad_norm_explosion", "nonfinite_loss", "scale_collapse",
                     "repeated_overflow"],
              forecasts=["diverging", "steps_to_min_scale"]),
         dict(name="c_underflow_static_scale", example="mlp",
-             flags=["--precision", "fp16", "--optimizer", "sgd", "--lr", "0.05", "--static-scale", "1"],
-             induced=1, cap=args.failure_cap, cpu_only=True,
+             flags=["--precision", "fp16", "--optimizer", "sgd", "--lr", "0.05", "--static-scale", str(args.static_scale)],
+             induced=1, cap=args.underflow_cap, cpu_only=True, fails=["underflow"],
              kinds=["underflow", "stalled_updates"],
              forecasts=["steps_to_underflow"]),
         dict(name="d_adam_lr_too_large", example="mlp",
-             flags=["--precision", "fp16", "--optimizer", "adam", "--lr", "0.05"],
-             induced=1, cap=args.failure_cap, cpu_only=False,
+             flags=["--precision", "fp16", "--optimizer", "adam", "--lr", str(args.adam_lr)],
+             induced=1, cap=args.after_cap, cpu_only=False, fails=["nonfinite_loss", "loss_blowup", "scale_floor"],
              kinds=["loss_spike", "grad_norm_explosion", "moment_lag", "nonfinite_loss", "scale_collapse",
                     "repeated_overflow"],
              forecasts=["diverging", "steps_to_min_scale"]),
@@ -108,7 +121,8 @@ def read_log(path):
                 steps.append(dict(step=s["first"] + k, loss=num(s["loss"][k]), scale=num(s["scale"][k]),
                                   skipped=bool(s["skipped"][k])))
             logged.append(dict(step=r["step"], overall=r.get("overall") or {}, forecast=r.get("forecast") or {},
-                               events=r.get("events") or []))
+                               events=r.get("events") or [],
+                               shares=[p.get("underflow") for p in r.get("params") or []]))
     if header is None:
         raise ValueError(path + ": no header line")
     return header, steps, logged
@@ -122,35 +136,51 @@ def num(x):
     return float(x)
 
 
-def failure(header, steps, logged):
-    """(step, criterion) of the first failure, or (None, None)."""
-    scaled = header.get("scaling") in ("dynamic", "static")
+def failure(header, steps, logged, criteria=None):
+    """(step, criterion) of the first failure among `criteria` (all when
+    None), or (None, None)."""
+    use = lambda c: criteria is None or c in criteria  # noqa: E731
+    scaled = header.get("scaling") == "dynamic"
     first = None
-    means, lowest = [], math.inf
+    lowest = math.inf
     window = []
     for s in steps:
-        if not math.isfinite(s["loss"]):
+        if use("nonfinite_loss") and not math.isfinite(s["loss"]):
             first = (s["step"], "nonfinite_loss")
             break
-        if scaled and s["scale"] < 1.0:
+        if use("scale_floor") and scaled and s["scale"] < 1.0:
             first = (s["step"], "scale_floor")
             break
+        if not math.isfinite(s["loss"]):
+            continue
         window.append(s["loss"])
         if len(window) > BLOWUP_WINDOW:
             window.pop(0)
         if len(window) == BLOWUP_WINDOW:
             m = sum(window) / BLOWUP_WINDOW
-            if s["step"] > BLOWUP_AFTER and m > BLOWUP_FACTOR * lowest:
+            if use("loss_blowup") and (m > 2 * CHANCE_LOSS or (s["step"] > BLOWUP_AFTER and m > BLOWUP_FACTOR * lowest)):
                 first = (s["step"], "loss_blowup")
                 break
             lowest = min(lowest, m)
     base = None
-    has_fp16 = any(p.get("dtype") == "float16" for p in header.get("params", []))
+    params = header.get("params", [])
+    fp16 = {i for i, p in enumerate(params) if p.get("dtype") == "float16"}
     for r in logged:
-        u = r["overall"].get("underflow")
-        if u is None or not has_fp16:
+        # A layer the precision fallback moved computes in fp32 from then on:
+        # its values under 2^-24 are no longer lost, so it leaves the share.
+        for e in r["events"]:
+            if e["kind"] == "precision_fallback" and " moved " in e.get("message", ""):
+                layer = (e.get("param") or "").rsplit(".", 1)[0] + "."  # "1.weight": layer 1's parameters
+                fp16 -= {i for i, p in enumerate(params) if p.get("name", "").startswith(layer)}
+        if not fp16 or not use("underflow"):
             continue
-        u = num(u)
+        if r["shares"] and len(r["shares"]) == len(params):
+            n = sum(params[i]["numel"] for i in fp16)
+            u = sum(num(r["shares"][i]) * params[i]["numel"] for i in fp16) / n if n else math.nan
+        elif r["overall"].get("underflow") is not None:
+            u = num(r["overall"]["underflow"])
+        else:
+            continue
         if base is None:
             base = u
             continue
@@ -205,7 +235,8 @@ def run_example(args, name, example, flags, cap_steps=None):
 
 
 def size_flags(args, example, seed, epochs):
-    f = ["--seed", str(seed), "--batch", str(args.batch), "--epochs", str(epochs)]
+    batch = args.cnn_batch if example == "cnn" and args.cnn_batch else args.batch
+    f = ["--seed", str(seed), "--batch", str(batch), "--epochs", str(epochs)]
     if example == "mlp":
         f += ["--hidden", str(args.hidden)]
     return f
@@ -215,15 +246,28 @@ def plan(args):
     jobs = []  # (name, example, flags, cap, meta)
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.suite in ("all", "healthy"):
-        for example in ("mlp", "cnn"):
+        for example in args.examples.split(","):
             epochs = args.epochs if example == "mlp" else args.cnn_epochs
             for prec in ("fp16", "bf16", "fp32"):
-                for seed in seeds:
+                for seed in (seeds if example == "mlp" else [int(x) for x in args.cnn_seeds.split(",")]):
                     name = "healthy_%s_%s_s%d" % (example, prec, seed)
-                    jobs.append((name, example, ["--precision", prec] + size_flags(args, example, seed, epochs),
-                                 None, dict(kind="healthy", example=example, precision=prec, seed=seed)))
+                    flags = ["--precision", prec] + size_flags(args, example, seed, epochs)
+                    jobs.append((name, example, flags, args.cnn_steps if example == "cnn" else None,
+                                 dict(kind="healthy", example=example, precision=prec, seed=seed)))
+        if args.probe_lr > 0:
+            # A healthy fp16 run whose dynamic scale backs off at the start
+            # (the scaler's probing): AdamW at a larger lr, wider and larger
+            # batches. At the defaults its loss falls and it ends near the
+            # other runs' accuracy.
+            for seed in seeds:
+                name = "healthy_mlp-probe_fp16_s%d" % seed
+                flags = ["--precision", "fp16", "--lr", str(args.probe_lr), "--seed", str(seed), "--hidden",
+                         str(args.probe_hidden), "--batch", str(args.probe_batch), "--epochs", str(args.probe_epochs)]
+                jobs.append((name, "mlp", flags, None,
+                             dict(kind="healthy", example="mlp-probe", precision="fp16", seed=seed)))
     if args.suite in ("all", "failures"):
         fseeds = [int(s) for s in args.failure_seeds.split(",")]
+        vseeds = [int(s) for s in args.variant_seeds.split(",")] if args.variant_seeds else fseeds
         for sc in scenarios(args):
             if sc["cpu_only"] and args.device != "cpu":
                 print("skipped on %s (needs a CPU-only flag): %s" % (args.device, sc["name"]))
@@ -231,7 +275,7 @@ def plan(args):
             for seed in fseeds:
                 for variant, extra in (("plain", []), ("guard", ["--spike-guard", "on"]),
                                        ("fallback", ["--precision-fallback", "act"])):
-                    if variant != "plain" and not args.variants:
+                    if variant != "plain" and (not args.variants or seed not in vseeds):
                         continue
                     if variant == "fallback" and args.device != "cpu":
                         continue
@@ -253,7 +297,8 @@ def score(args, jobs):
             print("missing log: " + log)
             continue
         header, steps, logged = read_log(log)
-        fstep, fwhy = failure(header, steps, logged)
+        crit = by_name[meta["scenario"]]["fails"] if meta["kind"] == "failure" else None
+        fstep, fwhy = failure(header, steps, logged, crit)
         n = steps[-1]["step"] if steps else 0
         if meta["kind"] == "healthy":
             ev = events_of(logged)
@@ -345,9 +390,23 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--epochs", type=int, default=3, help="healthy MLP runs' epochs")
     p.add_argument("--cnn-epochs", type=int, default=1, help="healthy CNN runs' epochs")
+    p.add_argument("--cnn-seeds", default="0,1,2")
+    p.add_argument("--cnn-batch", type=int, default=0, help="the CNN's batch (0: --batch)")
+    p.add_argument("--cnn-steps", type=int, default=0, help="stop healthy CNN runs after this step (0: --cnn-epochs)")
+    p.add_argument("--examples", default="mlp,cnn", help="healthy runs of these examples")
+    p.add_argument("--probe-lr", type=float, default=1e-2, help="the probing healthy run's AdamW lr (0: none)")
+    p.add_argument("--probe-hidden", type=int, default=256)
+    p.add_argument("--probe-batch", type=int, default=256)
+    p.add_argument("--probe-epochs", type=int, default=2)
+    p.add_argument("--static-scale", type=float, default=1e-4, help="scenario (c)'s static loss scale")
+    p.add_argument("--adam-lr", type=float, default=0.3, help="scenario (d)'s lr")
     p.add_argument("--every", type=int, default=10, help="--monitor-every")
     p.add_argument("--lr-jump-step", type=int, default=200, help="scenario (a): the lr jumps after this step")
-    p.add_argument("--failure-cap", type=int, default=1200, help="induced runs stop here if they have not failed")
+    p.add_argument("--failure-cap", type=int, default=400, help="scenario (b) stops here")
+    p.add_argument("--after-cap", type=int, default=100,
+                   help="scenario (a) stops this many steps after the jump, (d) at this step")
+    p.add_argument("--underflow-cap", type=int, default=1200, help="scenario (c) stops here")
+    p.add_argument("--variant-seeds", default="", help="seeds of the guard / fallback variants (default: all)")
     p.add_argument("--horizon", type=float, default=1000, help="a forecast under this many steps is a warning")
     p.add_argument("--variants", type=int, default=1, help="1: also run each failure with the guard / fallback")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")

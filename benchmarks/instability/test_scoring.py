@@ -83,6 +83,29 @@ class Scoring(unittest.TestCase):
                   underflow={10: 0.3, 20: 0.45, 30: 0.52, 40: 0.54, 50: 0.7})
         self.assertEqual(ins.failure(*self.read()), (50, "underflow"))  # at 30 and 40 the rise is under 0.25
 
+    def test_a_layer_moved_to_fp32_leaves_the_underflow_share(self):
+        # Two layers of 100 elements each; layer 0's share is 0.9 throughout,
+        # layer 1's 0.1. Their mean, 0.5, would fail at step 20 (rise from
+        # 0.2 at step 10); once layer 0 moved (step 10) only layer 1 counts.
+        params = [{"name": "0.weight", "numel": 100, "dtype": "float16"},
+                  {"name": "1.weight", "numel": 100, "dtype": "float16"}]
+        recs = [{"type": "header", "scaling": "static", "every": 10, "params": params}]
+        for end, shares, events in ((10, [0.3, 0.1], [{"kind": "precision_fallback", "step": 10, "param": "0.weight",
+                                                       "message": "layer 0 (Linear) moved from float16 to float32"}]),
+                                    (20, [0.9, 0.1], []), (30, [0.9, 0.1], [])):
+            recs.append({"type": "log", "step": end,
+                         "steps": {"first": end - 9, "loss": [1.0] * 10, "scale": [1.0] * 10, "skipped": [0] * 10,
+                                   "grad_norm": [1.0] * 10, "nonfinite_params": [[]] * 10},
+                         "params": [{"underflow": u} for u in shares], "overall": {"underflow": sum(shares) / 2},
+                         "forecast": {}, "events": events})
+        with open(self.path, "w") as f:
+            f.write("\n".join(json.dumps(r) for r in recs) + "\n")
+        self.assertEqual(ins.failure(*self.read()), (None, None))
+        recs[1]["events"] = []  # not moved: the mean of 0.9 and 0.1 rose from 0.2 to 0.5
+        with open(self.path, "w") as f:
+            f.write("\n".join(json.dumps(r) for r in recs) + "\n")
+        self.assertEqual(ins.failure(*self.read()), (20, "underflow"))
+
     def test_the_first_warning_of_the_right_kind_after_the_induction(self):
         scales = [1024.0] * 100
         write_log(self.path, [1.0] * 100, scales,
