@@ -1016,6 +1016,39 @@ class Optimizer {
   /// True when state k of parameter i was created for the step under way.
   bool fresh_state(std::size_t i, std::size_t k) const { return (slots_[i].fresh_state >> k) & 1u; }
 
+  /// The chunked path's gradients: m stored values from off widened to
+  /// fp32, then unscaled and clipped as the fused loop does.
+  static void load_gradients(const TensorRef& grad, std::int64_t off, std::int64_t m, const GradTransform& t,
+                             float* g) {
+    cpu::load_float(grad, off, m, g);
+    if (t.inv_scale != 1.0f) {
+      for (std::int64_t k = 0; k < m; ++k) g[k] *= t.inv_scale;
+    }
+    if (t.clip_coef != 1.0f) {
+      for (std::int64_t k = 0; k < m; ++k) g[k] *= t.clip_coef;
+    }
+  }
+  /// The formula over one chunk of m elements (chunk[0] the masters, the
+  /// rest state) on 4-lane vectors and scalars, with parameter i's
+  /// precursor terms when they are on (chunk[v_array] the second moment).
+  template <std::size_t N, class Formula>
+  void formula_chunk(std::size_t i, float* const (&chunk)[N], const float* g, std::int64_t m, Formula& formula,
+                     int v_array) {
+    float before[kChunk];
+    if (precursors_ != nullptr) std::memcpy(before, chunk[0], static_cast<std::size_t>(m) * sizeof(float));
+    std::int64_t k = 0;
+#if MIXPREC_HAS_VECTOR_EXT
+    k = cpu::formula_lanes<simd::f32x4, N>(m, chunk, g, formula);
+#endif
+    for (; k < m; ++k) {
+      float v[N];
+      for (std::size_t a = 0; a < N; ++a) v[a] = chunk[a][k];
+      cpu::call_formula(formula, v, g[k], std::make_index_sequence<N>{});
+      for (std::size_t a = 0; a < N; ++a) chunk[a][k] = v[a];
+    }
+    if (precursors_ != nullptr) add_precursors(i, before, chunk[0], v_array > 0 ? chunk[v_array] : nullptr, g, m);
+  }
+
   /// One applied step of parameter i: for every element, the stored
   /// gradient is widened to fp32 and transformed by t, `formula` updates the
   /// fp32 arrays (arrays[0] is the master, the rest optimizer state) in
@@ -1033,7 +1066,6 @@ class Optimizer {
     Slot& s = slots_[i];
     const std::int64_t n = s.master.numel();
     std::int64_t done = 0;
-    float before[kChunk];
 #if MIXPREC_OPTIM_AVX2
     if (detail::cpu_has_avx2_f16c() && precursors_ == nullptr) {
       s.param.grad.visit([&](auto grad) {
@@ -1046,27 +1078,10 @@ class Optimizer {
     float g[kChunk];
     for (std::int64_t off = done; off < n; off += kChunk) {
       const std::int64_t m = std::min<std::int64_t>(kChunk, n - off);
-      cpu::load_float(s.param.grad, off, m, g);
-      if (t.inv_scale != 1.0f) {
-        for (std::int64_t k = 0; k < m; ++k) g[k] *= t.inv_scale;
-      }
-      if (t.clip_coef != 1.0f) {
-        for (std::int64_t k = 0; k < m; ++k) g[k] *= t.clip_coef;
-      }
+      load_gradients(s.param.grad, off, m, t, g);
       float* chunk[N];
       for (std::size_t a = 0; a < N; ++a) chunk[a] = arrays[a] + off;
-      if (precursors_ != nullptr) std::memcpy(before, chunk[0], static_cast<std::size_t>(m) * sizeof(float));
-      std::int64_t k = 0;
-#if MIXPREC_HAS_VECTOR_EXT
-      k = cpu::formula_lanes<simd::f32x4, N>(m, chunk, g, formula);
-#endif
-      for (; k < m; ++k) {
-        float v[N];
-        for (std::size_t a = 0; a < N; ++a) v[a] = chunk[a][k];
-        cpu::call_formula(formula, v, g[k], std::make_index_sequence<N>{});
-        for (std::size_t a = 0; a < N; ++a) chunk[a][k] = v[a];
-      }
-      if (precursors_ != nullptr) add_precursors(i, before, chunk[0], v_array > 0 ? chunk[v_array] : nullptr, g, m);
+      formula_chunk<N>(i, chunk, g, m, formula, v_array);
       s.param.weight.visit([&](auto w) {
         convert_n(s.master.data() + off, static_cast<std::size_t>(m), w.data() + off);
       });
@@ -1146,16 +1161,9 @@ class Optimizer {
     const std::uint64_t key = lean::rounding_key(layout.seed, i, static_cast<std::uint64_t>(s.step));
     float g[kChunk];
     float buf[N][kChunk];
-    float before[kChunk];
     for (std::int64_t off = 0; off < n; off += kChunk) {
       const std::int64_t m = std::min<std::int64_t>(kChunk, n - off);
-      cpu::load_float(s.param.grad, off, m, g);
-      if (t.inv_scale != 1.0f) {
-        for (std::int64_t k = 0; k < m; ++k) g[k] *= t.inv_scale;
-      }
-      if (t.clip_coef != 1.0f) {
-        for (std::int64_t k = 0; k < m; ++k) g[k] *= t.clip_coef;
-      }
+      load_gradients(s.param.grad, off, m, t, g);
       float* chunk[N];
       if (layout.master == Master::fp32) {
         chunk[0] = s.master.data() + off;
@@ -1178,18 +1186,7 @@ class Optimizer {
           chunk[a] = s.state[k].data() + off;
         }
       }
-      if (precursors_ != nullptr) std::memcpy(before, chunk[0], static_cast<std::size_t>(m) * sizeof(float));
-      std::int64_t k = 0;
-#if MIXPREC_HAS_VECTOR_EXT
-      k = cpu::formula_lanes<simd::f32x4, N>(m, chunk, g, formula);
-#endif
-      for (; k < m; ++k) {
-        float v[N];
-        for (std::size_t a = 0; a < N; ++a) v[a] = chunk[a][k];
-        cpu::call_formula(formula, v, g[k], std::make_index_sequence<N>{});
-        for (std::size_t a = 0; a < N; ++a) chunk[a][k] = v[a];
-      }
-      if (precursors_ != nullptr) add_precursors(i, before, chunk[0], v_array > 0 ? chunk[v_array] : nullptr, g, m);
+      formula_chunk<N>(i, chunk, g, m, formula, v_array);
       if (packed) {
         for (std::size_t a = 1; a < N; ++a) encode(i, static_cast<std::size_t>(states[a - 1]), off, m, buf[a]);
       }
