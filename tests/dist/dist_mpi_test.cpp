@@ -531,6 +531,14 @@ TEST(DistMpi, ZeroOneWithBf16MomentsEqualsDataParallelBitForBit) {
     ADD_FAILURE() << "no error";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("moments = 8bit"), std::string::npos) << e.what();
+  }  // A pre-pass (update clipping, LAMB) sums whole tensors: refused too.
+  optim::AdamWOptions clip = adamw_amsgrad();
+  clip.update_clipping = true;
+  try {
+    dist::ShardedOptimizer<optim::AdamW> zero(*g_comm, p.params(), clip);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("per-tensor sums"), std::string::npos) << e.what();
   }
 }
 

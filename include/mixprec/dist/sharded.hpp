@@ -15,6 +15,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -26,6 +27,7 @@
 #include "mixprec/dist/communicator.hpp"
 #include "mixprec/io/checkpoint.hpp"
 #include "mixprec/optim/optimizer.hpp"
+#include "mixprec/optim/family.hpp"
 #include "mixprec/optim/optimizer_base.hpp"
 #include "mixprec/optim/state_layout.hpp"
 #include "mixprec/tensor/tensor_view.hpp"
@@ -68,6 +70,31 @@ class ZeroOne {
                                io::CheckpointExtras* extras = nullptr) = 0;
 };
 
+namespace detail {
+// The rule of an optimizer of the family (none for others: no pre-pass known).
+template <class Opt>
+struct FamilyRule {};
+template <class Rule>
+struct FamilyRule<optim::Family<Rule>> {
+  using type = Rule;
+};
+template <class Opt, class = void>
+struct HasFamilyRule : std::false_type {};
+template <class Opt>
+struct HasFamilyRule<Opt, std::void_t<typename FamilyRule<Opt>::type>> : std::true_type {};
+// Whether these options make the step sum over whole tensors first.
+template <class Opt>
+bool needs_prepass(const typename Opt::options_type& o) {
+  if constexpr (HasFamilyRule<Opt>::value) {
+    using Rule = typename FamilyRule<Opt>::type;
+    using Kernel = typename Rule::Kernel;
+    if constexpr (optim::prepass_sums_v<Kernel> > 0) return Kernel::prepass(Rule::hyper(o, o.lr, 0)) != 0u;
+  }
+  (void)o;
+  return false;
+}
+}  // namespace detail
+
 /// ZeRO-1 for optimizer `Opt` (optim::AdamW, SGD, ...): the parameters,
 /// taken in order as one flat sequence of N elements, are cut into size()
 /// contiguous slices (ShardOptions::cut), and this rank's optimizer
@@ -104,6 +131,11 @@ class ShardedOptimizer final : public ZeroOne {
                   " communicator is on ", comm.device(), "; this version shards host parameters (MPI) only");
     MIXPREC_CHECK(cut_ == ShardOptions::Cut::parameters || cut_ == ShardOptions::Cut::elements,
                   "ShardedOptimizer: shard_options.cut = ", static_cast<int>(cut_), " is not a ShardOptions::Cut");
+    // A pre-pass (LAMB, update clipping) sums over whole tensors: on a slice
+    // it would sum the slice, and the run would not be the unsharded one.
+    MIXPREC_CHECK(!detail::needs_prepass<Opt>(options), "ShardedOptimizer: these options need per-tensor sums "
+                  "before the update (LAMB; AdamOptions::update_clipping), which a slice of a tensor cannot make; this "
+                  "version shards optimizers without a pre-pass");
     // Elementwise layouts shard as they are; the 8-bit code's blocks and the
     // stochastic rounding's numbers count elements of a parameter, which a
     // slice would renumber (the run would no longer be the unsharded one's).
