@@ -1046,7 +1046,12 @@ class Optimizer {
       cpu::call_formula(formula, v, g[k], std::make_index_sequence<N>{});
       for (std::size_t a = 0; a < N; ++a) chunk[a][k] = v[a];
     }
-    if (precursors_ != nullptr) add_precursors(i, before, chunk[0], v_array > 0 ? chunk[v_array] : nullptr, g, m);
+    if (precursors_ == nullptr) return;
+    const float* v = nullptr;
+    if constexpr (N > 1) {  // (with N = 1 GCC's -Warray-bounds sees chunk[v_array] even where it cannot run)
+      if (v_array > 0 && v_array < static_cast<int>(N)) v = chunk[v_array];
+    }
+    add_precursors(i, before, chunk[0], v, g, m);
   }
 
   /// One applied step of parameter i: for every element, the stored
