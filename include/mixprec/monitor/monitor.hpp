@@ -437,11 +437,7 @@ class Monitor {
   // bias-corrected (a skipped step: read from the moments).
   double eps_share_of(std::size_t i, const optim::SecondMoment& sm) const {
     const auto n = static_cast<std::size_t>(info_.params[i].numel);
-    float v_scale = 1.0f;
-    if (sm.beta2 > 0.0f) {
-      const double bc = 1.0 - std::pow(static_cast<double>(sm.beta2), static_cast<double>(opt_.step_count(i)));
-      if (bc > 0) v_scale = static_cast<float>(1.0 / bc);
-    }
+    const float v_scale = optim::v_hat_scale(sm.beta2, static_cast<double>(opt_.step_count(i)));
     const float eps2 = sm.eps * sm.eps;
     std::size_t count = 0;
     for (std::size_t k = 0; k < n; ++k) count += sm.v[k] * v_scale < eps2 ? 1 : 0;

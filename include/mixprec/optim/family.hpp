@@ -368,8 +368,7 @@ class Family : public OptimizerBase<Family<Rule>, typename Rule::Options> {
     const float eps = static_cast<float>(sm.eps), beta2 = static_cast<float>(sm.beta2);
     spec.state = sm.state;
     spec.eps2 = eps * eps;
-    const double bc = beta2 > 0.0f ? 1.0 - std::pow(static_cast<double>(beta2), step) : 1.0;
-    spec.v_scale = bc > 0 ? static_cast<float>(1.0 / bc) : 1.0f;
+    spec.v_scale = v_hat_scale(beta2, step);
   }
 
   unsigned fresh_of(std::size_t i) const {

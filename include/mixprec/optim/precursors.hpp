@@ -18,6 +18,16 @@ MIXPREC_NAMESPACE_BEGIN namespace optim {
 /// eps^2, [2] (m' - m)^2, [3] m^2, [4] count of |m' - m| < ulp(w) / 2.
 inline constexpr std::size_t kPrecursorSums = 5;
 
+/// The factor that bias-corrects a second moment at a step: float(1 / (1 -
+/// beta2^step)), 1 without correction (beta2 = 0) or where it is not
+/// positive. One definition for the eps share and the precursors, on the
+/// host and the device.
+MIXPREC_HOST_DEVICE inline float v_hat_scale(double beta2, double step) {
+  if (!(beta2 > 0.0)) return 1.0f;
+  const double bc = 1.0 - ::pow(beta2, step);
+  return bc > 0.0 ? static_cast<float>(1.0 / bc) : 1.0f;
+}
+
 /// The spacing of T's values just above |x| rounded to T.
 template <class T>
 MIXPREC_HOST_DEVICE inline double ulp_above(float x) {

@@ -121,12 +121,8 @@ __global__ void __launch_bounds__(monitor_threads)
   const int local = static_cast<int>(blockIdx.x) - map.first[p];
   const monitor::DeviceParamInfo info = params[p];
   const float* before = snapshot + info.snapshot_offset;
-  float v_scale = 1.0f;  // 1 / bias correction
-  if (info.v != nullptr && info.beta2 > 0.0f) {
-    const long long t = *info.step;
-    const double bc = 1.0 - pow(static_cast<double>(info.beta2), static_cast<double>(t));
-    v_scale = bc > 0 ? static_cast<float>(1.0 / bc) : 1.0f;
-  }
+  // 1 / bias correction (the host's definition, optim/precursors.hpp).
+  const float v_scale = info.v != nullptr ? optim::v_hat_scale(info.beta2, static_cast<double>(*info.step)) : 1.0f;
   const float eps2 = info.eps * info.eps;
   double a[3] = {0, 0, 0};  // update, weight, eps count
   const bool has_v = info.v != nullptr;

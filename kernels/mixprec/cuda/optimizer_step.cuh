@@ -129,8 +129,7 @@ __device__ inline PrecursorAcc precursor_acc(const ParamEntry& p, const C& c, do
   if (out == nullptr || p.v_state < 0 || !Kernel::uses(c, p.v_state)) return pa;
   pa.v_state = p.v_state;
   pa.eps2 = p.eps2;
-  const double bc = p.beta2 > 0 ? 1.0 - pow(p.beta2, static_cast<double>(*p.step + 1)) : 1.0;
-  pa.v_scale = bc > 0 ? static_cast<float>(1.0 / bc) : 1.0f;
+  pa.v_scale = optim::v_hat_scale(p.beta2, static_cast<double>(*p.step + 1));
   return pa;
 }
 
