@@ -4,12 +4,17 @@
 // biases) of fp16 weights and gradients with fp32 masters and state, at
 // 2^24, 2^27 and 2^30 parameters. Bytes per parameter: 2 (check) + 2
 // (gradient) + 8 (master) + 8 per state tensor + 2 (weight). Reports GB/s and
-// the fraction of a device-to-device copy measured in the same run. CUDA
-// events, manual time.
+// the fraction of a device-to-device copy measured in the same run.
+// BM_api_AdamW_layout: the host API step of AdamW on bf16 weights and
+// gradients for each lean state layout (optim::StateLayout), its bytes per
+// parameter counted from the layout. CUDA events, manual time.
 #include <benchmark/benchmark.h>
 
+#include <cstddef>
+#include <iterator>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gpu_bench.cuh"
@@ -21,10 +26,15 @@
 
 namespace {
 
+using mixprec::bfloat16;
 using mixprec::half;
 
 using mixprec::bench::BM_device_copy;
 using mixprec::bench::time_steps;
+
+// Bytes a step moves per parameter with 16-bit weights and gradients and
+// fp32 masters and state: see the file's first lines.
+double fp32_bytes_per_param(int state_tensors) { return 2 + 2 + 8 + 8.0 * state_tensors + 2; }
 
 template <class Hyper>
 void BM_step(benchmark::State& state, Hyper hyper, int state_tensors, double max_norm) {
@@ -77,7 +87,7 @@ void BM_step(benchmark::State& state, Hyper hyper, int state_tensors, double max
   };
   for (int i = 0; i < 3; ++i) step();
   time_steps(state, step);
-  const double bytes = (2 + 2 + 8 + 8.0 * state_tensors + 2) * static_cast<double>(n);
+  const double bytes = fp32_bytes_per_param(state_tensors) * static_cast<double>(n);
   state.counters["GBps"] = benchmark::Counter(bytes / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
@@ -103,11 +113,11 @@ void BM_RMSprop(benchmark::State& s) { BM_step(s, mixprec::cuda::RmspropHyper{},
 // device parameters and DeviceGradScaler (step + update), which launch the
 // kernels above through the DeviceBackend. The difference to BM_step is the
 // host API's own cost.
-template <class Opt>
-void BM_api(benchmark::State& state, const typename Opt::options_type& options, int state_tensors,
+template <class Opt, class W = half>
+void BM_api(benchmark::State& state, const typename Opt::options_type& options, double bytes_per_param,
             double max_norm) {
   const std::int64_t n = state.range(0);
-  std::vector<mixprec::Tensor<half>> weights, grads;
+  std::vector<mixprec::Tensor<W>> weights, grads;
   std::vector<mixprec::optim::Param> params;
   const std::vector<std::int64_t> sizes = mixprec::bench::model_tensor_sizes(n);
   weights.reserve(sizes.size());
@@ -131,18 +141,56 @@ void BM_api(benchmark::State& state, const typename Opt::options_type& options, 
   };
   for (int i = 0; i < 3; ++i) step();
   time_steps(state, step);
-  const double bytes = (2 + 2 + 8 + 8.0 * state_tensors + 2) * static_cast<double>(n);
+  const double bytes = bytes_per_param * static_cast<double>(n);
   state.counters["GBps"] = benchmark::Counter(bytes / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["Bpp"] = bytes_per_param;
 }
 
-void BM_api_AdamW(benchmark::State& s) { BM_api<mixprec::optim::AdamW>(s, {}, 2, 0); }
-void BM_api_AdamW_clip(benchmark::State& s) { BM_api<mixprec::optim::AdamW>(s, {}, 2, 1.0); }
+void BM_api_AdamW(benchmark::State& s) { BM_api<mixprec::optim::AdamW>(s, {}, fp32_bytes_per_param(2), 0); }
+void BM_api_AdamW_clip(benchmark::State& s) { BM_api<mixprec::optim::AdamW>(s, {}, fp32_bytes_per_param(2), 1.0); }
 void BM_api_SGD_momentum(benchmark::State& s) {
   mixprec::optim::SGDOptions o;
   o.momentum = 0.9;
-  BM_api<mixprec::optim::SGD>(s, o, 1, 0);
+  BM_api<mixprec::optim::SGD>(s, o, fp32_bytes_per_param(1), 0);
 }
-void BM_api_RMSprop(benchmark::State& s) { BM_api<mixprec::optim::RMSprop>(s, {}, 1, 0); }
+void BM_api_RMSprop(benchmark::State& s) { BM_api<mixprec::optim::RMSprop>(s, {}, fp32_bytes_per_param(1), 0); }
+
+// The lean layouts BM_api_AdamW_layout's second argument indexes.
+using mixprec::optim::Master;
+using mixprec::optim::Moments;
+constexpr std::pair<Moments, Master> kLayouts[] = {
+    {Moments::fp32, Master::fp32},      {Moments::bf16, Master::fp32},      {Moments::int8, Master::fp32},
+    {Moments::fp32, Master::remainder}, {Moments::fp32, Master::none},      {Moments::bf16, Master::remainder},
+    {Moments::bf16, Master::none},      {Moments::int8, Master::none},
+};
+
+// Bytes one AdamW step over bf16 weights and gradients moves per parameter
+// with `layout`, counted from what the kernels read and write: the
+// gradient twice (the scaler's finite check, then the step); the weight
+// written, and read too unless an fp32 master is its source; the fp32
+// master read and written, or the remainder (16 bits) and its tie bit read
+// and written; each of the two moments read and written at its size, the
+// 8-bit code with one float scale per lean::kBlock values.
+double adamw_bytes_per_param(const mixprec::optim::StateLayout& layout) {
+  const double gradient = 2 + 2;
+  const double weight = layout.master == Master::fp32 ? 2 : 2 + 2;
+  const double master = layout.master == Master::fp32        ? 4 + 4
+                        : layout.master == Master::remainder ? 2 * (2 + 1.0 / 8)
+                                                             : 0;
+  const double moment = layout.moments == Moments::fp32   ? 4
+                        : layout.moments == Moments::bf16 ? 2
+                                                          : 1 + 4.0 / mixprec::optim::lean::kBlock;
+  return gradient + weight + master + 2 * 2 * moment;
+}
+
+void BM_api_AdamW_layout(benchmark::State& s) {
+  const auto index = static_cast<std::size_t>(s.range(1));
+  mixprec::optim::AdamWOptions o;
+  o.layout.moments = kLayouts[index].first;
+  o.layout.master = kLayouts[index].second;
+  s.SetLabel(std::string("moments ") + to_string(o.layout.moments) + ", master " + to_string(o.layout.master));
+  BM_api<mixprec::optim::AdamW, bfloat16>(s, o, adamw_bytes_per_param(o.layout), 0);
+}
 
 #define MIXPREC_GPU_SIZES ->Arg(1 << 24)->Arg(1 << 27)->Arg(1 << 30)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20)
 BENCHMARK(BM_device_copy)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(50);
@@ -155,5 +203,12 @@ BENCHMARK(BM_api_AdamW) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_api_AdamW_clip) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_api_SGD_momentum) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_api_RMSprop) MIXPREC_GPU_SIZES;
+BENCHMARK(BM_api_AdamW_layout)
+    ->ArgsProduct({benchmark::CreateRange(1 << 22, 1 << 30, /*multi=*/4),
+                   benchmark::CreateDenseRange(0, static_cast<std::int64_t>(std::size(kLayouts)) - 1, /*step=*/1)})
+    ->ArgNames({"n", "layout"})
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond)
+    ->Iterations(20);
 
 }  // namespace
