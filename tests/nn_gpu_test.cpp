@@ -11,6 +11,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -155,6 +156,55 @@ TEST(NnGpu, Conv2dAndMaxPool2d) {
   pool_case<half>();
   pool_case<bfloat16>();
   pool_case<float>();
+}
+
+// The conv bias gradient against a float64 sum of dy, on shapes that split a
+// channel over several blocks of images (more than 8192 elements a channel):
+// 300 images of 16x16 (32 a block and a last block of 12; a thread a pixel),
+// 200 of 40x30 (34 blocks: a warp adds more than 32 partials) and 40 of 29x31
+// (a block's threads span image boundaries). A float sum's error bound,
+// loosely: 1e-7 of the sum of |dy|, plus the rounding of the result to T.
+template <class T>
+void conv_bias_case(std::int64_t n, std::int64_t h, std::int64_t w, std::int64_t pad) {
+  SCOPED_TRACE(std::string(dtype_traits<T>::name) + " n " + std::to_string(n) + " " + std::to_string(h) + "x" +
+               std::to_string(w) + " pad " + std::to_string(pad));
+  const std::int64_t c = 2, k = 3;
+  nn::Conv2d<T> gpu(c, k, 3, 1, pad, true, Device::cuda(0), 4);
+  Tensor<T> x({n, c, h, w});
+  fill_normal(x, 0, 1, 5);
+  const Shape out = gpu.output_shape(x.shape());
+  Tensor<T> dy(out);
+  fill_normal(dy, 0, 1, 6);
+  Tensor<T> gx = on_gpu(x), gdy = on_gpu(dy), gy(out, Device::cuda(0)), gdx(x.shape(), Device::cuda(0));
+  gpu.forward(gx.view(), gy.view(), {});
+  gpu.backward(gx.view(), gy.view(), gdy.view(), gdx.view(), {});
+  const std::vector<optim::Param> params = gpu.parameters("");
+  const auto bias = std::find_if(params.begin(), params.end(), [](const optim::Param& p) { return p.name == "bias"; });
+  ASSERT_NE(bias, params.end());
+  Tensor<T> db(Shape{k});
+  copy(bias->grad.template as<const T>("bias grad"), db);
+  const std::int64_t pq = out[2] * out[3];
+  const double rounding = std::is_same_v<T, float> ? 0x1p-24 : std::is_same_v<T, half> ? 0x1p-11 : 0x1p-8;
+  for (std::int64_t ch = 0; ch < k; ++ch) {
+    double sum = 0, magnitude = 0;
+    for (std::int64_t image = 0; image < n; ++image) {
+      for (std::int64_t pixel = 0; pixel < pq; ++pixel) {
+        const double v = to_float(dy.at((image * k + ch) * pq + pixel));
+        sum += v;
+        magnitude += std::fabs(v);
+      }
+    }
+    EXPECT_NEAR(to_float(db.at(ch)), sum, 1e-7 * magnitude + rounding * std::fabs(sum)) << "channel " << ch;
+  }
+}
+
+TEST(NnGpu, Conv2dBiasGradientSplitOverImages) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  conv_bias_case<float>(300, 16, 16, 1);
+  conv_bias_case<half>(300, 16, 16, 1);
+  conv_bias_case<bfloat16>(200, 40, 30, 1);
+  conv_bias_case<float>(200, 40, 30, 1);
+  conv_bias_case<float>(40, 31, 33, 0);
 }
 
 // Consecutive Linear layers in a Sequential fuse on the GPU: the second's

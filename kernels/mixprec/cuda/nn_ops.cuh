@@ -104,17 +104,39 @@ __global__ void mse_kernel(const T* y, const T* t, std::int64_t n, const float* 
   }
 }
 
-// The bias gradient of an NCHW convolution: db[k] = sum over n, p, q of
-// dy[n, k, p, q], one block per channel, in float, a fixed reduction order.
-// (cuDNN 9's cudnnConvolutionBackwardBias reports NOT_SUPPORTED here.)
+// The bias gradient of an NCHW convolution, db[c] = sum over n, p, q of
+// dy[n, c, p, q], in float and in a fixed order (cuDNN 9's
+// cudnnConvolutionBackwardBias reports NOT_SUPPORTED here). Two kernels:
+// block (c, s) sums channel c over images [s * per, (s + 1) * per) into
+// partials[c * splits + s]; then one warp per channel adds its partials. The
+// split depends on the shape alone (conv_bias_splits), so the bits do not
+// depend on the device. Each thread walks its (image, pixel) pairs by
+// increments: one division per thread, not one per element.
+inline std::int64_t conv_bias_images_per_split(std::int64_t n, std::int64_t pq) {
+  constexpr std::int64_t target = 8192;  // elements a block, about 16 KB of 16-bit data
+  const std::int64_t images = pq >= target ? 1 : target / pq;
+  return images < n ? images : (n > 0 ? n : 1);
+}
+
 template <class T>
-__global__ void conv_bias_grad_kernel(const T* dy, std::int64_t n, std::int64_t k, std::int64_t pq, T* db) {
+__global__ void conv_bias_partial_kernel(const T* dy, std::int64_t n, std::int64_t k, std::int64_t pq,
+                                         std::int64_t per_split, float* partials) {
   __shared__ float warp_sums[block_threads / 32];
-  const std::int64_t channel = blockIdx.x;
+  const std::int64_t channel = blockIdx.x, split = blockIdx.y;
+  const std::int64_t first = split * per_split;
+  const std::int64_t last = first + per_split < n ? first + per_split : n;
+  const std::int64_t count = (last - first) * pq;
+  const std::int64_t step_images = blockDim.x / pq, step_pixels = blockDim.x % pq;
+  std::int64_t image = first + threadIdx.x / pq, pixel = threadIdx.x % pq;
   float s = 0;
-  for (std::int64_t i = threadIdx.x; i < n * pq; i += blockDim.x) {
-    const std::int64_t image = i / pq, pixel = i % pq;
+  for (std::int64_t i = threadIdx.x; i < count; i += blockDim.x) {
     s += mixprec::to_float(dy[(image * k + channel) * pq + pixel]);
+    image += step_images;
+    pixel += step_pixels;
+    if (pixel >= pq) {
+      pixel -= pq;
+      ++image;
+    }
   }
   for (int o = 16; o > 0; o /= 2) s += __shfl_down_sync(0xffffffffu, s, o);
   if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = s;
@@ -122,16 +144,32 @@ __global__ void conv_bias_grad_kernel(const T* dy, std::int64_t n, std::int64_t 
   if (threadIdx.x == 0) {
     float total = 0;
     for (int w = 0; w < block_threads / 32; ++w) total += warp_sums[w];
-    db[channel] = mixprec::from_float<T>(total);
+    partials[channel * gridDim.y + split] = total;
   }
 }
 
-// *out = (sum of values, in order, in double) / divisor: one thread, so the
-// bits do not depend on scheduling.
+// One warp per channel: lane l adds partials l, l + 32, ... in order, then a
+// fixed shuffle tree.
+template <class T>
+__global__ void conv_bias_finish_kernel(const float* partials, std::int64_t k, std::int64_t splits, T* db) {
+  const std::int64_t channel = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  if (channel >= k) return;  // whole warps: blockDim is a multiple of 32
+  float s = 0;
+  for (std::int64_t i = lane; i < splits; i += 32) s += partials[channel * splits + i];
+  for (int o = 16; o > 0; o /= 2) s += __shfl_down_sync(0xffffffffu, s, o);
+  if (lane == 0) db[channel] = mixprec::from_float<T>(s);
+}
+
+// *out = (sum of values, in double) / divisor, by one warp: lane l adds
+// values l, l + 32, ... in order, then a fixed shuffle tree, so the bits do
+// not depend on scheduling (one thread adding 256 values took 12 us on an
+// H200).
 __global__ inline void mean_kernel(const float* values, std::int64_t n, double divisor, float* out) {
   double s = 0;
-  for (std::int64_t i = 0; i < n; ++i) s += values[i];
-  *out = static_cast<float>(s / divisor);
+  for (std::int64_t i = threadIdx.x; i < n; i += 32) s += values[i];
+  for (int o = 16; o > 0; o /= 2) s += __shfl_down_sync(0xffffffffu, s, o);
+  if (threadIdx.x == 0) *out = static_cast<float>(s / divisor);
 }
 
 // Block b copies batch row b: order[(*cursor * batch + b) % n] of rows, in
@@ -273,10 +311,19 @@ class NnOps final : public nn::DeviceOps {
     if (grad_bias) {
       nn_detail::with_type(dtype, [&](auto* tag) {
         using T = std::remove_pointer_t<decltype(tag)>;
-        nn_detail::conv_bias_grad_kernel<T><<<static_cast<unsigned>(s.k), block_threads, 0, stream>>>(
-            static_cast<const T*>(dy), s.n, s.k, s.p * s.q, static_cast<T*>(grad_bias));
+        const std::int64_t pq = s.p * s.q;
+        const std::int64_t per_split = nn_detail::conv_bias_images_per_split(s.n, pq);
+        const std::int64_t splits = (s.n + per_split - 1) / per_split;
+        float* partials = static_cast<float*>(scratch(static_cast<std::size_t>(s.k * splits) * sizeof(float), 3));
+        nn_detail::conv_bias_partial_kernel<T>
+            <<<dim3(static_cast<unsigned>(s.k), static_cast<unsigned>(splits)), block_threads, 0, stream>>>(
+                static_cast<const T*>(dy), s.n, s.k, pq, per_split, partials);
+        MIXPREC_CUDA_CHECK_LAUNCH("conv_bias_partial_kernel");
+        nn_detail::conv_bias_finish_kernel<T>
+            <<<static_cast<unsigned>((s.k * 32 + block_threads - 1) / block_threads), block_threads, 0, stream>>>(
+                partials, s.k, splits, static_cast<T*>(grad_bias));
       });
-      MIXPREC_CUDA_CHECK_LAUNCH("conv_bias_grad_kernel");
+      MIXPREC_CUDA_CHECK_LAUNCH("conv_bias_finish_kernel");
     }
     if (dx) {
       MIXPREC_CUDNN_CHECK(cudnnConvolutionBackwardData(cudnn_, &one, p.w, w, p.y, dy, p.conv, p.bwd_data,
@@ -420,7 +467,7 @@ class NnOps final : public nn::DeviceOps {
           static_cast<const T*>(logits), labels, batch, classes, scale, static_cast<T*>(dlogits), rows, bad_label);
     });
     MIXPREC_CUDA_CHECK_LAUNCH("softmax_xent_kernel");
-    nn_detail::mean_kernel<<<1, 1, 0, stream>>>(rows, batch, static_cast<double>(batch), loss);
+    nn_detail::mean_kernel<<<1, 32, 0, stream>>>(rows, batch, static_cast<double>(batch), loss);
     MIXPREC_CUDA_CHECK_LAUNCH("mean_kernel");
   }
 
@@ -434,7 +481,7 @@ class NnOps final : public nn::DeviceOps {
           static_cast<const T*>(y), static_cast<const T*>(target), n, scale, static_cast<T*>(dy), sums);
     });
     MIXPREC_CUDA_CHECK_LAUNCH("mse_kernel");
-    nn_detail::mean_kernel<<<1, 1, 0, stream>>>(sums, blocks, static_cast<double>(n), loss);
+    nn_detail::mean_kernel<<<1, 32, 0, stream>>>(sums, blocks, static_cast<double>(n), loss);
     MIXPREC_CUDA_CHECK_LAUNCH("mean_kernel");
   }
 
@@ -508,7 +555,7 @@ class NnOps final : public nn::DeviceOps {
   }
 
   // Device scratch of at least `bytes` (slot 0: activation gradients, slot
-  // 1: loss partials). Grows by allocating a bigger buffer (cudaMalloc: not
+  // 1: loss partials, 2: cuDNN's workspace, 3: conv bias partials). Grows by allocating a bigger buffer (cudaMalloc: not
   // inside a capture, so the first call of a shape runs eagerly); later
   // calls and graph replays reuse it, and an outgrown one is kept alive.
   void* scratch(std::size_t bytes, int slot = 0) {
@@ -698,7 +745,7 @@ class NnOps final : public nn::DeviceOps {
   static constexpr std::size_t kWorkspace = std::size_t{32} << 20;
   cublasLtHandle_t handle_ = nullptr;
   Buffer workspace_;
-  Buffer scratch_[3];
+  Buffer scratch_[4];
   std::vector<Buffer> retired_;  // outgrown scratch, kept for graphs that captured it
 #if MIXPREC_WITH_CUDNN
   cudnnHandle_t cudnn_ = nullptr;
