@@ -192,7 +192,9 @@ void BM_api_AdamW_layout(benchmark::State& s) {
   BM_api<mixprec::optim::AdamW, bfloat16>(s, o, adamw_bytes_per_param(o.layout), 0);
 }
 
-#define MIXPREC_GPU_SIZES ->Arg(1 << 24)->Arg(1 << 27)->Arg(1 << 30)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20)
+#define MIXPREC_GPU_SIZES \
+  ->Arg(1 << 21)->Arg(1 << 22)->Arg(1 << 24)->Arg(1 << 27)->Arg(1 << 30)->UseManualTime() \
+  ->Unit(benchmark::kMillisecond)->Iterations(20)
 BENCHMARK(BM_device_copy)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(50);
 BENCHMARK(BM_AdamW) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_AdamW_clip) MIXPREC_GPU_SIZES;

@@ -20,7 +20,6 @@ MIXPREC_NAMESPACE_BEGIN namespace monitor {
 struct DeviceParamInfo {
   const float* master = nullptr;        // the fp32 master weight
   std::int64_t numel = 0;
-  std::int64_t snapshot_offset = 0;     // where its copy starts in the snapshot (floats)
   const float* v = nullptr;             // second moment (null: none)
   const std::int64_t* step = nullptr;   // its step count (for bias correction)
   float eps = 0, beta2 = 0;             // SecondMoment
@@ -89,9 +88,8 @@ struct ReadbackLayout {
 class DeviceMonitorPlan {
  public:
   virtual ~DeviceMonitorPlan() = default;
-  /// Before a logged step's check pass: copies every master into the
-  /// snapshot and zeroes the histograms and sums. One launch.
-  virtual void snapshot(stream_t stream) = 0;
+  /// Before a logged step's check pass: zeroes the histograms. One launch.
+  virtual void begin_logged(stream_t stream) = 0;
   /// The precursor sums the logged step's update pass adds to
   /// (Optimizer::set_precursors; [param][kPrecursorSums], device memory),
   /// zeroed on `stream` by clear_precursors before the step.
@@ -103,7 +101,8 @@ class DeviceMonitorPlan {
   /// step's figures in ring slot (steps recorded) % every. One launch.
   virtual void record(const DeviceStepInputs& in, stream_t stream) = 0;
   /// After record() on a logged step: the parameters' sums (update, weight,
-  /// eps share), then the last block writes the read-back into pinned slot
+  /// eps share: the precursors where the step moved the masters, else read
+  /// from the masters and moments), then the last block writes the read-back into pinned slot
   /// (read-backs published) % slots of `pinned` and its seq last. One launch.
   virtual void publish(const DeviceStepInputs& in, void* pinned, int slots, stream_t stream) = 0;
   /// Whether `stream` is capturing a CUDA graph now.

@@ -101,7 +101,7 @@ struct MonitorOptions {
 /// The monitor holds references to the optimizer and scaler: they must
 /// outlive it, and keep the parameters they had (a group added to the
 /// optimizer afterwards is refused at the next step). Memory: a few KiB per
-/// parameter, and on a device one fp32 copy of the masters (the snapshot).
+/// parameter.
 class Monitor {
  public:
   Monitor(optim::Optimizer& opt, amp::GradScaler& scaler, const MonitorOptions& options = {})
@@ -178,7 +178,7 @@ class Monitor {
     const bool capturing = plan_->capturing(stream);
     const bool logged = logs_next();
     if (logged) {
-      plan_->snapshot(stream);
+      plan_->begin_logged(stream);
       opt_.set_grad_histogram(plan_->histogram());
       plan_->clear_precursors(stream);
       opt_.set_precursors(plan_->precursors());
@@ -360,7 +360,7 @@ class Monitor {
       for (std::size_t g = 0; g < opt.num_groups(); ++g) {
         MIXPREC_CHECK(opt.layout(g).master == optim::Master::fp32, "Monitor: group ", g, " of this ", opt.name(),
                       " keeps no fp32 master (StateLayout::master = ", optim::to_string(opt.layout(g).master),
-                      "); the device monitor snapshots fp32 masters: keep Master::fp32 to monitor it on ",
+                      "); the device monitor reads fp32 masters on skipped steps: keep Master::fp32 to monitor it on ",
                       opt.device());
       }
       layout_ = ReadbackLayout::of(options_.every, static_cast<int>(info_.params.size()));
@@ -454,17 +454,14 @@ class Monitor {
     MIXPREC_CHECK(plan_ == nullptr || !submitted_pending(), "Monitor: the optimizer's state buffers changed "
                   "while read-backs are in flight; call flush() first");
     std::vector<DeviceParamInfo> params(v.size());
-    std::int64_t off = 0;
     for (std::size_t i = 0; i < v.size(); ++i) {
       const optim::SecondMoment sm = opt_.second_moment(i);
       params[i].master = opt_.master(i).data();
       params[i].numel = opt_.master(i).numel();
-      params[i].snapshot_offset = off;
       params[i].v = sm.v;
       params[i].step = opt_.device_step_count(i);
       params[i].eps = sm.eps;
       params[i].beta2 = sm.beta2;
-      off += (params[i].numel + 3) / 4 * 4;
     }
     plan_ = device_kernels()->make_plan(params, options_.every, opt_.device());
     plan_v_ = std::move(v);

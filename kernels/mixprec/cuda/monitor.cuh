@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 // The instability monitor's kernels: a record of every step in a device
-// ring, and on a logged step a snapshot of the masters before the update,
-// the parameters' update and weight norms and eps share after it, and one
-// write of everything into pinned host memory. The exponent histograms come
+// ring, and on a logged step the parameters' update and weight norms and
+// eps share (from the update pass's precursor sums; a skipped step's from
+// its masters and moments), and one write of everything into pinned host
+// memory. The exponent histograms come
 // from the check pass (grad_check.cuh), which reads the gradients anyway.
 #pragma once
 
@@ -42,26 +43,10 @@ struct MonitorControl {
 
 inline __device__ bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
-__global__ void monitor_snapshot_kernel(const monitor::DeviceParamInfo* params, BlockMap map, float* snapshot,
-                                        unsigned long long* hist) {
-  const int p = map.param[blockIdx.x];
-  const int local = static_cast<int>(blockIdx.x) - map.first[p];
-  const monitor::DeviceParamInfo info = params[p];
-  float* dst = snapshot + info.snapshot_offset;
-  const std::int64_t stride = static_cast<std::int64_t>(map.count[p]) * blockDim.x;
-  const std::int64_t first = local * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
-  std::int64_t done = 0;
-  if (aligned16(dst) && aligned16(info.master)) {  // 16-byte copies
-    const std::int64_t vectors = info.numel / 4;
-    for (std::int64_t i = first; i < vectors; i += stride) {
-      reinterpret_cast<float4*>(dst)[i] = reinterpret_cast<const float4*>(info.master)[i];
-    }
-    done = vectors * 4;
-  }
-  for (std::int64_t i = done + first; i < info.numel; i += stride) dst[i] = info.master[i];
-  if (local == 0) {
-    for (int b = threadIdx.x; b < monitor_bins; b += blockDim.x) hist[p * monitor_bins + b] = 0;
-  }
+// Before a logged step's check pass: its histograms start at zero.
+__global__ void monitor_clear_kernel(unsigned long long* hist, std::int64_t n) {
+  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) hist[i] = 0;
 }
 
 __global__ void monitor_record_kernel(monitor::DeviceStepInputs in, MonitorControl* ctl, monitor::DeviceStep* ring,
@@ -98,52 +83,55 @@ __device__ inline void block_sum3(double (&a)[3], double (*shared)[3]) {
   }
 }
 
-// One element's update, weight and eps terms.
-__device__ inline void publish_terms(float w0, float w1, float v, bool has_v, float v_scale, float eps2,
-                                     double (&a)[3]) {
-  const float d = w1 - w0;
-  a[0] += static_cast<double>(d) * d;
-  a[1] += static_cast<double>(w0) * w0;
+// One element's weight and eps terms on a skipped step (its update is 0).
+__device__ inline void publish_terms(float w, float v, bool has_v, float v_scale, float eps2, double (&a)[3]) {
+  a[1] += static_cast<double>(w) * w;
   if (has_v) a[2] += (v * v_scale < eps2) ? 1.0 : 0.0;
 }
 
-// Blocks as BlockMap says. Each block sums its share of one parameter into its
-// partials; the last block to finish adds them up (in a fixed order, so the
-// figures do not depend on the order blocks ran in) and writes the read-back.
+// Blocks as BlockMap says. A step that moved the masters: the update pass
+// summed the update, weight and eps terms already (the precursors), and the
+// blocks have nothing to read. A skipped step (overflow or the spike guard)
+// moved nothing: each block sums its share of one parameter's weight and
+// eps terms into its partials. The last block to finish adds the partials
+// up (in a fixed order, so the figures do not depend on the order blocks ran
+// in), adds the precursors (zero where the update pass did not run) and
+// writes the read-back. (A step skipped for a non-finite lr alone leaves
+// both at zero: its update ratio reads NaN.)
 __global__ void __launch_bounds__(monitor_threads)
     monitor_publish_kernel(monitor::DeviceStepInputs in, const monitor::DeviceParamInfo* params, BlockMap map,
-                           const float* snapshot, const unsigned long long* hist,
-                           MonitorControl* ctl, const monitor::DeviceStep* ring, const int* ring_nonfinite,
-                           int every, int num_params, char* pinned, int slots, monitor::ReadbackLayout layout,
+                           const unsigned long long* hist, MonitorControl* ctl, const monitor::DeviceStep* ring,
+                           const int* ring_nonfinite, int every, int num_params, char* pinned, int slots, monitor::ReadbackLayout layout,
                            double* partials, const double* precursors) {
   __shared__ double partial[monitor_threads / 32][3];
   const int p = map.param[blockIdx.x];
   const int local = static_cast<int>(blockIdx.x) - map.first[p];
   const monitor::DeviceParamInfo info = params[p];
-  const float* before = snapshot + info.snapshot_offset;
   // 1 / bias correction (the host's definition, optim/precursors.hpp).
   const float v_scale = info.v != nullptr ? optim::v_hat_scale(info.beta2, static_cast<double>(*info.step)) : 1.0f;
   const float eps2 = info.eps * info.eps;
-  double a[3] = {0, 0, 0};  // update, weight, eps count
+  double a[3] = {0, 0, 0};  // update (0: nothing moved), weight, eps count
   const bool has_v = info.v != nullptr;
-  const std::int64_t stride = static_cast<std::int64_t>(map.count[p]) * blockDim.x;
-  const std::int64_t first = local * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
-  std::int64_t done = 0;
-  if (aligned16(before) && aligned16(info.master) && (!has_v || aligned16(info.v))) {  // 16-byte loads
-    const std::int64_t vectors = info.numel / 4;
-    for (std::int64_t i = first; i < vectors; i += stride) {
-      const float4 w0 = reinterpret_cast<const float4*>(before)[i];
-      const float4 w1 = reinterpret_cast<const float4*>(info.master)[i];
-      const float4 v = has_v ? reinterpret_cast<const float4*>(info.v)[i] : make_float4(0, 0, 0, 0);
-      publish_terms(w0.x, w1.x, v.x, has_v, v_scale, eps2, a);
-      publish_terms(w0.y, w1.y, v.y, has_v, v_scale, eps2, a);
-      publish_terms(w0.z, w1.z, v.z, has_v, v_scale, eps2, a);
-      publish_terms(w0.w, w1.w, v.w, has_v, v_scale, eps2, a);
+  const bool moved = *in.found_inf == 0 && (in.guard_skip == nullptr || *in.guard_skip == 0);
+  if (!moved) {
+    const std::int64_t stride = static_cast<std::int64_t>(map.count[p]) * blockDim.x;
+    const std::int64_t first = local * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+    std::int64_t done = 0;
+    if (aligned16(info.master) && (!has_v || aligned16(info.v))) {  // 16-byte loads
+      const std::int64_t vectors = info.numel / 4;
+      for (std::int64_t i = first; i < vectors; i += stride) {
+        const float4 w = reinterpret_cast<const float4*>(info.master)[i];
+        const float4 v = has_v ? reinterpret_cast<const float4*>(info.v)[i] : make_float4(0, 0, 0, 0);
+        publish_terms(w.x, v.x, has_v, v_scale, eps2, a);
+        publish_terms(w.y, v.y, has_v, v_scale, eps2, a);
+        publish_terms(w.z, v.z, has_v, v_scale, eps2, a);
+        publish_terms(w.w, v.w, has_v, v_scale, eps2, a);
+      }
+      done = vectors * 4;
     }
-    done = vectors * 4;
-  }
-  for (std::int64_t i = done + first; i < info.numel; i += stride) {
-    publish_terms(before[i], info.master[i], has_v ? info.v[i] : 0.0f, has_v, v_scale, eps2, a);
+    for (std::int64_t i = done + first; i < info.numel; i += stride) {
+      publish_terms(info.master[i], has_v ? info.v[i] : 0.0f, has_v, v_scale, eps2, a);
+    }
   }
   block_sum3(a, partial);
   if (threadIdx.x == 0) {  // this block's partials; the last block adds them up in a fixed order
@@ -179,11 +167,12 @@ __global__ void __launch_bounds__(monitor_threads)
     if (lane == 0) {
       monitor::DeviceParamSums s;
       s.grad_sum_squares = in.sum_squares[q];
-      s.update_sum_squares = t[0];
-      s.weight_sum_squares = t[1];
-      s.eps_count = t[2];
-      s.v_ratio_sum = __ldcg(precursors + static_cast<std::size_t>(q) * optim::kPrecursorSums);
-      s.lost_count = __ldcg(precursors + static_cast<std::size_t>(q) * optim::kPrecursorSums + 4);
+      const double* pre = precursors + static_cast<std::size_t>(q) * optim::kPrecursorSums;
+      s.update_sum_squares = t[0] + __ldcg(pre + 2);
+      s.weight_sum_squares = t[1] + __ldcg(pre + 3);
+      s.eps_count = t[2] + __ldcg(pre + 1);
+      s.v_ratio_sum = __ldcg(pre);
+      s.lost_count = __ldcg(pre + 4);
       s.nonfinite = in.nonfinite[q];
       s.has_v = params[q].v != nullptr;
       out_sums[q] = s;
@@ -212,10 +201,6 @@ class MonitorPlan final : public monitor::DeviceMonitorPlan {
       : device_(device), every_(every), num_params_(static_cast<int>(params.size())),
         layout_(monitor::ReadbackLayout::of(every, num_params_)) {
     mixprec::detail::DeviceGuard guard(device);
-    std::int64_t total = 0;
-    for (const auto& p : params) {
-      total = p.snapshot_offset + p.numel > total ? p.snapshot_offset + p.numel : total;
-    }
     // Blocks per parameter: one per 16 elements a thread, at least one, at
     // most two per multiprocessor (the loops stride beyond that).
     std::vector<int> block_param, first, count;
@@ -234,7 +219,6 @@ class MonitorPlan final : public monitor::DeviceMonitorPlan {
     map_ = Buffer(map_host.size() * sizeof(int), device);
     MIXPREC_CUDA_CHECK(cudaMemcpy(map_.data(), map_host.data(), map_.bytes(), cudaMemcpyHostToDevice));
     params_ = Buffer(params.size() * sizeof(monitor::DeviceParamInfo), device);
-    snapshot_ = Buffer(static_cast<std::size_t>(total > 0 ? total : 1) * sizeof(float), device);
     hist_ = Buffer(params.size() * detail::monitor_bins * sizeof(unsigned long long), device);
     control_ = Buffer(sizeof(detail::MonitorControl), device);
     ring_ = Buffer(static_cast<std::size_t>(every) * sizeof(monitor::DeviceStep), device);
@@ -248,12 +232,12 @@ class MonitorPlan final : public monitor::DeviceMonitorPlan {
     MIXPREC_CUDA_CHECK(cudaDeviceSynchronize());  // ready before any stream uses them
   }
 
-  void snapshot(stream_t stream) override {
+  void begin_logged(stream_t stream) override {
     mixprec::detail::DeviceGuard guard(device_);
-    detail::monitor_snapshot_kernel<<<blocks_, detail::monitor_threads, 0, stream>>>(
-        static_cast<const monitor::DeviceParamInfo*>(params_.data()), map(), static_cast<float*>(snapshot_.data()),
-        static_cast<unsigned long long*>(hist_.data()));
-    MIXPREC_CUDA_CHECK_LAUNCH("monitor_snapshot_kernel");
+    const std::int64_t n = static_cast<std::int64_t>(num_params_) * detail::monitor_bins;
+    detail::monitor_clear_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
+        static_cast<unsigned long long*>(hist_.data()), n);
+    MIXPREC_CUDA_CHECK_LAUNCH("monitor_clear_kernel");
   }
   std::uint64_t* histogram() override { return static_cast<std::uint64_t*>(hist_.data()); }
   double* precursors() override { return static_cast<double*>(precursors_.data()); }
@@ -273,8 +257,7 @@ class MonitorPlan final : public monitor::DeviceMonitorPlan {
   void publish(const monitor::DeviceStepInputs& in, void* pinned, int slots, stream_t stream) override {
     mixprec::detail::DeviceGuard guard(device_);
     detail::monitor_publish_kernel<<<blocks_, detail::monitor_threads, 0, stream>>>(
-        in, static_cast<const monitor::DeviceParamInfo*>(params_.data()), map(), static_cast<const float*>(snapshot_.data()),
-        static_cast<const unsigned long long*>(hist_.data()),
+        in, static_cast<const monitor::DeviceParamInfo*>(params_.data()), map(), static_cast<const unsigned long long*>(hist_.data()),
         control(), static_cast<const monitor::DeviceStep*>(ring_.data()), static_cast<const int*>(ring_nonfinite_.data()),
         every_, num_params_, static_cast<char*>(pinned), slots, layout_, static_cast<double*>(partials_.data()),
         static_cast<const double*>(precursors_.data()));
@@ -296,9 +279,9 @@ class MonitorPlan final : public monitor::DeviceMonitorPlan {
 
   Device device_;
   int every_, num_params_;
-  unsigned blocks_ = 0;  // of the snapshot and publish kernels (BlockMap)
+  unsigned blocks_ = 0;  // of the publish kernel (BlockMap)
   monitor::ReadbackLayout layout_;
-  Buffer params_, map_, snapshot_, hist_, control_, ring_, ring_nonfinite_, partials_, precursors_;
+  Buffer params_, map_, hist_, control_, ring_, ring_nonfinite_, partials_, precursors_;
 };
 
 class MonitorKernels final : public monitor::DeviceMonitorKernels {
