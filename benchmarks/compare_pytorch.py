@@ -16,12 +16,11 @@ median of 20 steps after 3 warm-up steps.
 """
 import argparse
 import json
-import statistics
 import subprocess
 
 import torch
 
-from model_list import tensor_list
+from model_list import median_ms, tensor_list
 
 
 
@@ -40,19 +39,10 @@ def torch_ms(make_opt, n, clip):
         scaler.step(opt)
         scaler.update()
 
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(20):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
+    ms = median_ms(torch, step, 20)
     del opt, params
     torch.cuda.empty_cache()
-    return statistics.median(times)
+    return ms
 
 
 def main():

@@ -23,11 +23,10 @@ import argparse
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 
-from model_list import tensor_list
+from model_list import median_ms, tensor_list
 
 TORCH_BYTES_PER_PARAM = 14  # bf16: gradient read (2), parameter read + write (4), two moments read + write (8)
 
@@ -41,21 +40,6 @@ def require_cuda_torch():
         sys.exit(f"compare_pytorch_lean.py: torch {torch.__version__} sees no CUDA device "
                  f"(torch.version.cuda = {torch.version.cuda})")
     return torch
-
-
-def median_ms(torch, run, replays):
-    """The median over `replays` of run()'s time on the current stream, after 3 warm-up calls."""
-    for _ in range(3):
-        run()
-    times = []
-    for _ in range(replays):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
 
 
 def torch_adamw_bf16_ms(torch, n, replays):

@@ -1,5 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The tensor list of the optimizer benchmarks (same as model_list.hpp)."""
+"""What the optimizer benchmarks' scripts share: the tensor list (same as
+model_list.hpp) and the CUDA-event timing."""
+import statistics
 
 
 def tensor_list(n):
@@ -11,3 +13,18 @@ def tensor_list(n):
         left -= size
         k += 1
     return sizes
+
+
+def median_ms(torch, run, replays):
+    """The median over `replays` of run()'s time on the current stream, after 3 warm-up calls."""
+    for _ in range(3):
+        run()
+    times = []
+    for _ in range(replays):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop))
+    return statistics.median(times)
