@@ -4,9 +4,14 @@
 // Runs on several GPUs are a separate issue.
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
 #include <vector>
 
 #include "../gpu_skip.hpp"
@@ -133,6 +138,54 @@ TEST(DistNccl, TheReductionCapturesInACudaGraph) {
   stream.synchronize();
   EXPECT_EQ(opt.step_count(0), 6);
   EXPECT_EQ(scaler.applied_steps(), 6);
+}
+
+// The watchdog over a device collective: the stream is held by a host
+// function that waits for the test, so the all-reduce queued behind it
+// cannot finish; the handler (the test's, instead of ending the process)
+// names it once the time-out has passed. Then the stream is let go. A
+// collective queued while the stream captures a graph is not watched.
+TEST(DistNccl, TheWatchdogNamesACollectiveThatDoesNotFinish) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  auto comm = one_rank();
+  std::mutex mutex;
+  std::vector<std::string> fired;
+  comm->set_timeout(std::chrono::milliseconds(300), [&](const std::string& what, double seconds) {
+    std::lock_guard<std::mutex> lock(mutex);
+    fired.push_back(what + (seconds >= 0.3 ? " (after the time-out)" : " (too early)"));
+  });
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  Tensor<float> t({1024}, Device::cuda(0));
+  // Finishes in time: nothing fires.
+  comm->all_reduce_sum(t, stream);
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  std::this_thread::sleep_for(std::chrono::milliseconds(600));
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    EXPECT_TRUE(fired.empty());
+  }
+  // Held: fires.
+  static std::atomic<bool> release{false};
+  release = false;
+  ASSERT_EQ(cudaLaunchHostFunc(
+                stream, [](void*) { while (!release.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1)); },
+                nullptr),
+            cudaSuccess);
+  comm->all_reduce_sum(t, stream);
+  const auto start = std::chrono::steady_clock::now();
+  bool seen = false;
+  while (!seen && std::chrono::steady_clock::now() - start < std::chrono::seconds(20)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    std::lock_guard<std::mutex> lock(mutex);
+    seen = !fired.empty();
+  }
+  release = true;
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  ASSERT_TRUE(seen) << "the watchdog did not fire within 20 s";
+  EXPECT_EQ(fired[0], "all_reduce_sum (after the time-out)");
+  comm->set_timeout(std::chrono::milliseconds(0));
+  ASSERT_EQ(cudaStreamDestroy(stream), cudaSuccess);
 }
 
 }  // namespace

@@ -5,17 +5,22 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "mixprec/core/device.hpp"
 #include "mixprec/core/dtype.hpp"
 #include "mixprec/core/error.hpp"
+#include "mixprec/dist/watchdog.hpp"
 #include "mixprec/tensor/tensor_ref.hpp"
 #include "mixprec/core/config.hpp"
 
@@ -164,7 +169,74 @@ class Communicator {
   /// go on calls, so that no other rank waits for it forever.
   [[noreturn]] virtual void abort(int code) noexcept = 0;
 
+  /// The exit status of a rank whose watchdog ended it (sysexits.h's
+  /// EX_TEMPFAIL; not 124, which `timeout` gives a command it stopped).
+  static constexpr int kTimeoutExit = 75;
+
+  /// A time-out on every collective from now on (0: none, the default; MPI
+  /// and NCCL have none of their own). A watchdog thread (dist/watchdog.hpp)
+  /// watches each collective: the host call of a host communicator, the
+  /// stream's progress past a device collective (an event recorded after
+  /// it; not inside a CUDA graph capture: watch a replay with
+  /// watch_stream). One that has not finished after `timeout` makes this
+  /// rank print "mixprec: <backend> rank R of W: <collective> has not
+  /// finished after ..." and end (NCCL: ncclCommAbort first) with
+  /// kTimeoutExit; mpirun then ends the other ranks. Device communicators
+  /// also end on an error the engine reports asynchronously. `on_expiry`
+  /// replaces the message and the exit (tests; a trainer that saves
+  /// something first must still end the process). Choose the time-out far
+  /// above the slowest collective: a slow rank is ended like a hung one.
+  void set_timeout(std::chrono::milliseconds timeout, Watchdog::Expired on_expiry = {}) {
+    MIXPREC_CHECK(timeout.count() >= 0, backend(), " set_timeout: timeout = ", timeout.count(),
+                  " ms, must be >= 0 (0: none)");
+    watchdog_.reset();
+    if (timeout.count() == 0) return;
+    if (!on_expiry) {
+      on_expiry = [this, timeout](const std::string& what, double seconds) {
+        print_expiry(backend(), rank(), size(), what, seconds, timeout);
+        timed_out();
+      };
+    }
+    watchdog_ = std::make_unique<Watchdog>(timeout, std::move(on_expiry), health());
+  }
+  /// The time-out set_timeout() set (0: none).
+  std::chrono::milliseconds timeout() const {
+    return watchdog_ ? watchdog_->timeout() : std::chrono::milliseconds(0);
+  }
+
  protected:
+  /// Called on the watchdog's thread when it fires (default handler): end
+  /// this process now. A backend may release its engine first; it must not
+  /// call into the engine from this thread otherwise (MPI is initialised
+  /// for one thread at a time).
+  [[noreturn]] virtual void timed_out() noexcept { std::_Exit(kTimeoutExit); }
+  /// An error the engine reports asynchronously, polled by the watchdog
+  /// (empty: none); none by default.
+  virtual Watchdog::Health health() { return {}; }
+  /// Backends call it first in their destructor: the watchdog's thread
+  /// calls into the backend.
+  void stop_watchdog() { watchdog_.reset(); }
+  Watchdog* watchdog() { return watchdog_.get(); }
+
+  /// A blocking collective under the watchdog: watched from construction
+  /// to destruction (nothing without a time-out).
+  class Watched {
+   public:
+    Watched(Watchdog* w, const char* what) {
+      if (w == nullptr) return;
+      done_ = std::make_shared<std::atomic<bool>>(false);
+      w->watch(what, [d = done_] { return d->load(); });
+    }
+    ~Watched() {
+      if (done_) done_->store(true);
+    }
+    Watched(const Watched&) = delete;
+    Watched& operator=(const Watched&) = delete;
+
+   private:
+    std::shared_ptr<std::atomic<bool>> done_;
+  };
+
   void check_reducible(const TensorRef& t, const char* what) const {
     MIXPREC_CHECK(t.device() == device(), backend(), " ", what, ": the tensor is on ", t.device(),
                   ", this communicator reduces tensors on ", device());
@@ -189,6 +261,9 @@ class Communicator {
                     " > bounds[", k + 1, "] = ", bounds[k + 1], "; they must not decrease");
     }
   }
+
+ private:
+  std::unique_ptr<Watchdog> watchdog_;  // set_timeout(); null: no time-out
 };
 
 /// One rank: every collective is the identity. For single-process runs of

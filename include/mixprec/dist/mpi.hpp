@@ -77,7 +77,8 @@ void sum_in_rank_order(const unsigned char* in, std::size_t stride, int ranks, T
 /// and receives 2 (W - 1) / W times the tensor's bytes, as a ring
 /// all-reduce does; the 16-bit values travel as 16 bits either way.
 ///
-/// Failure: MPI has no timeouts. A rank that throws past its
+/// Failure: MPI has no timeouts (set_timeout() adds a watchdog that ends a
+/// rank whose collective does not finish in time). A rank that throws past its
 /// MpiCommunicator (the destructor runs during the unwinding) calls
 /// MPI_Abort, and mpirun ends every rank with that rank's error; a rank
 /// that exits without finalising is noticed by mpirun, which ends the job.
@@ -112,6 +113,7 @@ class MpiCommunicator final : public Communicator {
   /// Never throws. During an exception's unwinding, aborts the job (the
   /// other ranks would wait for this one in their next collective).
   ~MpiCommunicator() override {
+    stop_watchdog();
     if (std::uncaught_exceptions() > uncaught_) abort(1);
     int finalised = 0;
     MPI_Finalized(&finalised);
@@ -132,6 +134,7 @@ class MpiCommunicator final : public Communicator {
 
   void all_reduce_sum(const TensorRef& t, stream_t = nullptr) override {
     check_reducible(t, "all_reduce_sum");
+    const Watched watched(watchdog(), "all_reduce_sum");
     const std::vector<TensorRef> ts{t};
     const std::vector<std::int64_t> bounds = even_bounds(t.numel(), size_);
     exchange(ts, bounds, true, true);
@@ -140,17 +143,20 @@ class MpiCommunicator final : public Communicator {
   void reduce_scatter_sum(const std::vector<TensorRef>& ts, const std::vector<std::int64_t>& bounds,
                           stream_t = nullptr) override {
     check_slices(ts, bounds, "reduce_scatter_sum");
+    const Watched watched(watchdog(), "reduce_scatter_sum");
     exchange(ts, bounds, true, false);
   }
 
   void all_gather_slices(const std::vector<TensorRef>& ts, const std::vector<std::int64_t>& bounds,
                          stream_t = nullptr) override {
     check_slices(ts, bounds, "all_gather_slices");
+    const Watched watched(watchdog(), "all_gather_slices");
     exchange(ts, bounds, false, true);
   }
 
   void broadcast(void* data, std::size_t bytes, int root, stream_t = nullptr) override {
     MIXPREC_CHECK(root >= 0 && root < size_, "mpi broadcast: root = ", root, ", there are ", size_, " ranks");
+    const Watched watched(watchdog(), "broadcast");
     constexpr std::size_t piece = std::size_t{1} << 30;
     for (std::size_t at = 0; at < bytes; at += piece) {
       check(MPI_Bcast(static_cast<char*>(data) + at, static_cast<int>(std::min(piece, bytes - at)), MPI_BYTE, root,
@@ -172,11 +178,15 @@ class MpiCommunicator final : public Communicator {
       displs[r] = static_cast<int>(at);
       at += bytes[r];
     }
+    const Watched watched(watchdog(), "all_gather");
     check(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, data, counts.data(), displs.data(), MPI_BYTE, comm_),
           "MPI_Allgatherv (all_gather)");
   }
 
-  void barrier() override { check(MPI_Barrier(comm_), "MPI_Barrier"); }
+  void barrier() override {
+    const Watched watched(watchdog(), "barrier");
+    check(MPI_Barrier(comm_), "MPI_Barrier");
+  }
 
   [[noreturn]] void abort(int code) noexcept override {
     MPI_Abort(comm_ != MPI_COMM_NULL ? comm_ : MPI_COMM_WORLD, code);

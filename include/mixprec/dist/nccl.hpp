@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <exception>
+#include <memory>
 #include <string>
 
 #include "mixprec/core/cuda_check.hpp"
@@ -34,7 +35,10 @@ MIXPREC_NAMESPACE_BEGIN namespace dist {
 ///
 /// Failure: abort() calls ncclCommAbort and ends the process; the
 /// destructor does so when an exception is unwinding past it. NCCL has no
-/// time-out of its own on a collective (see docs/distributed.md).
+/// time-out of its own on a collective: set_timeout() adds a watchdog that
+/// watches an event recorded after each collective (outside graph
+/// captures; watch_stream() for a replay) and NCCL's asynchronous errors,
+/// and ends the rank (ncclCommAbort first) when one fires.
 class NcclCommunicator final : public Communicator {
  public:
   /// A unique id for a new communicator (on one rank only).
@@ -60,6 +64,7 @@ class NcclCommunicator final : public Communicator {
   }
 
   ~NcclCommunicator() override {
+    stop_watchdog();
     if (comm_ == nullptr) return;
     if (std::uncaught_exceptions() > uncaught_) abort(1);
     (void)ncclCommDestroy(comm_);
@@ -84,6 +89,7 @@ class NcclCommunicator final : public Communicator {
     check(ncclAllReduce(p, p, static_cast<std::size_t>(t.numel()), type, ncclSum, comm_,
                         reinterpret_cast<cudaStream_t>(stream)),
           "ncclAllReduce (all_reduce_sum)");
+    watch_stream(stream, "all_reduce_sum");
   }
 
   void broadcast(void* data, std::size_t bytes, int root, stream_t stream = nullptr) override {
@@ -91,11 +97,13 @@ class NcclCommunicator final : public Communicator {
     mixprec::detail::DeviceGuard guard(device_);
     check(ncclBroadcast(data, data, bytes, ncclUint8, root, comm_, reinterpret_cast<cudaStream_t>(stream)),
           "ncclBroadcast");
+    watch_stream(stream, "broadcast");
   }
 
   /// An all-reduce of one int on the default stream, then a wait for it:
   /// every rank has queued everything before its barrier() by then.
   void barrier() override {
+    const Watched watched(watchdog(), "barrier");
     mixprec::detail::DeviceGuard guard(device_);
     int* one = nullptr;
     MIXPREC_CUDA_CHECK(cudaMalloc(&one, sizeof(int)));
@@ -109,6 +117,38 @@ class NcclCommunicator final : public Communicator {
   [[noreturn]] void abort(int code) noexcept override {
     if (comm_ != nullptr) (void)ncclCommAbort(comm_);
     std::_Exit(code);
+  }
+
+  /// Under set_timeout(): the work queued on `stream` so far must finish
+  /// within the time-out (an event recorded now, watched). For a replayed
+  /// CUDA graph, whose collectives were captured unwatched: call it after
+  /// each replay. Nothing without a time-out, or while `stream` captures.
+  void watch_stream(stream_t stream, const char* what) {
+    Watchdog* w = watchdog();
+    if (w == nullptr) return;
+    const auto s = reinterpret_cast<cudaStream_t>(stream);
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    MIXPREC_CUDA_CHECK(cudaStreamIsCapturing(s, &status));
+    if (status != cudaStreamCaptureStatusNone) return;
+    mixprec::detail::DeviceGuard guard(device_);
+    cudaEvent_t event = nullptr;
+    MIXPREC_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+    const std::shared_ptr<CUevent_st> owned(event, [](cudaEvent_t e) { (void)cudaEventDestroy(e); });
+    MIXPREC_CUDA_CHECK(cudaEventRecord(event, s));
+    w->watch(what, [owned] { return cudaEventQuery(owned.get()) != cudaErrorNotReady; });
+  }
+
+ protected:
+  [[noreturn]] void timed_out() noexcept override {
+    if (comm_ != nullptr) (void)ncclCommAbort(comm_);  // NCCL's way to stop a communicator from another thread
+    std::_Exit(kTimeoutExit);
+  }
+  Watchdog::Health health() override {
+    return [this]() -> std::string {
+      ncclResult_t e = ncclSuccess;
+      if (ncclCommGetAsyncError(comm_, &e) != ncclSuccess || e == ncclSuccess || e == ncclInProgress) return {};
+      return std::string("NCCL reported an asynchronous error: ") + ncclGetErrorString(e);
+    };
   }
 
  private:
