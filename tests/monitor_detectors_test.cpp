@@ -59,6 +59,17 @@ Histogram hist(std::int64_t n, double under) {
   return h;
 }
 
+// An underflowing gradient: round(n * lost) exact zeros (values that fell
+// under 2^-24), the rest at 2^-20, in the subnormal band they shrank
+// through.
+Histogram draining(std::int64_t n, double lost) {
+  Histogram h = hist(n, lost);
+  const std::uint64_t kept = h[static_cast<std::size_t>(Bins::of(0.03125f))];
+  h[static_cast<std::size_t>(Bins::of(0.03125f))] = 0;
+  h[static_cast<std::size_t>(Bins::of(std::ldexp(1.0f, -20)))] = kept;
+  return h;
+}
+
 StepSample sample(std::int64_t step, double loss, double scale = 65536, double grad_norm = 1.0) {
   StepSample s;
   s.step = step;
@@ -439,7 +450,7 @@ TEST(Detectors, ScaleOfOneDoesNotFire) {
 TEST(Detectors, UnderflowShare04FiresNamingTheParameter) {
   Feed run;
   run.steps(1, 10, [](std::int64_t s) { return sample(s, 2.0); });
-  run.params[0].hist = hist(5000, 0.4);
+  run.params[0].hist = draining(5000, 0.4);
   run.steps(11, 20, [](std::int64_t s) { return sample(s, 2.0); });
   ASSERT_EQ(run.events.size(), 1u) << describe(run.events);
   const Event& e = run.events[0];
@@ -454,8 +465,8 @@ TEST(Detectors, UnderflowShare04FiresNamingTheParameter) {
 
 TEST(Detectors, UnderflowShare01DoesNotFire) {
   Feed run;
-  run.params[0].hist = hist(5000, 0.1);
-  run.params[2].hist = hist(2000, 0.1);
+  run.params[0].hist = draining(5000, 0.1);
+  run.params[2].hist = draining(2000, 0.1);
   run.steps(1, 50, [](std::int64_t s) { return sample(s, 2.0); });
   EXPECT_TRUE(run.events.empty()) << describe(run.events);
 }
@@ -465,10 +476,10 @@ TEST(Detectors, UnderflowShare01DoesNotFire) {
 // model's share is under it.
 TEST(Detectors, UnderflowPerParameterNeedsASizeableParameter) {
   Feed run;
-  run.params[1].hist = hist(100, 0.9);
+  run.params[1].hist = draining(100, 0.9);
   run.steps(1, 20, [](std::int64_t s) { return sample(s, 2.0); });
   EXPECT_TRUE(run.events.empty()) << describe(run.events);
-  run.params[2].hist = hist(2000, 0.5);  // model: (90 + 1000) / 7100 = 0.15
+  run.params[2].hist = draining(2000, 0.5);  // model: (90 + 1000) / 7100 = 0.15
   run.steps(21, 30, [](std::int64_t s) { return sample(s, 2.0); });
   ASSERT_EQ(run.events.size(), 1u) << describe(run.events);
   EXPECT_EQ(run.events[0].param, "fc2.weight");
@@ -479,13 +490,13 @@ TEST(Detectors, UnderflowPerParameterNeedsASizeableParameter) {
 // (1200 + 100 + 480) / 7100 = 0.2507, up from 0.05 at the first record.
 TEST(Detectors, UnderflowOfTheWholeModelHasNoParameter) {
   Feed run;
-  run.params[0].hist = hist(5000, 0.05);
-  run.params[1].hist = hist(100, 0.05);
-  run.params[2].hist = hist(2000, 0.05);
+  run.params[0].hist = draining(5000, 0.05);
+  run.params[1].hist = draining(100, 0.05);
+  run.params[2].hist = draining(2000, 0.05);
   run.steps(1, 10, [](std::int64_t s) { return sample(s, 2.0); });
-  run.params[0].hist = hist(5000, 0.24);
-  run.params[1].hist = hist(100, 1.0);
-  run.params[2].hist = hist(2000, 0.24);
+  run.params[0].hist = draining(5000, 0.24);
+  run.params[1].hist = draining(100, 1.0);
+  run.params[2].hist = draining(2000, 0.24);
   run.steps(11, 20, [](std::int64_t s) { return sample(s, 2.0); });
   ASSERT_EQ(run.events.size(), 1u) << describe(run.events);
   EXPECT_EQ(run.events[0].param, "");
@@ -498,28 +509,140 @@ TEST(Detectors, UnderflowOfTheWholeModelHasNoParameter) {
 // underflow; the same share reached by a climb of 0.15 or more is.
 TEST(Detectors, UnderflowNeedsTheShareToRise) {
   Feed flat;
-  flat.params[0].hist = hist(5000, 0.4);
+  flat.params[0].hist = draining(5000, 0.4);
   flat.steps(1, 200, [](std::int64_t s) { return sample(s, 2.0); });
   EXPECT_TRUE(flat.events.empty()) << describe(flat.events);
   Feed small_rise;
-  small_rise.params[0].hist = hist(5000, 0.2);
+  small_rise.params[0].hist = draining(5000, 0.2);
   small_rise.steps(1, 10, [](std::int64_t s) { return sample(s, 2.0); });
-  small_rise.params[0].hist = hist(5000, 0.34);
+  small_rise.params[0].hist = draining(5000, 0.34);
   small_rise.steps(11, 100, [](std::int64_t s) { return sample(s, 2.0); });
   EXPECT_TRUE(small_rise.events.empty()) << describe(small_rise.events);
   Feed climb;
-  climb.params[0].hist = hist(5000, 0.2);
+  climb.params[0].hist = draining(5000, 0.2);
   climb.steps(1, 10, [](std::int64_t s) { return sample(s, 2.0); });
-  climb.params[0].hist = hist(5000, 0.36);
+  climb.params[0].hist = draining(5000, 0.36);
   climb.steps(11, 20, [](std::int64_t s) { return sample(s, 2.0); });
   ASSERT_EQ(climb.events.size(), 1u) << describe(climb.events);
   EXPECT_EQ(climb.events[0].param, "fc1.weight");
 }
 
+// Magnitudes spread evenly (in log2) over the binades [2^lo, 2^hi), as an
+// fp16 gradient stores them: what lies under 2^-24 is 0. `zeros` more
+// elements are exact zeros from the start. Returns the histogram of n
+// elements.
+Histogram spread_fp16(std::int64_t n, std::int64_t zeros, int lo, int hi) {
+  Histogram h{};
+  h[Bins::zero] = static_cast<std::uint64_t>(zeros);
+  const std::int64_t rest = n - zeros;
+  const int binades = hi - lo;
+  for (int e = lo; e < hi; ++e) {
+    // the last binade takes the remainder, so the counts sum to n
+    const std::int64_t c = e + 1 < hi ? rest / binades : rest - (rest / binades) * (binades - 1);
+    if (e < -24) {
+      h[Bins::zero] += static_cast<std::uint64_t>(c);
+    } else {
+      h[static_cast<std::size_t>(Bins::of(std::ldexp(1.0f, e)))] += static_cast<std::uint64_t>(c);
+    }
+  }
+  return h;
+}
+
+// ReLU units dying: the weight gradients' exact zeros climb from 20% to
+// 85% (the rows and columns of dead units), while what is left stays where
+// it was, far above 2^-24, with 1% subnormal (a record of the MLP at AdamW
+// lr 1e-2 had 84% zeros, 0.7% subnormal). The lost share rises well past
+// 0.25 and by more than 0.15, but nothing is shrinking through the
+// subnormals: no underflow, per parameter or over the model.
+TEST(Detectors, UnderflowIgnoresDeadUnitsZeros) {
+  Feed run;
+  const std::int64_t n0 = run.info.params[0].numel, n2 = run.info.params[2].numel;
+  for (int k = 0; k <= 13; ++k) {
+    const double zeros = 0.20 + 0.05 * k;  // 0.20 .. 0.85
+    for (std::size_t i : {std::size_t{0}, std::size_t{2}}) {
+      const std::int64_t n = i == 0 ? n0 : n2;
+      Histogram h = spread_fp16(n, std::llround(zeros * static_cast<double>(n)), -12, 2);
+      // move 1% of all elements from the lowest normal binade to 2^-16
+      const auto sub = static_cast<std::uint64_t>(n / 100);
+      h[static_cast<std::size_t>(Bins::of(std::ldexp(1.0f, -12)))] -= sub;
+      h[static_cast<std::size_t>(Bins::of(std::ldexp(1.0f, -16)))] += sub;
+      run.params[i].hist = h;
+    }
+    run.steps(10 * k + 1, 10 * k + 10, [](std::int64_t s) { return sample(s, 2.0); });
+  }
+  const Fp16Shares last = fp16_shares(run.params[0].hist);
+  ASSERT_GT(last.underflow, 0.8);
+  ASSERT_NEAR(last.subnormal, 0.01, 1e-3);
+  EXPECT_TRUE(run.of(EventKind::underflow).empty()) << describe(run.events);
+}
+
+// Gradients shrinking as the loss falls (a static scale): every record the
+// magnitudes, spread over 12 binades, move 2 binades down, so the values
+// that fall under 2^-24 go to 0 after passing through the subnormals; 5%
+// are exact zeros throughout. The event comes at the first record whose
+// lost share is at least 0.25 and 0.15 above its lowest (step 80: 4 of 12
+// binades lost, 0.37), before half is lost (step 90, the failure
+// benchmarks/instability scores).
+TEST(Detectors, UnderflowFiresOnGradientsShrinkingThroughTheSubnormals) {
+  Feed run;
+  const std::int64_t n = run.info.params[0].numel;
+  const std::int64_t zeros = n / 20;
+  std::int64_t fires_at = -1, fails_at = -1;
+  double lowest = 1;
+  for (int k = 0; k < 12; ++k) {
+    const int lo = -14 - 2 * k;
+    run.params[0].hist = spread_fp16(n, zeros, lo, lo + 12);
+    run.params[2].hist = spread_fp16(run.info.params[2].numel, 0, lo, lo + 12);
+    const std::int64_t step = 10 * k + 10;
+    const double lost = fp16_shares(run.params[0].hist).underflow;
+    lowest = std::min(lowest, lost);
+    if (fires_at < 0 && lost >= 0.25 && lost - lowest >= 0.15) fires_at = step;
+    if (fails_at < 0 && lost >= 0.5) fails_at = step;
+    run.steps(step - 9, step, [](std::int64_t s) { return sample(s, 2.0); });
+  }
+  ASSERT_GT(fires_at, 0);
+  ASSERT_GT(fails_at, 0);
+  const std::vector<Event> under = run.of(EventKind::underflow);
+  ASSERT_FALSE(under.empty()) << describe(run.events);
+  EXPECT_EQ(under[0].step, fires_at) << describe(run.events);
+  EXPECT_EQ(under[0].param, "fc1.weight");
+  EXPECT_GE(fails_at - under[0].step, 5);
+  EXPECT_NE(under[0].message.find("subnormal"), std::string::npos) << under[0].message;
+}
+
+// The boundary: 40% zeros (risen from 0), and of the 60% kept, just under
+// or just over half subnormal.
+TEST(Detectors, UnderflowNeedsHalfOfTheKeptValuesSubnormal) {
+  for (const double sub : {0.29, 0.31}) {  // of all elements: 0.29 / 0.6 = 0.483, 0.31 / 0.6 = 0.517
+    Feed run;
+    run.steps(1, 10, [](std::int64_t s) { return sample(s, 2.0); });
+    Histogram h{};
+    h[Bins::zero] = 2000;
+    h[static_cast<std::size_t>(Bins::of(std::ldexp(1.0f, -18)))] = static_cast<std::uint64_t>(std::llround(sub * 5000));
+    h[static_cast<std::size_t>(Bins::of(std::ldexp(1.0f, -8)))] =
+        3000 - static_cast<std::uint64_t>(std::llround(sub * 5000));
+    run.params[0].hist = h;
+    run.steps(11, 20, [](std::int64_t s) { return sample(s, 2.0); });
+    EXPECT_EQ(run.of(EventKind::underflow).size(), sub > 0.3 ? 1u : 0u) << sub << describe(run.events);
+  }
+  // A lower underflow_subnormal lets the first one fire too.
+  DetectorOptions o;
+  o.underflow_subnormal = 0.4;
+  Feed run(make_info(), o);
+  run.steps(1, 10, [](std::int64_t s) { return sample(s, 2.0); });
+  Histogram h{};
+  h[Bins::zero] = 2000;
+  h[static_cast<std::size_t>(Bins::of(std::ldexp(1.0f, -18)))] = 1450;
+  h[static_cast<std::size_t>(Bins::of(std::ldexp(1.0f, -8)))] = 1550;
+  run.params[0].hist = h;
+  run.steps(11, 20, [](std::int64_t s) { return sample(s, 2.0); });
+  EXPECT_EQ(run.of(EventKind::underflow).size(), 1u) << describe(run.events);
+}
+
 // bfloat16 gradients have fp32's range: fp16 underflow says nothing there.
 TEST(Detectors, UnderflowIgnoresBfloat16Gradients) {
   Feed run(make_info("bfloat16"));
-  run.params[0].hist = hist(5000, 0.9);
+  run.params[0].hist = draining(5000, 0.9);
   run.steps(1, 50, [](std::int64_t s) { return sample(s, 2.0); });
   EXPECT_TRUE(run.events.empty()) << describe(run.events);
   EXPECT_TRUE(std::isnan(run.det.forecast().steps_to_underflow));
@@ -676,11 +799,11 @@ TEST(Detectors, StatusLine) {
   EXPECT_EQ(run.det.status_line(), "monitor ok");
   run.steps(1, 10, [](std::int64_t s) { return sample(s, s == 5 ? nan : 2.0); });
   EXPECT_EQ(run.det.status_line(), "monitor: 1 event (nonfinite_loss)");
-  run.params[0].hist = hist(5000, 0.5);
+  run.params[0].hist = draining(5000, 0.5);
   run.steps(11, 20, [](std::int64_t s) { return sample(s, 2.0); });
   EXPECT_EQ(run.det.status_line(), "monitor: 2 events (underflow fc1.weight)");
   run.params[0].hist = hist(5000, 0.0);
-  run.params[2].hist = hist(2000, 0.5);
+  run.params[2].hist = draining(2000, 0.5);
   run.steps(21, 30, [](std::int64_t s) { return sample(s, 2.0); });
   const std::string line = run.det.status_line();
   EXPECT_LT(line.size(), 60u) << line;
@@ -708,6 +831,8 @@ TEST(Detectors, OptionsAreValidated) {
       {[](DetectorOptions& o) { o.backoff_window = 0; }, "backoff_window = 0"},
       {[](DetectorOptions& o) { o.underflow_share = 0; }, "underflow_share = 0"},
       {[](DetectorOptions& o) { o.underflow_share = 1.5; }, "underflow_share = 1.5"},
+      {[](DetectorOptions& o) { o.underflow_subnormal = -0.1; }, "underflow_subnormal = -0.1"},
+      {[](DetectorOptions& o) { o.underflow_subnormal = 1.5; }, "underflow_subnormal = 1.5"},
       {[](DetectorOptions& o) { o.underflow_min_numel = -1; }, "underflow_min_numel = -1"},
       {[](DetectorOptions& o) { o.stall_ratio = -1e-7; }, "stall_ratio = -1e-07"},
       {[](DetectorOptions& o) { o.stall_warmup_records = -1; }, "stall_warmup_records = -1"},
@@ -863,6 +988,43 @@ TEST(Forecast, StepsToUnderflowFollowTheShrinkingGradients) {
     growing.steps(10 * k - 9, 10 * k, [](std::int64_t s) { return sample(s, 2.0); });
   }
   EXPECT_TRUE(std::isnan(growing.det.forecast().steps_to_underflow));
+}
+
+// Dead units: every parameter's zeros jump from 20% to 84% after the first
+// record, over the share the detector fires at (the lowest, 0.20, plus
+// 0.15), but the kept values are normal. When they stay where they are, no
+// forecast (the detector would say 0 before it asked for subnormals). When
+// they shrink by one binade per record, spread over 4 binades [2^E,
+// 2^(E+4)) with E = -8 - k at record k, their median (the
+// underflow_subnormal = 0.5 quantile) is 2^(E+2) and reaches 2^-14, half of
+// them subnormal, at k = 8 (step 90): the forecast from record k is
+// 10 (8 - k) steps, and the event comes at step 90.
+TEST(Forecast, StepsToUnderflowWaitForTheKeptValuesWhenZerosAreOverTheShare) {
+  auto record = [](Feed& run, int k, double zeros, int e) {
+    for (std::size_t i = 0; i < run.params.size(); ++i) {
+      const std::int64_t n = run.info.params[i].numel;
+      run.params[i].hist = spread_fp16(n, std::llround(zeros * static_cast<double>(n)), e, e + 4);
+    }
+    run.steps(10 * k + 1, 10 * k + 10, [](std::int64_t s) { return sample(s, 2.0); });
+  };
+  Feed still;
+  record(still, 0, 0.2, -8);
+  for (int k = 1; k <= 10; ++k) {
+    record(still, k, 0.84, -8);
+    EXPECT_TRUE(std::isnan(still.det.forecast().steps_to_underflow)) << "step " << 10 * k + 10;
+  }
+  EXPECT_TRUE(still.of(EventKind::underflow).empty()) << describe(still.events);
+
+  Feed shrinking;
+  record(shrinking, 0, 0.2, -8);
+  for (int k = 1; k <= 8; ++k) {
+    record(shrinking, k, 0.84, -8 - k);
+    EXPECT_NEAR(shrinking.det.forecast().steps_to_underflow, 10.0 * (8 - k), 1e-9) << "step " << 10 * k + 10;
+  }
+  const std::vector<Event> under = shrinking.of(EventKind::underflow);
+  ASSERT_EQ(under.size(), 1u) << describe(shrinking.events);
+  EXPECT_EQ(under[0].step, 90);
+  EXPECT_EQ(under[0].param, "fc1.weight");
 }
 
 TEST(Forecast, ALossRisingOutOfItsNoiseIsDiverging) {

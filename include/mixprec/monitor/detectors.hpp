@@ -68,12 +68,26 @@ struct DetectorOptions {
   /// float16 parameters or in one of at least `underflow_min_numel` elements
   /// (a small bias, mostly zeros, would otherwise dominate the events), and
   /// the share has risen by `underflow_rise` above the lowest it had in this
-  /// run. An fp16 gradient cannot tell an underflowed value from a true zero
+  /// run, and at least `underflow_subnormal` of the values fp16 still holds
+  /// (the nonzero ones, from 2^-24 up) are subnormal (under 2^-14).
+  /// An fp16 gradient cannot tell an underflowed value from a true zero
   /// (a ReLU that never fires, an input pixel that is always 0): a layer
   /// whose gradient is 40% exact zeros from the first step on is not
-  /// underflowing, one whose lost share climbs is.
+  /// underflowing, one whose lost share climbs may be. Zeros also climb
+  /// when ReLU units die, and those stay zeros while the unit's other
+  /// gradients stay far above fp16's range floor. Values that underflow got
+  /// there by shrinking through the 10 binades of subnormals above 2^-24,
+  /// so a gradient that is losing them has most of what it keeps in that
+  /// band: the median kept magnitude is under 2^-14. A gradient with no
+  /// value kept at all counts as underflowing. Measured with
+  /// benchmarks/instability (docs/monitor.md), at the records where share
+  /// and rise held: the healthy fp16 runs' subnormal share of kept values
+  /// was at most 0.375 (the MLP at AdamW lr 1e-2, whose weight gradients
+  /// fill with zeros of dead units: 1.weight 84% zeros and 0.7% subnormal
+  /// at step 50), the static-scale underflow of scenario (c) at least 0.91.
   double underflow_share = 0.25;
   double underflow_rise = 0.15;
+  double underflow_subnormal = 0.5;
   std::int64_t underflow_min_numel = 1024;
   /// stalled_updates: a parameter's update ratio is under `stall_ratio` on
   /// `stall_records` consecutive applied logged steps, once the first
@@ -139,6 +153,8 @@ struct DetectorOptions {
                   underflow_share, ", must be in (0, 1]");
     MIXPREC_CHECK(underflow_rise >= 0.0 && underflow_rise <= 1.0, "DetectorOptions: underflow_rise = ",
                   underflow_rise, ", must be in [0, 1]");
+    MIXPREC_CHECK(underflow_subnormal >= 0.0 && underflow_subnormal <= 1.0, "DetectorOptions: underflow_subnormal = ",
+                  underflow_subnormal, ", must be in [0, 1]");
     MIXPREC_CHECK(stall_records >= 1, "DetectorOptions: stall_records = ", stall_records, ", must be >= 1");
     MIXPREC_CHECK(underflow_min_numel >= 0, "DetectorOptions: underflow_min_numel = ", underflow_min_numel,
                   ", must be >= 0");
@@ -742,6 +758,30 @@ class Detectors {
     return "enable loss scaling (dynamic, with init_scale 65536) or train in bf16";
   }
 
+  // h without the values fp16 loses (zero or under 2^-24).
+  static Histogram kept(Histogram h) {
+    for (int b = 0; b < Bins::nonfinite; ++b) {
+      if (b == Bins::zero || b == 1 || Bins::lower_exponent(b) < Bins::fp16_min_subnormal_exponent) {
+        h[static_cast<std::size_t>(b)] = 0;
+      }
+    }
+    return h;
+  }
+  // The subnormal share of the values h keeps in fp16 (overflowed ones
+  // count as kept: they are not zeros); 1 when it keeps none. From the
+  // counts, so that half of an even count is exactly 0.5.
+  static double kept_subnormal(const Histogram& h) {
+    const Histogram k = kept(h);
+    std::uint64_t n = 0;
+    for (std::uint64_t c : k) n += c;
+    return n == 0 ? 1.0 : fp16_shares(k).subnormal;
+  }
+  // Whether the values a gradient keeps in fp16 sit where underflowing
+  // ones pass through: at least underflow_subnormal of them subnormal (see
+  // DetectorOptions::underflow_subnormal). Dead units' zeros leave the
+  // rest of the gradient normal.
+  bool draining(const Histogram& h) const { return kept_subnormal(h) >= opt_.underflow_subnormal; }
+
   void observe_logged(const LogRecord& r, std::vector<Event>& found) {
     using detail::short_number;
     const StepSample& last = r.last();
@@ -756,7 +796,7 @@ class Detectors {
     if (total > 0) {
       const double share = fp16_shares(all).underflow;
       std::size_t worst = info_.params.size();
-      double worst_share = -1;
+      double worst_share = -1, worst_kept_subnormal = 0;
       for (std::size_t i : fp16_params_) {
         if (info_.params[i].numel < opt_.underflow_min_numel) continue;
         const Histogram& h = r.params[i].hist;
@@ -765,9 +805,11 @@ class Detectors {
         if (n == 0) continue;
         const double s = fp16_shares(h).underflow;
         lowest_share_[i] = std::min(lowest_share_[i], s);
-        if (s >= opt_.underflow_share && s - lowest_share_[i] >= opt_.underflow_rise && s > worst_share) {
+        if (s >= opt_.underflow_share && s - lowest_share_[i] >= opt_.underflow_rise && draining(h) &&
+            s > worst_share) {
           worst = i;
           worst_share = s;
+          worst_kept_subnormal = kept_subnormal(h);
         }
       }
       const std::string percent_all = short_number(100 * share) + "%";
@@ -777,13 +819,16 @@ class Detectors {
           add(found, EventKind::underflow, last.step, name, worst_share, opt_.underflow_share,
               short_number(100 * worst_share) + "% of " + name +
                   "'s scaled gradient is lost in fp16 (zero or under 2^-24; " + percent_all +
-                  " over all fp16 parameters)",
+                  " over all fp16 parameters), and " + short_number(100 * worst_kept_subnormal) +
+                  "% of the values it keeps are subnormal (under 2^-14)",
               underflow_hint());
         }
       } else if (share >= opt_.underflow_share && share - lowest_overall_ >= opt_.underflow_rise &&
-                 may_fire(EventKind::underflow, "", last.step)) {
+                 draining(all) && may_fire(EventKind::underflow, "", last.step)) {
         add(found, EventKind::underflow, last.step, "", share, opt_.underflow_share,
-            percent_all + " of the scaled fp16 gradients is lost in fp16 (zero or under 2^-24)", underflow_hint());
+            percent_all + " of the scaled fp16 gradients is lost in fp16 (zero or under 2^-24), and " +
+                short_number(100 * kept_subnormal(all)) + "% of the values they keep are subnormal (under 2^-14)",
+            underflow_hint());
       }
       lowest_overall_ = std::min(lowest_overall_, share);
       underflow_trend_.push_back({last.step, share, all});
@@ -876,11 +921,37 @@ class Detectors {
       const detail::LineFit fit = detail::fit_line(x, y);
       const double boundary = Bins::fp16_min_subnormal_exponent;
       const double q_now = detail::quantile_exponent(now.hist, target);
+      double to_share = std::numeric_limits<double>::quiet_NaN();
       if (now.share >= target) {
-        f.steps_to_underflow = 0;
+        to_share = 0;
       } else if (std::isfinite(q_now) && fit.slope < 0) {
-        f.steps_to_underflow = std::max(0.0, (q_now - boundary) / -fit.slope);
+        to_share = std::max(0.0, (q_now - boundary) / -fit.slope);
       }
+      // The detector also asks that underflow_subnormal of the kept values
+      // be subnormal: the underflow_subnormal-quantile of the kept
+      // magnitudes under 2^-14. Dead units' zeros push the share over the
+      // target with the kept values far above that: extrapolate that
+      // quantile the same way, and the forecast is the later of the two.
+      double to_drain = std::numeric_limits<double>::quiet_NaN();
+      if (draining(now.hist)) {
+        to_drain = 0;
+      } else {
+        x.clear();
+        y.clear();
+        for (const SharePoint& p : underflow_trend_) {
+          const double q = detail::quantile_exponent(kept(p.hist), opt_.underflow_subnormal);
+          if (std::isfinite(q)) {
+            x.push_back(static_cast<double>(p.step));
+            y.push_back(q);
+          }
+        }
+        const detail::LineFit kept_fit = detail::fit_line(x, y);
+        const double k_now = detail::quantile_exponent(kept(now.hist), opt_.underflow_subnormal);
+        if (std::isfinite(k_now) && kept_fit.slope < 0) {
+          to_drain = std::max(0.0, (k_now - Bins::fp16_min_normal_exponent) / -kept_fit.slope);
+        }
+      }
+      if (std::isfinite(to_share) && std::isfinite(to_drain)) f.steps_to_underflow = std::max(to_share, to_drain);
     }
 
     x.clear();

@@ -72,7 +72,8 @@ struct PrecisionFallbackOptions {
   /// Which of the monitor's events find a layer: repeated_overflow (one
   /// parameter's gradient not finite on DetectorOptions::overflow_repeats
   /// of the last overflow_window steps), and underflow events that name a
-  /// parameter (DetectorOptions::underflow_share and underflow_rise). The
+  /// parameter (DetectorOptions::underflow_share, underflow_rise and
+  /// underflow_subnormal). The
   /// thresholds are the detectors'; tune them there.
   bool on_overflow = true;
   bool on_underflow = true;

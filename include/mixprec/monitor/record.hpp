@@ -203,7 +203,10 @@ struct Forecast {
   double steps_to_min_scale = std::numeric_limits<double>::quiet_NaN();
   /// Steps until the fp16 underflow share crosses the threshold q (0 when
   /// it already has): from the trend of log2 of the q-quantile of the
-  /// gradients' magnitudes, which crosses -24 when the share crosses q.
+  /// gradients' magnitudes, which crosses -24 when the share crosses q; and
+  /// no sooner than the values fp16 keeps are subnormal enough for the
+  /// underflow detector (DetectorOptions::underflow_subnormal), from the
+  /// trend of the same quantile of the kept magnitudes, which crosses -14.
   double steps_to_underflow = std::numeric_limits<double>::quiet_NaN();
   /// The loss's recent slope per step (least squares over finite losses).
   double loss_slope = std::numeric_limits<double>::quiet_NaN();
