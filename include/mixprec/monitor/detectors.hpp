@@ -761,7 +761,7 @@ class Detectors {
   // h without the values fp16 loses (zero or under 2^-24).
   static Histogram kept(Histogram h) {
     for (int b = 0; b < Bins::nonfinite; ++b) {
-      if (b == Bins::zero || b == 1 || Bins::lower_exponent(b) < Bins::fp16_min_subnormal_exponent) {
+      if (b == Bins::zero || Bins::lower_exponent(b) < Bins::fp16_min_subnormal_exponent) {  // bin 1 is 2^-45
         h[static_cast<std::size_t>(b)] = 0;
       }
     }
