@@ -112,6 +112,31 @@ TEST(DistMpi, AllReduceSumsInRankOrderWithTheSameBitsOnEveryRank) {
   all_reduce_matches_oracle<float>(own, 1001, 800);
 }
 
+// all_reduce_check: the or of the flags and the sum of the doubles in rank
+// order (values chosen so that another order rounds differently), the same
+// bits on every rank; null pointers are refused by name.
+TEST(DistMpi, AllReduceCheckOrsTheFlagsAndAddsInRankOrder) {
+  const int w = g_comm->size(), r = g_comm->rank();
+  auto value = [](int k) { return k % 3 == 0 ? 1e16 : (k % 3 == 1 ? 1.0 : -1e16 + 3.0); };
+  for (int flagged = -1; flagged < w; ++flagged) {  // -1: no rank's flag is set
+    int flag = r == flagged ? 1 : 0;
+    double sum = value(r);
+    g_comm->all_reduce_check(&flag, &sum);
+    double expected = 0;
+    for (int k = 0; k < w; ++k) expected += value(k);
+    EXPECT_EQ(flag, flagged >= 0 ? 1 : 0) << "flagged rank " << flagged;
+    EXPECT_EQ(fnv(&sum, sizeof sum), fnv(&expected, sizeof expected)) << sum << " vs " << expected;
+    EXPECT_TRUE(same_on_every_rank(fnv(&sum, sizeof sum)));
+  }
+  double sum = 0;
+  try {
+    g_comm->all_reduce_check(nullptr, &sum);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("found_inf = "), std::string::npos) << e.what();
+  }
+}
+
 // reduce_scatter_sum leaves in each rank's slice the bits all_reduce_sum
 // gives; all_gather_slices hands every slice to every rank. Mixed dtypes,
 // tensors split between slices, a zero-size tensor, an empty slice.

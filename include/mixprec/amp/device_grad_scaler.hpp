@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -119,6 +120,21 @@ class DeviceGradScaler {
   }
   double grad_divisor() const { return grad_divisor_; }
 
+  /// Sharded optimizers on GPUs (dist::ShardedOptimizer, ZeRO-1): each
+  /// rank checks only its slice, so after each check pass the scaler hands
+  /// the optimizer's non-finite flag and total sum of squares (device
+  /// memory) to `reducer`, which queues on `stream` what makes them the
+  /// job's in place (ShardedOptimizer::device_stats_reducer(): one NCCL
+  /// launch of 12 bytes). Every rank then skips, scales and clips alike,
+  /// with no host synchronisation; found_inf() and grad_norm() answer for
+  /// the job. Empty (the default): this process's. Not during an iteration.
+  using StatsReducer = std::function<void(int* found_inf, double* total_sum_squares, stream_t stream)>;
+  void set_stats_reducer(StatsReducer reducer) {
+    const auto guard = records_.lock();
+    MIXPREC_CHECK(records_.all().empty(), "DeviceGradScaler::set_stats_reducer: an iteration is under way");
+    stats_reducer_ = std::move(reducer);
+  }
+
   /// The spike guard (options().spike_guard): where the iteration's loss
   /// lies in device memory, a float that the guard's kernel reads when it
   /// runs, at the iteration's first step() (the pointer, like a captured
@@ -186,6 +202,12 @@ class DeviceGradScaler {
   void unscale_locked(optim::Optimizer& opt) {
     records_.require_can_unscale(opt);
     opt.launch_check(stream_);
+    // The pass's results are this scaler's to combine: the plan's device
+    // buffers, written by the check kernel, read by the step kernel.
+    if (stats_reducer_) {
+      stats_reducer_(const_cast<int*>(opt.device_found_inf()), const_cast<double*>(opt.device_total_sum_squares()),
+                     stream_);
+    }
     Record& r = records_.get(opt);
     r.num_params = opt.num_params();
     r.found_inf = opt.device_found_inf();
@@ -291,16 +313,26 @@ class DeviceGradScaler {
       const auto guard = records_.lock();
       records_.checked(opt, "grad_norm");
     }
-    const optim::GradStats stats = opt.read_check(stream_);
+    double total = 0;
+    if (stats_reducer_) {  // the job's, combined in place
+      mixprec::detail::copy_raw(&total, Device::cpu(), opt.device_total_sum_squares(), device_, sizeof total, stream_);
+    } else {
+      total = opt.read_check(stream_).total_sum_squares();
+    }
     // The scale of this iteration: update() has not run since unscale().
     const float inv_scale = static_cast<float>(1.0 / (static_cast<double>(scale()) * grad_divisor_));
-    return static_cast<float>(std::sqrt(stats.total_sum_squares()) * inv_scale);
+    return static_cast<float>(std::sqrt(total) * inv_scale);
   }
   /// Whether opt saw a non-finite gradient since the last update().
   bool found_inf(const optim::Optimizer& opt) const {
     {
       const auto guard = records_.lock();
       records_.checked(opt, "found_inf");
+    }
+    if (stats_reducer_) {  // the job's flag, combined in place
+      int flag = 0;
+      mixprec::detail::copy_raw(&flag, Device::cpu(), opt.device_found_inf(), device_, sizeof flag, stream_);
+      return flag != 0;
     }
     return opt.read_check(stream_).any_nonfinite();
   }
@@ -451,6 +483,7 @@ class DeviceGradScaler {
   bool raised_ = false;
   std::int64_t streak_seen_ = 0;  // streak_limit_hits already raised
   double grad_divisor_ = 1.0;
+  StatsReducer stats_reducer_;  // set_stats_reducer; empty: this process's flag and sums
   detail::Records<Record> records_{"DeviceGradScaler"};
   Buffer guard_;  // the spike guard (GuardBlock + window); empty when off
   SpikeGuardPolicy guard_policy_;

@@ -130,14 +130,14 @@ class Communicator {
   virtual void broadcast(void* data, std::size_t bytes, int root, stream_t stream = nullptr) = 0;
   /// In place: `data` holds size() pieces back to back, piece r of
   /// `bytes[r]` bytes; afterwards every rank holds every rank's own piece
-  /// (an all-gather; ZeRO-1's weights). MPI and one rank; NCCL: not yet.
+  /// (an all-gather). MPI and one rank; NCCL: not yet.
   virtual void all_gather(void* data, const std::vector<std::size_t>& bytes, stream_t stream = nullptr) {
     (void)data;
     (void)bytes;
     (void)stream;
     mixprec::detail::throw_error(backend(), " all_gather: not in this backend yet");
   }
-  /// ZeRO-1's two collectives (host communicators; NCCL: not yet), over `ts` taken as one flat sequence of
+  /// ZeRO-1's two collectives, over `ts` taken as one flat sequence of
   /// elements (in list order; dtypes may differ) cut into size() slices:
   /// rank k's slice is [bounds[k], bounds[k + 1]), with bounds[0] = 0 and
   /// bounds[size()] = the number of elements (even_bounds() cuts evenly).
@@ -161,6 +161,17 @@ class Communicator {
     (void)bounds;
     (void)stream;
     mixprec::detail::throw_error(backend(), " all_gather_slices: not in this backend yet");
+  }
+  /// In place, at `found_inf` and `sum` (in device() memory): the flag
+  /// becomes nonzero on every rank if it is nonzero on any, and the double
+  /// the sum over the ranks, the same bits on every rank. What a sharded
+  /// optimizer's check pass hands the scaler (ZeRO-1 on GPUs: one launch of
+  /// 12 bytes, queued on `stream`, captured in a graph like any other).
+  virtual void all_reduce_check(int* found_inf, double* sum, stream_t stream = nullptr) {
+    (void)found_inf;
+    (void)sum;
+    (void)stream;
+    mixprec::detail::throw_error(backend(), " all_reduce_check: not in this backend yet");
   }
   /// Returns once every rank has called it (host-side; device
   /// communicators also wait for their streams' work queued so far).
@@ -291,6 +302,10 @@ class LocalCommunicator final : public Communicator {
   void all_gather_slices(const std::vector<TensorRef>& ts, const std::vector<std::int64_t>& bounds,
                          stream_t) override {
     check_slices(ts, bounds, "all_gather_slices");
+  }
+  void all_reduce_check(int* found_inf, double* sum, stream_t) override {
+    MIXPREC_CHECK(found_inf != nullptr && sum != nullptr, "local all_reduce_check: found_inf = ",
+                  static_cast<const void*>(found_inf), ", sum = ", static_cast<const void*>(sum), "; neither may be null");
   }
   void barrier() override {}
   [[noreturn]] void abort(int code) noexcept override { std::_Exit(code); }

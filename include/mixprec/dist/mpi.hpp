@@ -183,6 +183,29 @@ class MpiCommunicator final : public Communicator {
           "MPI_Allgatherv (all_gather)");
   }
 
+  /// Host memory. Every rank's {flag, sum} gathered (16 bytes a rank), the
+  /// flags or-ed and the sums added in rank order on every rank: the same
+  /// bits everywhere, whatever algorithm MPI's reduction would pick.
+  void all_reduce_check(int* found_inf, double* sum, stream_t = nullptr) override {
+    MIXPREC_CHECK(found_inf != nullptr && sum != nullptr, "mpi all_reduce_check: found_inf = ",
+                  static_cast<const void*>(found_inf), ", sum = ", static_cast<const void*>(sum),
+                  "; neither may be null");
+    std::vector<double> all(2 * static_cast<std::size_t>(size_));
+    const double mine[2] = {*found_inf != 0 ? 1.0 : 0.0, *sum};
+    {
+      const Watched watched(watchdog(), "all_reduce_check");
+      check(MPI_Allgather(mine, 2, MPI_DOUBLE, all.data(), 2, MPI_DOUBLE, comm_), "MPI_Allgather (all_reduce_check)");
+    }
+    int flag = 0;
+    double total = 0;
+    for (std::size_t k = 0; k < static_cast<std::size_t>(size_); ++k) {
+      flag |= all[2 * k] != 0.0 ? 1 : 0;
+      total += all[2 * k + 1];
+    }
+    *found_inf = flag;
+    *sum = total;
+  }
+
   void barrier() override {
     const Watched watched(watchdog(), "barrier");
     check(MPI_Barrier(comm_), "MPI_Barrier");

@@ -21,6 +21,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "mixprec/amp/device_grad_scaler.hpp"
 #include "mixprec/amp/grad_scaler.hpp"
 #include "mixprec/core/atomic_file.hpp"
 #include "mixprec/core/error.hpp"
@@ -30,6 +31,8 @@
 #include "mixprec/optim/family.hpp"
 #include "mixprec/optim/optimizer_base.hpp"
 #include "mixprec/optim/state_layout.hpp"
+#include "mixprec/tensor/memory.hpp"
+#include "mixprec/tensor/ops.hpp"
 #include "mixprec/tensor/tensor_view.hpp"
 #include "mixprec/core/config.hpp"
 
@@ -61,12 +64,20 @@ class ZeroOne {
   virtual ~ZeroOne() = default;
   /// This rank's optimizer (masters and state of its slice), to step.
   virtual optim::Optimizer& optimizer() = 0;
+  /// For the scaler that steps optimizer(): amp::GradScaler (host
+  /// parameters) or amp::DeviceGradScaler (parameters on a GPU).
   virtual amp::GradScaler::StatsReducer stats_reducer() = 0;
-  virtual void reduce_gradients() = 0;
-  virtual void gather_weights() = 0;
+  virtual amp::DeviceGradScaler::StatsReducer device_stats_reducer() = 0;
+  /// Device communicators queue them on `stream`; host ones ignore it.
+  virtual void reduce_gradients(stream_t stream = nullptr) = 0;
+  virtual void gather_weights(stream_t stream = nullptr) = 0;
   virtual void save_checkpoint(const std::string& path, const amp::GradScaler& scaler,
                                const io::CheckpointExtras& extras = {}) = 0;
   virtual void load_checkpoint(const std::string& path, amp::GradScaler& scaler,
+                               io::CheckpointExtras* extras = nullptr) = 0;
+  virtual void save_checkpoint(const std::string& path, const amp::DeviceGradScaler& scaler,
+                               const io::CheckpointExtras& extras = {}) = 0;
+  virtual void load_checkpoint(const std::string& path, amp::DeviceGradScaler& scaler,
                                io::CheckpointExtras* extras = nullptr) = 0;
 };
 
@@ -120,15 +131,22 @@ bool needs_prepass(const typename Opt::options_type& o) {
 /// the unsharded data-parallel run and the weights are bit-identical to
 /// that run's; with clipping too when the cut is Cut::parameters.
 /// Traffic: a reduce-scatter and an all-gather, the bytes of one all-reduce.
-/// Host communicators (MPI) only.
+///
+/// On GPUs (a NCCL communicator, parameters on its device; the shard's
+/// optimizer steps with an amp::DeviceGradScaler): the same four calls,
+/// reduce_gradients and gather_weights queued on the step's stream, and
+/// device_stats_reducer() on the scaler instead, which or-s the ranks'
+/// flags and adds their total sums of squares in one 12-byte NCCL launch
+/// (nothing waits on the host; a whole step captures in a CUDA graph).
+/// The weights are bit-identical to the unsharded run given the same
+/// reduced gradients (with clipping, the coefficient may differ in its last
+/// bits: the check pass adds each shard's squares in its own slices).
 template <class Opt>
 class ShardedOptimizer final : public ZeroOne {
  public:
   ShardedOptimizer(Communicator& comm, std::vector<optim::Param> params, const typename Opt::options_type& options,
                    const ShardOptions& shard_options = {})
       : comm_(&comm), params_(std::move(params)), cut_(shard_options.cut) {
-    MIXPREC_CHECK(comm.device().is_cpu(), "ShardedOptimizer: the ", comm.backend(),
-                  " communicator is on ", comm.device(), "; this version shards host parameters (MPI) only");
     MIXPREC_CHECK(cut_ == ShardOptions::Cut::parameters || cut_ == ShardOptions::Cut::elements,
                   "ShardedOptimizer: shard_options.cut = ", static_cast<int>(cut_), " is not a ShardOptions::Cut");
     // A pre-pass (LAMB, update clipping) sums over whole tensors: on a slice
@@ -140,14 +158,17 @@ class ShardedOptimizer final : public ZeroOne {
     // stochastic rounding's numbers count elements of a parameter, which a
     // slice would renumber (the run would no longer be the unsharded one's).
     const optim::StateLayout layout = optim::layout_option(options);
-    MIXPREC_CHECK(layout.moments != optim::Moments::int8 && layout.master != optim::Master::none,
+    MIXPREC_CHECK(layout.moments != optim::Moments::int8 && layout.moments != optim::Moments::bf16_sr &&
+                      layout.master != optim::Master::none,
                   "ShardedOptimizer: StateLayout moments = ", optim::to_string(layout.moments), ", master = ",
                   optim::to_string(layout.master), "; this version shards fp32 or bf16 moments with an fp32 or "
                   "remainder master (8-bit blocks and stochastic rounding would be numbered per slice)");
     std::int64_t total = 0;
     for (const optim::Param& p : params_) {
-      MIXPREC_CHECK(p.weight.device().is_cpu() && p.grad.device().is_cpu(), "ShardedOptimizer: parameter \"",
-                    p.name, "\" is on ", p.weight.device(), "; host parameters only");
+      MIXPREC_CHECK(p.weight.device() == comm.device() && p.grad.device() == comm.device(),
+                    "ShardedOptimizer: parameter \"", p.name, "\" is on ", p.weight.device(), " (its gradient on ",
+                    p.grad.device(), "), the ", comm.backend(), " communicator on ", comm.device(),
+                    "; they must be on the communicator's device");
       MIXPREC_CHECK(p.grad.dtype() == p.weight.dtype() && p.grad.numel() == p.weight.numel(),
                     "ShardedOptimizer: parameter \"", p.name, "\": the gradient (", dtype_name(p.grad.dtype()), ", ",
                     p.grad.numel(), " elements) must have the weight's dtype and size (", dtype_name(p.weight.dtype()), ", ",
@@ -201,15 +222,25 @@ class ShardedOptimizer final : public ZeroOne {
   /// the ranks' non-finite flags and the sum of every parameter's sum of
   /// squares, added in parameter order (as one process adds them).
   amp::GradScaler::StatsReducer stats_reducer() override {
+    MIXPREC_CHECK(comm_->device().is_cpu(), "ShardedOptimizer::stats_reducer: the parameters are on ",
+                  comm_->device(), "; use device_stats_reducer() with an amp::DeviceGradScaler");
     return [this](const optim::GradStats& stats, bool& found_inf, double& total) { combine(stats, found_inf, total); };
+  }
+  /// The amp::DeviceGradScaler's stats reducer (set_stats_reducer) for
+  /// parameters on a GPU: Communicator::all_reduce_check on the flag and
+  /// the total sum of squares of this rank's check pass, in place.
+  amp::DeviceGradScaler::StatsReducer device_stats_reducer() override {
+    MIXPREC_CHECK(comm_->device().is_cuda(), "ShardedOptimizer::device_stats_reducer: the parameters are on ",
+                  comm_->device(), "; use stats_reducer() with an amp::GradScaler");
+    return [this](int* found_inf, double* total, stream_t stream) { comm_->all_reduce_check(found_inf, total, stream); };
   }
 
   /// After the backward: this rank's slice of the gradients becomes the
   /// sum over the ranks (the other elements hold unspecified values).
-  void reduce_gradients() override { comm_->reduce_scatter_sum(grads_, bounds_); }
+  void reduce_gradients(stream_t stream = nullptr) override { comm_->reduce_scatter_sum(grads_, bounds_, stream); }
 
   /// After the step: every rank's updated slice of the weights to every rank.
-  void gather_weights() override { comm_->all_gather_slices(weights_, bounds_); }
+  void gather_weights(stream_t stream = nullptr) override { comm_->all_gather_slices(weights_, bounds_, stream); }
 
   /// Checkpoints: one file per rank plus an index, written at `path`.
   ///
@@ -226,12 +257,39 @@ class ShardedOptimizer final : public ZeroOne {
   /// Why one file per rank: no rank gathers the whole state (the memory
   /// ZeRO-1 saves), the ranks write in parallel, and each shard is a
   /// checkpoint in the usual format.
+  /// On GPUs (amp::DeviceGradScaler) the same; the shard's file is read
+  /// back from the device (io::save_checkpoint synchronises).
   void save_checkpoint(const std::string& path, const amp::GradScaler& scaler,
                        const io::CheckpointExtras& extras = {}) override {
+    save(path, scaler, extras);
+  }
+  void save_checkpoint(const std::string& path, const amp::DeviceGradScaler& scaler,
+                       const io::CheckpointExtras& extras = {}) override {
+    save(path, scaler, extras);
+  }
+
+  /// Resumes what save_checkpoint wrote, on the same number of ranks with
+  /// the same parameters and cut: every rank loads its own shard (bit-exact,
+  /// as io::load_checkpoint), then the weights are gathered (on GPUs on the
+  /// scaler's stream). Every check of the index runs before anything
+  /// changes. A checkpoint of another world size is refused: the slices,
+  /// and so each file's contents, depend on it.
+  void load_checkpoint(const std::string& path, amp::GradScaler& scaler,
+                       io::CheckpointExtras* extras = nullptr) override {
+    load(path, scaler, extras, nullptr);
+  }
+  void load_checkpoint(const std::string& path, amp::DeviceGradScaler& scaler,
+                       io::CheckpointExtras* extras = nullptr) override {
+    load(path, scaler, extras, scaler.stream());
+  }
+
+ private:
+  template <class Scaler>
+  void save(const std::string& path, const Scaler& scaler, const io::CheckpointExtras& extras) {
     MIXPREC_CHECK(!path.empty(), "ShardedOptimizer::save_checkpoint: path is empty");
     std::uint64_t id = 0;
     if (comm_->rank() == 0) id = std::random_device{}() * 0x100000000ull + std::random_device{}();
-    comm_->broadcast(&id, sizeof id, 0);
+    id = from_rank0(id);
     char hex[17];
     std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(id));
     const std::string file = shard_file(path, hex, comm_->rank());
@@ -259,13 +317,8 @@ class ShardedOptimizer final : public ZeroOne {
     previous = file;
   }
 
-  /// Resumes what save_checkpoint wrote, on the same number of ranks with
-  /// the same parameters and cut: every rank loads its own shard (bit-exact,
-  /// as io::load_checkpoint), then the weights are gathered. Every check of
-  /// the index runs before anything changes. A checkpoint of another world
-  /// size is refused: the slices, and so each file's contents, depend on it.
-  void load_checkpoint(const std::string& path, amp::GradScaler& scaler,
-                       io::CheckpointExtras* extras = nullptr) override {
+  template <class Scaler>
+  void load(const std::string& path, Scaler& scaler, io::CheckpointExtras* extras, stream_t stream) {
     std::ifstream in(path, std::ios::binary);
     MIXPREC_CHECK(in.good(), "ShardedOptimizer::load_checkpoint: cannot open the index '", path, "'");
     const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -290,11 +343,24 @@ class ShardedOptimizer final : public ZeroOne {
     const std::size_t slash = path.rfind('/');
     const std::string file = slash == std::string::npos ? name : path.substr(0, slash + 1) + name;
     io::load_checkpoint(file, *shard_, scaler, extras);
-    gather_weights();
+    gather_weights(stream);
     previous_files_[path] = file;
   }
 
- private:
+  // Rank 0's value, on every rank (through device memory on a device
+  // communicator: NCCL moves device memory only).
+  std::uint64_t from_rank0(std::uint64_t v) {
+    if (comm_->device().is_cpu()) {
+      comm_->broadcast(&v, sizeof v, 0);
+      return v;
+    }
+    Buffer b(sizeof v, comm_->device());
+    mixprec::detail::copy_raw(b.data(), comm_->device(), &v, Device::cpu(), sizeof v);
+    comm_->broadcast(b.data(), sizeof v, 0);  // the default stream, as the copies
+    mixprec::detail::copy_raw(&v, Device::cpu(), b.data(), comm_->device(), sizeof v);
+    return v;
+  }
+
   static constexpr const char* kIndexFormat = "mixprec-sharded-checkpoint-1";
 
   const char* cut_name() const { return cut_ == ShardOptions::Cut::parameters ? "parameters" : "elements"; }
