@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // Lean optimizer state on the GPU (cuda/lean_step.cuh): every layout gives
 // the CPU's bits (optim_lean_test checks the CPU against references), the
-// 8-bit blocks, tie bits and stochastic rounding included, eagerly and
+// 8-bit blocks, tie bits and stochastic rounding (weights and bf16_sr
+// moments) included, eagerly and
 // replayed from a CUDA graph; a device checkpoint resumes on the host.
 #include <gtest/gtest.h>
 
@@ -27,7 +28,7 @@ using test::first_difference;
 
 std::vector<StateLayout> lean_layouts(bool bf16_weights) {
   std::vector<StateLayout> out;
-  for (Moments mo : {Moments::fp32, Moments::bf16, Moments::int8}) {
+  for (Moments mo : {Moments::fp32, Moments::bf16, Moments::bf16_sr, Moments::int8}) {
     for (Master ma : {Master::fp32, Master::remainder, Master::none}) {
       if (ma == Master::remainder && !bf16_weights) continue;
       StateLayout l;
@@ -155,7 +156,11 @@ TEST(LeanGpu, OtherOptimizersAndAGraphGiveTheCpuBits) {
   StateLayout remainder;
   remainder.moments = Moments::bf16;
   remainder.master = Master::remainder;
-  for (const StateLayout& l : {leanest, remainder}) {
+  StateLayout stochastic;  // both streams: the moments' and the weight's
+  stochastic.moments = Moments::bf16_sr;
+  stochastic.master = Master::none;
+  stochastic.seed = 5;
+  for (const StateLayout& l : {leanest, remainder, stochastic}) {
     SCOPED_TRACE(std::string("moments ") + to_string(l.moments) + ", master " + to_string(l.master));
     optim::SGDOptions sgd;
     sgd.lr = 1e-2;

@@ -3,12 +3,15 @@
 // references written here (a brute-force nearest entry, exact split and
 // join), and the optimizers in every layout against runs that keep fp32
 // state and round it through the public save/load API after each step
-// (the lean step must give those bits), stochastic rounding's expectation,
-// skips, checkpoints and refusals. Built twice: with the SIMD CPU paths and
+// (the lean step must give those bits; bf16_sr's rounding written out here
+// from its counter), stochastic rounding's expectation, bf16 second moments
+// against a float64 one, skips, checkpoints and refusals. Built twice: with the SIMD CPU paths and
 // without.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -295,18 +298,55 @@ std::unique_ptr<optim::Optimizer> make(Kind k, std::vector<optim::Param> params,
   return nullptr;
 }
 
+// bf16_sr's counter, written out from its documentation (docs/optimizers.md,
+// "bf16 moments with stochastic rounding") rather than called: splitmix64's
+// finaliser; a parameter's step key mix(mix(seed + G (param + 1)) + G (step
+// + 1)), step = its step count after the step; the moments' key
+// mix(step key ^ 0x5ca1ab1e0ddba11), one stream for every state tensor of the
+// parameter; element e's 32 bits the upper half of mix(moment key + G (e + 1)).
+std::uint64_t splitmix(std::uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+std::uint32_t moment_bits(std::uint64_t seed, std::uint64_t param, std::uint64_t step, std::uint64_t e) {
+  const std::uint64_t g = 0x9e3779b97f4a7c15ull;
+  const std::uint64_t key = splitmix(splitmix(seed + g * (param + 1)) + g * (step + 1));
+  const std::uint64_t moments = splitmix(key ^ 0x5ca1ab1e0ddba11ull);
+  return static_cast<std::uint32_t>(splitmix(moments + g * (e + 1)) >> 32);
+}
+// A finite float rounded to bf16 stochastically, on its bits: the truncated
+// upper half (toward zero), one bf16 ulp further with probability low16 /
+// 2^16, decided by the top 24 random bits: up when r >> 8 < low16 << 8.
+float bf16_stochastic(float x, std::uint32_t r) {
+  const std::uint32_t u = bits_of(x), low = u & 0xffffu, toward = u - low;
+  const std::uint32_t out = (r >> 8) < (low << 8) ? toward + 0x10000u : toward;
+  float f;
+  std::memcpy(&f, &out, 4);
+  return f;
+}
+
 // Rounds every state tensor of `opt` (fp32 layout) as `moments` would keep
 // it, through save_state / load_state: bf16 by rounding to nearest even,
-// 8-bit by the brute-force nearest entry of the table above per block of
-// 256 with the block's largest magnitude as its scale.
-void round_state(optim::Optimizer& opt, Moments moments, const std::vector<bool>& nonnegative) {
+// bf16_sr stochastically with the counter above (seed: the lean run's
+// StateLayout::seed), 8-bit by the brute-force nearest entry of the table
+// above per block of 256 with the block's largest magnitude as its scale.
+void round_state(optim::Optimizer& opt, Moments moments, const std::vector<bool>& nonnegative,
+                 std::uint64_t seed = 0) {
   optim::OptimizerState st = opt.save_state();
-  for (optim::ParamState& p : st.params) {
+  for (std::size_t i = 0; i < st.params.size(); ++i) {
+    optim::ParamState& p = st.params[i];
     for (std::size_t k = 0; k < p.state.size(); ++k) {
       if (!p.state[k]) continue;
       std::vector<float>& v = *p.state[k];
       if (moments == Moments::bf16) {
         for (float& x : v) x = to_float(from_float<bfloat16>(x));
+        continue;
+      }
+      if (moments == Moments::bf16_sr) {
+        for (std::size_t e = 0; e < v.size(); ++e) {
+          v[e] = bf16_stochastic(v[e], moment_bits(seed, i, static_cast<std::uint64_t>(p.step), e));
+        }
         continue;
       }
       const bool nonneg = nonnegative[k];
@@ -346,6 +386,7 @@ TEST_P(LeanMoments, EqualFp32StateRoundedAfterEveryStep) {
   Model<bfloat16> m1, m2;
   StateLayout lean_layout;
   lean_layout.moments = moments;
+  lean_layout.seed = 99;
   // (8-bit: no amsgrad here, since the reference's load_state refuses a
   // running maximum rounded below its moment, which 8-bit blocks allow; the
   // lean optimizer's own checkpoints take it: CheckpointsResumeBitExactly.)
@@ -357,7 +398,7 @@ TEST_P(LeanMoments, EqualFp32StateRoundedAfterEveryStep) {
     m2.gradients(s);
     lean_opt->step();
     ref->step();
-    round_state(*ref, moments, nonnegative_states(kind));
+    round_state(*ref, moments, nonnegative_states(kind), lean_layout.seed);
     ASSERT_EQ(first_difference(m1.weights(), m2.weights()), -1) << "weights, step " << s;
   }
   EXPECT_EQ(test::state_bits(*lean_opt), test::state_bits(*ref));
@@ -365,13 +406,13 @@ TEST_P(LeanMoments, EqualFp32StateRoundedAfterEveryStep) {
 
 INSTANTIATE_TEST_SUITE_P(Layouts, LeanMoments,
                          ::testing::Combine(::testing::Values(Kind::adamw, Kind::sgd, Kind::rmsprop, Kind::lion),
-                                            ::testing::Values(Moments::bf16, Moments::int8)));
+                                            ::testing::Values(Moments::bf16, Moments::bf16_sr, Moments::int8)));
 
 // A remainder master is the fp32 master: the same weights and masters, bit
 // for bit, with fp32 moments and with bf16 ones.
 TEST(LeanMaster, RemainderIsTheFp32MasterBitForBit) {
   for (Kind kind : {Kind::adamw, Kind::sgd, Kind::rmsprop, Kind::lion}) {
-    for (Moments moments : {Moments::fp32, Moments::bf16}) {
+    for (Moments moments : {Moments::fp32, Moments::bf16, Moments::bf16_sr}) {
       Model<bfloat16> m1, m2;
       StateLayout rem, full;
       rem.master = Master::remainder;
@@ -437,9 +478,118 @@ TEST(LeanMaster, StochasticRoundingReachesTheSumOfTheUpdates) {
   EXPECT_NE(first_difference(a, other), -1);
 }
 
+// The drift of a bf16 second moment (benchmarks/bf16_moment_drift.py): AdamW
+// (lr 0: the moments alone) on n elements with N(0, sigma_e^2 s(t)^2)
+// gradients, sigma_e log-normal, s(t) = 1 or halving every 1,000 steps, for
+// 3,000 steps. Returns the median over elements of exp_avg_sq divided by
+// the float64 moment of the same gradients, written here.
+double median_v_over_float64(Moments moments, bool decay) {
+  const std::int64_t n = 4096;
+  const int steps = 3000;
+  const double beta2 = 0.999;
+  Tensor<float> w(Shape{n}), g(Shape{n});
+  fill_normal(w, 0, 1, 1);
+  optim::AdamWOptions o;
+  o.lr = 0;
+  o.weight_decay = 0;
+  o.betas = {0.9, beta2};
+  o.layout.moments = moments;
+  o.layout.seed = 17;
+  optim::AdamW opt({{"w", w, g}}, o);
+  std::mt19937_64 rng(23);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::vector<double> sigma(static_cast<std::size_t>(n)), v64(static_cast<std::size_t>(n), 0.0);
+  for (double& s : sigma) s = std::exp(normal(rng));
+  for (int t = 0; t < steps; ++t) {
+    const double scale = decay ? std::pow(0.5, t / 1000.0) : 1.0;
+    for (std::int64_t e = 0; e < n; ++e) {
+      const float x = static_cast<float>(normal(rng) * sigma[static_cast<std::size_t>(e)] * scale);
+      g.at(e) = x;
+      double& v = v64[static_cast<std::size_t>(e)];
+      v = beta2 * v + (1.0 - beta2) * static_cast<double>(x) * static_cast<double>(x);
+    }
+    opt.step();
+  }
+  const optim::OptimizerState st = opt.save_state();
+  const std::vector<float>& v = *st.params[0].state[1];  // exp_avg_sq
+  std::vector<double> ratio(static_cast<std::size_t>(n));
+  for (std::size_t e = 0; e < ratio.size(); ++e) ratio[e] = v[e] / v64[e];
+  std::nth_element(ratio.begin(), ratio.begin() + n / 2, ratio.end());
+  return ratio[static_cast<std::size_t>(n / 2)];
+}
+
+// Rounded to nearest, a bf16 second moment cannot move by 0.1% of itself
+// (half its ulp is 2^-9 to 2^-8 of it): it ends 1.33x the float64 moment
+// with stationary gradients and 4x with decaying ones. Stochastic rounding
+// keeps each update in expectation: within 2% (the rounding noise of one
+// element is about 4%, of the median of 4,096 a fraction of that).
+TEST(LeanMoments, StochasticBf16SecondMomentsTrackFloat64AndRoundToNearestDoesNot) {
+  for (bool decay : {false, true}) {
+    SCOPED_TRACE(decay ? "gradients halving every 1,000 steps" : "stationary gradients");
+    const double fp32 = median_v_over_float64(Moments::fp32, decay);
+    const double rne = median_v_over_float64(Moments::bf16, decay);
+    const double sr = median_v_over_float64(Moments::bf16_sr, decay);
+    std::printf("%s: median v / v(float64): fp32 %.4f, bf16 %.4f, bf16_sr %.4f\n", decay ? "decay" : "stationary",
+                fp32, rne, sr);
+    EXPECT_NEAR(fp32, 1.0, 1e-3);
+    EXPECT_NEAR(sr, 1.0, 0.02);
+    EXPECT_GT(rne, decay ? 3.0 : 1.2) << "rounding to nearest should not track the moment";
+  }
+}
+
+// The moments' stream is not the weight's: over 2^16 elements of one step
+// key, the two uniform numbers of an element are uncorrelated (|r| well
+// under 4 / sqrt(n) = 0.016; one stream for both would give r = 1).
+TEST(LeanMoments, TheMomentsAndTheWeightDrawFromIndependentStreams) {
+  const std::uint64_t key = lean::rounding_key(42, 3, 1000);
+  const std::uint64_t mkey = lean::moment_key(key);
+  double sx = 0, sy = 0, sxx = 0, syy = 0, sxy = 0;
+  const int n = 1 << 16;
+  for (int e = 0; e < n; ++e) {
+    const double x = lean::rounding_bits(key, static_cast<std::uint64_t>(e)) * 0x1p-32;
+    const double y = lean::rounding_bits(mkey, static_cast<std::uint64_t>(e)) * 0x1p-32;
+    sx += x;
+    sy += y;
+    sxx += x * x;
+    syy += y * y;
+    sxy += x * y;
+  }
+  const double cov = sxy / n - sx / n * sy / n;
+  const double r = cov / std::sqrt((sxx / n - sx / n * sx / n) * (syy / n - sy / n * sy / n));
+  EXPECT_LT(std::fabs(r), 0.016) << r;
+  // And the test's written-out counter is the library's.
+  EXPECT_EQ(lean::rounding_bits(mkey, 77), moment_bits(42, 3, 1000, 77));
+}
+
+// With amsgrad, max_exp_avg_sq equals exp_avg_sq in fp32 whenever that rose;
+// rounded with one shared number a step, the stored maximum is never below
+// the stored moment (load_state would refuse the checkpoint otherwise).
+TEST(LeanMoments, StochasticBf16KeepsTheRunningMaximumAboveItsMoment) {
+  Model<bfloat16> m;
+  StateLayout l;
+  l.moments = Moments::bf16_sr;
+  l.seed = 5;
+  auto opt = make(Kind::adamw, m.params(), l, true);
+  for (int s = 0; s < 20; ++s) {
+    m.gradients(s);
+    opt->step();
+  }
+  const optim::OptimizerState st = opt->save_state();
+  std::size_t ties = 0;
+  for (const optim::ParamState& p : st.params) {
+    const std::vector<float>&v = *p.state[1], &mx = *p.state[2];
+    for (std::size_t e = 0; e < v.size(); ++e) {
+      ASSERT_GE(mx[e], v[e]) << e;
+      ties += mx[e] == v[e] ? 1 : 0;
+    }
+  }
+  EXPECT_GT(ties, 0u) << "no element whose maximum is its moment: the test checks nothing";
+  opt->load_state(st);  // accepted
+}
+
 std::vector<StateLayout> all_lean_layouts() {
   std::vector<StateLayout> out;
-  for (Moments mo : {Moments::fp32, Moments::bf16, Moments::int8}) {
+  for (Moments mo : {Moments::fp32, Moments::bf16, Moments::bf16_sr, Moments::int8}) {
     for (Master ma : {Master::fp32, Master::remainder, Master::none}) {
       StateLayout l;
       l.moments = mo;
@@ -507,6 +657,41 @@ TEST(LeanState, ASkippedStepChangesNothing) {
   }
 }
 
+// A skipped step draws no numbers: the stochastic layouts' counter is the
+// parameter's step count, which only an applied step advances. A run with
+// an overflow at step 3 (the scale then halves: its later gradients are
+// given halved, exactly, so the unscaled ones are the same) has the bits of
+// a run that never saw step 3.
+TEST(LeanState, ASkippedStepDrawsNoNumbers) {
+  for (const StateLayout& layout : all_lean_layouts()) {
+    if (layout.master != Master::none && layout.moments != Moments::bf16_sr) continue;
+    SCOPED_TRACE(std::string("moments ") + to_string(layout.moments) + ", master " + to_string(layout.master));
+    Model<bfloat16> ma, mb;
+    auto a = make(Kind::adamw, ma.params(), layout);
+    auto b = make(Kind::adamw, mb.params(), layout);
+    amp::GradScalerOptions so;
+    so.init_scale = 1;
+    amp::GradScaler scaler(so);
+    for (int s = 0; s < 8; ++s) {
+      ma.gradients(s);
+      if (s == 3) ma.gb.at(5) = bfloat16(std::numeric_limits<float>::infinity());
+      if (s > 3) {
+        for (Tensor<bfloat16>* t : {&ma.ga, &ma.gb}) {
+          for (std::int64_t e = 0; e < t->numel(); ++e) t->at(e) = bfloat16(to_float(t->at(e)) * 0.5f);
+        }
+      }
+      EXPECT_EQ(scaler.step(*a), s != 3) << s;
+      scaler.update();
+      if (s == 3) continue;
+      mb.gradients(s);
+      b->step();
+    }
+    EXPECT_EQ(scaler.scale(), 0.5f);
+    ASSERT_EQ(first_difference(ma.weights(), mb.weights()), -1);
+    EXPECT_EQ(test::state_bits(*a), test::state_bits(*b));
+  }
+}
+
 TEST(LeanState, BadLayoutsAreRefusedByName) {
   Model<half> m;
   optim::AdamWOptions o;
@@ -534,6 +719,15 @@ TEST(LeanState, BadLayoutsAreRefusedByName) {
   EXPECT_EQ(n.master_values(0).size(), 1500u);
   expect_error([&] { n.rebind(0, c.a, c.ga); }, {"rebind", "keeps no fp32 master"});
   EXPECT_EQ(optim::parse_moments("8bit"), Moments::int8);
+  EXPECT_EQ(optim::parse_moments("bf16sr"), Moments::bf16_sr);
+  EXPECT_STREQ(to_string(Moments::bf16_sr), "bf16sr");
+  expect_error([] { (void)optim::parse_moments("bf16-sr"); }, {"moments = \"bf16-sr\"", "fp32, bf16, bf16sr or 8bit"});
+  optim::AdamWOptions bad;
+  bad.layout.moments = static_cast<Moments>(9);
+  expect_error([&] { optim::AdamW opt9(b.params(), bad); }, {"StateLayout::moments = 9", "not a Moments value"});
+  optim::AdamWOptions sr = ok;
+  sr.layout.moments = Moments::bf16_sr;
+  expect_error([&] { opt.set_options(0, sr); }, {"StateLayout (moments bf16", "asked: moments bf16sr", "fixed"});
   expect_error([] { (void)optim::parse_master("fp16"); }, {"master = \"fp16\"", "fp32, remainder or none"});
 }
 

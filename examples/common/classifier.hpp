@@ -61,7 +61,8 @@ struct Args {
   double lr = 1e-3, min_accuracy = 0;
   std::uint64_t seed = 0;
   // The optimizer's state layout (docs/optimizers.md#lean-state): fp32 (the
-  // default), or bf16 / 8-bit moments and a remainder / no master.
+  // default), or bf16 (rounded to nearest or stochastically) / 8-bit
+  // moments and a remainder / no master.
   std::string moments = "fp32", master = "fp32";
   bool graph = true;
   bool zero1 = false;  // data parallel: ZeRO-1 (masters and moments sharded over the ranks)
@@ -120,8 +121,10 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
                  "torch.optim's defaults but lr (SGD: momentum 0.9; Lion: the paper's betas, give it a 3-10x "
                  "smaller --lr; LAMB: apex FusedLAMB's)")
       ->check(CLI::IsMember({"sgd", "adam", "adamw", "rmsprop", "lion", "lamb"}));
-  app.add_option("--moments", a.moments, "how the optimizer keeps its moments (8bit: a 256-value block's code)")
-      ->check(CLI::IsMember({"fp32", "bf16", "8bit"}));
+  app.add_option("--moments", a.moments,
+                 "how the optimizer keeps its moments (bf16: rounded to nearest; bf16sr: stochastic rounding, "
+                 "unbiased; 8bit: a 256-value block's code)")
+      ->check(CLI::IsMember({"fp32", "bf16", "bf16sr", "8bit"}));
   app.add_option("--master", a.master,
                  "the fp32 master: a copy, a remainder beside bf16 weights (exact), or none (stochastic rounding)")
       ->check(CLI::IsMember({"fp32", "remainder", "none"}));
@@ -213,7 +216,7 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
                        a.precision);
   }
   const bool lean = a.moments != "fp32" || a.master != "fp32";
-  if (lean && a.zero1 && (a.moments == "8bit" || a.master == "none")) {
+  if (lean && a.zero1 && (a.moments == "8bit" || a.moments == "bf16sr" || a.master == "none")) {
     return usage_error("--zero1 on shards fp32 or bf16 moments with an fp32 or remainder master, not --moments " +
                        a.moments + " --master " + a.master);
   }

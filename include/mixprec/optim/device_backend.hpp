@@ -41,8 +41,8 @@ struct DeviceLeanState {
   float* scales[3] = {nullptr, nullptr, nullptr};   // 8-bit: one per lean::kBlock values
   std::uint16_t* remainder = nullptr;               // Master::remainder: the lower halves
   std::uint32_t* tie_bits = nullptr;                // Master::remainder: one bit an element
-  std::uint64_t seed = 0;                           // Master::none: StateLayout::seed
-  std::uint64_t index = 0;                          // Master::none: the parameter's index in its optimizer
+  std::uint64_t seed = 0;                           // Master::none, Moments::bf16_sr: StateLayout::seed
+  std::uint64_t index = 0;                          // Master::none, bf16_sr: the parameter's index in its optimizer
 };
 
 /// One parameter as the device step sees it: the user's weight and gradient

@@ -1152,7 +1152,8 @@ class Optimizer {
   /// and transformed as in update_elements, the master and the state
   /// decoded to fp32, the formula on 4-lane vectors and scalars (the
   /// portable path's operations: the same bits as fp32 state given the same
-  /// values), then the state encoded and the master written back: fp32
+  /// values), then the state encoded (bf16_sr: stochastically, from the
+  /// moments' stream of this step's key) and the master written back: fp32
   /// master rounded to the weight; remainder split into weight, remainder
   /// and tie bit; none rounded stochastically into the weight.
   template <std::size_t N, class Formula>
@@ -1164,6 +1165,7 @@ class Optimizer {
     const std::int64_t n = numel_of(i);
     const bool packed = layout.moments != Moments::fp32;
     const std::uint64_t key = lean::rounding_key(layout.seed, i, static_cast<std::uint64_t>(s.step));
+    const std::uint64_t moments_key = lean::moment_key(key);
     float g[kChunk];
     float buf[N][kChunk];
     for (std::int64_t off = 0; off < n; off += kChunk) {
@@ -1193,7 +1195,18 @@ class Optimizer {
       }
       formula_chunk<N>(i, chunk, g, m, formula, v_array);
       if (packed) {
-        for (std::size_t a = 1; a < N; ++a) encode(i, static_cast<std::size_t>(states[a - 1]), off, m, buf[a]);
+        for (std::size_t a = 1; a < N; ++a) {
+          const auto k = static_cast<std::size_t>(states[a - 1]);
+          if (layout.moments == Moments::bf16_sr) {
+            auto* out = static_cast<bfloat16*>(s.packed[k].values.data()) + off;
+            for (std::int64_t e = 0; e < m; ++e) {
+              out[e] = lean::stochastic_round<bfloat16>(
+                  buf[a][e], lean::rounding_bits(moments_key, static_cast<std::uint64_t>(off + e)));
+            }
+          } else {
+            encode(i, k, off, m, buf[a]);
+          }
+        }
       }
       switch (layout.master) {
         case Master::fp32:
@@ -1236,7 +1249,7 @@ class Optimizer {
   Packed make_packed(std::size_t i) const {
     const auto n = static_cast<std::size_t>(numel_of(i));
     Packed p;
-    if (layout_of(i).moments == Moments::bf16) {
+    if (lean::bf16_moments(layout_of(i).moments)) {
       p.values = Buffer(n * sizeof(std::uint16_t), device_);
     } else {
       p.values = Buffer(n, device_);
@@ -1283,9 +1296,11 @@ class Optimizer {
                m, in);
   }
   // bf16 rounds to nearest even; 8-bit encodes each block with its new scale.
+  // bf16_sr also rounds to nearest here (a load: a checkpoint's decoded
+  // values are bf16 values, kept exactly); the step rounds it stochastically.
   static void decode_raw(Moments moments, bool nonnegative, const void* values, const float* scales, std::int64_t off,
                          std::int64_t m, float* out) {
-    if (moments == Moments::bf16) {
+    if (lean::bf16_moments(moments)) {
       convert_n(static_cast<const bfloat16*>(values) + off, static_cast<std::size_t>(m), out);
       return;
     }
@@ -1296,7 +1311,7 @@ class Optimizer {
   }
   static void encode_raw(Moments moments, bool nonnegative, void* values, float* scales, std::int64_t off,
                          std::int64_t m, const float* in) {
-    if (moments == Moments::bf16) {
+    if (lean::bf16_moments(moments)) {
       convert_n(in, static_cast<std::size_t>(m), static_cast<bfloat16*>(values) + off);
       return;
     }
@@ -1330,7 +1345,7 @@ class Optimizer {
   // Throws, naming the option and the parameter, unless `layout` suits the
   // new group's parameters.
   void check_layout(const StateLayout& layout, const std::vector<Param>& params) const {
-    MIXPREC_CHECK(static_cast<int>(layout.moments) <= static_cast<int>(Moments::int8), name(),
+    MIXPREC_CHECK(static_cast<int>(layout.moments) <= static_cast<int>(Moments::bf16_sr), name(),
                   ": StateLayout::moments = ", static_cast<int>(layout.moments), ", not a Moments value");
     MIXPREC_CHECK(static_cast<int>(layout.master) <= static_cast<int>(Master::none), name(),
                   ": StateLayout::master = ", static_cast<int>(layout.master), ", not a Master value");

@@ -2,9 +2,11 @@
 // Lean optimizer state: how a parameter group stores its moments and its
 // master weight, and the codecs that the step reads and writes them with.
 //
-//   moments  fp32 (4 B per value), bf16 (2 B, rounded to nearest even), or
-//            int8 (1 B + a float scale per block of 256: a logarithmic 8-bit
-//            code scaled by the block's largest magnitude);
+//   moments  fp32 (4 B per value), bf16 (2 B, rounded to nearest even),
+//            bf16_sr (2 B, written with stochastic rounding from a
+//            counter-based RNG), or int8 (1 B + a float scale per block of
+//            256: a logarithmic 8-bit code scaled by the block's largest
+//            magnitude);
 //   master   fp32 (a 4 B copy beside the 16-bit weight), remainder (the
 //            bf16 weight is the master's rounded upper half; 16 bits of
 //            remainder and one tie bit give the fp32 master back exactly),
@@ -35,6 +37,11 @@ enum class Moments : std::uint8_t {
   fp32,  ///< 4 bytes a value (the default; what torch.optim keeps)
   bf16,  ///< 2 bytes a value, rounded to nearest even after every update
   int8,  ///< 1 byte a value + a float per 256 values (lean::kBlock)
+  /// 2 bytes a value, written with stochastic rounding after every update
+  /// (StateLayout::seed's stream): unbiased, so a second moment decays as
+  /// an fp32 one does; rounded to nearest (bf16), a bf16 second moment with
+  /// beta2 = 0.999 never decays (docs/optimizers.md, "Lean state").
+  bf16_sr,
 };
 
 /// How the fp32 master weight is kept.
@@ -49,6 +56,7 @@ inline const char* to_string(Moments m) {
     case Moments::fp32: return "fp32";
     case Moments::bf16: return "bf16";
     case Moments::int8: return "8bit";
+    case Moments::bf16_sr: return "bf16sr";
   }
   return "?";
 }
@@ -60,12 +68,12 @@ inline const char* to_string(Master m) {
   }
   return "?";
 }
-/// "fp32", "bf16" or "8bit" (the examples' --moments values).
+/// "fp32", "bf16", "bf16sr" or "8bit" (the examples' --moments values).
 inline Moments parse_moments(const std::string& s) {
-  for (Moments m : {Moments::fp32, Moments::bf16, Moments::int8}) {
+  for (Moments m : {Moments::fp32, Moments::bf16, Moments::bf16_sr, Moments::int8}) {
     if (s == to_string(m)) return m;
   }
-  detail::throw_error("moments = \"", s, "\", must be fp32, bf16 or 8bit");
+  detail::throw_error("moments = \"", s, "\", must be fp32, bf16, bf16sr or 8bit");
 }
 /// "fp32", "remainder" or "none" (the examples' --master values).
 inline Master parse_master(const std::string& s) {
@@ -81,10 +89,11 @@ inline Master parse_master(const std::string& s) {
 struct StateLayout {
   Moments moments = Moments::fp32;
   Master master = Master::fp32;
-  /// Master::none: the stochastic rounding's stream. The random number of
-  /// an element is a function of (seed, parameter index, step count,
-  /// element index) alone: a run repeats its bits, and a resumed one goes
-  /// on with the numbers an uninterrupted one would have drawn.
+  /// Master::none and Moments::bf16_sr: the stochastic rounding's stream.
+  /// The random number of an element is a function of (seed, parameter
+  /// index, step count, element index) alone: a run repeats its bits, and a
+  /// resumed one goes on with the numbers an uninterrupted one would have
+  /// drawn. The moments draw from a stream of their own (moment_key).
   std::uint64_t seed = 0;
 
   bool lean() const { return moments != Moments::fp32 || master != Master::fp32; }
@@ -240,6 +249,18 @@ MIXPREC_HOST_DEVICE inline std::uint64_t rounding_key(std::uint64_t seed, std::u
 MIXPREC_HOST_DEVICE inline std::uint32_t rounding_bits(std::uint64_t key, std::uint64_t element) {
   return static_cast<std::uint32_t>(mix64(key + kGolden * (element + 1)) >> 32);
 }
+
+/// The moments' key (Moments::bf16_sr) in the step whose weight key
+/// (Master::none) is `key`: another stream, so an element's moment and
+/// weight roundings are independent draws. Every state tensor of the
+/// parameter draws element e's number from this one stream: rounding with a
+/// shared number is monotone, so a running maximum (AdamW's amsgrad
+/// max_exp_avg_sq, equal in fp32 to exp_avg_sq whenever that rose) is never
+/// stored below the moment it bounds, as with rounding to nearest.
+MIXPREC_HOST_DEVICE inline std::uint64_t moment_key(std::uint64_t key) { return mix64(key ^ 0x5ca1ab1e0ddba11ull); }
+
+/// Whether the moments are bf16 values (rounded either way).
+MIXPREC_HOST_DEVICE inline bool bf16_moments(Moments m) { return m == Moments::bf16 || m == Moments::bf16_sr; }
 
 /// x rounded to T stochastically: to the neighbour away from zero with
 /// probability (|x| - |toward|) / (|away| - |toward|), decided by the top

@@ -7,7 +7,8 @@
 // formula (in exact_float, the CPU path's operations), and the tile encodes
 // them again: the 8-bit code's scale is the tile's largest magnitude (a
 // shared-memory maximum: the same value in any order), the tie bits a warp
-// ballot, stochastic rounding the element's own number. The codecs are the
+// ballot, stochastic rounding (Master::none's weight, Moments::bf16_sr's
+// moments: two streams) the element's own number. The codecs are the
 // host's functions, so the CPU and the GPU write the same bits.
 #pragma once
 
@@ -33,6 +34,7 @@ __device__ inline float lean_load_state(const optim::DeviceLeanState& L, const f
     case optim::Moments::fp32:
       return fp32[e];
     case optim::Moments::bf16:
+    case optim::Moments::bf16_sr:
       return mixprec::to_float(static_cast<const bfloat16*>(L.packed[k])[e]);
     case optim::Moments::int8:
       return optim::lean::decode_value(static_cast<const std::uint8_t*>(L.packed[k])[e], (L.nonnegative >> k) & 1u,
@@ -65,6 +67,7 @@ __device__ inline void lean_range(const G* grad, W* weight, float* master, float
   __shared__ float warp_max[lean_tile / 32];
   const std::uint64_t key =
       optim::lean::rounding_key(L.seed, L.index, static_cast<std::uint64_t>(step));
+  const std::uint64_t moments_key = optim::lean::moment_key(key);
   for (std::int64_t tile = begin; tile < end; tile += lean_tile) {
     const std::int64_t e = tile + threadIdx.x;
     const bool live = e < end;
@@ -97,6 +100,12 @@ __device__ inline void lean_range(const G* grad, W* weight, float* master, float
           break;
         case optim::Moments::bf16:
           if (live) static_cast<bfloat16*>(L.packed[k])[e] = mixprec::from_float<bfloat16>(s[k].v);
+          break;
+        case optim::Moments::bf16_sr:
+          if (live) {
+            static_cast<bfloat16*>(L.packed[k])[e] =
+                optim::lean::stochastic_round<bfloat16>(s[k].v, optim::lean::rounding_bits(moments_key, e));
+          }
           break;
         case optim::Moments::int8: {
           const float scale = lean_tile_max(live ? optim::lean::finite_magnitude(s[k].v) : 0.0f, warp_max);
