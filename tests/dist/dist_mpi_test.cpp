@@ -556,6 +556,13 @@ TEST(DistMpi, ZeroOneWithBf16MomentsEqualsDataParallelBitForBit) {
     ADD_FAILURE() << "no error";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("moments = 8bit"), std::string::npos) << e.what();
+  }
+  o.layout.moments = optim::Moments::bf16_sr;  // its counter numbers the parameter's elements
+  try {
+    dist::ShardedOptimizer<optim::AdamW> zero(*g_comm, p.params(), o);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("moments = bf16sr"), std::string::npos) << e.what();
   }  // A pre-pass (update clipping, LAMB) sums whole tensors: refused too.
   optim::AdamWOptions clip = adamw_amsgrad();
   clip.update_clipping = true;
