@@ -232,6 +232,36 @@ TEST(LeanCodec, StochasticRoundingIsUnbiasedAndRoundToNearestIsNot) {
   EXPECT_TRUE(std::isnan(to_float(lean::stochastic_round<bfloat16>(std::nanf(""), 0))));
 }
 
+// The moments' bf16 rounding on bits is stochastic_round<bfloat16>, bit for
+// bit: 2^22 random floats (every exponent, NaN and inf among them) with
+// random numbers, and the edges: numbers at each side of the threshold,
+// r = 0 and 2^32 - 1, zeros, subnormals, exact values, the largest finite
+// bf16 and the floats above it.
+TEST(LeanCodec, Bf16StochasticRoundingOnBitsIsStochasticRound) {
+  std::mt19937 rng(31);
+  auto same = [](float x, std::uint32_t r) {
+    const std::uint16_t want = to_bits(lean::stochastic_round<bfloat16>(x, r));
+    const std::uint16_t got = lean::stochastic_round_bf16_bits(x, r);
+    return want == got;
+  };
+  for (int k = 0; k < (1 << 22); ++k) {
+    const float x = from_bits<float>(static_cast<std::uint32_t>(rng()));
+    const std::uint32_t r = static_cast<std::uint32_t>(rng());
+    ASSERT_TRUE(same(x, r)) << std::hex << bits_of(x) << " r " << r;
+  }
+  std::vector<std::uint32_t> edges = {0x00000000u, 0x80000000u, 0x00000001u, 0x0000ffffu, 0x00010000u, 0x8000ffffu,
+                                      0x007fffffu, 0x3f800000u, 0x3f808000u, 0x3f80ffffu, 0xbf800001u, 0x7f7f0000u,
+                                      0x7f7f0001u, 0x7f7f7fffu, 0x7f7f8000u, 0x7f7fffffu, 0xff7fffffu, 0x7f800000u,
+                                      0xff800000u, 0x7fc00000u, 0xffc00001u, 0x7f7effffu};
+  for (std::uint32_t u : edges) {
+    const std::uint32_t low = u & 0xffffu;
+    for (std::uint32_t r : {0u, 0xffffffffu, low << 8 << 8, ((low << 8) - 1u) << 8, (low << 8) << 8 | 0xffu,
+                            static_cast<std::uint32_t>(rng())}) {
+      ASSERT_TRUE(same(from_bits<float>(u), r)) << std::hex << u << " r " << r;
+    }
+  }
+}
+
 // --- the optimizers ---------------------------------------------------------
 
 // A model of two parameters (sizes not multiples of the chunk or block) in

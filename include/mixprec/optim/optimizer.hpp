@@ -1195,17 +1195,16 @@ class Optimizer {
       }
       formula_chunk<N>(i, chunk, g, m, formula, v_array);
       if (packed) {
-        for (std::size_t a = 1; a < N; ++a) {
-          const auto k = static_cast<std::size_t>(states[a - 1]);
-          if (layout.moments == Moments::bf16_sr) {
-            auto* out = static_cast<bfloat16*>(s.packed[k].values.data()) + off;
-            for (std::int64_t e = 0; e < m; ++e) {
-              out[e] = lean::stochastic_round<bfloat16>(
-                  buf[a][e], lean::rounding_bits(moments_key, static_cast<std::uint64_t>(off + e)));
-            }
-          } else {
-            encode(i, k, off, m, buf[a]);
+        if (layout.moments == Moments::bf16_sr) {
+          // One number an element, for each of its state tensors.
+          std::uint32_t r[kChunk];
+          for (std::int64_t e = 0; e < m; ++e) r[e] = lean::rounding_bits(moments_key, static_cast<std::uint64_t>(off + e));
+          for (std::size_t a = 1; a < N; ++a) {
+            auto* out = static_cast<bfloat16*>(s.packed[static_cast<std::size_t>(states[a - 1])].values.data()) + off;
+            for (std::int64_t e = 0; e < m; ++e) out[e] = from_bits<bfloat16>(lean::stochastic_round_bf16_bits(buf[a][e], r[e]));
           }
+        } else {
+          for (std::size_t a = 1; a < N; ++a) encode(i, static_cast<std::size_t>(states[a - 1]), off, m, buf[a]);
         }
       }
       switch (layout.master) {

@@ -288,6 +288,22 @@ MIXPREC_HOST_DEVICE inline T stochastic_round(float x, std::uint32_t r) {
   }
 }
 
+/// stochastic_round<bfloat16>(x, r)'s bits, for every float x and r (tested
+/// against it), computed on x's bits: bf16 is x's upper half, so the
+/// neighbour toward zero is x truncated and the one away from zero the next
+/// pattern up, and the probability of going up is x's lower half / 2^16,
+/// compared with the top 24 bits of r in integers (u < p is r >> 8 <
+/// low << 8). inf, NaN and values whose upper neighbour would be inf are
+/// rounded to nearest, as stochastic_round does. No division and no
+/// conversion: the moments' path (Moments::bf16_sr), about 10x cheaper on the
+/// CPU than the generic function.
+MIXPREC_HOST_DEVICE inline std::uint16_t stochastic_round_bf16_bits(float x, std::uint32_t r) {
+  const std::uint32_t u = to_bits(x);
+  const std::uint32_t toward = u >> 16, low = u & 0xffffu;
+  if ((toward & 0x7f80u) == 0x7f80u || (toward & 0x7fffu) == 0x7f7fu) return to_bits(from_float<bfloat16>(x));
+  return static_cast<std::uint16_t>(toward + ((r >> 8) < (low << 8) ? 1u : 0u));
+}
+
 }  // namespace lean
 }  // namespace optim
 MIXPREC_NAMESPACE_END

@@ -103,8 +103,8 @@ __device__ inline void lean_range(const G* grad, W* weight, float* master, float
           break;
         case optim::Moments::bf16_sr:
           if (live) {
-            static_cast<bfloat16*>(L.packed[k])[e] =
-                optim::lean::stochastic_round<bfloat16>(s[k].v, optim::lean::rounding_bits(moments_key, e));
+            static_cast<bfloat16*>(L.packed[k])[e] = from_bits<bfloat16>(
+                optim::lean::stochastic_round_bf16_bits(s[k].v, optim::lean::rounding_bits(moments_key, e)));
           }
           break;
         case optim::Moments::int8: {
