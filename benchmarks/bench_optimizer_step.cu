@@ -161,7 +161,8 @@ using mixprec::optim::Moments;
 constexpr std::pair<Moments, Master> kLayouts[] = {
     {Moments::fp32, Master::fp32},      {Moments::bf16, Master::fp32},      {Moments::int8, Master::fp32},
     {Moments::fp32, Master::remainder}, {Moments::fp32, Master::none},      {Moments::bf16, Master::remainder},
-    {Moments::bf16, Master::none},      {Moments::int8, Master::none},
+    {Moments::bf16, Master::none},      {Moments::int8, Master::none},      {Moments::bf16_sr, Master::fp32},
+    {Moments::bf16_sr, Master::none},
 };
 
 // Bytes one AdamW step over bf16 weights and gradients moves per parameter
@@ -177,9 +178,9 @@ double adamw_bytes_per_param(const mixprec::optim::StateLayout& layout) {
   const double master = layout.master == Master::fp32        ? 4 + 4
                         : layout.master == Master::remainder ? 2 * (2 + 1.0 / 8)
                                                              : 0;
-  const double moment = layout.moments == Moments::fp32   ? 4
-                        : layout.moments == Moments::bf16 ? 2
-                                                          : 1 + 4.0 / mixprec::optim::lean::kBlock;
+  const double moment = layout.moments == Moments::fp32                ? 4
+                        : mixprec::optim::lean::bf16_moments(layout.moments) ? 2
+                                                                           : 1 + 4.0 / mixprec::optim::lean::kBlock;
   return gradient + weight + master + 2 * 2 * moment;
 }
 
