@@ -386,7 +386,7 @@ struct Model {
         test(to_rows<T>(test_set, with_batch(test_set.count, sample)).view(), test_set.labels, a.batch, dev,
              stream) {
     add_layers(net, a, dev);
-    if (a.zero1) return;  // run_cpu builds the sharded optimizer
+    if (a.zero1) return;  // run_cpu / run_gpu build the sharded optimizer
     opt = make_optimizer(a, net.parameters());
     if (a.schedule == "cosine") opt->set_schedule(optim::LRSchedule::cosine(a.epochs * train.full_batches()));
   }
@@ -722,7 +722,10 @@ std::optional<double> run_cpu(const Args& a, const ImageSet& train_set, const Im
 // several): as run_cpu, each rank trains on its share with --batch images a
 // step, the gradients are summed by a dist::GradientReducer on its side
 // stream (inside the captured graph) and averaged in the unscale; rank 0
-// prints, saves and runs the monitor.
+// prints, saves and runs the monitor. With --zero1 on (NCCL, or one process
+// on its GPU), each rank keeps the masters and moments of its slice: the
+// gradients are reduce-scattered and the weights all-gathered on the step's
+// stream, inside the graph; every rank saves and loads its shard.
 template <class T>
 std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const ImageSet& test_set,
                               const std::vector<std::int64_t>& sample, AddLayers<T> add_layers,
@@ -732,28 +735,38 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
   Stream stream(dev);
   const nn::Context ctx{stream.get()};
   Model<T> m(a, dev, stream.get(), train_set, test_set, sample, add_layers);
-  m.opt->set_stream(stream.get());  // its reads (lr, step counts) wait for this stream
   amp::DeviceGradScaler scaler(scaler_options<T>(a, ranks), dev, stream.get());
   scaler.set_grad_divisor(ranks);
+  std::unique_ptr<dist::ZeroOne> sharded;  // --zero1 on: this rank's slice of the masters and moments
+  if (a.zero1) {
+    sharded = make_zero1(a, *dp, m.net.parameters());
+    scaler.set_stats_reducer(sharded->device_stats_reducer());
+  }
+  optim::Optimizer& opt = sharded ? sharded->optimizer() : *m.opt;
+  opt.set_stream(stream.get());  // its reads (lr, step counts) wait for this stream
   std::optional<dist::GradientReducer> reducer;
-  if (ranks > 1) reducer.emplace(*dp, *m.opt);
+  if (ranks > 1 && !sharded) reducer.emplace(*dp, opt);
   // The last partial batch is dropped; data parallel: of each rank's share.
   const std::int64_t steps = ranks == 1 ? m.train.full_batches() : m.train.size() / ranks / a.batch;
   MIXPREC_CHECK(steps > 0, "--batch = ", a.batch, " x ", ranks, " ranks: more than the ", m.train.size(),
                 " training images");
-  if (ranks > 1 && a.schedule == "cosine") m.opt->set_schedule(optim::LRSchedule::cosine(a.epochs * steps));
+  if ((ranks > 1 || sharded) && a.schedule == "cosine") opt.set_schedule(optim::LRSchedule::cosine(a.epochs * steps));
   std::mt19937_64 rng(a.seed);
   RunPosition pos;
   if (!a.resume.empty()) {
     io::CheckpointExtras x;
     x.rng = &rng;
-    io::load_checkpoint(a.resume, *m.opt, scaler, &x);  // synchronises; before any capture
+    if (sharded) {
+      sharded->load_checkpoint(a.resume, scaler, &x);  // every rank its shard; synchronises; before any capture
+    } else {
+      io::load_checkpoint(a.resume, opt, scaler, &x);  // synchronises; before any capture
+    }
     pos = resume_position(a, x, rng, steps);
     print_resumed(a, pos, steps);
   }
   check_stop(a, pos, steps);
   std::optional<monitor::Monitor> mon;
-  if (a.monitor && rank == 0) mon.emplace(*m.opt, scaler, monitor_options(a));
+  if (a.monitor && rank == 0) mon.emplace(opt, scaler, monitor_options(a));  // with --zero1, rank 0's slice
   // Device scalars: [0] the step's loss, [1] a bad-label flag, [2] the
   // epoch's loss sum, then the test set's correct count (int64).
   Buffer scalars(4 * sizeof(float) + sizeof(std::int64_t), dev);
@@ -775,13 +788,19 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
                                  m.net.output_grad(), loss, reinterpret_cast<int*>(loss + 1), ctx);
     nn::accumulate(dev, loss + 2, loss, ctx);
     m.net.backward(ctx);
-    if (reducer) reducer->reduce(stream.get());  // the sum over the ranks; the mean in the unscale
+    // The sum over the ranks (of this rank's slice with --zero1); the mean in the unscale.
+    if (sharded) {
+      sharded->reduce_gradients(stream.get());
+    } else if (reducer) {
+      reducer->reduce(stream.get());
+    }
     if (mon) {
       mon->step(loss);  // scaler.step + scaler.update, watched
     } else {
-      scaler.step(*m.opt);
+      scaler.step(opt);
       scaler.update();
     }
+    if (sharded) sharded->gather_weights(stream.get());  // every rank's updated slice to every rank
   };
   auto snapshot = [&](int slot) {  // queues the copy; read after ticks[slot]
     auto* s = static_cast<Snapshot*>(snapshots.data()) + slot;
@@ -802,8 +821,11 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
     float sum = 0;
     mixprec::detail::copy_raw(&sum, Device::cpu(), loss + 2, dev, sizeof sum, stream.get());
     pos.loss_sum = sum;
-    // Every rank holds the same state: rank 0 saves.
-    if (rank == 0) io::save_checkpoint(a.checkpoint, *m.opt, scaler, checkpoint_extras(a, pos, steps));
+    if (sharded) {
+      sharded->save_checkpoint(a.checkpoint, scaler, checkpoint_extras(a, pos, steps));  // every rank: its shard
+    } else if (rank == 0) {
+      io::save_checkpoint(a.checkpoint, opt, scaler, checkpoint_extras(a, pos, steps));  // every rank holds the same
+    }
   };
 
   Progress progress;
@@ -925,18 +947,23 @@ int train_classifier(const Args& a, const std::vector<std::int64_t>& sample) {
   try {
     comm = make_communicator();
     dist::Communicator& c = *comm;
-    MIXPREC_CHECK(!a.zero1 || a.device == "cpu", "--zero1 on: ZeRO-1 shards host parameters only; run the ranks "
-                  "with --device cpu");
-    if (c.size() > 1) {
-      if (a.device == "cuda") {
+    if (a.device == "cuda" && (c.size() > 1 || a.zero1)) {
 #if MIXPREC_EXAMPLES_WITH_NCCL
-        // One process per GPU: local rank r of a node takes its GPU r % GPUs.
+      // One process per GPU: local rank r of a node takes its GPU r % GPUs.
+      // One process with --zero1 on: NCCL with one rank under mpirun, else
+      // the one-rank communicator on the GPU.
+      if (std::string(c.backend()) == "mpi") {
         gpu_comm = dist::nccl_over_mpi(static_cast<dist::MpiCommunicator&>(c));
-#else
-        MIXPREC_CHECK(false, "data parallel on GPU ranks needs NCCL, and this build has no mixprec::nccl "
-                      "(nccl.h / libnccl not found by CMake); run the ranks with --device cpu");
-#endif
+      } else {
+        gpu_comm = std::make_unique<dist::LocalCommunicator>(Device::cuda(0));
       }
+#else
+      MIXPREC_CHECK(c.size() == 1, "data parallel on GPU ranks needs NCCL, and this build has no mixprec::nccl "
+                    "(nccl.h / libnccl not found by CMake); run the ranks with --device cpu");
+      gpu_comm = std::make_unique<dist::LocalCommunicator>(Device::cuda(0));
+#endif
+    }
+    if (c.size() > 1) {
       if (c.rank() != 0) (void)std::freopen("/dev/null", "w", stdout);  // rank 0 reports
       std::printf("data parallel: %d ranks (%s), batch %lld per rank%s\n", c.size(),
                   gpu_comm ? gpu_comm->backend() : c.backend(), static_cast<long long>(a.batch),

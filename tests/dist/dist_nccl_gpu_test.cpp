@@ -17,6 +17,7 @@
 #include "../gpu_skip.hpp"
 #include "mixprec/dist/nccl.hpp"
 #include "mixprec/dist/reducer.hpp"
+#include "mixprec/dist/sharded.hpp"
 #include "mixprec/mixprec.hpp"
 
 namespace mixprec {
@@ -138,6 +139,140 @@ TEST(DistNccl, TheReductionCapturesInACudaGraph) {
   stream.synchronize();
   EXPECT_EQ(opt.step_count(0), 6);
   EXPECT_EQ(scaler.applied_steps(), 6);
+}
+
+// ZeRO-1 on the GPU with one rank: the shard is the whole model, so the
+// sharded step (grouped ncclReduce / ncclBroadcast, the scaler's flag and
+// sum combined in place by all_reduce_check) must give the plain step's bits,
+// with clipping and an overflow skip, for both cuts.
+void zero_one_equals_the_plain_step(dist::ShardOptions::Cut cut) {
+  auto comm = one_rank();
+  Net dp, plain;
+  dist::ShardOptions so;
+  so.cut = cut;
+  dist::ShardedOptimizer<optim::AdamW> sharded(*comm, dp.params(), optim::AdamWOptions{}, so);
+  optim::AdamW ref(plain.params());
+  amp::DeviceGradScaler scaler, ref_scaler;
+  scaler.set_grad_divisor(comm->size());
+  scaler.set_stats_reducer(sharded.device_stats_reducer());
+  for (int s = 0; s < 8; ++s) {
+    dp.gradients(s, 1024.0f);
+    plain.gradients(s, 1024.0f);
+    sharded.reduce_gradients();
+    scaler.step(sharded.shard(), 1.0);
+    ref_scaler.step(ref, 1.0);
+    EXPECT_EQ(scaler.found_inf(sharded.shard()), s == 4) << "step " << s;
+    if (s != 4) {
+      EXPECT_EQ(scaler.grad_norm(sharded.shard()), ref_scaler.grad_norm(ref)) << "step " << s;
+    }
+    scaler.update();
+    sharded.gather_weights();
+    ref_scaler.update();
+  }
+  EXPECT_EQ(scaler.skipped_steps(), 1);
+  EXPECT_EQ(scaler.scale(), ref_scaler.scale());
+  const optim::OptimizerState a = sharded.shard().save_state(), b = ref.save_state();
+  ASSERT_EQ(a.params.size(), 3u);
+  for (std::size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(a.params[i].master, b.params[i].master) << i;
+    EXPECT_EQ(bytes_of(dp.w[i]), bytes_of(plain.w[i])) << i;
+  }
+}
+
+TEST(DistNccl, OneRankZeroOneEqualsThePlainStep) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  zero_one_equals_the_plain_step(dist::ShardOptions::Cut::parameters);
+  zero_one_equals_the_plain_step(dist::ShardOptions::Cut::elements);
+}
+
+TEST(DistNccl, OneRankAllReduceCheckKeepsTheValues) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  auto comm = one_rank();
+  struct {
+    int flag;
+    int pad;
+    double sum;
+  } host{1, 0, 0.1}, back{};
+  Buffer d(sizeof host, Device::cuda(0));
+  mixprec::detail::copy_raw(d.data(), Device::cuda(0), &host, Device::cpu(), sizeof host);
+  auto* flag = static_cast<int*>(d.data());
+  auto* sum = reinterpret_cast<double*>(static_cast<char*>(d.data()) + 8);
+  comm->all_reduce_check(flag, sum);
+  mixprec::detail::copy_raw(&back, Device::cpu(), d.data(), Device::cuda(0), sizeof back);
+  EXPECT_EQ(back.flag, 1);
+  EXPECT_EQ(back.sum, 0.1);
+}
+
+// The sharded step captures in a CUDA graph: 1 eager + 5 replays give the
+// bits of 6 plain eager steps on the same gradients.
+TEST(DistNccl, ZeroOneCapturesInACudaGraph) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  auto comm = one_rank();
+  Net dp, plain;
+  Stream stream(Device::cuda(0));
+  dist::ShardedOptimizer<optim::AdamW> sharded(*comm, dp.params(), optim::AdamWOptions{});
+  sharded.shard().set_stream(stream.get());
+  amp::DeviceGradScaler scaler(amp::GradScalerOptions{}, Device::cuda(0), stream.get());
+  scaler.set_stats_reducer(sharded.device_stats_reducer());
+  dp.gradients(1, 1024.0f);
+  auto step = [&] {
+    sharded.reduce_gradients(stream.get());
+    scaler.step(sharded.shard());
+    scaler.update();
+    sharded.gather_weights(stream.get());
+  };
+  step();
+  Graph graph;
+  graph.capture(stream.get(), step);
+  for (int r = 0; r < 5; ++r) graph.replay(stream.get());
+  stream.synchronize();
+  optim::AdamW ref(plain.params());
+  amp::DeviceGradScaler ref_scaler;
+  plain.gradients(1, 1024.0f);
+  for (int r = 0; r < 6; ++r) {
+    ref_scaler.step(ref);
+    ref_scaler.update();
+  }
+  EXPECT_EQ(sharded.shard().step_count(0), 6);
+  EXPECT_EQ(scaler.applied_steps(), 6);
+  for (std::size_t i = 0; i < 3; ++i) EXPECT_EQ(bytes_of(dp.w[i]), bytes_of(plain.w[i])) << i;
+}
+
+// A sharded checkpoint on the GPU: save after 3 steps, 3 more, load, the
+// same 3 again: the same bits.
+TEST(DistNccl, ZeroOneCheckpointResumesBitExactly) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  auto comm = one_rank();
+  Net dp;
+  dist::ShardedOptimizer<optim::AdamW> sharded(*comm, dp.params(), optim::AdamWOptions{});
+  amp::DeviceGradScaler scaler;
+  scaler.set_stats_reducer(sharded.device_stats_reducer());
+  auto steps = [&](int from, int to) {
+    for (int s = from; s < to; ++s) {
+      dp.gradients(s, 1024.0f);
+      sharded.reduce_gradients();
+      scaler.step(sharded.shard());
+      scaler.update();
+      sharded.gather_weights();
+    }
+  };
+  steps(0, 3);
+  const std::string path = ::testing::TempDir() + "mixprec_nccl_zero1.index";
+  sharded.save_checkpoint(path, scaler);
+  steps(3, 6);
+  std::vector<std::vector<std::uint8_t>> first;
+  for (std::size_t i = 0; i < 3; ++i) first.push_back(bytes_of(dp.w[i]));
+  const optim::OptimizerState a = sharded.shard().save_state();
+  const float scale = scaler.scale();
+  sharded.load_checkpoint(path, scaler);
+  steps(3, 6);
+  const optim::OptimizerState b = sharded.shard().save_state();
+  for (std::size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(bytes_of(dp.w[i]), first[i]) << i;
+    EXPECT_EQ(a.params[i].master, b.params[i].master) << i;
+  }
+  EXPECT_EQ(scaler.scale(), scale);
+  EXPECT_EQ(scaler.skipped_steps(), 1);  // step 4's inf, in both runs of steps 3-5
 }
 
 // The watchdog over a device collective: the stream is held by a host

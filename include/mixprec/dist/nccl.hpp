@@ -13,6 +13,7 @@
 #include <exception>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "mixprec/core/cuda_check.hpp"
 #include "mixprec/core/device.hpp"
@@ -81,16 +82,60 @@ class NcclCommunicator final : public Communicator {
   void all_reduce_sum(const TensorRef& t, stream_t stream = nullptr) override {
     check_reducible(t, "all_reduce_sum");
     if (t.numel() == 0) return;
-    ncclDataType_t type = ncclFloat32;
-    if (t.dtype() == DType::float16) type = ncclFloat16;
-    if (t.dtype() == DType::bfloat16) type = ncclBfloat16;
     void* p = const_cast<void*>(t.data());
     mixprec::detail::DeviceGuard guard(device_);
-    check(ncclAllReduce(p, p, static_cast<std::size_t>(t.numel()), type, ncclSum, comm_,
+    check(ncclAllReduce(p, p, static_cast<std::size_t>(t.numel()), type_of(t.dtype()), ncclSum, comm_,
                         reinterpret_cast<cudaStream_t>(stream)),
           "ncclAllReduce (all_reduce_sum)");
     watch_stream(stream, "all_reduce_sum");
   }
+
+  /// ZeRO-1's reduce-scatter: for every piece of a tensor in rank k's
+  /// slice, an ncclReduce (sum, in the type) to rank k, all of them grouped
+  /// (NCCL runs a group as one launch; a list of more than kMaxGroupOps
+  /// pieces takes several groups). Uneven slices and mixed dtypes need no
+  /// padding or packing: ncclReduceScatter would need equal counts on every
+  /// rank and one buffer. Each piece crosses the ranks once, as in a
+  /// reduce-scatter. With 2 ranks the sums are the all-reduce's bits (a + b);
+  /// with more, NCCL's reduce may add in another order than its all-reduce.
+  void reduce_scatter_sum(const std::vector<TensorRef>& ts, const std::vector<std::int64_t>& bounds,
+                          stream_t stream = nullptr) override {
+    check_slices(ts, bounds, "reduce_scatter_sum");
+    by_pieces(ts, bounds, true, stream);
+    watch_stream(stream, "reduce_scatter_sum");
+  }
+
+  /// ZeRO-1's all-gather: an ncclBroadcast from rank k of every piece in
+  /// its slice, grouped as reduce_scatter_sum's.
+  void all_gather_slices(const std::vector<TensorRef>& ts, const std::vector<std::int64_t>& bounds,
+                         stream_t stream = nullptr) override {
+    check_slices(ts, bounds, "all_gather_slices");
+    by_pieces(ts, bounds, false, stream);
+    watch_stream(stream, "all_gather_slices");
+  }
+
+  /// Two all-reduces in one group (one launch): the flag's maximum (int32)
+  /// and the sum of the double. NCCL's all-reduce gives every rank the same
+  /// bits (see the class comment); the order of the ranks' additions is
+  /// NCCL's.
+  void all_reduce_check(int* found_inf, double* sum, stream_t stream = nullptr) override {
+    MIXPREC_CHECK(found_inf != nullptr && sum != nullptr, "nccl all_reduce_check: found_inf = ",
+                  static_cast<const void*>(found_inf), ", sum = ", static_cast<const void*>(sum),
+                  "; neither may be null");
+    mixprec::detail::DeviceGuard guard(device_);
+    const auto s = reinterpret_cast<cudaStream_t>(stream);
+    check(ncclGroupStart(), "ncclGroupStart (all_reduce_check)");
+    const ncclResult_t a = ncclAllReduce(found_inf, found_inf, 1, ncclInt32, ncclMax, comm_, s);
+    const ncclResult_t b = a == ncclSuccess ? ncclAllReduce(sum, sum, 1, ncclFloat64, ncclSum, comm_, s) : a;
+    const ncclResult_t e = ncclGroupEnd();
+    check(b, "ncclAllReduce (all_reduce_check)");
+    check(e, "ncclGroupEnd (all_reduce_check)");
+    watch_stream(stream, "all_reduce_check");
+  }
+
+  /// NCCL documents at most 2048 operations between ncclGroupStart and
+  /// ncclGroupEnd; a longer list of pieces is cut into groups of this many.
+  static constexpr int kMaxGroupOps = 1024;
 
   void broadcast(void* data, std::size_t bytes, int root, stream_t stream = nullptr) override {
     MIXPREC_CHECK(root >= 0 && root < size_, "nccl broadcast: root = ", root, ", there are ", size_, " ranks");
@@ -152,6 +197,46 @@ class NcclCommunicator final : public Communicator {
   }
 
  private:
+  static ncclDataType_t type_of(DType t) {
+    if (t == DType::float16) return ncclFloat16;
+    if (t == DType::bfloat16) return ncclBfloat16;
+    return ncclFloat32;
+  }
+
+  // Every piece of rank k's slice: reduced to rank k (sum) or broadcast
+  // from it, in groups of at most kMaxGroupOps operations.
+  void by_pieces(const std::vector<TensorRef>& ts, const std::vector<std::int64_t>& bounds, bool sum,
+                 stream_t stream) {
+    const detail::FlatSequence flat(ts);
+    const auto s = reinterpret_cast<cudaStream_t>(stream);
+    const char* what = sum ? "ncclReduce (reduce_scatter_sum)" : "ncclBroadcast (all_gather_slices)";
+    mixprec::detail::DeviceGuard guard(device_);
+    int in_group = 0;
+    ncclResult_t r = ncclSuccess;
+    check(ncclGroupStart(), "ncclGroupStart");
+    for (int k = 0; k < size_; ++k) {
+      flat.for_each_piece(bounds[static_cast<std::size_t>(k)], bounds[static_cast<std::size_t>(k) + 1],
+                          [&](std::size_t i, std::int64_t first, std::int64_t count) {
+        if (r != ncclSuccess) return;
+        if (in_group == kMaxGroupOps) {
+          r = ncclGroupEnd();
+          if (r == ncclSuccess) r = ncclGroupStart();
+          if (r != ncclSuccess) return;
+          in_group = 0;
+        }
+        const TensorRef& t = ts[i];
+        char* p = static_cast<char*>(const_cast<void*>(t.data())) + first * static_cast<std::int64_t>(dtype_size(t.dtype()));
+        const auto n = static_cast<std::size_t>(count);
+        r = sum ? ncclReduce(p, p, n, type_of(t.dtype()), ncclSum, k, comm_, s)
+                : ncclBroadcast(p, p, n, type_of(t.dtype()), k, comm_, s);
+        ++in_group;
+      });
+    }
+    const ncclResult_t e = ncclGroupEnd();  // closes the group also after a failure
+    check(r, what);
+    check(e, "ncclGroupEnd");
+  }
+
   static void check(ncclResult_t r, const char* call) {
     if (r == ncclSuccess) return;
     mixprec::detail::throw_error("NcclCommunicator: ", call, " failed: ", ncclGetErrorString(r), " (",

@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <exception>
 #include <fstream>
 #include <iterator>
 #include <map>
@@ -146,7 +148,7 @@ class ShardedOptimizer final : public ZeroOne {
  public:
   ShardedOptimizer(Communicator& comm, std::vector<optim::Param> params, const typename Opt::options_type& options,
                    const ShardOptions& shard_options = {})
-      : comm_(&comm), params_(std::move(params)), cut_(shard_options.cut) {
+      : comm_(&comm), params_(std::move(params)), cut_(shard_options.cut), options_(options) {
     MIXPREC_CHECK(cut_ == ShardOptions::Cut::parameters || cut_ == ShardOptions::Cut::elements,
                   "ShardedOptimizer: shard_options.cut = ", static_cast<int>(cut_), " is not a ShardOptions::Cut");
     // A pre-pass (LAMB, update clipping) sums over whole tensors: on a slice
@@ -190,20 +192,11 @@ class ShardedOptimizer final : public ZeroOne {
     // Every rank's pieces (views of the part of each parameter in its slice);
     // this rank's are its optimizer's parameters.
     pieces_per_rank_.assign(static_cast<std::size_t>(w), 0);
+    for (int k = 0; k < w; ++k) pieces_per_rank_[static_cast<std::size_t>(k)] = pieces_of(bounds_, k).size();
     std::vector<optim::Param> mine;
-    std::int64_t at = 0;
-    for (const optim::Param& p : params_) {
-      const std::int64_t n = p.weight.numel();
-      for (int k = 0; k < w; ++k) {
-        const std::int64_t a = std::max(at, bounds_[k]), b = std::min(at + n, bounds_[k + 1]);
-        if (a >= b) continue;
-        pieces_per_rank_[static_cast<std::size_t>(k)] += 1;
-        if (k == r) {
-          mine.push_back({p.name + "@" + std::to_string(a - at), slice(p.weight, a - at, b - a),
-                          slice(p.grad, a - at, b - a)});
-        }
-      }
-      at += n;
+    for (const Piece& c : pieces_of(bounds_, r)) {
+      const optim::Param& p = params_[c.param];
+      mine.push_back({piece_name(p, c.offset), slice(p.weight, c.offset, c.count), slice(p.grad, c.offset, c.count)});
     }
     shard_ = std::make_unique<Opt>(std::move(mine), options);
   }
@@ -268,12 +261,29 @@ class ShardedOptimizer final : public ZeroOne {
     save(path, scaler, extras);
   }
 
-  /// Resumes what save_checkpoint wrote, on the same number of ranks with
-  /// the same parameters and cut: every rank loads its own shard (bit-exact,
-  /// as io::load_checkpoint), then the weights are gathered (on GPUs on the
-  /// scaler's stream). Every check of the index runs before anything
-  /// changes. A checkpoint of another world size is refused: the slices,
-  /// and so each file's contents, depend on it.
+  /// Resumes what save_checkpoint wrote, for the same parameters (names,
+  /// sizes, dtypes, order), optimizer, options and schedule, then gathers
+  /// the weights (on GPUs on the scaler's stream).
+  ///
+  /// Same slices (the same number of ranks and cut): every rank loads its
+  /// own shard file, as io::load_checkpoint does.
+  ///
+  /// Other slices (another number of ranks, or the other cut): re-sharding.
+  /// Every rank reads the old shard files whose slices meet its new slice
+  /// (so every file must be readable from every rank: a shared file system,
+  /// as the save needs for its index) and assembles its masters, moments,
+  /// step counts and weights element by element; the lrs, the schedule's
+  /// position and the scaler come from the files, which must agree. The
+  /// state is the saved one bit for bit, so the run goes on as the saved
+  /// run would on the new number of ranks (the same bits as plain data
+  /// parallelism on that many ranks resumed from the same state). `extras`
+  /// come from old rank r's file on new rank r (rank 0's where the old job
+  /// had fewer ranks). A save to the same `path` afterwards removes the old
+  /// files (new rank r the old files k with k % size() == r).
+  ///
+  /// Every file is read and checked before anything changes: on an error
+  /// (a missing file, other parameters, files of different saves) the
+  /// optimizer, the scaler and `extras` are as they were.
   void load_checkpoint(const std::string& path, amp::GradScaler& scaler,
                        io::CheckpointExtras* extras = nullptr) override {
     load(path, scaler, extras, nullptr);
@@ -293,9 +303,39 @@ class ShardedOptimizer final : public ZeroOne {
     char hex[17];
     std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(id));
     const std::string file = shard_file(path, hex, comm_->rank());
-    io::save_checkpoint(file, *shard_, scaler, extras);
-    comm_->barrier();  // every shard is complete
-    if (comm_->rank() == 0) {
+    // A save that fails on one rank fails on every rank (all_ranks_ok, in
+    // place of barriers), the new files are removed and the previous index
+    // and its files stay: no rank waits for another forever.
+    std::exception_ptr failure;
+    try {
+      io::save_checkpoint(file, *shard_, scaler, extras);
+    } catch (...) {
+      failure = std::current_exception();
+    }
+    if (!all_ranks_ok(!failure)) {  // every shard is complete, or the save failed everywhere
+      if (!failure) std::remove(file.c_str());
+      fail(failure, "ShardedOptimizer::save_checkpoint", path);
+    }
+    try {
+      if (comm_->rank() == 0) write_index(path, hex);
+    } catch (...) {
+      failure = std::current_exception();
+    }
+    if (!all_ranks_ok(!failure)) {  // the index names the new files, or the save failed everywhere
+      std::remove(file.c_str());
+      fail(failure, "ShardedOptimizer::save_checkpoint", path);
+    }
+    // This rank's files of the previous save to the same index (saves to
+    // other paths are other checkpoints, and stay).
+    std::vector<std::string>& previous = previous_files_[path];
+    for (const std::string& f : previous) {
+      if (f != file) std::remove(f.c_str());
+    }
+    previous = {file};
+  }
+
+  void write_index(const std::string& path, const char* hex) {
+    {
       nlohmann::json index;
       index["format"] = kIndexFormat;
       index["world_size"] = comm_->size();
@@ -309,16 +349,82 @@ class ShardedOptimizer final : public ZeroOne {
       out.append(text.data(), text.size());
       out.commit();
     }
-    comm_->barrier();  // the index names the new files
-    // This rank's file of the previous save to the same index (saves to
-    // other paths are other checkpoints, and stay).
-    std::string& previous = previous_files_[path];
-    if (!previous.empty() && previous != file) std::remove(previous.c_str());
-    previous = file;
   }
 
+  // What a load reads, checked, before anything changes.
+  struct Prepared {
+    optim::OptimizerState state;
+    std::vector<std::vector<std::uint8_t>> weights;  // this rank's pieces' bytes
+    io::detail::ScalerSnapshot scaler;
+    io::CheckpointExtras got;
+    std::mt19937_64 rng;
+    std::vector<std::string> old_files;  // this rank's to remove after its next save to the same index
+  };
+
+  // Every step that can fail on one rank only (a missing or corrupt file)
+  // runs before an agreement of all the ranks: if any failed, every rank
+  // throws (the failed ones their own error) and nothing has changed on
+  // any; else every rank applies. No rank is left waiting in a collective.
   template <class Scaler>
   void load(const std::string& path, Scaler& scaler, io::CheckpointExtras* extras, stream_t stream) {
+    Prepared prep;
+    std::exception_ptr failure;
+    try {
+      prep = prepare(path, scaler, extras);
+    } catch (...) {
+      failure = std::current_exception();
+    }
+    agree(failure, "ShardedOptimizer::load_checkpoint", path);
+    // Every check has passed on every rank: apply, as io::load_checkpoint does.
+    shard_->load_state(prep.state);
+    scaler.load_state(prep.scaler.state, prep.scaler.applied, prep.scaler.skipped);
+    if (scaler.options().spike_guard.enabled) {
+      const auto w = static_cast<std::size_t>(scaler.options().spike_guard.window);
+      scaler.load_spike_guard(prep.scaler.guard.value_or(
+          amp::SpikeGuardSnapshot{{}, std::vector<double>(w, 0.0), std::vector<double>(w, 0.0)}));
+    }
+    io::detail::write_weights(*shard_, prep.weights);
+    if (extras != nullptr) {
+      extras->metadata = std::move(prep.got.metadata);
+      if (extras->rng != nullptr) *extras->rng = prep.rng;
+    }
+    gather_weights(stream);
+    previous_files_[path] = std::move(prep.old_files);
+  }
+
+  // Throws on every rank when `failure` is set on any.
+  void agree(const std::exception_ptr& failure, const char* what, const std::string& path) {
+    if (!all_ranks_ok(!failure)) fail(failure, what, path);
+  }
+  // This rank's own error, or one saying another rank failed.
+  [[noreturn]] static void fail(const std::exception_ptr& failure, const char* what, const std::string& path) {
+    if (failure) std::rethrow_exception(failure);
+    mixprec::detail::throw_error(what, ": '", path, "': another rank failed (see its error); nothing changed here");
+  }
+
+  // Whether every rank passed `ok` = true (a collective: every rank calls it).
+  bool all_ranks_ok(bool ok) {
+    struct {
+      int flag;
+      int pad;
+      double sum;
+    } v{ok ? 0 : 1, 0, 0.0};
+    static_assert(sizeof v == 16, "flag at 0, sum at 8");
+    if (comm_->device().is_cpu()) {
+      comm_->all_reduce_check(&v.flag, &v.sum);
+      return v.flag == 0;
+    }
+    Buffer b(sizeof v, comm_->device());
+    mixprec::detail::copy_raw(b.data(), comm_->device(), &v, Device::cpu(), sizeof v);
+    comm_->all_reduce_check(static_cast<int*>(b.data()), reinterpret_cast<double*>(static_cast<char*>(b.data()) + 8));
+    mixprec::detail::copy_raw(&v, Device::cpu(), b.data(), comm_->device(), sizeof v);  // waits for it
+    return v.flag == 0;
+  }
+
+  // Reads the index and this rank's old files, and assembles its state:
+  // with the same slices its own file whole, else element by element.
+  template <class Scaler>
+  Prepared prepare(const std::string& path, const Scaler& scaler, io::CheckpointExtras* extras) {
     std::ifstream in(path, std::ios::binary);
     MIXPREC_CHECK(in.good(), "ShardedOptimizer::load_checkpoint: cannot open the index '", path, "'");
     const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -326,25 +432,174 @@ class ShardedOptimizer final : public ZeroOne {
     MIXPREC_CHECK(!index.is_discarded() && index.is_object() && index.value("format", "") == kIndexFormat,
                   "ShardedOptimizer::load_checkpoint: '", path, "' is not the index of a sharded checkpoint");
     const int saved = index.value("world_size", 0);
-    MIXPREC_CHECK(saved == comm_->size(), "ShardedOptimizer::load_checkpoint: '", path, "' was saved by ", saved,
-                  " ranks, this job has ", comm_->size(), "; resume a sharded checkpoint on the same number of ranks");
-    const std::string cut = index.value("cut", "");
-    MIXPREC_CHECK(cut == cut_name(), "ShardedOptimizer::load_checkpoint: '", path, "' was cut at ", cut,
-                  ", this optimizer cuts at ", cut_name());
-    MIXPREC_CHECK(index.contains("bounds") && index["bounds"].is_array() &&
-                      index["bounds"].get<std::vector<std::int64_t>>() == bounds_,
-                  "ShardedOptimizer::load_checkpoint: '", path, "' holds other slices (", index.value("bounds",
-                  nlohmann::json()).dump(), ") than this optimizer's (", nlohmann::json(bounds_).dump(),
-                  "): other parameters");
-    MIXPREC_CHECK(index.contains("files") && index["files"].is_array() &&
-                      index["files"].size() == static_cast<std::size_t>(comm_->size()),
-                  "ShardedOptimizer::load_checkpoint: '", path, "' does not list one file per rank");
-    const std::string name = index["files"][static_cast<std::size_t>(comm_->rank())].get<std::string>();
+    const nlohmann::json& jb = index.contains("bounds") ? index["bounds"] : nlohmann::json();
+    bool ok = saved > 0 && jb.is_array() && jb.size() == static_cast<std::size_t>(saved) + 1;
+    for (std::size_t k = 0; ok && k < jb.size(); ++k) ok = jb[k].is_number_integer();
+    MIXPREC_CHECK(ok, "ShardedOptimizer::load_checkpoint: '", path, "': world_size = ", saved, ", bounds = ",
+                  jb.dump(), "; need world_size > 0 and world_size + 1 integer bounds");
+    const std::vector<std::int64_t> old = jb.get<std::vector<std::int64_t>>();
+    MIXPREC_CHECK(old.front() == 0 && old.back() == bounds_.back() && std::is_sorted(old.begin(), old.end()),
+                  "ShardedOptimizer::load_checkpoint: '", path, "' holds slices ", jb.dump(), " of ", old.back(),
+                  " elements; this optimizer's parameters have ", bounds_.back(), ": other parameters");
+    const nlohmann::json& jf = index.contains("files") ? index["files"] : nlohmann::json();
+    ok = jf.is_array() && jf.size() == static_cast<std::size_t>(saved);
+    for (std::size_t k = 0; ok && k < jf.size(); ++k) ok = jf[k].is_string();
+    MIXPREC_CHECK(ok, "ShardedOptimizer::load_checkpoint: '", path, "' does not list one file per rank (",
+                  saved, " ranks)");
     const std::size_t slash = path.rfind('/');
-    const std::string file = slash == std::string::npos ? name : path.substr(0, slash + 1) + name;
-    io::load_checkpoint(file, *shard_, scaler, extras);
-    gather_weights(stream);
-    previous_files_[path] = file;
+    std::vector<std::string> files;
+    for (const auto& f : jf) {
+      const std::string name = f.get<std::string>();
+      files.push_back(slash == std::string::npos ? name : path.substr(0, slash + 1) + name);
+    }
+    MIXPREC_CHECK(!scaler.in_iteration(), "ShardedOptimizer::load_checkpoint: the scaler is in the middle of an "
+                  "iteration (update() not called yet)");
+    Prepared prep;
+    reshard(path, files, old, scaler.options(), extras != nullptr, extras != nullptr && extras->rng != nullptr, prep);
+    const auto r = static_cast<std::size_t>(comm_->rank());
+    for (std::size_t k = r; k < files.size(); k += static_cast<std::size_t>(comm_->size())) {
+      prep.old_files.push_back(files[k]);
+    }
+    return prep;
+  }
+
+  // The part of parameter `param` in one rank's slice.
+  struct Piece {
+    std::size_t param;
+    std::int64_t offset, count;
+  };
+  // Rank k's pieces under `bounds`, in parameter order.
+  std::vector<Piece> pieces_of(const std::vector<std::int64_t>& bounds, int k) const {
+    const auto kk = static_cast<std::size_t>(k);
+    std::vector<Piece> out;
+    std::int64_t at = 0;
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+      const std::int64_t n = params_[i].weight.numel();
+      const std::int64_t a = std::max(at, bounds[kk]), b = std::min(at + n, bounds[kk + 1]);
+      if (a < b) out.push_back({i, a - at, b - a});
+      at += n;
+    }
+    return out;
+  }
+  static std::string piece_name(const optim::Param& p, std::int64_t offset) {
+    return p.name + "@" + std::to_string(offset);
+  }
+
+  // What old rank k's shard file holds, read and checked (io::detail::read,
+  // which changes nothing) through an optimizer of that rank's pieces over
+  // host memory, built with this shard's options and schedule.
+  io::detail::Contents read_shard(const std::string& file, const std::vector<Piece>& pieces,
+                                  const amp::GradScalerOptions& scaler_options, io::CheckpointExtras* got,
+                                  std::mt19937_64* rng) const {
+    std::vector<Buffer> storage;  // the host weights and gradients; outlive `tmp`
+    storage.reserve(2 * pieces.size());
+    std::vector<optim::Param> ps;
+    for (const Piece& c : pieces) {
+      const optim::Param& p = params_[c.param];
+      const std::size_t bytes = static_cast<std::size_t>(c.count) * dtype_size(p.weight.dtype());
+      for (int j = 0; j < 2; ++j) {
+        storage.emplace_back(bytes, Device::cpu());
+        std::memset(storage.back().data(), 0, bytes);
+      }
+      ps.push_back({piece_name(p, c.offset), host_view(p.weight, storage[storage.size() - 2].data(), c.count),
+                    host_view(p.weight, storage.back().data(), c.count)});
+    }
+    Opt tmp(std::move(ps), options_);
+    tmp.set_schedule(shard_->schedule());
+    const io::SafetensorsFile f = io::SafetensorsFile::read(file);
+    return io::detail::read(f, tmp, scaler_options, got, rng);
+  }
+  static TensorRef host_view(const TensorRef& like, void* data, std::int64_t count) {
+    return like.visit([&](auto v) -> TensorRef {
+      using T = std::remove_const_t<typename decltype(v)::value_type>;
+      return TensorView<T>(static_cast<T*>(data), {count}, Device::cpu());
+    });
+  }
+
+  // This rank's state from the old slices `old` (see load_checkpoint): reads
+  // every old file this rank needs and assembles its pieces, checked; changes
+  // nothing.
+  void reshard(const std::string& path, const std::vector<std::string>& files, const std::vector<std::int64_t>& old,
+               const amp::GradScalerOptions& scaler_options, bool wants_extras, bool wants_rng, Prepared& prep) {
+    const auto r = static_cast<std::size_t>(comm_->rank());
+    const std::size_t from = r < files.size() ? r : 0;  // the file whose extras this rank takes
+    struct Old {
+      std::size_t rank;
+      std::vector<Piece> pieces;
+      io::detail::Contents contents;
+    };
+    std::vector<Old> olds;
+    std::size_t extras_at = 0;  // olds' index of file `from`
+    for (std::size_t k = 0; k < files.size(); ++k) {
+      const bool meets = std::max(old[k], bounds_[r]) < std::min(old[k + 1], bounds_[r + 1]);
+      if (!meets && k != from) continue;
+      if (k == from) extras_at = olds.size();
+      Old o{k, pieces_of(old, static_cast<int>(k)), {}};
+      o.contents = read_shard(files[k], o.pieces, scaler_options, k == from && wants_extras ? &prep.got : nullptr,
+                              k == from && wants_rng ? &prep.rng : nullptr);
+      olds.push_back(std::move(o));
+    }
+    const io::detail::Contents& base = olds[extras_at].contents;
+    for (const Old& o : olds) {
+      const io::detail::Contents& c = o.contents;
+      const bool same = c.opt.lrs == base.opt.lrs && c.opt.applied_steps == base.opt.applied_steps &&
+                        c.scaler.state.scale == base.scaler.state.scale && c.scaler.applied == base.scaler.applied &&
+                        c.scaler.skipped == base.scaler.skipped;
+      MIXPREC_CHECK(same, "ShardedOptimizer::load_checkpoint: the shard files of '", path, "' for old ranks ",
+                    olds[extras_at].rank, " and ", o.rank, " disagree (lrs, schedule position, scale or counts): "
+                    "not the files of one save");
+    }
+    // This rank's pieces, element by element from the old pieces that meet them.
+    const std::size_t states = shard_->state_names().size();
+    optim::OptimizerState& st = prep.state;
+    st.lrs = base.opt.lrs;
+    st.applied_steps = base.opt.applied_steps;
+    for (const Piece& p : pieces_of(bounds_, static_cast<int>(r))) {
+      const std::size_t e = dtype_size(params_[p.param].weight.dtype());
+      optim::ParamState ps;
+      ps.master.assign(static_cast<std::size_t>(p.count), 0.0f);
+      ps.state.resize(states);
+      std::vector<std::uint8_t> w(static_cast<std::size_t>(p.count) * e);
+      std::int64_t covered = 0;
+      for (const Old& o : olds) {
+        for (std::size_t j = 0; j < o.pieces.size(); ++j) {
+          const Piece& q = o.pieces[j];
+          const std::int64_t a = std::max(p.offset, q.offset), b = std::min(p.offset + p.count, q.offset + q.count);
+          if (q.param != p.param || a >= b) continue;
+          const optim::ParamState& src = o.contents.opt.params[j];
+          const auto to = static_cast<std::size_t>(a - p.offset), at = static_cast<std::size_t>(a - q.offset),
+                     n = static_cast<std::size_t>(b - a);
+          if (covered == 0) {
+            ps.step = src.step;
+            for (std::size_t k = 0; k < states; ++k) {
+              if (src.state[k]) ps.state[k] = std::vector<float>(static_cast<std::size_t>(p.count), 0.0f);
+            }
+          }
+          bool alike = src.step == ps.step;
+          for (std::size_t k = 0; k < states; ++k) alike = alike && src.state[k].has_value() == ps.state[k].has_value();
+          MIXPREC_CHECK(alike, "ShardedOptimizer::load_checkpoint: parameter \"", params_[p.param].name,
+                        "\" has other step counts or state tensors in old rank ", o.rank, "'s file of '", path,
+                        "' than in another: not the files of one save");
+          std::copy_n(src.master.begin() + static_cast<std::ptrdiff_t>(at), n,
+                      ps.master.begin() + static_cast<std::ptrdiff_t>(to));
+          for (std::size_t k = 0; k < states; ++k) {
+            if (src.state[k]) {
+              std::copy_n(src.state[k]->begin() + static_cast<std::ptrdiff_t>(at), n,
+                          ps.state[k]->begin() + static_cast<std::ptrdiff_t>(to));
+            }
+          }
+          std::memcpy(w.data() + to * e, o.contents.weights[j].data() + at * e, n * e);
+          covered += b - a;
+        }
+      }
+      MIXPREC_CHECK(covered == p.count, "ShardedOptimizer::load_checkpoint: the files of '", path, "' cover ",
+                    covered, " of the ", p.count, " elements of parameter \"", params_[p.param].name,
+                    "\" from ", p.offset, " that this rank holds");
+      st.params.push_back(std::move(ps));
+      prep.weights.push_back(std::move(w));
+    }
+    shard_->check_state(st);
+    prep.scaler = base.scaler;
   }
 
   // Rank 0's value, on every rank (through device memory on a device
@@ -445,8 +700,11 @@ class ShardedOptimizer final : public ZeroOne {
   ShardOptions::Cut cut_;
   std::vector<std::int64_t> bounds_;
   std::vector<std::size_t> pieces_per_rank_;
+  typename Opt::options_type options_;  // the shard's (re-sharding reads old shards through optimizers of them)
   std::unique_ptr<Opt> shard_;
-  std::map<std::string, std::string> previous_files_;  // index path -> this rank's file of its last save
+  // index path -> the files this rank removes once it has saved a new index
+  // there (its file of its last save, or old files after a re-sharding load)
+  std::map<std::string, std::vector<std::string>> previous_files_;
 };
 
 }  // namespace dist
