@@ -725,6 +725,108 @@ TEST(Detectors, MomentLagNearMissesDoNotFire) {
   expect_error([&] { o.validate(); }, {"moment_lag_rms = 0"});
 }
 
+// --- update_jump ---------------------------------------------------------------
+
+// fc2.weight's update ratio at logged step `step` of a healthy-looking run:
+// 1e-3 times a factor in [0.7, 1.4] that cycles over 7 records (the
+// healthy MLP runs' ratio to the median of their last 10 stayed at or
+// under 2.01), times `trend` per record (an lr schedule).
+double healthy_ratio(std::int64_t step, double trend = 1.0) {
+  static const double wiggle[7] = {1.0, 0.7, 1.4, 0.85, 1.2, 0.75, 1.3};
+  const std::int64_t record = step / 10;
+  return 1e-3 * wiggle[record % 7] * std::pow(trend, static_cast<double>(record));
+}
+
+// Records every 10 steps to `last`; fc2.weight's ratio is healthy_ratio
+// but at the record of step `at`, where it is `jump` times 1e-3 (skipped
+// when `skipped`). A loss spike at step `spike` (0: none).
+std::vector<Event> jump_events(double jump, std::int64_t at = 300, std::int64_t last = 400, bool skipped = false,
+                               double trend = 1.0, std::int64_t spike = 0) {
+  Feed run;
+  for (std::int64_t first = 1; first <= last; first += 10) {
+    const std::int64_t logged = first + 9;
+    run.params[2].update_ratio = logged == at ? jump : healthy_ratio(logged, trend);
+    run.steps(first, logged, [&](std::int64_t s) {
+      StepSample x = sample(s, s == spike ? 9.0 : 2.0 + 0.01 * static_cast<double>(s % 3));
+      x.skipped = skipped && s == at;
+      return x;
+    });
+  }
+  return run.events;
+}
+
+TEST(Detectors, UpdateJumpEightfoldFiresAheadOfTheSpikeItPrecedes) {
+  // The precursor of docs/monitor.md's scenario (d): the update ratio 8x
+  // its recent median, the loss spike 30 steps later.
+  const std::vector<Event> events = jump_events(8e-3, 300, 400, false, 1.0, 330);
+  ASSERT_EQ(events.size(), 2u) << describe(events);
+  EXPECT_EQ(events[0].kind, EventKind::update_jump);
+  EXPECT_EQ(events[0].step, 300);
+  EXPECT_EQ(events[0].param, "fc2.weight");
+  EXPECT_EQ(events[0].value, 8e-3);
+  // The median of the 10 records before step 300 (steps 200-290):
+  // wiggle[6, 0, 1, 2, 3, 4, 5, 6, 0, 1], whose middle pair is 1.0 and 1.0.
+  EXPECT_DOUBLE_EQ(events[0].threshold, 4e-3);
+  EXPECT_NE(events[0].suggestion.find("update_clipping"), std::string::npos) << events[0].suggestion;
+  EXPECT_EQ(events[1].kind, EventKind::loss_spike);
+  EXPECT_EQ(events[1].step, 330);
+  EXPECT_STREQ(to_string(EventKind::update_jump), "update_jump");
+}
+
+TEST(Detectors, UpdateJumpHealthyLookingSequencesDoNotFire) {
+  EXPECT_TRUE(jump_events(healthy_ratio(300), 300, 2000).empty()) << "noise within 0.7-1.4x, 200 records";
+  EXPECT_TRUE(jump_events(healthy_ratio(300), 300, 2000, false, 0.98).empty()) << "a decaying lr";
+  EXPECT_TRUE(jump_events(healthy_ratio(300), 300, 1000, false, 1.05).empty()) << "a warmup: x1.05 a record";
+  EXPECT_TRUE(jump_events(3.9e-3).empty()) << "3.9x the median 1e-3: under the factor 4";
+  EXPECT_TRUE(jump_events(nan).empty()) << "NaN (a weight of norm 0)";
+  EXPECT_TRUE(jump_events(9e-3, 300, 400, true).empty()) << "a skipped step moved nothing";
+  EXPECT_TRUE(jump_events(9e-3, 200).empty()) << "within the first 20 * every steps";
+  EXPECT_EQ(jump_events(9e-3, 210).size(), 1u) << "the first record after the warmup";
+  DetectorOptions o;
+  o.update_jump_factor = 1;
+  expect_error([&] { o.validate(); }, {"update_jump_factor = 1"});
+  o = DetectorOptions{};
+  o.update_jump_records = 2;
+  expect_error([&] { o.validate(); }, {"update_jump_records = 2"});
+}
+
+TEST(Detectors, UpdateJumpHistoryIsKeptInTheState) {
+  // Detectors restored from a state taken at step 290 fire at step 300 as
+  // the ones that ran on; ones that start fresh there have no history.
+  RunInfo info = make_info();
+  auto feed = [&](Detectors& d, std::int64_t first, std::int64_t last) {
+    std::vector<Event> found;
+    for (std::int64_t f = first; f <= last; f += 10) {
+      LogRecord r;
+      for (std::int64_t s = f; s < f + 10; ++s) r.steps.push_back(sample(s, 2.0));
+      for (const ParamInfo& p : info.params) {
+        ParamSample x;
+        x.update_ratio = 1e-3;
+        x.hist = hist(p.numel, 0.0);
+        r.params.push_back(x);
+      }
+      r.params[2].update_ratio = f + 9 == 300 ? 8e-3 : healthy_ratio(f + 9);
+      const std::vector<Event> e = d.observe(r);
+      found.insert(found.end(), e.begin(), e.end());
+    }
+    return found;
+  };
+  Detectors a(info, DetectorOptions{});
+  feed(a, 1, 290);
+  Detectors b(info, DetectorOptions{});
+  b.restore(a.state());
+  Detectors fresh(info, DetectorOptions{});
+  nlohmann::json old = a.state();
+  old.erase("update_history");  // a state saved before update_jump existed
+  fresh.restore(old);
+  const std::vector<Event> ea = feed(a, 291, 300), eb = feed(b, 291, 300), ef = feed(fresh, 291, 300);
+  ASSERT_EQ(ea.size(), 1u) << describe(ea);
+  ASSERT_EQ(eb.size(), 1u) << describe(eb);
+  EXPECT_EQ(eb[0].step, ea[0].step);
+  EXPECT_EQ(eb[0].threshold, ea[0].threshold);
+  EXPECT_TRUE(ef.empty()) << describe(ef);
+}
+
 // --- repeated_overflow -------------------------------------------------------
 
 std::vector<Event> overflow_events(const std::vector<std::int64_t>& at) {

@@ -146,6 +146,26 @@ class Scoring(unittest.TestCase):
         self.assertIn("median lead: 11 steps over 1 failed runs", text)
         self.assertIn("false alarms: 2 events in 200 healthy steps = 100.00 per 10,000", text)
 
+    def test_a_windowed_scenario_counts_only_warnings_just_before_its_failure(self):
+        out = self.dir.name
+        opts = ["--out", out, "--seeds", "0", "--failure-seeds", "0", "--variants", "0", "--score-only",
+                "--suite", "failures", "--adam-window", "100"]
+        # (d): spikes it recovers from (events at 120 and 700), then the
+        # update_jump at 970 and the failure at 1006 (1.0 until step 1000,
+        # then 5.0: the 10-step mean passes 3x its lowest at step 1006).
+        losses = [1.0] * 1000 + [5.0] * 20
+        write_log(os.path.join(out, "d_adam_lr_too_large_s0_plain.jsonl"), losses, [1024.0] * 1020,
+                  events=[(120, "loss_spike"), (700, "update_jump"), (970, "update_jump"), (1003, "loss_spike")])
+        ins.main(opts)
+        with open(os.path.join(out, "results.json")) as f:
+            res = json.load(f)
+        (d,) = res["failures"]
+        self.assertEqual((d["failed"], d["warned"], d["warned_what"], d["lead"]), (1006, 970, "update_jump", 36))
+        self.assertEqual([e["step"] for e in d["unconfirmed"]], [120, 700])
+        with open(os.path.join(out, "report.md")) as f:
+            text = f.read()
+        self.assertIn("| d_adam_lr_too_large | 0 | 1020 | 2 (loss_spike 1, update_jump 1) (window 100 steps) |", text)
+
 
 if __name__ == "__main__":
     unittest.main()

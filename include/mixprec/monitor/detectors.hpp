@@ -109,6 +109,24 @@ struct DetectorOptions {
   /// records); the induced failures of benchmarks/instability are to set it.
   double moment_lag_rms = 4.0;
   std::int64_t moment_lag_warmup_records = 2;
+  /// update_jump: at a logged applied step, a parameter's update ratio
+  /// (ParamSample::update_ratio) is more than `update_jump_factor` times the
+  /// median of its last `update_jump_records` ratios at logged applied
+  /// steps, once `update_jump_warmup_records` logging intervals are past
+  /// (Adam's first updates are large and shrink). The update is where a
+  /// lagging second moment shows for longer than in g^2 / v itself: a
+  /// gradient burst on elements whose v had decayed divides by that small v
+  /// (Wortsman et al. 2023's precursor), and the first moment carries the
+  /// large update on for ~1 / (1 - beta1) steps, so a logged step every 10
+  /// still sees it where v_ratio_rms, a one-step figure, is back near 1.
+  /// Measured with benchmarks/instability (docs/monitor.md, every = 10,
+  /// records after step 200): the healthy MLP runs' ratio to that median
+  /// stayed at or under 2.01 (weights: 1.54); before scenario (d)'s late
+  /// loss spike (Adam lr 0.02, seed 1, step 3230) it was 7.2-8.3 thirty
+  /// steps ahead, but jumps of 4-7x also came and went without a failure.
+  double update_jump_factor = 4.0;
+  std::int64_t update_jump_records = 10;
+  std::int64_t update_jump_warmup_records = 20;
   /// repeated_overflow: one parameter's gradient was not finite on
   /// `overflow_repeats` of the last `overflow_window` steps. Under dynamic
   /// scaling only the steps whose scale was at or under the settled scale
@@ -166,6 +184,12 @@ struct DetectorOptions {
                   ", must be > 0 (inf turns the detector off)");
     MIXPREC_CHECK(moment_lag_warmup_records >= 0, "DetectorOptions: moment_lag_warmup_records = ",
                   moment_lag_warmup_records, ", must be >= 0");
+    MIXPREC_CHECK(update_jump_factor > 1.0, "DetectorOptions: update_jump_factor = ", update_jump_factor,
+                  ", must be > 1 (inf turns the detector off)");
+    MIXPREC_CHECK(update_jump_records >= 3, "DetectorOptions: update_jump_records = ", update_jump_records,
+                  ", must be >= 3");
+    MIXPREC_CHECK(update_jump_warmup_records >= 0, "DetectorOptions: update_jump_warmup_records = ",
+                  update_jump_warmup_records, ", must be >= 0");
     MIXPREC_CHECK(overflow_repeats >= 1, "DetectorOptions: overflow_repeats = ", overflow_repeats, ", must be >= 1");
     MIXPREC_CHECK(overflow_window >= 1, "DetectorOptions: overflow_window = ", overflow_window, ", must be >= 1");
     MIXPREC_CHECK(trend_window >= min_samples, "DetectorOptions: trend_window = ", trend_window,
@@ -244,6 +268,20 @@ inline double quantile_exponent(const Histogram& h, double q) {
   return Bins::max_exponent + 1.0;
 }
 
+/// The median of `values` (the mean of the middle two for an even count),
+/// sorted partly in `scratch`; NaN when empty.
+template <class C>
+double median_of(const C& values, std::vector<double>& scratch) {
+  if (values.empty()) return std::numeric_limits<double>::quiet_NaN();
+  scratch.assign(values.begin(), values.end());
+  const std::size_t mid = scratch.size() / 2;
+  std::nth_element(scratch.begin(), scratch.begin() + static_cast<std::ptrdiff_t>(mid), scratch.end());
+  const double upper = scratch[mid];
+  if (scratch.size() % 2 == 1) return upper;
+  const double lower = *std::max_element(scratch.begin(), scratch.begin() + static_cast<std::ptrdiff_t>(mid));
+  return 0.5 * (lower + upper);
+}
+
 inline std::string short_number(double x) {
   std::ostringstream out;
   out.imbue(std::locale::classic());
@@ -309,6 +347,7 @@ class Detectors {
     overflow_steps_.resize(info_.params.size());
     lowest_share_.assign(info_.params.size(), 2.0);
     stalled_.assign(info_.params.size(), 0);
+    update_history_.resize(info_.params.size());
     forecast_.step = 0;
   }
 
@@ -436,6 +475,9 @@ class Detectors {
     j["lowest_share"] = doubles(lowest_share_);
     j["lowest_overall"] = num(lowest_overall_);
     j["stalled"] = stalled_;
+    json updates = json::array();
+    for (const auto& d : update_history_) updates.push_back(doubles(d));
+    j["update_history"] = updates;
     json fired = json::array();
     for (const auto& kv : last_fired_) fired.push_back({kv.first.first, kv.first.second, kv.second});
     j["last_fired"] = fired;
@@ -493,6 +535,13 @@ class Detectors {
       d.lowest_overall_ = from(j.at("lowest_overall"));
       d.stalled_ = j.at("stalled").get<std::vector<std::int64_t>>();
       MIXPREC_CHECK(d.stalled_.size() == np, "stalled has ", d.stalled_.size(), " parameters, the run ", np);
+      // States saved before update_jump existed restore with no history.
+      for (auto& h : d.update_history_) h.clear();
+      if (j.contains("update_history")) {
+        const auto& updates = j.at("update_history");
+        MIXPREC_CHECK(updates.size() == np, "update_history has ", updates.size(), " parameters, the run ", np);
+        for (std::size_t i = 0; i < np; ++i) d.update_history_[i] = to_deque(updates[i]);
+      }
       d.last_fired_.clear();
       for (const auto& f : j.at("last_fired")) {
         d.last_fired_[{f.at(0).get<int>(), f.at(1).get<std::string>()}] = f.at(2).get<std::int64_t>();
@@ -589,15 +638,7 @@ class Detectors {
     events_.push_back(std::move(e));
   }
 
-  double median_norm() {
-    scratch_.assign(norms_.begin(), norms_.end());
-    const std::size_t mid = scratch_.size() / 2;
-    std::nth_element(scratch_.begin(), scratch_.begin() + static_cast<std::ptrdiff_t>(mid), scratch_.end());
-    const double upper = scratch_[mid];
-    if (scratch_.size() % 2 == 1) return upper;
-    const double lower = *std::max_element(scratch_.begin(), scratch_.begin() + static_cast<std::ptrdiff_t>(mid));
-    return 0.5 * (lower + upper);
-  }
+  double median_norm() { return detail::median_of(norms_, scratch_); }
 
   void observe_step(const StepSample& s, std::vector<Event>& found) {
     using detail::short_number;
@@ -852,6 +893,33 @@ class Detectors {
       }
     }
 
+    // Updates that jumped far above their recent median (NaN, zero weights,
+    // and skipped steps, which moved nothing, are left out of the history).
+    if (!last.skipped) {
+      const bool warm = last.step > opt_.update_jump_warmup_records * info_.every;
+      for (std::size_t i = 0; i < r.params.size(); ++i) {
+        const double ratio = r.params[i].update_ratio;
+        if (!(std::isfinite(ratio) && ratio > 0)) continue;
+        std::deque<double>& h = update_history_[i];
+        if (warm && static_cast<std::int64_t>(h.size()) >= opt_.update_jump_records) {
+          const double median = detail::median_of(h, scratch_);
+          const double limit = opt_.update_jump_factor * median;
+          const ParamInfo& p = info_.params[i];
+          if (median > 0 && ratio > limit && may_fire(EventKind::update_jump, p.name, last.step)) {
+            add(found, EventKind::update_jump, last.step, p.name, ratio, limit,
+                p.name + "'s update ratio " + short_number(ratio) + " is " + short_number(ratio / median) +
+                    "x its median " + short_number(median) + " over the last " + std::to_string(h.size()) +
+                    " logged steps: its updates jumped, as when a gradient burst meets a second moment that had "
+                    "decayed, which precedes loss spikes",
+                "lower the lr, or clip updates (AdamOptions::update_clipping, StableAdamW) or the gradient norm "
+                "(scaler.step(opt, max_norm))");
+          }
+        }
+        h.push_back(ratio);
+        if (static_cast<std::int64_t>(h.size()) > opt_.update_jump_records) h.pop_front();
+      }
+    }
+
     // Stalled updates: only applied steps move the weights, and Adam's
     // first steps are not representative.
     if (!last.skipped && last.step > opt_.stall_warmup_records * info_.every) {
@@ -994,6 +1062,7 @@ class Detectors {
   std::vector<double> lowest_share_;                      // per parameter, the lowest lost share so far
   double lowest_overall_ = 2.0;                           // the same over all float16 parameters
   std::vector<std::int64_t> stalled_;                     // per parameter, consecutive stalled records
+  std::vector<std::deque<double>> update_history_;        // per parameter, the last update_jump_records ratios
 
   std::map<std::pair<int, std::string>, std::int64_t> last_fired_;  // (kind, param) -> step
   std::vector<Event> events_;

@@ -167,6 +167,7 @@ enum class EventKind {
   repeated_overflow,    // one parameter keeps producing non-finite gradients
   precision_fallback,   // a layer's compute moved (or should move) to bf16/fp32 (monitor/precision_fallback.hpp)
   moment_lag,           // the second moment underestimates g^2: RMS of g^2 / v far above 1 (a spike precursor)
+  update_jump,          // a parameter's update ratio jumped far above its recent median (a spike precursor)
 };
 
 inline const char* to_string(EventKind k) {
@@ -180,6 +181,7 @@ inline const char* to_string(EventKind k) {
     case EventKind::repeated_overflow: return "repeated_overflow";
     case EventKind::precision_fallback: return "precision_fallback";
     case EventKind::moment_lag: return "moment_lag";
+    case EventKind::update_jump: return "update_jump";
   }
   return "unknown";
 }
