@@ -305,8 +305,9 @@ inline std::unique_ptr<optim::Optimizer> make_optimizer(const Args& a, std::vect
 // ZeRO-1 over `comm` with the optimizer of `a` (the same options as
 // make_optimizer's). Cut at elements: the MLP's first layer holds 85% of
 // its parameters, so cuts at parameters would leave one rank most of the
-// state; the examples do not clip, so the bits are plain data
-// parallelism's either way (docs/distributed.md).
+// state; the examples do not clip, so on CPU ranks the bits are plain data
+// parallelism's either way (NCCL with 3 or more ranks may add in another
+// order; docs/distributed.md).
 inline std::unique_ptr<dist::ZeroOne> make_zero1(const Args& a, dist::Communicator& comm,
                                                  std::vector<optim::Param> params) {
   const dist::ShardOptions cut{dist::ShardOptions::Cut::elements};

@@ -238,6 +238,61 @@ TEST(DistNccl, ZeroOneCapturesInACudaGraph) {
   for (std::size_t i = 0; i < 3; ++i) EXPECT_EQ(bytes_of(dp.w[i]), bytes_of(plain.w[i])) << i;
 }
 
+// More pieces than one NCCL group takes (1,100 parameters > kMaxGroupOps):
+// the collectives split into groups, and the sharded step still equals the
+// plain one. Collectives on a stream other than the shard's are refused, and
+// so is a scaler on another stream or stepping another optimizer.
+TEST(DistNccl, ZeroOneSplitsGroupsAndRefusesAnotherStream) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  auto comm = one_rank();
+  static_assert(dist::NcclCommunicator::kMaxGroupOps < 1100, "more pieces than a group takes");
+  std::vector<Tensor<half>> w, g, rw, rg;
+  std::vector<optim::Param> params, ref_params;
+  for (int i = 0; i < 1100; ++i) {
+    Tensor<half> h({3 + i % 5});
+    fill_normal(h, 0, 1, 7000 + i);
+    w.push_back(h.to(Device::cuda(0)));
+    rw.push_back(h.to(Device::cuda(0)));
+    Tensor<half> hg(h.shape());
+    fill_normal(hg, 0, 64, 9000 + i);
+    g.push_back(hg.to(Device::cuda(0)));
+    rg.push_back(hg.to(Device::cuda(0)));
+    params.push_back({"p" + std::to_string(i), w.back(), g.back()});
+    ref_params.push_back({"p" + std::to_string(i), rw.back(), rg.back()});
+  }
+  dist::ShardedOptimizer<optim::AdamW> sharded(*comm, params, optim::AdamWOptions{});
+  optim::AdamW ref(ref_params);
+  amp::DeviceGradScaler scaler, ref_scaler;
+  scaler.set_stats_reducer(sharded.device_stats_reducer());
+  for (int s = 0; s < 3; ++s) {
+    sharded.reduce_gradients();
+    scaler.step(sharded.shard());
+    scaler.update();
+    sharded.gather_weights();
+    ref_scaler.step(ref);
+    ref_scaler.update();
+  }
+  for (std::size_t i = 0; i < w.size(); ++i) ASSERT_EQ(bytes_of(w[i]), bytes_of(rw[i])) << i;
+  Stream other(Device::cuda(0));
+  try {
+    sharded.reduce_gradients(other.get());
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("is not shard().stream()"), std::string::npos) << e.what();
+  }
+  amp::DeviceGradScaler elsewhere(amp::GradScalerOptions{}, Device::cuda(0), other.get());
+  elsewhere.set_stats_reducer(sharded.device_stats_reducer());
+  EXPECT_THROW(elsewhere.step(sharded.shard()), Error);
+  amp::DeviceGradScaler wrong;
+  wrong.set_stats_reducer(sharded.device_stats_reducer());
+  try {
+    wrong.step(ref);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("not this rank's shard()"), std::string::npos) << e.what();
+  }
+}
+
 // A sharded checkpoint on the GPU: save after 3 steps, 3 more, load, the
 // same 3 again: the same bits.
 TEST(DistNccl, ZeroOneCheckpointResumesBitExactly) {

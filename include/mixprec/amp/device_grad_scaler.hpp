@@ -123,12 +123,13 @@ class DeviceGradScaler {
   /// Sharded optimizers on GPUs (dist::ShardedOptimizer, ZeRO-1): each
   /// rank checks only its slice, so after each check pass the scaler hands
   /// the optimizer's non-finite flag and total sum of squares (device
-  /// memory) to `reducer`, which queues on `stream` what makes them the
+  /// memory) to `reducer` with the optimizer, which queues on `stream` what makes them the
   /// job's in place (ShardedOptimizer::device_stats_reducer(): one NCCL
   /// launch of 12 bytes). Every rank then skips, scales and clips alike,
   /// with no host synchronisation; found_inf() and grad_norm() answer for
   /// the job. Empty (the default): this process's. Not during an iteration.
-  using StatsReducer = std::function<void(int* found_inf, double* total_sum_squares, stream_t stream)>;
+  using StatsReducer =
+      std::function<void(const optim::Optimizer& opt, int* found_inf, double* total_sum_squares, stream_t stream)>;
   void set_stats_reducer(StatsReducer reducer) {
     const auto guard = records_.lock();
     MIXPREC_CHECK(records_.all().empty(), "DeviceGradScaler::set_stats_reducer: an iteration is under way");
@@ -205,8 +206,8 @@ class DeviceGradScaler {
     // The pass's results are this scaler's to combine: the plan's device
     // buffers, written by the check kernel, read by the step kernel.
     if (stats_reducer_) {
-      stats_reducer_(const_cast<int*>(opt.device_found_inf()), const_cast<double*>(opt.device_total_sum_squares()),
-                     stream_);
+      stats_reducer_(opt, const_cast<int*>(opt.device_found_inf()),
+                     const_cast<double*>(opt.device_total_sum_squares()), stream_);
     }
     Record& r = records_.get(opt);
     r.num_params = opt.num_params();

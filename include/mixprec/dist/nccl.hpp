@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <exception>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -176,9 +177,11 @@ class NcclCommunicator final : public Communicator {
     MIXPREC_CUDA_CHECK(cudaStreamIsCapturing(s, &status));
     if (status != cudaStreamCaptureStatusNone) return;
     mixprec::detail::DeviceGuard guard(device_);
-    cudaEvent_t event = nullptr;
-    MIXPREC_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
-    const std::shared_ptr<CUevent_st> owned(event, [](cudaEvent_t e) { (void)cudaEventDestroy(e); });
+    // An event of the pool (one a collective in flight; the watchdog drops
+    // it once it has completed, and it goes back to the pool).
+    cudaEvent_t event = events_->take();
+    if (event == nullptr) MIXPREC_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+    const std::shared_ptr<CUevent_st> owned(event, [pool = events_](cudaEvent_t e) { pool->give(e); });
     MIXPREC_CUDA_CHECK(cudaEventRecord(event, s));
     w->watch(what, [owned] { return cudaEventQuery(owned.get()) != cudaErrorNotReady; });
   }
@@ -243,10 +246,32 @@ class NcclCommunicator final : public Communicator {
                                  static_cast<int>(r), ")");
   }
 
+  // watch_stream's events, reused; shared with the watchdog's entries,
+  // which may outlive this object by a moment.
+  struct EventPool {
+    std::mutex mutex;
+    std::vector<cudaEvent_t> free;
+    cudaEvent_t take() {
+      const std::lock_guard<std::mutex> lock(mutex);
+      if (free.empty()) return nullptr;
+      const cudaEvent_t e = free.back();
+      free.pop_back();
+      return e;
+    }
+    void give(cudaEvent_t e) {
+      const std::lock_guard<std::mutex> lock(mutex);
+      free.push_back(e);
+    }
+    ~EventPool() {
+      for (cudaEvent_t e : free) (void)cudaEventDestroy(e);
+    }
+  };
+
   int uncaught_;
   int rank_, size_, local_rank_, local_size_;
   Device device_;
   ncclComm_t comm_ = nullptr;
+  std::shared_ptr<EventPool> events_ = std::make_shared<EventPool>();
 };
 
 }  // namespace dist

@@ -199,6 +199,9 @@ class ShardedOptimizer final : public ZeroOne {
       mine.push_back({piece_name(p, c.offset), slice(p.weight, c.offset, c.count), slice(p.grad, c.offset, c.count)});
     }
     shard_ = std::make_unique<Opt>(std::move(mine), options);
+    // Device communicators: 16 bytes of device memory for the checkpoints'
+    // agreements, made now so that no allocation can fail on one rank there.
+    if (comm.device().is_cuda()) scratch_ = Buffer(16, comm.device());
   }
 
   /// This rank's optimizer: masters and state of its slice only.
@@ -225,15 +228,30 @@ class ShardedOptimizer final : public ZeroOne {
   amp::DeviceGradScaler::StatsReducer device_stats_reducer() override {
     MIXPREC_CHECK(comm_->device().is_cuda(), "ShardedOptimizer::device_stats_reducer: the parameters are on ",
                   comm_->device(), "; use stats_reducer() with an amp::GradScaler");
-    return [this](int* found_inf, double* total, stream_t stream) { comm_->all_reduce_check(found_inf, total, stream); };
+    return [this](const optim::Optimizer& opt, int* found_inf, double* total, stream_t stream) {
+      // One scaler per sharded optimizer, as stats_reducer()'s rule: another
+      // optimizer's sums are not a slice of this one's.
+      MIXPREC_CHECK(&opt == shard_.get(), "ShardedOptimizer: the device stats reducer got a ", opt.name(), " of ",
+                    opt.num_params(), " parameters, not this rank's shard(); set it on the scaler that steps shard() "
+                    "only");
+      comm_->all_reduce_check(found_inf, total, step_stream(stream, "device_stats_reducer (the scaler's stream)"));
+    };
   }
 
   /// After the backward: this rank's slice of the gradients becomes the
   /// sum over the ranks (the other elements hold unspecified values).
-  void reduce_gradients(stream_t stream = nullptr) override { comm_->reduce_scatter_sum(grads_, bounds_, stream); }
+  /// On GPUs the collectives run on shard().stream(), the stream the check
+  /// and the step run on (the scaler's must be the same); `stream` may be
+  /// left out or must be that one: on another, nothing would order the
+  /// reduction before the check or the step before the gather.
+  void reduce_gradients(stream_t stream = nullptr) override {
+    comm_->reduce_scatter_sum(grads_, bounds_, step_stream(stream, "reduce_gradients"));
+  }
 
   /// After the step: every rank's updated slice of the weights to every rank.
-  void gather_weights(stream_t stream = nullptr) override { comm_->all_gather_slices(weights_, bounds_, stream); }
+  void gather_weights(stream_t stream = nullptr) override {
+    comm_->all_gather_slices(weights_, bounds_, step_stream(stream, "gather_weights"));
+  }
 
   /// Checkpoints: one file per rank plus an index, written at `path`.
   ///
@@ -322,7 +340,9 @@ class ShardedOptimizer final : public ZeroOne {
       failure = std::current_exception();
     }
     if (!all_ranks_ok(!failure)) {  // the index names the new files, or the save failed everywhere
-      std::remove(file.c_str());
+      // The new files stay: the index may have been renamed into place
+      // before the error (a failed fsync of the directory), and then names
+      // them. The previous files stay too.
       fail(failure, "ShardedOptimizer::save_checkpoint", path);
     }
     // This rank's files of the previous save to the same index (saves to
@@ -375,15 +395,23 @@ class ShardedOptimizer final : public ZeroOne {
       failure = std::current_exception();
     }
     agree(failure, "ShardedOptimizer::load_checkpoint", path);
-    // Every check has passed on every rank: apply, as io::load_checkpoint does.
-    shard_->load_state(prep.state);
-    scaler.load_state(prep.scaler.state, prep.scaler.applied, prep.scaler.skipped);
-    if (scaler.options().spike_guard.enabled) {
-      const auto w = static_cast<std::size_t>(scaler.options().spike_guard.window);
-      scaler.load_spike_guard(prep.scaler.guard.value_or(
-          amp::SpikeGuardSnapshot{{}, std::vector<double>(w, 0.0), std::vector<double>(w, 0.0)}));
+    // Every check has passed on every rank: apply, as io::load_checkpoint
+    // does. What can still fail here (device memory for new state) is
+    // agreed on too before the gather, so no rank waits in it; the ranks'
+    // states may then differ: load again.
+    try {
+      shard_->load_state(prep.state);
+      scaler.load_state(prep.scaler.state, prep.scaler.applied, prep.scaler.skipped);
+      if (scaler.options().spike_guard.enabled) {
+        const auto w = static_cast<std::size_t>(scaler.options().spike_guard.window);
+        scaler.load_spike_guard(prep.scaler.guard.value_or(
+            amp::SpikeGuardSnapshot{{}, std::vector<double>(w, 0.0), std::vector<double>(w, 0.0)}));
+      }
+      io::detail::write_weights(*shard_, prep.weights);
+    } catch (...) {
+      failure = std::current_exception();
     }
-    io::detail::write_weights(*shard_, prep.weights);
+    agree(failure, "ShardedOptimizer::load_checkpoint (applying)", path);
     if (extras != nullptr) {
       extras->metadata = std::move(prep.got.metadata);
       if (extras->rng != nullptr) *extras->rng = prep.rng;
@@ -414,15 +442,15 @@ class ShardedOptimizer final : public ZeroOne {
       comm_->all_reduce_check(&v.flag, &v.sum);
       return v.flag == 0;
     }
-    Buffer b(sizeof v, comm_->device());
-    mixprec::detail::copy_raw(b.data(), comm_->device(), &v, Device::cpu(), sizeof v);
-    comm_->all_reduce_check(static_cast<int*>(b.data()), reinterpret_cast<double*>(static_cast<char*>(b.data()) + 8));
-    mixprec::detail::copy_raw(&v, Device::cpu(), b.data(), comm_->device(), sizeof v);  // waits for it
+    void* b = scratch_.data();
+    mixprec::detail::copy_raw(b, comm_->device(), &v, Device::cpu(), sizeof v);
+    comm_->all_reduce_check(static_cast<int*>(b), reinterpret_cast<double*>(static_cast<char*>(b) + 8));
+    mixprec::detail::copy_raw(&v, Device::cpu(), b, comm_->device(), sizeof v);  // waits for it
     return v.flag == 0;
   }
 
-  // Reads the index and this rank's old files, and assembles its state:
-  // with the same slices its own file whole, else element by element.
+  // Reads the index and the old files that meet this rank's slice (its own
+  // alone with the same slices), and assembles its state element by element.
   template <class Scaler>
   Prepared prepare(const std::string& path, const Scaler& scaler, io::CheckpointExtras* extras) {
     std::ifstream in(path, std::ios::binary);
@@ -602,6 +630,17 @@ class ShardedOptimizer final : public ZeroOne {
     prep.scaler = base.scaler;
   }
 
+  // The stream a device communicator's collectives run on: the shard's.
+  stream_t step_stream(stream_t stream, const char* what) const {
+    if (comm_->device().is_cpu()) return stream;
+    const stream_t step = shard_->stream();
+    MIXPREC_CHECK(stream == nullptr || stream == step, "ShardedOptimizer::", what, ": stream ",
+                  static_cast<const void*>(stream), " is not shard().stream() (", static_cast<const void*>(step),
+                  "); the check, the step and ZeRO-1's collectives must share one stream: shard().set_stream(s), "
+                  "the scaler on s");
+    return step;
+  }
+
   // Rank 0's value, on every rank (through device memory on a device
   // communicator: NCCL moves device memory only).
   std::uint64_t from_rank0(std::uint64_t v) {
@@ -609,10 +648,9 @@ class ShardedOptimizer final : public ZeroOne {
       comm_->broadcast(&v, sizeof v, 0);
       return v;
     }
-    Buffer b(sizeof v, comm_->device());
-    mixprec::detail::copy_raw(b.data(), comm_->device(), &v, Device::cpu(), sizeof v);
-    comm_->broadcast(b.data(), sizeof v, 0);  // the default stream, as the copies
-    mixprec::detail::copy_raw(&v, Device::cpu(), b.data(), comm_->device(), sizeof v);
+    mixprec::detail::copy_raw(scratch_.data(), comm_->device(), &v, Device::cpu(), sizeof v);
+    comm_->broadcast(scratch_.data(), sizeof v, 0);  // the default stream, as the copies
+    mixprec::detail::copy_raw(&v, Device::cpu(), scratch_.data(), comm_->device(), sizeof v);
     return v;
   }
 
@@ -700,6 +738,7 @@ class ShardedOptimizer final : public ZeroOne {
   ShardOptions::Cut cut_;
   std::vector<std::int64_t> bounds_;
   std::vector<std::size_t> pieces_per_rank_;
+  Buffer scratch_;  // device communicators: from_rank0 / all_ranks_ok's 16 bytes
   typename Opt::options_type options_;  // the shard's (re-sharding reads old shards through optimizers of them)
   std::unique_ptr<Opt> shard_;
   // index path -> the files this rank removes once it has saved a new index
