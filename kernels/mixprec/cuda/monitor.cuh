@@ -7,6 +7,7 @@
 // from the check pass (grad_check.cuh), which reads the gradients anyway.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -89,11 +90,42 @@ __device__ inline void publish_terms(float w, float v, bool has_v, float v_scale
   if (has_v) a[2] += (v * v_scale < eps2) ? 1.0 : 0.0;
 }
 
-// Blocks as BlockMap says. A step that moved the masters: the update pass
-// summed the update, weight and eps terms already (the precursors), and the
-// blocks have nothing to read. A skipped step (overflow or the spike guard)
-// moved nothing: each block sums its share of one parameter's weight and
-// eps terms into its partials. The last block to finish adds the partials
+// This thread's weight and eps terms of work item `local` of the `count`
+// that share one parameter, on a skipped step.
+__device__ inline void skipped_step_terms(const monitor::DeviceParamInfo& info, int local, int count, double (&a)[3]) {
+  // 1 / bias correction (the host's definition, optim/precursors.hpp).
+  const float v_scale = info.v != nullptr ? optim::v_hat_scale(info.beta2, static_cast<double>(*info.step)) : 1.0f;
+  const float eps2 = info.eps * info.eps;
+  const bool has_v = info.v != nullptr;
+  const std::int64_t stride = static_cast<std::int64_t>(count) * blockDim.x;
+  const std::int64_t first = local * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+  std::int64_t done = 0;
+  if (aligned16(info.master) && (!has_v || aligned16(info.v))) {  // 16-byte loads
+    const std::int64_t vectors = info.numel / 4;
+    for (std::int64_t i = first; i < vectors; i += stride) {
+      const float4 w = reinterpret_cast<const float4*>(info.master)[i];
+      const float4 v = has_v ? reinterpret_cast<const float4*>(info.v)[i] : make_float4(0, 0, 0, 0);
+      publish_terms(w.x, v.x, has_v, v_scale, eps2, a);
+      publish_terms(w.y, v.y, has_v, v_scale, eps2, a);
+      publish_terms(w.z, v.z, has_v, v_scale, eps2, a);
+      publish_terms(w.w, v.w, has_v, v_scale, eps2, a);
+    }
+    done = vectors * 4;
+  }
+  for (std::int64_t i = done + first; i < info.numel; i += stride) {
+    publish_terms(info.master[i], has_v ? info.v[i] : 0.0f, has_v, v_scale, eps2, a);
+  }
+}
+
+// Work items as BlockMap says (`items` of them), taken by the grid's blocks
+// in turn (a grid of one wave or less: most logged steps moved the masters
+// and the items have nothing to read). A step that moved the masters: the
+// update pass summed the update, weight and eps terms already (the
+// precursors), and each item's partials are zero. A skipped step (overflow
+// or the spike guard) moved nothing: each item sums its share of one
+// parameter's weight and eps terms into its partials (the same partials
+// whatever the grid: an item's elements and its sum's order do not depend on
+// which block takes it). The last block to finish adds the partials
 // up (in a fixed order, so the figures do not depend on the order blocks ran
 // in), adds the precursors (zero where the update pass did not run) and
 // writes the read-back. (A step skipped for a non-finite lr alone leaves
@@ -102,41 +134,23 @@ __global__ void __launch_bounds__(monitor_threads)
     monitor_publish_kernel(monitor::DeviceStepInputs in, const monitor::DeviceParamInfo* params, BlockMap map,
                            const unsigned long long* hist, MonitorControl* ctl, const monitor::DeviceStep* ring,
                            const int* ring_nonfinite, int every, int num_params, char* pinned, int slots, monitor::ReadbackLayout layout,
-                           double* partials, const double* precursors) {
+                           double* partials, const double* precursors, int items) {
   __shared__ double partial[monitor_threads / 32][3];
-  const int p = map.param[blockIdx.x];
-  const int local = static_cast<int>(blockIdx.x) - map.first[p];
-  const monitor::DeviceParamInfo info = params[p];
-  // 1 / bias correction (the host's definition, optim/precursors.hpp).
-  const float v_scale = info.v != nullptr ? optim::v_hat_scale(info.beta2, static_cast<double>(*info.step)) : 1.0f;
-  const float eps2 = info.eps * info.eps;
-  double a[3] = {0, 0, 0};  // update (0: nothing moved), weight, eps count
-  const bool has_v = info.v != nullptr;
   const bool moved = *in.found_inf == 0 && (in.guard_skip == nullptr || *in.guard_skip == 0);
-  if (!moved) {
-    const std::int64_t stride = static_cast<std::int64_t>(map.count[p]) * blockDim.x;
-    const std::int64_t first = local * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
-    std::int64_t done = 0;
-    if (aligned16(info.master) && (!has_v || aligned16(info.v))) {  // 16-byte loads
-      const std::int64_t vectors = info.numel / 4;
-      for (std::int64_t i = first; i < vectors; i += stride) {
-        const float4 w = reinterpret_cast<const float4*>(info.master)[i];
-        const float4 v = has_v ? reinterpret_cast<const float4*>(info.v)[i] : make_float4(0, 0, 0, 0);
-        publish_terms(w.x, v.x, has_v, v_scale, eps2, a);
-        publish_terms(w.y, v.y, has_v, v_scale, eps2, a);
-        publish_terms(w.z, v.z, has_v, v_scale, eps2, a);
-        publish_terms(w.w, v.w, has_v, v_scale, eps2, a);
-      }
-      done = vectors * 4;
+  for (int item = static_cast<int>(blockIdx.x); item < items; item += static_cast<int>(gridDim.x)) {
+    double* mine = partials + static_cast<std::size_t>(item) * 3;
+    if (moved) {
+      if (threadIdx.x < 3) mine[threadIdx.x] = 0;
+      continue;
     }
-    for (std::int64_t i = done + first; i < info.numel; i += stride) {
-      publish_terms(info.master[i], has_v ? info.v[i] : 0.0f, has_v, v_scale, eps2, a);
+    const int p = map.param[item];
+    double a[3] = {0, 0, 0};  // update (0: nothing moved), weight, eps count
+    skipped_step_terms(params[p], item - map.first[p], map.count[p], a);
+    block_sum3(a, partial);
+    if (threadIdx.x == 0) {  // this item's partials; the last block adds them up in a fixed order
+      for (int k = 0; k < 3; ++k) mine[k] = a[k];
     }
-  }
-  block_sum3(a, partial);
-  if (threadIdx.x == 0) {  // this block's partials; the last block adds them up in a fixed order
-    double* mine = partials + static_cast<std::size_t>(blockIdx.x) * 3;
-    for (int k = 0; k < 3; ++k) mine[k] = a[k];
+    __syncthreads();  // thread 0 has read `partial` before the next item writes it
   }
   __shared__ bool is_last;
   __threadfence();
@@ -213,6 +227,7 @@ class MonitorPlan final : public monitor::DeviceMonitorPlan {
       block_param.insert(block_param.end(), static_cast<std::size_t>(n), static_cast<int>(p));
     }
     blocks_ = static_cast<unsigned>(block_param.size());
+    grid_ = static_cast<unsigned>(std::min<std::int64_t>(blocks_, multiprocessor_count()));
     std::vector<int> map_host(block_param);
     map_host.insert(map_host.end(), first.begin(), first.end());
     map_host.insert(map_host.end(), count.begin(), count.end());
@@ -256,11 +271,11 @@ class MonitorPlan final : public monitor::DeviceMonitorPlan {
 
   void publish(const monitor::DeviceStepInputs& in, void* pinned, int slots, stream_t stream) override {
     mixprec::detail::DeviceGuard guard(device_);
-    detail::monitor_publish_kernel<<<blocks_, detail::monitor_threads, 0, stream>>>(
+    detail::monitor_publish_kernel<<<grid_, detail::monitor_threads, 0, stream>>>(
         in, static_cast<const monitor::DeviceParamInfo*>(params_.data()), map(), static_cast<const unsigned long long*>(hist_.data()),
         control(), static_cast<const monitor::DeviceStep*>(ring_.data()), static_cast<const int*>(ring_nonfinite_.data()),
         every_, num_params_, static_cast<char*>(pinned), slots, layout_, static_cast<double*>(partials_.data()),
-        static_cast<const double*>(precursors_.data()));
+        static_cast<const double*>(precursors_.data()), static_cast<int>(blocks_));
     MIXPREC_CUDA_CHECK_LAUNCH("monitor_publish_kernel");
   }
 
@@ -279,7 +294,8 @@ class MonitorPlan final : public monitor::DeviceMonitorPlan {
 
   Device device_;
   int every_, num_params_;
-  unsigned blocks_ = 0;  // of the publish kernel (BlockMap)
+  unsigned blocks_ = 0;  // the publish kernel's work items (BlockMap)
+  unsigned grid_ = 0;    // its blocks: one a multiprocessor at most
   monitor::ReadbackLayout layout_;
   Buffer params_, map_, hist_, control_, ring_, ring_nonfinite_, partials_, precursors_;
 };
