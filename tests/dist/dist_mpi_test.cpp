@@ -642,13 +642,51 @@ TEST(DistMpi, ZeroOneCutsAtParametersLeaveEveryRankAParameter) {
 // A sharded run's checkpoint: every rank's shard and an index. Resumed on
 // the same number of ranks it continues with the bits of a run that never
 // stopped; a job of another size refuses it (ctest's dist_mpi_checkpoint_3).
-struct ZeroRun {
-  MixedParams m;
+// bf16 weights only (a remainder master needs them), the sizes of MixedParams.
+struct Bf16Params {
+  Tensor<bfloat16> a{Shape{37}}, ga{Shape{37}}, e{Shape{0}}, ge{Shape{0}}, b{Shape{1}}, gb{Shape{1}}, d{Shape{100}},
+      gd{Shape{100}}, c{Shape{5}}, gc{Shape{5}};
+  Bf16Params() {
+    fill_normal(a, 0, 1, 1);
+    fill_normal(b, 0, 1, 2);
+    fill_normal(c, 0, 1, 3);
+    fill_normal(d, 0, 1, 4);
+  }
+  std::vector<optim::Param> params() {
+    return {{"a", a, ga}, {"e", e, ge}, {"b", b, gb}, {"d", d, gd}, {"c", c, gc}};
+  }
+  void gradients(int s, float scale) {
+    const auto seed = static_cast<std::uint64_t>(1000 * s + 10 * g_comm->rank());
+    fill_normal(ga, 0, 0.01f * scale, seed + 1);
+    fill_normal(gb, 0, 0.01f * scale, seed + 2);
+    fill_normal(gc, 0, 0.01f * scale, seed + 3);
+    fill_normal(gd, 0, 0.01f * scale, seed + 4);
+  }
+  std::uint64_t weights() const {
+    std::uint64_t h = fnv(a.data(), a.bytes());
+    h = fnv(b.data(), b.bytes(), h);
+    h = fnv(c.data(), c.bytes(), h);
+    return fnv(d.data(), d.bytes(), h);
+  }
+};
+
+// AdamW amsgrad with bf16 moments and a remainder master.
+optim::AdamWOptions adamw_lean() {
+  optim::AdamWOptions o = adamw_amsgrad();
+  o.layout.moments = optim::Moments::bf16;
+  o.layout.master = optim::Master::remainder;
+  return o;
+}
+
+template <class P = MixedParams>
+struct ZeroRunOf {
+  P m;
   dist::ShardedOptimizer<optim::AdamW> zero;
   amp::GradScaler scaler;
   double max_norm;
-  explicit ZeroRun(dist::ShardOptions::Cut cut = dist::ShardOptions::Cut::parameters, double clip = 1e-3)
-      : zero(*g_comm, m.params(), adamw_amsgrad(), dist::ShardOptions{cut}), max_norm(clip) {
+  explicit ZeroRunOf(dist::ShardOptions::Cut cut = dist::ShardOptions::Cut::parameters, double clip = 1e-3,
+                     const optim::AdamWOptions& o = adamw_amsgrad())
+      : zero(*g_comm, m.params(), o, dist::ShardOptions{cut}), max_norm(clip) {
     scaler.set_grad_divisor(g_comm->size());
     scaler.set_stats_reducer(zero.stats_reducer());
   }
@@ -682,16 +720,21 @@ struct ZeroRun {
     return fnv(counts, sizeof counts, h);
   }
 };
+using ZeroRun = ZeroRunOf<>;
 
 // ZeroRun's twin without sharding: plain data parallelism on the same
 // parameters and gradients (the same bits, ZeroOneCutAtParametersClipsBitForBit).
-struct PlainMixedRun {
-  MixedParams m;
-  optim::AdamW opt{m.params(), adamw_amsgrad()};
+template <class P = MixedParams>
+struct PlainRunOf {
+  P m;
+  optim::AdamW opt;
   dist::GradientReducer reducer{*g_comm, opt};
   amp::GradScaler scaler;
   double max_norm;
-  explicit PlainMixedRun(double clip = 1e-3) : max_norm(clip) { scaler.set_grad_divisor(g_comm->size()); }
+  explicit PlainRunOf(double clip = 1e-3, const optim::AdamWOptions& o = adamw_amsgrad())
+      : opt(m.params(), o), max_norm(clip) {
+    scaler.set_grad_divisor(g_comm->size());
+  }
   void steps(int from, int to) {
     for (int s = from; s < to; ++s) {
       m.gradients(s, scaler.scale());
@@ -705,6 +748,7 @@ struct PlainMixedRun {
     }
   }
 };
+using PlainMixedRun = PlainRunOf<>;
 
 // This rank's shard files of the index `path`.
 std::vector<std::filesystem::path> shard_files(const std::string& path) {
@@ -759,6 +803,19 @@ TEST(DistMpi, ZeroOneCheckpointResumesBitExactlyOnTheSameRankCount) {
     EXPECT_EQ(twin.m.weights(), first.m.weights());
     expect_shard_is_its_slice(first.zero, twin.opt);
     if (g_comm->rank() == 0) io::save_checkpoint(std::string(out) + ".plain_mixed", twin.opt, twin.scaler);
+    // The same with bf16 weights, bf16 moments and a remainder master.
+    for (const auto& f : shard_files(std::string(out) + ".sharded_lean")) std::filesystem::remove(f);
+    g_comm->barrier();
+    ZeroRunOf<Bf16Params> lean(dist::ShardOptions::Cut::parameters, 1e-3, adamw_lean());
+    lean.steps(0, 7);
+    lean.zero.save_checkpoint(std::string(out) + ".sharded_lean", lean.scaler);
+    PlainRunOf<Bf16Params> lean_twin(1e-3, adamw_lean());
+    lean_twin.steps(0, 7);
+    EXPECT_EQ(lean_twin.m.weights(), lean.m.weights());
+    expect_shard_is_its_slice(lean.zero, lean_twin.opt);
+    if (g_comm->rank() == 0) {
+      io::save_checkpoint(std::string(out) + ".plain_lean", lean_twin.opt, lean_twin.scaler);
+    }
   }
   g_comm->barrier();
   for (const std::string& p : {path, other}) {
@@ -793,6 +850,18 @@ TEST(DistMpi, ZeroOneCheckpointFromAnotherRankCountIsResharded) {
     EXPECT_EQ(run.m.weights(), ref.m.weights());
     expect_shard_is_its_slice(run.zero, ref.opt);
     EXPECT_TRUE(same_on_every_rank(run.m.weights()));
+  }
+  {  // bf16 weights, bf16 moments, a remainder master: the weights come from the state
+    ZeroRunOf<Bf16Params> run(dist::ShardOptions::Cut::elements, 0, adamw_lean());
+    run.zero.load_checkpoint(std::string(in) + ".sharded_lean", run.scaler);
+    PlainRunOf<Bf16Params> ref(0, adamw_lean());
+    io::load_checkpoint(std::string(in) + ".plain_lean", ref.opt, ref.scaler);
+    ASSERT_EQ(run.m.weights(), ref.m.weights());
+    expect_shard_is_its_slice(run.zero, ref.opt);
+    run.steps(7, 12);
+    ref.steps(7, 12);
+    EXPECT_EQ(run.m.weights(), ref.m.weights());
+    expect_shard_is_its_slice(run.zero, ref.opt);
   }
   // Other parameters (the same element count, another name): refused by
   // the shard files' own check on the ranks that read "a" (rank 0 does),
