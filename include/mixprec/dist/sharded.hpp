@@ -545,89 +545,86 @@ class ShardedOptimizer final : public ZeroOne {
   }
 
   // This rank's state from the old slices `old` (see load_checkpoint): reads
-  // every old file this rank needs and assembles its pieces, checked; changes
-  // nothing.
+  // the old files this rank needs one at a time (one file's contents held
+  // at once) and copies what meets its pieces, checked; changes nothing.
   void reshard(const std::string& path, const std::vector<std::string>& files, const std::vector<std::int64_t>& old,
                const amp::GradScalerOptions& scaler_options, bool wants_extras, bool wants_rng, Prepared& prep) {
     const auto r = static_cast<std::size_t>(comm_->rank());
     const std::size_t from = r < files.size() ? r : 0;  // the file whose extras this rank takes
-    struct Old {
-      std::size_t rank;
-      std::vector<Piece> pieces;
-      io::detail::Contents contents;
-    };
-    std::vector<Old> olds;
-    std::size_t extras_at = 0;  // olds' index of file `from`
+    const std::size_t states = shard_->state_names().size();
+    const std::vector<Piece> mine = pieces_of(bounds_, static_cast<int>(r));
+    optim::OptimizerState& st = prep.state;
+    st.params.resize(mine.size());
+    prep.weights.resize(mine.size());
+    std::vector<std::int64_t> covered(mine.size(), 0);
+    for (std::size_t i = 0; i < mine.size(); ++i) {
+      st.params[i].master.assign(static_cast<std::size_t>(mine[i].count), 0.0f);
+      st.params[i].state.resize(states);
+      prep.weights[i].resize(static_cast<std::size_t>(mine[i].count) * dtype_size(params_[mine[i].param].weight.dtype()));
+    }
+    bool first = true;
+    std::size_t base_rank = 0;
     for (std::size_t k = 0; k < files.size(); ++k) {
       const bool meets = std::max(old[k], bounds_[r]) < std::min(old[k + 1], bounds_[r + 1]);
       if (!meets && k != from) continue;
-      if (k == from) extras_at = olds.size();
-      Old o{k, pieces_of(old, static_cast<int>(k)), {}};
-      o.contents = read_shard(files[k], o.pieces, scaler_options, k == from && wants_extras ? &prep.got : nullptr,
-                              k == from && wants_rng ? &prep.rng : nullptr);
-      olds.push_back(std::move(o));
-    }
-    const io::detail::Contents& base = olds[extras_at].contents;
-    for (const Old& o : olds) {
-      const io::detail::Contents& c = o.contents;
-      const bool same = c.opt.lrs == base.opt.lrs && c.opt.applied_steps == base.opt.applied_steps &&
-                        c.scaler.state.scale == base.scaler.state.scale && c.scaler.applied == base.scaler.applied &&
-                        c.scaler.skipped == base.scaler.skipped;
+      const std::vector<Piece> pieces = pieces_of(old, static_cast<int>(k));
+      const io::detail::Contents c = read_shard(files[k], pieces, scaler_options, k == from && wants_extras ? &prep.got
+                                                : nullptr, k == from && wants_rng ? &prep.rng : nullptr);
+      if (first) {
+        st.lrs = c.opt.lrs;
+        st.applied_steps = c.opt.applied_steps;
+        prep.scaler = c.scaler;
+        base_rank = k;
+        first = false;
+      }
+      const bool same = c.opt.lrs == st.lrs && c.opt.applied_steps == st.applied_steps &&
+                        c.scaler.state.scale == prep.scaler.state.scale && c.scaler.applied == prep.scaler.applied &&
+                        c.scaler.skipped == prep.scaler.skipped;
       MIXPREC_CHECK(same, "ShardedOptimizer::load_checkpoint: the shard files of '", path, "' for old ranks ",
-                    olds[extras_at].rank, " and ", o.rank, " disagree (lrs, schedule position, scale or counts): "
-                    "not the files of one save");
-    }
-    // This rank's pieces, element by element from the old pieces that meet them.
-    const std::size_t states = shard_->state_names().size();
-    optim::OptimizerState& st = prep.state;
-    st.lrs = base.opt.lrs;
-    st.applied_steps = base.opt.applied_steps;
-    for (const Piece& p : pieces_of(bounds_, static_cast<int>(r))) {
-      const std::size_t e = dtype_size(params_[p.param].weight.dtype());
-      optim::ParamState ps;
-      ps.master.assign(static_cast<std::size_t>(p.count), 0.0f);
-      ps.state.resize(states);
-      std::vector<std::uint8_t> w(static_cast<std::size_t>(p.count) * e);
-      std::int64_t covered = 0;
-      for (const Old& o : olds) {
-        for (std::size_t j = 0; j < o.pieces.size(); ++j) {
-          const Piece& q = o.pieces[j];
+                    base_rank, " and ", k, " disagree (lrs, schedule position, scale or counts): not the files of "
+                    "one save");
+      // This rank's pieces, element by element from the old pieces that meet them.
+      for (std::size_t i = 0; i < mine.size(); ++i) {
+        const Piece& p = mine[i];
+        optim::ParamState& ps = st.params[i];
+        const std::size_t e = dtype_size(params_[p.param].weight.dtype());
+        for (std::size_t j = 0; j < pieces.size(); ++j) {
+          const Piece& q = pieces[j];
           const std::int64_t a = std::max(p.offset, q.offset), b = std::min(p.offset + p.count, q.offset + q.count);
           if (q.param != p.param || a >= b) continue;
-          const optim::ParamState& src = o.contents.opt.params[j];
+          const optim::ParamState& src = c.opt.params[j];
           const auto to = static_cast<std::size_t>(a - p.offset), at = static_cast<std::size_t>(a - q.offset),
                      n = static_cast<std::size_t>(b - a);
-          if (covered == 0) {
+          if (covered[i] == 0) {
             ps.step = src.step;
-            for (std::size_t k = 0; k < states; ++k) {
-              if (src.state[k]) ps.state[k] = std::vector<float>(static_cast<std::size_t>(p.count), 0.0f);
+            for (std::size_t s = 0; s < states; ++s) {
+              if (src.state[s]) ps.state[s] = std::vector<float>(static_cast<std::size_t>(p.count), 0.0f);
             }
           }
           bool alike = src.step == ps.step;
-          for (std::size_t k = 0; k < states; ++k) alike = alike && src.state[k].has_value() == ps.state[k].has_value();
+          for (std::size_t s = 0; s < states; ++s) alike = alike && src.state[s].has_value() == ps.state[s].has_value();
           MIXPREC_CHECK(alike, "ShardedOptimizer::load_checkpoint: parameter \"", params_[p.param].name,
-                        "\" has other step counts or state tensors in old rank ", o.rank, "'s file of '", path,
+                        "\" has other step counts or state tensors in old rank ", k, "'s file of '", path,
                         "' than in another: not the files of one save");
           std::copy_n(src.master.begin() + static_cast<std::ptrdiff_t>(at), n,
                       ps.master.begin() + static_cast<std::ptrdiff_t>(to));
-          for (std::size_t k = 0; k < states; ++k) {
-            if (src.state[k]) {
-              std::copy_n(src.state[k]->begin() + static_cast<std::ptrdiff_t>(at), n,
-                          ps.state[k]->begin() + static_cast<std::ptrdiff_t>(to));
+          for (std::size_t s = 0; s < states; ++s) {
+            if (src.state[s]) {
+              std::copy_n(src.state[s]->begin() + static_cast<std::ptrdiff_t>(at), n,
+                          ps.state[s]->begin() + static_cast<std::ptrdiff_t>(to));
             }
           }
-          std::memcpy(w.data() + to * e, o.contents.weights[j].data() + at * e, n * e);
-          covered += b - a;
+          std::memcpy(prep.weights[i].data() + to * e, c.weights[j].data() + at * e, n * e);
+          covered[i] += b - a;
         }
       }
-      MIXPREC_CHECK(covered == p.count, "ShardedOptimizer::load_checkpoint: the files of '", path, "' cover ",
-                    covered, " of the ", p.count, " elements of parameter \"", params_[p.param].name,
-                    "\" from ", p.offset, " that this rank holds");
-      st.params.push_back(std::move(ps));
-      prep.weights.push_back(std::move(w));
+    }
+    for (std::size_t i = 0; i < mine.size(); ++i) {
+      MIXPREC_CHECK(covered[i] == mine[i].count, "ShardedOptimizer::load_checkpoint: the files of '", path, "' cover ",
+                    covered[i], " of the ", mine[i].count, " elements of parameter \"", params_[mine[i].param].name,
+                    "\" from ", mine[i].offset, " that this rank holds");
     }
     shard_->check_state(st);
-    prep.scaler = base.scaler;
   }
 
   // The stream a device communicator's collectives run on: the shard's.
