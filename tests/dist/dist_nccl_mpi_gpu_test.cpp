@@ -33,8 +33,12 @@ dist::MpiCommunicator* g_mpi = nullptr;
 dist::NcclCommunicator* g_nccl = nullptr;  // null: not enough GPUs for one a rank (every rank alike)
 std::string g_why;                          // why g_nccl is null
 
-#define SKIP_WITHOUT_NCCL() \
-  if (g_nccl == nullptr) GTEST_SKIP() << g_why
+#define SKIP_WITHOUT_NCCL()                  \
+  do {                                       \
+    if (g_nccl == nullptr) {                 \
+      GTEST_SKIP() << g_why;                 \
+    }                                        \
+  } while (false)
 
 std::uint64_t fnv(const void* p, std::size_t n, std::uint64_t h = 1469598103934665603ull) {
   const auto* b = static_cast<const unsigned char*>(p);
@@ -205,7 +209,9 @@ void zero_one_against_plain(dist::ShardOptions::Cut cut) {
     ASSERT_TRUE(same_on_every_rank(sharded.weights())) << "step " << s;
     ASSERT_EQ(s2.skipped_steps(), s >= 4 ? 1 : 0) << "step " << s;
     ASSERT_EQ(s1.scale(), s2.scale()) << "step " << s;
-    if (w <= 2) ASSERT_EQ(plain.weights(), sharded.weights()) << "step " << s;
+    if (w <= 2) {
+      ASSERT_EQ(plain.weights(), sharded.weights()) << "step " << s;
+    }
   }
 }
 
