@@ -5,8 +5,8 @@
 // state and round it through the public save/load API after each step
 // (the lean step must give those bits; bf16_sr's rounding written out here
 // from its counter), stochastic rounding's expectation, bf16 second moments
-// against a float64 one, skips, checkpoints and refusals. Built twice: with the SIMD CPU paths and
-// without.
+// against a float64 one, skips, checkpoints and refusals. Built twice: with
+// the SIMD CPU paths and without.
 #include <gtest/gtest.h>
 
 #include <algorithm>
