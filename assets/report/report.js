@@ -16,7 +16,8 @@ var PALETTE = ['#1f77b4', '#d62728', '#2ca02c', '#9467bd', '#ff7f0e', '#17becf',
 var KIND_COLOURS = {
   nonfinite_loss: '#b71c1c', loss_spike: '#e65100', grad_norm_explosion: '#ad1457',
   scale_collapse: '#6a1b9a', underflow: '#1565c0', stalled_updates: '#00838f',
-  repeated_overflow: '#c62828', precision_fallback: '#4e342e', moment_lag: '#f9a825'
+  repeated_overflow: '#c62828', precision_fallback: '#4e342e', moment_lag: '#f9a825',
+  update_jump: '#ef6c00'
 };
 // Viridis' anchor colours, for the heatmap: dark = rare, yellow = common.
 var RAMP = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];

@@ -485,9 +485,9 @@ function lineChart(parent, d, spec) {
     if (spec.zeroBased) lo = Math.min(lo, 0);
     yAxis = linearAxis(lo, hi, 5, spec.yFormat);
   } else {
-    yAxis = logAxis(values, spec.y === 'log2' ? 2 : 10, 6);
 )mixprec",
-R"mixprec(    if (!yAxis) return nothing(c, 'Nothing to draw: no finite positive values.');
+R"mixprec(    yAxis = logAxis(values, spec.y === 'log2' ? 2 : 10, 6);
+    if (!yAxis) return nothing(c, 'Nothing to draw: no finite positive values.');
   }
   var W = plotWidth(c), markers = spec.markers || [];
   var above = markers.some(function (m) { return m.y === null; });  // markers above the plot need room
@@ -847,10 +847,10 @@ function runInfo(box, h) {
     var s = el('span');
     s.appendChild(el('span', 'k', k));
     s.appendChild(typeof v === 'string' ? document.createTextNode(v) : v);
-    box.appendChild(s);
-  }
 )mixprec",
-R"mixprec(  item('optimizer', h.optimizer === undefined ? '\u2014' : String(h.optimizer));
+R"mixprec(    box.appendChild(s);
+  }
+  item('optimizer', h.optimizer === undefined ? '\u2014' : String(h.optimizer));
   item('device', h.device === undefined ? '\u2014' : String(h.device));
   item('scaling', h.scaling === undefined ? '\u2014' : String(h.scaling));
   item('initial scale', scaleNode(num(h.init_scale)));
