@@ -343,7 +343,8 @@ class ShardedOptimizer final : public ZeroOne {
       // The new files stay: the index may have been renamed into place
       // before the error (a failed fsync of the directory), and then names
       // them. The previous files stay too.
-      fail(failure, "ShardedOptimizer::save_checkpoint", path);
+      fail(failure, "ShardedOptimizer::save_checkpoint", path,
+           "this rank's new shard file stays (the index may name it), and so do the previous ones");
     }
     // This rank's files of the previous save to the same index (saves to
     // other paths are other checkpoints, and stay).
@@ -411,7 +412,8 @@ class ShardedOptimizer final : public ZeroOne {
     } catch (...) {
       failure = std::current_exception();
     }
-    agree(failure, "ShardedOptimizer::load_checkpoint (applying)", path);
+    agree(failure, "ShardedOptimizer::load_checkpoint (applying)", path,
+          "this rank's state was loaded, another's not: load again on every rank");
     if (extras != nullptr) {
       extras->metadata = std::move(prep.got.metadata);
       if (extras->rng != nullptr) *extras->rng = prep.rng;
@@ -421,13 +423,16 @@ class ShardedOptimizer final : public ZeroOne {
   }
 
   // Throws on every rank when `failure` is set on any.
-  void agree(const std::exception_ptr& failure, const char* what, const std::string& path) {
-    if (!all_ranks_ok(!failure)) fail(failure, what, path);
+  void agree(const std::exception_ptr& failure, const char* what, const std::string& path,
+             const char* here = "nothing changed here") {
+    if (!all_ranks_ok(!failure)) fail(failure, what, path, here);
   }
-  // This rank's own error, or one saying another rank failed.
-  [[noreturn]] static void fail(const std::exception_ptr& failure, const char* what, const std::string& path) {
+  // This rank's own error, or one saying another rank failed and what that
+  // left on this rank.
+  [[noreturn]] static void fail(const std::exception_ptr& failure, const char* what, const std::string& path,
+                                const char* here = "nothing changed here") {
     if (failure) std::rethrow_exception(failure);
-    mixprec::detail::throw_error(what, ": '", path, "': another rank failed (see its error); nothing changed here");
+    mixprec::detail::throw_error(what, ": '", path, "': another rank failed (see its error); ", here);
   }
 
   // Whether every rank passed `ok` = true (a collective: every rank calls it).
