@@ -519,11 +519,22 @@ class ShardedOptimizer final : public ZeroOne {
   }
 
   // What old rank k's shard file holds, read and checked (io::detail::read,
-  // which changes nothing) through an optimizer of that rank's pieces over
-  // host memory, built with this shard's options and schedule.
+  // which changes nothing) through shard() where the pieces are this rank's,
+  // else through an optimizer of that rank's pieces over host memory, built
+  // with this shard's options and schedule.
   io::detail::Contents read_shard(const std::string& file, const std::vector<Piece>& pieces,
                                   const amp::GradScalerOptions& scaler_options, io::CheckpointExtras* got,
                                   std::mt19937_64* rng) const {
+    const io::SafetensorsFile f = io::SafetensorsFile::read(file);
+    // This rank's own slice (a load on the same slices): shard() itself has
+    // exactly those pieces, names and options; no host optimizer needed.
+    if (pieces.size() == shard_->num_params() &&
+        std::equal(pieces.begin(), pieces.end(), pieces_of(bounds_, comm_->rank()).begin(),
+                   [](const Piece& a, const Piece& b) {
+                     return a.param == b.param && a.offset == b.offset && a.count == b.count;
+                   })) {
+      return io::detail::read(f, *shard_, scaler_options, got, rng);
+    }
     std::vector<Buffer> storage;  // the host weights and gradients; outlive `tmp`
     storage.reserve(2 * pieces.size());
     std::vector<optim::Param> ps;
@@ -539,7 +550,6 @@ class ShardedOptimizer final : public ZeroOne {
     }
     Opt tmp(std::move(ps), options_);
     tmp.set_schedule(shard_->schedule());
-    const io::SafetensorsFile f = io::SafetensorsFile::read(file);
     return io::detail::read(f, tmp, scaler_options, got, rng);
   }
   static TensorRef host_view(const TensorRef& like, void* data, std::int64_t count) {
