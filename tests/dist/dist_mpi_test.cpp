@@ -436,11 +436,12 @@ TEST(DistMpi, ACheckpointFromAnotherRankCountLoadsAndTrainsAlike) {
 // uneven slices, a parameter split between ranks, a zero-size one, mixed
 // dtypes, an inf on one rank only.
 
-struct MixedParams {
-  Tensor<half> a{Shape{37}}, ga{Shape{37}}, e{Shape{0}}, ge{Shape{0}}, d{Shape{100}}, gd{Shape{100}};
-  Tensor<bfloat16> b{Shape{1}}, gb{Shape{1}};
-  Tensor<float> c{Shape{5}}, gc{Shape{5}};
-  MixedParams() {
+template <class A, class B, class C, bool kInf>
+struct ParamSet {
+  Tensor<A> a{Shape{37}}, ga{Shape{37}}, e{Shape{0}}, ge{Shape{0}}, d{Shape{100}}, gd{Shape{100}};
+  Tensor<B> b{Shape{1}}, gb{Shape{1}};
+  Tensor<C> c{Shape{5}}, gc{Shape{5}};
+  ParamSet() {
     fill_normal(a, 0, 1, 1);
     fill_normal(b, 0, 1, 2);
     fill_normal(c, 0, 1, 3);
@@ -449,14 +450,14 @@ struct MixedParams {
   std::vector<optim::Param> params() {
     return {{"a", a, ga}, {"e", e, ge}, {"b", b, gb}, {"d", d, gd}, {"c", c, gc}};
   }
-  // This rank's gradients of step s (scaled), an inf at step 5 on the last rank.
+  // This rank's gradients of step s (scaled); with kInf an inf at step 5 on the last rank.
   void gradients(int s, float scale) {
     const auto seed = static_cast<std::uint64_t>(1000 * s + 10 * g_comm->rank());
     fill_normal(ga, 0, 0.01f * scale, seed + 1);
     fill_normal(gb, 0, 0.01f * scale, seed + 2);
     fill_normal(gc, 0, 0.01f * scale, seed + 3);
     fill_normal(gd, 0, 0.01f * scale, seed + 4);
-    if (s == 5 && g_comm->rank() == g_comm->size() - 1) gd.at(99) = from_float<half>(INFINITY);
+    if (kInf && s == 5 && g_comm->rank() == g_comm->size() - 1) gd.at(99) = from_float<A>(INFINITY);
   }
   std::uint64_t weights() const {
     std::uint64_t h = fnv(a.data(), a.bytes());
@@ -465,6 +466,8 @@ struct MixedParams {
     return fnv(d.data(), d.bytes(), h);
   }
 };
+// Mixed dtypes, an inf on one rank at step 5.
+using MixedParams = ParamSet<half, bfloat16, float, true>;
 
 template <class Opt>
 void expect_shard_is_its_slice(const dist::ShardedOptimizer<Opt>& zero, const optim::Optimizer& full);
@@ -639,36 +642,8 @@ TEST(DistMpi, ZeroOneCutsAtParametersLeaveEveryRankAParameter) {
   EXPECT_EQ(even.bounds(), dist::even_bounds(w > 2 ? 100480 : 100352, w));
 }
 
-// A sharded run's checkpoint: every rank's shard and an index. Resumed on
-// the same number of ranks it continues with the bits of a run that never
-// stopped; a job of another size refuses it (ctest's dist_mpi_checkpoint_3).
 // bf16 weights only (a remainder master needs them), the sizes of MixedParams.
-struct Bf16Params {
-  Tensor<bfloat16> a{Shape{37}}, ga{Shape{37}}, e{Shape{0}}, ge{Shape{0}}, b{Shape{1}}, gb{Shape{1}}, d{Shape{100}},
-      gd{Shape{100}}, c{Shape{5}}, gc{Shape{5}};
-  Bf16Params() {
-    fill_normal(a, 0, 1, 1);
-    fill_normal(b, 0, 1, 2);
-    fill_normal(c, 0, 1, 3);
-    fill_normal(d, 0, 1, 4);
-  }
-  std::vector<optim::Param> params() {
-    return {{"a", a, ga}, {"e", e, ge}, {"b", b, gb}, {"d", d, gd}, {"c", c, gc}};
-  }
-  void gradients(int s, float scale) {
-    const auto seed = static_cast<std::uint64_t>(1000 * s + 10 * g_comm->rank());
-    fill_normal(ga, 0, 0.01f * scale, seed + 1);
-    fill_normal(gb, 0, 0.01f * scale, seed + 2);
-    fill_normal(gc, 0, 0.01f * scale, seed + 3);
-    fill_normal(gd, 0, 0.01f * scale, seed + 4);
-  }
-  std::uint64_t weights() const {
-    std::uint64_t h = fnv(a.data(), a.bytes());
-    h = fnv(b.data(), b.bytes(), h);
-    h = fnv(c.data(), c.bytes(), h);
-    return fnv(d.data(), d.bytes(), h);
-  }
-};
+using Bf16Params = ParamSet<bfloat16, bfloat16, bfloat16, false>;
 
 // AdamW amsgrad with bf16 moments and a remainder master.
 optim::AdamWOptions adamw_lean() {
@@ -677,6 +652,11 @@ optim::AdamWOptions adamw_lean() {
   o.layout.master = optim::Master::remainder;
   return o;
 }
+
+// A sharded run's checkpoint: every rank's shard and an index. Resumed on
+// the same number of ranks it continues with the bits of a run that never
+// stopped; a job of another size re-shards it (ctest's dist_mpi_checkpoint_3
+// and _2).
 
 template <class P = MixedParams>
 struct ZeroRunOf {
