@@ -35,7 +35,7 @@ the test set after the last epoch.
 
     python3 benchmarks/compare_pytorch_mlp.py --example build/examples/fashion_mnist_mlp \
         [--cnn-example build/examples/fashion_mnist_cnn] [--models mlp,cnn] [--data DIR] [--epochs 10] \
-        [--configs 1024:256,4096:1024] [--cnn-configs 256] [--precisions fp16,bf16] [--compile]
+        [--configs 1024:256,4096:1024] [--cnn-configs 256] [--precisions fp16,bf16] [--compile] [--modes graphed]
     python3 benchmarks/compare_pytorch_mlp.py --device cpu ...   # one core each, eager only, see --cpu-*
 """
 import argparse
@@ -255,6 +255,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"])
     p.add_argument("--compile", action="store_true", help="also torch.compile(mode='max-autotune'), eager step")
+    p.add_argument("--modes", help="PyTorch modes to run: eager, graphed, compiled (default: eager and, on cuda, "
+                   "graphed; compiled with --compile)")
     p.add_argument("--mixprec-args", default="", help="more flags for both examples, e.g. '--monitor off'")
     p.add_argument("--cpu-core", type=int, default=0, help="--device cpu: the core both sides run on")
     a = p.parse_args()
@@ -276,6 +278,11 @@ def main():
     print(f"torch {torch.__version__}, {where}; {a.epochs} epochs, AdamW lr {LR['mlp']:g} (MLP) / {LR['cnn']:g} "
           f"(CNN) {a.schedule}")
     modes = ["eager"] + (["graphed"] if cuda else []) + (["compiled"] if a.compile else [])
+    if a.modes:
+        modes = a.modes.split(",")
+        if not modes or any(m not in ("eager", "graphed", "compiled") for m in modes) or (
+                "graphed" in modes and not cuda):
+            p.error(f"--modes {a.modes}: a list of eager, graphed (cuda only), compiled")
     runs = []  # (model, label, hidden, batch, example)
     for model in models:
         if model == "mlp":
@@ -317,7 +324,7 @@ def main():
         return " / ".join(f"{acc[mode]:.4f}" if mode in acc else "–" for mode in modes) + f" / {m_acc:.4f}"
 
     label = "PyTorch AMP" if cuda else "PyTorch"
-    extra = [mode for mode in modes if mode == "compiled"]
+    extra = [mode for mode in modes if mode == "compiled"]  # a column only when it ran
     head = [f"{label} eager img/s", f"{label} graphed img/s"] + [f"{label} compiled img/s" for _ in extra]
     head += ["mixprec img/s", "vs eager", "vs graphed"] + ["vs compiled" for _ in extra]
     head += [f"accuracy ({', '.join(modes)}, mixprec)"]
