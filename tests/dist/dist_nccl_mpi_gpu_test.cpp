@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "../gpu_skip.hpp"
+#include "rank_compare.hpp"
 #include "mixprec/dist/mpi.hpp"
 #include "mixprec/dist/nccl_mpi.hpp"
 #include "mixprec/dist/reducer.hpp"
@@ -40,20 +41,10 @@ std::string g_why;                          // why g_nccl is null
     }                                        \
   } while (false)
 
-std::uint64_t fnv(const void* p, std::size_t n, std::uint64_t h = 1469598103934665603ull) {
-  const auto* b = static_cast<const unsigned char*>(p);
-  for (std::size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 1099511628211ull;
-  return h;
-}
+using test::fnv;
 
-bool same_on_every_rank(std::uint64_t v) {
-  std::vector<std::uint64_t> all(static_cast<std::size_t>(g_mpi->size()));
-  EXPECT_EQ(MPI_Allgather(&v, 1, MPI_UINT64_T, all.data(), 1, MPI_UINT64_T, g_mpi->comm()), MPI_SUCCESS);
-  for (std::uint64_t x : all) {
-    if (x != all[0]) return false;
-  }
-  return true;
-}
+// True when every rank passed the same value.
+bool same_on_every_rank(std::uint64_t v) { return test::same_on_every_rank(v, g_mpi->comm()); }
 
 template <class T>
 std::vector<std::uint8_t> bytes_of(const Tensor<T>& t) {

@@ -16,6 +16,7 @@
 #include <random>
 #include <vector>
 
+#include "rank_compare.hpp"
 #include "mixprec/dist/mpi.hpp"
 #include "mixprec/dist/reducer.hpp"
 #include "mixprec/mixprec.hpp"
@@ -25,20 +26,10 @@ namespace {
 
 dist::MpiCommunicator* g_comm = nullptr;
 
-std::uint64_t fnv(const void* p, std::size_t n, std::uint64_t h = 1469598103934665603ull) {
-  const auto* b = static_cast<const unsigned char*>(p);
-  for (std::size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 1099511628211ull;
-  return h;
-}
+using test::fnv;
 
-bool same_on_every_rank(std::uint64_t v) {
-  std::vector<std::uint64_t> all(static_cast<std::size_t>(g_comm->size()));
-  EXPECT_EQ(MPI_Allgather(&v, 1, MPI_UINT64_T, all.data(), 1, MPI_UINT64_T, g_comm->comm()), MPI_SUCCESS);
-  for (std::uint64_t x : all) {
-    if (x != all[0]) return false;
-  }
-  return true;
-}
+// True when every rank passed the same value.
+bool same_on_every_rank(std::uint64_t v) { return test::same_on_every_rank(v, g_comm->comm()); }
 
 struct Outcome {
   std::vector<int> guard_skipped;  // per step
