@@ -14,8 +14,8 @@ Runs the Fashion-MNIST examples with induced failures, each until it fails
 
 Standard library only. Nothing here is tied to the CPU: --device cuda,
 --hidden/--batch/--epochs and the step caps make the GPU run at full size
-(the flags --lr-jump-step and --static-scale are CPU-only in the examples
-for now, so scenarios that need them are skipped with a note on cuda).
+(--precision-fallback is CPU-only in the examples for now, so the fallback
+variants are skipped with a note on cuda).
 
 Failure, precisely: the first step at which one of the scenario's criteria
 holds (healthy runs: any of them):
@@ -41,7 +41,7 @@ induced (an lr jump's step; step 1 otherwise) and not after the failure.
   python3 benchmarks/instability/instability.py --bin-dir BUILD/examples --out OUT --suite all \
       --examples mlp,cnn --cnn-seeds 0,1,2 --cnn-batch 32 --cnn-steps 100 --failure-seeds 0,1,2 \
       --variant-seeds 0 --jobs 2
-  # on a GPU at full size (scenarios (a) and (c) are skipped there for now):
+  # on a GPU at full size (the fallback variants are skipped there for now):
   python3 benchmarks/instability/instability.py --bin-dir BUILD/examples --out OUT --device cuda \
       --hidden 1024 --batch 256 --epochs 10 --cnn-epochs 5
   python3 benchmarks/instability/instability.py --score-only --out /tmp/instab  # re-read the logs
@@ -69,35 +69,39 @@ ALL_KINDS = ["nonfinite_loss", "loss_spike", "grad_norm_explosion", "scale_colla
 
 # Each induced failure: the example, its flags, the step it is induced at
 # (warnings before it do not count), the event kinds and forecasts that point
-# at it, and the step cap. cpu_only: needs a flag the CUDA path lacks.
+# at it, and the step cap.
 # window: a warning counts only within this many steps before the failure
 # (0: any time after the induction). Scenario (d) trains for thousands of
 # steps with loss spikes it recovers from before the one that fails it; a
 # warning of an earlier spike is not a forecast of that one.
+def name_of(scenario, seed, variant):
+    return "%s_s%d_%s" % (scenario["name"], seed, variant)
+
+
 def scenarios(args):
     lr_jump = args.lr_jump_step
     return [
         dict(name="a_scale_collapse_lr_jump", example="mlp",
              flags=["--precision", "fp16", "--optimizer", "sgd", "--lr", "0.05", "--lr-jump-step", str(lr_jump),
                     "--lr-jump-factor", "30"],
-             induced=lr_jump + 1, cap=lr_jump + args.after_cap, cpu_only=True, fails=["scale_floor"],
+             induced=lr_jump + 1, cap=lr_jump + args.after_cap, fails=["scale_floor"],
              kinds=["scale_collapse", "repeated_overflow", "nonfinite_loss", "loss_spike", "grad_norm_explosion"],
              forecasts=["steps_to_min_scale", "diverging"]),
         dict(name="b_adam_eps_8bit_moments", example="mlp",
              flags=["--precision", "fp16", "--optimizer", "adam", "--lr", "1e-3", "--moments", "8bit",
                     "--eps", "1e-20"],
-             induced=1, cap=args.failure_cap, cpu_only=False, fails=["nonfinite_loss", "loss_blowup"],
+             induced=1, cap=args.failure_cap, fails=["nonfinite_loss", "loss_blowup"],
              kinds=["moment_lag", "loss_spike", "grad_norm_explosion", "nonfinite_loss", "scale_collapse",
                     "repeated_overflow"],
              forecasts=["diverging", "steps_to_min_scale"]),
         dict(name="c_underflow_static_scale", example="mlp",
              flags=["--precision", "fp16", "--optimizer", "sgd", "--lr", "0.05", "--static-scale", str(args.static_scale)],
-             induced=1, cap=args.underflow_cap, cpu_only=True, fails=["underflow"],
+             induced=1, cap=args.underflow_cap, fails=["underflow"],
              kinds=["underflow", "stalled_updates"],
              forecasts=["steps_to_underflow"]),
         dict(name="d_adam_lr_too_large", example="mlp",
              flags=["--precision", "fp16", "--optimizer", "adam", "--lr", str(args.adam_lr)],
-             induced=1, cap=args.adam_cap, cpu_only=False, fails=["nonfinite_loss", "loss_blowup", "scale_floor"],
+             induced=1, cap=args.adam_cap, fails=["nonfinite_loss", "loss_blowup", "scale_floor"],
              kinds=["update_jump", "loss_spike", "grad_norm_explosion", "moment_lag", "nonfinite_loss",
                     "scale_collapse", "repeated_overflow"],
              forecasts=["diverging", "steps_to_min_scale"], window=args.adam_window),
@@ -273,17 +277,16 @@ def plan(args):
         fseeds = [int(s) for s in args.failure_seeds.split(",")]
         vseeds = [int(s) for s in args.variant_seeds.split(",")] if args.variant_seeds else fseeds
         for sc in scenarios(args):
-            if sc["cpu_only"] and args.device != "cpu":
-                print("skipped on %s (needs a CPU-only flag): %s" % (args.device, sc["name"]))
-                continue
             for seed in fseeds:
                 for variant, extra in (("plain", []), ("guard", ["--spike-guard", "on"]),
                                        ("fallback", ["--precision-fallback", "act"])):
                     if variant != "plain" and (not args.variants or seed not in vseeds):
                         continue
                     if variant == "fallback" and args.device != "cpu":
+                        print("skipped on %s (--precision-fallback is CPU-only): %s"
+                              % (args.device, name_of(sc, seed, variant)))
                         continue
-                    name = "%s_s%d_%s" % (sc["name"], seed, variant)
+                    name = name_of(sc, seed, variant)
                     flags = sc["flags"] + ["--schedule", "constant"] + size_flags(args, sc["example"], seed, 100)
                     jobs.append((name, sc["example"], flags + extra, sc["cap"],
                                  dict(kind="failure", scenario=sc["name"], seed=seed, variant=variant)))

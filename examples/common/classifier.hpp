@@ -84,7 +84,7 @@ struct Args {
   // at stop_at_step (0: none); `resume` is loaded before the first step.
   std::string checkpoint, resume;
   std::int64_t checkpoint_every = 0, stop_at_step = 0;
-  // Induced failures (benchmarks/instability, CPU): from step lr_jump_step
+  // Induced failures (benchmarks/instability): from step lr_jump_step
   // on (0: never) every group's lr is lr_jump_factor times larger; a static
   // loss scale of static_scale (0: the dtype's default scaling); Adam's and
   // AdamW's eps (0: torch's 1e-8).
@@ -166,12 +166,12 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
   app.add_option("--resume", a.resume, "load a --checkpoint file first and go on where it stopped")
       ->type_name("PATH");
   app.add_option("--lr-jump-step", a.lr_jump_step,
-                 "induce a failure: multiply the lr by --lr-jump-factor after step N (0: never; CPU)")
+                 "induce a failure: multiply the lr by --lr-jump-factor after step N (0: never)")
       ->type_name("N")->check(CLI::NonNegativeNumber);
   app.add_option("--lr-jump-factor", a.lr_jump_factor, "the lr's factor at --lr-jump-step")
       ->type_name("X")->check(finite_at_least(0));
   app.add_option("--static-scale", a.static_scale,
-                 "a static loss scale instead of the dtype's default scaling (0: the default; CPU)")
+                 "a static loss scale instead of the dtype's default scaling (0: the default)")
       ->type_name("X")->check(finite_at_least(0));
   app.add_option("--eps", a.eps, "Adam's and AdamW's eps (0: torch's 1e-8)")->type_name("X")->check(finite_at_least(0));
   app.add_option("--stop-at-step", a.stop_at_step,
@@ -200,10 +200,6 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
     // of whole tensors, its gradient clamp of every parameter.
     return usage_error("--optimizer lamb with --zero1 on: LAMB's per-tensor norms need whole tensors, a rank "
                        "holds a slice");
-  }
-  if ((a.lr_jump_step > 0 || a.static_scale > 0) && a.device == "cuda") {
-    return usage_error("--lr-jump-step and --static-scale need --device cpu for now (a captured step keeps its lr "
-                       "and scaling)");
   }
   if (a.lr_jump_step > 0 && !a.resume.empty()) {
     return usage_error("--lr-jump-step with --resume: the jump is not kept in the checkpoint");
@@ -874,6 +870,10 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
       }
       pos.step = s;
       const std::int64_t done = (epoch - 1) * steps + s;
+      if (done == a.lr_jump_step) {  // --lr-jump-step: an induced failure
+        for (std::size_t g = 0; g < opt.num_groups(); ++g) opt.set_lr(g, opt.base_lr(g) * a.lr_jump_factor);
+        for (Graph& graph : graphs) graph = Graph();  // a captured step holds the lr it was captured with
+      }
       if (saves_at(a, done, total)) save();
       if (done == a.stop_at_step) {
         stream.synchronize();
