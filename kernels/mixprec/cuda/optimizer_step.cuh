@@ -166,15 +166,24 @@ __device__ inline bool quad_aligned(const T* ptr) {
 // master and used state are all aligned for 4-element accesses (chunks start
 // at multiples of 2^16 elements, so this holds for whole tensors allocated
 // by cudaMalloc), each thread moves 4 elements per access; otherwise, and
-// for the tail, one at a time. Same arithmetic either way.
-template <class Kernel, class G, class W, class C>
+// for the tail, one at a time. Same arithmetic either way. Lean: the
+// kernel was launched for a list with lean parameters (the lean paths'
+// registers are not the fp32-only kernel's).
+template <class Kernel, bool Lean, class G, class W, class C>
 __device__ inline void update_range(const G* grad, W* weight, const ParamEntry& p, std::int64_t begin,
                                     std::int64_t end, float inv_scale, float clip, const C& c, double* precursors) {
   PrecursorAcc pa = precursor_acc<Kernel>(p, c, precursors);
-  if (p.lean.active) {
-    lean_range<Kernel>(grad, weight, p.master, p.state, p.lean, *p.step + 1, begin, end, inv_scale, clip, c, pa);
-    pa.flush();
-    return;
+  if constexpr (Lean) {
+    if (p.lean.active) {
+      const std::int64_t step = *p.step + 1;
+      if (lean_vec_ok(grad, weight, p.master, p.state, p.lean, begin)) {
+        lean_range_vec<Kernel>(grad, weight, p.master, p.state, p.lean, step, begin, end, inv_scale, clip, c, pa);
+      } else {
+        lean_range<Kernel>(grad, weight, p.master, p.state, p.lean, step, begin, end, inv_scale, clip, c, pa);
+      }
+      pa.flush();
+      return;
+    }
   }
   bool aligned = quad_aligned(grad + begin) && quad_aligned(weight + begin) && quad_aligned(p.master + begin);
   for (int k = 0; k < 3; ++k) aligned = aligned && (!Kernel::uses(c, k) || quad_aligned(p.state[k] + begin));
@@ -223,19 +232,19 @@ __device__ inline void update_range(const G* grad, W* weight, const ParamEntry& 
   pa.flush();
 }
 
-template <class Kernel, class G, class C>
+template <class Kernel, bool Lean, class G, class C>
 __device__ inline void dispatch_weight(const G* grad, const ParamEntry& p, std::int64_t begin,
                                        std::int64_t end, float inv_scale, float clip, const C& c,
                                        double* precursors) {
   switch (p.weight_dtype) {
     case DType::float16:
-      update_range<Kernel>(grad, static_cast<half*>(p.weight), p, begin, end, inv_scale, clip, c, precursors);
+      update_range<Kernel, Lean>(grad, static_cast<half*>(p.weight), p, begin, end, inv_scale, clip, c, precursors);
       break;
     case DType::bfloat16:
-      update_range<Kernel>(grad, static_cast<bfloat16*>(p.weight), p, begin, end, inv_scale, clip, c, precursors);
+      update_range<Kernel, Lean>(grad, static_cast<bfloat16*>(p.weight), p, begin, end, inv_scale, clip, c, precursors);
       break;
     case DType::float32:
-      update_range<Kernel>(grad, static_cast<float*>(p.weight), p, begin, end, inv_scale, clip, c, precursors);
+      update_range<Kernel, Lean>(grad, static_cast<float*>(p.weight), p, begin, end, inv_scale, clip, c, precursors);
       break;
   }
 }
@@ -427,7 +436,7 @@ inline int step_slices(std::int64_t chunks) {
 }
 static_assert(chunk_elements / 64 % lean_tile == 0, "a slice is whole lean tiles");
 
-template <class Kernel>
+template <class Kernel, bool Lean>
 __global__ void __launch_bounds__(step_threads)
     step_kernel(const TensorEntry* grads, const Chunk* chunks, std::int64_t num_chunks, const ParamEntry* params,
                 int num_params, GroupHypers<typename Kernel::Hyper> groups, optim::LRSchedule schedule, StepInputs in,
@@ -459,13 +468,13 @@ __global__ void __launch_bounds__(step_threads)
       double* pre_t = in.precursors != nullptr ? in.precursors + ch.tensor * optim::kPrecursorSums : nullptr;
       switch (g.dtype) {
         case DType::float16:
-          dispatch_weight<Kernel>(static_cast<const half*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co, pre_t);
+          dispatch_weight<Kernel, Lean>(static_cast<const half*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co, pre_t);
           break;
         case DType::bfloat16:
-          dispatch_weight<Kernel>(static_cast<const bfloat16*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co, pre_t);
+          dispatch_weight<Kernel, Lean>(static_cast<const bfloat16*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co, pre_t);
           break;
         case DType::float32:
-          dispatch_weight<Kernel>(static_cast<const float*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co, pre_t);
+          dispatch_weight<Kernel, Lean>(static_cast<const float*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co, pre_t);
           break;
       }
     }
@@ -542,12 +551,17 @@ class ParamList {
     if (params.empty()) return;
     buffer_ = Buffer(params.size() * sizeof(ParamEntry), Device::cuda(device_));
     MIXPREC_CUDA_CHECK(cudaMemcpy(buffer_.data(), params.data(), buffer_.bytes(), cudaMemcpyHostToDevice));
-    for (const ParamEntry& p : params) groups_ = p.group + 1 > groups_ ? p.group + 1 : groups_;
+    for (const ParamEntry& p : params) {
+      groups_ = p.group + 1 > groups_ ? p.group + 1 : groups_;
+      has_lean_ = has_lean_ || p.lean.active;
+    }
   }
   const ParamEntry* entries() const { return static_cast<const ParamEntry*>(buffer_.data()); }
   int size() const { return count_; }
   /// 1 + the largest group index of the entries (0 when there are none).
   int groups() const { return groups_; }
+  /// Whether an entry keeps lean state (its step needs the lean paths).
+  bool has_lean() const { return has_lean_; }
   unsigned int* blocks_done() const { return static_cast<unsigned int*>(counter_.data()); }
   /// The pre-pass's workspace (chunks == 0: made without one).
   const PrepassView& prepass() const { return prepass_; }
@@ -555,6 +569,7 @@ class ParamList {
  private:
   int count_ = 0;
   int groups_ = 0;
+  bool has_lean_ = false;
   int device_ = 0;
   Buffer buffer_;
   Buffer counter_;
@@ -615,9 +630,11 @@ void launch_step(const TensorList& grads, const ParamList& params, const std::ve
       }
     }
   }
-  detail::step_kernel<Kernel><<<step_grid, detail::step_threads, 0, stream>>>(
-      grads.entries(), grads.chunks(), chunks, params.entries(), params.size(), table, schedule, in,
-      params.blocks_done(), pre, slices);
+  // A list with lean parameters gets the kernel with the lean paths.
+  const auto kernel = params.has_lean() ? detail::step_kernel<Kernel, true> : detail::step_kernel<Kernel, false>;
+  kernel<<<step_grid, detail::step_threads, 0, stream>>>(grads.entries(), grads.chunks(), chunks, params.entries(),
+                                                         params.size(), table, schedule, in, params.blocks_done(),
+                                                         pre, slices);
   MIXPREC_CUDA_CHECK_LAUNCH("step_kernel");
 }
 
