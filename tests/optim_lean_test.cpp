@@ -64,7 +64,9 @@ TEST(LeanCodec, TablesAreTheirDefinition) {
     const std::vector<double> t = table(count);
     for (int q = 0; q <= count; ++q) {
       ASSERT_EQ(static_cast<double>(lean::code_value(q, count)), t[static_cast<std::size_t>(q)]) << count << " " << q;
-      if (q > 0) ASSERT_GT(t[static_cast<std::size_t>(q)], t[static_cast<std::size_t>(q - 1)]) << "ascending";
+      if (q > 0) {
+        ASSERT_GT(t[static_cast<std::size_t>(q)], t[static_cast<std::size_t>(q - 1)]) << "ascending";
+      }
     }
     EXPECT_EQ(t.back(), 1.0);
   }
@@ -152,10 +154,18 @@ TEST(LeanCodec, NonfiniteValuesDoNotSpoilTheirBlock) {
     for (std::size_t e = 0; e < x.size(); ++e) {
       const float back = lean::decode_value(codes[e], nonnegative, scale);
       ASSERT_FALSE(std::isnan(back)) << e;
-      if (e == 7) EXPECT_EQ(back, scale);
-      if (e == 8 && !nonnegative) EXPECT_EQ(back, -scale);
-      if (e == 9) EXPECT_EQ(back, 0.0f);
-      if (e > 9) ASSERT_NEAR(back, x[e], x[e] / 15.9) << e;
+      if (e == 7) {
+        EXPECT_EQ(back, scale);
+      }
+      if (e == 8 && !nonnegative) {
+        EXPECT_EQ(back, -scale);
+      }
+      if (e == 9) {
+        EXPECT_EQ(back, 0.0f);
+      }
+      if (e > 9) {
+        ASSERT_NEAR(back, x[e], x[e] / 15.9) << e;
+      }
     }
   }
 }

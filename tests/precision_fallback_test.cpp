@@ -578,7 +578,9 @@ TEST(PrecisionFallback, AnUnderflowingLayerMovesOnlyWhenUnderflowMayTrigger) {
   EXPECT_GT(kept, 0);
   // And the detectors now judge fp16 parameters only: 0.weight is not named again.
   for (const auto* e : events_of(*run.mon, EventKind::underflow)) {
-    if (e->step > moved[0]->step) EXPECT_NE(e->param, "0.weight");
+    if (e->step > moved[0]->step) {
+      EXPECT_NE(e->param, "0.weight");
+    }
   }
 
   UnderflowRun off(/*on_underflow=*/false);

@@ -176,11 +176,14 @@ __device__ inline void update_range(const G* grad, W* weight, const ParamEntry& 
   if constexpr (Lean) {
     if (p.lean.active) {
       const std::int64_t step = *p.step + 1;
-      if (lean_vec_ok(grad, weight, p.master, p.state, p.lean, begin)) {
-        lean_range_vec<Kernel>(grad, weight, p.master, p.state, p.lean, step, begin, end, inv_scale, clip, c, pa);
-      } else {
-        lean_range<Kernel>(grad, weight, p.master, p.state, p.lean, step, begin, end, inv_scale, clip, c, pa);
+      // The 8-element path for 16-bit weights with gradients of their type
+      // (the lean layouts' use; each instantiation costs compile time).
+      bool vec = false;
+      if constexpr (std::is_same_v<G, W> && sizeof(W) == 2) {
+        vec = lean_vec_ok(grad, weight, p.master, p.state, p.lean, begin);
+        if (vec) lean_range_vec<Kernel>(grad, weight, p.master, p.state, p.lean, step, begin, end, inv_scale, clip, c, pa);
       }
+      if (!vec) lean_range<Kernel>(grad, weight, p.master, p.state, p.lean, step, begin, end, inv_scale, clip, c, pa);
       pa.flush();
       return;
     }
