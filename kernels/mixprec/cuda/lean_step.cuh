@@ -10,12 +10,14 @@
 // Moments::bf16_sr's moments: two streams) the element's own number. The
 // codecs are the host's functions, so the CPU and the GPU write the same
 // bits. Two ways through a range, same bits:
-// - lean_range_vec (every array 16-byte aligned, the usual case): a warp
+// - lean_range_vec (16-bit weights, gradients of their type, every array
+//   16-byte aligned: the usual case; the step kernel decides): a warp
 //   takes a tile, each lane 8 consecutive elements with one vector access
 //   per array (16 bytes of bf16, 8 of codes), so a thread has 8 elements'
 //   loads in flight; the tile's scale is a warp maximum, its tie words
 //   gathered by shuffles;
-// - lean_range (any alignment): a block takes a tile, one element a thread.
+// - lean_range (any types and alignment): a block takes a tile, one element
+//   a thread.
 #pragma once
 
 #include <cstdint>
