@@ -440,7 +440,7 @@ inline int step_slices(std::int64_t chunks) {
 static_assert(chunk_elements / 64 % lean_tile == 0, "a slice is whole lean tiles");
 
 template <class Kernel, bool Lean>
-__global__ void __launch_bounds__(step_threads)
+__global__ void __launch_bounds__(step_threads, Lean ? 2 : 1)
     step_kernel(const TensorEntry* grads, const Chunk* chunks, std::int64_t num_chunks, const ParamEntry* params,
                 int num_params, GroupHypers<typename Kernel::Hyper> groups, optim::LRSchedule schedule, StepInputs in,
                 unsigned int* blocks_done, PrepassView pre, int slices) {
