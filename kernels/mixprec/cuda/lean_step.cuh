@@ -153,7 +153,6 @@ __device__ inline void lean_range(const G* grad, W* weight, float* master, float
   }
 }
 
-
 // Eight consecutive elements of T, moved as one access (16 bytes for 2-byte
 // T, two for floats, 8 bytes of 8-bit codes).
 template <class T>
