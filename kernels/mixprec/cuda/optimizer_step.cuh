@@ -181,7 +181,9 @@ __device__ inline void update_range(const G* grad, W* weight, const ParamEntry& 
       bool vec = false;
       if constexpr (std::is_same_v<G, W> && sizeof(W) == 2) {
         vec = lean_vec_ok(grad, weight, p.master, p.state, p.lean, begin);
-        if (vec) lean_range_vec<Kernel>(grad, weight, p.master, p.state, p.lean, step, begin, end, inv_scale, clip, c, pa);
+        if (vec) {
+          lean_range_vec<Kernel>(grad, weight, p.master, p.state, p.lean, step, begin, end, inv_scale, clip, c, pa);
+        }
       }
       if (!vec) lean_range<Kernel>(grad, weight, p.master, p.state, p.lean, step, begin, end, inv_scale, clip, c, pa);
       pa.flush();
@@ -471,13 +473,16 @@ __global__ void __launch_bounds__(step_threads, Lean ? 2 : 1)
       double* pre_t = in.precursors != nullptr ? in.precursors + ch.tensor * optim::kPrecursorSums : nullptr;
       switch (g.dtype) {
         case DType::float16:
-          dispatch_weight<Kernel, Lean>(static_cast<const half*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co, pre_t);
+          dispatch_weight<Kernel, Lean>(static_cast<const half*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co,
+                                        pre_t);
           break;
         case DType::bfloat16:
-          dispatch_weight<Kernel, Lean>(static_cast<const bfloat16*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co, pre_t);
+          dispatch_weight<Kernel, Lean>(static_cast<const bfloat16*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co,
+                                        pre_t);
           break;
         case DType::float32:
-          dispatch_weight<Kernel, Lean>(static_cast<const float*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co, pre_t);
+          dispatch_weight<Kernel, Lean>(static_cast<const float*>(g.data), p, ch.begin, ch.end, inv_scale, clip, co,
+                                        pre_t);
           break;
       }
     }
