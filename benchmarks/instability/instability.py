@@ -74,10 +74,6 @@ ALL_KINDS = ["nonfinite_loss", "loss_spike", "grad_norm_explosion", "scale_colla
 # (0: any time after the induction). Scenario (d) trains for thousands of
 # steps with loss spikes it recovers from before the one that fails it; a
 # warning of an earlier spike is not a forecast of that one.
-def name_of(scenario, seed, variant):
-    return "%s_s%d_%s" % (scenario["name"], seed, variant)
-
-
 def scenarios(args):
     lr_jump = args.lr_jump_step
     return [
@@ -276,17 +272,17 @@ def plan(args):
     if args.suite in ("all", "failures"):
         fseeds = [int(s) for s in args.failure_seeds.split(",")]
         vseeds = [int(s) for s in args.variant_seeds.split(",")] if args.variant_seeds else fseeds
+        variants = [("plain", []), ("guard", ["--spike-guard", "on"])]
+        if args.device == "cpu":
+            variants.append(("fallback", ["--precision-fallback", "act"]))
+        else:
+            print("the fallback variants are skipped on %s (--precision-fallback is CPU-only)" % args.device)
         for sc in scenarios(args):
             for seed in fseeds:
-                for variant, extra in (("plain", []), ("guard", ["--spike-guard", "on"]),
-                                       ("fallback", ["--precision-fallback", "act"])):
+                for variant, extra in variants:
                     if variant != "plain" and (not args.variants or seed not in vseeds):
                         continue
-                    if variant == "fallback" and args.device != "cpu":
-                        print("skipped on %s (--precision-fallback is CPU-only): %s"
-                              % (args.device, name_of(sc, seed, variant)))
-                        continue
-                    name = name_of(sc, seed, variant)
+                    name = "%s_s%d_%s" % (sc["name"], seed, variant)
                     flags = sc["flags"] + ["--schedule", "constant"] + size_flags(args, sc["example"], seed, 100)
                     jobs.append((name, sc["example"], flags + extra, sc["cap"],
                                  dict(kind="failure", scenario=sc["name"], seed=seed, variant=variant)))
