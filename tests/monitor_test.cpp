@@ -7,6 +7,7 @@
 // scaling is healthy.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -207,6 +208,68 @@ TEST(Monitor, RecordsEveryStepAndNamesTheParameterThatOverflows) {
     }
   }
   EXPECT_TRUE(named) << "three overflows of one parameter in 200 steps must be reported";
+}
+
+// amp::end_iteration is the end of an iteration that the device monitor's
+// kernels run in place of the scaler's own (DeviceGradScaler::update with an
+// amp::FusedUpdate). Against the host GradScaler, which keeps the rule in its
+// own update(): the same scale, trackers and counts after every step, and a
+// streak counted where the host raises max_consecutive_skips. (The GPU side:
+// monitor_gpu_test compares the fused kernel with the scaler's own kernel.)
+TEST(MonitorScaler, EndIterationIsTheHostScalersUpdate) {
+  amp::GradScalerOptions dynamic;
+  dynamic.init_scale = 8;
+  dynamic.min_scale = 3;
+  dynamic.growth_interval = 3;
+  dynamic.hysteresis = 2;
+  dynamic.max_consecutive_skips = 3;
+  amp::GradScalerOptions fixed;
+  fixed.mode = amp::ScalingMode::static_scale;
+  fixed.init_scale = 4;
+  fixed.max_consecutive_skips = 2;
+  for (const amp::GradScalerOptions& so : {dynamic, fixed}) {
+    SCOPED_TRACE(so.mode == amp::ScalingMode::dynamic ? "dynamic" : "static");
+    std::vector<half> w(16, half(0.5f)), g(16, half(0.01f));
+    optim::SGD opt({{"p", TensorView<half>(w.data(), {16}), TensorView<half>(g.data(), {16})}}, {});
+    amp::GradScaler host(so);
+    amp::DeviceScalerState d;
+    d.state = amp::GradScaler::initial_state(so);
+    const amp::ScalePolicy policy = amp::GradScaler::policy(so);
+    std::int64_t raised = 0;
+    float lowest = d.state.scale, highest = d.state.scale;
+    for (int s = 1; s <= 30; ++s) {
+      const bool bad = s == 3 || s == 4 || s == 5 || s == 6 || s == 10 || (s >= 14 && s <= 17) || s == 20;
+      g[3] = bad ? half(std::numeric_limits<float>::infinity()) : half(0.01f);
+      host.step(opt);
+      try {
+        host.update();
+      } catch (const Error&) {
+        raised += 1;
+      }
+      d.any_inf = bad ? 1 : 0;
+      amp::end_iteration(d, policy, so.mode == amp::ScalingMode::dynamic);
+      const amp::ScalerState& h = host.state();
+      EXPECT_EQ(d.state.scale, h.scale) << "step " << s;
+      EXPECT_EQ(d.state.growth_tracker, h.growth_tracker) << "step " << s;
+      EXPECT_EQ(d.state.hysteresis_tracker, h.hysteresis_tracker) << "step " << s;
+      EXPECT_EQ(d.state.min_scale_hits, h.min_scale_hits) << "step " << s;
+      EXPECT_EQ(d.state.skip_streak, h.skip_streak) << "step " << s;
+      EXPECT_EQ(d.applied, host.applied_steps()) << "step " << s;
+      EXPECT_EQ(d.skipped, host.skipped_steps()) << "step " << s;
+      EXPECT_EQ(d.streak_limit_hits, raised) << "step " << s;
+      EXPECT_EQ(d.any_inf, 0) << "step " << s;
+      lowest = std::min(lowest, d.state.scale);
+      highest = std::max(highest, d.state.scale);
+    }
+    // The run went where the rule has branches: two streaks at the limit,
+    // and (dynamic) a backoff clamped at min_scale and growth after it.
+    EXPECT_EQ(raised, 2);
+    if (so.mode == amp::ScalingMode::dynamic) {
+      EXPECT_EQ(d.state.min_scale_hits, 1);
+      EXPECT_EQ(lowest, 3.0f);
+      EXPECT_GT(highest, 8.0f);
+    }
+  }
 }
 
 TEST(Monitor, RejectsBadOptionsBeforeAnythingChanges) {

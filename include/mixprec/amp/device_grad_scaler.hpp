@@ -272,21 +272,13 @@ class DeviceGradScaler {
   /// (skipped if any optimizer saw a non-finite gradient) and, in dynamic
   /// mode, updates the scale. Then raises the min_scale error if the copy
   /// of an earlier update shows it (see the class comment).
-  void update() {
-    const auto guard = records_.lock();
-    records_.require_some("update");
-    // An optimizer unscaled but never stepped still counts: its found-inf
-    // goes into the iteration's flag (step()'s finish does that otherwise).
-    for (const Record& r : records_.all()) {
-      if (r.stage == Stage::unscaled) kernels_->or_flag(r.found_inf, &device_state()->any_inf, stream_);
-    }
-    records_.clear();
-    decided_ = false;
-    guard_slot_ = 0;
-    kernels_->update_scale(device_state(), policy_, options_.mode == ScalingMode::dynamic, stream_);
-    backend_->copy_to_host_async(mirror_, device_state(), sizeof(DeviceScalerState), stream_);
-    check_errors();
-  }
+  void update() { update_with(nullptr); }
+
+  /// update() with its one launch made by `fused` (amp::FusedUpdate), which
+  /// adds its own end-of-iteration work to it: the same counts, scale,
+  /// errors and spike guard as update(). monitor::Monitor calls this, so a
+  /// monitored step launches no kernel of the monitor's own.
+  void update(FusedUpdate& fused) { update_with(&fused); }
 
   /// Raises, once, the error_at_min_scale error if an update that has
   /// completed clamped the scale at min_scale. Never synchronises.
@@ -417,6 +409,27 @@ class DeviceGradScaler {
   }
 
  private:
+  void update_with(FusedUpdate* fused) {
+    const auto guard = records_.lock();
+    records_.require_some("update");
+    // An optimizer unscaled but never stepped still counts: its found-inf
+    // goes into the iteration's flag (step()'s finish does that otherwise).
+    for (const Record& r : records_.all()) {
+      if (r.stage == Stage::unscaled) kernels_->or_flag(r.found_inf, &device_state()->any_inf, stream_);
+    }
+    records_.clear();
+    decided_ = false;
+    guard_slot_ = 0;
+    const bool dynamic = options_.mode == ScalingMode::dynamic;
+    if (fused != nullptr) {
+      fused->launch(device_state(), policy_, dynamic, stream_);
+    } else {
+      kernels_->update_scale(device_state(), policy_, dynamic, stream_);
+    }
+    backend_->copy_to_host_async(mirror_, device_state(), sizeof(DeviceScalerState), stream_);
+    check_errors();
+  }
+
   using Stage = detail::Stage;
   struct Record : detail::RecordBase {
     const int* found_inf = nullptr;  // the optimizer's pass 1 flag (device)

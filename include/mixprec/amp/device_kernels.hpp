@@ -51,6 +51,19 @@ class DeviceScalerKernels {
                              stream_t stream) = 0;
 };
 
+/// The end of an iteration launched by someone else: DeviceGradScaler::update(FusedUpdate&)
+/// calls launch() where update() would launch DeviceScalerKernels::update_scale, so work
+/// that must run once an iteration (monitor::Monitor's record of the step) shares that launch
+/// instead of adding one to every step. The one launch must do what update_scale does to *s,
+/// bit for bit (amp::end_iteration in one thread, after every read of the scale or any_inf
+/// that the fused work makes: they describe the iteration that ends). Asynchronous on
+/// `stream`; capturable. An exception means nothing was launched.
+class FusedUpdate {
+ public:
+  virtual ~FusedUpdate() = default;
+  virtual void launch(DeviceScalerState* s, const ScalePolicy& policy, bool dynamic, stream_t stream) = 0;
+};
+
 namespace detail {
 inline std::atomic<DeviceScalerKernels*>& device_scaler_kernels_slot() {
   static std::atomic<DeviceScalerKernels*> slot{nullptr};

@@ -88,5 +88,28 @@ MIXPREC_HOST_DEVICE inline void update_scale(ScalerState& s, bool found_inf, con
   }
 }
 
+/// The end of one iteration of a scaler whose state is in device memory
+/// (amp::DeviceGradScaler::update): counts it as applied or skipped by
+/// any_inf, updates the scale when `dynamic` (a static or disabled scale
+/// only tracks the skip streak), counts a streak that reached
+/// max_consecutive_skips, and resets any_inf for the next iteration. One
+/// thread runs it: the scaler's own update kernel, or a kernel that fuses
+/// other end-of-iteration work with it (amp::FusedUpdate; the monitor's
+/// record), which then reads the scale and any_inf before this changes them.
+MIXPREC_HOST_DEVICE inline void end_iteration(DeviceScalerState& s, const ScalePolicy& p, bool dynamic) {
+  const bool skip = s.any_inf != 0;
+  std::int64_t& count = skip ? s.skipped : s.applied;
+  count = saturating_increment(count);
+  if (dynamic) {
+    update_scale(s.state, skip, p);
+  } else {
+    s.state.skip_streak = skip ? saturating_increment(s.state.skip_streak) : 0;
+  }
+  if (p.max_consecutive_skips > 0 && s.state.skip_streak == p.max_consecutive_skips) {
+    s.streak_limit_hits = saturating_increment(s.streak_limit_hits);
+  }
+  s.any_inf = 0;
+}
+
 }  // namespace amp
 MIXPREC_NAMESPACE_END
