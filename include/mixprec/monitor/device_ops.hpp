@@ -11,6 +11,7 @@
 #include <memory>
 #include <vector>
 
+#include "mixprec/amp/scale_update.hpp"
 #include "mixprec/core/config.hpp"
 #include "mixprec/core/device.hpp"
 
@@ -83,28 +84,44 @@ struct ReadbackLayout {
   }
 };
 
+/// The scaler's end of iteration that a monitored step's last launch also
+/// does (amp::FusedUpdate): amp::end_iteration(*state, policy, dynamic).
+struct ScalerUpdate {
+  amp::DeviceScalerState* state = nullptr;
+  amp::ScalePolicy policy;
+  bool dynamic = false;
+};
+
 /// The device side of one Monitor: its buffers and launches. Every launch is
 /// asynchronous on the given stream and can be captured in a CUDA graph.
+/// A monitored step adds no launch to an unmonitored one: the record shares
+/// the scaler's end-of-iteration launch (end_step), and the buffers a logged
+/// step adds to are zeroed by the publish that read them.
 class DeviceMonitorPlan {
  public:
   virtual ~DeviceMonitorPlan() = default;
-  /// Before a logged step's check pass: zeroes the histograms. One launch.
-  virtual void begin_logged(stream_t stream) = 0;
-  /// The precursor sums the logged step's update pass adds to
-  /// (Optimizer::set_precursors; [param][kPrecursorSums], device memory),
-  /// zeroed on `stream` by clear_precursors before the step.
-  virtual double* precursors() = 0;
-  virtual void clear_precursors(stream_t stream) = 0;
-  /// The histograms the check pass adds to (device, uint64 [params][64]).
+  /// The histograms the logged step's check pass adds to (device, uint64
+  /// [params][64]), and the precursor sums its update pass adds to
+  /// (Optimizer::set_precursors; [param][kPrecursorSums], device memory).
+  /// Both are zero when a logged step begins: allocated zeroed, and zeroed
+  /// again by each publish once it has read them.
   virtual std::uint64_t* histogram() = 0;
-  /// After the optimizer's step, before the scaler's update: stores the
-  /// step's figures in ring slot (steps recorded) % every. One launch.
-  virtual void record(const DeviceStepInputs& in, stream_t stream) = 0;
-  /// After record() on a logged step: the parameters' sums (update, weight,
-  /// eps share: the precursors where the step moved the masters, else read
-  /// from the masters and moments), then the last block writes the read-back into pinned slot
-  /// (read-backs published) % slots of `pinned` and its seq last. One launch.
-  virtual void publish(const DeviceStepInputs& in, void* pinned, int slots, stream_t stream) = 0;
+  virtual double* precursors() = 0;
+  /// Zeroes both: only for a logged step that stopped (an exception) after
+  /// its check pass and before its publish, whose counts are still there.
+  /// One launch.
+  virtual void clear(stream_t stream) = 0;
+  /// The step's end, one launch, in place of the scaler's own update kernel:
+  /// stores the step's figures in ring slot (steps recorded) % every (the
+  /// scale and found-inf as this step saw them), then the scaler's end of
+  /// iteration (`update`). With `pinned` not null (a logged step) the same
+  /// launch also publishes: the parameters' sums (update, weight, eps share:
+  /// the precursors where the step moved the masters, else read from the
+  /// masters and moments), then the last block records, ends the iteration,
+  /// writes the read-back into pinned slot (read-backs published) % slots
+  /// and its seq last, and zeroes the histograms and precursors.
+  virtual void end_step(const DeviceStepInputs& in, const ScalerUpdate& update, void* pinned, int slots,
+                        stream_t stream) = 0;
   /// Whether `stream` is capturing a CUDA graph now.
   virtual bool capturing(stream_t stream) = 0;
 };

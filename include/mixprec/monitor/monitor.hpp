@@ -81,13 +81,14 @@ struct MonitorOptions {
 /// `every`-th step is logged: the check pass also counts the exponent
 /// histogram of every gradient (the same reads), and the update pass sums
 /// the update ratio, the eps share and the precursors on what it has in
-/// cache (Optimizer::set_precursors); on a device the masters are also
-/// copied before the update and compared after it (update ratio, eps
-/// share). On a device all of this stays in device
-/// memory and one kernel writes a logged step's read-back into pinned host
-/// memory; the host reads it a step or more later, never synchronising
-/// (unless `readback_slots` read-backs are outstanding). Each read-back goes
-/// through the detectors, into the log and, as warnings, to stderr.
+/// cache (Optimizer::set_precursors). On a device all of this stays in
+/// device memory, the step's record shares the scaler's end-of-iteration
+/// launch (a monitored step launches no more kernels than an unmonitored
+/// one), and at a logged step that launch also writes the read-back into
+/// pinned host memory; the host reads it a step or more later, never
+/// synchronising (unless `readback_slots` read-backs are outstanding). Each
+/// read-back goes through the detectors, into the log and, as warnings, to
+/// stderr.
 ///
 /// CUDA graphs: a captured step bakes in whether it is logged. Capture two
 /// graphs, one with logs_next() false and one with it true, replay the one
@@ -167,7 +168,10 @@ class Monitor {
   }
 
   /// Device: the same with the loss in device memory (null: not recorded),
-  /// launches only. The figures come back with the next logged step.
+  /// launches only. The figures come back with the next logged step. The
+  /// monitor adds no launch to the step: the scaler's update() launches
+  /// the record (or, at a logged step, the publish) in place of its own
+  /// kernel (amp::FusedUpdate).
   void step(const float* loss, double max_norm = 0) {
     MIXPREC_CHECK(device_scaler_ != nullptr, "Monitor::step(const float* loss): the parameters are on ",
                   opt_.device(), "; pass the loss as a float");
@@ -178,9 +182,12 @@ class Monitor {
     const bool capturing = plan_->capturing(stream);
     const bool logged = logs_next();
     if (logged) {
-      plan_->begin_logged(stream);
+      // A logged step that ran its check pass and stopped before its
+      // publish (an exception) left its counts in the buffers; unless it is
+      // being retried (the scaler does not check the gradients again), they go.
+      if (dirty_ && !scaler.in_iteration()) plan_->clear(stream);
+      if (!capturing) dirty_ = true;  // (a capture runs nothing)
       opt_.set_grad_histogram(plan_->histogram());
-      plan_->clear_precursors(stream);
       opt_.set_precursors(plan_->precursors());
     }
     // The spike guard reads this loss (the one the ranks agree on).
@@ -198,22 +205,27 @@ class Monitor {
     }
     opt_.set_grad_histogram(nullptr);
     opt_.set_precursors(nullptr);
-    DeviceStepInputs in;
-    in.loss = loss;
-    in.scale = scaler.scale_data();
-    in.found_inf = opt_.device_found_inf();
-    in.total_sum_squares = opt_.device_total_sum_squares();
-    in.sum_squares = opt_.device_sum_squares();
-    in.nonfinite = opt_.device_nonfinite();
-    if (const amp::SpikeGuardState* g = scaler.spike_guard_state_data()) in.guard_skip = &g->skip;
-    plan_->record(in, stream);
-    if (logged) plan_->publish(in, pinned_, options_.readback_slots, stream);
+    EndStep end;
+    end.plan = plan_.get();
+    end.in.loss = loss;
+    end.in.scale = scaler.scale_data();
+    end.in.found_inf = opt_.device_found_inf();
+    end.in.total_sum_squares = opt_.device_total_sum_squares();
+    end.in.sum_squares = opt_.device_sum_squares();
+    end.in.nonfinite = opt_.device_nonfinite();
+    if (const amp::SpikeGuardState* g = scaler.spike_guard_state_data()) end.in.guard_skip = &g->skip;
+    end.pinned = logged ? pinned_ : nullptr;
+    end.slots = options_.readback_slots;
     try {
-      scaler.update();  // can throw (error_at_min_scale) after the step is recorded
+      scaler.update(end);  // can throw (error_at_min_scale) after the step is recorded
     } catch (...) {
-      if (!capturing) advance(logged);  // the device counted it: so does the host
+      if (end.launched) {
+        if (logged) dirty_ = false;
+        if (!capturing) advance(logged);  // the device counted it: so does the host
+      }
       throw;
     }
+    if (logged) dirty_ = false;
     if (!capturing) advance(logged);
   }
 
@@ -675,7 +687,25 @@ class Monitor {
   std::vector<double> precursor_sums_;  // host: the logged step's (Optimizer::set_precursors)
   std::vector<std::uint64_t> host_hist_;
   // Device.
+  // The scaler's end of iteration with the step's record (and, at a
+  // logged step, the publish) in the same launch.
+  struct EndStep final : amp::FusedUpdate {
+    DeviceMonitorPlan* plan = nullptr;
+    DeviceStepInputs in;
+    void* pinned = nullptr;  // a logged step's read-back slots; null: record only
+    int slots = 0;
+    bool launched = false;
+    void launch(amp::DeviceScalerState* s, const amp::ScalePolicy& policy, bool dynamic, stream_t stream) override {
+      ScalerUpdate update;
+      update.state = s;
+      update.policy = policy;
+      update.dynamic = dynamic;
+      plan->end_step(in, update, pinned, slots, stream);
+      launched = true;
+    }
+  };
   std::unique_ptr<DeviceMonitorPlan> plan_;
+  bool dirty_ = false;  // a logged step's counts may be in the plan's buffers with no publish to zero them
   std::vector<const float*> plan_v_;
   ReadbackLayout layout_;
   void* pinned_ = nullptr;

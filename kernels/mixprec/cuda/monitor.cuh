@@ -3,7 +3,8 @@
 // ring, and on a logged step the parameters' update and weight norms and
 // eps share (from the update pass's precursor sums; a skipped step's from
 // its masters and moments), and one write of everything into pinned host
-// memory. The exponent histograms come
+// memory. Each of them also ends the scaler's iteration (amp::FusedUpdate),
+// so the monitor adds no launch to a step. The exponent histograms come
 // from the check pass (grad_check.cuh), which reads the gradients anyway.
 #pragma once
 
@@ -44,15 +45,20 @@ struct MonitorControl {
 
 inline __device__ bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
-// Before a logged step's check pass: its histograms start at zero.
-__global__ void monitor_clear_kernel(unsigned long long* hist, std::int64_t n) {
-  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) hist[i] = 0;
-}
-
-__global__ void monitor_record_kernel(monitor::DeviceStepInputs in, MonitorControl* ctl, monitor::DeviceStep* ring,
-                                      int* ring_nonfinite, int every, int num_params) {
+// The step's record, then the scaler's end of iteration, by every thread of
+// one block. Thread 0 reads the scale and the found-inf flags before
+// amp::end_iteration changes the scaler's state (in.scale points into it):
+// the record holds the scale this step's gradients carried, as the host
+// monitor's does. On return the block sees the ring slot written and
+// ctl->steps counted.
+__device__ inline void record_and_end_iteration(const monitor::DeviceStepInputs& in, MonitorControl* ctl,
+                                                monitor::DeviceStep* ring, int* ring_nonfinite, int every,
+                                                int num_params, const monitor::ScalerUpdate& update) {
   const int slot = static_cast<int>(ctl->steps % every);
+  int* flags = ring_nonfinite + static_cast<std::size_t>(slot) * num_params;
+  for (int p = static_cast<int>(threadIdx.x); p < num_params; p += static_cast<int>(blockDim.x)) {
+    flags[p] = in.nonfinite[p];
+  }
   if (threadIdx.x == 0) {
     monitor::DeviceStep s;
     s.loss = in.loss != nullptr ? *in.loss : __int_as_float(0x7fffffff);
@@ -61,10 +67,18 @@ __global__ void monitor_record_kernel(monitor::DeviceStepInputs in, MonitorContr
     s.guard_skip = in.guard_skip != nullptr ? *in.guard_skip : 0;
     s.sum_squares = *in.total_sum_squares;
     ring[slot] = s;
+    amp::end_iteration(*update.state, update.policy, update.dynamic);
   }
-  for (int p = threadIdx.x; p < num_params; p += blockDim.x) ring_nonfinite[slot * num_params + p] = in.nonfinite[p];
   __syncthreads();  // every thread has read ctl->steps
   if (threadIdx.x == 0) ctl->steps += 1;
+  __syncthreads();  // the slot and the count, for the publish's copy
+}
+
+// An unlogged step's end: the scaler's update kernel with the record in it
+// (one block; the kernel the scaler would launch anyway).
+__global__ void monitor_record_kernel(monitor::DeviceStepInputs in, MonitorControl* ctl, monitor::DeviceStep* ring,
+                                      int* ring_nonfinite, int every, int num_params, monitor::ScalerUpdate update) {
+  record_and_end_iteration(in, ctl, ring, ring_nonfinite, every, num_params, update);
 }
 
 // Sums a[0..2] over the block; valid in thread 0.
@@ -117,32 +131,32 @@ __device__ inline void skipped_step_terms(const monitor::DeviceParamInfo& info, 
   }
 }
 
-// Work items as BlockMap says (`items` of them), taken by the grid's blocks
-// in turn (a grid of one wave or less: most logged steps moved the masters
-// and the items have nothing to read). A step that moved the masters: the
-// update pass summed the update, weight and eps terms already (the
-// precursors), and each item's partials are zero. A skipped step (overflow
-// or the spike guard) moved nothing: each item sums its share of one
-// parameter's weight and eps terms into its partials (the same partials
-// whatever the grid: an item's elements and its sum's order do not depend on
-// which block takes it). The last block to finish adds the partials
-// up (in a fixed order, so the figures do not depend on the order blocks ran
-// in), adds the precursors (zero where the update pass did not run) and
-// writes the read-back. (A step skipped for a non-finite lr alone leaves
-// both at zero: its update ratio reads NaN.)
+// A logged step's end. Work items as BlockMap says (`items` of them), taken
+// by the grid's blocks in turn (a grid of one wave or less: most logged
+// steps moved the masters and the items have nothing to read). A step that
+// moved the masters: the update pass summed the update, weight and eps
+// terms already (the precursors), and the items do nothing. A skipped step
+// (overflow or the spike guard) moved nothing: each item sums its share of
+// one parameter's weight and eps terms into its partials (the same partials
+// whatever the grid: an item's elements and its sum's order do not depend
+// on which block takes it). The last block to finish records the step and
+// ends the scaler's iteration (as monitor_record_kernel does: nothing the
+// other blocks read is the scaler's), adds the partials up (in a fixed
+// order, so the figures do not depend on the order blocks ran in), adds the
+// precursors (zero where the update pass did not run), writes the
+// read-back, and zeroes the histograms and precursors it has read, for the
+// next logged step's check and update passes. (A step skipped for a
+// non-finite lr alone leaves both at zero: its update ratio reads NaN.)
 __global__ void __launch_bounds__(monitor_threads)
     monitor_publish_kernel(monitor::DeviceStepInputs in, const monitor::DeviceParamInfo* params, BlockMap map,
-                           const unsigned long long* hist, MonitorControl* ctl, const monitor::DeviceStep* ring,
-                           const int* ring_nonfinite, int every, int num_params, char* pinned, int slots, monitor::ReadbackLayout layout,
-                           double* partials, const double* precursors, int items) {
+                           unsigned long long* hist, MonitorControl* ctl, monitor::DeviceStep* ring,
+                           int* ring_nonfinite, int every, int num_params, char* pinned, int slots,
+                           monitor::ReadbackLayout layout, double* partials, double* precursors, int items,
+                           monitor::ScalerUpdate update) {
   __shared__ double partial[monitor_threads / 32][3];
   const bool moved = *in.found_inf == 0 && (in.guard_skip == nullptr || *in.guard_skip == 0);
-  for (int item = static_cast<int>(blockIdx.x); item < items; item += static_cast<int>(gridDim.x)) {
+  for (int item = static_cast<int>(blockIdx.x); !moved && item < items; item += static_cast<int>(gridDim.x)) {
     double* mine = partials + static_cast<std::size_t>(item) * 3;
-    if (moved) {
-      if (threadIdx.x < 3) mine[threadIdx.x] = 0;
-      continue;
-    }
     const int p = map.param[item];
     double a[3] = {0, 0, 0};  // update (0: nothing moved), weight, eps count
     skipped_step_terms(params[p], item - map.first[p], map.count[p], a);
@@ -158,7 +172,8 @@ __global__ void __launch_bounds__(monitor_threads)
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  // The last block: everything into pinned slot (published % slots).
+  record_and_end_iteration(in, ctl, ring, ring_nonfinite, every, num_params, update);
+  // Everything into pinned slot (published % slots).
   const long long seq = ctl->published;
   char* out = pinned + static_cast<std::size_t>(seq % slots) * layout.bytes;
   auto* steps = reinterpret_cast<monitor::DeviceStep*>(out + layout.steps);
@@ -167,11 +182,12 @@ __global__ void __launch_bounds__(monitor_threads)
   for (int k = threadIdx.x; k < every * num_params; k += blockDim.x) flags[k] = ring_nonfinite[k];
   auto* out_sums = reinterpret_cast<monitor::DeviceParamSums*>(out + layout.sums);
   // One warp per parameter adds up its blocks' partials (lanes strided
-  // over the blocks, then a fixed shuffle tree).
+  // over the blocks, then a fixed shuffle tree). A step that moved the
+  // masters wrote no partials: its terms are all in the precursors.
   const int lane = static_cast<int>(threadIdx.x % 32);
   for (int q = static_cast<int>(threadIdx.x / 32); q < num_params; q += monitor_threads / 32) {
     double t[3] = {0, 0, 0};
-    for (int b = map.first[q] + lane; b < map.first[q] + map.count[q]; b += 32) {
+    for (int b = map.first[q] + lane; !moved && b < map.first[q] + map.count[q]; b += 32) {
       const double* part = partials + static_cast<std::size_t>(b) * 3;
       for (int k = 0; k < 3; ++k) t[k] += __ldcg(part + k);
     }
@@ -179,9 +195,9 @@ __global__ void __launch_bounds__(monitor_threads)
       for (int offset = 16; offset > 0; offset /= 2) t[k] += __shfl_down_sync(0xffffffffu, t[k], offset);
     }
     if (lane == 0) {
+      double* pre = precursors + static_cast<std::size_t>(q) * optim::kPrecursorSums;
       monitor::DeviceParamSums s;
       s.grad_sum_squares = in.sum_squares[q];
-      const double* pre = precursors + static_cast<std::size_t>(q) * optim::kPrecursorSums;
       s.update_sum_squares = t[0] + __ldcg(pre + 2);
       s.weight_sum_squares = t[1] + __ldcg(pre + 3);
       s.eps_count = t[2] + __ldcg(pre + 1);
@@ -190,10 +206,14 @@ __global__ void __launch_bounds__(monitor_threads)
       s.nonfinite = in.nonfinite[q];
       s.has_v = params[q].v != nullptr;
       out_sums[q] = s;
+      for (std::size_t k = 0; k < optim::kPrecursorSums; ++k) pre[k] = 0;
     }
   }
   auto* out_hist = reinterpret_cast<unsigned long long*>(out + layout.hist);
-  for (int k = threadIdx.x; k < num_params * monitor_bins; k += blockDim.x) out_hist[k] = __ldcg(hist + k);
+  for (int k = threadIdx.x; k < num_params * monitor_bins; k += blockDim.x) {
+    out_hist[k] = __ldcg(hist + k);
+    hist[k] = 0;
+  }
   __threadfence_system();  // the data reaches the host before the seq that says it is there
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -227,6 +247,7 @@ class MonitorPlan final : public monitor::DeviceMonitorPlan {
       block_param.insert(block_param.end(), static_cast<std::size_t>(n), static_cast<int>(p));
     }
     blocks_ = static_cast<unsigned>(block_param.size());
+    record_threads_ = static_cast<unsigned>(std::min((num_params_ + 31) / 32 * 32, detail::monitor_threads));
     grid_ = static_cast<unsigned>(std::min<std::int64_t>(blocks_, multiprocessor_count()));
     std::vector<int> map_host(block_param);
     map_host.insert(map_host.end(), first.begin(), first.end());
@@ -241,41 +262,38 @@ class MonitorPlan final : public monitor::DeviceMonitorPlan {
     partials_ = Buffer(static_cast<std::size_t>(blocks_) * 3 * sizeof(double), device);
     precursors_ = Buffer(params.size() * optim::kPrecursorSums * sizeof(double), device);
     MIXPREC_CUDA_CHECK(cudaMemcpy(params_.data(), params.data(), params_.bytes(), cudaMemcpyHostToDevice));
+    // Zeroed: the first logged step adds to the histograms and precursors
+    // with no clear before it (each publish zeroes them for the next).
     for (Buffer* b : {&hist_, &control_, &ring_, &ring_nonfinite_, &precursors_}) {
       MIXPREC_CUDA_CHECK(cudaMemset(b->data(), 0, b->bytes()));
     }
     MIXPREC_CUDA_CHECK(cudaDeviceSynchronize());  // ready before any stream uses them
   }
 
-  void begin_logged(stream_t stream) override {
-    mixprec::detail::DeviceGuard guard(device_);
-    const std::int64_t n = static_cast<std::int64_t>(num_params_) * detail::monitor_bins;
-    detail::monitor_clear_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
-        static_cast<unsigned long long*>(hist_.data()), n);
-    MIXPREC_CUDA_CHECK_LAUNCH("monitor_clear_kernel");
-  }
   std::uint64_t* histogram() override { return static_cast<std::uint64_t*>(hist_.data()); }
   double* precursors() override { return static_cast<double*>(precursors_.data()); }
-  void clear_precursors(stream_t stream) override {
+  void clear(stream_t stream) override {
     mixprec::detail::DeviceGuard guard(device_);
-    MIXPREC_CUDA_CHECK(cudaMemsetAsync(precursors_.data(), 0, precursors_.bytes(), static_cast<cudaStream_t>(stream)));
+    MIXPREC_CUDA_CHECK(cudaMemsetAsync(hist_.data(), 0, hist_.bytes(), stream));
+    MIXPREC_CUDA_CHECK(cudaMemsetAsync(precursors_.data(), 0, precursors_.bytes(), stream));
   }
 
-  void record(const monitor::DeviceStepInputs& in, stream_t stream) override {
+  void end_step(const monitor::DeviceStepInputs& in, const monitor::ScalerUpdate& update, void* pinned, int slots,
+                stream_t stream) override {
     mixprec::detail::DeviceGuard guard(device_);
-    detail::monitor_record_kernel<<<1, 128, 0, stream>>>(in, control(), static_cast<monitor::DeviceStep*>(ring_.data()),
-                                                        static_cast<int*>(ring_nonfinite_.data()), every_,
-                                                        num_params_);
-    MIXPREC_CUDA_CHECK_LAUNCH("monitor_record_kernel");
-  }
-
-  void publish(const monitor::DeviceStepInputs& in, void* pinned, int slots, stream_t stream) override {
-    mixprec::detail::DeviceGuard guard(device_);
+    auto* ring = static_cast<monitor::DeviceStep*>(ring_.data());
+    auto* ring_nonfinite = static_cast<int*>(ring_nonfinite_.data());
+    if (pinned == nullptr) {
+      detail::monitor_record_kernel<<<1, record_threads_, 0, stream>>>(in, control(), ring, ring_nonfinite, every_,
+                                                                       num_params_, update);
+      MIXPREC_CUDA_CHECK_LAUNCH("monitor_record_kernel");
+      return;
+    }
     detail::monitor_publish_kernel<<<grid_, detail::monitor_threads, 0, stream>>>(
-        in, static_cast<const monitor::DeviceParamInfo*>(params_.data()), map(), static_cast<const unsigned long long*>(hist_.data()),
-        control(), static_cast<const monitor::DeviceStep*>(ring_.data()), static_cast<const int*>(ring_nonfinite_.data()),
-        every_, num_params_, static_cast<char*>(pinned), slots, layout_, static_cast<double*>(partials_.data()),
-        static_cast<const double*>(precursors_.data()), static_cast<int>(blocks_));
+        in, static_cast<const monitor::DeviceParamInfo*>(params_.data()), map(),
+        static_cast<unsigned long long*>(hist_.data()), control(), ring, ring_nonfinite, every_, num_params_,
+        static_cast<char*>(pinned), slots, layout_, static_cast<double*>(partials_.data()),
+        static_cast<double*>(precursors_.data()), static_cast<int>(blocks_), update);
     MIXPREC_CUDA_CHECK_LAUNCH("monitor_publish_kernel");
   }
 
@@ -296,6 +314,7 @@ class MonitorPlan final : public monitor::DeviceMonitorPlan {
   int every_, num_params_;
   unsigned blocks_ = 0;  // the publish kernel's work items (BlockMap)
   unsigned grid_ = 0;    // its blocks: one a multiprocessor at most
+  unsigned record_threads_ = 32;  // the record's block: a warp per 32 parameters, up to monitor_threads
   monitor::ReadbackLayout layout_;
   Buffer params_, map_, hist_, control_, ring_, ring_nonfinite_, partials_, precursors_;
 };
