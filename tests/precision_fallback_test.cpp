@@ -443,6 +443,55 @@ TEST(PrecisionFallback, ActMovesExactlyTheOverflowingLayerAndReachesTheFp32RunsA
   EXPECT_GE(acc, reference - 0.02);
 }
 
+// on_move hears each move once, after it is made; generation() counts the
+// moves (and load_state's), and check_graph tells a graph captured before
+// a move from a current one, naming the move.
+TEST(PrecisionFallback, OnMoveHearsTheMoveAndCheckGraphRefusesAStaleGeneration) {
+  monitor::PrecisionFallbackOptions fo = policy(FallbackPolicy::act);
+  std::vector<monitor::PrecisionMove> heard;
+  std::vector<DType> precision_then;
+  Trainer<half>* self = nullptr;
+  fo.on_move = [&](const monitor::PrecisionMove& m) {
+    heard.push_back(m);
+    precision_then.push_back(self->model.precision(m.layer));
+  };
+  Trainer<half> run(static_scale(), fo);
+  self = &run;
+  const std::uint64_t captured_at = run.fallback->generation();
+  EXPECT_EQ(captured_at, 0u);
+  EXPECT_NO_THROW(run.fallback->check_graph(captured_at));
+  for (int s = 0; s < 20; ++s) run.train_step();
+  ASSERT_EQ(heard.size(), 1u);
+  EXPECT_EQ(heard[0].layer, 0u);
+  EXPECT_EQ(heard[0].step, 5);
+  EXPECT_EQ(heard[0].param, "0.weight");
+  EXPECT_EQ(heard[0].from, DType::float16);
+  EXPECT_EQ(heard[0].to, DType::float32);
+  EXPECT_EQ(heard[0].trigger, EventKind::repeated_overflow);
+  EXPECT_EQ(precision_then[0], DType::float32) << "on_move comes after the move";
+  EXPECT_EQ(run.fallback->generation(), 1u);
+  const std::string stale = error_of([&] { run.fallback->check_graph(captured_at); });
+  EXPECT_NE(stale.find("PrecisionFallback::check_graph: the CUDA graph captured at generation 0 would replay freed "
+                       "buffers (generation() is 1: 1 layer change(s) since; the last: layer 0 (Linear(16, 32, "
+                       "relu)) moved to float32 after step 5)"),
+            std::string::npos)
+      << stale;
+  EXPECT_NO_THROW(run.fallback->check_graph(1));
+  const std::string ahead = error_of([&] { run.fallback->check_graph(7); });
+  EXPECT_NE(ahead.find("check_graph: captured_at = 7, but generation() is 1"), std::string::npos) << ahead;
+
+  // load_state counts the layers it moves, and calls no on_move.
+  Trainer<half> fresh(static_scale(), policy(FallbackPolicy::act));
+  EXPECT_EQ(monitor::restore_precisions(fresh.model, *fresh.opt, run.fallback->save_state()), 1u);
+  EXPECT_EQ(monitor::restore_precisions(fresh.model, *fresh.opt, run.fallback->save_state()), 0u) << "already so";
+  Trainer<half> loaded(static_scale(), fo);
+  self = &loaded;
+  loaded.fallback->load_state(run.fallback->save_state());
+  EXPECT_EQ(loaded.fallback->generation(), 1u);
+  EXPECT_EQ(heard.size(), 1u);
+  EXPECT_NE(error_of([&] { loaded.fallback->check_graph(0); }).find("by load_state"), std::string::npos);
+}
+
 TEST(PrecisionFallback, OffAndSuggestLeaveTheModelAsItIs) {
   for (FallbackPolicy p : {FallbackPolicy::off, FallbackPolicy::suggest}) {
     Trainer<half> run(static_scale(), policy(p));

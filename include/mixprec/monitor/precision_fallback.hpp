@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <map>
 #include <memory>
@@ -24,7 +25,9 @@
 #include "mixprec/core/error.hpp"
 #include "mixprec/monitor/monitor.hpp"
 #include "mixprec/monitor/record.hpp"
+#include "mixprec/nn/precision.hpp"
 #include "mixprec/nn/sequential.hpp"
+#include "mixprec/optim/device_backend.hpp"
 #include "mixprec/optim/optimizer.hpp"
 #include "mixprec/tensor/ops.hpp"
 
@@ -63,6 +66,20 @@ inline DType parse_fallback_dtype(const std::string& value,
   mixprec::detail::throw_error(option, " = \"", value, "\", must be \"float32\" (\"fp32\") or \"bfloat16\" (\"bf16\")");
 }
 
+/// One layer the fallback moved.
+struct PrecisionMove {
+  std::size_t layer = 0;
+  std::string name;   // the layer's name before the move, "Linear(784, 1024, relu)"
+  DType from = DType::float16, to = DType::float32;
+  /// The monitored step after which it moved: on the host the logged step
+  /// whose record found it; on a device the step monitor.step() (or
+  /// replayed()) had just queued when that record's read-back arrived,
+  /// a few steps later.
+  std::int64_t step = 0;
+  std::string param;      // the parameter whose event found it
+  EventKind trigger = EventKind::repeated_overflow;
+};
+
 struct PrecisionFallbackOptions {
   FallbackPolicy policy = FallbackPolicy::suggest;
   /// The type a layer moves to: float32 (the default: fp32's range and
@@ -77,6 +94,18 @@ struct PrecisionFallbackOptions {
   /// thresholds are the detectors'; tune them there.
   bool on_overflow = true;
   bool on_underflow = true;
+  /// Called after each move of policy act, with the move, on the thread
+  /// that called monitor.step() (or replayed(), flush()); the move is
+  /// complete, and an exception thrown here propagates out of that call.
+  /// For a device model whose steps replay CUDA graphs this is where the
+  /// graphs go: drop every graph that captured the model's or the
+  /// optimizer's work (a replay would use the freed buffers), run the next
+  /// step eagerly (the moved layer makes its buffers and GEMM plans there)
+  /// and capture again. Once the optimizer's work has been captured in a
+  /// graph (Optimizer::captured()), act moves a layer only when on_move is
+  /// set; without it the layer is reported as one that could not move,
+  /// and training goes on unchanged.
+  std::function<void(const PrecisionMove&)> on_move;
 
   /// Throws mixprec::Error naming the first bad field and its value, for a
   /// model whose element type is `model_dtype`.
@@ -95,16 +124,6 @@ struct PrecisionFallbackOptions {
 
  private:
   static int rank(DType d) { return d == DType::float16 ? 0 : d == DType::bfloat16 ? 1 : 2; }
-};
-
-/// One layer the fallback moved.
-struct PrecisionMove {
-  std::size_t layer = 0;
-  std::string name;   // the layer's name before the move, "Linear(784, 1024, relu)"
-  DType from = DType::float16, to = DType::float32;
-  std::int64_t step = 0;  // the monitored step after which it moved
-  std::string param;      // the parameter whose event found it
-  EventKind trigger = EventKind::repeated_overflow;
 };
 
 namespace detail {
@@ -179,12 +198,13 @@ struct PreparedMove {
 };
 
 // Makes layer i in `dtype` and finds its parameters in the optimizer (which
-// must keep fp32 masters for them); changes nothing.
+// must keep fp32 masters for them); changes nothing. On a device the copy
+// reads the old weights (Layer::copy_as): call it after the optimizer's
+// queued steps finished (Optimizer::synchronize), so that it does not
+// race with them. The values it copies are overwritten from the masters.
 template <class T>
 PreparedMove<T> prepare_move(const nn::Sequential<T>& model, const optim::Optimizer& opt, std::size_t i,
                              DType dtype) {
-  MIXPREC_CHECK(model.device().is_cpu(), "PrecisionFallback: layer ", i, " is on ", model.device(),
-                "; moving a layer's precision runs on the host only for now");
   PreparedMove<T> p;
   p.layer = i;
   p.fresh = model.copy_in_precision(i, dtype);
@@ -200,15 +220,45 @@ PreparedMove<T> prepare_move(const nn::Sequential<T>& model, const optim::Optimi
 }
 
 // Writes the new weights from the fp32 masters (rounded to nearest even;
-// exact for fp32), points the optimizer at them and swaps the layer in.
+// exact for fp32), points the optimizer at them and swaps the layer in;
+// whole or not at all (a failure points the optimizer back at the old
+// layer, which stays). On a device: the weights are written by one
+// conversion kernel each (nn::DeviceOps::convert, the host's bits) after
+// every step queued so far (synchronised), the optimizer's device lists are
+// made again here rather than at the next launch (which may be a graph
+// capture), and the old layer is freed last, when nothing queued reads it.
 template <class T>
 void commit_move(nn::Sequential<T>& model, optim::Optimizer& opt, PreparedMove<T>& p) {
-  for (std::size_t k = 0; k < p.params.size(); ++k) {
-    const Tensor<float>& master = opt.master(p.slots[k]);
-    p.params[k].weight.visit([&](auto w) { convert(master.view(), w); });
+  const Device device = model.device();
+  opt.synchronize();  // device: the masters are final and the old buffers idle
+  {
+#if MIXPREC_WITH_CUDA
+    std::optional<mixprec::detail::DeviceGuard> guard;
+    if (device.is_cuda()) guard.emplace(device);
+#endif
+    for (std::size_t k = 0; k < p.params.size(); ++k) {
+      const Tensor<float>& master = opt.master(p.slots[k]);
+      p.params[k].weight.visit([&](auto w) { nn::detail::cast(TensorView<const float>(master.view()), w, nullptr); });
+    }
+    // The conversions ran on the legacy default stream: done before the
+    // trainer's streams (non-blocking ones included) read the weights.
+    if (device.is_cuda()) optim::device_backend()->synchronize(nullptr);
   }
-  for (std::size_t k = 0; k < p.params.size(); ++k) opt.rebind(p.slots[k], p.params[k].weight, p.params[k].grad);
-  model.replace(p.layer, std::move(p.fresh));
+  std::vector<std::pair<TensorRef, TensorRef>> old;
+  for (std::size_t k : p.slots) old.emplace_back(opt.param(k).weight, opt.param(k).grad);
+  std::size_t rebound = 0;
+  try {
+    for (; rebound < p.params.size(); ++rebound) {
+      opt.rebind(p.slots[rebound], p.params[rebound].weight, p.params[rebound].grad);
+    }
+    opt.update_device_lists();
+    p.fresh = model.replace(p.layer, std::move(p.fresh));  // p.fresh: the old layer now
+  } catch (...) {
+    // The old buffers were bound a moment ago: rebinding them cannot fail.
+    for (std::size_t k = rebound; k-- > 0;) opt.rebind(p.slots[k], old[k].first, old[k].second);
+    throw;
+  }
+  p.fresh.reset();  // the old layer's buffers: nothing queued reads them (synchronised above)
 }
 
 }  // namespace detail
@@ -219,15 +269,20 @@ void commit_move(nn::Sequential<T>& model, optim::Optimizer& opt, PreparedMove<T
 /// resumed run, before io::load_checkpoint, which wants the weights in the
 /// dtypes they were saved in (PrecisionFallback::load_state does the same
 /// and also remembers the moves). Every check runs and every new layer is
-/// made before anything changes.
+/// made before anything changes; each layer then moves whole or not at
+/// all. Returns the number of layers moved. Host or device models; on a
+/// device it synchronises (call it before capturing CUDA graphs, or drop
+/// them afterwards).
 template <class T>
-void restore_precisions(nn::Sequential<T>& model, optim::Optimizer& opt, const std::string& state) {
+std::size_t restore_precisions(nn::Sequential<T>& model, optim::Optimizer& opt, const std::string& state) {
   const detail::FallbackState st = detail::parse_fallback_state(state, model.size());
+  opt.synchronize();  // device: the layers' copies below read weights the queued steps write
   std::vector<detail::PreparedMove<T>> prepared;
   for (std::size_t i = 0; i < model.size(); ++i) {
     if (st.precision[i] != model.precision(i)) prepared.push_back(detail::prepare_move(model, opt, i, st.precision[i]));
   }
   for (detail::PreparedMove<T>& p : prepared) detail::commit_move(model, opt, p);
+  return prepared.size();
 }
 
 /// Watches a Monitor's events for one nn::Sequential<T> and its optimizer
@@ -258,6 +313,25 @@ void restore_precisions(nn::Sequential<T>& model, optim::Optimizer& opt, const s
 /// is swapped in; the monitor follows the new gradient dtype. Training goes
 /// on with one loss scale for the whole model: the moved layer's gradients
 /// are bf16/fp32 and no longer overflow at it. The other layers stay in T.
+/// A move happens whole or not at all.
+///
+/// On a CUDA device the same move, with the same bits (the weights are
+/// converted from the masters on the device, rounding as the host does).
+/// The events come with the monitor's read-back, a few steps after the
+/// logged step that found them, so the layer moves after the step that
+/// monitor.step() (or replayed(), flush()) had just queued when the
+/// read-back arrived (PrecisionMove::step). The move synchronises once:
+/// it waits for the optimizer's queued work (the scaler's stream, which
+/// the forward and backward passes precede), converts, makes the
+/// optimizer's device lists of the new buffers (gradients included) and
+/// only then frees the old layer. Work of yours on another stream that
+/// reads the layer's buffers must be ordered before the scaler's step.
+/// CUDA graphs hold the old addresses: set PrecisionFallbackOptions::
+/// on_move to drop them (the examples do), then run one step eagerly and
+/// capture again; generation() and check_graph() tell a stale graph from
+/// a current one. Once the optimizer's work has been captured, act
+/// refuses to move without on_move (the layer is reported instead), so a
+/// graph cannot silently replay freed buffers.
 ///
 /// Checkpoints: save_state() records every layer's precision, the moves and
 /// the suggestions; keep it in the checkpoint's metadata. A resumed run
@@ -266,33 +340,28 @@ void restore_precisions(nn::Sequential<T>& model, optim::Optimizer& opt, const s
 /// monitor is made later, BEFORE io::load_checkpoint (which wants the
 /// weights in the dtypes they were saved in): the layers are in the
 /// precision they had and the run goes on to the bits of an uninterrupted
-/// one.
+/// one (on a device, before capturing graphs).
 ///
-/// Limits: act moves layers of host models only (refused at construction,
-/// naming the device): on a device the move would come when the read-back
-/// arrives, steps later, and would reallocate tensors that queued kernels
-/// and captured CUDA graphs still use. suggest works on both, and a device
-/// model can compute a layer in fp32 from the start (set_precision before
-/// the optimizer is made). Linear and Conv2d can move. An activation that
-/// overflows fp16 at the layer's output still overflows (the move protects
-/// parameters and their gradients, not activations handed to fp16
-/// neighbours). One loss scale: per-layer scales are the next step
-/// (docs/monitor.md).
+/// Limits: Linear and Conv2d can move. An activation that overflows fp16
+/// at the layer's output still overflows (the move protects parameters
+/// and their gradients, not activations handed to fp16 neighbours). One
+/// loss scale: per-layer scales are the next step (docs/monitor.md). Not
+/// with a dist::GradientReducer or ZeRO-1 (their buckets hold the old
+/// gradients).
 template <class T>
 class PrecisionFallback {
  public:
   /// Registers itself as the monitor's responder (one per monitor; its
   /// destructor removes it). The model, the optimizer and the monitor must
   /// outlive it. The optimizer must hold every parameter of the model (by
-  /// name, the same buffers), and with policy act the model must be on the
-  /// host. Every check runs before the monitor is touched.
+  /// name, the same buffers), on the host or on the model's CUDA device.
+  /// Every check runs before the monitor is touched.
   PrecisionFallback(nn::Sequential<T>& model, optim::Optimizer& opt, Monitor& monitor,
                     const PrecisionFallbackOptions& options = {})
       : model_(model), opt_(opt), monitor_(monitor), options_(options) {
     options_.validate(dtype_of<T>);
-    MIXPREC_CHECK(options_.policy != FallbackPolicy::act || model.device().is_cpu(),
-                  "PrecisionFallback: policy = act with the model on ", model.device(),
-                  "; moving a layer's precision runs on the host only for now (use policy = suggest on a device)");
+    MIXPREC_CHECK(opt.num_params() == 0 || opt.device() == model.device(), "PrecisionFallback: the model is on ",
+                  model.device(), ", the ", opt.name(), "'s parameters on ", opt.device());
     for (std::size_t i = 0; i < model.size(); ++i) {
       for (const optim::Param& p : model.layer(i).parameters(model.parameter_prefix(i))) {
         const std::size_t k = opt.find(p.name);  // throws, naming it, when absent
@@ -314,6 +383,26 @@ class PrecisionFallback {
   /// Layers the fallback suggested moving, each once: policy suggest, or
   /// act where the layer could not move (its event says why).
   const std::set<std::size_t>& suggested() const { return suggested_; }
+
+  /// How many times this fallback changed the model's layers (each act
+  /// move, and each layer load_state moved), from 0. A CUDA graph captured
+  /// while generation() was g replays freed buffers once it is not g.
+  std::uint64_t generation() const { return generation_; }
+
+  /// Throws, saying what moved, unless a graph captured while generation()
+  /// was `captured_at` is still current: call it before replaying a graph
+  /// you keep outside on_move's reach. Host models have no graphs, but the
+  /// check is the same.
+  void check_graph(std::uint64_t captured_at) const {
+    MIXPREC_CHECK(captured_at <= generation_, "PrecisionFallback::check_graph: captured_at = ", captured_at,
+                  ", but generation() is ", generation_, " (captured_at must be a generation() read before)");
+    if (captured_at == generation_) return;
+    std::string what = std::to_string(generation_ - captured_at) + " layer change(s) since";
+    if (!last_change_.empty()) what += "; the last: " + last_change_;
+    mixprec::detail::throw_error("PrecisionFallback::check_graph: the CUDA graph captured at generation ",
+                                 captured_at, " would replay freed buffers (generation() is ", generation_, ": ",
+                                 what, "); drop it, run one step eagerly and capture again");
+  }
 
   /// Every layer's precision and the moves and suggestions so far, as one
   /// JSON line for a checkpoint (io::CheckpointExtras::metadata).
@@ -339,10 +428,16 @@ class PrecisionFallback {
   /// (weights from the masters, optimizer rebound); the moves and
   /// suggestions are remembered. Call it before io::load_checkpoint.
   /// Every check (format, layer count, dtypes, that each layer can move)
-  /// runs and every new layer is made before anything changes.
+  /// runs and every new layer is made before anything changes. On a
+  /// device it synchronises; generation() counts the layers it moved (it
+  /// does not call on_move: load before capturing graphs).
   void load_state(const std::string& state) {
     detail::FallbackState st = detail::parse_fallback_state(state, model_.size());
-    restore_precisions(model_, opt_, state);
+    const std::size_t moved = restore_precisions(model_, opt_, state);
+    if (moved > 0) {
+      generation_ += moved;
+      last_change_ = std::to_string(moved) + " layer(s) put back in their saved precisions by load_state";
+    }
     moves_ = std::move(st.moves);
     suggested_ = std::move(st.suggested);
   }
@@ -368,14 +463,34 @@ class PrecisionFallback {
                                   : e.param + "'s gradient underflows " + dtype_name(dtype_of<T>) + " (" +
                                         e.message + ")";
       // A layer that cannot move (a layer type without a copy in another
-      // type, say) is reported, once, and training goes on as it was.
-      std::optional<detail::PreparedMove<T>> prepared;
+      // type, a device run whose graphs nobody drops, a failed allocation)
+      // is reported, once, and training goes on as it was.
+      std::optional<PrecisionMove> moved;
       std::string refused;
+      bool graphs = false;  // refused for the CUDA graphs
       if (options_.policy == FallbackPolicy::act && suggested_.count(i) == 0) {
-        try {
-          prepared = detail::prepare_move(model_, opt_, i, options_.to);  // changes nothing
-        } catch (const Error& err) {
-          refused = err.what();
+        if (opt_.captured() && !options_.on_move) {
+          graphs = true;
+          refused = "the " + std::string(opt_.name()) + "'s steps were captured in a CUDA graph, whose replays "
+                    "would use the freed buffers, and PrecisionFallbackOptions::on_move (where the graphs are "
+                    "dropped) is not set";
+        } else {
+          try {
+            opt_.synchronize();  // device: the copy reads weights the queued steps write
+            detail::PreparedMove<T> prepared = detail::prepare_move(model_, opt_, i, options_.to);
+            PrecisionMove m;
+            m.layer = i;
+            m.name = model_.layer(i).name();
+            m.from = dtype_of<T>;
+            m.to = options_.to;
+            m.step = monitor_.steps();  // after the step just queued; on the host, the logged one
+            m.param = e.param;
+            m.trigger = e.kind;
+            detail::commit_move(model_, opt_, prepared);  // whole or not at all
+            moved = std::move(m);
+          } catch (const Error& err) {
+            refused = err.what();
+          }
         }
       }
       Event ev;
@@ -384,27 +499,30 @@ class PrecisionFallback {
       ev.param = e.param;
       ev.value = static_cast<double>(i);
       ev.threshold = std::numeric_limits<double>::quiet_NaN();
-      if (prepared) {
-        PrecisionMove m;
-        m.layer = i;
-        m.name = model_.layer(i).name();
-        m.from = dtype_of<T>;
-        m.to = options_.to;
-        m.step = step;
-        m.param = e.param;
-        m.trigger = e.kind;
-        detail::commit_move(model_, opt_, *prepared);
-        moves_.push_back(std::move(m));
-        ev.message = layer + " moved from " + dtype_name(dtype_of<T>) + " to " + dtype_name(options_.to) + ": " + why;
+      if (moved) {
+        // On a device the record arrives steps after its logged step: say
+        // when the layer moved.
+        const std::string when = moved->step == step ? "" : " after step " + std::to_string(moved->step);
+        ev.message = layer + " moved from " + dtype_name(dtype_of<T>) + " to " + dtype_name(options_.to) + when +
+                     ": " + why;
         ev.suggestion = "nothing to do: training goes on with this layer in " + std::string(dtype_name(options_.to)) +
                         " and the others in " + dtype_name(dtype_of<T>) +
                         "; keep PrecisionFallback::save_state() in your checkpoint so a resume keeps it";
+        generation_ += 1;
+        last_change_ = layer + " moved to " + dtype_name(options_.to) + " after step " + std::to_string(moved->step);
+        moves_.push_back(*moved);
+        if (options_.on_move) options_.on_move(moves_.back());
       } else {
         if (!suggested_.insert(i).second) continue;
         ev.message = layer + " should compute in " + std::string(dtype_name(options_.to)) + ": " + why;
         if (refused.empty()) {
           ev.suggestion = "model.set_precision(" + std::to_string(i) + ", DType::" + dtype_name(options_.to) +
                           ") before the optimizer is made, or PrecisionFallbackOptions::policy = act";
+        } else if (graphs) {
+          ev.message += "; it could not move: " + refused;
+          ev.suggestion = "set PrecisionFallbackOptions::on_move to drop your CUDA graphs (then run one step eagerly "
+                          "and capture again), or model.set_precision(" + std::to_string(i) + ", DType::" +
+                          dtype_name(options_.to) + ") at the next start";
         } else {
           ev.message += "; it could not move: " + refused;
           ev.suggestion = "normalise the layer's input or lower its gradient's scale; or give the layer a copy in " +
@@ -423,6 +541,8 @@ class PrecisionFallback {
   std::map<std::string, std::size_t> layer_of_;  // parameter name -> layer index
   std::vector<PrecisionMove> moves_;
   std::set<std::size_t> suggested_;
+  std::uint64_t generation_ = 0;
+  std::string last_change_;  // for check_graph's message
 };
 
 }  // namespace monitor

@@ -26,15 +26,27 @@ struct ConvertTag {};
 
 namespace detail {
 
-/// dst = src rounded to nearest even into D (same shape). Host tensors
-/// directly; a device tensor through host staging copies (synchronous): for
-/// the rare copy of a layer's parameters, not for a training step.
+/// dst = src rounded to nearest even into D (same shape), complete when
+/// this returns. Host tensors directly; two tensors on one device by one
+/// conversion kernel (nn::DeviceOps::convert, the host's bits) on the
+/// legacy default stream, then waited for; otherwise through host staging
+/// copies. For the rare copy of a layer's parameters, not for a training
+/// step.
 template <class S, class D>
 void convert_tensor(TensorView<const S> src, TensorView<D> dst) {
   if constexpr (std::is_same_v<S, D>) {
     copy(src, dst);
   } else if (src.device().is_cpu() && dst.device().is_cpu()) {
     convert(src, dst);
+  } else if (src.device().is_cuda() && src.device() == dst.device()) {
+    mixprec::detail::require_same_shape(src.shape(), dst.shape(), "convert_tensor");
+    mixprec::detail::require_usable(src.device(), "convert_tensor");
+#if MIXPREC_WITH_CUDA
+    mixprec::detail::DeviceGuard guard(src.device());
+    mixprec::detail::require_nn_device_ops("convert_tensor", src.device())
+        .convert(dtype_of<S>, src.data(), dtype_of<D>, dst.data(), src.numel(), nullptr);
+    MIXPREC_CUDA_CHECK(cudaStreamSynchronize(nullptr));
+#endif
   } else {
     Tensor<S> s(src.shape(), Device::cpu());
     Tensor<D> d(dst.shape(), Device::cpu());

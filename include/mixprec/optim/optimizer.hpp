@@ -242,7 +242,9 @@ class Optimizer {
   /// (the master stays the source of truth) and is written at the next
   /// applied step. Checked as add_param_group checks (no overlaps, not
   /// read-only) before anything changes. Device parameters: the device
-  /// lists are made again at the next launch (synchronises there).
+  /// lists (weights, masters, state and the gradients pass 1 reads) are
+  /// made again at the next launch, or at update_device_lists(), which
+  /// synchronise; a captured CUDA graph still holds the old addresses.
   void rebind(std::size_t i, TensorRef weight, TensorRef grad) {
     const Slot& s = slot(i);
     const std::string& n = s.param.name;
@@ -272,6 +274,35 @@ class Optimizer {
     w.param.grad = std::move(grad);
     params_changed_ = true;
   }
+
+  /// Device parameters: makes the device lists of the current buffers now
+  /// when rebind() or new state changed them, instead of at the next
+  /// launch: for a trainer that may capture a CUDA graph next (the lists
+  /// are uploaded by synchronising copies, which a capture refuses). Waits
+  /// for the device's queued work before freeing the old lists. Host
+  /// parameters: nothing to do.
+  void update_device_lists() {
+    if (on_device()) ensure_plan();
+  }
+
+  /// Device parameters: waits until every launch of this optimizer queued
+  /// so far has finished (the stream of its last launch, a scaler's, and
+  /// stream()): after it, its weights, gradients and lists are no longer
+  /// read by the device, and buffers it was given may be freed. Not while
+  /// one of them is capturing a CUDA graph. Host parameters: nothing.
+  void synchronize() const {
+    if (!on_device()) return;
+    DeviceBackend& b = *device_backend();
+    if (has_launched_ && last_stream_ != stream_) b.synchronize(last_stream_);
+    b.synchronize(stream_);
+  }
+
+  /// Device parameters: whether a launch of this optimizer (a check or a
+  /// step) was ever queued while its stream was capturing a CUDA graph;
+  /// such a graph holds the addresses of the buffers and lists it saw, so a
+  /// change of buffers (rebind) makes it stale: it must be dropped, and
+  /// captured again after one eager step. False on the host.
+  bool captured() const { return captured_; }
 
   /// Device parameters: throws, naming the parameter, unless every weight
   /// and gradient still lies in live device memory (a buffer freed since
@@ -570,7 +601,8 @@ class Optimizer {
   void launch_check(stream_t stream) {
     require_device("launch_check");
     ensure_plan();
-    if (buffer_checks_ && !device_backend()->capturing(stream)) check_buffers();
+    note_capture(stream);
+    if (buffer_checks_ && !captured_now_) check_buffers();
     order_after_last(stream);
     plan_->check(stream, grad_histogram_);
   }
@@ -608,7 +640,8 @@ class Optimizer {
     const std::vector<std::pair<std::size_t, std::size_t>> made = allocate_all();
     try {
       ensure_plan();
-      if (buffer_checks_ && !device_backend()->capturing(stream)) check_buffers();
+      note_capture(stream);
+      if (buffer_checks_ && !captured_now_) check_buffers();
       order_after_last(stream);
       in.applied_steps = applied_device();
       in.any_inf = any_inf;
@@ -1394,6 +1427,13 @@ class Optimizer {
       params_changed_ = true;
     }
   }
+  // Whether this launch goes into a graph being captured (captured()).
+  // One cudaStreamIsCapturing query a launch: a host call of well under a
+  // microsecond, and none at all when a graph replays the step.
+  void note_capture(stream_t stream) {
+    captured_now_ = device_backend()->capturing(stream);
+    captured_ = captured_ || captured_now_;
+  }
   // Orders this launch after the optimizer's last one on another stream.
   void order_after_last(stream_t stream) {
     if (has_launched_ && last_stream_ != stream) device_backend()->order_after(last_stream_, stream, &order_event_);
@@ -1506,6 +1546,8 @@ class Optimizer {
   stream_t last_stream_ = nullptr;   // of the last device launch (order_after_last)
   bool has_launched_ = false;
   bool buffer_checks_ = false;       // set_buffer_checks
+  bool captured_ = false;            // a launch went into a CUDA graph (captured())
+  bool captured_now_ = false;        // the current launch does
   mutable void* order_event_ = nullptr;  // DeviceBackend::order_after's event
   Buffer constants_;                 // {int 0, float 1}: found_inf and scale of a plain step()
   std::unique_ptr<DevicePlan> plan_;  // null after a group is added

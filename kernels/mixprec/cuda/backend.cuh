@@ -98,11 +98,24 @@ class Plan final : public optim::DevicePlan {
         params_(entries_of(params), grads_.num_chunks()),
         check_(grads_) {}
 
+  // The gradient list is made again too: a rebound gradient (Optimizer::
+  // rebind, a layer moved to another precision) has a new address and may
+  // have a new dtype, and pass 1 and the step read gradients through it.
+  // The shapes stay, so the chunks do, and pass 1's result buffers (whose
+  // addresses the scaler and the monitor hold) stay valid.
   void set_params(const std::vector<optim::DeviceParam>& params) override {
     MIXPREC_CHECK(static_cast<int>(params.size()) == params_.size(), "DevicePlan::set_params: ", params.size(),
                   " parameters, the plan has ", params_.size());
     mixprec::detail::DeviceGuard guard(device_);
-    params_ = ParamList(entries_of(params), grads_.num_chunks());
+    TensorList grads(grads_of(params));
+    MIXPREC_CHECK(grads.num_chunks() == grads_.num_chunks(), "DevicePlan::set_params: the gradients make ",
+                  grads.num_chunks(), " chunks, the plan's ", grads_.num_chunks(), " (a parameter changed shape)");
+    ParamList list(entries_of(params), grads.num_chunks());
+    // The old lists are freed below: launches queued on any stream may
+    // still read them. Rare (after rebind or new state), so wait for all.
+    MIXPREC_CUDA_CHECK(cudaDeviceSynchronize());
+    grads_ = std::move(grads);
+    params_ = std::move(list);
   }
 
   void check(stream_t stream, std::uint64_t* histogram) override { check_.launch(grads_, stream, histogram); }
