@@ -7,7 +7,7 @@ Runs the example with --monitor off and --monitor on (a logged step every
 compares the images/s of epochs 2.. (epoch 1 includes plans and graph
 capture). Step time is 1 / (images/s), so the overhead is
 median(off) / median(on) - 1. Prints a table; exits 1 when the overhead is
-at or above --limit percent (the issue's target is 3%).
+at or above --limit percent (issue 17's target: under 2% at every = 10).
 
     python3 monitor_overhead.py --example ../build/examples/fashion_mnist_mlp --data DIR
 """
@@ -37,7 +37,7 @@ def main():
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--every", type=int, default=10)
-    p.add_argument("--limit", type=float, default=3.0, help="percent")
+    p.add_argument("--limit", type=float, default=2.0, help="percent")
     p.add_argument("--graph", default="on", choices=["on", "off"])
     p.add_argument("extra", nargs="*", help="more flags for the example (after --)")
     a = p.parse_args()
