@@ -21,7 +21,8 @@
 // cosine decay over the run, seed 0, data as fashion_mnist_mlp, graph on,
 // the monitor on (a logged step every 10 steps). The flags mean what they
 // mean for fashion_mnist_mlp (checkpoints, resume and the report included),
-// which has no --hidden here.
+// which has no --hidden here (--precision-fallback act moves a Conv2d or
+// the Linear, on either device).
 // With --device cpu the convolutions are direct loops: correct, and slow
 // (a reference, not a CPU backend).
 #include "classifier.hpp"

@@ -30,6 +30,11 @@
 // --spike-guard on skips steps whose loss or gradient norm is a z-score
 // outlier (docs/grad-scaler.md#spike-guard; under mpirun the norm only),
 // counted apart from the overflow skips of each epoch's line.
+// --precision-fallback act moves a layer the monitor finds overflowing (or
+// underflowing) fp16 to fp32 while training goes on, on the CPU or the GPU
+// (there the move drops the captured CUDA graphs; the next step runs
+// eagerly and the one after is captured again); suggest only says so
+// (docs/monitor.md#acting-per-layer-precision-fallback).
 //
 // Checkpoints (docs/checkpoints.md): --checkpoint saves the whole training
 // state, the data position and the shuffling RNG at the end, and every N

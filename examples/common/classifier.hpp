@@ -77,7 +77,8 @@ struct Args {
   int monitor_every = 10;
   std::string monitor_log, report;
   // Per-layer precision fallback (docs/monitor.md): off, suggest or act when
-  // the monitor finds a layer that keeps overflowing fp16 (CPU, one process).
+  // the monitor finds a layer that keeps overflowing fp16 (one process; on
+  // the GPU a move drops the captured graphs, as an lr jump does).
   std::string precision_fallback = "off";
   // Checkpoints (docs/checkpoints.md): saved to `checkpoint` every
   // checkpoint_every steps (0: only at the end) and at the end of the run or
@@ -154,7 +155,7 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
       ->type_name("FILE.html");
   app.add_option("--precision-fallback", a.precision_fallback,
                  "a layer the monitor finds overflowing (or underflowing) fp16: act moves it to fp32, suggest says "
-                 "so, off ignores it (CPU, one process)")
+                 "so, off ignores it (one process)")
       ->check(CLI::IsMember({"off", "suggest", "act"}));
   CLI::Option* checkpoint =
       app.add_option("--checkpoint", a.checkpoint, "save the training state here (safetensors) at the end")
@@ -194,6 +195,10 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
     const std::string flag = "--precision-fallback " + a.precision_fallback;
     if (!a.monitor) return usage_error(flag + " needs the monitor (its events find the layer): drop --monitor off");
     if (a.precision == "fp32") return usage_error(flag + " with --precision fp32: no layer computes in fp16 or bf16");
+    if (a.zero1) {
+      return usage_error(flag + " with --zero1 on: a rank's optimizer holds a slice of the parameters, not the "
+                         "model's tensors a move replaces");
+    }
   }
   if (a.optimizer == "lamb" && a.zero1) {
     // A rank's optimizer holds a slice of the parameters: LAMB's norms are
@@ -225,10 +230,6 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
   if (a.device == "cuda" && !usable) {
     return usage_error(std::string("no CUDA device: --device cuda, but ") +
                        (cuda_available() ? "no CUDA kernels are linked into this build" : "no CUDA device is usable"));
-  }
-  if (a.precision_fallback != "off" && a.device == "cuda") {
-    return usage_error("--precision-fallback " + a.precision_fallback +
-                       " needs --device cpu: a layer's precision moves on the host only for now");
   }
   return -1;
 }
@@ -713,7 +714,10 @@ std::optional<double> run_cpu(const Args& a, const ImageSet& train_set, const Im
 // Checkpoints are saved between replays: a save reads the loss sum and
 // the state back, which waits for the stream (only on the steps that save).
 // A resume loads before the first step, so the graphs are captured after
-// it.
+// it. Two events drop the graphs, and the next step runs eagerly before
+// the one after is captured again: an lr jump (a captured step holds its
+// lr) and a precision fallback move (the moved layer's buffers are new;
+// the move waits for the stream once, then frees the old ones).
 //
 // Data parallel over `dp` (NCCL, one process per GPU, when mpirun started
 // several): as run_cpu, each rank trains on its share with --batch images a
@@ -750,9 +754,18 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
   if ((ranks > 1 || sharded) && a.schedule == "cosine") opt.set_schedule(optim::LRSchedule::cosine(a.epochs * steps));
   std::mt19937_64 rng(a.seed);
   RunPosition pos;
+  std::string fallback_state;  // its layers' precisions (--precision-fallback)
   if (!a.resume.empty()) {
     io::CheckpointExtras x;
     x.rng = &rng;
+    // The layers' precisions first: the file's weights are in them.
+    if (!sharded) {
+      const std::map<std::string, std::string> meta = io::read_checkpoint_metadata(a.resume);
+      if (const auto it = meta.find("precision_fallback.state"); it != meta.end()) {
+        fallback_state = it->second;
+        monitor::restore_precisions(m.net, opt, fallback_state);  // synchronises; before any capture
+      }
+    }
     if (sharded) {
       sharded->load_checkpoint(a.resume, scaler, &x);  // every rank its shard; synchronises; before any capture
     } else {
@@ -764,6 +777,29 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
   check_stop(a, pos, steps);
   std::optional<monitor::Monitor> mon;
   if (a.monitor && rank == 0) mon.emplace(opt, scaler, monitor_options(a));  // with --zero1, rank 0's slice
+  // A plain and a logged step (the monitor's logged steps do more work),
+  // each captured at its first use after an eager first step.
+  Graph graphs[2];
+  bool first = true;
+  // Declared after the monitor and the graphs: it goes first. A move
+  // (inside mon->step() or mon->replayed(), between two steps, once the
+  // stream is idle) frees the moved layer's old buffers: its on_move drops
+  // the graphs that captured them, and the next step runs eagerly (the
+  // moved layer makes its new buffers and GEMM plans there) before the one
+  // after is captured again.
+  std::optional<monitor::PrecisionFallback<T>> fallback;
+  if (a.precision_fallback != "off") {
+    MIXPREC_CHECK(ranks == 1 && !sharded, "--precision-fallback ", a.precision_fallback, ": one process only for "
+                  "now, without --zero1 (every rank's layers must stay alike)");
+    monitor::PrecisionFallbackOptions fo;
+    fo.policy = monitor::parse_fallback_policy(a.precision_fallback, "--precision-fallback");
+    fo.on_move = [&](const monitor::PrecisionMove&) {
+      for (Graph& graph : graphs) graph = Graph();
+      first = true;
+    };
+    fallback.emplace(m.net, opt, *mon, fo);
+    if (!fallback_state.empty()) fallback->load_state(fallback_state);  // the moves' history
+  }
   // Device scalars: [0] the step's loss, [1] a bad-label flag, [2] the
   // epoch's loss sum, then the test set's correct count (int64).
   Buffer scalars(4 * sizeof(float) + sizeof(std::int64_t), dev);
@@ -818,10 +854,16 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
     float sum = 0;
     mixprec::detail::copy_raw(&sum, Device::cpu(), loss + 2, dev, sizeof sum, stream.get());
     pos.loss_sum = sum;
+    io::CheckpointExtras x = checkpoint_extras(a, pos, steps);
+    if (fallback) {
+      x.metadata["precision_fallback.state"] = fallback->save_state();
+    } else if (!fallback_state.empty()) {
+      x.metadata["precision_fallback.state"] = fallback_state;  // the moved layers stay moved
+    }
     if (sharded) {
-      sharded->save_checkpoint(a.checkpoint, scaler, checkpoint_extras(a, pos, steps));  // every rank: its shard
+      sharded->save_checkpoint(a.checkpoint, scaler, x);  // every rank: its shard
     } else if (rank == 0) {
-      io::save_checkpoint(a.checkpoint, opt, scaler, checkpoint_extras(a, pos, steps));  // every rank holds the same
+      io::save_checkpoint(a.checkpoint, opt, scaler, x);  // every rank holds the same
     }
   };
 
@@ -831,9 +873,6 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
   const std::int64_t total = a.epochs * steps;
   const int first_epoch = pos.epoch;
   const std::int64_t first_step = pos.step;
-  // A plain and a logged step (the monitor's logged steps do more work).
-  Graph graphs[2];
-  bool first = true;
   double accuracy = 0;
   std::int64_t skipped_total = pos.skipped_before;  // the scaler's skipped steps when the epoch began
   for (int epoch = first_epoch; epoch <= a.epochs; ++epoch) {
@@ -860,8 +899,8 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
     epoch_start.record(stream.get());
     for (std::int64_t s = done_before + 1; s <= steps; ++s) {
       if (!a.graph || first) {
-        step();  // eager; the first step also makes every plan and buffer
-        first = false;
+        first = false;  // before the step: a precision move inside it asks for the next one eager
+        step();         // eager; the first step also makes every plan and buffer
       } else {
         Graph& graph = graphs[mon && mon->logs_next() ? 1 : 0];
         if (graph.empty()) graph.capture(stream.get(), step);
