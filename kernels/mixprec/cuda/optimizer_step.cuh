@@ -511,20 +511,10 @@ __global__ void __launch_bounds__(step_threads, Lean ? 2 : 1)
   }
 }
 
-// The end of an iteration: count it, update the scale, reset the flag.
+// The end of an iteration: count it, update the scale, reset the flag
+// (amp::end_iteration, the rule the monitor's fused launch runs too).
 __global__ void update_scale_kernel(amp::DeviceScalerState* s, amp::ScalePolicy policy, int dynamic) {
-  const bool skip = s->any_inf != 0;
-  std::int64_t& count = skip ? s->skipped : s->applied;
-  count = amp::saturating_increment(count);
-  if (dynamic) {
-    amp::update_scale(s->state, skip, policy);
-  } else {
-    s->state.skip_streak = skip ? amp::saturating_increment(s->state.skip_streak) : 0;
-  }
-  if (policy.max_consecutive_skips > 0 && s->state.skip_streak == policy.max_consecutive_skips) {
-    s->streak_limit_hits = amp::saturating_increment(s->streak_limit_hits);
-  }
-  s->any_inf = 0;
+  amp::end_iteration(*s, policy, dynamic != 0);
 }
 
 }  // namespace detail
