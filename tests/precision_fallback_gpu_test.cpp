@@ -30,6 +30,7 @@
 #include "mixprec/mixprec.hpp"
 #include "mixprec/monitor/monitor.hpp"
 #include "mixprec/monitor/precision_fallback.hpp"
+#include "fallback_problem.hpp"
 
 namespace mixprec {
 namespace {
@@ -205,74 +206,9 @@ std::vector<std::uint8_t> bytes_of(const std::vector<float>& v) {
   return out;
 }
 
-// precision_fallback_test's model and data, the same values (see there):
-// layer 0 reads raw features of magnitude ~kGain with weights 1/kGain of
-// the usual, so at a static loss scale of 2^16 its weight gradient
-// overflows fp16 while the other layer's stays far inside it.
-constexpr int kIn = 16, kHidden = 32, kClasses = 4, kBatch = 64, kTrain = 4096, kTest = 2048;
-constexpr float kGain = 256.0f;
+// precision_fallback_test's model and data (tests/fallback_problem.hpp).
+using namespace fallback_problem;
 constexpr int kSteps = 600;
-
-struct Data {
-  std::vector<float> x;  // [n, kIn], raw units
-  std::vector<std::int32_t> y;
-};
-
-// A linearly separable 4-class problem: label = argmax of a fixed random
-// teacher's scores of x / kGain.
-Data make_data(int n, std::uint32_t seed) {
-  std::mt19937 teacher_rng(1234);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> teacher(kClasses * kIn);
-  for (float& t : teacher) t = normal(teacher_rng);
-  std::mt19937 rng(seed);
-  Data d;
-  d.x.resize(static_cast<std::size_t>(n) * kIn);
-  d.y.resize(static_cast<std::size_t>(n));
-  for (int s = 0; s < n; ++s) {
-    for (int i = 0; i < kIn; ++i) d.x[s * kIn + i] = normal(rng) * kGain;
-    int best = 0;
-    double best_score = -1e300;
-    for (int c = 0; c < kClasses; ++c) {
-      double score = 0;
-      for (int i = 0; i < kIn; ++i) score += static_cast<double>(teacher[c * kIn + i]) * d.x[s * kIn + i] / kGain;
-      if (score > best_score) {
-        best_score = score;
-        best = c;
-      }
-    }
-    d.y[s] = best;
-  }
-  return d;
-}
-
-const Data& train_data() {
-  static const Data d = make_data(kTrain, 1);
-  return d;
-}
-const Data& test_data() {
-  static const Data d = make_data(kTest, 2);
-  return d;
-}
-
-struct Init {
-  std::vector<half> w0, b0, w1, b1;
-};
-const Init& init() {
-  static const Init i = [] {
-    Init r;
-    nn::Linear<half> l0(kIn, kHidden, nn::Activation::relu, true, Device::cpu(), 21);
-    nn::Linear<half> l1(kHidden, kClasses, nn::Activation::none, true, Device::cpu(), 22);
-    for (std::int64_t k = 0; k < l0.weight().numel(); ++k) {
-      r.w0.push_back(from_float<half>(to_float(l0.weight().at(k)) / kGain));
-    }
-    r.b0.assign(l0.bias().data(), l0.bias().data() + l0.bias().numel());
-    r.w1.assign(l1.weight().data(), l1.weight().data() + l1.weight().numel());
-    r.b1.assign(l1.bias().data(), l1.bias().data() + l1.bias().numel());
-    return r;
-  }();
-  return i;
-}
 
 template <class T>
 Tensor<T> rows_of(const Data& d) {

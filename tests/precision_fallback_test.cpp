@@ -15,12 +15,14 @@
 #include <map>
 #include <memory>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "mixprec/mixprec.hpp"
 #include "mixprec/monitor/monitor.hpp"
 #include "mixprec/monitor/precision_fallback.hpp"
+#include "fallback_problem.hpp"
 
 namespace {
 
@@ -213,76 +215,8 @@ TEST(Recast, MovesBackAndRefusesWhatCannotMove) {
 
 // --- the model with one layer built to overflow ---------------------------
 
-constexpr int kIn = 16, kHidden = 32, kClasses = 4, kBatch = 64, kTrain = 4096, kTest = 2048;
-// Layer 0 reads raw features of magnitude ~kGain (a sensor's units, say)
-// with weights 1/kGain of the usual: the network is an ordinary one in
-// x / kGain, but layer 0's weight gradient is kGain times the ordinary
-// one, and at a loss scale of 2^16 it overflows fp16 (the other layers'
-// gradients stay far inside it). A power of two, so W / kGain is exact.
-constexpr float kGain = 256.0f;
-
-struct Data {
-  std::vector<float> x;  // [n, kIn], raw units
-  std::vector<std::int32_t> y;
-};
-
-// A linearly separable 4-class problem: label = argmax of a fixed random
-// teacher's scores of x / kGain.
-Data make_data(int n, std::uint32_t seed) {
-  std::mt19937 teacher_rng(1234);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> teacher(kClasses * kIn);
-  for (float& t : teacher) t = normal(teacher_rng);
-  std::mt19937 rng(seed);
-  Data d;
-  d.x.resize(static_cast<std::size_t>(n) * kIn);
-  d.y.resize(static_cast<std::size_t>(n));
-  for (int s = 0; s < n; ++s) {
-    for (int i = 0; i < kIn; ++i) d.x[s * kIn + i] = normal(rng) * kGain;
-    int best = 0;
-    double best_score = -1e300;
-    for (int c = 0; c < kClasses; ++c) {
-      double score = 0;
-      for (int i = 0; i < kIn; ++i) score += static_cast<double>(teacher[c * kIn + i]) * d.x[s * kIn + i] / kGain;
-      if (score > best_score) {
-        best_score = score;
-        best = c;
-      }
-    }
-    d.y[s] = best;
-  }
-  return d;
-}
-
-const Data& train_data() {
-  static const Data d = make_data(kTrain, 1);
-  return d;
-}
-const Data& test_data() {
-  static const Data d = make_data(kTest, 2);
-  return d;
-}
-
-// The initial weights every run starts from, as halves (so the fp32 run
-// starts from the same values).
-struct Init {
-  std::vector<half> w0, b0, w1, b1;
-};
-const Init& init() {
-  static const Init i = [] {
-    Init r;
-    nn::Linear<half> l0(kIn, kHidden, nn::Activation::relu, true, Device::cpu(), 21);
-    nn::Linear<half> l1(kHidden, kClasses, nn::Activation::none, true, Device::cpu(), 22);
-    for (std::int64_t k = 0; k < l0.weight().numel(); ++k) {
-      r.w0.push_back(from_float<half>(to_float(l0.weight().at(k)) / kGain));
-    }
-    r.b0.assign(l0.bias().data(), l0.bias().data() + l0.bias().numel());
-    r.w1.assign(l1.weight().data(), l1.weight().data() + l1.weight().numel());
-    r.b1.assign(l1.bias().data(), l1.bias().data() + l1.bias().numel());
-    return r;
-  }();
-  return i;
-}
+// The model, data and initial weights: tests/fallback_problem.hpp.
+using namespace fallback_problem;
 
 template <class T>
 void set(Tensor<T>& t, const std::vector<half>& v) {
@@ -490,6 +424,39 @@ TEST(PrecisionFallback, OnMoveHearsTheMoveAndCheckGraphRefusesAStaleGeneration) 
   EXPECT_EQ(loaded.fallback->generation(), 1u);
   EXPECT_EQ(heard.size(), 1u);
   EXPECT_NE(error_of([&] { loaded.fallback->check_graph(0); }).find("by load_state"), std::string::npos);
+}
+
+// An on_move that throws: the exception reaches the caller of the step
+// that logged the record, the move stays made and counted, and the monitor
+// logs that record once (it does not read it again at the next step).
+TEST(PrecisionFallback, AnOnMoveThatThrowsLeavesTheMoveMadeAndTheRecordLoggedOnce) {
+  monitor::PrecisionFallbackOptions fo = policy(FallbackPolicy::act);
+  int calls = 0;
+  fo.on_move = [&](const monitor::PrecisionMove&) {
+    calls += 1;
+    throw std::runtime_error("the trainer's graphs could not be dropped");
+  };
+  Trainer<half> run(static_scale(), fo);
+  std::string thrown;
+  int step = 0;
+  for (; step < 20 && thrown.empty(); ++step) {
+    try {
+      run.train_step();
+    } catch (const std::runtime_error& e) {
+      thrown = e.what();
+    }
+  }
+  ASSERT_EQ(thrown, "the trainer's graphs could not be dropped");
+  EXPECT_EQ(calls, 1);
+  EXPECT_EQ(run.model.precision(0), DType::float32);
+  ASSERT_EQ(run.fallback->moves().size(), 1u);
+  EXPECT_EQ(run.fallback->generation(), 1u);
+  const std::int64_t records = run.mon->records();
+  EXPECT_EQ(records, step / 5) << "the record of the move is counted";
+  for (int s = 0; s < 10; ++s) run.train_step();  // no second move, no second call, no record read twice
+  EXPECT_EQ(calls, 1);
+  EXPECT_EQ(run.fallback->moves().size(), 1u);
+  EXPECT_EQ(run.mon->records(), records + 2);
 }
 
 TEST(PrecisionFallback, OffAndSuggestLeaveTheModelAsItIs) {

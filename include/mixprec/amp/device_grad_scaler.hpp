@@ -417,15 +417,18 @@ class DeviceGradScaler {
     for (const Record& r : records_.all()) {
       if (r.stage == Stage::unscaled) kernels_->or_flag(r.found_inf, &device_state()->any_inf, stream_);
     }
-    records_.clear();
-    decided_ = false;
-    guard_slot_ = 0;
     const bool dynamic = options_.mode == ScalingMode::dynamic;
     if (fused != nullptr) {
       fused->launch(device_state(), policy_, dynamic, stream_);
     } else {
       kernels_->update_scale(device_state(), policy_, dynamic, stream_);
     }
+    // The iteration ends on the host once its launch is queued: a launch
+    // that throws leaves the records, and update() can be called again
+    // (the flag ORs above are idempotent).
+    records_.clear();
+    decided_ = false;
+    guard_slot_ = 0;
     backend_->copy_to_host_async(mirror_, device_state(), sizeof(DeviceScalerState), stream_);
     check_errors();
   }

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <exception>
 #include <functional>
 #include <cstdint>
 #include <cstdio>
@@ -161,8 +162,9 @@ class Monitor {
     host_->update();
     steps_ += 1;
     if (logged) {
-      process(std::move(pending_));
-      pending_ = LogRecord{};
+      LogRecord r = std::move(pending_);
+      pending_ = LogRecord{};  // first: process() can throw (a responder's exception)
+      process(std::move(r));
     }
     return applied;
   }
@@ -518,8 +520,9 @@ class Monitor {
   void poll() {
     while (consumed_ < submitted_ && arrived()) {
       std::atomic_thread_fence(std::memory_order_acquire);
-      process(read_back(slot(consumed_)));
-      consumed_ += 1;
+      LogRecord r = read_back(slot(consumed_));
+      consumed_ += 1;  // before process(): a responder that throws does not make it read this one again
+      process(std::move(r));
     }
   }
 
@@ -575,8 +578,17 @@ class Monitor {
   void process(LogRecord r) {
     sync_dtypes();
     std::vector<Event> found = detectors_.observe(r);
+    // The responder (the precision fallback) may throw (its on_move does,
+    // after a move is complete): the record is still logged and counted
+    // once, then the exception goes on to the caller.
+    std::exception_ptr responder_error;
     if (responder_) {
-      std::vector<Event> more = responder_(r, found);
+      std::vector<Event> more;
+      try {
+        more = responder_(r, found);
+      } catch (...) {
+        responder_error = std::current_exception();
+      }
       for (const Event& e : more) detectors_.record_event(e);
       found.insert(found.end(), more.begin(), more.end());
       sync_dtypes();
@@ -599,6 +611,7 @@ class Monitor {
     }
     last_ = std::move(r);
     records_ += 1;
+    if (responder_error) std::rethrow_exception(responder_error);
   }
 
   // A parameter whose gradient changed dtype since (Optimizer::rebind, a

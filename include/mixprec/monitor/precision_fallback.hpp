@@ -95,8 +95,10 @@ struct PrecisionFallbackOptions {
   bool on_overflow = true;
   bool on_underflow = true;
   /// Called after each move of policy act, with the move, on the thread
-  /// that called monitor.step() (or replayed(), flush()); the move is
-  /// complete, and an exception thrown here propagates out of that call.
+  /// that called monitor.step() (or replayed(), flush()), once the
+  /// record's moves are all made; an exception thrown here propagates out
+  /// of that call after the monitor has logged the record (without the
+  /// fallback's events for it; moves() and save_state() keep the moves).
   /// For a device model whose steps replay CUDA graphs this is where the
   /// graphs go: drop every graph that captured the model's or the
   /// optimizer's work (a replay would use the freed buffers), run the next
@@ -247,14 +249,22 @@ void commit_move(nn::Sequential<T>& model, optim::Optimizer& opt, PreparedMove<T
   std::vector<std::pair<TensorRef, TensorRef>> old;
   for (std::size_t k : p.slots) old.emplace_back(opt.param(k).weight, opt.param(k).grad);
   std::size_t rebound = 0;
+  bool replaced = false;
   try {
     for (; rebound < p.params.size(); ++rebound) {
       opt.rebind(p.slots[rebound], p.params[rebound].weight, p.params[rebound].grad);
     }
-    opt.update_device_lists();
     p.fresh = model.replace(p.layer, std::move(p.fresh));  // p.fresh: the old layer now
+    replaced = true;
+    // Last: once it has made the new lists, the old ones (which captured
+    // graphs hold) are gone, so nothing after it may fail.
+    opt.update_device_lists();
   } catch (...) {
-    // The old buffers were bound a moment ago: rebinding them cannot fail.
+    // The old layer and buffers were in place a moment ago: putting them
+    // back cannot fail. (Only an upload failing inside update_device_lists,
+    // out of device memory, can leave captured graphs stale here; an eager
+    // step makes the lists again.)
+    if (replaced) p.fresh = model.replace(p.layer, std::move(p.fresh));
     for (std::size_t k = rebound; k-- > 0;) opt.rebind(p.slots[k], old[k].first, old[k].second);
     throw;
   }
@@ -445,6 +455,7 @@ class PrecisionFallback {
  private:
   std::vector<Event> respond(const LogRecord& r, const std::vector<Event>& found) {
     std::vector<Event> out;
+    std::size_t first_new_move = moves_.size();  // on_move runs for these once every event is made
     if (options_.policy == FallbackPolicy::off) return out;
     const std::int64_t step = r.last().step;
     std::set<std::size_t> seen;  // one response per layer per record
@@ -511,7 +522,6 @@ class PrecisionFallback {
         generation_ += 1;
         last_change_ = layer + " moved to " + dtype_name(options_.to) + " after step " + std::to_string(moved->step);
         moves_.push_back(*moved);
-        if (options_.on_move) options_.on_move(moves_.back());
       } else {
         if (!suggested_.insert(i).second) continue;
         ev.message = layer + " should compute in " + std::string(dtype_name(options_.to)) + ": " + why;
@@ -530,6 +540,12 @@ class PrecisionFallback {
         }
       }
       out.push_back(std::move(ev));
+    }
+    // Last, so that an on_move that throws leaves every move made and
+    // counted (the monitor still logs the record, then rethrows; the moves'
+    // own events are lost with the return value, not the moves).
+    if (options_.on_move) {
+      for (; first_new_move < moves_.size(); ++first_new_move) options_.on_move(moves_[first_new_move]);
     }
     return out;
   }

@@ -215,13 +215,14 @@ __global__ void __launch_bounds__(monitor_threads)
     hist[k] = 0;
   }
   auto* header = reinterpret_cast<volatile monitor::ReadbackHeader*>(out);
-  if (threadIdx.x == 0) header->steps = ctl->steps;
-  // The data reaches the host before the seq that says it is there: one
-  // system fence (a round trip over the bus) for all of it, the header's
-  // step count included.
-  __threadfence_system();
+  // The data reaches the host before the seq that says it is there: the
+  // block's writes are ordered before thread 0's by the barrier, and
+  // thread 0's system fence (cumulative) orders all of them, the header's
+  // step count included, before the seq. One fence, one thread.
   __syncthreads();
   if (threadIdx.x == 0) {
+    header->steps = ctl->steps;
+    __threadfence_system();
     header->seq = seq + 1;
     ctl->published = seq + 1;
     ctl->blocks_done = 0;  // ready for the next launch (or replay)
