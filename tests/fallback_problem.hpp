@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <random>
 #include <vector>
 
@@ -81,6 +82,23 @@ inline const Init& init() {
     return r;
   }();
   return i;
+}
+
+// The optimizer of the runs: AdamW, lr 3e-3, no weight decay, layer 0 in a
+// group of its own with its lr times `layer0_factor`. Adam's step is about
+// lr whatever the gradient's size: layer 0's weights are 1/kGain of the
+// usual (the default), so is its lr. `ps`: the two Linear layers'
+// parameters.
+inline std::unique_ptr<optim::AdamW> make_optimizer(const std::vector<optim::Param>& ps,
+                                                    double layer0_factor = 1.0 / kGain) {
+  optim::AdamWOptions o;
+  o.lr = 3e-3;
+  o.weight_decay = 0;
+  optim::AdamWOptions o0 = o;
+  o0.lr = o.lr * layer0_factor;
+  auto opt = std::make_unique<optim::AdamW>(std::vector<optim::Param>{ps[0]}, o0);
+  opt->add_param_group({ps[1], ps[2], ps[3]}, o);
+  return opt;
 }
 
 }  // namespace mixprec::fallback_problem

@@ -282,14 +282,7 @@ struct DeviceRun {
     set_on_device(l0.bias(), init().b0);
     set_on_device(l1.weight(), init().w1);
     set_on_device(l1.bias(), init().b1);
-    std::vector<optim::Param> ps = model.parameters();
-    optim::AdamWOptions o;
-    o.lr = 3e-3;
-    o.weight_decay = 0;
-    optim::AdamWOptions o0 = o;
-    o0.lr = o.lr / kGain;
-    opt = std::make_unique<optim::AdamW>(std::vector<optim::Param>{ps[0]}, o0);
-    opt->add_param_group({ps[1], ps[2], ps[3]}, o);
+    opt = make_optimizer(model.parameters());
     opt->set_stream(stream);
     scaler = std::make_unique<amp::DeviceGradScaler>(c.scaler, dev, stream);
     EXPECT_EQ(cudaMemset(scalars.data(), 0, scalars.bytes()), cudaSuccess);

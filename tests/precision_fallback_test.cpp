@@ -241,16 +241,7 @@ struct Trainer {
     set(l0.bias(), init().b0);
     set(l1.weight(), init().w1);
     set(l1.bias(), init().b1);
-    // Adam's step is about lr whatever the gradient's size: layer 0's
-    // weights are 1/kGain of the usual, so is its lr.
-    std::vector<optim::Param> ps = model.parameters();
-    optim::AdamWOptions o;
-    o.lr = 3e-3;
-    o.weight_decay = 0;
-    optim::AdamWOptions o0 = o;
-    o0.lr = o.lr / kGain;
-    opt = std::make_unique<optim::AdamW>(std::vector<optim::Param>{ps[0]}, o0);
-    opt->add_param_group({ps[1], ps[2], ps[3]}, o);
+    opt = make_optimizer(model.parameters());
     scaler = std::make_unique<amp::GradScaler>(so);
     if (monitored) {
       monitor::MonitorOptions mo;
@@ -521,14 +512,7 @@ struct UnderflowRun {
       l0.weight().at(k) = from_float<half>(to_float(l0.weight().at(k)) * kShrink);
     }
     model.emplace<nn::Linear<half>>(kHidden, kClasses, nn::Activation::none, true, Device::cpu(), 2);
-    std::vector<optim::Param> ps = model.parameters();
-    optim::AdamWOptions o;
-    o.lr = 3e-3;
-    o.weight_decay = 0;
-    optim::AdamWOptions o0 = o;
-    o0.lr = o.lr * kShrink;
-    opt = std::make_unique<optim::AdamW>(std::vector<optim::Param>{ps[0]}, o0);
-    opt->add_param_group({ps[1], ps[2], ps[3]}, o);
+    opt = make_optimizer(model.parameters(), kShrink);
     amp::GradScalerOptions so;
     so.mode = amp::ScalingMode::disabled;
     scaler = std::make_unique<amp::GradScaler>(so);
