@@ -231,20 +231,12 @@ PreparedMove<T> prepare_move(const nn::Sequential<T>& model, const optim::Optimi
 // capture), and the old layer is freed last, when nothing queued reads it.
 template <class T>
 void commit_move(nn::Sequential<T>& model, optim::Optimizer& opt, PreparedMove<T>& p) {
-  const Device device = model.device();
   opt.synchronize();  // device: the masters are final and the old buffers idle
-  {
-#if MIXPREC_WITH_CUDA
-    std::optional<mixprec::detail::DeviceGuard> guard;
-    if (device.is_cuda()) guard.emplace(device);
-#endif
-    for (std::size_t k = 0; k < p.params.size(); ++k) {
-      const Tensor<float>& master = opt.master(p.slots[k]);
-      p.params[k].weight.visit([&](auto w) { nn::detail::cast(TensorView<const float>(master.view()), w, nullptr); });
-    }
-    // The conversions ran on the legacy default stream: done before the
-    // trainer's streams (non-blocking ones included) read the weights.
-    if (device.is_cuda()) optim::device_backend()->synchronize(nullptr);
+  // Complete on return (nn::detail::convert_tensor waits for its kernel),
+  // before the trainer's streams, non-blocking ones included, read them.
+  for (std::size_t k = 0; k < p.params.size(); ++k) {
+    const Tensor<float>& master = opt.master(p.slots[k]);
+    p.params[k].weight.visit([&](auto w) { nn::detail::convert_tensor(TensorView<const float>(master.view()), w); });
   }
   std::vector<std::pair<TensorRef, TensorRef>> old;
   for (std::size_t k : p.slots) old.emplace_back(opt.param(k).weight, opt.param(k).grad);
