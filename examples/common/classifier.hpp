@@ -433,6 +433,31 @@ struct RunPosition {
   std::int64_t skipped_before = 0;   // the scaler's skipped steps when the epoch began
 };
 
+// A resume of a run with --precision-fallback: the checkpoint's fallback
+// state (its metadata's "precision_fallback.state"; "" when there is none)
+// and, before the checkpoint's weights are loaded (they are in the layers'
+// saved precisions), the layers put in those precisions.
+template <class T>
+std::string restore_fallback_precisions(const std::string& path, nn::Sequential<T>& net, optim::Optimizer& opt) {
+  const std::map<std::string, std::string> meta = io::read_checkpoint_metadata(path);
+  const auto it = meta.find("precision_fallback.state");
+  if (it == meta.end()) return "";
+  monitor::restore_precisions(net, opt, it->second);  // on a device: synchronises
+  return it->second;
+}
+
+// The fallback state a checkpoint keeps: the running fallback's, else the
+// one the run resumed with (the moved layers stay moved).
+template <class T>
+void keep_fallback_state(io::CheckpointExtras& x, const std::optional<monitor::PrecisionFallback<T>>& fallback,
+                         const std::string& resumed) {
+  if (fallback) {
+    x.metadata["precision_fallback.state"] = fallback->save_state();
+  } else if (!resumed.empty()) {
+    x.metadata["precision_fallback.state"] = resumed;
+  }
+}
+
 // The position as the checkpoint's extras (the strings are exact: the
 // loss sum as a C99 hex float). Points at p.epoch_rng.
 inline io::CheckpointExtras checkpoint_extras(const Args& a, RunPosition& p, std::int64_t steps) {
@@ -579,14 +604,7 @@ std::optional<double> run_cpu(const Args& a, const ImageSet& train_set, const Im
   if (!a.resume.empty()) {
     io::CheckpointExtras x;
     x.rng = &rng;
-    // The layers' precisions first: the file's weights are in them.
-    if (!zero) {
-      const std::map<std::string, std::string> meta = io::read_checkpoint_metadata(a.resume);
-      if (const auto it = meta.find("precision_fallback.state"); it != meta.end()) {
-        fallback_state = it->second;
-        monitor::restore_precisions(m.net, opt, fallback_state);
-      }
-    }
+    if (!zero) fallback_state = restore_fallback_precisions(a.resume, m.net, opt);  // before the weights
     if (zero) {
       zero->load_checkpoint(a.resume, scaler, &x);
     } else {
@@ -617,11 +635,7 @@ std::optional<double> run_cpu(const Args& a, const ImageSet& train_set, const Im
   auto save = [&] {
     io::CheckpointExtras x = checkpoint_extras(a, pos, steps);
     if (mon) x.metadata["monitor.state"] = mon->save_state();
-    if (fallback) {
-      x.metadata["precision_fallback.state"] = fallback->save_state();
-    } else if (!fallback_state.empty()) {
-      x.metadata["precision_fallback.state"] = fallback_state;  // the moved layers stay moved
-    }
+    keep_fallback_state(x, fallback, fallback_state);
     if (zero) {
       zero->save_checkpoint(a.checkpoint, scaler, x);  // every rank: its shard (rank 0 also the index)
     } else if (rank == 0) {
@@ -758,14 +772,8 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
   if (!a.resume.empty()) {
     io::CheckpointExtras x;
     x.rng = &rng;
-    // The layers' precisions first: the file's weights are in them.
-    if (!sharded) {
-      const std::map<std::string, std::string> meta = io::read_checkpoint_metadata(a.resume);
-      if (const auto it = meta.find("precision_fallback.state"); it != meta.end()) {
-        fallback_state = it->second;
-        monitor::restore_precisions(m.net, opt, fallback_state);  // synchronises; before any capture
-      }
-    }
+    // Before the weights, and before any capture (it synchronises).
+    if (!sharded) fallback_state = restore_fallback_precisions(a.resume, m.net, opt);
     if (sharded) {
       sharded->load_checkpoint(a.resume, scaler, &x);  // every rank its shard; synchronises; before any capture
     } else {
@@ -855,11 +863,7 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
     mixprec::detail::copy_raw(&sum, Device::cpu(), loss + 2, dev, sizeof sum, stream.get());
     pos.loss_sum = sum;
     io::CheckpointExtras x = checkpoint_extras(a, pos, steps);
-    if (fallback) {
-      x.metadata["precision_fallback.state"] = fallback->save_state();
-    } else if (!fallback_state.empty()) {
-      x.metadata["precision_fallback.state"] = fallback_state;  // the moved layers stay moved
-    }
+    keep_fallback_state(x, fallback, fallback_state);
     if (sharded) {
       sharded->save_checkpoint(a.checkpoint, scaler, x);  // every rank: its shard
     } else if (rank == 0) {
