@@ -170,6 +170,194 @@ TEST(LeanCodec, NonfiniteValuesDoNotSpoilTheirBlock) {
   }
 }
 
+// The 8-bit codec as it was written with ldexpf, frexpf and rintf (commit
+// 39bd605), copied verbatim: the bit-built codec must give its bits for
+// every input that has them (the device kernels' results must not move).
+namespace reference {
+using optim::lean::kSignedMagnitudes;
+using optim::lean::kUnsignedMagnitudes;
+
+/// Entry q of the table with `count` nonzero magnitudes (0: zero; count: 1;
+/// each entry below one step down: 8 steps a binade, (16 - s) / 16 * 2^-e).
+MIXPREC_HOST_DEVICE inline float code_value(int q, int count) {
+  if (q <= 0) return 0.0f;
+  const int d = count - q;  // steps below the top
+  return ::ldexpf(static_cast<float>(16 - d % 8) / 16.0f, -(d / 8));
+}
+
+/// The entry nearest to y in [0, 1] (ties: the even multiple of the
+/// binade's step, as rintf rounds), for the table with `count` magnitudes.
+MIXPREC_HOST_DEVICE inline int code_nearest(float y, int count) {
+  if (!(y > 0.0f)) return 0;
+  int exponent = 0;
+  (void)::frexpf(y, &exponent);  // y in [2^(exponent - 1), 2^exponent)
+  const int e = -exponent;       // binade [2^-(e + 1), 2^-e): entries n / 16 * 2^-e, n = 8..16
+  const float n = ::rintf(::ldexpf(y, e + 4));
+  // n = 8 is the top of the binade below (s = 0 at e + 1).
+  const int d = n == 8.0f ? (e + 1) * 8 : e * 8 + (16 - static_cast<int>(n));
+  const int q = count - d;
+  if (q >= 1) return q;
+  // Below the smallest entry: it or zero, whichever is nearer (ties: zero).
+  return y > 0.5f * code_value(1, count) ? 1 : 0;
+}
+
+MIXPREC_HOST_DEVICE inline void encode_block(const float* x, std::int64_t n, bool nonnegative, float scale,
+                                             std::uint8_t* out) {
+  const int count = nonnegative ? kUnsignedMagnitudes : kSignedMagnitudes;
+  for (std::int64_t j = 0; j < n; ++j) {
+    const float a = ::fabsf(x[j]);
+    int q = 0;
+    if (!(a <= 3.40282347e38f)) {
+      q = a > 0.0f && scale > 0.0f ? count : 0;  // inf: the top entry; NaN (compares false): 0
+    } else if (scale > 0.0f) {
+      q = code_nearest(a / scale, count);
+      if (nonnegative && q == 0 && a > 0.0f) q = 1;
+    }
+    if (nonnegative) {
+      out[j] = static_cast<std::uint8_t>(q);
+    } else {
+      out[j] = static_cast<std::uint8_t>(q | (q != 0 && x[j] < 0.0f ? 0x80 : 0));
+    }
+  }
+}
+
+MIXPREC_HOST_DEVICE inline float decode_value(std::uint8_t c, bool nonnegative, float scale) {
+  if (nonnegative) return code_value(c, kUnsignedMagnitudes) * scale;
+  const float v = code_value(c & 0x7f, kSignedMagnitudes) * scale;
+  return (c & 0x80) != 0 ? -v : v;
+}
+}  // namespace reference
+
+// The codec built from bits against the reference above, bit for bit:
+// every entry; every code decoded with scales from the subnormal to the
+// largest float, 0, inf and NaN; code_nearest over every 11th bit pattern
+// of [0, 1] (97 million), every pattern within 64 of each binade boundary,
+// entry and midpoint between adjacent entries (the ties, and the threshold
+// between 0 and the smallest entry), and a coarse sweep above 1 (outside
+// the contract, but the reference's results there are kept too); and
+// blocks of random values with infs, NaNs, signed zeros and subnormals,
+// encoded with their scale and others. About 3 s in a Release build.
+TEST(LeanCodec, BitBuiltCodecGivesTheLibmCodecsBits) {
+  const int counts[] = {lean::kSignedMagnitudes, lean::kUnsignedMagnitudes};
+  for (int count : counts) {
+    for (int q = -1; q <= count; ++q) {
+      ASSERT_EQ(bits_of(lean::code_value(q, count)), bits_of(reference::code_value(q, count)))
+          << "code_value(" << q << ", " << count << ")";
+    }
+  }
+
+  std::mt19937 rng(41);
+  std::vector<float> scales = {1.0f, 0.75f, 3e-38f, 1e38f, 0x1p-20f, std::numeric_limits<float>::max(),
+                               std::numeric_limits<float>::min(), std::numeric_limits<float>::denorm_min(),
+                               1e-40f, 0.0f, -0.0f, std::numeric_limits<float>::infinity(), std::nanf("")};
+  std::uniform_real_distribution<float> log2_scale(-126.0f, 127.0f);
+  for (int k = 0; k < 8; ++k) scales.push_back(std::exp2(log2_scale(rng)));
+  for (float scale : scales) {
+    for (bool nonnegative : {false, true}) {
+      for (int c = 0; c < 256; ++c) {
+        const auto code = static_cast<std::uint8_t>(c);
+        ASSERT_EQ(bits_of(lean::decode_value(code, nonnegative, scale)),
+                  bits_of(reference::decode_value(code, nonnegative, scale)))
+            << "decode_value(" << c << ", " << nonnegative << ", " << scale << ")";
+      }
+    }
+  }
+
+  // code_nearest: the first mismatch of each count is reported (an ASSERT
+  // a pattern would be slower than the functions).
+  std::int64_t checked = 0;
+  auto first_mismatch = [&](auto&& patterns) {
+    for (int count : counts) {
+      const bool found = patterns([&](std::uint32_t u) {
+        const float y = from_bits<float>(u);
+        ++checked;
+        return lean::code_nearest(y, count) != reference::code_nearest(y, count);
+      });
+      if (found) return count;
+    }
+    return 0;
+  };
+  std::uint32_t bad = 0;
+  auto sweep = [&](std::uint32_t lo, std::uint32_t hi, std::uint32_t stride) {
+    return [&bad, lo, hi, stride](auto&& differs) {
+      for (std::uint64_t u = lo; u <= hi; u += stride) {
+        if (differs(static_cast<std::uint32_t>(u))) {
+          bad = static_cast<std::uint32_t>(u);
+          return true;
+        }
+      }
+      return false;
+    };
+  };
+  const std::uint32_t one = 0x3f800000u;
+  int count = first_mismatch(sweep(0, one, 11));
+  ASSERT_EQ(count, 0) << "code_nearest(bits " << std::hex << bad << ", " << std::dec << count << ")";
+
+  // Centres of the ±64 neighbourhoods: binade boundaries, entries, midpoints.
+  std::vector<std::uint32_t> centres;
+  for (std::uint32_t b = 0; b <= 127; ++b) centres.push_back(b << 23);
+  for (int c : counts) {
+    for (int q = 1; q <= c; ++q) {
+      const float lo = reference::code_value(q - 1, c), hi = reference::code_value(q, c);
+      const double mid = (static_cast<double>(lo) + hi) / 2;
+      ASSERT_EQ(static_cast<double>(static_cast<float>(mid)), mid) << "midpoints have 5 significant bits";
+      centres.push_back(bits_of(hi));
+      centres.push_back(bits_of(static_cast<float>(mid)));
+    }
+  }
+  for (std::uint32_t centre : centres) {
+    const std::uint32_t lo = centre < 64 ? 0 : centre - 64, hi = std::min(centre + 64, one);
+    count = first_mismatch(sweep(lo, hi, 1));
+    ASSERT_EQ(count, 0) << "code_nearest(bits " << std::hex << bad << ", " << std::dec << count << ")";
+  }
+  // Above 1 up to the largest float (inf: the reference converts inf to
+  // int), and values that give 0: negative ones and NaNs.
+  count = first_mismatch(sweep(one, 0x7f7fffffu, 4099));
+  ASSERT_EQ(count, 0) << "code_nearest(bits " << std::hex << bad << ", " << std::dec << count << ")";
+  count = first_mismatch(sweep(0x7f800001u, 0xffffffffu, 4099));
+  ASSERT_EQ(count, 0) << "code_nearest(bits " << std::hex << bad << ", " << std::dec << count << ")";
+  EXPECT_GT(checked, 2 * 96000000) << "the sweeps ran";
+
+  // encode_block: random blocks of every kind of value.
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_int_distribution<int> kind(0, 15);
+  std::uniform_int_distribution<std::uint32_t> mantissa(0, 0x7fffffu);
+  std::uniform_int_distribution<int> entry(0, lean::kUnsignedMagnitudes);
+  for (int block = 0; block < 400; ++block) {
+    std::vector<float> x(lean::kBlock);
+    const float spread = static_cast<float>(block % 8);  // log-normal magnitudes up to e^(8 sigma)
+    for (float& v : x) {
+      const float sign = rng() & 1u ? -1.0f : 1.0f;
+      switch (kind(rng)) {
+        case 0: v = sign * std::numeric_limits<float>::infinity(); break;
+        case 1: v = from_bits<float>(0x7fc00000u | mantissa(rng) | (rng() & 0x80000000u)); break;  // NaN
+        case 2: v = sign * 0.0f; break;
+        case 3: v = sign * from_bits<float>(mantissa(rng) | 1u); break;  // subnormal
+        case 4: v = sign * reference::code_value(entry(rng), lean::kUnsignedMagnitudes); break;  // an entry
+        default: v = normal(rng) * std::exp(spread * normal(rng)); break;
+      }
+    }
+    // A nonnegative tensor holds magnitudes (NaN and -0 kept).
+    std::vector<float> ax(x);
+    for (float& v : ax) v = std::signbit(v) && !std::isnan(v) && v != 0.0f ? -v : v;
+    const std::int64_t n = block % 5 == 0 ? 1 + static_cast<std::int64_t>(rng() % lean::kBlock) : lean::kBlock;
+    for (bool nonnegative : {false, true}) {
+      const std::vector<float>& in = nonnegative ? ax : x;
+      const float max = lean::block_scale(in.data(), n);
+      for (float scale : {max, 2.0f * max, std::exp2(std::ceil(std::log2(max))), 0.0f,
+                          std::numeric_limits<float>::infinity(), std::nanf("")}) {
+        // Poisoned differently: an element left unwritten differs.
+        std::vector<std::uint8_t> got(lean::kBlock, 0x5a), want(lean::kBlock, 0xa5);
+        lean::encode_block(in.data(), n, nonnegative, scale, got.data());
+        reference::encode_block(in.data(), n, nonnegative, scale, want.data());
+        std::fill(got.begin() + n, got.end(), 0);
+        std::fill(want.begin() + n, want.end(), 0);
+        ASSERT_EQ(got, want) << "block " << block << " nonnegative " << nonnegative << " scale " << scale;
+      }
+    }
+  }
+}
+
 // A zero weight written outside the optimizer (a pruning mask) with a
 // stale remainder reads as a small master of the weight's sign, not NaN.
 TEST(LeanCodec, AZeroWeightWithAStaleRemainderIsNotNaN) {

@@ -126,28 +126,38 @@ inline constexpr std::int64_t kBlock = 256;
 inline constexpr int kSignedMagnitudes = 127;
 inline constexpr int kUnsignedMagnitudes = 255;
 
+// The entries are floats with 3 mantissa bits: (16 - s) / 16 * 2^-e is
+// (1 + (8 - s) / 8) * 2^-(e + 1), or 2^-e for s = 0, so one step down the
+// table is one step down a float's bits >> 20, and entry q is the float
+// with bits (q + 1016 - count) << 20 (1016 << 20 is 1.0f). The nearest
+// entry to y is y's bits rounded to a multiple of 2^20, since the entries
+// of a binade are evenly spaced. Both are integer arithmetic, the same bits
+// on host and device: ldexpf, frexpf and rintf are library routines on the
+// GPU.
+
 /// Entry q of the table with `count` nonzero magnitudes (0: zero; count: 1;
 /// each entry below one step down: 8 steps a binade, (16 - s) / 16 * 2^-e).
+/// Exact for q <= count <= 1009 (every entry a normal float; the tables
+/// have 127 and 255); q <= 0 gives 0.
 MIXPREC_HOST_DEVICE inline float code_value(int q, int count) {
-  if (q <= 0) return 0.0f;
-  const int d = count - q;  // steps below the top
-  return ::ldexpf(static_cast<float>(16 - d % 8) / 16.0f, -(d / 8));
+  return q > 0 ? from_bits<float>(static_cast<std::uint32_t>(q + 1016 - count) << 20) : 0.0f;
 }
 
 /// The entry nearest to y in [0, 1] (ties: the even multiple of the
-/// binade's step, as rintf rounds), for the table with `count` magnitudes.
+/// binade's step, as rintf rounds), for the table with `count` magnitudes;
+/// 0 for y = 0, a negative y and NaN.
 MIXPREC_HOST_DEVICE inline int code_nearest(float y, int count) {
   if (!(y > 0.0f)) return 0;
-  int exponent = 0;
-  (void)::frexpf(y, &exponent);  // y in [2^(exponent - 1), 2^exponent)
-  const int e = -exponent;       // binade [2^-(e + 1), 2^-e): entries n / 16 * 2^-e, n = 8..16
-  const float n = ::rintf(::ldexpf(y, e + 4));
-  // n = 8 is the top of the binade below (s = 0 at e + 1).
-  const int d = n == 8.0f ? (e + 1) * 8 : e * 8 + (16 - static_cast<int>(n));
-  const int q = count - d;
+  // y's bits rounded to nearest even at 2^20: in y's binade, to the nearest
+  // multiple of its step (1/8 of the binade's bottom). A carry out of the
+  // mantissa gives the next binade's bottom, the entry 16/16 * 2^-e at the
+  // top of y's. A subnormal y (biased exponent 0) lands below the smallest
+  // entry for count <= 1008, where the comparison below decides.
+  const std::uint32_t u = to_bits(y);
+  const int q = static_cast<int>((u + 0x7ffffu + ((u >> 20) & 1u)) >> 20) - (1016 - count);
   if (q >= 1) return q;
   // Below the smallest entry: it or zero, whichever is nearer (ties: zero).
-  return y > 0.5f * code_value(1, count) ? 1 : 0;
+  return y > 0.5f * code_value(1, count) ? 1 : 0;  // exact: a power of 2
 }
 
 /// |x| where x is finite, else 0: what a block's scale is the largest of.
