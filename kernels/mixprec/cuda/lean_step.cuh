@@ -11,11 +11,12 @@
 // codecs are the host's functions, so the CPU and the GPU write the same
 // bits. Two ways through a range, same bits:
 // - lean_range_vec (16-bit weights, gradients of their type, every array
-//   16-byte aligned: the usual case; the step kernel decides): a warp
-//   takes a tile, each lane 8 consecutive elements with one vector access
-//   per array (16 bytes of bf16, 8 of codes), so a thread has 8 elements'
-//   loads in flight; the tile's scale is a warp maximum, its tie words
-//   gathered by shuffles;
+//   16-byte aligned: the usual case; the step kernel decides), compiled
+//   once per layout (master x moments: no run-time switch per element):
+//   a warp takes a tile, each lane 8 consecutive elements with one vector
+//   access per array (16 bytes of bf16, 8 of codes), so a thread has 8
+//   elements' loads in flight; the tile's scale is a warp maximum, its tie
+//   words gathered by shuffles;
 // - lean_range (any types and alignment): a block takes a tile, one element
 //   a thread.
 #pragma once
@@ -153,31 +154,31 @@ __device__ inline void lean_range(const G* grad, W* weight, float* master, float
   }
 }
 
-// Eight consecutive elements of T, moved as one access (16 bytes for 2-byte
-// T, two for floats, 8 bytes of 8-bit codes).
-template <class T>
-struct alignas(sizeof(T) == 1 ? 8 : 16) Oct {
-  T v[8];
+// V consecutive elements of T, moved as one access (V = 8: 16 bytes for
+// 2-byte T, two for floats, 8 bytes of 8-bit codes; V = 4: half that).
+template <class T, int V = 8>
+struct alignas(sizeof(T) * V) Oct {
+  T v[V];
 };
 
-// The live elements [0, n) of the eight at p: one vector access when all
-// eight are live, else one at a time (n <= 0: none).
-template <class T>
-__device__ inline Oct<T> load_oct(const T* p, int n) {
-  if (n >= 8) return *reinterpret_cast<const Oct<T>*>(p);
-  Oct<T> x{};
-  for (int j = 0; j < 8; ++j) {
+// The live elements [0, n) of the V at p: one vector access when all V are
+// live, else one at a time (n <= 0: none).
+template <int V, class T>
+__device__ inline Oct<T, V> load_oct(const T* p, int n) {
+  if (n >= V) return *reinterpret_cast<const Oct<T, V>*>(p);
+  Oct<T, V> x{};
+  for (int j = 0; j < V; ++j) {
     if (j < n) x.v[j] = p[j];
   }
   return x;
 }
-template <class T>
-__device__ inline void store_oct(T* p, const Oct<T>& x, int n) {
-  if (n >= 8) {
-    *reinterpret_cast<Oct<T>*>(p) = x;
+template <int V, class T>
+__device__ inline void store_oct(T* p, const Oct<T, V>& x, int n) {
+  if (n >= V) {
+    *reinterpret_cast<Oct<T, V>*>(p) = x;
     return;
   }
-  for (int j = 0; j < 8; ++j) {
+  for (int j = 0; j < V; ++j) {
     if (j < n) p[j] = x.v[j];
   }
 }
@@ -194,6 +195,9 @@ template <class G, class W>
 __device__ inline bool lean_vec_ok(const G* grad, const W* weight, const float* master,
                                    float* const (&fp32_state)[3], const optim::DeviceLeanState& L,
                                    std::int64_t begin) {
+  // (A remainder master needs bf16 weights: refused before any step; the
+  // element-a-thread path, which stores nothing for it either, keeps it.)
+  if (L.master == optim::Master::remainder && !std::is_same_v<W, bfloat16>) return false;
   bool ok = oct_aligned(grad, begin) && oct_aligned(weight, begin) && oct_aligned(L.remainder, begin);
   if (L.master == optim::Master::fp32) ok = ok && oct_aligned(master, begin);
   for (int k = 0; k < 3; ++k) {
@@ -214,77 +218,81 @@ __device__ inline bool lean_vec_ok(const G* grad, const W* weight, const float* 
 }
 
 /// lean_range's elements [begin, end), a warp a tile and 8 elements a lane
-/// (see the top of this file); every thread of the block calls it alike,
-/// and it needs lean_vec_ok. The same decoding, formula and encoding as
-/// lean_range, element for element.
-template <class Kernel, class G, class W, class C, class Acc>
+/// (see the top of this file), for the layout's master Ms and moments Mo
+/// (fp32, bf16 for both bf16 and bf16_sr, or int8) fixed at compile time:
+/// a thread holds only the arrays and codecs its layout has (a run-time
+/// switch kept every layout's registers live at once: 128 a thread with
+/// spills). Every thread of the block calls it alike, and it needs
+/// lean_vec_ok. The same decoding, formula and encoding as lean_range,
+/// element for element.
+template <class Kernel, optim::Master Ms, optim::Moments Mo, class G, class W, class C, class Acc>
 __device__ inline void lean_range_vec(const G* grad, W* weight, float* master, float* const (&fp32_state)[3],
                                       const optim::DeviceLeanState& L, std::int64_t step, std::int64_t begin,
                                       std::int64_t end, float inv_scale, float clip, const C& c, Acc& pa) {
+  using optim::Master;
+  using optim::Moments;
+  static_assert(Mo != Moments::bf16_sr, "bf16_sr takes the bf16 instantiation (its stores look at L.moments)");
+  static_assert(Ms != Master::remainder || std::is_same_v<W, bfloat16>, "a remainder master needs bf16 weights");
+  // Elements a lane: 8 (a warp's 32 lanes are one block of the 8-bit code,
+  // its scale a warp maximum). 4 a lane for the other layouts, fewer
+  // registers, was slower on an H100: 14.6 vs 13.0 ms for bf16 moments at
+  // 2^30 (docs/optimizers.md).
+  constexpr int V = 8;
+  constexpr int span = 32 * V;  // a warp's elements an iteration
+  static_assert(Mo != Moments::int8 || optim::lean::kBlock == span, "a warp's 32 lanes are one 8-bit block");
+  static_assert(lean_tile % span == 0 && 32 % V == 0, "whole warps a tile, whole lanes a tie word");
   constexpr int warps = lean_tile / 32;
-  static_assert(optim::lean::kBlock == 32 * 8, "a warp's 32 lanes of 8 elements are one 8-bit block");
-  const std::uint64_t key = optim::lean::rounding_key(L.seed, L.index, static_cast<std::uint64_t>(step));
-  const std::uint64_t moments_key = optim::lean::moment_key(key);
   const int lane = static_cast<int>(threadIdx.x % 32);
-  for (std::int64_t tile = begin + static_cast<std::int64_t>(threadIdx.x / 32) * lean_tile; tile < end;
-       tile += warps * lean_tile) {
-    const std::int64_t e0 = tile + 8 * lane;  // this lane's first element
+  for (std::int64_t tile = begin + static_cast<std::int64_t>(threadIdx.x / 32) * span; tile < end;
+       tile += warps * span) {
+    const std::int64_t e0 = tile + V * lane;  // this lane's first element
     const std::int64_t left = end - e0;
-    const int n = left >= 8 ? 8 : (left > 0 ? static_cast<int>(left) : 0);  // its live elements
-    // Every load first: 8 elements of each array in flight.
-    const Oct<G> gq = load_oct(grad + e0, n);
-    Oct<float> mq{};
-    Oct<W> wq{};
-    Oct<std::uint16_t> rq{};
+    const int n = left >= V ? V : (left > 0 ? static_cast<int>(left) : 0);  // its live elements
+    // Every load first: V elements of each array in flight.
+    const Oct<G, V> gq = load_oct<V>(grad + e0, n);
+    Oct<float, V> mq{};
+    Oct<W, V> wq{};
+    Oct<std::uint16_t, V> rq{};
     std::uint32_t ties = 0;
-    if (L.master == optim::Master::fp32) {
-      mq = load_oct(master + e0, n);
+    if constexpr (Ms == Master::fp32) {
+      mq = load_oct<V>(master + e0, n);
     } else {
-      wq = load_oct(weight + e0, n);
-      if (L.master == optim::Master::remainder) {
-        rq = load_oct(L.remainder + e0, n);
-        if (n > 0) ties = L.tie_bits[e0 / 32] >> (e0 % 32);  // this lane's 8 bits, lowest first
+      wq = load_oct<V>(weight + e0, n);
+      if constexpr (Ms == Master::remainder) {
+        rq = load_oct<V>(L.remainder + e0, n);
+        if (n > 0) ties = L.tie_bits[e0 / 32] >> (e0 % 32);  // this lane's V bits, lowest first
       }
     }
-    Oct<float> sq[3] = {};
+    Oct<float, V> sq[3] = {};
 #pragma unroll
     for (int k = 0; k < 3; ++k) {
       if (!Kernel::uses(c, k)) continue;
-      switch (L.moments) {
-        case optim::Moments::fp32:
-          sq[k] = load_oct(fp32_state[k] + e0, n);
-          break;
-        case optim::Moments::bf16:
-        case optim::Moments::bf16_sr: {
-          const Oct<bfloat16> b = load_oct(static_cast<const bfloat16*>(L.packed[k]) + e0, n);
+      if constexpr (Mo == Moments::fp32) {
+        sq[k] = load_oct<V>(fp32_state[k] + e0, n);
+      } else if constexpr (Mo == Moments::bf16) {
+        const Oct<bfloat16, V> b = load_oct<V>(static_cast<const bfloat16*>(L.packed[k]) + e0, n);
 #pragma unroll
-          for (int j = 0; j < 8; ++j) sq[k].v[j] = mixprec::to_float(b.v[j]);
-          break;
-        }
-        case optim::Moments::int8: {
-          const Oct<std::uint8_t> b = load_oct(static_cast<const std::uint8_t*>(L.packed[k]) + e0, n);
-          const float scale = n > 0 ? L.scales[k][e0 / optim::lean::kBlock] : 0.0f;
-          const bool nonnegative = (L.nonnegative >> k) & 1u;
+        for (int j = 0; j < V; ++j) sq[k].v[j] = mixprec::to_float(b.v[j]);
+      } else {
+        const Oct<std::uint8_t, V> b = load_oct<V>(static_cast<const std::uint8_t*>(L.packed[k]) + e0, n);
+        const float scale = n > 0 ? L.scales[k][e0 / optim::lean::kBlock] : 0.0f;
+        const bool nonnegative = (L.nonnegative >> k) & 1u;
 #pragma unroll
-          for (int j = 0; j < 8; ++j) sq[k].v[j] = optim::lean::decode_value(b.v[j], nonnegative, scale);
-          break;
-        }
+        for (int j = 0; j < V; ++j) sq[k].v[j] = optim::lean::decode_value(b.v[j], nonnegative, scale);
       }
     }
     // The formula, element by element (lanes past the end compute on zeros
     // and store nothing).
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
+    for (int j = 0; j < V; ++j) {
       exact_float g = mixprec::to_float(gq.v[j]);
       if (inv_scale != 1.0f) g = g * inv_scale;
       if (clip != 1.0f) g = g * clip;
       exact_float m = 0.0f;
-      if (L.master == optim::Master::fp32) {
+      if constexpr (Ms == Master::fp32) {
         m = mq.v[j];
-      } else if (L.master == optim::Master::remainder) {
-        if constexpr (std::is_same_v<W, bfloat16>) {
-          m = optim::lean::join_master(to_bits(wq.v[j]), rq.v[j], (ties >> j) & 1u);
-        }
+      } else if constexpr (Ms == Master::remainder) {
+        m = optim::lean::join_master(to_bits(wq.v[j]), rq.v[j], (ties >> j) & 1u);
       } else {
         m = mixprec::to_float(wq.v[j]);
       }
@@ -302,77 +310,116 @@ __device__ inline void lean_range_vec(const G* grad, W* weight, float* master, f
 #pragma unroll
     for (int k = 0; k < 3; ++k) {
       if (!Kernel::uses(c, k)) continue;
-      switch (L.moments) {
-        case optim::Moments::fp32:
-          store_oct(fp32_state[k] + e0, sq[k], n);
-          break;
-        case optim::Moments::bf16: {
-          Oct<bfloat16> b;
+      if constexpr (Mo == Moments::fp32) {
+        store_oct<V>(fp32_state[k] + e0, sq[k], n);
+      } else if constexpr (Mo == Moments::bf16) {
+        Oct<bfloat16, V> b;
+        if (L.moments == Moments::bf16_sr) {
+          // Drawn here only: the key's two mixes cost nothing to the other layouts.
+          const std::uint64_t moments_key = optim::lean::moment_key(
+              optim::lean::rounding_key(L.seed, L.index, static_cast<std::uint64_t>(step)));
 #pragma unroll
-          for (int j = 0; j < 8; ++j) b.v[j] = mixprec::from_float<bfloat16>(sq[k].v[j]);
-          store_oct(static_cast<bfloat16*>(L.packed[k]) + e0, b, n);
-          break;
-        }
-        case optim::Moments::bf16_sr: {
-          Oct<bfloat16> b;
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
+          for (int j = 0; j < V; ++j) {
             b.v[j] = from_bits<bfloat16>(optim::lean::stochastic_round_bf16_bits(
                 sq[k].v[j], optim::lean::rounding_bits(moments_key, static_cast<std::uint64_t>(e0 + j))));
           }
-          store_oct(static_cast<bfloat16*>(L.packed[k]) + e0, b, n);
-          break;
-        }
-        case optim::Moments::int8: {
-          float mx = 0.0f;
+        } else {
 #pragma unroll
-          for (int j = 0; j < 8; ++j) mx = j < n ? ::fmaxf(mx, optim::lean::finite_magnitude(sq[k].v[j])) : mx;
-          for (int h = 16; h > 0; h /= 2) mx = ::fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, h));
-          if (lane == 0) L.scales[k][tile / optim::lean::kBlock] = mx;
-          Oct<std::uint8_t> b;
-          optim::lean::encode_block(sq[k].v, 8, (L.nonnegative >> k) & 1u, mx, b.v);
-          store_oct(static_cast<std::uint8_t*>(L.packed[k]) + e0, b, n);
-          break;
+          for (int j = 0; j < V; ++j) b.v[j] = mixprec::from_float<bfloat16>(sq[k].v[j]);
         }
+        store_oct<V>(static_cast<bfloat16*>(L.packed[k]) + e0, b, n);
+      } else {
+        float mx = 0.0f;
+#pragma unroll
+        for (int j = 0; j < V; ++j) mx = j < n ? ::fmaxf(mx, optim::lean::finite_magnitude(sq[k].v[j])) : mx;
+        for (int h = 16; h > 0; h /= 2) mx = ::fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, h));
+        if (lane == 0) L.scales[k][tile / optim::lean::kBlock] = mx;
+        Oct<std::uint8_t, V> b;
+        optim::lean::encode_block(sq[k].v, V, (L.nonnegative >> k) & 1u, mx, b.v);
+        store_oct<V>(static_cast<std::uint8_t*>(L.packed[k]) + e0, b, n);
       }
     }
-    switch (L.master) {
-      case optim::Master::fp32: {
-        store_oct(master + e0, mq, n);
+    if constexpr (Ms == Master::fp32) {
+      store_oct<V>(master + e0, mq, n);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) wq.v[j] = mixprec::from_float<W>(mq.v[j]);
-        store_oct(weight + e0, wq, n);
-        break;
+      for (int j = 0; j < V; ++j) wq.v[j] = mixprec::from_float<W>(mq.v[j]);
+      store_oct<V>(weight + e0, wq, n);
+    } else if constexpr (Ms == Master::remainder) {
+      std::uint32_t bits = 0;  // this lane's V tie bits, element e0 + j at bit j
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const optim::lean::SplitMaster sm = optim::lean::split_master(mq.v[j]);
+        wq.v[j] = from_bits<bfloat16>(sm.weight);
+        rq.v[j] = sm.remainder;
+        if (j < n && sm.tie_up) bits |= 1u << j;
       }
-      case optim::Master::remainder: {
+      store_oct<V>(weight + e0, wq, n);
+      store_oct<V>(L.remainder + e0, rq, n);
+      // A word is 32 elements, 32 / V lanes: the first gathers the others.
+      std::uint32_t word = bits;
+#pragma unroll
+      for (int d = 1; d < 32 / V; ++d) word |= __shfl_down_sync(0xffffffffu, bits, d) << (V * d);
+      if (lane % (32 / V) == 0 && n > 0) L.tie_bits[e0 / 32] = word;
+    } else {
+      const std::uint64_t key = optim::lean::rounding_key(L.seed, L.index, static_cast<std::uint64_t>(step));
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const std::uint32_t r = optim::lean::rounding_bits(key, static_cast<std::uint64_t>(e0 + j));
         if constexpr (std::is_same_v<W, bfloat16>) {
-          std::uint32_t bits = 0;  // this lane's 8 tie bits, element e0 + j at bit j
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            const optim::lean::SplitMaster sm = optim::lean::split_master(mq.v[j]);
-            wq.v[j] = from_bits<bfloat16>(sm.weight);
-            rq.v[j] = sm.remainder;
-            if (j < n && sm.tie_up) bits |= 1u << j;
-          }
-          store_oct(weight + e0, wq, n);
-          store_oct(L.remainder + e0, rq, n);
-          // A word is 32 elements, 4 lanes: lane 4i gathers lanes 4i+1..4i+3.
-          std::uint32_t word = bits;
-          for (int d = 1; d < 4; ++d) word |= __shfl_down_sync(0xffffffffu, bits, d) << (8 * d);
-          if (lane % 4 == 0 && n > 0) L.tie_bits[e0 / 32] = word;
+          // stochastic_round<bfloat16>'s bits without its division (tested equal).
+          wq.v[j] = from_bits<bfloat16>(optim::lean::stochastic_round_bf16_bits(mq.v[j], r));
+        } else {
+          wq.v[j] = optim::lean::stochastic_round<W>(mq.v[j], r);
         }
-        break;
       }
-      case optim::Master::none: {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          wq.v[j] = optim::lean::stochastic_round<W>(
-              mq.v[j], optim::lean::rounding_bits(key, static_cast<std::uint64_t>(e0 + j)));
-        }
-        store_oct(weight + e0, wq, n);
-        break;
-      }
+      store_oct<V>(weight + e0, wq, n);
     }
+  }
+}
+
+/// lean_range_vec for the parameter's layout (L.master, L.moments), the
+/// run-time choice made once a range. A remainder master with other than
+/// bf16 weights is refused by the optimizer before any step.
+template <class Kernel, optim::Master Ms, class G, class W, class C, class Acc>
+__device__ inline void lean_range_vec_moments(const G* grad, W* weight, float* master, float* const (&fp32_state)[3],
+                                              const optim::DeviceLeanState& L, std::int64_t step, std::int64_t begin,
+                                              std::int64_t end, float inv_scale, float clip, const C& c, Acc& pa) {
+  switch (L.moments) {
+    case optim::Moments::fp32:
+      lean_range_vec<Kernel, Ms, optim::Moments::fp32>(grad, weight, master, fp32_state, L, step, begin, end,
+                                                        inv_scale, clip, c, pa);
+      break;
+    case optim::Moments::bf16:
+    case optim::Moments::bf16_sr:
+      lean_range_vec<Kernel, Ms, optim::Moments::bf16>(grad, weight, master, fp32_state, L, step, begin, end,
+                                                        inv_scale, clip, c, pa);
+      break;
+    case optim::Moments::int8:
+      lean_range_vec<Kernel, Ms, optim::Moments::int8>(grad, weight, master, fp32_state, L, step, begin, end,
+                                                        inv_scale, clip, c, pa);
+      break;
+  }
+}
+
+template <class Kernel, class G, class W, class C, class Acc>
+__device__ inline void lean_range_vec_any(const G* grad, W* weight, float* master, float* const (&fp32_state)[3],
+                                          const optim::DeviceLeanState& L, std::int64_t step, std::int64_t begin,
+                                          std::int64_t end, float inv_scale, float clip, const C& c, Acc& pa) {
+  switch (L.master) {
+    case optim::Master::fp32:
+      lean_range_vec_moments<Kernel, optim::Master::fp32>(grad, weight, master, fp32_state, L, step, begin, end,
+                                                          inv_scale, clip, c, pa);
+      break;
+    case optim::Master::remainder:
+      if constexpr (std::is_same_v<W, bfloat16>) {
+        lean_range_vec_moments<Kernel, optim::Master::remainder>(grad, weight, master, fp32_state, L, step, begin,
+                                                                 end, inv_scale, clip, c, pa);
+      }
+      break;
+    case optim::Master::none:
+      lean_range_vec_moments<Kernel, optim::Master::none>(grad, weight, master, fp32_state, L, step, begin, end,
+                                                          inv_scale, clip, c, pa);
+      break;
   }
 }
 

@@ -182,7 +182,7 @@ __device__ inline void update_range(const G* grad, W* weight, const ParamEntry& 
       if constexpr (std::is_same_v<G, W> && sizeof(W) == 2) {
         vec = lean_vec_ok(grad, weight, p.master, p.state, p.lean, begin);
         if (vec) {
-          lean_range_vec<Kernel>(grad, weight, p.master, p.state, p.lean, step, begin, end, inv_scale, clip, c, pa);
+          lean_range_vec_any<Kernel>(grad, weight, p.master, p.state, p.lean, step, begin, end, inv_scale, clip, c, pa);
         }
       }
       if (!vec) lean_range<Kernel>(grad, weight, p.master, p.state, p.lean, step, begin, end, inv_scale, clip, c, pa);
