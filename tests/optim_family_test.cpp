@@ -183,5 +183,20 @@ TEST(Family, OwnOptimizerStateIsCheckedOnLoad) {
   expect_error([&] { opt.load_state(st); }, {"Adagrad", "sum[4] = -1", ">= 0"});
 }
 
+// kStates (the device step's register budget: state a kernel part never
+// uses is never held) is each built-in optimizer's count of state tensors;
+// a kernel part without it, like the user's Adagrad, counts as 3.
+TEST(Family, KernelStatesAreTheStateTensorCount) {
+  Param16 p(10);
+  const auto count = [](const optim::Optimizer& o) { return static_cast<int>(o.state_names().size()); };
+  EXPECT_EQ(optim::kernel_states_v<optim::SgdKernel>, count(optim::SGD(p.params(), optim::SGDOptions{})));
+  EXPECT_EQ(optim::kernel_states_v<optim::AdamKernel>, count(optim::AdamW(p.params(), optim::AdamWOptions{})));
+  EXPECT_EQ(optim::kernel_states_v<optim::AdamKernel>, count(optim::Adam(p.params(), optim::AdamOptions{})));
+  EXPECT_EQ(optim::kernel_states_v<optim::RmspropKernel>, count(optim::RMSprop(p.params(), optim::RMSpropOptions{})));
+  EXPECT_EQ(optim::kernel_states_v<optim::LionKernel>, count(optim::Lion(p.params(), optim::LionOptions{})));
+  EXPECT_EQ(optim::kernel_states_v<optim::LambKernel>, count(optim::LAMB(p.params(), optim::LambOptions{})));
+  EXPECT_EQ(optim::kernel_states_v<user::AdagradKernel>, 3);
+}
+
 }  // namespace
 }  // namespace mixprec

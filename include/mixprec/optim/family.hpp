@@ -79,6 +79,18 @@ template <class K>
 inline constexpr int prepass_sums_v = detail::PrepassSumsOf<K>::value;
 
 namespace detail {
+template <class K, class = void>
+struct KernelStatesOf : std::integral_constant<int, 3> {};
+template <class K>
+struct KernelStatesOf<K, std::void_t<decltype(K::kStates)>> : std::integral_constant<int, K::kStates> {};
+}  // namespace detail
+/// The most state tensors kernel part K's update uses (its optional
+/// kStates; 3 where it has none). The device step holds no registers for
+/// state it can never use.
+template <class K>
+inline constexpr int kernel_states_v = detail::KernelStatesOf<K>::value;
+
+namespace detail {
 // The pre-pass's reduction of 256 partials (see kPrepassSums); destroys them.
 inline float reduce_lanes(float* p) {
   float total = 0.0f;
@@ -194,6 +206,7 @@ struct RuleDefaults {
 ///     struct Hyper { double lr; ... };   // trivially copyable: a kernel argument
 ///     struct Coeffs { ... };             // floats, once per tensor and step
 ///     static constexpr const char* kKey;              // its name in the CUDA registry
+///     static constexpr int kStates;                   // optional: state tensors it may use (default 3)
 ///     MIXPREC_HOST_DEVICE static Coeffs coeffs(const Hyper&, double lr, double step);
 ///     MIXPREC_HOST_DEVICE static bool uses(const Coeffs&, int k);  // state k is read and written
 ///     template <class V> MIXPREC_HOST_DEVICE static void update(V& param, V& s0, V& s1, V& s2, V grad,
@@ -210,6 +223,7 @@ class Family : public OptimizerBase<Family<Rule>, typename Rule::Options> {
   using Hyper = typename Kernel::Hyper;
   using Coeffs = typename Kernel::Coeffs;
   static constexpr int kSums = prepass_sums_v<Kernel>;
+  static_assert(kernel_states_v<Kernel> >= 0 && kernel_states_v<Kernel> <= 3, "kStates: at most 3 state tensors");
 
  public:
   using Options = typename Rule::Options;

@@ -28,6 +28,7 @@
 #include "mixprec/core/convert.hpp"
 #include "mixprec/cuda/exact_float.cuh"
 #include "mixprec/optim/device_backend.hpp"
+#include "mixprec/optim/family.hpp"
 #include "mixprec/optim/state_layout.hpp"
 
 MIXPREC_NAMESPACE_BEGIN namespace cuda::detail {
@@ -217,6 +218,15 @@ __device__ inline bool lean_vec_ok(const G* grad, const W* weight, const float* 
   return ok;
 }
 
+// Whether the vector path touches state k: a path compiled without the
+// third state (Third false; AdamW without amsgrad, RMSprop without momentum)
+// never holds its 8 values, which the 128 registers of the lean kernel had
+// no room for (the element loop spilled).
+template <class Kernel, bool Third, class C>
+__device__ inline bool lean_uses(const C& c, int k) {
+  return k < optim::kernel_states_v<Kernel> && (Third || k < 2) && Kernel::uses(c, k);
+}
+
 /// lean_range's elements [begin, end), a warp a tile and 8 elements a lane
 /// (see the top of this file), for the layout's master Ms and moments Mo
 /// (fp32, bf16 for both bf16 and bf16_sr, or int8) fixed at compile time:
@@ -225,7 +235,7 @@ __device__ inline bool lean_vec_ok(const G* grad, const W* weight, const float* 
 /// spills). Every thread of the block calls it alike, and it needs
 /// lean_vec_ok. The same decoding, formula and encoding as lean_range,
 /// element for element.
-template <class Kernel, optim::Master Ms, optim::Moments Mo, class G, class W, class C, class Acc>
+template <class Kernel, bool Third, optim::Master Ms, optim::Moments Mo, class G, class W, class C, class Acc>
 __device__ inline void lean_range_vec(const G* grad, W* weight, float* master, float* const (&fp32_state)[3],
                                       const optim::DeviceLeanState& L, std::int64_t step, std::int64_t begin,
                                       std::int64_t end, float inv_scale, float clip, const C& c, Acc& pa) {
@@ -266,7 +276,7 @@ __device__ inline void lean_range_vec(const G* grad, W* weight, float* master, f
     Oct<float, V> sq[3] = {};
 #pragma unroll
     for (int k = 0; k < 3; ++k) {
-      if (!Kernel::uses(c, k)) continue;
+      if (!lean_uses<Kernel, Third>(c, k)) continue;
       if constexpr (Mo == Moments::fp32) {
         sq[k] = load_oct<V>(fp32_state[k] + e0, n);
       } else if constexpr (Mo == Moments::bf16) {
@@ -309,7 +319,7 @@ __device__ inline void lean_range_vec(const G* grad, W* weight, float* master, f
     }
 #pragma unroll
     for (int k = 0; k < 3; ++k) {
-      if (!Kernel::uses(c, k)) continue;
+      if (!lean_uses<Kernel, Third>(c, k)) continue;
       if constexpr (Mo == Moments::fp32) {
         store_oct<V>(fp32_state[k] + e0, sq[k], n);
       } else if constexpr (Mo == Moments::bf16) {
@@ -377,26 +387,49 @@ __device__ inline void lean_range_vec(const G* grad, W* weight, float* master, f
   }
 }
 
-/// lean_range_vec for the parameter's layout (L.master, L.moments), the
-/// run-time choice made once a range. A remainder master with other than
-/// bf16 weights is refused by the optimizer before any step.
-template <class Kernel, optim::Master Ms, class G, class W, class C, class Acc>
+/// lean_range_vec for the parameter's layout (L.master, L.moments) and
+/// whether its update uses a third state, the run-time choices made once a
+/// range. A remainder master with other than bf16 weights is refused by the
+/// optimizer before any step (lean_vec_ok sends it elsewhere).
+template <class Kernel, bool Third, optim::Master Ms, class G, class W, class C, class Acc>
 __device__ inline void lean_range_vec_moments(const G* grad, W* weight, float* master, float* const (&fp32_state)[3],
                                               const optim::DeviceLeanState& L, std::int64_t step, std::int64_t begin,
                                               std::int64_t end, float inv_scale, float clip, const C& c, Acc& pa) {
   switch (L.moments) {
     case optim::Moments::fp32:
-      lean_range_vec<Kernel, Ms, optim::Moments::fp32>(grad, weight, master, fp32_state, L, step, begin, end,
-                                                        inv_scale, clip, c, pa);
+      lean_range_vec<Kernel, Third, Ms, optim::Moments::fp32>(grad, weight, master, fp32_state, L, step, begin, end,
+                                                               inv_scale, clip, c, pa);
       break;
     case optim::Moments::bf16:
     case optim::Moments::bf16_sr:
-      lean_range_vec<Kernel, Ms, optim::Moments::bf16>(grad, weight, master, fp32_state, L, step, begin, end,
-                                                        inv_scale, clip, c, pa);
+      lean_range_vec<Kernel, Third, Ms, optim::Moments::bf16>(grad, weight, master, fp32_state, L, step, begin, end,
+                                                               inv_scale, clip, c, pa);
       break;
     case optim::Moments::int8:
-      lean_range_vec<Kernel, Ms, optim::Moments::int8>(grad, weight, master, fp32_state, L, step, begin, end,
-                                                        inv_scale, clip, c, pa);
+      lean_range_vec<Kernel, Third, Ms, optim::Moments::int8>(grad, weight, master, fp32_state, L, step, begin, end,
+                                                               inv_scale, clip, c, pa);
+      break;
+  }
+}
+
+template <class Kernel, bool Third, class G, class W, class C, class Acc>
+__device__ inline void lean_range_vec_master(const G* grad, W* weight, float* master, float* const (&fp32_state)[3],
+                                             const optim::DeviceLeanState& L, std::int64_t step, std::int64_t begin,
+                                             std::int64_t end, float inv_scale, float clip, const C& c, Acc& pa) {
+  switch (L.master) {
+    case optim::Master::fp32:
+      lean_range_vec_moments<Kernel, Third, optim::Master::fp32>(grad, weight, master, fp32_state, L, step, begin,
+                                                                 end, inv_scale, clip, c, pa);
+      break;
+    case optim::Master::remainder:
+      if constexpr (std::is_same_v<W, bfloat16>) {
+        lean_range_vec_moments<Kernel, Third, optim::Master::remainder>(grad, weight, master, fp32_state, L, step,
+                                                                        begin, end, inv_scale, clip, c, pa);
+      }
+      break;
+    case optim::Master::none:
+      lean_range_vec_moments<Kernel, Third, optim::Master::none>(grad, weight, master, fp32_state, L, step, begin,
+                                                                 end, inv_scale, clip, c, pa);
       break;
   }
 }
@@ -405,22 +438,14 @@ template <class Kernel, class G, class W, class C, class Acc>
 __device__ inline void lean_range_vec_any(const G* grad, W* weight, float* master, float* const (&fp32_state)[3],
                                           const optim::DeviceLeanState& L, std::int64_t step, std::int64_t begin,
                                           std::int64_t end, float inv_scale, float clip, const C& c, Acc& pa) {
-  switch (L.master) {
-    case optim::Master::fp32:
-      lean_range_vec_moments<Kernel, optim::Master::fp32>(grad, weight, master, fp32_state, L, step, begin, end,
-                                                          inv_scale, clip, c, pa);
-      break;
-    case optim::Master::remainder:
-      if constexpr (std::is_same_v<W, bfloat16>) {
-        lean_range_vec_moments<Kernel, optim::Master::remainder>(grad, weight, master, fp32_state, L, step, begin,
-                                                                 end, inv_scale, clip, c, pa);
-      }
-      break;
-    case optim::Master::none:
-      lean_range_vec_moments<Kernel, optim::Master::none>(grad, weight, master, fp32_state, L, step, begin, end,
-                                                          inv_scale, clip, c, pa);
-      break;
+  if constexpr (optim::kernel_states_v<Kernel> > 2) {
+    if (Kernel::uses(c, 2)) {
+      lean_range_vec_master<Kernel, true>(grad, weight, master, fp32_state, L, step, begin, end, inv_scale, clip, c,
+                                          pa);
+      return;
+    }
   }
+  lean_range_vec_master<Kernel, false>(grad, weight, master, fp32_state, L, step, begin, end, inv_scale, clip, c, pa);
 }
 
 }  // namespace cuda::detail

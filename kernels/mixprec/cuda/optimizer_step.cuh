@@ -87,18 +87,30 @@ struct alignas(4 * sizeof(T)) Quad {
 // The precursor terms of one thread over a chunk (Optimizer::set_precursors,
 // optim/precursors.hpp: the host's function), added to the parameter's sums
 // once per chunk: a block sum, then one atomic per sum (their last bits
-// depend on the order the blocks finish).
+// depend on the order the blocks finish). A thread's running sums live in
+// shared memory, its row of a block-wide table, not in registers: they are
+// used on the monitor's logged steps only, and as five doubles held through
+// every element loop they cost the step kernels 10 registers on every step
+// (the lean kernel spilled in its element loop for them).
 static_assert(step_threads == lean_tile, "lean_range takes a tile as one element a thread of the block");
 
 struct PrecursorAcc {
   double* out = nullptr;  // the parameter's kPrecursorSums; null: off
   int v_state = -1;       // the second moment's state, if the update uses it
   float v_scale = 1.0f, eps2 = 0.0f;
-  double a[optim::kPrecursorSums] = {0, 0, 0, 0, 0};
 
+  // This thread's sums (every thread its own row).
+  __device__ static double (&sums())[optim::kPrecursorSums] {
+    __shared__ double rows[step_threads][optim::kPrecursorSums];
+    return rows[threadIdx.x];
+  }
+  __device__ void start() {
+    if (out == nullptr) return;
+    for (std::size_t j = 0; j < optim::kPrecursorSums; ++j) sums()[j] = 0.0;
+  }
   template <class W>
   __device__ void add(float before, float after, float g, float v) {
-    optim::add_precursor_terms<W>(a, before, after, g, v_state >= 0, v, v_scale, eps2);
+    optim::add_precursor_terms<W>(sums(), before, after, g, v_state >= 0, v, v_scale, eps2);
   }
   // Every thread of the block calls it (out is the same for all).
   __device__ void flush() {
@@ -106,7 +118,7 @@ struct PrecursorAcc {
     __shared__ double warp_sums[step_threads / 32][optim::kPrecursorSums];
     const int lane = static_cast<int>(threadIdx.x % 32), warp = static_cast<int>(threadIdx.x / 32);
     for (std::size_t j = 0; j < optim::kPrecursorSums; ++j) {
-      double x = a[j];
+      double x = sums()[j];
       for (int h = 16; h > 0; h /= 2) x += __shfl_down_sync(0xffffffffu, x, h);
       if (lane == 0) warp_sums[warp][j] = x;
     }
@@ -126,6 +138,7 @@ template <class Kernel, class C>
 __device__ inline PrecursorAcc precursor_acc(const ParamEntry& p, const C& c, double* out) {
   PrecursorAcc pa;
   pa.out = out;
+  pa.start();
   if (out == nullptr || p.v_state < 0 || !Kernel::uses(c, p.v_state)) return pa;
   pa.v_state = p.v_state;
   pa.eps2 = p.eps2;

@@ -80,6 +80,7 @@ struct AdamKernel {
   using Hyper = AdamHyper;
   using Coeffs = AdamCoeffs;
   static constexpr const char* kKey = "adam";
+  static constexpr int kStates = 3;
   static constexpr int kSums = 1;
 
   MIXPREC_HOST_DEVICE static Coeffs coeffs(const Hyper& h, double lr, double step) {

@@ -88,6 +88,7 @@ struct LambKernel {
   using Hyper = LambHyper;
   using Coeffs = LambCoeffs;
   static constexpr const char* kKey = "lamb";
+  static constexpr int kStates = 2;
   static constexpr int kSums = 2;
 
   MIXPREC_HOST_DEVICE static Coeffs coeffs(const Hyper& h, double lr, double step) {

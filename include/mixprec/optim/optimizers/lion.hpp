@@ -56,6 +56,7 @@ struct LionKernel {
   using Hyper = LionHyper;
   using Coeffs = LionCoeffs;
   static constexpr const char* kKey = "lion";
+  static constexpr int kStates = 1;
 
   MIXPREC_HOST_DEVICE static Coeffs coeffs(const Hyper& h, double lr, double) {
     Coeffs c;

@@ -57,6 +57,7 @@ struct RmspropKernel {
   using Hyper = RmspropHyper;
   using Coeffs = RmspropCoeffs;
   static constexpr const char* kKey = "rmsprop";
+  static constexpr int kStates = 3;
 
   MIXPREC_HOST_DEVICE static Coeffs coeffs(const Hyper& h, double lr, double) {
     Coeffs c;

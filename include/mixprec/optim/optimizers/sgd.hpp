@@ -58,6 +58,7 @@ struct SgdKernel {
   using Hyper = SgdHyper;
   using Coeffs = SgdCoeffs;
   static constexpr const char* kKey = "sgd";
+  static constexpr int kStates = 1;
 
   MIXPREC_HOST_DEVICE static Coeffs coeffs(const Hyper& h, double lr, double step) {
     Coeffs c;
