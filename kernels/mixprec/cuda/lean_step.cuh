@@ -236,11 +236,20 @@ __device__ inline bool lean_uses(const C& c, int k) {
 /// lean_vec_ok. The same decoding, formula and encoding as lean_range,
 /// element for element.
 template <class Kernel, bool Third, optim::Master Ms, optim::Moments Mo, class G, class W, class C, class Acc>
-__device__ inline void lean_range_vec(const G* grad, W* weight, float* master, float* const (&fp32_state)[3],
-                                      const optim::DeviceLeanState& L, std::int64_t step, std::int64_t begin,
-                                      std::int64_t end, float inv_scale, float clip, const C& c, Acc& pa) {
+__device__ inline void lean_range_vec(const G* grad, W* weight, float* master, float* const (&state_ptrs)[3],
+                                      const optim::DeviceLeanState& lean_state, std::int64_t step, std::int64_t begin,
+                                      std::int64_t end, float inv_scale, float clip, const C& coeffs, Acc& pa) {
   using optim::Master;
   using optim::Moments;
+  // Copies, held in registers: read through the references, every use in
+  // the loop was a load again after its stores (which the compiler cannot
+  // tell apart from the referenced structs): 1.5M local-memory loads a
+  // 2^24 launch on an H100 (ncu).
+  const optim::DeviceLeanState L = lean_state;
+  float* const fp32_state[3] = {state_ptrs[0], state_ptrs[1], state_ptrs[2]};
+  const C c = coeffs;
+  const bool precursors = pa.out != nullptr;
+  const int v_state = pa.v_state;
   static_assert(Mo != Moments::bf16_sr, "bf16_sr takes the bf16 instantiation (its stores look at L.moments)");
   static_assert(Ms != Master::remainder || std::is_same_v<W, bfloat16>, "a remainder master needs bf16 weights");
   // Elements a lane: 8 (a warp's 32 lanes are one block of the 8-bit code,
@@ -309,8 +318,8 @@ __device__ inline void lean_range_vec(const G* grad, W* weight, float* master, f
       exact_float s0 = sq[0].v[j], s1 = sq[1].v[j], s2 = sq[2].v[j];
       const float before = m.v;
       Kernel::update(m, s0, s1, s2, g, c);
-      if (pa.out != nullptr && j < n) {
-        pa.template add<W>(before, m.v, g.v, pa.v_state == 0 ? s0.v : pa.v_state == 1 ? s1.v : s2.v);
+      if (precursors && j < n) {
+        pa.template add<W>(before, m.v, g.v, v_state == 0 ? s0.v : v_state == 1 ? s1.v : s2.v);
       }
       mq.v[j] = m.v;
       sq[0].v[j] = s0.v;
@@ -434,8 +443,14 @@ __device__ inline void lean_range_vec_master(const G* grad, W* weight, float* ma
   }
 }
 
+// Not inlined: a call of its own (once a range of >= 1024 elements) gives
+// the vector path a register allocation of its own. Inlined, the step
+// kernel's other paths (fp32 state in the same launch, the element-a-thread
+// lean path) set the kernel's pressure and ptxas spilled values the element
+// loop reloads: 1.5M local loads a 2^24 launch on an H100 (ncu). ptxas
+// reports this function with no spills.
 template <class Kernel, class G, class W, class C, class Acc>
-__device__ inline void lean_range_vec_any(const G* grad, W* weight, float* master, float* const (&fp32_state)[3],
+__device__ __noinline__ void lean_range_vec_any(const G* grad, W* weight, float* master, float* const (&fp32_state)[3],
                                           const optim::DeviceLeanState& L, std::int64_t step, std::int64_t begin,
                                           std::int64_t end, float inv_scale, float clip, const C& c, Acc& pa) {
   if constexpr (optim::kernel_states_v<Kernel> > 2) {
