@@ -155,31 +155,31 @@ __device__ inline void lean_range(const G* grad, W* weight, float* master, float
   }
 }
 
-// V consecutive elements of T, moved as one access (V = 8: 16 bytes for
-// 2-byte T, two for floats, 8 bytes of 8-bit codes; V = 4: half that).
-template <class T, int V = 8>
-struct alignas(sizeof(T) * V) Oct {
-  T v[V];
+// Eight consecutive elements of T, moved as one access (16 bytes for 2-byte
+// T, two for floats, 8 bytes of 8-bit codes).
+template <class T>
+struct alignas(sizeof(T) == 1 ? 8 : 16) Oct {
+  T v[8];
 };
 
-// The live elements [0, n) of the V at p: one vector access when all V are
-// live, else one at a time (n <= 0: none).
-template <int V, class T>
-__device__ inline Oct<T, V> load_oct(const T* p, int n) {
-  if (n >= V) return *reinterpret_cast<const Oct<T, V>*>(p);
-  Oct<T, V> x{};
-  for (int j = 0; j < V; ++j) {
+// The live elements [0, n) of the eight at p: one vector access when all
+// eight are live, else one at a time (n <= 0: none).
+template <class T>
+__device__ inline Oct<T> load_oct(const T* p, int n) {
+  if (n >= 8) return *reinterpret_cast<const Oct<T>*>(p);
+  Oct<T> x{};
+  for (int j = 0; j < 8; ++j) {
     if (j < n) x.v[j] = p[j];
   }
   return x;
 }
-template <int V, class T>
-__device__ inline void store_oct(T* p, const Oct<T, V>& x, int n) {
-  if (n >= V) {
-    *reinterpret_cast<Oct<T, V>*>(p) = x;
+template <class T>
+__device__ inline void store_oct(T* p, const Oct<T>& x, int n) {
+  if (n >= 8) {
+    *reinterpret_cast<Oct<T>*>(p) = x;
     return;
   }
-  for (int j = 0; j < V; ++j) {
+  for (int j = 0; j < 8; ++j) {
     if (j < n) p[j] = x.v[j];
   }
 }
@@ -253,48 +253,46 @@ __device__ inline void lean_range_vec(const G* grad, W* weight, float* master, f
   const int v_state = pa.v_state;
   static_assert(Mo != Moments::bf16_sr, "bf16_sr takes the bf16 instantiation (its stores look at L.moments)");
   static_assert(Ms != Master::remainder || std::is_same_v<W, bfloat16>, "a remainder master needs bf16 weights");
-  // Elements a lane: 8 (a warp's 32 lanes are one block of the 8-bit code,
-  // its scale a warp maximum). 4 a lane for the other layouts, fewer
-  // registers, was slower on an H100: 14.6 vs 13.0 ms for bf16 moments at
-  // 2^30 (docs/optimizers.md).
+  // Elements a lane: V = 8, a warp's 32 lanes one block of the 8-bit code
+  // (its scale a warp maximum) and one tile. 4 a lane for the other layouts,
+  // fewer registers, was slower on an H100: 14.6 vs 13.0 ms for bf16
+  // moments at 2^30 (docs/optimizers.md).
   constexpr int V = 8;
-  constexpr int span = 32 * V;  // a warp's elements an iteration
-  static_assert(Mo != Moments::int8 || optim::lean::kBlock == span, "a warp's 32 lanes are one 8-bit block");
-  static_assert(lean_tile % span == 0 && 32 % V == 0, "whole warps a tile, whole lanes a tie word");
+  static_assert(optim::lean::kBlock == 32 * V && lean_tile == 32 * V, "a warp's 32 lanes are one tile, one block");
   constexpr int warps = lean_tile / 32;
   const int lane = static_cast<int>(threadIdx.x % 32);
-  for (std::int64_t tile = begin + static_cast<std::int64_t>(threadIdx.x / 32) * span; tile < end;
-       tile += warps * span) {
+  for (std::int64_t tile = begin + static_cast<std::int64_t>(threadIdx.x / 32) * lean_tile; tile < end;
+       tile += warps * lean_tile) {
     const std::int64_t e0 = tile + V * lane;  // this lane's first element
     const std::int64_t left = end - e0;
     const int n = left >= V ? V : (left > 0 ? static_cast<int>(left) : 0);  // its live elements
     // Every load first: V elements of each array in flight.
-    const Oct<G, V> gq = load_oct<V>(grad + e0, n);
-    Oct<float, V> mq{};
-    Oct<W, V> wq{};
-    Oct<std::uint16_t, V> rq{};
+    const Oct<G> gq = load_oct(grad + e0, n);
+    Oct<float> mq{};
+    Oct<W> wq{};
+    Oct<std::uint16_t> rq{};
     std::uint32_t ties = 0;
     if constexpr (Ms == Master::fp32) {
-      mq = load_oct<V>(master + e0, n);
+      mq = load_oct(master + e0, n);
     } else {
-      wq = load_oct<V>(weight + e0, n);
+      wq = load_oct(weight + e0, n);
       if constexpr (Ms == Master::remainder) {
-        rq = load_oct<V>(L.remainder + e0, n);
+        rq = load_oct(L.remainder + e0, n);
         if (n > 0) ties = L.tie_bits[e0 / 32] >> (e0 % 32);  // this lane's V bits, lowest first
       }
     }
-    Oct<float, V> sq[3] = {};
+    Oct<float> sq[3] = {};
 #pragma unroll
     for (int k = 0; k < 3; ++k) {
       if (!lean_uses<Kernel, Third>(c, k)) continue;
       if constexpr (Mo == Moments::fp32) {
-        sq[k] = load_oct<V>(fp32_state[k] + e0, n);
+        sq[k] = load_oct(fp32_state[k] + e0, n);
       } else if constexpr (Mo == Moments::bf16) {
-        const Oct<bfloat16, V> b = load_oct<V>(static_cast<const bfloat16*>(L.packed[k]) + e0, n);
+        const Oct<bfloat16> b = load_oct(static_cast<const bfloat16*>(L.packed[k]) + e0, n);
 #pragma unroll
         for (int j = 0; j < V; ++j) sq[k].v[j] = mixprec::to_float(b.v[j]);
       } else {
-        const Oct<std::uint8_t, V> b = load_oct<V>(static_cast<const std::uint8_t*>(L.packed[k]) + e0, n);
+        const Oct<std::uint8_t> b = load_oct(static_cast<const std::uint8_t*>(L.packed[k]) + e0, n);
         const float scale = n > 0 ? L.scales[k][e0 / optim::lean::kBlock] : 0.0f;
         const bool nonnegative = (L.nonnegative >> k) & 1u;
 #pragma unroll
@@ -331,9 +329,9 @@ __device__ inline void lean_range_vec(const G* grad, W* weight, float* master, f
     for (int k = 0; k < 3; ++k) {
       if (!lean_uses<Kernel, Third>(c, k)) continue;
       if constexpr (Mo == Moments::fp32) {
-        store_oct<V>(fp32_state[k] + e0, sq[k], n);
+        store_oct(fp32_state[k] + e0, sq[k], n);
       } else if constexpr (Mo == Moments::bf16) {
-        Oct<bfloat16, V> b;
+        Oct<bfloat16> b;
         if (L.moments == Moments::bf16_sr) {
           // Drawn here only: the key's two mixes cost nothing to the other layouts.
           const std::uint64_t moments_key = optim::lean::moment_key(
@@ -347,25 +345,25 @@ __device__ inline void lean_range_vec(const G* grad, W* weight, float* master, f
 #pragma unroll
           for (int j = 0; j < V; ++j) b.v[j] = mixprec::from_float<bfloat16>(sq[k].v[j]);
         }
-        store_oct<V>(static_cast<bfloat16*>(L.packed[k]) + e0, b, n);
+        store_oct(static_cast<bfloat16*>(L.packed[k]) + e0, b, n);
       } else {
         float mx = 0.0f;
 #pragma unroll
         for (int j = 0; j < V; ++j) mx = j < n ? ::fmaxf(mx, optim::lean::finite_magnitude(sq[k].v[j])) : mx;
         for (int h = 16; h > 0; h /= 2) mx = ::fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, h));
         if (lane == 0) L.scales[k][tile / optim::lean::kBlock] = mx;
-        Oct<std::uint8_t, V> b;
+        Oct<std::uint8_t> b;
         optim::lean::encode_block(sq[k].v, V, (L.nonnegative >> k) & 1u, mx, b.v);
-        store_oct<V>(static_cast<std::uint8_t*>(L.packed[k]) + e0, b, n);
+        store_oct(static_cast<std::uint8_t*>(L.packed[k]) + e0, b, n);
       }
     }
     if constexpr (Ms == Master::fp32) {
-      store_oct<V>(master + e0, mq, n);
+      store_oct(master + e0, mq, n);
 #pragma unroll
       for (int j = 0; j < V; ++j) wq.v[j] = mixprec::from_float<W>(mq.v[j]);
-      store_oct<V>(weight + e0, wq, n);
+      store_oct(weight + e0, wq, n);
     } else if constexpr (Ms == Master::remainder) {
-      std::uint32_t bits = 0;  // this lane's V tie bits, element e0 + j at bit j
+      std::uint32_t bits = 0;  // this lane's 8 tie bits, element e0 + j at bit j
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         const optim::lean::SplitMaster sm = optim::lean::split_master(mq.v[j]);
@@ -373,13 +371,12 @@ __device__ inline void lean_range_vec(const G* grad, W* weight, float* master, f
         rq.v[j] = sm.remainder;
         if (j < n && sm.tie_up) bits |= 1u << j;
       }
-      store_oct<V>(weight + e0, wq, n);
-      store_oct<V>(L.remainder + e0, rq, n);
-      // A word is 32 elements, 32 / V lanes: the first gathers the others.
+      store_oct(weight + e0, wq, n);
+      store_oct(L.remainder + e0, rq, n);
+      // A word is 32 elements, 4 lanes: lane 4i gathers lanes 4i+1..4i+3.
       std::uint32_t word = bits;
-#pragma unroll
-      for (int d = 1; d < 32 / V; ++d) word |= __shfl_down_sync(0xffffffffu, bits, d) << (V * d);
-      if (lane % (32 / V) == 0 && n > 0) L.tie_bits[e0 / 32] = word;
+      for (int d = 1; d < 4; ++d) word |= __shfl_down_sync(0xffffffffu, bits, d) << (8 * d);
+      if (lane % 4 == 0 && n > 0) L.tie_bits[e0 / 32] = word;
     } else {
       const std::uint64_t key = optim::lean::rounding_key(L.seed, L.index, static_cast<std::uint64_t>(step));
 #pragma unroll
@@ -392,7 +389,7 @@ __device__ inline void lean_range_vec(const G* grad, W* weight, float* master, f
           wq.v[j] = optim::lean::stochastic_round<W>(mq.v[j], r);
         }
       }
-      store_oct<V>(weight + e0, wq, n);
+      store_oct(weight + e0, wq, n);
     }
   }
 }

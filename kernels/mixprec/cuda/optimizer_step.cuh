@@ -90,8 +90,8 @@ struct alignas(4 * sizeof(T)) Quad {
 // depend on the order the blocks finish). A thread's running sums live in
 // shared memory, its row of a block-wide table, not in registers: they are
 // used on the monitor's logged steps only, and as five doubles held through
-// every element loop they cost the step kernels 10 registers on every step
-// (the lean kernel spilled in its element loop for them).
+// every element loop they cost the step kernels registers on every step
+// (the fp32 AdamW kernel: 118 with them, 110 without; ptxas, sm_90).
 static_assert(step_threads == lean_tile, "lean_range takes a tile as one element a thread of the block");
 
 struct PrecursorAcc {
