@@ -36,8 +36,14 @@ using mixprec::bench::time_steps;
 // fp32 masters and state: see the file's first lines.
 double fp32_bytes_per_param(int state_tensors) { return 2 + 2 + 8 + 8.0 * state_tensors + 2; }
 
+// `graphed`: the step (check, update, scale) captured once in a CUDA graph
+// on a stream and replayed kReplays times between two events an iteration,
+// as the examples run it; otherwise each step is launched eagerly and timed
+// alone, the host's launch cost included.
+constexpr int kReplays = 10;
+
 template <class Hyper>
-void BM_step(benchmark::State& state, Hyper hyper, int state_tensors, double max_norm) {
+void BM_step(benchmark::State& state, Hyper hyper, int state_tensors, double max_norm, bool graphed = false) {
   const std::int64_t n = state.range(0);
   std::vector<std::unique_ptr<mixprec::Tensor<half>>> weights, grads;
   std::vector<std::unique_ptr<mixprec::Tensor<float>>> floats;
@@ -80,13 +86,29 @@ void BM_step(benchmark::State& state, Hyper hyper, int state_tensors, double max
   in.applied_steps = applied;
   in.any_inf = &scaler->any_inf;
   mixprec::amp::ScalePolicy policy;
+  mixprec::Stream stream;
+  const cudaStream_t s = graphed ? stream.get() : nullptr;
   auto step = [&] {
-    check.launch(list);
-    mixprec::cuda::launch_step(list, params, hyper, mixprec::optim::LRSchedule::constant(), in);
-    mixprec::cuda::launch_update_scale(scaler, policy, true);
+    check.launch(list, s);
+    mixprec::cuda::launch_step(list, params, hyper, mixprec::optim::LRSchedule::constant(), in, s);
+    mixprec::cuda::launch_update_scale(scaler, policy, true, s);
   };
   for (int i = 0; i < 3; ++i) step();
-  time_steps(state, step);
+  if (graphed) {
+    MIXPREC_CUDA_CHECK(cudaStreamSynchronize(s));
+    mixprec::Graph graph;
+    graph.capture(s, step);
+    for (int i = 0; i < 3; ++i) graph.replay(s);
+    mixprec::bench::Events e;
+    for (auto _ : state) {
+      MIXPREC_CUDA_CHECK(cudaEventRecord(e.start, s));
+      for (int r = 0; r < kReplays; ++r) graph.replay(s);
+      MIXPREC_CUDA_CHECK(cudaEventRecord(e.stop, s));
+      state.SetIterationTime(e.seconds() / kReplays);
+    }
+  } else {
+    time_steps(state, step);
+  }
   const double bytes = fp32_bytes_per_param(state_tensors) * static_cast<double>(n);
   state.counters["GBps"] = benchmark::Counter(bytes / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
@@ -108,6 +130,9 @@ void BM_AdamW_clip(benchmark::State& s) { BM_step(s, adamw(), 2, 1.0); }
 void BM_Adam(benchmark::State& s) { BM_step(s, mixprec::cuda::AdamHyper{}, 2, 0); }
 void BM_SGD_momentum(benchmark::State& s) { BM_step(s, sgd_momentum(), 1, 0); }
 void BM_RMSprop(benchmark::State& s) { BM_step(s, mixprec::cuda::RmspropHyper{}, 1, 0); }
+void BM_AdamW_graph(benchmark::State& s) { BM_step(s, adamw(), 2, 0, true); }
+void BM_SGD_momentum_graph(benchmark::State& s) { BM_step(s, sgd_momentum(), 1, 0, true); }
+void BM_RMSprop_graph(benchmark::State& s) { BM_step(s, mixprec::cuda::RmspropHyper{}, 1, 0, true); }
 
 // The same step through the host API a user calls: an optimizer over
 // device parameters and DeviceGradScaler (step + update), which launch the
@@ -202,6 +227,9 @@ BENCHMARK(BM_AdamW_clip) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_Adam) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_SGD_momentum) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_RMSprop) MIXPREC_GPU_SIZES;
+BENCHMARK(BM_AdamW_graph) MIXPREC_GPU_SIZES;
+BENCHMARK(BM_SGD_momentum_graph) MIXPREC_GPU_SIZES;
+BENCHMARK(BM_RMSprop_graph) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_api_AdamW) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_api_AdamW_clip) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_api_SGD_momentum) MIXPREC_GPU_SIZES;
