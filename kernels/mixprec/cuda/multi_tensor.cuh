@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "mixprec/core/cuda_check.hpp"
@@ -51,6 +52,8 @@ class TensorList {
       MIXPREC_CHECK(t.device().is_cuda() && t.device() == tensors[0].device(), "TensorList: tensor ",
                     i, " is on ", t.device(), ", expected one CUDA device (", tensors[0].device(), ")");
       entries.push_back({t.data(), t.numel(), static_cast<std::int64_t>(chunks.size()), t.dtype()});
+      if (i == 0) uniform_dtype_ = t.dtype();
+      if (t.dtype() != tensors[0].dtype()) uniform_dtype_.reset();
       first_chunk_.push_back(static_cast<std::int64_t>(chunks.size()));
       for (std::int64_t b = 0; b < t.numel(); b += chunk_elements) {
         chunks.push_back({static_cast<std::int32_t>(i), b, std::min(b + chunk_elements, t.numel())});
@@ -67,6 +70,8 @@ class TensorList {
   int num_tensors() const { return num_tensors_; }
   std::int64_t num_chunks() const { return num_chunks_; }
   Device device() const { return device_; }
+  /// The tensors' dtype when all have the same (none when empty).
+  std::optional<DType> uniform_dtype() const { return uniform_dtype_; }
   /// Index of tensor i's first chunk (i = num_tensors(): num_chunks()); the
   /// chunks of tensors [a, b) are [first_chunk(a), first_chunk(b)).
   std::int64_t first_chunk(int i) const {
@@ -91,6 +96,7 @@ class TensorList {
   int num_tensors_ = 0;
   std::int64_t num_chunks_ = 0;
   Device device_ = Device::cuda(0);
+  std::optional<DType> uniform_dtype_;
   Buffer entries_, chunks_;
   std::vector<std::int64_t> first_chunk_;  // host copy, num_tensors + 1 entries
 };
