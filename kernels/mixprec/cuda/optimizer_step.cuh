@@ -12,6 +12,7 @@
 // CUDA graph.
 #pragma once
 
+#include <algorithm>
 #include <cfloat>
 #include <cstdint>
 #include <map>
@@ -448,18 +449,35 @@ __device__ inline void finish_coeffs(C& co, const H& h, double lr, double step, 
   }
 }
 
-// Slices a chunk of the step is cut into (a power of two up to 64, so a
-// slice holds at least 1024 elements: whole 256-element tiles of the lean
-// layouts, 16-byte aligned): enough work items for 4 blocks an SM. A chunk
-// a block left the MLP's 1.86M parameters (35 chunks) on 35 of 132 SMs.
-// Every element's update is the same whatever the slicing.
-inline int step_slices(std::int64_t chunks) {
-  const std::int64_t target = static_cast<std::int64_t>(multiprocessor_count()) * 4;
-  int slices = 1;
-  while (slices < 64 && chunks * slices < target) slices *= 2;
-  return slices;
+// The step's work is shared out by elements: block b of G takes the
+// elements [b, b + 1) * total / G of the list's chunks laid end to end, its
+// ends moved down to a multiple of step_grain elements of their tensor
+// (whole 256-element tiles of the lean layouts, 16-byte aligned), and G is
+// the blocks the GPU holds at once. Every block moves the same bytes to
+// within a grain, whatever the model's sizes: no block waits on a second
+// chunk while the others idle (with one block a chunk the MLP's 1.86M
+// parameters ran on 35 of 132 SMs; with slices of chunks as work items, a
+// list with a few more items than blocks ran them in two rounds). Every
+// element's update is the same whatever the split.
+inline constexpr std::int64_t step_grain = 1024;
+static_assert(step_grain % lean_tile == 0 && chunk_elements % step_grain == 0,
+              "a block's range is whole lean tiles, and chunks are whole grains");
+
+// Where split point e (an element of the list laid end to end) falls: its
+// chunk c, and the point moved down to a grain of c's tensor.
+struct SplitPoint {
+  std::int64_t chunk, at;
+};
+__device__ inline SplitPoint split_point(const Chunk* chunks, const std::int64_t* offsets, std::int64_t num_chunks,
+                                         std::int64_t e) {
+  if (e >= offsets[num_chunks]) return {num_chunks, offsets[num_chunks]};
+  std::int64_t lo = 0, hi = num_chunks - 1;  // the last chunk with offsets[c] <= e
+  while (lo < hi) {
+    const std::int64_t mid = (lo + hi + 1) / 2;
+    if (offsets[mid] <= e) lo = mid; else hi = mid - 1;
+  }
+  return {lo, offsets[lo] + (e - offsets[lo]) / step_grain * step_grain};
 }
-static_assert(chunk_elements / 64 % lean_tile == 0, "a slice is whole lean tiles");
 
 // What the step kernel runs on one range of one parameter: AnyRange for
 // any list (every gradient and weight dtype, lean layouts when Lean, the
@@ -506,7 +524,7 @@ template <class Kernel, class Range>
 __global__ void __launch_bounds__(step_threads, Range::kMinBlocks)
     step_kernel(const TensorEntry* grads, const Chunk* chunks, std::int64_t num_chunks, const ParamEntry* params,
                 int num_params, GroupHypers<typename Kernel::Hyper> groups, optim::LRSchedule schedule, StepInputs in,
-                unsigned int* blocks_done, PrepassView pre, int slices) {
+                unsigned int* blocks_done, PrepassView pre, const std::int64_t* offsets) {
   const bool found_inf = *in.found_inf != 0;
   const std::int64_t applied = *in.applied_steps;
   const double factor = schedule.factor(applied);
@@ -518,14 +536,17 @@ __global__ void __launch_bounds__(step_threads, Range::kMinBlocks)
   if (apply) {
     float inv_scale, clip;
     step_transform(in, inv_scale, clip);
-    // Work items are slices of chunks (step_slices): every block takes the
-    // next one, so a model of few chunks still fills the GPU.
-    const std::int64_t slice_elements = chunk_elements / slices;
-    for (std::int64_t item = blockIdx.x; item < num_chunks * slices; item += gridDim.x) {
-      Chunk ch = chunks[item / slices];
-      ch.begin += (item % slices) * slice_elements;
-      if (ch.begin >= ch.end) continue;  // past a tensor's last element (the whole block alike)
-      if (ch.end - ch.begin > slice_elements) ch.end = ch.begin + slice_elements;
+    // This block's range (step_grain): its part of each chunk it meets.
+    const std::int64_t total = offsets[num_chunks];
+    const SplitPoint first = split_point(chunks, offsets, num_chunks, total * blockIdx.x / gridDim.x);
+    const std::int64_t stop = split_point(chunks, offsets, num_chunks, total * (blockIdx.x + 1) / gridDim.x).at;
+    for (std::int64_t c = first.chunk; c < num_chunks && offsets[c] < stop; ++c) {
+      Chunk ch = chunks[c];
+      const std::int64_t from = first.at > offsets[c] ? first.at : offsets[c];
+      const std::int64_t to = stop < offsets[c + 1] ? stop : offsets[c + 1];
+      if (from >= to) continue;  // the whole block alike
+      ch.end = ch.begin + (to - offsets[c]);
+      ch.begin += from - offsets[c];
       const TensorEntry g = grads[ch.tensor];
       const ParamEntry p = params[ch.tensor];
       const typename Kernel::Hyper& h = groups.h[p.group];
@@ -681,9 +702,6 @@ void launch_step(const TensorList& grads, const ParamList& params, const std::ve
   table.count = static_cast<int>(groups.size());
   const std::int64_t chunks = grads.num_chunks();
   const unsigned grid = chunks == 0 ? 1u : grid_for(chunks * detail::step_threads, detail::step_threads, 4);
-  const int slices = detail::step_slices(chunks);
-  const unsigned step_grid =
-      chunks == 0 ? 1u : grid_for(chunks * slices * detail::step_threads, detail::step_threads, 4);
   const PrepassView& pre = params.prepass();
   if constexpr (optim::prepass_sums_v<Kernel> > 0) {
     // The pre-pass rounds the groups ask for (optim/family.hpp), queued
@@ -718,9 +736,14 @@ void launch_step(const TensorList& grads, const ParamList& params, const std::ve
                  ? detail::step_kernel<Kernel, detail::UniformRange<half, half, states>>
                  : detail::step_kernel<Kernel, detail::UniformRange<bfloat16, bfloat16, states>>;
   }
+  // As many blocks as the GPU holds at once, fewer for a list of fewer grains.
+  const std::int64_t grains = (grads.num_elements() + detail::step_grain - 1) / detail::step_grain;
+  const std::int64_t held = static_cast<std::int64_t>(resident_blocks(kernel, detail::step_threads)) *
+                            multiprocessor_count();
+  const unsigned step_grid = static_cast<unsigned>(std::max<std::int64_t>(1, std::min(grains, held)));
   kernel<<<step_grid, detail::step_threads, 0, stream>>>(grads.entries(), grads.chunks(), chunks, params.entries(),
                                                          params.size(), table, schedule, in, params.blocks_done(),
-                                                         pre, slices);
+                                                         pre, grads.chunk_offsets());
   MIXPREC_CUDA_CHECK_LAUNCH("step_kernel");
 }
 
