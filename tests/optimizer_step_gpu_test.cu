@@ -81,18 +81,11 @@ struct Case {
     params = std::make_unique<cuda::ParamList>(entries);
     check = std::make_unique<cuda::GradCheck>(*list);
   }
-  // One whole GPU step: pass 1, pass 2 (with the count), the scale; no host
-  // synchronisation. `precursors`: the monitor's sums, if asked.
+  // One whole GPU step: pass 1, pass 2 (with the count), the scale; no host synchronisation.
   template <class Hyper>
   void step(const Hyper& hyper, const optim::LRSchedule& schedule, double max_norm, const amp::ScalePolicy& policy,
-            bool dynamic, cudaStream_t stream = nullptr, double* precursors = nullptr) {
+            bool dynamic, cudaStream_t stream = nullptr) {
     check->launch(*list, stream);
-    cuda::StepInputs in = inputs(max_norm);
-    in.precursors = precursors;
-    cuda::launch_step(*list, *params, hyper, schedule, in, stream);  // pass 2 and the step's count
-    cuda::launch_update_scale(device_scaler(), policy, dynamic, stream);
-  }
-  cuda::StepInputs inputs(double max_norm) {
     cuda::StepInputs in;
     in.found_inf = check->found_inf();
     in.scale = &scaler()->scale;
@@ -100,7 +93,8 @@ struct Case {
     in.max_norm = max_norm;
     in.applied_steps = applied();
     in.any_inf = &device_scaler()->any_inf;
-    return in;
+    cuda::launch_step(*list, *params, hyper, schedule, in, stream);  // pass 2 and the step's count
+    cuda::launch_update_scale(device_scaler(), policy, dynamic, stream);
   }
   std::int64_t* applied() { return static_cast<std::int64_t*>(scalars.data()); }
   amp::DeviceScalerState* device_scaler() { return reinterpret_cast<amp::DeviceScalerState*>(applied() + 1); }
@@ -242,115 +236,6 @@ TEST(OptimizerStepGpu, MatchesTheCpuPathBfloat16) {
 TEST(OptimizerStepGpu, MatchesTheCpuPathFloat) {
   MIXPREC_SKIP_WITHOUT_GPU();
   all_optimizers<float>();
-}
-
-// launch_step runs one of two kernels: for a uniform list (16-bit
-// gradients and weights of one dtype, no precursor sums, no state past the
-// second) one without the other paths' registers, else the general one.
-// Asking for the precursor sums, which do not change the update, sends the
-// same list through the general kernel: both must give the same bits for
-// the masters, the state and the weights, aligned or not (the scalar
-// fallback), over steps with overflows, clipping and a schedule.
-template <class T, class Hyper>
-void both_kernels(const Hyper& hyper, double max_norm, int offset, const std::string& what) {
-  SCOPED_TRACE(what + " " + dtype_traits<T>::name);
-  Case<T> uniform(offset), general(offset);
-  amp::ScalerState init;
-  init.scale = 1024;
-  for (Case<T>* c : {&uniform, &general}) {
-    MIXPREC_CUDA_CHECK(cudaMemcpy(c->scaler(), &init, sizeof init, cudaMemcpyHostToDevice));
-  }
-  Buffer sums(uniform.sizes.size() * optim::kPrecursorSums * sizeof(double), Device::cuda(0));
-  MIXPREC_CUDA_CHECK(cudaMemset(sums.data(), 0, sums.bytes()));
-  const std::vector<Hyper> groups{hyper};
-  cuda::StepInputs with_sums = general.inputs(max_norm);
-  with_sums.precursors = static_cast<double*>(sums.data());
-  ASSERT_TRUE(cuda::uniform_step(*uniform.list, *uniform.params, groups, uniform.inputs(max_norm)));
-  ASSERT_FALSE(cuda::uniform_step(*general.list, *general.params, groups, with_sums));
-  amp::ScalePolicy policy;
-  policy.growth_interval = 3;
-  const optim::LRSchedule schedule = optim::LRSchedule::cosine(30, 0.1);
-  for (int step = 0; step < 30; ++step) {
-    for (std::size_t i = 0; i < uniform.sizes.size(); ++i) {
-      Tensor<T> g(Shape{uniform.sizes[i]});
-      fill_normal(g, 0, 50, 31 * step + i);
-      if (step % 11 == 5 && g.numel() > 0) g.at(g.numel() - 1) = from_float<T>(INFINITY);
-      copy(g, uniform.dgrads[i]);
-      copy(g, general.dgrads[i]);
-    }
-    uniform.step(hyper, schedule, max_norm, policy, true);
-    general.step(hyper, schedule, max_norm, policy, true, nullptr, static_cast<double*>(sums.data()));
-  }
-  MIXPREC_CUDA_CHECK(cudaDeviceSynchronize());
-  EXPECT_EQ(uniform.counts(), general.counts());
-  EXPECT_GT(uniform.counts()[2], 0);  // some steps were skipped
-  for (std::size_t i = 0; i < uniform.sizes.size(); ++i) {
-    const auto same = [&](const auto& a, const auto& b, const char* name) {
-      const auto ha = a.to(Device::cpu()), hb = b.to(Device::cpu());
-      ASSERT_EQ(std::memcmp(ha.data(), hb.data(), ha.bytes()), 0) << name << " of tensor " << i;
-    };
-    same(uniform.masters[i], general.masters[i], "master");
-    for (int k = 0; k < 3; ++k) same(uniform.states[i][k], general.states[i][k], "state");
-    Tensor<T> wu(Shape{uniform.sizes[i]}), wg(Shape{uniform.sizes[i]});
-    copy(uniform.dweights[i], wu);
-    copy(general.dweights[i], wg);
-    ASSERT_EQ(std::memcmp(wu.data(), wg.data(), wu.bytes()), 0) << "weight of tensor " << i;
-  }
-}
-
-template <class T>
-void both_kernels_all() {
-  cuda::AdamHyper adamw;
-  adamw.decoupled = true;
-  adamw.weight_decay = 0.01;
-  both_kernels<T>(adamw, 0, 0, "AdamW");
-  both_kernels<T>(adamw, 0.5, 1, "AdamW clip 0.5 unaligned");
-  cuda::AdamHyper adam;
-  adam.weight_decay = 0.1;
-  adam.maximize = true;
-  both_kernels<T>(adam, 0, 0, "Adam wd maximize");
-  cuda::SgdHyper sgd;
-  sgd.momentum = 0.9;
-  sgd.nesterov = true;
-  both_kernels<T>(sgd, 1.0, 0, "SGD nesterov clip 1");
-  cuda::RmspropHyper rms;
-  rms.centered = true;
-  both_kernels<T>(rms, 0, 1, "RMSprop centered unaligned");
-}
-
-TEST(OptimizerStepGpu, UniformKernelGivesTheGeneralKernelsBitsHalf) {
-  MIXPREC_SKIP_WITHOUT_GPU();
-  both_kernels_all<half>();
-}
-TEST(OptimizerStepGpu, UniformKernelGivesTheGeneralKernelsBitsBfloat16) {
-  MIXPREC_SKIP_WITHOUT_GPU();
-  both_kernels_all<bfloat16>();
-}
-
-// Lists the uniform kernel does not take: they run the general one.
-TEST(OptimizerStepGpu, UniformKernelOnlyForUniformLists) {
-  MIXPREC_SKIP_WITHOUT_GPU();
-  Case<half> c;
-  cuda::AdamHyper adam;
-  const cuda::StepInputs in = c.inputs(0);
-  EXPECT_TRUE(cuda::uniform_step(*c.list, *c.params, std::vector<cuda::AdamHyper>{adam}, in));
-  cuda::AdamHyper amsgrad = adam;
-  amsgrad.amsgrad = true;  // a third state
-  EXPECT_FALSE(cuda::uniform_step(*c.list, *c.params, std::vector<cuda::AdamHyper>{adam, amsgrad}, in));
-  cuda::RmspropHyper rms;
-  rms.momentum = 0.5;  // RMSprop's momentum buffer is its third state
-  EXPECT_FALSE(cuda::uniform_step(*c.list, *c.params, std::vector<cuda::RmspropHyper>{rms}, in));
-  Case<float> f;  // fp32 gradients and weights
-  EXPECT_FALSE(cuda::uniform_step(*f.list, *f.params, std::vector<cuda::AdamHyper>{adam}, f.inputs(0)));
-  // fp16 gradients of bf16 weights: the dtypes differ.
-  std::vector<cuda::ParamEntry> entries;
-  for (std::size_t i = 0; i < c.sizes.size(); ++i) {
-    entries.push_back({c.dweights[i].data(), DType::bfloat16, c.masters[i].data(),
-                       {c.states[i][0].data(), c.states[i][1].data(), c.states[i][2].data()},
-                       static_cast<std::int64_t*>(c.steps.data()) + i});
-  }
-  const cuda::ParamList mixed(entries);
-  EXPECT_FALSE(cuda::uniform_step(*c.list, mixed, std::vector<cuda::AdamHyper>{adam}, in));
 }
 
 // A whole step (pass 1, pass 2, finish) captured once in a CUDA graph and

@@ -237,12 +237,8 @@ class GradCheck {
                   "GradCheck::launch: the list has ", list.num_tensors(), " tensors / ",
                   list.num_chunks(), " chunks, this check was made for ", num_tensors_, " / ", num_chunks_);
     mixprec::detail::DeviceGuard guard(list.device());
-    // Up to 8 blocks an SM (the kernel's 32 registers allow them): every
-    // work item of a list of about kWorkItems at once. With 4, a list of 544
-    // items (2^22 and 2^24 parameters of the benchmarks' model) ran 16 of
-    // them in a second round while the rest of the GPU idled.
     const unsigned grid = num_chunks_ == 0 ? 1u : grid_for(num_chunks_ * slices_ * detail::check_threads,
-                                                           detail::check_threads, 8);
+                                                           detail::check_threads, 4);
     auto* hist = reinterpret_cast<unsigned long long*>(histogram);
     static_assert(sizeof(unsigned long long) == sizeof(std::uint64_t), "64-bit counts");
     if (histogram == nullptr) {

@@ -5,9 +5,6 @@
 
 #include <atomic>
 #include <cstdint>
-#include <map>
-#include <mutex>
-#include <utility>
 
 #include "mixprec/core/cuda_check.hpp"
 #include "mixprec/core/config.hpp"
@@ -34,25 +31,6 @@ inline int multiprocessor_count() {
     cache[device].store(count, std::memory_order_relaxed);  // every thread stores the same value
   }
   return count;
-}
-
-/// Blocks of `threads` threads of `kernel` one multiprocessor holds at once
-/// (its registers and shared memory decide), asked of the runtime once per
-/// kernel and block size and cached (the same on every device of the
-/// architecture the program runs on).
-template <class Kernel>
-int resident_blocks(Kernel* kernel, int threads) {
-  static std::mutex mutex;
-  static std::map<std::pair<const void*, int>, int> cache;
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), threads);
-  const auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
-  int blocks = 0;
-  MIXPREC_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, 0));
-  blocks = blocks < 1 ? 1 : blocks;
-  cache.emplace(key, blocks);
-  return blocks;
 }
 
 /// Blocks for a grid-stride loop over `work_items` items of `per_block` each:
