@@ -404,8 +404,12 @@ __device__ inline void lean_range_vec_moments(const G* grad, W* weight, float* m
                                               std::int64_t end, float inv_scale, float clip, const C& c, Acc& pa) {
   switch (L.moments) {
     case optim::Moments::fp32:
-      lean_range_vec<Kernel, Third, Ms, optim::Moments::fp32>(grad, weight, master, fp32_state, L, step, begin, end,
-                                                               inv_scale, clip, c, pa);
+      // fp32 moments with an fp32 master is the default layout, never a
+      // lean parameter (StateLayout::lean()): not compiled.
+      if constexpr (Ms != optim::Master::fp32) {
+        lean_range_vec<Kernel, Third, Ms, optim::Moments::fp32>(grad, weight, master, fp32_state, L, step, begin,
+                                                                 end, inv_scale, clip, c, pa);
+      }
       break;
     case optim::Moments::bf16:
     case optim::Moments::bf16_sr:
