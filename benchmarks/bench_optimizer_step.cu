@@ -1,10 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
 // The whole GPU optimizer step (pass 1 check + norms, pass 2 update, finish)
 // over a model-like list (1M-element weights alternating with 1024-element
-// biases) of fp16 weights and gradients with fp32 masters and state, at
-// 2^24, 2^27 and 2^30 parameters. Bytes per parameter: 2 (check) + 2
+// biases) of fp16 weights and gradients with fp32 masters and state, from
+// 2^21 to 2^30 parameters. Bytes per parameter: 2 (check) + 2
 // (gradient) + 8 (master) + 8 per state tensor + 2 (weight). Reports GB/s and
 // the fraction of a device-to-device copy measured in the same run.
+// BM_<optimizer>_graph: the same step captured once in a CUDA graph and
+// replayed, as the examples run it (no host launch cost in the time).
 // BM_api_AdamW_layout: the host API step of AdamW on bf16 weights and
 // gradients for each lean state layout (optim::StateLayout), its bytes per
 // parameter counted from the layout. CUDA events, manual time.
