@@ -44,7 +44,8 @@ struct Case {
   std::unique_ptr<cuda::ParamList> params;
   std::unique_ptr<cuda::GradCheck> check;
 
-  explicit Case(int offset = 0) {
+  explicit Case(int offset = 0, std::vector<std::int64_t> tensor_sizes = {7, 65536 + 3, 0, 1000})
+      : sizes(std::move(tensor_sizes)) {
     for (std::size_t i = 0; i < sizes.size(); ++i) {
       weights.emplace_back(Shape{sizes[i]});
       grads.emplace_back(Shape{sizes[i]});
@@ -81,11 +82,18 @@ struct Case {
     params = std::make_unique<cuda::ParamList>(entries);
     check = std::make_unique<cuda::GradCheck>(*list);
   }
-  // One whole GPU step: pass 1, pass 2 (with the count), the scale; no host synchronisation.
+  // One whole GPU step: pass 1, pass 2 (with the count), the scale; no host
+  // synchronisation. `precursors`: the monitor's sums, if asked.
   template <class Hyper>
   void step(const Hyper& hyper, const optim::LRSchedule& schedule, double max_norm, const amp::ScalePolicy& policy,
-            bool dynamic, cudaStream_t stream = nullptr) {
+            bool dynamic, cudaStream_t stream = nullptr, double* precursors = nullptr) {
     check->launch(*list, stream);
+    cuda::StepInputs in = inputs(max_norm);
+    in.precursors = precursors;
+    cuda::launch_step(*list, *params, hyper, schedule, in, stream);  // pass 2 and the step's count
+    cuda::launch_update_scale(device_scaler(), policy, dynamic, stream);
+  }
+  cuda::StepInputs inputs(double max_norm) {
     cuda::StepInputs in;
     in.found_inf = check->found_inf();
     in.scale = &scaler()->scale;
@@ -93,8 +101,7 @@ struct Case {
     in.max_norm = max_norm;
     in.applied_steps = applied();
     in.any_inf = &device_scaler()->any_inf;
-    cuda::launch_step(*list, *params, hyper, schedule, in, stream);  // pass 2 and the step's count
-    cuda::launch_update_scale(device_scaler(), policy, dynamic, stream);
+    return in;
   }
   std::int64_t* applied() { return static_cast<std::int64_t*>(scalars.data()); }
   amp::DeviceScalerState* device_scaler() { return reinterpret_cast<amp::DeviceScalerState*>(applied() + 1); }
@@ -238,6 +245,115 @@ TEST(OptimizerStepGpu, MatchesTheCpuPathFloat) {
   all_optimizers<float>();
 }
 
+// launch_step runs one of two kernels: for a uniform list (16-bit
+// gradients and weights of one dtype, no precursor sums, no state past the
+// second) one without the other paths' registers, else the general one.
+// Asking for the precursor sums, which do not change the update, sends the
+// same list through the general kernel: both must give the same bits for
+// the masters, the state and the weights, aligned or not (the scalar
+// fallback), over steps with overflows, clipping and a schedule.
+template <class T, class Hyper>
+void both_kernels(const Hyper& hyper, double max_norm, int offset, const std::string& what) {
+  SCOPED_TRACE(what + " " + dtype_traits<T>::name);
+  Case<T> uniform(offset), general(offset);
+  amp::ScalerState init;
+  init.scale = 1024;
+  for (Case<T>* c : {&uniform, &general}) {
+    MIXPREC_CUDA_CHECK(cudaMemcpy(c->scaler(), &init, sizeof init, cudaMemcpyHostToDevice));
+  }
+  Buffer sums(uniform.sizes.size() * optim::kPrecursorSums * sizeof(double), Device::cuda(0));
+  MIXPREC_CUDA_CHECK(cudaMemset(sums.data(), 0, sums.bytes()));
+  const std::vector<Hyper> groups{hyper};
+  cuda::StepInputs with_sums = general.inputs(max_norm);
+  with_sums.precursors = static_cast<double*>(sums.data());
+  ASSERT_TRUE(cuda::uniform_step(*uniform.list, *uniform.params, groups, uniform.inputs(max_norm)));
+  ASSERT_FALSE(cuda::uniform_step(*general.list, *general.params, groups, with_sums));
+  amp::ScalePolicy policy;
+  policy.growth_interval = 3;
+  const optim::LRSchedule schedule = optim::LRSchedule::cosine(30, 0.1);
+  for (int step = 0; step < 30; ++step) {
+    for (std::size_t i = 0; i < uniform.sizes.size(); ++i) {
+      Tensor<T> g(Shape{uniform.sizes[i]});
+      fill_normal(g, 0, 50, 31 * step + i);
+      if (step % 11 == 5 && g.numel() > 0) g.at(g.numel() - 1) = from_float<T>(INFINITY);
+      copy(g, uniform.dgrads[i]);
+      copy(g, general.dgrads[i]);
+    }
+    uniform.step(hyper, schedule, max_norm, policy, true);
+    general.step(hyper, schedule, max_norm, policy, true, nullptr, static_cast<double*>(sums.data()));
+  }
+  MIXPREC_CUDA_CHECK(cudaDeviceSynchronize());
+  EXPECT_EQ(uniform.counts(), general.counts());
+  EXPECT_GT(uniform.counts()[2], 0);  // some steps were skipped
+  for (std::size_t i = 0; i < uniform.sizes.size(); ++i) {
+    const auto same = [&](const auto& a, const auto& b, const char* name) {
+      const auto ha = a.to(Device::cpu()), hb = b.to(Device::cpu());
+      ASSERT_EQ(std::memcmp(ha.data(), hb.data(), ha.bytes()), 0) << name << " of tensor " << i;
+    };
+    same(uniform.masters[i], general.masters[i], "master");
+    for (int k = 0; k < 3; ++k) same(uniform.states[i][k], general.states[i][k], "state");
+    Tensor<T> wu(Shape{uniform.sizes[i]}), wg(Shape{uniform.sizes[i]});
+    copy(uniform.dweights[i], wu);
+    copy(general.dweights[i], wg);
+    ASSERT_EQ(std::memcmp(wu.data(), wg.data(), wu.bytes()), 0) << "weight of tensor " << i;
+  }
+}
+
+template <class T>
+void both_kernels_all() {
+  cuda::AdamHyper adamw;
+  adamw.decoupled = true;
+  adamw.weight_decay = 0.01;
+  both_kernels<T>(adamw, 0, 0, "AdamW");
+  both_kernels<T>(adamw, 0.5, 1, "AdamW clip 0.5 unaligned");
+  cuda::AdamHyper adam;
+  adam.weight_decay = 0.1;
+  adam.maximize = true;
+  both_kernels<T>(adam, 0, 0, "Adam wd maximize");
+  cuda::SgdHyper sgd;
+  sgd.momentum = 0.9;
+  sgd.nesterov = true;
+  both_kernels<T>(sgd, 1.0, 0, "SGD nesterov clip 1");
+  cuda::RmspropHyper rms;
+  rms.centered = true;
+  both_kernels<T>(rms, 0, 1, "RMSprop centered unaligned");
+}
+
+TEST(OptimizerStepGpu, UniformKernelGivesTheGeneralKernelsBitsHalf) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  both_kernels_all<half>();
+}
+TEST(OptimizerStepGpu, UniformKernelGivesTheGeneralKernelsBitsBfloat16) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  both_kernels_all<bfloat16>();
+}
+
+// Lists the uniform kernel does not take: they run the general one.
+TEST(OptimizerStepGpu, UniformKernelOnlyForUniformLists) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  Case<half> c;
+  cuda::AdamHyper adam;
+  const cuda::StepInputs in = c.inputs(0);
+  EXPECT_TRUE(cuda::uniform_step(*c.list, *c.params, std::vector<cuda::AdamHyper>{adam}, in));
+  cuda::AdamHyper amsgrad = adam;
+  amsgrad.amsgrad = true;  // a third state
+  EXPECT_FALSE(cuda::uniform_step(*c.list, *c.params, std::vector<cuda::AdamHyper>{adam, amsgrad}, in));
+  cuda::RmspropHyper rms;
+  rms.momentum = 0.5;  // RMSprop's momentum buffer is its third state
+  EXPECT_FALSE(cuda::uniform_step(*c.list, *c.params, std::vector<cuda::RmspropHyper>{rms}, in));
+  Case<float> f;  // fp32 gradients and weights
+  EXPECT_FALSE(cuda::uniform_step(*f.list, *f.params, std::vector<cuda::AdamHyper>{adam}, f.inputs(0)));
+  // fp16 gradients of bf16 weights: the dtypes differ.
+  std::vector<cuda::ParamEntry> entries;
+  for (std::size_t i = 0; i < c.sizes.size(); ++i) {
+    entries.push_back({c.dweights[i].data(), DType::bfloat16, c.masters[i].data(),
+                       {c.states[i][0].data(), c.states[i][1].data(), c.states[i][2].data()},
+                       static_cast<std::int64_t*>(c.steps.data()) + i});
+  }
+  const cuda::ParamList mixed(entries);
+  EXPECT_FALSE(cuda::uniform_step(*c.list, mixed, std::vector<cuda::AdamHyper>{adam}, in));
+}
+
 // A whole step (pass 1, pass 2, finish) captured once in a CUDA graph and
 // replayed 100 times with fresh gradients gives the eager run's bits.
 TEST(OptimizerStepGpu, GraphReplayMatchesEager) {
@@ -286,6 +402,72 @@ TEST(OptimizerStepGpu, GraphReplayMatchesEager) {
   for (std::size_t i = 0; i < eager.sizes.size(); ++i) {
     const Tensor<float> a = eager.masters[i].to(Device::cpu()), b = graphed.masters[i].to(Device::cpu());
     ASSERT_EQ(std::memcmp(a.data(), b.data(), a.bytes()), 0) << "tensor " << i;
+  }
+  MIXPREC_CUDA_CHECK(cudaGraphExecDestroy(exec));
+  MIXPREC_CUDA_CHECK(cudaGraphDestroy(graph));
+  MIXPREC_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+// The step and the scale update are launched dependent on the kernel before
+// them (launch_dependent, sm_90 and later): they may be scheduled while the
+// check pass still runs, and must not read its flag before it ends. A list
+// whose check takes tens of microseconds, the inf in its last element, and
+// a flag that changes on every replay (so a read made too early always sees
+// the wrong value): every replay with the inf leaves the masters and state
+// as they were and counts a skip; every other changes them.
+TEST(OptimizerStepGpu, DependentLaunchesWaitForTheCheckPass) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  const std::int64_t n = std::int64_t{1} << 24;
+  Case<half> c(0, {n, 3});
+  amp::ScalerState init;
+  init.scale = 1.0;
+  MIXPREC_CUDA_CHECK(cudaMemcpy(c.scaler(), &init, sizeof init, cudaMemcpyHostToDevice));
+  for (std::size_t i = 0; i < c.sizes.size(); ++i) {
+    Tensor<half> g(Shape{c.sizes[i]});
+    fill_normal(g, 0, 1, 300 + i);
+    copy(g, c.dgrads[i]);
+  }
+  cuda::AdamHyper hyper;
+  hyper.decoupled = true;
+  cudaStream_t stream;
+  MIXPREC_CUDA_CHECK(cudaStreamCreate(&stream));
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  MIXPREC_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  c.step(hyper, optim::LRSchedule::constant(), 0.0, amp::ScalePolicy{}, false, stream);
+  MIXPREC_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  MIXPREC_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  // What a replay may change: the first elements of the large tensor's master
+  // and second moment, the whole small tensor's master.
+  auto snapshot = [&] {
+    std::vector<float> v(16 + 16 + 3);
+    MIXPREC_CUDA_CHECK(cudaMemcpy(v.data(), c.masters[0].data(), 16 * sizeof(float), cudaMemcpyDeviceToHost));
+    MIXPREC_CUDA_CHECK(cudaMemcpy(v.data() + 16, c.states[0][1].data(), 16 * sizeof(float), cudaMemcpyDeviceToHost));
+    MIXPREC_CUDA_CHECK(cudaMemcpy(v.data() + 32, c.masters[1].data(), 3 * sizeof(float), cudaMemcpyDeviceToHost));
+    return v;
+  };
+  int skipped = 0, applied = 0;
+  for (int it = 0; it < 24; ++it) {
+    const bool bad = it % 2 == 0;
+    const half last = from_float<half>(bad ? INFINITY : 0.5f);
+    MIXPREC_CUDA_CHECK(cudaMemcpy(c.dgrads[0].data() + (n - 1), &last, sizeof last, cudaMemcpyHostToDevice));
+    const std::vector<float> before = snapshot();
+    MIXPREC_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+    MIXPREC_CUDA_CHECK(cudaStreamSynchronize(stream));
+    const std::vector<float> after = snapshot();
+    if (bad) {
+      ++skipped;
+      EXPECT_EQ(std::memcmp(before.data(), after.data(), before.size() * sizeof(float)), 0) << "replay " << it;
+    } else {
+      ++applied;
+      for (std::size_t k = 0; k < before.size(); ++k) {
+        EXPECT_NE(before[k], after[k]) << "replay " << it << ", value " << k;
+      }
+    }
+    const std::array<std::int64_t, 3> counts = c.counts();
+    EXPECT_EQ(counts[0], applied) << "replay " << it;
+    EXPECT_EQ(counts[1], applied) << "replay " << it;
+    EXPECT_EQ(counts[2], skipped) << "replay " << it;
   }
   MIXPREC_CUDA_CHECK(cudaGraphExecDestroy(exec));
   MIXPREC_CUDA_CHECK(cudaGraphDestroy(graph));

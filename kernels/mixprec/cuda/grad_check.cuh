@@ -19,6 +19,7 @@ MIXPREC_NAMESPACE_BEGIN namespace cuda {
 namespace detail {
 
 inline constexpr int check_threads = 256;
+inline constexpr int check_unroll = 4;  // 16-byte loads a thread has in flight (accumulate_range)
 
 inline constexpr int histogram_bins = 64;  // monitor::Bins
 
@@ -54,6 +55,19 @@ __device__ inline void accumulate_one(T value, float& sum, int& bad, unsigned* h
 // 16-byte loads when the tensor is 16-byte aligned (chunks start at
 // multiples of chunk_elements, so then every chunk is), scalar otherwise.
 template <bool Hist, class T>
+__device__ inline void accumulate_vector(const uint4& raw, float& sum, int& bad, unsigned* hist) {
+  constexpr int per_vector = 16 / sizeof(T);
+  T items[per_vector];
+  memcpy(items, &raw, 16);
+#pragma unroll
+  for (int e = 0; e < per_vector; ++e) accumulate_one<Hist>(items[e], sum, bad, hist);
+}
+
+// Vectors in flight per thread: U loads issued before their elements are
+// added (in the order the one-at-a-time loop adds them, so the sums' bits do
+// not depend on U). One 16-byte load per thread at a time left a slice's
+// few thousand elements waiting on a memory round trip per 4 KB.
+template <int U, bool Hist, class T>
 __device__ inline void accumulate_range(const T* data, std::int64_t begin, std::int64_t end, float& sum,
                                         int& bad, unsigned* hist) {
   constexpr int per_vector = 16 / sizeof(T);
@@ -61,13 +75,16 @@ __device__ inline void accumulate_range(const T* data, std::int64_t begin, std::
   if (reinterpret_cast<std::uintptr_t>(data) % 16 == 0) {
     const std::int64_t vectors = (end - begin) / per_vector;
     const uint4* v = reinterpret_cast<const uint4*>(data + begin);
-    for (std::int64_t k = threadIdx.x; k < vectors; k += blockDim.x) {
-      const uint4 raw = v[k];
-      T items[per_vector];
-      memcpy(items, &raw, 16);
+    const std::int64_t stride = blockDim.x;
+    std::int64_t k = threadIdx.x;
+    for (; k + (U - 1) * stride < vectors; k += U * stride) {
+      uint4 raw[U];
 #pragma unroll
-      for (int e = 0; e < per_vector; ++e) accumulate_one<Hist>(items[e], sum, bad, hist);
+      for (int u = 0; u < U; ++u) raw[u] = v[k + u * stride];
+#pragma unroll
+      for (int u = 0; u < U; ++u) accumulate_vector<Hist, T>(raw[u], sum, bad, hist);
     }
+    for (; k < vectors; k += stride) accumulate_vector<Hist, T>(v[k], sum, bad, hist);
     i = begin + vectors * per_vector;
   }
   for (std::int64_t k = i + threadIdx.x; k < end; k += blockDim.x) accumulate_one<Hist>(data[k], sum, bad, hist);
@@ -94,12 +111,15 @@ __device__ inline float block_sum(float x) {
 // a replayed graph gives the eager bits). With Hist, each warp also counts
 // exponent bins in shared memory, and the block adds a slice's counts to
 // its tensor's row of `histogram`.
-template <bool Hist>
+template <bool Hist, int U>
 __global__ void __launch_bounds__(check_threads)
     check_grads_kernel(const TensorEntry* tensors, const Chunk* chunks, std::int64_t num_chunks, int slices,
                        int num_tensors, float* slice_sums, int* slice_bad, double* sum_squares,
                        int* nonfinite, double* total, int* found_inf, unsigned int* blocks_done,
                        unsigned long long* histogram) {
+  // The step after this pass is launched dependent on it (launch.cuh): it
+  // may be scheduled now and waits for this grid's end before it reads.
+  allow_dependent_launch();
   constexpr int warps = check_threads / 32;
   __shared__ unsigned hist[Hist ? warps * histogram_bins : 1];
   unsigned* my_hist = hist + (Hist ? threadIdx.x / 32 * histogram_bins : 0);
@@ -120,13 +140,13 @@ __global__ void __launch_bounds__(check_threads)
     if (begin < end) {
       switch (t.dtype) {
         case DType::float16:
-          accumulate_range<Hist>(static_cast<const half*>(t.data), begin, end, sum, bad, my_hist);
+          accumulate_range<U, Hist>(static_cast<const half*>(t.data), begin, end, sum, bad, my_hist);
           break;
         case DType::bfloat16:
-          accumulate_range<Hist>(static_cast<const bfloat16*>(t.data), begin, end, sum, bad, my_hist);
+          accumulate_range<U, Hist>(static_cast<const bfloat16*>(t.data), begin, end, sum, bad, my_hist);
           break;
         case DType::float32:
-          accumulate_range<Hist>(static_cast<const float*>(t.data), begin, end, sum, bad, my_hist);
+          accumulate_range<U, Hist>(static_cast<const float*>(t.data), begin, end, sum, bad, my_hist);
           break;
       }
     }
@@ -237,21 +257,24 @@ class GradCheck {
                   "GradCheck::launch: the list has ", list.num_tensors(), " tensors / ",
                   list.num_chunks(), " chunks, this check was made for ", num_tensors_, " / ", num_chunks_);
     mixprec::detail::DeviceGuard guard(list.device());
+    // Up to 8 blocks an SM (the kernel's 32 registers allow them): every
+    // work item of a list of about kWorkItems at once. With 4, a list of 544
+    // items (2^22 and 2^24 parameters of the benchmarks' model) ran 16 of
+    // them in a second round while the rest of the GPU idled.
+    // Up to 8 blocks an SM (the kernel's 32 registers allow them): every
+    // work item of a list of about kWorkItems at once. With 4, a list of 544
+    // items (2^21 to 2^24 parameters of the benchmarks' model list) ran 16 of
+    // them in a second round while the rest of the GPU idled.
     const unsigned grid = num_chunks_ == 0 ? 1u : grid_for(num_chunks_ * slices_ * detail::check_threads,
-                                                           detail::check_threads, 4);
+                                                           detail::check_threads, 8);
     auto* hist = reinterpret_cast<unsigned long long*>(histogram);
     static_assert(sizeof(unsigned long long) == sizeof(std::uint64_t), "64-bit counts");
-    if (histogram == nullptr) {
-      detail::check_grads_kernel<false><<<grid, detail::check_threads, 0, stream>>>(
-          list.entries(), list.chunks(), num_chunks_, slices_, num_tensors_, static_cast<float*>(slice_sums_.data()),
-          static_cast<int*>(slice_bad_.data()), sum_squares(), nonfinite(), total_sum_squares(), found_inf(),
-          blocks_done(), hist);
-    } else {
-      detail::check_grads_kernel<true><<<grid, detail::check_threads, 0, stream>>>(
-          list.entries(), list.chunks(), num_chunks_, slices_, num_tensors_, static_cast<float*>(slice_sums_.data()),
-          static_cast<int*>(slice_bad_.data()), sum_squares(), nonfinite(), total_sum_squares(), found_inf(),
-          blocks_done(), hist);
-    }
+    auto kernel = histogram == nullptr ? detail::check_grads_kernel<false, detail::check_unroll>
+                                       : detail::check_grads_kernel<true, detail::check_unroll>;
+    kernel<<<grid, detail::check_threads, 0, stream>>>(
+        list.entries(), list.chunks(), num_chunks_, slices_, num_tensors_, static_cast<float*>(slice_sums_.data()),
+        static_cast<int*>(slice_bad_.data()), sum_squares(), nonfinite(), total_sum_squares(), found_inf(),
+        blocks_done(), hist);
     MIXPREC_CUDA_CHECK_LAUNCH("check_grads_kernel");
   }
 

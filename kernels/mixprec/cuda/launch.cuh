@@ -5,6 +5,10 @@
 
 #include <atomic>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <utility>
 
 #include "mixprec/core/cuda_check.hpp"
 #include "mixprec/core/config.hpp"
@@ -31,6 +35,89 @@ inline int multiprocessor_count() {
     cache[device].store(count, std::memory_order_relaxed);  // every thread stores the same value
   }
   return count;
+}
+
+/// Blocks of `threads` threads of `kernel` one multiprocessor holds at once
+/// (its registers and shared memory decide), asked of the runtime once per
+/// kernel and block size and cached (the same on every device of the
+/// architecture the program runs on).
+template <class Kernel>
+int resident_blocks(Kernel* kernel, int threads) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), threads);
+  const auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int blocks = 0;
+  MIXPREC_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, 0));
+  blocks = blocks < 1 ? 1 : blocks;
+  cache.emplace(key, blocks);
+  return blocks;
+}
+
+/// Programmatic dependent launch (sm_90 and later): a kernel launched with
+/// launch_dependent may be scheduled while the kernel before it on its
+/// stream is still running, so its launch and its blocks' start overlap that
+/// kernel's tail (in a CUDA graph too: stream capture records the edge). Such
+/// a kernel must call wait_for_prior_kernels() before it touches memory, in
+/// every block: from there on it sees everything the kernel before it wrote,
+/// exactly as with an ordinary launch. allow_dependent_launch() lets the next
+/// kernel be scheduled early; without it, that happens when this kernel ends.
+/// Both are no-ops where the kernel was launched the ordinary way.
+__device__ inline void wait_for_prior_kernels() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ inline void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+/// Whether `kernel` runs code built for sm_90 or later on the current
+/// device (cudaFuncAttributes::binaryVersion), so that its
+/// wait_for_prior_kernels() is compiled in: only then may it be launched
+/// dependent (a kernel whose sm_80 code runs on an H100 would not wait).
+/// Asked of the runtime once per kernel and cached.
+template <class Kernel>
+bool dependent_launch_ok(Kernel* kernel) {
+  static std::mutex mutex;
+  static std::map<const void*, bool> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const void* key = reinterpret_cast<const void*>(kernel);
+  const auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  cudaFuncAttributes attributes{};
+  MIXPREC_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  const bool ok = attributes.binaryVersion >= 90;
+  cache.emplace(key, ok);
+  return ok;
+}
+
+/// Launches `kernel` dependent on the kernel before it on `stream` where
+/// dependent_launch_ok, the ordinary way elsewhere. The kernel must call
+/// wait_for_prior_kernels() first in every block.
+/// `name` goes into the error a failed launch throws.
+template <class... Params, class... Args>
+void launch_dependent(const char* name, void (*kernel)(Params...), unsigned grid, unsigned block,
+                      cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(block);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = dependent_launch_ok(kernel) ? 1 : 0;
+  const cudaError_t status = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  if (status != cudaSuccess) {
+    (void)cudaGetLastError();  // not left for the next check to find
+    ::mixprec::detail::throw_cuda_error(status, (std::string("launch of ") + name).c_str(), __FILE__, __LINE__);
+  }
 }
 
 /// Blocks for a grid-stride loop over `work_items` items of `per_block` each:

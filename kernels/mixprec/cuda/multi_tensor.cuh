@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "mixprec/core/cuda_check.hpp"
@@ -46,27 +47,35 @@ class TensorList {
                   " tensors, at most 2^31 - 1");
     std::vector<TensorEntry> entries;
     std::vector<Chunk> chunks;
+    std::vector<std::int64_t> offsets{0};
     for (std::size_t i = 0; i < tensors.size(); ++i) {
       const TensorRef& t = tensors[i];
       MIXPREC_CHECK(t.device().is_cuda() && t.device() == tensors[0].device(), "TensorList: tensor ",
                     i, " is on ", t.device(), ", expected one CUDA device (", tensors[0].device(), ")");
       entries.push_back({t.data(), t.numel(), static_cast<std::int64_t>(chunks.size()), t.dtype()});
+      if (i == 0) uniform_dtype_ = t.dtype();
+      if (t.dtype() != tensors[0].dtype()) uniform_dtype_.reset();
       first_chunk_.push_back(static_cast<std::int64_t>(chunks.size()));
       for (std::int64_t b = 0; b < t.numel(); b += chunk_elements) {
         chunks.push_back({static_cast<std::int32_t>(i), b, std::min(b + chunk_elements, t.numel())});
+        offsets.push_back(offsets.back() + (chunks.back().end - b));
       }
     }
     first_chunk_.push_back(static_cast<std::int64_t>(chunks.size()));
     num_tensors_ = static_cast<int>(entries.size());
     num_chunks_ = static_cast<std::int64_t>(chunks.size());
     if (!entries.empty()) device_ = tensors[0].device();
+    num_elements_ = offsets.back();
     entries_ = upload(entries);
     chunks_ = upload(chunks);
+    offsets_ = upload(offsets);
   }
 
   int num_tensors() const { return num_tensors_; }
   std::int64_t num_chunks() const { return num_chunks_; }
   Device device() const { return device_; }
+  /// The tensors' dtype when all have the same (none when empty).
+  std::optional<DType> uniform_dtype() const { return uniform_dtype_; }
   /// Index of tensor i's first chunk (i = num_tensors(): num_chunks()); the
   /// chunks of tensors [a, b) are [first_chunk(a), first_chunk(b)).
   std::int64_t first_chunk(int i) const {
@@ -76,6 +85,11 @@ class TensorList {
   }
   const TensorEntry* entries() const { return static_cast<const TensorEntry*>(entries_.data()); }
   const Chunk* chunks() const { return static_cast<const Chunk*>(chunks_.data()); }
+  /// Where each chunk starts in the chunks laid end to end (device,
+  /// num_chunks() + 1 entries, the last one num_elements()).
+  const std::int64_t* chunk_offsets() const { return static_cast<const std::int64_t*>(offsets_.data()); }
+  /// Elements of every tensor together.
+  std::int64_t num_elements() const { return num_elements_; }
 
  private:
   template <class T>
@@ -91,7 +105,9 @@ class TensorList {
   int num_tensors_ = 0;
   std::int64_t num_chunks_ = 0;
   Device device_ = Device::cuda(0);
-  Buffer entries_, chunks_;
+  std::optional<DType> uniform_dtype_;
+  std::int64_t num_elements_ = 0;
+  Buffer entries_, chunks_, offsets_;
   std::vector<std::int64_t> first_chunk_;  // host copy, num_tensors + 1 entries
 };
 
