@@ -312,7 +312,9 @@ def main():
             m_rates, m_acc = mixprec_run(example, a.data, a.device, precision, hidden, batch, a.epochs, a.seed,
                                          a.schedule, LR[model], prefix, shlex.split(a.mixprec_args))
             rows.append((label, precision, typ, acc, typical(m_rates), m_acc))
-            print(f"  done: {label} {precision}", flush=True)
+            # Each row as it is measured: a run cut short keeps what it measured.
+            print(f"  done: {label} {precision}: " + ", ".join(f"PyTorch {m} {typ[m]:,.0f}" for m in typ) +
+                  f", mixprec {typical(m_rates):,.0f} images/s", flush=True)
 
     def rate(typ, mode):
         return f"{typ[mode]:,.0f}" if mode in typ else "–"
