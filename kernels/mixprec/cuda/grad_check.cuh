@@ -51,9 +51,7 @@ __device__ inline void accumulate_one(T value, float& sum, int& bad, unsigned* h
   }
 }
 
-// Elements [begin, end) of one tensor, strided over the block's threads;
-// 16-byte loads when the tensor is 16-byte aligned (chunks start at
-// multiples of chunk_elements, so then every chunk is), scalar otherwise.
+// The elements of one 16-byte load, in order.
 template <bool Hist, class T>
 __device__ inline void accumulate_vector(const uint4& raw, float& sum, int& bad, unsigned* hist) {
   constexpr int per_vector = 16 / sizeof(T);
@@ -63,10 +61,13 @@ __device__ inline void accumulate_vector(const uint4& raw, float& sum, int& bad,
   for (int e = 0; e < per_vector; ++e) accumulate_one<Hist>(items[e], sum, bad, hist);
 }
 
-// Vectors in flight per thread: U loads issued before their elements are
-// added (in the order the one-at-a-time loop adds them, so the sums' bits do
-// not depend on U). One 16-byte load per thread at a time left a slice's
-// few thousand elements waiting on a memory round trip per 4 KB.
+// Elements [begin, end) of one tensor, strided over the block's threads;
+// 16-byte loads when the tensor is 16-byte aligned (chunks start at
+// multiples of chunk_elements, so then every chunk is), scalar otherwise.
+// U loads a thread are issued before their elements are added, in the
+// order a one-at-a-time loop adds them, so the sums' bits do not depend on
+// U (one load a thread at a time waited on a memory round trip per 4 KB of
+// a block).
 template <int U, bool Hist, class T>
 __device__ inline void accumulate_range(const T* data, std::int64_t begin, std::int64_t end, float& sum,
                                         int& bad, unsigned* hist) {
@@ -257,10 +258,6 @@ class GradCheck {
                   "GradCheck::launch: the list has ", list.num_tensors(), " tensors / ",
                   list.num_chunks(), " chunks, this check was made for ", num_tensors_, " / ", num_chunks_);
     mixprec::detail::DeviceGuard guard(list.device());
-    // Up to 8 blocks an SM (the kernel's 32 registers allow them): every
-    // work item of a list of about kWorkItems at once. With 4, a list of 544
-    // items (2^22 and 2^24 parameters of the benchmarks' model) ran 16 of
-    // them in a second round while the rest of the GPU idled.
     // Up to 8 blocks an SM (the kernel's 32 registers allow them): every
     // work item of a list of about kWorkItems at once. With 4, a list of 544
     // items (2^21 to 2^24 parameters of the benchmarks' model list) ran 16 of
