@@ -352,6 +352,12 @@ TEST(OptimizerStepGpu, UniformKernelOnlyForUniformLists) {
   }
   const cuda::ParamList mixed(entries);
   EXPECT_FALSE(cuda::uniform_step(*c.list, mixed, std::vector<cuda::AdamHyper>{adam}, in));
+  EXPECT_EQ(mixed.uniform_weight_dtype(), DType::bfloat16);
+  // Weights of two dtypes, the odd one first: no uniform weight dtype.
+  entries[0].weight_dtype = DType::float16;
+  const cuda::ParamList two(entries);
+  EXPECT_FALSE(two.uniform_weight_dtype().has_value());
+  EXPECT_FALSE(cuda::uniform_step(*c.list, two, std::vector<cuda::AdamHyper>{adam}, in));
 }
 
 // A whole step (pass 1, pass 2, finish) captured once in a CUDA graph and

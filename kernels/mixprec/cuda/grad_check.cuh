@@ -64,11 +64,11 @@ __device__ inline void accumulate_vector(const uint4& raw, float& sum, int& bad,
 // Elements [begin, end) of one tensor, strided over the block's threads;
 // 16-byte loads when the tensor is 16-byte aligned (chunks start at
 // multiples of chunk_elements, so then every chunk is), scalar otherwise.
-// U loads a thread are issued before their elements are added, in the
-// order a one-at-a-time loop adds them, so the sums' bits do not depend on
-// U (one load a thread at a time waited on a memory round trip per 4 KB of
-// a block).
-template <int U, bool Hist, class T>
+// check_unroll loads a thread are issued before their elements are added,
+// in the order a one-at-a-time loop adds them, so the sums' bits do not
+// depend on it (one load a thread at a time waited on a memory round trip
+// per 4 KB of a block).
+template <bool Hist, class T>
 __device__ inline void accumulate_range(const T* data, std::int64_t begin, std::int64_t end, float& sum,
                                         int& bad, unsigned* hist) {
   constexpr int per_vector = 16 / sizeof(T);
@@ -76,6 +76,7 @@ __device__ inline void accumulate_range(const T* data, std::int64_t begin, std::
   if (reinterpret_cast<std::uintptr_t>(data) % 16 == 0) {
     const std::int64_t vectors = (end - begin) / per_vector;
     const uint4* v = reinterpret_cast<const uint4*>(data + begin);
+    constexpr int U = check_unroll;
     const std::int64_t stride = blockDim.x;
     std::int64_t k = threadIdx.x;
     for (; k + (U - 1) * stride < vectors; k += U * stride) {
@@ -112,7 +113,7 @@ __device__ inline float block_sum(float x) {
 // a replayed graph gives the eager bits). With Hist, each warp also counts
 // exponent bins in shared memory, and the block adds a slice's counts to
 // its tensor's row of `histogram`.
-template <bool Hist, int U>
+template <bool Hist>
 __global__ void __launch_bounds__(check_threads)
     check_grads_kernel(const TensorEntry* tensors, const Chunk* chunks, std::int64_t num_chunks, int slices,
                        int num_tensors, float* slice_sums, int* slice_bad, double* sum_squares,
@@ -141,13 +142,13 @@ __global__ void __launch_bounds__(check_threads)
     if (begin < end) {
       switch (t.dtype) {
         case DType::float16:
-          accumulate_range<U, Hist>(static_cast<const half*>(t.data), begin, end, sum, bad, my_hist);
+          accumulate_range<Hist>(static_cast<const half*>(t.data), begin, end, sum, bad, my_hist);
           break;
         case DType::bfloat16:
-          accumulate_range<U, Hist>(static_cast<const bfloat16*>(t.data), begin, end, sum, bad, my_hist);
+          accumulate_range<Hist>(static_cast<const bfloat16*>(t.data), begin, end, sum, bad, my_hist);
           break;
         case DType::float32:
-          accumulate_range<U, Hist>(static_cast<const float*>(t.data), begin, end, sum, bad, my_hist);
+          accumulate_range<Hist>(static_cast<const float*>(t.data), begin, end, sum, bad, my_hist);
           break;
       }
     }
@@ -266,8 +267,7 @@ class GradCheck {
                                                            detail::check_threads, 8);
     auto* hist = reinterpret_cast<unsigned long long*>(histogram);
     static_assert(sizeof(unsigned long long) == sizeof(std::uint64_t), "64-bit counts");
-    auto kernel = histogram == nullptr ? detail::check_grads_kernel<false, detail::check_unroll>
-                                       : detail::check_grads_kernel<true, detail::check_unroll>;
+    auto kernel = histogram == nullptr ? detail::check_grads_kernel<false> : detail::check_grads_kernel<true>;
     kernel<<<grid, detail::check_threads, 0, stream>>>(
         list.entries(), list.chunks(), num_chunks_, slices_, num_tensors_, static_cast<float*>(slice_sums_.data()),
         static_cast<int*>(slice_bad_.data()), sum_squares(), nonfinite(), total_sum_squares(), found_inf(),

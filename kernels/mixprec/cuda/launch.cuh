@@ -8,6 +8,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <tuple>
 #include <utility>
 
 #include "mixprec/core/cuda_check.hpp"
@@ -37,23 +38,43 @@ inline int multiprocessor_count() {
   return count;
 }
 
+namespace detail {
+struct KernelQueries {
+  std::mutex mutex;
+  std::map<std::tuple<int, int, const void*, int>, int> values;  // (query, device, kernel, argument)
+};
+inline KernelQueries& kernel_queries() {
+  static KernelQueries queries;
+  return queries;
+}
+
+/// What `ask()` tells of `kernel` on the current device (query `what`, with
+/// `arg`): asked of the runtime once per query, device, kernel and argument,
+/// then cached, since launchers call this on every launch.
+template <class Ask>
+int kernel_query(int what, const void* kernel, int arg, Ask ask) {
+  int device = 0;
+  MIXPREC_CUDA_CHECK(cudaGetDevice(&device));
+  KernelQueries& q = kernel_queries();
+  const std::lock_guard<std::mutex> lock(q.mutex);
+  const auto key = std::make_tuple(what, device, kernel, arg);
+  const auto it = q.values.find(key);
+  if (it != q.values.end()) return it->second;
+  const int value = ask();
+  q.values.emplace(key, value);
+  return value;
+}
+}  // namespace detail
+
 /// Blocks of `threads` threads of `kernel` one multiprocessor holds at once
-/// (its registers and shared memory decide), asked of the runtime once per
-/// kernel and block size and cached (the same on every device of the
-/// architecture the program runs on).
+/// (its registers and shared memory decide); cached.
 template <class Kernel>
 int resident_blocks(Kernel* kernel, int threads) {
-  static std::mutex mutex;
-  static std::map<std::pair<const void*, int>, int> cache;
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), threads);
-  const auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
-  int blocks = 0;
-  MIXPREC_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, 0));
-  blocks = blocks < 1 ? 1 : blocks;
-  cache.emplace(key, blocks);
-  return blocks;
+  return detail::kernel_query(0, reinterpret_cast<const void*>(kernel), threads, [&] {
+    int blocks = 0;
+    MIXPREC_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, 0));
+    return blocks < 1 ? 1 : blocks;
+  });
 }
 
 /// Programmatic dependent launch (sm_90 and later): a kernel launched with
@@ -80,20 +101,14 @@ __device__ inline void allow_dependent_launch() {
 /// device (cudaFuncAttributes::binaryVersion), so that its
 /// wait_for_prior_kernels() is compiled in: only then may it be launched
 /// dependent (a kernel whose sm_80 code runs on an H100 would not wait).
-/// Asked of the runtime once per kernel and cached.
+/// Cached.
 template <class Kernel>
 bool dependent_launch_ok(Kernel* kernel) {
-  static std::mutex mutex;
-  static std::map<const void*, bool> cache;
-  const std::lock_guard<std::mutex> lock(mutex);
-  const void* key = reinterpret_cast<const void*>(kernel);
-  const auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
-  cudaFuncAttributes attributes{};
-  MIXPREC_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-  const bool ok = attributes.binaryVersion >= 90;
-  cache.emplace(key, ok);
-  return ok;
+  return detail::kernel_query(1, reinterpret_cast<const void*>(kernel), 0, [&] {
+           cudaFuncAttributes attributes{};
+           MIXPREC_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+           return attributes.binaryVersion >= 90 ? 1 : 0;
+         }) != 0;
 }
 
 /// Launches `kernel` dependent on the kernel before it on `stream` where

@@ -630,7 +630,7 @@ class ParamList {
     for (const ParamEntry& p : params) {
       groups_ = p.group + 1 > groups_ ? p.group + 1 : groups_;
       has_lean_ = has_lean_ || p.lean.active;
-      if (p.weight_dtype != *uniform_weight_dtype_) uniform_weight_dtype_.reset();
+      if (p.weight_dtype != params[0].weight_dtype) uniform_weight_dtype_.reset();
     }
   }
   const ParamEntry* entries() const { return static_cast<const ParamEntry*>(buffer_.data()); }
