@@ -7,6 +7,7 @@
 // the fraction of a device-to-device copy measured in the same run.
 // BM_<optimizer>_graph: the same step captured once in a CUDA graph and
 // replayed, as the examples run it (no host launch cost in the time).
+// BM_AdamW_monitored_graph: as the monitor's logged steps run it.
 // BM_api_AdamW_layout: the host API step of AdamW on bf16 weights and
 // gradients for each lean state layout (optim::StateLayout), its bytes per
 // parameter counted from the layout. CUDA events, manual time.
@@ -44,8 +45,12 @@ double fp32_bytes_per_param(int state_tensors) { return 2 + 2 + 8 + 8.0 * state_
 // alone, the host's launch cost included.
 constexpr int kReplays = 10;
 
+// `monitored`: every step as the instability monitor's logged step runs it
+// (docs/monitor.md): the check pass with the exponent histograms and the
+// update with the precursor sums (the second moment: state 1).
 template <class Hyper>
-void BM_step(benchmark::State& state, Hyper hyper, int state_tensors, double max_norm, bool graphed = false) {
+void BM_step(benchmark::State& state, Hyper hyper, int state_tensors, double max_norm, bool graphed = false,
+             bool monitored = false) {
   const std::int64_t n = state.range(0);
   std::vector<std::unique_ptr<mixprec::Tensor<half>>> weights, grads;
   std::vector<std::unique_ptr<mixprec::Tensor<float>>> floats;
@@ -71,6 +76,11 @@ void BM_step(benchmark::State& state, Hyper hyper, int state_tensors, double max
     for (int t = 0; t < state_tensors; ++t) s[t] = device_floats(size, 0.0f);
     entries.push_back({weights.back()->data(), mixprec::DType::float16, device_floats(size, 0.25f),
                        {s[0], s[1], s[2]}, static_cast<std::int64_t*>(steps.data()) + k});
+    if (monitored) {
+      entries.back().v_state = 1;
+      entries.back().eps2 = 1e-16f;
+      entries.back().beta2 = 0.999;
+    }
     refs.push_back(*grads.back());
   }
   mixprec::cuda::TensorList list(refs);
@@ -87,11 +97,19 @@ void BM_step(benchmark::State& state, Hyper hyper, int state_tensors, double max
   in.max_norm = max_norm;
   in.applied_steps = applied;
   in.any_inf = &scaler->any_inf;
+  mixprec::Buffer hist, sums;
+  if (monitored) {
+    hist = mixprec::Buffer(sizes.size() * 64 * sizeof(std::uint64_t), mixprec::Device::cuda(0));
+    sums = mixprec::Buffer(sizes.size() * mixprec::optim::kPrecursorSums * sizeof(double), mixprec::Device::cuda(0));
+    MIXPREC_CUDA_CHECK(cudaMemset(hist.data(), 0, hist.bytes()));
+    MIXPREC_CUDA_CHECK(cudaMemset(sums.data(), 0, sums.bytes()));
+    in.precursors = static_cast<double*>(sums.data());
+  }
   mixprec::amp::ScalePolicy policy;
   mixprec::Stream stream;
   const cudaStream_t s = graphed ? stream.get() : nullptr;
   auto step = [&] {
-    check.launch(list, s);
+    check.launch(list, s, monitored ? static_cast<std::uint64_t*>(hist.data()) : nullptr);
     mixprec::cuda::launch_step(list, params, hyper, mixprec::optim::LRSchedule::constant(), in, s);
     mixprec::cuda::launch_update_scale(scaler, policy, true, s);
   };
@@ -135,6 +153,7 @@ void BM_RMSprop(benchmark::State& s) { BM_step(s, mixprec::cuda::RmspropHyper{},
 void BM_AdamW_graph(benchmark::State& s) { BM_step(s, adamw(), 2, 0, true); }
 void BM_SGD_momentum_graph(benchmark::State& s) { BM_step(s, sgd_momentum(), 1, 0, true); }
 void BM_RMSprop_graph(benchmark::State& s) { BM_step(s, mixprec::cuda::RmspropHyper{}, 1, 0, true); }
+void BM_AdamW_monitored_graph(benchmark::State& s) { BM_step(s, adamw(), 2, 0, true, true); }
 
 // The same step through the host API a user calls: an optimizer over
 // device parameters and DeviceGradScaler (step + update), which launch the
@@ -232,6 +251,7 @@ BENCHMARK(BM_RMSprop) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_AdamW_graph) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_SGD_momentum_graph) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_RMSprop_graph) MIXPREC_GPU_SIZES;
+BENCHMARK(BM_AdamW_monitored_graph) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_api_AdamW) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_api_AdamW_clip) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_api_SGD_momentum) MIXPREC_GPU_SIZES;
