@@ -78,6 +78,7 @@ __device__ inline void record_and_end_iteration(const monitor::DeviceStepInputs&
 // (one block; the kernel the scaler would launch anyway).
 __global__ void monitor_record_kernel(monitor::DeviceStepInputs in, MonitorControl* ctl, monitor::DeviceStep* ring,
                                       int* ring_nonfinite, int every, int num_params, monitor::ScalerUpdate update) {
+  wait_for_prior_kernels();  // launched dependent on the step (launch_dependent)
   record_and_end_iteration(in, ctl, ring, ring_nonfinite, every, num_params, update);
 }
 
@@ -153,6 +154,7 @@ __global__ void __launch_bounds__(monitor_threads)
                            int* ring_nonfinite, int every, int num_params, char* pinned, int slots,
                            monitor::ReadbackLayout layout, double* partials, double* precursors, int items,
                            monitor::ScalerUpdate update) {
+  wait_for_prior_kernels();  // launched dependent on the step (launch_dependent)
   __shared__ double partial[monitor_threads / 32][3];
   const bool moved = *in.found_inf == 0 && (in.guard_skip == nullptr || *in.guard_skip == 0);
   for (int item = static_cast<int>(blockIdx.x); !moved && item < items; item += static_cast<int>(gridDim.x)) {
@@ -287,17 +289,17 @@ class MonitorPlan final : public monitor::DeviceMonitorPlan {
     auto* ring = static_cast<monitor::DeviceStep*>(ring_.data());
     auto* ring_nonfinite = static_cast<int*>(ring_nonfinite_.data());
     if (pinned == nullptr) {
-      detail::monitor_record_kernel<<<1, record_threads_, 0, stream>>>(in, control(), ring, ring_nonfinite, every_,
-                                                                       num_params_, update);
-      MIXPREC_CUDA_CHECK_LAUNCH("monitor_record_kernel");
+      // Dependent launches (launch.cuh), as the scaler's own update kernel:
+      // scheduled while the step kernel runs, waiting for its end.
+      launch_dependent("monitor_record_kernel", detail::monitor_record_kernel, 1, record_threads_, stream, in,
+                       control(), ring, ring_nonfinite, every_, num_params_, update);
       return;
     }
-    detail::monitor_publish_kernel<<<grid_, detail::monitor_threads, 0, stream>>>(
-        in, static_cast<const monitor::DeviceParamInfo*>(params_.data()), map(),
-        static_cast<unsigned long long*>(hist_.data()), control(), ring, ring_nonfinite, every_, num_params_,
-        static_cast<char*>(pinned), slots, layout_, static_cast<double*>(partials_.data()),
-        static_cast<double*>(precursors_.data()), static_cast<int>(blocks_), update);
-    MIXPREC_CUDA_CHECK_LAUNCH("monitor_publish_kernel");
+    launch_dependent("monitor_publish_kernel", detail::monitor_publish_kernel, grid_, detail::monitor_threads, stream,
+                     in, static_cast<const monitor::DeviceParamInfo*>(params_.data()), map(),
+                     static_cast<unsigned long long*>(hist_.data()), control(), ring, ring_nonfinite, every_,
+                     num_params_, static_cast<char*>(pinned), slots, layout_, static_cast<double*>(partials_.data()),
+                     static_cast<double*>(precursors_.data()), static_cast<int>(blocks_), update);
   }
 
   bool capturing(stream_t stream) override {
