@@ -287,6 +287,35 @@ void xent_case(float scale) {
   expect_close<T>(gdz.view(), dz.view(), "dlogits");
 }
 
+// The loss's mean is taken by the softmax kernel's last block to finish:
+// a batch of many blocks, its loss the CPU's, and the same bits on every
+// call whichever block finished last (the counter is left at zero for the
+// next call).
+TEST(NnGpu, SoftmaxLossMeanByTheLastBlockRepeatsItsBits) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  const std::int64_t batch = 1000, classes = 10;  // 125 blocks of 8 rows
+  Tensor<half> z({batch, classes}), dz({batch, classes});
+  fill_normal(z, 0, 3, 11);
+  std::vector<std::int32_t> labels(batch);
+  for (std::int64_t b = 0; b < batch; ++b) labels[b] = static_cast<std::int32_t>((b * 3) % classes);
+  const float want = nn::softmax_cross_entropy<half>(z.view(), labels.data(), 1.0f, dz.view());
+  Tensor<half> gz = on_gpu(z), gdz({batch, classes}, Device::cuda(0));
+  Buffer glabels(batch * sizeof(std::int32_t), Device::cuda(0));
+  ASSERT_EQ(cudaMemcpy(glabels.data(), labels.data(), glabels.bytes(), cudaMemcpyHostToDevice), cudaSuccess);
+  Scalars s(1.0f);
+  std::vector<float> got;
+  for (int call = 0; call < 20; ++call) {
+    ASSERT_EQ(cudaMemset(s.loss(), 0xff, sizeof(float)), cudaSuccess);  // NaN: a call that wrote nothing shows
+    nn::softmax_cross_entropy<half>(gz.view(), static_cast<const std::int32_t*>(glabels.data()), s.scale(),
+                                    gdz.view(), s.loss(), s.bad());
+    got.push_back(s.read(s.loss()));
+  }
+  EXPECT_NEAR(got[0], want, 1e-5 * std::fabs(want));
+  for (std::size_t k = 1; k < got.size(); ++k) {
+    EXPECT_EQ(std::memcmp(&got[k], &got[0], sizeof(float)), 0) << "call " << k << ": " << got[k] << " vs " << got[0];
+  }
+}
+
 TEST(NnGpu, SoftmaxCrossEntropyAndMse) {
   MIXPREC_SKIP_WITHOUT_GPU();
   for (float scale : {1.0f, 1024.0f, 65536.0f}) {

@@ -749,6 +749,11 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
   const Device dev = dp != nullptr ? dp->device() : Device::cuda(0);
   Stream stream(dev);
   const nn::Context ctx{stream.get()};
+  // The epoch's loss sum is added on a second stream, forked from the step's
+  // after the loss and joined at the step's end: off the path of the
+  // backward pass (a one-thread kernel there cost every step about 2 us).
+  Stream side(dev);
+  Event loss_done(dev), sum_done(dev);
   Model<T> m(a, dev, stream.get(), train_set, test_set, sample, add_layers);
   amp::DeviceGradScaler scaler(scaler_options<T>(a, ranks), dev, stream.get());
   scaler.set_grad_divisor(ranks);
@@ -827,7 +832,10 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
     m.train.next();
     nn::softmax_cross_entropy<T>(m.net.forward(m.train.x(), ctx), m.train.labels(), scaler.scale_data(),
                                  m.net.output_grad(), loss, reinterpret_cast<int*>(loss + 1), ctx);
-    nn::accumulate(dev, loss + 2, loss, ctx);
+    loss_done.record(stream.get());
+    loss_done.make_wait(side.get());
+    nn::accumulate(dev, loss + 2, loss, nn::Context{side.get()});
+    sum_done.record(side.get());
     m.net.backward(ctx);
     // The sum over the ranks (of this rank's slice with --zero1); the mean in the unscale.
     if (sharded) {
@@ -842,6 +850,7 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
       scaler.update();
     }
     if (sharded) sharded->gather_weights(stream.get());  // every rank's updated slice to every rank
+    sum_done.make_wait(stream.get());  // the join: the next step's loss overwrites what the sum reads
   };
   auto snapshot = [&](int slot) {  // queues the copy; read after ticks[slot]
     auto* s = static_cast<Snapshot*>(snapshots.data()) + slot;

@@ -52,14 +52,26 @@ __global__ void activation_backward_kernel(nn::Activation act, const T* z, const
   }
 }
 
-// One warp per row: max, sum of exp, loss and the scaled gradient.
+// *out = (sum of values[0, n), in double) / divisor, by one warp (every
+// lane calls it): lane l adds values l, l + 32, ... in order, then a fixed
+// shuffle tree, so the bits do not depend on scheduling (one thread adding
+// 256 values took 12 us on an H200). L2 loads: the values may be other
+// blocks' writes of the same launch.
+__device__ inline void warp_mean(const float* values, std::int64_t n, double divisor, float* out) {
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  double s = 0;
+  for (std::int64_t i = lane; i < n; i += 32) s += __ldcg(values + i);
+  for (int o = 16; o > 0; o /= 2) s += __shfl_down_sync(0xffffffffu, s, o);
+  if (lane == 0) *out = static_cast<float>(s / divisor);
+}
+
+// One row by one warp: max, sum of exp, the row's loss and the scaled
+// gradient.
 template <class T>
-__global__ void softmax_xent_kernel(const T* logits, const std::int32_t* labels, std::int64_t batch,
-                                    std::int64_t classes, const float* scale, T* dlogits, float* row_loss,
-                                    int* bad_label) {
-  const std::int64_t row = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= batch) return;
+__device__ inline void softmax_xent_row(const T* logits, const std::int32_t* labels, std::int64_t row,
+                                        std::int64_t batch, std::int64_t classes, const float* scale, T* dlogits,
+                                        float* row_loss, int* bad_label) {
+  const int lane = static_cast<int>(threadIdx.x % 32);
   const T* z = logits + row * classes;
   T* dz = dlogits + row * classes;
   float m = -INFINITY;
@@ -80,6 +92,28 @@ __global__ void softmax_xent_kernel(const T* logits, const std::int32_t* labels,
     row_loss[row] = ok ? lse - mixprec::to_float(z[label]) : 0.0f;
     if (!ok) *bad_label = 1;
   }
+}
+
+// One warp per row (softmax_xent_row); then the last block to finish takes
+// the mean of the rows' losses into *loss (warp_mean: the same bits
+// whichever block is last), so the loss costs the step no launch of its
+// own (a one-warp kernel after this one took about 3 us of every step of
+// the MLP example on an H100). `blocks_done` is 0 before and after.
+template <class T>
+__global__ void softmax_xent_kernel(const T* logits, const std::int32_t* labels, std::int64_t batch,
+                                    std::int64_t classes, const float* scale, T* dlogits, float* row_loss,
+                                    int* bad_label, float* loss, unsigned* blocks_done) {
+  const std::int64_t row = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (row < batch) softmax_xent_row(logits, labels, row, batch, classes, scale, dlogits, row_loss, bad_label);
+  __shared__ bool is_last;
+  __syncthreads();
+  __threadfence();  // this block's row losses are visible before it counts itself done
+  if (threadIdx.x == 0) is_last = atomicAdd(blocks_done, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  if (threadIdx.x < 32) warp_mean(row_loss, batch, static_cast<double>(batch), loss);
+  if (threadIdx.x == 0) *blocks_done = 0;  // ready for the next launch (or graph replay)
 }
 
 // dy = scale * 2 (y - t) / n; squared differences summed per block.
@@ -161,23 +195,20 @@ __global__ void conv_bias_finish_kernel(const float* partials, std::int64_t k, s
   if (lane == 0) db[channel] = mixprec::from_float<T>(s);
 }
 
-// *out = (sum of values, in double) / divisor, by one warp: lane l adds
-// values l, l + 32, ... in order, then a fixed shuffle tree, so the bits do
-// not depend on scheduling (one thread adding 256 values took 12 us on an
-// H200).
+// *out = (sum of values) / divisor, by one warp (warp_mean).
 __global__ inline void mean_kernel(const float* values, std::int64_t n, double divisor, float* out) {
-  double s = 0;
-  for (std::int64_t i = threadIdx.x; i < n; i += 32) s += values[i];
-  for (int o = 16; o > 0; o /= 2) s += __shfl_down_sync(0xffffffffu, s, o);
-  if (threadIdx.x == 0) *out = static_cast<float>(s / divisor);
+  warp_mean(values, n, divisor, out);
 }
 
 // Block b copies batch row b: order[(*cursor * batch + b) % n] of rows, in
-// 16-byte words when every address allows, else byte by byte.
+// 16-byte words when every address allows, else byte by byte. The last
+// block to finish then advances *cursor (every block has read it by then),
+// so the advance costs the step no launch of its own. `blocks_done` is 0
+// before and after.
 __global__ inline void gather_batch_kernel(const unsigned char* rows, std::size_t row_bytes,
                                            const std::int32_t* row_labels, const std::int32_t* order, std::int64_t n,
-                                           const std::int64_t* cursor, std::int64_t batch, unsigned char* x,
-                                           std::int32_t* labels, bool vector) {
+                                           std::int64_t* cursor, std::int64_t batch, unsigned char* x,
+                                           std::int32_t* labels, bool vector, unsigned* blocks_done) {
   const std::int64_t b = blockIdx.x;
   const std::int64_t r = order[(*cursor * batch + b) % n];
   const unsigned char* src = rows + static_cast<std::size_t>(r) * row_bytes;
@@ -190,6 +221,15 @@ __global__ inline void gather_batch_kernel(const unsigned char* rows, std::size_
     for (std::size_t i = threadIdx.x; i < row_bytes; i += blockDim.x) dst[i] = src[i];
   }
   if (threadIdx.x == 0 && labels != nullptr) labels[b] = row_labels[r];
+  __shared__ bool is_last;
+  __syncthreads();  // every thread of the block has read *cursor
+  __threadfence();
+  if (threadIdx.x == 0) is_last = atomicAdd(blocks_done, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (is_last && threadIdx.x == 0) {
+    *cursor += 1;
+    *blocks_done = 0;  // ready for the next launch (or graph replay)
+  }
 }
 
 __global__ inline void advance_kernel(std::int64_t* cursor) { *cursor += 1; }
@@ -464,11 +504,10 @@ class NnOps final : public nn::DeviceOps {
     nn_detail::with_type(dtype, [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
       nn_detail::softmax_xent_kernel<T><<<blocks, block_threads, 0, stream>>>(
-          static_cast<const T*>(logits), labels, batch, classes, scale, static_cast<T*>(dlogits), rows, bad_label);
+          static_cast<const T*>(logits), labels, batch, classes, scale, static_cast<T*>(dlogits), rows, bad_label,
+          loss, counter(kSoftmaxCounter, stream));
     });
     MIXPREC_CUDA_CHECK_LAUNCH("softmax_xent_kernel");
-    nn_detail::mean_kernel<<<1, 32, 0, stream>>>(rows, batch, static_cast<double>(batch), loss);
-    MIXPREC_CUDA_CHECK_LAUNCH("mean_kernel");
   }
 
   void mse(DType dtype, const void* y, const void* target, std::int64_t n, const float* scale, void* dy,
@@ -495,8 +534,9 @@ class NnOps final : public nn::DeviceOps {
                           reinterpret_cast<std::uintptr_t>(x) % 16 == 0;
       nn_detail::gather_batch_kernel<<<static_cast<unsigned>(batch), 128, 0, stream>>>(
           static_cast<const unsigned char*>(rows), row_bytes, row_labels, order, n, cursor, batch,
-          static_cast<unsigned char*>(x), labels, vector);
-      MIXPREC_CUDA_CHECK_LAUNCH("gather_batch_kernel");
+          static_cast<unsigned char*>(x), labels, vector, counter(kGatherCounter, stream));
+      MIXPREC_CUDA_CHECK_LAUNCH("gather_batch_kernel");  // it advances the cursor too
+      return;
     }
     nn_detail::advance_kernel<<<1, 1, 0, stream>>>(cursor);
     MIXPREC_CUDA_CHECK_LAUNCH("advance_kernel");
@@ -558,6 +598,21 @@ class NnOps final : public nn::DeviceOps {
   // 1: loss partials, 2: cuDNN's workspace, 3: conv bias partials). Grows by allocating a bigger buffer (cudaMalloc: not
   // inside a capture, so the first call of a shape runs eagerly); later
   // calls and graph replays reuse it, and an outgrown one is kept alive.
+  // Counters of the kernels whose last block finishes the work (the loss's
+  // mean, the batch cursor's advance): zeroed once, on `stream`, and left at
+  // zero by each launch. One per kernel, shared by calls as the scratch is.
+  static constexpr int kSoftmaxCounter = 0, kGatherCounter = 1, kCounters = 2;
+  unsigned* counter(int which, stream_t stream) {
+    if (counters_.data() == nullptr) {
+      int device = 0;
+      MIXPREC_CUDA_CHECK(cudaGetDevice(&device));
+      Buffer zeroed(kCounters * sizeof(unsigned), Device::cuda(device));
+      MIXPREC_CUDA_CHECK(cudaMemsetAsync(zeroed.data(), 0, zeroed.bytes(), stream));
+      counters_ = std::move(zeroed);
+    }
+    return static_cast<unsigned*>(counters_.data()) + which;
+  }
+
   void* scratch(std::size_t bytes, int slot = 0) {
     Buffer& b = scratch_[slot];
     if (b.bytes() < bytes) {
@@ -746,6 +801,7 @@ class NnOps final : public nn::DeviceOps {
   cublasLtHandle_t handle_ = nullptr;
   Buffer workspace_;
   Buffer scratch_[4];
+  Buffer counters_;  // counter()
   std::vector<Buffer> retired_;  // outgrown scratch, kept for graphs that captured it
 #if MIXPREC_WITH_CUDNN
   cudnnHandle_t cudnn_ = nullptr;
