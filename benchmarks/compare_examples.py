@@ -1,0 +1,56 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
+"""Two builds of the Fashion-MNIST examples against each other, same machine, same run.
+
+Runs each configuration (the MLP at hidden 1024 / batch 256 and 4096 / 1024,
+the CNN at batch 256; fp16 and bf16) with the OLD build's example, the NEW
+build's, then each again (alternated, so drift in the machine's state falls
+on both), and prints for each side the better of its two runs: the median
+images/s of epochs 2..N (epoch 1 holds warm-up and graph capture), and the
+test accuracy after the last epoch (the same seed on both sides: equal
+accuracies say the two builds trained alike).
+
+    python3 benchmarks/compare_examples.py OLD_BUILD/examples NEW_BUILD/examples --data DIR [--epochs 6]
+"""
+import argparse
+import re
+import statistics
+import subprocess
+
+CONFIGS = [("mlp", ["--hidden", "1024", "--batch", "256"]), ("mlp", ["--hidden", "4096", "--batch", "1024"]),
+           ("cnn", ["--batch", "256"])]
+
+
+def run(example, data, epochs, precision, args):
+    out = subprocess.run([example, "--data", data, "--epochs", str(epochs), "--precision", precision] + args,
+                         capture_output=True, text=True, timeout=600, check=True).stdout
+    rates = [float(m.group(1)) for m in re.finditer(r"([\d.]+) images/s +test accuracy", out)]
+    accuracy = re.findall(r"test accuracy ([\d.]+)", out)
+    if len(rates) < 2 or not accuracy:
+        raise SystemExit(f"{example}: no epoch lines in its output:\n{out}")
+    return statistics.median(rates[1:]), accuracy[-1]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("old", help="folder with the old build's fashion_mnist_mlp and fashion_mnist_cnn")
+    p.add_argument("new", help="the same for the new build")
+    p.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
+    p.add_argument("--epochs", type=int, default=6)
+    a = p.parse_args()
+    if a.epochs < 2:
+        p.error(f"--epochs {a.epochs}: at least 2 (epoch 1 is not timed)")
+    print(f"{'config':30s} {'old img/s':>11s} {'new img/s':>11s} {'new/old':>8s}  accuracy old / new")
+    for model, args in CONFIGS:
+        for precision in ("fp16", "bf16"):
+            runs = {"old": [], "new": []}
+            for side in ("old", "new", "old", "new"):
+                folder = a.old if side == "old" else a.new
+                runs[side].append(run(f"{folder}/fashion_mnist_{model}", a.data, a.epochs, precision, args))
+            old = max(runs["old"]); new = max(runs["new"])
+            name = f"{model} {' '.join(args[1::2])} {precision}"
+            print(f"{name:30s} {old[0]:11,.0f} {new[0]:11,.0f} {new[0] / old[0]:8.3f}  {old[1]} / {new[1]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
