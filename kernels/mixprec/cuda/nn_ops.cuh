@@ -94,15 +94,24 @@ __device__ inline void softmax_xent_row(const T* logits, const std::int32_t* lab
   }
 }
 
+// The counters of the kernels whose last block to finish completes the
+// launch's work: zero when the module loads, and each launch leaves its
+// counter at zero (no allocation or clearing, so a first call inside a
+// graph capture is fine). One per kernel and device, shared by calls as
+// NnOps's scratch is (calls on two streams at once would share it too).
+static __device__ unsigned softmax_blocks_done = 0;
+static __device__ unsigned gather_blocks_done = 0;
+
 // One warp per row (softmax_xent_row); then the last block to finish takes
 // the mean of the rows' losses into *loss (warp_mean: the same bits
 // whichever block is last), so the loss costs the step no launch of its
 // own (a one-warp kernel after this one took about 3 us of every step of
-// the MLP example on an H100). `blocks_done` is 0 before and after.
+// the MLP example on an H100).
 template <class T>
 __global__ void softmax_xent_kernel(const T* logits, const std::int32_t* labels, std::int64_t batch,
                                     std::int64_t classes, const float* scale, T* dlogits, float* row_loss,
-                                    int* bad_label, float* loss, unsigned* blocks_done) {
+                                    int* bad_label, float* loss) {
+  unsigned* blocks_done = &softmax_blocks_done;
   const std::int64_t row = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   if (row < batch) softmax_xent_row(logits, labels, row, batch, classes, scale, dlogits, row_loss, bad_label);
   __shared__ bool is_last;
@@ -203,12 +212,12 @@ __global__ inline void mean_kernel(const float* values, std::int64_t n, double d
 // Block b copies batch row b: order[(*cursor * batch + b) % n] of rows, in
 // 16-byte words when every address allows, else byte by byte. The last
 // block to finish then advances *cursor (every block has read it by then),
-// so the advance costs the step no launch of its own. `blocks_done` is 0
-// before and after.
+// so the advance costs the step no launch of its own.
 __global__ inline void gather_batch_kernel(const unsigned char* rows, std::size_t row_bytes,
                                            const std::int32_t* row_labels, const std::int32_t* order, std::int64_t n,
                                            std::int64_t* cursor, std::int64_t batch, unsigned char* x,
-                                           std::int32_t* labels, bool vector, unsigned* blocks_done) {
+                                           std::int32_t* labels, bool vector) {
+  unsigned* blocks_done = &gather_blocks_done;
   const std::int64_t b = blockIdx.x;
   const std::int64_t r = order[(*cursor * batch + b) % n];
   const unsigned char* src = rows + static_cast<std::size_t>(r) * row_bytes;
@@ -505,7 +514,7 @@ class NnOps final : public nn::DeviceOps {
       using T = std::remove_pointer_t<decltype(tag)>;
       nn_detail::softmax_xent_kernel<T><<<blocks, block_threads, 0, stream>>>(
           static_cast<const T*>(logits), labels, batch, classes, scale, static_cast<T*>(dlogits), rows, bad_label,
-          loss, counter(kSoftmaxCounter, stream));
+          loss);
     });
     MIXPREC_CUDA_CHECK_LAUNCH("softmax_xent_kernel");
   }
@@ -534,7 +543,7 @@ class NnOps final : public nn::DeviceOps {
                           reinterpret_cast<std::uintptr_t>(x) % 16 == 0;
       nn_detail::gather_batch_kernel<<<static_cast<unsigned>(batch), 128, 0, stream>>>(
           static_cast<const unsigned char*>(rows), row_bytes, row_labels, order, n, cursor, batch,
-          static_cast<unsigned char*>(x), labels, vector, counter(kGatherCounter, stream));
+          static_cast<unsigned char*>(x), labels, vector);
       MIXPREC_CUDA_CHECK_LAUNCH("gather_batch_kernel");  // it advances the cursor too
       return;
     }
@@ -598,21 +607,6 @@ class NnOps final : public nn::DeviceOps {
   // 1: loss partials, 2: cuDNN's workspace, 3: conv bias partials). Grows by allocating a bigger buffer (cudaMalloc: not
   // inside a capture, so the first call of a shape runs eagerly); later
   // calls and graph replays reuse it, and an outgrown one is kept alive.
-  // Counters of the kernels whose last block finishes the work (the loss's
-  // mean, the batch cursor's advance): zeroed once, on `stream`, and left at
-  // zero by each launch. One per kernel, shared by calls as the scratch is.
-  static constexpr int kSoftmaxCounter = 0, kGatherCounter = 1, kCounters = 2;
-  unsigned* counter(int which, stream_t stream) {
-    if (counters_.data() == nullptr) {
-      int device = 0;
-      MIXPREC_CUDA_CHECK(cudaGetDevice(&device));
-      Buffer zeroed(kCounters * sizeof(unsigned), Device::cuda(device));
-      MIXPREC_CUDA_CHECK(cudaMemsetAsync(zeroed.data(), 0, zeroed.bytes(), stream));
-      counters_ = std::move(zeroed);
-    }
-    return static_cast<unsigned*>(counters_.data()) + which;
-  }
-
   void* scratch(std::size_t bytes, int slot = 0) {
     Buffer& b = scratch_[slot];
     if (b.bytes() < bytes) {
@@ -801,7 +795,6 @@ class NnOps final : public nn::DeviceOps {
   cublasLtHandle_t handle_ = nullptr;
   Buffer workspace_;
   Buffer scratch_[4];
-  Buffer counters_;  // counter()
   std::vector<Buffer> retired_;  // outgrown scratch, kept for graphs that captured it
 #if MIXPREC_WITH_CUDNN
   cudnnHandle_t cudnn_ = nullptr;
