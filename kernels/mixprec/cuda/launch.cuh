@@ -97,6 +97,21 @@ __device__ inline void allow_dependent_launch() {
 #endif
 }
 
+/// The last-block pattern: every thread of every block calls it once, after
+/// the block's writes; it makes them visible device-wide, counts the block
+/// done in `*counter`, and tells every thread of the block whether it was the
+/// last one (which then reads the others' writes through L2, __ldcg, and
+/// sets *counter back to 0 for the next launch or graph replay).
+__device__ inline bool last_block_to_finish(unsigned* counter) {
+  __shared__ bool is_last;
+  __syncthreads();
+  __threadfence();  // this block's writes are visible before it counts itself done
+  if (threadIdx.x == 0) is_last = atomicAdd(counter, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (is_last) __threadfence();
+  return is_last;
+}
+
 /// Whether `kernel` runs code built for sm_90 or later on the current
 /// device (cudaFuncAttributes::binaryVersion), so that its
 /// wait_for_prior_kernels() is compiled in: only then may it be launched

@@ -114,13 +114,7 @@ __global__ void softmax_xent_kernel(const T* logits, const std::int32_t* labels,
   unsigned* blocks_done = &softmax_blocks_done;
   const std::int64_t row = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   if (row < batch) softmax_xent_row(logits, labels, row, batch, classes, scale, dlogits, row_loss, bad_label);
-  __shared__ bool is_last;
-  __syncthreads();
-  __threadfence();  // this block's row losses are visible before it counts itself done
-  if (threadIdx.x == 0) is_last = atomicAdd(blocks_done, 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
+  if (!last_block_to_finish(blocks_done)) return;
   if (threadIdx.x < 32) warp_mean(row_loss, batch, static_cast<double>(batch), loss);
   if (threadIdx.x == 0) *blocks_done = 0;  // ready for the next launch (or graph replay)
 }
@@ -230,12 +224,8 @@ __global__ inline void gather_batch_kernel(const unsigned char* rows, std::size_
     for (std::size_t i = threadIdx.x; i < row_bytes; i += blockDim.x) dst[i] = src[i];
   }
   if (threadIdx.x == 0 && labels != nullptr) labels[b] = row_labels[r];
-  __shared__ bool is_last;
-  __syncthreads();  // every thread of the block has read *cursor
-  __threadfence();
-  if (threadIdx.x == 0) is_last = atomicAdd(blocks_done, 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (is_last && threadIdx.x == 0) {
+  // Every thread of every block has read *cursor before the last one changes it.
+  if (last_block_to_finish(blocks_done) && threadIdx.x == 0) {
     *cursor += 1;
     *blocks_done = 0;  // ready for the next launch (or graph replay)
   }
