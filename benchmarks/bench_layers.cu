@@ -59,7 +59,7 @@ void BM_mlp_step(benchmark::State& state) {
 }
 
 // The example CNN (examples/, issue 6): [batch, 1, 28, 28] -> Conv2d(1, 32,
-// 3, pad 1) -> ReLU -> MaxPool2d(2) -> Conv2d(32, 64, 3, pad 1) -> ReLU ->
+// 3, pad 1, relu) -> MaxPool2d(2) -> Conv2d(32, 64, 3, pad 1, relu) ->
 // MaxPool2d(2) -> Flatten -> Linear(3136, 128, relu) -> Linear(128, 10),
 // batch 256, forward + backward from the loss.
 template <class T>
@@ -68,11 +68,9 @@ void BM_cnn_step(benchmark::State& state) {
   const std::int64_t batch = 256;
   const mixprec::Device gpu = mixprec::Device::cuda(0);
   nn::Sequential<T> net({batch, 1, 28, 28}, gpu);
-  net.template emplace<nn::Conv2d<T>>(1, 32, 3, 1, 1, true, gpu, 1);
-  net.template emplace<nn::ActivationLayer<T>>(nn::Activation::relu, gpu);
+  net.template emplace<nn::Conv2d<T>>(1, 32, 3, 1, 1, true, gpu, 1, nn::Activation::relu);
   net.template emplace<nn::MaxPool2d<T>>(2, 0, gpu);
-  net.template emplace<nn::Conv2d<T>>(32, 64, 3, 1, 1, true, gpu, 2);
-  net.template emplace<nn::ActivationLayer<T>>(nn::Activation::relu, gpu);
+  net.template emplace<nn::Conv2d<T>>(32, 64, 3, 1, 1, true, gpu, 2, nn::Activation::relu);
   net.template emplace<nn::MaxPool2d<T>>(2, 0, gpu);
   net.template emplace<nn::Flatten<T>>(gpu);
   net.template emplace<nn::Linear<T>>(3136, 128, nn::Activation::relu, true, gpu, 3);

@@ -10,7 +10,8 @@ images/s of epochs 2..N (epoch 1 holds warm-up and graph capture), and the
 test accuracy after the last epoch (the same seed on both sides: equal
 accuracies say the two builds trained alike).
 
-    python3 benchmarks/compare_examples.py OLD_BUILD/examples NEW_BUILD/examples --data DIR [--epochs 6]
+    python3 benchmarks/compare_examples.py OLD_BUILD/examples NEW_BUILD/examples --data DIR [--epochs 6] \
+        [--models mlp,cnn]
 """
 import argparse
 import re
@@ -37,11 +38,17 @@ def main():
     p.add_argument("new", help="the same for the new build")
     p.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--models", default="mlp,cnn", help="which examples: mlp, cnn or both (default)")
     a = p.parse_args()
+    models = a.models.split(",")
+    if not models or any(m not in ("mlp", "cnn") for m in models):
+        p.error(f"--models {a.models}: a list of mlp, cnn")
     if a.epochs < 2:
         p.error(f"--epochs {a.epochs}: at least 2 (epoch 1 is not timed)")
     print(f"{'config':30s} {'old img/s':>11s} {'new img/s':>11s} {'new/old':>8s}  accuracy old / new")
     for model, args in CONFIGS:
+        if model not in models:
+            continue
         for precision in ("fp16", "bf16"):
             runs = {"old": [], "new": []}
             for side in ("old", "new", "old", "new"):

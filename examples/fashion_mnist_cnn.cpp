@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
-// Fashion-MNIST with a small CNN through cuDNN on the GPU (direct loops on
-// the CPU): two blocks of 3x3 convolution (padding 1) + ReLU + 2x2 max
+// Fashion-MNIST with a small CNN on the GPU (the second convolution through
+// cuDNN, the first by mixprec's direct kernels; direct loops on the CPU):
+// two blocks of 3x3 convolution (padding 1) with its ReLU fused + 2x2 max
 // pooling, then two fully connected layers:
-//   [1, 28, 28] -> Conv 32 -> ReLU -> Pool -> [32, 14, 14] -> Conv 64 -> ReLU -> Pool
+//   [1, 28, 28] -> Conv 32 + ReLU -> Pool -> [32, 14, 14] -> Conv 64 + ReLU -> Pool
 //   -> [64, 7, 7] -> Flatten -> Linear 3136-128 + ReLU -> Linear 128-10.
 // fp16, bf16 or fp32 with fp32 master weights and dynamic loss scaling; the
 // training loop is common/classifier.hpp (shared with fashion_mnist_mlp).
@@ -35,11 +36,9 @@ template <class T>
 struct Cnn {
   static void add(nn::Sequential<T>& net, const examples::Args& a, Device dev) {
     const std::uint64_t s = a.seed * 4;
-    net.template emplace<nn::Conv2d<T>>(1, 32, 3, 1, 1, true, dev, s + 1);
-    net.template emplace<nn::ActivationLayer<T>>(nn::Activation::relu, dev);
+    net.template emplace<nn::Conv2d<T>>(1, 32, 3, 1, 1, true, dev, s + 1, nn::Activation::relu);
     net.template emplace<nn::MaxPool2d<T>>(2, 0, dev);
-    net.template emplace<nn::Conv2d<T>>(32, 64, 3, 1, 1, true, dev, s + 2);
-    net.template emplace<nn::ActivationLayer<T>>(nn::Activation::relu, dev);
+    net.template emplace<nn::Conv2d<T>>(32, 64, 3, 1, 1, true, dev, s + 2, nn::Activation::relu);
     net.template emplace<nn::MaxPool2d<T>>(2, 0, dev);
     net.template emplace<nn::Flatten<T>>(dev);
     net.template emplace<nn::Linear<T>>(3136, 128, nn::Activation::relu, true, dev, s + 3);

@@ -203,7 +203,10 @@ std::vector<std::int64_t> dims(const Shape& s) {
   return d;
 }
 
-// The example's layers (examples/fashion_mnist_cnn.cpp, Cnn::add), seed 0.
+// The example's model (examples/fashion_mnist_cnn.cpp, Cnn::add), seed 0,
+// with each convolution's ReLU as a layer of its own: the same bits as the
+// example's fused form (NnGpu.Conv2dFusedReluIsTheLayerPair), and the
+// parameter names "0.weight" ... "8.bias" that the oracle expects.
 template <class T>
 void add_layers(nn::Sequential<T>& net, Device dev, std::uint64_t seed) {
   const std::uint64_t s = seed * 4;

@@ -18,9 +18,11 @@
 #include <cstdint>
 #include <random>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
+#include "conv_cases.hpp"
 #include "gpu_skip.hpp"
 #include "mixprec/mixprec.hpp"
 
@@ -205,6 +207,96 @@ TEST(NnGpu, Conv2dBiasGradientSplitOverImages) {
   conv_bias_case<bfloat16>(200, 40, 30, 1);
   conv_bias_case<float>(200, 40, 30, 1);
   conv_bias_case<float>(40, 31, 33, 0);
+}
+
+TEST(NnGpu, Conv2dFusedReluIsTheLayerPair) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  // c = 1 and 3: the direct kernels (9 and 27 taps a filter); c = 8: cuDNN
+  // with mixprec's bias + ReLU and bias-gradient kernels.
+  for (std::int64_t c : {1, 3, 8}) {
+    for (bool first : {true, false}) {
+      test::expect_fused_relu_is_the_pair<half>(Device::cuda(0), c, 1, 1, first);
+      test::expect_fused_relu_is_the_pair<bfloat16>(Device::cuda(0), c, 2, 0, first);
+      test::expect_fused_relu_is_the_pair<float>(Device::cuda(0), c, 1, 1, first);
+    }
+  }
+}
+
+TEST(NnGpu, MaxPool2dGivesTheCpuBits) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  // Non-overlapping windows of 2 and 3 (the tiled kernels; the last row
+  // and column of 7x9 and the last column of 9x10 in no window), overlapping
+  // ones (stride < window: the general kernels), and the example's shape.
+  for (auto [window, stride, h, w] : {std::tuple<int, int, int, int>{2, 2, 7, 9}, {3, 3, 9, 10}, {3, 2, 9, 8},
+                                      {3, 1, 6, 7}, {2, 2, 28, 28}}) {
+    test::expect_pool_gives_the_cpu_bits<half>(Device::cuda(0), window, stride, h, w);
+    test::expect_pool_gives_the_cpu_bits<bfloat16>(Device::cuda(0), window, stride, h, w);
+    test::expect_pool_gives_the_cpu_bits<float>(Device::cuda(0), window, stride, h, w);
+  }
+}
+
+// A first layer (no dx asked for) with few taps a filter takes the direct
+// kernels: its weight and bias gradients against float64 sums of dz * x,
+// dz = dy * relu'(y) with the GPU's own y (so a value at the ReLU's kink
+// cannot flip the mask). 40 images of 28x28 (four splits of 10 images) or
+// of 70x70 (a split an image, a thread's pixels spanning rows). Bound: 1e-6
+// of the sum of |terms| (float sums of a few thousand terms) plus the
+// rounding of the result to T.
+template <class T>
+void direct_wgrad_case(std::int64_t c, std::int64_t stride, std::int64_t pad, Activation act, std::int64_t side = 28) {
+  SCOPED_TRACE(std::string(dtype_traits<T>::name) + " c " + std::to_string(c) + " stride " + std::to_string(stride) +
+               " " + nn::activation_name(act) + " side " + std::to_string(side));
+  const std::int64_t n = 40, h = side, w = side, k = 5, r = 3;
+  nn::Conv2d<T> conv(c, k, r, stride, pad, true, Device::cuda(0), 7, act);
+  Tensor<T> x({n, c, h, w});
+  fill_normal(x, 0, 1, 9);
+  const Shape out = conv.output_shape(x.shape());
+  Tensor<T> dy(out);
+  fill_normal(dy, 0, 1, 10);
+  Tensor<T> gx = on_gpu(x), gdy = on_gpu(dy), gy(out, Device::cuda(0));
+  conv.forward(gx.view(), gy.view(), {});
+  conv.backward(gx.view(), gy.view(), gdy.view(), TensorView<T>(), {});
+  const std::vector<T> y = test::host_copy<T>(gy.view()), gw = test::host_copy<T>(conv.grad_weight().view()),
+                       gb = test::host_copy<T>(conv.grad_bias().view());
+  const std::int64_t p = out[2], q = out[3];
+  const double rounding = std::is_same_v<T, float> ? 0x1p-24 : std::is_same_v<T, half> ? 0x1p-11 : 0x1p-8;
+  for (std::int64_t f = 0; f < k; ++f) {
+    for (std::int64_t j = 0; j <= c * r * r; ++j) {  // j = c * r * r: the bias
+      const std::int64_t ch = j / (r * r), u = j / r % r, v = j % r;
+      double sum = 0, magnitude = 0;
+      for (std::int64_t i = 0; i < n; ++i) {
+        for (std::int64_t a = 0; a < p; ++a) {
+          for (std::int64_t e = 0; e < q; ++e) {
+            const std::int64_t o = ((i * k + f) * p + a) * q + e;
+            double g = to_float(dy.at(o));
+            if (act == Activation::relu && !(to_float(y[static_cast<std::size_t>(o)]) > 0.0f)) g = 0;
+            double term = g;
+            if (j < c * r * r) {
+              const std::int64_t hh = a * stride - pad + u, ww = e * stride - pad + v;
+              term = hh >= 0 && hh < h && ww >= 0 && ww < w ? g * to_float(x.at(((i * c + ch) * h + hh) * w + ww)) : 0;
+            }
+            sum += term;
+            magnitude += std::fabs(term);
+          }
+        }
+      }
+      const double got = to_float(j < c * r * r ? gw[static_cast<std::size_t>(f * c * r * r + j)]
+                                                 : gb[static_cast<std::size_t>(f)]);
+      EXPECT_NEAR(got, sum, 1e-6 * magnitude + rounding * std::fabs(sum)) << "filter " << f << " entry " << j;
+    }
+  }
+}
+
+TEST(NnGpu, Conv2dFirstLayerGradientsAgainstFloat64) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  for (Activation act : {Activation::none, Activation::relu}) {
+    direct_wgrad_case<float>(1, 1, 1, act);
+    direct_wgrad_case<half>(1, 1, 1, act);
+    direct_wgrad_case<bfloat16>(3, 1, 1, act);
+    direct_wgrad_case<float>(3, 2, 0, act);
+    direct_wgrad_case<half>(1, 1, 1, act, 70);
+    direct_wgrad_case<float>(3, 2, 1, act, 70);
+  }
 }
 
 // Consecutive Linear layers in a Sequential fuse on the GPU: the second's

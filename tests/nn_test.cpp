@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "mixprec/mixprec.hpp"
+#include "conv_cases.hpp"
 #include "test_util.hpp"
 
 namespace mixprec {
@@ -251,6 +252,18 @@ TEST(ConvGradcheck, MatchesFiniteDifferences) {
   }
 }
 
+// A fused ReLU gives the bits of the layer pair (which the gradchecks here
+// check against float64) on the CPU; nn_gpu_test runs the same case on a GPU.
+TEST(ConvFusedRelu, IsTheConvolutionThenAReluLayer) {
+  for (std::int64_t c : {1, 3}) {
+    for (bool first : {true, false}) {
+      test::expect_fused_relu_is_the_pair<float>(Device::cpu(), c, 1, 1, first);
+      test::expect_fused_relu_is_the_pair<half>(Device::cpu(), c, 2, 0, first);
+      test::expect_fused_relu_is_the_pair<bfloat16>(Device::cpu(), c, 1, 1, first);
+    }
+  }
+}
+
 TEST(PoolGradcheck, MatchesFiniteDifferences) {
   const int n = 2, c = 3, h = 6, wd = 4;
   nn::MaxPool2d<float> pool(2);
@@ -433,6 +446,8 @@ TEST(NnErrors, ShapesBatchAndLabels) {
                      {"mse", "target shape [3, 2]"});
   test::expect_error([] { nn::ActivationLayer<float> layer(Activation::none); }, {"activation = none"});
   test::expect_error([] { nn::Conv2d<float>(3, 8, 0); }, {"Conv2d", "kernel = 0"});
+  test::expect_error([] { nn::Conv2d<float>(3, 8, 3, 1, 0, true, Device::cpu(), 0, Activation::gelu); },
+                     {"Conv2d", "activation = gelu", "ActivationLayer"});
   nn::Conv2d<float> conv(3, 8, 5);
   test::expect_error([&] { (void)conv.output_shape({2, 4, 28, 28}); }, {"Conv2d(3, 8", "[2, 4, 28, 28]", "[batch, 3"});
   test::expect_error([&] { (void)conv.output_shape({2, 3, 4, 4}); }, {"smaller than the kernel"});

@@ -23,8 +23,9 @@
 #define MIXPREC_WITH_CUDA 0
 #endif
 
-// MIXPREC_WITH_CUDNN = 1: mixprec::cuda found cuDNN, which Conv2d and
-// MaxPool2d use on a GPU (without it they throw, naming what is missing).
+// MIXPREC_WITH_CUDNN = 1: mixprec::cuda found cuDNN, which Conv2d uses on
+// a GPU (without it Conv2d throws, naming what is missing; MaxPool2d runs
+// on mixprec's own kernels either way).
 // Set by the target, like MIXPREC_WITH_CUDA.
 #if !defined(MIXPREC_WITH_CUDNN)
 #define MIXPREC_WITH_CUDNN 0

@@ -1,8 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
-// Conv2d and MaxPool2d, NCHW as torch.nn. On a CUDA device through cuDNN
-// (fp16/bf16/fp32 data, fp32 accumulation, tensor cores); on the CPU
-// through direct loops in float: correct and meant for tests and small
-// inputs, not for speed.
+// Conv2d (with an optional fused ReLU) and MaxPool2d, NCHW as torch.nn. On
+// a CUDA device: the convolution through cuDNN (fp16/bf16/fp32 data, fp32
+// accumulation, tensor cores) or, for few taps a filter, mixprec's direct
+// kernels; its bias, ReLU and bias gradient and the pooling by mixprec's
+// kernels (kernels/mixprec/cuda/conv_kernels.cuh). On the CPU through
+// direct loops in float: correct and meant for tests and small inputs, not
+// for speed.
 #pragma once
 
 #include <cmath>
@@ -28,20 +31,25 @@ inline std::int64_t out_size(std::int64_t in, std::int64_t window, std::int64_t 
 }
 }  // namespace detail
 
-/// y = conv2d(x, W) + b with W [out_channels, in_channels, kernel, kernel],
-/// square kernel, stride and zero padding; torch's default initialisation
-/// U(-1/sqrt(fan_in), 1/sqrt(fan_in)) from `seed`.
+/// y = act(conv2d(x, W) + b) with W [out_channels, in_channels, kernel,
+/// kernel], square kernel, stride and zero padding; torch's default
+/// initialisation U(-1/sqrt(fan_in), 1/sqrt(fan_in)) from `seed`. `act` is
+/// none or relu: a fused ReLU gives the bits of this layer without it
+/// followed by an ActivationLayer(relu), in fewer passes over the output on
+/// a device.
 template <class T>
 class Conv2d final : public Layer<T> {
  public:
   Conv2d(std::int64_t in_channels, std::int64_t out_channels, std::int64_t kernel, std::int64_t stride = 1,
-         std::int64_t padding = 0, bool bias = true, Device device = Device::cpu(), std::uint64_t seed = 0)
-      : c_((validate(in_channels, out_channels, kernel, stride, padding, device), in_channels)),
+         std::int64_t padding = 0, bool bias = true, Device device = Device::cpu(), std::uint64_t seed = 0,
+         Activation activation = Activation::none)
+      : c_((validate(in_channels, out_channels, kernel, stride, padding, device, activation), in_channels)),
         k_(out_channels),
         r_(kernel),
         stride_(stride),
         pad_(padding),
         has_bias_(bias),
+        activation_(activation),
         device_(device),
         weight_(Shape{out_channels, in_channels, kernel, kernel}, device),
         grad_weight_(Shape{out_channels, in_channels, kernel, kernel}, device),
@@ -65,6 +73,7 @@ class Conv2d final : public Layer<T> {
         stride_(other.stride_),
         pad_(other.pad_),
         has_bias_(other.has_bias_),
+        activation_(other.activation_),
         device_(other.device_),
         weight_(Shape{k_, c_, r_, r_}, device_),
         grad_weight_(Shape{k_, c_, r_, r_}, device_),
@@ -89,8 +98,9 @@ class Conv2d final : public Layer<T> {
   std::string name() const override {
     return "Conv2d(" + std::to_string(c_) + ", " + std::to_string(k_) + ", kernel=" + std::to_string(r_) +
            ", stride=" + std::to_string(stride_) + ", padding=" + std::to_string(pad_) + (has_bias_ ? "" : ", bias=false") +
-           ")";
+           ")" + (activation_ == Activation::relu ? " + ReLU" : "");
   }
+  Activation activation() const { return activation_; }
   Device device() const override { return device_; }
   Tensor<T>& weight() { return weight_; }
   Tensor<T>& bias() { return bias_; }
@@ -109,7 +119,7 @@ class Conv2d final : public Layer<T> {
     const ConvShape s = shape_of(x, y, "forward");
     if (device_.is_cuda()) {
       nn_device_ops().conv2d_forward(dtype_of<T>, s, x.data(), weight_.data(), has_bias_ ? bias_.data() : nullptr,
-                                     y.data(), ctx.stream);
+                                     activation_, y.data(), ctx.stream);
       return;
     }
     const std::vector<float> xf = widen(x), wf = widen(TensorView<const T>(weight_.view()));
@@ -122,7 +132,7 @@ class Conv2d final : public Layer<T> {
             each_tap(s, p, q, [&](std::int64_t c, std::int64_t r, std::int64_t t, std::int64_t h, std::int64_t w) {
               acc += xf[((n * s.c + c) * s.h + h) * s.w + w] * wf[((k * s.c + c) * s.r + r) * s.s + t];
             });
-            y.data()[((n * s.k + k) * s.p + p) * s.q + q] = from_float<T>(acc + b);
+            y.data()[((n * s.k + k) * s.p + p) * s.q + q] = from_float<T>(fn::activate(activation_, acc + b));
           }
         }
       }
@@ -135,12 +145,16 @@ class Conv2d final : public Layer<T> {
     MIXPREC_CHECK(dy.shape() == y.shape(), name(), ": dy shape ", dy.shape(), " != ", y.shape());
     MIXPREC_CHECK(dx.empty() || dx.shape() == x.shape(), name(), ": dx shape ", dx.shape(), " != ", x.shape());
     if (device_.is_cuda()) {
-      nn_device_ops().conv2d_backward(dtype_of<T>, s, x.data(), weight_.data(), dy.data(),
+      nn_device_ops().conv2d_backward(dtype_of<T>, s, x.data(), weight_.data(), y.data(), dy.data(), activation_,
                                       dx.empty() ? nullptr : dx.data(), grad_weight_.data(),
                                       has_bias_ ? grad_bias_.data() : nullptr, ctx.stream);
       return;
     }
-    const std::vector<float> xf = widen(x), wf = widen(TensorView<const T>(weight_.view())), gf = widen(dy);
+    const std::vector<float> xf = widen(x), wf = widen(TensorView<const T>(weight_.view()));
+    std::vector<float> gf = widen(dy);
+    if (activation_ == Activation::relu) {  // dz = dy * relu'(y): dy or 0, as an ActivationLayer's backward
+      for (std::size_t i = 0; i < gf.size(); ++i) gf[i] *= fn::relu_grad_from_output(to_float(y.data()[i]));
+    }
     std::vector<float> gw(wf.size(), 0.0f), gx(xf.size(), 0.0f), gb(static_cast<std::size_t>(s.k), 0.0f);
     for (std::int64_t n = 0; n < s.n; ++n) {
       for (std::int64_t k = 0; k < s.k; ++k) {
@@ -170,11 +184,14 @@ class Conv2d final : public Layer<T> {
 
  private:
   static void validate(std::int64_t c, std::int64_t k, std::int64_t r, std::int64_t stride, std::int64_t pad,
-                       Device device) {
+                       Device device, Activation activation) {
     MIXPREC_CHECK(c > 0 && k > 0 && r > 0, "Conv2d: in_channels = ", c, ", out_channels = ", k, ", kernel = ", r,
                   ", must be > 0");
     MIXPREC_CHECK(stride > 0 && pad >= 0, "Conv2d: stride = ", stride, ", padding = ", pad,
                   ", must be > 0 and >= 0");
+    MIXPREC_CHECK(activation == Activation::none || activation == Activation::relu, "Conv2d: activation = ",
+                  activation_name(activation), " is not fused into a convolution (none or relu); follow the layer "
+                  "with an ActivationLayer");
     detail::check_layer_device("Conv2d", device);
   }
   ConvShape shape_of(TensorView<const T> x, TensorView<const T> y, const char* what) const {
@@ -210,6 +227,7 @@ class Conv2d final : public Layer<T> {
 
   std::int64_t c_, k_, r_, stride_, pad_;
   bool has_bias_;
+  Activation activation_;
   Device device_;
   Tensor<T> weight_, grad_weight_, bias_, grad_bias_;
 };

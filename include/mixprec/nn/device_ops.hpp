@@ -50,12 +50,16 @@ class DeviceOps {
  public:
   virtual ~DeviceOps() = default;
 
-  /// y = conv(x, w) + bias (bias may be null). fp32 accumulation.
+  /// y = act(conv(x, w) + bias) (bias may be null; act none or relu). fp32
+  /// accumulation.
   virtual void conv2d_forward(DType dtype, const ConvShape& shape, const void* x, const void* w, const void* bias,
-                              void* y, stream_t stream) = 0;
-  /// grad_w, grad_bias (may be null) overwritten; dx (may be null).
-  virtual void conv2d_backward(DType dtype, const ConvShape& shape, const void* x, const void* w, const void* dy,
-                               void* dx, void* grad_w, void* grad_bias, stream_t stream) = 0;
+                              Activation act, void* y, stream_t stream) = 0;
+  /// From dy: dz = dy * act'(y) (y the forward's output, read for relu
+  /// only); grad_w, grad_bias (may be null) overwritten from dz; dx (may be
+  /// null) = the input gradient.
+  virtual void conv2d_backward(DType dtype, const ConvShape& shape, const void* x, const void* w, const void* y,
+                               const void* dy, Activation act, void* dx, void* grad_w, void* grad_bias,
+                               stream_t stream) = 0;
   virtual void maxpool2d_forward(DType dtype, const PoolShape& shape, const void* x, void* y, stream_t stream) = 0;
   virtual void maxpool2d_backward(DType dtype, const PoolShape& shape, const void* x, const void* y, const void* dy,
                                   void* dx, stream_t stream) = 0;
