@@ -238,10 +238,10 @@ TEST(NnGpu, MaxPool2dGivesTheCpuBits) {
 // A first layer (no dx asked for) with few taps a filter takes the direct
 // kernels: its weight and bias gradients against float64 sums of dz * x,
 // dz = dy * relu'(y) with the GPU's own y (so a value at the ReLU's kink
-// cannot flip the mask). 40 images of 28x28 (four splits of 10 images) or
-// of 70x70 (a split an image, a thread's pixels spanning rows). Bound: 1e-6
-// of the sum of |terms| (float sums of a few thousand terms) plus the
-// rounding of the result to T.
+// cannot flip the mask). 40 images of 28x28 (31,360 positions: 62 blocks
+// of 512, the last one partly filled, chunks of 32 that span images) or of
+// 70x70. Bound: 1e-6 of the sum of |terms| (float sums of thousands of
+// terms) plus the rounding of the result to T.
 template <class T>
 void direct_wgrad_case(std::int64_t c, std::int64_t stride, std::int64_t pad, Activation act, std::int64_t side = 28) {
   SCOPED_TRACE(std::string(dtype_traits<T>::name) + " c " + std::to_string(c) + " stride " + std::to_string(stride) +

@@ -321,22 +321,24 @@ class NnOps final : public nn::DeviceOps {
     if (nn_detail::direct_conv_fits(s) && dx == nullptr) {
       // A first layer: the weight and bias gradients in one read of dy, no dz written.
       const int taps = static_cast<int>(s.c * s.r * s.s);
+      const std::int64_t blocks = (s.n * pq + nn_detail::kWgradPositions - 1) / nn_detail::kWgradPositions;
       std::lock_guard<std::mutex> lock(mutex_);
-      float* partials = static_cast<float*>(scratch(static_cast<std::size_t>(s.k * splits * (taps + 1)) * sizeof(float), 3));
+      float* partials =
+          static_cast<float*>(scratch(static_cast<std::size_t>(blocks * s.k * (taps + 1)) * sizeof(float), 3));
       nn_detail::with_type(dtype, [&](auto* tag) {
         using T = std::remove_pointer_t<decltype(tag)>;
-        const dim3 grid(static_cast<unsigned>(s.k), static_cast<unsigned>(splits));
+        const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((s.k + 31) / 32));
         const T* xt = static_cast<const T*>(x);
         const T* dyt = static_cast<const T*>(dy);
         const T* yt = relu ? static_cast<const T*>(y) : nullptr;
         auto* kernel = taps <= 9 ? nn_detail::direct_conv_wgrad_partial_kernel<T, 9>
                                  : nn_detail::direct_conv_wgrad_partial_kernel<T, nn_detail::kDirectTaps>;
-        kernel<<<grid, block_threads, 0, stream>>>(xt, dyt, yt, s, per_split, partials);
+        kernel<<<grid, nn_detail::kWgradThreads, 0, stream>>>(xt, dyt, yt, s, partials);
         MIXPREC_CUDA_CHECK_LAUNCH("direct_conv_wgrad_partial_kernel");
         const std::int64_t entries = s.k * (taps + 1);
         nn_detail::direct_conv_wgrad_finish_kernel<T>
-            <<<static_cast<unsigned>((entries + block_threads - 1) / block_threads), block_threads, 0, stream>>>(
-                partials, s.k, taps, splits, static_cast<T*>(grad_w), static_cast<T*>(grad_bias));
+            <<<static_cast<unsigned>((entries * 32 + block_threads - 1) / block_threads), block_threads, 0, stream>>>(
+                partials, s.k, taps, blocks, static_cast<T*>(grad_w), static_cast<T*>(grad_bias));
       });
       MIXPREC_CUDA_CHECK_LAUNCH("direct_conv_wgrad_finish_kernel");
       return;
