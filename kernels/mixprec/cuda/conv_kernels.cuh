@@ -168,11 +168,11 @@ __device__ inline DirectPixel direct_pixel(const nn::ConvShape& s, int taps, int
 
 // Block (x, y): output pixels blockIdx.x * blockDim.x + threadIdx.x of the
 // images y, y + gridDim.y, ...; a thread computes every filter of its pixel:
-// y = act(sum of x * w over the taps inside the image, in (c, r, t) order,
-// + bias), in float, rounded to T. Dynamic shared memory: the k * taps
-// weights, widened. MaxTaps >= taps, a compile-time bound for the unrolled
-// tap loops (9 for a 3x3 filter of one channel: a 32-tap loop's predicates
-// cost every thread more than its arithmetic).
+// y = act(round_T(sum of x * w over the taps inside the image, (c, r, t)
+// order) + bias) in float, rounded to T: the cuDNN path's (and PyTorch's)
+// roundings. Dynamic shared memory: the k * taps weights, widened. MaxTaps
+// >= taps bounds the unrolled tap loops (9 for a 3x3 filter of one channel:
+// a 32-tap loop's predicates cost every thread more than its arithmetic).
 template <class T, int MaxTaps>
 __global__ void direct_conv_forward_kernel(const T* x, const T* w, const T* bias, T* y, nn::ConvShape s,
                                            nn::Activation act) {
@@ -206,7 +206,8 @@ __global__ void direct_conv_forward_kernel(const T* x, const T* w, const T* bias
         if ((px.inside >> j) & 1u) acc += xv[j] * wf[j];  // taps in the padding skipped, as on the CPU
       }
       const float b = bias != nullptr ? mixprec::to_float(bias[f]) : 0.0f;
-      out[f * pq] = mixprec::from_float<T>(nn::fn::activate(act, acc + b));
+      const float conv = mixprec::to_float(mixprec::from_float<T>(acc));  // rounded to T first, as cuDNN's output
+      out[f * pq] = mixprec::from_float<T>(nn::fn::activate(act, conv + b));
     }
   }
 }
