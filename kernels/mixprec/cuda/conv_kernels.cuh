@@ -89,14 +89,8 @@ __global__ void conv_bias_partial_kernel(const T* dy, const T* y, T* dz_out, std
       ++image;
     }
   }
-  for (int o = 16; o > 0; o /= 2) s += __shfl_down_sync(0xffffffffu, s, o);
-  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = s;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float total = 0;
-    for (int w = 0; w < block_threads / 32; ++w) total += warp_sums[w];
-    partials[channel * gridDim.y + split] = total;
-  }
+  const float total = block_sum_in_order(s, warp_sums);
+  if (threadIdx.x == 0) partials[channel * gridDim.y + split] = total;
 }
 
 // One warp per channel: lane l adds partials l, l + 32, ... in order, then a

@@ -117,6 +117,21 @@ __device__ inline bool last_block_to_finish(unsigned* counter) {
 /// wait_for_prior_kernels() is compiled in: only then may it be launched
 /// dependent (a kernel whose sm_80 code runs on an H100 would not wait).
 /// Cached.
+// The sum of every thread's s over the block, in a fixed order (a shuffle
+// tree a warp, then the warps in order), so the bits do not depend on
+// scheduling; the result is thread 0's return value. Every thread calls it;
+// warp_sums: blockDim.x / 32 floats of shared memory.
+__device__ inline float block_sum_in_order(float s, float* warp_sums) {
+  for (int o = 16; o > 0; o /= 2) s += __shfl_down_sync(0xffffffffu, s, o);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = s;
+  __syncthreads();
+  float total = 0;
+  if (threadIdx.x == 0) {
+    for (unsigned w = 0; w < blockDim.x / 32; ++w) total += warp_sums[w];
+  }
+  return total;
+}
+
 template <class Kernel>
 bool dependent_launch_ok(Kernel* kernel) {
   return detail::kernel_query(1, reinterpret_cast<const void*>(kernel), 0, [&] {

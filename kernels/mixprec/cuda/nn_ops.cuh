@@ -134,14 +134,8 @@ __global__ void mse_kernel(const T* y, const T* t, std::int64_t n, const float* 
     s += d * d;
     dy[i] = mixprec::from_float<T>(d * g);
   }
-  for (int o = 16; o > 0; o /= 2) s += __shfl_down_sync(0xffffffffu, s, o);
-  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = s;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float total = 0;
-    for (int w = 0; w < block_threads / 32; ++w) total += warp_sums[w];
-    block_sums[blockIdx.x] = total;
-  }
+  const float total = block_sum_in_order(s, warp_sums);
+  if (threadIdx.x == 0) block_sums[blockIdx.x] = total;
 }
 
 // *out = (sum of values) / divisor, by one warp (warp_mean).
