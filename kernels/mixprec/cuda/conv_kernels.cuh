@@ -160,8 +160,9 @@ __device__ inline DirectPixel direct_pixel(const nn::ConvShape& s, int taps, int
   return DirectPixel{h0 * w_ + w0, inside};
 }
 
-// Block (x, y): output pixels blockIdx.x * blockDim.x + threadIdx.x of the
-// images y, y + gridDim.y, ...; a thread computes every filter of its pixel:
+// A thread an output position (image, pixel), grid-stride over all images'
+// (a block's threads over one image's pixels left the last block of each
+// image mostly idle: 784 = 3 x 256 + 16); a thread computes every filter:
 // y = act(round_T(sum of x * w over the taps inside the image, (c, r, t)
 // order) + bias) in float, rounded to T: the cuDNN path's (and PyTorch's)
 // roundings. Dynamic shared memory: the k * taps weights, widened. MaxTaps
@@ -178,14 +179,17 @@ __global__ void direct_conv_forward_kernel(const T* x, const T* w, const T* bias
   }
   direct_tap_offsets(s, taps, rel);
   __syncthreads();
-  const int pq = static_cast<int>(s.p * s.q), pixel = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
-  if (pixel >= pq) return;
-  const DirectPixel px = direct_pixel(s, taps, pixel);
+  const int pq = static_cast<int>(s.p * s.q);
   int at[MaxTaps];
 #pragma unroll
   for (int j = 0; j < MaxTaps; ++j) at[j] = j < taps ? rel[j] : 0;
-  const std::int64_t image_in = s.c * s.h * s.w, image_out = s.k * pq;
-  for (std::int64_t image = blockIdx.y; image < s.n; image += gridDim.y) {
+  const std::int64_t image_in = s.c * s.h * s.w, image_out = s.k * pq, positions = s.n * pq;
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t pos = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; pos < positions;
+       pos += stride) {
+    const std::int64_t image = pos / pq;
+    const int pixel = static_cast<int>(pos - image * pq);
+    const DirectPixel px = direct_pixel(s, taps, pixel);
     const T* xi = x + image * image_in + px.corner;
     float xv[MaxTaps];
 #pragma unroll

@@ -272,9 +272,9 @@ class NnOps final : public nn::DeviceOps {
         const std::size_t smem = static_cast<std::size_t>(s.k * s.c * s.r * s.s) * sizeof(float);
         auto* kernel = s.c * s.r * s.s <= 9 ? nn_detail::direct_conv_forward_kernel<T, 9>
                                             : nn_detail::direct_conv_forward_kernel<T, nn_detail::kDirectTaps>;
-        kernel<<<plane_grid(pq, s.n), block_threads, smem, stream>>>(static_cast<const T*>(x), static_cast<const T*>(w),
-                                                                     static_cast<const T*>(bias), static_cast<T*>(y),
-                                                                     s, act);
+        kernel<<<grid_for(s.n * pq), block_threads, smem, stream>>>(static_cast<const T*>(x), static_cast<const T*>(w),
+                                                                    static_cast<const T*>(bias), static_cast<T*>(y), s,
+                                                                    act);
       });
       MIXPREC_CUDA_CHECK_LAUNCH("direct_conv_forward_kernel");
       return;
