@@ -222,6 +222,31 @@ TEST(NnGpu, Conv2dFusedReluIsTheLayerPair) {
   }
 }
 
+// A Conv2d's output may be a view that starts anywhere (here one element
+// into a buffer): the bias + ReLU pass then takes an element at a time
+// instead of 4-element packs, with the same bits as into an aligned tensor.
+template <class T>
+void unaligned_output_case() {
+  SCOPED_TRACE(dtype_traits<T>::name);
+  const Device gpu = Device::cuda(0);
+  nn::Conv2d<T> conv(8, 4, 3, 1, 1, true, gpu, 3, Activation::relu);  // 72 taps: the cuDNN path
+  Tensor<T> hx({2, 8, 12, 12});
+  fill_normal(hx, 0, 1, 4);
+  Tensor<T> x = hx.to(gpu);
+  const Shape out = conv.output_shape(x.shape());  // 12 x 12: pq % 4 == 0
+  Tensor<T> aligned(out, gpu), buffer(Shape{out.numel() + 1}, gpu);
+  const TensorView<T> shifted(buffer.data() + 1, out, gpu);
+  conv.forward(x.view(), aligned.view(), {});
+  conv.forward(x.view(), shifted, {});
+  test::expect_same_bits<T>(TensorView<const T>(shifted), aligned.view(), "y");
+}
+
+TEST(NnGpu, Conv2dOutputViewAtAnyOffset) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  unaligned_output_case<half>();
+  unaligned_output_case<float>();
+}
+
 TEST(NnGpu, MaxPool2dGivesTheCpuBits) {
   MIXPREC_SKIP_WITHOUT_GPU();
   // Non-overlapping windows of 2 and 3 (the tiled kernels; the last row

@@ -294,7 +294,7 @@ class NnOps final : public nn::DeviceOps {
       using T = std::remove_pointer_t<decltype(tag)>;
       T* out = static_cast<T*>(y);
       const T* b = static_cast<const T*>(bias);
-      if (pq % 4 == 0) {
+      if (pq % 4 == 0 && reinterpret_cast<std::uintptr_t>(out) % (4 * sizeof(T)) == 0) {  // a view may start anywhere
         nn_detail::conv_bias_act_kernel<T, 4><<<grid_for(total / 4), block_threads, 0, stream>>>(out, b, s.k, pq,
                                                                                                  total, act);
       } else {
