@@ -250,7 +250,6 @@ class NnOps final : public nn::DeviceOps {
       (void)key;
       (void)cudnnDestroyTensorDescriptor(p.x);
       (void)cudnnDestroyTensorDescriptor(p.y);
-      (void)cudnnDestroyTensorDescriptor(p.b);
       (void)cudnnDestroyFilterDescriptor(p.w);
       (void)cudnnDestroyConvolutionDescriptor(p.conv);
     }
@@ -722,7 +721,7 @@ class NnOps final : public nn::DeviceOps {
   // heuristics rank first among the deterministic ones (so a replayed step
   // gives the eager bits) with at most kWorkspace of workspace.
   struct ConvPlan {
-    cudnnTensorDescriptor_t x = nullptr, y = nullptr, b = nullptr;
+    cudnnTensorDescriptor_t x = nullptr, y = nullptr;
     cudnnFilterDescriptor_t w = nullptr;
     cudnnConvolutionDescriptor_t conv = nullptr;
     cudnnConvolutionFwdAlgo_t fwd{};
@@ -765,7 +764,6 @@ class NnOps final : public nn::DeviceOps {
     const cudnnDataType_t t = cudnn_type(dtype);
     p.x = tensor4d(t, s.n, s.c, s.h, s.w);
     p.y = tensor4d(t, s.n, s.k, s.p, s.q);
-    p.b = tensor4d(t, 1, s.k, 1, 1);
     MIXPREC_CUDNN_CHECK(cudnnCreateFilterDescriptor(&p.w));
     MIXPREC_CUDNN_CHECK(cudnnSetFilter4dDescriptor(p.w, t, CUDNN_TENSOR_NCHW, static_cast<int>(s.k),
                                                    static_cast<int>(s.c), static_cast<int>(s.r), static_cast<int>(s.s)));
