@@ -14,9 +14,10 @@ accuracies say the two builds trained alike).
         [--models mlp,cnn]
 """
 import argparse
-import re
 import statistics
 import subprocess
+
+from epoch_lines import parse_epoch_lines
 
 CONFIGS = [("mlp", ["--hidden", "1024", "--batch", "256"]), ("mlp", ["--hidden", "4096", "--batch", "1024"]),
            ("cnn", ["--batch", "256"])]
@@ -25,11 +26,10 @@ CONFIGS = [("mlp", ["--hidden", "1024", "--batch", "256"]), ("mlp", ["--hidden",
 def run(example, data, epochs, precision, args):
     out = subprocess.run([example, "--data", data, "--epochs", str(epochs), "--precision", precision] + args,
                          capture_output=True, text=True, timeout=600, check=True).stdout
-    rates = [float(m.group(1)) for m in re.finditer(r"([\d.]+) images/s +test accuracy", out)]
-    accuracy = re.findall(r"test accuracy ([\d.]+)", out)
-    if len(rates) < 2 or not accuracy:
+    lines = parse_epoch_lines(out)
+    if len(lines) < 2:
         raise SystemExit(f"{example}: no epoch lines in its output:\n{out}")
-    return statistics.median(rates[1:]), accuracy[-1]
+    return statistics.median(e.images_per_s for e in lines[1:]), lines[-1].accuracy
 
 
 def main():
@@ -56,7 +56,9 @@ def main():
                 runs[side].append(run(f"{folder}/fashion_mnist_{model}", a.data, a.epochs, precision, args))
             old = max(runs["old"]); new = max(runs["new"])
             name = f"{model} {' '.join(args[1::2])} {precision}"
-            print(f"{name:30s} {old[0]:11,.0f} {new[0]:11,.0f} {new[0] / old[0]:8.3f}  {old[1]} / {new[1]}", flush=True)
+            # Accuracy to 4 places, as the examples print it.
+            print(f"{name:30s} {old[0]:11,.0f} {new[0]:11,.0f} {new[0] / old[0]:8.3f}  {old[1]:.4f} / {new[1]:.4f}",
+                  flush=True)
 
 
 if __name__ == "__main__":

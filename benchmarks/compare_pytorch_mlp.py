@@ -43,7 +43,6 @@ import contextlib
 import gzip
 import math
 import os
-import re
 import shlex
 import statistics
 import subprocess
@@ -51,6 +50,8 @@ import time
 
 import numpy as np
 import torch
+
+from epoch_lines import parse_epoch_lines
 
 # The examples' default learning rates (examples/fashion_mnist_*.cpp).
 LR = {"mlp": 1e-3, "cnn": 2e-3}
@@ -228,13 +229,10 @@ def mixprec_run(example, data, device, precision, hidden, batch, epochs, seed, s
     cmd += ["--batch", str(batch), "--epochs", str(epochs), "--seed", str(seed), "--schedule", schedule, "--lr",
             repr(lr), "--data", data] + extra
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    rates, accuracy = [], None
-    for m in re.finditer(r"epoch\s+\d+ .*?([\d.]+) images/s\s+test accuracy ([\d.]+)", out):
-        rates.append(float(m.group(1)))
-        accuracy = float(m.group(2))
-    if len(rates) != epochs:
+    lines = parse_epoch_lines(out)
+    if len(lines) != epochs:
         raise SystemExit(f"could not read {epochs} epoch lines from: {' '.join(cmd)}\n{out}")
-    return rates, accuracy
+    return [e.images_per_s for e in lines], lines[-1].accuracy
 
 
 def typical(rates):

@@ -13,18 +13,17 @@ at or above --limit percent (issue 17's target: under 2% at every = 10).
 """
 import argparse
 import os
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
 
-EPOCH = re.compile(r"epoch\s+(\d+)\s+loss\s+\S+\s+scale\s+\S+\s+skipped\s+\d+\s+([\d.]+) images/s\s+test accuracy ([\d.]+)")
+from epoch_lines import parse_epoch_lines
 
 
 def run(cmd):
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    epochs = [(int(m.group(1)), float(m.group(2)), float(m.group(3))) for m in EPOCH.finditer(out)]
+    epochs = [(e.epoch, e.images_per_s, e.accuracy) for e in parse_epoch_lines(out)]
     if not epochs:
         sys.exit("no epoch lines in the output of " + " ".join(cmd) + ":\n" + out)
     return epochs
