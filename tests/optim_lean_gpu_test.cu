@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gpu_skip.hpp"
@@ -194,6 +195,64 @@ TEST(LeanGpu, OtherOptimizersAndAGraphGiveTheCpuBits) {
     lean_host_equals_device<optim::Lion, bfloat16>(lion, l, true);
     lean_host_equals_device<optim::AdamW, bfloat16>(adamw(), l, true);
   }
+}
+
+// The lists the uniform lean kernels take (cuda::uniform_lean_step: bf16
+// throughout, one layout for every parameter, no third state): AdamW
+// without amsgrad and SGD with momentum in the four layouts that have such
+// a kernel, and bf16_sr, which shares the bf16 one; eager and in a graph.
+// The parameter at an offset of one element runs that kernel's element-a-
+// thread path. Same bits as the host.
+TEST(LeanGpu, UniformLeanKernelsGiveTheCpuBits) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  const std::pair<Moments, Master> layouts[] = {{Moments::bf16, Master::fp32},
+                                                {Moments::bf16_sr, Master::fp32},
+                                                {Moments::int8, Master::fp32},
+                                                {Moments::fp32, Master::remainder},
+                                                {Moments::fp32, Master::none}};
+  for (const auto& [moments, master] : layouts) {
+    StateLayout l;
+    l.moments = moments;
+    l.master = master;
+    l.seed = 11;
+    SCOPED_TRACE(std::string("moments ") + to_string(l.moments) + ", master " + to_string(l.master));
+    ASSERT_NE(cuda::detail::uniform_lean_kernel<optim::AdamKernel>(
+                  master, cuda::ParamList::lean_moments_class(moments)),
+              nullptr);
+    optim::AdamWOptions adam;
+    adam.lr = 1e-2;
+    optim::SGDOptions sgd;
+    sgd.lr = 1e-2;
+    sgd.momentum = 0.9;
+    for (bool graph : {false, true}) {
+      lean_host_equals_device<optim::AdamW, bfloat16>(adam, l, graph);
+      lean_host_equals_device<optim::SGD, bfloat16>(sgd, l, graph);
+    }
+  }
+}
+
+// Which lists ParamList calls uniform in a lean layout: every entry lean in
+// the same one (bf16_sr counted as bf16), whatever else differs.
+TEST(LeanGpu, ParamListFindsAUniformLeanLayout) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  cuda::ParamEntry a{};
+  a.weight_dtype = DType::bfloat16;
+  a.lean.active = true;
+  a.lean.moments = Moments::bf16;
+  a.lean.master = Master::fp32;
+  cuda::ParamEntry b = a;
+  b.lean.moments = Moments::bf16_sr;
+  const auto both = cuda::ParamList({a, b}).uniform_lean();
+  ASSERT_TRUE(both.has_value());
+  EXPECT_EQ(both->first, Master::fp32);
+  EXPECT_EQ(both->second, Moments::bf16);
+  cuda::ParamEntry c = a;
+  c.lean.master = Master::none;
+  EXPECT_FALSE(cuda::ParamList({a, c}).uniform_lean().has_value());
+  cuda::ParamEntry d = a;
+  d.lean = optim::DeviceLeanState{};  // the default layout: not lean
+  EXPECT_FALSE(cuda::ParamList({a, d}).uniform_lean().has_value());
+  EXPECT_FALSE(cuda::ParamList({d}).uniform_lean().has_value());
 }
 
 }  // namespace
