@@ -97,6 +97,18 @@ __device__ inline void allow_dependent_launch() {
 #endif
 }
 
+/// A hint that [p, p + bytes) will be read soon: the lanes of the calling
+/// warp ask L2 for its 128-byte lines (one line a lane a round), so the
+/// DRAM reads start while the warp computes on what it already holds. No
+/// register holds the data and nothing waits on it; a line past the data's
+/// end must not be asked for (the caller bounds `bytes`).
+__device__ inline void prefetch_l2(const void* p, std::int64_t bytes) {
+  const char* base = static_cast<const char*>(p);
+  for (std::int64_t off = static_cast<std::int64_t>(threadIdx.x % 32) * 128; off < bytes; off += 32 * 128) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(base + off));
+  }
+}
+
 /// The last-block pattern: every thread of every block calls it once, after
 /// the block's writes; it makes them visible device-wide, counts the block
 /// done in `*counter`, and tells every thread of the block whether it was the

@@ -27,6 +27,7 @@
 #include "mixprec/core/config.hpp"
 #include "mixprec/core/convert.hpp"
 #include "mixprec/cuda/exact_float.cuh"
+#include "mixprec/cuda/launch.cuh"
 #include "mixprec/optim/device_backend.hpp"
 #include "mixprec/optim/family.hpp"
 #include "mixprec/optim/state_layout.hpp"
@@ -235,7 +236,8 @@ __device__ inline bool lean_uses(const C& c, int k) {
 /// spills). Every thread of the block calls it alike, and it needs
 /// lean_vec_ok. The same decoding, formula and encoding as lean_range,
 /// element for element.
-template <class Kernel, bool Third, optim::Master Ms, optim::Moments Mo, class G, class W, class C, class Acc>
+template <class Kernel, bool Third, optim::Master Ms, optim::Moments Mo, int Ahead = 0, class G, class W, class C,
+          class Acc>
 __device__ inline void lean_range_vec(const G* grad, W* weight, float* master, float* const (&state_ptrs)[3],
                                       const optim::DeviceLeanState& lean_state, std::int64_t step, std::int64_t begin,
                                       std::int64_t end, float inv_scale, float clip, const C& coeffs, Acc& pa) {
@@ -263,6 +265,33 @@ __device__ inline void lean_range_vec(const G* grad, W* weight, float* master, f
   const int lane = static_cast<int>(threadIdx.x % 32);
   for (std::int64_t tile = begin + static_cast<std::int64_t>(threadIdx.x / 32) * lean_tile; tile < end;
        tile += warps * lean_tile) {
+    if constexpr (Ahead > 0) {
+      // The warp's tile Ahead rounds on, asked of L2 now: its DRAM reads
+      // overlap this tile's arithmetic (two blocks an SM leave few other
+      // warps to hide them).
+      const std::int64_t next = tile + static_cast<std::int64_t>(Ahead) * warps * lean_tile;
+      if (next < end) {
+        const std::int64_t n_next = end - next < lean_tile ? end - next : lean_tile;
+        prefetch_l2(grad + next, n_next * static_cast<std::int64_t>(sizeof(G)));
+        if constexpr (Ms == Master::fp32) {
+          prefetch_l2(master + next, n_next * 4);
+        } else {
+          prefetch_l2(weight + next, n_next * static_cast<std::int64_t>(sizeof(W)));
+          if constexpr (Ms == Master::remainder) prefetch_l2(L.remainder + next, n_next * 2);
+        }
+#pragma unroll
+        for (int k = 0; k < 3; ++k) {
+          if (!lean_uses<Kernel, Third>(c, k)) continue;
+          if constexpr (Mo == Moments::fp32) {
+            prefetch_l2(fp32_state[k] + next, n_next * 4);
+          } else if constexpr (Mo == Moments::bf16) {
+            prefetch_l2(static_cast<const bfloat16*>(L.packed[k]) + next, n_next * 2);
+          } else {
+            prefetch_l2(static_cast<const std::uint8_t*>(L.packed[k]) + next, n_next);
+          }
+        }
+      }
+    }
     const std::int64_t e0 = tile + V * lane;  // this lane's first element
     const std::int64_t left = end - e0;
     const int n = left >= V ? V : (left > 0 ? static_cast<int>(left) : 0);  // its live elements
