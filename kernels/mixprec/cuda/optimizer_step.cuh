@@ -710,6 +710,22 @@ template <class Kernel>
 inline constexpr int uniform_states = optim::kernel_states_v<Kernel> < 2 ? optim::kernel_states_v<Kernel> : 2;
 }  // namespace detail
 
+namespace detail {
+// Whether no group's options use a state index >= first (uses() reads the
+// options' switches only): a uniform kernel leaves those states out.
+template <class Hyper>
+bool no_group_uses_states_from(const std::vector<Hyper>& groups, int first) {
+  using Kernel = typename Hyper::kernel;
+  for (const Hyper& h : groups) {
+    const auto c = Kernel::coeffs(h, h.lr, 1.0);
+    for (int k = first; k < 3; ++k) {
+      if (Kernel::uses(c, k)) return false;
+    }
+  }
+  return true;
+}
+}  // namespace detail
+
 /// Whether launch_step runs the uniform kernel (detail::UniformRange) for
 /// these arguments: fp16 gradients and weights throughout, or bf16, no lean
 /// parameter, no precursor sums asked, and no group using a state the
@@ -718,15 +734,10 @@ inline constexpr int uniform_states = optim::kernel_states_v<Kernel> < 2 ? optim
 template <class Hyper>
 bool uniform_step(const TensorList& grads, const ParamList& params, const std::vector<Hyper>& groups,
                   const StepInputs& in) {
-  using Kernel = typename Hyper::kernel;
   const std::optional<DType> g = grads.uniform_dtype(), w = params.uniform_weight_dtype();
-  bool uniform = !params.has_lean() && in.precursors == nullptr && g && w && *g == *w &&
-                 (*g == DType::float16 || *g == DType::bfloat16);
-  for (const Hyper& h : groups) {
-    const auto c = Kernel::coeffs(h, h.lr, 1.0);  // uses() reads the options' switches only
-    for (int k = detail::uniform_states<Kernel>; k < 3; ++k) uniform = uniform && !Kernel::uses(c, k);
-  }
-  return uniform;
+  return !params.has_lean() && in.precursors == nullptr && g && w && *g == *w &&
+         (*g == DType::float16 || *g == DType::bfloat16) &&
+         detail::no_group_uses_states_from(groups, detail::uniform_states<typename Hyper::kernel>);
 }
 
 namespace detail {
@@ -765,15 +776,9 @@ StepKernelPtr<Kernel> uniform_lean_kernel(optim::Master master, optim::Moments m
 template <class Hyper>
 bool uniform_lean_step(const TensorList& grads, const ParamList& params, const std::vector<Hyper>& groups,
                        const StepInputs& in) {
-  using Kernel = typename Hyper::kernel;
   const std::optional<DType> g = grads.uniform_dtype(), w = params.uniform_weight_dtype();
-  bool uniform = params.uniform_lean().has_value() && in.precursors == nullptr && g && w &&
-                 *g == DType::bfloat16 && *w == DType::bfloat16;
-  for (const Hyper& h : groups) {
-    const auto c = Kernel::coeffs(h, h.lr, 1.0);  // uses() reads the options' switches only
-    for (int k = 2; k < 3; ++k) uniform = uniform && !(k < optim::kernel_states_v<Kernel> && Kernel::uses(c, k));
-  }
-  return uniform;
+  return params.uniform_lean().has_value() && in.precursors == nullptr && g && w && *g == DType::bfloat16 &&
+         *w == DType::bfloat16 && detail::no_group_uses_states_from(groups, 2);
 }
 
 /// Pass 2 and the step's count over every parameter of `params`, one
