@@ -534,7 +534,7 @@ struct UniformRange {
 // Each warp asks L2 for its next tile while it computes this one (Ahead =
 // 1, lean_range_vec): with two blocks an SM few other warps hide a tile's
 // loads. H100, 2^30: bf16 moments 9.52 -> 8.75 ms; two tiles ahead was
-// slower (9.68), and so was the same hint in the fp32 kernel (2-4%).
+// slower (9.68), and so was the same hint in the fp32 kernel (0-8%).
 template <optim::Master Ms, optim::Moments Mo>
 struct UniformLeanRange {
   static constexpr int kMinBlocks = 2;
