@@ -100,9 +100,7 @@ __global__ void conv_bias_finish_kernel(const float* partials, std::int64_t k, s
   const std::int64_t channel = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = static_cast<int>(threadIdx.x % 32);
   if (channel >= k) return;  // whole warps: blockDim is a multiple of 32
-  float s = 0;
-  for (std::int64_t i = lane; i < splits; i += 32) s += partials[channel * splits + i];
-  for (int o = 16; o > 0; o /= 2) s += __shfl_down_sync(0xffffffffu, s, o);
+  const float s = warp_sum_in_order(partials + channel * splits, splits, 1);
   if (lane == 0) db[channel] = mixprec::from_float<T>(s);
 }
 
@@ -307,9 +305,7 @@ __global__ void direct_conv_wgrad_finish_kernel(const float* partials, std::int6
   const std::int64_t e = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = static_cast<int>(threadIdx.x % 32);
   if (e >= k * (taps + 1)) return;  // whole warps: blockDim is a multiple of 32
-  float sum = 0;
-  for (std::int64_t b = lane; b < blocks; b += 32) sum += partials[b * k * (taps + 1) + e];
-  for (int o = 16; o > 0; o /= 2) sum += __shfl_down_sync(0xffffffffu, sum, o);
+  const float sum = warp_sum_in_order(partials + e, blocks, k * (taps + 1));
   if (lane != 0) return;
   const std::int64_t f = e / (taps + 1);
   const int j = static_cast<int>(e % (taps + 1));

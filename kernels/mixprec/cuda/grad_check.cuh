@@ -92,15 +92,11 @@ __device__ inline void accumulate_range(const T* data, std::int64_t begin, std::
   for (std::int64_t k = i + threadIdx.x; k < end; k += blockDim.x) accumulate_one<Hist>(data[k], sum, bad, hist);
 }
 
+// block_sum_in_order (launch.cuh), then a barrier: the next call may
+// write warp_sums again.
 __device__ inline float block_sum(float x) {
   __shared__ float warp_sums[check_threads / 32];
-  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_down_sync(0xffffffffu, x, offset);
-  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = x;
-  __syncthreads();
-  float total = 0;
-  if (threadIdx.x == 0) {
-    for (int w = 0; w < check_threads / 32; ++w) total += warp_sums[w];
-  }
+  const float total = block_sum_in_order(x, warp_sums);
   __syncthreads();
   return total;  // valid in thread 0
 }

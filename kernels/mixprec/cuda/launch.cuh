@@ -144,6 +144,17 @@ __device__ inline float block_sum_in_order(float s, float* warp_sums) {
   return total;
 }
 
+// The sum of values[i * stride] for i in [0, n) by one warp, in a fixed
+// order (lane l adds i = l, l + 32, ...; then a shuffle tree), so the bits
+// do not depend on scheduling; the result is lane 0's return value. Every
+// lane of the warp calls it.
+__device__ inline float warp_sum_in_order(const float* values, std::int64_t n, std::int64_t stride) {
+  float s = 0;
+  for (std::int64_t i = threadIdx.x % 32; i < n; i += 32) s += values[i * stride];
+  for (int o = 16; o > 0; o /= 2) s += __shfl_down_sync(0xffffffffu, s, o);
+  return s;
+}
+
 template <class Kernel>
 bool dependent_launch_ok(Kernel* kernel) {
   return detail::kernel_query(1, reinterpret_cast<const void*>(kernel), 0, [&] {
