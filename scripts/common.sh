@@ -80,9 +80,10 @@ cuda_architectures() {
 configure_and_build() {
   local mode
   mode="$(cuda_mode)"
-  local archs=()
-  if [[ "$mode" != OFF && -n "$(cuda_architectures)" ]]; then
-    archs=(-DCMAKE_CUDA_ARCHITECTURES="$(cuda_architectures)")
+  local archs=() arch
+  arch="$(cuda_architectures)"
+  if [[ "$mode" != OFF && -n "$arch" ]]; then
+    archs=(-DCMAKE_CUDA_ARCHITECTURES="$arch")
   fi
   log "configure (CUDA: $mode${archs:+, ${archs[0]#-D}}) in $BUILD_DIR"
   local launcher=()
