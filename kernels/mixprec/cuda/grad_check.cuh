@@ -86,7 +86,18 @@ __device__ inline void accumulate_range(const T* data, std::int64_t begin, std::
 #pragma unroll
       for (int u = 0; u < U; ++u) accumulate_vector<Hist, T>(raw[u], sum, bad, hist);
     }
-    for (; k < vectors; k += stride) accumulate_vector<Hist, T>(v[k], sum, bad, hist);
+    // The rest (fewer than U a thread): every load issued before the first
+    // is added, as above (a small slice is only this: the MLP's are 2 loads
+    // a thread, which one at a time waited on two round trips).
+    uint4 raw[U - 1];
+#pragma unroll
+    for (int u = 0; u < U - 1; ++u) {
+      if (k + u * stride < vectors) raw[u] = v[k + u * stride];
+    }
+#pragma unroll
+    for (int u = 0; u < U - 1; ++u) {
+      if (k + u * stride < vectors) accumulate_vector<Hist, T>(raw[u], sum, bad, hist);
+    }
     i = begin + vectors * per_vector;
   }
   for (std::int64_t k = i + threadIdx.x; k < end; k += blockDim.x) accumulate_one<Hist>(data[k], sum, bad, hist);
