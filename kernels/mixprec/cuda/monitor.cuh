@@ -46,32 +46,42 @@ struct MonitorControl {
 inline __device__ bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
 // The step's record, then the scaler's end of iteration, by every thread of
-// one block. Thread 0 reads the scale and the found-inf flags before
+// one block. The scale and the found-inf flags are read before
 // amp::end_iteration changes the scaler's state (in.scale points into it):
 // the record holds the scale this step's gradients carried, as the host
-// monitor's does. On return the block sees the ring slot written and
-// ctl->steps counted.
-__device__ inline void record_and_end_iteration(const monitor::DeviceStepInputs& in, MonitorControl* ctl,
-                                                monitor::DeviceStep* ring, int* ring_nonfinite, int every,
-                                                int num_params, const monitor::ScalerUpdate& update) {
-  const int slot = static_cast<int>(ctl->steps % every);
-  int* flags = ring_nonfinite + static_cast<std::size_t>(slot) * num_params;
-  for (int p = static_cast<int>(threadIdx.x); p < num_params; p += static_cast<int>(blockDim.x)) {
-    flags[p] = in.nonfinite[p];
-  }
+// monitor's does. Every read comes before every write: they are independent
+// of one another, so they take one memory round trip (the kernel is on the
+// step's critical path; read after a write that might alias them, as the
+// compiler must assume, each read waited for the one before it). On return
+// the block sees the ring slot written and ctl->steps counted.
+__device__ inline long long record_and_end_iteration(const monitor::DeviceStepInputs& in, MonitorControl* ctl,
+                                                     monitor::DeviceStep* ring, int* ring_nonfinite, int every,
+                                                     int num_params, const monitor::ScalerUpdate& update) {
+  const long long steps = ctl->steps;
+  monitor::DeviceStep s{};
+  amp::DeviceScalerState state{};
   if (threadIdx.x == 0) {
-    monitor::DeviceStep s;
     s.loss = in.loss != nullptr ? *in.loss : __int_as_float(0x7fffffff);
     s.scale = *in.scale;
     s.found_inf = *in.found_inf;
     s.guard_skip = in.guard_skip != nullptr ? *in.guard_skip : 0;
     s.sum_squares = *in.total_sum_squares;
+    state = *update.state;
+  }
+  const int slot = static_cast<int>(steps % every);
+  int* flags = ring_nonfinite + static_cast<std::size_t>(slot) * num_params;
+  for (int p = static_cast<int>(threadIdx.x); p < num_params; p += static_cast<int>(blockDim.x)) {
+    flags[p] = in.nonfinite[p];
+  }
+  if (threadIdx.x == 0) {
     ring[slot] = s;
-    amp::end_iteration(*update.state, update.policy, update.dynamic);
+    amp::end_iteration(state, update.policy, update.dynamic);
+    *update.state = state;
   }
   __syncthreads();  // every thread has read ctl->steps
-  if (threadIdx.x == 0) ctl->steps += 1;
+  if (threadIdx.x == 0) ctl->steps = steps + 1;
   __syncthreads();  // the slot and the count, for the publish's copy
+  return steps + 1;
 }
 
 // An unlogged step's end: the scaler's update kernel with the record in it
@@ -174,14 +184,52 @@ __global__ void __launch_bounds__(monitor_threads)
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  record_and_end_iteration(in, ctl, ring, ring_nonfinite, every, num_params, update);
-  // Everything into pinned slot (published % slots).
-  const long long seq = ctl->published;
+  const long long seq = ctl->published;  // read with the record's reads, before any write
+  const long long steps_now = record_and_end_iteration(in, ctl, ring, ring_nonfinite, every, num_params, update);
+  // Everything into pinned slot (published % slots). What is copied as it
+  // is (the ring, its flags, the histograms, the last zeroed behind the
+  // read for the next logged step) goes in 4-byte words, kCopyBatch a
+  // thread at a time, each batch's reads issued before its writes: the
+  // block's reads take one round trip a batch (one for the MLP example's
+  // six parameters), where a loop a part took one each. The first batch's
+  // reads are also in flight while the sums below wait on theirs.
   char* out = pinned + static_cast<std::size_t>(seq % slots) * layout.bytes;
-  auto* steps = reinterpret_cast<monitor::DeviceStep*>(out + layout.steps);
-  for (int k = threadIdx.x; k < every; k += blockDim.x) steps[k] = ring[k];
-  auto* flags = reinterpret_cast<int*>(out + layout.nonfinite);
-  for (int k = threadIdx.x; k < every * num_params; k += blockDim.x) flags[k] = ring_nonfinite[k];
+  constexpr int kStepWords = static_cast<int>(sizeof(monitor::DeviceStep) / 4);
+  static_assert(sizeof(monitor::DeviceStep) % 4 == 0, "the ring copies in 4-byte words");
+  const int ring_words = every * kStepWords, flag_words = every * num_params;
+  const int words = ring_words + flag_words + num_params * monitor_bins * 2;
+  // Word w's source, and its place in the read-back.
+  auto source = [&](int w) -> unsigned* {
+    if (w < ring_words) return reinterpret_cast<unsigned*>(ring) + w;
+    if (w < ring_words + flag_words) return reinterpret_cast<unsigned*>(ring_nonfinite) + (w - ring_words);
+    return reinterpret_cast<unsigned*>(hist) + (w - ring_words - flag_words);
+  };
+  auto target = [&](int w) -> unsigned* {
+    if (w < ring_words) return reinterpret_cast<unsigned*>(out + layout.steps) + w;
+    if (w < ring_words + flag_words) return reinterpret_cast<unsigned*>(out + layout.nonfinite) + (w - ring_words);
+    return reinterpret_cast<unsigned*>(out + layout.hist) + (w - ring_words - flag_words);
+  };
+  constexpr int kCopyBatch = 4;
+  const int batch = kCopyBatch * static_cast<int>(blockDim.x);
+  unsigned held[kCopyBatch];
+  auto read_batch = [&](int first) {
+#pragma unroll
+    for (int j = 0; j < kCopyBatch; ++j) {
+      const int w = first + j * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
+      if (w < words) held[j] = __ldcg(source(w));
+    }
+  };
+  auto write_batch = [&](int first) {
+#pragma unroll
+    for (int j = 0; j < kCopyBatch; ++j) {
+      const int w = first + j * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
+      if (w < words) {
+        *target(w) = held[j];
+        if (w >= ring_words + flag_words) *source(w) = 0;  // a histogram word
+      }
+    }
+  };
+  read_batch(0);
   auto* out_sums = reinterpret_cast<monitor::DeviceParamSums*>(out + layout.sums);
   // One warp per parameter adds up its blocks' partials (lanes strided
   // over the blocks, then a fixed shuffle tree). A step that moved the
@@ -211,10 +259,10 @@ __global__ void __launch_bounds__(monitor_threads)
       for (std::size_t k = 0; k < optim::kPrecursorSums; ++k) pre[k] = 0;
     }
   }
-  auto* out_hist = reinterpret_cast<unsigned long long*>(out + layout.hist);
-  for (int k = threadIdx.x; k < num_params * monitor_bins; k += blockDim.x) {
-    out_hist[k] = __ldcg(hist + k);
-    hist[k] = 0;
+  write_batch(0);
+  for (int first = batch; first < words; first += batch) {
+    read_batch(first);
+    write_batch(first);
   }
   auto* header = reinterpret_cast<volatile monitor::ReadbackHeader*>(out);
   // The data reaches the host before the seq that says it is there: the
@@ -223,7 +271,7 @@ __global__ void __launch_bounds__(monitor_threads)
   // step count included, before the seq. One fence, one thread.
   __syncthreads();
   if (threadIdx.x == 0) {
-    header->steps = ctl->steps;
+    header->steps = steps_now;
     __threadfence_system();
     header->seq = seq + 1;
     ctl->published = seq + 1;
