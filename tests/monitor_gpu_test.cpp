@@ -151,10 +151,11 @@ void expect_same(const MonitorRun& a, const MonitorRun& b, const char* what) {
       EXPECT_NEAR(p.grad_norm, q.grad_norm, 1e-5 * p.grad_norm) << what;
       EXPECT_NEAR(p.update_ratio, q.update_ratio, 1e-6 * p.update_ratio + 1e-12) << what << " param " << i;
       EXPECT_EQ(p.eps_share, q.eps_share) << what << " param " << i;
-      // The precursors: the same terms on both sides, summed in another order.
+      // The precursors: the same float terms on both sides, summed in
+      // another order (the device adds a quad's four in float first).
       EXPECT_EQ(std::isnan(p.v_ratio_rms), std::isnan(q.v_ratio_rms)) << what << " param " << i;
       if (!std::isnan(p.v_ratio_rms)) {
-        EXPECT_NEAR(p.v_ratio_rms, q.v_ratio_rms, 1e-9 * p.v_ratio_rms) << what;
+        EXPECT_NEAR(p.v_ratio_rms, q.v_ratio_rms, 1e-6 * p.v_ratio_rms) << what;
       }
       EXPECT_EQ(std::isnan(p.lost_update_share), std::isnan(q.lost_update_share)) << what << " param " << i;
       if (!std::isnan(p.lost_update_share)) {

@@ -86,11 +86,13 @@ struct Case {
   // synchronisation. `precursors`: the monitor's sums, if asked.
   template <class Hyper>
   void step(const Hyper& hyper, const optim::LRSchedule& schedule, double max_norm, const amp::ScalePolicy& policy,
-            bool dynamic, cudaStream_t stream = nullptr, double* precursors = nullptr) {
+            bool dynamic, cudaStream_t stream = nullptr, double* precursors = nullptr,
+            cuda::detail::StepKernelChoice kernel = cuda::detail::StepKernelChoice::fastest) {
     check->launch(*list, stream);
     cuda::StepInputs in = inputs(max_norm);
     in.precursors = precursors;
-    cuda::launch_step(*list, *params, hyper, schedule, in, stream);  // pass 2 and the step's count
+    // pass 2 and the step's count
+    cuda::detail::launch_step_with(*list, *params, std::vector<Hyper>{hyper}, schedule, in, kernel, stream);
     cuda::launch_update_scale(device_scaler(), policy, dynamic, stream);
   }
   cuda::StepInputs inputs(double max_norm) {
@@ -246,28 +248,27 @@ TEST(OptimizerStepGpu, MatchesTheCpuPathFloat) {
 }
 
 // launch_step runs one of two kernels: for a uniform list (16-bit
-// gradients and weights of one dtype, no precursor sums, no state past the
-// second) one without the other paths' registers, else the general one.
-// Asking for the precursor sums, which do not change the update, sends the
-// same list through the general kernel: both must give the same bits for
-// the masters, the state and the weights, aligned or not (the scalar
-// fallback), over steps with overflows, clipping and a schedule.
+// gradients and weights of one dtype, no state past the second) one without
+// the other paths' registers, with or without the precursor sums, else the
+// general one. All three must give the same bits for the masters, the state
+// and the weights, aligned or not (the scalar fallback), over steps with
+// overflows, clipping and a schedule; the two with sums, the same sums up
+// to the order their blocks add them in.
 template <class T, class Hyper>
 void both_kernels(const Hyper& hyper, double max_norm, int offset, const std::string& what) {
   SCOPED_TRACE(what + " " + dtype_traits<T>::name);
-  Case<T> uniform(offset), general(offset);
+  Case<T> uniform(offset), uniform_sums(offset), general(offset);
   amp::ScalerState init;
   init.scale = 1024;
-  for (Case<T>* c : {&uniform, &general}) {
+  for (Case<T>* c : {&uniform, &uniform_sums, &general}) {
     MIXPREC_CUDA_CHECK(cudaMemcpy(c->scaler(), &init, sizeof init, cudaMemcpyHostToDevice));
   }
-  Buffer sums(uniform.sizes.size() * optim::kPrecursorSums * sizeof(double), Device::cuda(0));
-  MIXPREC_CUDA_CHECK(cudaMemset(sums.data(), 0, sums.bytes()));
+  const std::size_t n_sums = uniform.sizes.size() * optim::kPrecursorSums;
+  Buffer sums_u(n_sums * sizeof(double), Device::cuda(0)), sums_g(n_sums * sizeof(double), Device::cuda(0));
+  MIXPREC_CUDA_CHECK(cudaMemset(sums_u.data(), 0, sums_u.bytes()));
+  MIXPREC_CUDA_CHECK(cudaMemset(sums_g.data(), 0, sums_g.bytes()));
   const std::vector<Hyper> groups{hyper};
-  cuda::StepInputs with_sums = general.inputs(max_norm);
-  with_sums.precursors = static_cast<double*>(sums.data());
-  ASSERT_TRUE(cuda::uniform_step(*uniform.list, *uniform.params, groups, uniform.inputs(max_norm)));
-  ASSERT_FALSE(cuda::uniform_step(*general.list, *general.params, groups, with_sums));
+  ASSERT_TRUE(cuda::uniform_step(*uniform.list, *uniform.params, groups));
   amp::ScalePolicy policy;
   policy.growth_interval = 3;
   const optim::LRSchedule schedule = optim::LRSchedule::cosine(30, 0.1);
@@ -276,27 +277,50 @@ void both_kernels(const Hyper& hyper, double max_norm, int offset, const std::st
       Tensor<T> g(Shape{uniform.sizes[i]});
       fill_normal(g, 0, 50, 31 * step + i);
       if (step % 11 == 5 && g.numel() > 0) g.at(g.numel() - 1) = from_float<T>(INFINITY);
-      copy(g, uniform.dgrads[i]);
-      copy(g, general.dgrads[i]);
+      for (Case<T>* c : {&uniform, &uniform_sums, &general}) copy(g, c->dgrads[i]);
     }
     uniform.step(hyper, schedule, max_norm, policy, true);
-    general.step(hyper, schedule, max_norm, policy, true, nullptr, static_cast<double*>(sums.data()));
+    uniform_sums.step(hyper, schedule, max_norm, policy, true, nullptr, static_cast<double*>(sums_u.data()));
+    general.step(hyper, schedule, max_norm, policy, true, nullptr, static_cast<double*>(sums_g.data()),
+                 cuda::detail::StepKernelChoice::general);
   }
   MIXPREC_CUDA_CHECK(cudaDeviceSynchronize());
   EXPECT_EQ(uniform.counts(), general.counts());
+  EXPECT_EQ(uniform.counts(), uniform_sums.counts());
   EXPECT_GT(uniform.counts()[2], 0);  // some steps were skipped
-  for (std::size_t i = 0; i < uniform.sizes.size(); ++i) {
-    const auto same = [&](const auto& a, const auto& b, const char* name) {
-      const auto ha = a.to(Device::cpu()), hb = b.to(Device::cpu());
-      ASSERT_EQ(std::memcmp(ha.data(), hb.data(), ha.bytes()), 0) << name << " of tensor " << i;
-    };
-    same(uniform.masters[i], general.masters[i], "master");
-    for (int k = 0; k < 3; ++k) same(uniform.states[i][k], general.states[i][k], "state");
-    Tensor<T> wu(Shape{uniform.sizes[i]}), wg(Shape{uniform.sizes[i]});
-    copy(uniform.dweights[i], wu);
-    copy(general.dweights[i], wg);
-    ASSERT_EQ(std::memcmp(wu.data(), wg.data(), wu.bytes()), 0) << "weight of tensor " << i;
+  for (const Case<T>* other : {&uniform_sums, &general}) {
+    for (std::size_t i = 0; i < uniform.sizes.size(); ++i) {
+      const auto same = [&](const auto& a, const auto& b, const char* name) {
+        const auto ha = a.to(Device::cpu()), hb = b.to(Device::cpu());
+        ASSERT_EQ(std::memcmp(ha.data(), hb.data(), ha.bytes()), 0)
+            << name << " of tensor " << i << (other == &general ? " (general)" : " (uniform, sums)");
+      };
+      same(uniform.masters[i], other->masters[i], "master");
+      for (int k = 0; k < 3; ++k) same(uniform.states[i][k], other->states[i][k], "state");
+      Tensor<T> wu(Shape{uniform.sizes[i]}), wo(Shape{uniform.sizes[i]});
+      copy(uniform.dweights[i], wu);
+      copy(other->dweights[i], wo);
+      ASSERT_EQ(std::memcmp(wu.data(), wo.data(), wu.bytes()), 0) << "weight of tensor " << i;
+    }
   }
+  std::vector<double> su(n_sums), sg(n_sums);
+  MIXPREC_CUDA_CHECK(cudaMemcpy(su.data(), sums_u.data(), sums_u.bytes(), cudaMemcpyDeviceToHost));
+  MIXPREC_CUDA_CHECK(cudaMemcpy(sg.data(), sums_g.data(), sums_g.bytes(), cudaMemcpyDeviceToHost));
+  // (These entries leave v_state 0 and eps2 0: the "second moment" is the
+  // first, which goes negative, so g^2 / max(m, 0) is inf on both sides.)
+  double weight_terms = 0;
+  for (std::size_t j = 0; j < n_sums; ++j) {
+    const std::string which = "precursor sum " + std::to_string(j % optim::kPrecursorSums) + " of tensor " +
+                              std::to_string(j / optim::kPrecursorSums);
+    if (std::isfinite(sg[j])) {
+      EXPECT_NEAR(su[j], sg[j], 1e-12 * std::fabs(sg[j])) << which;
+    } else {
+      EXPECT_EQ(su[j], sg[j]) << which;
+    }
+    if (j % optim::kPrecursorSums == 3) weight_terms += sg[j];
+  }
+  EXPECT_GT(weight_terms, 0.0);  // the sums were taken
+  EXPECT_TRUE(std::isfinite(weight_terms));
 }
 
 template <class T>
@@ -333,16 +357,15 @@ TEST(OptimizerStepGpu, UniformKernelOnlyForUniformLists) {
   MIXPREC_SKIP_WITHOUT_GPU();
   Case<half> c;
   cuda::AdamHyper adam;
-  const cuda::StepInputs in = c.inputs(0);
-  EXPECT_TRUE(cuda::uniform_step(*c.list, *c.params, std::vector<cuda::AdamHyper>{adam}, in));
+  EXPECT_TRUE(cuda::uniform_step(*c.list, *c.params, std::vector<cuda::AdamHyper>{adam}));
   cuda::AdamHyper amsgrad = adam;
   amsgrad.amsgrad = true;  // a third state
-  EXPECT_FALSE(cuda::uniform_step(*c.list, *c.params, std::vector<cuda::AdamHyper>{adam, amsgrad}, in));
+  EXPECT_FALSE(cuda::uniform_step(*c.list, *c.params, std::vector<cuda::AdamHyper>{adam, amsgrad}));
   cuda::RmspropHyper rms;
   rms.momentum = 0.5;  // RMSprop's momentum buffer is its third state
-  EXPECT_FALSE(cuda::uniform_step(*c.list, *c.params, std::vector<cuda::RmspropHyper>{rms}, in));
+  EXPECT_FALSE(cuda::uniform_step(*c.list, *c.params, std::vector<cuda::RmspropHyper>{rms}));
   Case<float> f;  // fp32 gradients and weights
-  EXPECT_FALSE(cuda::uniform_step(*f.list, *f.params, std::vector<cuda::AdamHyper>{adam}, f.inputs(0)));
+  EXPECT_FALSE(cuda::uniform_step(*f.list, *f.params, std::vector<cuda::AdamHyper>{adam}));
   // fp16 gradients of bf16 weights: the dtypes differ.
   std::vector<cuda::ParamEntry> entries;
   for (std::size_t i = 0; i < c.sizes.size(); ++i) {
@@ -351,13 +374,13 @@ TEST(OptimizerStepGpu, UniformKernelOnlyForUniformLists) {
                        static_cast<std::int64_t*>(c.steps.data()) + i});
   }
   const cuda::ParamList mixed(entries);
-  EXPECT_FALSE(cuda::uniform_step(*c.list, mixed, std::vector<cuda::AdamHyper>{adam}, in));
+  EXPECT_FALSE(cuda::uniform_step(*c.list, mixed, std::vector<cuda::AdamHyper>{adam}));
   EXPECT_EQ(mixed.uniform_weight_dtype(), DType::bfloat16);
   // Weights of two dtypes, the odd one first: no uniform weight dtype.
   entries[0].weight_dtype = DType::float16;
   const cuda::ParamList two(entries);
   EXPECT_FALSE(two.uniform_weight_dtype().has_value());
-  EXPECT_FALSE(cuda::uniform_step(*c.list, two, std::vector<cuda::AdamHyper>{adam}, in));
+  EXPECT_FALSE(cuda::uniform_step(*c.list, two, std::vector<cuda::AdamHyper>{adam}));
 }
 
 // A whole step (pass 1, pass 2, finish) captured once in a CUDA graph and

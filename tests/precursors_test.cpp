@@ -66,10 +66,12 @@ TEST(Precursors, TheUpdatePassSumsWhatTheStepDid) {
       wt += static_cast<double>(before[e]) * before[e];
       lost += std::fabs(d) < 0.5 * half_ulp_spacing(before[e]) ? 1 : 0;
     }
-    EXPECT_NEAR(sums[0], ratio, 1e-12 * ratio) << "step " << s;
+    // Float terms (optim/precursors.hpp) against this double reference: a
+    // few float roundings a term, all of one sign.
+    EXPECT_NEAR(sums[0], ratio, 1e-6 * ratio) << "step " << s;
     EXPECT_EQ(sums[1], below) << "step " << s;
-    EXPECT_NEAR(sums[2], upd, 1e-12 * upd) << "step " << s;
-    EXPECT_NEAR(sums[3], wt, 1e-12 * wt) << "step " << s;
+    EXPECT_NEAR(sums[2], upd, 1e-6 * upd) << "step " << s;
+    EXPECT_NEAR(sums[3], wt, 1e-6 * wt) << "step " << s;
     EXPECT_EQ(sums[4], lost) << "step " << s;
     // The run is a real test of each sum: some of every kind, not all.
     EXPECT_GT(below, 0);

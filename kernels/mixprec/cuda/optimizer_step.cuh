@@ -94,7 +94,9 @@ struct alignas(4 * sizeof(T)) Quad {
 // shared memory, its row of a block-wide table, not in registers: they are
 // used on the monitor's logged steps only, and as five doubles held through
 // every element loop they cost the step kernels registers on every step
-// (the fp32 AdamW kernel: 118 with them, 110 without; ptxas, sm_90).
+// (the fp32 AdamW kernel: 118 with them, 110 without; ptxas, sm_90). The
+// aligned path sums a quad's four terms in float first (add_to), then adds
+// them to the row (add_quad): one double add a sum per quad, not per element.
 static_assert(step_threads == lean_tile, "lean_range takes a tile as one element a thread of the block");
 
 struct PrecursorAcc {
@@ -114,6 +116,17 @@ struct PrecursorAcc {
   template <class W>
   __device__ void add(float before, float after, float g, float v) {
     optim::add_precursor_terms<W>(sums(), before, after, g, v_state >= 0, v, v_scale, eps2);
+  }
+  // One element's terms added to a quad's float sums `q` (added to this
+  // thread's double sums by add_quad): one double add a sum per quad.
+  template <class W>
+  __device__ void add_to(float (&q)[optim::kPrecursorSums], float before, float after, float g, float v) const {
+    float t[optim::kPrecursorSums];
+    optim::precursor_terms<W>(t, before, after, g, v_state >= 0, v, v_scale, eps2);
+    for (std::size_t j = 0; j < optim::kPrecursorSums; ++j) q[j] += t[j];
+  }
+  __device__ void add_quad(const float (&q)[optim::kPrecursorSums]) {
+    for (std::size_t j = 0; j < optim::kPrecursorSums; ++j) sums()[j] += static_cast<double>(q[j]);
   }
   // Every thread of the block calls it (out is the same for all).
   __device__ void flush() {
@@ -222,6 +235,7 @@ __device__ inline void update_range(const G* grad, W* weight, const ParamEntry& 
         if (Kernel::uses(c, k)) sq[k] = *reinterpret_cast<const Quad<float>*>(p.state[k] + e);
       }
       Quad<W> wq;
+      float terms[optim::kPrecursorSums] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f};  // the quad's precursor terms
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         exact_float g = mixprec::to_float(gq.v[j]);
@@ -234,7 +248,7 @@ __device__ inline void update_range(const G* grad, W* weight, const ParamEntry& 
         Kernel::update(m, s0, s1, s2, g, c);
         if (pa.out != nullptr) {
           const float v = pa.v_state == 0 ? s0.v : pa.v_state == 1 ? s1.v : s2.v;
-          pa.template add<W>(mq.v[j], m.v, g.v, v);
+          pa.template add_to<W>(terms, mq.v[j], m.v, g.v, v);
         }
         mq.v[j] = m.v;
         sq[0].v[j] = s0.v;
@@ -242,6 +256,7 @@ __device__ inline void update_range(const G* grad, W* weight, const ParamEntry& 
         sq[2].v[j] = s2.v;
         wq.v[j] = mixprec::from_float<W>(m.v);
       }
+      if (pa.out != nullptr) pa.add_quad(terms);
       *reinterpret_cast<Quad<float>*>(p.master + e) = mq;
       for (int k = 0; k < NS; ++k) {
         if (Kernel::uses(c, k)) *reinterpret_cast<Quad<float>*>(p.state[k] + e) = sq[k];
@@ -483,7 +498,8 @@ __device__ inline SplitPoint split_point(const Chunk* chunks, const std::int64_t
 // What the step kernel runs on one range of one parameter: AnyRange for
 // any list (every gradient and weight dtype, lean layouts when Lean, the
 // monitor's precursor sums), UniformRange for the common list: G gradients
-// and W weights throughout, fp32 state in at most NS tensors, no sums.
+// and W weights throughout, fp32 state in at most NS tensors (the sums in its
+// Sums variant only).
 // Without the other paths' registers the uniform kernel fits three blocks
 // an SM where the other fits two (fp16 AdamW, sm_90: 76 registers against
 // 110), so more loads are in flight on each SM; its elements get the same
@@ -512,14 +528,17 @@ struct AnyRange {
     }
   }
 };
-template <class G, class W, int NS>
+// Sums: the monitor's logged steps, which ask for the precursor sums: the
+// same kernel with them (two blocks an SM; it ran at 110 registers in the
+// general kernel, whose other paths it does not hold).
+template <class G, class W, int NS, bool Sums = false>
 struct UniformRange {
-  static constexpr int kMinBlocks = 3;
+  static constexpr int kMinBlocks = Sums ? 2 : 3;
   template <class Kernel, class C>
   __device__ static void run(const TensorEntry& g, const ParamEntry& p, std::int64_t begin, std::int64_t end,
-                             float inv_scale, float clip, const C& co, double*) {
+                             float inv_scale, float clip, const C& co, double* precursors) {
     update_range<Kernel, false, NS>(static_cast<const G*>(g.data), static_cast<W*>(p.weight), p, begin, end,
-                                    inv_scale, clip, co, nullptr);
+                                    inv_scale, clip, co, Sums ? precursors : nullptr);
   }
 };
 
@@ -728,14 +747,13 @@ bool no_group_uses_states_from(const std::vector<Hyper>& groups, int first) {
 
 /// Whether launch_step runs the uniform kernel (detail::UniformRange) for
 /// these arguments: fp16 gradients and weights throughout, or bf16, no lean
-/// parameter, no precursor sums asked, and no group using a state the
-/// kernel has no room for. Any other list runs the general kernel; both give
-/// the same bits.
+/// parameter, and no group using a state the kernel has no room for (with
+/// the precursor sums when they are asked). Any other list runs the general
+/// kernel; both give the same bits.
 template <class Hyper>
-bool uniform_step(const TensorList& grads, const ParamList& params, const std::vector<Hyper>& groups,
-                  const StepInputs& in) {
+bool uniform_step(const TensorList& grads, const ParamList& params, const std::vector<Hyper>& groups) {
   const std::optional<DType> g = grads.uniform_dtype(), w = params.uniform_weight_dtype();
-  return !params.has_lean() && in.precursors == nullptr && g && w && *g == *w &&
+  return !params.has_lean() && g && w && *g == *w &&
          (*g == DType::float16 || *g == DType::bfloat16) &&
          detail::no_group_uses_states_from(groups, detail::uniform_states<typename Hyper::kernel>);
 }
@@ -781,6 +799,16 @@ bool uniform_lean_step(const TensorList& grads, const ParamList& params, const s
          *w == DType::bfloat16 && detail::no_group_uses_states_from(groups, 2);
 }
 
+namespace detail {
+// Which step kernel launch_step_with may run: the fastest for the list, or
+// the general one whatever the list (tests: both must give the same bits).
+enum class StepKernelChoice { fastest, general };
+template <class Hyper>
+void launch_step_with(const TensorList& grads, const ParamList& params, const std::vector<Hyper>& groups,
+                      const optim::LRSchedule& schedule, const StepInputs& in, StepKernelChoice choice,
+                      cudaStream_t stream);
+}  // namespace detail
+
 /// Pass 2 and the step's count over every parameter of `params`, one
 /// launch: `groups[g]` are the hyperparameters of the entries whose group is
 /// g. Unless *in.found_inf or a group's scheduled lr is unusable, updates
@@ -790,6 +818,13 @@ bool uniform_lean_step(const TensorList& grads, const ParamList& params, const s
 template <class Hyper>
 void launch_step(const TensorList& grads, const ParamList& params, const std::vector<Hyper>& groups,
                  const optim::LRSchedule& schedule, const StepInputs& in, cudaStream_t stream = nullptr) {
+  detail::launch_step_with(grads, params, groups, schedule, in, detail::StepKernelChoice::fastest, stream);
+}
+
+template <class Hyper>
+void detail::launch_step_with(const TensorList& grads, const ParamList& params, const std::vector<Hyper>& groups,
+                              const optim::LRSchedule& schedule, const StepInputs& in, StepKernelChoice choice,
+                              cudaStream_t stream) {
   using Kernel = typename Hyper::kernel;
   static_assert(std::is_trivially_copyable<Hyper>::value, "an optimizer's Hyper travels as a kernel argument");
   static_assert(sizeof(GroupHypers<Hyper>) <= 4096 - 512, "64 of this Hyper do not fit a kernel's arguments");
@@ -835,11 +870,18 @@ void launch_step(const TensorList& grads, const ParamList& params, const std::ve
   // uniform one (detail::UniformRange) the kernel without the other paths.
   auto kernel = params.has_lean() ? detail::step_kernel<Kernel, detail::AnyRange<true>>
                                   : detail::step_kernel<Kernel, detail::AnyRange<false>>;
-  if (uniform_step(grads, params, groups, in)) {
+  if (choice == detail::StepKernelChoice::general) {
+    // as chosen above
+  } else if (uniform_step(grads, params, groups)) {
     constexpr int states = detail::uniform_states<Kernel>;
-    kernel = *grads.uniform_dtype() == DType::float16
-                 ? detail::step_kernel<Kernel, detail::UniformRange<half, half, states>>
-                 : detail::step_kernel<Kernel, detail::UniformRange<bfloat16, bfloat16, states>>;
+    const bool f16 = *grads.uniform_dtype() == DType::float16;
+    if (in.precursors == nullptr) {
+      kernel = f16 ? detail::step_kernel<Kernel, detail::UniformRange<half, half, states>>
+                   : detail::step_kernel<Kernel, detail::UniformRange<bfloat16, bfloat16, states>>;
+    } else {
+      kernel = f16 ? detail::step_kernel<Kernel, detail::UniformRange<half, half, states, true>>
+                   : detail::step_kernel<Kernel, detail::UniformRange<bfloat16, bfloat16, states, true>>;
+    }
   } else if (uniform_lean_step(grads, params, groups, in)) {
     const auto layout = *params.uniform_lean();
     if (auto lean = detail::uniform_lean_kernel<Kernel>(layout.first, layout.second)) kernel = lean;
