@@ -81,6 +81,31 @@ TEST(Precursors, TheUpdatePassSumsWhatTheStepDid) {
   }
 }
 
+// The lost-update term against float64 where float's half-ulp would
+// round: masters of 0 and subnormal size that do not move are lost updates
+// for float weights as for 16-bit ones; a move of one spacing is not.
+TEST(Precursors, LostUpdatesAtZeroAndTinyMasters) {
+  const auto lost = [](auto weight, float before, float after) {
+    using T = decltype(weight);
+    float t[optim::kPrecursorSums];
+    optim::precursor_terms<T>(t, before, after, 0.0f, false, 0.0f, 1.0f, 0.0f);
+    return t[4];
+  };
+  for (const float before : {0.0f, 1e-40f, -1.2e-38f, 2.4e-38f, 1.0f, -3.5f}) {
+    EXPECT_EQ(lost(0.0f, before, before), 1.0f) << before;
+    EXPECT_EQ(lost(half(), before, before), 1.0f) << before;
+    const float next = std::nextafter(std::fabs(before), INFINITY);
+    const double half_spacing = 0.5 * (static_cast<double>(next) - std::fabs(before));
+    // One float spacing up: |d| = the spacing, not under half of it.
+    const float up = std::copysign(next, before == 0.0f ? 1.0f : before);
+    EXPECT_EQ(lost(0.0f, before, up), std::fabs(static_cast<double>(up) - before) < half_spacing ? 1.0f : 0.0f)
+        << before;
+    EXPECT_EQ(lost(0.0f, before, up), 0.0f) << before;
+  }
+  EXPECT_EQ(lost(half(), 1.0f, 1.0f + 1.0f / 4096), 1.0f);  // under half of fp16's 2^-10 at 1
+  EXPECT_EQ(lost(half(), 1.0f, 1.0f + 1.0f / 1024), 0.0f);  // one fp16 spacing
+}
+
 // Precursors on or off, the step has the same bits (the chunked loop they
 // ride on is the fused one's arithmetic), for fp32 and lean state.
 TEST(Precursors, TurningThemOnChangesNoBit) {

@@ -28,18 +28,18 @@ MIXPREC_HOST_DEVICE inline float v_hat_scale(double beta2, double step) {
   return bc > 0.0 ? static_cast<float>(1.0 / bc) : 1.0f;
 }
 
-/// Half the spacing of T's values just above |x| rounded to T, in float
-/// (exact: the spacing is a power of two); inf where that rounding is T's
-/// largest finite value, NaN where it is not finite.
+/// The spacing of T's values just above |x| rounded to T, in float (exact:
+/// the spacing is a power of two, float's smallest 2^-149); inf where that
+/// rounding is T's largest finite value, NaN where it is not finite.
 template <class T>
-MIXPREC_HOST_DEVICE inline float half_ulp_above(float x) {
+MIXPREC_HOST_DEVICE inline float ulp_above(float x) {
   if constexpr (std::is_same_v<T, float>) {
     const float a = ::fabsf(x);
-    return (::nextafterf(a, 3.4028235e38f * 2.0f) - a) * 0.5f;
+    return ::nextafterf(a, 3.4028235e38f * 2.0f) - a;
   } else {
     const T r = from_float<T>(x);
     const T next = from_bits<T>(static_cast<std::uint16_t>((to_bits(r) & 0x7fffu) + 1u));
-    return (to_float(next) - ::fabsf(to_float(r))) * 0.5f;
+    return to_float(next) - ::fabsf(to_float(r));
   }
 }
 
@@ -51,8 +51,11 @@ MIXPREC_HOST_DEVICE inline float half_ulp_above(float x) {
 /// division, five conversions and adds an element) they were most of what
 /// the monitor cost a step on the GPU; a float term is within a few float
 /// roundings (about 1e-7 relative) of the double one, and the counts are
-/// the same but where |m' - m| falls within float rounding of half an ulp. g^2 / v is formed as (g / v) * g: with v
-/// the updated second moment (v >= (1 - beta2) g^2) it cannot overflow.
+/// the same but where |m' - m| falls within float rounding of half an ulp.
+/// g^2 / v is formed as (g / v) * g: with v the updated second moment (v >=
+/// (1 - beta2) g^2) it cannot overflow. The squares of the update and the
+/// master are float too: to float rounding from about 1e-19 to 1.8e19 (0
+/// below about 2.6e-23, inf above).
 template <class T>
 MIXPREC_HOST_DEVICE inline void precursor_terms(float (&t)[kPrecursorSums], float before, float after, float g,
                                                 bool has_v, float v, float v_scale, float eps2) {
@@ -66,7 +69,9 @@ MIXPREC_HOST_DEVICE inline void precursor_terms(float (&t)[kPrecursorSums], floa
   const float d = after - before;
   t[2] = d * d;
   t[3] = before * before;
-  t[4] = ::fabsf(d) < half_ulp_above<T>(before) ? 1.0f : 0.0f;
+  // |d| < ulp / 2 as 2 |d| < ulp: both sides exact (half of float's
+  // smallest spacing would round to 0).
+  t[4] = 2.0f * ::fabsf(d) < ulp_above<T>(before) ? 1.0f : 0.0f;
 }
 
 /// Adds one element's terms (precursor_terms) to the sums.
