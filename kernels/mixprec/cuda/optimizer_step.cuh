@@ -528,9 +528,10 @@ struct AnyRange {
     }
   }
 };
-// Sums: the monitor's logged steps, which ask for the precursor sums: the
-// same kernel with them (two blocks an SM; it ran at 110 registers in the
-// general kernel, whose other paths it does not hold).
+// Sums: for the monitor's logged steps, which ask for the precursor sums:
+// the same kernel with them, 96 registers (fp16 AdamW, sm_90), so two
+// blocks an SM (three spilled 32 bytes); they ran in the general kernel
+// before (106 registers), whose other paths this one does not hold.
 template <class G, class W, int NS, bool Sums = false>
 struct UniformRange {
   static constexpr int kMinBlocks = Sums ? 2 : 3;
