@@ -186,50 +186,12 @@ __global__ void __launch_bounds__(monitor_threads)
   __threadfence();
   const long long seq = ctl->published;  // read with the record's reads, before any write
   const long long steps_now = record_and_end_iteration(in, ctl, ring, ring_nonfinite, every, num_params, update);
-  // Everything into pinned slot (published % slots). What is copied as it
-  // is (the ring, its flags, the histograms, the last zeroed behind the
-  // read for the next logged step) goes in 4-byte words, kCopyBatch a
-  // thread at a time, each batch's reads issued before its writes: the
-  // block's reads take one round trip a batch (one for the MLP example's
-  // six parameters), where a loop a part took one each. The first batch's
-  // reads are also in flight while the sums below wait on theirs.
+  // Everything into pinned slot (published % slots).
   char* out = pinned + static_cast<std::size_t>(seq % slots) * layout.bytes;
-  constexpr int kStepWords = static_cast<int>(sizeof(monitor::DeviceStep) / 4);
-  static_assert(sizeof(monitor::DeviceStep) % 4 == 0, "the ring copies in 4-byte words");
-  const int ring_words = every * kStepWords, flag_words = every * num_params;
-  const int words = ring_words + flag_words + num_params * monitor_bins * 2;
-  // Word w's source, and its place in the read-back.
-  auto source = [&](int w) -> unsigned* {
-    if (w < ring_words) return reinterpret_cast<unsigned*>(ring) + w;
-    if (w < ring_words + flag_words) return reinterpret_cast<unsigned*>(ring_nonfinite) + (w - ring_words);
-    return reinterpret_cast<unsigned*>(hist) + (w - ring_words - flag_words);
-  };
-  auto target = [&](int w) -> unsigned* {
-    if (w < ring_words) return reinterpret_cast<unsigned*>(out + layout.steps) + w;
-    if (w < ring_words + flag_words) return reinterpret_cast<unsigned*>(out + layout.nonfinite) + (w - ring_words);
-    return reinterpret_cast<unsigned*>(out + layout.hist) + (w - ring_words - flag_words);
-  };
-  constexpr int kCopyBatch = 4;
-  const int batch = kCopyBatch * static_cast<int>(blockDim.x);
-  unsigned held[kCopyBatch];
-  auto read_batch = [&](int first) {
-#pragma unroll
-    for (int j = 0; j < kCopyBatch; ++j) {
-      const int w = first + j * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
-      if (w < words) held[j] = __ldcg(source(w));
-    }
-  };
-  auto write_batch = [&](int first) {
-#pragma unroll
-    for (int j = 0; j < kCopyBatch; ++j) {
-      const int w = first + j * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
-      if (w < words) {
-        *target(w) = held[j];
-        if (w >= ring_words + flag_words) *source(w) = 0;  // a histogram word
-      }
-    }
-  };
-  read_batch(0);
+  auto* steps = reinterpret_cast<monitor::DeviceStep*>(out + layout.steps);
+  for (int k = threadIdx.x; k < every; k += blockDim.x) steps[k] = ring[k];
+  auto* flags = reinterpret_cast<int*>(out + layout.nonfinite);
+  for (int k = threadIdx.x; k < every * num_params; k += blockDim.x) flags[k] = ring_nonfinite[k];
   auto* out_sums = reinterpret_cast<monitor::DeviceParamSums*>(out + layout.sums);
   // One warp per parameter adds up its blocks' partials (lanes strided
   // over the blocks, then a fixed shuffle tree). A step that moved the
@@ -259,10 +221,10 @@ __global__ void __launch_bounds__(monitor_threads)
       for (std::size_t k = 0; k < optim::kPrecursorSums; ++k) pre[k] = 0;
     }
   }
-  write_batch(0);
-  for (int first = batch; first < words; first += batch) {
-    read_batch(first);
-    write_batch(first);
+  auto* out_hist = reinterpret_cast<unsigned long long*>(out + layout.hist);
+  for (int k = threadIdx.x; k < num_params * monitor_bins; k += blockDim.x) {
+    out_hist[k] = __ldcg(hist + k);
+    hist[k] = 0;
   }
   auto* header = reinterpret_cast<volatile monitor::ReadbackHeader*>(out);
   // The data reaches the host before the seq that says it is there: the
