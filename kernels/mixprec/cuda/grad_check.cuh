@@ -43,10 +43,10 @@ __device__ inline void accumulate_one(T value, float& sum, int& bad, unsigned* h
   sum = __fmaf_rn(x, x, sum);
   bad |= !isfinite(x);
   // One shared atomic a lane. Lanes whose values share a bin serialise on
-  // it, and that is still cheaper than grouping them first: on an H200, 2^21
-  // fp16 gradients (27 bins used) cost the pass 1.2 us more with this, 4.4 us
-  // more with __match_any_sync and one add per group (a kernel of this
-  // pass's loop alone, 2026-12-06; docs/monitor.md).
+  // it, and that is still cheaper than grouping them first: on an H200, 2.1M
+  // fp16 gradients cost the pass 1.2 us more with this, 4.4 us more with
+  // __match_any_sync and one add per group (benchmarks/histogram_binning.cu,
+  // 2026-12-06; docs/monitor.md).
   if constexpr (Hist) atomicAdd(hist + exponent_bin(x), 1u);
 }
 
