@@ -768,6 +768,18 @@ template <class Kernel>
 using StepKernelPtr = void (*)(const TensorEntry*, const Chunk*, std::int64_t, const ParamEntry*, int,
                                GroupHypers<typename Kernel::Hyper>, optim::LRSchedule, StepInputs, unsigned int*,
                                PrepassView, const std::int64_t*);
+// The uniform kernel for a list uniform_step accepts: its gradients' dtype
+// (fp16 or bf16), with the precursor sums or without.
+template <class Kernel>
+StepKernelPtr<Kernel> uniform_kernel(DType dtype, bool sums) {
+  constexpr int states = uniform_states<Kernel>;
+  if (dtype == DType::float16) {
+    return sums ? step_kernel<Kernel, UniformRange<half, half, states, true>>
+                : step_kernel<Kernel, UniformRange<half, half, states>>;
+  }
+  return sums ? step_kernel<Kernel, UniformRange<bfloat16, bfloat16, states, true>>
+              : step_kernel<Kernel, UniformRange<bfloat16, bfloat16, states>>;
+}
 template <class Kernel>
 StepKernelPtr<Kernel> uniform_lean_kernel(optim::Master master, optim::Moments moments) {
   using optim::Master;
@@ -871,19 +883,10 @@ void detail::launch_step_with(const TensorList& grads, const ParamList& params, 
   // uniform one (detail::UniformRange) the kernel without the other paths.
   auto kernel = params.has_lean() ? detail::step_kernel<Kernel, detail::AnyRange<true>>
                                   : detail::step_kernel<Kernel, detail::AnyRange<false>>;
-  if (choice == detail::StepKernelChoice::general) {
-    // as chosen above
-  } else if (uniform_step(grads, params, groups)) {
-    constexpr int states = detail::uniform_states<Kernel>;
-    const bool f16 = *grads.uniform_dtype() == DType::float16;
-    if (in.precursors == nullptr) {
-      kernel = f16 ? detail::step_kernel<Kernel, detail::UniformRange<half, half, states>>
-                   : detail::step_kernel<Kernel, detail::UniformRange<bfloat16, bfloat16, states>>;
-    } else {
-      kernel = f16 ? detail::step_kernel<Kernel, detail::UniformRange<half, half, states, true>>
-                   : detail::step_kernel<Kernel, detail::UniformRange<bfloat16, bfloat16, states, true>>;
-    }
-  } else if (uniform_lean_step(grads, params, groups, in)) {
+  const bool fastest = choice == detail::StepKernelChoice::fastest;
+  if (fastest && uniform_step(grads, params, groups)) {
+    kernel = detail::uniform_kernel<Kernel>(*grads.uniform_dtype(), in.precursors != nullptr);
+  } else if (fastest && uniform_lean_step(grads, params, groups, in)) {
     const auto layout = *params.uniform_lean();
     if (auto lean = detail::uniform_lean_kernel<Kernel>(layout.first, layout.second)) kernel = lean;
   }
