@@ -25,6 +25,8 @@
 #include <random>
 #include <vector>
 
+#include "mixprec/cuda/grad_check.cuh"
+
 namespace {
 
 constexpr int kThreads = 256, kBins = 64, kWarps = kThreads / 32, kGroups = 7;
@@ -37,14 +39,9 @@ void check(cudaError_t e, const char* what) {
   }
 }
 
-// The check pass's bin (grad_check.cuh exponent_bin).
-__device__ int bin_of(float x) {
-  const unsigned bits = __float_as_uint(x) & 0x7fffffffu;
-  if (bits == 0) return 0;
-  const int biased = static_cast<int>(bits >> 23);
-  if (biased == 0xff) return kBins - 1;
-  return min(max(biased - 127, -45), 16) + 46;
-}
+// The check pass's own bin.
+using mixprec::cuda::detail::exponent_bin;
+static_assert(mixprec::cuda::detail::histogram_bins == kBins, "the check pass's bins");
 
 template <Binning B>
 __device__ void one(__half h, float& sum, int& bad, unsigned* hist) {
@@ -52,11 +49,11 @@ __device__ void one(__half h, float& sum, int& bad, unsigned* hist) {
   sum = __fmaf_rn(x, x, sum);
   bad |= !isfinite(x);
   if constexpr (B == kGrouped) {
-    const int b = bin_of(x);
+    const int b = exponent_bin(x);
     const unsigned peers = __match_any_sync(__activemask(), b);
     if (static_cast<int>(threadIdx.x % 32) == __ffs(peers) - 1) atomicAdd(hist + b, static_cast<unsigned>(__popc(peers)));
   } else if constexpr (B == kPlain) {
-    atomicAdd(hist + bin_of(x), 1u);
+    atomicAdd(hist + exponent_bin(x), 1u);
   }
 }
 
