@@ -48,9 +48,11 @@ constexpr int kReplays = 10;
 // `monitored`: every step as the instability monitor's logged step runs it
 // (docs/monitor.md): the check pass with the exponent histograms and the
 // update with the precursor sums (the second moment: state 1).
+// `fused`: pass 1 and the update in one launch (launch_check_and_step, as
+// DeviceGradScaler::step runs them when nothing comes between).
 template <class Hyper>
 void BM_step(benchmark::State& state, Hyper hyper, int state_tensors, double max_norm, bool graphed = false,
-             bool monitored = false) {
+             bool monitored = false, bool fused = false) {
   const std::int64_t n = state.range(0);
   std::vector<std::unique_ptr<mixprec::Tensor<half>>> weights, grads;
   std::vector<std::unique_ptr<mixprec::Tensor<float>>> floats;
@@ -109,8 +111,12 @@ void BM_step(benchmark::State& state, Hyper hyper, int state_tensors, double max
   mixprec::Stream stream;
   const cudaStream_t s = graphed ? stream.get() : nullptr;
   auto step = [&] {
-    check.launch(list, s, monitored ? static_cast<std::uint64_t*>(hist.data()) : nullptr);
-    mixprec::cuda::launch_step(list, params, hyper, mixprec::optim::LRSchedule::constant(), in, s);
+    if (fused) {
+      mixprec::cuda::launch_check_and_step(list, params, check, hyper, mixprec::optim::LRSchedule::constant(), in, s);
+    } else {
+      check.launch(list, s, monitored ? static_cast<std::uint64_t*>(hist.data()) : nullptr);
+      mixprec::cuda::launch_step(list, params, hyper, mixprec::optim::LRSchedule::constant(), in, s);
+    }
     mixprec::cuda::launch_update_scale(scaler, policy, true, s);
   };
   for (int i = 0; i < 3; ++i) step();
@@ -154,6 +160,10 @@ void BM_AdamW_graph(benchmark::State& s) { BM_step(s, adamw(), 2, 0, true); }
 void BM_SGD_momentum_graph(benchmark::State& s) { BM_step(s, sgd_momentum(), 1, 0, true); }
 void BM_RMSprop_graph(benchmark::State& s) { BM_step(s, mixprec::cuda::RmspropHyper{}, 1, 0, true); }
 void BM_AdamW_monitored_graph(benchmark::State& s) { BM_step(s, adamw(), 2, 0, true, true); }
+void BM_AdamW_fused(benchmark::State& s) { BM_step(s, adamw(), 2, 0, false, false, true); }
+void BM_AdamW_fused_graph(benchmark::State& s) { BM_step(s, adamw(), 2, 0, true, false, true); }
+void BM_SGD_momentum_fused_graph(benchmark::State& s) { BM_step(s, sgd_momentum(), 1, 0, true, false, true); }
+void BM_RMSprop_fused_graph(benchmark::State& s) { BM_step(s, mixprec::cuda::RmspropHyper{}, 1, 0, true, false, true); }
 
 // The same step through the host API a user calls: an optimizer over
 // device parameters and DeviceGradScaler (step + update), which launch the
@@ -252,6 +262,10 @@ BENCHMARK(BM_AdamW_graph) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_SGD_momentum_graph) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_RMSprop_graph) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_AdamW_monitored_graph) MIXPREC_GPU_SIZES;
+BENCHMARK(BM_AdamW_fused) MIXPREC_GPU_SIZES;
+BENCHMARK(BM_AdamW_fused_graph) MIXPREC_GPU_SIZES;
+BENCHMARK(BM_SGD_momentum_fused_graph) MIXPREC_GPU_SIZES;
+BENCHMARK(BM_RMSprop_fused_graph) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_api_AdamW) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_api_AdamW_clip) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_api_SGD_momentum) MIXPREC_GPU_SIZES;

@@ -87,12 +87,13 @@ struct Case {
   template <class Hyper>
   void step(const Hyper& hyper, const optim::LRSchedule& schedule, double max_norm, const amp::ScalePolicy& policy,
             bool dynamic, cudaStream_t stream = nullptr, double* precursors = nullptr,
-            cuda::detail::StepKernelChoice kernel = cuda::detail::StepKernelChoice::fastest) {
-    check->launch(*list, stream);
+            cuda::detail::StepKernelChoice kernel = cuda::detail::StepKernelChoice::fastest, bool fused = false) {
+    if (!fused) check->launch(*list, stream);
     cuda::StepInputs in = inputs(max_norm);
     in.precursors = precursors;
-    // pass 2 and the step's count
-    cuda::detail::launch_step_with(*list, *params, std::vector<Hyper>{hyper}, schedule, in, kernel, stream);
+    // pass 2 and the step's count (fused: pass 1 too, in one launch where it can)
+    cuda::detail::launch_step_with(*list, *params, std::vector<Hyper>{hyper}, schedule, in, kernel, stream,
+                                   fused ? check.get() : nullptr);
     cuda::launch_update_scale(device_scaler(), policy, dynamic, stream);
   }
   cuda::StepInputs inputs(double max_norm) {
@@ -437,6 +438,138 @@ TEST(OptimizerStepGpu, GraphReplayMatchesEager) {
   MIXPREC_CUDA_CHECK(cudaStreamDestroy(stream));
 }
 
+// Pass 1 and the step in one cooperative launch (launch_step_with with the
+// GradCheck: check_and_step_kernel) against the two launches: the same
+// masters, state, weights and counts, and the same pass 1 results (per
+// tensor sums of squares and flags, the total, found_inf), bit for bit,
+// over steps with overflows, clipping and a schedule. Lists of few chunks
+// (sliced, a warp a tensor in the reduction) and of many (a thread a
+// tensor), aligned or not; a float list, which the fused kernel does not
+// take, runs the two launches (the result still the same).
+template <class T, class Hyper>
+void fused_against_two_launches(const Hyper& hyper, double max_norm, int offset, std::vector<std::int64_t> sizes,
+                                const std::string& what) {
+  SCOPED_TRACE(what + " " + dtype_traits<T>::name);
+  Case<T> two(offset, sizes), fused(offset, sizes);
+  amp::ScalerState init;
+  init.scale = 1024;
+  for (Case<T>* c : {&two, &fused}) MIXPREC_CUDA_CHECK(cudaMemcpy(c->scaler(), &init, sizeof init, cudaMemcpyHostToDevice));
+  amp::ScalePolicy policy;
+  policy.growth_interval = 3;
+  const optim::LRSchedule schedule = optim::LRSchedule::cosine(24, 0.1);
+  const auto same_device = [](const void* a, const void* b, std::size_t bytes, const std::string& name) {
+    std::vector<unsigned char> ha(bytes), hb(bytes);
+    if (bytes > 0) {
+      MIXPREC_CUDA_CHECK(cudaMemcpy(ha.data(), a, bytes, cudaMemcpyDeviceToHost));
+      MIXPREC_CUDA_CHECK(cudaMemcpy(hb.data(), b, bytes, cudaMemcpyDeviceToHost));
+    }
+    ASSERT_TRUE(ha == hb) << name;
+  };
+  const std::size_t n = sizes.size();
+  int skipped = 0;
+  for (int step = 0; step < 24; ++step) {
+    for (std::size_t i = 0; i < n; ++i) {
+      Tensor<T> g(Shape{sizes[i]});
+      fill_normal(g, 0, 50, 37 * step + i);
+      if (step % 7 == 3 && g.numel() > 0 && i == 1) g.at(g.numel() - 1) = from_float<T>(step % 2 ? NAN : INFINITY);
+      for (Case<T>* c : {&two, &fused}) copy(g, c->dgrads[i]);
+    }
+    two.step(hyper, schedule, max_norm, policy, true);
+    fused.step(hyper, schedule, max_norm, policy, true, nullptr, nullptr, cuda::detail::StepKernelChoice::fastest,
+               /*fused=*/true);
+    MIXPREC_CUDA_CHECK(cudaDeviceSynchronize());
+    const std::string at = " after step " + std::to_string(step);
+    same_device(two.check->sum_squares(), fused.check->sum_squares(), n * sizeof(double), "sums of squares" + at);
+    same_device(two.check->nonfinite(), fused.check->nonfinite(), n * sizeof(int), "non-finite flags" + at);
+    same_device(two.check->total_sum_squares(), fused.check->total_sum_squares(), sizeof(double), "total" + at);
+    same_device(two.check->found_inf(), fused.check->found_inf(), sizeof(int), "found_inf" + at);
+    int flag = 0;
+    MIXPREC_CUDA_CHECK(cudaMemcpy(&flag, fused.check->found_inf(), sizeof flag, cudaMemcpyDeviceToHost));
+    skipped += flag != 0;
+  }
+  EXPECT_EQ(two.counts(), fused.counts());
+  EXPECT_GT(skipped, 0);                 // some steps were skipped
+  EXPECT_GT(fused.counts()[0], 0);       // and some applied
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::string t = " of tensor " + std::to_string(i);
+    same_device(two.masters[i].data(), fused.masters[i].data(), sizes[i] * sizeof(float), "master" + t);
+    for (int k = 0; k < 3; ++k) {
+      same_device(two.states[i][k].data(), fused.states[i][k].data(), sizes[i] * sizeof(float), "state" + t);
+    }
+    same_device(two.dweights[i].data(), fused.dweights[i].data(), sizes[i] * sizeof(T), "weight" + t);
+    same_device(static_cast<std::int64_t*>(two.steps.data()) + i, static_cast<std::int64_t*>(fused.steps.data()) + i,
+                sizeof(std::int64_t), "step count" + t);
+  }
+}
+
+template <class T>
+void fused_all() {
+  const std::vector<std::int64_t> few = {7, 65536 + 3, 0, 1000};
+  std::vector<std::int64_t> many(600, 100);  // 600 chunks: one slice each
+  many[17] = 70000;
+  cuda::AdamHyper adamw;
+  adamw.decoupled = true;
+  adamw.weight_decay = 0.01;
+  fused_against_two_launches<T>(adamw, 0, 0, few, "AdamW");
+  fused_against_two_launches<T>(adamw, 0.5, 1, few, "AdamW clip 0.5 unaligned");
+  fused_against_two_launches<T>(adamw, 0, 0, many, "AdamW many tensors");
+  cuda::SgdHyper sgd;
+  sgd.momentum = 0.9;
+  sgd.nesterov = true;
+  fused_against_two_launches<T>(sgd, 1.0, 0, many, "SGD nesterov clip 1 many tensors");
+  cuda::RmspropHyper rms;
+  fused_against_two_launches<T>(rms, 0, 1, few, "RMSprop unaligned");
+}
+
+TEST(OptimizerStepGpu, FusedCheckAndStepGivesTheTwoLaunchesBitsHalf) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  fused_all<half>();
+}
+TEST(OptimizerStepGpu, FusedCheckAndStepGivesTheTwoLaunchesBitsBfloat16) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  fused_all<bfloat16>();
+}
+TEST(OptimizerStepGpu, FusedCheckAndStepFallsBackForOtherLists) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  cuda::AdamHyper adam;
+  fused_against_two_launches<float>(adam, 0, 0, {7, 65536 + 3, 0, 1000}, "Adam float");
+  adam.amsgrad = true;  // a third state: not the uniform kernel
+  fused_against_two_launches<half>(adam, 0, 0, {7, 65536 + 3, 0, 1000}, "Adam amsgrad");
+}
+
+// What a captured step holds: check, step and scale update as three kernel
+// nodes with two launches, the fused step and the update as two where the
+// list takes it (fp16, AdamW), three again where it does not (amsgrad).
+template <class T, class Hyper>
+std::size_t captured_kernels(const Hyper& hyper, bool fused) {
+  Case<T> c;
+  cudaStream_t stream;
+  MIXPREC_CUDA_CHECK(cudaStreamCreate(&stream));
+  cudaGraph_t graph;
+  MIXPREC_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  c.step(hyper, optim::LRSchedule::constant(), 0.0, amp::ScalePolicy{}, true, stream, nullptr,
+         cuda::detail::StepKernelChoice::fastest, fused);
+  MIXPREC_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  std::size_t nodes = 0;
+  MIXPREC_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &nodes));
+  MIXPREC_CUDA_CHECK(cudaGraphDestroy(graph));
+  MIXPREC_CUDA_CHECK(cudaStreamDestroy(stream));
+  return nodes;
+}
+
+TEST(OptimizerStepGpu, FusedCheckAndStepIsOneLaunch) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  cuda::AdamHyper adamw;
+  adamw.decoupled = true;
+  EXPECT_EQ(captured_kernels<half>(adamw, false), 3u);
+  EXPECT_EQ(captured_kernels<half>(adamw, true), 2u);
+  EXPECT_EQ(captured_kernels<bfloat16>(adamw, true), 2u);
+  cuda::AdamHyper amsgrad = adamw;
+  amsgrad.amsgrad = true;
+  EXPECT_EQ(captured_kernels<half>(amsgrad, true), 3u);
+  EXPECT_EQ(captured_kernels<float>(adamw, true), 3u);
+}
+
 // The step and the scale update are launched dependent on the kernel before
 // them (launch_dependent, sm_90 and later): they may be scheduled while the
 // check pass still runs, and must not read its flag before it ends. A list
@@ -444,8 +577,7 @@ TEST(OptimizerStepGpu, GraphReplayMatchesEager) {
 // a flag that changes on every replay (so a read made too early always sees
 // the wrong value): every replay with the inf leaves the masters and state
 // as they were and counts a skip; every other changes them.
-TEST(OptimizerStepGpu, DependentLaunchesWaitForTheCheckPass) {
-  MIXPREC_SKIP_WITHOUT_GPU();
+void flag_read_after_the_check(bool fused) {
   const std::int64_t n = std::int64_t{1} << 24;
   Case<half> c(0, {n, 3});
   amp::ScalerState init;
@@ -463,7 +595,8 @@ TEST(OptimizerStepGpu, DependentLaunchesWaitForTheCheckPass) {
   cudaGraph_t graph;
   cudaGraphExec_t exec;
   MIXPREC_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  c.step(hyper, optim::LRSchedule::constant(), 0.0, amp::ScalePolicy{}, false, stream);
+  c.step(hyper, optim::LRSchedule::constant(), 0.0, amp::ScalePolicy{}, false, stream, nullptr,
+         cuda::detail::StepKernelChoice::fastest, fused);
   MIXPREC_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
   MIXPREC_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
   // What a replay may change: the first elements of the large tensor's master
@@ -501,6 +634,17 @@ TEST(OptimizerStepGpu, DependentLaunchesWaitForTheCheckPass) {
   MIXPREC_CUDA_CHECK(cudaGraphExecDestroy(exec));
   MIXPREC_CUDA_CHECK(cudaGraphDestroy(graph));
   MIXPREC_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+TEST(OptimizerStepGpu, DependentLaunchesWaitForTheCheckPass) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  flag_read_after_the_check(false);
+}
+// The same with pass 1 and the step in one launch: its grid barrier must
+// hold every block's update until the last item is checked.
+TEST(OptimizerStepGpu, FusedStepWaitsForItsWholeCheck) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  flag_read_after_the_check(true);
 }
 
 }  // namespace

@@ -113,21 +113,15 @@ __device__ inline float block_sum(float x) {
 
 // Work items are slices of chunks: `slices` per chunk, so that a list of
 // few chunks (a small model: the MLP example's 1.9M gradients are 33
-// chunks) still spreads over every multiprocessor. Slice partials first;
-// the last block to finish then reduces them per tensor and overall in a
-// fixed order, so the results do not depend on the order blocks ran in (and
-// a replayed graph gives the eager bits). With Hist, each warp also counts
-// exponent bins in shared memory, and the block adds a slice's counts to
-// its tensor's row of `histogram`.
+// chunks) still spreads over every multiprocessor. This block's items
+// (blockIdx.x, then every gridDim.x-th): each item's partial sum and
+// non-finite flag, summed over the block in a fixed order (block_sum), so
+// an item's bits do not depend on the grid. With Hist, each warp also
+// counts exponent bins in shared memory, and the block adds an item's
+// counts to its tensor's row of `histogram`.
 template <bool Hist>
-__global__ void __launch_bounds__(check_threads)
-    check_grads_kernel(const TensorEntry* tensors, const Chunk* chunks, std::int64_t num_chunks, int slices,
-                       int num_tensors, float* slice_sums, int* slice_bad, double* sum_squares,
-                       int* nonfinite, double* total, int* found_inf, unsigned int* blocks_done,
-                       unsigned long long* histogram) {
-  // The step after this pass is launched dependent on it (launch.cuh): it
-  // may be scheduled now and waits for this grid's end before it reads.
-  allow_dependent_launch();
+__device__ inline void check_items(const TensorEntry* tensors, const Chunk* chunks, std::int64_t num_chunks,
+                                   int slices, float* slice_sums, int* slice_bad, unsigned long long* histogram) {
   constexpr int warps = check_threads / 32;
   __shared__ unsigned hist[Hist ? warps * histogram_bins : 1];
   unsigned* my_hist = hist + (Hist ? threadIdx.x / 32 * histogram_bins : 0);
@@ -173,17 +167,19 @@ __global__ void __launch_bounds__(check_threads)
       __syncthreads();  // read before the next slice zeroes them
     }
   }
-  __shared__ bool is_last;
-  __threadfence();  // this block's partials are visible before it counts itself done
-  if (threadIdx.x == 0) is_last = atomicAdd(blocks_done, 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
-  // A tensor's partials in a fixed order: a thread per tensor when there
-  // is one slice per chunk (many chunks, many tensors: the threads share
-  // them out), a warp per tensor when chunks are sliced (few, large
-  // tensors, a few hundred partials each: lanes strided over them, then a
-  // fixed shuffle tree).
+}
+
+// One block, once every item's partials are written (and visible: read
+// through L2): each tensor's sum of squares and non-finite flag, then the
+// total and the flag over all, each in a fixed order, so the results do not
+// depend on the order blocks ran in (and a replayed graph gives the eager
+// bits). A thread per tensor when there is one slice per chunk (many
+// chunks, many tensors: the threads share them out), a warp per tensor when
+// chunks are sliced (few, large tensors, a few hundred partials each: lanes
+// strided over them, then a fixed shuffle tree).
+__device__ inline void reduce_check(const TensorEntry* tensors, int slices, int num_tensors, const float* slice_sums,
+                                    const int* slice_bad, double* sum_squares, int* nonfinite, double* total,
+                                    int* found_inf) {
   if (slices == 1) {
     for (int i = threadIdx.x; i < num_tensors; i += blockDim.x) {
       const TensorEntry t = tensors[i];
@@ -227,9 +223,37 @@ __global__ void __launch_bounds__(check_threads)
     }
     *total = s;
     *found_inf = b;
-    *blocks_done = 0;  // ready for the next launch (or graph replay)
   }
 }
+
+// Pass 1 as a kernel of its own: check_items, then the last block to finish
+// reduces (reduce_check).
+template <bool Hist>
+__global__ void __launch_bounds__(check_threads)
+    check_grads_kernel(const TensorEntry* tensors, const Chunk* chunks, std::int64_t num_chunks, int slices,
+                       int num_tensors, float* slice_sums, int* slice_bad, double* sum_squares,
+                       int* nonfinite, double* total, int* found_inf, unsigned int* blocks_done,
+                       unsigned long long* histogram) {
+  // The step after this pass is launched dependent on it (launch.cuh): it
+  // may be scheduled now and waits for this grid's end before it reads.
+  allow_dependent_launch();
+  check_items<Hist>(tensors, chunks, num_chunks, slices, slice_sums, slice_bad, histogram);
+  if (!last_block_to_finish(blocks_done)) return;
+  reduce_check(tensors, slices, num_tensors, slice_sums, slice_bad, sum_squares, nonfinite, total, found_inf);
+  if (threadIdx.x == 0) *blocks_done = 0;  // ready for the next launch (or graph replay)
+}
+
+// Pass 1's buffers, as a kernel that runs it takes them.
+struct CheckBuffers {
+  int slices;
+  int num_tensors;
+  float* slice_sums;
+  int* slice_bad;
+  double* sum_squares;
+  int* nonfinite;
+  double* total;
+  int* found_inf;
+};
 
 }  // namespace detail
 
@@ -280,6 +304,14 @@ class GradCheck {
         blocks_done(), hist);
     MIXPREC_CUDA_CHECK_LAUNCH("check_grads_kernel");
   }
+
+  /// The buffers, for a kernel that runs pass 1 itself (the fused check
+  /// and step, check_and_step_kernel in optimizer_step.cuh).
+  detail::CheckBuffers buffers() const {
+    return {slices_, num_tensors_, static_cast<float*>(slice_sums_.data()), static_cast<int*>(slice_bad_.data()),
+            sum_squares(), nonfinite(), total_sum_squares(), found_inf()};
+  }
+  std::int64_t num_chunks() const { return num_chunks_; }
 
   double* sum_squares() const { return static_cast<double*>(sum_squares_.data()); }
   int* nonfinite() const { return static_cast<int*>(nonfinite_.data()); }

@@ -188,6 +188,31 @@ void launch_dependent(const char* name, void (*kernel)(Params...), unsigned grid
   }
 }
 
+/// Launches `kernel` cooperatively (cudaLaunchAttributeCooperative: every
+/// block resident at once, so that cooperative_groups' grid barrier may be
+/// used; also in a CUDA graph). `grid` must not exceed the blocks the GPU
+/// holds at once (resident_blocks times the multiprocessors), or the launch
+/// fails. `name` goes into the error a failed launch throws.
+template <class... Params, class... Args>
+void launch_cooperative(const char* name, void (*kernel)(Params...), unsigned grid, unsigned block,
+                        cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(block);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeCooperative;
+  attribute[0].val.cooperative = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  const cudaError_t status = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  if (status != cudaSuccess) {
+    (void)cudaGetLastError();  // not left for the next check to find
+    ::mixprec::detail::throw_cuda_error(status, (std::string("launch of ") + name).c_str(), __FILE__, __LINE__);
+  }
+}
+
 /// Blocks for a grid-stride loop over `work_items` items of `per_block` each:
 /// enough to fill every multiprocessor several times over, never more than
 /// the work needs, at least one.

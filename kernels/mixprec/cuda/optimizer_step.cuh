@@ -12,6 +12,8 @@
 // CUDA graph.
 #pragma once
 
+#include <cooperative_groups.h>
+
 #include <algorithm>
 #include <cfloat>
 #include <cstdint>
@@ -27,6 +29,7 @@
 #include "mixprec/core/convert.hpp"
 #include "mixprec/core/cuda_check.hpp"
 #include "mixprec/cuda/exact_float.cuh"
+#include "mixprec/cuda/grad_check.cuh"
 #include "mixprec/cuda/launch.cuh"
 #include "mixprec/cuda/lean_step.cuh"
 #include "mixprec/cuda/multi_tensor.cuh"
@@ -574,17 +577,17 @@ struct UniformLeanRange {
   }
 };
 
+// The step over this block's share of the list (the elements laid end to
+// end, split evenly over the grid at step_grain), then, by the last block
+// to finish, the step counts: the body of step_kernel and of the fused
+// check and step (check_and_step_kernel), which passes `found_inf` from its own
+// pass 1 instead of *in.found_inf.
 template <class Kernel, class Range>
-__global__ void __launch_bounds__(step_threads, Range::kMinBlocks)
-    step_kernel(const TensorEntry* grads, const Chunk* chunks, std::int64_t num_chunks, const ParamEntry* params,
-                int num_params, GroupHypers<typename Kernel::Hyper> groups, optim::LRSchedule schedule, StepInputs in,
-                unsigned int* blocks_done, PrepassView pre, const std::int64_t* offsets) {
-  // Launched dependent (launch_dependent): nothing is read before the
-  // kernels before this one have finished; the scale update after it may be
-  // scheduled now.
-  wait_for_prior_kernels();
-  allow_dependent_launch();
-  const bool found_inf = *in.found_inf != 0;
+__device__ inline void step_blocks(const TensorEntry* grads, const Chunk* chunks, std::int64_t num_chunks,
+                                   const ParamEntry* params, int num_params,
+                                   const GroupHypers<typename Kernel::Hyper>& groups,
+                                   const optim::LRSchedule& schedule, const StepInputs& in, bool found_inf,
+                                   unsigned int* blocks_done, const PrepassView& pre, const std::int64_t* offsets) {
   const std::int64_t applied = *in.applied_steps;
   const double factor = schedule.factor(applied);
   // Every group's lr is checked before any element changes: a step with one
@@ -617,13 +620,7 @@ __global__ void __launch_bounds__(step_threads, Range::kMinBlocks)
   }
   // The step's count, by the last block to finish: every block has read the
   // step counts and the applied count by then.
-  __shared__ bool is_last;
-  __syncthreads();
-  __threadfence();
-  if (threadIdx.x == 0) is_last = atomicAdd(blocks_done, 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
+  if (!last_block_to_finish(blocks_done)) return;
   if (apply) {
     for (int i = threadIdx.x; i < num_params; i += blockDim.x) {
       *params[i].step = amp::saturating_increment(*params[i].step);
@@ -637,6 +634,54 @@ __global__ void __launch_bounds__(step_threads, Range::kMinBlocks)
     }
     *blocks_done = 0;  // ready for the next launch (or graph replay)
   }
+}
+
+template <class Kernel, class Range>
+__global__ void __launch_bounds__(step_threads, Range::kMinBlocks)
+    step_kernel(const TensorEntry* grads, const Chunk* chunks, std::int64_t num_chunks, const ParamEntry* params,
+                int num_params, GroupHypers<typename Kernel::Hyper> groups, optim::LRSchedule schedule, StepInputs in,
+                unsigned int* blocks_done, PrepassView pre, const std::int64_t* offsets) {
+  // Launched dependent (launch_dependent): nothing is read before the
+  // kernels before this one have finished; the scale update after it may be
+  // scheduled now.
+  wait_for_prior_kernels();
+  allow_dependent_launch();
+  step_blocks<Kernel, Range>(grads, chunks, num_chunks, params, num_params, groups, schedule, in,
+                             *in.found_inf != 0, blocks_done, pre, offsets);
+}
+
+// Pass 1 and the step in one cooperative launch (every block resident at
+// once): each block checks its items of the list as check_grads_kernel
+// does, the grid waits at one barrier, each block ORs every item's
+// non-finite flag itself (a few hundred ints from L2) and updates its share
+// while block 0 writes pass 1's results (reduce_check) for whoever reads
+// them after the launch. With clipping the grid waits a second time, for
+// the norm. What it saves over two launches: a kernel boundary, and pass
+// 1's last-block tail on the step's path; the step reads the gradients
+// pass 1 has just brought into L2. Same items, same per-item and per-tensor
+// order as check_grads_kernel, same updates as step_kernel: same bits.
+template <class Kernel, class Range>
+__global__ void __launch_bounds__(step_threads, Range::kMinBlocks)
+    check_and_step_kernel(const TensorEntry* grads, const Chunk* chunks, std::int64_t num_chunks, CheckBuffers cb,
+                          const ParamEntry* params, int num_params, GroupHypers<typename Kernel::Hyper> groups,
+                          optim::LRSchedule schedule, StepInputs in, unsigned int* blocks_done, PrepassView pre,
+                          const std::int64_t* offsets) {
+  static_assert(step_threads == check_threads, "pass 1's items are summed by blocks of check_threads");
+  wait_for_prior_kernels();
+  allow_dependent_launch();
+  check_items<false>(grads, chunks, num_chunks, cb.slices, cb.slice_sums, cb.slice_bad, nullptr);
+  cooperative_groups::this_grid().sync();
+  int bad = 0;
+  const std::int64_t items = num_chunks * cb.slices;
+  for (std::int64_t i = threadIdx.x; i < items; i += blockDim.x) bad |= __ldcg(cb.slice_bad + i);
+  const bool found_inf = __syncthreads_or(bad) != 0;
+  if (blockIdx.x == 0) {
+    reduce_check(grads, cb.slices, cb.num_tensors, cb.slice_sums, cb.slice_bad, cb.sum_squares, cb.nonfinite,
+                 cb.total, cb.found_inf);
+  }
+  if (in.total_sum_squares != nullptr) cooperative_groups::this_grid().sync();  // the norm, for the clip
+  step_blocks<Kernel, Range>(grads, chunks, num_chunks, params, num_params, groups, schedule, in, found_inf,
+                             blocks_done, pre, offsets);
 }
 
 // The end of an iteration: count it, update the scale, reset the flag
@@ -764,8 +809,9 @@ namespace detail {
 // thing from the default (issue 18's: bf16 or 8-bit moments, a remainder
 // master, no master); null for the others, which run the general lean
 // kernel (each instantiation costs compile time).
-template <class Kernel>
-using StepKernelPtr = void (*)(const TensorEntry*, const Chunk*, std::int64_t, const ParamEntry*, int,
+// (With Check = CheckBuffers: the fused check and step's signature.)
+template <class Kernel, class... Check>
+using StepKernelPtr = void (*)(const TensorEntry*, const Chunk*, std::int64_t, Check..., const ParamEntry*, int,
                                GroupHypers<typename Kernel::Hyper>, optim::LRSchedule, StepInputs, unsigned int*,
                                PrepassView, const std::int64_t*);
 // The uniform kernel for a list uniform_step accepts: its gradients' dtype
@@ -779,6 +825,14 @@ StepKernelPtr<Kernel> uniform_kernel(DType dtype, bool sums) {
   }
   return sums ? step_kernel<Kernel, UniformRange<bfloat16, bfloat16, states, true>>
               : step_kernel<Kernel, UniformRange<bfloat16, bfloat16, states>>;
+}
+// The fused check and step (check_and_step_kernel) of the uniform kernel
+// without precursor sums, for fp16 or bf16 lists.
+template <class Kernel>
+StepKernelPtr<Kernel, CheckBuffers> fused_uniform_kernel(DType dtype) {
+  constexpr int states = uniform_states<Kernel>;
+  if (dtype == DType::float16) return check_and_step_kernel<Kernel, UniformRange<half, half, states>>;
+  return check_and_step_kernel<Kernel, UniformRange<bfloat16, bfloat16, states>>;
 }
 template <class Kernel>
 StepKernelPtr<Kernel> uniform_lean_kernel(optim::Master master, optim::Moments moments) {
@@ -816,10 +870,25 @@ namespace detail {
 // Which step kernel launch_step_with may run: the fastest for the list, or
 // the general one whatever the list (tests: both must give the same bits).
 enum class StepKernelChoice { fastest, general };
+// With `check` (made for `grads`), pass 1 first: in the same launch when
+// the list runs the uniform kernel with no pre-pass and no precursor sums
+// and the device launches cooperative kernels (check_and_step_kernel), else
+// check->launch before the step. in.found_inf must then be check's.
 template <class Hyper>
 void launch_step_with(const TensorList& grads, const ParamList& params, const std::vector<Hyper>& groups,
                       const optim::LRSchedule& schedule, const StepInputs& in, StepKernelChoice choice,
-                      cudaStream_t stream);
+                      cudaStream_t stream, GradCheck* check = nullptr);
+
+// Whether the current device launches cooperative kernels (asked once a
+// device).
+inline bool cooperative_launch_ok() {
+  return kernel_query(2, nullptr, 0, [] {
+           int device = 0, ok = 0;
+           MIXPREC_CUDA_CHECK(cudaGetDevice(&device));
+           MIXPREC_CUDA_CHECK(cudaDeviceGetAttribute(&ok, cudaDevAttrCooperativeLaunch, device));
+           return ok;
+         }) != 0;
+}
 }  // namespace detail
 
 /// Pass 2 and the step's count over every parameter of `params`, one
@@ -837,7 +906,7 @@ void launch_step(const TensorList& grads, const ParamList& params, const std::ve
 template <class Hyper>
 void detail::launch_step_with(const TensorList& grads, const ParamList& params, const std::vector<Hyper>& groups,
                               const optim::LRSchedule& schedule, const StepInputs& in, StepKernelChoice choice,
-                              cudaStream_t stream) {
+                              cudaStream_t stream, GradCheck* check) {
   using Kernel = typename Hyper::kernel;
   static_assert(std::is_trivially_copyable<Hyper>::value, "an optimizer's Hyper travels as a kernel argument");
   static_assert(sizeof(GroupHypers<Hyper>) <= 4096 - 512, "64 of this Hyper do not fit a kernel's arguments");
@@ -849,6 +918,8 @@ void detail::launch_step_with(const TensorList& grads, const ParamList& params, 
                 " groups, must be in [1, ", optim::kMaxDeviceGroups, "]");
   MIXPREC_CHECK(params.groups() <= static_cast<int>(groups.size()), "launch_step: a parameter is in group ",
                 params.groups() - 1, ", there are ", groups.size(), " groups");
+  MIXPREC_CHECK(check == nullptr || (check->num_chunks() == grads.num_chunks() && in.found_inf == check->found_inf()),
+                "launch_step: the check was made for another list, or found_inf is not the check's");
   schedule.validate();
   GroupHypers<Hyper> table;
   for (std::size_t g = 0; g < groups.size(); ++g) table.h[g] = groups[g];
@@ -856,6 +927,27 @@ void detail::launch_step_with(const TensorList& grads, const ParamList& params, 
   const std::int64_t chunks = grads.num_chunks();
   const unsigned grid = chunks == 0 ? 1u : grid_for(chunks * detail::step_threads, detail::step_threads, 4);
   const PrepassView& pre = params.prepass();
+  bool prepass = false;
+  if constexpr (optim::prepass_sums_v<Kernel> > 0) {
+    for (const Hyper& h : groups) prepass = prepass || Kernel::prepass(h) != 0u;
+  }
+  const bool uniform = choice == detail::StepKernelChoice::fastest && uniform_step(grads, params, groups);
+  if (check != nullptr && chunks > 0 && uniform && !prepass && in.precursors == nullptr &&
+      detail::cooperative_launch_ok()) {
+    const auto kernel = detail::fused_uniform_kernel<Kernel>(*grads.uniform_dtype());
+    // Every block resident at once (a cooperative launch refuses more);
+    // fewer for a list of fewer items and grains.
+    const std::int64_t held = static_cast<std::int64_t>(resident_blocks(kernel, detail::step_threads)) *
+                              multiprocessor_count();
+    const std::int64_t grains = (grads.num_elements() + detail::step_grain - 1) / detail::step_grain;
+    const std::int64_t work = std::max<std::int64_t>(chunks * check->buffers().slices, grains);
+    const unsigned grid = static_cast<unsigned>(std::max<std::int64_t>(1, std::min(work, held)));
+    launch_cooperative("check_and_step_kernel", kernel, grid, detail::step_threads, stream, grads.entries(),
+                       grads.chunks(), chunks, check->buffers(), params.entries(), params.size(), table, schedule,
+                       in, params.blocks_done(), pre, grads.chunk_offsets());
+    return;
+  }
+  if (check != nullptr) check->launch(grads, stream);
   if constexpr (optim::prepass_sums_v<Kernel> > 0) {
     // The pre-pass rounds the groups ask for (optim/family.hpp), queued
     // before the step; they write only the workspace, so a failure here
@@ -884,7 +976,7 @@ void detail::launch_step_with(const TensorList& grads, const ParamList& params, 
   auto kernel = params.has_lean() ? detail::step_kernel<Kernel, detail::AnyRange<true>>
                                   : detail::step_kernel<Kernel, detail::AnyRange<false>>;
   const bool fastest = choice == detail::StepKernelChoice::fastest;
-  if (fastest && uniform_step(grads, params, groups)) {
+  if (uniform) {
     kernel = detail::uniform_kernel<Kernel>(*grads.uniform_dtype(), in.precursors != nullptr);
   } else if (fastest && uniform_lean_step(grads, params, groups, in)) {
     const auto layout = *params.uniform_lean();
@@ -907,12 +999,35 @@ void launch_step(const TensorList& grads, const ParamList& params, const Hyper& 
   launch_step(grads, params, std::vector<Hyper>{hyper}, schedule, in, stream);
 }
 
+/// check.launch(grads, stream), then launch_step: the same results (pass
+/// 1's too) and the same bits, in one cooperative launch when the list runs
+/// the uniform kernel (16-bit gradients and weights of one dtype, no lean
+/// parameter, no third state), no pre-pass and no precursor sums are asked,
+/// and the device launches cooperative kernels; in two launches otherwise.
+/// `check` must have been made for `grads`, and in.found_inf must be
+/// check.found_inf() (in.total_sum_squares, when clipping, its total).
+/// No exponent histogram: take check.launch with one and launch_step.
+/// Asynchronous on `stream`; capturable in a CUDA graph.
+template <class Hyper>
+void launch_check_and_step(const TensorList& grads, const ParamList& params, GradCheck& check,
+                           const std::vector<Hyper>& groups, const optim::LRSchedule& schedule, const StepInputs& in,
+                           cudaStream_t stream = nullptr) {
+  detail::launch_step_with(grads, params, groups, schedule, in, detail::StepKernelChoice::fastest, stream, &check);
+}
+template <class Hyper>
+void launch_check_and_step(const TensorList& grads, const ParamList& params, GradCheck& check, const Hyper& hyper,
+                           const optim::LRSchedule& schedule, const StepInputs& in, cudaStream_t stream = nullptr) {
+  launch_check_and_step(grads, params, check, std::vector<Hyper>{hyper}, schedule, in, stream);
+}
+
 /// The step launchers of the optimizers' kernel parts, by their kKey: what
 /// DevicePlan::step finds. The built-in optimizers are registered by
 /// backend.cuh; a user's own by MIXPREC_REGISTER_OPTIMIZER(TheirKernel) in
 /// one .cu file (after including <mixprec/cuda/backend.cuh>).
+/// With a GradCheck (made for the gradients), pass 1 is run too, in the
+/// same launch where it can be (detail::launch_step_with).
 using StepLauncher = void (*)(const TensorList&, const ParamList&, const void* hypers, std::size_t count,
-                              const optim::LRSchedule&, const StepInputs&, cudaStream_t);
+                              const optim::LRSchedule&, const StepInputs&, cudaStream_t, GradCheck* check);
 
 namespace detail {
 struct StepRegistry {
@@ -925,10 +1040,11 @@ inline StepRegistry& step_registry() {
 }
 template <class Kernel>
 void launch_erased(const TensorList& grads, const ParamList& params, const void* hypers, std::size_t count,
-                   const optim::LRSchedule& schedule, const StepInputs& in, cudaStream_t stream) {
+                   const optim::LRSchedule& schedule, const StepInputs& in, cudaStream_t stream, GradCheck* check) {
   using Hyper = typename Kernel::Hyper;
   const Hyper* h = static_cast<const Hyper*>(hypers);
-  launch_step(grads, params, std::vector<Hyper>(h, h + count), schedule, in, stream);
+  launch_step_with(grads, params, std::vector<Hyper>(h, h + count), schedule, in, StepKernelChoice::fastest, stream,
+                   check);
 }
 }  // namespace detail
 
