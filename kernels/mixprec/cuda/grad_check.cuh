@@ -119,9 +119,11 @@ __device__ inline float block_sum(float x) {
 // an item's bits do not depend on the grid. With Hist, each warp also
 // counts exponent bins in shared memory, and the block adds an item's
 // counts to its tensor's row of `histogram`.
+// With `any_bad`, a non-finite item also sets *any_bad to 1.
 template <bool Hist>
 __device__ inline void check_items(const TensorEntry* tensors, const Chunk* chunks, std::int64_t num_chunks,
-                                   int slices, float* slice_sums, int* slice_bad, unsigned long long* histogram) {
+                                   int slices, float* slice_sums, int* slice_bad, unsigned long long* histogram,
+                                   unsigned* any_bad = nullptr) {
   constexpr int warps = check_threads / 32;
   __shared__ unsigned hist[Hist ? warps * histogram_bins : 1];
   unsigned* my_hist = hist + (Hist ? threadIdx.x / 32 * histogram_bins : 0);
@@ -157,6 +159,7 @@ __device__ inline void check_items(const TensorEntry* tensors, const Chunk* chun
     if (threadIdx.x == 0) {
       slice_sums[item] = sum;
       slice_bad[item] = bad;
+      if (bad && any_bad != nullptr) atomicOr(any_bad, 1u);
     }
     if constexpr (Hist) {
       for (int b = threadIdx.x; b < histogram_bins; b += blockDim.x) {
@@ -253,6 +256,7 @@ struct CheckBuffers {
   int* nonfinite;
   double* total;
   int* found_inf;
+  unsigned* any_bad;  // 0 between launches; the fused kernel's flag (check_items' any_bad)
 };
 
 }  // namespace detail
@@ -309,7 +313,7 @@ class GradCheck {
   /// and step, check_and_step_kernel in optimizer_step.cuh).
   detail::CheckBuffers buffers() const {
     return {slices_, num_tensors_, static_cast<float*>(slice_sums_.data()), static_cast<int*>(slice_bad_.data()),
-            sum_squares(), nonfinite(), total_sum_squares(), found_inf()};
+            sum_squares(), nonfinite(), total_sum_squares(), found_inf(), blocks_done()};
   }
   std::int64_t num_chunks() const { return num_chunks_; }
 
@@ -357,6 +361,8 @@ class GradCheck {
   int slices() const { return slices_; }
 
  private:
+  // check_grads_kernel's block counter, and the fused kernel's any_bad
+  // flag (CheckBuffers): 0 between launches either way.
   unsigned int* blocks_done() const {
     return reinterpret_cast<unsigned int*>(static_cast<char*>(scalars_.data()) + sizeof(double) + sizeof(int));
   }

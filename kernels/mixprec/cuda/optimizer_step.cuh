@@ -577,17 +577,19 @@ struct UniformLeanRange {
   }
 };
 
-// The step over this block's share of the list (the elements laid end to
-// end, split evenly over the grid at step_grain), then, by the last block
-// to finish, the step counts: the body of step_kernel and of the fused
-// check and step (check_and_step_kernel), which passes `found_inf` from its own
-// pass 1 instead of *in.found_inf.
+// The step over share `part` of `parts` of the list (the elements laid end
+// to end, split evenly at step_grain; part == parts: none), then, by the
+// last block of the grid to finish, the step counts (it returns true there):
+// the body of step_kernel and of the fused check and step
+// (check_and_step_kernel), which passes `found_inf` from its own pass 1
+// instead of *in.found_inf.
 template <class Kernel, class Range>
-__device__ inline void step_blocks(const TensorEntry* grads, const Chunk* chunks, std::int64_t num_chunks,
+__device__ inline bool step_blocks(const TensorEntry* grads, const Chunk* chunks, std::int64_t num_chunks,
                                    const ParamEntry* params, int num_params,
                                    const GroupHypers<typename Kernel::Hyper>& groups,
                                    const optim::LRSchedule& schedule, const StepInputs& in, bool found_inf,
-                                   unsigned int* blocks_done, const PrepassView& pre, const std::int64_t* offsets) {
+                                   unsigned int* blocks_done, const PrepassView& pre, const std::int64_t* offsets,
+                                   std::int64_t part, std::int64_t parts) {
   const std::int64_t applied = *in.applied_steps;
   const double factor = schedule.factor(applied);
   // Every group's lr is checked before any element changes: a step with one
@@ -595,13 +597,13 @@ __device__ inline void step_blocks(const TensorEntry* grads, const Chunk* chunks
   bool lr_ok = true;
   for (int g = 0; g < groups.count; ++g) lr_ok = lr_ok && usable_lr(groups.h[g].lr * factor);
   const bool apply = !found_inf && lr_ok;
-  if (apply) {
+  if (apply && part < parts) {
     float inv_scale, clip;
     step_transform(in, inv_scale, clip);
     // This block's range (step_grain): its part of each chunk it meets.
     const std::int64_t total = offsets[num_chunks];
-    const SplitPoint first = split_point(chunks, offsets, num_chunks, total * blockIdx.x / gridDim.x);
-    const std::int64_t stop = split_point(chunks, offsets, num_chunks, total * (blockIdx.x + 1) / gridDim.x).at;
+    const SplitPoint first = split_point(chunks, offsets, num_chunks, total * part / parts);
+    const std::int64_t stop = split_point(chunks, offsets, num_chunks, total * (part + 1) / parts).at;
     for (std::int64_t c = first.chunk; c < num_chunks && offsets[c] < stop; ++c) {
       Chunk ch = chunks[c];
       const std::int64_t from = first.at > offsets[c] ? first.at : offsets[c];
@@ -620,7 +622,7 @@ __device__ inline void step_blocks(const TensorEntry* grads, const Chunk* chunks
   }
   // The step's count, by the last block to finish: every block has read the
   // step counts and the applied count by then.
-  if (!last_block_to_finish(blocks_done)) return;
+  if (!last_block_to_finish(blocks_done)) return false;
   if (apply) {
     for (int i = threadIdx.x; i < num_params; i += blockDim.x) {
       *params[i].step = amp::saturating_increment(*params[i].step);
@@ -634,6 +636,7 @@ __device__ inline void step_blocks(const TensorEntry* grads, const Chunk* chunks
     }
     *blocks_done = 0;  // ready for the next launch (or graph replay)
   }
+  return true;
 }
 
 template <class Kernel, class Range>
@@ -647,19 +650,20 @@ __global__ void __launch_bounds__(step_threads, Range::kMinBlocks)
   wait_for_prior_kernels();
   allow_dependent_launch();
   step_blocks<Kernel, Range>(grads, chunks, num_chunks, params, num_params, groups, schedule, in,
-                             *in.found_inf != 0, blocks_done, pre, offsets);
+                             *in.found_inf != 0, blocks_done, pre, offsets, blockIdx.x, gridDim.x);
 }
 
 // Pass 1 and the step in one cooperative launch (every block resident at
-// once): each block checks its items of the list as check_grads_kernel
-// does, the grid waits at one barrier, each block ORs every item's
-// non-finite flag itself (a few hundred ints from L2) and updates its share
-// while block 0 writes pass 1's results (reduce_check) for whoever reads
-// them after the launch. With clipping the grid waits a second time, for
-// the norm. What it saves over two launches: a kernel boundary, and pass
-// 1's last-block tail on the step's path; the step reads the gradients
-// pass 1 has just brought into L2. Same items, same per-item and per-tensor
-// order as check_grads_kernel, same updates as step_kernel: same bits.
+// once, at least two): each block checks its items of the list as
+// check_grads_kernel does, a non-finite one also setting the flag
+// cb.any_bad; the grid waits at one barrier; then the last block writes
+// pass 1's results (reduce_check, the last block's code in the two-launch
+// form) for whoever reads them after the launch, while the others, having
+// read the flag, update the list shared out among them (that serial
+// reduction is off their path); the last of all to finish does the step
+// counts and clears the flag. With clipping the grid waits a second time,
+// for the norm. Same items, same per-item and per-tensor order as
+// check_grads_kernel, same updates as step_kernel: same bits.
 template <class Kernel, class Range>
 __global__ void __launch_bounds__(step_threads, Range::kMinBlocks)
     check_and_step_kernel(const TensorEntry* grads, const Chunk* chunks, std::int64_t num_chunks, CheckBuffers cb,
@@ -669,19 +673,20 @@ __global__ void __launch_bounds__(step_threads, Range::kMinBlocks)
   static_assert(step_threads == check_threads, "pass 1's items are summed by blocks of check_threads");
   wait_for_prior_kernels();
   allow_dependent_launch();
-  check_items<false>(grads, chunks, num_chunks, cb.slices, cb.slice_sums, cb.slice_bad, nullptr);
+  check_items<false>(grads, chunks, num_chunks, cb.slices, cb.slice_sums, cb.slice_bad, nullptr, cb.any_bad);
   cooperative_groups::this_grid().sync();
-  int bad = 0;
-  const std::int64_t items = num_chunks * cb.slices;
-  for (std::int64_t i = threadIdx.x; i < items; i += blockDim.x) bad |= __ldcg(cb.slice_bad + i);
-  const bool found_inf = __syncthreads_or(bad) != 0;
-  if (blockIdx.x == 0) {
+  const bool found_inf = __ldcg(cb.any_bad) != 0u;
+  const unsigned reducer = gridDim.x - 1;
+  if (blockIdx.x == reducer) {
     reduce_check(grads, cb.slices, cb.num_tensors, cb.slice_sums, cb.slice_bad, cb.sum_squares, cb.nonfinite,
                  cb.total, cb.found_inf);
   }
   if (in.total_sum_squares != nullptr) cooperative_groups::this_grid().sync();  // the norm, for the clip
-  step_blocks<Kernel, Range>(grads, chunks, num_chunks, params, num_params, groups, schedule, in, found_inf,
-                             blocks_done, pre, offsets);
+  if (step_blocks<Kernel, Range>(grads, chunks, num_chunks, params, num_params, groups, schedule, in, found_inf,
+                                 blocks_done, pre, offsets, blockIdx.x, reducer) &&
+      threadIdx.x == 0) {
+    *cb.any_bad = 0u;  // every block has read it
+  }
 }
 
 // The end of an iteration: count it, update the scale, reset the flag
@@ -933,7 +938,9 @@ void detail::launch_step_with(const TensorList& grads, const ParamList& params, 
   }
   const bool uniform = choice == detail::StepKernelChoice::fastest && uniform_step(grads, params, groups);
   if (check != nullptr && chunks > 0 && uniform && !prepass && in.precursors == nullptr &&
-      detail::cooperative_launch_ok()) {
+      detail::cooperative_launch_ok() &&
+      resident_blocks(detail::fused_uniform_kernel<Kernel>(*grads.uniform_dtype()), detail::step_threads) *
+              multiprocessor_count() >= 2) {
     const auto kernel = detail::fused_uniform_kernel<Kernel>(*grads.uniform_dtype());
     // Every block resident at once (a cooperative launch refuses more);
     // fewer for a list of fewer items and grains.
@@ -941,7 +948,7 @@ void detail::launch_step_with(const TensorList& grads, const ParamList& params, 
                               multiprocessor_count();
     const std::int64_t grains = (grads.num_elements() + detail::step_grain - 1) / detail::step_grain;
     const std::int64_t work = std::max<std::int64_t>(chunks * check->buffers().slices, grains);
-    const unsigned grid = static_cast<unsigned>(std::max<std::int64_t>(1, std::min(work, held)));
+    const unsigned grid = static_cast<unsigned>(std::max<std::int64_t>(2, std::min(work + 1, held)));
     launch_cooperative("check_and_step_kernel", kernel, grid, detail::step_threads, stream, grads.entries(),
                        grads.chunks(), chunks, check->buffers(), params.entries(), params.size(), table, schedule,
                        in, params.blocks_done(), pre, grads.chunk_offsets());
