@@ -112,7 +112,8 @@ void BM_step(benchmark::State& state, Hyper hyper, int state_tensors, double max
   const cudaStream_t s = graphed ? stream.get() : nullptr;
   auto step = [&] {
     if (fused) {
-      mixprec::cuda::launch_check_and_step(list, params, check, hyper, mixprec::optim::LRSchedule::constant(), in, s);
+      mixprec::cuda::launch_check_and_step(list, params, check, hyper, mixprec::optim::LRSchedule::constant(), in, s,
+                                           monitored ? static_cast<std::uint64_t*>(hist.data()) : nullptr);
     } else {
       check.launch(list, s, monitored ? static_cast<std::uint64_t*>(hist.data()) : nullptr);
       mixprec::cuda::launch_step(list, params, hyper, mixprec::optim::LRSchedule::constant(), in, s);
@@ -160,6 +161,7 @@ void BM_AdamW_graph(benchmark::State& s) { BM_step(s, adamw(), 2, 0, true); }
 void BM_SGD_momentum_graph(benchmark::State& s) { BM_step(s, sgd_momentum(), 1, 0, true); }
 void BM_RMSprop_graph(benchmark::State& s) { BM_step(s, mixprec::cuda::RmspropHyper{}, 1, 0, true); }
 void BM_AdamW_monitored_graph(benchmark::State& s) { BM_step(s, adamw(), 2, 0, true, true); }
+void BM_AdamW_monitored_fused_graph(benchmark::State& s) { BM_step(s, adamw(), 2, 0, true, true, true); }
 void BM_AdamW_fused(benchmark::State& s) { BM_step(s, adamw(), 2, 0, false, false, true); }
 void BM_AdamW_fused_graph(benchmark::State& s) { BM_step(s, adamw(), 2, 0, true, false, true); }
 void BM_SGD_momentum_fused_graph(benchmark::State& s) { BM_step(s, sgd_momentum(), 1, 0, true, false, true); }
@@ -262,6 +264,7 @@ BENCHMARK(BM_AdamW_graph) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_SGD_momentum_graph) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_RMSprop_graph) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_AdamW_monitored_graph) MIXPREC_GPU_SIZES;
+BENCHMARK(BM_AdamW_monitored_fused_graph) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_AdamW_fused) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_AdamW_fused_graph) MIXPREC_GPU_SIZES;
 BENCHMARK(BM_SGD_momentum_fused_graph) MIXPREC_GPU_SIZES;

@@ -87,13 +87,14 @@ struct Case {
   template <class Hyper>
   void step(const Hyper& hyper, const optim::LRSchedule& schedule, double max_norm, const amp::ScalePolicy& policy,
             bool dynamic, cudaStream_t stream = nullptr, double* precursors = nullptr,
-            cuda::detail::StepKernelChoice kernel = cuda::detail::StepKernelChoice::fastest, bool fused = false) {
-    if (!fused) check->launch(*list, stream);
+            cuda::detail::StepKernelChoice kernel = cuda::detail::StepKernelChoice::fastest, bool fused = false,
+            std::uint64_t* histogram = nullptr) {
+    if (!fused) check->launch(*list, stream, histogram);
     cuda::StepInputs in = inputs(max_norm);
     in.precursors = precursors;
     // pass 2 and the step's count (fused: pass 1 too, in one launch where it can)
     cuda::detail::launch_step_with(*list, *params, std::vector<Hyper>{hyper}, schedule, in, kernel, stream,
-                                   fused ? check.get() : nullptr);
+                                   fused ? check.get() : nullptr, fused ? histogram : nullptr);
     cuda::launch_update_scale(device_scaler(), policy, dynamic, stream);
   }
   cuda::StepInputs inputs(double max_norm) {
@@ -445,12 +446,20 @@ TEST(OptimizerStepGpu, GraphReplayMatchesEager) {
 // over steps with overflows, clipping and a schedule. Lists of few chunks
 // (sliced, a warp a tensor in the reduction) and of many (a thread a
 // tensor), aligned or not; a float list, which the fused kernel does not
-// take, runs the two launches (the result still the same).
+// take, runs the two launches (the result still the same). `logged`: every
+// step as a monitor's logged step, with exponent histograms (the same
+// counts) and precursor sums (the same up to the order blocks add them).
 template <class T, class Hyper>
 void fused_against_two_launches(const Hyper& hyper, double max_norm, int offset, std::vector<std::int64_t> sizes,
-                                const std::string& what) {
-  SCOPED_TRACE(what + " " + dtype_traits<T>::name);
+                                const std::string& what, bool logged = false) {
+  SCOPED_TRACE(what + " " + dtype_traits<T>::name + (logged ? " logged" : ""));
   Case<T> two(offset, sizes), fused(offset, sizes);
+  const std::size_t hist_n = sizes.size() * 64, sums_n = sizes.size() * optim::kPrecursorSums;
+  Buffer hist_two(hist_n * 8, Device::cuda(0)), hist_fused(hist_n * 8, Device::cuda(0));
+  Buffer sums_two(sums_n * 8, Device::cuda(0)), sums_fused(sums_n * 8, Device::cuda(0));
+  for (Buffer* b : {&hist_two, &hist_fused, &sums_two, &sums_fused}) {
+    MIXPREC_CUDA_CHECK(cudaMemset(b->data(), 0, b->bytes()));
+  }
   amp::ScalerState init;
   init.scale = 1024;
   for (Case<T>* c : {&two, &fused}) MIXPREC_CUDA_CHECK(cudaMemcpy(c->scaler(), &init, sizeof init, cudaMemcpyHostToDevice));
@@ -474,9 +483,12 @@ void fused_against_two_launches(const Hyper& hyper, double max_norm, int offset,
       if (step % 7 == 3 && g.numel() > 0 && i == 1) g.at(g.numel() - 1) = from_float<T>(step % 2 ? NAN : INFINITY);
       for (Case<T>* c : {&two, &fused}) copy(g, c->dgrads[i]);
     }
-    two.step(hyper, schedule, max_norm, policy, true);
-    fused.step(hyper, schedule, max_norm, policy, true, nullptr, nullptr, cuda::detail::StepKernelChoice::fastest,
-               /*fused=*/true);
+    const auto fastest = cuda::detail::StepKernelChoice::fastest;
+    two.step(hyper, schedule, max_norm, policy, true, nullptr, logged ? static_cast<double*>(sums_two.data()) : nullptr,
+             fastest, false, logged ? static_cast<std::uint64_t*>(hist_two.data()) : nullptr);
+    fused.step(hyper, schedule, max_norm, policy, true, nullptr,
+               logged ? static_cast<double*>(sums_fused.data()) : nullptr, fastest, /*fused=*/true,
+               logged ? static_cast<std::uint64_t*>(hist_fused.data()) : nullptr);
     MIXPREC_CUDA_CHECK(cudaDeviceSynchronize());
     const std::string at = " after step " + std::to_string(step);
     same_device(two.check->sum_squares(), fused.check->sum_squares(), n * sizeof(double), "sums of squares" + at);
@@ -486,6 +498,30 @@ void fused_against_two_launches(const Hyper& hyper, double max_norm, int offset,
     int flag = 0;
     MIXPREC_CUDA_CHECK(cudaMemcpy(&flag, fused.check->found_inf(), sizeof flag, cudaMemcpyDeviceToHost));
     skipped += flag != 0;
+  }
+  if (logged) {
+    std::vector<std::uint64_t> ht(hist_n), hf(hist_n);
+    MIXPREC_CUDA_CHECK(cudaMemcpy(ht.data(), hist_two.data(), hist_n * 8, cudaMemcpyDeviceToHost));
+    MIXPREC_CUDA_CHECK(cudaMemcpy(hf.data(), hist_fused.data(), hist_n * 8, cudaMemcpyDeviceToHost));
+    EXPECT_EQ(ht, hf);
+    std::uint64_t counted = 0;
+    for (std::uint64_t v : ht) counted += v;
+    std::uint64_t elements = 0;
+    for (std::int64_t n : sizes) elements += static_cast<std::uint64_t>(n);
+    EXPECT_EQ(counted, 24 * elements);  // every element of every step binned once
+    std::vector<double> st(sums_n), sf(sums_n);
+    MIXPREC_CUDA_CHECK(cudaMemcpy(st.data(), sums_two.data(), sums_n * 8, cudaMemcpyDeviceToHost));
+    MIXPREC_CUDA_CHECK(cudaMemcpy(sf.data(), sums_fused.data(), sums_n * 8, cudaMemcpyDeviceToHost));
+    double weight_terms = 0;
+    for (std::size_t j = 0; j < sums_n; ++j) {
+      if (std::isfinite(st[j])) {
+        EXPECT_NEAR(sf[j], st[j], 1e-12 * std::fabs(st[j])) << "precursor sum " << j;
+      } else {
+        EXPECT_EQ(sf[j], st[j]) << "precursor sum " << j;
+      }
+      if (j % optim::kPrecursorSums == 3) weight_terms += st[j];
+    }
+    EXPECT_GT(weight_terms, 0.0);  // the sums were taken
   }
   EXPECT_EQ(two.counts(), fused.counts());
   EXPECT_GT(skipped, 0);                 // some steps were skipped
@@ -513,6 +549,8 @@ void fused_all() {
   fused_against_two_launches<T>(adamw, 0, 0, few, "AdamW");
   fused_against_two_launches<T>(adamw, 0.5, 1, few, "AdamW clip 0.5 unaligned");
   fused_against_two_launches<T>(adamw, 0, 0, many, "AdamW many tensors");
+  fused_against_two_launches<T>(adamw, 0, 1, few, "AdamW unaligned", /*logged=*/true);
+  fused_against_two_launches<T>(adamw, 0, 0, many, "AdamW many tensors", /*logged=*/true);
   cuda::SgdHyper sgd;
   sgd.momentum = 0.9;
   sgd.nesterov = true;

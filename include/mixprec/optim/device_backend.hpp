@@ -124,8 +124,8 @@ class DevicePlan {
 
   /// check(stream, histogram), then step(...) with in.found_inf = found_inf():
   /// the same results and the same bits, in one launch where the backend
-  /// can (the CUDA backend: the common list, no histogram, no pre-pass, no
-  /// precursor sums), which saves a kernel boundary and pass 1's tail.
+  /// can (the CUDA backend: the common list, no pre-pass, the histogram and
+  /// the precursor sums both asked or neither).
   virtual void check_and_step(const char* kernel, const void* hypers, std::size_t count, std::size_t hyper_bytes,
                               const LRSchedule& schedule, const DeviceStepInputs& in, std::uint64_t* histogram,
                               stream_t stream) {

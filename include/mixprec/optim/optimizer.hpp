@@ -639,10 +639,10 @@ class Optimizer {
   /// launch_check(stream), then launch_step(in, any_inf, stream) with
   /// in.found_inf = device_found_inf(): the same results, bits and
   /// guarantees, in one launch where the backend can (DevicePlan::
-  /// check_and_step; the CUDA backend does for the common list when no
-  /// exponent histogram is asked, which saves a kernel boundary and pass
-  /// 1's tail a step). in.found_inf is ignored; in.total_sum_squares, when
-  /// clipping, must be device_total_sum_squares().
+  /// check_and_step; the CUDA backend does for the common list, with the
+  /// exponent histogram and the precursor sums both set or neither).
+  /// in.found_inf is ignored; in.total_sum_squares, when clipping, must be
+  /// device_total_sum_squares().
   void launch_check_and_step(DeviceStepInputs in, int* any_inf, stream_t stream) {
     launch_step_impl(in, any_inf, true, "launch_check_and_step", stream);
   }

@@ -257,6 +257,7 @@ struct CheckBuffers {
   double* total;
   int* found_inf;
   unsigned* any_bad;  // 0 between launches; the fused kernel's flag (check_items' any_bad)
+  unsigned long long* histogram = nullptr;  // the exponent histograms to add to, if asked
 };
 
 }  // namespace detail

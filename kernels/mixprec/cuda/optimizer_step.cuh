@@ -664,7 +664,7 @@ __global__ void __launch_bounds__(step_threads, Range::kMinBlocks)
 // counts and clears the flag. With clipping the grid waits a second time,
 // for the norm. Same items, same per-item and per-tensor order as
 // check_grads_kernel, same updates as step_kernel: same bits.
-template <class Kernel, class Range>
+template <class Kernel, class Range, bool Hist>
 __global__ void __launch_bounds__(step_threads, Range::kMinBlocks)
     check_and_step_kernel(const TensorEntry* grads, const Chunk* chunks, std::int64_t num_chunks, CheckBuffers cb,
                           const ParamEntry* params, int num_params, GroupHypers<typename Kernel::Hyper> groups,
@@ -673,7 +673,7 @@ __global__ void __launch_bounds__(step_threads, Range::kMinBlocks)
   static_assert(step_threads == check_threads, "pass 1's items are summed by blocks of check_threads");
   wait_for_prior_kernels();
   allow_dependent_launch();
-  check_items<false>(grads, chunks, num_chunks, cb.slices, cb.slice_sums, cb.slice_bad, nullptr, cb.any_bad);
+  check_items<Hist>(grads, chunks, num_chunks, cb.slices, cb.slice_sums, cb.slice_bad, cb.histogram, cb.any_bad);
   cooperative_groups::this_grid().sync();
   const bool found_inf = __ldcg(cb.any_bad) != 0u;
   const unsigned reducer = gridDim.x - 1;
@@ -831,13 +831,18 @@ StepKernelPtr<Kernel> uniform_kernel(DType dtype, bool sums) {
   return sums ? step_kernel<Kernel, UniformRange<bfloat16, bfloat16, states, true>>
               : step_kernel<Kernel, UniformRange<bfloat16, bfloat16, states>>;
 }
-// The fused check and step (check_and_step_kernel) of the uniform kernel
-// without precursor sums, for fp16 or bf16 lists.
+// The fused check and step (check_and_step_kernel) of the uniform kernel,
+// for fp16 or bf16 lists: plain, or `logged` (the monitor's logged step:
+// exponent histograms and precursor sums, the uniform kernel's Sums variant).
 template <class Kernel>
-StepKernelPtr<Kernel, CheckBuffers> fused_uniform_kernel(DType dtype) {
+StepKernelPtr<Kernel, CheckBuffers> fused_uniform_kernel(DType dtype, bool logged) {
   constexpr int states = uniform_states<Kernel>;
-  if (dtype == DType::float16) return check_and_step_kernel<Kernel, UniformRange<half, half, states>>;
-  return check_and_step_kernel<Kernel, UniformRange<bfloat16, bfloat16, states>>;
+  if (dtype == DType::float16) {
+    return logged ? check_and_step_kernel<Kernel, UniformRange<half, half, states, true>, true>
+                  : check_and_step_kernel<Kernel, UniformRange<half, half, states>, false>;
+  }
+  return logged ? check_and_step_kernel<Kernel, UniformRange<bfloat16, bfloat16, states, true>, true>
+                : check_and_step_kernel<Kernel, UniformRange<bfloat16, bfloat16, states>, false>;
 }
 template <class Kernel>
 StepKernelPtr<Kernel> uniform_lean_kernel(optim::Master master, optim::Moments moments) {
@@ -875,14 +880,16 @@ namespace detail {
 // Which step kernel launch_step_with may run: the fastest for the list, or
 // the general one whatever the list (tests: both must give the same bits).
 enum class StepKernelChoice { fastest, general };
-// With `check` (made for `grads`), pass 1 first: in the same launch when
-// the list runs the uniform kernel with no pre-pass and no precursor sums
-// and the device launches cooperative kernels (check_and_step_kernel), else
+// With `check` (made for `grads`), pass 1 first (with `histogram`, its
+// exponent histograms too): in the same launch when the list runs the
+// uniform kernel with no pre-pass, the histograms and the precursor sums
+// are asked both or neither (a monitor's logged step, or a plain one) and
+// the device launches cooperative kernels (check_and_step_kernel), else
 // check->launch before the step. in.found_inf must then be check's.
 template <class Hyper>
 void launch_step_with(const TensorList& grads, const ParamList& params, const std::vector<Hyper>& groups,
                       const optim::LRSchedule& schedule, const StepInputs& in, StepKernelChoice choice,
-                      cudaStream_t stream, GradCheck* check = nullptr);
+                      cudaStream_t stream, GradCheck* check = nullptr, std::uint64_t* histogram = nullptr);
 
 // Whether the current device launches cooperative kernels (asked once a
 // device).
@@ -911,7 +918,7 @@ void launch_step(const TensorList& grads, const ParamList& params, const std::ve
 template <class Hyper>
 void detail::launch_step_with(const TensorList& grads, const ParamList& params, const std::vector<Hyper>& groups,
                               const optim::LRSchedule& schedule, const StepInputs& in, StepKernelChoice choice,
-                              cudaStream_t stream, GradCheck* check) {
+                              cudaStream_t stream, GradCheck* check, std::uint64_t* histogram) {
   using Kernel = typename Hyper::kernel;
   static_assert(std::is_trivially_copyable<Hyper>::value, "an optimizer's Hyper travels as a kernel argument");
   static_assert(sizeof(GroupHypers<Hyper>) <= 4096 - 512, "64 of this Hyper do not fit a kernel's arguments");
@@ -937,24 +944,28 @@ void detail::launch_step_with(const TensorList& grads, const ParamList& params, 
     for (const Hyper& h : groups) prepass = prepass || Kernel::prepass(h) != 0u;
   }
   const bool uniform = choice == detail::StepKernelChoice::fastest && uniform_step(grads, params, groups);
-  if (check != nullptr && chunks > 0 && uniform && !prepass && in.precursors == nullptr &&
+  const bool logged = histogram != nullptr;
+  if (check != nullptr && chunks > 0 && uniform && !prepass && (in.precursors != nullptr) == logged &&
       detail::cooperative_launch_ok() &&
-      resident_blocks(detail::fused_uniform_kernel<Kernel>(*grads.uniform_dtype()), detail::step_threads) *
+      resident_blocks(detail::fused_uniform_kernel<Kernel>(*grads.uniform_dtype(), logged), detail::step_threads) *
               multiprocessor_count() >= 2) {
-    const auto kernel = detail::fused_uniform_kernel<Kernel>(*grads.uniform_dtype());
+    const auto kernel = detail::fused_uniform_kernel<Kernel>(*grads.uniform_dtype(), logged);
+    detail::CheckBuffers cb = check->buffers();
+    static_assert(sizeof(unsigned long long) == sizeof(std::uint64_t), "64-bit counts");
+    cb.histogram = reinterpret_cast<unsigned long long*>(histogram);
     // Every block resident at once (a cooperative launch refuses more);
     // fewer for a list of fewer items and grains.
     const std::int64_t held = static_cast<std::int64_t>(resident_blocks(kernel, detail::step_threads)) *
                               multiprocessor_count();
     const std::int64_t grains = (grads.num_elements() + detail::step_grain - 1) / detail::step_grain;
-    const std::int64_t work = std::max<std::int64_t>(chunks * check->buffers().slices, grains);
+    const std::int64_t work = std::max<std::int64_t>(chunks * cb.slices, grains);
     const unsigned grid = static_cast<unsigned>(std::max<std::int64_t>(2, std::min(work + 1, held)));
     launch_cooperative("check_and_step_kernel", kernel, grid, detail::step_threads, stream, grads.entries(),
-                       grads.chunks(), chunks, check->buffers(), params.entries(), params.size(), table, schedule,
+                       grads.chunks(), chunks, cb, params.entries(), params.size(), table, schedule,
                        in, params.blocks_done(), pre, grads.chunk_offsets());
     return;
   }
-  if (check != nullptr) check->launch(grads, stream);
+  if (check != nullptr) check->launch(grads, stream, histogram);
   if constexpr (optim::prepass_sums_v<Kernel> > 0) {
     // The pre-pass rounds the groups ask for (optim/family.hpp), queued
     // before the step; they write only the workspace, so a failure here
@@ -1006,25 +1017,29 @@ void launch_step(const TensorList& grads, const ParamList& params, const Hyper& 
   launch_step(grads, params, std::vector<Hyper>{hyper}, schedule, in, stream);
 }
 
-/// check.launch(grads, stream), then launch_step: the same results (pass
-/// 1's too) and the same bits, in one cooperative launch when the list runs
-/// the uniform kernel (16-bit gradients and weights of one dtype, no lean
-/// parameter, no third state), no pre-pass and no precursor sums are asked,
-/// and the device launches cooperative kernels; in two launches otherwise.
+/// check.launch(grads, stream, histogram), then launch_step: the same
+/// results (pass 1's too) and the same bits, in one cooperative launch when
+/// the list runs the uniform kernel (16-bit gradients and weights of one
+/// dtype, no lean parameter, no third state), no pre-pass is asked, and the
+/// device launches cooperative kernels; in two launches otherwise.
 /// `check` must have been made for `grads`, and in.found_inf must be
 /// check.found_inf() (in.total_sum_squares, when clipping, its total).
-/// No exponent histogram: take check.launch with one and launch_step.
+/// With `histogram` (GradCheck::launch's), pass 1 adds the exponent
+/// histograms too; one launch then when the precursor sums are asked as
+/// well (a monitor's logged step), as without both.
 /// Asynchronous on `stream`; capturable in a CUDA graph.
 template <class Hyper>
 void launch_check_and_step(const TensorList& grads, const ParamList& params, GradCheck& check,
                            const std::vector<Hyper>& groups, const optim::LRSchedule& schedule, const StepInputs& in,
-                           cudaStream_t stream = nullptr) {
-  detail::launch_step_with(grads, params, groups, schedule, in, detail::StepKernelChoice::fastest, stream, &check);
+                           cudaStream_t stream = nullptr, std::uint64_t* histogram = nullptr) {
+  detail::launch_step_with(grads, params, groups, schedule, in, detail::StepKernelChoice::fastest, stream, &check,
+                           histogram);
 }
 template <class Hyper>
 void launch_check_and_step(const TensorList& grads, const ParamList& params, GradCheck& check, const Hyper& hyper,
-                           const optim::LRSchedule& schedule, const StepInputs& in, cudaStream_t stream = nullptr) {
-  launch_check_and_step(grads, params, check, std::vector<Hyper>{hyper}, schedule, in, stream);
+                           const optim::LRSchedule& schedule, const StepInputs& in, cudaStream_t stream = nullptr,
+                           std::uint64_t* histogram = nullptr) {
+  launch_check_and_step(grads, params, check, std::vector<Hyper>{hyper}, schedule, in, stream, histogram);
 }
 
 /// The step launchers of the optimizers' kernel parts, by their kKey: what
@@ -1034,7 +1049,8 @@ void launch_check_and_step(const TensorList& grads, const ParamList& params, Gra
 /// With a GradCheck (made for the gradients), pass 1 is run too, in the
 /// same launch where it can be (detail::launch_step_with).
 using StepLauncher = void (*)(const TensorList&, const ParamList&, const void* hypers, std::size_t count,
-                              const optim::LRSchedule&, const StepInputs&, cudaStream_t, GradCheck* check);
+                              const optim::LRSchedule&, const StepInputs&, cudaStream_t, GradCheck* check,
+                              std::uint64_t* histogram);
 
 namespace detail {
 struct StepRegistry {
@@ -1047,11 +1063,12 @@ inline StepRegistry& step_registry() {
 }
 template <class Kernel>
 void launch_erased(const TensorList& grads, const ParamList& params, const void* hypers, std::size_t count,
-                   const optim::LRSchedule& schedule, const StepInputs& in, cudaStream_t stream, GradCheck* check) {
+                   const optim::LRSchedule& schedule, const StepInputs& in, cudaStream_t stream, GradCheck* check,
+                   std::uint64_t* histogram) {
   using Hyper = typename Kernel::Hyper;
   const Hyper* h = static_cast<const Hyper*>(hypers);
   launch_step_with(grads, params, std::vector<Hyper>(h, h + count), schedule, in, StepKernelChoice::fastest, stream,
-                   check);
+                   check, histogram);
 }
 }  // namespace detail
 
