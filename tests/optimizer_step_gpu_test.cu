@@ -89,12 +89,15 @@ struct Case {
             bool dynamic, cudaStream_t stream = nullptr, double* precursors = nullptr,
             cuda::detail::StepKernelChoice kernel = cuda::detail::StepKernelChoice::fastest, bool fused = false,
             std::uint64_t* histogram = nullptr) {
-    if (!fused) check->launch(*list, stream, histogram);
     cuda::StepInputs in = inputs(max_norm);
     in.precursors = precursors;
-    // pass 2 and the step's count (fused: pass 1 too, in one launch where it can)
-    cuda::detail::launch_step_with(*list, *params, std::vector<Hyper>{hyper}, schedule, in, kernel, stream,
-                                   fused ? check.get() : nullptr, fused ? histogram : nullptr);
+    if (fused) {  // pass 1, pass 2 and the count, in one launch where it can
+      cuda::launch_check_and_step(*list, *params, *check, hyper, schedule, in, stream, histogram);
+    } else {
+      check->launch(*list, stream, histogram);
+      // pass 2 and the step's count
+      cuda::detail::launch_step_with(*list, *params, std::vector<Hyper>{hyper}, schedule, in, kernel, stream);
+    }
     cuda::launch_update_scale(device_scaler(), policy, dynamic, stream);
   }
   cuda::StepInputs inputs(double max_norm) {

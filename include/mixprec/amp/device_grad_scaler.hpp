@@ -218,22 +218,6 @@ class DeviceGradScaler {
 
   void step_locked(optim::Optimizer& opt) {
     records_.require_can_step(opt);
-    if (records_.stage(opt) == Stage::ready && !stats_reducer_ && !guard_.data()) {
-      // Nothing runs between pass 1 and the step (no unscale() before it,
-      // no job-wide reduction, no guard): one launch where the backend can
-      // (Optimizer::launch_check_and_step), with the same results.
-      records_.require_can_unscale(opt);
-      optim::DeviceStepInputs in;
-      in.scale = scale_data();
-      in.grad_divisor = grad_divisor_;
-      opt.launch_check_and_step(in, &device_state()->any_inf, stream_);
-      Record& r = records_.get(opt);
-      r.num_params = opt.num_params();
-      r.found_inf = opt.device_found_inf();
-      r.total_sum_squares = opt.device_total_sum_squares();
-      r.stage = Stage::stepped;  // only once launched
-      return;
-    }
     if (records_.stage(opt) == Stage::ready) unscale_locked(opt);
     Record& r = records_.get(opt);
     records_.require_same_params(opt, r, "step");

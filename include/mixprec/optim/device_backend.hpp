@@ -121,19 +121,6 @@ class DevicePlan {
   /// *applied_steps (saturating); *any_inf is set when *found_inf.
   virtual void step(const char* kernel, const void* hypers, std::size_t count, std::size_t hyper_bytes,
                     const LRSchedule& schedule, const DeviceStepInputs& in, stream_t stream) = 0;
-
-  /// check(stream, histogram), then step(...) with in.found_inf = found_inf():
-  /// the same results and the same bits, in one launch where the backend
-  /// can (the CUDA backend: the common list, no pre-pass, the histogram and
-  /// the precursor sums both asked or neither).
-  virtual void check_and_step(const char* kernel, const void* hypers, std::size_t count, std::size_t hyper_bytes,
-                              const LRSchedule& schedule, const DeviceStepInputs& in, std::uint64_t* histogram,
-                              stream_t stream) {
-    check(stream, histogram);
-    DeviceStepInputs checked = in;
-    checked.found_inf = found_inf();
-    step(kernel, hypers, count, hyper_bytes, schedule, checked, stream);
-  }
 };
 
 /// What the kernels do for the host API.

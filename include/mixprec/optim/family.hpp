@@ -287,18 +287,13 @@ class Family : public OptimizerBase<Family<Rule>, typename Rule::Options> {
     }
   }
 
-  void launch_groups(DevicePlan& plan, const DeviceStepInputs& in, bool with_check, stream_t stream) override {
+  void launch_groups(DevicePlan& plan, const DeviceStepInputs& in, stream_t stream) override {
     std::vector<Hyper> groups;
     for (std::size_t g = 0; g < this->num_groups(); ++g) {
       // The base lr: the kernel applies the schedule on the device.
       groups.push_back(Rule::hyper(this->options_[g], this->base_lr(g), fresh_of(this->first_of_group(g))));
     }
-    if (with_check) {
-      plan.check_and_step(Kernel::kKey, groups.data(), groups.size(), sizeof(Hyper), this->schedule(), in,
-                          this->grad_histogram(), stream);
-    } else {
-      plan.step(Kernel::kKey, groups.data(), groups.size(), sizeof(Hyper), this->schedule(), in, stream);
-    }
+    plan.step(Kernel::kKey, groups.data(), groups.size(), sizeof(Hyper), this->schedule(), in, stream);
   }
 
   void update_param(std::size_t i, const GradTransform& t) override {

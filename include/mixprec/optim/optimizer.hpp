@@ -633,18 +633,26 @@ class Optimizer {
   /// failure there, or a launch that fails, leaves the optimizer as it was
   /// (state made by this call is dropped again).
   void launch_step(DeviceStepInputs in, int* any_inf, stream_t stream) {
-    launch_step_impl(in, any_inf, false, "launch_step", stream);
-  }
-
-  /// launch_check(stream), then launch_step(in, any_inf, stream) with
-  /// in.found_inf = device_found_inf(): the same results, bits and
-  /// guarantees, in one launch where the backend can (DevicePlan::
-  /// check_and_step; the CUDA backend does for the common list, with the
-  /// exponent histogram and the precursor sums both set or neither).
-  /// in.found_inf is ignored; in.total_sum_squares, when clipping, must be
-  /// device_total_sum_squares().
-  void launch_check_and_step(DeviceStepInputs in, int* any_inf, stream_t stream) {
-    launch_step_impl(in, any_inf, true, "launch_check_and_step", stream);
+    require_device("launch_step");
+    MIXPREC_CHECK(in.found_inf && in.scale, name(), "::launch_step: found_inf and scale must point to device memory");
+    MIXPREC_CHECK(!in.total_sum_squares || (std::isfinite(in.max_norm) && in.max_norm > 0), name(),
+                  "::launch_step: max_norm = ", in.max_norm, ", must be finite and > 0 when clipping");
+    const std::vector<std::pair<std::size_t, std::size_t>> made = allocate_all();
+    try {
+      ensure_plan();
+      note_capture(stream);
+      if (buffer_checks_ && !captured_now_) check_buffers();
+      order_after_last(stream);
+      in.applied_steps = applied_device();
+      in.any_inf = any_inf;
+      in.precursors = precursors_;
+      in.nonfinite_lr_steps = applied_device() + 1;
+      launch_groups(*plan_, in, stream);
+    } catch (...) {
+      drop_state(made);
+      throw;
+    }
+    for (Slot& s : slots_) s.fresh_state = 0;
   }
 
  protected:
@@ -834,34 +842,7 @@ class Optimizer {
 
   /// Launches pass 2 for every group: DevicePlan::step with this
   /// optimizer's hyperparameters, one entry per group, in group order.
-  /// With `with_check`, DevicePlan::check_and_step (pass 1 first, with
-  /// grad_histogram()) instead.
-  virtual void launch_groups(DevicePlan& plan, const DeviceStepInputs& in, bool with_check, stream_t stream) = 0;
-
-  void launch_step_impl(DeviceStepInputs in, int* any_inf, bool with_check, const char* what, stream_t stream) {
-    require_device(what);
-    MIXPREC_CHECK((with_check || in.found_inf) && in.scale, name(), "::", what,
-                  ": found_inf and scale must point to device memory");
-    MIXPREC_CHECK(!in.total_sum_squares || (std::isfinite(in.max_norm) && in.max_norm > 0), name(), "::", what,
-                  ": max_norm = ", in.max_norm, ", must be finite and > 0 when clipping");
-    const std::vector<std::pair<std::size_t, std::size_t>> made = allocate_all();
-    try {
-      ensure_plan();
-      note_capture(stream);
-      if (buffer_checks_ && !captured_now_) check_buffers();
-      order_after_last(stream);
-      if (with_check) in.found_inf = plan_->found_inf();
-      in.applied_steps = applied_device();
-      in.any_inf = any_inf;
-      in.precursors = precursors_;
-      in.nonfinite_lr_steps = applied_device() + 1;
-      launch_groups(*plan_, in, with_check, stream);
-    } catch (...) {
-      drop_state(made);
-      throw;
-    }
-    for (Slot& s : slots_) s.fresh_state = 0;
-  }
+  virtual void launch_groups(DevicePlan& plan, const DeviceStepInputs& in, stream_t stream) = 0;
 
   /// The first parameter of group g (groups are contiguous).
   std::size_t first_of_group(std::size_t g) const {

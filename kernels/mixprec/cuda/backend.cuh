@@ -134,16 +134,7 @@ class Plan final : public optim::DevicePlan {
             const optim::LRSchedule& schedule, const optim::DeviceStepInputs& in, stream_t stream) override {
     const StepLauncher launch = find_step_kernel(kernel, hyper_bytes);
     mixprec::detail::DeviceGuard guard(device_);
-    launch(grads_, params_, hypers, count, schedule, in, static_cast<cudaStream_t>(stream), nullptr, nullptr);
-  }
-  void check_and_step(const char* kernel, const void* hypers, std::size_t count, std::size_t hyper_bytes,
-                      const optim::LRSchedule& schedule, const optim::DeviceStepInputs& in, std::uint64_t* histogram,
-                      stream_t stream) override {
-    const StepLauncher launch = find_step_kernel(kernel, hyper_bytes);
-    mixprec::detail::DeviceGuard guard(device_);
-    optim::DeviceStepInputs checked = in;
-    checked.found_inf = check_.found_inf();
-    launch(grads_, params_, hypers, count, schedule, checked, static_cast<cudaStream_t>(stream), &check_, histogram);
+    launch(grads_, params_, hypers, count, schedule, in, static_cast<cudaStream_t>(stream));
   }
 
  private:

@@ -880,16 +880,32 @@ namespace detail {
 // Which step kernel launch_step_with may run: the fastest for the list, or
 // the general one whatever the list (tests: both must give the same bits).
 enum class StepKernelChoice { fastest, general };
-// With `check` (made for `grads`), pass 1 first (with `histogram`, its
-// exponent histograms too): in the same launch when the list runs the
-// uniform kernel with no pre-pass, the histograms and the precursor sums
-// are asked both or neither (a monitor's logged step, or a plain one) and
-// the device launches cooperative kernels (check_and_step_kernel), else
-// check->launch before the step. in.found_inf must then be check's.
 template <class Hyper>
 void launch_step_with(const TensorList& grads, const ParamList& params, const std::vector<Hyper>& groups,
                       const optim::LRSchedule& schedule, const StepInputs& in, StepKernelChoice choice,
-                      cudaStream_t stream, GradCheck* check = nullptr, std::uint64_t* histogram = nullptr);
+                      cudaStream_t stream);
+
+// The launch's checks of its arguments, before anything is queued, and the
+// groups' table the kernels take.
+template <class Hyper>
+GroupHypers<Hyper> group_table(const TensorList& grads, const ParamList& params, const std::vector<Hyper>& groups,
+                               const optim::LRSchedule& schedule, const StepInputs& in) {
+  static_assert(std::is_trivially_copyable<Hyper>::value, "an optimizer's Hyper travels as a kernel argument");
+  static_assert(sizeof(GroupHypers<Hyper>) <= 4096 - 512, "64 of this Hyper do not fit a kernel's arguments");
+  MIXPREC_CHECK(grads.num_tensors() == params.size(), "launch_step: ", grads.num_tensors(),
+                " gradients but ", params.size(), " parameters");
+  MIXPREC_CHECK(in.found_inf && in.scale && in.applied_steps, "launch_step: found_inf, scale and "
+                "applied_steps must point to device memory");
+  MIXPREC_CHECK(!groups.empty() && groups.size() <= optim::kMaxDeviceGroups, "launch_step: ", groups.size(),
+                " groups, must be in [1, ", optim::kMaxDeviceGroups, "]");
+  MIXPREC_CHECK(params.groups() <= static_cast<int>(groups.size()), "launch_step: a parameter is in group ",
+                params.groups() - 1, ", there are ", groups.size(), " groups");
+  schedule.validate();
+  GroupHypers<Hyper> table;
+  for (std::size_t g = 0; g < groups.size(); ++g) table.h[g] = groups[g];
+  table.count = static_cast<int>(groups.size());
+  return table;
+}
 
 // Whether the current device launches cooperative kernels (asked once a
 // device).
@@ -918,54 +934,12 @@ void launch_step(const TensorList& grads, const ParamList& params, const std::ve
 template <class Hyper>
 void detail::launch_step_with(const TensorList& grads, const ParamList& params, const std::vector<Hyper>& groups,
                               const optim::LRSchedule& schedule, const StepInputs& in, StepKernelChoice choice,
-                              cudaStream_t stream, GradCheck* check, std::uint64_t* histogram) {
+                              cudaStream_t stream) {
   using Kernel = typename Hyper::kernel;
-  static_assert(std::is_trivially_copyable<Hyper>::value, "an optimizer's Hyper travels as a kernel argument");
-  static_assert(sizeof(GroupHypers<Hyper>) <= 4096 - 512, "64 of this Hyper do not fit a kernel's arguments");
-  MIXPREC_CHECK(grads.num_tensors() == params.size(), "launch_step: ", grads.num_tensors(),
-                " gradients but ", params.size(), " parameters");
-  MIXPREC_CHECK(in.found_inf && in.scale && in.applied_steps, "launch_step: found_inf, scale and "
-                "applied_steps must point to device memory");
-  MIXPREC_CHECK(!groups.empty() && groups.size() <= optim::kMaxDeviceGroups, "launch_step: ", groups.size(),
-                " groups, must be in [1, ", optim::kMaxDeviceGroups, "]");
-  MIXPREC_CHECK(params.groups() <= static_cast<int>(groups.size()), "launch_step: a parameter is in group ",
-                params.groups() - 1, ", there are ", groups.size(), " groups");
-  MIXPREC_CHECK(check == nullptr || (check->num_chunks() == grads.num_chunks() && in.found_inf == check->found_inf()),
-                "launch_step: the check was made for another list, or found_inf is not the check's");
-  schedule.validate();
-  GroupHypers<Hyper> table;
-  for (std::size_t g = 0; g < groups.size(); ++g) table.h[g] = groups[g];
-  table.count = static_cast<int>(groups.size());
+  const GroupHypers<Hyper> table = detail::group_table(grads, params, groups, schedule, in);
   const std::int64_t chunks = grads.num_chunks();
   const unsigned grid = chunks == 0 ? 1u : grid_for(chunks * detail::step_threads, detail::step_threads, 4);
   const PrepassView& pre = params.prepass();
-  bool prepass = false;
-  if constexpr (optim::prepass_sums_v<Kernel> > 0) {
-    for (const Hyper& h : groups) prepass = prepass || Kernel::prepass(h) != 0u;
-  }
-  const bool uniform = choice == detail::StepKernelChoice::fastest && uniform_step(grads, params, groups);
-  const bool logged = histogram != nullptr;
-  if (check != nullptr && chunks > 0 && uniform && !prepass && (in.precursors != nullptr) == logged &&
-      detail::cooperative_launch_ok() &&
-      resident_blocks(detail::fused_uniform_kernel<Kernel>(*grads.uniform_dtype(), logged), detail::step_threads) *
-              multiprocessor_count() >= 2) {
-    const auto kernel = detail::fused_uniform_kernel<Kernel>(*grads.uniform_dtype(), logged);
-    detail::CheckBuffers cb = check->buffers();
-    static_assert(sizeof(unsigned long long) == sizeof(std::uint64_t), "64-bit counts");
-    cb.histogram = reinterpret_cast<unsigned long long*>(histogram);
-    // Every block resident at once (a cooperative launch refuses more);
-    // fewer for a list of fewer items and grains.
-    const std::int64_t held = static_cast<std::int64_t>(resident_blocks(kernel, detail::step_threads)) *
-                              multiprocessor_count();
-    const std::int64_t grains = (grads.num_elements() + detail::step_grain - 1) / detail::step_grain;
-    const std::int64_t work = std::max<std::int64_t>(chunks * cb.slices, grains);
-    const unsigned grid = static_cast<unsigned>(std::max<std::int64_t>(2, std::min(work + 1, held)));
-    launch_cooperative("check_and_step_kernel", kernel, grid, detail::step_threads, stream, grads.entries(),
-                       grads.chunks(), chunks, cb, params.entries(), params.size(), table, schedule,
-                       in, params.blocks_done(), pre, grads.chunk_offsets());
-    return;
-  }
-  if (check != nullptr) check->launch(grads, stream, histogram);
   if constexpr (optim::prepass_sums_v<Kernel> > 0) {
     // The pre-pass rounds the groups ask for (optim/family.hpp), queued
     // before the step; they write only the workspace, so a failure here
@@ -994,7 +968,7 @@ void detail::launch_step_with(const TensorList& grads, const ParamList& params, 
   auto kernel = params.has_lean() ? detail::step_kernel<Kernel, detail::AnyRange<true>>
                                   : detail::step_kernel<Kernel, detail::AnyRange<false>>;
   const bool fastest = choice == detail::StepKernelChoice::fastest;
-  if (uniform) {
+  if (fastest && uniform_step(grads, params, groups)) {
     kernel = detail::uniform_kernel<Kernel>(*grads.uniform_dtype(), in.precursors != nullptr);
   } else if (fastest && uniform_lean_step(grads, params, groups, in)) {
     const auto layout = *params.uniform_lean();
@@ -1017,23 +991,59 @@ void launch_step(const TensorList& grads, const ParamList& params, const Hyper& 
   launch_step(grads, params, std::vector<Hyper>{hyper}, schedule, in, stream);
 }
 
-/// check.launch(grads, stream, histogram), then launch_step: the same
-/// results (pass 1's too) and the same bits, in one cooperative launch when
-/// the list runs the uniform kernel (16-bit gradients and weights of one
-/// dtype, no lean parameter, no third state), no pre-pass is asked, and the
-/// device launches cooperative kernels; in two launches otherwise.
+/// check.launch(grads, stream, histogram), then launch_step, in one
+/// cooperative launch (check_and_step_kernel) where it can: the list runs
+/// the uniform kernel (16-bit gradients and weights of one dtype, no lean
+/// parameter, no third state), asks no pre-pass, the exponent histograms
+/// and the precursor sums are asked both (a monitor's logged step) or
+/// neither, and the device launches cooperative kernels; otherwise in those
+/// two launches. Same results (pass 1's too) and same bits either way.
 /// `check` must have been made for `grads`, and in.found_inf must be
 /// check.found_inf() (in.total_sum_squares, when clipping, its total).
-/// With `histogram` (GradCheck::launch's), pass 1 adds the exponent
-/// histograms too; one launch then when the precursor sums are asked as
-/// well (a monitor's logged step), as without both.
 /// Asynchronous on `stream`; capturable in a CUDA graph.
+///
+/// Not what the host API runs (DeviceGradScaler::step launches the two):
+/// on an H200 (2026-12-06) it was 3-5% faster than the two launches for
+/// SGD with momentum and RMSprop at 2^21 to 2^24 parameters, the same for
+/// AdamW at 2^24 and 7% slower for AdamW at 2^21 and 2^22, whose kernel
+/// holds three blocks an SM, too few for every pass 1 item to have a block
+/// (docs/performance.md).
 template <class Hyper>
 void launch_check_and_step(const TensorList& grads, const ParamList& params, GradCheck& check,
                            const std::vector<Hyper>& groups, const optim::LRSchedule& schedule, const StepInputs& in,
                            cudaStream_t stream = nullptr, std::uint64_t* histogram = nullptr) {
-  detail::launch_step_with(grads, params, groups, schedule, in, detail::StepKernelChoice::fastest, stream, &check,
-                           histogram);
+  using Kernel = typename Hyper::kernel;
+  const GroupHypers<Hyper> table = detail::group_table(grads, params, groups, schedule, in);
+  MIXPREC_CHECK(check.num_chunks() == grads.num_chunks() && in.found_inf == check.found_inf(),
+                "launch_check_and_step: the check was made for another list, or in.found_inf is not the check's");
+  bool prepass = false;
+  if constexpr (optim::prepass_sums_v<Kernel> > 0) {
+    for (const Hyper& h : groups) prepass = prepass || Kernel::prepass(h) != 0u;
+  }
+  const bool logged = histogram != nullptr;
+  const std::int64_t chunks = grads.num_chunks();
+  if (chunks > 0 && uniform_step(grads, params, groups) && !prepass && (in.precursors != nullptr) == logged &&
+      detail::cooperative_launch_ok()) {
+    const auto kernel = detail::fused_uniform_kernel<Kernel>(*grads.uniform_dtype(), logged);
+    // Every block resident at once (a cooperative launch refuses more), at
+    // least two; fewer for a list of fewer items and grains.
+    const std::int64_t held = static_cast<std::int64_t>(resident_blocks(kernel, detail::step_threads)) *
+                              multiprocessor_count();
+    if (held >= 2) {
+      detail::CheckBuffers cb = check.buffers();
+      static_assert(sizeof(unsigned long long) == sizeof(std::uint64_t), "64-bit counts");
+      cb.histogram = reinterpret_cast<unsigned long long*>(histogram);
+      const std::int64_t grains = (grads.num_elements() + detail::step_grain - 1) / detail::step_grain;
+      const std::int64_t work = std::max<std::int64_t>(chunks * cb.slices, grains);
+      const unsigned grid = static_cast<unsigned>(std::max<std::int64_t>(2, std::min(work + 1, held)));
+      launch_cooperative("check_and_step_kernel", kernel, grid, detail::step_threads, stream, grads.entries(),
+                         grads.chunks(), chunks, cb, params.entries(), params.size(), table, schedule, in,
+                         params.blocks_done(), params.prepass(), grads.chunk_offsets());
+      return;
+    }
+  }
+  check.launch(grads, stream, histogram);
+  launch_step(grads, params, groups, schedule, in, stream);
 }
 template <class Hyper>
 void launch_check_and_step(const TensorList& grads, const ParamList& params, GradCheck& check, const Hyper& hyper,
@@ -1046,11 +1056,8 @@ void launch_check_and_step(const TensorList& grads, const ParamList& params, Gra
 /// DevicePlan::step finds. The built-in optimizers are registered by
 /// backend.cuh; a user's own by MIXPREC_REGISTER_OPTIMIZER(TheirKernel) in
 /// one .cu file (after including <mixprec/cuda/backend.cuh>).
-/// With a GradCheck (made for the gradients), pass 1 is run too, in the
-/// same launch where it can be (detail::launch_step_with).
 using StepLauncher = void (*)(const TensorList&, const ParamList&, const void* hypers, std::size_t count,
-                              const optim::LRSchedule&, const StepInputs&, cudaStream_t, GradCheck* check,
-                              std::uint64_t* histogram);
+                              const optim::LRSchedule&, const StepInputs&, cudaStream_t);
 
 namespace detail {
 struct StepRegistry {
@@ -1063,12 +1070,10 @@ inline StepRegistry& step_registry() {
 }
 template <class Kernel>
 void launch_erased(const TensorList& grads, const ParamList& params, const void* hypers, std::size_t count,
-                   const optim::LRSchedule& schedule, const StepInputs& in, cudaStream_t stream, GradCheck* check,
-                   std::uint64_t* histogram) {
+                   const optim::LRSchedule& schedule, const StepInputs& in, cudaStream_t stream) {
   using Hyper = typename Kernel::Hyper;
   const Hyper* h = static_cast<const Hyper*>(hypers);
-  launch_step_with(grads, params, std::vector<Hyper>(h, h + count), schedule, in, StepKernelChoice::fastest, stream,
-                   check, histogram);
+  launch_step(grads, params, std::vector<Hyper>(h, h + count), schedule, in, stream);
 }
 }  // namespace detail
 
