@@ -164,6 +164,27 @@ bool dependent_launch_ok(Kernel* kernel) {
          }) != 0;
 }
 
+namespace detail {
+// cudaLaunchKernelEx with `count` attributes (0 or 1 here); a failed launch
+// throws an error naming `name`, and leaves no error for the next check.
+template <class... Params, class... Args>
+void launch_ex(const char* name, void (*kernel)(Params...), unsigned grid, unsigned block, cudaStream_t stream,
+               cudaLaunchAttribute* attributes, unsigned count, Args&&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(block);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  config.attrs = attributes;
+  config.numAttrs = count;
+  const cudaError_t status = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  if (status != cudaSuccess) {
+    (void)cudaGetLastError();  // not left for the next check to find
+    ::mixprec::detail::throw_cuda_error(status, (std::string("launch of ") + name).c_str(), __FILE__, __LINE__);
+  }
+}
+}  // namespace detail
+
 /// Launches `kernel` dependent on the kernel before it on `stream` where
 /// dependent_launch_ok, the ordinary way elsewhere. The kernel must call
 /// wait_for_prior_kernels() first in every block.
@@ -171,21 +192,11 @@ bool dependent_launch_ok(Kernel* kernel) {
 template <class... Params, class... Args>
 void launch_dependent(const char* name, void (*kernel)(Params...), unsigned grid, unsigned block,
                       cudaStream_t stream, Args&&... args) {
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(grid);
-  config.blockDim = dim3(block);
-  config.dynamicSmemBytes = 0;
-  config.stream = stream;
   cudaLaunchAttribute attribute[1];
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attribute;
-  config.numAttrs = dependent_launch_ok(kernel) ? 1 : 0;
-  const cudaError_t status = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
-  if (status != cudaSuccess) {
-    (void)cudaGetLastError();  // not left for the next check to find
-    ::mixprec::detail::throw_cuda_error(status, (std::string("launch of ") + name).c_str(), __FILE__, __LINE__);
-  }
+  detail::launch_ex(name, kernel, grid, block, stream, attribute, dependent_launch_ok(kernel) ? 1u : 0u,
+                    std::forward<Args>(args)...);
 }
 
 /// Launches `kernel` cooperatively (cudaLaunchAttributeCooperative: every
@@ -196,21 +207,10 @@ void launch_dependent(const char* name, void (*kernel)(Params...), unsigned grid
 template <class... Params, class... Args>
 void launch_cooperative(const char* name, void (*kernel)(Params...), unsigned grid, unsigned block,
                         cudaStream_t stream, Args&&... args) {
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(grid);
-  config.blockDim = dim3(block);
-  config.dynamicSmemBytes = 0;
-  config.stream = stream;
   cudaLaunchAttribute attribute[1];
   attribute[0].id = cudaLaunchAttributeCooperative;
   attribute[0].val.cooperative = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  const cudaError_t status = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
-  if (status != cudaSuccess) {
-    (void)cudaGetLastError();  // not left for the next check to find
-    ::mixprec::detail::throw_cuda_error(status, (std::string("launch of ") + name).c_str(), __FILE__, __LINE__);
-  }
+  detail::launch_ex(name, kernel, grid, block, stream, attribute, 1u, std::forward<Args>(args)...);
 }
 
 /// Blocks for a grid-stride loop over `work_items` items of `per_block` each:
