@@ -442,8 +442,8 @@ TEST(OptimizerStepGpu, GraphReplayMatchesEager) {
   MIXPREC_CUDA_CHECK(cudaStreamDestroy(stream));
 }
 
-// Pass 1 and the step in one cooperative launch (launch_step_with with the
-// GradCheck: check_and_step_kernel) against the two launches: the same
+// Pass 1 and the step in one cooperative launch (cuda::launch_check_and_step:
+// check_and_step_kernel) against the two launches: the same
 // masters, state, weights and counts, and the same pass 1 results (per
 // tensor sums of squares and flags, the total, found_inf), bit for bit,
 // over steps with overflows, clipping and a schedule. Lists of few chunks
@@ -465,7 +465,9 @@ void fused_against_two_launches(const Hyper& hyper, double max_norm, int offset,
   }
   amp::ScalerState init;
   init.scale = 1024;
-  for (Case<T>* c : {&two, &fused}) MIXPREC_CUDA_CHECK(cudaMemcpy(c->scaler(), &init, sizeof init, cudaMemcpyHostToDevice));
+  for (Case<T>* c : {&two, &fused}) {
+    MIXPREC_CUDA_CHECK(cudaMemcpy(c->scaler(), &init, sizeof init, cudaMemcpyHostToDevice));
+  }
   amp::ScalePolicy policy;
   policy.growth_interval = 3;
   const optim::LRSchedule schedule = optim::LRSchedule::cosine(24, 0.1);
@@ -510,7 +512,7 @@ void fused_against_two_launches(const Hyper& hyper, double max_norm, int offset,
     std::uint64_t counted = 0;
     for (std::uint64_t v : ht) counted += v;
     std::uint64_t elements = 0;
-    for (std::int64_t n : sizes) elements += static_cast<std::uint64_t>(n);
+    for (std::int64_t size : sizes) elements += static_cast<std::uint64_t>(size);
     EXPECT_EQ(counted, 24 * elements);  // every element of every step binned once
     std::vector<double> st(sums_n), sf(sums_n);
     MIXPREC_CUDA_CHECK(cudaMemcpy(st.data(), sums_two.data(), sums_n * 8, cudaMemcpyDeviceToHost));
