@@ -1004,8 +1004,9 @@ void launch_step(const TensorList& grads, const ParamList& params, const Hyper& 
 ///
 /// Not what the host API runs (DeviceGradScaler::step launches the two):
 /// on an H200 (2026-12-06) it was 3-5% faster than the two launches for
-/// SGD with momentum and RMSprop at 2^21 to 2^24 parameters, the same for
-/// AdamW at 2^24 and 7% slower for AdamW at 2^21 and 2^22, whose kernel
+/// SGD with momentum at 2^21 to 2^24 parameters (RMSprop: 2-4% faster at
+/// 2^21 and 2^24, 1% slower at 2^22), the same for AdamW at 2^24 and 7%
+/// slower for AdamW at 2^21 and 2^22, whose kernel
 /// holds three blocks an SM, too few for every pass 1 item to have a block
 /// (docs/performance.md).
 template <class Hyper>
