@@ -538,6 +538,7 @@ struct AnyRange {
 template <class G, class W, int NS, bool Sums = false>
 struct UniformRange {
   static constexpr int kMinBlocks = Sums ? 2 : 3;
+  static constexpr bool kSums = Sums;
   template <class Kernel, class C>
   __device__ static void run(const TensorEntry& g, const ParamEntry& p, std::int64_t begin, std::int64_t end,
                              float inv_scale, float clip, const C& co, double* precursors) {
@@ -663,8 +664,9 @@ __global__ void __launch_bounds__(step_threads, Range::kMinBlocks)
 // reduction is off their path); the last of all to finish does the step
 // counts and clears the flag. With clipping the grid waits a second time,
 // for the norm. Same items, same per-item and per-tensor order as
-// check_grads_kernel, same updates as step_kernel: same bits.
-template <class Kernel, class Range, bool Hist>
+// check_grads_kernel, same updates as step_kernel: same bits. A Range with
+// the precursor sums (a monitor's logged step) bins exponents in pass 1 too.
+template <class Kernel, class Range>
 __global__ void __launch_bounds__(step_threads, Range::kMinBlocks)
     check_and_step_kernel(const TensorEntry* grads, const Chunk* chunks, std::int64_t num_chunks, CheckBuffers cb,
                           const ParamEntry* params, int num_params, GroupHypers<typename Kernel::Hyper> groups,
@@ -673,7 +675,8 @@ __global__ void __launch_bounds__(step_threads, Range::kMinBlocks)
   static_assert(step_threads == check_threads, "pass 1's items are summed by blocks of check_threads");
   wait_for_prior_kernels();
   allow_dependent_launch();
-  check_items<Hist>(grads, chunks, num_chunks, cb.slices, cb.slice_sums, cb.slice_bad, cb.histogram, cb.any_bad);
+  check_items<Range::kSums>(grads, chunks, num_chunks, cb.slices, cb.slice_sums, cb.slice_bad, cb.histogram,
+                            cb.any_bad);
   cooperative_groups::this_grid().sync();
   const bool found_inf = __ldcg(cb.any_bad) != 0u;
   const unsigned reducer = gridDim.x - 1;
@@ -819,30 +822,30 @@ template <class Kernel, class... Check>
 using StepKernelPtr = void (*)(const TensorEntry*, const Chunk*, std::int64_t, Check..., const ParamEntry*, int,
                                GroupHypers<typename Kernel::Hyper>, optim::LRSchedule, StepInputs, unsigned int*,
                                PrepassView, const std::int64_t*);
-// The uniform kernel for a list uniform_step accepts: its gradients' dtype
-// (fp16 or bf16), with the precursor sums or without.
+// pick(UniformRange<...>{}) for a list uniform_step accepts: its gradients'
+// dtype (fp16 or bf16), with the precursor sums or without.
+template <class Kernel, class Pick>
+auto pick_uniform(DType dtype, bool sums, Pick pick) {
+  constexpr int states = uniform_states<Kernel>;
+  if (dtype == DType::float16) {
+    return sums ? pick(UniformRange<half, half, states, true>{}) : pick(UniformRange<half, half, states>{});
+  }
+  return sums ? pick(UniformRange<bfloat16, bfloat16, states, true>{})
+              : pick(UniformRange<bfloat16, bfloat16, states>{});
+}
+// The uniform step kernel; the fused check and step (check_and_step_kernel)
+// of the same range, `logged` asking the monitor's histograms and sums.
 template <class Kernel>
 StepKernelPtr<Kernel> uniform_kernel(DType dtype, bool sums) {
-  constexpr int states = uniform_states<Kernel>;
-  if (dtype == DType::float16) {
-    return sums ? step_kernel<Kernel, UniformRange<half, half, states, true>>
-                : step_kernel<Kernel, UniformRange<half, half, states>>;
-  }
-  return sums ? step_kernel<Kernel, UniformRange<bfloat16, bfloat16, states, true>>
-              : step_kernel<Kernel, UniformRange<bfloat16, bfloat16, states>>;
+  return pick_uniform<Kernel>(dtype, sums, [](auto r) -> StepKernelPtr<Kernel> {
+    return step_kernel<Kernel, decltype(r)>;
+  });
 }
-// The fused check and step (check_and_step_kernel) of the uniform kernel,
-// for fp16 or bf16 lists: plain, or `logged` (the monitor's logged step:
-// exponent histograms and precursor sums, the uniform kernel's Sums variant).
 template <class Kernel>
 StepKernelPtr<Kernel, CheckBuffers> fused_uniform_kernel(DType dtype, bool logged) {
-  constexpr int states = uniform_states<Kernel>;
-  if (dtype == DType::float16) {
-    return logged ? check_and_step_kernel<Kernel, UniformRange<half, half, states, true>, true>
-                  : check_and_step_kernel<Kernel, UniformRange<half, half, states>, false>;
-  }
-  return logged ? check_and_step_kernel<Kernel, UniformRange<bfloat16, bfloat16, states, true>, true>
-                : check_and_step_kernel<Kernel, UniformRange<bfloat16, bfloat16, states>, false>;
+  return pick_uniform<Kernel>(dtype, logged, [](auto r) -> StepKernelPtr<Kernel, CheckBuffers> {
+    return check_and_step_kernel<Kernel, decltype(r)>;
+  });
 }
 template <class Kernel>
 StepKernelPtr<Kernel> uniform_lean_kernel(optim::Master master, optim::Moments moments) {
@@ -907,6 +910,16 @@ GroupHypers<Hyper> group_table(const TensorList& grads, const ParamList& params,
   return table;
 }
 
+// The pre-pass rounds the groups ask for (optim/family.hpp; 0: none).
+template <class Hyper>
+unsigned prepass_flags(const std::vector<Hyper>& groups) {
+  unsigned flags = 0;
+  if constexpr (optim::prepass_sums_v<typename Hyper::kernel> > 0) {
+    for (const Hyper& h : groups) flags |= Hyper::kernel::prepass(h);
+  }
+  return flags;
+}
+
 // Whether the current device launches cooperative kernels (asked once a
 // device).
 inline bool cooperative_launch_ok() {
@@ -945,8 +958,7 @@ void detail::launch_step_with(const TensorList& grads, const ParamList& params, 
     // before the step; they write only the workspace, so a failure here
     // leaves the optimizer as it was.
     static_assert(optim::prepass_sums_v<Kernel> <= kMaxPrepassSums, "a pre-pass makes at most 3 sums per tensor");
-    unsigned flags = 0;
-    for (const Hyper& h : groups) flags |= Kernel::prepass(h);
+    const unsigned flags = detail::prepass_flags(groups);
     if (flags != 0u) {
       MIXPREC_CHECK(pre.chunks >= chunks && pre.tensor_sums != nullptr, "launch_step: optimizer \"", Kernel::kKey,
                     "\" needs a pre-pass over ", chunks, " chunks, the ParamList's workspace has room for ",
@@ -1006,9 +1018,8 @@ void launch_step(const TensorList& grads, const ParamList& params, const Hyper& 
 /// on an H200 (2026-12-06) it was 3-5% faster than the two launches for
 /// SGD with momentum at 2^21 to 2^24 parameters (RMSprop: 2-4% faster at
 /// 2^21 and 2^24, 1% slower at 2^22), the same for AdamW at 2^24 and 7%
-/// slower for AdamW at 2^21 and 2^22, whose kernel
-/// holds three blocks an SM, too few for every pass 1 item to have a block
-/// (docs/performance.md).
+/// slower for AdamW at 2^21 and 2^22, whose kernel holds three blocks an
+/// SM, too few for every pass 1 item to have a block (docs/performance.md).
 template <class Hyper>
 void launch_check_and_step(const TensorList& grads, const ParamList& params, GradCheck& check,
                            const std::vector<Hyper>& groups, const optim::LRSchedule& schedule, const StepInputs& in,
@@ -1017,13 +1028,10 @@ void launch_check_and_step(const TensorList& grads, const ParamList& params, Gra
   const GroupHypers<Hyper> table = detail::group_table(grads, params, groups, schedule, in);
   MIXPREC_CHECK(check.num_chunks() == grads.num_chunks() && in.found_inf == check.found_inf(),
                 "launch_check_and_step: the check was made for another list, or in.found_inf is not the check's");
-  bool prepass = false;
-  if constexpr (optim::prepass_sums_v<Kernel> > 0) {
-    for (const Hyper& h : groups) prepass = prepass || Kernel::prepass(h) != 0u;
-  }
   const bool logged = histogram != nullptr;
   const std::int64_t chunks = grads.num_chunks();
-  if (chunks > 0 && uniform_step(grads, params, groups) && !prepass && (in.precursors != nullptr) == logged &&
+  if (chunks > 0 && uniform_step(grads, params, groups) && detail::prepass_flags(groups) == 0u &&
+      (in.precursors != nullptr) == logged &&
       detail::cooperative_launch_ok()) {
     const auto kernel = detail::fused_uniform_kernel<Kernel>(*grads.uniform_dtype(), logged);
     // Every block resident at once (a cooperative launch refuses more), at
