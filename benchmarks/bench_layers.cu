@@ -20,10 +20,17 @@ namespace {
 using mixprec::bench::time_steps;
 
 // Random inputs, labels b % 10 and a fixed loss scale of 1024 on the
-// device; three warm-up steps (cuBLASLt plans, cuDNN algorithms, scratch),
-// then forward + loss + backward timed per iteration.
+// device; three warm-up steps (cuBLASLt plans, chosen as `how` says; cuDNN
+// algorithms, scratch), then forward + loss + backward timed per iteration.
+// Counters: timed_picks and partials16 (below).
 template <class T>
-void time_forward_backward(benchmark::State& state, mixprec::nn::Sequential<T>& net) {
+void time_forward_backward(benchmark::State& state, mixprec::nn::Sequential<T>& net,
+                           mixprec::nn::GemmAlgorithms how = mixprec::nn::GemmAlgorithms::heuristic) {
+  // Planned afresh (a change of setting drops the plans): timed_picks
+  // below counts this net's shapes only.
+  mixprec::nn::set_gemm_algorithms(how == mixprec::nn::GemmAlgorithms::timed ? mixprec::nn::GemmAlgorithms::heuristic
+                                                                             : mixprec::nn::GemmAlgorithms::timed);
+  mixprec::nn::set_gemm_algorithms(how);
   const mixprec::Device gpu = net.device();
   const std::int64_t batch = net.input_shape()[0];
   mixprec::Tensor<T> x(net.input_shape(), gpu);
@@ -42,6 +49,34 @@ void time_forward_backward(benchmark::State& state, mixprec::nn::Sequential<T>& 
   };
   for (int i = 0; i < 3; ++i) step();
   time_steps(state, step);
+  // How many of the net's GEMM shapes kept another algorithm than the
+  // heuristic's first (timed), and how many keep split-K partial sums in
+  // the 16-bit output type (cuBLASLt's INPLACE = 1 or OUTPUT_TYPE = 4
+  // reduction schemes).
+  int picks = 0, partials16 = 0;
+  for (const mixprec::nn::GemmPlanInfo& p : mixprec::nn::nn_device_ops().gemm_plans()) {
+    picks += p.chosen != 0;
+    partials16 += p.dtype != mixprec::DType::float32 && (p.reduction_scheme == 1u || p.reduction_scheme == 4u);
+  }
+  if (how == mixprec::nn::GemmAlgorithms::timed) state.counters["timed_picks"] = picks;
+  state.counters["partials16"] = partials16;
+}
+
+// The MLP 784-hidden-hidden-10 at batch range(0), hidden range(1), the
+// backward fused (as the examples run it), its GEMMs' algorithms as `How`
+// says: the heuristic's first against the fastest of its candidates.
+template <class T, mixprec::nn::GemmAlgorithms How>
+void BM_mlp_step_gemm(benchmark::State& state) {
+  const std::int64_t batch = state.range(0), hidden = state.range(1);
+  const mixprec::Device gpu = mixprec::Device::cuda(0);
+  mixprec::nn::Sequential<T> net({batch, 784}, gpu, true);
+  net.template emplace<mixprec::nn::Linear<T>>(784, hidden, mixprec::nn::Activation::relu, true, gpu, 1);
+  net.template emplace<mixprec::nn::Linear<T>>(hidden, hidden, mixprec::nn::Activation::relu, true, gpu, 2);
+  net.template emplace<mixprec::nn::Linear<T>>(hidden, 10, mixprec::nn::Activation::none, true, gpu, 3);
+  time_forward_backward(state, net, How);
+  const double fwd = 2.0 * batch * (784.0 * hidden + double(hidden) * hidden + hidden * 10.0);
+  const double flops = 3 * fwd - 2.0 * batch * 784.0 * hidden;
+  state.counters["TFLOPs"] = benchmark::Counter(flops / 1e12, benchmark::Counter::kIsIterationInvariantRate);
 }
 
 template <class T, bool Fused>
@@ -91,6 +126,7 @@ void BM_gemm(benchmark::State& state) {
   mixprec::nn::Linear<T> layer(n, n, mixprec::nn::Activation::none, false, gpu, 1);
   mixprec::Tensor<T> x({n, n}, gpu), y({n, n}, gpu);
   mixprec::fill_normal(x, 0, 1, 2);
+  mixprec::nn::set_gemm_algorithms(mixprec::nn::GemmAlgorithms::heuristic);
   for (int i = 0; i < 3; ++i) layer.forward(x.view(), y.view(), {});
   time_steps(state, [&] { layer.forward(x.view(), y.view(), {}); });
   state.counters["TFLOPs"] =
@@ -105,6 +141,20 @@ BENCHMARK_TEMPLATE(BM_mlp_step, mixprec::bfloat16, false)->UseManualTime()->Unit
 // next layer's input-gradient GEMM (Sequential's fuse_linear_backward).
 BENCHMARK_TEMPLATE(BM_mlp_step, mixprec::half, true)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(100);
 BENCHMARK_TEMPLATE(BM_mlp_step, mixprec::bfloat16, true)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(100);
+// The examples' two MLPs (hidden 4096 at batch 1024, hidden 1024 at batch
+// 256), GEMM algorithms by heuristic and timed, fp16 and bf16.
+#define MIXPREC_BENCH_MLP_GEMM(T, How)                                                              \
+  BENCHMARK_TEMPLATE(BM_mlp_step_gemm, T, How)                                                      \
+      ->Args({1024, 4096})                                                                          \
+      ->Args({256, 1024})                                                                           \
+      ->UseManualTime()                                                                             \
+      ->Unit(benchmark::kMicrosecond)                                                               \
+      ->Iterations(200)
+MIXPREC_BENCH_MLP_GEMM(mixprec::half, mixprec::nn::GemmAlgorithms::heuristic);
+MIXPREC_BENCH_MLP_GEMM(mixprec::half, mixprec::nn::GemmAlgorithms::timed);
+MIXPREC_BENCH_MLP_GEMM(mixprec::bfloat16, mixprec::nn::GemmAlgorithms::heuristic);
+MIXPREC_BENCH_MLP_GEMM(mixprec::bfloat16, mixprec::nn::GemmAlgorithms::timed);
+#undef MIXPREC_BENCH_MLP_GEMM
 BENCHMARK_TEMPLATE(BM_cnn_step, mixprec::half)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(100);
 BENCHMARK_TEMPLATE(BM_cnn_step, mixprec::bfloat16)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(100);
 

@@ -2,11 +2,8 @@
 // The layers on the GPU (cuBLASLt epilogues, mixprec's kernels) against the
 // same layers on the CPU (themselves checked against float64 finite
 // differences in nn_test), compiled by g++ with device_backend.cu. Same
-// seeds give the same weights on both. Tolerances, as a fraction of the
-// largest reference value of each tensor: fp32 1e-5, fp16 4e-3, bf16 3e-2
-// (outputs are rounded to T once on both sides, but the GPU sums the
-// products in another order and may round bias + activation in its own
-// order, so 16-bit results may differ by a few ulp).
+// seeds give the same weights on both; the tolerances are
+// gpu_layer_compare.hpp's.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime_api.h>
@@ -23,6 +20,7 @@
 #include <vector>
 
 #include "conv_cases.hpp"
+#include "gpu_layer_compare.hpp"
 #include "gpu_skip.hpp"
 #include "mixprec/mixprec.hpp"
 
@@ -31,51 +29,10 @@ namespace {
 
 using nn::Activation;
 
-template <class T>
-double tolerance() {
-  return std::is_same_v<T, float> ? 1e-5 : std::is_same_v<T, half> ? 4e-3 : 3e-2;
-}
-
-template <class T>
-void expect_close(const TensorView<const T>& gpu, const TensorView<const T>& cpu, const std::string& what) {
-  ASSERT_EQ(gpu.shape(), cpu.shape()) << what;
-  Tensor<T> g(gpu.shape());
-  copy(gpu, g);
-  double scale = 0, worst = 0;
-  for (std::int64_t i = 0; i < cpu.numel(); ++i) scale = std::max(scale, std::fabs(double(to_float(cpu.data()[i]))));
-  for (std::int64_t i = 0; i < cpu.numel(); ++i) {
-    const double a = to_float(g.at(i)), b = to_float(cpu.data()[i]);
-    ASSERT_TRUE(std::isfinite(a)) << what << "[" << i << "]";
-    worst = std::max(worst, std::fabs(a - b));
-  }
-  EXPECT_LE(worst, tolerance<T>() * scale + 1e-30) << what << " (" << dtype_traits<T>::name << ")";
-}
-
-template <class T>
-Tensor<T> on_gpu(const Tensor<T>& t) {
-  return t.to(Device::cuda(0));
-}
-
-// The same layer on the CPU and the GPU, same weights: forward on x,
-// backward from a random dy; compares y, dx and every parameter gradient.
-template <class T>
-void compare_layer(nn::Layer<T>& cpu, nn::Layer<T>& gpu, const Tensor<T>& x, std::uint64_t seed) {
-  const Shape out = cpu.output_shape(x.shape());
-  Tensor<T> dy(out), y(out), dx(x.shape());
-  fill_normal(dy, 0, 1, seed);
-  Tensor<T> gx = on_gpu(x), gdy = on_gpu(dy), gy(out, Device::cuda(0)), gdx(x.shape(), Device::cuda(0));
-  cpu.forward(x.view(), y.view(), {});
-  gpu.forward(gx.view(), gy.view(), {});
-  expect_close<T>(gy.view(), y.view(), "y");
-  cpu.backward(x.view(), y.view(), dy.view(), dx.view(), {});
-  gpu.backward(gx.view(), gy.view(), gdy.view(), gdx.view(), {});
-  expect_close<T>(gdx.view(), dx.view(), "dx");
-  const std::vector<optim::Param> pc = cpu.parameters(""), pg = gpu.parameters("");
-  ASSERT_EQ(pc.size(), pg.size());
-  for (std::size_t i = 0; i < pc.size(); ++i) {
-    expect_close<T>(pg[i].grad.as<const T>("g"), pc[i].grad.as<const T>("g"), "grad of " + pc[i].name);
-  }
-}
+using test::compare_layer;
+using test::expect_close;
+using test::on_gpu;
+using test::tolerance;
 
 template <class T>
 void linear_case(std::int64_t batch, std::int64_t in, std::int64_t out, Activation act, bool bias) {
@@ -324,38 +281,7 @@ TEST(NnGpu, Conv2dFirstLayerGradientsAgainstFloat64) {
   }
 }
 
-// Consecutive Linear layers in a Sequential fuse on the GPU: the second's
-// input-gradient GEMM applies the first's ReLU or GELU derivative (DRELU /
-// DGELU epilogues, ReLU through a bit mask whose leading dimension is
-// rounded up to 128 bits) and writes its bias gradient. Against the CPU.
-template <class T>
-void fused_case(Activation first, Activation second, std::int64_t h1, std::int64_t h2) {
-  SCOPED_TRACE(std::string(dtype_traits<T>::name) + " " + nn::activation_name(first) + "(" + std::to_string(h1) +
-               ") " + nn::activation_name(second) + "(" + std::to_string(h2) + ")");
-  const std::int64_t batch = 48, in = 40, out = 16;
-  auto build = [&](Device d) {
-    auto net = std::make_unique<nn::Sequential<T>>(Shape{batch, in}, d, /*fuse_linear_backward=*/true);
-    net->template emplace<nn::Linear<T>>(in, h1, first, true, d, 1);
-    net->template emplace<nn::Linear<T>>(h1, h2, second, true, d, 2);
-    net->template emplace<nn::Linear<T>>(h2, out, Activation::none, true, d, 3);
-    return net;
-  };
-  auto cpu = build(Device::cpu()), gpu = build(Device::cuda(0));
-  Tensor<T> x({batch, in}), dy({batch, out});
-  fill_normal(x, 0, 1, 11);
-  fill_normal(dy, 0, 1, 12);
-  Tensor<T> gx = on_gpu(x);
-  cpu->forward(x.view());
-  gpu->forward(gx.view());
-  copy(dy, cpu->output_grad());
-  copy(dy, gpu->output_grad());
-  cpu->backward();
-  gpu->backward();
-  const std::vector<optim::Param> pc = cpu->parameters(), pg = gpu->parameters();
-  for (std::size_t i = 0; i < pc.size(); ++i) {
-    expect_close<T>(pg[i].grad.as<const T>("g"), pc[i].grad.as<const T>("g"), pc[i].name);
-  }
-}
+using test::fused_case;
 
 TEST(NnGpu, FusedBackwardOfConsecutiveLinearLayers) {
   MIXPREC_SKIP_WITHOUT_GPU();

@@ -42,5 +42,23 @@ TEST(NoBackend, DeviceGradScalerNamesTheFix) {
   }
 }
 
+TEST(NoBackend, GemmAlgorithmsNamesTheFix) {
+  try {
+    nn::set_gemm_algorithms(nn::GemmAlgorithms::timed);
+    ADD_FAILURE() << "set_gemm_algorithms succeeded without a backend";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("set_gemm_algorithms"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("no CUDA kernels are linked"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("<mixprec/cuda/backend.cuh>"), std::string::npos) << e.what();
+  }
+  // A value that is none of the enum's is named, before anything else.
+  try {
+    nn::set_gemm_algorithms(static_cast<nn::GemmAlgorithms>(-3));
+    ADD_FAILURE() << "GemmAlgorithms -3 was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("how = -3"), std::string::npos) << e.what();
+  }
+}
+
 }  // namespace
 }  // namespace mixprec

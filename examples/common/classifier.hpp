@@ -65,6 +65,9 @@ struct Args {
   // moments and a remainder / no master.
   std::string moments = "fp32", master = "fp32";
   bool graph = true;
+  // How cuBLASLt's algorithm is chosen per GEMM shape (nn::GemmAlgorithms):
+  // its heuristic's first (the same bits in every run), or timed candidates.
+  std::string gemm = "heuristic";
   bool zero1 = false;  // data parallel: ZeRO-1 (masters and moments sharded over the ranks)
   // The spike guard (docs/grad-scaler.md#spike-guard): skip steps whose loss
   // or gradient norm is an outlier; under mpirun the norm only (each rank's
@@ -138,6 +141,11 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
   app.add_option("--data", a.data, "Fashion-MNIST's IDX files ($MIXPREC_FASHION_MNIST, else the Debian package's)")
       ->type_name("DIR");
   add_on_off(app, "--graph", a.graph, "GPU: replay each step as a CUDA graph (off: eager launches)");
+  app.add_option("--gemm", a.gemm,
+                 "GPU: cuBLASLt's algorithm for each GEMM shape: its heuristic's first (the same bits in every run) "
+                 "or the fastest of its candidates, timed at the shape's first call (runs may then differ in the "
+                 "last bits)")
+      ->check(CLI::IsMember({"heuristic", "timed"}));
   add_on_off(app, "--zero1", a.zero1, "under mpirun: shard masters and moments over the ranks (ZeRO-1)");
   add_on_off(app, "--spike-guard", a.spike_guard,
              "skip steps whose loss or gradient norm is a z > 6 outlier over the last 128 (under mpirun: the norm "
@@ -226,6 +234,9 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
   if (a.device == "cuda" && a.monitor && a.master != "fp32") {
     return usage_error("--master " + a.master + " on the GPU: the device monitor reads fp32 masters; add --monitor off "
                        "or keep --master fp32");
+  }
+  if (a.device == "cpu" && a.gemm != "heuristic") {
+    return usage_error("--gemm " + a.gemm + " with --device cpu: the choice is cuBLASLt's, on the GPU");
   }
   if (a.device == "cuda" && !usable) {
     return usage_error(std::string("no CUDA device: --device cuda, but ") +
@@ -754,6 +765,8 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
   // backward pass (a one-thread kernel there cost every step about 2 us).
   Stream side(dev);
   Event loss_done(dev), sum_done(dev);
+  // Before the model's first GEMM (its plans are made at the first step).
+  nn::set_gemm_algorithms(a.gemm == "timed" ? nn::GemmAlgorithms::timed : nn::GemmAlgorithms::heuristic);
   Model<T> m(a, dev, stream.get(), train_set, test_set, sample, add_layers);
   amp::DeviceGradScaler scaler(scaler_options<T>(a, ranks), dev, stream.get());
   scaler.set_grad_divisor(ranks);
@@ -1026,10 +1039,11 @@ int train_classifier(const Args& a, const std::vector<std::int64_t>& sample) {
     const ImageSet test = load_fashion_mnist(a.data, "t10k");
     MIXPREC_CHECK(a.batch <= train.count, "--batch = ", a.batch, ", larger than the ", train.count,
                   " training images");
-    std::printf("%s: %s on %s, %s, batch %lld, %s lr %g%s, %d epochs%s\n", a.program.c_str(), a.precision.c_str(),
+    std::printf("%s: %s on %s, %s, batch %lld, %s lr %g%s, %d epochs%s%s\n", a.program.c_str(), a.precision.c_str(),
                 a.device.c_str(), a.description.c_str(), static_cast<long long>(a.batch), a.optimizer.c_str(), a.lr,
                 a.schedule == "cosine" ? " cosine" : "", a.epochs,
-                a.device == "cuda" ? (a.graph ? ", CUDA graph" : ", eager") : "");
+                a.device == "cuda" ? (a.graph ? ", CUDA graph" : ", eager") : "",
+                a.gemm == "timed" ? ", timed GEMM algorithms" : "");
     if (a.monitor) {
       std::printf("monitor: a logged step every %d steps%s%s%s%s\n", a.monitor_every,
                   a.monitor_log.empty() ? "" : ", log ", a.monitor_log.c_str(), a.report.empty() ? "" : ", report ",

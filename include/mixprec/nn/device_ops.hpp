@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "mixprec/core/config.hpp"
 #include "mixprec/core/device.hpp"
@@ -24,6 +25,46 @@ struct ConvShape {
 /// A 2-D max pooling, NCHW: x [n, c, h, w] -> y [n, c, p, q], square window.
 struct PoolShape {
   std::int64_t n, c, h, w, window, stride, p, q;
+};
+
+/// How the device GEMMs (Linear layers, cuBLASLt) pick their algorithm. The
+/// choice is made once per GEMM shape, at its first call, and kept: every
+/// later call and every graph replay of that shape runs the same algorithm,
+/// so within a run the same inputs give the same bits.
+enum class GemmAlgorithms {
+  /// cuBLASLt's heuristic's first answer (the default). No device work to
+  /// choose; the same choice in every run on the same GPU (architecture and
+  /// number of SMs) with the same cuBLAS and equally aligned buffers, so
+  /// the same bits from run to run.
+  heuristic,
+  /// cuBLASLt's heuristic candidates (up to 16; for fp16 and bf16 only
+  /// those whose split-K partial sums stay in fp32) timed on the shape's
+  /// own operands at its first call, which therefore waits for the stream
+  /// (not inside a CUDA graph capture: run one step eagerly first). A
+  /// candidate replaces the heuristic's first only when at least 3% faster
+  /// (or when the first cannot run). Another algorithm sums in another
+  /// order, and timings vary, so two runs may choose differently and their
+  /// results then differ in the last bits; opt-in for that reason (as
+  /// PyTorch's cudnn.benchmark is).
+  timed,
+};
+
+/// One GEMM shape's plan (DeviceOps::gemm_plans): D[m, n] = op(A)[m, k] op(B)[k, n],
+/// column-major, as cuBLASLt sees it.
+struct GemmPlanInfo {
+  DType dtype = DType::float32;
+  std::int64_t m = 0, n = 0, k = 0;
+  int epilogue = 0;    ///< the cublasLtEpilogue_t value
+  int candidates = 0;  ///< algorithms the heuristic returned: 1 under `heuristic`
+  int timed = 0;       ///< of those, timed (the ones that ran here); 0 under `heuristic`
+  int chosen = 0;      ///< the kept one's rank in the heuristic's list (0: its first)
+  double first_us = 0;    ///< timed: the heuristic's first, microseconds a call (0 if it could not run)
+  double fastest_us = 0;  ///< timed: the fastest candidate
+  double chosen_us = 0;   ///< timed: the kept one
+  /// The kept algorithm, as cuBLASLt describes it: its id, split-K count
+  /// (1: none) and reduction scheme (cublasLtReductionScheme_t; 0: none).
+  std::int32_t algo_id = 0, split_k = 1;
+  std::uint32_t reduction_scheme = 0;
 };
 
 /// How a Linear layer's GEMMs fuse with its neighbours' (device path).
@@ -112,6 +153,14 @@ class DeviceOps {
   /// at the row's label.
   virtual void count_correct(DType dtype, const void* logits, const std::int32_t* labels, std::int64_t batch,
                              std::int64_t classes, std::int64_t* correct, stream_t stream) = 0;
+
+  /// Sets how GEMM shapes met from now on choose their algorithm. Shapes
+  /// already planned under another setting are planned again at their next
+  /// call (graphs captured before keep what they captured).
+  virtual void set_gemm_algorithms(GemmAlgorithms how) = 0;
+  virtual GemmAlgorithms gemm_algorithms() const = 0;
+  /// The GEMM shapes planned under the current setting, in shape order.
+  virtual std::vector<GemmPlanInfo> gemm_plans() const = 0;
 };
 
 }  // namespace nn
@@ -138,5 +187,20 @@ MIXPREC_NAMESPACE_BEGIN namespace nn {
 inline void install_device_ops(DeviceOps* ops) { mixprec::detail::nn_device_ops_slot().store(ops); }
 /// The installed ops (checked where a layer is made on a device).
 inline DeviceOps& nn_device_ops() { return *mixprec::detail::nn_device_ops_slot().load(); }
+
+/// Sets how the device GEMMs choose their algorithm (GemmAlgorithms) for
+/// the process's installed kernels; call it before the first step, or
+/// before a warm-up step that runs eagerly. Throws, changing nothing, when
+/// `how` is not a GemmAlgorithms value or no CUDA kernels are linked in.
+inline void set_gemm_algorithms(GemmAlgorithms how) {
+  MIXPREC_CHECK(how == GemmAlgorithms::heuristic || how == GemmAlgorithms::timed,
+                "set_gemm_algorithms: how = ", static_cast<int>(how),
+                " is not a GemmAlgorithms value (heuristic = 0, timed = 1)");
+  DeviceOps* ops = mixprec::detail::nn_device_ops_slot().load();
+  MIXPREC_CHECK(ops != nullptr,
+                "set_gemm_algorithms: no CUDA kernels are linked into this program; compile one .cu file that "
+                "includes <mixprec/cuda/backend.cuh>");
+  ops->set_gemm_algorithms(how);
+}
 }  // namespace nn
 MIXPREC_NAMESPACE_END

@@ -37,6 +37,14 @@ MIXPREC_NAMESPACE_BEGIN namespace cuda {
 
 namespace nn_detail {
 
+// Keeps the stream busy for about `cycles` clock cycles (timing GEMM
+// candidates: the calls behind it are queued before it ends).
+__global__ inline void spin_kernel(long long cycles) {
+  const long long start = clock64();
+  while (clock64() - start < cycles) {
+  }
+}
+
 template <class T>
 __global__ void activation_forward_kernel(nn::Activation act, const T* x, T* y, std::int64_t n) {
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
@@ -236,8 +244,9 @@ void with_type(DType d, F&& f) {
 /// nn::DeviceOps on the current device, with one cuBLASLt handle and a
 /// 32 MiB workspace (NVIDIA's recommendation for Hopper) made on first use,
 /// and scratch memory that grows to the largest request. Set-up work
-/// (handle, workspace, scratch growth, heuristic queries) happens on the
-/// first call with a given shape: run one step before capturing a graph.
+/// (handle, workspace, scratch growth, heuristic queries; with
+/// nn::GemmAlgorithms::timed, timing the candidates) happens on the first
+/// call with a given shape: run one step before capturing a graph.
 class NnOps final : public nn::DeviceOps {
  public:
   ~NnOps() override {
@@ -245,6 +254,7 @@ class NnOps final : public nn::DeviceOps {
       (void)key;
       destroy(plan);
     }
+    for (Plan& plan : retired_plans_) destroy(plan);
 #if MIXPREC_WITH_CUDNN
     for (auto& [key, p] : conv_plans_) {
       (void)key;
@@ -256,6 +266,39 @@ class NnOps final : public nn::DeviceOps {
     if (cudnn_) (void)cudnnDestroy(cudnn_);
 #endif
     if (handle_) (void)cublasLtDestroy(handle_);
+  }
+
+  // --- how GEMM algorithms are chosen (nn::GemmAlgorithms) ----------------
+
+  void set_gemm_algorithms(nn::GemmAlgorithms how) override {
+    MIXPREC_CHECK(how == nn::GemmAlgorithms::heuristic || how == nn::GemmAlgorithms::timed,
+                  "NnOps::set_gemm_algorithms: how = ", static_cast<int>(how), " is not a GemmAlgorithms value");
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (how == gemm_algorithms_) return;
+    retired_plans_.reserve(retired_plans_.size() + plans_.size());  // no throw below: no plan in both
+    // Plans of the other setting go out of use, not away: kept until this
+    // object goes, as outgrown scratch is (cuBLASLt does not say whether a
+    // captured call still refers to its descriptors), a few hundred bytes each.
+    for (auto& [key, plan] : plans_) {
+      (void)key;
+      retired_plans_.push_back(plan);
+    }
+    plans_.clear();
+    gemm_algorithms_ = how;
+  }
+  nn::GemmAlgorithms gemm_algorithms() const override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return gemm_algorithms_;
+  }
+  std::vector<nn::GemmPlanInfo> gemm_plans() const override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::vector<nn::GemmPlanInfo> out;
+    out.reserve(plans_.size());
+    for (const auto& [key, plan] : plans_) {
+      (void)key;
+      out.push_back(plan.info);
+    }
+    return out;
   }
 
   // --- convolution (cuDNN, or mixprec's direct kernels) and pooling (mixprec's) ---
@@ -615,7 +658,15 @@ class NnOps final : public nn::DeviceOps {
     cublasLtMatmulDesc_t desc = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
     cublasLtMatmulAlgo_t algo{};
+    nn::GemmPlanInfo info{};
   };
+  // Timed choice: candidates asked of the heuristic, calls a timing round,
+  // rounds (the best round counts), and the margin by which a candidate must
+  // beat the heuristic's first to replace it (fewer flips between runs).
+  static constexpr int kCandidates = 16, kTimedCalls = 5, kTimedRounds = 3;
+  static constexpr double kTimedMargin = 0.97;
+  // About 100 us at Hopper's clocks: the host queues a candidate's calls meanwhile.
+  static constexpr long long kSpinCycles = 200000;
 
   static void destroy(Plan& p) {
     if (p.desc) (void)cublasLtMatmulDescDestroy(p.desc);
@@ -651,11 +702,24 @@ class NnOps final : public nn::DeviceOps {
     return b.data();
   }
 
-  Plan& plan_for(const Key& key, const void* bias, const void* aux, std::int64_t aux_ld) {
+  Plan& plan_for(const Key& key, const void* a, const void* b, void* d, const void* bias, const void* aux,
+                 std::int64_t aux_ld, stream_t stream) {
     auto it = plans_.find(key);
     if (it != plans_.end()) return it->second;
+    const bool timed = gemm_algorithms_ == nn::GemmAlgorithms::timed;
+    if (timed) require_not_capturing(key, stream);  // before anything is made
     ensure_handle();
-    Plan p;
+    // What is made here is freed on any throw until the plan is stored.
+    struct Making {
+      Plan plan;
+      cublasLtMatmulPreference_t pref = nullptr;
+      bool stored = false;
+      ~Making() {
+        if (pref) (void)cublasLtMatmulPreferenceDestroy(pref);
+        if (!stored) destroy(plan);
+      }
+    } making;
+    Plan& p = making.plan;
     const cudaDataType_t t = nn_detail::cuda_type(key.dtype);
     MIXPREC_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     MIXPREC_CUBLAS_CHECK(
@@ -673,24 +737,137 @@ class NnOps final : public nn::DeviceOps {
     MIXPREC_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.b, t, rows(key.transb, key.k, key.n),
                                                     cols(key.transb, key.k, key.n), key.ldb));
     MIXPREC_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.d, t, key.m, key.n, key.ldd));
-    cublasLtMatmulPreference_t pref = nullptr;
-    MIXPREC_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    MIXPREC_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&making.pref));
     const std::uint64_t ws = kWorkspace;
-    MIXPREC_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
-                                                              sizeof ws));
-    cublasLtMatmulHeuristicResult_t result{};
-    int found = 0;
-    const cublasStatus_t st =
-        cublasLtMatmulAlgoGetHeuristic(handle_, p.desc, p.a, p.b, p.d, p.d, pref, 1, &result, &found);
-    (void)cublasLtMatmulPreferenceDestroy(pref);
-    if (st != CUBLAS_STATUS_SUCCESS || found == 0) {
-      destroy(p);
-      MIXPREC_CHECK(false, "cuBLASLt has no algorithm for a ", dtype_name(key.dtype), " GEMM m = ", key.m,
-                    ", n = ", key.n, ", k = ", key.k, " with epilogue ", static_cast<int>(key.epilogue), " (",
-                    cublasGetStatusName(st), ")");
+    MIXPREC_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(making.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                              &ws, sizeof ws));
+    if (timed && key.dtype != DType::float32) {
+      // Split-K partial sums in the compute type (fp32) only: the INPLACE
+      // and OUTPUT_TYPE schemes keep them in the 16-bit output type, and a
+      // candidate list reaches such algorithms more often than the first.
+      const std::uint32_t schemes = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;  // NONE (0) passes too
+      MIXPREC_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+          making.pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &schemes, sizeof schemes));
     }
-    p.algo = result.algo;
-    return plans_.emplace(key, p).first->second;
+    cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
+    int found = 0;
+    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle_, p.desc, p.a, p.b, p.d, p.d, making.pref,
+                                                             timed ? kCandidates : 1, results, &found);
+    MIXPREC_CHECK(st == CUBLAS_STATUS_SUCCESS && found > 0, "cuBLASLt has no algorithm for a ",
+                  dtype_name(key.dtype), " GEMM m = ", key.m, ", n = ", key.n, ", k = ", key.k, " with epilogue ",
+                  static_cast<int>(key.epilogue), " (", cublasGetStatusName(st), ")");
+    p.algo = results[0].algo;
+    p.info = nn::GemmPlanInfo{};
+    p.info.dtype = key.dtype;
+    p.info.m = key.m;
+    p.info.n = key.n;
+    p.info.k = key.k;
+    p.info.epilogue = static_cast<int>(key.epilogue);
+    p.info.candidates = found;
+    if (timed) choose_by_time(p, key, results, found, a, b, d, stream);
+    MIXPREC_CUBLAS_CHECK(cublasLtMatmulAlgoConfigGetAttribute(&p.algo, CUBLASLT_ALGO_CONFIG_ID, &p.info.algo_id,
+                                                             sizeof p.info.algo_id, nullptr));
+    MIXPREC_CUBLAS_CHECK(cublasLtMatmulAlgoConfigGetAttribute(&p.algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM,
+                                                             &p.info.split_k, sizeof p.info.split_k, nullptr));
+    MIXPREC_CUBLAS_CHECK(cublasLtMatmulAlgoConfigGetAttribute(&p.algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME,
+                                                             &p.info.reduction_scheme,
+                                                             sizeof p.info.reduction_scheme, nullptr));
+    Plan& stored = plans_.emplace(key, p).first->second;
+    making.stored = true;
+    return stored;
+  }
+
+  // Timing runs work on the stream and waits for it: not in a capture.
+  static void require_not_capturing(const Key& key, stream_t stream) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    const cudaError_t e = cudaStreamIsCapturing(stream, &capture);
+    // The legacy stream while another stream captures globally: the same.
+    const bool capturing = e == cudaErrorStreamCaptureImplicit || capture != cudaStreamCaptureStatusNone;
+    if (e == cudaErrorStreamCaptureImplicit) (void)cudaGetLastError();
+    if (!capturing) MIXPREC_CUDA_CHECK(e);
+    MIXPREC_CHECK(!capturing, "timed GEMM algorithms: the ", dtype_name(key.dtype), " GEMM m = ", key.m,
+                  ", n = ", key.n, ", k = ", key.k, " (epilogue ", static_cast<int>(key.epilogue),
+                  ") is first met inside a CUDA graph capture, where its candidates cannot be timed; run one "
+                  "step eagerly before capturing, or use GemmAlgorithms::heuristic");
+  }
+
+  // Times the heuristic's candidates on this call's operands (each writes
+  // the same d, and the call that follows overwrites it) and keeps the
+  // fastest when it beats the first by kTimedMargin. A candidate's calls
+  // are queued behind a spinning kernel, so they run back to back as in a
+  // graph replay (no launch gaps timed); each round visits the candidates
+  // in turn (none is favoured by the clocks' warming up) and waits for the
+  // stream once.
+  void choose_by_time(Plan& p, const Key& key, const cublasLtMatmulHeuristicResult_t* results, int found,
+                      const void* a, const void* b, void* d, stream_t stream) {
+    struct Events {
+      std::vector<cudaEvent_t> all;
+      ~Events() {
+        for (cudaEvent_t e : all) (void)cudaEventDestroy(e);
+      }
+      cudaEvent_t make() {
+        cudaEvent_t e = nullptr;
+        MIXPREC_CUDA_CHECK(cudaEventCreate(&e));
+        all.push_back(e);
+        return e;
+      }
+    } events;
+    const float alpha = 1.0f, beta = 0.0f;
+    const auto call = [&](int i) {
+      return cublasLtMatmul(handle_, p.desc, &alpha, a, p.a, b, p.b, &beta, d, p.d, d, p.d, &results[i].algo,
+                            workspace_.data(), workspace_.bytes(), stream);
+    };
+    // A candidate cuBLASLt cannot run here is left out; any other failure
+    // is an error (it may have come from the device).
+    std::vector<int> runs;
+    for (int i = 0; i < found; ++i) {
+      if (results[i].state != CUBLAS_STATUS_SUCCESS) continue;
+      const cublasStatus_t st = call(i);  // also the warm-up
+      if (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE ||
+          st == CUBLAS_STATUS_ARCH_MISMATCH) {
+        continue;
+      }
+      MIXPREC_CUBLAS_CHECK(st);
+      runs.push_back(i);
+    }
+    MIXPREC_CHECK(!runs.empty(), "timed GEMM algorithms: none of cuBLASLt's ", found, " candidates for the ",
+                  dtype_name(key.dtype), " GEMM m = ", key.m, ", n = ", key.n, ", k = ", key.k, " ran");
+    std::vector<cudaEvent_t> starts(runs.size()), stops(runs.size());
+    for (std::size_t r = 0; r < runs.size(); ++r) {
+      starts[r] = events.make();
+      stops[r] = events.make();
+    }
+    std::vector<double> us(static_cast<std::size_t>(found), -1.0);  // -1: not timed
+    for (int round = 0; round < kTimedRounds; ++round) {
+      for (std::size_t r = 0; r < runs.size(); ++r) {
+        nn_detail::spin_kernel<<<1, 1, 0, stream>>>(kSpinCycles);  // while the calls are queued
+        MIXPREC_CUDA_CHECK_LAUNCH("spin_kernel");
+        MIXPREC_CUDA_CHECK(cudaEventRecord(starts[r], stream));
+        for (int c = 0; c < kTimedCalls; ++c) MIXPREC_CUBLAS_CHECK(call(runs[r]));
+        MIXPREC_CUDA_CHECK(cudaEventRecord(stops[r], stream));
+      }
+      MIXPREC_CUDA_CHECK(cudaEventSynchronize(stops.back()));
+      for (std::size_t r = 0; r < runs.size(); ++r) {
+        float ms = 0.0f;
+        MIXPREC_CUDA_CHECK(cudaEventElapsedTime(&ms, starts[r], stops[r]));
+        double& best = us[static_cast<std::size_t>(runs[r])];
+        const double per_call = 1000.0 * static_cast<double>(ms) / kTimedCalls;
+        if (best < 0.0 || per_call < best) best = per_call;
+      }
+    }
+    int fastest = runs.front();
+    for (int i : runs) {
+      if (us[static_cast<std::size_t>(i)] < us[static_cast<std::size_t>(fastest)]) fastest = i;
+    }
+    const double first = us[0], best = us[static_cast<std::size_t>(fastest)];
+    // The heuristic's first stays unless beaten by the margin (or unable to run).
+    const int chosen = first >= 0.0 && !(best < kTimedMargin * first) ? 0 : fastest;
+    p.algo = results[chosen].algo;
+    p.info.timed = static_cast<int>(runs.size());
+    p.info.chosen = chosen;
+    p.info.first_us = first < 0.0 ? 0.0 : first;
+    p.info.fastest_us = best;
+    p.info.chosen_us = us[static_cast<std::size_t>(chosen)];
   }
 
   static void set_pointers(Plan& p, const void* bias, const void* aux, std::int64_t aux_ld) {
@@ -709,7 +886,7 @@ class NnOps final : public nn::DeviceOps {
   void matmul(DType, const Key& key, const void* a, const void* b, void* d, const void* bias, const void* aux,
               std::int64_t aux_ld, stream_t stream) {
     std::lock_guard<std::mutex> lock(mutex_);
-    Plan& p = plan_for(key, bias, aux, aux_ld);
+    Plan& p = plan_for(key, a, b, d, bias, aux, aux_ld, stream);
     set_pointers(p, bias, aux, aux_ld);  // this call's buffers (the plan may be shared by layers)
     const float alpha = 1.0f, beta = 0.0f;
     MIXPREC_CUBLAS_CHECK(cublasLtMatmul(handle_, p.desc, &alpha, a, p.a, b, p.b, &beta, d, p.d, d, p.d, &p.algo,
@@ -811,7 +988,9 @@ class NnOps final : public nn::DeviceOps {
   std::map<ShapeKey, ConvPlan> conv_plans_;
 #endif
   std::map<Key, Plan> plans_;
-  std::mutex mutex_;
+  std::vector<Plan> retired_plans_;  // planned under another GemmAlgorithms setting
+  nn::GemmAlgorithms gemm_algorithms_ = nn::GemmAlgorithms::heuristic;
+  mutable std::mutex mutex_;
 };
 
 }  // namespace cuda
