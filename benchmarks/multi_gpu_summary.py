@@ -4,16 +4,17 @@
 
     python3 benchmarks/multi_gpu_summary.py OUT_DIR
 
-Reads OUT_DIR/stages.txt (a line a stage: name, tab, "ok" or "FAIL ..."),
-nccl_W.txt (bench_reduce_nccl's CSV, rank 0's), the examples' logs
+Reads OUT_DIR/stages.txt (a line a stage: name, tab, "ok", "HANG ..." or
+"FAIL ..."), nccl_W.csv (bench_reduce_nccl's --benchmark_out, rank 0's: the
+median rows of its repetitions), the examples' logs
 (model_precision_zero1-on|off_W.log: their epoch lines, benchmarks/
-epoch_lines.py), compare_ddp.py's JSON (ddp_precision_W.json) and the memory
-samples beside each run (W.mem: "GPU index, MiB used" every 200 ms, the first
-second before the run: the idle baseline). images/s: the median of epochs
-2..N, global (every rank's images); scaling efficiency: images/s at W over W
-times images/s at 1; memory: the largest rise over the idle baseline on any
-GPU during the run (nvidia-smi's used memory, the CUDA context included, the
-same measure on both sides).
+epoch_lines.py), compare_ddp.py's JSON (ddp_precision_mode_W.json, one mode a
+launch) and the memory samples beside each run (.mem: "idle, GPU index, MiB"
+before the run, then "GPU index, MiB" every 200 ms). images/s: the median of
+epochs 2..N, global (every rank's images); scaling efficiency: images/s at W
+over W times images/s at 1; memory: the largest rise over its idle value on
+any GPU during the run (nvidia-smi's used memory, the CUDA context included,
+the same measure on both sides).
 """
 import csv
 import io
@@ -36,16 +37,20 @@ def read(path):
 
 
 def peak_mib(path):
-    """The largest rise of any GPU's used memory over its first second, or None."""
+    """The largest rise of any GPU's used memory over its idle value (the
+    "idle" lines; without them, the smallest of its first five samples), or
+    None."""
     text = read(path)
     if not text:
         return None
-    samples = {}
+    idle, samples = {}, {}
     for line in text.splitlines():
         parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+        if len(parts) == 3 and parts[0] == "idle" and parts[1].isdigit() and parts[2].isdigit():
+            idle[int(parts[1])] = int(parts[2])
+        elif len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
             samples.setdefault(int(parts[0]), []).append(int(parts[1]))
-    rises = [max(v) - min(v[:5]) for v in samples.values() if v]
+    rises = [max(v) - idle.get(gpu, min(v[:5])) for gpu, v in samples.items() if v]
     return max(rises) if rises else None
 
 
@@ -58,13 +63,15 @@ def example(out, tag):
 
 
 def nccl(out, w):
-    text = read(os.path.join(out, f"nccl_{w}.txt"))
+    """(fp16 values, algbw, busbw) of each size's median row, in order."""
+    text = read(os.path.join(out, f"nccl_{w}.csv"))
     if not text or "name," not in text:
         return []
-    rows = list(csv.DictReader(io.StringIO(text[text.index("name,"):])))
-    # Google Benchmark prints counters with 6 digits: the count is a power of two, taken from the name.
+    rows = csv.DictReader(io.StringIO(text[text.index("name,"):]))
+    # "BM_nccl_allreduce/1048576/iterations:10/manual_time_median": the count from the name (the counter
+    # column has 6 digits), the median of the repetitions (not the mean, stddev or cv rows).
     return [(int(r["name"].split("/")[1]), float(r["algbw_GBps"]), float(r["busbw_GBps"]))
-            for r in rows if r.get("name", "").startswith("BM_nccl_allreduce") and r.get("params")]
+            for r in rows if r.get("name", "").startswith("BM_nccl_allreduce/") and r["name"].endswith("_median")]
 
 
 def fmt(x, spec=",.0f"):
@@ -85,7 +92,7 @@ def main():
             print(f"| {w} | {n:,} | {2 * n / 2**20:,.0f} | {alg:,.1f} | {bus:,.1f} |")
 
     print("\n## The examples (images/s: global, median of epochs 2..N)\n")
-    print("| model | precision | ZeRO-1 | GPUs | images/s | efficiency | test accuracy | skipped | peak MiB a GPU |")
+    print("| model | precision | ZeRO-1 | GPUs | images/s | efficiency | test accuracy | skipped | peak MiB (any GPU) |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     results = {}
     for model in ("mlp", "cnn"):
@@ -102,24 +109,27 @@ def main():
                           f"{r['accuracy']:.4f} | {r['skipped']} | {fmt(r['mib'])} |")
 
     print("\n## Against PyTorch DDP (MLP 784-4096-4096-10, batch 1024 a GPU; mixprec without ZeRO-1)\n")
-    print("| precision | GPUs | DDP eager | DDP graphed | DDP accuracy | DDP peak MiB | mixprec | vs DDP's best |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| precision | GPUs | DDP eager | DDP graphed | DDP accuracy (eager / graphed) | DDP peak MiB "
+          "(eager / graphed) | mixprec | mixprec peak MiB | vs DDP's better |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for precision in ("fp16", "bf16"):
         for w in worlds:
-            text = read(os.path.join(out, f"ddp_{precision}_{w}.json"))
-            if not text:
+            runs = {}
+            for mode in ("eager", "graph"):
+                text = read(os.path.join(out, f"ddp_{precision}_{mode}_{w}.json"))
+                r = json.loads(text).get("results", {}).get(mode) if text else None
+                runs[mode] = (r or {}, peak_mib(os.path.join(out, f"ddp_{precision}_{mode}_{w}.mem")))
+            ips = {m: runs[m][0].get("images_per_s") for m in runs}
+            if all(v is None for v in ips.values()):
                 continue
-            d = json.loads(text)
-            res = d.get("results", {})
-            eager = res.get("eager", {}).get("images_per_s")
-            graph = res.get("graph", {}).get("images_per_s")
-            best = max([x for x in (eager, graph) if x is not None], default=None)
-            acc = (res.get("graph") or res.get("eager") or {}).get("test_accuracy")
+            best = max(v for v in ips.values() if v is not None)
             ours = results.get(("mlp", precision, "off", w))
-            ratio = ours["ips"] / best if ours and best else None
-            print(f"| {precision} | {w} | {fmt(eager)} | {fmt(graph)} | {fmt(acc, '.4f')} | "
-                  f"{fmt(peak_mib(os.path.join(out, f'ddp_{precision}_{w}.mem')))} | "
-                  f"{fmt(ours['ips'] if ours else None)} | {fmt(ratio, '.2f')} |")
+            ratio = ours["ips"] / best if ours else None
+            acc = " / ".join(fmt(runs[m][0].get("test_accuracy"), ".4f") for m in ("eager", "graph"))
+            mib = " / ".join(fmt(runs[m][1]) for m in ("eager", "graph"))
+            print(f"| {precision} | {w} | {fmt(ips['eager'])} | {fmt(ips['graph'])} | {acc} | {mib} | "
+                  f"{fmt(ours['ips'] if ours else None)} | {fmt(ours['mib'] if ours else None)} | "
+                  f"{fmt(ratio, '.2f')} |")
 
     print("\n## Stages\n")
     print("| stage | status |\n|---|---|")
