@@ -164,7 +164,7 @@ TEST(GemmAlgorithms, TimedChoiceKeepsItsBits) {
     for (const optim::Param& p : layer.parameters("")) all.push_back(host<bfloat16>(p.grad.as<const bfloat16>("g")));
     return all;
   };
-  step();  // chooses (and waits for the stream once)
+  step();  // chooses (waiting for the stream while it times)
   const auto first = outputs();
   for (int i = 0; i < 3; ++i) {
     fill_normal(gy, 0, 1, 100 + i);  // outputs overwritten, not accumulated
