@@ -51,12 +51,13 @@ void time_forward_backward(benchmark::State& state, mixprec::nn::Sequential<T>& 
   time_steps(state, step);
   // How many of the net's GEMM shapes kept another algorithm than the
   // heuristic's first (timed), and how many keep split-K partial sums in
-  // the 16-bit output type (cuBLASLt's INPLACE = 1 or OUTPUT_TYPE = 4
-  // reduction schemes).
+  // the 16-bit output type (cuBLASLt's INPLACE or OUTPUT_TYPE reduction
+  // schemes).
   int picks = 0, partials16 = 0;
   for (const mixprec::nn::GemmPlanInfo& p : mixprec::nn::nn_device_ops().gemm_plans()) {
     picks += p.chosen != 0;
-    partials16 += p.dtype != mixprec::DType::float32 && (p.reduction_scheme == 1u || p.reduction_scheme == 4u);
+    partials16 += p.dtype != mixprec::DType::float32 && (p.reduction_scheme == CUBLASLT_REDUCTION_SCHEME_INPLACE ||
+                                                         p.reduction_scheme == CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE);
   }
   if (how == mixprec::nn::GemmAlgorithms::timed) state.counters["timed_picks"] = picks;
   state.counters["partials16"] = partials16;
