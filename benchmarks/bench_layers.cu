@@ -119,6 +119,48 @@ void BM_cnn_step(benchmark::State& state) {
   state.counters["images_per_s"] = benchmark::Counter(batch, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// One Linear(in, 10) layer, forward and backward (weight, bias and input
+// gradients) at batch range(0), in range(1): mixprec's narrow kernels
+// (nn::set_narrow_linear) against cuBLASLt's GEMMs (heuristic) for the
+// forward and the weight gradient. 20 forward + backward passes captured in
+// one CUDA graph, so launch gaps are not timed; the time is per pass.
+// bytes_per_s counts x read twice, dx written and dy, y, W once each.
+template <class T, bool Narrow>
+void BM_narrow_linear(benchmark::State& state) {
+  namespace nn = mixprec::nn;
+  const std::int64_t batch = state.range(0), in = state.range(1), out = 10;
+  constexpr int passes = 20;
+  const mixprec::Device gpu = mixprec::Device::cuda(0);
+  nn::set_gemm_algorithms(nn::GemmAlgorithms::heuristic);
+  nn::set_narrow_linear(Narrow);
+  nn::Linear<T> layer(in, out, nn::Activation::none, true, gpu, 1);
+  mixprec::Tensor<T> x({batch, in}, gpu), y({batch, out}, gpu), dy({batch, out}, gpu), dx({batch, in}, gpu);
+  mixprec::fill_normal(x, 0, 1, 2);
+  mixprec::fill_normal(dy, 0, 1, 3);
+  mixprec::Stream stream;
+  const nn::Context ctx{stream.get()};
+  auto pass = [&] {
+    layer.forward(x.view(), y.view(), ctx);
+    layer.backward(x.view(), y.view(), dy.view(), dx.view(), ctx);
+  };
+  for (int i = 0; i < 3; ++i) pass();  // plans and scratch, outside the capture
+  mixprec::Graph graph;
+  graph.capture(stream.get(), [&] {
+    for (int i = 0; i < passes; ++i) pass();
+  });
+  mixprec::bench::Events e;
+  for (int i = 0; i < 3; ++i) graph.replay(stream.get());
+  for (auto _ : state) {
+    MIXPREC_CUDA_CHECK(cudaEventRecord(e.start, stream.get()));
+    graph.replay(stream.get());
+    MIXPREC_CUDA_CHECK(cudaEventRecord(e.stop, stream.get()));
+    state.SetIterationTime(e.seconds() / passes);
+  }
+  nn::set_narrow_linear(true);
+  const double bytes = static_cast<double>(sizeof(T)) * (3.0 * batch * in + 2.0 * batch * out + out * in);
+  state.counters["bytes_per_s"] = benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate);
+}
+
 // y = x W^T for x [8192, 8192], W [8192, 8192]: the plain GEMM rate.
 template <class T>
 void BM_gemm(benchmark::State& state) {
@@ -156,6 +198,20 @@ MIXPREC_BENCH_MLP_GEMM(mixprec::half, mixprec::nn::GemmAlgorithms::timed);
 MIXPREC_BENCH_MLP_GEMM(mixprec::bfloat16, mixprec::nn::GemmAlgorithms::heuristic);
 MIXPREC_BENCH_MLP_GEMM(mixprec::bfloat16, mixprec::nn::GemmAlgorithms::timed);
 #undef MIXPREC_BENCH_MLP_GEMM
+// The examples' last layers: the MLPs' (1024 and 4096 inputs) and the CNN's (128).
+#define MIXPREC_BENCH_NARROW(T, Narrow)                                                             \
+  BENCHMARK_TEMPLATE(BM_narrow_linear, T, Narrow)                                                   \
+      ->Args({256, 1024})                                                                           \
+      ->Args({1024, 4096})                                                                          \
+      ->Args({256, 128})                                                                            \
+      ->UseManualTime()                                                                             \
+      ->Unit(benchmark::kMicrosecond)                                                               \
+      ->Iterations(200)
+MIXPREC_BENCH_NARROW(mixprec::half, true);
+MIXPREC_BENCH_NARROW(mixprec::half, false);
+MIXPREC_BENCH_NARROW(mixprec::bfloat16, true);
+MIXPREC_BENCH_NARROW(mixprec::bfloat16, false);
+#undef MIXPREC_BENCH_NARROW
 BENCHMARK_TEMPLATE(BM_cnn_step, mixprec::half)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(100);
 BENCHMARK_TEMPLATE(BM_cnn_step, mixprec::bfloat16)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(100);
 

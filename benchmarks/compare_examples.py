@@ -11,9 +11,14 @@ test accuracy after the last epoch (the same seed on both sides: equal
 accuracies say the two builds trained alike).
 
     python3 benchmarks/compare_examples.py OLD_BUILD/examples NEW_BUILD/examples --data DIR [--epochs 6] \
-        [--models mlp,cnn]
+        [--models mlp,cnn] [--old-args FLAGS] [--new-args FLAGS]
+
+One build against itself with other flags: the same folder twice, and the
+flags of a side in --old-args / --new-args (e.g. --old-args
+'--narrow-linear off').
 """
 import argparse
+import shlex
 import statistics
 import subprocess
 
@@ -39,6 +44,8 @@ def main():
     p.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--models", default="mlp,cnn", help="which examples: mlp, cnn or both (default)")
+    p.add_argument("--old-args", default="", help="more flags for the old side's runs")
+    p.add_argument("--new-args", default="", help="more flags for the new side's runs")
     a = p.parse_args()
     models = a.models.split(",")
     if not models or any(m not in ("mlp", "cnn") for m in models):
@@ -53,7 +60,8 @@ def main():
             runs = {"old": [], "new": []}
             for side in ("old", "new", "old", "new"):
                 folder = a.old if side == "old" else a.new
-                runs[side].append(run(f"{folder}/fashion_mnist_{model}", a.data, a.epochs, precision, args))
+                extra = shlex.split(a.old_args if side == "old" else a.new_args)
+                runs[side].append(run(f"{folder}/fashion_mnist_{model}", a.data, a.epochs, precision, args + extra))
             old = max(runs["old"]); new = max(runs["new"])
             name = f"{model} {' '.join(args[1::2])} {precision}"
             # Accuracy to 4 places, as the examples print it.

@@ -104,6 +104,7 @@ void expect_plans_follow(GemmAlgorithms how) {
 
 TEST(GemmAlgorithms, TimedLayersGiveTheCpuResults) {
   MIXPREC_SKIP_WITHOUT_GPU();
+  nn::set_narrow_linear(false);  // the layers of 10 and 16 outputs through cuBLASLt too
   nn::set_gemm_algorithms(GemmAlgorithms::timed);
   EXPECT_EQ(nn::nn_device_ops().gemm_algorithms(), GemmAlgorithms::timed);
   mlp_shapes_against_cpu<half>();
@@ -126,6 +127,7 @@ TEST(GemmAlgorithms, TimedLayersGiveTheCpuResults) {
 
 TEST(GemmAlgorithms, HeuristicPlansAndSwitchingPlansAgain) {
   MIXPREC_SKIP_WITHOUT_GPU();
+  nn::set_narrow_linear(false);
   nn::set_gemm_algorithms(GemmAlgorithms::heuristic);
   EXPECT_TRUE(nn::nn_device_ops().gemm_plans().empty());  // the timed ones went out of use
   mlp_shapes_against_cpu<half>();

@@ -60,5 +60,15 @@ TEST(NoBackend, GemmAlgorithmsNamesTheFix) {
   }
 }
 
+TEST(NoBackend, NarrowLinearNamesTheFix) {
+  try {
+    nn::set_narrow_linear(false);
+    ADD_FAILURE() << "set_narrow_linear succeeded without a backend";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("set_narrow_linear"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("<mixprec/cuda/backend.cuh>"), std::string::npos) << e.what();
+  }
+}
+
 }  // namespace
 }  // namespace mixprec

@@ -68,6 +68,8 @@ struct Args {
   // How cuBLASLt's algorithm is chosen per GEMM shape (nn::GemmAlgorithms):
   // its heuristic's first (the same bits in every run), or timed candidates.
   std::string gemm = "heuristic";
+  // Layers of <= 16 outputs through mixprec's own kernels (nn::set_narrow_linear).
+  bool narrow_linear = true;
   bool zero1 = false;  // data parallel: ZeRO-1 (masters and moments sharded over the ranks)
   // The spike guard (docs/grad-scaler.md#spike-guard): skip steps whose loss
   // or gradient norm is an outlier; under mpirun the norm only (each rank's
@@ -146,6 +148,8 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
                  "or the fastest of its candidates, timed at the shape's first call (runs may then differ in the "
                  "last bits)")
       ->check(CLI::IsMember({"heuristic", "timed"}));
+  add_on_off(app, "--narrow-linear", a.narrow_linear,
+             "GPU: layers of at most 16 outputs through mixprec's own kernels (off: cuBLASLt's GEMMs)");
   add_on_off(app, "--zero1", a.zero1, "under mpirun: shard masters and moments over the ranks (ZeRO-1)");
   add_on_off(app, "--spike-guard", a.spike_guard,
              "skip steps whose loss or gradient norm is a z > 6 outlier over the last 128 (under mpirun: the norm "
@@ -237,6 +241,9 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
   }
   if (a.device == "cpu" && a.gemm != "heuristic") {
     return usage_error("--gemm " + a.gemm + " with --device cpu: the choice is cuBLASLt's, on the GPU");
+  }
+  if (a.device == "cpu" && !a.narrow_linear) {
+    return usage_error("--narrow-linear off with --device cpu: the choice is between GPU kernels");
   }
   if (a.device == "cuda" && !usable) {
     return usage_error(std::string("no CUDA device: --device cuda, but ") +
@@ -767,6 +774,7 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
   Event loss_done(dev), sum_done(dev);
   // Before the model's first GEMM (its plans are made at the first step).
   nn::set_gemm_algorithms(a.gemm == "timed" ? nn::GemmAlgorithms::timed : nn::GemmAlgorithms::heuristic);
+  nn::set_narrow_linear(a.narrow_linear);
   Model<T> m(a, dev, stream.get(), train_set, test_set, sample, add_layers);
   amp::DeviceGradScaler scaler(scaler_options<T>(a, ranks), dev, stream.get());
   scaler.set_grad_divisor(ranks);
@@ -1039,11 +1047,12 @@ int train_classifier(const Args& a, const std::vector<std::int64_t>& sample) {
     const ImageSet test = load_fashion_mnist(a.data, "t10k");
     MIXPREC_CHECK(a.batch <= train.count, "--batch = ", a.batch, ", larger than the ", train.count,
                   " training images");
-    std::printf("%s: %s on %s, %s, batch %lld, %s lr %g%s, %d epochs%s%s\n", a.program.c_str(), a.precision.c_str(),
+    std::printf("%s: %s on %s, %s, batch %lld, %s lr %g%s, %d epochs%s%s%s\n", a.program.c_str(), a.precision.c_str(),
                 a.device.c_str(), a.description.c_str(), static_cast<long long>(a.batch), a.optimizer.c_str(), a.lr,
                 a.schedule == "cosine" ? " cosine" : "", a.epochs,
                 a.device == "cuda" ? (a.graph ? ", CUDA graph" : ", eager") : "",
-                a.gemm == "timed" ? ", timed GEMM algorithms" : "");
+                a.gemm == "timed" ? ", timed GEMM algorithms" : "",
+                a.device == "cuda" && !a.narrow_linear ? ", narrow layers through cuBLASLt" : "");
     if (a.monitor) {
       std::printf("monitor: a logged step every %d steps%s%s%s%s\n", a.monitor_every,
                   a.monitor_log.empty() ? "" : ", log ", a.monitor_log.c_str(), a.report.empty() ? "" : ", report ",

@@ -161,6 +161,9 @@ class DeviceOps {
   virtual GemmAlgorithms gemm_algorithms() const = 0;
   /// The GEMM shapes planned under the current setting, in shape order.
   virtual std::vector<GemmPlanInfo> gemm_plans() const = 0;
+  /// Whether narrow Linear layers run mixprec's own kernels (set_narrow_linear).
+  virtual void set_narrow_linear(bool on) = 0;
+  virtual bool narrow_linear() const = 0;
 };
 
 }  // namespace nn
@@ -201,6 +204,24 @@ inline void set_gemm_algorithms(GemmAlgorithms how) {
                 "set_gemm_algorithms: no CUDA kernels are linked into this program; compile one .cu file that "
                 "includes <mixprec/cuda/backend.cuh>");
   ops->set_gemm_algorithms(how);
+}
+
+/// Whether Linear layers of at most 16 outputs (a classifier's last layer)
+/// run mixprec's own kernels on a device, for the forward (bias, and ReLU
+/// when no mask is kept for the next layer) and the weight and bias
+/// gradients, instead of cuBLASLt's GEMMs (on by default; cuBLASLt still
+/// takes such a layer's input gradient, and layers whose `in` is not a
+/// multiple of 4). Both accumulate in fp32 and round to nearest into T; they
+/// sum in different orders, so switching changes the last bits. Each keeps
+/// its own bits from call to call and in graph replays. Calls made from now
+/// on follow the setting (graphs captured before keep what they captured).
+/// Throws, changing nothing, when no CUDA kernels are linked in.
+inline void set_narrow_linear(bool on) {
+  DeviceOps* ops = mixprec::detail::nn_device_ops_slot().load();
+  MIXPREC_CHECK(ops != nullptr,
+                "set_narrow_linear: no CUDA kernels are linked into this program; compile one .cu file that "
+                "includes <mixprec/cuda/backend.cuh>");
+  ops->set_narrow_linear(on);
 }
 }  // namespace nn
 MIXPREC_NAMESPACE_END

@@ -36,11 +36,6 @@ inline std::int64_t conv_bias_images_per_split(std::int64_t n, std::int64_t pq) 
   return images < n ? images : (n > 0 ? n : 1);
 }
 
-template <class T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-
 // y[n, c, pixel] = act(y + bias[c]) in float, rounded to T, V elements a
 // thread (pq % V == 0, so a pack never spans two channels). bias may be null.
 template <class T, int V>

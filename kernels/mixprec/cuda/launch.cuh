@@ -19,6 +19,12 @@ MIXPREC_NAMESPACE_BEGIN namespace cuda {
 /// Threads per block for mixprec's elementwise kernels.
 inline constexpr int block_threads = 256;
 
+/// V consecutive elements of T, aligned for one vector load or store.
+template <class T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
 /// Multiprocessor count of the current device, asked of the driver once per
 /// device and cached: launchers call this on every launch.
 inline int multiprocessor_count() {

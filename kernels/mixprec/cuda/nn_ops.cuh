@@ -14,8 +14,9 @@
 #include <cudnn.h>
 #endif
 
-#include <cstdint>
 #include <algorithm>
+#include <atomic>
+#include <cstdint>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -28,6 +29,7 @@
 #include "mixprec/cuda/conv_kernels.cuh"
 #include "mixprec/cuda/convert.cuh"
 #include "mixprec/cuda/launch.cuh"
+#include "mixprec/cuda/linear_kernels.cuh"
 #include "mixprec/nn/device_ops.hpp"
 #include "mixprec/nn/functional.hpp"
 #include "mixprec/tensor/memory.hpp"
@@ -301,6 +303,9 @@ class NnOps final : public nn::DeviceOps {
     return out;
   }
 
+  void set_narrow_linear(bool on) override { narrow_linear_.store(on, std::memory_order_relaxed); }
+  bool narrow_linear() const override { return narrow_linear_.load(std::memory_order_relaxed); }
+
   // --- convolution (cuDNN, or mixprec's direct kernels) and pooling (mixprec's) ---
 
 #if MIXPREC_WITH_CUDNN
@@ -493,9 +498,19 @@ class NnOps final : public nn::DeviceOps {
   void linear_forward(DType dtype, const void* x, const void* w, const void* bias, void* y, std::int64_t batch,
                       std::int64_t in, std::int64_t out, nn::Activation act, const nn::LinearFusion& f,
                       stream_t stream) override {
+    void* aux = f.aux;
+    if ((act == nn::Activation::none || (act == nn::Activation::relu && aux == nullptr)) &&
+        narrow_linear() && nn_detail::narrow_linear_fits(in, out, dtype_size(dtype), {x, w, y})) {
+      nn_detail::with_type(dtype, [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        nn_detail::launch_narrow_linear_forward(static_cast<const T*>(x), static_cast<const T*>(w),
+                                                static_cast<const T*>(bias), static_cast<T*>(y), batch, in,
+                                                static_cast<int>(out), act, stream);
+      });
+      return;
+    }
     // Column-major: Y^T [out, batch] = W^T^T (A = W, transposed) * X^T (B = X).
     cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_DEFAULT;
-    void* aux = f.aux;
     const bool gelu_fused = act == nn::Activation::gelu && out % 8 == 0;  // aux ld: a multiple of 8
     const bool relu_mask = act == nn::Activation::relu && aux != nullptr;
     if (act == nn::Activation::relu) {
@@ -527,11 +542,20 @@ class NnOps final : public nn::DeviceOps {
       activation_backward(dtype, act, act == nn::Activation::relu ? y : aux, dy, buf, batch * out, stream);
       dz = buf;
     }
-    // dW^T [in, out] = X^T [in, batch] * dZ [batch, out]: A = X (N), B = dZ (T);
-    // the bias gradient (sum over the batch of dZ) from B in the epilogue.
-    const cublasLtEpilogue_t epi = grad_bias ? CUBLASLT_EPILOGUE_BGRADB : CUBLASLT_EPILOGUE_DEFAULT;
-    matmul(dtype, Key{dtype, epi, CUBLAS_OP_N, CUBLAS_OP_T, in, out, batch, in, out, in}, x, dz, grad_w, grad_bias,
-           nullptr, 0, stream);
+    if (narrow_linear() && nn_detail::narrow_linear_fits(in, out, dtype_size(dtype), {x, grad_w})) {
+      nn_detail::with_type(dtype, [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        nn_detail::launch_narrow_linear_wgrad(static_cast<const T*>(x), static_cast<const T*>(dz),
+                                              static_cast<T*>(grad_w), static_cast<T*>(grad_bias), batch, in,
+                                              static_cast<int>(out), stream);
+      });
+    } else {
+      // dW^T [in, out] = X^T [in, batch] * dZ [batch, out]: A = X (N), B = dZ (T);
+      // the bias gradient (sum over the batch of dZ) from B in the epilogue.
+      const cublasLtEpilogue_t epi = grad_bias ? CUBLASLT_EPILOGUE_BGRADB : CUBLASLT_EPILOGUE_DEFAULT;
+      matmul(dtype, Key{dtype, epi, CUBLAS_OP_N, CUBLAS_OP_T, in, out, batch, in, out, in}, x, dz, grad_w,
+             grad_bias, nullptr, 0, stream);
+    }
     if (dx) {
       // dX^T [in, batch] = W^T [in, out] * dZ^T [out, batch]: A = W (N), B = dZ (N);
       // with the previous layer's activation derivative (and bias gradient,
@@ -990,6 +1014,7 @@ class NnOps final : public nn::DeviceOps {
   std::map<Key, Plan> plans_;
   std::vector<Plan> retired_plans_;  // planned under another GemmAlgorithms setting
   nn::GemmAlgorithms gemm_algorithms_ = nn::GemmAlgorithms::heuristic;
+  std::atomic<bool> narrow_linear_{true};  // nn::set_narrow_linear
   mutable std::mutex mutex_;
 };
 
