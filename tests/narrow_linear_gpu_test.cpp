@@ -59,19 +59,27 @@ double rounding_floor() {
                                                                                      : std::ldexp(1.0, -134);
 }
 
-// |got - exact| <= u_T |exact| + 1.01 n u32 sum|terms| + floor, where exact
-// is the float64 sum of n products (every product of two T values is exact
-// in float64, and so is the sum to far below these bounds).
+// |got - exact| <= r u_T |exact| + 1.01 n u32 sum|terms| + floor, where
+// exact is the float64 sum of n products (every product of two T values is
+// exact in float64, and so is the sum to far below these bounds) and r = 1
+// (round to nearest once). cuBLASLt's bf16 GEMMs get r = 2, one ulp: on an
+// H100 (CUDA 13.0) they returned outputs and input gradients up to 0.73 of
+// an ulp from the float64 sum, more than fp32 accumulation and one rounding
+// allow (its heuristic keeps some bf16 split-K partial sums in bf16:
+// bench_layers' partials16), while its fp16 GEMMs and mixprec's kernels
+// stayed within r = 1.
 template <class T>
 void expect_within_bound(const std::vector<T>& got, const std::vector<double>& exact,
-                         const std::vector<double>& abs_sum, std::int64_t n, const std::string& what) {
+                         const std::vector<double>& abs_sum, std::int64_t n, const std::string& what,
+                         bool cublaslt) {
   ASSERT_EQ(got.size(), exact.size()) << what;
   const double u32 = std::ldexp(1.0, -24);
+  const double r = cublaslt && std::is_same_v<T, bfloat16> ? 2.0 : 1.0;
   int bad = 0;
   for (std::size_t k = 0; k < got.size(); ++k) {
     const double g = to_float(got[k]);
-    const double bound =
-        unit_roundoff<T>() * std::fabs(exact[k]) + 1.01 * static_cast<double>(n) * u32 * abs_sum[k] + rounding_floor<T>();
+    const double bound = r * unit_roundoff<T>() * std::fabs(exact[k]) +
+                         1.01 * static_cast<double>(n) * u32 * abs_sum[k] + rounding_floor<T>();
     if (!(std::fabs(g - exact[k]) <= bound) && ++bad <= 5) {
       ADD_FAILURE() << what << "[" << k << "] = " << g << ", float64 " << exact[k] << ", bound " << bound;
     }
@@ -89,6 +97,8 @@ void linear_against_float64(const Case& c, Activation act, bool bias) {
   SCOPED_TRACE(std::string(dtype_traits<T>::name) + " " + nn::activation_name(act) + (bias ? " bias " : " no bias ") +
                std::to_string(c.batch) + "x" + std::to_string(c.in) + "->" + std::to_string(c.out) +
                (nn::nn_device_ops().narrow_linear() ? ", narrow on" : ", narrow off"));
+  // Which tensors mixprec's kernels compute (the rest: cuBLASLt's GEMMs).
+  const bool narrow = nn::nn_device_ops().narrow_linear() && c.out <= 16 && c.in % 4 == 0;
   nn::Linear<T> layer(c.in, c.out, act, bias, Device::cuda(0), 21);
   Tensor<T> x({c.batch, c.in}), dy({c.batch, c.out});
   fill_normal(x, 0, 1, 22);
@@ -113,7 +123,7 @@ void linear_against_float64(const Case& c, Activation act, bool bias) {
       abs_sum[b * c.out + o] = a;
     }
   }
-  expect_within_bound(y, exact, abs_sum, c.in + 1, "y");
+  expect_within_bound(y, exact, abs_sum, c.in + 1, "y", !narrow);
   // dz = dy * relu'(y), exact in T (the factor is 0 or 1), as the layer takes it.
   std::vector<double> dz = as_double(host<T>(dy.view()));
   if (act == Activation::relu) {
@@ -135,8 +145,8 @@ void linear_against_float64(const Case& c, Activation act, bool bias) {
       gb_abs[o] += std::fabs(dz[b * c.out + o]);
     }
   }
-  expect_within_bound(host<T>(layer.grad_weight().view()), gw, gw_abs, c.batch, "grad weight");
-  if (bias) expect_within_bound(host<T>(layer.grad_bias().view()), gb, gb_abs, c.batch, "grad bias");
+  expect_within_bound(host<T>(layer.grad_weight().view()), gw, gw_abs, c.batch, "grad weight", !narrow);
+  if (bias) expect_within_bound(host<T>(layer.grad_bias().view()), gb, gb_abs, c.batch, "grad bias", !narrow);
   std::vector<double> dx(c.batch * c.in), dx_abs(c.batch * c.in);
   for (std::int64_t b = 0; b < c.batch; ++b) {
     for (std::int64_t i = 0; i < c.in; ++i) {
@@ -146,7 +156,7 @@ void linear_against_float64(const Case& c, Activation act, bool bias) {
       }
     }
   }
-  expect_within_bound(host<T>(gdx.view()), dx, dx_abs, c.out, "dx");
+  expect_within_bound(host<T>(gdx.view()), dx, dx_abs, c.out, "dx", true);
 }
 
 // The kernels' shapes: the examples' last layers, batches that leave warps

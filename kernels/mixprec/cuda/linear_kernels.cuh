@@ -25,10 +25,11 @@ namespace nn_detail {
 
 /// The widest layer (outputs) the narrow kernels take.
 inline constexpr int kNarrowOut = 16;
-/// Forward: batch rows a warp (kNarrowRows * kNarrowOut sums = 32, one a lane
-/// after warp_reduce_scatter) and threads a block.
+/// Forward: batch rows a block (kNarrowRows * kNarrowOut sums = 32, one a
+/// lane after warp_reduce_scatter) and threads a block (its warps split the
+/// features).
 inline constexpr int kNarrowRows = 2;
-inline constexpr int kNarrowForwardThreads = 128;
+inline constexpr int kNarrowForwardThreads = 256;
 /// Gradients: input features a lane and warps a block (each warp a slice of
 /// the batch rows, summed over the warps in a fixed tree).
 inline constexpr int kNarrowFeatures = 2;
@@ -75,24 +76,30 @@ __device__ inline void load4(const T* p, float (&f)[4]) {
 
 // y[b, o] = act(sum_i x[b, i] w[o, i] + bias[o]) for o < out <= kNarrowOut
 // (x [batch, in], w [out, in], y [batch, out], row-major; bias may be null;
-// act none or relu). A warp takes kNarrowRows rows: each lane 4 consecutive
-// features a round (one 8-byte load of each row of x and of w for 16-bit
-// types), then the 32 sums reduce-scattered, lane L writing row L / 16,
-// output L % 16. in % 4 == 0 and 4-element alignment (narrow_linear_fits).
+// act none or relu). A block takes kNarrowRows rows and its warps split the
+// features into equal segments (a multiple of 4 long): each lane 4
+// consecutive features a round (one 8-byte load of each row of x and of w
+// for 16-bit types), the warp's 32 partial sums reduce-scattered, then
+// summed over the warps in order by warp 0, lane L writing row L / 16,
+// output L % 16. Many short warps, not a few long ones: a warp that walked
+// all of `in` alone spent the kernel waiting on its loads. in % 4 == 0 and
+// 4-element alignment (narrow_linear_fits).
 template <class T>
 __global__ void __launch_bounds__(kNarrowForwardThreads)
     narrow_linear_forward_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
                                  T* __restrict__ y, std::int64_t batch, std::int64_t in, int out,
                                  nn::Activation act) {
   static_assert(kNarrowRows * kNarrowOut == 32, "one sum a lane");
-  const int lane = static_cast<int>(threadIdx.x % 32);
-  const std::int64_t row0 =
-      (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32 * kNarrowRows;
-  if (row0 >= batch) return;  // the whole warp
+  constexpr int warps = kNarrowForwardThreads / 32;
+  __shared__ float partial[warps][32];
+  const int lane = static_cast<int>(threadIdx.x % 32), warp = static_cast<int>(threadIdx.x / 32);
+  const std::int64_t row0 = static_cast<std::int64_t>(blockIdx.x) * kNarrowRows;
   const std::int64_t rows = batch - row0 < kNarrowRows ? batch - row0 : kNarrowRows;
+  const std::int64_t segment = (in / 4 + warps - 1) / warps * 4;
+  const std::int64_t first = warp * segment, last = first + segment < in ? first + segment : in;
   float acc[32] = {};  // acc[r * kNarrowOut + o]
 #pragma unroll 2
-  for (std::int64_t i = 4 * lane; i < in; i += 128) {
+  for (std::int64_t i = first + 4 * lane; i < last; i += 128) {
     float xv[kNarrowRows][4];
 #pragma unroll
     for (int r = 0; r < kNarrowRows; ++r) {
@@ -116,7 +123,12 @@ __global__ void __launch_bounds__(kNarrowForwardThreads)
       }
     }
   }
-  const float sum = warp_reduce_scatter(acc);
+  partial[warp][lane] = warp_reduce_scatter(acc);
+  __syncthreads();
+  if (warp != 0) return;
+  float sum = 0;
+#pragma unroll
+  for (int k = 0; k < warps; ++k) sum += partial[k][lane];
   const int r = lane / kNarrowOut, o = lane % kNarrowOut;
   if (r < rows && o < out) {
     const float b = bias != nullptr ? mixprec::to_float(bias[o]) : 0.0f;
@@ -170,22 +182,31 @@ __global__ void __launch_bounds__(kNarrowGradWarps * 32)
       for (int r = 0; r < rows; ++r) bias_sum += stage[r * kNarrowOut + lane];
     }
     if (has_features) {
-#pragma unroll 4
-      for (int r = 0; r < rows; ++r) {
-        const Pack<T, kNarrowFeatures> xv =
-            *reinterpret_cast<const Pack<T, kNarrowFeatures>*>(x + (b0 + r) * in + i);
-        float xf[kNarrowFeatures];
+      // kGroup rows' loads issued before any is used: a warp waits on
+      // memory once a group, not once a row.
+      constexpr int kGroup = 8;
+      for (int g = 0; g < rows; g += kGroup) {
+        Pack<T, kNarrowFeatures> xv[kGroup];
 #pragma unroll
-        for (int f = 0; f < kNarrowFeatures; ++f) xf[f] = mixprec::to_float(xv.v[f]);
+        for (int r = 0; r < kGroup; ++r) {
+          if (g + r < rows) xv[r] = *reinterpret_cast<const Pack<T, kNarrowFeatures>*>(x + (b0 + g + r) * in + i);
+        }
 #pragma unroll
-        for (int o = 0; o < kNarrowOut; o += 4) {
-          const float4 d = *reinterpret_cast<const float4*>(stage + r * kNarrowOut + o);
+        for (int r = 0; r < kGroup; ++r) {
+          if (g + r >= rows) break;
+          float xf[kNarrowFeatures];
 #pragma unroll
-          for (int f = 0; f < kNarrowFeatures; ++f) {
-            acc[f * kNarrowOut + o] = fmaf(xf[f], d.x, acc[f * kNarrowOut + o]);
-            acc[f * kNarrowOut + o + 1] = fmaf(xf[f], d.y, acc[f * kNarrowOut + o + 1]);
-            acc[f * kNarrowOut + o + 2] = fmaf(xf[f], d.z, acc[f * kNarrowOut + o + 2]);
-            acc[f * kNarrowOut + o + 3] = fmaf(xf[f], d.w, acc[f * kNarrowOut + o + 3]);
+          for (int f = 0; f < kNarrowFeatures; ++f) xf[f] = mixprec::to_float(xv[r].v[f]);
+#pragma unroll
+          for (int o = 0; o < kNarrowOut; o += 4) {
+            const float4 d = *reinterpret_cast<const float4*>(stage + (g + r) * kNarrowOut + o);
+#pragma unroll
+            for (int f = 0; f < kNarrowFeatures; ++f) {
+              acc[f * kNarrowOut + o] = fmaf(xf[f], d.x, acc[f * kNarrowOut + o]);
+              acc[f * kNarrowOut + o + 1] = fmaf(xf[f], d.y, acc[f * kNarrowOut + o + 1]);
+              acc[f * kNarrowOut + o + 2] = fmaf(xf[f], d.z, acc[f * kNarrowOut + o + 2]);
+              acc[f * kNarrowOut + o + 3] = fmaf(xf[f], d.w, acc[f * kNarrowOut + o + 3]);
+            }
           }
         }
       }
@@ -235,8 +256,7 @@ template <class T>
 void launch_narrow_linear_forward(const T* x, const T* w, const T* bias, T* y, std::int64_t batch, std::int64_t in,
                                   int out, nn::Activation act, cudaStream_t stream) {
   if (batch == 0) return;
-  const std::int64_t warps = (batch + kNarrowRows - 1) / kNarrowRows;
-  const std::int64_t blocks = (warps * 32 + kNarrowForwardThreads - 1) / kNarrowForwardThreads;
+  const std::int64_t blocks = (batch + kNarrowRows - 1) / kNarrowRows;
   narrow_linear_forward_kernel<T><<<static_cast<unsigned>(blocks), kNarrowForwardThreads, 0, stream>>>(
       x, w, bias, y, batch, in, out, act);
   MIXPREC_CUDA_CHECK_LAUNCH("narrow_linear_forward_kernel");
