@@ -768,10 +768,10 @@ class NnOps final : public nn::DeviceOps {
     if (key.dtype != DType::float32) {
       // Split-K partial sums in the compute type (fp32) only: the INPLACE
       // and OUTPUT_TYPE schemes keep them in the 16-bit output type. Without
-      // this mask the heuristic's first answer for the MLP example's bf16
-      // 1024 -> 10 forward was such an algorithm (H100, CUDA 13.0:
-      // bench_layers' partials16), and a candidate list reaches them more
-      // often.
+      // this mask the heuristic's first answer for one of the bf16 GEMMs of
+      // the MLP at hidden 1024, batch 256 was such an algorithm (H100, CUDA
+      // 13.0: bench_layers' partials16), and a candidate list reaches them
+      // more often.
       const std::uint32_t schemes = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;  // NONE (0) passes too
       MIXPREC_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
           making.pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &schemes, sizeof schemes));
