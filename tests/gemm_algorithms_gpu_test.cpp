@@ -26,14 +26,8 @@ namespace mixprec {
 namespace {
 
 using nn::Activation;
+using test::host;
 using nn::GemmAlgorithms;
-
-template <class T>
-std::vector<T> host(const TensorView<const T>& t) {
-  Tensor<T> h(t.shape());
-  copy(t, h);
-  return std::vector<T>(h.data(), h.data() + h.numel());
-}
 
 template <class T>
 bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
@@ -147,40 +141,8 @@ TEST(GemmAlgorithms, HeuristicPlansAndSwitchingPlansAgain) {
 TEST(GemmAlgorithms, TimedChoiceKeepsItsBits) {
   MIXPREC_SKIP_WITHOUT_GPU();
   nn::set_gemm_algorithms(GemmAlgorithms::timed);
-  const std::int64_t batch = 256, in = 1024, out = 512;
-  nn::Linear<bfloat16> layer(in, out, Activation::relu, true, Device::cuda(0), 7);
-  Tensor<bfloat16> x({batch, in}), dy({batch, out});
-  fill_normal(x, 0, 1, 3);
-  fill_normal(dy, 0, 1, 4);
-  Tensor<bfloat16> gx = x.to(Device::cuda(0)), gdy = dy.to(Device::cuda(0)), gy({batch, out}, Device::cuda(0)),
-                   gdx({batch, in}, Device::cuda(0));
-  Stream stream;
-  const nn::Context ctx{stream.get()};
-  const auto step = [&] {
-    layer.forward(gx.view(), gy.view(), ctx);
-    layer.backward(gx.view(), gy.view(), gdy.view(), gdx.view(), ctx);
-  };
-  const auto outputs = [&] {
-    stream.synchronize();
-    std::vector<std::vector<bfloat16>> all{host<bfloat16>(gy.view()), host<bfloat16>(gdx.view())};
-    for (const optim::Param& p : layer.parameters("")) all.push_back(host<bfloat16>(p.grad.as<const bfloat16>("g")));
-    return all;
-  };
-  step();  // chooses (waiting for the stream while it times)
-  const auto first = outputs();
-  for (int i = 0; i < 3; ++i) {
-    fill_normal(gy, 0, 1, 100 + i);  // outputs overwritten, not accumulated
-    step();
-    const auto again = outputs();
-    ASSERT_EQ(again.size(), first.size());
-    for (std::size_t t = 0; t < first.size(); ++t) EXPECT_TRUE(same_bits(again[t], first[t])) << "tensor " << t;
-  }
-  Graph graph;
-  graph.capture(stream.get(), step);
-  fill_normal(gy, 0, 1, 200);
-  graph.replay(stream.get());
-  const auto replayed = outputs();
-  for (std::size_t t = 0; t < first.size(); ++t) EXPECT_TRUE(same_bits(replayed[t], first[t])) << "tensor " << t;
+  nn::Linear<bfloat16> layer(1024, 512, Activation::relu, true, Device::cuda(0), 7);
+  test::expect_same_bits_every_call(layer, 256, 3);  // the first call chooses (waiting while it times)
 }
 
 TEST(GemmAlgorithms, TimedShapeFirstMetInACaptureIsRefused) {

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -24,6 +25,14 @@ namespace mixprec::test {
 template <class T>
 double tolerance() {
   return std::is_same_v<T, float> ? 1e-5 : std::is_same_v<T, half> ? 4e-3 : 3e-2;
+}
+
+// A tensor's elements, copied to the host.
+template <class T>
+std::vector<T> host(const TensorView<const T>& t) {
+  Tensor<T> h(t.shape());
+  copy(t, h);
+  return std::vector<T>(h.data(), h.data() + h.numel());
 }
 
 template <class T>
@@ -98,6 +107,71 @@ void fused_case(nn::Activation first, nn::Activation second, std::int64_t h1, st
   for (std::size_t i = 0; i < pc.size(); ++i) {
     expect_close<T>(pg[i].grad.as<const T>("g"), pc[i].grad.as<const T>("g"), pc[i].name);
   }
+}
+
+// A device Linear layer's forward + backward on x [batch, in] and a random
+// dy, called 4 times eagerly and once as a replayed CUDA graph, every output
+// (y, dx, each parameter gradient) overwritten with noise in between: each
+// call gives the first call's bits. The first call makes any plan.
+template <class T>
+void expect_same_bits_every_call(nn::Linear<T>& layer, std::int64_t batch, std::uint64_t seed) {
+  const std::int64_t in = layer.in_features(), out = layer.out_features();
+  const Device gpu = layer.device();
+  Tensor<T> x({batch, in}), dy({batch, out});
+  fill_normal(x, 0, 1, seed);
+  fill_normal(dy, 0, 1, seed + 1);
+  Tensor<T> gx = x.to(gpu), gdy = dy.to(gpu), gy({batch, out}, gpu), gdx({batch, in}, gpu);
+  Stream stream;
+  const nn::Context ctx{stream.get()};
+  const auto step = [&] {
+    layer.forward(gx.view(), gy.view(), ctx);
+    layer.backward(gx.view(), gy.view(), gdy.view(), gdx.view(), ctx);
+  };
+  const std::vector<optim::Param> params = layer.parameters("");
+  const auto outputs = [&] {
+    stream.synchronize();
+    std::vector<Tensor<T>> all;
+    all.push_back(Tensor<T>(gy.shape()));
+    copy(gy, all.back());
+    all.push_back(Tensor<T>(gdx.shape()));
+    copy(gdx, all.back());
+    for (const optim::Param& p : params) {
+      const TensorView<const T> g = p.grad.as<const T>("grad");
+      all.push_back(Tensor<T>(g.shape()));
+      copy(g, all.back());
+    }
+    return all;
+  };
+  const auto scribble = [&](std::uint64_t s) {  // outputs overwritten, not accumulated
+    fill_normal(gy, 0, 1, s);
+    fill_normal(gdx, 0, 1, s + 1);
+    for (const optim::Param& p : params) {
+      TensorView<T> g = p.grad.as<T>("grad");
+      Tensor<T> noise(g.shape());
+      fill_normal(noise, 0, 1, s + 2);
+      copy(noise, g);
+    }
+  };
+  step();
+  const std::vector<Tensor<T>> first = outputs();
+  const auto same = [&](const char* when) {
+    const std::vector<Tensor<T>> got = outputs();
+    ASSERT_EQ(got.size(), first.size());
+    for (std::size_t t = 0; t < first.size(); ++t) {
+      EXPECT_EQ(std::memcmp(got[t].data(), first[t].data(), first[t].numel() * sizeof(T)), 0)
+          << when << ": tensor " << t << " (y, dx, then the parameters' gradients)";
+    }
+  };
+  for (int i = 0; i < 3; ++i) {
+    scribble(seed + 10 * (i + 1));
+    step();
+    same("an eager call");
+  }
+  Graph graph;
+  graph.capture(stream.get(), step);
+  scribble(seed + 100);
+  graph.replay(stream.get());
+  same("a graph replay");
 }
 
 }  // namespace mixprec::test

@@ -15,7 +15,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
-#include <cstring>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -28,24 +27,13 @@ namespace mixprec {
 namespace {
 
 using nn::Activation;
-
-template <class T>
-std::vector<T> host(const TensorView<const T>& t) {
-  Tensor<T> h(t.shape());
-  copy(t, h);
-  return std::vector<T>(h.data(), h.data() + h.numel());
-}
+using test::host;
 
 template <class T>
 std::vector<double> as_double(const std::vector<T>& v) {
   std::vector<double> d(v.size());
   for (std::size_t i = 0; i < v.size(); ++i) d[i] = to_float(v[i]);
   return d;
-}
-
-template <class T>
-bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
 }
 
 // Unit roundoff of T, and half its smallest subnormal (rounding near 0).
@@ -231,40 +219,10 @@ TEST(NarrowLinear, TheKernelsRunInsteadOfGemms) {
 TEST(NarrowLinear, SameBitsEveryCallAndInAGraph) {
   MIXPREC_SKIP_WITHOUT_GPU();
   nn::set_narrow_linear(true);
-  const std::int64_t batch = 1000, in = 784, out = 10;
-  nn::Linear<bfloat16> layer(in, out, Activation::none, true, Device::cuda(0), 31);
-  Tensor<bfloat16> x({batch, in}), dy({batch, out});
-  fill_normal(x, 0, 1, 32);
-  fill_normal(dy, 0, 1, 33);
-  Tensor<bfloat16> gx = x.to(Device::cuda(0)), gdy = dy.to(Device::cuda(0)), gy({batch, out}, Device::cuda(0)),
-                   gdx({batch, in}, Device::cuda(0));
-  Stream stream;
-  const nn::Context ctx{stream.get()};
-  const auto step = [&] {
-    layer.forward(gx.view(), gy.view(), ctx);
-    layer.backward(gx.view(), gy.view(), gdy.view(), gdx.view(), ctx);
-  };
-  const auto outputs = [&] {
-    stream.synchronize();
-    return std::vector<std::vector<bfloat16>>{host<bfloat16>(gy.view()), host<bfloat16>(layer.grad_weight().view()),
-                                              host<bfloat16>(layer.grad_bias().view())};
-  };
-  step();
-  const auto first = outputs();
-  for (int i = 0; i < 3; ++i) {
-    fill_normal(gy, 0, 1, 40 + i);  // overwritten, not accumulated
-    fill_normal(layer.grad_weight(), 0, 1, 50 + i);
-    step();
-    const auto again = outputs();
-    for (std::size_t t = 0; t < first.size(); ++t) EXPECT_TRUE(same_bits(again[t], first[t])) << "tensor " << t;
-  }
-  Graph graph;
-  graph.capture(stream.get(), step);
-  fill_normal(gy, 0, 1, 60);
-  fill_normal(layer.grad_weight(), 0, 1, 61);
-  graph.replay(stream.get());
-  const auto replayed = outputs();
-  for (std::size_t t = 0; t < first.size(); ++t) EXPECT_TRUE(same_bits(replayed[t], first[t])) << "tensor " << t;
+  nn::Linear<bfloat16> layer(784, 10, Activation::none, true, Device::cuda(0), 31);
+  test::expect_same_bits_every_call(layer, 1000, 32);
+  nn::Linear<half> relu(1024, 16, Activation::relu, true, Device::cuda(0), 33);
+  test::expect_same_bits_every_call(relu, 256, 34);
 }
 
 // In a Sequential whose backward is fused (the last layer's input-gradient
