@@ -169,13 +169,13 @@ void every_case() {
   }
 }
 
-TEST(NarrowLinear, OnIsTheDefaultAndTheSettingRoundTrips) {
+TEST(NarrowLinear, OffIsTheDefaultAndTheSettingRoundTrips) {
   MIXPREC_SKIP_WITHOUT_GPU();
-  EXPECT_TRUE(nn::nn_device_ops().narrow_linear());
-  nn::set_narrow_linear(false);
   EXPECT_FALSE(nn::nn_device_ops().narrow_linear());
   nn::set_narrow_linear(true);
   EXPECT_TRUE(nn::nn_device_ops().narrow_linear());
+  nn::set_narrow_linear(false);
+  EXPECT_FALSE(nn::nn_device_ops().narrow_linear());
 }
 
 TEST(NarrowLinear, LayersWithinTheFloat64BoundBothWays) {
@@ -186,7 +186,7 @@ TEST(NarrowLinear, LayersWithinTheFloat64BoundBothWays) {
     every_case<bfloat16>();
     every_case<float>();
   }
-  nn::set_narrow_linear(true);
+  nn::set_narrow_linear(false);
 }
 
 // With the setting on, a narrow shape's forward and weight gradient plan no
@@ -211,7 +211,6 @@ TEST(NarrowLinear, TheKernelsRunInsteadOfGemms) {
   nn::set_narrow_linear(false);
   linear_against_float64<half>(c, Activation::none, true);
   EXPECT_EQ(planned(), (std::vector<int>{1, 1, 1}));
-  nn::set_narrow_linear(true);
 }
 
 // The kernels' sums run in an order fixed by the shape: the same bits on

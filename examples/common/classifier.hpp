@@ -69,7 +69,7 @@ struct Args {
   // its heuristic's first (the same bits in every run), or timed candidates.
   std::string gemm = "heuristic";
   // Layers of <= 16 outputs through mixprec's own kernels (nn::set_narrow_linear).
-  bool narrow_linear = true;
+  bool narrow_linear = false;
   bool zero1 = false;  // data parallel: ZeRO-1 (masters and moments sharded over the ranks)
   // The spike guard (docs/grad-scaler.md#spike-guard): skip steps whose loss
   // or gradient norm is an outlier; under mpirun the norm only (each rank's
@@ -149,7 +149,7 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
                  "last bits)")
       ->check(CLI::IsMember({"heuristic", "timed"}));
   add_on_off(app, "--narrow-linear", a.narrow_linear,
-             "GPU: layers of at most 16 outputs through mixprec's own kernels (off: cuBLASLt's GEMMs)");
+             "GPU: layers of at most 16 outputs through mixprec's own kernels (on) or cuBLASLt's GEMMs (off)");
   add_on_off(app, "--zero1", a.zero1, "under mpirun: shard masters and moments over the ranks (ZeRO-1)");
   add_on_off(app, "--spike-guard", a.spike_guard,
              "skip steps whose loss or gradient norm is a z > 6 outlier over the last 128 (under mpirun: the norm "
@@ -242,8 +242,8 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
   if (a.device == "cpu" && a.gemm != "heuristic") {
     return usage_error("--gemm " + a.gemm + " with --device cpu: the choice is cuBLASLt's, on the GPU");
   }
-  if (a.device == "cpu" && !a.narrow_linear) {
-    return usage_error("--narrow-linear off with --device cpu: the choice is between GPU kernels");
+  if (a.device == "cpu" && a.narrow_linear) {
+    return usage_error("--narrow-linear on with --device cpu: the choice is between GPU kernels");
   }
   if (a.device == "cuda" && !usable) {
     return usage_error(std::string("no CUDA device: --device cuda, but ") +
@@ -1052,7 +1052,7 @@ int train_classifier(const Args& a, const std::vector<std::int64_t>& sample) {
                 a.schedule == "cosine" ? " cosine" : "", a.epochs,
                 a.device == "cuda" ? (a.graph ? ", CUDA graph" : ", eager") : "",
                 a.gemm == "timed" ? ", timed GEMM algorithms" : "",
-                a.device == "cuda" && !a.narrow_linear ? ", narrow layers through cuBLASLt" : "");
+                a.device == "cuda" && a.narrow_linear ? ", narrow layers through mixprec's kernels" : "");
     if (a.monitor) {
       std::printf("monitor: a logged step every %d steps%s%s%s%s\n", a.monitor_every,
                   a.monitor_log.empty() ? "" : ", log ", a.monitor_log.c_str(), a.report.empty() ? "" : ", report ",

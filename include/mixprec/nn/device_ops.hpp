@@ -210,7 +210,8 @@ inline void set_gemm_algorithms(GemmAlgorithms how) {
 /// Whether Linear layers of at most 16 outputs (a classifier's last layer)
 /// run mixprec's own kernels on a device, for the forward (bias, and ReLU
 /// when no mask is kept for the next layer) and the weight and bias
-/// gradients, instead of cuBLASLt's GEMMs (on by default; cuBLASLt still
+/// gradients, instead of cuBLASLt's GEMMs (off by default: their first form
+/// measured slower than cuBLASLt on an H100, docs/layers.md; cuBLASLt always
 /// takes such a layer's input gradient, and layers whose `in` is not a
 /// multiple of 4). Both accumulate in fp32 and round to nearest into T; they
 /// sum in different orders, so switching changes the last bits. Each keeps

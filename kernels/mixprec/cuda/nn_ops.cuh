@@ -1017,7 +1017,7 @@ class NnOps final : public nn::DeviceOps {
   std::map<Key, Plan> plans_;
   std::vector<Plan> retired_plans_;  // planned under another GemmAlgorithms setting
   nn::GemmAlgorithms gemm_algorithms_ = nn::GemmAlgorithms::heuristic;
-  std::atomic<bool> narrow_linear_{true};  // nn::set_narrow_linear
+  std::atomic<bool> narrow_linear_{false};  // nn::set_narrow_linear
   mutable std::mutex mutex_;
 };
 
