@@ -83,16 +83,36 @@ void expect_within_bound(const std::vector<T>& got, const std::vector<double>& e
 
 struct Case {
   std::int64_t batch, in, out;
+  Activation act = Activation::none;
+  bool bias = true;
+};
+
+std::string describe(const Case& c) {
+  return nn::activation_name(c.act) + std::string(c.bias ? " bias " : " no bias ") + std::to_string(c.batch) + "x" +
+         std::to_string(c.in) + "->" + std::to_string(c.out) +
+         (nn::nn_device_ops().narrow_linear() ? ", narrow on" : ", narrow off");
+}
+
+// Whether mixprec's kernels compute the layer's forward and weight gradient
+// (else cuBLASLt's GEMMs do; the input gradient is always cuBLASLt's).
+bool runs_narrow(const Case& c) {
+  return nn::nn_device_ops().narrow_linear() && c.out <= 16 && c.in >= 4 && c.in % 4 == 0;
+}
+
+// Each test leaves the default setting (off) behind, whatever it set or
+// wherever it failed, so the next one starts from it.
+class NarrowLinear : public ::testing::Test {
+ protected:
+  void TearDown() override { nn::set_narrow_linear(false); }
 };
 
 // One Linear layer's forward and backward on the GPU against float64.
 template <class T>
-void linear_against_float64(const Case& c, Activation act, bool bias) {
-  SCOPED_TRACE(std::string(dtype_traits<T>::name) + " " + nn::activation_name(act) + (bias ? " bias " : " no bias ") +
-               std::to_string(c.batch) + "x" + std::to_string(c.in) + "->" + std::to_string(c.out) +
-               (nn::nn_device_ops().narrow_linear() ? ", narrow on" : ", narrow off"));
-  // Which tensors mixprec's kernels compute (the rest: cuBLASLt's GEMMs).
-  const bool narrow = nn::nn_device_ops().narrow_linear() && c.out <= 16 && c.in % 4 == 0;
+void linear_against_float64(const Case& c) {
+  SCOPED_TRACE(std::string(dtype_traits<T>::name) + " " + describe(c));
+  const Activation act = c.act;
+  const bool bias = c.bias;
+  const bool narrow = runs_narrow(c);
   nn::Linear<T> layer(c.in, c.out, act, bias, Device::cuda(0), 21);
   Tensor<T> x({c.batch, c.in}), dy({c.batch, c.out});
   fill_normal(x, 0, 1, 22);
@@ -155,21 +175,114 @@ void linear_against_float64(const Case& c, Activation act, bool bias) {
 
 // The kernels' shapes: the examples' last layers, batches that leave warps
 // without rows or end mid-way through a staged group of 32, features that
-// end mid-block, 1 to 16 outputs; then two shapes they do not take.
-const Case kCases[] = {{256, 1024, 10}, {1024, 4096, 10}, {1000, 784, 16}, {5, 132, 3},
-                       {1, 4, 1},       {37, 12, 7},      {64, 783, 10},   {64, 1024, 17}};
+// end mid-block, 1 to 16 outputs with and without bias and ReLU; then two
+// shapes they do not take.
+const Case kCases[] = {{256, 1024, 10},
+                       {1024, 4096, 10, Activation::relu},
+                       {1000, 784, 16},
+                       {48, 64, 16, Activation::relu},
+                       {5, 132, 3, Activation::none, false},
+                       {1, 4, 1, Activation::relu},
+                       {37, 12, 7, Activation::relu, false},
+                       {64, 783, 10},
+                       {64, 1024, 17, Activation::relu}};
 
 template <class T>
 void every_case() {
-  int k = 0;
-  for (const Case& c : kCases) {
-    const Activation act = k % 2 == 0 ? Activation::none : Activation::relu;
-    linear_against_float64<T>(c, act, k % 3 != 2);
-    ++k;
-  }
+  for (const Case& c : kCases) linear_against_float64<T>(c);
 }
 
-TEST(NarrowLinear, OffIsTheDefaultAndTheSettingRoundTrips) {
+// Inputs whose every partial sum is exact in fp32, in any order (x and dy
+// small integers, w and the bias multiples of 1/16 in [-1, 1]): mixprec's
+// kernels must then return the float64 sum rounded to T once, bit for bit
+// (a conversion that truncates, a bias added in T after a rounding, a term
+// dropped or counted twice would not). cuBLASLt's results on the same
+// inputs (the input gradient always, and every GEMM with the setting off)
+// are counted, not asserted: the log says how many differ.
+template <class T>
+void exact_sums(const Case& c) {
+  SCOPED_TRACE(std::string(dtype_traits<T>::name) + " exact sums, " + describe(c));
+  const bool narrow = runs_narrow(c);
+  const Device gpu = Device::cuda(0);
+  nn::Linear<T> layer(c.in, c.out, c.act, c.bias, gpu, 41);
+  std::uint64_t state = 42;
+  const auto small_int = [&](int range) {  // in [-range, range]
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    return static_cast<int>((state >> 33) % static_cast<std::uint64_t>(2 * range + 1)) - range;
+  };
+  const auto make = [&](Shape shape, double unit, int range) {
+    Tensor<T> t(shape);
+    for (std::int64_t i = 0; i < t.numel(); ++i) t.data()[i] = from_float<T>(static_cast<float>(unit * small_int(range)));
+    return t;
+  };
+  const Tensor<T> x = make({c.batch, c.in}, 1.0, 4), dy = make({c.batch, c.out}, 1.0, 4);
+  copy(make({c.out, c.in}, 1.0 / 16, 16), layer.weight());
+  if (c.bias) copy(make({c.out}, 1.0 / 16, 16), layer.bias());
+  Tensor<T> gx = x.to(gpu), gdy = dy.to(gpu), gy({c.batch, c.out}, gpu), gdx({c.batch, c.in}, gpu);
+  layer.forward(gx.view(), gy.view(), {});
+  layer.backward(gx.view(), gy.view(), gdy.view(), gdx.view(), {});
+  const auto at = [](const Tensor<T>& t, std::int64_t i) { return static_cast<double>(to_float(t.data()[i])); };
+  const Tensor<T> w = [&] {
+    Tensor<T> h({c.out, c.in});
+    copy(layer.weight(), h);
+    return h;
+  }();
+  Tensor<T> b({c.bias ? c.out : 0});
+  if (c.bias) copy(layer.bias(), b);
+  const std::vector<T> y = host<T>(gy.view());
+  std::vector<T> y_exact(y.size()), dz(dy.numel());
+  for (std::int64_t r = 0; r < c.batch; ++r) {
+    for (std::int64_t o = 0; o < c.out; ++o) {
+      double sum = c.bias ? at(b, o) : 0.0;
+      for (std::int64_t i = 0; i < c.in; ++i) sum += at(x, r * c.in + i) * at(w, o * c.in + i);
+      if (c.act == Activation::relu) sum = std::max(sum, 0.0);
+      y_exact[r * c.out + o] = from_float<T>(static_cast<float>(sum));  // the sum is a float: one rounding
+    }
+  }
+  for (std::int64_t k = 0; k < dy.numel(); ++k) {
+    dz[k] = c.act == Activation::relu && !(to_float(y[k]) > 0) ? from_float<T>(0.0f) : dy.data()[k];
+  }
+  std::vector<T> gw_exact(c.out * c.in), gb_exact(c.out), dx_exact(c.batch * c.in);
+  for (std::int64_t o = 0; o < c.out; ++o) {
+    double bsum = 0;
+    for (std::int64_t r = 0; r < c.batch; ++r) bsum += to_float(dz[r * c.out + o]);
+    gb_exact[o] = from_float<T>(static_cast<float>(bsum));
+    for (std::int64_t i = 0; i < c.in; ++i) {
+      double sum = 0;
+      for (std::int64_t r = 0; r < c.batch; ++r) sum += to_float(dz[r * c.out + o]) * at(x, r * c.in + i);
+      gw_exact[o * c.in + i] = from_float<T>(static_cast<float>(sum));
+    }
+  }
+  for (std::int64_t r = 0; r < c.batch; ++r) {
+    for (std::int64_t i = 0; i < c.in; ++i) {
+      double sum = 0;
+      for (std::int64_t o = 0; o < c.out; ++o) sum += to_float(dz[r * c.out + o]) * at(w, o * c.in + i);
+      dx_exact[r * c.in + i] = from_float<T>(static_cast<float>(sum));
+    }
+  }
+  const auto differing = [](const std::vector<T>& a, const std::vector<T>& b) {
+    std::int64_t n = 0;
+    for (std::size_t k = 0; k < a.size(); ++k) n += std::memcmp(&a[k], &b[k], sizeof(T)) != 0;
+    return n;
+  };
+  const auto check = [&](const char* what, const std::vector<T>& got, const std::vector<T>& exact, bool ours) {
+    const std::int64_t n = differing(got, exact);
+    if (ours) {
+      EXPECT_EQ(n, 0) << what << ": elements that are not the exact sum rounded once";
+    } else if (n > 0) {
+      std::printf("  cuBLASLt %s %s (%s): %lld of %zu elements not the exact sum rounded once\n",
+                  dtype_traits<T>::name, what, describe(c).c_str(), static_cast<long long>(n), got.size());
+    }
+  };
+  check("y", y, y_exact, narrow);
+  check("grad weight", host<T>(layer.grad_weight().view()), gw_exact, narrow);
+  if (c.bias) check("grad bias", host<T>(layer.grad_bias().view()), gb_exact, narrow);
+  check("dx", host<T>(gdx.view()), dx_exact, false);
+}
+
+// First in this program: the installed kernels' own default (later tests
+// restore it in TearDown).
+TEST_F(NarrowLinear, OffIsTheDefaultAndTheSettingRoundTrips) {
   MIXPREC_SKIP_WITHOUT_GPU();
   EXPECT_FALSE(nn::nn_device_ops().narrow_linear());
   nn::set_narrow_linear(true);
@@ -178,7 +291,7 @@ TEST(NarrowLinear, OffIsTheDefaultAndTheSettingRoundTrips) {
   EXPECT_FALSE(nn::nn_device_ops().narrow_linear());
 }
 
-TEST(NarrowLinear, LayersWithinTheFloat64BoundBothWays) {
+TEST_F(NarrowLinear, LayersWithinTheFloat64BoundBothWays) {
   MIXPREC_SKIP_WITHOUT_GPU();
   for (const bool narrow : {true, false}) {
     nn::set_narrow_linear(narrow);
@@ -186,14 +299,26 @@ TEST(NarrowLinear, LayersWithinTheFloat64BoundBothWays) {
     every_case<bfloat16>();
     every_case<float>();
   }
-  nn::set_narrow_linear(false);
+}
+
+TEST_F(NarrowLinear, ExactSumsRoundedOnce) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  for (const bool narrow : {true, false}) {
+    nn::set_narrow_linear(narrow);
+    for (const Case& c : {Case{256, 1024, 10}, Case{100, 132, 16, Activation::relu}, Case{7, 4, 1, Activation::none, false}}) {
+      exact_sums<half>(c);
+      exact_sums<bfloat16>(c);
+      exact_sums<float>(c);
+    }
+  }
 }
 
 // With the setting on, a narrow shape's forward and weight gradient plan no
 // GEMM (the kernels ran); its input gradient, and every GEMM with it off, do.
-TEST(NarrowLinear, TheKernelsRunInsteadOfGemms) {
+TEST_F(NarrowLinear, TheKernelsRunInsteadOfGemms) {
   MIXPREC_SKIP_WITHOUT_GPU();
-  const std::int64_t batch = 48, in = 1028, out = 10;  // a shape no other test here uses
+  static int runs = 0;  // --gtest_repeat: the plans of an earlier run stay
+  const std::int64_t batch = 48, in = 1028 + 4 * runs++, out = 10;  // a shape no other test here uses
   const auto planned = [&] {
     int forward = 0, wgrad = 0, dx = 0;
     for (const nn::GemmPlanInfo& p : nn::nn_device_ops().gemm_plans()) {
@@ -206,16 +331,16 @@ TEST(NarrowLinear, TheKernelsRunInsteadOfGemms) {
   };
   const Case c{batch, in, out};
   nn::set_narrow_linear(true);
-  linear_against_float64<half>(c, Activation::none, true);
+  linear_against_float64<half>(c);
   EXPECT_EQ(planned(), (std::vector<int>{0, 0, 1}));
   nn::set_narrow_linear(false);
-  linear_against_float64<half>(c, Activation::none, true);
+  linear_against_float64<half>(c);
   EXPECT_EQ(planned(), (std::vector<int>{1, 1, 1}));
 }
 
 // The kernels' sums run in an order fixed by the shape: the same bits on
 // every call and in a graph replay.
-TEST(NarrowLinear, SameBitsEveryCallAndInAGraph) {
+TEST_F(NarrowLinear, SameBitsEveryCallAndInAGraph) {
   MIXPREC_SKIP_WITHOUT_GPU();
   nn::set_narrow_linear(true);
   nn::Linear<bfloat16> layer(784, 10, Activation::none, true, Device::cuda(0), 31);
@@ -224,10 +349,14 @@ TEST(NarrowLinear, SameBitsEveryCallAndInAGraph) {
   test::expect_same_bits_every_call(relu, 256, 34);
 }
 
-// In a Sequential whose backward is fused (the last layer's input-gradient
-// GEMM applies the previous layer's ReLU or GELU derivative and writes its
-// bias gradient), a narrow last layer gives the CPU's gradients.
-TEST(NarrowLinear, FusedSequentialGivesTheCpuResults) {
+// In a Sequential whose backward is fused (a layer's input-gradient GEMM
+// applies the previous layer's ReLU or GELU derivative and writes its bias
+// gradient), narrow layers give the CPU's gradients: a narrow last layer;
+// and narrow hidden layers (16 and 8 outputs) whose forward keeps a ReLU
+// mask or a GELU pre-activation for the next layer (cuBLASLt's epilogue)
+// and whose weight gradient starts from the dz the next layer wrote (the
+// kernel without a bias gradient).
+TEST_F(NarrowLinear, FusedSequentialGivesTheCpuResults) {
   MIXPREC_SKIP_WITHOUT_GPU();
   nn::set_narrow_linear(true);
   for (auto [first, second] : {std::pair{Activation::relu, Activation::gelu},
@@ -235,6 +364,9 @@ TEST(NarrowLinear, FusedSequentialGivesTheCpuResults) {
     test::fused_case<half>(first, second, 200, 96);
     test::fused_case<bfloat16>(first, second, 128, 64);
     test::fused_case<float>(first, second, 72, 40);
+    test::fused_case<half>(first, second, 16, 8);
+    test::fused_case<bfloat16>(first, second, 16, 8);
+    test::fused_case<float>(first, second, 16, 8);
   }
 }
 

@@ -15,6 +15,7 @@
 #include <initializer_list>
 
 #include "mixprec/core/convert.hpp"
+#include "mixprec/core/cuda_check.hpp"
 #include "mixprec/cuda/launch.cuh"
 #include "mixprec/nn/device_ops.hpp"
 #include "mixprec/nn/functional.hpp"
@@ -36,8 +37,9 @@ inline constexpr int kNarrowFeatures = 2;
 inline constexpr int kNarrowGradWarps = 16;
 
 /// Whether a Linear layer's shape and pointers suit the narrow kernels: at
-/// most kNarrowOut outputs, `in` a multiple of 4 and every array aligned
-/// for 4-element loads.
+/// most kNarrowOut outputs, `in` a multiple of 4, and the arrays read or
+/// written in packs (x and w forward, x and grad_w backward) aligned for
+/// 4 elements (grad_w needs 2; one rule for both). Others take cuBLASLt.
 inline bool narrow_linear_fits(std::int64_t in, std::int64_t out, std::size_t elem_bytes,
                                std::initializer_list<const void*> arrays) {
   if (out < 1 || out > kNarrowOut || in < 4 || in % 4 != 0) return false;

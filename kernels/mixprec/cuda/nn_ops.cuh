@@ -500,7 +500,7 @@ class NnOps final : public nn::DeviceOps {
                       stream_t stream) override {
     void* aux = f.aux;
     if ((act == nn::Activation::none || (act == nn::Activation::relu && aux == nullptr)) &&
-        narrow_linear() && nn_detail::narrow_linear_fits(in, out, dtype_size(dtype), {x, w, y})) {
+        narrow_linear() && nn_detail::narrow_linear_fits(in, out, dtype_size(dtype), {x, w})) {  // y: scalar stores
       nn_detail::with_type(dtype, [&](auto* tag) {
         using T = std::remove_pointer_t<decltype(tag)>;
         nn_detail::launch_narrow_linear_forward(static_cast<const T*>(x), static_cast<const T*>(w),
