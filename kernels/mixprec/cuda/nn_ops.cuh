@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 // The layers' device work (nn::DeviceOps): Linear through cuBLASLt with
 // fused epilogues (bias + ReLU/GELU in the forward, the bias gradient in
-// the weight-gradient GEMM), and mixprec's own kernels for activations,
-// their derivatives and the losses. Installed by backend.cuh. Convolution
+// the weight-gradient GEMM) or, opt-in for layers of at most 16 outputs,
+// mixprec's kernels (linear_kernels.cuh), and mixprec's own kernels for
+// activations, their derivatives and the losses. Installed by backend.cuh. Convolution
 // goes through cuDNN where mixprec::cuda found it (MIXPREC_WITH_CUDNN;
 // without it Conv2d throws, naming what is missing), with mixprec's kernels
 // for its bias and ReLU, its bias gradient and layers of few taps
