@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -28,13 +29,6 @@ namespace {
 
 using nn::Activation;
 using test::host;
-
-template <class T>
-std::vector<double> as_double(const std::vector<T>& v) {
-  std::vector<double> d(v.size());
-  for (std::size_t i = 0; i < v.size(); ++i) d[i] = to_float(v[i]);
-  return d;
-}
 
 // Unit roundoff of T, and half its smallest subnormal (rounding near 0).
 template <class T>
@@ -106,71 +100,107 @@ class NarrowLinear : public ::testing::Test {
   void TearDown() override { nn::set_narrow_linear(false); }
 };
 
+// A layer's inputs and results, on the host.
+template <class T>
+struct Outcome {
+  std::vector<T> x, w, b, dy, y, gw, gb, dx;  // b, gb: empty without a bias
+};
+
+// The layer's forward and backward on the GPU from host x and dy.
+template <class T>
+Outcome<T> run_layer(nn::Linear<T>& layer, const Tensor<T>& x, const Tensor<T>& dy, bool bias) {
+  const Device gpu = layer.device();
+  Tensor<T> gx = x.to(gpu), gdy = dy.to(gpu), gy(dy.shape(), gpu), gdx(x.shape(), gpu);
+  layer.forward(gx.view(), gy.view(), {});
+  layer.backward(gx.view(), gy.view(), gdy.view(), gdx.view(), {});
+  Outcome<T> r;
+  r.x = host<T>(x.view());
+  r.w = host<T>(layer.weight().view());
+  r.dy = host<T>(dy.view());
+  r.y = host<T>(gy.view());
+  r.gw = host<T>(layer.grad_weight().view());
+  r.dx = host<T>(gdx.view());
+  if (bias) {
+    r.b = host<T>(layer.bias().view());
+    r.gb = host<T>(layer.grad_bias().view());
+  }
+  return r;
+}
+
+// The float64 sums the layer computes, and the sums of their terms'
+// magnitudes (for the bound). dz = dy * relu'(y) with the GPU's own y, as
+// the layer takes it (exact in T: the factor is 0 or 1).
+struct Float64Sums {
+  std::vector<double> y, y_abs, gw, gw_abs, gb, gb_abs, dx, dx_abs;
+};
+
+template <class T>
+Float64Sums float64_sums(const Case& c, const Outcome<T>& r) {
+  const auto v = [](const std::vector<T>& a, std::int64_t i) { return static_cast<double>(to_float(a[i])); };
+  Float64Sums f;
+  f.y.assign(c.batch * c.out, 0.0);
+  f.y_abs = f.y;
+  for (std::int64_t b = 0; b < c.batch; ++b) {
+    for (std::int64_t o = 0; o < c.out; ++o) {
+      double s = r.b.empty() ? 0.0 : v(r.b, o);
+      double a = std::fabs(s);
+      for (std::int64_t i = 0; i < c.in; ++i) {
+        s += v(r.x, b * c.in + i) * v(r.w, o * c.in + i);
+        a += std::fabs(v(r.x, b * c.in + i) * v(r.w, o * c.in + i));
+      }
+      f.y[b * c.out + o] = c.act == Activation::relu ? std::max(s, 0.0) : s;
+      f.y_abs[b * c.out + o] = a;
+    }
+  }
+  std::vector<double> dz(r.dy.size());
+  for (std::size_t k = 0; k < dz.size(); ++k) {
+    dz[k] = c.act == Activation::relu && !(to_float(r.y[k]) > 0) ? 0.0 : v(r.dy, static_cast<std::int64_t>(k));
+  }
+  f.gw.assign(c.out * c.in, 0.0);
+  f.gw_abs = f.gw;
+  f.gb.assign(c.out, 0.0);
+  f.gb_abs = f.gb;
+  for (std::int64_t o = 0; o < c.out; ++o) {
+    for (std::int64_t i = 0; i < c.in; ++i) {
+      for (std::int64_t b = 0; b < c.batch; ++b) {
+        f.gw[o * c.in + i] += dz[b * c.out + o] * v(r.x, b * c.in + i);
+        f.gw_abs[o * c.in + i] += std::fabs(dz[b * c.out + o] * v(r.x, b * c.in + i));
+      }
+    }
+    for (std::int64_t b = 0; b < c.batch; ++b) {
+      f.gb[o] += dz[b * c.out + o];
+      f.gb_abs[o] += std::fabs(dz[b * c.out + o]);
+    }
+  }
+  f.dx.assign(c.batch * c.in, 0.0);
+  f.dx_abs = f.dx;
+  for (std::int64_t b = 0; b < c.batch; ++b) {
+    for (std::int64_t i = 0; i < c.in; ++i) {
+      for (std::int64_t o = 0; o < c.out; ++o) {
+        f.dx[b * c.in + i] += dz[b * c.out + o] * v(r.w, o * c.in + i);
+        f.dx_abs[b * c.in + i] += std::fabs(dz[b * c.out + o] * v(r.w, o * c.in + i));
+      }
+    }
+  }
+  return f;
+}
+
 // One Linear layer's forward and backward on the GPU against float64.
 template <class T>
 void linear_against_float64(const Case& c) {
   SCOPED_TRACE(std::string(dtype_traits<T>::name) + " " + describe(c));
-  const Activation act = c.act;
-  const bool bias = c.bias;
   const bool narrow = runs_narrow(c);
-  nn::Linear<T> layer(c.in, c.out, act, bias, Device::cuda(0), 21);
+  nn::Linear<T> layer(c.in, c.out, c.act, c.bias, Device::cuda(0), 21);
   Tensor<T> x({c.batch, c.in}), dy({c.batch, c.out});
   fill_normal(x, 0, 1, 22);
   fill_normal(dy, 0, 1, 23);
-  Tensor<T> gx = x.to(Device::cuda(0)), gdy = dy.to(Device::cuda(0)), gy({c.batch, c.out}, Device::cuda(0)),
-            gdx({c.batch, c.in}, Device::cuda(0));
-  if (bias) fill_normal(layer.bias(), 0, 1, 24);  // the layer starts its bias at 0
-  layer.forward(gx.view(), gy.view(), {});
-  layer.backward(gx.view(), gy.view(), gdy.view(), gdx.view(), {});
-  const std::vector<double> xs = as_double(host<T>(x.view())), ws = as_double(host<T>(layer.weight().view()));
-  const std::vector<double> bs = bias ? as_double(host<T>(layer.bias().view())) : std::vector<double>(c.out, 0.0);
-  const std::vector<T> y = host<T>(gy.view());
-  std::vector<double> exact(c.batch * c.out), abs_sum(c.batch * c.out);
-  for (std::int64_t b = 0; b < c.batch; ++b) {
-    for (std::int64_t o = 0; o < c.out; ++o) {
-      double s = bs[o], a = std::fabs(bs[o]);
-      for (std::int64_t i = 0; i < c.in; ++i) {
-        s += xs[b * c.in + i] * ws[o * c.in + i];
-        a += std::fabs(xs[b * c.in + i] * ws[o * c.in + i]);
-      }
-      exact[b * c.out + o] = act == Activation::relu ? std::max(s, 0.0) : s;
-      abs_sum[b * c.out + o] = a;
-    }
-  }
-  expect_within_bound(y, exact, abs_sum, c.in + 1, "y", !narrow);
-  // dz = dy * relu'(y), exact in T (the factor is 0 or 1), as the layer takes it.
-  std::vector<double> dz = as_double(host<T>(dy.view()));
-  if (act == Activation::relu) {
-    for (std::size_t k = 0; k < dz.size(); ++k) dz[k] = to_float(y[k]) > 0 ? dz[k] : 0.0;
-  }
-  std::vector<double> gw(c.out * c.in), gw_abs(c.out * c.in), gb(c.out), gb_abs(c.out);
-  for (std::int64_t o = 0; o < c.out; ++o) {
-    for (std::int64_t i = 0; i < c.in; ++i) {
-      double s = 0, a = 0;
-      for (std::int64_t b = 0; b < c.batch; ++b) {
-        s += dz[b * c.out + o] * xs[b * c.in + i];
-        a += std::fabs(dz[b * c.out + o] * xs[b * c.in + i]);
-      }
-      gw[o * c.in + i] = s;
-      gw_abs[o * c.in + i] = a;
-    }
-    for (std::int64_t b = 0; b < c.batch; ++b) {
-      gb[o] += dz[b * c.out + o];
-      gb_abs[o] += std::fabs(dz[b * c.out + o]);
-    }
-  }
-  expect_within_bound(host<T>(layer.grad_weight().view()), gw, gw_abs, c.batch, "grad weight", !narrow);
-  if (bias) expect_within_bound(host<T>(layer.grad_bias().view()), gb, gb_abs, c.batch, "grad bias", !narrow);
-  std::vector<double> dx(c.batch * c.in), dx_abs(c.batch * c.in);
-  for (std::int64_t b = 0; b < c.batch; ++b) {
-    for (std::int64_t i = 0; i < c.in; ++i) {
-      for (std::int64_t o = 0; o < c.out; ++o) {
-        dx[b * c.in + i] += dz[b * c.out + o] * ws[o * c.in + i];
-        dx_abs[b * c.in + i] += std::fabs(dz[b * c.out + o] * ws[o * c.in + i]);
-      }
-    }
-  }
-  expect_within_bound(host<T>(gdx.view()), dx, dx_abs, c.out, "dx", true);
+  if (c.bias) fill_normal(layer.bias(), 0, 1, 24);  // the layer starts its bias at 0
+  const Outcome<T> r = run_layer(layer, x, dy, c.bias);
+  const Float64Sums f = float64_sums(c, r);
+  expect_within_bound(r.y, f.y, f.y_abs, c.in + 1, "y", !narrow);
+  expect_within_bound(r.gw, f.gw, f.gw_abs, c.batch, "grad weight", !narrow);
+  if (c.bias) expect_within_bound(r.gb, f.gb, f.gb_abs, c.batch, "grad bias", !narrow);
+  expect_within_bound(r.dx, f.dx, f.dx_abs, c.out, "dx", true);
 }
 
 // The kernels' shapes: the examples' last layers, batches that leave warps
@@ -203,70 +233,29 @@ template <class T>
 void exact_sums(const Case& c) {
   SCOPED_TRACE(std::string(dtype_traits<T>::name) + " exact sums, " + describe(c));
   const bool narrow = runs_narrow(c);
-  const Device gpu = Device::cuda(0);
-  nn::Linear<T> layer(c.in, c.out, c.act, c.bias, gpu, 41);
+  nn::Linear<T> layer(c.in, c.out, c.act, c.bias, Device::cuda(0), 41);
   std::uint64_t state = 42;
-  const auto small_int = [&](int range) {  // in [-range, range]
-    state = state * 6364136223846793005ull + 1442695040888963407ull;
-    return static_cast<int>((state >> 33) % static_cast<std::uint64_t>(2 * range + 1)) - range;
-  };
-  const auto make = [&](Shape shape, double unit, int range) {
+  const auto make = [&](Shape shape, double unit, int range) {  // unit * integers in [-range, range]
     Tensor<T> t(shape);
-    for (std::int64_t i = 0; i < t.numel(); ++i) t.data()[i] = from_float<T>(static_cast<float>(unit * small_int(range)));
+    for (std::int64_t i = 0; i < t.numel(); ++i) {
+      state = state * 6364136223846793005ull + 1442695040888963407ull;
+      const int k = static_cast<int>((state >> 33) % static_cast<std::uint64_t>(2 * range + 1)) - range;
+      t.data()[i] = from_float<T>(static_cast<float>(unit * k));
+    }
     return t;
   };
   const Tensor<T> x = make({c.batch, c.in}, 1.0, 4), dy = make({c.batch, c.out}, 1.0, 4);
   copy(make({c.out, c.in}, 1.0 / 16, 16), layer.weight());
   if (c.bias) copy(make({c.out}, 1.0 / 16, 16), layer.bias());
-  Tensor<T> gx = x.to(gpu), gdy = dy.to(gpu), gy({c.batch, c.out}, gpu), gdx({c.batch, c.in}, gpu);
-  layer.forward(gx.view(), gy.view(), {});
-  layer.backward(gx.view(), gy.view(), gdy.view(), gdx.view(), {});
-  const auto at = [](const Tensor<T>& t, std::int64_t i) { return static_cast<double>(to_float(t.data()[i])); };
-  const Tensor<T> w = [&] {
-    Tensor<T> h({c.out, c.in});
-    copy(layer.weight(), h);
-    return h;
-  }();
-  Tensor<T> b({c.bias ? c.out : 0});
-  if (c.bias) copy(layer.bias(), b);
-  const std::vector<T> y = host<T>(gy.view());
-  std::vector<T> y_exact(y.size()), dz(dy.numel());
-  for (std::int64_t r = 0; r < c.batch; ++r) {
-    for (std::int64_t o = 0; o < c.out; ++o) {
-      double sum = c.bias ? at(b, o) : 0.0;
-      for (std::int64_t i = 0; i < c.in; ++i) sum += at(x, r * c.in + i) * at(w, o * c.in + i);
-      if (c.act == Activation::relu) sum = std::max(sum, 0.0);
-      y_exact[r * c.out + o] = from_float<T>(static_cast<float>(sum));  // the sum is a float: one rounding
-    }
-  }
-  for (std::int64_t k = 0; k < dy.numel(); ++k) {
-    dz[k] = c.act == Activation::relu && !(to_float(y[k]) > 0) ? from_float<T>(0.0f) : dy.data()[k];
-  }
-  std::vector<T> gw_exact(c.out * c.in), gb_exact(c.out), dx_exact(c.batch * c.in);
-  for (std::int64_t o = 0; o < c.out; ++o) {
-    double bsum = 0;
-    for (std::int64_t r = 0; r < c.batch; ++r) bsum += to_float(dz[r * c.out + o]);
-    gb_exact[o] = from_float<T>(static_cast<float>(bsum));
-    for (std::int64_t i = 0; i < c.in; ++i) {
-      double sum = 0;
-      for (std::int64_t r = 0; r < c.batch; ++r) sum += to_float(dz[r * c.out + o]) * at(x, r * c.in + i);
-      gw_exact[o * c.in + i] = from_float<T>(static_cast<float>(sum));
-    }
-  }
-  for (std::int64_t r = 0; r < c.batch; ++r) {
-    for (std::int64_t i = 0; i < c.in; ++i) {
-      double sum = 0;
-      for (std::int64_t o = 0; o < c.out; ++o) sum += to_float(dz[r * c.out + o]) * at(w, o * c.in + i);
-      dx_exact[r * c.in + i] = from_float<T>(static_cast<float>(sum));
-    }
-  }
-  const auto differing = [](const std::vector<T>& a, const std::vector<T>& b) {
+  const Outcome<T> r = run_layer(layer, x, dy, c.bias);
+  const Float64Sums f = float64_sums(c, r);
+  // Every sum here is a float (a multiple of 1/16 below 2^20): one rounding to T.
+  const auto check = [&](const char* what, const std::vector<T>& got, const std::vector<double>& exact, bool ours) {
     std::int64_t n = 0;
-    for (std::size_t k = 0; k < a.size(); ++k) n += std::memcmp(&a[k], &b[k], sizeof(T)) != 0;
-    return n;
-  };
-  const auto check = [&](const char* what, const std::vector<T>& got, const std::vector<T>& exact, bool ours) {
-    const std::int64_t n = differing(got, exact);
+    for (std::size_t k = 0; k < got.size(); ++k) {
+      const T once = from_float<T>(static_cast<float>(exact[k]));
+      n += std::memcmp(&got[k], &once, sizeof(T)) != 0;
+    }
     if (ours) {
       EXPECT_EQ(n, 0) << what << ": elements that are not the exact sum rounded once";
     } else if (n > 0) {
@@ -274,10 +263,10 @@ void exact_sums(const Case& c) {
                   dtype_traits<T>::name, what, describe(c).c_str(), static_cast<long long>(n), got.size());
     }
   };
-  check("y", y, y_exact, narrow);
-  check("grad weight", host<T>(layer.grad_weight().view()), gw_exact, narrow);
-  if (c.bias) check("grad bias", host<T>(layer.grad_bias().view()), gb_exact, narrow);
-  check("dx", host<T>(gdx.view()), dx_exact, false);
+  check("y", r.y, f.y, narrow);
+  check("grad weight", r.gw, f.gw, narrow);
+  if (c.bias) check("grad bias", r.gb, f.gb, narrow);
+  check("dx", r.dx, f.dx, false);
 }
 
 // First in this program: the installed kernels' own default (later tests
