@@ -70,6 +70,9 @@ struct Args {
   std::string gemm = "heuristic";
   // Layers of <= 16 outputs through mixprec's own kernels (nn::set_narrow_linear).
   bool narrow_linear = false;
+  // GPU: each training step's time (CUDA events between steps) written
+  // here, a line a step (benchmarks/monitor_overhead.py --step-times).
+  std::string step_times;
   bool zero1 = false;  // data parallel: ZeRO-1 (masters and moments sharded over the ranks)
   // The spike guard (docs/grad-scaler.md#spike-guard): skip steps whose loss
   // or gradient norm is an outlier; under mpirun the norm only (each rank's
@@ -150,6 +153,10 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
       ->check(CLI::IsMember({"heuristic", "timed"}));
   add_on_off(app, "--narrow-linear", a.narrow_linear,
              "GPU: layers of at most 16 outputs through mixprec's own kernels (on) or cuBLASLt's GEMMs (off)");
+  app.add_option("--step-times", a.step_times,
+                 "GPU: each step's time from CUDA events recorded between steps, a tab-separated line a step "
+                 "(epoch, step, logged by the monitor, ms)")
+      ->type_name("FILE.tsv");
   add_on_off(app, "--zero1", a.zero1, "under mpirun: shard masters and moments over the ranks (ZeRO-1)");
   add_on_off(app, "--spike-guard", a.spike_guard,
              "skip steps whose loss or gradient norm is a z > 6 outlier over the last 128 (under mpirun: the norm "
@@ -244,6 +251,9 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
   }
   if (a.device == "cpu" && a.narrow_linear) {
     return usage_error("--narrow-linear on with --device cpu: the choice is between GPU kernels");
+  }
+  if (a.device == "cpu" && !a.step_times.empty()) {
+    return usage_error("--step-times " + a.step_times + " with --device cpu: the times come from CUDA events");
   }
   if (a.device == "cuda" && !usable) {
     return usage_error(std::string("no CUDA device: --device cuda, but ") +
@@ -848,6 +858,18 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
   static_assert(offsetof(Snapshot, loss_sum) == sizeof(int), "one copy reads scalars [1] and [2]");
   PinnedBuffer snapshots(2 * sizeof(Snapshot));
   Event ticks[2] = {Event(dev), Event(dev)}, epoch_start(dev), epoch_end(dev);
+  // --step-times: an event after every step of an epoch (the first's
+  // interval starts at epoch_start), read at the epoch's end.
+  std::unique_ptr<std::FILE, int (*)(std::FILE*)> step_log(nullptr, std::fclose);
+  std::vector<Event> step_ends;
+  std::vector<char> step_logged;
+  if (!a.step_times.empty() && rank == 0) {
+    step_log.reset(std::fopen(a.step_times.c_str(), "w"));
+    MIXPREC_CHECK(step_log != nullptr, "--step-times ", a.step_times, ": cannot be written");
+    std::fprintf(step_log.get(), "epoch\tstep\tlogged\tms\n");
+    for (std::int64_t s = 0; s < steps; ++s) step_ends.emplace_back(dev);
+    step_logged.assign(static_cast<std::size_t>(steps), 0);
+  }
 
   auto step = [&] {
     m.train.next();
@@ -932,14 +954,19 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
     mixprec::detail::copy_raw(loss + 1, dev, &init, Device::cpu(), sizeof init, stream.get());
     epoch_start.record(stream.get());
     for (std::int64_t s = done_before + 1; s <= steps; ++s) {
+      const bool logged = mon && mon->logs_next();
       if (!a.graph || first) {
         first = false;  // before the step: a precision move inside it asks for the next one eager
         step();         // eager; the first step also makes every plan and buffer
       } else {
-        Graph& graph = graphs[mon && mon->logs_next() ? 1 : 0];
+        Graph& graph = graphs[logged ? 1 : 0];
         if (graph.empty()) graph.capture(stream.get(), step);
         graph.replay(stream.get());
         if (mon) mon->replayed();
+      }
+      if (step_log) {
+        step_ends[static_cast<std::size_t>(s - 1)].record(stream.get());
+        step_logged[static_cast<std::size_t>(s - 1)] = logged;
       }
       pos.step = s;
       const std::int64_t done = (epoch - 1) * steps + s;
@@ -975,6 +1002,15 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
     const Snapshot* end = snapshot(0);
     ticks[0].synchronize();
     if (mon) mon->flush();  // the device is idle: nothing waits
+    if (step_log) {  // the device is idle: every event has passed
+      for (std::int64_t s = done_before + 1; s <= steps; ++s) {
+        const Event& from = s == done_before + 1 ? epoch_start : step_ends[static_cast<std::size_t>(s - 2)];
+        std::fprintf(step_log.get(), "%d\t%lld\t%d\t%.6f\n", epoch, static_cast<long long>(s),
+                     static_cast<int>(step_logged[static_cast<std::size_t>(s - 1)]),
+                     step_ends[static_cast<std::size_t>(s - 1)].elapsed_ms(from));
+      }
+      std::fflush(step_log.get());
+    }
     const double images_per_s =  // every rank's images
         (steps - done_before) * a.batch * ranks / (1e-3 * epoch_end.elapsed_ms(epoch_start));
     MIXPREC_CHECK(end->bad_label == 0, "a training label is outside [0, 10)");
