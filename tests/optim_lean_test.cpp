@@ -360,53 +360,6 @@ TEST(LeanCodec, BitBuiltCodecGivesTheLibmCodecsBits) {
 
 // A zero weight written outside the optimizer (a pruning mask) with a
 // stale remainder reads as a small master of the weight's sign, not NaN.
-// encode_block multiplies by the block's 1 / scale and divides only near a
-// code's boundary (code_nearest_scaled): it must give the codes of dividing
-// every value (reference::encode_block). Random blocks are in the test
-// above; here the values the multiply could get wrong: 200 steps of a
-// float's bits either side of boundary * scale for every boundary of both
-// tables (entries, the midpoints between adjacent ones, the half of the
-// smallest entry below which a value codes 0), with scales from the
-// subnormal (whose reciprocal overflows) to the largest float.
-TEST(LeanCodec, MultiplyingByTheReciprocalGivesTheQuotientsCodes) {
-  std::mt19937 rng(43);
-  std::vector<float> scales = {1.0f, 0.75f, 0x1p-20f, 3e-38f, std::numeric_limits<float>::min(), 1e-40f,
-                               0x1p-128f, std::numeric_limits<float>::denorm_min(), 1e38f,
-                               std::numeric_limits<float>::max()};
-  std::uniform_real_distribution<float> log2_scale(-130.0f, 127.0f);
-  for (int k = 0; k < 12; ++k) scales.push_back(std::exp2(log2_scale(rng)) * (1.0f + 0.37f * static_cast<float>(k)));
-  std::int64_t checked = 0;
-  for (const bool nonnegative : {false, true}) {
-    const int count = nonnegative ? lean::kUnsignedMagnitudes : lean::kSignedMagnitudes;
-    std::vector<double> boundaries = {0.5 * reference::code_value(1, count)};
-    for (int q = 1; q <= count; ++q) {
-      boundaries.push_back(reference::code_value(q, count));
-      boundaries.push_back((static_cast<double>(reference::code_value(q - 1, count)) + reference::code_value(q, count)) / 2);
-    }
-    for (const float scale : scales) {
-      for (const double b : boundaries) {
-        const float centre = static_cast<float>(b * scale);
-        if (!(centre > 0.0f) || !std::isfinite(centre)) continue;
-        std::vector<float> x;
-        const std::uint32_t c = bits_of(centre);
-        for (std::uint32_t u = c > 200 ? c - 200 : 0; u <= c + 200; ++u) {
-          const float v = from_bits<float>(u);
-          if (v <= scale) x.push_back(nonnegative || u % 2 == 0 ? v : -v);  // |values| <= scale, as in a block
-        }
-        std::vector<std::uint8_t> got(x.size(), 0x5a), want(x.size(), 0xa5);
-        lean::encode_block(x.data(), static_cast<std::int64_t>(x.size()), nonnegative, scale, got.data());
-        reference::encode_block(x.data(), static_cast<std::int64_t>(x.size()), nonnegative, scale, want.data());
-        for (std::size_t j = 0; j < x.size(); ++j) {
-          ASSERT_EQ(got[j], want[j]) << "x " << x[j] << " (bits " << std::hex << bits_of(x[j]) << std::dec
-                                     << ") scale " << scale << " nonnegative " << nonnegative;
-        }
-        checked += static_cast<std::int64_t>(x.size());
-      }
-    }
-  }
-  EXPECT_GT(checked, 2000000) << "the sweeps ran";
-}
-
 TEST(LeanCodec, AZeroWeightWithAStaleRemainderIsNotNaN) {
   for (std::uint16_t w : {std::uint16_t{0x0000}, std::uint16_t{0x8000}}) {
     for (std::uint16_t r : {std::uint16_t{0x9000}, std::uint16_t{0x8000}, std::uint16_t{0x0001}}) {

@@ -160,26 +160,6 @@ MIXPREC_HOST_DEVICE inline int code_nearest(float y, int count) {
   return y > 0.5f * code_value(1, count) ? 1 : 0;  // exact: a power of 2
 }
 
-/// code_nearest(a / scale, count) for a finite a >= 0 and scale > 0, with
-/// r = 1 / scale computed once for the block: y = a * r is within 3 ulp of
-/// the quotient a / scale rounded to float (two roundings of 2^-24 each
-/// against one; twice that in bits where y falls a binade below), and the
-/// code changes only where y's bits cross a multiple of 2^19 (the midpoints
-/// between a binade's entries, bit 20's ties; the binades' bottoms, the
-/// entries, and the power of two below which y codes 0). So where y's bits
-/// are 16 or more from every multiple of 2^19, y gives the code the
-/// quotient gives, and elsewhere (about 1 value in 16,000, and every y that
-/// is not finite: r = inf for a scale below 2^-128) the quotient is taken.
-/// The same bits as dividing every value, for a multiply where the device
-/// spent about a dozen instructions on each division.
-MIXPREC_HOST_DEVICE inline int code_nearest_scaled(float a, float scale, float r, int count) {
-  if (!(a > 0.0f)) return 0;  // (zeros would otherwise all take the division below)
-  const float y = a * r;
-  const std::uint32_t u = to_bits(y);
-  if (y <= 2.0f && ((u + 16u) & 0x7ffffu) >= 32u) return code_nearest(y, count);
-  return code_nearest(a / scale, count);
-}
-
 /// |x| where x is finite, else 0: what a block's scale is the largest of.
 MIXPREC_HOST_DEVICE inline float finite_magnitude(float x) {
   const float a = ::fabsf(x);
@@ -204,14 +184,13 @@ MIXPREC_HOST_DEVICE inline float block_scale(const float* x, std::int64_t n) {
 MIXPREC_HOST_DEVICE inline void encode_block(const float* x, std::int64_t n, bool nonnegative, float scale,
                                              std::uint8_t* out) {
   const int count = nonnegative ? kUnsignedMagnitudes : kSignedMagnitudes;
-  const float r = 1.0f / scale;
   for (std::int64_t j = 0; j < n; ++j) {
     const float a = ::fabsf(x[j]);
     int q = 0;
     if (!(a <= 3.40282347e38f)) {
       q = a > 0.0f && scale > 0.0f ? count : 0;  // inf: the top entry; NaN (compares false): 0
     } else if (scale > 0.0f) {
-      q = code_nearest_scaled(a, scale, r, count);
+      q = code_nearest(a / scale, count);
       if (nonnegative && q == 0 && a > 0.0f) q = 1;
     }
     if (nonnegative) {
