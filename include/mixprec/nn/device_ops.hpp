@@ -30,15 +30,16 @@ struct PoolShape {
 /// How the device GEMMs (Linear layers, cuBLASLt) pick their algorithm. The
 /// choice is made once per GEMM shape, at its first call, and kept: every
 /// later call and every graph replay of that shape runs the same algorithm,
-/// so within a run the same inputs give the same bits.
+/// so within a run the same inputs give the same bits. Either way, for fp16
+/// and bf16 only algorithms whose split-K partial sums stay in fp32 are
+/// considered.
 enum class GemmAlgorithms {
   /// cuBLASLt's heuristic's first answer (the default). No device work to
   /// choose; the same choice in every run on the same GPU (architecture and
   /// number of SMs) with the same cuBLAS and equally aligned buffers, so
   /// the same bits from run to run.
   heuristic,
-  /// cuBLASLt's heuristic candidates (up to 16; for fp16 and bf16 only
-  /// those whose split-K partial sums stay in fp32) timed on the shape's
+  /// cuBLASLt's heuristic candidates (up to 16) timed on the shape's
   /// own operands at its first call, which therefore waits for the stream
   /// (not inside a CUDA graph capture: run one step eagerly first). A
   /// candidate replaces the heuristic's first only when at least 3% faster

@@ -766,18 +766,16 @@ class NnOps final : public nn::DeviceOps {
     const std::uint64_t ws = kWorkspace;
     MIXPREC_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(making.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                               &ws, sizeof ws));
-    if (timed && key.dtype != DType::float32) {
-      // Timed candidates: split-K partial sums in the compute type (fp32)
-      // only (the INPLACE and OUTPUT_TYPE schemes keep them in the 16-bit
-      // output type), which a candidate list reaches more often than the
-      // heuristic's first. Not under the heuristic: with this mask its first
-      // answers for bf16 GEMMs with a bias epilogue (256 x 1024 -> 10, 64 x
-      // 783 -> 10, 64 x 1024 -> 17) were up to 4.8 times further from the
-      // float64 sum than fp32 accumulation and one rounding allow, against
-      // under 0.73 of a bf16 ulp without it (narrow_linear_gpu_test, H100,
-      // CUDA 13.0, 2026-12-07), while without it one bf16 GEMM of the MLP
-      // at hidden 1024, batch 256 keeps bf16 partial sums (bench_layers'
-      // partials16).
+    if (key.dtype != DType::float32) {
+      // Split-K partial sums in the compute type (fp32) only: the INPLACE
+      // and OUTPUT_TYPE schemes keep them in the 16-bit output type. Without
+      // this mask the heuristic's first answer for one of the bf16 GEMMs of
+      // the MLP at hidden 1024, batch 256 was such an algorithm (H100, CUDA
+      // 13.0: bench_layers' partials16), so were its answers for bf16 input
+      // gradients of narrow_linear_gpu_test's shapes, up to 870 times further
+      // from the float64 sum than fp32 accumulation and one rounding allow
+      // (2026-12-07, a build without the mask), and a candidate list reaches
+      // them more often.
       const std::uint32_t schemes = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;  // NONE (0) passes too
       MIXPREC_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
           making.pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &schemes, sizeof schemes));
