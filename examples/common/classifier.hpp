@@ -155,7 +155,7 @@ inline int parse(int argc, char** argv, Args& a, bool takes_hidden) {
              "GPU: layers of at most 16 outputs through mixprec's own kernels (on) or cuBLASLt's GEMMs (off)");
   app.add_option("--step-times", a.step_times,
                  "GPU: each step's time from CUDA events recorded between steps, a tab-separated line a step "
-                 "(epoch, step, logged by the monitor, ms)")
+                 "(epoch, step, logged by the monitor, ms), written at each epoch's end")
       ->type_name("FILE.tsv");
   add_on_off(app, "--zero1", a.zero1, "under mpirun: shard masters and moments over the ranks (ZeRO-1)");
   add_on_off(app, "--spike-guard", a.spike_guard,

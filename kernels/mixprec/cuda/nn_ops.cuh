@@ -771,11 +771,11 @@ class NnOps final : public nn::DeviceOps {
       // and OUTPUT_TYPE schemes keep them in the 16-bit output type. Without
       // this mask the heuristic's first answer for one of the bf16 GEMMs of
       // the MLP at hidden 1024, batch 256 was such an algorithm (H100, CUDA
-      // 13.0: bench_layers' partials16), so were its answers for bf16 input
-      // gradients of narrow_linear_gpu_test's shapes, up to 870 times further
-      // from the float64 sum than fp32 accumulation and one rounding allow
-      // (2026-12-07, a build without the mask), and a candidate list reaches
-      // them more often.
+      // 13.0: bench_layers' partials16); without it two heuristic plans of
+      // gemm_algorithms_gpu_test kept 16-bit partial sums and the bf16 input
+      // gradients of narrow_linear_gpu_test's shapes came up to 870 times
+      // further from the float64 sum than fp32 accumulation and one
+      // rounding allow (2026-12-07); a candidate list reaches them more often.
       const std::uint32_t schemes = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;  // NONE (0) passes too
       MIXPREC_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
           making.pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &schemes, sizeof schemes));
