@@ -860,15 +860,20 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
   Event ticks[2] = {Event(dev), Event(dev)}, epoch_start(dev), epoch_end(dev);
   // --step-times: an event after every step of an epoch (the first's
   // interval starts at epoch_start), read at the epoch's end.
-  std::unique_ptr<std::FILE, int (*)(std::FILE*)> step_log(nullptr, std::fclose);
-  std::vector<Event> step_ends;
-  std::vector<char> step_logged;
+  struct CloseFile {
+    void operator()(std::FILE* f) const noexcept { std::fclose(f); }
+  };
+  std::unique_ptr<std::FILE, CloseFile> step_log;
+  struct StepEnd {
+    Event event;
+    bool logged = false;  // by the monitor
+  };
+  std::vector<StepEnd> step_ends;  // [step - 1]
   if (!a.step_times.empty() && rank == 0) {
     step_log.reset(std::fopen(a.step_times.c_str(), "w"));
     MIXPREC_CHECK(step_log != nullptr, "--step-times ", a.step_times, ": cannot be written");
     std::fprintf(step_log.get(), "epoch\tstep\tlogged\tms\n");
-    for (std::int64_t s = 0; s < steps; ++s) step_ends.emplace_back(dev);
-    step_logged.assign(static_cast<std::size_t>(steps), 0);
+    for (std::int64_t s = 0; s < steps; ++s) step_ends.push_back({Event(dev)});
   }
 
   auto step = [&] {
@@ -965,8 +970,9 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
         if (mon) mon->replayed();
       }
       if (step_log) {
-        step_ends[static_cast<std::size_t>(s - 1)].record(stream.get());
-        step_logged[static_cast<std::size_t>(s - 1)] = logged;
+        StepEnd& e = step_ends[static_cast<std::size_t>(s - 1)];
+        e.event.record(stream.get());
+        e.logged = logged;
       }
       pos.step = s;
       const std::int64_t done = (epoch - 1) * steps + s;
@@ -1004,10 +1010,10 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
     if (mon) mon->flush();  // the device is idle: nothing waits
     if (step_log) {  // the device is idle: every event has passed
       for (std::int64_t s = done_before + 1; s <= steps; ++s) {
-        const Event& from = s == done_before + 1 ? epoch_start : step_ends[static_cast<std::size_t>(s - 2)];
-        std::fprintf(step_log.get(), "%d\t%lld\t%d\t%.6f\n", epoch, static_cast<long long>(s),
-                     static_cast<int>(step_logged[static_cast<std::size_t>(s - 1)]),
-                     step_ends[static_cast<std::size_t>(s - 1)].elapsed_ms(from));
+        const StepEnd& e = step_ends[static_cast<std::size_t>(s - 1)];
+        const Event& from = s == done_before + 1 ? epoch_start : step_ends[static_cast<std::size_t>(s - 2)].event;
+        std::fprintf(step_log.get(), "%d\t%lld\t%d\t%.6f\n", epoch, static_cast<long long>(s), e.logged ? 1 : 0,
+                     e.event.elapsed_ms(from));
       }
       std::fflush(step_log.get());
     }
