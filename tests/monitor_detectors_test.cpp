@@ -1212,9 +1212,7 @@ TEST(Jsonl, StringsAreEscaped) {
   EXPECT_EQ(out, "\"a\\\"b\\\\c\\nd\\te\\u0001\\u001f\x7f\xc3\xa9|\\ufffd|\\ufffd\\ufffd|\\ufffd\\ufffd\\ufffd\"");
 }
 
-std::string temp_path(const std::string& name) {
-  return ::testing::TempDir() + "mixprec_" + std::to_string(::getpid()) + "_" + name;
-}
+using test::temp_path;
 
 // Runs /usr/bin/python3 on `script` with `arg`; returns its output and
 // exit status. No Python means a failure, never a skip.

@@ -435,8 +435,8 @@ std::vector<std::string> lines_of(const std::string& path) {
 }
 
 TEST(Monitor, AResumedMonitorGoesOnWhereItStopped) {
-  const std::string straight_log = ::testing::TempDir() + "monitor_straight.jsonl",
-                    resumed_log = ::testing::TempDir() + "monitor_resumed.jsonl";
+  const std::string straight_log = test::temp_path("monitor_straight.jsonl"),
+                    resumed_log = test::temp_path("monitor_resumed.jsonl");
   ResumeRun a;
   monitor::Monitor ma(a.opt, a.scaler, resume_options(straight_log, false));
   for (int s = 1; s <= 40; ++s) {
@@ -491,7 +491,7 @@ TEST(Monitor, AResumedMonitorGoesOnWhereItStopped) {
   // Misuse: after a step, of another run, not a state; nothing changes.
   test::expect_error([&] { mc.load_state(state); }, {"Monitor::load_state", "steps already monitored"});
   ResumeRun d;
-  monitor::MonitorOptions other = resume_options(::testing::TempDir() + "monitor_other.jsonl", false);
+  monitor::MonitorOptions other = resume_options(test::temp_path("monitor_other.jsonl"), false);
   other.every = 4;
   monitor::Monitor md(d.opt, d.scaler, other);
   test::expect_error([&] { md.load_state(state); }, {"Monitor::load_state", "every = 5", "every = 4"});

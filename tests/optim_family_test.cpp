@@ -149,7 +149,7 @@ void skip_and_resume(const typename Opt::options_type& o, const std::string& fil
   for (std::int64_t e = 0; e < first.w.numel(); ++e) ASSERT_EQ(to_bits(first.w.at(e)), to_bits(weights_before[e]));
   EXPECT_EQ(sb.skipped_steps(), 1);
   // Save after step 3, resume into a fresh optimizer, go on to step 5.
-  const std::string path = ::testing::TempDir() + file;
+  const std::string path = test::temp_path(file);
   io::save_checkpoint(path, b, sb);
   Opt c(resumed.params(), o);
   amp::GradScaler sc(so);

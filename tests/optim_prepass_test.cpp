@@ -592,7 +592,7 @@ void skip_and_resume(const typename Opt::options_type& o, const std::string& fil
   ASSERT_EQ(test::state_bits(b), before) << "the skipped step changed the state";
   ASSERT_EQ(first.weights(), weights_before) << "the skipped step changed a weight";
   EXPECT_EQ(sb.skipped_steps(), 1);
-  const std::string path = ::testing::TempDir() + file;
+  const std::string path = test::temp_path(file);
   io::save_checkpoint(path, b, sb);
   Opt c(resumed.params(), o);
   amp::GradScaler sc(so);

@@ -31,6 +31,7 @@
 #include "mixprec/monitor/monitor.hpp"
 #include "mixprec/monitor/precision_fallback.hpp"
 #include "fallback_problem.hpp"
+#include "test_util.hpp"
 
 namespace mixprec {
 namespace {
@@ -557,7 +558,7 @@ TEST(PrecisionFallbackGpu, ACheckpointAfterTheMoveResumesTheMovedLayerBitExactly
   ASSERT_EQ(want.precision[0], DType::float32);
   ASSERT_EQ(straight.fallback->moves().size(), 1u);
 
-  const std::string path = ::testing::TempDir() + "/fallback_gpu.safetensors";
+  const std::string path = test::temp_path("fallback_gpu.safetensors");
   {
     DeviceRun<half> first(stream.s, c);
     for (int s = 0; s < cut; ++s) first.train_step();

@@ -23,6 +23,7 @@
 #include "mixprec/monitor/monitor.hpp"
 #include "mixprec/monitor/precision_fallback.hpp"
 #include "fallback_problem.hpp"
+#include "test_util.hpp"
 
 namespace {
 
@@ -702,7 +703,7 @@ TEST(PrecisionFallback, ACheckpointKeepsTheMovedLayerAndResumesBitExactly) {
 
   // Cut before the move (step 3) and after it (step 30).
   for (int cut : {3, 30}) {
-    const std::string path = ::testing::TempDir() + "/fallback_" + std::to_string(cut) + ".safetensors";
+    const std::string path = mixprec::test::temp_path("fallback_" + std::to_string(cut) + ".safetensors");
     {
       Trainer<half> first(static_scale(), policy(FallbackPolicy::act));
       for (int s = 0; s < cut; ++s) first.train_step();

@@ -171,7 +171,7 @@ TEST(Reliability, CorruptValuesInACheckpointFileAreRefused) {
   fill_normal(g, 0, 1000, 2);
   ASSERT_TRUE(scaler.step(opt));
   scaler.update();
-  const std::string path = ::testing::TempDir() + "reliability_corrupt.safetensors";
+  const std::string path = test::temp_path("reliability_corrupt.safetensors");
   io::save_checkpoint(path, opt, scaler);
   // Rewrite the file with one moment negative, through the format layer.
   const io::SafetensorsFile f = io::SafetensorsFile::read(path);
@@ -203,7 +203,7 @@ TEST(Reliability, WeightsBeyondFloatRangeAreRefused) {
   Tensor<half> w({4}), g({4});
   fill(w, 1.0f);
   optim::SGD opt({{"w", w, g}});
-  const std::string path = ::testing::TempDir() + "reliability_f64.safetensors";
+  const std::string path = test::temp_path("reliability_f64.safetensors");
   const double values[4] = {0.5, -2.0, 1e300, 3.0};
   io::SafetensorsWriter out;
   out.add("w", std::vector<std::int64_t>{4}, values, 4);
@@ -298,7 +298,7 @@ TEST(Reliability, CountersSaturateAndTheStateStillLoads) {
   EXPECT_EQ(scaler.applied_steps(), big);
   EXPECT_EQ(scaler.state().skip_streak, 0);
   // Save and load the whole thing.
-  const std::string path = ::testing::TempDir() + "reliability_limits.safetensors";
+  const std::string path = test::temp_path("reliability_limits.safetensors");
   io::save_checkpoint(path, opt, scaler);
   optim::SGD other({{"w", w, g}});
   amp::GradScaler s2(so);

@@ -451,7 +451,7 @@ TEST(SpikeGuardTraining, ACheckpointedRunDecidesAsTheUninterruptedOne) {
   for (int step = 300; step < total; step += 1) planted_skips += want[step] == 2 && step % 97 == 0;
   ASSERT_GE(planted_skips, 5) << "the spikes were skipped in the straight run";
 
-  const std::string path = testing::TempDir() + "spike_guard_resume.safetensors";
+  const std::string path = test::temp_path("spike_guard_resume.safetensors");
   Regression first;
   std::vector<int> got = run(first, 0, cut);
   std::mt19937_64 rng = first.rng;
@@ -489,7 +489,7 @@ TEST(SpikeGuardTraining, ACheckpointedRunDecidesAsTheUninterruptedOne) {
 }
 
 TEST(SpikeGuardTraining, CheckpointsOfAnotherWindowAreRefused) {
-  const std::string path = testing::TempDir() + "spike_guard_window.safetensors";
+  const std::string path = test::temp_path("spike_guard_window.safetensors");
   Regression a;
   for (int step = 0; step < 10; ++step) a.step();
   io::save_checkpoint(path, *a.opt, a.scaler);

@@ -171,7 +171,7 @@ std::string the_event_file(const fs::path& dir) {
 }
 
 fs::path fresh_dir(const char* name) {
-  const fs::path d = fs::path(::testing::TempDir()) / name;
+  const fs::path d = fs::path(test::temp_path(name));
   fs::remove_all(d);
   return d;
 }
@@ -245,7 +245,7 @@ TEST(TensorBoard, ExponentHistogramCountsFiniteNonzeroElements) {
 }
 
 TEST(TensorBoard, AnUnusableDirectoryIsAClearError) {
-  const fs::path file = fs::path(::testing::TempDir()) / "tb_not_a_dir";
+  const fs::path file = fs::path(test::temp_path("tb_not_a_dir"));
   { std::ofstream(file.string()) << "x"; }
   test::expect_error([&] { monitor::TensorBoardWriter w((file / "sub").string()); },
                      {"TensorBoardWriter", "tb_not_a_dir"});

@@ -7,8 +7,12 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <initializer_list>
 #include <string>
+#include <system_error>
+
+#include <unistd.h>
 
 #include "mixprec/core/error.hpp"
 
@@ -38,6 +42,25 @@ void expect_error(F&& f, std::initializer_list<const char*> fragments) {
           << "message \"" << message << "\" lacks \"" << fragment << "\"";
     }
   }
+}
+
+/// A scratch file name in a directory of the test's temporary directory
+/// that belongs to this process and is removed, with what is in it, when the
+/// process exits. ctest runs tests in parallel, and a source built twice (the
+/// *_portable_test twins) must not share, or delete, the other's file.
+inline std::string temp_path(const std::string& name) {
+  struct Scratch {
+    std::filesystem::path dir;
+    Scratch() : dir(std::filesystem::path(::testing::TempDir()) / ("mixprec_" + std::to_string(::getpid()))) {
+      std::filesystem::create_directories(dir);
+    }
+    ~Scratch() {
+      std::error_code ignored;
+      std::filesystem::remove_all(dir, ignored);
+    }
+  };
+  static const Scratch scratch;
+  return (scratch.dir / name).string();
 }
 
 }  // namespace mixprec::test

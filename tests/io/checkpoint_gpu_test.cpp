@@ -15,13 +15,13 @@ namespace {
 
 using test::OptKind;
 
-using test::temp_path;
+using test::checkpoint_path;
 
 TEST(CheckpointGpu, ResumeIsBitExact) {
   MIXPREC_SKIP_WITHOUT_GPU();
   for (OptKind kind : {OptKind::adamw_amsgrad, OptKind::sgd_nesterov, OptKind::rmsprop_centered}) {
     for (int split : {40, 51}) {
-      test::check_resume(kind, Device::cuda(0), split, 100, temp_path("gpu_resume"), static_cast<amp::DeviceGradScaler*>(nullptr));
+      test::check_resume(kind, Device::cuda(0), split, 100, checkpoint_path("gpu_resume"), static_cast<amp::DeviceGradScaler*>(nullptr));
     }
   }
 }
@@ -36,7 +36,7 @@ TEST(CheckpointGpu, MovesBetweenDeviceAndHost) {
   amp::DeviceGradScaler dscaler(test::scaler_options(), gpu);
   std::mt19937_64 rng(1);
   test::train(*dm, *dopt, dscaler, rng, 1, 20, gpu);
-  const std::string path = temp_path("gpu_move");
+  const std::string path = checkpoint_path("gpu_move");
   io::save_checkpoint(path, *dopt, dscaler);
   const test::Bits device_bits = test::bits(*dm, *dopt, dscaler);
 
@@ -77,7 +77,7 @@ TEST(CheckpointGpu, SgdMomentumSavedBeforeTheFirstStepStartsFromTheGradient) {
   auto dopt = make_sgd(*dm);
   // (the device optimizer made its buffers when it was built: zeros, step 0)
   amp::DeviceGradScaler dscaler(test::scaler_options(), gpu);
-  const std::string path = temp_path("gpu_sgd_step0");
+  const std::string path = checkpoint_path("gpu_sgd_step0");
   io::save_checkpoint(path, *dopt, dscaler);
   ASSERT_TRUE(dopt->save_state().params[0].state[0].has_value());
 

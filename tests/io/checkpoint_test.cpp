@@ -18,12 +18,12 @@ namespace {
 
 using test::OptKind;
 
-using test::temp_path;
+using test::checkpoint_path;
 
 TEST(Checkpoint, ResumeIsBitExact) {
   for (OptKind kind : {OptKind::adamw_amsgrad, OptKind::sgd_nesterov, OptKind::rmsprop_centered}) {
     for (int split : {40, 51}) {
-      test::check_resume(kind, Device::cpu(), split, 100, temp_path("resume"), static_cast<amp::GradScaler*>(nullptr));
+      test::check_resume(kind, Device::cpu(), split, 100, checkpoint_path("resume"), static_cast<amp::GradScaler*>(nullptr));
     }
   }
 }
@@ -36,7 +36,7 @@ TEST(Checkpoint, StateNotMadeYetIsDroppedOnLoad) {
   auto fresh = test::make_model(cpu, 1);
   auto fresh_opt = test::make_optimizer(OptKind::sgd_nesterov, *fresh);
   amp::GradScaler fresh_scaler(test::scaler_options());
-  const std::string path = temp_path("step0");
+  const std::string path = checkpoint_path("step0");
   io::save_checkpoint(path, *fresh_opt, fresh_scaler);
   std::mt19937_64 rng(3);
   test::train(*fresh, *fresh_opt, fresh_scaler, rng, 1, 10, cpu);
@@ -61,7 +61,7 @@ TEST(Checkpoint, FileHoldsNamedTensorsAndMetadata) {
   amp::GradScaler scaler(test::scaler_options());
   std::mt19937_64 rng(1);
   test::train(*m, *opt, scaler, rng, 1, 3, Device::cpu());
-  const std::string path = temp_path("names");
+  const std::string path = checkpoint_path("names");
   io::CheckpointExtras extras;
   extras.metadata["epoch"] = "4";
   io::save_checkpoint(path, *opt, scaler, extras);
@@ -97,7 +97,7 @@ TEST(Checkpoint, RefusedLoadsChangeNothing) {
   amp::GradScaler src_scaler(test::scaler_options());
   std::mt19937_64 rng(1);
   test::train(*src, *src_opt, src_scaler, rng, 1, 4, cpu);
-  const std::string path = temp_path("refused");
+  const std::string path = checkpoint_path("refused");
   io::save_checkpoint(path, *src_opt, src_scaler);
 
   auto check_refused = [&](auto&& make_target, std::initializer_list<const char*> words, const std::string& file) {
@@ -156,19 +156,19 @@ TEST(Checkpoint, RefusedLoadsChangeNothing) {
   {
     std::ifstream in(path, std::ios::binary);
     std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    const std::string cut = temp_path("truncated");
+    const std::string cut = checkpoint_path("truncated");
     std::ofstream out(cut, std::ios::binary);
     out.write(bytes.data(), static_cast<std::streamsize>(bytes.size() - 100));
     out.close();
     check_refused(adamw, {"truncated"}, cut);
   }
-  check_refused(adamw, {"does_not_exist"}, temp_path("does_not_exist"));
+  check_refused(adamw, {"does_not_exist"}, checkpoint_path("does_not_exist"));
   // A file of model weights only is no checkpoint.
   {
     io::SafetensorsWriter w;
     std::vector<half> zeros(1000);
     w.add("layer0.weight", io::StDType::F16, {1000}, zeros.data(), zeros.size() * 2);
-    const std::string plain = temp_path("plain");
+    const std::string plain = checkpoint_path("plain");
     w.write(plain);
     check_refused(adamw, {"__metadata__", "not a mixprec checkpoint"}, plain);
   }
@@ -191,7 +191,7 @@ TEST(Checkpoint, RefusedLoadsChangeNothing) {
       bytes.emplace_back(8, 0);
       w.add("mixprec/unknown", io::StDType::F64, {1}, bytes.back().data(), 8);
     }
-    const std::string out = temp_path("late_" + name);
+    const std::string out = checkpoint_path("late_" + name);
     w.write(out);
     return out;
   };
@@ -235,9 +235,9 @@ TEST(Checkpoint, SaveRefusesAnIterationUnderWay) {
   std::mt19937_64 rng(1);
   test::upload_gradients(*m, 1, scaler.scale(), rng, Device::cpu());
   scaler.step(*opt);
-  test::expect_error([&] { io::save_checkpoint(temp_path("midway"), *opt, scaler); }, {"update()"});
+  test::expect_error([&] { io::save_checkpoint(checkpoint_path("midway"), *opt, scaler); }, {"update()"});
   scaler.update();
-  io::save_checkpoint(temp_path("midway"), *opt, scaler);
+  io::save_checkpoint(checkpoint_path("midway"), *opt, scaler);
 }
 
 TEST(Checkpoint, SaveRefusesReservedNames) {
@@ -245,7 +245,7 @@ TEST(Checkpoint, SaveRefusesReservedNames) {
   m->params[0].name = "mixprec/master/x";
   auto opt = test::make_optimizer(OptKind::sgd_nesterov, *m);
   amp::GradScaler scaler;
-  test::expect_error([&] { io::save_checkpoint(temp_path("reserved"), *opt, scaler); },
+  test::expect_error([&] { io::save_checkpoint(checkpoint_path("reserved"), *opt, scaler); },
                      {"mixprec/master/x", "reserved"});
 }
 
@@ -266,7 +266,7 @@ TEST(Checkpoint, LoadWeightsFromAPlainFile) {
   w.add("model.layer1.weight", io::StDType::F64, {37}, f64.data(), f64.size() * 8);
   w.add("model.layer2.weight", io::StDType::BF16, {4099}, b16.data(), b16.size() * 2);
   w.add("model.layer3.weight", io::StDType::F16, {1}, h16.data(), 2);
-  const std::string path = temp_path("weights");
+  const std::string path = checkpoint_path("weights");
   w.write(path);
   io::load_weights(path, *opt, "model.");
   for (std::size_t k = 0; k < f32.size(); ++k) {
@@ -283,7 +283,7 @@ TEST(Checkpoint, LoadWeightsFromAPlainFile) {
   test::expect_error([&] { io::load_weights(path, *opt); }, {"no tensor", "layer0.weight"});
   for (float& x : f32) x = -x;  // other values than the masters hold: a wrongly applied load shows
   w.add("model.extra", io::StDType::F32, {1}, f32.data(), 4);
-  const std::string extra = temp_path("weights_extra");
+  const std::string extra = checkpoint_path("weights_extra");
   w.write(extra);
   test::expect_error([&] { io::load_weights(extra, *opt, "model."); }, {"\"model.extra\"", "allow_unused"});
   EXPECT_EQ(std::vector<float>(opt->master(0).data(), opt->master(0).data() + 1000), before);
@@ -292,7 +292,7 @@ TEST(Checkpoint, LoadWeightsFromAPlainFile) {
   std::vector<float> wrong(999);
   io::SafetensorsWriter bad;
   bad.add("layer0.weight", io::StDType::F32, {999}, wrong.data(), wrong.size() * 4);
-  const std::string bad_path = temp_path("weights_bad");
+  const std::string bad_path = checkpoint_path("weights_bad");
   bad.write(bad_path);
   test::expect_error([&] { io::load_weights(bad_path, *opt, "", true); }, {"layer0.weight", "[999]", "[1000]"});
   EXPECT_EQ(std::vector<float>(opt->master(0).data(), opt->master(0).data() + 1000), f32);

@@ -20,12 +20,13 @@
 
 #include "mixprec/io/checkpoint.hpp"
 #include "mixprec/mixprec.hpp"
+#include "test_util.hpp"
 
 namespace mixprec::test {
 
-// A file in the test's temporary directory.
-inline std::string temp_path(const std::string& name) {
-  return ::testing::TempDir() + "mixprec_checkpoint_" + name + ".safetensors";
+// A checkpoint file in the test's temporary directory, unique to this process.
+inline std::string checkpoint_path(const std::string& name) {
+  return test::temp_path("checkpoint_" + name + ".safetensors");
 }
 
 enum class OptKind { adamw_amsgrad, sgd_nesterov, rmsprop_centered };
