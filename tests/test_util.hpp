@@ -50,11 +50,13 @@ void expect_error(F&& f, std::initializer_list<const char*> fragments) {
 /// *_portable_test twins) must not share, or delete, the other's file.
 inline std::string temp_path(const std::string& name) {
   struct Scratch {
+    pid_t owner = ::getpid();
     std::filesystem::path dir;
-    Scratch() : dir(std::filesystem::path(::testing::TempDir()) / ("mixprec_" + std::to_string(::getpid()))) {
+    Scratch() : dir(std::filesystem::path(::testing::TempDir()) / ("mixprec_" + std::to_string(owner))) {
       std::filesystem::create_directories(dir);
     }
     ~Scratch() {
+      if (::getpid() != owner) return;  // a forked child that exits leaves its parent's files alone
       std::error_code ignored;
       std::filesystem::remove_all(dir, ignored);
     }
