@@ -21,7 +21,8 @@ TEST(CheckpointGpu, ResumeIsBitExact) {
   MIXPREC_SKIP_WITHOUT_GPU();
   for (OptKind kind : {OptKind::adamw_amsgrad, OptKind::sgd_nesterov, OptKind::rmsprop_centered}) {
     for (int split : {40, 51}) {
-      test::check_resume(kind, Device::cuda(0), split, 100, checkpoint_path("gpu_resume"), static_cast<amp::DeviceGradScaler*>(nullptr));
+      test::check_resume(kind, Device::cuda(0), split, 100, checkpoint_path("gpu_resume"),
+                         static_cast<amp::DeviceGradScaler*>(nullptr));
     }
   }
 }

@@ -23,7 +23,8 @@ using test::checkpoint_path;
 TEST(Checkpoint, ResumeIsBitExact) {
   for (OptKind kind : {OptKind::adamw_amsgrad, OptKind::sgd_nesterov, OptKind::rmsprop_centered}) {
     for (int split : {40, 51}) {
-      test::check_resume(kind, Device::cpu(), split, 100, checkpoint_path("resume"), static_cast<amp::GradScaler*>(nullptr));
+      test::check_resume(kind, Device::cpu(), split, 100, checkpoint_path("resume"),
+                         static_cast<amp::GradScaler*>(nullptr));
     }
   }
 }
