@@ -66,8 +66,9 @@ void expect_within_bound(const std::vector<T>& got, const std::vector<double>& e
   double worst = 0;  // the largest error as a fraction of the r = 1 bound
   for (std::size_t k = 0; k < got.size(); ++k) {
     const double g = to_float(got[k]);
-    const double slack = 1.01 * static_cast<double>(n) * u32 * abs_sum[k] + rounding_floor<T>() +
-                         (rounded_first != nullptr ? unit_roundoff<T>() * (1 + unit_roundoff<T>()) * (*rounded_first)[k] : 0.0);
+    const double first_rounding =
+        rounded_first != nullptr ? unit_roundoff<T>() * (1 + unit_roundoff<T>()) * (*rounded_first)[k] : 0.0;
+    const double slack = 1.01 * static_cast<double>(n) * u32 * abs_sum[k] + rounding_floor<T>() + first_rounding;
     const double bound = r * unit_roundoff<T>() * std::fabs(exact[k]) + slack;
     worst = std::max(worst, std::fabs(g - exact[k]) / (unit_roundoff<T>() * std::fabs(exact[k]) + slack));
     if (!(std::fabs(g - exact[k]) <= bound) && ++bad <= 5) {
@@ -150,14 +151,16 @@ Float64Sums float64_sums(const Case& c, const Outcome<T>& r) {
   for (std::int64_t b = 0; b < c.batch; ++b) {
     for (std::int64_t o = 0; o < c.out; ++o) {
       double s = r.b.empty() ? 0.0 : v(r.b, o);
-      double a = std::fabs(s);
+      double a = std::fabs(s), product = 0.0;
       for (std::int64_t i = 0; i < c.in; ++i) {
-        s += v(r.x, b * c.in + i) * v(r.w, o * c.in + i);
-        a += std::fabs(v(r.x, b * c.in + i) * v(r.w, o * c.in + i));
+        const double xw = v(r.x, b * c.in + i) * v(r.w, o * c.in + i);
+        s += xw;
+        a += std::fabs(xw);
+        product += xw;
       }
       f.y[b * c.out + o] = c.act == Activation::relu ? std::max(s, 0.0) : s;
       f.y_abs[b * c.out + o] = a;
-      f.y_product[b * c.out + o] = std::fabs(s - (r.b.empty() ? 0.0 : v(r.b, o)));
+      f.y_product[b * c.out + o] = std::fabs(product);
     }
   }
   std::vector<double> dz(r.dy.size());
