@@ -358,6 +358,75 @@ TEST(LeanCodec, BitBuiltCodecGivesTheLibmCodecsBits) {
   }
 }
 
+// The device's encoder (encode_finite: the quotient from the scale's
+// reciprocal and two FMA corrections, no branch) against the division's:
+// the quotient's bits wherever it is a normal float, and the code of every
+// value (both signs, signed and nonnegative tables) against the reference
+// encoder above. Scales over the whole accepted range [2^-60, 2^100] with
+// random and extreme mantissas; values uniform and log-uniform below the
+// scale, at the scale and the float below it, at the tables' entries and
+// the midpoints between them (the ties) and a few units in the last place
+// around those, zero and subnormals.
+TEST(LeanCodec, FastEncoderGivesTheDivisionsQuotientAndCodes) {
+  std::mt19937 rng(43);
+  std::uniform_int_distribution<std::uint32_t> mantissa(0, 0x7fffffu);
+  std::uniform_int_distribution<int> exponent(-60, 99);
+  std::uniform_real_distribution<float> unit(0.0f, 1.0f);
+  std::uniform_real_distribution<float> log2_ratio(-40.0f, 0.0f);
+  std::vector<float> scales = {0x1p-60f, 0x1p100f, 1.0f, 0x1.fffffep-1f, 0x1.fffffep99f, 0x1.000002p-60f, 3.0f};
+  for (int k = 0; k < 600; ++k) {
+    const std::uint32_t m = k % 3 == 0 ? 0x7fffffu - (mantissa(rng) & 0xffu) : k % 3 == 1 ? mantissa(rng) & 0xffu
+                                                                                             : mantissa(rng);
+    scales.push_back(std::ldexp(from_bits<float>(0x3f800000u | m), exponent(rng)));
+  }
+  // Ratios at the tables' entries and midpoints.
+  std::vector<float> ratios;
+  for (int count : {lean::kSignedMagnitudes, lean::kUnsignedMagnitudes}) {
+    for (int q = 1; q <= count; ++q) {
+      const float lo = reference::code_value(q - 1, count), hi = reference::code_value(q, count);
+      ratios.push_back(hi);
+      ratios.push_back(static_cast<float>((static_cast<double>(lo) + hi) / 2));
+    }
+  }
+  std::int64_t quotients = 0, codes = 0;
+  for (float scale : scales) {
+    ASSERT_TRUE(lean::fast_scale(scale)) << scale;
+    const float r = 1.0f / scale;
+    std::vector<float> values = {0.0f, scale, std::nextafter(scale, 0.0f), std::numeric_limits<float>::denorm_min(),
+                                 std::numeric_limits<float>::min()};
+    for (int k = 0; k < 2000; ++k) values.push_back(std::min(scale, scale * unit(rng)));
+    for (int k = 0; k < 2000; ++k) values.push_back(std::min(scale, scale * std::exp2(log2_ratio(rng))));
+    for (float y : ratios) {
+      const float at = y * scale;  // rounded: within an ulp of the exact product
+      std::uint32_t u = bits_of(at);
+      for (std::uint32_t d = 0; d < 7; ++d) {
+        const float v = from_bits<float>(u - 3 + d);
+        if (v >= 0.0f && v <= scale) values.push_back(v);
+      }
+    }
+    for (float a : values) {
+      const float want = a / scale;
+      const float got = lean::quotient(a, scale, r);
+      if (want >= 0x1p-43f) {  // below, the code does not look at the quotient's last bits
+        ASSERT_EQ(bits_of(got), bits_of(want)) << a << " / " << scale;
+        ++quotients;
+      }
+      for (float x : {a, -a}) {
+        for (bool nonnegative : {false, true}) {
+          if (nonnegative && std::signbit(x)) continue;
+          std::uint8_t ref = 0;
+          reference::encode_block(&x, 1, nonnegative, scale, &ref);
+          ASSERT_EQ(lean::encode_finite(x, nonnegative, scale, r), ref)
+              << "x " << x << " scale " << scale << " nonnegative " << nonnegative;
+          ++codes;
+        }
+      }
+    }
+  }
+  EXPECT_GT(quotients, 2000000);
+  EXPECT_GT(codes, 7000000);
+}
+
 // A zero weight written outside the optimizer (a pruning mask) with a
 // stale remainder reads as a small master of the weight's sign, not NaN.
 TEST(LeanCodec, AZeroWeightWithAStaleRemainderIsNotNaN) {

@@ -201,6 +201,52 @@ MIXPREC_HOST_DEVICE inline void encode_block(const float* x, std::int64_t n, boo
   }
 }
 
+// The device's encoder (lean_step.cuh) gives encode_block's codes with no
+// division and no branch a value where a block's values are all finite and
+// its scale is within [2^-60, 2^100] (a warp's 256 values share one scale
+// and one reciprocal): the quotient from the scale's reciprocal and two
+// residual corrections is the division's quotient, bit for bit (tested).
+
+/// Whether encode_finite takes this scale: a finite positive scale within
+/// [2^-60, 2^100]. Below, the residuals of quotients the code tells apart
+/// (>= 2^-34) can be subnormal and inexact (a scale of 2^-100 gave a
+/// quotient an ulp off); above, the reciprocal would lose precision.
+MIXPREC_HOST_DEVICE inline bool fast_scale(float scale) { return scale >= 0x1p-60f && scale <= 0x1p100f; }
+
+/// a / scale rounded to nearest, given r = 1 / scale rounded to nearest, for
+/// 0 <= a <= scale and fast_scale(scale): q0 = a * r is within 1.5 units in
+/// the last place, one correction with the residual a - scale * q0 (an FMA)
+/// makes it faithful, and a second gives the rounded quotient (Markstein's
+/// theorem: a faithful quotient and the rounded reciprocal; the residuals
+/// are exact while scale * ulp(q) >= 2^-149). A quotient below 2^-43 may
+/// differ from the division's, and lies far below every entry of the tables
+/// (the smallest 2^-32.68) and the threshold under it, as the division's.
+MIXPREC_HOST_DEVICE inline float quotient(float a, float scale, float r) {
+#ifdef __CUDA_ARCH__
+  float q = __fmul_rn(a, r);  // never contracted
+#else
+  float q = a * r;  // feeds no addition: nothing to contract it with
+#endif
+  q = ::fmaf(::fmaf(-scale, q, a), r, q);
+  return ::fmaf(::fmaf(-scale, q, a), r, q);
+}
+
+/// encode_block's code of one finite x whose block scale is `scale`
+/// (|x| <= scale, fast_scale(scale)) and r = 1.0f / scale: the same code,
+/// computed without a division or a branch.
+MIXPREC_HOST_DEVICE inline std::uint8_t encode_finite(float x, bool nonnegative, float scale, float r) {
+  const int count = nonnegative ? kUnsignedMagnitudes : kSignedMagnitudes;
+  const float a = ::fabsf(x);
+  const float y = quotient(a, scale, r);
+  const std::uint32_t u = to_bits(y);
+  const int q = static_cast<int>((u + 0x7ffffu + ((u >> 20) & 1u)) >> 20) - (1016 - count);
+  // Below the smallest entry (q < 1): code_nearest's comparison with half
+  // of it; a positive second moment keeps the entry (encode_block).
+  const bool smallest = nonnegative ? a > 0.0f : y > 0.5f * code_value(1, count);
+  const int code = q >= 1 ? q : (smallest ? 1 : 0);
+  return static_cast<std::uint8_t>(nonnegative ? code : code | (code != 0 && x < 0.0f ? 0x80 : 0));
+}
+
 MIXPREC_HOST_DEVICE inline float decode_value(std::uint8_t c, bool nonnegative, float scale) {
   if (nonnegative) return code_value(c, kUnsignedMagnitudes) * scale;
   const float v = code_value(c & 0x7f, kSignedMagnitudes) * scale;
