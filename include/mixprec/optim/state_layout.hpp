@@ -209,18 +209,20 @@ MIXPREC_HOST_DEVICE inline void encode_block(const float* x, std::int64_t n, boo
 
 /// Whether encode_finite takes this scale: a finite positive scale within
 /// [2^-60, 2^100]. Below, the residuals of quotients the code tells apart
-/// (>= 2^-34) can be subnormal and inexact (a scale of 2^-100 gave a
-/// quotient an ulp off); above, the reciprocal would lose precision.
+/// can be subnormal and inexact (a scale of 2^-100 gave a quotient an ulp
+/// off); above, the reciprocal would lose precision. The 2^-60 and
+/// quotient's 2^-43 below go together: a residual is exact while
+/// ulp(scale) * ulp(q) >= 2^-149, i.e. scale * q >= 2^-103.
 MIXPREC_HOST_DEVICE inline bool fast_scale(float scale) { return scale >= 0x1p-60f && scale <= 0x1p100f; }
 
 /// a / scale rounded to nearest, given r = 1 / scale rounded to nearest, for
 /// 0 <= a <= scale and fast_scale(scale): q0 = a * r is within 1.5 units in
 /// the last place, one correction with the residual a - scale * q0 (an FMA)
 /// makes it faithful, and a second gives the rounded quotient (Markstein's
-/// theorem: a faithful quotient and the rounded reciprocal; the residuals
-/// are exact while scale * ulp(q) >= 2^-149). A quotient below 2^-43 may
-/// differ from the division's, and lies far below every entry of the tables
-/// (the smallest 2^-32.68) and the threshold under it, as the division's.
+/// theorem: a faithful quotient, the rounded reciprocal and an exact
+/// residual, see fast_scale). A quotient below 2^-43 may differ from the
+/// division's, and lies far below every entry of the tables (the smallest
+/// 2^-31.68, half of it 2^-32.68), as the division's does.
 MIXPREC_HOST_DEVICE inline float quotient(float a, float scale, float r) {
 #ifdef __CUDA_ARCH__
   float q = __fmul_rn(a, r);  // never contracted
