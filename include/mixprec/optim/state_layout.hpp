@@ -143,18 +143,23 @@ MIXPREC_HOST_DEVICE inline float code_value(int q, int count) {
   return q > 0 ? from_bits<float>(static_cast<std::uint32_t>(q + 1016 - count) << 20) : 0.0f;
 }
 
+/// The table index of y >= 0 (its bits u) rounded to the nearest step: the
+/// nearest entry when >= 1, below the smallest entry when <= 0. y's bits
+/// rounded to nearest even at 2^20: in y's binade, to the nearest multiple
+/// of its step (1/8 of the binade's bottom). A carry out of the mantissa
+/// gives the next binade's bottom, the entry 16/16 * 2^-e at the top of
+/// y's. A subnormal y (biased exponent 0) lands below the smallest entry
+/// for count <= 1008.
+MIXPREC_HOST_DEVICE inline int step_index(std::uint32_t u, int count) {
+  return static_cast<int>((u + 0x7ffffu + ((u >> 20) & 1u)) >> 20) - (1016 - count);
+}
+
 /// The entry nearest to y in [0, 1] (ties: the even multiple of the
 /// binade's step, as rintf rounds), for the table with `count` magnitudes;
 /// 0 for y = 0, a negative y and NaN.
 MIXPREC_HOST_DEVICE inline int code_nearest(float y, int count) {
   if (!(y > 0.0f)) return 0;
-  // y's bits rounded to nearest even at 2^20: in y's binade, to the nearest
-  // multiple of its step (1/8 of the binade's bottom). A carry out of the
-  // mantissa gives the next binade's bottom, the entry 16/16 * 2^-e at the
-  // top of y's. A subnormal y (biased exponent 0) lands below the smallest
-  // entry for count <= 1008, where the comparison below decides.
-  const std::uint32_t u = to_bits(y);
-  const int q = static_cast<int>((u + 0x7ffffu + ((u >> 20) & 1u)) >> 20) - (1016 - count);
+  const int q = step_index(to_bits(y), count);
   if (q >= 1) return q;
   // Below the smallest entry: it or zero, whichever is nearer (ties: zero).
   return y > 0.5f * code_value(1, count) ? 1 : 0;  // exact: a power of 2
@@ -164,6 +169,12 @@ MIXPREC_HOST_DEVICE inline int code_nearest(float y, int count) {
 MIXPREC_HOST_DEVICE inline float finite_magnitude(float x) {
   const float a = ::fabsf(x);
   return a <= 3.40282347e38f ? a : 0.0f;  // NaN and inf compare false
+}
+
+/// The byte of magnitude code q for x: q itself in the nonnegative table,
+/// else q with x's sign in bit 7 (a zero code has none).
+MIXPREC_HOST_DEVICE inline std::uint8_t code_byte(int q, bool nonnegative, float x) {
+  return static_cast<std::uint8_t>(nonnegative ? q : q | (q != 0 && x < 0.0f ? 0x80 : 0));
 }
 
 /// A block's scale: the largest finite magnitude of its values (an inf
@@ -193,11 +204,7 @@ MIXPREC_HOST_DEVICE inline void encode_block(const float* x, std::int64_t n, boo
       q = code_nearest(a / scale, count);
       if (nonnegative && q == 0 && a > 0.0f) q = 1;
     }
-    if (nonnegative) {
-      out[j] = static_cast<std::uint8_t>(q);
-    } else {
-      out[j] = static_cast<std::uint8_t>(q | (q != 0 && x[j] < 0.0f ? 0x80 : 0));
-    }
+    out[j] = code_byte(q, nonnegative, x[j]);
   }
 }
 
@@ -241,13 +248,11 @@ MIXPREC_HOST_DEVICE inline std::uint8_t encode_finite(float x, bool nonnegative,
   const int count = nonnegative ? kUnsignedMagnitudes : kSignedMagnitudes;
   const float a = ::fabsf(x);
   const float y = quotient(a, scale, r);
-  const std::uint32_t u = to_bits(y);
-  const int q = static_cast<int>((u + 0x7ffffu + ((u >> 20) & 1u)) >> 20) - (1016 - count);
+  const int q = step_index(to_bits(y), count);
   // Below the smallest entry (q < 1): code_nearest's comparison with half
   // of it; a positive second moment keeps the entry (encode_block).
   const bool smallest = nonnegative ? a > 0.0f : y > 0.5f * code_value(1, count);
-  const int code = q >= 1 ? q : (smallest ? 1 : 0);
-  return static_cast<std::uint8_t>(nonnegative ? code : code | (code != 0 && x < 0.0f ? 0x80 : 0));
+  return code_byte(q >= 1 ? q : (smallest ? 1 : 0), nonnegative, x);
 }
 
 MIXPREC_HOST_DEVICE inline float decode_value(std::uint8_t c, bool nonnegative, float scale) {
