@@ -6,6 +6,7 @@
 // replayed from a CUDA graph; a device checkpoint resumes on the host.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -53,17 +54,23 @@ Tensor<T> download(const T* device, std::int64_t n) {
   return host;
 }
 
-// Four parameters (one over two device chunks with a tail that is not a
-// whole tile or tie word, two small ones, and one whose device weight and
+// Six parameters (one over two device chunks with a tail that is not a
+// whole tile or tie word, two small ones, one whose device weight and
 // gradient start an element into their buffers: not aligned for the
-// 8-element accesses, so it takes the element-wise path), 10 steps with an
+// 8-element accesses, so it takes the element-wise path, one with
+// gradients about 2^-30, whose second moments' 8-bit blocks have scales
+// below 2^-60: the encoder's division path, not its reciprocal's (checked
+// below), and one with gradients about 2^-27.5, whose blocks' scales come
+// near 2^-60, the reciprocal's edge), 10 steps with an
 // inf at step 4, host and device: skips, scales, step counts, masters (as
 // master_values), every state tensor (decoded) and the weights, bit for bit.
 template <class Opt, class T>
 void lean_host_equals_device(typename Opt::options_type o, const StateLayout& layout, bool graph) {
   o.layout = layout;
-  const std::vector<std::int64_t> sizes = {70001, 4099, 333, 2051};
-  const std::vector<std::int64_t> offsets = {0, 0, 0, 1};
+  const std::vector<std::int64_t> sizes = {70001, 4099, 333, 2051, 1500, 1500};
+  const std::vector<std::int64_t> offsets = {0, 0, 0, 1, 0, 0};
+  // The gradients' (unscaled) spread.
+  const std::vector<float> spreads = {0.5f, 0.5f, 0.5f, 0.5f, 0x1p-30f, 0x1.6a09e6p-28f};
   test::OwnedStream owner;
   cudaStream_t stream = owner.s;
   std::vector<Tensor<T>> hw, hg, dw, dg;  // dw, dg: the device buffers, the views at offsets[i]
@@ -99,7 +106,7 @@ void lean_host_equals_device(typename Opt::options_type o, const StateLayout& la
   for (int s = 0; s < 10; ++s) {
     ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
     for (std::size_t i = 0; i < sizes.size(); ++i) {
-      fill_normal(hg[i], 0, 0.5f * hs.scale(), 50 + 7 * static_cast<std::uint64_t>(s) + i);
+      fill_normal(hg[i], 0, spreads[i] * hs.scale(), 50 + 7 * static_cast<std::uint64_t>(s) + i);
       if (s == 4 && i == 1) hg[i].at(sizes[i] - 1) = from_float<T>(INFINITY);
       upload(hg[i], dg[i].data() + offsets[i]);
     }
@@ -121,6 +128,18 @@ void lean_host_equals_device(typename Opt::options_type o, const StateLayout& la
   EXPECT_EQ(ds.skipped_steps(), hs.skipped_steps());
   EXPECT_EQ(ds.scale(), hs.scale());
   EXPECT_EQ(test::state_bits(device), test::state_bits(host));
+  if (layout.moments == Moments::int8) {
+    // Parameter 4's nonnegative states (second moments) stayed below 2^-60
+    // in every block: the division path ran (the bits above cover it).
+    const optim::ParamState& tiny = host.save_state().params[4];
+    for (std::size_t k = 0; k < tiny.state.size(); ++k) {
+      if (!host.nonnegative_state(k) || !tiny.state[k]) continue;
+      float most = 0.0f;
+      for (float v : *tiny.state[k]) most = std::max(most, v);
+      EXPECT_GT(most, 0.0f) << "state " << k;
+      EXPECT_LT(most, 0x1p-60f) << "state " << k;
+    }
+  }
   for (std::size_t i = 0; i < sizes.size(); ++i) {
     const Tensor<T> back = download(dw[i].data() + offsets[i], sizes[i]);
     ASSERT_EQ(std::memcmp(back.data(), hw[i].data(), back.bytes()), 0) << "weight " << i;

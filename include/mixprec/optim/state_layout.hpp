@@ -211,7 +211,7 @@ MIXPREC_HOST_DEVICE inline void encode_block(const float* x, std::int64_t n, boo
 // encode_finite gives encode_block's codes with no division and no branch
 // a value where a block's values are all finite and its scale is within
 // [2^-60, 2^100], for a device encoder whose warp shares one scale and one
-// reciprocal over its 256 values (not yet used by lean_step.cuh): the
+// reciprocal over its 256 values (lean_step.cuh's vector path): the
 // quotient from the scale's reciprocal and two residual corrections is the
 // division's quotient, bit for bit (tested).
 

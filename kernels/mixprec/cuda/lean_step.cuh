@@ -323,9 +323,14 @@ __device__ inline void lean_range_vec(const G* grad, W* weight, float* master, f
       } else {
         const Oct<std::uint8_t> b = load_oct(static_cast<const std::uint8_t*>(L.packed[k]) + e0, n);
         const float scale = n > 0 ? L.scales[k][e0 / optim::lean::kBlock] : 0.0f;
-        const bool nonnegative = (L.nonnegative >> k) & 1u;
+        // One branch for the tile (each table's decoding without a select a value).
+        if ((L.nonnegative >> k) & 1u) {
 #pragma unroll
-        for (int j = 0; j < V; ++j) sq[k].v[j] = optim::lean::decode_value(b.v[j], nonnegative, scale);
+          for (int j = 0; j < V; ++j) sq[k].v[j] = optim::lean::decode_value(b.v[j], true, scale);
+        } else {
+#pragma unroll
+          for (int j = 0; j < V; ++j) sq[k].v[j] = optim::lean::decode_value(b.v[j], false, scale);
+        }
       }
     }
     // The formula, element by element (lanes past the end compute on zeros
@@ -377,12 +382,32 @@ __device__ inline void lean_range_vec(const G* grad, W* weight, float* master, f
         store_oct(static_cast<bfloat16*>(L.packed[k]) + e0, b, n);
       } else {
         float mx = 0.0f;
+        bool finite = true;  // this lane's live values
 #pragma unroll
-        for (int j = 0; j < V; ++j) mx = j < n ? ::fmaxf(mx, optim::lean::finite_magnitude(sq[k].v[j])) : mx;
+        for (int j = 0; j < V; ++j) {
+          mx = j < n ? ::fmaxf(mx, optim::lean::finite_magnitude(sq[k].v[j])) : mx;
+          finite = finite && (j >= n || ::fabsf(sq[k].v[j]) <= 3.40282347e38f);
+        }
         for (int h = 16; h > 0; h /= 2) mx = ::fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, h));
         if (lane == 0) L.scales[k][tile / optim::lean::kBlock] = mx;
         Oct<std::uint8_t> b;
-        optim::lean::encode_block(sq[k].v, V, (L.nonnegative >> k) & 1u, mx, b.v);
+        const bool nonnegative = (L.nonnegative >> k) & 1u;
+        // The block's values all finite and its scale in range (the usual
+        // case; the test is the warp's, so no lane diverges): the codes
+        // from the scale's reciprocal, without a division or a branch a
+        // value (the same codes, optim_lean_test).
+        if (__all_sync(0xffffffffu, finite) && optim::lean::fast_scale(mx)) {
+          const float r = __frcp_rn(mx);  // rounded to nearest whatever -prec-div says (quotient's premise)
+          if (nonnegative) {
+#pragma unroll
+            for (int j = 0; j < V; ++j) b.v[j] = optim::lean::encode_finite(sq[k].v[j], true, mx, r);
+          } else {
+#pragma unroll
+            for (int j = 0; j < V; ++j) b.v[j] = optim::lean::encode_finite(sq[k].v[j], false, mx, r);
+          }
+        } else {
+          optim::lean::encode_block(sq[k].v, V, nonnegative, mx, b.v);
+        }
         store_oct(static_cast<std::uint8_t*>(L.packed[k]) + e0, b, n);
       }
     }
