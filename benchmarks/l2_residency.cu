@@ -45,6 +45,26 @@ __global__ void other(float4* __restrict__ p, long long n4) {
   }
 }
 
+// The median of five batches of 40 calls of launch(), in microseconds a
+// call; negative where CUDA reported an error.
+template <class F>
+double median_us(cudaStream_t st, cudaEvent_t e0, cudaEvent_t e1, F launch) {
+  std::vector<float> t;
+  for (int r = 0; r < 5; ++r) {
+    if (cudaEventRecord(e0, st) != cudaSuccess) return -1;
+    for (int k = 0; k < 40; ++k) launch();
+    if (cudaGetLastError() != cudaSuccess || cudaEventRecord(e1, st) != cudaSuccess ||
+        cudaEventSynchronize(e1) != cudaSuccess) {
+      return -1;
+    }
+    float ms = 0;
+    if (cudaEventElapsedTime(&ms, e0, e1) != cudaSuccess) return -1;
+    t.push_back(ms);
+  }
+  std::sort(t.begin(), t.end());
+  return t[2] * 1000.0 / 40;
+}
+
 int main() {
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
@@ -66,21 +86,14 @@ int main() {
   CK(cudaEventCreate(&e0));
   CK(cudaEventCreate(&e1));
   const int grid = prop.multiProcessorCount * 8, block = 256;
+  auto other_pass = [&] { other<<<grid, block, 0, st>>>(reinterpret_cast<float4*>(junk), (16 << 20) / 16); };
   // The other-traffic kernel alone, before any persisting window exists.
-  {
-    std::vector<float> t;
-    for (int r = 0; r < 5; ++r) {
-      CK(cudaEventRecord(e0, st));
-      for (int k = 0; k < 40; ++k) other<<<grid, block, 0, st>>>(reinterpret_cast<float4*>(junk), (16 << 20) / 16);
-      CK(cudaEventRecord(e1, st));
-      CK(cudaEventSynchronize(e1));
-      float ms = 0;
-      CK(cudaEventElapsedTime(&ms, e0, e1));
-      t.push_back(ms);
-    }
-    std::sort(t.begin(), t.end());
-    std::printf("other-traffic kernel alone: %.2f us\n", t[2] * 1000.0 / 40);
+  const double other_us = median_us(st, e0, e1, other_pass);
+  if (other_us < 0) {
+    std::printf("CUDA error timing the other kernel\n");
+    return 1;
   }
+  std::printf("other-traffic kernel alone: %.2f us\n", other_us);
   std::printf("%8s %6s %6s %10s %10s %10s\n", "set MB", "persist", "other", "us/pass", "GB/s", "moved MB");
   for (int persist = 0; persist <= 1; ++persist) {
     for (int with_other = 0; with_other <= 1; ++with_other) {
@@ -105,24 +118,17 @@ int main() {
         CK(cudaCtxResetPersistingL2Cache());
         for (int w = 0; w < 20; ++w) {
           rmw<<<grid, block, 0, st>>>(s0, s1, s2, g, n4);
-          if (with_other) other<<<grid, block, 0, st>>>(reinterpret_cast<float4*>(junk), (16 << 20) / 16);
+          if (with_other) other_pass();
         }
-        std::vector<float> t;
-        for (int r = 0; r < 5; ++r) {
-          CK(cudaEventRecord(e0, st));
-          for (int k = 0; k < 40; ++k) {
-            rmw<<<grid, block, 0, st>>>(s0, s1, s2, g, n4);
-            if (with_other) other<<<grid, block, 0, st>>>(reinterpret_cast<float4*>(junk), (16 << 20) / 16);
-          }
-          CK(cudaEventRecord(e1, st));
-          CK(cudaEventSynchronize(e1));
-          float ms = 0;
-          CK(cudaEventElapsedTime(&ms, e0, e1));
-          t.push_back(ms);
+        // With other traffic the pass's time includes the other kernel's.
+        const double us = median_us(st, e0, e1, [&] {
+          rmw<<<grid, block, 0, st>>>(s0, s1, s2, g, n4);
+          if (with_other) other_pass();
+        });
+        if (us < 0) {
+          std::printf("CUDA error timing %lld MB\n", mb);
+          return 1;
         }
-        std::sort(t.begin(), t.end());
-        // With other traffic the pass's time includes the other kernel: time it alone below.
-        const double us = t[2] * 1000.0 / 40;
         const double moved = (mb << 20) * 7.0 / 4.0;  // 3 arrays read + written, 1 read
         std::printf("%8lld %6d %6d %10.2f %10.0f %10.1f\n", mb, persist, with_other, us, moved / us / 1e3,
                     moved / 1e6);
