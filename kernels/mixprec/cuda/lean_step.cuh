@@ -219,6 +219,19 @@ __device__ inline bool lean_vec_ok(const G* grad, const W* weight, const float* 
   return ok;
 }
 
+// f(table) with the 8-bit table's choice as a compile-time constant
+// (decltype(table)::value: std::true_type for the nonnegative table,
+// std::false_type for the signed one): one branch a tile, and each table's
+// decoding or encoding without a select a value.
+template <class F>
+__device__ inline void with_table(bool nonnegative, F&& f) {
+  if (nonnegative) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
 // Whether the vector path touches state k: a path compiled without the
 // third state (Third false; AdamW without amsgrad, RMSprop without momentum)
 // never holds its 8 values, which the 128 registers of the lean kernel had
@@ -323,14 +336,10 @@ __device__ inline void lean_range_vec(const G* grad, W* weight, float* master, f
       } else {
         const Oct<std::uint8_t> b = load_oct(static_cast<const std::uint8_t*>(L.packed[k]) + e0, n);
         const float scale = n > 0 ? L.scales[k][e0 / optim::lean::kBlock] : 0.0f;
-        // One branch for the tile (each table's decoding without a select a value).
-        if ((L.nonnegative >> k) & 1u) {
+        with_table((L.nonnegative >> k) & 1u, [&](auto table) {
 #pragma unroll
-          for (int j = 0; j < V; ++j) sq[k].v[j] = optim::lean::decode_value(b.v[j], true, scale);
-        } else {
-#pragma unroll
-          for (int j = 0; j < V; ++j) sq[k].v[j] = optim::lean::decode_value(b.v[j], false, scale);
-        }
+          for (int j = 0; j < V; ++j) sq[k].v[j] = optim::lean::decode_value(b.v[j], decltype(table)::value, scale);
+        });
       }
     }
     // The formula, element by element (lanes past the end compute on zeros
@@ -386,7 +395,7 @@ __device__ inline void lean_range_vec(const G* grad, W* weight, float* master, f
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           mx = j < n ? ::fmaxf(mx, optim::lean::finite_magnitude(sq[k].v[j])) : mx;
-          finite = finite && (j >= n || ::fabsf(sq[k].v[j]) <= 3.40282347e38f);
+          finite = finite && (j >= n || ::isfinite(sq[k].v[j]));
         }
         for (int h = 16; h > 0; h /= 2) mx = ::fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, h));
         if (lane == 0) L.scales[k][tile / optim::lean::kBlock] = mx;
@@ -398,13 +407,10 @@ __device__ inline void lean_range_vec(const G* grad, W* weight, float* master, f
         // value (the same codes, optim_lean_test).
         if (__all_sync(0xffffffffu, finite) && optim::lean::fast_scale(mx)) {
           const float r = __frcp_rn(mx);  // rounded to nearest whatever -prec-div says (quotient's premise)
-          if (nonnegative) {
+          with_table(nonnegative, [&](auto table) {
 #pragma unroll
-            for (int j = 0; j < V; ++j) b.v[j] = optim::lean::encode_finite(sq[k].v[j], true, mx, r);
-          } else {
-#pragma unroll
-            for (int j = 0; j < V; ++j) b.v[j] = optim::lean::encode_finite(sq[k].v[j], false, mx, r);
-          }
+            for (int j = 0; j < V; ++j) b.v[j] = optim::lean::encode_finite(sq[k].v[j], decltype(table)::value, mx, r);
+          });
         } else {
           optim::lean::encode_block(sq[k].v, V, nonnegative, mx, b.v);
         }
