@@ -18,6 +18,7 @@
 #include <iterator>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <random>
 #include <set>
 #include <string>
@@ -54,7 +55,11 @@ std::vector<half> gradient(int s, std::size_t i, std::int64_t n, float scale) {
   return g;
 }
 
-enum class Mode { host, eager, graph };
+// resumed: eager, and at step kResumeAt (a logged step) the monitor's state
+// is saved, the monitor replaced by a new one that loads it, and the run
+// goes on (the optimizer and scaler are the same objects throughout).
+enum class Mode { host, eager, graph, resumed };
+constexpr int kResumeAt = 30;
 
 MonitorRun run(Mode mode) {
   const std::vector<std::int64_t> sizes = {4099, 70000, 1, 256};
@@ -96,11 +101,23 @@ MonitorRun run(Mode mode) {
   Stream stream;
   amp::DeviceGradScaler scaler({}, where, stream.get());
   opt.set_stream(stream.get());
-  monitor::Monitor mon(opt, scaler, mo);
+  std::optional<monitor::Monitor> held;
+  held.emplace(opt, scaler, mo);
   Buffer loss(sizeof(float), where);
   Graph graphs[2];
   std::int64_t seen = 0;
   for (int s = 1; s <= kSteps; ++s) {
+    if (mode == Mode::resumed && s == kResumeAt + 1) {
+      held->flush();
+      if (held->records() > seen) r.records.push_back(*held->last_record());
+      const std::string state = held->save_state();
+      held.reset();
+      held.emplace(opt, scaler, mo);
+      held->load_state(state);
+      EXPECT_EQ(held->steps(), kResumeAt);
+      seen = held->records();
+    }
+    monitor::Monitor& mon = *held;
     // The gradients depend on the scale, as a backward pass's would: read it
     // (synchronising; this test is about the figures, not the speed).
     const float scale = scaler.scale();
@@ -121,6 +138,7 @@ MonitorRun run(Mode mode) {
       r.records.push_back(*mon.last_record());
     }
   }
+  monitor::Monitor& mon = *held;
   mon.flush();
   if (mon.records() > seen) r.records.push_back(*mon.last_record());
   EXPECT_EQ(mon.records(), kSteps / mo.every);
@@ -187,6 +205,53 @@ TEST(MonitorGpu, GraphReplaysGiveTheEagerRecords) {
   MIXPREC_SKIP_WITHOUT_GPU();
   const MonitorRun eager = run(Mode::eager), graph = run(Mode::graph);
   expect_same(eager, graph, "graph vs eager");
+}
+
+// A device monitor resumed from its saved state at a logged step goes on
+// as if it had not stopped: the step numbers, records and events after the
+// cut are the uninterrupted run's (the device's counts start from the
+// loaded step), and a state that is not at a logged step is refused.
+TEST(MonitorGpu, AResumedDeviceMonitorGoesOnWhereItStopped) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  const MonitorRun eager = run(Mode::eager), resumed = run(Mode::resumed);
+  expect_same(eager, resumed, "resumed vs straight");
+  ASSERT_EQ(eager.events.size(), resumed.events.size());
+  for (std::size_t e = 0; e < eager.events.size(); ++e) {
+    EXPECT_EQ(eager.events[e].kind, resumed.events[e].kind) << "event " << e;
+    EXPECT_EQ(eager.events[e].step, resumed.events[e].step) << "event " << e;
+    EXPECT_EQ(eager.events[e].param, resumed.events[e].param) << "event " << e;
+  }
+}
+
+TEST(MonitorGpu, ADeviceMonitorRefusesAStateBetweenLoggedSteps) {
+  MIXPREC_SKIP_WITHOUT_GPU();
+  const Device where = Device::cuda(0);
+  Tensor<half> w = Tensor<half>(Shape{64}).to(where), g(Shape{64}, where);
+  std::vector<optim::Param> params = {{"w", TensorRef(w), TensorRef(g)}};
+  optim::AdamW opt(params, optim::AdamWOptions{});
+  Stream stream;
+  amp::DeviceGradScaler scaler({}, where, stream.get());
+  opt.set_stream(stream.get());
+  monitor::MonitorOptions mo;
+  mo.every = 10;
+  mo.warnings = false;
+  // A host monitor's state at step 25 (a host monitor saves between logged steps).
+  Tensor<half> hw(Shape{64}), hg(Shape{64});
+  std::vector<optim::Param> host_params = {{"w", TensorRef(hw), TensorRef(hg)}};
+  optim::AdamW host_opt(host_params, optim::AdamWOptions{});
+  amp::GradScaler host_scaler;
+  monitor::Monitor host(host_opt, host_scaler, mo);
+  for (int s = 1; s <= 25; ++s) host.step(1.0f);
+  nlohmann::json state = nlohmann::json::parse(host.save_state());
+  state["pending"] = nlohmann::json::array();  // so that the step count is what is refused
+  monitor::Monitor mon(opt, scaler, mo);
+  try {
+    mon.load_state(state.dump());
+    ADD_FAILURE() << "a state at step 25 was taken";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("steps = 25 is not a logged step (every 10)"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(mon.steps(), 0);  // nothing changed
 }
 
 // --- the monitor's launches --------------------------------------------------

@@ -804,6 +804,7 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
   if ((ranks > 1 || sharded) && a.schedule == "cosine") opt.set_schedule(optim::LRSchedule::cosine(a.epochs * steps));
   std::mt19937_64 rng(a.seed);
   RunPosition pos;
+  std::string monitor_state;   // a resumed run's, where it was saved at a logged step
   std::string fallback_state;  // its layers' precisions (--precision-fallback)
   if (!a.resume.empty()) {
     io::CheckpointExtras x;
@@ -816,11 +817,17 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
       io::load_checkpoint(a.resume, opt, scaler, &x);  // synchronises; before any capture
     }
     pos = resume_position(a, x, rng, steps);
+    if (const auto it = x.metadata.find("monitor.state"); it != x.metadata.end()) monitor_state = it->second;
     print_resumed(a, pos, steps);
   }
   check_stop(a, pos, steps);
   std::optional<monitor::Monitor> mon;
-  if (a.monitor && rank == 0) mon.emplace(opt, scaler, monitor_options(a));  // with --zero1, rank 0's slice
+  if (a.monitor && rank == 0) {  // with --zero1, rank 0's slice
+    monitor::MonitorOptions mo = monitor_options(a);
+    mo.append_log = !monitor_state.empty();  // the log goes on in the same file
+    mon.emplace(opt, scaler, mo);
+    if (!monitor_state.empty()) mon->load_state(monitor_state);  // before the first step
+  }
   // A plain and a logged step (the monitor's logged steps do more work),
   // each captured at its first use after an eager first step.
   Graph graphs[2];
@@ -920,6 +927,13 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
     mixprec::detail::copy_raw(&sum, Device::cpu(), loss + 2, dev, sizeof sum, stream.get());
     pos.loss_sum = sum;
     io::CheckpointExtras x = checkpoint_extras(a, pos, steps);
+    // The monitor's state at a logged step only (its steps since the last
+    // one are in device memory): a run resumed from elsewhere starts a
+    // fresh monitor.
+    if (mon && mon->steps() % a.monitor_every == 0) {
+      mon->flush();  // the stream is idle already: the read-backs are processed
+      x.metadata["monitor.state"] = mon->save_state();
+    }
     keep_fallback_state(x, fallback, fallback_state);
     if (sharded) {
       sharded->save_checkpoint(a.checkpoint, scaler, x);  // every rank: its shard

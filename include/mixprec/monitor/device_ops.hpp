@@ -126,11 +126,20 @@ class DeviceMonitorPlan {
   virtual bool capturing(stream_t stream) = 0;
 };
 
+/// Where a new plan's counts start: the steps recorded and the read-backs
+/// published before it (a monitor resumed from a checkpoint, or one whose
+/// plan is made again mid-run), so that its ring slots and read-back seqs
+/// go on from the host's.
+struct PlanStart {
+  std::int64_t steps = 0;
+  std::int64_t published = 0;
+};
+
 class DeviceMonitorKernels {
  public:
   virtual ~DeviceMonitorKernels() = default;
   virtual std::unique_ptr<DeviceMonitorPlan> make_plan(const std::vector<DeviceParamInfo>& params, int every,
-                                                       Device device) = 0;
+                                                       Device device, PlanStart start) = 0;
 };
 
 inline std::atomic<DeviceMonitorKernels*>& device_kernels_slot() {

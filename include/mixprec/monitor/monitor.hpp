@@ -288,11 +288,10 @@ class Monitor {
   /// seen. With append_log the log goes on in the same file. Every check
   /// runs before anything changes.
   ///
-  /// Host monitors only for now: a device monitor's step count also lives
-  /// in device memory, which this does not restore (refused, naming it).
+  /// A device monitor's state is saved at a logged step (save_state), so
+  /// its device counts start there: the first step makes the device's
+  /// buffers with the loaded step count (ensure_plan).
   void load_state(const std::string& state) {
-    MIXPREC_CHECK(device_scaler_ == nullptr, "Monitor::load_state: a monitor of device parameters cannot resume "
-                  "its state yet (its step count is in device memory); start it anew");
     MIXPREC_CHECK(steps_ == 0, "Monitor::load_state: ", steps_, " steps already monitored; load before the first");
     const nlohmann::json j = nlohmann::json::parse(state, nullptr, false);
     MIXPREC_CHECK(!j.is_discarded() && j.is_object() && j.value("format", "") == "mixprec-monitor-state-1",
@@ -323,6 +322,8 @@ class Monitor {
     MIXPREC_CHECK(steps >= 0 && records >= 0 && (device_scaler_ == nullptr || pending.steps.empty()),
                   "Monitor::load_state: steps = ", steps, ", records = ", records, ", ", pending.steps.size(),
                   " pending steps: not a state this monitor can go on from");
+    MIXPREC_CHECK(device_scaler_ == nullptr || steps % options_.every == 0, "Monitor::load_state: steps = ", steps,
+                  " is not a logged step (every ", options_.every, "); a device monitor goes on from a logged step");
     detectors_.restore(j.at("detectors"));  // checks, then changes
     steps_ = steps;
     records_ = records;
@@ -467,6 +468,10 @@ class Monitor {
     if (plan_ != nullptr && v == plan_v_) return;
     MIXPREC_CHECK(plan_ == nullptr || !submitted_pending(), "Monitor: the optimizer's state buffers changed "
                   "while read-backs are in flight; call flush() first");
+    // The old plan's ring holds the steps since the last logged one.
+    MIXPREC_CHECK(plan_ == nullptr || steps_ % options_.every == 0, "Monitor: the optimizer's state buffers changed "
+                  "at step ", steps_, ", between logged steps (every ", options_.every, "); change them after a "
+                  "logged step");
     std::vector<DeviceParamInfo> params(v.size());
     for (std::size_t i = 0; i < v.size(); ++i) {
       const optim::SecondMoment sm = opt_.second_moment(i);
@@ -477,8 +482,15 @@ class Monitor {
       params[i].eps = sm.eps;
       params[i].beta2 = sm.beta2;
     }
-    plan_ = device_kernels()->make_plan(params, options_.every, opt_.device());
+    // The device's counts go on from the host's: its next logged step is
+    // the next multiple of every, and its read-back the next one.
+    const std::int64_t k = options_.every;
+    PlanStart start;
+    start.steps = steps_;
+    start.published = submitted_;
+    plan_ = device_kernels()->make_plan(params, options_.every, opt_.device(), start);
     plan_v_ = std::move(v);
+    readback_base_ = (steps_ / k + 1) * k - (submitted_ + 1) * k;
   }
   bool submitted_pending() const { return consumed_ != submitted_; }
 
@@ -530,7 +542,7 @@ class Monitor {
     const auto* header = reinterpret_cast<const ReadbackHeader*>(slot);
     const int k = options_.every;
     const std::size_t np = info_.params.size();
-    const std::int64_t last = (consumed_ + 1) * k;
+    const std::int64_t last = readback_base_ + (consumed_ + 1) * k;
     MIXPREC_CHECK(header->steps == last, "Monitor: read-back ", consumed_ + 1, " holds steps up to ", header->steps,
                   ", expected ", last, "; was every replay followed by replayed()?");
     const auto* steps = reinterpret_cast<const DeviceStep*>(slot + layout_.steps);
@@ -723,6 +735,10 @@ class Monitor {
   ReadbackLayout layout_;
   void* pinned_ = nullptr;
   std::int64_t submitted_ = 0, consumed_ = 0;  // read-backs launched, processed
+  // Read-back n (counting from 1 in this process) holds the steps up to
+  // readback_base_ + n * every: 0 unless the monitor resumed (load_state)
+  // or its plan was made again mid-run (ensure_plan).
+  std::int64_t readback_base_ = 0;
 };
 
 }  // namespace monitor

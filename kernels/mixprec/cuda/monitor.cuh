@@ -246,7 +246,8 @@ __global__ void __launch_bounds__(monitor_threads)
 /// The device side of one monitor::Monitor.
 class MonitorPlan final : public monitor::DeviceMonitorPlan {
  public:
-  MonitorPlan(const std::vector<monitor::DeviceParamInfo>& params, int every, Device device)
+  MonitorPlan(const std::vector<monitor::DeviceParamInfo>& params, int every, Device device,
+              monitor::PlanStart start = {})
       : device_(device), every_(every), num_params_(static_cast<int>(params.size())),
         layout_(monitor::ReadbackLayout::of(every, num_params_)) {
     mixprec::detail::DeviceGuard guard(device);
@@ -282,6 +283,10 @@ class MonitorPlan final : public monitor::DeviceMonitorPlan {
     for (Buffer* b : {&hist_, &control_, &ring_, &ring_nonfinite_, &precursors_}) {
       MIXPREC_CUDA_CHECK(cudaMemset(b->data(), 0, b->bytes()));
     }
+    // The counts go on from the host's (a resumed monitor's steps).
+    const detail::MonitorControl counts{static_cast<long long>(start.steps), static_cast<long long>(start.published),
+                                        0u};
+    MIXPREC_CUDA_CHECK(cudaMemcpy(control_.data(), &counts, sizeof counts, cudaMemcpyHostToDevice));
     MIXPREC_CUDA_CHECK(cudaDeviceSynchronize());  // ready before any stream uses them
   }
 
@@ -337,8 +342,9 @@ class MonitorPlan final : public monitor::DeviceMonitorPlan {
 class MonitorKernels final : public monitor::DeviceMonitorKernels {
  public:
   std::unique_ptr<monitor::DeviceMonitorPlan> make_plan(const std::vector<monitor::DeviceParamInfo>& params,
-                                                        int every, Device device) override {
-    return std::make_unique<MonitorPlan>(params, every, device);
+                                                        int every, Device device,
+                                                        monitor::PlanStart start) override {
+    return std::make_unique<MonitorPlan>(params, every, device, start);
   }
 };
 
