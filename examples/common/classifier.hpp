@@ -427,6 +427,23 @@ inline monitor::MonitorOptions monitor_options(const Args& a) {
   o.log_path = a.monitor_log;
   return o;
 }
+// The monitor of this process (rank 0's; none with --monitor off): a
+// resumed run's goes on from the checkpoint's state (`state`, empty: none)
+// and appends to the same log.
+template <class Scaler>
+void start_monitor(std::optional<monitor::Monitor>& mon, const Args& a, int rank, optim::Optimizer& opt,
+                   Scaler& scaler, const std::string& state) {
+  if (!a.monitor || rank != 0) return;
+  monitor::MonitorOptions mo = monitor_options(a);
+  mo.append_log = !state.empty();
+  mon.emplace(opt, scaler, mo);
+  if (!state.empty()) mon->load_state(state);  // before the first step
+}
+// The monitor's state a checkpoint holds ("": none).
+inline std::string saved_monitor_state(const io::CheckpointExtras& x) {
+  const auto it = x.metadata.find("monitor.state");
+  return it != x.metadata.end() ? it->second : std::string();
+}
 inline std::string monitor_status(const std::optional<monitor::Monitor>& mon) {
   return mon ? mon->status_line() : std::string();
 }
@@ -639,17 +656,12 @@ std::optional<double> run_cpu(const Args& a, const ImageSet& train_set, const Im
       io::load_checkpoint(a.resume, opt, scaler, &x);
     }
     pos = resume_position(a, x, rng, steps);
-    if (const auto it = x.metadata.find("monitor.state"); it != x.metadata.end()) monitor_state = it->second;
+    monitor_state = saved_monitor_state(x);
     print_resumed(a, pos, steps);
   }
   check_stop(a, pos, steps);
   std::optional<monitor::Monitor> mon;  // with --zero1, it watches rank 0's slice
-  if (a.monitor && rank == 0) {
-    monitor::MonitorOptions mo = monitor_options(a);
-    mo.append_log = !monitor_state.empty();  // the log goes on in the same file
-    mon.emplace(opt, scaler, mo);
-    if (!monitor_state.empty()) mon->load_state(monitor_state);
-  }
+  start_monitor(mon, a, rank, opt, scaler, monitor_state);
   // Declared after the monitor: it goes first.
   std::optional<monitor::PrecisionFallback<T>> fallback;
   if (a.precision_fallback != "off") {
@@ -817,17 +829,12 @@ std::optional<double> run_gpu(const Args& a, const ImageSet& train_set, const Im
       io::load_checkpoint(a.resume, opt, scaler, &x);  // synchronises; before any capture
     }
     pos = resume_position(a, x, rng, steps);
-    if (const auto it = x.metadata.find("monitor.state"); it != x.metadata.end()) monitor_state = it->second;
+    monitor_state = saved_monitor_state(x);
     print_resumed(a, pos, steps);
   }
   check_stop(a, pos, steps);
-  std::optional<monitor::Monitor> mon;
-  if (a.monitor && rank == 0) {  // with --zero1, rank 0's slice
-    monitor::MonitorOptions mo = monitor_options(a);
-    mo.append_log = !monitor_state.empty();  // the log goes on in the same file
-    mon.emplace(opt, scaler, mo);
-    if (!monitor_state.empty()) mon->load_state(monitor_state);  // before the first step
-  }
+  std::optional<monitor::Monitor> mon;  // with --zero1, it watches rank 0's slice
+  start_monitor(mon, a, rank, opt, scaler, monitor_state);
   // A plain and a logged step (the monitor's logged steps do more work),
   // each captured at its first use after an eager first step.
   Graph graphs[2];

@@ -482,15 +482,14 @@ class Monitor {
       params[i].eps = sm.eps;
       params[i].beta2 = sm.beta2;
     }
-    // The device's counts go on from the host's: its next logged step is
-    // the next multiple of every, and its read-back the next one.
-    const std::int64_t k = options_.every;
+    // The device's counts go on from the host's, at a logged step (steps_
+    // a multiple of every: checked above, and by load_state).
     PlanStart start;
     start.steps = steps_;
     start.published = submitted_;
     plan_ = device_kernels()->make_plan(params, options_.every, opt_.device(), start);
     plan_v_ = std::move(v);
-    readback_base_ = (steps_ / k + 1) * k - (submitted_ + 1) * k;
+    readback_base_ = steps_ - submitted_ * options_.every;
   }
   bool submitted_pending() const { return consumed_ != submitted_; }
 

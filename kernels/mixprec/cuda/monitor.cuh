@@ -247,7 +247,7 @@ __global__ void __launch_bounds__(monitor_threads)
 class MonitorPlan final : public monitor::DeviceMonitorPlan {
  public:
   MonitorPlan(const std::vector<monitor::DeviceParamInfo>& params, int every, Device device,
-              monitor::PlanStart start = {})
+              monitor::PlanStart start)
       : device_(device), every_(every), num_params_(static_cast<int>(params.size())),
         layout_(monitor::ReadbackLayout::of(every, num_params_)) {
     mixprec::detail::DeviceGuard guard(device);
@@ -280,7 +280,7 @@ class MonitorPlan final : public monitor::DeviceMonitorPlan {
     MIXPREC_CUDA_CHECK(cudaMemcpy(params_.data(), params.data(), params_.bytes(), cudaMemcpyHostToDevice));
     // Zeroed: the first logged step adds to the histograms and precursors
     // with no clear before it (each publish zeroes them for the next).
-    for (Buffer* b : {&hist_, &control_, &ring_, &ring_nonfinite_, &precursors_}) {
+    for (Buffer* b : {&hist_, &ring_, &ring_nonfinite_, &precursors_}) {
       MIXPREC_CUDA_CHECK(cudaMemset(b->data(), 0, b->bytes()));
     }
     // The counts go on from the host's (a resumed monitor's steps).
